@@ -1,0 +1,760 @@
+"""Tests for cloudsync: every behaviour on both backends, fresh databases per test.
+
+MySQL/MariaDB tests use CLOUDSYNC_TEST_DB_HOST/PORT/USER/PASS (default
+127.0.0.1:3306, root, empty password) and create a throwaway database per
+test. Without a server they skip, unless CLOUDSYNC_REQUIRE_MYSQL=1.
+"""
+
+import io
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+import wsgiref.util
+import wsgiref.validate
+
+import pytest
+
+import cloudsync
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MYSQL = {
+    "host": os.environ.get("CLOUDSYNC_TEST_DB_HOST", "127.0.0.1"),
+    "port": int(os.environ.get("CLOUDSYNC_TEST_DB_PORT", "3306")),
+    "user": os.environ.get("CLOUDSYNC_TEST_DB_USER", "root"),
+    "password": os.environ.get("CLOUDSYNC_TEST_DB_PASS", ""),
+}
+REQUIRE_MYSQL = os.environ.get("CLOUDSYNC_REQUIRE_MYSQL") == "1"
+
+# Extra tables beside the example schema: a composite key, binary data, a
+# table without a primary key, and one with a CHECK constraint.
+EXTRA_MYSQL = """
+CREATE TABLE stock_moves (shop VARCHAR(20), sku VARCHAR(20), qty INT NOT NULL, PRIMARY KEY (shop, sku)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+CREATE TABLE attachments (id INT PRIMARY KEY, body BLOB, taken_on DATE) ENGINE=InnoDB;
+CREATE TABLE no_key (id INT, note TEXT) ENGINE=InnoDB;
+"""
+EXTRA_SQLITE = """
+CREATE TABLE stock_moves (shop TEXT, sku TEXT, qty INTEGER NOT NULL, PRIMARY KEY (shop, sku));
+CREATE TABLE attachments (id INTEGER PRIMARY KEY, body BLOB, taken_on DATE);
+CREATE TABLE no_key (id INTEGER, note TEXT);
+"""
+TABLES = cloudsync.EXAMPLE_TABLES + ("stock_moves", "attachments")
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: fresh databases on both backends
+# ---------------------------------------------------------------------------
+
+
+def _mysql_connect(database=None):
+    import mysql.connector
+    return mysql.connector.connect(database=database, autocommit=True, charset="utf8mb4",
+                                   connection_timeout=3, **MYSQL)
+
+
+@pytest.fixture(scope="session")
+def mysql_server():
+    """Connection settings for a reachable MySQL/MariaDB, or a skip (a failure when required)."""
+    try:
+        _mysql_connect().close()
+    except Exception as error:
+        reason = "MySQL/MariaDB not reachable at %(host)s:%(port)s" % MYSQL + " (%s)" % error
+        if REQUIRE_MYSQL:
+            pytest.fail(reason + " and CLOUDSYNC_REQUIRE_MYSQL=1")
+        pytest.skip(reason)
+    return MYSQL
+
+
+class Backend:
+    """A fresh database with the example tables, and a second connection to it."""
+
+    def __init__(self, kind, settings, raw_connect, cleanup):
+        self.kind = kind
+        self.settings = settings
+        self._raw_connect = raw_connect
+        self._cleanup = cleanup
+        self._conn = None
+
+    def config(self, **overrides):
+        """A Config for this database; overrides are setting names."""
+        values = dict(self.settings, ALLOWED_TABLES=",".join(TABLES))
+        values.update(overrides)
+        return cloudsync.load_config(env_file=None, environ={}, overrides=values)
+
+    def sql(self, statement, params=()):
+        """Run SQL on an outside connection (another program writing to the database)."""
+        if self._conn is None:
+            self._conn = self._raw_connect()
+        if self.kind == "mysql":
+            cursor = self._conn.cursor()
+            cursor.execute(statement.replace("?", "%s"), params)
+            rows = cursor.fetchall() if cursor.with_rows else []
+            cursor.close()
+            return rows
+        return self._conn.execute(statement, params).fetchall()
+
+    def rows(self, table):
+        """Every row of a table, in key order, as tuples."""
+        return [tuple(row) for row in self.sql("SELECT * FROM %s ORDER BY 1, 2" % table)]
+
+    def close(self):
+        if self._conn is not None:
+            self._conn.close()
+        self._cleanup()
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def backend(request, tmp_path):
+    """A fresh database on each backend with the example tables and the extra test tables."""
+    if request.param == "sqlite":
+        path = str(tmp_path / "test.db")
+        conn = sqlite3.connect(path)
+        conn.executescript(open(os.path.join(HERE, "schema-sqlite.sql")).read() + EXTRA_SQLITE)
+        conn.close()
+        made = Backend("sqlite", {"DB_HOST": "", "DB_PATH": path},
+                       lambda: sqlite3.connect(path, isolation_level=None), lambda: None)
+    else:
+        request.getfixturevalue("mysql_server")
+        name = "cloudsync_test_%s" % uuid.uuid4().hex[:12]
+        admin = _mysql_connect()
+        cursor = admin.cursor()
+        cursor.execute("CREATE DATABASE %s CHARACTER SET utf8mb4" % name)
+        cursor.execute("USE %s" % name)
+        script = open(os.path.join(HERE, "schema-mysql.sql")).read() + EXTRA_MYSQL
+        for statement in script.split(";"):
+            if "CREATE" in statement:
+                cursor.execute(statement)
+        cursor.close()
+
+        def drop():
+            admin.cursor().execute("DROP DATABASE IF EXISTS %s" % name)
+            admin.close()
+        made = Backend("mysql", {"DB_HOST": MYSQL["host"], "DB_PORT": str(MYSQL["port"]),
+                                 "DB_USER": MYSQL["user"], "DB_PASS": MYSQL["password"], "DB_NAME": name},
+                       lambda: _mysql_connect(name), drop)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def app(backend):
+    """The WSGI app on the fresh database, started."""
+    application = cloudsync.App(backend.config())
+    application.start()
+    yield application
+    application.db.close()
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+def call(application, method, path, body=None, raw=None, headers=None, content_length=None):
+    """Call the app through wsgiref's validator, without a socket."""
+    data = raw if raw is not None else (json.dumps(body).encode("utf-8") if body is not None else b"")
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.update({"REQUEST_METHOD": method, "PATH_INFO": path, "wsgi.input": io.BytesIO(data),
+                    "CONTENT_LENGTH": str(len(data)) if content_length is None else content_length,
+                    "CONTENT_TYPE": "application/json", "QUERY_STRING": ""})
+    for name, value in (headers or {}).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    captured = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        captured["status"] = int(status.split()[0])
+        captured["headers"] = dict(response_headers)
+        return lambda chunk: None
+    result = wsgiref.validate.validator(application)(environ, start_response)
+    try:
+        payload = b"".join(result)
+    finally:
+        result.close()
+    return Response(captured["status"], captured["headers"], payload)
+
+
+def push(application, operations, **fields):
+    return call(application, "POST", "/sync/push", dict(fields, operations=operations))
+
+
+def pull(application, **fields):
+    return call(application, "POST", "/sync/pull", fields)
+
+
+def op(action, table="sales", **data):
+    return {"table": table, "action": action, "data": data}
+
+
+# ---------------------------------------------------------------------------
+# .env parser
+# ---------------------------------------------------------------------------
+
+DOTENV_CASES = [
+    # (text, expected values, expected problem line numbers)
+    ("A=1", {"A": "1"}, []),
+    ("A = 1 ", {"A": "1"}, []),
+    ("# comment\n\nA=1\n", {"A": "1"}, []),
+    ("export A=1", {"A": "1"}, []),
+    ("A='x y'", {"A": "x y"}, []),
+    ("A='x\\ny'", {"A": "x\\ny"}, []),
+    ("A='it\\'s'", {"A": "it's"}, []),
+    ('A="x\\ny"', {"A": "x\ny"}, []),
+    ('A="say \\"hi\\""', {"A": 'say "hi"'}, []),
+    ('A="tab\\tend"', {"A": "tab\tend"}, []),
+    ("A=x # comment", {"A": "x"}, []),
+    ("A=x#not-a-comment", {"A": "x#not-a-comment"}, []),
+    ("A='x' # comment", {"A": "x"}, []),
+    ("A=", {"A": ""}, []),
+    ("A=1\nB=${A}2", {"A": "1", "B": "12"}, []),
+    ('A=1\nB="${A}2"', {"A": "1", "B": "12"}, []),
+    ("A=1\nB='${A}2'", {"A": "1", "B": "${A}2"}, []),
+    ("B=${MISSING:-fallback}", {"B": "fallback"}, []),
+    ("B=${FROM_ENV}", {"B": "env"}, []),
+    ("A=1\r\nB=2\r\n", {"A": "1", "B": "2"}, []),
+    ("\ufeffA=1", {"A": "1"}, []),
+    ('A="line1\nline2"\nB=3', {"A": "line1\nline2", "B": "3"}, []),
+    ("A=ünïcødé ☕", {"A": "ünïcødé ☕"}, []),
+    ("A=1\nnot a setting\nB=2", {"A": "1", "B": "2"}, [2]),
+    ("=novalue", {}, [1]),
+    ("A='unterminated", {}, [1]),
+    ('A="x" trailing', {}, [1]),
+    ("A=1\nA=2", {"A": "2"}, []),
+]
+
+
+@pytest.mark.parametrize("text,expected,problem_lines", DOTENV_CASES)
+def test_dotenv_parser(text, expected, problem_lines):
+    values, problems = cloudsync.parse_dotenv(text, environ={"FROM_ENV": "env"})
+    assert values == expected
+    assert [number for number, _ in problems] == problem_lines
+
+
+def test_config_environment_wins_over_dotenv(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("PORT=5000\nALLOWED_TABLES=sales\n")
+    config = cloudsync.load_config(str(env_file), environ={"PORT": "6000"})
+    assert config.port == 6000 and config.allowed_tables == ("sales",)
+
+
+CONFIG_ERRORS = [
+    ({"PORT": "abc"}, "PORT='abc' is not valid"),
+    ({"PORT": "70000"}, "PORT='70000' is not valid"),
+    ({"MAX_BODY_BYTES": "0"}, "MAX_BODY_BYTES='0' is not valid"),
+    ({"ALLOWED_TABLES": "sales,sales"}, "named twice"),
+    ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ({"DB_HOST": "db.example"}, "DB_USER and DB_NAME must be set"),
+]
+
+
+@pytest.mark.parametrize("environ,message", CONFIG_ERRORS)
+def test_config_errors_are_one_clear_sentence(environ, message):
+    with pytest.raises(cloudsync.ConfigError, match=message):
+        cloudsync.load_config(None, environ=environ)
+
+
+def test_config_rejects_unknown_setting_in_dotenv(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("PORT=5000\nDB_PASWORD=typo\n")
+    with pytest.raises(cloudsync.ConfigError, match="unknown setting DB_PASWORD"):
+        cloudsync.load_config(str(env_file), environ={})
+
+
+def test_config_describe_masks_password():
+    config = cloudsync.load_config(None, environ={"DB_HOST": "h", "DB_USER": "u", "DB_NAME": "n", "DB_PASS": "hunter2"})
+    assert "hunter2" not in config.describe() and "DB_PASS=***" in config.describe()
+
+
+def test_sample_env_and_readme_document_every_setting():
+    sample = open(os.path.join(HERE, "sample.env")).read()
+    readme = open(os.path.join(HERE, "README.md")).read()
+    for name in cloudsync.SETTING_NAMES:
+        assert "\n# " in sample and ("\n%s=" % name in sample or "\n# %s=" % name in sample), name
+        assert "`%s`" % name in readme, name
+    values, problems = cloudsync.parse_dotenv(sample, environ={})
+    assert problems == [] and set(values) <= set(cloudsync.SETTING_NAMES)
+
+
+# ---------------------------------------------------------------------------
+# Health, routing, WSGI
+# ---------------------------------------------------------------------------
+
+
+def test_health_needs_no_database(tmp_path):
+    config = cloudsync.load_config(None, environ={}, overrides={"DB_PATH": str(tmp_path / "none" / "x.db")})
+    response = call(cloudsync.App(config), "GET", "/health")
+    assert response.status == 200 and response.json == {"status": "Sync API running"}
+
+
+ROUTING_CASES = [
+    ("GET", "/nowhere", 404, None),
+    ("POST", "/health", 405, "GET, HEAD"),
+    ("GET", "/sync/push", 405, "POST"),
+    ("DELETE", "/sync", 405, "POST"),
+    ("GET", "/sync/pull", 405, "POST"),
+    ("POST", "/sync/status", 405, "GET, HEAD"),
+]
+
+
+@pytest.mark.parametrize("method,path,status,allow", ROUTING_CASES)
+def test_routing_errors_are_json(app, method, path, status, allow):
+    response = call(app, method, path)
+    assert response.status == status
+    assert response.json["success"] is False and response.json["error"]
+    assert response.headers.get("Allow") == allow
+
+
+@pytest.mark.parametrize("path", ["/health", "/sync/status"])
+def test_head_answers_like_get_without_body(app, path):
+    get, head = call(app, "GET", path), call(app, "HEAD", path)
+    assert head.status == get.status == 200
+    assert head.body == b""
+    assert head.headers["Content-Length"] == get.headers["Content-Length"]
+
+
+def test_trailing_slash_matches_like_express(app):
+    assert call(app, "GET", "/health/").status == 200
+
+
+def test_unhandled_error_is_generic_500_and_logged(app, monkeypatch, caplog):
+    def explode(request):
+        raise RuntimeError("secret internals")
+    monkeypatch.setitem(app.routes, "/health", {"GET": explode})
+    response = call(app, "GET", "/health")
+    assert response.status == 500 and response.json == {"success": False, "error": "Internal server error"}
+    assert b"secret" not in response.body and "secret internals" in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# Push
+# ---------------------------------------------------------------------------
+
+
+def test_push_insert_update_delete(app, backend):
+    response = push(app, [op("insert", id="s1", total="10.00", note="a"),
+                          op("insert", id="s2", total="2.50"),
+                          op("update", id="s1", note="b"),
+                          op("delete", id="s2")], device_id="shop_01")
+    assert response.status == 200 and response.json["success"] is True
+    assert response.json["applied"] == 4
+    assert [(row[0], row[3]) for row in backend.rows("sales")] == [("s1", "b")]
+
+
+def test_push_alias_sync(app, backend):
+    response = call(app, "POST", "/sync", {"device_id": "d", "operations": [op("insert", id="x")]})
+    assert response.status == 200 and response.json["success"] is True
+    assert len(backend.rows("sales")) == 1
+
+
+def test_push_many_inserts_in_one_batch(app, backend):
+    operations = [op("insert", id="s%04d" % n, total="%d.25" % n, note="bulk") for n in range(300)]
+    assert push(app, operations).status == 200
+    assert len(backend.rows("sales")) == 300
+
+
+def test_push_composite_key(app, backend):
+    assert push(app, [op("insert", "stock_moves", shop="A", sku="1", qty=5),
+                      op("insert", "stock_moves", shop="B", sku="1", qty=7),
+                      op("update", "stock_moves", shop="A", sku="1", qty=6),
+                      op("delete", "stock_moves", shop="B", sku="1")]).status == 200
+    assert backend.rows("stock_moves") == [("A", "1", 6)]
+
+
+def test_push_empty_operations_succeeds(app):
+    response = push(app, [])
+    assert response.status == 200 and response.json["success"] is True
+
+
+def test_update_of_missing_row_succeeds_and_is_listed(app, backend):
+    response = push(app, [op("update", id="ghost", note="x")])
+    assert response.status == 200 and response.json["success"] is True
+    assert response.json["missing"] == [{"op": 0, "table": "sales", "key": "ghost"}]
+
+
+def test_delete_of_missing_row_succeeds(app):
+    assert push(app, [op("delete", id="ghost")]).status == 200
+
+
+@pytest.mark.parametrize("failing", [
+    op("insert", id="s1"),                        # duplicate key of the first operation
+    op("insert", id="s9", total="not a number"),  # a value the database refuses
+])
+def test_atomic_rollback_when_last_operation_fails(app, backend, failing):
+    if backend.kind == "sqlite" and "total" in failing["data"]:
+        pytest.skip("SQLite stores text in a DECIMAL column")
+    operations = [op("insert", id="s1", total="1.00"), op("insert", id="s2"), op("update", id="s1", note="x"), failing]
+    response = push(app, operations)
+    assert response.status in (400, 409)
+    assert response.json["success"] is False and response.json["error"] == "Sync failed"
+    assert response.json["op"] == 3 and "operation 3" in response.json["detail"]
+    assert backend.rows("sales") == []
+
+
+def test_duplicate_inside_one_multirow_insert_names_the_operation(app, backend):
+    operations = [op("insert", id="a"), op("insert", id="b"), op("insert", id="a")]
+    response = push(app, operations)
+    assert response.status == 409 and response.json["op"] == 2
+    assert backend.rows("sales") == []
+
+
+def test_not_null_violation_is_400_naming_operation(app, backend):
+    response = push(app, [op("insert", "products", id="p1", name="ok"), op("insert", "products", id="p2", name=None)])
+    assert response.status == 400 and response.json["op"] == 1
+    assert backend.rows("products") == []
+
+
+PUSH_ERRORS = [
+    # (body, status, error, fragment of detail)
+    (b"{not json", 400, "Invalid JSON", "line 1"),
+    (b"\xff\xfe{}", 400, "Invalid JSON", "UTF-8"),
+    (b"[1, 2]", 400, "Invalid payload", "JSON object"),
+    (b'"text"', 400, "Invalid payload", "JSON object"),
+    (b"{}", 400, "Invalid payload", "operations must be a list"),
+    (b'{"operations": {}}', 400, "Invalid payload", "operations must be a list"),
+    (b'{"operations": [1]}', 400, "Invalid operation", "operation 0 must be an object"),
+    (b'{"operations": [{"action": "insert", "data": {}}]}', 400, "Invalid operation", "no table"),
+    (b'{"operations": [{"table": "sales", "data": {}}]}', 400, "Invalid operation", "no action"),
+    (b'{"operations": [{"table": "sales", "action": "insert"}]}', 400, "Invalid operation", "no data"),
+    (b'{"operations": [{"table": "sales", "action": "merge", "data": {"id": "1"}}]}', 400, "Invalid action", "operation 0"),
+    (b'{"operations": [{"table": "sales", "action": "insert", "data": []}]}', 400, "Invalid operation", "data must be an object"),
+    (b'{"operations": [{"table": "nope", "action": "insert", "data": {"id": "1"}}]}', 400, "Invalid table", "nope"),
+    (b'{"operations": [{"table": ["sales"], "action": "insert", "data": {"id": "1"}}]}', 400, "Invalid table", "operation 0"),
+    (b'{"operations": [{"table": "sales", "action": "insert", "data": {"id": "1", "colour": "red"}}]}',
+     400, "Unknown column", "colour"),
+    (b'{"operations": [{"table": "sales", "action": "update", "data": {"note": "x"}}]}', 400, "Missing key", "'id'"),
+    (b'{"operations": [{"table": "sales", "action": "delete", "data": {"id": null}}]}', 400, "Missing key", "'id'"),
+    (b'{"operations": [{"table": "stock_moves", "action": "insert", "data": {"shop": "A", "qty": 1}}]}',
+     400, "Missing key", "'sku'"),
+    (b'{"operations": [{"table": "sales", "action": "insert", "data": {"id": "1", "note": {"a": 1}}}]}',
+     400, "Invalid value", "'note'"),
+    (b'{"operations": [{"table": "sales", "action": "insert", "data": {"id": "1", "total": NaN}}]}',
+     400, "Invalid JSON", "NaN"),
+    (b'{"operations": [{"table": "attachments", "action": "insert", "data": {"id": 1, "body": "***"}}]}',
+     400, "Invalid value", "base64"),
+    (b"[" * 100000 + b"]" * 100000, 400, "Invalid JSON", "nested"),
+]
+
+
+@pytest.mark.parametrize("raw,status,error,detail", PUSH_ERRORS)
+def test_push_errors(app, backend, raw, status, error, detail):
+    response = call(app, "POST", "/sync/push", raw=raw)
+    assert response.status == status
+    assert response.json["success"] is False
+    assert response.json["error"] == error
+    assert detail in response.json["detail"]
+    assert backend.rows("sales") == []
+
+
+def test_bad_operation_late_in_batch_applies_nothing(app, backend):
+    response = push(app, [op("insert", id="s1"), op("insert", id="s2", colour="red")])
+    assert response.status == 400 and "operation 1" in response.json["detail"]
+    assert backend.rows("sales") == []
+
+
+INJECTIONS = [
+    "sales; DROP TABLE products",
+    "sales`; DROP TABLE products; --",
+    'sales"; DROP TABLE products; --',
+    "sales' OR '1'='1",
+    "`sales`",
+    "SALES",
+    "sales ",
+]
+
+
+@pytest.mark.parametrize("name", INJECTIONS)
+def test_injection_in_table_name_rejected(app, backend, name):
+    response = push(app, [{"table": name, "action": "insert", "data": {"id": "1"}}])
+    assert response.status == 400 and response.json["error"] == "Invalid table"
+    assert pull(app, tables=[name]).status == 400
+    assert backend.sql("SELECT COUNT(*) FROM products")[0][0] == 0
+
+
+@pytest.mark.parametrize("name", INJECTIONS[:5] + ["id`, `note", 'id", "note', "id) VALUES ('x'); --"])
+def test_injection_in_column_name_rejected(app, backend, name):
+    response = push(app, [op("insert", **{"id": "s1", name: "x"})])
+    assert response.status == 400 and response.json["error"] == "Unknown column"
+    assert backend.rows("sales") == []
+    assert backend.sql("SELECT COUNT(*) FROM products")[0][0] == 0
+
+
+def test_database_failure_is_500_sync_failed(app, backend):
+    backend.sql("DROP TABLE product_stock")
+    response = push(app, [op("insert", "sales", id="s1"), op("insert", "product_stock", id="p", quantity=1)])
+    assert response.status == 500
+    assert response.json == {"success": False, "error": "Sync failed",
+                             "detail": "the database failed; nothing was applied"}
+    assert backend.rows("sales") == []
+
+
+# ---------------------------------------------------------------------------
+# Pull
+# ---------------------------------------------------------------------------
+
+
+def test_pull_defaults_to_every_table(app, backend):
+    push(app, [op("insert", "products", id="p1", name="Tea", price="2.50")])
+    response = pull(app)
+    assert response.status == 200 and response.json["success"] is True
+    assert response.json["limit"] == 1000
+    assert set(response.json["data"]) == set(TABLES)
+    assert response.json["data"]["products"][0]["price"] == "2.50"
+
+
+def test_pull_rows_in_primary_key_order_with_limit(app):
+    push(app, [op("insert", id=name) for name in ("c", "a", "d", "b")])
+    response = pull(app, tables=["sales"], limit=3)
+    assert [row["id"] for row in response.json["data"]["sales"]] == ["a", "b", "c"]
+    assert response.json["limit"] == 3
+
+
+def test_pull_limit_is_capped(app):
+    assert pull(app, tables=["sales"], limit=999999).json["limit"] == 5000
+
+
+def test_pull_sees_outside_writes(app, backend):
+    backend.sql("INSERT INTO customers (id, name) VALUES ('c1', 'Ann')")
+    rows = pull(app, tables=["customers"]).json["data"]["customers"]
+    assert [row["name"] for row in rows] == ["Ann"]
+
+
+PULL_ERRORS = [
+    ({"tables": ["nope"]}, 400, "Invalid table"),
+    ({"tables": ["sales", 3]}, 400, "Invalid table"),
+    ({"tables": "sales"}, 400, "Invalid payload"),
+    ({"tables": []}, 400, "No tables configured"),
+    ({"limit": "10"}, 400, "Invalid limit"),
+    ({"limit": 0}, 400, "Invalid limit"),
+    ({"limit": -5}, 400, "Invalid limit"),
+    ({"limit": 2.5}, 400, "Invalid limit"),
+    ({"limit": True}, 400, "Invalid limit"),
+]
+
+
+@pytest.mark.parametrize("body,status,error", PULL_ERRORS)
+def test_pull_errors(app, body, status, error):
+    response = pull(app, **body)
+    assert response.status == status
+    assert response.json["success"] is False and response.json["error"] == error
+    assert response.json["detail"]
+
+
+def test_pull_without_configured_tables(backend):
+    application = cloudsync.App(backend.config(ALLOWED_TABLES=""))
+    application.start()
+    response = pull(application)
+    assert response.status == 400 and response.json["error"] == "No tables configured"
+
+
+def test_pull_database_failure_is_500(app, backend):
+    backend.sql("DROP TABLE customers")
+    response = pull(app, tables=["customers"])
+    assert response.status == 500 and response.json["error"] == "Pull sync failed"
+
+
+# ---------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------
+
+
+def test_unicode_round_trip(app):
+    text = "Grüße, 東京, emoji 🧾☕, RTL שלום, \u0000-free"
+    assert push(app, [op("insert", "customers", id="ü-1", name=text)]).status == 200
+    row = pull(app, tables=["customers"]).json["data"]["customers"][0]
+    assert row["id"] == "ü-1" and row["name"] == text
+
+
+def test_decimal_date_null_encoding(app):
+    push(app, [op("insert", id="s1", total=12.5, sold_at="2026-11-26 09:30:00", note=None),
+               op("insert", id="s2", total="1234567890.99"),
+               op("insert", "attachments", id=1, body="AAEC/w==", taken_on="2026-01-31")])
+    data = pull(app, tables=["sales", "attachments"]).json["data"]
+    first, second = data["sales"]
+    assert first["total"] == "12.50" and second["total"] == "1234567890.99"
+    assert first["sold_at"] == "2026-11-26T09:30:00"
+    assert first["note"] is None and first["customer_id"] is None
+    attachment = data["attachments"][0]
+    assert attachment == {"id": 1, "body": "AAEC/w==", "taken_on": "2026-01-31"}
+
+
+def test_integers_come_out_as_numbers(app):
+    push(app, [op("insert", "product_stock", id="p1", quantity=42)])
+    assert pull(app, tables=["product_stock"]).json["data"]["product_stock"] == [{"id": "p1", "quantity": 42}]
+
+
+# ---------------------------------------------------------------------------
+# Status and schema
+# ---------------------------------------------------------------------------
+
+
+def test_status_ok(app, backend):
+    response = call(app, "GET", "/sync/status")
+    assert response.status == 200
+    body = response.json
+    assert body["success"] is True and body["status"] == "ok"
+    assert body["allowed_tables"] == list(TABLES)
+    assert body["backend"] == backend.kind
+    assert body["tables"]["stock_moves"]["primary_key"] == ["shop", "sku"]
+
+
+def test_status_database_unavailable(backend, tmp_path):
+    application = cloudsync.App(backend.config())
+    application.start()
+    if backend.kind == "mysql":
+        application.db.config.db_port = _free_port()
+    else:
+        application.db.config.db_path = str(tmp_path / "missing-dir" / "x.db")
+    application.db.close()
+    response = call(application, "GET", "/sync/status")
+    assert response.status == 503
+    assert response.json == {"success": False, "status": "error", "error": "Database unavailable"}
+    assert response.headers["Retry-After"]
+
+
+def test_status_refreshes_schema(app, backend):
+    backend.sql("ALTER TABLE sales ADD COLUMN till VARCHAR(10)" if backend.kind == "mysql"
+                else "ALTER TABLE sales ADD COLUMN till TEXT")
+    assert push(app, [op("insert", id="s1", till="T1")]).json["error"] == "Unknown column"
+    assert call(app, "GET", "/sync/status").status == 200
+    assert push(app, [op("insert", id="s1", till="T1")]).status == 200
+
+
+@pytest.mark.parametrize("table,message", [("missing_table", "does not exist"), ("no_key", "no primary key")])
+def test_start_refuses_bad_table(backend, table, message):
+    application = cloudsync.App(backend.config(ALLOWED_TABLES="sales," + table))
+    with pytest.raises(cloudsync.SchemaError, match=message):
+        application.start()
+
+
+# ---------------------------------------------------------------------------
+# Request size
+# ---------------------------------------------------------------------------
+
+
+class ExplodingInput:
+    """A wsgi.input that fails the test if anything reads it."""
+
+    def read(self, size=-1):
+        raise AssertionError("the body was read")
+
+
+def test_oversized_body_is_413_without_reading(app):
+    limit = app.config.max_body_bytes
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.update({"REQUEST_METHOD": "POST", "PATH_INFO": "/sync/push", "wsgi.input": ExplodingInput(),
+                    "CONTENT_LENGTH": str(limit + 1)})
+    captured = {}
+
+    def start_response(status, headers, exc_info=None):
+        captured["status"] = status
+    body = b"".join(app(environ, start_response))
+    assert captured["status"].startswith("413")
+    assert json.loads(body)["error"] == "Payload too large"
+
+
+def test_body_at_limit_is_accepted(backend):
+    application = cloudsync.App(backend.config(MAX_BODY_BYTES="200"))
+    application.start()
+    body = json.dumps({"operations": [op("insert", id="x")]}).encode()
+    body += b" " * (200 - len(body))
+    assert call(application, "POST", "/sync/push", raw=body).status == 200
+    assert call(application, "POST", "/sync/push", raw=body + b" ").status == 413
+
+
+# ---------------------------------------------------------------------------
+# Live server: the README's commands and the socket-level size limit
+# ---------------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def demo_server(tmp_path):
+    """`python cloudsync.py demo` on a free port, as the README starts it."""
+    port = _free_port()
+    env = dict(os.environ, PORT=str(port), MAX_BODY_BYTES="100000")
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py"), "demo"], cwd=str(tmp_path),
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = "http://127.0.0.1:%d" % port
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        pytest.fail("demo server did not start: %s" % process.stdout.read().decode())
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def _readme_curl_commands():
+    text = open(os.path.join(HERE, "README.md")).read()
+    commands, current = [], None
+    for line in text.splitlines() + [""]:
+        if current is not None and line.startswith("  "):
+            current = current.rstrip("\\ ") + " " + line.strip()
+            continue
+        if current is not None:
+            commands.append(current)
+        current = line if line.startswith("curl ") else None
+    return commands
+
+
+def test_readme_curl_examples_work_against_demo(demo_server):
+    commands = _readme_curl_commands()
+    assert len(commands) >= 3
+    for command in commands:
+        command = command.replace("http://127.0.0.1:4000", demo_server)
+        output = subprocess.run(command + " -s -w '\\n%{http_code}'", shell=True, capture_output=True, text=True)
+        body, code = output.stdout.rsplit("\n", 1)
+        assert code == "200", (command, body)
+        assert json.loads(body).get("success", True) is True, (command, body)
+
+
+def test_live_server_refuses_oversized_body(demo_server):
+    request = urllib.request.Request(demo_server + "/sync/push", data=b"x" * 100001, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 413
+
+
+def test_server_refuses_to_start_on_bad_table(tmp_path):
+    env = dict(os.environ, DB_PATH=str(tmp_path / "x.db"), ALLOWED_TABLES="nowhere", PORT=str(_free_port()))
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cloudsync.py")], cwd=str(tmp_path), env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "cannot start: table 'nowhere' does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    ci = open(os.path.join(HERE, ".ci", "run")).read().strip().splitlines()[-1]
+    assert "    " + ci + "\n" in readme
+
+
+def test_mysql_driver_uses_c_extension(backend):
+    if backend.kind != "mysql":
+        pytest.skip("MySQL driver only")
+    application = cloudsync.App(backend.config())
+    assert application.db.driver().endswith("(C extension)")
