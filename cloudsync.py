@@ -23,14 +23,18 @@ import base64
 import binascii
 import datetime
 import decimal
+import hashlib
+import hmac
 import json
 import logging
 import os
 import re
+import secrets
 import sqlite3
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 
 __all__ = [
@@ -231,6 +235,13 @@ def _as_log_level(text):
     return level
 
 
+def _as_capture_mode(text):
+    mode = text.strip().lower()
+    if mode not in ("triggers", "api"):
+        raise ValueError("expected triggers or api")
+    return mode
+
+
 # (name, caster, default, one-line description): the single source for
 # parsing, sample.env and README. Seed names (DB_HOST, DB_USER, DB_PASS,
 # DB_NAME, ALLOWED_TABLES, PORT) keep their meaning.
@@ -250,6 +261,10 @@ SETTINGS = (
     ("DB_CONNECT_TIMEOUT_SECONDS", _as_positive_float, "5", "give up connecting to the database after this long"),
     ("DB_WAIT_SECONDS", _as_positive_float, "10", "longest wait for a free database connection or a lock"),
     ("LOG_LEVEL", _as_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    ("CHANGE_CAPTURE", _as_capture_mode, "triggers",
+     "triggers (every writer is recorded) or api (only writes through cloudsync)"),
+    ("CHANGELOG_RETENTION_DAYS", _as_positive_int, "30", "change log and batch ids are kept this many days"),
+    ("COMPACT_INTERVAL_SECONDS", _as_positive_int, "3600", "how often the server compacts the change log"),
 )
 SETTING_NAMES = tuple(name for name, _, _, _ in SETTINGS)
 SECRET_SETTINGS = ("DB_PASS",)
@@ -339,7 +354,7 @@ class Column:
     def __init__(self, name, quoted, kind, scale=None):
         self.name = name
         self.quoted = quoted
-        self.kind = kind        # 'decimal', 'binary', 'date', 'datetime', 'time' or 'other'
+        self.kind = kind        # 'integer', 'decimal', 'binary', 'date', 'datetime', 'time' or 'other'
         self.scale = scale      # digits after the point, for decimal columns
 
 
@@ -663,6 +678,8 @@ def _sqlite_kind(declared):
     match = re.match(r"\s*(DECIMAL|NUMERIC)\s*(?:\(\s*\d+\s*(?:,\s*(\d+)\s*)?\))?", upper)
     if match:
         return "decimal", int(match.group(2) or 0)
+    if "INT" in upper:                  # SQLite's own rule for integer affinity
+        return "integer", None
     if "BLOB" in upper or "BINARY" in upper:
         return "binary", None
     if upper.startswith("DATETIME") or upper.startswith("TIMESTAMP"):
@@ -803,7 +820,8 @@ class MySQLDatabase(Database):
     _KINDS = {
         "decimal": "decimal", "binary": "binary", "varbinary": "binary", "tinyblob": "binary",
         "blob": "binary", "mediumblob": "binary", "longblob": "binary", "date": "date",
-        "datetime": "datetime", "timestamp": "datetime", "time": "time",
+        "datetime": "datetime", "timestamp": "datetime", "time": "time", "tinyint": "integer",
+        "smallint": "integer", "mediumint": "integer", "int": "integer", "bigint": "integer",
     }
 
     def introspect(self, conn, table):
@@ -845,13 +863,435 @@ def open_database(config):
 
 
 # ---------------------------------------------------------------------------
+# Change capture
+# ---------------------------------------------------------------------------
+# Every insert, update and delete on an allowed table is recorded in
+# cloudsync_changes with a sequence number (seq). The order of seq is the
+# order of commits: a reader that has seen seq N never later finds a
+# committed change numbered below N.
+#
+# SQLite has one writer at a time, so triggers append to cloudsync_changes
+# directly and AUTOINCREMENT numbers follow commit order. MySQL commits
+# concurrently, and an AUTO_INCREMENT taken at insert time can commit after a
+# higher one; so triggers append to cloudsync_pending, and a sequencer numbers
+# only rows that are already committed, one sequencer at a time (it holds the
+# lock on the last_seq row of cloudsync_meta). A row is numbered after its
+# transaction committed, so every later commit gets a higher number.
+#
+# The device and batch of a push reach the triggers through the session
+# variables @cloudsync_device/@cloudsync_batch (MySQL) or the one-row table
+# cloudsync_context (SQLite, which has no session variables; safe because the
+# push holds the only write lock and clears it before committing). Outside
+# writers leave both NULL.
+
+CHANGE_OPS = {"I": "insert", "U": "update", "D": "delete"}
+CHANGE_CAPTURE_MODES = ("triggers", "api")
+SEQUENCE_BATCH_ROWS = 5000          # pending rows numbered per sequencer transaction
+COMPACT_BATCH_ROWS = 10000          # log rows deleted per compaction transaction
+MAX_ID_CHARS = 128                  # device_id and batch_id
+
+MYSQL_LOG_TABLES = (
+    "CREATE TABLE IF NOT EXISTS cloudsync_meta (name VARCHAR(64) NOT NULL PRIMARY KEY,"
+    " value VARCHAR(255) NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS cloudsync_pending (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,"
+    " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
+    " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL)"
+    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq BIGINT NOT NULL PRIMARY KEY,"
+    " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
+    " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
+    " KEY cloudsync_changes_by_row (table_name, row_key(255), seq))"
+    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id VARCHAR(128) NOT NULL,"
+    " batch_id VARCHAR(128) NOT NULL, request_hash CHAR(64) NOT NULL, response MEDIUMTEXT NULL,"
+    " created_at DATETIME(6) NOT NULL, PRIMARY KEY (device_id, batch_id))"
+    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+)
+SQLITE_LOG_TABLES = (
+    "CREATE TABLE IF NOT EXISTS cloudsync_meta (name TEXT NOT NULL PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " table_name TEXT NOT NULL, row_key TEXT NOT NULL, op TEXT NOT NULL, device_id TEXT,"
+    " batch_id TEXT, changed_at TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_row ON cloudsync_changes (table_name, row_key, seq)",
+    "CREATE TABLE IF NOT EXISTS cloudsync_context (id INTEGER PRIMARY KEY CHECK (id = 1),"
+    " device_id TEXT, batch_id TEXT)",
+    "INSERT OR IGNORE INTO cloudsync_context (id) VALUES (1)",
+    "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id TEXT NOT NULL, batch_id TEXT NOT NULL,"
+    " request_hash TEXT NOT NULL, response TEXT, created_at TEXT NOT NULL, PRIMARY KEY (device_id, batch_id))",
+)
+# the time a change is stamped with, and the cutoff compaction compares it to
+NOW_SQL = {"mysql": "NOW(6)", "sqlite": "strftime('%Y-%m-%d %H:%M:%f', 'now')"}
+CUTOFF_SQL = {"mysql": "NOW(6) - INTERVAL ? DAY",
+              "sqlite": "strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ? || ' days')"}
+# error numbers for "this user may not create triggers"
+MYSQL_TRIGGER_DENIED = {1142, 1419, 1227, 1044}
+
+
+class ChangeCaptureError(Exception):
+    """Triggers cannot be installed (usually: the database user lacks the privilege)."""
+
+
+def _sql_literal(text, backend):
+    """A string literal for DDL, where values cannot be bound (trigger bodies)."""
+    if backend == "mysql":
+        text = text.replace("\\", "\\\\")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _trigger_name(table, event):
+    name = "cloudsync_%s_%s" % (table, event)
+    if len(name) > 64 or not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        name = "cloudsync_%s_%s" % (hashlib.sha1(table.encode("utf-8")).hexdigest()[:16], event)
+    return name
+
+
+def _trigger_sql(backend, schema, event):
+    """CREATE TRIGGER text recording one event of one table; only checked identifiers inside."""
+    quote = quote_mysql if backend == "mysql" else quote_sqlite
+    name = quote(_trigger_name(schema.name, event))
+    keys = [schema.columns[column].quoted for column in schema.primary_key]
+    table_literal = _sql_literal(schema.name, backend)
+    now = NOW_SQL[backend]
+
+    def record(row, op, guard=""):
+        key = "JSON_ARRAY(%s)" % ", ".join("%s.%s" % (row, k) for k in keys) if backend == "mysql" \
+            else "json_array(%s)" % ", ".join("%s.%s" % (row, k) for k in keys)
+        if backend == "mysql":
+            statement = ("INSERT INTO cloudsync_pending (table_name, row_key, op, device_id, batch_id, changed_at)"
+                         " VALUES (%s, %s, '%s', @cloudsync_device, @cloudsync_batch, %s)" % (table_literal, key, op, now))
+            return "IF %s THEN %s; END IF" % (guard, statement) if guard else statement
+        return ("INSERT INTO cloudsync_changes (table_name, row_key, op, device_id, batch_id, changed_at)"
+                " SELECT %s, %s, '%s', device_id, batch_id, %s FROM cloudsync_context WHERE id = 1%s"
+                % (table_literal, key, op, now, " AND " + guard if guard else ""))
+
+    timing = {"ins": "INSERT", "upd": "UPDATE", "del": "DELETE"}[event]
+    if event == "ins":
+        body = [record("NEW", "I")]
+    elif event == "del":
+        body = [record("OLD", "D")]
+    else:
+        same = " AND ".join(("OLD.%s <=> NEW.%s" if backend == "mysql" else "OLD.%s IS NEW.%s") % (k, k)
+                            for k in keys)
+        # an update that changes the key deletes the old row and creates a new one
+        body = [record("OLD", "D", "NOT (%s)" % same), record("NEW", "U")]
+    if backend == "mysql":
+        return "CREATE OR REPLACE TRIGGER %s AFTER %s ON %s FOR EACH ROW BEGIN %s; END" % (
+            name, timing, schema.quoted, "; ".join(body))
+    return "CREATE TRIGGER %s AFTER %s ON %s BEGIN %s; END" % (name, timing, schema.quoted, "; ".join(body))
+
+
+class ChangeLog:
+    """cloudsync's own tables: the change log, sequence numbers, batches, and the triggers."""
+
+    def __init__(self, db, capture):
+        self.db = db
+        self.capture = capture
+        self.backend = db.name
+        self.instance = None
+        self.secret = None
+
+    # -- installation ---------------------------------------------------------
+
+    def install(self, conn, schemas, progress=None):
+        """Create the log tables and (re)install the triggers; idempotent."""
+        say = progress or (lambda message: None)
+        for statement in (MYSQL_LOG_TABLES if self.backend == "mysql" else SQLITE_LOG_TABLES):
+            self.db.execute(conn, statement)
+        insert = "INSERT IGNORE" if self.backend == "mysql" else "INSERT OR IGNORE"
+        for name, value in (("instance", uuid.uuid4().hex), ("secret", secrets.token_hex(32)),
+                            ("last_seq", "0"), ("compacted_upto", "0")):
+            self.db.execute(conn, self.db.sql("%s INTO cloudsync_meta (name, value) VALUES (?, ?)" % insert),
+                            (name, value))
+        for schema in schemas.values():
+            say("%s triggers on %s" % ("installing" if self.capture == "triggers" else "removing", schema.name))
+            self._install_triggers(conn, schema)
+        self.load_identity(conn)
+
+    def _install_triggers(self, conn, schema):
+        statements = []
+        for event in ("ins", "upd", "del"):
+            name = _trigger_name(schema.name, event)
+            if self.backend == "sqlite" or self.capture == "api":
+                statements.append("DROP TRIGGER IF EXISTS %s" % self.db.quote(name))
+            if self.capture == "triggers":
+                statements.append(_trigger_sql(self.backend, schema, event))
+        try:
+            if self.backend == "sqlite":
+                with self.db.transaction(conn):      # DDL is transactional: no write goes unrecorded
+                    for statement in statements:
+                        self.db.execute(conn, statement)
+            else:
+                for statement in statements:         # CREATE OR REPLACE swaps atomically
+                    self.db.execute(conn, statement)
+        except Exception as error:
+            errno = getattr(error, "errno", None)
+            if self.backend == "mysql" and errno in MYSQL_TRIGGER_DENIED:
+                raise ChangeCaptureError(
+                    "the database user may not create triggers on %r (MySQL error %s); grant it the TRIGGER "
+                    "privilege (with binary logging also set log_bin_trust_function_creators=1), or set "
+                    "CHANGE_CAPTURE=api to record only writes made through cloudsync" % (schema.name, errno)) from None
+            raise
+
+    def load_identity(self, conn):
+        """Read this database's instance id and checkpoint-signing secret."""
+        meta = dict(self.db.query(conn, "SELECT name, value FROM cloudsync_meta"))
+        self.instance, self.secret = meta["instance"], meta["secret"].encode("ascii")
+
+    # -- sequence numbers -------------------------------------------------------
+
+    def sequence(self, conn):
+        """Number the committed pending changes (MySQL); SQLite numbers them at insert."""
+        if self.backend != "mysql":
+            return
+        while self.db.query(conn, "SELECT 1 FROM cloudsync_pending LIMIT 1"):
+            with self.db.transaction(conn):
+                last = int(self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq' FOR UPDATE")[0][0])
+                rows = self.db.query(conn, self.db.sql(
+                    "SELECT id, table_name, row_key, op, device_id, batch_id, changed_at FROM cloudsync_pending"
+                    " ORDER BY id LIMIT ?"), (SEQUENCE_BATCH_ROWS,))
+                if not rows:
+                    return
+                self.db.executemany(conn, self.db.sql(
+                    "INSERT INTO cloudsync_changes (seq, table_name, row_key, op, device_id, batch_id, changed_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)"), [(last + n,) + tuple(row[1:]) for n, row in enumerate(rows, 1)])
+                ids = [row[0] for row in rows]
+                self.db.execute(conn, self.db.sql("DELETE FROM cloudsync_pending WHERE id IN (%s)"
+                                                  % ", ".join("?" for _ in ids)), ids)
+                self.db.execute(conn, self.db.sql("UPDATE cloudsync_meta SET value = ? WHERE name = 'last_seq'"),
+                                (str(last + len(rows)),))
+
+    def head(self, conn):
+        """The highest sequence number given out so far."""
+        if self.backend == "mysql":
+            return int(self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq'")[0][0])
+        top = self.db.query(conn, "SELECT MAX(seq) FROM cloudsync_changes")[0][0] or 0
+        return max(top, self.compacted_upto(conn))
+
+    def compacted_upto(self, conn):
+        """Changes numbered up to this were removed by compaction."""
+        return int(self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'")[0][0])
+
+    # -- who is writing -----------------------------------------------------------
+
+    @contextmanager
+    def attributed(self, conn, device_id, batch_id):
+        """Inside a push's transaction: changes made in the with-block carry this device and batch."""
+        if self.backend == "mysql":
+            self.db.execute(conn, "SET @cloudsync_device = %s, @cloudsync_batch = %s", (device_id, batch_id))
+            try:
+                yield
+            finally:
+                self.db.execute(conn, "SET @cloudsync_device = NULL, @cloudsync_batch = NULL")
+        else:
+            self.db.execute(conn, "UPDATE cloudsync_context SET device_id = ?, batch_id = ? WHERE id = 1",
+                            (device_id, batch_id))
+            yield
+            self.db.execute(conn, "UPDATE cloudsync_context SET device_id = NULL, batch_id = NULL WHERE id = 1")
+
+    def record(self, conn, entries, device_id, batch_id):
+        """CHANGE_CAPTURE=api: log the push's own changes, as the triggers would."""
+        target = "cloudsync_pending" if self.backend == "mysql" else "cloudsync_changes"
+        rows = [(schema.name, self.key_text(schema, key), op, device_id, batch_id) for schema, op, key in entries]
+        if rows:
+            self.db.executemany(conn, self.db.sql(
+                "INSERT INTO %s (table_name, row_key, op, device_id, batch_id, changed_at) VALUES (?, ?, ?, ?, ?, %s)"
+                % (target, NOW_SQL[self.backend])), rows)
+
+    def key_text(self, schema, key):
+        """A row key as the triggers write it: JSON_ARRAY/json_array of the key columns."""
+        parts = []
+        for name, value in zip(schema.primary_key, key):
+            column = schema.columns[name]
+            if value is None:
+                parts.append("null")
+            elif column.kind == "integer" and _is_integer(value):
+                parts.append(str(int(value)))
+            elif column.kind == "decimal" and _is_number(value):
+                number = decimal.Decimal(str(value))
+                parts.append(str(number.quantize(decimal.Decimal(1).scaleb(-(column.scale or 0))))
+                             if self.backend == "mysql" else repr(float(number)))
+            else:
+                parts.append(json.dumps(_json_default(value) if not isinstance(value, (str, int)) else str(value),
+                                        ensure_ascii=False))
+        return "[" + (", " if self.backend == "mysql" else ",").join(parts) + "]"
+
+    # -- reading -----------------------------------------------------------------
+
+    def changed_rows(self, conn, tables, since, limit):
+        """(table, row_key, last seq) of rows changed after `since`, each once, oldest last change first."""
+        return self.db.query(conn, self.db.sql(
+            "SELECT table_name, row_key, MAX(seq) AS last_seq FROM cloudsync_changes WHERE seq > ?"
+            " AND table_name IN (%s) GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?"
+            % ", ".join("?" for _ in tables)), [since] + list(tables) + [limit])
+
+    def changed_since(self, conn, tables, since, upto=None, foreign_to=None):
+        """Whether any change in (since, upto] touches `tables` (optionally: not made by device foreign_to)."""
+        sql = "SELECT 1 FROM cloudsync_changes WHERE seq > ? AND table_name IN (%s)" % ", ".join("?" for _ in tables)
+        params = [since] + list(tables)
+        if upto is not None:
+            sql += " AND seq <= ?"
+            params.append(upto)
+        if foreign_to is not None:
+            sql += " AND (device_id IS NULL OR device_id <> ?)"
+            params.append(foreign_to)
+        return bool(self.db.query(conn, self.db.sql(sql + " LIMIT 1"), params))
+
+    def touched_by_others(self, conn, schema, key_texts, since, device_id):
+        """The row keys among key_texts that someone other than device_id changed after `since`."""
+        found = set()
+        for chunk in _chunks(sorted(key_texts), 500):
+            marks = ", ".join("?" for _ in chunk)
+            foreign = "" if device_id is None else " AND (device_id IS NULL OR device_id <> ?)"
+            extra = [] if device_id is None else [device_id]
+            sources = [("cloudsync_changes", " AND seq > ?", [since])]
+            if self.backend == "mysql":        # committed but not yet numbered: after any checkpoint
+                sources.append(("cloudsync_pending", "", []))
+            for table, after, after_params in sources:
+                rows = self.db.query(conn, self.db.sql(
+                    "SELECT DISTINCT row_key FROM %s WHERE table_name = ? AND row_key IN (%s)%s%s"
+                    % (table, marks, after, foreign)), [schema.name] + list(chunk) + after_params + extra)
+                found.update(_text(row[0]) for row in rows)
+        return found
+
+    def entries(self, conn, device_id=None, table=None, since=0, limit=100):
+        """The audit trail: change log rows, oldest first, filtered."""
+        sql, params = "SELECT seq, table_name, row_key, op, device_id, batch_id, changed_at FROM cloudsync_changes" \
+                      " WHERE seq > ?", [since]
+        if device_id is not None:
+            sql += " AND device_id = ?"
+            params.append(device_id)
+        if table is not None:
+            sql += " AND table_name = ?"
+            params.append(table)
+        return self.db.query(conn, self.db.sql(sql + " ORDER BY seq LIMIT ?"), params + [limit])
+
+    # -- batches -------------------------------------------------------------------
+
+    def find_batch(self, conn, device_id, batch_id):
+        """(request_hash, stored response) of an earlier push with this batch id, or None."""
+        rows = self.db.query(conn, self.db.sql(
+            "SELECT request_hash, response FROM cloudsync_batches WHERE device_id = ? AND batch_id = ?"),
+            (device_id, batch_id))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def claim_batch(self, conn, device_id, batch_id, request_hash):
+        """Inside the push's transaction: reserve the batch id (a concurrent twin waits, then fails)."""
+        self.db.execute(conn, self.db.sql(
+            "INSERT INTO cloudsync_batches (device_id, batch_id, request_hash, created_at) VALUES (?, ?, ?, %s)"
+            % NOW_SQL[self.backend]), (device_id, batch_id, request_hash))
+
+    def finish_batch(self, conn, device_id, batch_id, response):
+        """Inside the push's transaction: store the outcome to replay."""
+        self.db.execute(conn, self.db.sql(
+            "UPDATE cloudsync_batches SET response = ? WHERE device_id = ? AND batch_id = ?"),
+            (json.dumps(response, default=_json_default), device_id, batch_id))
+
+    # -- compaction ------------------------------------------------------------------
+
+    def compact(self, conn, retention_days, progress=None):
+        """Drop log entries and batch records older than the retention; return (entries removed, compacted_upto)."""
+        self.sequence(conn)
+        cutoff = CUTOFF_SQL[self.backend]
+        with self.db.transaction(conn):
+            upto = self.db.query(conn, self.db.sql(
+                "SELECT MAX(seq) FROM cloudsync_changes WHERE changed_at < %s" % cutoff), (retention_days,))[0][0]
+            previous = self.compacted_upto(conn)
+            if upto and upto > previous:
+                # published before the rows go: a reader that misses a row then sees this and answers 410
+                self.db.execute(conn, self.db.sql("UPDATE cloudsync_meta SET value = ? WHERE name = 'compacted_upto'"),
+                                (str(upto),))
+            self.db.execute(conn, self.db.sql("DELETE FROM cloudsync_batches WHERE created_at < %s" % cutoff),
+                            (retention_days,))
+        upto = max(upto or 0, previous)
+        removed = 0
+        delete = ("DELETE FROM cloudsync_changes WHERE seq <= ? ORDER BY seq LIMIT ?" if self.backend == "mysql" else
+                  "DELETE FROM cloudsync_changes WHERE seq IN (SELECT seq FROM cloudsync_changes WHERE seq <= ?"
+                  " ORDER BY seq LIMIT ?)")
+        while True:
+            with self.db.transaction(conn):
+                count = self.db.execute(conn, self.db.sql(delete), (upto, COMPACT_BATCH_ROWS))
+            removed += count
+            if progress and count:
+                progress("removed %d log entries" % removed)
+            if count < COMPACT_BATCH_ROWS:
+                return removed, upto
+
+
+def _is_integer(value):
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    if isinstance(value, decimal.Decimal):
+        return value == value.to_integral_value()
+    return isinstance(value, str) and re.fullmatch(r"-?\d+", value) is not None
+
+
+def _is_number(value):
+    try:
+        decimal.Decimal(str(value))
+        return not isinstance(value, bool)
+    except decimal.InvalidOperation:
+        return False
+
+
+def _chunks(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+# A checkpoint is opaque to devices: "cs1.<payload>.<mac>", the payload being
+# base64url JSON {db, t, s, scan}: this database's instance id, the tables it
+# was issued for, the sequence number it covers, and during an initial sync
+# the position of the table scan. The HMAC (key in cloudsync_meta) makes a
+# forged or altered checkpoint a 400, not a wrong answer.
+
+CHECKPOINT_PREFIX = "cs1."
+
+
+class Checkpoints:
+    """Encode and verify checkpoints for one database."""
+
+    def __init__(self, changelog):
+        self.changelog = changelog
+
+    def _mac(self, payload):
+        digest = hmac.new(self.changelog.secret, payload, hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(digest).rstrip(b"=")
+
+    def encode(self, tables, seq, scan=None):
+        """A checkpoint string for `tables` at `seq` (and a scan position during an initial sync)."""
+        payload = base64.urlsafe_b64encode(json.dumps(
+            {"db": self.changelog.instance, "t": list(tables), "s": seq, "scan": scan},
+            separators=(",", ":"), default=_json_default).encode("utf-8")).rstrip(b"=")
+        return CHECKPOINT_PREFIX + payload.decode("ascii") + "." + self._mac(payload).decode("ascii")
+
+    def decode(self, text):
+        """The checkpoint's fields, or a 400 when it is malformed, altered or from another database."""
+        if not isinstance(text, str) or not text.startswith(CHECKPOINT_PREFIX) or text.count(".") != 2:
+            raise HTTPError(400, "Invalid checkpoint", "checkpoint must be a string this server returned, or null")
+        _, payload, mac = text.split(".")
+        payload = payload.encode("ascii", "replace")
+        if not hmac.compare_digest(self._mac(payload), mac.encode("ascii", "replace")):
+            raise HTTPError(400, "Invalid checkpoint", "the checkpoint was not issued by this server for this "
+                            "database; start again with \"since\": null")
+        fields = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
+        if fields.get("db") != self.changelog.instance:
+            raise HTTPError(400, "Invalid checkpoint", "the checkpoint belongs to another database")
+        return fields
+
+
+# ---------------------------------------------------------------------------
 # Sync engine
 # ---------------------------------------------------------------------------
 # The engine knows the allowed tables and turns validated requests into SQL.
 # Validation happens in full before the first statement runs, so a bad
 # operation anywhere in a batch leaves the database untouched.
 
-ACTIONS = ("insert", "update", "delete")
+ACTIONS = ("insert", "update", "delete", "upsert")
 
 
 class Operation:
@@ -870,11 +1310,12 @@ class Operation:
 class SyncEngine:
     """Schema-checked push and pull over one Database."""
 
-    def __init__(self, database, allowed_tables):
+    def __init__(self, database, allowed_tables, capture="triggers"):
         self.db = database
         self.allowed_tables = tuple(allowed_tables)
         self.schemas = {}
-        self._schema_lock = threading.Lock()
+        self.changelog = ChangeLog(database, capture)
+        self.checkpoints = Checkpoints(self.changelog)
 
     # -- schema -------------------------------------------------------------
 
@@ -882,8 +1323,17 @@ class SyncEngine:
         """Introspect every allowed table; raise SchemaError naming the first bad one."""
         with self.db.connection() as conn:
             schemas = {table: self.db.introspect(conn, table) for table in self.allowed_tables}
-        with self._schema_lock:
-            self.schemas = schemas
+            if self.changelog.instance is None:
+                self.changelog.load_identity(conn)
+        self.schemas = schemas          # one assignment: readers see the old or the new dict
+        return schemas
+
+    def migrate(self, progress=None):
+        """Introspect the tables, create cloudsync's own tables and install the triggers."""
+        with self.db.connection() as conn:
+            schemas = {table: self.db.introspect(conn, table) for table in self.allowed_tables}
+            self.changelog.install(conn, schemas, progress)
+        self.schemas = schemas
         return schemas
 
     def _schema_for(self, table, where):
@@ -931,28 +1381,148 @@ class SyncEngine:
             validated.append(Operation(index, schema, action, values, key))
         return validated
 
-    def push(self, operations):
-        """Apply validated operations in one transaction; return the push summary."""
+    def push(self, operations, device_id=None, batch_id=None, checkpoint=None, on_conflict="abort",
+             request_hash=None):
+        """Apply validated operations in one transaction; return the response fields."""
+        since = self._checkpoint_seq(checkpoint) if checkpoint is not None else None
+        if batch_id is not None:
+            with self.db.connection() as conn:
+                prior = self.changelog.find_batch(conn, device_id or "", batch_id)
+            if prior is not None:
+                return self._replay(prior, request_hash, checkpoint)
+        attempt = dict(device_id=device_id, batch_id=batch_id, since=since, on_conflict=on_conflict,
+                       request_hash=request_hash)
         try:
-            return self._push(operations, batched=True)
-        except _GroupRejected:
-            # A multi-row insert failed; which row is unknown, and on SQLite the
-            # rows before it stay written. Roll back, then redo one by one.
-            return self._push(operations, batched=False)
+            try:
+                result = self._push(operations, batched=True, **attempt)
+            except _GroupRejected:
+                # A multi-row insert failed; which row is unknown, and on SQLite the
+                # rows before it stay written. Roll back, then redo one by one.
+                result = self._push(operations, batched=False, **attempt)
+        except _BatchTaken:
+            # a twin of this push (same batch id) committed first: answer as a replay
+            with self.db.connection() as conn:
+                prior = self.changelog.find_batch(conn, device_id or "", batch_id)
+            return self._replay(prior, request_hash, checkpoint)
+        result["checkpoint"] = self._checkpoint_after_push(checkpoint, device_id)
+        return result
 
-    def _push(self, operations, batched):
-        missing = []
+    def _replay(self, prior, request_hash, checkpoint):
+        stored_hash, response = prior
+        if stored_hash != request_hash:
+            raise HTTPError(409, "Batch id reused", "this device already pushed a different batch with this "
+                            "batch_id; use a new batch_id for new operations")
+        result = json.loads(response)
+        result["replayed"] = True
+        with self.db.connection() as conn:
+            result["checkpoint"] = checkpoint if checkpoint is not None else \
+                self.checkpoints.encode(self.allowed_tables, self.changelog.head(conn))
+        return result
+
+    def _checkpoint_seq(self, checkpoint):
+        fields = self.checkpoints.decode(checkpoint)
+        with self.db.connection() as conn:
+            if fields["s"] < self.changelog.compacted_upto(conn):
+                raise _expired()
+        return fields["s"]
+
+    def _checkpoint_after_push(self, checkpoint, device_id):
+        """The pull position after this push: past its own changes when nothing else came between."""
+        with self.db.connection() as conn:
+            self.changelog.sequence(conn)
+            head = self.changelog.head(conn)
+            if checkpoint is None:
+                return self.checkpoints.encode(self.allowed_tables, head)
+            fields = self.checkpoints.decode(checkpoint)
+            if fields["scan"] is not None or device_id is None or self.changelog.changed_since(
+                    conn, fields["t"], fields["s"], head, foreign_to=device_id):
+                return checkpoint      # others' changes are in between: the device must still pull them
+            return self.checkpoints.encode(fields["t"], head)
+
+    def _push(self, operations, batched, device_id, batch_id, since, on_conflict, request_hash):
+        missing, conflicts, logged = [], [], []
         with self.db.connection() as conn:
             with self.db.transaction(conn):
-                for group in _group_inserts(operations, batched):
-                    if isinstance(group, list):
-                        self._insert_many(conn, group)
-                    elif group.action == "update":
-                        if not self._update(conn, group):
-                            missing.append(group)
-                    else:
-                        self._delete(conn, group)
-        return {"applied": len(operations), "missing": missing}
+                if batch_id is not None:
+                    try:
+                        self.changelog.claim_batch(conn, device_id or "", batch_id, request_hash)
+                    except DataRejected:
+                        raise _BatchTaken() from None
+                with self.changelog.attributed(conn, device_id, batch_id):
+                    if since is not None:
+                        conflicts = self._conflicts(conn, operations, since, device_id)
+                        if conflicts and on_conflict != "skip":
+                            raise PushConflict(conflicts)
+                        skipped = {conflict["op"] for conflict in conflicts}
+                        operations = [op for op in operations if op.index not in skipped]
+                    for group in _group_operations(operations, batched):
+                        if isinstance(group, list):
+                            self._insert_many(conn, group)
+                            logged.extend((op.table, "I", op.key) for op in group)
+                        elif group.action == "insert":
+                            self._insert_one(conn, group)
+                            logged.append((group.table, "I", group.key))
+                        elif group.action == "upsert":
+                            self._upsert(conn, group)
+                            logged.append((group.table, "U", group.key))
+                        elif group.action == "update":
+                            if self._update(conn, group):
+                                logged.append((group.table, "U", group.key))
+                            else:
+                                missing.append(group)
+                        elif self._delete(conn, group):
+                            logged.append((group.table, "D", group.key))
+                    if self.changelog.capture == "api":
+                        self.changelog.record(conn, [entry for entry in logged if None not in entry[2]],
+                                              device_id, batch_id)
+                result = {"success": True, "applied": len(operations)}
+                if missing:
+                    result["missing"] = [_op_ref(op) for op in missing]
+                if conflicts:
+                    result["conflicts"] = conflicts
+                if batch_id is not None:
+                    self.changelog.finish_batch(conn, device_id or "", batch_id, result)
+        return result
+
+    def _conflicts(self, conn, operations, since, device_id):
+        """Operations on rows that others changed after `since`, or updates of rows that are gone."""
+        by_table = {}
+        for op in operations:
+            if None not in op.key:
+                by_table.setdefault(op.table.name, []).append(op)
+        conflicts = []
+        for table, ops in by_table.items():
+            schema = self.schemas[table]
+            current = self._current_rows(conn, schema, [op.key for op in ops], lock=True)
+            texts = {op.index: self.changelog.key_text(schema, op.key) for op in ops}
+            touched = self.changelog.touched_by_others(conn, schema, set(texts.values()), since, device_id)
+            for op in ops:
+                row = current.get(_norm_key(op.key))
+                if texts[op.index] in touched or (op.action == "update" and row is None):
+                    conflicts.append({"op": op.index, "table": table, "key": _key_json(op),
+                                      "server_row": row})
+        return sorted(conflicts, key=lambda conflict: conflict["op"])
+
+    def _current_rows(self, conn, schema, keys, lock=False):
+        """The rows with these keys now, as JSON-ready dicts, by normalised key."""
+        found = {}
+        positions = [schema.column_names.index(name) for name in schema.primary_key]
+        for chunk in _chunks(list(dict.fromkeys(keys)), 500):
+            where, params = self._keys_condition(schema, chunk)
+            sql = "SELECT %s FROM %s WHERE %s" % (schema.select_list, schema.quoted, where)
+            if lock and self.db.name == "mysql":
+                sql += " FOR UPDATE"      # a concurrent writer of these rows now waits for this push
+            rows = self.db.query(conn, self.db.sql(sql), params)
+            for raw, row in zip(rows, self.db.decode_rows(schema, rows)):
+                found[_norm_key([raw[p] for p in positions])] = dict(zip(schema.column_names, row))
+        return found
+
+    def _keys_condition(self, schema, keys):
+        """WHERE text and parameters matching any of `keys`."""
+        if len(schema.primary_key) == 1:
+            return "%s IN (%s)" % (schema.key_order, ", ".join("?" for _ in keys)), [key[0] for key in keys]
+        one = "(%s)" % self._key_condition(schema)
+        return " OR ".join(one for _ in keys), [value for key in keys for value in key]
 
     def _key_condition(self, schema):
         return " AND ".join("%s = ?" % schema.columns[name].quoted for name in schema.primary_key)
@@ -967,10 +1537,40 @@ class SyncEngine:
                 self.db.execute(conn, sql, tuple(group[0].values.values()))
             else:
                 self.db.executemany(conn, sql, [tuple(op.values.values()) for op in group])
-        except DataRejected as error:
-            if len(group) == 1:
-                raise PushRejected(group[0], error) from None
+        except DataRejected:
             raise _GroupRejected() from None
+
+    def _insert_one(self, conn, op):
+        schema, names = op.table, list(op.values)
+        sql = self.db.sql("INSERT INTO %s (%s) VALUES (%s)" % (
+            schema.quoted, ", ".join(schema.columns[name].quoted for name in names), ", ".join("?" for _ in names)))
+        try:
+            self.db.execute(conn, sql, tuple(op.values.values()))
+        except DataRejected as error:
+            # a retried insert whose row is already there, identical, is a no-op
+            if error.duplicate and None not in op.key:
+                row = self._current_rows(conn, schema, [op.key]).get(_norm_key(op.key))
+                if row is not None and _same_values(schema, op.values, row):
+                    return
+            raise PushRejected(op, error) from None
+
+    def _upsert(self, conn, op):
+        schema, names = op.table, list(op.values)
+        columns = ", ".join(schema.columns[name].quoted for name in names)
+        changes = [schema.columns[name].quoted for name in names if name not in schema.primary_key]
+        if self.db.name == "mysql":
+            assignments = ", ".join("%s = VALUES(%s)" % (quoted, quoted) for quoted in changes) or \
+                "%s = %s" % (schema.columns[schema.primary_key[0]].quoted, schema.columns[schema.primary_key[0]].quoted)
+            tail = "ON DUPLICATE KEY UPDATE " + assignments
+        else:
+            tail = "ON CONFLICT (%s) DO %s" % (schema.key_order, "UPDATE SET " + ", ".join(
+                "%s = excluded.%s" % (quoted, quoted) for quoted in changes) if changes else "NOTHING")
+        sql = self.db.sql("INSERT INTO %s (%s) VALUES (%s) %s" % (
+            schema.quoted, columns, ", ".join("?" for _ in names), tail))
+        try:
+            self.db.execute(conn, sql, tuple(op.values.values()))
+        except DataRejected as error:
+            raise PushRejected(op, error) from None
 
     def _update(self, conn, op):
         schema = op.table
@@ -1009,6 +1609,77 @@ class SyncEngine:
             self._schema_for(table, "tables[%d]" % position)
         return list(dict.fromkeys(tables))
 
+    def pull_changes(self, tables, since, limit):
+        """Sync-mode pull: changes after checkpoint `since` (None: everything), at most `limit` rows plus keys."""
+        fields = self.checkpoints.decode(since) if since is not None else None
+        if fields is not None and fields["t"] != tables:
+            raise HTTPError(400, "Invalid checkpoint", "this checkpoint was issued for tables %s; pull the same "
+                            "tables with it, or start again with \"since\": null" % ", ".join(fields["t"]))
+        changes = {table: {"upserted": [], "deleted": []} for table in tables}
+        with self.db.connection() as conn:
+            self.changelog.sequence(conn)
+            if fields is None:
+                # the scan starts after every change up to `seq` is visible in the tables
+                seq, scan = self.changelog.head(conn), [0, None]
+            else:
+                seq, scan = fields["s"], fields["scan"]
+            if scan is not None:
+                scan, has_more = self._scan_tables(conn, tables, scan, limit, changes)
+                if scan is None:
+                    has_more = self.changelog.changed_since(conn, tables, seq)
+                checkpoint_seq = seq
+            else:
+                entries = self.changelog.changed_rows(conn, tables, seq, limit + 1)
+                has_more = len(entries) > limit
+                entries = entries[:limit]
+                self._fetch_changed(conn, entries, changes)
+                checkpoint_seq = entries[-1][2] if entries else seq
+            # checked after reading: compaction publishes its mark before deleting
+            if seq < self.changelog.compacted_upto(conn):
+                raise _expired()
+        return {"success": True, "changes": changes,
+                "checkpoint": self.checkpoints.encode(tables, checkpoint_seq, scan), "has_more": has_more}
+
+    def _scan_tables(self, conn, tables, scan, limit, changes):
+        """Initial sync: page through the tables in key order; return (next scan position or None, has_more)."""
+        index, last = scan
+        budget = limit
+        while index < len(tables):
+            if budget == 0:
+                return [index, last], True
+            schema = self.schemas[tables[index]]
+            where, params = "", []
+            if last is not None:
+                where, params = "WHERE " + _after_key_condition(schema), _after_key_params(last)
+            rows = self.db.query(conn, self.db.sql("SELECT %s FROM %s %s ORDER BY %s LIMIT ?" % (
+                schema.select_list, schema.quoted, where, schema.key_order)), params + [budget])
+            if rows:
+                positions = [schema.column_names.index(name) for name in schema.primary_key]
+                last = [_json_default(v) if isinstance(v, (decimal.Decimal, bytes, datetime.date)) else v
+                        for v in (rows[-1][p] for p in positions)]
+                names = schema.column_names
+                changes[schema.name]["upserted"].extend(dict(zip(names, row))
+                                                        for row in self.db.decode_rows(schema, rows))
+            if len(rows) < budget:
+                index, last = index + 1, None
+            budget -= len(rows)
+        return None, False
+
+    def _fetch_changed(self, conn, entries, changes):
+        """Turn (table, row_key, seq) entries into current rows, or keys of deleted rows."""
+        by_table = {}
+        for table, row_key, _ in entries:
+            by_table.setdefault(_text(table), []).append(tuple(json.loads(_text(row_key), parse_float=decimal.Decimal)))
+        for table, keys in by_table.items():
+            schema = self.schemas[table]
+            current = self._current_rows(conn, schema, keys)
+            for key in keys:
+                row = current.get(_norm_key(key))
+                if row is not None:
+                    changes[table]["upserted"].append(row)
+                else:
+                    changes[table]["deleted"].append(_key_value(schema, key))
+
     def pull_rows(self, tables, limit):
         """The first `limit` rows of each table in primary-key order (the seed's pull)."""
         data = {}
@@ -1020,6 +1691,55 @@ class SyncEngine:
                 names = schema.column_names
                 data[table] = [dict(zip(names, row)) for row in self.db.decode_rows(schema, rows)]
         return data
+
+
+class _BatchTaken(Exception):
+    """Another request with the same device and batch id committed first."""
+
+
+class PushConflict(Exception):
+    """Operations touch rows that changed since the device's checkpoint."""
+
+    def __init__(self, conflicts):
+        super().__init__("%d conflicts" % len(conflicts))
+        self.conflicts = conflicts
+
+
+def _expired():
+    return HTTPError(410, "Checkpoint expired", "changes after this checkpoint were compacted away; "
+                     "start again with \"since\": null", reset=True)
+
+
+def _norm_key(values):
+    """A key as comparable text, whether it came from JSON, a client, or the database."""
+    return tuple(None if value is None else
+                 _json_default(value) if isinstance(value, (decimal.Decimal, bytes, datetime.date)) else str(value)
+                 for value in values)
+
+
+def _same_values(schema, pushed, row):
+    """Whether an existing row already holds the pushed values (a retried insert)."""
+    for name, value in pushed.items():
+        stored, kind = row.get(name), schema.columns[name].kind
+        if value is None or stored is None:
+            if value is not stored:
+                return False
+        elif kind in ("decimal", "integer") and _is_number(value) and _is_number(stored):
+            if decimal.Decimal(str(value)) != decimal.Decimal(str(_json_default(stored) if isinstance(
+                    stored, decimal.Decimal) else stored)):
+                return False
+        elif kind == "binary":
+            if bytes(value) != bytes(stored):
+                return False
+        else:
+            text = stored if isinstance(stored, str) else json.loads(to_json_bytes(stored))
+            if str(value).replace("T", " ") != str(text).replace("T", " "):
+                return False
+    return True
+
+
+def _op_ref(op):
+    return {"op": op.index, "table": op.table.name, "key": _key_json(op)}
 
 
 class _GroupRejected(Exception):
@@ -1035,22 +1755,20 @@ class PushRejected(Exception):
         self.error = error
 
 
-def _group_inserts(operations, batched=True):
-    """Yield runs of inserts into one table with the same columns as lists, others alone."""
+def _group_operations(operations, batched=True):
+    """Yield runs of 2+ inserts into one table with the same columns as lists, other operations alone."""
     run = []
     for op in operations:
-        if batched and op.action == "insert" and run and op.table is run[0].table and list(op.values) == list(run[0].values):
+        if run and op.action == "insert" and op.table is run[0].table and list(op.values) == list(run[0].values):
             run.append(op)
             continue
         if run:
-            yield run
-            run = []
-        if op.action == "insert":
-            run = [op]
-        else:
+            yield run if len(run) > 1 else run[0]
+        run = [op] if batched and op.action == "insert" else []
+        if not run:
             yield op
     if run:
-        yield run
+        yield run if len(run) > 1 else run[0]
 
 
 def parse_limit(value):
@@ -1130,7 +1848,7 @@ class App:
     def __init__(self, config, database=None, engine=None):
         self.config = config
         self.db = database or open_database(config)
-        self.engine = engine or SyncEngine(self.db, config.allowed_tables)
+        self.engine = engine or SyncEngine(self.db, config.allowed_tables, config.change_capture)
         self.routes = {
             "/health": {"GET": self.health},
             "/sync": {"POST": self.push},
@@ -1139,9 +1857,10 @@ class App:
             "/sync/status": {"GET": self.status},
         }
 
-    def start(self):
-        """Check the database and every allowed table; raise SchemaError or DatabaseUnavailable."""
-        return self.engine.load_schema()
+    def start(self, progress=None):
+        """Check every allowed table, install change capture; raise SchemaError, ChangeCaptureError
+        or DatabaseUnavailable."""
+        return self.engine.migrate(progress)
 
     # -- WSGI ----------------------------------------------------------------
 
@@ -1184,11 +1903,25 @@ class App:
         return 200, {"status": "Sync API running"}
 
     def push(self, request):
-        """Apply a batch of operations in one transaction."""
+        """Apply a batch of operations in one transaction; retry-safe with batch_id, conflict-aware with checkpoint."""
         payload = request.json_object()
+        device_id = _optional_id(payload, "device_id")
+        batch_id = _optional_id(payload, "batch_id")
+        checkpoint = payload.get("checkpoint")
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise HTTPError(400, "Invalid checkpoint", "checkpoint must be a string this server returned")
+        on_conflict = payload.get("on_conflict", "abort")
+        if on_conflict not in ("abort", "skip"):
+            raise HTTPError(400, "Invalid payload", "on_conflict must be \"abort\" or \"skip\"")
         operations = self.engine.validate_operations(payload.get("operations"))
+        request_hash = hashlib.sha256(json.dumps(payload.get("operations"), sort_keys=True, default=str,
+                                                 ensure_ascii=False).encode("utf-8")).hexdigest()
         try:
-            result = self.engine.push(operations)
+            return 200, self.engine.push(operations, device_id, batch_id, checkpoint, on_conflict, request_hash)
+        except PushConflict as conflict:
+            raise HTTPError(409, "Conflict", "%d operation(s) touch rows changed since your checkpoint; nothing "
+                            "was applied. Pull, then push again, or send \"on_conflict\": \"skip\""
+                            % len(conflict.conflicts), conflicts=conflict.conflicts) from None
         except PushRejected as rejected:
             op = rejected.op
             status = 409 if rejected.error.duplicate else 400
@@ -1196,24 +1929,31 @@ class App:
                             % (op.index, op.action, op.table.name, rejected.error), op=op.index) from None
         except DatabaseUnavailable:
             raise _unavailable("Sync failed") from None
+        except HTTPError:
+            raise
         except Exception:
             log.exception("push failed")
             raise HTTPError(500, "Sync failed", "the database failed; nothing was applied") from None
-        response = {"success": True, "applied": result["applied"]}
-        if result["missing"]:
-            response["missing"] = [{"op": op.index, "table": op.table.name, "key": _key_json(op)}
-                                   for op in result["missing"]]
-        return 200, response
 
     def pull(self, request):
-        """Return rows of the requested tables (seed mode)."""
+        """Seed mode: rows of the requested tables. With `since`: changes after a checkpoint."""
         payload = request.json_object()
         tables = self.engine.check_tables(payload.get("tables"))
         limit = parse_limit(payload.get("limit"))
+        sync_mode = "since" in payload
+        since = payload.get("since")
+        if since is not None and not isinstance(since, str):
+            raise HTTPError(400, "Invalid checkpoint", "since must be null or a checkpoint string")
         try:
+            if sync_mode:
+                result = self.engine.pull_changes(tables, since, limit)
+                result["limit"] = limit
+                return 200, result
             data = self.engine.pull_rows(tables, limit)
         except DatabaseUnavailable:
             raise _unavailable("Pull sync failed") from None
+        except HTTPError:
+            raise
         except Exception:
             log.exception("pull failed")
             raise HTTPError(500, "Pull sync failed", "the database failed while reading") from None
@@ -1225,6 +1965,8 @@ class App:
             with self.db.connection() as conn:
                 self.db.ping(conn)
                 version = self.db.server_version(conn)
+                self.engine.changelog.sequence(conn)
+                head = self.engine.changelog.head(conn)
             schemas = self.engine.load_schema()
         except DatabaseUnavailable as error:
             log.warning("status: database unavailable: %s", error)
@@ -1234,9 +1976,19 @@ class App:
         return 200, {
             "success": True, "status": "ok", "allowed_tables": list(self.engine.allowed_tables),
             "backend": self.db.name, "server_version": version, "driver": self.db.driver(),
-            "version": __version__,
+            "version": __version__, "change_capture": self.engine.changelog.capture, "last_seq": head,
             "tables": {name: schema.describe() for name, schema in schemas.items()},
         }
+
+
+def _optional_id(payload, field):
+    """device_id / batch_id: absent, or a non-empty string of at most MAX_ID_CHARS."""
+    value = payload.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        raise HTTPError(400, "Invalid payload", "%s must be a string of 1 to %d characters" % (field, MAX_ID_CHARS))
+    return value
 
 
 def _unavailable(error):
@@ -1244,11 +1996,31 @@ def _unavailable(error):
 
 
 def _key_json(op):
+    """An operation's row key as the protocol shows it."""
+    return _key_value(op.table, op.key)
+
+
+def _key_value(schema, key):
     """A row key as the protocol shows it: the value, or an object for a composite key."""
-    names = op.table.primary_key
-    if len(names) == 1:
-        return op.key[0]
-    return dict(zip(names, op.key))
+    if len(schema.primary_key) == 1:
+        return key[0]
+    return dict(zip(schema.primary_key, key))
+
+
+def _after_key_condition(schema):
+    """Keyset paging: rows whose key sorts after the given one, (a > ?) OR (a = ? AND b > ?)..."""
+    quoted = [schema.columns[name].quoted for name in schema.primary_key]
+    terms = []
+    for n in range(len(quoted)):
+        terms.append("(" + " AND ".join(["%s = ?" % q for q in quoted[:n]] + ["%s > ?" % quoted[n]]) + ")")
+    return "(" + " OR ".join(terms) + ")"
+
+
+def _after_key_params(last):
+    params = []
+    for n in range(len(last)):
+        params.extend(last[:n + 1])
+    return params
 
 
 def make_app(config):
@@ -1282,14 +2054,46 @@ def _create_demo_database(path):
         conn.close()
 
 
+def _compact_periodically(app, config, stop):
+    """Server thread: compact the change log now and every COMPACT_INTERVAL_SECONDS."""
+    while True:
+        try:
+            with app.db.connection() as conn:
+                removed, upto = app.engine.changelog.compact(conn, config.changelog_retention_days)
+            if removed:
+                log.info("compacted the change log: %d entries removed, up to seq %d", removed, upto)
+        except Exception:
+            log.warning("compaction failed; it is tried again later", exc_info=True)
+        if stop.wait(config.compact_interval_seconds):
+            return
+
+
+def _print_log(app, args):
+    with app.db.connection() as conn:
+        rows = app.engine.changelog.entries(conn, args.device, args.table, args.since, args.limit)
+    print("%-8s %-26s %-16s %-6s %-24s %-16s %s" % ("seq", "time", "table", "op", "key", "device", "batch"))
+    for seq, table, row_key, op, device_id, batch_id, changed_at in rows:
+        print("%-8d %-26s %-16s %-6s %-24s %-16s %s" % (
+            seq, _text(changed_at), _text(table), CHANGE_OPS.get(_text(op), op), _text(row_key),
+            device_id or "-", batch_id or "-"))
+    return 0
+
+
 def main(argv=None):
-    """Command-line entry point: serve (the default) or demo."""
+    """Command-line entry point: serve (the default), demo, migrate, compact, log."""
     parser = argparse.ArgumentParser(prog="cloudsync", description="Sync server for offline-first devices.")
     parser.add_argument("--env-file", default=".env", help="settings file (default: .env in the working directory)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="serve the sync API (the default)")
     demo = commands.add_parser("demo", help="serve the example tables from a local SQLite file")
     demo.add_argument("--db", default="cloudsync-demo.db", help="SQLite file (created with the example tables)")
+    commands.add_parser("migrate", help="create cloudsync's tables and install the change-capture triggers")
+    commands.add_parser("compact", help="remove change-log entries older than CHANGELOG_RETENTION_DAYS")
+    audit = commands.add_parser("log", help="print the change log (the audit trail)")
+    audit.add_argument("--device", help="only changes made by this device")
+    audit.add_argument("--table", help="only changes to this table")
+    audit.add_argument("--since", type=int, default=0, help="only changes after this sequence number")
+    audit.add_argument("--limit", type=int, default=1000, help="at most this many lines (default 1000)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     overrides = None
@@ -1301,10 +2105,22 @@ def main(argv=None):
         if args.command == "demo":
             _create_demo_database(config.db_path)
         app = App(config)
+        if args.command == "log":
+            app.engine.load_schema()
+            return _print_log(app, args)
+        if args.command == "compact":
+            with app.db.connection() as conn:
+                removed, upto = app.engine.changelog.compact(
+                    conn, config.changelog_retention_days, progress=lambda message: print(message, flush=True))
+            print("removed %d change-log entries; checkpoints older than seq %d now get 410" % (removed, upto))
+            return 0
         log.info("configuration: %s", config.describe())
         log.info("backend: %s, driver: %s", app.db.name, app.db.driver())
-        schemas = app.start()
-    except (ConfigError, SchemaError) as error:
+        schemas = app.start(progress=lambda message: log.info("migrate: %s", message))
+        if args.command == "migrate":
+            print("change capture (%s) is installed on %d table(s)" % (config.change_capture, len(schemas)))
+            return 0
+    except (ConfigError, SchemaError, ChangeCaptureError) as error:
         log.error("cannot start: %s", error)
         return 2
     except DatabaseUnavailable as error:
@@ -1316,6 +2132,10 @@ def main(argv=None):
         log.info("table %s: primary key (%s)", name, ", ".join(schema.primary_key))
     if "pure Python" in app.db.driver():
         log.warning("mysql-connector-python's C extension did not load: rows decode several times slower")
+    if config.change_capture == "api":
+        log.warning("CHANGE_CAPTURE=api: writes made outside cloudsync are not recorded and devices will not see them")
+    threading.Thread(target=_compact_periodically, args=(app, config, threading.Event()),
+                     name="cloudsync-compact", daemon=True).start()
     _serve(app, config)
     return 0
 

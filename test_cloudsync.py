@@ -388,11 +388,11 @@ def test_delete_of_missing_row_succeeds(app):
 
 
 @pytest.mark.parametrize("failing", [
-    op("insert", id="s1"),                        # duplicate key of the first operation
+    op("insert", id="s1", total="2.00"),          # the key of the first operation, other values
     op("insert", id="s9", total="not a number"),  # a value the database refuses
 ])
 def test_atomic_rollback_when_last_operation_fails(app, backend, failing):
-    if backend.kind == "sqlite" and "total" in failing["data"]:
+    if backend.kind == "sqlite" and failing["data"].get("total") == "not a number":
         pytest.skip("SQLite stores text in a DECIMAL column")
     operations = [op("insert", id="s1", total="1.00"), op("insert", id="s2"), op("update", id="s1", note="x"), failing]
     response = push(app, operations)
@@ -403,7 +403,7 @@ def test_atomic_rollback_when_last_operation_fails(app, backend, failing):
 
 
 def test_duplicate_inside_one_multirow_insert_names_the_operation(app, backend):
-    operations = [op("insert", id="a"), op("insert", id="b"), op("insert", id="a")]
+    operations = [op("insert", id="a", note="1"), op("insert", id="b", note="2"), op("insert", id="a", note="3")]
     response = push(app, operations)
     assert response.status == 409 and response.json["op"] == 2
     assert backend.rows("sales") == []
@@ -753,8 +753,502 @@ def test_ci_runs_the_readme_test_command():
     assert "    " + ci + "\n" in readme
 
 
-def test_mysql_driver_uses_c_extension(backend):
-    if backend.kind != "mysql":
-        pytest.skip("MySQL driver only")
+def test_mysql_driver_uses_c_extension(mysql_server):
+    config = cloudsync.load_config(None, environ={}, overrides={"DB_HOST": "127.0.0.1", "DB_USER": "u", "DB_NAME": "n"})
+    assert cloudsync.MySQLDatabase(config).driver().endswith("(C extension)")
+
+
+# ---------------------------------------------------------------------------
+# Sync protocol: change capture
+# ---------------------------------------------------------------------------
+
+
+def log_entries(application, **filters):
+    with application.db.connection() as conn:
+        application.engine.changelog.sequence(conn)
+        rows = application.engine.changelog.entries(conn, **filters)
+    return [(cloudsync._text(table), cloudsync._text(key), cloudsync._text(op), device, batch)
+            for _, table, key, op, device, batch, _ in rows]
+
+
+def test_change_log_records_api_and_outside_writes(app, backend):
+    push(app, [op("insert", id="s1"), op("update", id="s1", note="x")], device_id="d1", batch_id="b1")
+    backend.sql("UPDATE sales SET note = 'office' WHERE id = 's1'")
+    backend.sql("DELETE FROM sales WHERE id = 's1'")
+    push(app, [op("insert", "stock_moves", shop="A", sku="7", qty=1)], device_id="d2")
+    assert log_entries(app) == [
+        ("sales", '["s1"]', "I", "d1", "b1"),
+        ("sales", '["s1"]', "U", "d1", "b1"),
+        ("sales", '["s1"]', "U", None, None),
+        ("sales", '["s1"]', "D", None, None),
+        ("stock_moves", '["A", "7"]' if backend.kind == "mysql" else '["A","7"]', "I", "d2", None),
+    ]
+    assert [entry[0] for entry in log_entries(app, device_id="d2")] == ["stock_moves"]
+
+
+def test_key_change_is_logged_as_delete_and_insert(app, backend):
+    push(app, [op("insert", id="old")])
+    backend.sql("UPDATE sales SET id = 'new' WHERE id = 'old'")
+    assert [(key, kind) for _, key, kind, _, _ in log_entries(app)][1:] == [('["old"]', "D"), ('["new"]', "U")]
+
+
+def test_migrate_is_idempotent(backend):
+    for _ in range(3):
+        application = cloudsync.App(backend.config())
+        application.start()
+    push(application, [op("insert", id="s1")])
+    assert len(log_entries(application)) == 1
+
+
+def test_api_capture_records_only_own_writes(backend):
+    application = cloudsync.App(backend.config(CHANGE_CAPTURE="api"))
+    application.start()
+    push(application, [op("insert", id="s1"), op("update", id="s1", note="n"), op("delete", id="s1")], device_id="d")
+    backend.sql("INSERT INTO sales (id) VALUES ('outside')")
+    assert [(kind, device) for _, _, kind, device, _ in log_entries(application)] == [("I", "d"), ("U", "d"), ("D", "d")]
+
+
+def test_switching_to_api_capture_removes_triggers(backend):
+    cloudsync.App(backend.config()).start()
+    application = cloudsync.App(backend.config(CHANGE_CAPTURE="api"))
+    application.start()
+    push(application, [op("insert", id="s1")], device_id="d")
+    assert len(log_entries(application)) == 1
+
+
+def test_sequence_follows_commit_order(app, backend):
+    """A transaction that started first but commits last is still seen after a later pull's checkpoint."""
+    first = pull(app, tables=["sales"], since=None).json["checkpoint"]
+    if backend.kind == "mysql":
+        early, late = _mysql_connect(backend.settings["DB_NAME"]), _mysql_connect(backend.settings["DB_NAME"])
+        early.autocommit = late.autocommit = False
+        early.cursor().execute("INSERT INTO sales (id) VALUES ('early')")   # takes the lower AUTO_INCREMENT
+        late.cursor().execute("INSERT INTO sales (id) VALUES ('late')")
+        late.commit()
+        seen = pull(app, tables=["sales"], since=first).json
+        assert [row["id"] for row in seen["changes"]["sales"]["upserted"]] == ["late"]
+        early.commit()
+        early.close(), late.close()
+    else:
+        writer = sqlite3.connect(backend.settings["DB_PATH"], isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("INSERT INTO sales (id) VALUES ('early')")
+        seen = pull(app, tables=["sales"], since=first).json
+        assert seen["changes"]["sales"]["upserted"] == []
+        writer.execute("COMMIT")
+        writer.close()
+    after = pull(app, tables=["sales"], since=seen["checkpoint"]).json
+    assert [row["id"] for row in after["changes"]["sales"]["upserted"]] == ["early"]
+
+
+# ---------------------------------------------------------------------------
+# Sync protocol: the client loop
+# ---------------------------------------------------------------------------
+
+
+class Device:
+    """A device following the README's client loop, keeping rows by table and key."""
+
+    def __init__(self, application, tables, limit=1000, device_id="device"):
+        self.app = application
+        self.tables = tables
+        self.limit = limit
+        self.device_id = device_id
+        self.checkpoint = None
+        self.rows = {table: {} for table in tables}
+        self.pages = 0
+
+    def key(self, table, row_or_key):
+        names = self.app.engine.schemas[table].primary_key
+        if isinstance(row_or_key, dict):
+            return tuple(str(row_or_key[name]) for name in names)
+        return (str(row_or_key),)
+
+    def sync(self):
+        while True:
+            response = pull(self.app, tables=self.tables, since=self.checkpoint, limit=self.limit)
+            assert response.status == 200, response.body
+            body = response.json
+            for table, change in body["changes"].items():
+                for row in change["upserted"]:
+                    self.rows[table][self.key(table, row)] = row
+                for key in change["deleted"]:
+                    self.rows[table].pop(self.key(table, key), None)
+            self.checkpoint = body["checkpoint"]
+            self.pages += 1
+            if not body["has_more"]:
+                return self
+
+    def push(self, operations, **fields):
+        return push(self.app, operations, device_id=self.device_id, **fields)
+
+
+def server_rows(application, table):
+    data = pull(application, tables=[table], limit=5000).json["data"][table]
+    device = Device(application, [table])
+    return {device.key(table, row): row for row in data}
+
+
+def test_initial_sync_pages_through_large_table(app):
+    push(app, [op("insert", id="s%04d" % n, total="%d.00" % n) for n in range(250)])
+    push(app, [op("insert", "stock_moves", shop="S%d" % (n % 3), sku="K%03d" % n, qty=n) for n in range(70)])
+    device = Device(app, ["sales", "stock_moves"], limit=40).sync()
+    assert device.pages >= 8
+    assert device.rows["sales"] == server_rows(app, "sales")
+    assert device.rows["stock_moves"] == server_rows(app, "stock_moves")
+
+
+def test_initial_sync_while_another_writer_writes(app, backend):
+    import threading
+    push(app, [op("insert", id="s%04d" % n, note="v0") for n in range(300)])
+    stop = threading.Event()
+
+    def writer():
+        other = cloudsync.App(backend.config())
+        other.start()
+        n = 0
+        while not stop.is_set() and n < 400:
+            n += 1
+            push(other, [op("update", id="s%04d" % (n * 7 % 300), note="v%d" % n),
+                         op("insert", id="new%04d" % n), op("delete", id="s%04d" % (n * 13 % 300))])
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        device = Device(app, ["sales"], limit=25).sync()
+    finally:
+        stop.set()
+        thread.join()
+    device.sync()
+    assert device.rows["sales"] == server_rows(app, "sales")
+
+
+def test_deletes_and_outside_writes_propagate(app, backend):
+    push(app, [op("insert", id="a"), op("insert", id="b"), op("insert", id="c")])
+    device = Device(app, ["sales"]).sync()
+    push(app, [op("delete", id="a")])
+    backend.sql("DELETE FROM sales WHERE id = 'b'")
+    backend.sql("UPDATE sales SET note = 'office' WHERE id = 'c'")
+    response = pull(app, tables=["sales"], since=device.checkpoint).json
+    assert sorted(response["changes"]["sales"]["deleted"]) == ["a", "b"]
+    assert [row["note"] for row in response["changes"]["sales"]["upserted"]] == ["office"]
+
+
+def test_composite_key_deleted_as_object(app):
+    push(app, [op("insert", "stock_moves", shop="A", sku="1", qty=1)])
+    device = Device(app, ["stock_moves"]).sync()
+    push(app, [op("delete", "stock_moves", shop="A", sku="1")])
+    response = pull(app, tables=["stock_moves"], since=device.checkpoint).json
+    assert response["changes"]["stock_moves"]["deleted"] == [{"shop": "A", "sku": "1"}]
+
+
+def test_row_changed_many_times_is_sent_once_in_current_state(app):
+    device = Device(app, ["sales"]).sync()
+    for n in range(5):
+        push(app, [op("upsert", id="x", note="v%d" % n)])
+    response = pull(app, tables=["sales"], since=device.checkpoint).json
+    assert [row["note"] for row in response["changes"]["sales"]["upserted"]] == ["v4"]
+
+
+def test_unchanged_pull_returns_nothing(app):
+    push(app, [op("insert", id="a")])
+    device = Device(app, ["sales"]).sync()
+    response = pull(app, tables=["sales"], since=device.checkpoint).json
+    assert response["changes"] == {"sales": {"upserted": [], "deleted": []}}
+    assert response["has_more"] is False
+    assert response["checkpoint"] == device.checkpoint
+
+
+def test_log_paging_has_more(app):
+    device = Device(app, ["sales"]).sync()
+    push(app, [op("insert", id="r%02d" % n) for n in range(12)])
+    response = pull(app, tables=["sales"], since=device.checkpoint, limit=5).json
+    assert len(response["changes"]["sales"]["upserted"]) == 5 and response["has_more"] is True
+    device.limit = 5
+    device.sync()
+    assert device.rows["sales"] == server_rows(app, "sales")
+
+
+CHECKPOINT_ERRORS = [
+    ("garbage", "Invalid checkpoint"),
+    ("cs1.abc.def", "Invalid checkpoint"),
+    (5, "Invalid checkpoint"),
+]
+
+
+@pytest.mark.parametrize("since,error", CHECKPOINT_ERRORS)
+def test_malformed_checkpoint_is_400(app, since, error):
+    response = pull(app, tables=["sales"], since=since)
+    assert response.status == 400 and response.json["error"] == error
+
+
+def test_altered_checkpoint_is_400(app):
+    checkpoint = pull(app, tables=["sales"], since=None).json["checkpoint"]
+    prefix, payload, mac = checkpoint.split(".")
+    fields = json.loads(cloudsync.base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    fields["s"] = 0
+    forged = cloudsync.base64.urlsafe_b64encode(json.dumps(fields).encode()).decode().rstrip("=")
+    response = pull(app, tables=["sales"], since="%s.%s.%s" % (prefix, forged, mac))
+    assert response.status == 400 and "not issued by this server" in response.json["detail"]
+
+
+def test_checkpoint_of_another_database_is_400(app, tmp_path):
+    other_path = str(tmp_path / "other.db")
+    conn = sqlite3.connect(other_path)
+    conn.executescript(open(os.path.join(HERE, "schema-sqlite.sql")).read() + EXTRA_SQLITE)
+    conn.close()
+    other = cloudsync.App(cloudsync.load_config(None, environ={}, overrides={
+        "DB_PATH": other_path, "ALLOWED_TABLES": ",".join(TABLES)}))
+    other.start()
+    foreign = pull(other, tables=["sales"], since=None).json["checkpoint"]
+    assert pull(app, tables=["sales"], since=foreign).status == 400
+
+
+def test_checkpoint_for_other_tables_is_400(app):
+    checkpoint = pull(app, tables=["sales"], since=None).json["checkpoint"]
+    response = pull(app, tables=["sales", "products"], since=checkpoint)
+    assert response.status == 400 and "issued for tables sales" in response.json["detail"]
+
+
+def test_compaction_and_expired_checkpoint(app, backend):
+    push(app, [op("insert", id="a")])
+    old = Device(app, ["sales"]).sync().checkpoint
+    push(app, [op("delete", id="a"), op("insert", id="b")])
+    backend.sql("UPDATE cloudsync_changes SET changed_at = '2000-01-01 00:00:00'")
+    with app.db.connection() as conn:
+        removed, upto = app.engine.changelog.compact(conn, 30)
+    assert removed == 3 and upto == 3
+    response = pull(app, tables=["sales"], since=old)
+    assert response.status == 410
+    assert response.json == {"success": False, "error": "Checkpoint expired", "reset": True,
+                             "detail": response.json["detail"]}
+    assert push(app, [op("insert", id="c")], checkpoint=old).status == 410
+    fresh = Device(app, ["sales"]).sync()
+    assert set(fresh.rows["sales"]) == {("b",)}
+    push(app, [op("insert", id="d")])
+    assert pull(app, tables=["sales"], since=fresh.checkpoint).status == 200
+
+
+def test_compact_command(backend, tmp_path, capsys):
     application = cloudsync.App(backend.config())
-    assert application.db.driver().endswith("(C extension)")
+    application.start()
+    push(application, [op("insert", id="a")], device_id="till-9")
+    env = {name: value for name, value in backend.settings.items()}
+    env["ALLOWED_TABLES"] = ",".join(TABLES)
+    old = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        assert cloudsync.main(["--env-file", "", "log", "--device", "till-9"]) == 0
+        out = capsys.readouterr().out
+        assert "till-9" in out and '["a"]' in out and "insert" in out
+        assert cloudsync.main(["--env-file", "", "compact"]) == 0
+        assert "removed 0 change-log entries" in capsys.readouterr().out
+        assert cloudsync.main(["--env-file", "", "migrate"]) == 0
+        assert "installed on 7 table(s)" in capsys.readouterr().out
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# ---------------------------------------------------------------------------
+# Sync protocol: retry-safe pushes
+# ---------------------------------------------------------------------------
+
+
+def test_batch_replay_changes_nothing(app, backend):
+    operations = [op("insert", id="s1", total="1.00"), op("update", id="ghost", note="x")]
+    first = push(app, operations, device_id="d1", batch_id="b-1")
+    assert first.status == 200 and "replayed" not in first.json
+    entries = log_entries(app)
+    backend.sql("UPDATE sales SET total = 5 WHERE id = 's1'")
+    again = push(app, operations, device_id="d1", batch_id="b-1")
+    assert again.status == 200 and again.json["replayed"] is True
+    assert again.json["applied"] == first.json["applied"] and again.json["missing"] == first.json["missing"]
+    assert backend.rows("sales")[0][2] == 5
+    assert len(log_entries(app)) == len(entries) + 1      # only the outside update
+
+
+def test_same_batch_id_other_body_is_409(app):
+    push(app, [op("insert", id="s1")], device_id="d1", batch_id="b-1")
+    response = push(app, [op("insert", id="s2")], device_id="d1", batch_id="b-1")
+    assert response.status == 409 and response.json["error"] == "Batch id reused"
+
+
+def test_batch_ids_are_per_device(app, backend):
+    assert push(app, [op("insert", id="s1")], device_id="d1", batch_id="b").status == 200
+    response = push(app, [op("insert", id="s2")], device_id="d2", batch_id="b")
+    assert response.status == 200 and "replayed" not in response.json
+    assert len(backend.rows("sales")) == 2
+
+
+def test_failed_batch_is_not_recorded(app, backend):
+    bad = [op("insert", "products", id="p1", name=None)]
+    assert push(app, bad, device_id="d1", batch_id="b").status == 400
+    good = [op("insert", "products", id="p1", name="Tea")]
+    response = push(app, good, device_id="d1", batch_id="b")
+    assert response.status == 200 and "replayed" not in response.json
+
+
+def test_concurrent_twins_apply_once(app, backend):
+    import threading
+    operations = [op("insert", id="s%03d" % n) for n in range(50)]
+    results = []
+
+    def send():
+        results.append(push(app, operations, device_id="d1", batch_id="twin"))
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(r.status for r in results) == [200] * 4
+    assert sum(1 for r in results if not r.json.get("replayed")) == 1
+    assert len(backend.rows("sales")) == 50
+
+
+def test_identical_insert_retry_is_noop(app, backend):
+    assert push(app, [op("insert", id="s1", total=1.5, sold_at="2026-01-02T03:04:05")]).status == 200
+    response = push(app, [op("insert", id="s1", total="1.50", sold_at="2026-01-02 03:04:05")])
+    assert response.status == 200
+    assert push(app, [op("insert", id="s1", total="1.51")]).status == 409
+
+
+def test_upsert_inserts_or_replaces(app, backend):
+    assert push(app, [op("upsert", id="s1", note="a")]).status == 200
+    assert push(app, [op("upsert", id="s1", note="b"), op("upsert", id="s2")]).status == 200
+    assert [(row[0], row[3]) for row in backend.rows("sales")] == [("s1", "b"), ("s2", None)]
+
+
+# ---------------------------------------------------------------------------
+# Sync protocol: conflicts
+# ---------------------------------------------------------------------------
+
+
+def test_conflict_with_another_device(app, backend):
+    push(app, [op("insert", id="x", note="base"), op("insert", id="y")])
+    till = Device(app, ["sales"], device_id="till").sync()
+    push(app, [op("update", id="x", note="from office pc")], device_id="office")
+    response = till.push([op("update", id="y", note="ok"), op("update", id="x", note="till")],
+                         checkpoint=till.checkpoint)
+    assert response.status == 409 and response.json["error"] == "Conflict"
+    conflict, = response.json["conflicts"]
+    assert conflict["op"] == 1 and conflict["table"] == "sales" and conflict["key"] == "x"
+    assert conflict["server_row"]["note"] == "from office pc"
+    assert {row[0]: row[3] for row in backend.rows("sales")} == {"x": "from office pc", "y": None}
+
+
+def test_conflict_with_outside_writer_and_skip(app, backend):
+    push(app, [op("insert", id="x"), op("insert", id="y")])
+    till = Device(app, ["sales"], device_id="till").sync()
+    backend.sql("UPDATE sales SET note = 'price change' WHERE id = 'x'")
+    response = till.push([op("update", id="x", note="till"), op("update", id="y", note="till")],
+                         checkpoint=till.checkpoint, on_conflict="skip")
+    assert response.status == 200 and response.json["applied"] == 1
+    assert [c["op"] for c in response.json["conflicts"]] == [0]
+    assert {row[0]: row[3] for row in backend.rows("sales")} == {"x": "price change", "y": "till"}
+
+
+def test_update_of_deleted_row_is_conflict_with_checkpoint(app):
+    push(app, [op("insert", id="x")])
+    till = Device(app, ["sales"], device_id="till").sync()
+    push(app, [op("delete", id="x")], device_id="office")
+    response = till.push([op("update", id="x", note="n")], checkpoint=till.checkpoint)
+    assert response.status == 409
+    assert response.json["conflicts"] == [{"op": 0, "table": "sales", "key": "x", "server_row": None}]
+
+
+def test_own_writes_never_conflict(app):
+    push(app, [op("insert", id="x")])
+    till = Device(app, ["sales"], device_id="till").sync()
+    base = till.checkpoint
+    assert till.push([op("update", id="x", note="1")], checkpoint=base).status == 200
+    assert till.push([op("update", id="x", note="2")], checkpoint=base).status == 200
+
+
+def test_push_checkpoint_skips_own_changes_only(app):
+    till = Device(app, ["sales"], device_id="till").sync()
+    mine = till.push([op("insert", id="a")], checkpoint=till.checkpoint).json["checkpoint"]
+    assert pull(app, tables=["sales"], since=mine).json["changes"]["sales"]["upserted"] == []
+    push(app, [op("insert", id="b")], device_id="office")
+    after = till.push([op("insert", id="c")], checkpoint=mine).json["checkpoint"]
+    rows = pull(app, tables=["sales"], since=after).json["changes"]["sales"]["upserted"]
+    assert "b" in [row["id"] for row in rows]
+
+
+def test_without_checkpoint_update_of_missing_row_is_listed(app):
+    response = push(app, [op("update", id="gone", note="x")], device_id="till")
+    assert response.status == 200 and response.json["missing"][0]["key"] == "gone"
+
+
+PUSH_FIELD_ERRORS = [
+    ({"device_id": 5}, "Invalid payload"),
+    ({"device_id": ""}, "Invalid payload"),
+    ({"batch_id": "x" * 129}, "Invalid payload"),
+    ({"checkpoint": 7}, "Invalid checkpoint"),
+    ({"checkpoint": "nonsense"}, "Invalid checkpoint"),
+    ({"on_conflict": "merge"}, "Invalid payload"),
+]
+
+
+@pytest.mark.parametrize("fields,error", PUSH_FIELD_ERRORS)
+def test_push_field_errors(app, backend, fields, error):
+    response = push(app, [op("insert", id="s1")], **fields)
+    assert response.status == 400 and response.json["error"] == error
+    assert backend.rows("sales") == []
+
+
+# ---------------------------------------------------------------------------
+# Sync protocol: property test
+# ---------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+KEYS = st.integers(0, 7)
+PUSH_STEP = st.tuples(st.just("push"), st.integers(0, 2),
+                      st.lists(st.tuples(st.sampled_from(["insert", "update", "delete", "upsert"]), KEYS,
+                                         st.integers(0, 99)), min_size=1, max_size=4),
+                      st.booleans(), st.sampled_from(["abort", "skip"]))
+OUTSIDE_STEP = st.tuples(st.just("outside"), st.sampled_from(["insert", "update", "delete"]), KEYS, st.integers(0, 99))
+PULL_STEP = st.tuples(st.just("pull"), st.integers(0, 2), st.integers(1, 4))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.one_of(PUSH_STEP, OUTSIDE_STEP, PULL_STEP), min_size=1, max_size=25))
+def test_property_devices_following_the_loop_end_equal_to_server(app, backend, steps):
+    prefix = uuid.uuid4().hex[:6]
+    devices = [Device(app, ["product_stock"], limit=3, device_id="dev%d" % n) for n in range(3)]
+    for step in steps:
+        if step[0] == "push":
+            _, n, operations, with_checkpoint, on_conflict = step
+            device = devices[n]
+            fields = {"on_conflict": on_conflict}
+            if with_checkpoint and device.checkpoint is not None:
+                fields["checkpoint"] = device.checkpoint
+            response = device.push([op(action, "product_stock", id="%s-%d" % (prefix, key), quantity=value)
+                                    for action, key, value in operations], **fields)
+            assert response.status in (200, 409), response.body
+        elif step[0] == "outside":
+            _, action, key, value = step
+            row_id = "%s-%d" % (prefix, key)
+            if action == "insert":
+                ignore = "INSERT IGNORE" if backend.kind == "mysql" else "INSERT OR IGNORE"
+                backend.sql(ignore + " INTO product_stock (id, quantity) VALUES (?, ?)", (row_id, value))
+            elif action == "update":
+                backend.sql("UPDATE product_stock SET quantity = ? WHERE id = ?", (value, row_id))
+            else:
+                backend.sql("DELETE FROM product_stock WHERE id = ?", (row_id,))
+        else:
+            _, n, limit = step
+            device = devices[n]
+            response = pull(app, tables=device.tables, since=device.checkpoint, limit=limit).json
+            for row in response["changes"]["product_stock"]["upserted"]:
+                device.rows["product_stock"][device.key("product_stock", row)] = row
+            for key in response["changes"]["product_stock"]["deleted"]:
+                device.rows["product_stock"].pop(device.key("product_stock", key), None)
+            device.checkpoint = response["checkpoint"]
+    expected = server_rows(app, "product_stock")
+    for device in devices:
+        device.sync()
+        assert device.rows["product_stock"] == expected
