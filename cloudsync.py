@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -107,7 +108,8 @@ class DataRejected(Exception):
 
 _DOTENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _DOTENV_EXPAND = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_DOUBLE_QUOTE_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\", "$": "$", "'": "'"}
+_ESCAPED_DOLLAR = "\x00"             # stands for \$ until ${VAR} expansion is done
+_DOUBLE_QUOTE_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\", "$": _ESCAPED_DOLLAR, "'": "'"}
 
 
 def _expand(value, known, environ):
@@ -168,6 +170,7 @@ def parse_dotenv(text, environ=None):
                     index += 1
             if rest is None:
                 problems.append((number, "unterminated %s quote" % ("double" if quote == '"' else "single")))
+                index = number              # carry on with the next line, as python-dotenv does
                 continue
             trailing = rest.strip()
             if trailing and not trailing.startswith("#"):
@@ -175,7 +178,7 @@ def parse_dotenv(text, environ=None):
                 continue
             value = "".join(chars)
             if quote == '"':
-                value = _expand(value, values, environ)
+                value = _expand(value, values, environ).replace(_ESCAPED_DOLLAR, "$")
         else:
             comment = re.search(r"\s#", rest)
             value = (rest[:comment.start()] if comment else rest).strip()
@@ -216,8 +219,8 @@ def _as_positive_int(text):
 
 def _as_positive_float(text):
     number = float(text)
-    if not number > 0:
-        raise ValueError("expected a number greater than 0")
+    if not 0 < number < 86400:
+        raise ValueError("expected a number of seconds greater than 0 and below 86400")
     return number
 
 
@@ -300,8 +303,11 @@ def load_config(env_file=".env", environ=None, overrides=None):
     environ = os.environ if environ is None else environ
     file_values = {}
     if env_file and os.path.exists(env_file):
-        with open(env_file, encoding="utf-8", newline="") as handle:
-            file_values, problems = parse_dotenv(handle.read(), environ)
+        try:
+            with open(env_file, encoding="utf-8", newline="") as handle:
+                file_values, problems = parse_dotenv(handle.read(), environ)
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError("cannot read %s: %s." % (env_file, error)) from None
         for number, message in problems:
             log.warning("%s line %d skipped: %s", env_file, number, message)
         unknown = sorted(set(file_values) - set(SETTING_NAMES))
@@ -349,11 +355,12 @@ def quote_sqlite(name):
 class Column:
     """One column of an allowed table, as the database describes it."""
 
-    __slots__ = ("name", "quoted", "kind", "scale")
+    __slots__ = ("name", "quoted", "kind", "scale", "exact_scale")
 
-    def __init__(self, name, quoted, kind, scale=None):
+    def __init__(self, name, quoted, kind, scale=None, exact_scale=None):
         self.name = name
         self.quoted = quoted
+        self.exact_scale = exact_scale      # SQLite decimals: values are rounded here before storing
         self.kind = kind        # 'integer', 'decimal', 'binary', 'date', 'datetime', 'time' or 'other'
         self.scale = scale      # digits after the point, for decimal columns
 
@@ -361,8 +368,9 @@ class Column:
 class TableSchema:
     """An allowed table: its quoted name, columns in order, and primary key."""
 
-    def __init__(self, name, quoted, columns, primary_key):
+    def __init__(self, name, quoted, columns, primary_key, generated_key=False):
         self.name = name
+        self.generated_key = generated_key      # the database fills in the key when it is left out
         self.quoted = quoted
         self.columns = {column.name: column for column in columns}
         self.column_names = [column.name for column in columns]
@@ -420,11 +428,28 @@ def parse_json(body):
                         else "the body is nested too deeply") from None
 
 
+MAX_INTEGER_DIGITS = 20             # beyond 64-bit integers no column can hold the value
+MAX_DECIMAL_EXPONENT = 65           # MySQL DECIMAL holds at most 65 digits
+SQLITE_EXACT_DIGITS = 15            # what a SQLite REAL keeps exactly
+
+
 def bind_value(column, value, where):
     """Turn a pushed JSON value into a value to bind for `column`, or raise 400."""
     if value is None or isinstance(value, (str, int, decimal.Decimal)):
         if isinstance(value, bool):
             return int(value)
+        if isinstance(value, int) and len(str(abs(value))) > MAX_INTEGER_DIGITS \
+                or isinstance(value, decimal.Decimal) and (not value.is_finite()
+                                                           or abs(value.adjusted()) > MAX_DECIMAL_EXPONENT):
+            raise HTTPError(400, "Invalid value", "%s: the number for column %r is out of range" % (where, column.name))
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise HTTPError(400, "Invalid value", "%s: the text for column %r is not valid Unicode "
+                                "(a lone surrogate)" % (where, column.name)) from None
+        if column.exact_scale is not None:
+            return _sqlite_exact_decimal(column, value, where)
         if column.kind == "binary" and isinstance(value, str):
             try:
                 return base64.b64decode(value, validate=True)
@@ -434,6 +459,23 @@ def bind_value(column, value, where):
         return value
     raise HTTPError(400, "Invalid value", "%s: column %r must be a string, number, "
                     "boolean or null, not %s" % (where, column.name, _json_type(value)))
+
+
+def _sqlite_exact_decimal(column, value, where):
+    """SQLite DECIMAL(p,s): round half up to s places as MySQL does; refuse what a REAL cannot keep."""
+    if value is None:
+        return None
+    try:
+        number = decimal.Decimal(value) if isinstance(value, (str, int)) else value
+        if not number.is_finite() or abs(number.adjusted()) > MAX_DECIMAL_EXPONENT:
+            raise decimal.InvalidOperation
+        number = number.quantize(decimal.Decimal(1).scaleb(-column.exact_scale), rounding=decimal.ROUND_HALF_UP)
+    except (decimal.InvalidOperation, ValueError):
+        raise HTTPError(400, "Invalid value", "%s: column %r holds a decimal number" % (where, column.name)) from None
+    if len(number.as_tuple().digits) > SQLITE_EXACT_DIGITS:
+        raise HTTPError(400, "Invalid value", "%s: %s has more digits than SQLite keeps exactly (%d); use "
+                        "MySQL/MariaDB for such amounts" % (where, number, SQLITE_EXACT_DIGITS))
+    return number
 
 
 def _json_type(value):
@@ -455,8 +497,11 @@ def _json_type(value):
 class _Pool:
     """A bounded set of reusable connections; a broken one is dropped, not reused."""
 
-    def __init__(self, connect, size, wait_seconds):
+    IDLE_CHECK_SECONDS = 30     # a connection idle longer is pinged before it is lent again
+
+    def __init__(self, connect, size, wait_seconds, alive=None):
         self._connect = connect
+        self._alive = alive or (lambda conn: True)
         self._idle = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(size)
@@ -471,8 +516,12 @@ class _Pool:
         conn = None
         try:
             with self._lock:
-                conn = self._idle.pop() if self._idle else None
+                conn, idle_since = self._idle.pop() if self._idle else (None, 0)
                 self.in_use += 1
+            if conn is not None and time.monotonic() - idle_since > self.IDLE_CHECK_SECONDS \
+                    and not self._alive(conn):
+                self._discard(conn)          # the server closed it (restart, wait_timeout)
+                conn = None
             if conn is None:
                 conn = self._connect()
             yield conn
@@ -485,7 +534,7 @@ class _Pool:
             with self._lock:
                 self.in_use -= 1
                 if conn is not None:
-                    self._idle.append(conn)
+                    self._idle.append((conn, time.monotonic()))
             self._slots.release()
 
     def _discard(self, conn):
@@ -498,7 +547,7 @@ class _Pool:
         """Close every idle connection."""
         with self._lock:
             idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             self._discard(conn)
 
 
@@ -510,11 +559,18 @@ class Database:
 
     def __init__(self, config):
         self.config = config
-        self.pool = _Pool(self._connect, config.db_pool_size, config.db_wait_seconds)
+        self.pool = _Pool(self._connect, config.db_pool_size, config.db_wait_seconds, self._alive)
 
     def connection(self):
         """A pooled connection, as a context manager."""
         return self.pool.connection()
+
+    def _alive(self, conn):
+        try:
+            self.ping(conn)
+            return True
+        except Exception:
+            return False
 
     def sql(self, text):
         """Return SQL text with this backend's placeholder style."""
@@ -617,12 +673,16 @@ class SQLiteDatabase(Database):
         columns, keyed = [], []
         for name, declared, key_position in rows:
             kind, scale = _sqlite_kind(declared)
-            columns.append(Column(name, quote_sqlite(name), kind, scale))
+            columns.append(Column(name, quote_sqlite(name), kind, scale, scale if kind == "decimal" else None))
             if key_position:
                 keyed.append((key_position, name))
         if not keyed:
             raise SchemaError("table %r has no primary key; cloudsync needs one to find rows" % table)
-        schema = TableSchema(table, quote_sqlite(table), columns, [name for _, name in sorted(keyed)])
+        key = [name for _, name in sorted(keyed)]
+        # only an INTEGER PRIMARY KEY (the rowid) is generated; other SQLite keys would take NULL
+        generated = len(key) == 1 and any(name == key[0] and (declared or "").strip().upper() == "INTEGER"
+                                          for name, declared, _ in rows)
+        schema = TableSchema(table, quote_sqlite(table), columns, key, generated)
         schema.decoders = [(position, _SQLITE_DECODERS[column.kind], column.scale)
                            for position, column in enumerate(columns) if column.kind in _SQLITE_DECODERS]
         return schema
@@ -643,6 +703,8 @@ class SQLiteDatabase(Database):
 
 def _sqlite_decimal(value, scale):
     """A SQLite number in a DECIMAL(p,s) column, as the exact decimal MySQL would show."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)                    # written by another program; shown, not lost
     if isinstance(value, (int, float)):
         exact = decimal.Decimal(repr(value)) if isinstance(value, float) else decimal.Decimal(value)
         return exact.quantize(decimal.Decimal(1).scaleb(-scale)) if scale else exact
@@ -752,6 +814,8 @@ class MySQLDatabase(Database):
         1265: "the value for column %(column)s was truncated",
         1452: "a foreign key refers to a row that does not exist",
         1451: "another row still refers to this row",
+        1367: "the value for column %(column)s is out of range",
+        1690: "a value is out of range",
         3819: "a CHECK constraint refused the value",
         4025: "a CHECK constraint refused the value",
     }
@@ -767,8 +831,7 @@ class MySQLDatabase(Database):
                 raise DataRejected("a row with this primary key or unique value already exists",
                                    duplicate=True) from None
             if errno in self._REJECTED:
-                found = re.search(r"column '([^']*)'", getattr(error, "msg", "") or "")
-                column = repr(found.group(1)) if found else "?"
+                column = _mysql_error_column(getattr(error, "msg", "") or "")
                 raise DataRejected(self._REJECTED[errno] % {"column": column}) from None
             if errno in self._UNAVAILABLE or isinstance(error, (connector.InterfaceError, connector.OperationalError)):
                 raise DatabaseUnavailable(self._safe_message(error)) from None
@@ -827,7 +890,7 @@ class MySQLDatabase(Database):
     def introspect(self, conn, table):
         """Read one table's columns and primary key from information_schema."""
         rows = self.query(conn, self.sql(
-            "SELECT COLUMN_NAME, DATA_TYPE, NUMERIC_SCALE, COLUMN_KEY FROM information_schema.COLUMNS"
+            "SELECT COLUMN_NAME, DATA_TYPE, NUMERIC_SCALE, EXTRA FROM information_schema.COLUMNS"
             " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION"), (table,))
         if not rows:
             raise SchemaError("table %r does not exist in database %r" % (table, self.config.db_name))
@@ -836,20 +899,32 @@ class MySQLDatabase(Database):
             " AND TABLE_NAME = ? AND CONSTRAINT_NAME = 'PRIMARY' ORDER BY ORDINAL_POSITION"), (table,))
         if not keys:
             raise SchemaError("table %r has no primary key; cloudsync needs one to find rows" % table)
-        columns = []
-        for name, data_type, scale, _ in rows:
+        columns, generated = [], set()
+        for name, data_type, scale, extra in rows:
             name, data_type = _text(name), _text(data_type).lower()
-            if "%" in name or "%" in table:
-                # the driver substitutes %s inside SQL text; such names cannot be bound safely
-                raise SchemaError("table %r or its column %r contains '%%', which cloudsync cannot quote safely"
-                                  % (table, name))
+            if "%" in name + table or "?" in name + table:
+                # placeholders are written as ? and the driver substitutes %s inside SQL text:
+                # names holding either character cannot be kept apart from parameters
+                raise SchemaError("table %r or its column %r contains '%%' or '?', which cloudsync cannot "
+                                  "quote safely on MySQL" % (table, name))
             columns.append(Column(name, quote_mysql(name), self._KINDS.get(data_type, "other"),
                                   scale if data_type == "decimal" else None))
-        return TableSchema(table, quote_mysql(table), columns, [_text(key) for (key,) in keys])
+            if "auto_increment" in _text(extra or "").lower():
+                generated.add(name)
+        key = [_text(name) for (name,) in keys]
+        return TableSchema(table, quote_mysql(table), columns, key, len(key) == 1 and key[0] in generated)
 
     def decode_rows(self, schema, rows):
         """MySQL rows are already typed by the driver."""
         return rows
+
+
+def _mysql_error_column(message):
+    """The column an error message names: 'col', `db`.`table`.`col`, or Field 'col'."""
+    found = re.search(r"(?i)(?:column|field) ((?:`[^`]*`\.?)+|'[^']*')", message)
+    if not found:
+        return "?"
+    return repr("".join(re.findall(r"`([^`]*)`|'([^']*)'", found.group(1))[-1]))
 
 
 def _text(value):
@@ -1372,8 +1447,8 @@ class SyncEngine:
                                     % (where, schema.name, json.dumps(name)[:100]))
                 values[name] = bind_value(column, value, where)
             absent = [name for name in schema.primary_key if values.get(name) is None]
-            # an insert may leave out a one-column key for the database to generate
-            generated = action == "insert" and len(schema.primary_key) == 1
+            # an insert may leave out a key the database generates (AUTO_INCREMENT, INTEGER PRIMARY KEY)
+            generated = action == "insert" and schema.generated_key and not any(name in values for name in absent)
             if absent and not generated:
                 raise HTTPError(400, "Missing key", "%s: data must include primary key column %s"
                                 % (where, ", ".join(repr(name) for name in absent)))
@@ -1542,8 +1617,12 @@ class SyncEngine:
 
     def _insert_one(self, conn, op):
         schema, names = op.table, list(op.values)
-        sql = self.db.sql("INSERT INTO %s (%s) VALUES (%s)" % (
-            schema.quoted, ", ".join(schema.columns[name].quoted for name in names), ", ".join("?" for _ in names)))
+        if names:
+            sql = self.db.sql("INSERT INTO %s (%s) VALUES (%s)" % (
+                schema.quoted, ", ".join(schema.columns[name].quoted for name in names), ", ".join("?" for _ in names)))
+        else:                                # every column takes its default (a generated key)
+            sql = "INSERT INTO %s DEFAULT VALUES" % schema.quoted if self.db.name == "sqlite" else \
+                "INSERT INTO %s () VALUES ()" % schema.quoted
         try:
             self.db.execute(conn, sql, tuple(op.values.values()))
         except DataRejected as error:
@@ -1772,13 +1851,17 @@ def _group_operations(operations, batched=True):
 
 
 def parse_limit(value):
-    """The seed's `limit`: default 1000, capped at 5000; must be a positive whole number."""
+    """The seed's `limit`: default 1000, capped at 5000; a whole number of at least 1 (digits in a string too)."""
     if value is None:
         return DEFAULT_PULL_LIMIT_ROWS
-    if isinstance(value, bool) or not isinstance(value, (int, decimal.Decimal)) \
-            or value != int(value) or value < 1:
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,12}", value):
+        value = int(value)                     # the Node service took "500" too
+    if isinstance(value, decimal.Decimal) and value.is_finite() and value == value.to_integral_value():
+        # a huge exponent must not be expanded into digits (1E+1000000)
+        value = MAX_PULL_LIMIT_ROWS if value.adjusted() > 6 and value > 0 else int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise HTTPError(400, "Invalid limit", "limit must be a whole number of at least 1")
-    return min(int(value), MAX_PULL_LIMIT_ROWS)
+    return min(value, MAX_PULL_LIMIT_ROWS)
 
 
 # ---------------------------------------------------------------------------
@@ -1872,7 +1955,8 @@ class App:
             status, payload, headers = error.status, error.body, error.headers
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
-            status, payload, headers = 500, {"success": False, "error": "Internal server error"}, []
+            status, payload, headers = 500, {"success": False, "error": "Internal server error",
+                                             "detail": "an unexpected error; the server log has the details"}, []
         body = to_json_bytes(payload)
         headers = [("Content-Type", "application/json; charset=utf-8"),
                    ("Content-Length", str(len(body)))] + headers
@@ -1880,9 +1964,9 @@ class App:
         return [] if request.method == "HEAD" else [body]
 
     def _dispatch(self, request):
-        path = request.path
+        path = request.path.lower()           # Express routes ignore case
         if len(path) > 1 and path.endswith("/"):
-            path = path[:-1]                  # Express matched /sync/push/ too
+            path = path[:-1]                  # and a trailing slash
         methods = self.routes.get(path)
         if methods is None:
             raise HTTPError(404, "Not found", "no endpoint at %s" % path[:200])
@@ -1970,7 +2054,8 @@ class App:
             schemas = self.engine.load_schema()
         except DatabaseUnavailable as error:
             log.warning("status: database unavailable: %s", error)
-            raise HTTPError(503, "Database unavailable", headers=[("Retry-After", "5")], status="error") from None
+            raise HTTPError(503, "Database unavailable", "the database did not answer; retry later",
+                            headers=[("Retry-After", "5")], status="error") from None
         except SchemaError as error:
             raise HTTPError(500, "Schema problem", str(error), status="error") from None
         return 200, {
@@ -2036,12 +2121,43 @@ def make_app(config):
 
 
 def _serve(app, config):
-    import waitress
+    """Serve the app with waitress until interrupted; raise OSError when it cannot listen."""
+    import waitress.channel
+    import waitress.server
+    import waitress.task
+
+    class JSONErrorTask(waitress.task.ErrorTask):
+        """waitress's own refusals (oversized or malformed requests) as JSON, like every other error."""
+
+        def execute(self):
+            error = self.request.error
+            if error.code == 413:
+                payload = {"success": False, "error": "Payload too large", "detail": "the body is over the limit "
+                           "of %d bytes; split the batch into smaller pushes" % config.max_body_bytes}
+            else:
+                payload = {"success": False, "error": error.reason, "detail": str(error.body)}
+            body = to_json_bytes(payload)
+            self.status = "%d %s" % (error.code, error.reason)
+            self.response_headers.append(("Content-Type", "application/json; charset=utf-8"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class Channel(waitress.channel.HTTPChannel):
+        error_task_class = JSONErrorTask
+
+    server = waitress.server.create_server(
+        app, host=config.host, port=config.port, threads=config.threads,
+        # waitress refuses an oversized declared body before reading any of it
+        max_request_body_size=config.max_body_bytes, ident="cloudsync", clear_untrusted_proxy_headers=True)
+    server.channel_class = Channel
     log.info("cloudsync %s listening on http://%s:%d", __version__, config.host, config.port)
-    waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
-                   # waitress refuses an oversized declared body before reading it
-                   max_request_body_size=config.max_body_bytes, ident="cloudsync",
-                   clear_untrusted_proxy_headers=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        log.info("stopped")
+    finally:
+        server.close()
 
 
 def _create_demo_database(path):
@@ -2136,7 +2252,11 @@ def main(argv=None):
         log.warning("CHANGE_CAPTURE=api: writes made outside cloudsync are not recorded and devices will not see them")
     threading.Thread(target=_compact_periodically, args=(app, config, threading.Event()),
                      name="cloudsync-compact", daemon=True).start()
-    _serve(app, config)
+    try:
+        _serve(app, config)
+    except (OSError, ValueError) as error:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, error)
+        return 2
     return 0
 
 
