@@ -1084,9 +1084,14 @@ class ChangeLog:
 
     def _install_triggers(self, conn, schema):
         statements = []
+        existing = None
+        if self.backend == "mysql":     # dropping needs the privilege even when there is nothing to drop
+            existing = {_text(name) for (name,) in self.db.query(conn, self.db.sql(
+                "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()"
+                " AND EVENT_OBJECT_TABLE = ?"), (schema.name,))}
         for event in ("ins", "upd", "del"):
             name = _trigger_name(schema.name, event)
-            if self.backend == "sqlite" or self.capture == "api":
+            if (self.backend == "sqlite" or self.capture == "api") and (existing is None or name in existing):
                 statements.append("DROP TRIGGER IF EXISTS %s" % self.db.quote(name))
             if self.capture == "triggers":
                 statements.append(_trigger_sql(self.backend, schema, event))

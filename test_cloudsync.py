@@ -815,6 +815,24 @@ def test_migrate_is_idempotent(backend):
     assert len(log_entries(application)) == 1
 
 
+@pytest.mark.parametrize("backend", ["mysql"], indirect=True)
+def test_start_without_trigger_privilege_says_so(backend):
+    user = "cs_%s" % uuid.uuid4().hex[:8]
+    backend.sql("CREATE USER '%s'@'127.0.0.1' IDENTIFIED BY 'pw'" % user)
+    try:
+        backend.sql("GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, INDEX ON %s.* TO '%s'@'127.0.0.1'"
+                    % (backend.settings["DB_NAME"], user))
+        with pytest.raises(cloudsync.ChangeCaptureError, match="may not create triggers.*CHANGE_CAPTURE=api"):
+            cloudsync.App(backend.config(DB_USER=user, DB_PASS="pw")).start()
+        application = cloudsync.App(backend.config(DB_USER=user, DB_PASS="pw", CHANGE_CAPTURE="api"))
+        application.start()
+        assert push(application, [op("insert", id="s1")], device_id="d").status == 200
+        assert len(log_entries(application)) == 1
+        application.db.close()
+    finally:
+        backend.sql("DROP USER '%s'@'127.0.0.1'" % user)
+
+
 def test_api_capture_records_only_own_writes(backend):
     application = cloudsync.App(backend.config(CHANGE_CAPTURE="api"))
     application.start()
