@@ -23,6 +23,7 @@ import base64
 import binascii
 import datetime
 import decimal
+import gzip
 import hashlib
 import hmac
 import json
@@ -36,6 +37,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from contextlib import contextmanager
 
 __all__ = [
@@ -54,6 +56,7 @@ log = logging.getLogger("cloudsync")
 DEFAULT_PULL_LIMIT_ROWS = 1000      # the seed's default page size
 MAX_PULL_LIMIT_ROWS = 5000          # the seed's cap on `limit`
 READ_CHUNK_BYTES = 64 * 1024        # request bodies are read in pieces this size
+MAX_JSON_DEPTH_DEFAULT = 16         # nesting allowed when no configuration says otherwise
 EXAMPLE_TABLES = ("sales", "products", "customers", "item_sales", "product_stock")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -92,6 +95,10 @@ class SchemaError(Exception):
 
 class DatabaseUnavailable(Exception):
     """The database cannot be reached (refused, timed out, restarting)."""
+
+
+class Retryable(DatabaseUnavailable):
+    """A deadlock or lock timeout: the transaction was undone and may simply be run again."""
 
 
 class DataRejected(Exception):
@@ -238,6 +245,25 @@ def _as_log_level(text):
     return level
 
 
+def _as_auth_mode(text):
+    mode = text.strip().lower()
+    if mode not in ("auto", "off"):
+        raise ValueError("expected auto or off")
+    return mode
+
+
+def _as_token_list(text):
+    tokens = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        device_id, _, secret = item.partition(":")
+        if not device_id or not secret:
+            raise ValueError("expected device_id:token pairs separated by commas")
+        tokens.append(DeviceToken(device_id, secret))
+    return tuple(tokens)
+
+
 def _as_capture_mode(text):
     mode = text.strip().lower()
     if mode not in ("triggers", "api"):
@@ -264,13 +290,25 @@ SETTINGS = (
     ("DB_CONNECT_TIMEOUT_SECONDS", _as_positive_float, "5", "give up connecting to the database after this long"),
     ("DB_WAIT_SECONDS", _as_positive_float, "10", "longest wait for a free database connection or a lock"),
     ("LOG_LEVEL", _as_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    ("AUTH", _as_auth_mode, "auto",
+     "auto: tokens are required when any are configured; off: no authentication (never on a public address)"),
+    ("TOKENS", _as_token_list, "", "device tokens as device_id:token or device_id:sha256:HEX, comma-separated"),
+    ("TOKENS_FILE", str, "cloudsync.tokens", "file of device tokens, one 'device_id sha256:HEX [tables=a,b]' a line"),
+    ("READ_ONLY_TABLES", _as_table_list, "", "tables devices may pull but never push"),
+    ("MAX_OPERATIONS", _as_positive_int, "10000", "most operations in one push"),
+    ("MAX_PULL_ROWS", _as_positive_int, "5000", "most rows plus keys in one pull; a larger limit is capped"),
+    ("MAX_JSON_DEPTH", _as_positive_int, "16", "deepest nesting of objects and lists in a request body"),
+    ("MAX_VALUE_BYTES", _as_positive_int, "1048576", "largest single text value, in bytes"),
+    ("READ_TIMEOUT_SECONDS", _as_positive_int, "30", "a client that sends nothing for this long is disconnected"),
+    ("GZIP_MIN_BYTES", _as_positive_int, "1024", "responses at least this large are gzipped for clients that accept it"),
+    ("PUSH_RETRIES", _as_positive_int, "3", "times a push is retried after a deadlock or lock timeout before 503"),
     ("CHANGE_CAPTURE", _as_capture_mode, "triggers",
      "triggers (every writer is recorded) or api (only writes through cloudsync)"),
     ("CHANGELOG_RETENTION_DAYS", _as_positive_int, "30", "change log and batch ids are kept this many days"),
     ("COMPACT_INTERVAL_SECONDS", _as_positive_int, "3600", "how often the server compacts the change log"),
 )
 SETTING_NAMES = tuple(name for name, _, _, _ in SETTINGS)
-SECRET_SETTINGS = ("DB_PASS",)
+SECRET_SETTINGS = ("DB_PASS", "TOKENS")
 
 
 class Config:
@@ -293,7 +331,7 @@ class Config:
             if name in SECRET_SETTINGS and value:
                 value = "***"
             elif isinstance(value, tuple):
-                value = ",".join(value)
+                value = ",".join(map(str, value))
             parts.append("%s=%s" % (name, value))
         return " ".join(parts)
 
@@ -328,11 +366,131 @@ def load_config(env_file=".env", environ=None, overrides=None):
         except ValueError as error:
             raise ConfigError("%s=%r is not valid: %s." % (name, raw, error)) from None
     config = Config(values)
+    outside = sorted(set(config.read_only_tables) - set(config.allowed_tables))
+    if outside:
+        raise ConfigError("READ_ONLY_TABLES names %s, which %s not in ALLOWED_TABLES."
+                          % (", ".join(outside), "is" if len(outside) == 1 else "are"))
     if config.backend == "mysql":
         missing = [name for name in ("DB_USER", "DB_NAME") if not values[name]]
         if missing:
             raise ConfigError("DB_HOST is set, so %s must be set too." % " and ".join(missing))
     return config
+
+
+# ---------------------------------------------------------------------------
+# Authentication
+# ---------------------------------------------------------------------------
+# Devices present `Authorization: Bearer <token>`. A token is bound to one
+# device id and optionally to a list of tables. Tokens are kept as given or,
+# better, as "sha256:<hex>" of the token (what `cloudsync.py token add`
+# writes); either way the presented token is compared in constant time.
+
+TOKEN_BYTES = 32                    # random bytes in a generated token
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class DeviceToken:
+    """One device's credential: device id, the SHA-256 of its token, optional table list."""
+
+    __slots__ = ("device_id", "digest", "tables")
+
+    def __init__(self, device_id, secret, tables=None):
+        self.device_id = device_id
+        if secret.startswith("sha256:") and re.fullmatch(r"[0-9a-f]{64}", secret[7:]):
+            self.digest = bytes.fromhex(secret[7:])
+        else:
+            self.digest = hashlib.sha256(secret.encode("utf-8")).digest()
+        self.tables = tuple(tables) if tables else None
+
+    def __str__(self):
+        return "%s:***" % self.device_id
+
+    def matches(self, presented_digest):
+        """Constant-time comparison of the SHA-256 of a presented token."""
+        return hmac.compare_digest(self.digest, presented_digest)
+
+
+def hash_token(token):
+    """The form to store: 'sha256:<hex>'."""
+    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def read_tokens_file(path):
+    """DeviceTokens from a tokens file; a bad line is a ConfigError naming it."""
+    tokens = []
+    if not path or not os.path.exists(path):
+        return tokens
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError("cannot read tokens file %s: %s." % (path, error)) from None
+    for number, line in enumerate(lines, 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        tables = None
+        if len(fields) == 3 and fields[2].startswith("tables="):
+            tables = [name for name in fields[2][7:].split(",") if name]
+        elif len(fields) != 2:
+            raise ConfigError("%s line %d: expected 'device_id sha256:HEX [tables=a,b]'." % (path, number))
+        tokens.append(DeviceToken(fields[0], fields[1], tables))
+    return tokens
+
+
+def add_token(path, device_id, tables=None):
+    """Generate a token for device_id, store only its hash in `path`, return the token."""
+    if not re.fullmatch(r"[^\s#]{1,%d}" % MAX_ID_CHARS, device_id):
+        raise ConfigError("a device id is 1 to %d characters without spaces or '#'." % MAX_ID_CHARS)
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    line = "%s %s%s\n" % (device_id, hash_token(token), " tables=" + ",".join(tables) if tables else "")
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(descriptor, "a", encoding="utf-8") as handle:
+        handle.write(line)
+    return token
+
+
+class Authenticator:
+    """Who may call /sync*: a device with a valid token, or anyone when no token is configured."""
+
+    def __init__(self, config):
+        self.tokens = list(config.tokens) + read_tokens_file(config.tokens_file)
+        allowed = set(config.allowed_tables)
+        for token in self.tokens:
+            unknown = sorted(set(token.tables or ()) - allowed)
+            if unknown:
+                raise ConfigError("the token of device %r names %s, not in ALLOWED_TABLES."
+                                  % (token.device_id, ", ".join(unknown)))
+        if config.auth == "off" and self.tokens:
+            raise ConfigError("AUTH=off, but device tokens are configured; remove the tokens or AUTH=off.")
+        self.required = bool(self.tokens)
+        if config.auth == "auto" and not self.required and config.host not in LOOPBACK_HOSTS:
+            raise ConfigError("HOST=%s is not a loopback address and no device tokens are configured; add "
+                              "tokens (cloudsync.py token add DEVICE) or set AUTH=off to run without "
+                              "authentication." % config.host)
+
+    def identify(self, request):
+        """The DeviceToken of the request (None when no token is configured); 401 otherwise."""
+        if not self.required:
+            return None
+        header = request.environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            self._refuse(request, "send the header Authorization: Bearer <token>")
+        digest = hashlib.sha256(presented.strip().encode("utf-8", "replace")).digest()
+        found = None
+        for token in self.tokens:          # every token is compared: the time does not tell which matched
+            if token.matches(digest):
+                found = token
+        if found is None:
+            self._refuse(request, "the token is not valid")
+        return found
+
+    def _refuse(self, request, detail):
+        log.warning("auth failure from %s on %s: %s", request.environ.get("REMOTE_ADDR", "?"),
+                    request.path[:100], detail)
+        raise HTTPError(401, "Unauthorized", detail,
+                        headers=[("WWW-Authenticate", 'Bearer realm="cloudsync"')])
 
 
 # ---------------------------------------------------------------------------
@@ -634,7 +792,9 @@ class SQLiteDatabase(Database):
             raise DataRejected(_sqlite_message(error), duplicate="UNIQUE" in str(error)) from None
         except sqlite3.OperationalError as error:
             text = str(error)
-            if "locked" in text or "busy" in text or "unable to open" in text or "disk I/O" in text:
+            if "locked" in text or "busy" in text:
+                raise Retryable(text) from None
+            if "unable to open" in text or "disk I/O" in text:
                 raise DatabaseUnavailable(text) from None
             raise
 
@@ -802,7 +962,8 @@ class MySQLDatabase(Database):
         conn.rollback()
 
     # errno values that mean "the server is not there" or "try again"
-    _UNAVAILABLE = {2002, 2003, 2005, 2006, 2013, 2055, 1040, 1053, 1205, 1213, 4031}
+    _UNAVAILABLE = {2002, 2003, 2005, 2006, 2013, 2055, 1040, 1053, 4031}
+    _RETRYABLE = {1205, 1213}          # lock wait timeout, deadlock
     _DUPLICATE = {1062, 1586}
     _REJECTED = {
         1048: "column %(column)s may not be null",
@@ -833,6 +994,8 @@ class MySQLDatabase(Database):
             if errno in self._REJECTED:
                 column = _mysql_error_column(getattr(error, "msg", "") or "")
                 raise DataRejected(self._REJECTED[errno] % {"column": column}) from None
+            if errno in self._RETRYABLE:
+                raise Retryable(self._safe_message(error)) from None
             if errno in self._UNAVAILABLE or isinstance(error, (connector.InterfaceError, connector.OperationalError)):
                 raise DatabaseUnavailable(self._safe_message(error)) from None
             raise
@@ -1390,8 +1553,11 @@ class Operation:
 class SyncEngine:
     """Schema-checked push and pull over one Database."""
 
-    def __init__(self, database, allowed_tables, capture="triggers"):
+    def __init__(self, database, allowed_tables, capture="triggers", max_value_bytes=1 << 20, push_retries=3):
         self.db = database
+        self.max_value_bytes = max_value_bytes
+        self.push_retries = push_retries
+        self.retries = 0                    # pushes run again after a deadlock or lock timeout
         self.allowed_tables = tuple(allowed_tables)
         self.schemas = {}
         self.changelog = ChangeLog(database, capture)
@@ -1450,6 +1616,10 @@ class SyncEngine:
                 if column is None:
                     raise HTTPError(400, "Unknown column", "%s: table %r has no column %s"
                                     % (where, schema.name, json.dumps(name)[:100]))
+                if isinstance(value, str) and len(value) * 4 > self.max_value_bytes \
+                        and len(value.encode("utf-8", "surrogatepass")) > self.max_value_bytes:
+                    raise HTTPError(413, "Value too large", "%s: the value for column %r is over %d bytes; store large "
+                                    "files elsewhere and sync a reference" % (where, name, self.max_value_bytes))
                 values[name] = bind_value(column, value, where)
             absent = [name for name in schema.primary_key if values.get(name) is None]
             # an insert may leave out a key the database generates (AUTO_INCREMENT, INTEGER PRIMARY KEY)
@@ -1473,12 +1643,7 @@ class SyncEngine:
         attempt = dict(device_id=device_id, batch_id=batch_id, since=since, on_conflict=on_conflict,
                        request_hash=request_hash)
         try:
-            try:
-                result = self._push(operations, batched=True, **attempt)
-            except _GroupRejected:
-                # A multi-row insert failed; which row is unknown, and on SQLite the
-                # rows before it stay written. Roll back, then redo one by one.
-                result = self._push(operations, batched=False, **attempt)
+            result = self._push_with_retries(operations, attempt)
         except _BatchTaken:
             # a twin of this push (same batch id) committed first: answer as a replay
             with self.db.connection() as conn:
@@ -1486,6 +1651,22 @@ class SyncEngine:
             return self._replay(prior, request_hash, checkpoint)
         result["checkpoint"] = self._checkpoint_after_push(checkpoint, device_id)
         return result
+
+    def _push_with_retries(self, operations, attempt):
+        """Run the push; after a deadlock or lock timeout (all undone) run it again, a bounded number of times."""
+        for retry in range(self.push_retries + 1):
+            try:
+                try:
+                    return self._push(operations, batched=True, **attempt)
+                except _GroupRejected:
+                    # A multi-row insert failed; which row is unknown, and on SQLite the
+                    # rows before it stay written. Roll back, then redo one by one.
+                    return self._push(operations, batched=False, **attempt)
+            except Retryable:
+                if retry == self.push_retries:
+                    raise
+                self.retries += 1
+                time.sleep(0.02 * (2 ** retry) * (1 + secrets.randbelow(100) / 100))
 
     def _replay(self, prior, request_hash, checkpoint):
         stored_hash, response = prior
@@ -1855,18 +2036,18 @@ def _group_operations(operations, batched=True):
         yield run if len(run) > 1 else run[0]
 
 
-def parse_limit(value):
-    """The seed's `limit`: default 1000, capped at 5000; a whole number of at least 1 (digits in a string too)."""
+def parse_limit(value, cap=MAX_PULL_LIMIT_ROWS):
+    """The seed's `limit`: default 1000, capped (5000); a whole number of at least 1 (digits in a string too)."""
     if value is None:
         return DEFAULT_PULL_LIMIT_ROWS
     if isinstance(value, str) and re.fullmatch(r"[0-9]{1,12}", value):
         value = int(value)                     # the Node service took "500" too
     if isinstance(value, decimal.Decimal) and value.is_finite() and value == value.to_integral_value():
         # a huge exponent must not be expanded into digits (1E+1000000)
-        value = MAX_PULL_LIMIT_ROWS if value.adjusted() > 6 and value > 0 else int(value)
+        value = cap if value.adjusted() > 6 and value > 0 else int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise HTTPError(400, "Invalid limit", "limit must be a whole number of at least 1")
-    return min(value, MAX_PULL_LIMIT_ROWS)
+    return min(value, cap)
 
 
 # ---------------------------------------------------------------------------
@@ -1877,11 +2058,13 @@ def parse_limit(value):
 class Request:
     """The parts of a WSGI environ the handlers use, with a bounded body reader."""
 
-    def __init__(self, environ, max_body_bytes):
+    def __init__(self, environ, max_body_bytes, max_json_depth=MAX_JSON_DEPTH_DEFAULT):
         self.environ = environ
         self.method = environ["REQUEST_METHOD"]
         self.path = environ.get("PATH_INFO") or "/"
         self.max_body_bytes = max_body_bytes
+        self.max_json_depth = max_json_depth
+        self.token = None                   # the DeviceToken that authenticated the request
 
     def body(self):
         """Read the request body; 413 before reading when it is declared too large."""
@@ -1911,12 +2094,49 @@ class Request:
                 chunks.append(chunk)
         return b""
 
+    def decoded_body(self):
+        """The body, gunzipped when Content-Encoding says gzip; the limit holds for the unpacked size too."""
+        body = self.body()
+        encoding = self.environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+        if encoding in ("", "identity"):
+            return body
+        if encoding not in ("gzip", "x-gzip"):
+            raise HTTPError(415, "Unsupported content encoding", "Content-Encoding may be gzip or identity")
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            unpacked = inflater.decompress(body, self.max_body_bytes + 1)
+        except zlib.error:
+            raise HTTPError(400, "Invalid request", "the body is not valid gzip") from None
+        if len(unpacked) > self.max_body_bytes or inflater.unconsumed_tail:
+            raise HTTPError(413, "Payload too large", "the unpacked body is over the limit of %d bytes; split the "
+                            "batch into smaller pushes" % self.max_body_bytes)
+        if not inflater.eof:
+            raise HTTPError(400, "Invalid request", "the gzip body is truncated")
+        return unpacked
+
     def json_object(self):
         """The body as a JSON object; {} when empty (as the seed's express.json gave)."""
-        payload = parse_json(self.body())
+        payload = parse_json(self.decoded_body())
+        _check_depth(payload, self.max_json_depth)
         if not isinstance(payload, dict):
             raise HTTPError(400, "Invalid payload", "the body must be a JSON object, not %s" % _json_type(payload))
         return payload
+
+
+def _check_depth(payload, limit):
+    """400 when objects and lists nest deeper than `limit`."""
+    level, current = 0, [payload]
+    while current:
+        level += 1
+        if level > limit:
+            raise HTTPError(400, "Too deeply nested", "objects and lists nest deeper than %d levels" % limit)
+        following = []
+        for item in current:
+            if isinstance(item, dict):
+                following.extend(value for value in item.values() if isinstance(value, (dict, list)))
+            elif isinstance(item, list):
+                following.extend(value for value in item if isinstance(value, (dict, list)))
+        current = following
 
 
 def _read_exactly(stream, length):
@@ -1936,7 +2156,9 @@ class App:
     def __init__(self, config, database=None, engine=None):
         self.config = config
         self.db = database or open_database(config)
-        self.engine = engine or SyncEngine(self.db, config.allowed_tables, config.change_capture)
+        self.engine = engine or SyncEngine(self.db, config.allowed_tables, config.change_capture,
+                                           config.max_value_bytes, config.push_retries)
+        self.auth = Authenticator(config)
         self.routes = {
             "/health": {"GET": self.health},
             "/sync": {"POST": self.push},
@@ -1953,7 +2175,7 @@ class App:
     # -- WSGI ----------------------------------------------------------------
 
     def __call__(self, environ, start_response):
-        request = Request(environ, self.config.max_body_bytes)
+        request = Request(environ, self.config.max_body_bytes, self.config.max_json_depth)
         try:
             status, payload, headers = self._dispatch(request)
         except HTTPError as error:
@@ -1963,8 +2185,13 @@ class App:
             status, payload, headers = 500, {"success": False, "error": "Internal server error",
                                              "detail": "an unexpected error; the server log has the details"}, []
         body = to_json_bytes(payload)
-        headers = [("Content-Type", "application/json; charset=utf-8"),
-                   ("Content-Length", str(len(body)))] + headers
+        headers = [("Content-Type", "application/json; charset=utf-8")] + headers
+        if len(body) >= self.config.gzip_min_bytes:
+            headers.append(("Vary", "Accept-Encoding"))
+            if _accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING", "")):
+                body = gzip.compress(body, compresslevel=5, mtime=0)
+                headers.append(("Content-Encoding", "gzip"))
+        headers.append(("Content-Length", str(len(body))))
         start_response("%d %s" % (status, HTTP_REASONS.get(status, "Unknown")), headers)
         return [] if request.method == "HEAD" else [body]
 
@@ -1982,6 +2209,8 @@ class App:
             allowed = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()))
             raise HTTPError(405, "Method not allowed", "%s takes %s" % (path, ", ".join(allowed)),
                             headers=[("Allow", ", ".join(allowed))])
+        if path.startswith("/sync"):
+            request.token = self.auth.identify(request)
         result = handler(request)
         return result if len(result) == 3 else result + ([],)
 
@@ -1995,6 +2224,14 @@ class App:
         """Apply a batch of operations in one transaction; retry-safe with batch_id, conflict-aware with checkpoint."""
         payload = request.json_object()
         device_id = _optional_id(payload, "device_id")
+        token = request.token
+        if token is not None:
+            if device_id is not None and device_id != token.device_id:
+                log.warning("auth failure from %s: token of device %s used for device_id %s",
+                            request.environ.get("REMOTE_ADDR", "?"), token.device_id, device_id[:MAX_ID_CHARS])
+                raise HTTPError(403, "Forbidden", "this token belongs to device %r, not %r"
+                                % (token.device_id, device_id))
+            device_id = token.device_id
         batch_id = _optional_id(payload, "batch_id")
         checkpoint = payload.get("checkpoint")
         if checkpoint is not None and not isinstance(checkpoint, str):
@@ -2002,7 +2239,11 @@ class App:
         on_conflict = payload.get("on_conflict", "abort")
         if on_conflict not in ("abort", "skip"):
             raise HTTPError(400, "Invalid payload", "on_conflict must be \"abort\" or \"skip\"")
+        if isinstance(payload.get("operations"), list) and len(payload["operations"]) > self.config.max_operations:
+            raise HTTPError(413, "Too many operations", "a push may hold at most %d operations; split the batch "
+                            "into several pushes" % self.config.max_operations)
         operations = self.engine.validate_operations(payload.get("operations"))
+        self._check_writable(operations, token)
         request_hash = hashlib.sha256(json.dumps(payload.get("operations"), sort_keys=True, default=str,
                                                  ensure_ascii=False).encode("utf-8")).hexdigest()
         try:
@@ -2024,11 +2265,30 @@ class App:
             log.exception("push failed")
             raise HTTPError(500, "Sync failed", "the database failed; nothing was applied") from None
 
+    def _check_writable(self, operations, token):
+        """403 for a push to a read-only table, or to a table the device's token does not cover."""
+        for op in operations:
+            if op.table.name in self.config.read_only_tables:
+                raise HTTPError(403, "Read-only table", "operation %d: devices may pull %s but not push to it"
+                                % (op.index, op.table.name), op=op.index)
+            if token is not None and token.tables is not None and op.table.name not in token.tables:
+                raise HTTPError(403, "Table not permitted", "operation %d: this device's token does not cover "
+                                "table %s" % (op.index, op.table.name), op=op.index)
+
     def pull(self, request):
         """Seed mode: rows of the requested tables. With `since`: changes after a checkpoint."""
         payload = request.json_object()
-        tables = self.engine.check_tables(payload.get("tables"))
-        limit = parse_limit(payload.get("limit"))
+        token = request.token
+        requested = payload.get("tables")
+        if requested is None and token is not None and token.tables is not None:
+            requested = [table for table in self.engine.allowed_tables if table in token.tables]
+        tables = self.engine.check_tables(requested)
+        if token is not None and token.tables is not None:
+            refused = [table for table in tables if table not in token.tables]
+            if refused:
+                raise HTTPError(403, "Table not permitted", "this device's token does not cover %s"
+                                % ", ".join(refused))
+        limit = parse_limit(payload.get("limit"), self.config.max_pull_rows)
         sync_mode = "since" in payload
         since = payload.get("since")
         if since is not None and not isinstance(since, str):
@@ -2069,6 +2329,16 @@ class App:
             "version": __version__, "change_capture": self.engine.changelog.capture, "last_seq": head,
             "tables": {name: schema.describe() for name, schema in schemas.items()},
         }
+
+
+def _accepts_gzip(header):
+    """Whether Accept-Encoding lists gzip with a non-zero quality."""
+    for part in header.lower().split(","):
+        name, _, params = part.strip().partition(";")
+        if name.strip() in ("gzip", "x-gzip", "*"):
+            quality = re.search(r"q\s*=\s*([0-9.]+)", params)
+            return not quality or float(quality.group(1) or 0) > 0
+    return False
 
 
 def _optional_id(payload, field):
@@ -2154,7 +2424,8 @@ def _serve(app, config):
     server = waitress.server.create_server(
         app, host=config.host, port=config.port, threads=config.threads,
         # waitress refuses an oversized declared body before reading any of it
-        max_request_body_size=config.max_body_bytes, ident="cloudsync", clear_untrusted_proxy_headers=True)
+        max_request_body_size=config.max_body_bytes, ident="cloudsync", clear_untrusted_proxy_headers=True,
+        channel_timeout=config.read_timeout_seconds)
     server.channel_class = Channel
     log.info("cloudsync %s listening on http://%s:%d", __version__, config.host, config.port)
     try:
@@ -2200,6 +2471,21 @@ def _print_log(app, args):
     return 0
 
 
+def _token_command(config, args):
+    if args.token_command == "list":
+        for token in list(config.tokens) + read_tokens_file(config.tokens_file):
+            print("%-32s %s" % (token.device_id, ",".join(token.tables) if token.tables else "all tables"))
+        return 0
+    tables = [name.strip() for name in (args.tables or "").split(",") if name.strip()]
+    unknown = sorted(set(tables) - set(config.allowed_tables))
+    if unknown:
+        raise ConfigError("--tables names %s, not in ALLOWED_TABLES." % ", ".join(unknown))
+    secret = add_token(config.tokens_file, args.device_id, tables)
+    print("Token for device %s (shown once; only its hash is kept in %s):" % (args.device_id, config.tokens_file))
+    print(secret)
+    return 0
+
+
 def main(argv=None):
     """Command-line entry point: serve (the default), demo, migrate, compact, log."""
     parser = argparse.ArgumentParser(prog="cloudsync", description="Sync server for offline-first devices.")
@@ -2215,6 +2501,13 @@ def main(argv=None):
     audit.add_argument("--table", help="only changes to this table")
     audit.add_argument("--since", type=int, default=0, help="only changes after this sequence number")
     audit.add_argument("--limit", type=int, default=1000, help="at most this many lines (default 1000)")
+    token = commands.add_parser("token", help="device tokens: add one, or list them")
+    token_commands = token.add_subparsers(dest="token_command", metavar="ACTION")
+    token_commands.required = True
+    token_add = token_commands.add_parser("add", help="generate a token for a device, print it once, store its hash")
+    token_add.add_argument("device_id", help="the device the token belongs to")
+    token_add.add_argument("--tables", help="comma-separated tables this device may sync (default: all allowed)")
+    token_commands.add_parser("list", help="list the devices that have tokens (never the tokens)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     overrides = None
@@ -2223,6 +2516,8 @@ def main(argv=None):
     try:
         config = load_config(args.env_file, overrides=overrides)
         logging.getLogger().setLevel(config.log_level)
+        if args.command == "token":
+            return _token_command(config, args)
         if args.command == "demo":
             _create_demo_database(config.db_path)
         app = App(config)
@@ -2253,6 +2548,11 @@ def main(argv=None):
         log.info("table %s: primary key (%s)", name, ", ".join(schema.primary_key))
     if "pure Python" in app.db.driver():
         log.warning("mysql-connector-python's C extension did not load: rows decode several times slower")
+    if config.auth == "off" and config.host not in LOOPBACK_HOSTS:
+        log.warning("AUTH=off on %s: ANYONE who can reach port %d can read and write the allowed tables",
+                    config.host, config.port)
+    elif not app.auth.required:
+        log.info("no device tokens: open to local clients only (HOST=%s)", config.host)
     if config.change_capture == "api":
         log.warning("CHANGE_CAPTURE=api: writes made outside cloudsync are not recorded and devices will not see them")
     threading.Thread(target=_compact_periodically, args=(app, config, threading.Event()),

@@ -83,7 +83,7 @@ class Backend:
 
     def config(self, **overrides):
         """A Config for this database; overrides are setting names."""
-        values = dict(self.settings, ALLOWED_TABLES=",".join(TABLES))
+        values = dict(self.settings, ALLOWED_TABLES=",".join(TABLES), TOKENS_FILE="")
         values.update(overrides)
         return cloudsync.load_config(env_file=None, environ={}, overrides=values)
 
@@ -169,9 +169,10 @@ def call(application, method, path, body=None, raw=None, headers=None, content_l
     wsgiref.util.setup_testing_defaults(environ)
     environ.update({"REQUEST_METHOD": method, "PATH_INFO": path, "wsgi.input": io.BytesIO(data),
                     "CONTENT_LENGTH": str(len(data)) if content_length is None else content_length,
-                    "CONTENT_TYPE": "application/json", "QUERY_STRING": ""})
+                    "CONTENT_TYPE": "application/json", "QUERY_STRING": "", "REMOTE_ADDR": "127.0.0.1"})
     for name, value in (headers or {}).items():
-        environ["HTTP_" + name.upper().replace("-", "_")] = value
+        key = name.upper().replace("-", "_")
+        environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key] = value
     captured = {}
 
     def start_response(status, response_headers, exc_info=None):
@@ -1385,3 +1386,288 @@ def test_server_reports_port_in_use(tmp_path):
                                 env=dict(os.environ, PORT=str(port)), capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "cannot listen on 127.0.0.1:%d" % port in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Trust: authentication and permissions
+# ---------------------------------------------------------------------------
+
+TILL_TOKEN = "till-secret-token"
+OFFICE_TOKEN = "office-secret-token"
+
+
+@pytest.fixture
+def secured(backend, tmp_path):
+    """An app with tokens: till-1 (plain, in TOKENS), office (hashed, in a file, limited to products and sales)."""
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text("# device  hash  tables\noffice %s tables=products,sales\n"
+                           % cloudsync.hash_token(OFFICE_TOKEN))
+    application = cloudsync.App(backend.config(TOKENS="till-1:" + TILL_TOKEN, TOKENS_FILE=str(tokens_file),
+                                               READ_ONLY_TABLES="products"))
+    application.start()
+    yield application
+    application.db.close()
+
+
+def bearer(token):
+    return {"Authorization": "Bearer " + token}
+
+
+AUTH_CASES = [
+    # (method, path, headers, status)
+    ("GET", "/health", {}, 200),
+    ("GET", "/sync/status", {}, 401),
+    ("POST", "/sync/pull", {}, 401),
+    ("POST", "/sync/push", {"Authorization": "Basic dGlsbDpzZWNyZXQ="}, 401),
+    ("POST", "/sync/push", bearer("wrong"), 401),
+    ("POST", "/sync", bearer(""), 401),
+    ("GET", "/sync/status", bearer(TILL_TOKEN), 200),
+    ("GET", "/sync/status", bearer(OFFICE_TOKEN), 200),
+    ("POST", "/sync/pull", bearer(TILL_TOKEN), 200),
+]
+
+
+@pytest.mark.parametrize("method,path,headers,status", AUTH_CASES)
+def test_authentication(secured, method, path, headers, status):
+    body = {} if method == "POST" else None
+    response = call(secured, method, path, body, headers=headers)
+    assert response.status == status
+    if status == 401:
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="cloudsync"'
+        assert response.json["success"] is False and response.json["error"] == "Unauthorized"
+
+
+def test_auth_failure_logged_without_token(secured, caplog):
+    call(secured, "POST", "/sync/pull", {}, headers=bearer("guess-" + TILL_TOKEN))
+    assert "auth failure from 127.0.0.1" in caplog.text
+    assert TILL_TOKEN not in caplog.text
+
+
+def test_push_takes_device_from_token(secured):
+    response = call(secured, "POST", "/sync/push", {"operations": [op("insert", id="s1")]}, headers=bearer(TILL_TOKEN))
+    assert response.status == 200
+    assert log_entries(secured)[0][3] == "till-1"
+
+
+def test_push_for_another_device_is_403(secured, backend):
+    response = call(secured, "POST", "/sync/push", {"device_id": "till-2", "operations": [op("insert", id="s1")]},
+                    headers=bearer(TILL_TOKEN))
+    assert response.status == 403 and "till-1" in response.json["detail"]
+    assert backend.rows("sales") == []
+
+
+def test_read_only_table_refuses_push(secured, backend):
+    backend.sql("INSERT INTO products (id, name) VALUES ('p1', 'Tea')")
+    response = call(secured, "POST", "/sync/push", {"operations": [op("insert", id="s1"),
+                    op("update", "products", id="p1", name="Free tea")]}, headers=bearer(TILL_TOKEN))
+    assert response.status == 403 and response.json["error"] == "Read-only table" and response.json["op"] == 1
+    assert backend.rows("sales") == []
+    pulled = call(secured, "POST", "/sync/pull", {"tables": ["products"]}, headers=bearer(TILL_TOKEN))
+    assert pulled.json["data"]["products"][0]["name"] == "Tea"
+
+
+def test_token_limited_to_tables(secured, backend):
+    response = call(secured, "POST", "/sync/push", {"operations": [op("insert", "customers", id="c1")]},
+                    headers=bearer(OFFICE_TOKEN))
+    assert response.status == 403 and response.json["error"] == "Table not permitted"
+    assert call(secured, "POST", "/sync/pull", {"tables": ["customers"]}, headers=bearer(OFFICE_TOKEN)).status == 403
+    everything = call(secured, "POST", "/sync/pull", {}, headers=bearer(OFFICE_TOKEN)).json
+    assert set(everything["data"]) == {"products", "sales"}
+
+
+def test_open_server_only_on_loopback(backend):
+    with pytest.raises(cloudsync.ConfigError, match="not a loopback address.*AUTH=off"):
+        cloudsync.App(backend.config(HOST="0.0.0.0"))
+    assert cloudsync.App(backend.config(HOST="0.0.0.0", AUTH="off")).auth.required is False
+    with pytest.raises(cloudsync.ConfigError, match="AUTH=off, but device tokens"):
+        cloudsync.App(backend.config(AUTH="off", TOKENS="a:b"))
+    with pytest.raises(cloudsync.ConfigError, match="READ_ONLY_TABLES names nope"):
+        backend.config(READ_ONLY_TABLES="nope")
+
+
+def test_token_command_stores_only_hash(tmp_path, capsys):
+    tokens_file = tmp_path / "tokens"
+    os.environ["TOKENS_FILE"] = str(tokens_file)
+    try:
+        assert cloudsync.main(["--env-file", "", "token", "add", "till-7"]) == 0
+    finally:
+        del os.environ["TOKENS_FILE"]
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    stored = tokens_file.read_text()
+    assert len(token) >= 40 and token not in stored and cloudsync.hash_token(token) in stored
+    assert oct(tokens_file.stat().st_mode & 0o777) == "0o600"
+    config = cloudsync.load_config(None, environ={}, overrides={"TOKENS_FILE": str(tokens_file)})
+    assert cloudsync.read_tokens_file(config.tokens_file)[0].device_id == "till-7"
+
+
+# ---------------------------------------------------------------------------
+# Trust: limits
+# ---------------------------------------------------------------------------
+
+
+def test_too_many_operations_is_413(backend):
+    application = cloudsync.App(backend.config(MAX_OPERATIONS="3"))
+    application.start()
+    response = push(application, [op("insert", id=str(n)) for n in range(4)])
+    assert response.status == 413 and "split the batch" in response.json["detail"]
+    assert backend.rows("sales") == []
+    assert push(application, [op("insert", id=str(n)) for n in range(3)]).status == 200
+
+
+def test_value_too_large_is_413(backend):
+    application = cloudsync.App(backend.config(MAX_VALUE_BYTES="100"))
+    application.start()
+    response = push(application, [op("insert", id="s1", note="é" * 51)])
+    assert response.status == 413 and response.json["error"] == "Value too large" and "'note'" in response.json["detail"]
+    assert push(application, [op("insert", id="s1", note="é" * 50)]).status == 200
+
+
+def test_nesting_deeper_than_limit_is_400(backend):
+    application = cloudsync.App(backend.config(MAX_JSON_DEPTH="4"))
+    application.start()
+    response = call(application, "POST", "/sync/push", raw=b'{"operations": [{"data": {"x": [[1]]}}]}')
+    assert response.status == 400 and response.json["error"] == "Too deeply nested"
+
+
+def test_pull_limit_capped_by_setting(backend):
+    application = cloudsync.App(backend.config(MAX_PULL_ROWS="10"))
+    application.start()
+    assert pull(application, tables=["sales"], limit=50).json["limit"] == 10
+
+
+# ---------------------------------------------------------------------------
+# Trust: gzip
+# ---------------------------------------------------------------------------
+
+
+def test_gzip_request_body(app, backend):
+    import gzip
+    raw = gzip.compress(json.dumps({"operations": [op("insert", id="s%d" % n) for n in range(20)]}).encode())
+    response = call(app, "POST", "/sync/push", raw=raw, headers={"Content-Encoding": "gzip"})
+    assert response.status == 200 and len(backend.rows("sales")) == 20
+
+
+@pytest.mark.parametrize("raw,encoding,status,error", [
+    (b"not gzip at all", "gzip", 400, "Invalid request"),
+    (None, "gzip", 413, "Payload too large"),           # a zip bomb
+    (b"{}", "br", 415, "Unsupported content encoding"),
+])
+def test_gzip_request_errors(backend, raw, encoding, status, error):
+    import gzip
+    application = cloudsync.App(backend.config(MAX_BODY_BYTES="100000"))
+    application.start()
+    if raw is None:
+        raw = gzip.compress(b'{"operations": [], "pad": "' + b" " * 50_000_000 + b'"}')
+        assert len(raw) < 100000
+    response = call(application, "POST", "/sync/push", raw=raw, headers={"Content-Encoding": encoding})
+    assert response.status == status and response.json["error"] == error
+
+
+def test_gzip_response_when_accepted_and_large(app):
+    import gzip
+    push(app, [op("insert", id="s%03d" % n, note="x" * 50) for n in range(50)])
+    zipped = call(app, "POST", "/sync/pull", {"tables": ["sales"]}, headers={"Accept-Encoding": "gzip, deflate"})
+    assert zipped.headers["Content-Encoding"] == "gzip" and zipped.headers["Vary"] == "Accept-Encoding"
+    assert len(json.loads(gzip.decompress(zipped.body))["data"]["sales"]) == 50
+    plain = call(app, "POST", "/sync/pull", {"tables": ["sales"]}, headers={"Accept-Encoding": "gzip;q=0"})
+    assert "Content-Encoding" not in plain.headers and len(plain.json["data"]["sales"]) == 50
+    small = call(app, "GET", "/health", headers={"Accept-Encoding": "gzip"})
+    assert "Content-Encoding" not in small.headers
+
+
+# ---------------------------------------------------------------------------
+# Trust: deadlocks and lock timeouts
+# ---------------------------------------------------------------------------
+
+
+def test_retryable_error_is_retried_then_succeeds(app, backend, monkeypatch):
+    real_push, failures = app.engine._push, []
+
+    def flaky(*args, **kwargs):
+        if len(failures) < 2:
+            failures.append(1)
+            raise cloudsync.Retryable("deadlock")
+        return real_push(*args, **kwargs)
+    monkeypatch.setattr(app.engine, "_push", flaky)
+    assert push(app, [op("insert", id="s1")]).status == 200
+    assert app.engine.retries == 2 and len(backend.rows("sales")) == 1
+
+
+def test_retryable_error_gives_503_after_bounded_retries(app, monkeypatch):
+    def always(*args, **kwargs):
+        raise cloudsync.Retryable("deadlock")
+    monkeypatch.setattr(app.engine, "_push", always)
+    response = push(app, [op("insert", id="s1")])
+    assert response.status == 503 and response.headers["Retry-After"]
+    assert app.engine.retries == app.config.push_retries
+
+
+def test_concurrent_pushes_in_opposite_order_all_succeed(app, backend):
+    import threading
+    push(app, [op("insert", id="a"), op("insert", id="b")])
+    statuses = []
+
+    def worker(first, second):
+        for n in range(25):
+            statuses.append(push(app, [op("update", id=first, note=str(n)),
+                                       op("update", id=second, note=str(n))]).status)
+    threads = [threading.Thread(target=worker, args=pair) for pair in (("a", "b"), ("b", "a"))] * 1
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200] * 50
+
+
+# ---------------------------------------------------------------------------
+# Trust: fuzzing the WSGI app
+# ---------------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+OPERATION = st.fixed_dictionaries({
+    "table": st.sampled_from(list(TABLES) + ["nope", "sales; DROP TABLE products", "", "`sales`"]),
+    "action": st.sampled_from(["insert", "update", "delete", "upsert", "merge", ""]),
+    "data": st.dictionaries(st.sampled_from(["id", "note", "total", "qty", "x", "id`", "shop", "sku"]),
+                            JSON_VALUES, max_size=4)})
+BODIES = st.one_of(
+    st.binary(max_size=200),
+    JSON_VALUES.map(lambda value: json.dumps(value).encode()),
+    st.fixed_dictionaries({"operations": st.lists(OPERATION, max_size=4)},
+                          optional={"device_id": JSON_VALUES, "batch_id": JSON_VALUES, "checkpoint": JSON_VALUES,
+                                    "on_conflict": JSON_VALUES, "tables": JSON_VALUES, "limit": JSON_VALUES,
+                                    "since": JSON_VALUES}).map(lambda value: json.dumps(value).encode()),
+    st.binary(min_size=1, max_size=50).map(lambda junk: b'{"operations": [' + junk + b"]}"),
+)
+HEADERS = st.dictionaries(
+    st.sampled_from(["Content-Encoding", "Accept-Encoding", "Authorization", "Content-Type", "X-Junk"]),
+    st.sampled_from(["gzip", "identity", "br", "", "Bearer x", "application/json", "text/plain", "gzip;q=0", "\x7f"]),
+    max_size=3)
+
+
+def _snapshot(backend):
+    return [backend.rows(table) for table in TABLES] + [backend.sql("SELECT COUNT(*) FROM cloudsync_changes")]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH"]),
+       path=st.sampled_from(["/health", "/sync", "/sync/push", "/sync/pull", "/sync/status", "/SYNC/PULL/",
+                             "/", "/sync/../etc/passwd", "/%00", "/sync/push/extra"]) | st.text(max_size=30).map(
+           lambda text: "/" + text),
+       body=BODIES, headers=HEADERS)
+def test_fuzz_never_5xx_and_rejections_change_nothing(app, backend, method, path, body, headers):
+    before = _snapshot(backend)
+    response = call(app, method, path, raw=body, headers=headers)
+    assert response.status < 500, response.body
+    raw = response.body
+    if response.headers.get("Content-Encoding") == "gzip":
+        import gzip
+        raw = gzip.decompress(raw)
+    if method != "HEAD":
+        payload = json.loads(raw)
+        if response.status >= 400:
+            assert payload["success"] is False and payload["error"]
+    if response.status >= 400:
+        assert _snapshot(backend) == before
