@@ -656,6 +656,7 @@ class _Pool:
     """A bounded set of reusable connections; a broken one is dropped, not reused."""
 
     IDLE_CHECK_SECONDS = 30     # a connection idle longer is pinged before it is lent again
+    SUSPECT_SECONDS = 60        # after a connection failed, every lent connection is pinged this long
 
     def __init__(self, connect, size, wait_seconds, alive=None):
         self._connect = connect
@@ -664,6 +665,7 @@ class _Pool:
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(size)
         self._wait_seconds = wait_seconds
+        self._failed_at = -self.SUSPECT_SECONDS
         self.in_use = 0
 
     @contextmanager
@@ -676,13 +678,24 @@ class _Pool:
             with self._lock:
                 conn, idle_since = self._idle.pop() if self._idle else (None, 0)
                 self.in_use += 1
-            if conn is not None and time.monotonic() - idle_since > self.IDLE_CHECK_SECONDS \
-                    and not self._alive(conn):
+            now = time.monotonic()
+            if conn is not None and (now - idle_since > self.IDLE_CHECK_SECONDS
+                                     or now - self._failed_at < self.SUSPECT_SECONDS) and not self._alive(conn):
                 self._discard(conn)          # the server closed it (restart, wait_timeout)
                 conn = None
             if conn is None:
                 conn = self._connect()
             yield conn
+        except (Retryable, DataRejected, HTTPError, PushConflict, PushRejected, _GroupRejected, _BatchTaken):
+            raise                            # the transaction was rolled back; the connection is fine
+        except DatabaseUnavailable:
+            # the server went away or restarted: the idle connections are most likely dead too
+            self._failed_at = time.monotonic()
+            if conn is not None:
+                self._discard(conn)
+                conn = None
+            self.close()
+            raise
         except BaseException:
             if conn is not None:
                 self._discard(conn)

@@ -1671,3 +1671,52 @@ def test_fuzz_never_5xx_and_rejections_change_nothing(app, backend, method, path
             assert payload["success"] is False and payload["error"]
     if response.status >= 400:
         assert _snapshot(backend) == before
+
+
+# ---------------------------------------------------------------------------
+# Trust: faults and load against live servers (a private MariaDB)
+# ---------------------------------------------------------------------------
+
+import reliability_cloudsync  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def private_mariadb(tmp_path_factory):
+    """A MariaDB of the tests' own, which they may stop, kill and restart."""
+    if not reliability_cloudsync.mariadb_available():
+        if REQUIRE_MYSQL:
+            pytest.fail("mariadbd is not installed and CLOUDSYNC_REQUIRE_MYSQL=1")
+        pytest.skip("mariadbd and mariadb-install-db are needed for the fault tests")
+    root = str(tmp_path_factory.mktemp("mariadb"))
+    db = reliability_cloudsync.PrivateMariaDB(root)
+    db.start()
+    yield db
+    db.close()
+
+
+def test_database_restart_while_devices_sync(private_mariadb, tmp_path):
+    figures = reliability_cloudsync.scenario_restart(private_mariadb, str(tmp_path), devices=6)
+    assert figures["lost writes"] == 0 and figures["doubled writes"] == 0
+    assert figures["acknowledged writes"] > 0
+    assert figures["recovered without restart"] is True
+    assert figures["slowest answer during outage (s)"] < 5
+
+
+def test_sigkill_in_the_middle_of_a_push(private_mariadb, tmp_path):
+    figures = reliability_cloudsync.scenario_crash(private_mariadb, str(tmp_path), operations=5000)
+    assert figures["batch all-or-nothing"] is True and figures["rows right after the crash"] == 0
+    assert figures["rows after retry"] == 5000 and figures["retry applied once"] is True
+    assert figures["doubled writes"] == 0
+
+
+def test_fifty_devices_through_two_instances(private_mariadb, tmp_path):
+    figures = reliability_cloudsync.scenario_load(private_mariadb, str(tmp_path), devices=50, rounds=4)
+    assert figures["devices equal to server"] == 50
+    assert figures["lost writes"] == 0 and figures["doubled writes"] == 0
+    assert figures["change log gaps"] == 0
+    assert figures["replays"] > 0
+
+
+def test_bad_inputs_over_http(private_mariadb, tmp_path):
+    figures = reliability_cloudsync.scenario_bad_inputs(private_mariadb, str(tmp_path), count=200)
+    assert figures["5xx answers"] == 0 and figures["database changed"] is False

@@ -1,0 +1,495 @@
+#!/usr/bin/env python3
+"""Fault and load scenarios for cloudsync, against a private MariaDB it starts itself.
+
+    python3 reliability_cloudsync.py [--devices 50] [--rounds 8]
+
+Starts a throwaway MariaDB (its own data directory and port, so it can be
+stopped, killed and restarted without touching any other database) and
+cloudsync server processes on loopback ports, then runs:
+
+- restart: devices push batches (with batch ids) and pull while MariaDB is
+  stopped and started again; requests during the outage must get a quick 503
+  with Retry-After, the server must recover by itself, and every batch must end
+  in the database exactly once;
+- crash: the server is killed with SIGKILL in the middle of a large push; the
+  batch must be fully there or fully absent, and apply exactly once on retry;
+- load: many devices push (with batch ids, retrying at random through the other
+  instance) and pull through TWO server instances; every device must end equal
+  to the server, with no acknowledged write missing or doubled and no gap in
+  the change log;
+- bad inputs: random malformed requests over HTTP; none may get a 5xx or
+  change the database.
+
+It prints the figures README's reliability section quotes. The test suite runs
+the same scenarios with smaller numbers.
+"""
+
+import argparse
+import gzip
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MARIADBD = "/usr/sbin/mariadbd"
+TABLES = "sales,products,customers,item_sales,product_stock"
+
+
+def free_port():
+    """A TCP port nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def mariadb_available():
+    """Whether this machine can start a private MariaDB."""
+    return os.path.exists(MARIADBD) and shutil.which("mariadb-install-db") is not None
+
+
+class PrivateMariaDB:
+    """A throwaway MariaDB server that may be stopped, killed and restarted."""
+
+    def __init__(self, root):
+        self.root = root
+        self.data = os.path.join(root, "data")
+        self.port = free_port()
+        self.process = None
+        subprocess.run(["mariadb-install-db", "--no-defaults", "--datadir=" + self.data, "--user=root",
+                        "--auth-root-authentication-method=normal", "--skip-test-db"],
+                       check=True, capture_output=True)
+
+    def start(self):
+        """Start the server and wait until it answers."""
+        self.process = subprocess.Popen(
+            [MARIADBD, "--no-defaults", "--datadir=" + self.data, "--socket=" + os.path.join(self.root, "sock"),
+             "--port=%d" % self.port, "--bind-address=127.0.0.1", "--user=root",
+             "--pid-file=" + os.path.join(self.root, "pid"), "--log-error=" + os.path.join(self.root, "err.log"),
+             "--innodb-buffer-pool-size=64M", "--max-connections=400"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                self.connect().close()
+                return
+            except Exception:
+                time.sleep(0.1)
+        raise RuntimeError("private MariaDB did not start; see %s" % os.path.join(self.root, "err.log"))
+
+    def stop(self, kill=False):
+        """Stop the server (SIGTERM, a clean shutdown) or kill it (SIGKILL, a crash)."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            self.process.wait(timeout=60)
+            self.process = None
+
+    def connect(self, database=None):
+        import mysql.connector
+        return mysql.connector.connect(host="127.0.0.1", port=self.port, user="root", password="",
+                                       database=database, autocommit=True, connection_timeout=3)
+
+    def sql(self, statement, database=None):
+        """Run one statement; return its rows."""
+        conn = self.connect(database)
+        try:
+            cursor = conn.cursor()
+            cursor.execute(statement)
+            rows = cursor.fetchall() if cursor.with_rows else []
+            cursor.close()
+            return rows
+        finally:
+            conn.close()
+
+    def create_database(self, name):
+        """A fresh database with the example tables."""
+        self.sql("CREATE DATABASE %s CHARACTER SET utf8mb4" % name)
+        script = open(os.path.join(HERE, "schema-mysql.sql")).read()
+        for statement in script.split(";"):
+            if "CREATE" in statement:
+                self.sql(statement, name)
+        return name
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Server:
+    """A cloudsync process serving one database on its own loopback port."""
+
+    def __init__(self, db, database, log_path, **settings):
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.env = dict(os.environ, HOST="127.0.0.1", PORT=str(self.port), DB_HOST="127.0.0.1",
+                        DB_PORT=str(db.port), DB_USER="root", DB_PASS="", DB_NAME=database,
+                        ALLOWED_TABLES=TABLES, TOKENS_FILE="", LOG_LEVEL="WARNING", DB_CONNECT_TIMEOUT_SECONDS="2")
+        self.env.update({name: str(value) for name, value in settings.items()})
+        self.log_path = log_path
+        self.process = None
+
+    def start(self):
+        """Start the server and wait for /health."""
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "",
+                                         "serve"], env=self.env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if request(self.url, "GET", "/health", timeout=1)[0] == 200:
+                return self
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError("cloudsync did not start; see %s" % self.log_path)
+
+    def stop(self, kill=False):
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            self.process.wait(timeout=30)
+            self.process = None
+
+
+def request(url, method, path, body=None, timeout=30, headers=None):
+    """(status, headers, JSON payload); status 0 when the connection failed."""
+    data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
+    sent = urllib.request.Request(url + path, data=data, method=method, headers=dict(headers or {}))
+    if data is not None and "Content-Type" not in sent.headers:
+        sent.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(sent, timeout=timeout) as response:
+            raw = response.read()
+            return response.status, dict(response.headers), json.loads(raw) if raw else None
+    except urllib.error.HTTPError as error:
+        raw = error.read()
+        try:
+            payload = json.loads(raw) if raw else None
+        except ValueError:
+            payload = raw
+        return error.code, dict(error.headers), payload
+    except (OSError, ValueError):
+        return 0, {}, None
+
+
+class Figures(dict):
+    """Counters shared by threads."""
+
+    def __init__(self, **start):
+        super().__init__(start)
+        self._lock = threading.Lock()
+
+    def add(self, name, amount=1):
+        with self._lock:
+            self[name] = self.get(name, 0) + amount
+
+
+def push_until_acknowledged(urls, figures, body, attempts=600):
+    """Send a push (with its batch id) until it gets a 200; return the answer."""
+    for attempt in range(attempts):
+        status, _, payload = request(random.choice(urls), "POST", "/sync/push", body)
+        figures.add("requests")
+        if status == 200:
+            return payload
+        figures.add("push errors")
+        if status not in (0, 503):
+            raise AssertionError("push got %s: %s" % (status, payload))
+        time.sleep(min(0.05 * (attempt + 1), 0.5))
+    raise AssertionError("push was never acknowledged")
+
+
+def pull_until_done(urls, figures, tables, checkpoint, rows, attempts=600):
+    """The client loop; applies changes to rows {table: {key: row}}; returns the new checkpoint."""
+    for attempt in range(attempts):
+        status, _, payload = request(random.choice(urls), "POST", "/sync/pull",
+                                     {"tables": tables, "since": checkpoint, "limit": 200})
+        figures.add("requests")
+        if status == 410:
+            checkpoint, rows = None, rows.clear() or rows
+            continue
+        if status != 200:
+            figures.add("pull errors")
+            time.sleep(min(0.05 * (attempt + 1), 0.5))
+            continue
+        for table, change in payload["changes"].items():
+            for row in change["upserted"]:
+                rows.setdefault(table, {})[row["id"]] = row
+            for key in change["deleted"]:
+                rows.setdefault(table, {}).pop(key, None)
+        checkpoint = payload["checkpoint"]
+        if not payload["has_more"]:
+            return checkpoint
+    raise AssertionError("pull loop did not finish")
+
+
+def server_rows(db, database, table):
+    """{id: row} of a table, read directly from the database, as JSON-comparable values."""
+    conn = db.connect(database)
+    try:
+        cursor = conn.cursor(dictionary=True)
+        cursor.execute("SELECT * FROM %s" % table)
+        rows = cursor.fetchall()
+        cursor.close()
+    finally:
+        conn.close()
+    return {row["id"]: json.loads(json.dumps(row, default=_plain)) for row in rows}
+
+
+def _plain(value):
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def _comparable(rows):
+    return {key: json.loads(json.dumps(row, default=_plain)) for key, row in rows.items()}
+
+
+def change_log_gaps(db, database):
+    """Missing sequence numbers between the compaction mark and the newest change."""
+    count, low, high = db.sql("SELECT COUNT(*), MIN(seq), MAX(seq) FROM cloudsync_changes", database)[0]
+    return 0 if not count else (high - low + 1) - count
+
+
+def doubled_inserts(db, database, prefix):
+    """Rows whose insert was recorded more than once (an acknowledged write applied twice)."""
+    return db.sql("SELECT COUNT(*) FROM (SELECT row_key FROM cloudsync_changes WHERE table_name = 'sales' AND op = 'I'"
+                  " AND row_key LIKE '[\"%s%%' GROUP BY row_key HAVING COUNT(*) > 1) AS twice" % prefix, database)[0][0]
+
+
+# ---------------------------------------------------------------------------
+# Scenarios
+# ---------------------------------------------------------------------------
+
+
+def scenario_restart(db, workdir, devices=8, rows_per_batch=5, outage_seconds=2.0):
+    """Stop and restart MariaDB while devices push and pull through one server."""
+    database = db.create_database("restart_%d" % random.randrange(10 ** 6))
+    server = Server(db, database, os.path.join(workdir, "restart.log")).start()
+    figures = Figures(**{"faults injected": 1, "requests": 0})
+    acknowledged = []
+    started, stop = threading.Event(), threading.Event()
+
+    def device(number):
+        checkpoint, rows, batch = None, {}, 0
+        while not stop.is_set() and batch < 1000:
+            ids = ["r%d-%d-%d" % (number, batch, n) for n in range(rows_per_batch)]
+            body = {"device_id": "dev%d" % number, "batch_id": "b%d" % batch,
+                    "operations": [{"table": "sales", "action": "insert", "data": {"id": i, "total": "1.00"}}
+                                   for i in ids]}
+            push_until_acknowledged([server.url], figures, body)
+            acknowledged.extend(ids)
+            checkpoint = pull_until_done([server.url], figures, ["sales"], checkpoint, rows)
+            started.set()
+            batch += 1
+
+    threads = [threading.Thread(target=device, args=(n,)) for n in range(devices)]
+    for thread in threads:
+        thread.start()
+    started.wait(30)
+    time.sleep(0.5)
+    db.stop()
+    # during the outage: a quick 503 with Retry-After, no hanging
+    slowest, ended = 0.0, time.monotonic() + outage_seconds
+    while time.monotonic() < ended:
+        began = time.monotonic()
+        status, headers, payload = request(server.url, "POST", "/sync/pull", {"tables": ["sales"]}, timeout=15)
+        slowest = max(slowest, time.monotonic() - began)
+        figures.add("requests")
+        assert status == 503 and headers.get("Retry-After"), (status, payload)
+        time.sleep(0.1)
+    figures["slowest answer during outage (s)"] = round(slowest, 3)
+    db.start()
+    time.sleep(1.5)                        # let the devices finish their retries against the new server
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=300)
+    present = set(server_rows(db, database, "sales"))
+    figures["acknowledged writes"] = len(acknowledged)
+    figures["lost writes"] = len(set(acknowledged) - present)
+    figures["doubled writes"] = doubled_inserts(db, database, "r")
+    status, _, payload = request(server.url, "GET", "/sync/status")
+    figures["recovered without restart"] = status == 200
+    server.stop()
+    return figures
+
+
+def scenario_crash(db, workdir, operations=8000):
+    """Kill the server with SIGKILL in the middle of a large push; the batch is all there or not at all."""
+    database = db.create_database("crash_%d" % random.randrange(10 ** 6))
+    server = Server(db, database, os.path.join(workdir, "crash.log")).start()
+    body = {"device_id": "till", "batch_id": "closing",
+            "operations": [{"table": "sales", "action": "insert", "data": {"id": "c%06d" % n, "total": "2.50"}}
+                           for n in range(operations)]}
+    # Another connection holds the push's last key uncommitted, so the push stops on that row's lock
+    # with every row before it written: the server is killed while its transaction is open.
+    blocker = db.connect(database)
+    blocker.autocommit = False
+    blocker.cursor().execute("INSERT INTO sales (id) VALUES ('c%06d')" % (operations - 1))
+    answer = []
+    sender = threading.Thread(target=lambda: answer.append(request(server.url, "POST", "/sync/push", body,
+                                                                   timeout=120)))
+    sender.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if db.sql("SELECT COUNT(*) FROM information_schema.INNODB_LOCK_WAITS")[0][0] > 0:
+            break
+        time.sleep(0.1)                    # polling much faster than this starves the push on 2 cores
+    else:
+        raise AssertionError("the push never reached the locked row")
+    server.stop(kill=True)
+    sender.join()
+    blocker.rollback()
+    blocker.close()
+    time.sleep(0.5)
+    after_crash = db.sql("SELECT COUNT(*) FROM sales", database)[0][0]
+    server.start()
+    figures = Figures(**{"faults injected": 1, "requests": 2})
+    retried = push_until_acknowledged([server.url], figures, body)
+    figures["rows right after the crash"] = after_crash
+    figures["batch all-or-nothing"] = after_crash in (0, operations)
+    figures["rows after retry"] = db.sql("SELECT COUNT(*) FROM sales", database)[0][0]
+    figures["retry applied once"] = bool(retried.get("replayed")) == (after_crash == operations)
+    figures["lost writes"] = operations - figures["rows after retry"]
+    figures["doubled writes"] = doubled_inserts(db, database, "c")
+    server.stop()
+    return figures
+
+
+def scenario_load(db, workdir, devices=50, rounds=8, seed=7):
+    """Many devices pushing with batch ids and retries, and pulling, through two server instances."""
+    database = db.create_database("load_%d" % random.randrange(10 ** 6))
+    servers = [Server(db, database, os.path.join(workdir, "load-%d.log" % n), THREADS=8, DB_POOL_SIZE=8).start()
+               for n in range(2)]
+    urls = [server.url for server in servers]
+    figures = Figures(**{"requests": 0, "devices": devices, "server instances": 2, "replays": 0})
+    expected = {}                          # id -> note, for the rows devices own (sales)
+    lock = threading.Lock()
+    finals = {}
+
+    def device(number):
+        rng = random.Random(seed * 1000 + number)
+        own, checkpoint, rows = {}, None, {}
+        for round_ in range(rounds):
+            operations = []
+            for n in range(2):
+                row_id = "L%d-%d-%d" % (number, round_, n)
+                own[row_id] = "new"
+                operations.append({"table": "sales", "action": "insert", "data": {"id": row_id, "note": "new"}})
+            if own and rng.random() < 0.7:
+                row_id = rng.choice(sorted(own))
+                own[row_id] = "edited %d" % round_
+                operations.append({"table": "sales", "action": "update", "data": {"id": row_id, "note": own[row_id]}})
+            if len(own) > 3 and rng.random() < 0.3:
+                row_id = rng.choice(sorted(own))
+                del own[row_id]
+                operations.append({"table": "sales", "action": "delete", "data": {"id": row_id}})
+            operations.append({"table": "product_stock", "action": "upsert",
+                               "data": {"id": "shared-%d" % rng.randrange(5), "quantity": rng.randrange(100)}})
+            body = {"device_id": "load%d" % number, "batch_id": "round-%d" % round_, "operations": operations}
+            push_until_acknowledged(urls, figures, body)
+            figures.add("pushes acknowledged")
+            if rng.random() < 0.25:        # the answer was "lost": the device sends the same batch again
+                again = push_until_acknowledged(urls, figures, body)
+                assert again.get("replayed") is True, again
+                figures.add("replays")
+            checkpoint = pull_until_done(urls, figures, ["sales", "product_stock"], checkpoint, rows)
+        with lock:
+            expected.update(own)
+        finals[number] = (checkpoint, rows)
+
+    threads = [threading.Thread(target=device, args=(n,)) for n in range(devices)]
+    began = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    figures["seconds"] = round(time.monotonic() - began, 1)
+    truth = {table: server_rows(db, database, table) for table in ("sales", "product_stock")}
+    unequal = 0
+    for number, (checkpoint, rows) in finals.items():
+        pull_until_done(urls, figures, ["sales", "product_stock"], checkpoint, rows)
+        if any(_comparable(rows.get(table, {})) != truth[table] for table in truth):
+            unequal += 1
+    figures["devices equal to server"] = devices - unequal
+    own_rows = {key: row["note"] for key, row in truth["sales"].items() if key.startswith("L")}
+    figures["lost writes"] = sum(1 for key, note in expected.items() if own_rows.get(key) != note)
+    figures["doubled writes"] = doubled_inserts(db, database, "L") + len(set(own_rows) - set(expected))
+    figures["change log gaps"] = change_log_gaps(db, database)
+    for server in servers:
+        server.stop()
+    return figures
+
+
+BAD_BODIES = [
+    b"", b"{", b"[]", b"null", b'"x"', b"\xff\xfe\x00", b'{"operations": 5}', b'{"operations": [null]}',
+    b'{"operations": [{"table": "sales; DROP TABLE sales", "action": "insert", "data": {"id": "1"}}]}',
+    b'{"operations": [{"table": "sales", "action": "insert", "data": {"id`": "1"}}]}',
+    b'{"operations": [{"table": "sales", "action": "insert", "data": {"id": "1", "total": 1e400}}]}',
+    b'{"operations": [{"table": "sales", "action": "drop", "data": {"id": "1"}}]}',
+    b'{"tables": "sales", "limit": -1}', b'{"since": "cs1.forged.mac", "tables": ["sales"]}',
+    b'{"limit": 1E+999999}', b"[" * 5000 + b"]" * 5000,
+]
+
+
+def scenario_bad_inputs(db, workdir, count=400, seed=11):
+    """Random malformed requests over HTTP: never a 5xx, and the database unchanged."""
+    database = db.create_database("bad_%d" % random.randrange(10 ** 6))
+    server = Server(db, database, os.path.join(workdir, "bad.log")).start()
+    rng = random.Random(seed)
+    before = server_rows(db, database, "sales")
+    figures = Figures(**{"bad inputs tried": 0, "5xx answers": 0})
+    for _ in range(count):
+        body = rng.choice(BAD_BODIES)
+        if rng.random() < 0.3:
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 80)))
+        headers = {}
+        if rng.random() < 0.2:
+            headers["Content-Encoding"] = rng.choice(["gzip", "br"])
+            if headers["Content-Encoding"] == "gzip" and rng.random() < 0.5:
+                body = gzip.compress(body)
+        method = rng.choice(["POST", "POST", "POST", "GET", "PUT", "DELETE"])
+        path = rng.choice(["/sync/push", "/sync/pull", "/sync", "/sync/status", "/nope", "/sync/push/x"])
+        status, _, payload = request(server.url, method, path, body, headers=headers)
+        figures.add("bad inputs tried")
+        if status >= 500 or status == 0:
+            figures.add("5xx answers")
+    figures["database changed"] = server_rows(db, database, "sales") != before
+    server.stop()
+    return figures
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=50, help="simulated devices in the load scenario")
+    parser.add_argument("--rounds", type=int, default=8, help="push+pull rounds per device")
+    args = parser.parse_args(argv)
+    if not mariadb_available():
+        print("needs %s and mariadb-install-db (apt-get install mariadb-server)" % MARIADBD)
+        return 2
+    workdir = tempfile.mkdtemp(prefix="cloudsync-reliability-")
+    db = PrivateMariaDB(workdir)
+    db.start()
+    results = []
+    try:
+        results.append(("restart MariaDB under load", scenario_restart(db, workdir)))
+        results.append(("SIGKILL mid-push", scenario_crash(db, workdir)))
+        results.append(("load: %d devices, 2 instances" % args.devices,
+                        scenario_load(db, workdir, args.devices, args.rounds)))
+        results.append(("bad inputs over HTTP", scenario_bad_inputs(db, workdir)))
+    finally:
+        db.close()
+    print("| scenario | figures |")
+    print("|---|---|")
+    for name, figures in results:
+        print("| %s | %s |" % (name, ", ".join("%s: %s" % item for item in figures.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
