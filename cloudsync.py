@@ -2438,7 +2438,8 @@ def _serve(app, config):
         app, host=config.host, port=config.port, threads=config.threads,
         # waitress refuses an oversized declared body before reading any of it
         max_request_body_size=config.max_body_bytes, ident="cloudsync", clear_untrusted_proxy_headers=True,
-        channel_timeout=config.read_timeout_seconds)
+        # a silent client is dropped after channel_timeout; waitress looks every cleanup_interval
+        channel_timeout=config.read_timeout_seconds, cleanup_interval=max(1, min(30, config.read_timeout_seconds // 2)))
     server.channel_class = Channel
     log.info("cloudsync %s listening on http://%s:%d", __version__, config.host, config.port)
     try:

@@ -1377,6 +1377,29 @@ def test_live_server_oversized_bodies_get_json_413(demo_server):
         connection.close()
 
 
+def test_silent_client_is_disconnected(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, PORT=str(port), READ_TIMEOUT_SECONDS="2")
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py"), "demo"], cwd=str(tmp_path),
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /sync/push HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            sock.settimeout(15)
+            started = time.monotonic()
+            assert sock.recv(100) == b""              # closed by the server, nothing applied
+            assert time.monotonic() - started < 10
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 def test_server_reports_port_in_use(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
