@@ -20,6 +20,7 @@ application, command line.
 
 import argparse
 import base64
+import collections
 import binascii
 import datetime
 import decimal
@@ -57,6 +58,8 @@ DEFAULT_PULL_LIMIT_ROWS = 1000      # the seed's default page size
 MAX_PULL_LIMIT_ROWS = 5000          # the seed's cap on `limit`
 READ_CHUNK_BYTES = 64 * 1024        # request bodies are read in pieces this size
 MAX_JSON_DEPTH_DEFAULT = 16         # nesting allowed when no configuration says otherwise
+SCHEMA_REFRESH_SECONDS = 1.0        # status re-reads the tables' columns at most this often
+PULL_CACHE_ENTRIES = 64             # encoded seed-mode pull answers kept
 EXAMPLE_TABLES = ("sales", "products", "customers", "item_sales", "product_stock")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1151,7 +1154,7 @@ MYSQL_LOG_TABLES = (
     "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq BIGINT NOT NULL PRIMARY KEY,"
     " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
     " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
-    " KEY cloudsync_changes_by_row (table_name, row_key(255), seq))"
+    " KEY cloudsync_changes_by_row (table_name, row_key(255), seq), KEY cloudsync_changes_by_table (table_name, seq))"
     " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
     "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id VARCHAR(128) NOT NULL,"
     " batch_id VARCHAR(128) NOT NULL, request_hash CHAR(64) NOT NULL, response MEDIUMTEXT NULL,"
@@ -1164,6 +1167,7 @@ SQLITE_LOG_TABLES = (
     " table_name TEXT NOT NULL, row_key TEXT NOT NULL, op TEXT NOT NULL, device_id TEXT,"
     " batch_id TEXT, changed_at TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_row ON cloudsync_changes (table_name, row_key, seq)",
+    "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_table ON cloudsync_changes (table_name, seq)",
     "CREATE TABLE IF NOT EXISTS cloudsync_context (id INTEGER PRIMARY KEY CHECK (id = 1),"
     " device_id TEXT, batch_id TEXT)",
     "INSERT OR IGNORE INTO cloudsync_context (id) VALUES (1)",
@@ -1301,20 +1305,48 @@ class ChangeLog:
             return
         while self.db.query(conn, "SELECT 1 FROM cloudsync_pending LIMIT 1"):
             with self.db.transaction(conn):
-                last = int(self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq' FOR UPDATE")[0][0])
-                rows = self.db.query(conn, self.db.sql(
-                    "SELECT id, table_name, row_key, op, device_id, batch_id, changed_at FROM cloudsync_pending"
-                    " ORDER BY id LIMIT ?"), (SEQUENCE_BATCH_ROWS,))
-                if not rows:
+                if self.sequence_in_transaction(conn) is None:
                     return
-                self.db.executemany(conn, self.db.sql(
-                    "INSERT INTO cloudsync_changes (seq, table_name, row_key, op, device_id, batch_id, changed_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)"), [(last + n,) + tuple(row[1:]) for n, row in enumerate(rows, 1)])
-                ids = [row[0] for row in rows]
-                self.db.execute(conn, self.db.sql("DELETE FROM cloudsync_pending WHERE id IN (%s)"
-                                                  % ", ".join("?" for _ in ids)), ids)
-                self.db.execute(conn, self.db.sql("UPDATE cloudsync_meta SET value = ? WHERE name = 'last_seq'"),
-                                (str(last + len(rows)),))
+
+    def sequence_in_transaction(self, conn):
+        """Inside an open transaction: number what is pending and visible; return the new head.
+
+        A push calls this last, just before its commit: it then holds the
+        last_seq lock until the commit, so no number can be given out between
+        its numbers and its commit, and anything numbered later commits later.
+        Returns None when there was nothing to number (MySQL), the head on SQLite.
+        """
+        if self.backend != "mysql":
+            return self.head(conn)
+        last = int(self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq' FOR UPDATE")[0][0])
+        rows = self.db.query(conn, self.db.sql(
+            "SELECT id, table_name, row_key, op, device_id, batch_id, changed_at FROM cloudsync_pending"
+            " ORDER BY id LIMIT ?"), (SEQUENCE_BATCH_ROWS,))
+        if not rows:
+            return None
+        self.db.executemany(conn, self.db.sql(
+            "INSERT INTO cloudsync_changes (seq, table_name, row_key, op, device_id, batch_id, changed_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)"), [(last + n,) + tuple(row[1:]) for n, row in enumerate(rows, 1)])
+        ids = [row[0] for row in rows]
+        self.db.execute(conn, self.db.sql("DELETE FROM cloudsync_pending WHERE id IN (%s)"
+                                          % ", ".join("?" for _ in ids)), ids)
+        self.db.execute(conn, self.db.sql("UPDATE cloudsync_meta SET value = ? WHERE name = 'last_seq'"),
+                        (str(last + len(rows)),))
+        if len(rows) == SEQUENCE_BATCH_ROWS:        # more than one batch: number the rest too
+            return self.sequence_in_transaction(conn)
+        return last + len(rows)
+
+    def tables_version(self, conn, tables):
+        """The last sequence number that touched `tables`, or None while changes to them wait to be numbered."""
+        marks = ", ".join("?" for _ in tables)
+        if self.backend == "mysql":
+            row = self.db.query(conn, self.db.sql(
+                "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
+                " EXISTS (SELECT 1 FROM cloudsync_pending WHERE table_name IN (%s))" % (marks, marks)),
+                list(tables) * 2)[0]
+            return None if row[1] else (row[0] or 0)
+        return self.db.query(conn, "SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)" % marks,
+                             list(tables))[0][0] or 0
 
     def head(self, conn):
         """The highest sequence number given out so far."""
@@ -1333,11 +1365,10 @@ class ChangeLog:
     def attributed(self, conn, device_id, batch_id):
         """Inside a push's transaction: changes made in the with-block carry this device and batch."""
         if self.backend == "mysql":
+            # No reset afterwards: pooled connections write to allowed tables only in a
+            # push, and every push sets both variables first; outside writers have their own sessions.
             self.db.execute(conn, "SET @cloudsync_device = %s, @cloudsync_batch = %s", (device_id, batch_id))
-            try:
-                yield
-            finally:
-                self.db.execute(conn, "SET @cloudsync_device = NULL, @cloudsync_batch = NULL")
+            yield
         else:
             self.db.execute(conn, "UPDATE cloudsync_context SET device_id = ?, batch_id = ? WHERE id = 1",
                             (device_id, batch_id))
@@ -1573,6 +1604,9 @@ class SyncEngine:
         self.retries = 0                    # pushes run again after a deadlock or lock timeout
         self.allowed_tables = tuple(allowed_tables)
         self.schemas = {}
+        self.schema_loaded_at = 0.0
+        self._pull_cache = collections.OrderedDict()   # (tables, limit) -> Encoded, validated by tables_version
+        self._pull_cache_lock = threading.Lock()
         self.changelog = ChangeLog(database, capture)
         self.checkpoints = Checkpoints(self.changelog)
 
@@ -1584,15 +1618,27 @@ class SyncEngine:
             schemas = {table: self.db.introspect(conn, table) for table in self.allowed_tables}
             if self.changelog.instance is None:
                 self.changelog.load_identity(conn)
-        self.schemas = schemas          # one assignment: readers see the old or the new dict
+        self._set_schemas(schemas)
         return schemas
+
+    def refresh_schema(self):
+        """load_schema(), unless it ran less than SCHEMA_REFRESH_SECONDS ago."""
+        if time.monotonic() - self.schema_loaded_at < SCHEMA_REFRESH_SECONDS:
+            return self.schemas
+        return self.load_schema()
+
+    def _set_schemas(self, schemas):
+        self.schemas = schemas          # one assignment: readers see the old or the new dict
+        self.schema_loaded_at = time.monotonic()
+        with self._pull_cache_lock:
+            self._pull_cache.clear()
 
     def migrate(self, progress=None):
         """Introspect the tables, create cloudsync's own tables and install the triggers."""
         with self.db.connection() as conn:
             schemas = {table: self.db.introspect(conn, table) for table in self.allowed_tables}
             self.changelog.install(conn, schemas, progress)
-        self.schemas = schemas
+        self._set_schemas(schemas)
         return schemas
 
     def _schema_for(self, table, where):
@@ -1656,25 +1702,23 @@ class SyncEngine:
         attempt = dict(device_id=device_id, batch_id=batch_id, since=since, on_conflict=on_conflict,
                        request_hash=request_hash)
         try:
-            result = self._push_with_retries(operations, attempt)
+            return self._push_with_retries(operations, attempt, checkpoint)
         except _BatchTaken:
             # a twin of this push (same batch id) committed first: answer as a replay
             with self.db.connection() as conn:
                 prior = self.changelog.find_batch(conn, device_id or "", batch_id)
             return self._replay(prior, request_hash, checkpoint)
-        result["checkpoint"] = self._checkpoint_after_push(checkpoint, device_id)
-        return result
 
-    def _push_with_retries(self, operations, attempt):
+    def _push_with_retries(self, operations, attempt, checkpoint):
         """Run the push; after a deadlock or lock timeout (all undone) run it again, a bounded number of times."""
         for retry in range(self.push_retries + 1):
             try:
                 try:
-                    return self._push(operations, batched=True, **attempt)
+                    return self._push(operations, True, checkpoint, **attempt)
                 except _GroupRejected:
                     # A multi-row insert failed; which row is unknown, and on SQLite the
                     # rows before it stay written. Roll back, then redo one by one.
-                    return self._push(operations, batched=False, **attempt)
+                    return self._push(operations, False, checkpoint, **attempt)
             except Retryable:
                 if retry == self.push_retries:
                     raise
@@ -1700,20 +1744,24 @@ class SyncEngine:
                 raise _expired()
         return fields["s"]
 
-    def _checkpoint_after_push(self, checkpoint, device_id):
-        """The pull position after this push: past its own changes when nothing else came between."""
-        with self.db.connection() as conn:
-            self.changelog.sequence(conn)
-            head = self.changelog.head(conn)
-            if checkpoint is None:
-                return self.checkpoints.encode(self.allowed_tables, head)
-            fields = self.checkpoints.decode(checkpoint)
-            if fields["scan"] is not None or device_id is None or self.changelog.changed_since(
-                    conn, fields["t"], fields["s"], head, foreign_to=device_id):
-                return checkpoint      # others' changes are in between: the device must still pull them
-            return self.checkpoints.encode(fields["t"], head)
+    def _checkpoint_after_push(self, conn, checkpoint, device_id):
+        """Inside the push's transaction, after its changes are numbered: the device's pull position.
 
-    def _push(self, operations, batched, device_id, batch_id, since, on_conflict, request_hash):
+        Past the push's own changes when nothing from anyone else came in between;
+        the request's checkpoint otherwise, so that nothing is skipped.
+        """
+        head = self.changelog.sequence_in_transaction(conn)
+        if head is None:
+            head = self.changelog.head(conn)
+        if checkpoint is None:
+            return self.checkpoints.encode(self.allowed_tables, head)
+        fields = self.checkpoints.decode(checkpoint)
+        if fields["scan"] is not None or device_id is None or self.changelog.changed_since(
+                conn, fields["t"], fields["s"], head, foreign_to=device_id):
+            return checkpoint
+        return self.checkpoints.encode(fields["t"], head)
+
+    def _push(self, operations, batched, checkpoint, device_id, batch_id, since, on_conflict, request_hash):
         missing, conflicts, logged = [], [], []
         with self.db.connection() as conn:
             with self.db.transaction(conn):
@@ -1756,6 +1804,7 @@ class SyncEngine:
                     result["conflicts"] = conflicts
                 if batch_id is not None:
                     self.changelog.finish_batch(conn, device_id or "", batch_id, result)
+                result = dict(result, checkpoint=self._checkpoint_after_push(conn, checkpoint, device_id))
         return result
 
     def _conflicts(self, conn, operations, since, device_id):
@@ -1958,17 +2007,60 @@ class SyncEngine:
                 else:
                     changes[table]["deleted"].append(_key_value(schema, key))
 
+    def seed_pull(self, tables, limit):
+        """The seed's pull as encoded JSON, served from cache while the change log shows no change."""
+        key = (tuple(tables), limit)
+        with self.db.connection() as conn:
+            # outside writes are only in the log when triggers capture them
+            version = None
+            if self.changelog.capture == "triggers":
+                version = self.changelog.tables_version(conn, tables)
+                if version is None:         # changes by other programs wait to be numbered: number them
+                    self.changelog.sequence(conn)
+                    version = self.changelog.tables_version(conn, tables)
+            if version is not None:
+                with self._pull_cache_lock:
+                    cached = self._pull_cache.get(key)
+                if cached is not None and cached.version == version:
+                    return cached
+            data = self._read_rows(conn, tables, limit)
+        encoded = Encoded(to_json_bytes({"success": True, "data": data, "limit": limit}), version)
+        if version is not None:
+            encoded.etag = '"%s"' % hashlib.sha256(("%s|%r|%d|%f" % (
+                self.changelog.instance, key, version, self.schema_loaded_at)).encode("utf-8")).hexdigest()[:32]
+            with self._pull_cache_lock:
+                self._pull_cache[key] = encoded
+                self._pull_cache.move_to_end(key)
+                while len(self._pull_cache) > PULL_CACHE_ENTRIES:
+                    self._pull_cache.popitem(last=False)
+        return encoded
+
     def pull_rows(self, tables, limit):
         """The first `limit` rows of each table in primary-key order (the seed's pull)."""
-        data = {}
         with self.db.connection() as conn:
-            for table in tables:
-                schema = self.schemas[table]
-                rows = self.db.query(conn, self.db.sql("SELECT %s FROM %s ORDER BY %s LIMIT ?" % (
-                    schema.select_list, schema.quoted, schema.key_order)), (limit,))
-                names = schema.column_names
-                data[table] = [dict(zip(names, row)) for row in self.db.decode_rows(schema, rows)]
+            return self._read_rows(conn, tables, limit)
+
+    def _read_rows(self, conn, tables, limit):
+        data = {}
+        for table in tables:
+            schema = self.schemas[table]
+            rows = self.db.query(conn, self.db.sql("SELECT %s FROM %s ORDER BY %s LIMIT ?" % (
+                schema.select_list, schema.quoted, schema.key_order)), (limit,))
+            names = schema.column_names
+            data[table] = [dict(zip(names, row)) for row in self.db.decode_rows(schema, rows)]
         return data
+
+
+class Encoded:
+    """A response body already encoded as JSON, with its ETag and a gzipped copy made on first use."""
+
+    __slots__ = ("body", "version", "etag", "gzipped")
+
+    def __init__(self, body, version=None):
+        self.body = body
+        self.version = version
+        self.etag = None
+        self.gzipped = None
 
 
 class _BatchTaken(Exception):
@@ -2197,12 +2289,21 @@ class App:
             log.exception("unhandled error on %s %s", request.method, request.path)
             status, payload, headers = 500, {"success": False, "error": "Internal server error",
                                              "detail": "an unexpected error; the server log has the details"}, []
-        body = to_json_bytes(payload)
+        if status == 304:                     # the device's copy is current: headers only
+            start_response("304 Not Modified", headers)
+            return []
+        encoded = payload if isinstance(payload, Encoded) else None
+        body = encoded.body if encoded is not None else to_json_bytes(payload)
         headers = [("Content-Type", "application/json; charset=utf-8")] + headers
         if len(body) >= self.config.gzip_min_bytes:
             headers.append(("Vary", "Accept-Encoding"))
             if _accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING", "")):
-                body = gzip.compress(body, compresslevel=5, mtime=0)
+                if encoded is not None and encoded.gzipped is not None:
+                    body = encoded.gzipped
+                else:
+                    body = gzip.compress(body, compresslevel=5, mtime=0)
+                    if encoded is not None:
+                        encoded.gzipped = body
                 headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(len(body))))
         start_response("%d %s" % (status, HTTP_REASONS.get(status, "Unknown")), headers)
@@ -2311,7 +2412,7 @@ class App:
                 result = self.engine.pull_changes(tables, since, limit)
                 result["limit"] = limit
                 return 200, result
-            data = self.engine.pull_rows(tables, limit)
+            encoded = self.engine.seed_pull(tables, limit)
         except DatabaseUnavailable:
             raise _unavailable("Pull sync failed") from None
         except HTTPError:
@@ -2319,17 +2420,20 @@ class App:
         except Exception:
             log.exception("pull failed")
             raise HTTPError(500, "Pull sync failed", "the database failed while reading") from None
-        return 200, {"success": True, "data": data, "limit": limit}
+        if encoded.etag is None:
+            return 200, encoded
+        headers = [("ETag", encoded.etag), ("Cache-Control", "no-cache")]
+        if encoded.etag in request.environ.get("HTTP_IF_NONE_MATCH", ""):
+            return 304, None, headers
+        return 200, encoded, headers
 
     def status(self, request):
         """A real database round trip, and the tables as the schema now describes them."""
         try:
             with self.db.connection() as conn:
-                self.db.ping(conn)
-                version = self.db.server_version(conn)
-                self.engine.changelog.sequence(conn)
+                version = self.db.server_version(conn)      # the round trip that proves the database answers
                 head = self.engine.changelog.head(conn)
-            schemas = self.engine.load_schema()
+            schemas = self.engine.refresh_schema()
         except DatabaseUnavailable as error:
             log.warning("status: database unavailable: %s", error)
             raise HTTPError(503, "Database unavailable", "the database did not answer; retry later",

@@ -532,6 +532,31 @@ def test_pull_rows_in_primary_key_order_with_limit(app):
     assert response.json["limit"] == 3
 
 
+def test_unchanged_pull_is_cached_with_etag(app, backend):
+    push(app, [op("insert", "products", id="p1", name="Tea", price="2.50")])
+    first = pull(app, tables=["products"])
+    assert "ETag" in first.headers, (first.status, first.headers, first.body[:300])
+    etag = first.headers["ETag"]
+    again = pull(app, tables=["products"])
+    assert again.body == first.body and again.headers["ETag"] == etag
+    not_modified = call(app, "POST", "/sync/pull", {"tables": ["products"]}, headers={"If-None-Match": etag})
+    assert not_modified.status == 304 and not_modified.body == b""
+    backend.sql("UPDATE products SET price = 3 WHERE id = 'p1'")          # an outside writer
+    changed = call(app, "POST", "/sync/pull", {"tables": ["products"]}, headers={"If-None-Match": etag})
+    assert changed.status == 200 and changed.headers["ETag"] != etag
+    assert changed.json["data"]["products"][0]["price"] == "3.00"
+    push(app, [op("insert", "sales", id="s1")])                            # another table: still cached
+    assert pull(app, tables=["products"]).headers["ETag"] == changed.headers["ETag"]
+
+
+def test_api_capture_does_not_cache_pulls(backend):
+    application = cloudsync.App(backend.config(CHANGE_CAPTURE="api"))
+    application.start()
+    assert "ETag" not in pull(application, tables=["products"]).headers
+    backend.sql("INSERT INTO products (id, name) VALUES ('p9', 'Outside')")
+    assert pull(application, tables=["products"]).json["data"]["products"][0]["id"] == "p9"
+
+
 def test_pull_limit_is_capped(app):
     assert pull(app, tables=["sales"], limit=999999).json["limit"] == 5000
 
@@ -641,6 +666,7 @@ def test_status_refreshes_schema(app, backend):
     backend.sql("ALTER TABLE sales ADD COLUMN till VARCHAR(10)" if backend.kind == "mysql"
                 else "ALTER TABLE sales ADD COLUMN till TEXT")
     assert push(app, [op("insert", id="s1", till="T1")]).json["error"] == "Unknown column"
+    time.sleep(cloudsync.SCHEMA_REFRESH_SECONDS + 0.1)       # status re-reads at most this often
     assert call(app, "GET", "/sync/status").status == 200
     assert push(app, [op("insert", id="s1", till="T1")]).status == 200
 
