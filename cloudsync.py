@@ -58,6 +58,7 @@ DEFAULT_PULL_LIMIT_ROWS = 1000      # the seed's default page size
 MAX_PULL_LIMIT_ROWS = 5000          # the seed's cap on `limit`
 READ_CHUNK_BYTES = 64 * 1024        # request bodies are read in pieces this size
 MAX_JSON_DEPTH_DEFAULT = 16         # nesting allowed when no configuration says otherwise
+MYSQL_STATEMENT_BYTES = 1 << 20     # a multi-row INSERT is cut into statements of about this size
 SCHEMA_REFRESH_SECONDS = 1.0        # status re-reads the tables' columns at most this often
 PULL_CACHE_ENTRIES = 64             # encoded seed-mode pull answers kept
 EXAMPLE_TABLES = ("sales", "products", "customers", "item_sales", "product_stock")
@@ -1016,34 +1017,60 @@ class MySQLDatabase(Database):
                 raise DatabaseUnavailable(self._safe_message(error)) from None
             raise
 
+    # Statements go straight to cmd_query: a cursor pings the server each time it
+    # is made and runs a multi-statement splitter over every statement, which
+    # together cost more than the statements. Values are escaped by the driver's
+    # own prepare_for_mysql, as its cursor does, and put where the SQL text (all
+    # written here, with no '%' but the placeholders) has %s.
+
+    def _bind(self, conn, sql, params):
+        template = sql.encode("utf-8").split(b"%s")
+        values = conn.prepare_for_mysql(tuple(params)) if params else ()
+        if len(template) != len(values) + 1:
+            raise ValueError("the statement has %d placeholders for %d values" % (len(template) - 1, len(values)))
+        pieces = [template[0]]
+        for value, text in zip(values, template[1:]):
+            pieces.append(value)
+            pieces.append(text)
+        return b"".join(pieces)
+
     def execute(self, conn, sql, params=()):
         """Run one statement; return the number of rows it matched."""
         with self._errors():
-            cursor = conn.cursor()
-            try:
-                cursor.execute(sql, params)
-                return cursor.rowcount
-            finally:
-                cursor.close()
+            result = conn.cmd_query(self._bind(conn, sql, params))
+            if "columns" in result:
+                conn.get_rows()
+                conn.free_result()
+                return 0
+            return result["affected_rows"]
 
     def executemany(self, conn, sql, rows):
-        """Run an INSERT for many rows as one multi-row statement."""
+        """Run an INSERT ... VALUES (?, ...) for many rows as multi-row statements of at most ~1 MiB."""
+        head, _, row_template = sql.partition(" VALUES ")
+        statement, size = [], 0
+        for row in rows:
+            values = self._bind(conn, row_template, row)
+            statement.append(values)
+            size += len(values) + 2
+            if size > MYSQL_STATEMENT_BYTES:
+                self._send_values(conn, head, statement)
+                statement, size = [], 0
+        if statement:
+            self._send_values(conn, head, statement)
+
+    def _send_values(self, conn, head, rows):
         with self._errors():
-            cursor = conn.cursor()
-            try:
-                cursor.executemany(sql, rows)
-            finally:
-                cursor.close()
+            conn.cmd_query(head.encode("utf-8") + b" VALUES " + b", ".join(rows))
 
     def query(self, conn, sql, params=()):
         """Run a SELECT; return its rows as tuples."""
         with self._errors():
-            cursor = conn.cursor()
-            try:
-                cursor.execute(sql, params)
-                return cursor.fetchall()
-            finally:
-                cursor.close()
+            result = conn.cmd_query(self._bind(conn, sql, params))
+            if "columns" not in result:
+                return []
+            rows = conn.get_rows()[0]
+            conn.free_result()
+            return rows
 
     def ping(self, conn):
         """A real round trip to the database."""
