@@ -1252,8 +1252,9 @@ def _trigger_sql(backend, schema, event):
     elif event == "del":
         body = [record("OLD", "D")]
     else:
-        same = " AND ".join(("OLD.%s <=> NEW.%s" if backend == "mysql" else "OLD.%s IS NEW.%s") % (k, k)
-                            for k in keys)
+        # byte for byte, not by the column's collation: 'abc' -> 'ABC' is a new key to a device
+        same = " AND ".join(("CAST(OLD.%s AS BINARY) <=> CAST(NEW.%s AS BINARY)" if backend == "mysql"
+                             else "OLD.%s IS NEW.%s COLLATE BINARY") % (k, k) for k in keys)
         # an update that changes the key deletes the old row and creates a new one
         body = [record("OLD", "D", "NOT (%s)" % same), record("NEW", "U")]
     if backend == "mysql":
@@ -1336,15 +1337,16 @@ class ChangeLog:
                     return
 
     def sequence_in_transaction(self, conn):
-        """Inside an open transaction: number what is pending and visible; return the new head.
+        """Inside an open transaction: number what is pending and visible; return (head before, head after).
 
         A push calls this last, just before its commit: it then holds the
         last_seq lock until the commit, so no number can be given out between
         its numbers and its commit, and anything numbered later commits later.
-        Returns None when there was nothing to number (MySQL), the head on SQLite.
+        Returns None when there was nothing to number, and always on SQLite,
+        which numbers changes as they are written.
         """
         if self.backend != "mysql":
-            return self.head(conn)
+            return None
         last = int(self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq' FOR UPDATE")[0][0])
         rows = self.db.query(conn, self.db.sql(
             "SELECT id, table_name, row_key, op, device_id, batch_id, changed_at FROM cloudsync_pending"
@@ -1360,8 +1362,10 @@ class ChangeLog:
         self.db.execute(conn, self.db.sql("UPDATE cloudsync_meta SET value = ? WHERE name = 'last_seq'"),
                         (str(last + len(rows)),))
         if len(rows) == SEQUENCE_BATCH_ROWS:        # more than one batch: number the rest too
-            return self.sequence_in_transaction(conn)
-        return last + len(rows)
+            more = self.sequence_in_transaction(conn)
+            if more is not None:
+                return last, more[1]
+        return last, last + len(rows)
 
     def tables_version(self, conn, tables):
         """The last sequence number that touched `tables`, or None while changes to them wait to be numbered."""
@@ -1385,6 +1389,23 @@ class ChangeLog:
     def compacted_upto(self, conn):
         """Changes numbered up to this were removed by compaction."""
         return int(self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'")[0][0])
+
+    def check_position(self, conn, seq):
+        """Raise 410 unless a checkpoint at `seq` can still be served: not compacted away, not ahead of the log.
+
+        A checkpoint ahead of the log means the database was restored from a
+        backup or its log was reset; numbers it already saw will be given out
+        again, so the device must start over.
+        """
+        if self.backend == "mysql":
+            meta = dict(self.db.query(conn, "SELECT name, value FROM cloudsync_meta"
+                                            " WHERE name IN ('last_seq', 'compacted_upto')"))
+            compacted, head = int(meta["compacted_upto"]), int(meta["last_seq"])
+        else:
+            compacted = self.compacted_upto(conn)
+            head = max(compacted, self.db.query(conn, "SELECT MAX(seq) FROM cloudsync_changes")[0][0] or 0)
+        if seq < compacted or seq > head:
+            raise _expired()
 
     # -- who is writing -----------------------------------------------------------
 
@@ -1438,17 +1459,11 @@ class ChangeLog:
             " AND table_name IN (%s) GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?"
             % ", ".join("?" for _ in tables)), [since] + list(tables) + [limit])
 
-    def changed_since(self, conn, tables, since, upto=None, foreign_to=None):
-        """Whether any change in (since, upto] touches `tables` (optionally: not made by device foreign_to)."""
-        sql = "SELECT 1 FROM cloudsync_changes WHERE seq > ? AND table_name IN (%s)" % ", ".join("?" for _ in tables)
-        params = [since] + list(tables)
-        if upto is not None:
-            sql += " AND seq <= ?"
-            params.append(upto)
-        if foreign_to is not None:
-            sql += " AND (device_id IS NULL OR device_id <> ?)"
-            params.append(foreign_to)
-        return bool(self.db.query(conn, self.db.sql(sql + " LIMIT 1"), params))
+    def changed_since(self, conn, tables, since):
+        """Whether any change after `since` touches `tables`."""
+        return bool(self.db.query(conn, self.db.sql(
+            "SELECT 1 FROM cloudsync_changes WHERE seq > ? AND table_name IN (%s) LIMIT 1"
+            % ", ".join("?" for _ in tables)), [since] + list(tables)))
 
     def touched_by_others(self, conn, schema, key_texts, since, device_id):
         """The row keys among key_texts that someone other than device_id changed after `since`."""
@@ -1457,9 +1472,11 @@ class ChangeLog:
             marks = ", ".join("?" for _ in chunk)
             foreign = "" if device_id is None else " AND (device_id IS NULL OR device_id <> ?)"
             extra = [] if device_id is None else [device_id]
+            # Pending first: the sequencer moves rows from pending to changes, so a row
+            # missed in pending because it was just numbered is then found in changes.
             sources = [("cloudsync_changes", " AND seq > ?", [since])]
             if self.backend == "mysql":        # committed but not yet numbered: after any checkpoint
-                sources.append(("cloudsync_pending", "", []))
+                sources.insert(0, ("cloudsync_pending", "", []))
             for table, after, after_params in sources:
                 rows = self.db.query(conn, self.db.sql(
                     "SELECT DISTINCT row_key FROM %s WHERE table_name = ? AND row_key IN (%s)%s%s"
@@ -1611,14 +1628,15 @@ ACTIONS = ("insert", "update", "delete", "upsert")
 class Operation:
     """One validated push operation: bound values and its primary key."""
 
-    __slots__ = ("index", "table", "action", "values", "key")
+    __slots__ = ("index", "table", "action", "values", "key", "sent")
 
-    def __init__(self, index, table, action, values, key):
+    def __init__(self, index, table, action, values, key, sent=None):
         self.index = index
         self.table = table      # a TableSchema
         self.action = action
         self.values = values    # {column name: bound value}, in the order the client sent
         self.key = key          # tuple of primary-key values
+        self.sent = sent if sent is not None else values   # {column name: value as the device holds it}
 
 
 class SyncEngine:
@@ -1714,7 +1732,7 @@ class SyncEngine:
                 raise HTTPError(400, "Missing key", "%s: data must include primary key column %s"
                                 % (where, ", ".join(repr(name) for name in absent)))
             key = tuple(values.get(name) for name in schema.primary_key)
-            validated.append(Operation(index, schema, action, values, key))
+            validated.append(Operation(index, schema, action, values, key, data))
         return validated
 
     def push(self, operations, device_id=None, batch_id=None, checkpoint=None, on_conflict="abort",
@@ -1759,39 +1777,96 @@ class SyncEngine:
                             "batch_id; use a new batch_id for new operations")
         result = json.loads(response)
         result["replayed"] = True
-        with self.db.connection() as conn:
-            result["checkpoint"] = checkpoint if checkpoint is not None else \
-                self.checkpoints.encode(self.allowed_tables, self.changelog.head(conn))
+        if checkpoint is not None:
+            result["checkpoint"] = checkpoint
         return result
 
     def _checkpoint_seq(self, checkpoint):
         fields = self.checkpoints.decode(checkpoint)
         with self.db.connection() as conn:
-            if fields["s"] < self.changelog.compacted_upto(conn):
-                raise _expired()
+            self.changelog.check_position(conn, fields["s"])
         return fields["s"]
 
-    def _checkpoint_after_push(self, conn, checkpoint, device_id):
-        """Inside the push's transaction, after its changes are numbered: the device's pull position.
+    def _checkpoint_after_push(self, conn, push):
+        """Inside the push's transaction: number its changes; return the device's next pull position, or None.
 
-        Past the push's own changes when nothing from anyone else came in between;
-        the request's checkpoint otherwise, so that nothing is skipped.
+        Past the push's own changes only when the device provably holds them
+        already: its checkpoint was the head when the push began, and every
+        change since is a row it pushed, now exactly as it pushed it. Anything
+        else (another writer, a trigger or cascade, a generated key, a default,
+        a rounded value) returns the request's checkpoint, so nothing is skipped.
         """
-        head = self.changelog.sequence_in_transaction(conn)
-        if head is None:
+        numbered = self.changelog.sequence_in_transaction(conn)
+        if push.checkpoint is None:
+            return None
+        fields = self.checkpoints.decode(push.checkpoint)
+        if numbered is not None:
+            start, head = numbered
+        else:
             head = self.changelog.head(conn)
-        if checkpoint is None:
-            return self.checkpoints.encode(self.allowed_tables, head)
-        fields = self.checkpoints.decode(checkpoint)
-        if fields["scan"] is not None or device_id is None or self.changelog.changed_since(
-                conn, fields["t"], fields["s"], head, foreign_to=device_id):
-            return checkpoint
+            start = head if push.start is None else push.start
+        if fields["scan"] is not None or push.device_id is None or fields["s"] != start or head == start \
+                or not self._only_echoes(conn, fields["t"], start, head, push):
+            return push.checkpoint
         return self.checkpoints.encode(fields["t"], head)
+
+    def _only_echoes(self, conn, tables, start, head, push):
+        """Whether every change in (start, head] to `tables` is a row of this push, holding exactly what it sent."""
+        operations = [op for op in push.operations if op.table.name in tables]
+        if any(None in op.key for op in operations):
+            return False                    # the database chose a key the device does not know
+        keys = {(op.table.name, self.changelog.key_text(op.table, op.key)) for op in operations}
+        most = 2 * len(push.operations)     # an update that moves a key logs a delete and an update
+        entries = self.db.query(conn, self.db.sql(
+            "SELECT table_name, row_key, device_id, batch_id FROM cloudsync_changes WHERE seq > ? AND seq <= ?"
+            " ORDER BY seq LIMIT ?"), (start, head, most + 1))
+        if len(entries) > most:
+            return False
+        for table, row_key, device_id, batch_id in entries:
+            if _text(device_id) != push.device_id or (None if batch_id is None else _text(batch_id)) != push.batch_id:
+                return False
+            if _text(table) in tables and (_text(table), _text(row_key)) not in keys:
+                return False                # a row the device did not push (a trigger, a cascade)
+        # what the device now holds: the rows before the push with its operations applied
+        expected = {}                       # (table, key) -> {column: (pushed?, value)} or None
+        for op in operations:
+            schema, key = op.table, _norm_key(op.key)
+            if (schema.name, key) not in expected:
+                row = push.before.get(schema.name, {}).get(key)
+                expected[schema.name, key] = None if row is None else {
+                    name: (False, value) for name, value in row.items()}
+            row = expected[schema.name, key]
+            if op.action == "delete":
+                expected[schema.name, key] = None
+            elif row is not None and op.action in ("update", "upsert"):
+                row.update((name, (True, _as_sent(op, name))) for name in op.values)
+            elif row is None and op.action in ("insert", "upsert"):
+                # a column left out is null on the device; a default the database filled in is not
+                expected[schema.name, key] = {name: (name in op.values, _as_sent(op, name))
+                                              for name in schema.column_names}
+        by_table = {}
+        for (table, key), row in expected.items():
+            by_table.setdefault(table, {})[key] = row
+        for table, rows in by_table.items():
+            schema = self.schemas[table]
+            current = self._current_rows(conn, schema, list(rows))
+            for key, row in rows.items():
+                now = current.get(key)
+                if (row is None) != (now is None):
+                    return False
+                for name, (pushed, value) in (row or {}).items():
+                    if not (_same_values(schema, {name: value}, now) if pushed else now.get(name) == value):
+                        return False
+        return True
 
     def _push(self, operations, batched, checkpoint, device_id, batch_id, since, on_conflict, request_hash):
         missing, conflicts, logged = [], [], []
+        push = _PushState(checkpoint, device_id, batch_id)
         with self.db.connection() as conn:
             with self.db.transaction(conn):
+                if checkpoint is not None and self.db.name == "sqlite":
+                    # the write lock is held from here: every change numbered after this is the push's own
+                    push.start = self.changelog.head(conn)
                 if batch_id is not None:
                     try:
                         self.changelog.claim_batch(conn, device_id or "", batch_id, request_hash)
@@ -1799,7 +1874,9 @@ class SyncEngine:
                         raise _BatchTaken() from None
                 with self.changelog.attributed(conn, device_id, batch_id):
                     if since is not None:
-                        conflicts = self._conflicts(conn, operations, since, device_id)
+                        conflicts, push.before = self._conflicts(conn, operations, since, device_id)
+                        # again after reading: compaction publishes its mark before it deletes
+                        self.changelog.check_position(conn, since)
                         if conflicts and on_conflict != "skip":
                             raise PushConflict(conflicts)
                         skipped = {conflict["op"] for conflict in conflicts}
@@ -1831,7 +1908,10 @@ class SyncEngine:
                     result["conflicts"] = conflicts
                 if batch_id is not None:
                     self.changelog.finish_batch(conn, device_id or "", batch_id, result)
-                result = dict(result, checkpoint=self._checkpoint_after_push(conn, checkpoint, device_id))
+                push.operations = operations
+                next_checkpoint = self._checkpoint_after_push(conn, push)
+                if next_checkpoint is not None:
+                    result = dict(result, checkpoint=next_checkpoint)
         return result
 
     def _conflicts(self, conn, operations, since, device_id):
@@ -1840,10 +1920,10 @@ class SyncEngine:
         for op in operations:
             if None not in op.key:
                 by_table.setdefault(op.table.name, []).append(op)
-        conflicts = []
+        conflicts, before = [], {}
         for table, ops in by_table.items():
             schema = self.schemas[table]
-            current = self._current_rows(conn, schema, [op.key for op in ops], lock=True)
+            current = before[table] = self._current_rows(conn, schema, [op.key for op in ops], lock=True)
             texts = {op.index: self.changelog.key_text(schema, op.key) for op in ops}
             touched = self.changelog.touched_by_others(conn, schema, set(texts.values()), since, device_id)
             for op in ops:
@@ -1851,7 +1931,7 @@ class SyncEngine:
                 if texts[op.index] in touched or (op.action == "update" and row is None):
                     conflicts.append({"op": op.index, "table": table, "key": _key_json(op),
                                       "server_row": row})
-        return sorted(conflicts, key=lambda conflict: conflict["op"])
+        return sorted(conflicts, key=lambda conflict: conflict["op"]), before
 
     def _current_rows(self, conn, schema, keys, lock=False):
         """The rows with these keys now, as JSON-ready dicts, by normalised key."""
@@ -1989,8 +2069,7 @@ class SyncEngine:
                 self._fetch_changed(conn, entries, changes)
                 checkpoint_seq = entries[-1][2] if entries else seq
             # checked after reading: compaction publishes its mark before deleting
-            if seq < self.changelog.compacted_upto(conn):
-                raise _expired()
+            self.changelog.check_position(conn, seq)
         return {"success": True, "changes": changes,
                 "checkpoint": self.checkpoints.encode(tables, checkpoint_seq, scan), "has_more": has_more}
 
@@ -2002,9 +2081,11 @@ class SyncEngine:
             if budget == 0:
                 return [index, last], True
             schema = self.schemas[tables[index]]
-            where, params = "", []
+            # a NULL in a key (SQLite allows it) would break keyset paging; such rows are not synced
+            where, params = "WHERE " + " AND ".join("%s IS NOT NULL" % schema.columns[name].quoted
+                                                    for name in schema.primary_key), []
             if last is not None:
-                where, params = "WHERE " + _after_key_condition(schema), _after_key_params(last)
+                where, params = where + " AND " + _after_key_condition(schema), _after_key_params(last)
             rows = self.db.query(conn, self.db.sql("SELECT %s FROM %s %s ORDER BY %s LIMIT ?" % (
                 schema.select_list, schema.quoted, where, schema.key_order)), params + [budget])
             if rows:
@@ -2023,7 +2104,9 @@ class SyncEngine:
         """Turn (table, row_key, seq) entries into current rows, or keys of deleted rows."""
         by_table = {}
         for table, row_key, _ in entries:
-            by_table.setdefault(_text(table), []).append(tuple(json.loads(_text(row_key), parse_float=decimal.Decimal)))
+            key = tuple(json.loads(_text(row_key), parse_float=decimal.Decimal))
+            if None not in key:             # rows with a NULL in their key are not synced
+                by_table.setdefault(_text(table), []).append(key)
         for table, keys in by_table.items():
             schema = self.schemas[table]
             current = self._current_rows(conn, schema, keys)
@@ -2090,6 +2173,20 @@ class Encoded:
         self.gzipped = None
 
 
+class _PushState:
+    """What deciding a push's returned checkpoint needs to know about the push."""
+
+    __slots__ = ("checkpoint", "device_id", "batch_id", "start", "before", "operations")
+
+    def __init__(self, checkpoint, device_id, batch_id):
+        self.checkpoint = checkpoint
+        self.device_id = device_id
+        self.batch_id = batch_id
+        self.start = None           # SQLite: the head when the push took the write lock
+        self.before = {}            # table -> {key: row} as they were before the push
+        self.operations = []        # the operations applied
+
+
 class _BatchTaken(Exception):
     """Another request with the same device and batch id committed first."""
 
@@ -2103,8 +2200,8 @@ class PushConflict(Exception):
 
 
 def _expired():
-    return HTTPError(410, "Checkpoint expired", "changes after this checkpoint were compacted away; "
-                     "start again with \"since\": null", reset=True)
+    return HTTPError(410, "Checkpoint expired", "changes after this checkpoint were compacted away, or the "
+                     "database was restored to an earlier state; start again with \"since\": null", reset=True)
 
 
 def _norm_key(values):
@@ -2112,6 +2209,13 @@ def _norm_key(values):
     return tuple(None if value is None else
                  _json_default(value) if isinstance(value, (decimal.Decimal, bytes, datetime.date)) else str(value)
                  for value in values)
+
+
+def _as_sent(op, name):
+    """A pushed value as the device holds it (before rounding), binary data decoded; None when not sent."""
+    if name not in op.values or op.table.columns[name].kind == "binary":
+        return op.values.get(name)
+    return op.sent[name]
 
 
 def _same_values(schema, pushed, row):

@@ -1210,6 +1210,88 @@ def test_conflict_with_outside_writer_and_skip(app, backend):
     assert {row[0]: row[3] for row in backend.rows("sales")} == {"x": "price change", "y": "till"}
 
 
+def test_conflict_seen_while_the_sequencer_numbers_it(app, backend):
+    if backend.kind != "mysql":
+        pytest.skip("only MySQL numbers changes after commit")
+    push(app, [op("insert", id="x")])
+    till = Device(app, ["sales"], device_id="till").sync()
+    backend.sql("UPDATE sales SET note = 'price change' WHERE id = 'x'")   # committed, not yet numbered
+    changelog, real_query, reads = app.engine.changelog, app.db.query, []
+
+    def query(conn, sql, params=()):
+        rows = real_query(conn, sql, params)
+        if "SELECT DISTINCT row_key" in sql and not reads:
+            reads.append(sql)
+            with app.db.connection() as other:    # the sequencer runs between the two reads
+                changelog.sequence(other)
+        return rows
+    app.db.query = query
+    try:
+        schema = app.engine.schemas["sales"]
+        with app.db.connection() as conn:
+            since = app.engine.checkpoints.decode(till.checkpoint)["s"]
+            touched = changelog.touched_by_others(conn, schema, {changelog.key_text(schema, ("x",))}, since, "till")
+    finally:
+        del app.db.query
+    assert reads and touched == {'["x"]'}
+
+
+KEY_CASE_CASES = [
+    # (old key, new key): equal under the column's collation, different to a device
+    ("abc", "ABC"),
+    ("a", "a "),
+]
+
+
+@pytest.mark.parametrize("old, new", KEY_CASE_CASES)
+def test_key_change_equal_under_collation_deletes_old_key(backend, old, new):
+    if backend.kind == "mysql":
+        backend.sql("CREATE TABLE tags (name VARCHAR(20) PRIMARY KEY, note TEXT)"
+                    " DEFAULT CHARSET utf8mb4 COLLATE utf8mb4_general_ci")
+    else:
+        backend.sql("CREATE TABLE tags (name TEXT COLLATE NOCASE PRIMARY KEY, note TEXT)")
+    app = cloudsync.App(backend.config(ALLOWED_TABLES="tags"))
+    app.start()
+    try:
+        push(app, [op("insert", "tags", name=old, note="n")])
+        device = Device(app, ["tags"]).sync()
+        backend.sql("UPDATE tags SET name = ? WHERE name = ?", (new, old))
+        device.sync()
+        assert device.rows["tags"] == server_rows(app, "tags") and list(device.rows["tags"]) == [(new,)]
+    finally:
+        app.db.close()
+
+
+def test_sqlite_rows_with_null_in_key_are_not_synced(backend):
+    if backend.kind != "sqlite":
+        pytest.skip("only SQLite lets a primary key column hold NULL")
+    app = cloudsync.App(backend.config())
+    app.start()
+    try:
+        for shop, sku in ((None, "K1"), ("S1", "K1"), (None, "K2"), ("S1", "K2"), ("S2", None), ("S2", "K1")):
+            backend.sql("INSERT INTO stock_moves (shop, sku, qty) VALUES (?, ?, 1)", (shop, sku))
+        device = Device(app, ["stock_moves"], limit=1).sync()
+        assert sorted(device.rows["stock_moves"]) == [("S1", "K1"), ("S1", "K2"), ("S2", "K1")]
+        backend.sql("UPDATE stock_moves SET qty = 2 WHERE shop IS NULL")
+        body = pull(app, tables=["stock_moves"], since=device.checkpoint).json
+        assert body["changes"]["stock_moves"] == {"upserted": [], "deleted": []}
+    finally:
+        app.db.close()
+
+
+@pytest.mark.parametrize("path", ["/sync/pull", "/sync/push"])
+def test_checkpoint_ahead_of_the_log_must_reset(app, path):
+    push(app, [op("insert", id="x")])
+    with app.db.connection() as conn:
+        head = app.engine.changelog.head(conn)
+    # what a device holds after the database was restored from an older backup
+    ahead = app.engine.checkpoints.encode(["sales"], head + 5)
+    fields = {"tables": ["sales"], "since": ahead} if path == "/sync/pull" else \
+        {"device_id": "till", "checkpoint": ahead, "operations": [op("insert", id="y")]}
+    response = call(app, "POST", path, fields)
+    assert response.status == 410 and response.json["reset"] is True
+
+
 def test_update_of_deleted_row_is_conflict_with_checkpoint(app):
     push(app, [op("insert", id="x")])
     till = Device(app, ["sales"], device_id="till").sync()
@@ -1227,14 +1309,88 @@ def test_own_writes_never_conflict(app):
     assert till.push([op("update", id="x", note="2")], checkpoint=base).status == 200
 
 
+def full_sale(key, **values):
+    """A sales row with every column, as a device that knows the whole row pushes it."""
+    return dict(dict(id=key, customer_id=None, total="1.00", note=None, sold_at=None), **values)
+
+
 def test_push_checkpoint_skips_own_changes_only(app):
     till = Device(app, ["sales"], device_id="till").sync()
-    mine = till.push([op("insert", id="a")], checkpoint=till.checkpoint).json["checkpoint"]
+    mine = till.push([op("insert", **full_sale("a"))], checkpoint=till.checkpoint).json["checkpoint"]
+    assert mine != till.checkpoint
     assert pull(app, tables=["sales"], since=mine).json["changes"]["sales"]["upserted"] == []
     push(app, [op("insert", id="b")], device_id="office")
-    after = till.push([op("insert", id="c")], checkpoint=mine).json["checkpoint"]
+    after = till.push([op("insert", **full_sale("c"))], checkpoint=mine).json["checkpoint"]
     rows = pull(app, tables=["sales"], since=after).json["changes"]["sales"]["upserted"]
     assert "b" in [row["id"] for row in rows]
+
+
+def test_push_without_checkpoint_returns_none(app):
+    assert "checkpoint" not in push(app, [op("insert", id="a")], device_id="till").json
+
+
+def _user_trigger(backend):
+    """An outside trigger: every new sale also writes a product_stock row."""
+    if backend.kind == "mysql":
+        backend.sql("CREATE TRIGGER user_side AFTER INSERT ON sales FOR EACH ROW "
+                    "INSERT INTO product_stock (id, quantity) VALUES (NEW.id, 1)")
+    else:
+        backend.sql("CREATE TRIGGER user_side AFTER INSERT ON sales BEGIN "
+                    "INSERT INTO product_stock (id, quantity) VALUES (NEW.id, 1); END")
+
+
+def _user_stamp(backend):
+    """An outside trigger: every update of a sale also changes its customer_id."""
+    if backend.kind == "mysql":
+        backend.sql("CREATE TRIGGER user_stamp BEFORE UPDATE ON sales FOR EACH ROW SET NEW.customer_id = 'stamped'")
+    else:
+        backend.sql("CREATE TRIGGER user_stamp AFTER UPDATE OF note ON sales BEGIN "
+                    "UPDATE sales SET customer_id = 'stamped' WHERE id = NEW.id; END")
+
+
+ECHO_CASES = [
+    # (name, setup, tables, operations, checkpoint advanced past the push?)
+    ("full rows", None, ["sales"], [op("insert", **full_sale("a")), op("update", id="x", note="n")], True),
+    ("delete", None, ["sales"], [op("delete", id="x")], True),
+    ("upsert of a full row", None, ["sales"], [op("upsert", **full_sale("x", note="u"))], True),
+    ("database default", None, ["sales"], [op("insert", id="a", note="n")], False),
+    ("rounded decimal", None, ["sales"], [op("insert", **full_sale("a", total="1.239"))], None),
+    ("generated key", None, ["attachments"], [op("insert", "attachments", body=None, taken_on=None)], False),
+    ("user trigger writes another table", _user_trigger, ["sales", "product_stock"],
+     [op("insert", **full_sale("a"))], False),
+    ("user trigger changes the row", _user_stamp, ["sales"], [op("update", id="x", note="n")], False),
+]
+
+
+@pytest.mark.parametrize("name, setup, tables, operations, advanced", ECHO_CASES, ids=[c[0] for c in ECHO_CASES])
+def test_push_checkpoint_never_skips_what_the_device_lacks(backend, name, setup, tables, operations, advanced):
+    app = cloudsync.App(backend.config())
+    app.start()
+    try:
+        push(app, [op("insert", **full_sale("x"))], device_id="office")
+        if setup:
+            setup(backend)
+        till = Device(app, tables, device_id="till").sync()
+        response = till.push(operations, checkpoint=till.checkpoint)
+        assert response.status == 200, response.body
+        if advanced is not None:
+            assert (response.json["checkpoint"] != till.checkpoint) == advanced
+        for operation in operations:      # the device applies its own operations locally, as clients do
+            table, data = operation["table"], operation["data"]
+            if None in [data.get(name) for name in app.engine.schemas[table].primary_key]:
+                continue                  # no key yet: the device learns it from the pull
+            if operation["action"] == "delete":
+                till.rows[table].pop(till.key(table, data), None)
+            else:
+                row = till.rows[table].get(till.key(table, data)) or {
+                    name: None for name in app.engine.schemas[table].column_names}
+                till.rows[table][till.key(table, data)] = dict(row, **data)
+        till.checkpoint = response.json["checkpoint"]
+        till.sync()
+        for table in tables:
+            assert till.rows[table] == server_rows(app, table)
+    finally:
+        app.db.close()
 
 
 def test_without_checkpoint_update_of_missing_row_is_listed(app):
