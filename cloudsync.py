@@ -1168,6 +1168,7 @@ def open_database(config):
 CHANGE_OPS = {"I": "insert", "U": "update", "D": "delete"}
 CHANGE_CAPTURE_MODES = ("triggers", "api")
 SEQUENCE_BATCH_ROWS = 5000          # pending rows numbered per sequencer transaction
+SEQUENCE_INTERVAL_SECONDS = 1       # how often the server numbers pending changes nobody pulled yet
 COMPACT_BATCH_ROWS = 10000          # log rows deleted per compaction transaction
 MAX_ID_CHARS = 128                  # device_id and batch_id
 
@@ -1176,7 +1177,8 @@ MYSQL_LOG_TABLES = (
     " value VARCHAR(255) NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
     "CREATE TABLE IF NOT EXISTS cloudsync_pending (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,"
     " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
-    " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL)"
+    " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
+    " KEY cloudsync_pending_by_table (table_name))"
     " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
     "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq BIGINT NOT NULL PRIMARY KEY,"
     " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
@@ -1280,6 +1282,11 @@ class ChangeLog:
         say = progress or (lambda message: None)
         for statement in (MYSQL_LOG_TABLES if self.backend == "mysql" else SQLITE_LOG_TABLES):
             self.db.execute(conn, statement)
+        if self.backend == "mysql" and not self.db.query(conn, (
+                "SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()"
+                " AND TABLE_NAME = 'cloudsync_pending' AND INDEX_NAME = 'cloudsync_pending_by_table'")):
+            # added in a later version: tables created before lack it
+            self.db.execute(conn, "CREATE INDEX cloudsync_pending_by_table ON cloudsync_pending (table_name)")
         insert = "INSERT IGNORE" if self.backend == "mysql" else "INSERT OR IGNORE"
         for name, value in (("instance", uuid.uuid4().hex), ("secret", secrets.token_hex(32)),
                             ("last_seq", "0"), ("compacted_upto", "0")):
@@ -1796,9 +1803,10 @@ class SyncEngine:
         else (another writer, a trigger or cascade, a generated key, a default,
         a rounded value) returns the request's checkpoint, so nothing is skipped.
         """
-        numbered = self.changelog.sequence_in_transaction(conn)
         if push.checkpoint is None:
+            # numbered later (by the next pull or the server's sequencer): saves a push five round trips
             return None
+        numbered = self.changelog.sequence_in_transaction(conn)
         fields = self.checkpoints.decode(push.checkpoint)
         if numbered is not None:
             start, head = numbered
@@ -2695,22 +2703,30 @@ def _create_demo_database(path):
         conn.close()
 
 
-def _compact_periodically(app, config, stop):
-    """Server thread: compact the change log now and every COMPACT_INTERVAL_SECONDS."""
+def _maintain_log(app, config, stop):
+    """Server thread: number pending changes every SEQUENCE_INTERVAL_SECONDS; compact every COMPACT_INTERVAL_SECONDS."""
+    compact_due = 0.0
     while True:
         try:
             with app.db.connection() as conn:
-                removed, upto = app.engine.changelog.compact(conn, config.changelog_retention_days)
-            if removed:
-                log.info("compacted the change log: %d entries removed, up to seq %d", removed, upto)
+                if time.monotonic() >= compact_due:
+                    compact_due = time.monotonic() + config.compact_interval_seconds
+                    removed, upto = app.engine.changelog.compact(conn, config.changelog_retention_days)
+                    if removed:
+                        log.info("compacted the change log: %d entries removed, up to seq %d", removed, upto)
+                else:
+                    app.engine.changelog.sequence(conn)
+        except DatabaseUnavailable:
+            pass                            # requests report it; tried again next time
         except Exception:
-            log.warning("compaction failed; it is tried again later", exc_info=True)
-        if stop.wait(config.compact_interval_seconds):
+            log.warning("change log maintenance failed; it is tried again later", exc_info=True)
+        if stop.wait(SEQUENCE_INTERVAL_SECONDS):
             return
 
 
 def _print_log(app, args):
     with app.db.connection() as conn:
+        app.engine.changelog.sequence(conn)
         rows = app.engine.changelog.entries(conn, args.device, args.table, args.since, args.limit)
     print("%-8s %-26s %-16s %-6s %-24s %-16s %s" % ("seq", "time", "table", "op", "key", "device", "batch"))
     for seq, table, row_key, op, device_id, batch_id, changed_at in rows:
@@ -2804,8 +2820,8 @@ def main(argv=None):
         log.info("no device tokens: open to local clients only (HOST=%s)", config.host)
     if config.change_capture == "api":
         log.warning("CHANGE_CAPTURE=api: writes made outside cloudsync are not recorded and devices will not see them")
-    threading.Thread(target=_compact_periodically, args=(app, config, threading.Event()),
-                     name="cloudsync-compact", daemon=True).start()
+    threading.Thread(target=_maintain_log, args=(app, config, threading.Event()),
+                     name="cloudsync-log", daemon=True).start()
     try:
         _serve(app, config)
     except (OSError, ValueError) as error:

@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -1069,10 +1070,31 @@ def test_checkpoint_for_other_tables_is_400(app):
     assert response.status == 400 and "issued for tables sales" in response.json["detail"]
 
 
+def test_server_numbers_pending_changes_in_the_background(app, backend):
+    if backend.kind != "mysql":
+        pytest.skip("SQLite numbers changes as they are written")
+    push(app, [op("insert", id="a")])          # a push without checkpoint leaves its change pending
+    assert backend.sql("SELECT COUNT(*) FROM cloudsync_pending")[0][0] == 1
+    stop = threading.Event()
+    worker = threading.Thread(target=cloudsync._maintain_log, args=(app, app.config, stop))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while backend.sql("SELECT COUNT(*) FROM cloudsync_pending")[0][0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        worker.join()
+    assert [row[1:4] for row in backend.sql("SELECT seq, table_name, row_key, op FROM cloudsync_changes")] == \
+        [("sales", '["a"]', "I")]
+
+
 def test_compaction_and_expired_checkpoint(app, backend):
     push(app, [op("insert", id="a")])
     old = Device(app, ["sales"]).sync().checkpoint
     push(app, [op("delete", id="a"), op("insert", id="b")])
+    with app.db.connection() as conn:
+        app.engine.changelog.sequence(conn)     # as the server does within SEQUENCE_INTERVAL_SECONDS
     backend.sql("UPDATE cloudsync_changes SET changed_at = '2000-01-01 00:00:00'")
     with app.db.connection() as conn:
         removed, upto = app.engine.changelog.compact(conn, 30)
