@@ -59,6 +59,7 @@ MAX_PULL_LIMIT_ROWS = 5000          # the seed's cap on `limit`
 READ_CHUNK_BYTES = 64 * 1024        # request bodies are read in pieces this size
 MAX_JSON_DEPTH_DEFAULT = 16         # nesting allowed when no configuration says otherwise
 MYSQL_STATEMENT_BYTES = 1 << 20     # a multi-row INSERT is cut into statements of about this size
+MYSQL_JSON_PAGE_BYTES = 64 << 20    # a page of rows encoded by MySQL; larger pages are encoded in Python
 SCHEMA_REFRESH_SECONDS = 1.0        # status re-reads the tables' columns at most this often
 PULL_CACHE_ENTRIES = 64             # encoded seed-mode pull answers kept
 EXAMPLE_TABLES = ("sales", "products", "customers", "item_sales", "product_stock")
@@ -539,6 +540,7 @@ class TableSchema:
         self.primary_key = list(primary_key)
         self.select_list = ", ".join(column.quoted for column in columns)
         self.key_order = ", ".join(self.columns[name].quoted for name in primary_key)
+        self.json_row = None        # MySQL: SQL writing a row as a JSON object, when every column allows it
 
     def describe(self):
         """The table as the status endpoint shows it."""
@@ -864,6 +866,10 @@ class SQLiteDatabase(Database):
                            for position, column in enumerate(columns) if column.kind in _SQLITE_DECODERS]
         return schema
 
+    def rows_as_json(self, conn, schema, limit):
+        """SQLite rows are encoded in Python (its decimals need rounding here first)."""
+        return None
+
     def decode_rows(self, schema, rows):
         """SQLite stores decimals as floats and dates as text: present them as MySQL would."""
         if not schema.decoders:
@@ -959,6 +965,8 @@ class MySQLDatabase(Database):
             # each statement sees what is committed now: the change log relies on it
             cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
             cursor.execute("SET SESSION innodb_lock_wait_timeout = %d" % max(1, int(self.config.db_wait_seconds)))
+            # pages of rows encoded by the server come back as one GROUP_CONCAT value
+            cursor.execute("SET SESSION group_concat_max_len = %d" % MYSQL_JSON_PAGE_BYTES)
             cursor.close()
             return conn
         except connector.Error as error:
@@ -1086,6 +1094,20 @@ class MySQLDatabase(Database):
         implementation = "C extension" if self._driver.HAVE_CEXT else "pure Python (slow)"
         return "mysql-connector-python %s (%s)" % (".".join(map(str, version.VERSION[:3])), implementation)
 
+    # How the server writes a column's value into JSON exactly as _json_default
+    # would (decimals as exact strings, ISO dates, base64 without line breaks).
+    # Types missing here (floats, TIME, BIT, SET, JSON...) make the table's rows
+    # encoded in Python instead.
+    _JSON_AS_IS = {"tinyint", "smallint", "mediumint", "int", "bigint", "char", "varchar", "tinytext",
+                   "text", "mediumtext", "longtext", "enum"}
+    _JSON_EXPRESSIONS = {
+        "decimal": "CAST({0} AS CHAR)",
+        "date": "NULLIF(DATE_FORMAT({0}, '%Y-%m-%d'), '0000-00-00')",
+        "datetime": "NULLIF(DATE_FORMAT({0}, IF(MICROSECOND({0}) = 0, '%Y-%m-%dT%H:%i:%S',"
+                    " '%Y-%m-%dT%H:%i:%S.%f')), '0000-00-00T00:00:00')",
+        "binary": "REPLACE(TO_BASE64({0}), '\\n', '')",
+    }
+
     _KINDS = {
         "decimal": "decimal", "binary": "binary", "varbinary": "binary", "tinyblob": "binary",
         "blob": "binary", "mediumblob": "binary", "longblob": "binary", "date": "date",
@@ -1105,7 +1127,7 @@ class MySQLDatabase(Database):
             " AND TABLE_NAME = ? AND CONSTRAINT_NAME = 'PRIMARY' ORDER BY ORDINAL_POSITION"), (table,))
         if not keys:
             raise SchemaError("table %r has no primary key; cloudsync needs one to find rows" % table)
-        columns, generated = [], set()
+        columns, generated, json_parts = [], set(), []
         for name, data_type, scale, extra in rows:
             name, data_type = _text(name), _text(data_type).lower()
             if "%" in name + table or "?" in name + table:
@@ -1117,8 +1139,39 @@ class MySQLDatabase(Database):
                                   scale if data_type == "decimal" else None))
             if "auto_increment" in _text(extra or "").lower():
                 generated.add(name)
+            expression = "{0}" if data_type in self._JSON_AS_IS else self._JSON_EXPRESSIONS.get(columns[-1].kind)
+            if expression is None:
+                json_parts = None
+            elif json_parts is not None:
+                json_parts.append("%s, %s" % (_sql_literal(name, "mysql"), expression.format(columns[-1].quoted)))
         key = [_text(name) for (name,) in keys]
-        return TableSchema(table, quote_mysql(table), columns, key, len(key) == 1 and key[0] in generated)
+        schema = TableSchema(table, quote_mysql(table), columns, key, len(key) == 1 and key[0] in generated)
+        if json_parts is not None:
+            schema.json_row = "JSON_OBJECT(%s)" % ", ".join(json_parts)
+        return schema
+
+    def rows_as_json(self, conn, schema, limit):
+        """The first `limit` rows in key order as a JSON array, encoded by the server; None if it cannot.
+
+        One value per page instead of a Python object per column of every row:
+        several times faster for the seed pull, which sends whole pages.
+        """
+        if schema.json_row is None:
+            return None
+        keys = ", ".join("k%d" % n for n in range(len(schema.primary_key)))
+        rows = self.query(conn, self.sql(
+            "SELECT COUNT(*), SUM(LENGTH(j)), GROUP_CONCAT(j ORDER BY %s SEPARATOR ',') FROM"
+            " (SELECT %s AS j, %s FROM %s ORDER BY %s LIMIT ?) AS page" % (
+                keys, schema.json_row,
+                ", ".join("%s AS k%d" % (schema.columns[name].quoted, n) for n, name in enumerate(schema.primary_key)),
+                schema.quoted, schema.key_order)), (limit,))
+        count, length, text = rows[0]
+        if not count:
+            return b"[]"
+        encoded = text.encode("utf-8") if isinstance(text, str) else bytes(text or b"")
+        if len(encoded) != int(length) + count - 1:
+            return None                     # cut at group_concat_max_len or max_allowed_packet
+        return b"[" + encoded + b"]"
 
     def decode_rows(self, schema, rows):
         """MySQL rows are already typed by the driver."""
@@ -1375,16 +1428,25 @@ class ChangeLog:
         return last, last + len(rows)
 
     def tables_version(self, conn, tables):
-        """The last sequence number that touched `tables`, or None while changes to them wait to be numbered."""
+        """A value that changes whenever a committed write changes `tables`: one indexed round trip.
+
+        The newest sequence number of the tables (never below the compaction
+        mark, so it cannot fall back to an old value when their entries are
+        compacted away) and, on MySQL, the newest pending change not numbered
+        yet (a new commit always adds a higher one; numbering it raises the first part).
+        """
         marks = ", ".join("?" for _ in tables)
         if self.backend == "mysql":
             row = self.db.query(conn, self.db.sql(
                 "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
-                " EXISTS (SELECT 1 FROM cloudsync_pending WHERE table_name IN (%s))" % (marks, marks)),
+                " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'),"
+                " (SELECT MAX(id) FROM cloudsync_pending WHERE table_name IN (%s))" % (marks, marks)),
                 list(tables) * 2)[0]
-            return None if row[1] else (row[0] or 0)
-        return self.db.query(conn, "SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)" % marks,
-                             list(tables))[0][0] or 0
+            return max(row[0] or 0, int(row[1])), row[2] or 0
+        row = self.db.query(conn, "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
+                                  " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto')" % marks,
+                            list(tables))[0]
+        return max(row[0] or 0, int(row[1])), 0
 
     def head(self, conn):
         """The highest sequence number given out so far."""
@@ -2133,18 +2195,20 @@ class SyncEngine:
             version = None
             if self.changelog.capture == "triggers":
                 version = self.changelog.tables_version(conn, tables)
-                if version is None:         # changes by other programs wait to be numbered: number them
-                    self.changelog.sequence(conn)
-                    version = self.changelog.tables_version(conn, tables)
             if version is not None:
                 with self._pull_cache_lock:
                     cached = self._pull_cache.get(key)
                 if cached is not None and cached.version == version:
                     return cached
-            data = self._read_rows(conn, tables, limit)
-        encoded = Encoded(to_json_bytes({"success": True, "data": data, "limit": limit}), version)
+            pages = []
+            for table in tables:
+                page = self.db.rows_as_json(conn, self.schemas[table], limit)
+                if page is None:
+                    page = to_json_bytes(self._read_rows(conn, [table], limit)[table])
+                pages.append(to_json_bytes(table) + b":" + page)
+        encoded = Encoded(b'{"success":true,"data":{%s},"limit":%d}' % (b",".join(pages), limit), version)
         if version is not None:
-            encoded.etag = '"%s"' % hashlib.sha256(("%s|%r|%d|%f" % (
+            encoded.etag = '"%s"' % hashlib.sha256(("%s|%r|%r|%f" % (
                 self.changelog.instance, key, version, self.schema_loaded_at)).encode("utf-8")).hexdigest()[:32]
             with self._pull_cache_lock:
                 self._pull_cache[key] = encoded

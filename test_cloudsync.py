@@ -8,6 +8,7 @@ test. Without a server they skip, unless CLOUDSYNC_REQUIRE_MYSQL=1.
 import io
 import json
 import os
+import random
 import socket
 import sqlite3
 import subprocess
@@ -550,6 +551,17 @@ def test_unchanged_pull_is_cached_with_etag(app, backend):
     assert pull(app, tables=["products"]).headers["ETag"] == changed.headers["ETag"]
 
 
+def test_cached_pull_sees_changes_numbered_and_compacted_since(app, backend):
+    assert pull(app, tables=["products"]).json["data"]["products"] == []      # cached while nothing changes
+    backend.sql("INSERT INTO products (id, name) VALUES ('p1', 'Tea')")
+    with app.db.connection() as conn:
+        app.engine.changelog.sequence(conn)
+    backend.sql("UPDATE cloudsync_changes SET changed_at = '2000-01-01 00:00:00'")
+    with app.db.connection() as conn:
+        assert app.engine.changelog.compact(conn, 30)[0] == 1            # the log is empty again
+    assert [row["id"] for row in pull(app, tables=["products"]).json["data"]["products"]] == ["p1"]
+
+
 def test_api_capture_does_not_cache_pulls(backend):
     application = cloudsync.App(backend.config(CHANGE_CAPTURE="api"))
     application.start()
@@ -626,6 +638,64 @@ def test_decimal_date_null_encoding(app):
     assert first["note"] is None and first["customer_id"] is None
     attachment = data["attachments"][0]
     assert attachment == {"id": 1, "body": "AAEC/w==", "taken_on": "2026-01-31"}
+
+
+def _tricky_texts():
+    """Strings that stress JSON escaping: every control character, quotes, backslashes, wide Unicode."""
+    generator = random.Random(7)
+    alphabet = [chr(n) for n in range(0, 0x80)] + ["\u00e9", "\u2028", "\u2029", "\ufeff", "\u6771", "\U0001f9fe",
+                                                    "\U0010fffd", "\u05e9", "\u0301"]
+    texts = ["".join(chr(n) for n in range(32)), '"\\/\b\f\n\r\t', "", " ", "null", "\\u0000"]
+    texts += ["".join(generator.choice(alphabet) for _ in range(generator.randint(1, 40))) for _ in range(150)]
+    return texts
+
+
+def test_rows_encoded_by_mysql_equal_rows_encoded_here(backend):
+    if backend.kind != "mysql":
+        pytest.skip("SQLite rows are always encoded in Python")
+    backend.sql("CREATE TABLE kinds (id INT PRIMARY KEY, i BIGINT, u BIGINT UNSIGNED, d DECIMAL(20,6),"
+                " t VARCHAR(100), tx TEXT, e ENUM('a','b'), c CHAR(5), dt DATE, dtt DATETIME, dt6 DATETIME(6),"
+                " ts TIMESTAMP(3) NULL, b VARBINARY(200), bl BLOB) DEFAULT CHARSET utf8mb4")
+    values = [
+        (1, -9223372036854775808, 18446744073709551615, "-12345678901234.123456", "x", "y", "a", "ab",
+         "2026-01-31", "2026-11-26 09:30:00", "2026-11-26 09:30:00.000001", "2026-11-26 09:30:00.500",
+         bytes(range(256))[:200], bytes(range(256)) * 3),
+        (2,) + (None,) * 13,
+        (3, 0, 0, "0.000000", "", "", "b", "", "1000-01-01", "9999-12-31 23:59:59", "2026-11-26 09:30:00",
+         "2026-11-26 09:30:00.000", b"", b"\x00"),
+    ]
+    values += [(10 + n, n, n, "%d.5" % n, text[:100], text, None, None, None, None, None, None,
+                text.encode("utf-8")[:200], None) for n, text in enumerate(_tricky_texts())]
+    for row in values:
+        backend.sql("INSERT INTO kinds VALUES (%s)" % ", ".join("?" for _ in row), row)
+    app = cloudsync.App(backend.config(ALLOWED_TABLES="kinds"))
+    app.start()
+    try:
+        schema = app.engine.schemas["kinds"]
+        assert schema.json_row is not None
+        with app.db.connection() as conn:
+            by_server = json.loads(app.db.rows_as_json(conn, schema, 5000))
+            here = json.loads(cloudsync.to_json_bytes(app.engine._read_rows(conn, ["kinds"], 5000)["kinds"]))
+            assert len(here) == len(values)
+            assert by_server == here
+            assert json.loads(app.db.rows_as_json(conn, schema, 2)) == here[:2]
+    finally:
+        app.db.close()
+
+
+def test_tables_mysql_cannot_encode_are_encoded_here(backend):
+    if backend.kind != "mysql":
+        pytest.skip("SQLite rows are always encoded in Python")
+    backend.sql("CREATE TABLE readings (id INT PRIMARY KEY, level DOUBLE, at TIME)")
+    backend.sql("INSERT INTO readings VALUES (1, 0.1, '-00:30:00'), (2, 1e300, '100:00:00')")
+    app = cloudsync.App(backend.config(ALLOWED_TABLES="readings"))
+    app.start()
+    try:
+        assert app.engine.schemas["readings"].json_row is None
+        assert pull(app, tables=["readings"]).json["data"]["readings"] == [
+            {"id": 1, "level": 0.1, "at": "-00:30:00"}, {"id": 2, "level": 1e300, "at": "100:00:00"}]
+    finally:
+        app.db.close()
 
 
 def test_integers_come_out_as_numbers(app):
