@@ -1876,7 +1876,7 @@ class SyncEngine:
             head = self.changelog.head(conn)
             start = head if push.start is None else push.start
         if fields["scan"] is not None or push.device_id is None or fields["s"] != start or head == start \
-                or not self._only_echoes(conn, fields["t"], start, head, push):
+                or push.skipped or not self._only_echoes(conn, fields["t"], start, head, push):
             return push.checkpoint
         return self.checkpoints.encode(fields["t"], head)
 
@@ -1925,7 +1925,7 @@ class SyncEngine:
                 if (row is None) != (now is None):
                     return False
                 for name, (pushed, value) in (row or {}).items():
-                    if not (_same_values(schema, {name: value}, now) if pushed else now.get(name) == value):
+                    if not (_as_json_value(now.get(name)) == value if pushed else now.get(name) == value):
                         return False
         return True
 
@@ -1950,6 +1950,7 @@ class SyncEngine:
                         if conflicts and on_conflict != "skip":
                             raise PushConflict(conflicts)
                         skipped = {conflict["op"] for conflict in conflicts}
+                        push.skipped = bool(skipped)    # the device holds what it meant to do, not what was done
                         operations = [op for op in operations if op.index not in skipped]
                     for group in _group_operations(operations, batched):
                         if isinstance(group, list):
@@ -1996,11 +1997,15 @@ class SyncEngine:
             current = before[table] = self._current_rows(conn, schema, [op.key for op in ops], lock=True)
             texts = {op.index: self.changelog.key_text(schema, op.key) for op in ops}
             touched = self.changelog.touched_by_others(conn, schema, set(texts.values()), since, device_id)
+            exists = {}                 # whether the row is there when the op runs: earlier ops count
             for op in ops:
-                row = current.get(_norm_key(op.key))
-                if texts[op.index] in touched or (op.action == "update" and row is None):
+                key = _norm_key(op.key)
+                row = current.get(key)
+                there = exists.get(key, row is not None)
+                if texts[op.index] in touched or (op.action == "update" and not there):
                     conflicts.append({"op": op.index, "table": table, "key": _key_json(op),
                                       "server_row": row})
+                exists[key] = op.action != "delete" if op.action != "update" else there
         return sorted(conflicts, key=lambda conflict: conflict["op"]), before
 
     def _current_rows(self, conn, schema, keys, lock=False):
@@ -2248,7 +2253,7 @@ class Encoded:
 class _PushState:
     """What deciding a push's returned checkpoint needs to know about the push."""
 
-    __slots__ = ("checkpoint", "device_id", "batch_id", "start", "before", "operations")
+    __slots__ = ("checkpoint", "device_id", "batch_id", "start", "before", "operations", "skipped")
 
     def __init__(self, checkpoint, device_id, batch_id):
         self.checkpoint = checkpoint
@@ -2257,6 +2262,7 @@ class _PushState:
         self.start = None           # SQLite: the head when the push took the write lock
         self.before = {}            # table -> {key: row} as they were before the push
         self.operations = []        # the operations applied
+        self.skipped = False        # some operations were skipped as conflicts
 
 
 class _BatchTaken(Exception):
@@ -2284,10 +2290,15 @@ def _norm_key(values):
 
 
 def _as_sent(op, name):
-    """A pushed value as the device holds it (before rounding), binary data decoded; None when not sent."""
-    if name not in op.values or op.table.columns[name].kind == "binary":
-        return op.values.get(name)
-    return op.sent[name]
+    """A pushed value exactly as the device sent it (and holds it); None when not sent."""
+    return op.sent.get(name)
+
+
+def _as_json_value(value):
+    """A database value as a pull sends it: exact decimals and dates as strings, bytes as base64."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return _json_default(value)
 
 
 def _same_values(schema, pushed, row):

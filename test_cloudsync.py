@@ -1421,6 +1421,24 @@ def test_push_without_checkpoint_returns_none(app):
     assert "checkpoint" not in push(app, [op("insert", id="a")], device_id="till").json
 
 
+def test_insert_then_update_in_one_push_is_not_a_conflict(app):
+    till = Device(app, ["sales"], device_id="till").sync()
+    response = till.push([op("insert", **full_sale("a", note="first")), op("update", id="a", note="second")],
+                         checkpoint=till.checkpoint)
+    assert response.status == 200, response.body
+    assert "conflicts" not in response.json
+
+
+def test_skipped_operation_keeps_the_request_checkpoint(app, backend):
+    push(app, [op("insert", **full_sale("x"))])
+    till = Device(app, ["sales"], device_id="till").sync()
+    backend.sql("UPDATE sales SET note = 'office' WHERE id = 'x'")
+    response = till.push([op("insert", **full_sale("a")), op("update", id="x", note="till")],
+                         checkpoint=till.checkpoint, on_conflict="skip")
+    assert response.status == 200 and [c["op"] for c in response.json["conflicts"]] == [1]
+    assert response.json["checkpoint"] == till.checkpoint
+
+
 def _user_trigger(backend):
     """An outside trigger: every new sale also writes a product_stock row."""
     if backend.kind == "mysql":
@@ -1443,6 +1461,8 @@ def _user_stamp(backend):
 ECHO_CASES = [
     # (name, setup, tables, operations, checkpoint advanced past the push?)
     ("full rows", None, ["sales"], [op("insert", **full_sale("a")), op("update", id="x", note="n")], True),
+    ("a number sent for a decimal", None, ["sales"], [op("insert", **full_sale("a", total=1.5))], False),
+    ("insert then update", None, ["sales"], [op("insert", **full_sale("a")), op("update", id="a", note="2")], True),
     ("delete", None, ["sales"], [op("delete", id="x")], True),
     ("upsert of a full row", None, ["sales"], [op("upsert", **full_sale("x", note="u"))], True),
     ("database default", None, ["sales"], [op("insert", id="a", note="n")], False),
