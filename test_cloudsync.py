@@ -1846,6 +1846,13 @@ def test_nesting_deeper_than_limit_is_400(backend):
     assert response.status == 400 and response.json["error"] == "Too deeply nested"
 
 
+@pytest.mark.parametrize("path", ["/sync/push", "/sync/pull"])
+@pytest.mark.parametrize("raw", [b"null", b"5", b'"text"', b"true", b"[]", b"[[[]]]"])
+def test_body_that_is_not_an_object_is_400(app, path, raw):
+    response = call(app, "POST", path, raw=raw)
+    assert response.status == 400 and response.json["success"] is False
+
+
 def test_pull_limit_capped_by_setting(backend):
     application = cloudsync.App(backend.config(MAX_PULL_ROWS="10"))
     application.start()
