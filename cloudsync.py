@@ -1233,7 +1233,7 @@ def open_database(config):
 
 CHANGE_OPS = {"I": "insert", "U": "update", "D": "delete"}
 CHANGE_CAPTURE_MODES = ("triggers", "api")
-SEQUENCE_BATCH_ROWS = 5000          # pending rows numbered per sequencer transaction
+SEQUENCE_BATCH_ROWS = 2000          # pending rows numbered per statement (and per transaction in the background)
 SEQUENCE_INTERVAL_SECONDS = 1       # how often the server numbers pending changes nobody pulled yet
 COMPACT_BATCH_ROWS = 10000          # log rows deleted per compaction transaction
 MAX_ID_CHARS = 128                  # device_id and batch_id
@@ -1401,44 +1401,48 @@ class ChangeLog:
     # -- sequence numbers -------------------------------------------------------
 
     def sequence(self, conn):
-        """Number the committed pending changes (MySQL); SQLite numbers them at insert."""
+        """Number the committed pending changes (MySQL), one short transaction per batch; SQLite numbers at insert."""
         if self.backend != "mysql":
             return
         while self.db.query(conn, "SELECT 1 FROM cloudsync_pending LIMIT 1"):
             with self.db.transaction(conn):
-                if self.sequence_in_transaction(conn) is None:
+                if self.sequence_in_transaction(conn, drain=False) is None:
                     return
 
-    def sequence_in_transaction(self, conn):
+    def sequence_in_transaction(self, conn, drain=True):
         """Inside an open transaction: number what is pending and visible; return (head before, head after).
 
         A push calls this last, just before its commit: it then holds the
         last_seq lock until the commit, so no number can be given out between
         its numbers and its commit, and anything numbered later commits later.
-        Returns None when there was nothing to number, and always on SQLite,
-        which numbers changes as they are written.
+        With drain, every visible pending change is numbered (the push's own
+        among them); without, at most SEQUENCE_BATCH_ROWS. Returns None when
+        there was nothing to number, and always on SQLite, which numbers
+        changes as they are written.
         """
         if self.backend != "mysql":
             return None
-        last = int(self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq' FOR UPDATE")[0][0])
-        rows = self.db.query(conn, self.db.sql(
-            "SELECT id, table_name, row_key, op, device_id, batch_id, changed_at FROM cloudsync_pending"
-            " ORDER BY id LIMIT ?"), (SEQUENCE_BATCH_ROWS,))
-        if not rows:
+        first = last = int(self.db.query(
+            conn, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq' FOR UPDATE")[0][0])
+        while True:
+            rows = self.db.query(conn, self.db.sql(
+                "SELECT id, table_name, row_key, op, device_id, batch_id, changed_at FROM cloudsync_pending"
+                " ORDER BY id LIMIT ?"), (SEQUENCE_BATCH_ROWS,))
+            if rows:
+                self.db.executemany(conn, self.db.sql(
+                    "INSERT INTO cloudsync_changes (seq, table_name, row_key, op, device_id, batch_id, changed_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)"), [(last + n,) + tuple(row[1:]) for n, row in enumerate(rows, 1)])
+                ids = [row[0] for row in rows]
+                self.db.execute(conn, self.db.sql("DELETE FROM cloudsync_pending WHERE id IN (%s)"
+                                                  % ", ".join("?" for _ in ids)), ids)
+                last += len(rows)
+            if len(rows) < SEQUENCE_BATCH_ROWS or not drain:
+                break
+            del rows, ids                   # one batch in memory at a time
+        if last == first:
             return None
-        self.db.executemany(conn, self.db.sql(
-            "INSERT INTO cloudsync_changes (seq, table_name, row_key, op, device_id, batch_id, changed_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)"), [(last + n,) + tuple(row[1:]) for n, row in enumerate(rows, 1)])
-        ids = [row[0] for row in rows]
-        self.db.execute(conn, self.db.sql("DELETE FROM cloudsync_pending WHERE id IN (%s)"
-                                          % ", ".join("?" for _ in ids)), ids)
-        self.db.execute(conn, self.db.sql("UPDATE cloudsync_meta SET value = ? WHERE name = 'last_seq'"),
-                        (str(last + len(rows)),))
-        if len(rows) == SEQUENCE_BATCH_ROWS:        # more than one batch: number the rest too
-            more = self.sequence_in_transaction(conn)
-            if more is not None:
-                return last, more[1]
-        return last, last + len(rows)
+        self.db.execute(conn, self.db.sql("UPDATE cloudsync_meta SET value = ? WHERE name = 'last_seq'"), (str(last),))
+        return first, last
 
     def tables_version(self, conn, tables):
         """A value that changes whenever a committed write changes `tables`: one indexed round trip.

@@ -1159,6 +1159,23 @@ def test_server_numbers_pending_changes_in_the_background(app, backend):
         [("sales", '["a"]', "I")]
 
 
+@pytest.mark.parametrize("drain", [True, False])
+def test_sequencer_numbers_backlogs_larger_than_a_batch(app, backend, drain):
+    if backend.kind != "mysql":
+        pytest.skip("SQLite numbers changes as they are written")
+    count = cloudsync.SEQUENCE_BATCH_ROWS * 2 + 17
+    backend.sql("INSERT INTO product_stock (id, quantity) SELECT CONCAT('k', seq), seq FROM seq_1_to_%d" % count)
+    with app.db.connection() as conn:
+        if drain:                                  # as a push with a checkpoint does, in one transaction
+            with app.db.transaction(conn):
+                assert app.engine.changelog.sequence_in_transaction(conn) == (0, count)
+        else:                                      # as pulls and the server do, a batch per transaction
+            app.engine.changelog.sequence(conn)
+    assert backend.sql("SELECT COUNT(*), MIN(seq), MAX(seq), COUNT(DISTINCT row_key) FROM cloudsync_changes")[0] \
+        == (count, 1, count, count)
+    assert backend.sql("SELECT COUNT(*) FROM cloudsync_pending")[0][0] == 0
+
+
 def test_compaction_and_expired_checkpoint(app, backend):
     push(app, [op("insert", id="a")])
     old = Device(app, ["sales"]).sync().checkpoint
