@@ -71,6 +71,7 @@ function response(status, headers, body)
 end
 """
 STATUS_LUA = 'request = function() return wrk.format("GET", "/sync/status") end\n'
+HEALTH_LUA = 'request = function() return wrk.format("GET", "/health") end\n'
 MIXED_LUA = """
 local n = 0
 request = function()
@@ -180,9 +181,12 @@ def start_original(database, workdir):
     return Process(["node", "server.js"], dict(os.environ), target, port, os.path.join(workdir, "node.log"))
 
 
+LOAD_GENERATOR = "auto"     # --load: wrk when installed, or the standard-library generator
+
+
 def run_load(url, script, seconds, connections, workdir, env=None):
     """Requests per second under load: wrk when installed, else a small thread-based generator."""
-    if shutil.which("wrk"):
+    if LOAD_GENERATOR == "wrk" or LOAD_GENERATOR == "auto" and shutil.which("wrk"):
         path = os.path.join(workdir, "script-%d.lua" % abs(hash(script)))
         with open(path, "w") as handle:
             handle.write(script)
@@ -196,19 +200,23 @@ def run_load(url, script, seconds, connections, workdir, env=None):
 
 
 def _python_load(url, script, seconds, connections, env):
-    """Fallback load: keep-alive HTTP from threads, for the scripts above (push, pull, status)."""
+    """Fallback load: keep-alive HTTP from threads, doing what each wrk script above does."""
     host, port = url.replace("http://", "").split(":")
     counts = [0] * connections
     stop = time.monotonic() + seconds
+    kind = {PUSH_LUA: "push", PULL_LUA: "pull", STATUS_LUA: "status", HEALTH_LUA: "health", MIXED_LUA: "mixed"}[script]
 
     def worker(number):
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
         n = 0
         while time.monotonic() < stop:
             n += 1
-            if "GET\", \"/sync/status" in script and "push" not in script:
+            now = kind if kind != "mixed" else ("status", "pull", "push")[n % 3]
+            if now == "health":
+                conn.request("GET", "/health")
+            elif now == "status":
                 conn.request("GET", "/sync/status")
-            elif "/sync/pull" in script and "push" not in script:
+            elif now == "pull":
                 conn.request("POST", "/sync/pull", '{"tables":["products"],"limit":%s}' % env.get("LIMIT", "1000"),
                              {"Content-Type": "application/json"})
             else:
@@ -217,16 +225,37 @@ def _python_load(url, script, seconds, connections, env):
                                % (number, n, i, env.get("RUN", "x")) for i in range(batch))
                 conn.request("POST", "/sync/push", '{"device_id":"py","operations":[%s]}' % ops,
                              {"Content-Type": "application/json"})
-            conn.getresponse().read()
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                failures.append("%s answered %d" % (now, response.status))
+                return
             counts[number] += 1
         conn.close()
+    failures = []
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(connections)]
     began = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if failures:
+        raise RuntimeError("load failed: %s" % failures[0])
     return sum(counts) / (time.monotonic() - began)
+
+
+def mariadb_cpu_seconds():
+    """CPU seconds the local mariadbd/mysqld has used so far, or None when it is not on this machine."""
+    for name in ("mariadbd", "mysqld"):
+        found = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
+        if found:
+            try:
+                with open("/proc/%s/stat" % found[0]) as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, IndexError, ValueError):
+                return None
+    return None
 
 
 def wait_numbered(database, timeout=600):
@@ -272,7 +301,11 @@ def main(argv=None):
     parser.add_argument("--big-rows", type=int, default=1_000_000, help="rows in the big catalogue")
     parser.add_argument("--threads", type=int, default=8, help="cloudsync THREADS and DB_POOL_SIZE")
     parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works")
+    parser.add_argument("--load", choices=["auto", "wrk", "python"], default="auto",
+                        help="load generator: wrk when installed (auto), or the slower standard-library one")
     args = parser.parse_args(argv)
+    global LOAD_GENERATOR
+    LOAD_GENERATOR = args.load
     if args.smoke:
         args.seconds, args.big_rows = 1, 2000
     workdir = tempfile.mkdtemp(prefix="cloudsync-bench-")
@@ -284,22 +317,31 @@ def main(argv=None):
     results = []
     try:
         scenarios = [
+            ("health: no database, the HTTP stack's ceiling (req/s)", HEALTH_LUA, {}, 16, None),
             ("push, 1 insert per batch (req/s)", PUSH_LUA, {"BATCH": "1"}, 16, 1.0),
             ("push, 50 inserts per batch (rows/s)", PUSH_LUA, {"BATCH": "50"}, 16, 2.0),
             ("pull of 1,000 unchanged rows (req/s)", PULL_LUA, {"LIMIT": "1000"}, 8, 3.0),
             ("status (req/s)", STATUS_LUA, {}, 16, None),
         ]
         for name, script, env, connections, target in scenarios:
-            figures = {}
+            figures, database_cpu = {}, {}
             for label, server in servers.items():
                 env_run = dict(env, RUN="%s%d" % (label, time.monotonic_ns()))
+                cpu_before = mariadb_cpu_seconds()
                 rate = run_load(server.url, script, args.seconds, connections, workdir, env_run)
+                seconds = args.seconds
                 if label == "cloudsync" and "push" in name:
                     # cloudsync numbers a plain push's changes after it answers: the time to
                     # finish numbering them counts, so the figure is what it sustains
-                    rate *= args.seconds / (args.seconds + wait_numbered(database))
+                    seconds += wait_numbered(database)
+                    rate *= args.seconds / seconds
+                rows = rate * seconds * (50 if "50 inserts" in name else 1)
+                if cpu_before is not None and "push" in name:
+                    database_cpu[label] = (mariadb_cpu_seconds() - cpu_before) * 1000 / rows * 1000
                 figures[label] = rate * (50 if "50 inserts" in name else 1)
             results.append((name, figures, target))
+            if database_cpu:
+                results.append(("  MariaDB CPU per 1,000 rows pushed (ms)", database_cpu, None))
         # pulls of rows that change between requests: a writer updates products all the time
         stop = threading.Event()
 

@@ -2015,6 +2015,26 @@ def test_fuzz_never_5xx_and_rejections_change_nothing(app, backend, method, path
 
 
 # ---------------------------------------------------------------------------
+# Benchmark: a smoke run so that the script cannot rot (figures are not checked)
+# ---------------------------------------------------------------------------
+
+
+def test_benchmark_smoke_run(mysql_server):
+    env = dict(os.environ, CLOUDSYNC_BENCH_DB_HOST=MYSQL["host"], CLOUDSYNC_BENCH_DB_PORT=str(MYSQL["port"]),
+               CLOUDSYNC_BENCH_DB_USER=MYSQL["user"], CLOUDSYNC_BENCH_DB_PASS=MYSQL["password"])
+    result = subprocess.run([sys.executable, os.path.join(HERE, "bench_cloudsync.py"), "--smoke", "--load", "python"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [cell.strip() for cell in rows[0]][:4] == ["scenario", "cloudsync", "original", "ratio"]
+    scenarios = {cells[0].strip(): cells[1].strip() for cells in rows[2:]}
+    for name in ("push, 1 insert per batch (req/s)", "push, 50 inserts per batch (rows/s)",
+                 "pull of 1,000 unchanged rows (req/s)", "pull of 1,000 changing rows (req/s)",
+                 "resident memory, 64 connections mixed (MiB)"):
+        assert float(scenarios[name]) > 0, (name, result.stdout)
+
+
+# ---------------------------------------------------------------------------
 # Trust: faults and load against live servers (a private MariaDB)
 # ---------------------------------------------------------------------------
 
