@@ -986,7 +986,9 @@ class MySQLDatabase(Database):
         conn.rollback()
 
     # errno values that mean "the server is not there" or "try again"
-    _UNAVAILABLE = {2002, 2003, 2005, 2006, 2013, 2055, 1040, 1053, 4031}
+    # client-side connection errors; too many connections, shutdown in progress, network errors,
+    # connection killed (MariaDB kills sessions while it shuts down), idle disconnect
+    _UNAVAILABLE = {2002, 2003, 2005, 2006, 2013, 2055, 1040, 1053, 1158, 1159, 1160, 1927, 4031}
     _RETRYABLE = {1205, 1213}          # lock wait timeout, deadlock
     _DUPLICATE = {1062, 1586}
     _REJECTED = {
@@ -1855,8 +1857,7 @@ class SyncEngine:
                             "batch_id; use a new batch_id for new operations")
         result = json.loads(response)
         result["replayed"] = True
-        if checkpoint is not None:
-            result["checkpoint"] = checkpoint
+        result["checkpoint"] = checkpoint
         return result
 
     def _checkpoint_seq(self, checkpoint):
@@ -1989,9 +1990,8 @@ class SyncEngine:
                 if batch_id is not None:
                     self.changelog.finish_batch(conn, device_id or "", batch_id, result)
                 push.operations = operations
-                next_checkpoint = self._checkpoint_after_push(conn, push)
-                if next_checkpoint is not None:
-                    result = dict(result, checkpoint=next_checkpoint)
+                # null without a checkpoint in the request: there is no pull position to carry on from
+                result = dict(result, checkpoint=self._checkpoint_after_push(conn, push))
         return result
 
     def _conflicts(self, conn, operations, since, device_id):

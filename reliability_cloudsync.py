@@ -191,6 +191,20 @@ class Figures(dict):
             self[name] = self.get(name, 0) + amount
 
 
+def start_devices(target, count, figures):
+    """Start `count` device threads; a device that fails counts in figures["device failures"] and logs why."""
+    def guarded(number):
+        try:
+            target(number)
+        except Exception as error:          # a failed device must fail the scenario, not vanish
+            figures.add("device failures")
+            print("device %d failed: %r" % (number, error), file=sys.stderr)
+    threads = [threading.Thread(target=guarded, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 def push_until_acknowledged(urls, figures, body, attempts=600):
     """Send a push (with its batch id) until it gets a 200; return the answer."""
     for attempt in range(attempts):
@@ -271,7 +285,7 @@ def scenario_restart(db, workdir, devices=8, rows_per_batch=5, outage_seconds=2.
     """Stop and restart MariaDB while devices push and pull through one server."""
     database = db.create_database("restart_%d" % random.randrange(10 ** 6))
     server = Server(db, database, os.path.join(workdir, "restart.log")).start()
-    figures = Figures(**{"faults injected": 1, "requests": 0})
+    figures = Figures(**{"faults injected": 1, "requests": 0, "device failures": 0})
     acknowledged = []
     started, stop = threading.Event(), threading.Event()
 
@@ -288,9 +302,7 @@ def scenario_restart(db, workdir, devices=8, rows_per_batch=5, outage_seconds=2.
             started.set()
             batch += 1
 
-    threads = [threading.Thread(target=device, args=(n,)) for n in range(devices)]
-    for thread in threads:
-        thread.start()
+    threads = start_devices(device, devices, figures)
     started.wait(30)
     time.sleep(0.5)
     db.stop()
@@ -367,7 +379,8 @@ def scenario_load(db, workdir, devices=50, rounds=8, seed=7):
     servers = [Server(db, database, os.path.join(workdir, "load-%d.log" % n), THREADS=8, DB_POOL_SIZE=8).start()
                for n in range(2)]
     urls = [server.url for server in servers]
-    figures = Figures(**{"requests": 0, "devices": devices, "server instances": 2, "replays": 0})
+    figures = Figures(**{"requests": 0, "devices": devices, "server instances": 2, "replays": 0,
+                         "device failures": 0})
     expected = {}                          # id -> note, for the rows devices own (sales)
     lock = threading.Lock()
     finals = {}
@@ -403,20 +416,18 @@ def scenario_load(db, workdir, devices=50, rounds=8, seed=7):
             expected.update(own)
         finals[number] = (checkpoint, rows)
 
-    threads = [threading.Thread(target=device, args=(n,)) for n in range(devices)]
     began = time.monotonic()
-    for thread in threads:
-        thread.start()
+    threads = start_devices(device, devices, figures)
     for thread in threads:
         thread.join(timeout=600)
     figures["seconds"] = round(time.monotonic() - began, 1)
     truth = {table: server_rows(db, database, table) for table in ("sales", "product_stock")}
-    unequal = 0
+    equal = 0
     for number, (checkpoint, rows) in finals.items():
         pull_until_done(urls, figures, ["sales", "product_stock"], checkpoint, rows)
-        if any(_comparable(rows.get(table, {})) != truth[table] for table in truth):
-            unequal += 1
-    figures["devices equal to server"] = devices - unequal
+        if all(_comparable(rows.get(table, {})) == truth[table] for table in truth):
+            equal += 1
+    figures["devices equal to server"] = equal
     own_rows = {key: row["note"] for key, row in truth["sales"].items() if key.startswith("L")}
     figures["lost writes"] = sum(1 for key, note in expected.items() if own_rows.get(key) != note)
     figures["doubled writes"] = doubled_inserts(db, database, "L") + len(set(own_rows) - set(expected))

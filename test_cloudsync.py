@@ -1434,8 +1434,8 @@ def test_push_checkpoint_skips_own_changes_only(app):
     assert "b" in [row["id"] for row in rows]
 
 
-def test_push_without_checkpoint_returns_none(app):
-    assert "checkpoint" not in push(app, [op("insert", id="a")], device_id="till").json
+def test_push_without_checkpoint_returns_a_null_checkpoint(app):
+    assert push(app, [op("insert", id="a")], device_id="till").json["checkpoint"] is None
 
 
 def test_insert_then_update_in_one_push_is_not_a_conflict(app):
@@ -2057,6 +2057,7 @@ def private_mariadb(tmp_path_factory):
 
 def test_database_restart_while_devices_sync(private_mariadb, tmp_path):
     figures = reliability_cloudsync.scenario_restart(private_mariadb, str(tmp_path), devices=6)
+    assert figures["device failures"] == 0
     assert figures["lost writes"] == 0 and figures["doubled writes"] == 0
     assert figures["acknowledged writes"] > 0
     assert figures["recovered without restart"] is True
@@ -2072,7 +2073,7 @@ def test_sigkill_in_the_middle_of_a_push(private_mariadb, tmp_path):
 
 def test_fifty_devices_through_two_instances(private_mariadb, tmp_path):
     figures = reliability_cloudsync.scenario_load(private_mariadb, str(tmp_path), devices=50, rounds=4)
-    assert figures["devices equal to server"] == 50
+    assert figures["device failures"] == 0 and figures["devices equal to server"] == 50
     assert figures["lost writes"] == 0 and figures["doubled writes"] == 0
     assert figures["change log gaps"] == 0
     assert figures["replays"] > 0
