@@ -33,6 +33,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import sqlite3
 import sys
 import threading
@@ -43,7 +44,7 @@ from contextlib import contextmanager
 
 __all__ = [
     "App", "Config", "ConfigError", "HTTPError", "SchemaError", "DatabaseUnavailable",
-    "parse_dotenv", "load_config", "open_database", "make_app", "main",
+    "parse_dotenv", "load_config", "open_database", "make_app", "main", "Metrics", "DeviceFleet", "OPENAPI",
 ]
 
 __version__ = "0.1.0"
@@ -56,6 +57,8 @@ log = logging.getLogger("cloudsync")
 
 DEFAULT_PULL_LIMIT_ROWS = 1000      # the seed's default page size
 MAX_PULL_LIMIT_ROWS = 5000          # the seed's cap on `limit`
+CORS_ALLOWED_HEADERS = "Authorization, Content-Type, Content-Encoding, If-None-Match"
+CORS_MAX_AGE_SECONDS = 600          # browsers may reuse a preflight answer this long
 READ_CHUNK_BYTES = 64 * 1024        # request bodies are read in pieces this size
 MAX_JSON_DEPTH_DEFAULT = 16         # nesting allowed when no configuration says otherwise
 MYSQL_STATEMENT_BYTES = 1 << 20     # a multi-row INSERT is cut into statements of about this size
@@ -65,7 +68,7 @@ EXAMPLE_TABLES = ("sales", "products", "customers", "item_sales", "product_stock
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 HTTP_REASONS = {
-    200: "OK", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
+    200: "OK", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
     403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
     410: "Gone", 413: "Payload Too Large", 415: "Unsupported Media Type",
     500: "Internal Server Error", 503: "Service Unavailable",
@@ -268,6 +271,27 @@ def _as_token_list(text):
     return tuple(tokens)
 
 
+def _as_log_format(text):
+    fmt = text.strip().lower()
+    if fmt not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return fmt
+
+
+def _as_secret_token(text):
+    """An admin or metrics token: the token itself or sha256:HEX; empty for none."""
+    text = text.strip()
+    return DeviceToken("-", text) if text else None
+
+
+def _as_origin_list(text):
+    origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
+            raise ValueError("expected * or origins like https://app.example.com, comma-separated")
+    return origins
+
+
 def _as_capture_mode(text):
     mode = text.strip().lower()
     if mode not in ("triggers", "api"):
@@ -310,9 +334,15 @@ SETTINGS = (
      "triggers (every writer is recorded) or api (only writes through cloudsync)"),
     ("CHANGELOG_RETENTION_DAYS", _as_positive_int, "30", "change log and batch ids are kept this many days"),
     ("COMPACT_INTERVAL_SECONDS", _as_positive_int, "3600", "how often the server compacts the change log"),
+    ("LOG_FORMAT", _as_log_format, "text", "text, or json for one JSON object a line"),
+    ("ADMIN_TOKEN", _as_secret_token, "", "token (or sha256:HEX) for GET /sync/devices and /metrics; empty: none"),
+    ("METRICS_TOKEN", _as_secret_token, "",
+     "token (or sha256:HEX) for GET /metrics only; empty: /metrics is protected like the sync endpoints"),
+    ("CORS_ORIGINS", _as_origin_list, "", "browser origins allowed to call the API (PWA field apps), comma-separated, or *"),
+    ("SHUTDOWN_GRACE_SECONDS", _as_positive_int, "30", "on SIGTERM, requests in progress get this long to finish"),
 )
 SETTING_NAMES = tuple(name for name, _, _, _ in SETTINGS)
-SECRET_SETTINGS = ("DB_PASS", "TOKENS")
+SECRET_SETTINGS = ("DB_PASS", "TOKENS", "ADMIN_TOKEN", "METRICS_TOKEN")
 
 
 class Config:
@@ -490,9 +520,20 @@ class Authenticator:
             self._refuse(request, "the token is not valid")
         return found
 
+    def require(self, request, *accepted):
+        """401 unless the request carries one of the `accepted` tokens (admin, metrics)."""
+        header = request.environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, presented = header.partition(" ")
+        digest = hashlib.sha256(presented.strip().encode("utf-8", "replace")).digest()
+        matched = [token.matches(digest) for token in accepted if token is not None]
+        if scheme.lower() != "bearer" or not any(matched):
+            self._refuse(request, "this endpoint needs its own token (ADMIN_TOKEN or METRICS_TOKEN)"
+                         if matched else "this endpoint is off: set ADMIN_TOKEN to use it")
+
     def _refuse(self, request, detail):
         log.warning("auth failure from %s on %s: %s", request.environ.get("REMOTE_ADDR", "?"),
                     request.path[:100], detail)
+        request.auth_failed = True
         raise HTTPError(401, "Unauthorized", detail,
                         headers=[("WWW-Authenticate", 'Bearer realm="cloudsync"')])
 
@@ -603,7 +644,8 @@ def bind_value(column, value, where):
     if value is None or isinstance(value, (str, int, decimal.Decimal)):
         if isinstance(value, bool):
             return int(value)
-        if isinstance(value, int) and len(str(abs(value))) > MAX_INTEGER_DIGITS \
+        if isinstance(value, int) and (len(str(abs(value))) > MAX_INTEGER_DIGITS or not
+                                       -(1 << 63) <= value < 1 << 64) \
                 or isinstance(value, decimal.Decimal) and (not value.is_finite()
                                                            or abs(value.adjusted()) > MAX_DECIMAL_EXPONENT):
             raise HTTPError(400, "Invalid value", "%s: the number for column %r is out of range" % (where, column.name))
@@ -674,6 +716,11 @@ class _Pool:
         self._wait_seconds = wait_seconds
         self._failed_at = -self.SUSPECT_SECONDS
         self.in_use = 0
+
+    @property
+    def idle_count(self):
+        """Open connections waiting in the pool."""
+        return len(self._idle)
 
     @contextmanager
     def connection(self):
@@ -810,6 +857,8 @@ class SQLiteDatabase(Database):
             yield
         except sqlite3.IntegrityError as error:
             raise DataRejected(_sqlite_message(error), duplicate="UNIQUE" in str(error)) from None
+        except OverflowError:
+            raise DataRejected("a whole number is beyond SQLite's 64-bit integers") from None
         except sqlite3.OperationalError as error:
             text = str(error)
             if "locked" in text or "busy" in text:
@@ -1025,6 +1074,12 @@ class MySQLDatabase(Database):
             if errno in self._UNAVAILABLE or isinstance(error, (connector.InterfaceError, connector.OperationalError)):
                 raise DatabaseUnavailable(self._safe_message(error)) from None
             raise
+        except Exception as error:
+            # The C extension's commit() and rollback() raise its own MySQLInterfaceError, which is
+            # not a mysql.connector.Error ("Lost connection to MySQL server during query").
+            if type(error).__name__ == "MySQLInterfaceError":
+                raise DatabaseUnavailable("MySQL error %s" % (getattr(error, "errno", None) or "?")) from None
+            raise
 
     # Statements go straight to cmd_query: a cursor pings the server each time it
     # is made and runs a multi-statement splitter over every statement, which
@@ -1163,7 +1218,7 @@ class MySQLDatabase(Database):
         return schema
 
     def rows_as_json(self, conn, schema, limit):
-        """The first `limit` rows in key order as a JSON array, encoded by the server; None if it cannot.
+        """(JSON array of the first `limit` rows in key order, row count), encoded by the server; None if it cannot.
 
         One string per row instead of a Python object per column, and JSON
         written in C: the seed pull, which sends whole pages, is about twice as
@@ -1173,7 +1228,7 @@ class MySQLDatabase(Database):
             return None
         rows = self.query(conn, self.sql("SELECT %s FROM %s ORDER BY %s LIMIT ?" % (
             schema.json_row, schema.quoted, schema.key_order)), (limit,))
-        return b"[" + ",".join([row[0] for row in rows]).encode("utf-8") + b"]"
+        return b"[" + ",".join([row[0] for row in rows]).encode("utf-8") + b"]", len(rows)
 
     def decode_rows(self, schema, rows):
         """MySQL rows are already typed by the driver."""
@@ -2214,13 +2269,16 @@ class SyncEngine:
                     cached = self._pull_cache.get(key)
                 if cached is not None and cached.version == version:
                     return cached
-            pages = []
+            pages, counts = [], {}
             for table in tables:
                 page = self.db.rows_as_json(conn, self.schemas[table], limit)
                 if page is None:
-                    page = to_json_bytes(self._read_rows(conn, [table], limit)[table])
-                pages.append(to_json_bytes(table) + b":" + page)
-        encoded = Encoded(b'{"success":true,"data":{%s},"limit":%d}' % (b",".join(pages), limit), version)
+                    rows = self._read_rows(conn, [table], limit)[table]
+                    page = (to_json_bytes(rows), len(rows))
+                counts[table] = page[1]
+                pages.append(to_json_bytes(table) + b":" + page[0])
+        encoded = Encoded(b'{"success":true,"data":{%s},"limit":%d}' % (b",".join(pages), limit), version,
+                          rows=counts)
         if version is not None:
             encoded.etag = '"%s"' % hashlib.sha256(("%s|%r|%r|%f" % (
                 self.changelog.instance, key, version, self.schema_loaded_at)).encode("utf-8")).hexdigest()[:32]
@@ -2248,15 +2306,17 @@ class SyncEngine:
 
 
 class Encoded:
-    """A response body already encoded as JSON, with its ETag and a gzipped copy made on first use."""
+    """A response body already encoded (JSON unless told), with its ETag and a gzipped copy made on first use."""
 
-    __slots__ = ("body", "version", "etag", "gzipped")
+    __slots__ = ("body", "version", "etag", "gzipped", "content_type", "rows")
 
-    def __init__(self, body, version=None):
+    def __init__(self, body, version=None, content_type="application/json; charset=utf-8", rows=None):
         self.body = body
         self.version = version
         self.etag = None
         self.gzipped = None
+        self.content_type = content_type
+        self.rows = rows or {}          # table -> rows in the body, for the metrics
 
 
 class _PushState:
@@ -2372,10 +2432,231 @@ def parse_limit(value, cap=MAX_PULL_LIMIT_ROWS):
         value = int(value)                     # the Node service took "500" too
     if isinstance(value, decimal.Decimal) and value.is_finite() and value == value.to_integral_value():
         # a huge exponent must not be expanded into digits (1E+1000000)
-        value = cap if value.adjusted() > 6 and value > 0 else int(value)
+        value = (cap if value > 0 else 0) if value.adjusted() > 6 else int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise HTTPError(400, "Invalid limit", "limit must be a whole number of at least 1")
     return min(value, cap)
+
+
+# ---------------------------------------------------------------------------
+# Operations: metrics, logs, device fleet
+# ---------------------------------------------------------------------------
+# What an operator needs without reading code. Metrics and the device fleet
+# are kept in memory on the request path (a lock and a few additions); the
+# fleet reaches the database from the server's maintenance thread every
+# SEQUENCE_INTERVAL_SECONDS, so a request never waits for it. A crash loses at
+# most that last second of fleet statistics, never data.
+
+LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SILENT_DEVICE_SECONDS = 86400       # `devices` highlights devices not seen for longer than this
+METRIC_HELP = {
+    "cloudsync_requests_total": ("counter", "HTTP requests answered, by route, method and status"),
+    "cloudsync_request_duration_seconds": ("histogram", "time to answer a request, by route"),
+    "cloudsync_operations_pushed_total": ("counter", "push operations applied, by table and action"),
+    "cloudsync_rows_pulled_total": ("counter", "rows and deleted keys sent by pulls, by table"),
+    "cloudsync_conflicts_total": ("counter", "push operations refused or skipped as conflicts"),
+    "cloudsync_replays_total": ("counter", "pushes answered from a stored batch outcome"),
+    "cloudsync_auth_failures_total": ("counter", "requests refused for a missing or wrong token"),
+    "cloudsync_database_unavailable_total": ("counter", "requests answered 503 because the database failed"),
+    "cloudsync_push_retries_total": ("counter", "pushes run again after a deadlock or lock timeout"),
+    "cloudsync_pool_connections_in_use": ("gauge", "database connections lent to requests now"),
+    "cloudsync_pool_connections_idle": ("gauge", "open database connections waiting in the pool"),
+    "cloudsync_change_log_head": ("gauge", "the newest sequence number given out (the current checkpoint)"),
+    "cloudsync_driver_info": ("gauge", "the database driver in use (1)"),
+}
+
+
+class Metrics:
+    """Counters and latency histograms, rendered in the Prometheus text format."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counters = collections.Counter()      # (name, ((label, value), ...)) -> value
+        self._latency = {}                          # route -> [count per bucket..., +Inf count, sum]
+
+    def count(self, name, amount=1, **labels):
+        """Add to a counter."""
+        with self._lock:
+            self._counters[name, tuple(sorted(labels.items()))] += amount
+
+    def observe(self, route, seconds):
+        """Record one request's duration."""
+        with self._lock:
+            buckets = self._latency.setdefault(route, [0] * (len(LATENCY_BUCKETS_SECONDS) + 2))
+            for position, bound in enumerate(LATENCY_BUCKETS_SECONDS):
+                if seconds <= bound:
+                    buckets[position] += 1
+            buckets[-2] += 1
+            buckets[-1] += seconds
+
+    def render(self, gauges=()):
+        """The exposition text: every counter and histogram, plus (name, labels, value) gauges."""
+        with self._lock:
+            counters = sorted(self._counters.items())
+            latency = {route: list(values) for route, values in self._latency.items()}
+        samples = collections.defaultdict(list)
+        for (name, labels), value in counters:
+            samples[name].append("%s%s %s" % (name, _labels(labels), _number(value)))
+        name = "cloudsync_request_duration_seconds"
+        for route, values in sorted(latency.items()):
+            for bound, count in zip(LATENCY_BUCKETS_SECONDS, values):
+                samples[name].append("%s_bucket%s %d" % (name, _labels((("le", repr(bound)), ("route", route))), count))
+            samples[name].append("%s_bucket%s %d" % (name, _labels((("le", "+Inf"), ("route", route))), values[-2]))
+            samples[name].append("%s_sum%s %s" % (name, _labels((("route", route),)), _number(values[-1])))
+            samples[name].append("%s_count%s %d" % (name, _labels((("route", route),)), values[-2]))
+        for name, labels, value in gauges:
+            samples[name].append("%s%s %s" % (name, _labels(tuple(sorted(labels.items()))), _number(value)))
+        lines = []
+        for name in sorted(samples):
+            kind, text = METRIC_HELP[name]
+            lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)] + samples[name]
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _labels(pairs):
+    """{a="1",b="2"} with values escaped as the text format asks."""
+    if not pairs:
+        return ""
+    return "{%s}" % ",".join('%s="%s"' % (key, str(value).replace("\\", "\\\\").replace('"', '\\"')
+                                         .replace("\n", "\\n")) for key, value in pairs)
+
+
+def _number(value):
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class JSONLogFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object a line; access lines carry their fields as keys."""
+
+    def format(self, record):
+        entry = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+                 .isoformat(timespec="milliseconds"), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        entry.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure_logging(log_format, level):
+    """Send every log line to stderr, as text or JSON lines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JSONLogFormatter() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+access_log = logging.getLogger("cloudsync.access")
+
+MYSQL_DEVICES_TABLE = (
+    "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id VARCHAR(128) NOT NULL PRIMARY KEY,"
+    " first_seen DATETIME NOT NULL, last_seen DATETIME NOT NULL, last_push DATETIME NULL,"
+    " last_pull DATETIME NULL, checkpoint_seq BIGINT NULL, pushes BIGINT NOT NULL DEFAULT 0,"
+    " pulls BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0)"
+    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin")
+SQLITE_DEVICES_TABLE = (
+    "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id TEXT NOT NULL PRIMARY KEY,"
+    " first_seen TEXT NOT NULL, last_seen TEXT NOT NULL, last_push TEXT, last_pull TEXT, checkpoint_seq INTEGER,"
+    " pushes INTEGER NOT NULL DEFAULT 0, pulls INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0)")
+# Several instances flush into one row: counts add up, times keep the latest.
+DEVICES_UPSERT = {
+    "mysql": "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
+             " pushes, pulls, errors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE"
+             " last_seen = GREATEST(last_seen, VALUES(last_seen)),"
+             " last_push = GREATEST(IFNULL(last_push, VALUES(last_push)), IFNULL(VALUES(last_push), last_push)),"
+             " last_pull = GREATEST(IFNULL(last_pull, VALUES(last_pull)), IFNULL(VALUES(last_pull), last_pull)),"
+             " checkpoint_seq = IFNULL(VALUES(checkpoint_seq), checkpoint_seq),"
+             " pushes = pushes + VALUES(pushes), pulls = pulls + VALUES(pulls), errors = errors + VALUES(errors)",
+    "sqlite": "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
+              " pushes, pulls, errors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
+              " last_seen = max(last_seen, excluded.last_seen),"
+              " last_push = max(coalesce(last_push, excluded.last_push), coalesce(excluded.last_push, last_push)),"
+              " last_pull = max(coalesce(last_pull, excluded.last_pull), coalesce(excluded.last_pull, last_pull)),"
+              " checkpoint_seq = coalesce(excluded.checkpoint_seq, checkpoint_seq),"
+              " pushes = pushes + excluded.pushes, pulls = pulls + excluded.pulls, errors = errors + excluded.errors",
+}
+DEVICE_FIELDS = ("device_id", "first_seen", "last_seen", "last_push", "last_pull", "checkpoint_seq",
+                 "pushes", "pulls", "errors")
+
+
+class DeviceFleet:
+    """Per device: first and last seen, last push and pull, last pull checkpoint, pushes, pulls and errors."""
+
+    def __init__(self, db):
+        self.db = db
+        self._lock = threading.Lock()
+        self._unsaved = {}                  # device_id -> [first, last, push, pull, seq, pushes, pulls, errors]
+
+    def install(self, conn):
+        """Create cloudsync_devices; idempotent."""
+        self.db.execute(conn, MYSQL_DEVICES_TABLE if self.db.name == "mysql" else SQLITE_DEVICES_TABLE)
+
+    def seen(self, device_id, kind, checkpoint_seq=None, failed=False):
+        """Note a push or pull by a device (in memory; flush() saves it)."""
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        with self._lock:
+            entry = self._unsaved.get(device_id)
+            if entry is None:
+                entry = self._unsaved[device_id] = [now, now, None, None, None, 0, 0, 0]
+            entry[1] = now
+            if kind == "push":
+                entry[2] = now
+                entry[5] += 1
+            else:
+                entry[3] = now
+                entry[6] += 1
+                if checkpoint_seq is not None:
+                    entry[4] = checkpoint_seq
+            if failed:
+                entry[7] += 1
+
+    def flush(self, conn):
+        """Save what was noted since the last flush; on failure it is kept for the next one."""
+        with self._lock:
+            unsaved, self._unsaved = self._unsaved, {}
+        if not unsaved:
+            return
+        try:
+            with self.db.transaction(conn):
+                for device_id, entry in sorted(unsaved.items()):
+                    self.db.execute(conn, self.db.sql(DEVICES_UPSERT[self.db.name]), [device_id] + entry)
+        except Exception:
+            with self._lock:                # merge back, newer notes first
+                for device_id, entry in unsaved.items():
+                    newer = self._unsaved.get(device_id)
+                    if newer is None:
+                        self._unsaved[device_id] = entry
+                    else:
+                        newer[0] = entry[0]
+                        newer[2], newer[3] = newer[2] or entry[2], newer[3] or entry[3]
+                        newer[4] = newer[4] if newer[4] is not None else entry[4]
+                        for position in (5, 6, 7):
+                            newer[position] += entry[position]
+            raise
+
+    def devices(self, conn, head):
+        """Every known device as a dict, with `lag`: how many changes its last pull checkpoint is behind."""
+        self.flush(conn)
+        rows = self.db.query(conn, "SELECT %s FROM cloudsync_devices ORDER BY device_id" % ", ".join(DEVICE_FIELDS))
+        now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+        found = []
+        for row in rows:
+            device = dict(zip(DEVICE_FIELDS, row))
+            for name in ("first_seen", "last_seen", "last_push", "last_pull"):
+                value = device[name]
+                if isinstance(value, str):
+                    value = datetime.datetime.fromisoformat(value)
+                device[name] = value
+            device["device_id"] = _text(device["device_id"])
+            device["lag"] = None if device["checkpoint_seq"] is None else max(0, head - int(device["checkpoint_seq"]))
+            device["silent"] = (now - device["last_seen"]).total_seconds() > SILENT_DEVICE_SECONDS
+            for name in ("first_seen", "last_seen", "last_push", "last_pull"):
+                if device[name] is not None:
+                    device[name] = device[name].strftime("%Y-%m-%dT%H:%M:%SZ")
+            found.append(device)
+        return found
 
 
 # ---------------------------------------------------------------------------
@@ -2393,6 +2674,13 @@ class Request:
         self.max_body_bytes = max_body_bytes
         self.max_json_depth = max_json_depth
         self.token = None                   # the DeviceToken that authenticated the request
+        # for the access log, metrics and device fleet, filled in by the handlers
+        self.route = "other"
+        self.device_id = None
+        self.kind = None                    # "push" or "pull"
+        self.count = None                   # operations pushed or rows pulled
+        self.checkpoint_seq = None
+        self.auth_failed = False
 
     def body(self):
         """Read the request body; 413 before reading when it is declared too large."""
@@ -2486,22 +2774,30 @@ class App:
         self.engine = engine or SyncEngine(self.db, config.allowed_tables, config.change_capture,
                                            config.max_value_bytes, config.push_retries)
         self.auth = Authenticator(config)
+        self.metrics = Metrics()
+        self.fleet = DeviceFleet(self.db)
         self.routes = {
             "/health": {"GET": self.health},
             "/sync": {"POST": self.push},
             "/sync/push": {"POST": self.push},
             "/sync/pull": {"POST": self.pull},
             "/sync/status": {"GET": self.status},
+            "/sync/devices": {"GET": self.devices},
+            "/metrics": {"GET": self.metrics_text},
         }
 
     def start(self, progress=None):
         """Check every allowed table, install change capture; raise SchemaError, ChangeCaptureError
         or DatabaseUnavailable."""
-        return self.engine.migrate(progress)
+        schemas = self.engine.migrate(progress)
+        with self.db.connection() as conn:
+            self.fleet.install(conn)
+        return schemas
 
     # -- WSGI ----------------------------------------------------------------
 
     def __call__(self, environ, start_response):
+        began = time.perf_counter()
         request = Request(environ, self.config.max_body_bytes, self.config.max_json_depth)
         try:
             status, payload, headers = self._dispatch(request)
@@ -2511,12 +2807,15 @@ class App:
             log.exception("unhandled error on %s %s", request.method, request.path)
             status, payload, headers = 500, {"success": False, "error": "Internal server error",
                                              "detail": "an unexpected error; the server log has the details"}, []
-        if status == 304:                     # the device's copy is current: headers only
-            start_response("304 Not Modified", headers)
+        headers = headers + self._cors_headers(environ.get("HTTP_ORIGIN"))
+        if status in (204, 304):              # no body: a preflight, or the device's copy is current
+            start_response("%d %s" % (status, HTTP_REASONS[status]), headers)
+            self._account(request, status, 0, began)
             return []
         encoded = payload if isinstance(payload, Encoded) else None
         body = encoded.body if encoded is not None else to_json_bytes(payload)
-        headers = [("Content-Type", "application/json; charset=utf-8")] + headers
+        headers = [("Content-Type", encoded.content_type if encoded is not None
+                    else "application/json; charset=utf-8")] + headers
         if len(body) >= self.config.gzip_min_bytes:
             headers.append(("Vary", "Accept-Encoding"))
             if _accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING", "")):
@@ -2529,7 +2828,43 @@ class App:
                 headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(len(body))))
         start_response("%d %s" % (status, HTTP_REASONS.get(status, "Unknown")), headers)
+        self._account(request, status, len(body), began)
         return [] if request.method == "HEAD" else [body]
+
+    def _account(self, request, status, size, began):
+        """After each request: metrics, the device fleet, and one access-log line."""
+        seconds = time.perf_counter() - began
+        metrics = self.metrics
+        metrics.count("cloudsync_requests_total", route=request.route, method=request.method, status=status)
+        metrics.observe(request.route, seconds)
+        if request.auth_failed:
+            metrics.count("cloudsync_auth_failures_total")
+        if status == 503:
+            metrics.count("cloudsync_database_unavailable_total")
+        if request.device_id is not None and request.kind is not None:
+            self.fleet.seen(request.device_id, request.kind, request.checkpoint_seq, failed=status >= 400)
+        if access_log.isEnabledFor(logging.INFO):
+            fields = {"method": request.method, "path": request.path[:200], "status": status,
+                      "ms": round(seconds * 1000, 1), "device": request.device_id,
+                      ("operations" if request.kind == "push" else "rows"): request.count, "bytes": size}
+            access_log.info("%s %s %d %.1fms device=%s %s=%s bytes=%d", request.method, request.path[:200], status,
+                            seconds * 1000, request.device_id or "-",
+                            "operations" if request.kind == "push" else "rows",
+                            "-" if request.count is None else request.count, size, extra={"fields": fields})
+
+    def _cors_headers(self, origin):
+        """Access-Control-* headers for a browser origin allowed by CORS_ORIGINS; none otherwise."""
+        allowed = self.config.cors_origins
+        if not allowed or not origin:
+            return []
+        if "*" in allowed:
+            allow = "*"
+        elif origin.rstrip("/") in allowed:
+            allow = origin
+        else:
+            return []
+        return [("Access-Control-Allow-Origin", allow), ("Vary", "Origin"),
+                ("Access-Control-Expose-Headers", "ETag, Retry-After, WWW-Authenticate")]
 
     def _dispatch(self, request):
         path = request.path.lower()           # Express routes ignore case
@@ -2538,14 +2873,23 @@ class App:
         methods = self.routes.get(path)
         if methods is None:
             raise HTTPError(404, "Not found", "no endpoint at %s" % path[:200])
+        request.route = path
+        if request.method == "OPTIONS":       # a CORS preflight (or a client asking what it may do)
+            allowed = ", ".join(sorted(set(methods) | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())))
+            headers = [("Allow", allowed)]
+            if self._cors_headers(request.environ.get("HTTP_ORIGIN")):
+                headers += [("Access-Control-Allow-Methods", allowed),
+                            ("Access-Control-Allow-Headers", CORS_ALLOWED_HEADERS),
+                            ("Access-Control-Max-Age", str(CORS_MAX_AGE_SECONDS))]
+            return 204, None, headers
         handler = methods.get(request.method)
         if handler is None and request.method == "HEAD":
             handler = methods.get("GET")
         if handler is None:
-            allowed = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()))
+            allowed = sorted(set(methods) | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set()))
             raise HTTPError(405, "Method not allowed", "%s takes %s" % (path, ", ".join(allowed)),
                             headers=[("Allow", ", ".join(allowed))])
-        if path.startswith("/sync"):
+        if path.startswith("/sync") and path != "/sync/devices":
             request.token = self.auth.identify(request)
         result = handler(request)
         return result if len(result) == 3 else result + ([],)
@@ -2568,6 +2912,7 @@ class App:
                 raise HTTPError(403, "Forbidden", "this token belongs to device %r, not %r"
                                 % (token.device_id, device_id))
             device_id = token.device_id
+        request.kind, request.device_id = "push", device_id
         batch_id = _optional_id(payload, "batch_id")
         checkpoint = payload.get("checkpoint")
         if checkpoint is not None and not isinstance(checkpoint, str):
@@ -2582,11 +2927,22 @@ class App:
         self._check_writable(operations, token)
         request_hash = None             # what a retry with the same batch id must match
         if batch_id is not None:
+            # surrogatepass: a lone surrogate in a field nobody reads must not break the hash
             request_hash = hashlib.sha256(json.dumps(payload.get("operations"), sort_keys=True, default=str,
-                                                     ensure_ascii=False).encode("utf-8")).hexdigest()
+                                                     ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+        request.count = len(operations)
         try:
-            return 200, self.engine.push(operations, device_id, batch_id, checkpoint, on_conflict, request_hash)
+            result = self.engine.push(operations, device_id, batch_id, checkpoint, on_conflict, request_hash)
+            if result.get("replayed"):
+                self.metrics.count("cloudsync_replays_total")
+            else:
+                for op in operations:
+                    self.metrics.count("cloudsync_operations_pushed_total", table=op.table.name, action=op.action)
+            if result.get("conflicts"):
+                self.metrics.count("cloudsync_conflicts_total", len(result["conflicts"]))
+            return 200, result
         except PushConflict as conflict:
+            self.metrics.count("cloudsync_conflicts_total", len(conflict.conflicts))
             raise HTTPError(409, "Conflict", "%d operation(s) touch rows changed since your checkpoint; nothing "
                             "was applied. Pull, then push again, or send \"on_conflict\": \"skip\""
                             % len(conflict.conflicts), conflicts=conflict.conflicts) from None
@@ -2617,6 +2973,8 @@ class App:
         """Seed mode: rows of the requested tables. With `since`: changes after a checkpoint."""
         payload = request.json_object()
         token = request.token
+        request.kind = "pull"
+        request.device_id = token.device_id if token is not None else _optional_id(payload, "device_id")
         requested = payload.get("tables")
         if requested is None and token is not None and token.tables is not None:
             requested = [table for table in self.engine.allowed_tables if table in token.tables]
@@ -2635,8 +2993,13 @@ class App:
             if sync_mode:
                 result = self.engine.pull_changes(tables, since, limit)
                 result["limit"] = limit
+                request.checkpoint_seq = self.engine.checkpoints.decode(result["checkpoint"])["s"]
+                counts = {table: len(change["upserted"]) + len(change["deleted"])
+                          for table, change in result["changes"].items()}
+                self._count_pulled(request, counts)
                 return 200, result
             encoded = self.engine.seed_pull(tables, limit)
+            self._count_pulled(request, encoded.rows)
         except DatabaseUnavailable:
             raise _unavailable("Pull sync failed") from None
         except HTTPError:
@@ -2650,6 +3013,42 @@ class App:
         if encoded.etag in request.environ.get("HTTP_IF_NONE_MATCH", ""):
             return 304, None, headers
         return 200, encoded, headers
+
+    def _count_pulled(self, request, counts):
+        request.count = sum(counts.values())
+        for table, count in counts.items():
+            if count:
+                self.metrics.count("cloudsync_rows_pulled_total", count, table=table)
+
+    def devices(self, request):
+        """The device fleet as JSON, for the ADMIN_TOKEN."""
+        self.auth.require(request, self.config.admin_token)
+        try:
+            with self.db.connection() as conn:
+                self.engine.changelog.sequence(conn)        # lag counts changes not numbered yet too
+                devices = self.fleet.devices(conn, self.engine.changelog.head(conn))
+        except DatabaseUnavailable:
+            raise _unavailable("Database unavailable") from None
+        return 200, {"success": True, "devices": devices}
+
+    def metrics_text(self, request):
+        """Prometheus metrics; needs METRICS_TOKEN or ADMIN_TOKEN when set, else what /sync* needs."""
+        if self.config.metrics_token is not None or self.config.admin_token is not None:
+            self.auth.require(request, self.config.metrics_token, self.config.admin_token)
+        else:
+            request.token = self.auth.identify(request)
+        pool = getattr(self.db, "pool", None)
+        gauges = [("cloudsync_push_retries_total", {}, self.engine.retries),
+                  ("cloudsync_driver_info", {"driver": self.db.driver()}, 1)]
+        if pool is not None:
+            gauges += [("cloudsync_pool_connections_in_use", {}, pool.in_use),
+                       ("cloudsync_pool_connections_idle", {}, pool.idle_count)]
+        try:
+            with self.db.connection() as conn:
+                gauges.append(("cloudsync_change_log_head", {}, self.engine.changelog.head(conn)))
+        except DatabaseUnavailable:
+            pass                            # the other metrics still tell what is going on
+        return 200, Encoded(self.metrics.render(gauges), content_type="text/plain; version=0.0.4; charset=utf-8")
 
     def status(self, request):
         """A real database round trip, and the tables as the schema now describes them."""
@@ -2677,8 +3076,9 @@ def _accepts_gzip(header):
     for part in header.lower().split(","):
         name, _, params = part.strip().partition(";")
         if name.strip() in ("gzip", "x-gzip", "*"):
-            quality = re.search(r"q\s*=\s*([0-9.]+)", params)
-            return not quality or float(quality.group(1) or 0) > 0
+            quality = re.search(r"q\s*=\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)", params)
+            # a malformed weight ("q=.", "q=1.2.3") reads as its valid prefix, or as no weight at all
+            return not quality or float(quality.group(1)) > 0
     return False
 
 
@@ -2689,6 +3089,11 @@ def _optional_id(payload, field):
         return None
     if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
         raise HTTPError(400, "Invalid payload", "%s must be a string of 1 to %d characters" % (field, MAX_ID_CHARS))
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPError(400, "Invalid payload", "%s is not valid Unicode (a lone surrogate)" % field) from None
     return value
 
 
@@ -2790,12 +3195,43 @@ def _serve(app, config):
         channel_timeout=config.read_timeout_seconds, cleanup_interval=max(1, min(30, config.read_timeout_seconds // 2)))
     server.channel_class = Channel
     log.info("cloudsync %s listening on http://%s:%d", __version__, config.host, config.port)
+
+    def terminate(signum, frame):
+        raise _Terminate()
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         server.run()
+    except _Terminate:
+        _drain(server, config.shutdown_grace_seconds)
     except KeyboardInterrupt:
         log.info("stopped")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.close()
+
+
+class _Terminate(Exception):
+    """SIGTERM arrived: stop accepting, let requests in progress finish, then exit."""
+
+
+def _drain(server, grace_seconds):
+    """After SIGTERM: close the listening socket, keep serving the open requests until they are answered."""
+    import waitress.channel
+    import waitress.wasyncore
+    log.info("SIGTERM: no new connections; finishing requests in progress (up to %d s)", grace_seconds)
+    waitress.wasyncore.dispatcher.close(server)         # the listening socket only; the wake-up pipe stays
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        channels = [channel for channel in list(server._map.values())
+                    if isinstance(channel, waitress.channel.HTTPChannel)]
+        if not any(channel.requests or channel.total_outbufs_len for channel in channels):
+            break
+        waitress.wasyncore.loop(timeout=0.05, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1)
+    else:
+        log.warning("SIGTERM: requests still running after %d s are cut off (their transactions roll back)",
+                    grace_seconds)
+    server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+    log.info("stopped")
 
 
 def _create_demo_database(path):
@@ -2809,7 +3245,8 @@ def _create_demo_database(path):
 
 
 def _maintain_log(app, config, stop):
-    """Server thread: number pending changes every SEQUENCE_INTERVAL_SECONDS; compact every COMPACT_INTERVAL_SECONDS."""
+    """Server thread, every SEQUENCE_INTERVAL_SECONDS: number pending changes, save the device fleet;
+    compact every COMPACT_INTERVAL_SECONDS."""
     compact_due = 0.0
     while True:
         try:
@@ -2821,12 +3258,108 @@ def _maintain_log(app, config, stop):
                         log.info("compacted the change log: %d entries removed, up to seq %d", removed, upto)
                 else:
                     app.engine.changelog.sequence(conn)
+                app.fleet.flush(conn)
         except DatabaseUnavailable:
             pass                            # requests report it; tried again next time
         except Exception:
             log.warning("change log maintenance failed; it is tried again later", exc_info=True)
         if stop.wait(SEQUENCE_INTERVAL_SECONDS):
             return
+
+
+def _check(config):
+    """`check`: what is wrong with the configuration, database, tables, triggers and privileges, and the fix.
+
+    Read-only: it changes nothing. Returns the number of problems found.
+    """
+    problems = []
+
+    def ok(text):
+        print("ok       " + text)
+
+    def problem(text, fix):
+        problems.append(text)
+        print("PROBLEM  %s\n         fix: %s" % (text, fix))
+    ok("configuration is valid (%s)" % ("MySQL/MariaDB %s@%s:%d/%s" % (
+        config.db_user, config.db_host, config.db_port, config.db_name) if config.backend == "mysql"
+        else "SQLite %s" % config.db_path))
+    try:
+        app = App(config)
+    except ConfigError as error:
+        problem(str(error), "change the settings named above")
+        return len(problems)
+    ok("authentication: %s" % ("%d device token(s)" % len(app.auth.tokens) if app.auth.required
+                               else "no tokens, open to loopback clients only" if config.auth == "auto"
+                               else "AUTH=off"))
+    try:
+        with app.db.connection() as conn:
+            ok("database answers: %s" % app.db.server_version(conn))
+            if "pure Python" in app.db.driver():
+                problem("mysql-connector-python's C extension did not load (%s)" % app.db.driver(),
+                        "pip install mysql-connector-python==9.5.0 (see requirements.txt)")
+            schemas = {}
+            for table in config.allowed_tables:
+                try:
+                    schemas[table] = app.db.introspect(conn, table)
+                    ok("table %s: primary key (%s)" % (table, ", ".join(schemas[table].primary_key)))
+                except SchemaError as error:
+                    problem(str(error), "create the table with a primary key, or remove it from ALLOWED_TABLES")
+            if not config.allowed_tables:
+                problem("ALLOWED_TABLES is empty: every push and pull is refused", "list the tables devices sync")
+            installed = _installed_triggers(app.db, conn)
+            has_log = app.db.query(conn, "SELECT COUNT(*) FROM %s WHERE %s = 'cloudsync_meta'" % (
+                ("information_schema.TABLES", "TABLE_SCHEMA = DATABASE() AND TABLE_NAME") if app.db.name == "mysql"
+                else ("sqlite_master", "type = 'table' AND name")))[0][0]
+            if not has_log:
+                problem("cloudsync's own tables are not there yet", "run: python cloudsync.py migrate")
+            for table in schemas:
+                missing = [event for event in ("ins", "upd", "del") if _trigger_name(table, event) not in installed]
+                if config.change_capture == "triggers" and missing:
+                    problem("table %s lacks change-capture triggers (%s)" % (table, ", ".join(missing)),
+                            "run: python cloudsync.py migrate")
+                elif config.change_capture == "api" and len(missing) < 3:
+                    problem("table %s still has triggers while CHANGE_CAPTURE=api" % table,
+                            "run: python cloudsync.py migrate")
+            if config.change_capture == "triggers" and app.db.name == "mysql":
+                grants = " ".join(_text(row[0]) for row in app.db.query(conn, "SHOW GRANTS"))
+                if "ALL PRIVILEGES" in grants or "TRIGGER" in grants:
+                    ok("the database user may create triggers")
+                else:
+                    problem("the database user may not create triggers (SHOW GRANTS lists no TRIGGER)",
+                            "GRANT TRIGGER ON %s.* TO the user, or set CHANGE_CAPTURE=api" % config.db_name)
+    except DatabaseUnavailable as error:
+        problem("the database does not answer (%s)" % error, "check DB_HOST, DB_PORT, DB_USER, DB_PASS, DB_NAME "
+                "and that the server runs")
+    finally:
+        app.db.close()
+    print("%d problem(s)" % len(problems))
+    return len(problems)
+
+
+def _installed_triggers(db, conn):
+    """Names of the triggers in the database."""
+    if db.name == "mysql":
+        rows = db.query(conn, "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()")
+    else:
+        rows = db.query(conn, "SELECT name FROM sqlite_master WHERE type = 'trigger'")
+    return {_text(name) for (name,) in rows}
+
+
+def _print_devices(app):
+    """`devices`: the fleet as a table; devices silent for over a day are marked."""
+    with app.db.connection() as conn:
+        app.fleet.install(conn)
+        app.engine.changelog.sequence(conn)
+        devices = app.fleet.devices(conn, app.engine.changelog.head(conn))
+    columns = ("device_id", "last_seen", "last_push", "last_pull", "lag", "pushes", "pulls", "errors")
+    print("  " + " ".join("%-20s" % name for name in columns))
+    for device in devices:
+        mark = "! " if device["silent"] else "  "
+        print(mark + " ".join("%-20s" % ("-" if device[name] is None else device[name]) for name in columns))
+    silent = sum(1 for device in devices if device["silent"])
+    print("%d device(s); %d silent for more than a day (marked !); lag: changes the last pull is behind"
+          % (len(devices), silent))
+    return 0
 
 
 def _print_log(app, args):
@@ -2867,6 +3400,9 @@ def main(argv=None):
     demo.add_argument("--db", default="cloudsync-demo.db", help="SQLite file (created with the example tables)")
     commands.add_parser("migrate", help="create cloudsync's tables and install the change-capture triggers")
     commands.add_parser("compact", help="remove change-log entries older than CHANGELOG_RETENTION_DAYS")
+    commands.add_parser("check", help="check settings, database, tables, triggers and privileges; "
+                                      "exit 1 when something needs fixing")
+    commands.add_parser("devices", help="the device fleet: last seen, pushes, pulls, errors, how far behind")
     audit = commands.add_parser("log", help="print the change log (the audit trail)")
     audit.add_argument("--device", help="only changes made by this device")
     audit.add_argument("--table", help="only changes to this table")
@@ -2880,21 +3416,26 @@ def main(argv=None):
     token_add.add_argument("--tables", help="comma-separated tables this device may sync (default: all allowed)")
     token_commands.add_parser("list", help="list the devices that have tokens (never the tokens)")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_logging("text", logging.INFO)
     overrides = None
     if args.command == "demo":
         overrides = {"DB_HOST": "", "DB_PATH": args.db, "ALLOWED_TABLES": ",".join(EXAMPLE_TABLES)}
     try:
         config = load_config(args.env_file, overrides=overrides)
-        logging.getLogger().setLevel(config.log_level)
+        configure_logging(config.log_format, config.log_level)
         if args.command == "token":
             return _token_command(config, args)
+        if args.command == "check":
+            return 1 if _check(config) else 0
         if args.command == "demo":
             _create_demo_database(config.db_path)
         app = App(config)
         if args.command == "log":
             app.engine.load_schema()
             return _print_log(app, args)
+        if args.command == "devices":
+            app.engine.load_schema()
+            return _print_devices(app)
         if args.command == "compact":
             with app.db.connection() as conn:
                 removed, upto = app.engine.changelog.compact(
@@ -2933,6 +3474,11 @@ def main(argv=None):
     except (OSError, ValueError) as error:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, error)
         return 2
+    try:
+        with app.db.connection() as conn:
+            app.fleet.flush(conn)           # the last second of device statistics
+    except Exception:
+        log.warning("could not save the device fleet at shutdown", exc_info=True)
     return 0
 
 

@@ -5,10 +5,14 @@ MySQL/MariaDB tests use CLOUDSYNC_TEST_DB_HOST/PORT/USER/PASS (default
 test. Without a server they skip, unless CLOUDSYNC_REQUIRE_MYSQL=1.
 """
 
+import hashlib
 import io
 import json
+import logging
 import os
 import random
+import re
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -314,11 +318,12 @@ def test_health_needs_no_database(tmp_path):
 
 ROUTING_CASES = [
     ("GET", "/nowhere", 404, None),
-    ("POST", "/health", 405, "GET, HEAD"),
-    ("GET", "/sync/push", 405, "POST"),
-    ("DELETE", "/sync", 405, "POST"),
-    ("GET", "/sync/pull", 405, "POST"),
-    ("POST", "/sync/status", 405, "GET, HEAD"),
+    ("POST", "/health", 405, "GET, HEAD, OPTIONS"),
+    ("GET", "/sync/push", 405, "OPTIONS, POST"),
+    ("DELETE", "/sync", 405, "OPTIONS, POST"),
+    ("GET", "/sync/pull", 405, "OPTIONS, POST"),
+    ("POST", "/sync/status", 405, "GET, HEAD, OPTIONS"),
+    ("POST", "/metrics", 405, "GET, HEAD, OPTIONS"),
 ]
 
 
@@ -674,11 +679,11 @@ def test_rows_encoded_by_mysql_equal_rows_encoded_here(backend):
         schema = app.engine.schemas["kinds"]
         assert schema.json_row is not None
         with app.db.connection() as conn:
-            by_server = json.loads(app.db.rows_as_json(conn, schema, 5000))
+            by_server = json.loads(app.db.rows_as_json(conn, schema, 5000)[0])
             here = json.loads(cloudsync.to_json_bytes(app.engine._read_rows(conn, ["kinds"], 5000)["kinds"]))
             assert len(here) == len(values)
             assert by_server == here
-            assert json.loads(app.db.rows_as_json(conn, schema, 2)) == here[:2]
+            assert json.loads(app.db.rows_as_json(conn, schema, 2)[0]) == here[:2]
     finally:
         app.db.close()
 
@@ -1534,7 +1539,69 @@ PUSH_FIELD_ERRORS = [
     ({"checkpoint": 7}, "Invalid checkpoint"),
     ({"checkpoint": "nonsense"}, "Invalid checkpoint"),
     ({"on_conflict": "merge"}, "Invalid payload"),
+    ({"device_id": "\ud800"}, "Invalid payload"),
+    ({"batch_id": "b\udfff"}, "Invalid payload"),
 ]
+
+
+def _raw_call(application, path, text, **kwargs):
+    """A body with characters json.dumps would refuse to write as UTF-8 (lone surrogates), sent escaped."""
+    return call(application, "POST", path, raw=text.encode("ascii"), **kwargs)
+
+
+def test_lone_surrogate_in_an_ignored_field_of_a_batch_is_harmless(app, backend):
+    response = _raw_call(app, "/sync/push", '{"device_id": "till", "batch_id": "b1", "operations": '
+                         '[{"table": "sales", "action": "insert", "data": {"id": "s1"}, "x": "\\ud800"}]}')
+    assert response.status == 200 and [row[0] for row in backend.rows("sales")] == ["s1"]
+
+
+def test_lost_connection_at_commit_is_503_not_500(app, backend, monkeypatch):
+    if backend.kind != "mysql":
+        pytest.skip("the C extension's own exception")
+    from mysql.connector.connection_cext import MySQLInterfaceError, CMySQLConnection
+
+    def commit(self):
+        raise MySQLInterfaceError("Lost connection to MySQL server during query")
+    monkeypatch.setattr(CMySQLConnection, "commit", commit)
+    response = push(app, [op("insert", id="s1")], device_id="till", batch_id="b1")
+    assert response.status == 503 and response.headers["Retry-After"]
+
+
+@pytest.mark.parametrize("number", [1 << 63, (1 << 64) + 5, -(1 << 63) - 1, 10 ** 20 - 1])
+def test_integer_beyond_64_bits_is_400(app, backend, number):
+    response = push(app, [op("upsert", "product_stock", id="p1", quantity=number)])
+    assert response.status == 400, response.body
+    assert backend.rows("product_stock") == []
+
+
+@pytest.mark.parametrize("accept", ["gzip;q=.", "gzip;q=1.2.3", "gzip; q=", "gzip;q=abc", "*;q=.5.5"])
+def test_malformed_accept_encoding_never_fails_a_push(app, backend, accept):
+    operations = [op("insert", id="s%04d" % n, note="x" * 20) for n in range(60)]    # a body worth gzipping
+    response = call(app, "POST", "/sync/pull", {"tables": ["sales"]}, headers={"Accept-Encoding": accept})
+    assert response.status == 200
+    response = call(app, "POST", "/sync/push", {"operations": operations}, headers={"Accept-Encoding": accept})
+    assert response.status == 200
+
+
+def test_limit_with_a_huge_negative_exponent_is_never_expanded(app, monkeypatch):
+    expanded, real_int = [], int
+
+    class IsInt(type):
+        def __instancecheck__(cls, value):
+            return isinstance(value, real_int)
+
+    class SpyInt(metaclass=IsInt):
+        """int() for the module under test, noting huge decimals it is asked to write out."""
+
+        def __new__(cls, value=0, *args):
+            if isinstance(value, cloudsync.decimal.Decimal) and value.adjusted() > 100:
+                expanded.append(value)          # a million digits: 20 s of CPU
+                return 0
+            return real_int(value, *args)
+    monkeypatch.setattr(cloudsync, "int", SpyInt, raising=False)
+    response = call(app, "POST", "/sync/pull", raw=b'{"limit": -1e1000000}')
+    assert response.status == 400 and response.json["error"] == "Invalid limit"
+    assert expanded == []
 
 
 @pytest.mark.parametrize("fields,error", PUSH_FIELD_ERRORS)
@@ -2006,12 +2073,262 @@ def test_fuzz_never_5xx_and_rejections_change_nothing(app, backend, method, path
     if response.headers.get("Content-Encoding") == "gzip":
         import gzip
         raw = gzip.decompress(raw)
-    if method != "HEAD":
-        payload = json.loads(raw)
-        if response.status >= 400:
-            assert payload["success"] is False and payload["error"]
+    if response.status >= 400:
+        assert method == "HEAD" or json.loads(raw)["success"] is False and json.loads(raw)["error"]
+    elif method not in ("HEAD", "OPTIONS") and response.headers["Content-Type"].startswith("application/json"):
+        json.loads(raw)
     if response.status >= 400:
         assert _snapshot(backend) == before
+
+
+# ---------------------------------------------------------------------------
+# Operating it: metrics, logs, device fleet, CORS, check, shutdown
+# ---------------------------------------------------------------------------
+
+ADMIN = "admin-secret-token"
+
+
+def started(backend, **settings):
+    """An App on the backend's database with these settings, started."""
+    application = cloudsync.App(backend.config(**settings))
+    application.start()
+    return application
+
+
+def test_metrics_count_requests_operations_and_rows(app):
+    push(app, [op("insert", id="s1"), op("insert", id="s2")], device_id="till")
+    pull(app, tables=["sales"])
+    pull(app, tables=["sales"], since=None)
+    response = call(app, "GET", "/metrics")
+    assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = response.body.decode()
+    for line in ('cloudsync_requests_total{method="POST",route="/sync/push",status="200"} 1',
+                 'cloudsync_operations_pushed_total{action="insert",table="sales"} 2',
+                 'cloudsync_rows_pulled_total{table="sales"} 4',
+                 'cloudsync_request_duration_seconds_count{route="/sync/pull"} 2',
+                 'cloudsync_request_duration_seconds_bucket{le="+Inf",route="/sync/push"} 1',
+                 "# TYPE cloudsync_request_duration_seconds histogram"):
+        assert line in text, line
+    assert re.search(r"^cloudsync_change_log_head \d+$", text, re.M)
+    assert re.search(r'^cloudsync_driver_info\{driver="[^"]+"\} 1$', text, re.M)
+
+
+def test_metrics_count_conflicts_replays_and_auth_failures(backend):
+    application = started(backend, TOKENS="till:%s" % TILL_TOKEN)
+    bearer = {"Authorization": "Bearer " + TILL_TOKEN}
+    body = {"batch_id": "b1", "operations": [op("insert", id="x")]}
+    for _ in range(2):
+        assert call(application, "POST", "/sync/push", body, headers=bearer).status == 200
+    assert call(application, "POST", "/sync/push", body).status == 401
+    text = call(application, "GET", "/metrics", headers=bearer).body.decode()
+    assert "cloudsync_replays_total 1" in text and "cloudsync_auth_failures_total 1" in text
+
+
+METRICS_ACCESS = [
+    # (settings, header token, status)
+    ({}, None, 200),                                               # loopback demo: open like /sync*
+    ({"TOKENS": "till:" + TILL_TOKEN}, None, 401),
+    ({"TOKENS": "till:" + TILL_TOKEN}, TILL_TOKEN, 200),           # protected like the sync endpoints
+    ({"METRICS_TOKEN": "scrape"}, None, 401),
+    ({"METRICS_TOKEN": "scrape"}, "scrape", 200),
+    ({"METRICS_TOKEN": "scrape", "ADMIN_TOKEN": ADMIN}, ADMIN, 200),
+    ({"METRICS_TOKEN": "sha256:" + hashlib.sha256(b"scrape").hexdigest()}, "scrape", 200),
+    ({"METRICS_TOKEN": "scrape", "TOKENS": "till:" + TILL_TOKEN}, TILL_TOKEN, 401),
+]
+
+
+@pytest.mark.parametrize("settings,token,status", METRICS_ACCESS)
+def test_metrics_access(backend, settings, token, status):
+    application = started(backend, **settings)
+    headers = {"Authorization": "Bearer " + token} if token else {}
+    response = call(application, "GET", "/metrics", headers=headers)
+    assert response.status == status
+    if status == 401:
+        assert response.json["success"] is False and "WWW-Authenticate" in response.headers
+
+
+def test_access_log_line_per_request(app, caplog):
+    caplog.set_level(logging.INFO, logger="cloudsync.access")
+    push(app, [op("insert", id="s1")], device_id="till")
+    line, = [record for record in caplog.records if record.name == "cloudsync.access"]
+    assert "POST /sync/push 200" in line.getMessage() and "device=till" in line.getMessage()
+    assert line.fields["operations"] == 1 and line.fields["status"] == 200 and line.fields["bytes"] > 0
+
+
+def test_json_log_lines_carry_fields_and_no_secrets():
+    record = logging.LogRecord("cloudsync.access", logging.INFO, __file__, 1, "POST /sync/push 200", (), None)
+    record.fields = {"status": 200, "device": "till"}
+    entry = json.loads(cloudsync.JSONLogFormatter().format(record))
+    assert entry["level"] == "INFO" and entry["status"] == 200 and entry["device"] == "till"
+    config = cloudsync.load_config(None, environ={"ADMIN_TOKEN": "adm1n", "METRICS_TOKEN": "m3trics"})
+    assert "adm1n" not in config.describe() and "m3trics" not in config.describe()
+
+
+def test_device_fleet_counts_pushes_pulls_errors_and_lag(backend):
+    application = started(backend, ADMIN_TOKEN=ADMIN)
+    push(application, [op("insert", id="s1")], device_id="till")
+    push(application, [op("insert", id="s1")], device_id="till")           # a retry: a no-op, still a push
+    push(application, [op("update", id="s1", nope=1)], device_id="till")   # 400: counts as an error
+    assert pull(application, tables=["sales"], since=None, device_id="till").status == 200
+    push(application, [op("insert", id="s2")], device_id="office")
+    response = call(application, "GET", "/sync/devices", headers={"Authorization": "Bearer " + ADMIN})
+    assert response.status == 200
+    devices = {device["device_id"]: device for device in response.json["devices"]}
+    till, office = devices["till"], devices["office"]
+    assert (till["pushes"], till["pulls"], till["errors"]) == (3, 1, 1)
+    assert till["lag"] == 1 and office["lag"] is None                     # office pushed after till pulled
+    assert till["last_seen"].endswith("Z") and till["silent"] is False
+
+
+@pytest.mark.parametrize("settings,token", [({}, ADMIN), ({"ADMIN_TOKEN": ADMIN}, None),
+                                            ({"ADMIN_TOKEN": ADMIN}, "wrong"),
+                                            ({"ADMIN_TOKEN": ADMIN, "TOKENS": "till:" + TILL_TOKEN}, TILL_TOKEN)])
+def test_device_fleet_needs_the_admin_token(backend, settings, token):
+    application = started(backend, **settings)
+    headers = {"Authorization": "Bearer " + token} if token else {}
+    assert call(application, "GET", "/sync/devices", headers=headers).status == 401
+
+
+def test_device_fleet_survives_a_failed_flush(app, backend):
+    app.fleet.seen("till", "push")
+    real_execute = app.db.execute
+
+    def failing(conn, sql, params=()):
+        if "cloudsync_devices" in sql:
+            raise cloudsync.DatabaseUnavailable("down")
+        return real_execute(conn, sql, params)
+    app.db.execute = failing
+    with app.db.connection() as conn, pytest.raises(cloudsync.DatabaseUnavailable):
+        app.fleet.flush(conn)
+    del app.db.execute
+    app.fleet.seen("till", "pull", checkpoint_seq=0)
+    with app.db.connection() as conn:
+        till, = app.fleet.devices(conn, 0)
+    assert (till["pushes"], till["pulls"]) == (1, 1)
+
+
+def test_devices_command_prints_the_fleet(backend, capsys):
+    application = started(backend)
+    push(application, [op("insert", id="s1")], device_id="till")
+    with application.db.connection() as conn:
+        application.fleet.flush(conn)
+    backend.sql("UPDATE cloudsync_devices SET last_seen = '2000-01-01 00:00:00' WHERE device_id = 'till'")
+    assert cloudsync._print_devices(application) == 0
+    out = capsys.readouterr().out
+    assert "! till" in out and "1 device(s); 1 silent" in out
+
+
+CORS_CASES = [
+    # (CORS_ORIGINS, Origin sent, Access-Control-Allow-Origin expected)
+    ("https://field.example.com", "https://field.example.com", "https://field.example.com"),
+    ("https://field.example.com", "https://evil.example.com", None),
+    ("https://a.example.com,https://field.example.com", "https://field.example.com", "https://field.example.com"),
+    ("*", "https://anyone.example.com", "*"),
+    ("", "https://field.example.com", None),
+]
+
+
+@pytest.mark.parametrize("origins,origin,allowed", CORS_CASES)
+def test_cors_preflight_and_responses(backend, origins, origin, allowed):
+    application = started(backend, CORS_ORIGINS=origins)
+    preflight = call(application, "OPTIONS", "/sync/push", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status == 204 and preflight.body == b"" and "POST" in preflight.headers["Allow"]
+    assert preflight.headers.get("Access-Control-Allow-Origin") == allowed
+    if allowed:
+        assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+        assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    response = call(application, "POST", "/sync/pull", {"tables": ["sales"]}, headers={"Origin": origin})
+    assert response.status == 200 and response.headers.get("Access-Control-Allow-Origin") == allowed
+
+
+def test_preflight_needs_no_token(backend):
+    application = started(backend, TOKENS="till:" + TILL_TOKEN, CORS_ORIGINS="https://field.example.com")
+    response = call(application, "OPTIONS", "/sync/pull", headers={"Origin": "https://field.example.com"})
+    assert response.status == 204 and response.headers["Access-Control-Allow-Origin"] == "https://field.example.com"
+
+
+@pytest.mark.parametrize("value", ["field.example.com", "https://x.example.com/path", "ftp://x"])
+def test_bad_cors_origins_fail_at_start_up(value):
+    with pytest.raises(cloudsync.ConfigError, match="CORS_ORIGINS"):
+        cloudsync.load_config(None, environ={"CORS_ORIGINS": value})
+
+
+def test_check_finds_nothing_wrong_after_migrate(backend, capsys):
+    started(backend)
+    assert cloudsync._check(backend.config()) == 0
+    assert "0 problem(s)" in capsys.readouterr().out
+
+
+CHECK_PROBLEMS = [
+    # (break the setup, expected words in the output)
+    (lambda backend: backend.sql("DROP TRIGGER cloudsync_sales_upd"), "lacks change-capture triggers (upd)"),
+    (lambda backend: backend.sql("DROP TABLE item_sales"), "'item_sales' does not exist"),
+    (lambda backend: None, "the database does not answer"),
+]
+
+
+@pytest.mark.parametrize("breaks,words", CHECK_PROBLEMS)
+def test_check_reports_problems_and_fixes(backend, capsys, breaks, words):
+    started(backend)
+    breaks(backend)
+    config = backend.config() if words != "the database does not answer" else backend.config(
+        DB_HOST="127.0.0.1", DB_PORT="1", DB_USER="x", DB_NAME="x", DB_CONNECT_TIMEOUT_SECONDS="1")
+    assert cloudsync._check(config) >= 1
+    out = capsys.readouterr().out
+    assert words in out and "fix:" in out
+
+
+def test_check_command_exit_code(tmp_path):
+    env = dict(os.environ, DB_HOST="", DB_PATH=str(tmp_path / "missing.db"), ALLOWED_TABLES="sales")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "", "check"],
+                            cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "PROBLEM" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_sigterm_lets_a_push_in_progress_finish(tmp_path):
+    """SIGTERM while a push waits for the database: it is answered 200, new connections are refused."""
+    port = _free_port()
+    db_path = str(tmp_path / "demo.db")
+    env = dict(os.environ, PORT=str(port), DB_WAIT_SECONDS="30")
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "", "demo",
+                                "--db", db_path], cwd=str(tmp_path), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = "http://127.0.0.1:%d" % port
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")                   # the push will wait for this write lock
+        answer = []
+        request = urllib.request.Request(url + "/sync/push", method="POST", headers={
+            "Content-Type": "application/json"}, data=json.dumps({"operations": [op("insert", id="late")]}).encode())
+        sender = threading.Thread(target=lambda: answer.append(urllib.request.urlopen(request, timeout=60).status))
+        sender.start()
+        time.sleep(1.0)                                      # the push is now inside the server, waiting
+        process.send_signal(signal.SIGTERM)
+        for _ in range(100):                                 # the listening socket closes
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                time.sleep(0.05)
+            except OSError:
+                break
+        else:
+            pytest.fail("still accepting connections after SIGTERM")
+        blocker.execute("COMMIT")
+        sender.join(timeout=60)
+        assert answer == [200]
+        assert process.wait(timeout=60) == 0
+        assert sqlite3.connect(db_path).execute("SELECT id FROM sales").fetchall() == [("late",)]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 # ---------------------------------------------------------------------------
