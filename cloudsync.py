@@ -2660,6 +2660,782 @@ class DeviceFleet:
 
 
 # ---------------------------------------------------------------------------
+# API description (OpenAPI 3.1)
+# ---------------------------------------------------------------------------
+# The single source of truth for clients, served as GET /openapi.json. A test
+# checks that every route App knows is described here, and CI runs
+# schemathesis against a live server with it.
+
+OPENAPI = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "cloudsync",
+        "version": __version__,
+        "summary": "Sync server for offline-first devices.",
+        "description": (
+            "All request and response bodies are JSON (UTF-8), except GET /metrics. The server does not look at "
+            "the request Content-Type: every request body is parsed as JSON, and an empty body counts as {}.\n\n"
+            "Every error is a JSON object {\"success\": false, \"error\": \"...\", \"detail\": \"...\"}, sometimes "
+            "with more fields (op, conflicts, reset, status). `error` is short and stable; `detail` says what was "
+            "wrong. Fields are only ever added: clients must ignore fields they do not know.\n\n"
+            "HTTP details that apply to every path: an unknown path is a 404 JSON error; a known path with a "
+            "method it does not take is a 405 JSON error with an Allow header (checked before authentication). "
+            "HEAD works wherever GET does (same status and headers, no body). Paths ignore case and one trailing "
+            "slash (/SYNC/push/). Request bodies may be sent with Content-Encoding: gzip (or x-gzip, identity); "
+            "any other Content-Encoding is a 415, and the MAX_BODY_BYTES limit (default 10 MiB) applies to the "
+            "unpacked size too (413). Responses of GZIP_MIN_BYTES (default 1024) bytes or more carry "
+            "Vary: Accept-Encoding, and are gzipped (Content-Encoding: gzip) when the request's Accept-Encoding "
+            "allows gzip. Request bodies nested deeper than MAX_JSON_DEPTH (default 16) are a 400.\n\n"
+            "Authentication: with device tokens configured, every /sync* request needs Authorization: Bearer "
+            "<token> (401 with WWW-Authenticate: Bearer otherwise); with none configured (the server then listens "
+            "on loopback only, or runs with AUTH=off) no token is needed. /sync/devices takes ADMIN_TOKEN instead, "
+            "/metrics METRICS_TOKEN or ADMIN_TOKEN when set. /health, /openapi.json and OPTIONS are always "
+            "open.\n\n"
+            "CORS: every path answers a preflight OPTIONS request with 204; the Access-Control-Allow-* headers "
+            "are present only when the request's Origin is allowed."
+        ),
+        "license": {"name": "MIT", "identifier": "MIT"},
+    },
+    "tags": [
+        {"name": "sync", "description": "Pushing and pulling rows."},
+        {"name": "operations", "description": "Liveness, readiness, monitoring."},
+        {"name": "meta", "description": "This description, CORS."},
+    ],
+    "security": [{"deviceToken": []}, {}],
+    "paths": {
+        "/health": {
+            "get": {
+                "operationId": "health",
+                "tags": ["operations"],
+                "summary": "Liveness: answers without touching the database.",
+                "security": [{}],
+                "responses": {
+                    "200": {
+                        "description": "The server is running.",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
+                    },
+                },
+            },
+            "head": {
+                "operationId": "healthHead",
+                "tags": ["operations"],
+                "summary": "GET /health without the body.",
+                "security": [{}],
+                "responses": {"200": {"description": "The server is running (no body)."}},
+            },
+            "options": {
+                "operationId": "preflightHealth",
+                "tags": ["meta"],
+                "summary": "CORS preflight.",
+                "security": [{}],
+                "parameters": [{"$ref": "#/components/parameters/Origin"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
+                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
+            },
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "tags": ["meta"],
+                "summary": "This OpenAPI description.",
+                "security": [{}],
+                "responses": {
+                    "200": {
+                        "description": "The OpenAPI 3.1 document.",
+                        "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
+                                    "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
+                        "content": {"application/json": {"schema": {
+                            "type": "object",
+                            "required": ["openapi", "info", "paths"],
+                            "properties": {"openapi": {"type": "string", "pattern": "^3\\.1\\.\\d+$"}},
+                        }}},
+                    },
+                },
+            },
+            "head": {
+                "operationId": "openapiHead",
+                "tags": ["meta"],
+                "summary": "GET /openapi.json without the body.",
+                "security": [{}],
+                "responses": {"200": {"description": "Headers only."}},
+            },
+            "options": {
+                "operationId": "preflightOpenapi",
+                "tags": ["meta"],
+                "summary": "CORS preflight.",
+                "security": [{}],
+                "parameters": [{"$ref": "#/components/parameters/Origin"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
+                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
+            },
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "tags": ["operations"],
+                "summary": "Counters and gauges in the Prometheus text exposition format 0.0.4.",
+                "description": "With METRICS_TOKEN or ADMIN_TOKEN set, one of them is needed; with neither, "
+                               "/metrics is protected like /sync* (a device token when tokens are configured).",
+                "security": [{"metricsToken": []}, {"adminToken": []}, {"deviceToken": []}, {}],
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format.",
+                        "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
+                                    "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
+                        "content": {"text/plain; version=0.0.4; charset=utf-8": {"schema": {"type": "string"}}},
+                    },
+                    "401": {"$ref": "#/components/responses/Unauthorized"},
+                },
+            },
+            "head": {
+                "operationId": "metricsHead",
+                "tags": ["operations"],
+                "summary": "GET /metrics without the body.",
+                "security": [{"metricsToken": []}, {"adminToken": []}, {"deviceToken": []}, {}],
+                "responses": {
+                    "200": {"description": "Headers only."},
+                    "401": {"description": "Unauthorized (no body).",
+                            "headers": {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}}},
+                },
+            },
+            "options": {
+                "operationId": "preflightMetrics",
+                "tags": ["meta"],
+                "summary": "CORS preflight.",
+                "security": [{}],
+                "parameters": [{"$ref": "#/components/parameters/Origin"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
+                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
+            },
+        },
+        "/sync/status": {
+            "get": {
+                "operationId": "status",
+                "tags": ["operations"],
+                "summary": "Readiness: a database round trip, and the allowed tables as the database describes them.",
+                "description": "Re-reads the tables' columns and keys (at most once a second), so an ALTER TABLE "
+                               "shows without a restart.",
+                "responses": {
+                    "200": {
+                        "description": "The database answered.",
+                        "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
+                                    "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}},
+                    },
+                    "401": {"$ref": "#/components/responses/Unauthorized"},
+                    "500": {
+                        "description": "`Schema problem`: an allowed table disappeared or lost its primary key "
+                                       "(`detail` names it, `status` is \"error\"); or `Internal server error`.",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                    },
+                    "503": {
+                        "description": "`Database unavailable`, with `status`: \"error\".",
+                        "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/StatusError"}}},
+                    },
+                },
+            },
+            "head": {
+                "operationId": "statusHead",
+                "tags": ["operations"],
+                "summary": "GET /sync/status without the body.",
+                "responses": {
+                    "200": {"description": "Headers only."},
+                    "401": {"description": "Unauthorized (no body).",
+                            "headers": {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}}},
+                    "500": {"description": "Schema problem (no body)."},
+                    "503": {"description": "Database unavailable (no body).",
+                            "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}},
+                },
+            },
+            "options": {
+                "operationId": "preflightStatus",
+                "tags": ["meta"],
+                "summary": "CORS preflight.",
+                "security": [{}],
+                "parameters": [{"$ref": "#/components/parameters/Origin"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
+                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
+            },
+        },
+        "/sync/devices": {
+            "get": {
+                "operationId": "devices",
+                "tags": ["operations"],
+                "summary": "Every device that has pushed or pulled: when, how far behind, how many pushes and errors.",
+                "description": "Needs ADMIN_TOKEN, whatever else is configured: without ADMIN_TOKEN set the "
+                               "endpoint is off (401).",
+                "security": [{"adminToken": []}],
+                "responses": {
+                    "200": {
+                        "description": "The devices, in device_id order.",
+                        "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
+                                    "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Devices"}}},
+                    },
+                    "401": {"$ref": "#/components/responses/Unauthorized"},
+                    "500": {"$ref": "#/components/responses/ServerError"},
+                    "503": {"$ref": "#/components/responses/Unavailable"},
+                },
+            },
+            "head": {
+                "operationId": "devicesHead",
+                "tags": ["operations"],
+                "summary": "GET /sync/devices without the body.",
+                "security": [{"adminToken": []}],
+                "responses": {
+                    "200": {"description": "Headers only."},
+                    "401": {"description": "Unauthorized (no body).",
+                            "headers": {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}}},
+                    "500": {"description": "The database failed (no body)."},
+                    "503": {"description": "The database is unavailable (no body).",
+                            "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}},
+                },
+            },
+            "options": {
+                "operationId": "preflightDevices",
+                "tags": ["meta"],
+                "summary": "CORS preflight.",
+                "security": [{}],
+                "parameters": [{"$ref": "#/components/parameters/Origin"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
+                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
+            },
+        },
+        "/sync/push": {
+            "post": {
+                "operationId": "push",
+                "tags": ["sync"],
+                "summary": "Apply a batch of operations in one transaction: all or nothing.",
+                "description": (
+                    "Every operation is checked (table, action, columns, key, value types) before the first "
+                    "statement runs; no error answer applies anything. With `batch_id` a retry returns the first "
+                    "outcome with `replayed: true`. With `checkpoint`, operations on rows changed since it are "
+                    "conflicts: 409 (on_conflict abort) or skipped and listed (on_conflict skip)."
+                ),
+                "requestBody": {"$ref": "#/components/requestBodies/Push"},
+                "responses": {
+                    "200": {"$ref": "#/components/responses/PushApplied"},
+                    "400": {"$ref": "#/components/responses/PushInvalid"},
+                    "401": {"$ref": "#/components/responses/Unauthorized"},
+                    "403": {"$ref": "#/components/responses/PushForbidden"},
+                    "409": {"$ref": "#/components/responses/PushConflict"},
+                    "410": {"$ref": "#/components/responses/Expired"},
+                    "413": {"$ref": "#/components/responses/PushTooLarge"},
+                    "415": {"$ref": "#/components/responses/UnsupportedEncoding"},
+                    "500": {"$ref": "#/components/responses/ServerError"},
+                    "503": {"$ref": "#/components/responses/Unavailable"},
+                },
+            },
+            "options": {
+                "operationId": "preflightPush",
+                "tags": ["meta"],
+                "summary": "CORS preflight.",
+                "security": [{}],
+                "parameters": [{"$ref": "#/components/parameters/Origin"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
+                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
+            },
+        },
+        "/sync": {
+            "post": {
+                "operationId": "pushAlias",
+                "tags": ["sync"],
+                "summary": "The old alias of POST /sync/push: the same request and answers.",
+                "deprecated": True,
+                "requestBody": {"$ref": "#/components/requestBodies/Push"},
+                "responses": {
+                    "200": {"$ref": "#/components/responses/PushApplied"},
+                    "400": {"$ref": "#/components/responses/PushInvalid"},
+                    "401": {"$ref": "#/components/responses/Unauthorized"},
+                    "403": {"$ref": "#/components/responses/PushForbidden"},
+                    "409": {"$ref": "#/components/responses/PushConflict"},
+                    "410": {"$ref": "#/components/responses/Expired"},
+                    "413": {"$ref": "#/components/responses/PushTooLarge"},
+                    "415": {"$ref": "#/components/responses/UnsupportedEncoding"},
+                    "500": {"$ref": "#/components/responses/ServerError"},
+                    "503": {"$ref": "#/components/responses/Unavailable"},
+                },
+            },
+            "options": {
+                "operationId": "preflightPushAlias",
+                "tags": ["meta"],
+                "summary": "CORS preflight.",
+                "security": [{}],
+                "parameters": [{"$ref": "#/components/parameters/Origin"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
+                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
+            },
+        },
+        "/sync/pull": {
+            "post": {
+                "operationId": "pull",
+                "tags": ["sync"],
+                "summary": "Rows of the requested tables (seed mode), or the changes after a checkpoint (sync mode).",
+                "description": (
+                    "Without a `since` field: seed mode, the first `limit` rows of each table in primary-key order "
+                    "(answer `data`). Unchanged answers are served from memory with an ETag (when "
+                    "CHANGE_CAPTURE=triggers); If-None-Match with that ETag gives 304 and no body.\n\n"
+                    "With a `since` field (null for a first sync, else the `checkpoint` of the previous answer): "
+                    "sync mode, at most `limit` upserted rows plus deleted keys per answer (answer `changes`, "
+                    "`checkpoint`, `has_more`). Call again with the new checkpoint while `has_more` is true. "
+                    "A checkpoint belongs to the list of tables it was pulled with."
+                ),
+                "parameters": [{
+                    "name": "If-None-Match",
+                    "in": "header",
+                    "required": False,
+                    "description": "Seed mode: the ETag of an earlier answer; 304 when the answer is unchanged.",
+                    "schema": {"type": "string"},
+                }],
+                "requestBody": {
+                    "required": False,
+                    "description": "An empty body is taken as {} (every allowed table, seed mode).",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PullRequest"}}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "Seed mode (`data`) or sync mode (`changes`).",
+                        "headers": {
+                            "ETag": {"description": "Seed mode with CHANGE_CAPTURE=triggers: the answer's version.",
+                                     "schema": {"type": "string", "pattern": "^\"[0-9a-f]{32}\"$"}},
+                            "Cache-Control": {"description": "`no-cache`, with ETag.",
+                                              "schema": {"type": "string", "const": "no-cache"}},
+                            "Vary": {"$ref": "#/components/headers/Vary"},
+                            "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"},
+                        },
+                        "content": {"application/json": {"schema": {"oneOf": [
+                            {"$ref": "#/components/schemas/SeedPull"},
+                            {"$ref": "#/components/schemas/ChangesPull"},
+                        ]}}},
+                    },
+                    "304": {
+                        "description": "Seed mode: If-None-Match holds the current ETag. No body.",
+                        "headers": {
+                            "ETag": {"schema": {"type": "string"}},
+                            "Cache-Control": {"schema": {"type": "string", "const": "no-cache"}},
+                        },
+                    },
+                    "400": {
+                        "description": (
+                            "`Invalid JSON`, `Invalid payload` (body not an object, `tables` not a list), "
+                            "`Invalid table`, `No tables configured` (`tables` is [] or ALLOWED_TABLES is empty), "
+                            "`Invalid limit`, `Invalid checkpoint` (not issued by this server for this database "
+                            "and these tables), `Too deeply nested`, `Invalid request` (bad gzip, short body)."
+                        ),
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                    },
+                    "401": {"$ref": "#/components/responses/Unauthorized"},
+                    "403": {
+                        "description": "`Table not permitted`: a table outside the device token's tables.",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                    },
+                    "410": {"$ref": "#/components/responses/Expired"},
+                    "413": {"$ref": "#/components/responses/TooLarge"},
+                    "415": {"$ref": "#/components/responses/UnsupportedEncoding"},
+                    "500": {"$ref": "#/components/responses/ServerError"},
+                    "503": {"$ref": "#/components/responses/Unavailable"},
+                },
+            },
+            "options": {
+                "operationId": "preflightPull",
+                "tags": ["meta"],
+                "summary": "CORS preflight.",
+                "security": [{}],
+                "parameters": [{"$ref": "#/components/parameters/Origin"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
+                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
+                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
+            },
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "deviceToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "A device token (`cloudsync.py token add DEVICE`), bound to a device id and "
+                               "optionally to tables. Needed on /sync* only when tokens are configured.",
+            },
+            "adminToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "ADMIN_TOKEN: for /sync/devices and /metrics.",
+            },
+            "metricsToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "METRICS_TOKEN: for /metrics only (a scraper).",
+            },
+        },
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait before retrying.",
+                            "schema": {"type": "integer", "minimum": 0}},
+            "WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer realm=\"cloudsync\""}},
+            "Vary": {"description": "`Accept-Encoding` on bodies of GZIP_MIN_BYTES or more.",
+                     "schema": {"type": "string"}},
+            "Content-Encoding": {"description": "`gzip` when the body is gzipped (Accept-Encoding allowed it).",
+                                 "schema": {"type": "string", "const": "gzip"}},
+            "Allow": {"description": "The methods the path takes.", "schema": {"type": "string"}},
+        },
+        "responses": {
+            "Unauthorized": {
+                "description": "`Unauthorized`: tokens are configured and the request has no valid one.",
+                "headers": {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}},
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "Expired": {
+                "description": "`Checkpoint expired`: the checkpoint is older than what compaction removed, or "
+                               "ahead of the log (a restored database). Start again with `since: null`.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ExpiredError"}}},
+            },
+            "TooLarge": {
+                "description": "`Payload too large`: the body, or the unpacked gzip body, is over MAX_BODY_BYTES.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "UnsupportedEncoding": {
+                "description": "`Unsupported content encoding`: Content-Encoding other than gzip or identity.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "ServerError": {
+                "description": "The database failed (nothing was applied), or `Internal server error`.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "Unavailable": {
+                "description": "The database is unreachable, or a push is still deadlocked after PUSH_RETRIES retries.",
+                "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "MethodNotAllowed": {
+                "description": "`Method not allowed` (any known path, any method it does not take).",
+                "headers": {"Allow": {"$ref": "#/components/headers/Allow"}},
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "NotFound": {
+                "description": "`Not found` (any unknown path).",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "Preflight": {
+                "description": "CORS preflight answered, without authentication (no body). The "
+                               "Access-Control-Allow-* headers are sent only when Origin is allowed; without them "
+                               "the browser refuses the request.",
+                "headers": {
+                    "Access-Control-Allow-Origin": {"schema": {"type": "string"}},
+                    "Access-Control-Allow-Methods": {"schema": {"type": "string"}},
+                    "Access-Control-Allow-Headers": {"schema": {"type": "string"}},
+                    "Access-Control-Max-Age": {"schema": {"type": "integer", "minimum": 0}},
+                    "Vary": {"schema": {"type": "string"}},
+                },
+            },
+            "PushApplied": {
+                "description": "Applied (or replayed).",
+                "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
+                            "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PushResult"}}},
+            },
+            "PushInvalid": {
+                "description": (
+                    "`Invalid JSON`, `Invalid payload`, `Invalid operation`, `Invalid table`, `Invalid action`, "
+                    "`Unknown column`, `Missing key`, `Invalid value`, `Invalid checkpoint`, `Too deeply nested`, "
+                    "`Invalid request` (bad gzip, short body); `Sync failed` when the database refused a value "
+                    "(`op` names the operation)."
+                ),
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "PushForbidden": {
+                "description": "`Forbidden` (device_id is not the token's device), `Read-only table` or `Table not "
+                               "permitted` (`op` names the operation).",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "PushConflict": {
+                "description": "`Conflict` (with `checkpoint` and on_conflict abort; `conflicts` lists them), "
+                               "`Sync failed` (a row with that key exists with other values; `op`), or `Batch id "
+                               "reused`.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "PushTooLarge": {
+                "description": "`Payload too large` (the body or unpacked body over MAX_BODY_BYTES), `Too many "
+                               "operations` (over MAX_OPERATIONS) or `Value too large` (a text over MAX_VALUE_BYTES).",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+        },
+        "parameters": {
+            "Origin": {"name": "Origin", "in": "header", "required": False, "schema": {"type": "string"},
+                       "description": "The page's origin; the CORS headers are sent only when it is allowed."},
+            "Access-Control-Request-Method": {"name": "Access-Control-Request-Method", "in": "header",
+                                              "required": False, "schema": {"type": "string"}},
+            "Access-Control-Request-Headers": {"name": "Access-Control-Request-Headers", "in": "header",
+                                               "required": False, "schema": {"type": "string"}},
+        },
+        "requestBodies": {
+            "Push": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PushRequest"}}},
+            },
+        },
+        "schemas": {
+            "Value": {
+                "description": "A column value. DECIMAL as an exact string (\"12.50\"), dates ISO 8601, TIME "
+                               "\"HH:MM:SS\", binary as base64, booleans stored as 1/0.",
+                "type": ["string", "integer", "number", "boolean", "null"],
+            },
+            "Row": {
+                "description": "One row: column name to value, every column of the table.",
+                "type": "object",
+                "additionalProperties": {"$ref": "#/components/schemas/Value"},
+            },
+            "Key": {
+                "description": "A row's primary key: its value, or {column: value} for a composite key.",
+                "anyOf": [
+                    {"$ref": "#/components/schemas/Value"},
+                    {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/Value"}},
+                ],
+            },
+            "Checkpoint": {
+                "description": "Opaque and signed: a string this server returned (`cs1.<payload>.<mac>`).",
+                "type": "string",
+                "pattern": "^cs1\\.[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+$",
+            },
+            "Id": {"type": "string", "minLength": 1, "maxLength": 128},
+            "Error": {
+                "type": "object",
+                "required": ["success", "error", "detail"],
+                "properties": {
+                    "success": {"const": False},
+                    "error": {"type": "string", "description": "Short and stable: what kind of error."},
+                    "detail": {"type": "string", "description": "What exactly was wrong."},
+                    "op": {"type": "integer", "minimum": 0,
+                           "description": "The index of the operation concerned (push errors)."},
+                    "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"}},
+                    "reset": {"const": True, "description": "With 410: start again from `since: null`."},
+                    "status": {"const": "error", "description": "GET /sync/status errors."},
+                },
+            },
+            "ExpiredError": {
+                "allOf": [{"$ref": "#/components/schemas/Error"}],
+                "required": ["reset"],
+            },
+            "StatusError": {
+                "allOf": [{"$ref": "#/components/schemas/Error"}],
+                "required": ["status"],
+            },
+            "Health": {
+                "type": "object",
+                "required": ["status"],
+                "properties": {"status": {"const": "Sync API running"}},
+            },
+            "Status": {
+                "type": "object",
+                "required": ["success", "status", "allowed_tables", "backend", "server_version", "driver",
+                             "version", "change_capture", "last_seq", "tables"],
+                "properties": {
+                    "success": {"const": True},
+                    "status": {"const": "ok"},
+                    "allowed_tables": {"type": "array", "items": {"type": "string"}},
+                    "backend": {"enum": ["mysql", "sqlite"]},
+                    "server_version": {"type": "string", "examples": ["MySQL 10.11.19-MariaDB-0+deb12u1"]},
+                    "driver": {"type": "string", "examples": ["mysql-connector-python 9.5.0 (C extension)"]},
+                    "version": {"type": "string", "description": "cloudsync's version."},
+                    "change_capture": {"enum": ["triggers", "api"]},
+                    "last_seq": {"type": "integer", "minimum": 0, "description": "The newest change-log number."},
+                    "tables": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": ["primary_key", "columns"],
+                            "properties": {
+                                "primary_key": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                                "columns": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                            },
+                        },
+                    },
+                },
+            },
+            "Devices": {
+                "type": "object",
+                "required": ["success", "devices"],
+                "properties": {
+                    "success": {"const": True},
+                    "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
+                },
+            },
+            "Device": {
+                "type": "object",
+                "required": ["device_id", "first_seen", "last_seen", "last_push", "last_pull", "checkpoint_seq",
+                             "lag", "pushes", "errors"],
+                "properties": {
+                    "device_id": {"type": "string"},
+                    "first_seen": {"type": "string", "format": "date-time", "description": "UTC, whole seconds."},
+                    "last_seen": {"type": "string", "format": "date-time"},
+                    "last_push": {"type": ["string", "null"], "format": "date-time",
+                                  "description": "null: never pushed."},
+                    "last_pull": {"type": ["string", "null"], "format": "date-time",
+                                  "description": "null: never pulled."},
+                    "checkpoint_seq": {"type": ["integer", "null"], "minimum": 0,
+                                       "description": "The sequence number of the device's newest checkpoint; "
+                                                      "null: no sync-mode pull yet."},
+                    "lag": {"type": ["integer", "null"], "minimum": 0,
+                            "description": "Changes numbered after checkpoint_seq (last_seq - checkpoint_seq)."},
+                    "pushes": {"type": "integer", "minimum": 0},
+                    "pulls": {"type": "integer", "minimum": 0},
+                    "silent": {"type": "boolean", "description": "Not seen for more than a day."},
+                    "errors": {"type": "integer", "minimum": 0, "description": "Answers of 400 or more."},
+                },
+            },
+            "Operation": {
+                "type": "object",
+                "required": ["table", "action", "data"],
+                "properties": {
+                    "table": {"type": "string", "description": "A table in ALLOWED_TABLES."},
+                    "action": {"enum": ["insert", "update", "delete", "upsert"]},
+                    "data": {
+                        "type": "object",
+                        "description": "Column values; must hold every primary-key column (an insert may leave "
+                                       "out a key the database generates). Update sets the given columns; delete "
+                                       "needs only the key.",
+                        "additionalProperties": {"$ref": "#/components/schemas/Value"},
+                    },
+                },
+            },
+            "PushRequest": {
+                "type": "object",
+                "required": ["operations"],
+                "properties": {
+                    "device_id": {
+                        "description": "With a token: absent, null or the token's device id (else 403).",
+                        "anyOf": [{"$ref": "#/components/schemas/Id"}, {"type": "null"}],
+                    },
+                    "batch_id": {
+                        "description": "Makes the push retry-safe: the same device_id + batch_id is applied once.",
+                        "anyOf": [{"$ref": "#/components/schemas/Id"}, {"type": "null"}],
+                    },
+                    "checkpoint": {
+                        "description": "The device's last pulled checkpoint: turns on conflict detection.",
+                        "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
+                    },
+                    "on_conflict": {"enum": ["abort", "skip"], "default": "abort"},
+                    "operations": {
+                        "type": "array",
+                        "description": "At most MAX_OPERATIONS (default 10000) operations, applied in order.",
+                        "items": {"$ref": "#/components/schemas/Operation"},
+                    },
+                },
+            },
+            "OpRef": {
+                "type": "object",
+                "required": ["op", "table", "key"],
+                "properties": {
+                    "op": {"type": "integer", "minimum": 0},
+                    "table": {"type": "string"},
+                    "key": {"$ref": "#/components/schemas/Key"},
+                },
+            },
+            "Conflict": {
+                "type": "object",
+                "required": ["op", "table", "key", "server_row"],
+                "properties": {
+                    "op": {"type": "integer", "minimum": 0},
+                    "table": {"type": "string"},
+                    "key": {"$ref": "#/components/schemas/Key"},
+                    "server_row": {
+                        "description": "The row as the server has it now; null when it is gone.",
+                        "anyOf": [{"$ref": "#/components/schemas/Row"}, {"type": "null"}],
+                    },
+                },
+            },
+            "PushResult": {
+                "type": "object",
+                "required": ["success", "applied", "checkpoint"],
+                "properties": {
+                    "success": {"const": True},
+                    "applied": {"type": "integer", "minimum": 0,
+                                "description": "Operations run (skipped conflicts are not counted)."},
+                    "missing": {"type": "array", "items": {"$ref": "#/components/schemas/OpRef"},
+                                "description": "Updates whose row does not exist (nothing changed)."},
+                    "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"},
+                                  "description": "on_conflict skip: the operations skipped."},
+                    "checkpoint": {
+                        "description": "The device's next pull position; null when the request had no checkpoint.",
+                        "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
+                    },
+                    "replayed": {"const": True, "description": "This batch_id was applied before; nothing changed."},
+                },
+            },
+            "PullRequest": {
+                "type": "object",
+                "properties": {
+                    "tables": {
+                        "description": "Tables to pull, each in ALLOWED_TABLES (and the token's tables); absent "
+                                       "or null: every allowed table (the token's).",
+                        "anyOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1}, {"type": "null"}],
+                    },
+                    "limit": {
+                        "description": "Most rows per table (seed mode) or rows plus deleted keys per answer (sync "
+                                       "mode). Default 1000; larger values are capped at MAX_PULL_ROWS (5000). A "
+                                       "string of digits is taken too.",
+                        "anyOf": [
+                            {"type": "integer", "minimum": 1},
+                            {"type": "string", "pattern": "^0*[1-9][0-9]*$", "maxLength": 12},
+                            {"type": "null"},
+                        ],
+                    },
+                    "since": {
+                        "description": "Present: sync mode. null for a first sync, else the `checkpoint` of the "
+                                       "previous answer.",
+                        "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
+                    },
+                },
+            },
+            "SeedPull": {
+                "type": "object",
+                "required": ["success", "data", "limit"],
+                "properties": {
+                    "success": {"const": True},
+                    "data": {
+                        "type": "object",
+                        "description": "Table name to its first `limit` rows in primary-key order.",
+                        "additionalProperties": {"type": "array", "items": {"$ref": "#/components/schemas/Row"}},
+                    },
+                    "limit": {"type": "integer", "minimum": 1, "description": "The limit used."},
+                },
+            },
+            "ChangesPull": {
+                "type": "object",
+                "required": ["success", "changes", "checkpoint", "has_more", "limit"],
+                "properties": {
+                    "success": {"const": True},
+                    "changes": {
+                        "type": "object",
+                        "description": "Every requested table, changed or not.",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": ["upserted", "deleted"],
+                            "properties": {
+                                "upserted": {"type": "array", "items": {"$ref": "#/components/schemas/Row"},
+                                             "description": "Rows to insert or replace, as they are now."},
+                                "deleted": {"type": "array", "items": {"$ref": "#/components/schemas/Key"},
+                                            "description": "Keys of rows to delete."},
+                            },
+                        },
+                    },
+                    "checkpoint": {"$ref": "#/components/schemas/Checkpoint"},
+                    "has_more": {"type": "boolean", "description": "Pull again with `checkpoint` at once."},
+                    "limit": {"type": "integer", "minimum": 1, "description": "The limit used."},
+                },
+            },
+        },
+    },
+}
+
+
+# ---------------------------------------------------------------------------
 # HTTP application
 # ---------------------------------------------------------------------------
 
@@ -2784,7 +3560,9 @@ class App:
             "/sync/status": {"GET": self.status},
             "/sync/devices": {"GET": self.devices},
             "/metrics": {"GET": self.metrics_text},
+            "/openapi.json": {"GET": self.openapi},
         }
+        self._openapi = None
 
     def start(self, progress=None):
         """Check every allowed table, install change capture; raise SchemaError, ChangeCaptureError
@@ -3013,6 +3791,12 @@ class App:
         if encoded.etag in request.environ.get("HTTP_IF_NONE_MATCH", ""):
             return 304, None, headers
         return 200, encoded, headers
+
+    def openapi(self, request):
+        """This API's OpenAPI 3.1 description."""
+        if self._openapi is None:
+            self._openapi = Encoded(to_json_bytes(OPENAPI))
+        return 200, self._openapi
 
     def _count_pulled(self, request, counts):
         request.count = sum(counts.values())
