@@ -3980,22 +3980,26 @@ def _serve(app, config):
     server.channel_class = Channel
     log.info("cloudsync %s listening on http://%s:%d", __version__, config.host, config.port)
 
+    import waitress.wasyncore
+    # SIGTERM only sets a flag and wakes the loop: an exception raised inside waitress's
+    # handlers would be caught there and logged, and the server would carry on.
+    terminating = []
+
     def terminate(signum, frame):
-        raise _Terminate()
+        terminating.append(signum)
+        server.trigger.pull_trigger()
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        server.run()
-    except _Terminate:
+        while not terminating:
+            waitress.wasyncore.loop(timeout=server.adj.asyncore_loop_timeout, map=server._map,
+                                    use_poll=server.adj.asyncore_use_poll, count=1)
         _drain(server, config.shutdown_grace_seconds)
     except KeyboardInterrupt:
+        server.task_dispatcher.shutdown()
         log.info("stopped")
     finally:
         signal.signal(signal.SIGTERM, previous)
         server.close()
-
-
-class _Terminate(Exception):
-    """SIGTERM arrived: stop accepting, let requests in progress finish, then exit."""
 
 
 def _drain(server, grace_seconds):

@@ -28,6 +28,7 @@ import wsgiref.validate
 import pytest
 
 import cloudsync
+import cloudsync_client
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MYSQL = {
@@ -806,8 +807,9 @@ def demo_server(tmp_path):
     """`python cloudsync.py demo` on a free port, as the README starts it."""
     port = _free_port()
     env = dict(os.environ, PORT=str(port), MAX_BODY_BYTES="100000")
+    log_path = tmp_path / "demo.log"                    # a file: a full pipe would stall the server
     process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py"), "demo"], cwd=str(tmp_path),
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
     url = "http://127.0.0.1:%d" % port
     for _ in range(100):
         try:
@@ -817,7 +819,7 @@ def demo_server(tmp_path):
             time.sleep(0.1)
     else:
         process.kill()
-        pytest.fail("demo server did not start: %s" % process.stdout.read().decode())
+        pytest.fail("demo server did not start: %s" % log_path.read_text(errors="replace"))
     yield url
     process.terminate()
     process.wait(timeout=10)
@@ -2384,6 +2386,355 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
         process.wait(timeout=60)
     server_log = log_path.read_text(errors="replace")
     assert "Traceback" not in server_log, server_log[-4000:]
+
+
+# ---------------------------------------------------------------------------
+# Reference client (cloudsync_client.py) against a live server
+# ---------------------------------------------------------------------------
+
+# The demo's tables (schema-sqlite.sql) as the client describes them: columns, primary key.
+DEMO_TABLES = {
+    "sales": (["id", "customer_id", "total", "note", "sold_at"], ["id"]),
+    "products": (["id", "name", "price", "barcode", "updated_at"], ["id"]),
+    "customers": (["id", "name", "phone", "updated_at"], ["id"]),
+}
+
+
+class Server:
+    """A cloudsync process on a free loopback port; `db` is its SQLite file."""
+
+    def __init__(self, tmp_path, args=("demo",), **settings):
+        self.db = str(tmp_path / "server.db")
+        self.log = str(tmp_path / "server.log")    # a file: a full pipe would stall the server
+        self.port = _free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        env = {name: value for name, value in os.environ.items() if name not in cloudsync.SETTING_NAMES}
+        env.update(HOST="127.0.0.1", PORT=str(self.port), COMPACT_INTERVAL_SECONDS="3600", **settings)
+        if args[0] == "demo":
+            args = list(args) + ["--db", self.db]
+        self.env = env
+        self.cwd = str(tmp_path)
+        self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", ""]
+                                        + list(args), cwd=self.cwd, env=env,
+                                        stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.process.kill()
+        pytest.fail("server did not start: %s" % open(self.log, errors="replace").read())
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+    def rows(self, table):
+        """The server's rows of `table`, read with a sync-mode pull from null (as a new device would)."""
+        rows, since = [], None
+        while True:
+            request = urllib.request.Request(self.url + "/sync/pull", json.dumps(
+                {"tables": [table], "since": since, "limit": 1000}).encode(), {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                answer = json.loads(response.read())
+            rows.extend(answer["changes"][table]["upserted"])
+            since = answer["checkpoint"]
+            if not answer["has_more"]:
+                return sorted(rows, key=lambda row: [row[name] for name in DEMO_TABLES.get(table, ([], ["id"]))[1]])
+
+    def changes_of(self, table, key):
+        """How many times the server's change log recorded a change of this row."""
+        with sqlite3.connect(self.db) as conn:
+            return conn.execute("SELECT COUNT(*) FROM cloudsync_changes WHERE table_name = ? AND row_key = ?",
+                                (table, json.dumps([key], separators=(",", ":")))).fetchone()[0]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """`cloudsync.py demo` on a fresh SQLite file, no tokens."""
+    started = Server(tmp_path)
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def device(tmp_path, server):
+    """A factory of clients, each with its own local SQLite file; closed after the test."""
+    made = []
+
+    def make(name, **options):
+        options.setdefault("tables", DEMO_TABLES)
+        client = cloudsync_client.Client(str(tmp_path / (name + ".db")), options.pop("url", server.url),
+                                         device_id=name, **options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def assert_equal_to_server(server, *clients):
+    for table in DEMO_TABLES:
+        expected = server.rows(table)
+        for client in clients:
+            assert client.rows(table) == expected, (client.device_id, table)
+
+
+def record_posts(client):
+    """Wrap the client's HTTP calls; return the list of (path, body, status, answer) it made."""
+    calls, post = [], client._post
+
+    def recording(path, body):
+        status, answer = post(path, body)
+        calls.append((path, body, status, answer))
+        return status, answer
+
+    client._post = recording
+    return calls
+
+
+# ---------------------------------------------------------------------------
+# End to end: two devices offline, conflicting and independent edits
+# ---------------------------------------------------------------------------
+
+
+def test_two_devices_edit_offline_and_converge_server_wins(server, device):
+    till_a = device("till-a", batch_size=2, pull_limit=2)      # small: several batches and pages
+    till_b = device("till-b", batch_size=2, pull_limit=2)
+    for n in range(1, 5):
+        till_a.insert("sales", {"id": "s%d" % n, "total": "%d.00" % n, "note": "new"})
+    till_a.insert("products", {"id": "p1", "name": "Coffee", "price": "2.50"})
+    assert till_a.sync() and till_b.sync()
+    assert till_b.rows("sales") == till_a.rows("sales")
+    # offline: both edit s1 (a conflict), and each makes independent changes
+    till_a.update("sales", "s1", {"note": "from a"})
+    till_b.update("sales", "s1", {"note": "from b", "total": "9.00"})
+    till_a.insert("sales", {"id": "s5", "total": "5.00"})
+    till_a.update("sales", "s3", {"total": "3.30"})
+    till_b.delete("sales", "s2")
+    till_b.insert("customers", {"id": "c1", "name": "Ann"})
+    till_b.upsert("products", {"id": "p1", "name": "Espresso"})
+    till_b.update("sales", "s4", {"note": "b again"})
+    assert till_a.sync()
+    assert till_b.sync()
+    assert [c["key"] for c in till_b.last_report["conflicts"]] == ["s1"]
+    assert till_b.last_report["dropped"] == []
+    assert till_a.sync() and till_b.sync() and till_a.sync()     # once more: nothing left to move
+    assert till_a.pending() == till_b.pending() == 0
+    assert_equal_to_server(server, till_a, till_b)
+    sales = {row["id"]: row for row in till_a.rows("sales")}
+    assert sales["s1"]["note"] == "from a" and sales["s1"]["total"] == "1.00"      # server (first writer) won
+    assert set(sales) == {"s1", "s3", "s4", "s5"}
+    assert sales["s3"]["total"] == "3.30" and sales["s4"]["note"] == "b again"
+    assert till_a.rows("products")[0]["name"] == "Espresso" and till_a.rows("customers")[0]["name"] == "Ann"
+
+
+def test_conflict_on_deleted_row_deletes_it_locally(server, device):
+    till_a, till_b = device("till-a"), device("till-b")
+    till_a.insert("sales", {"id": "s1", "total": "1.00"})
+    assert till_a.sync() and till_b.sync()
+    till_a.delete("sales", "s1")
+    till_b.update("sales", "s1", {"note": "kept?"})
+    till_b.insert("sales", {"id": "s2", "total": "2.00"})
+    assert till_a.sync()
+    post = till_b._post
+    till_b._post = lambda path, body: (None, None) if path == "/sync/pull" else post(path, body)   # pull fails
+    assert till_b.sync() is False
+    assert till_b.last_report["conflicts"][0]["server_row"] is None
+    assert [row["id"] for row in till_b.rows("sales")] == ["s2"]        # taken from the conflict, not a pull
+    till_b._post = post
+    assert till_b.sync()
+    assert till_a.sync()
+    assert_equal_to_server(server, till_a, till_b)
+
+
+# ---------------------------------------------------------------------------
+# Retries: lost answers, server down, crash between send and answer
+# ---------------------------------------------------------------------------
+
+
+def test_crash_after_send_retries_same_batch_id_and_applies_once(server, device):
+    till = device("till-a")
+    assert till.sync()
+    till.insert("sales", {"id": "s1", "total": "1.00"})
+    calls, post = [], till._post
+
+    def crash_after_push(path, body):
+        answer = post(path, body)
+        calls.append((path, body, answer))
+        if path == "/sync/push":
+            raise KeyboardInterrupt("power cut after sending")     # the answer is never stored
+        return answer
+
+    till._post = crash_after_push
+    with pytest.raises(KeyboardInterrupt):
+        till.sync()
+    assert calls[0][2][0] == 200 and till.pending() == 1
+    till.close()
+    restarted = device("till-a")                                   # same file, as after a reboot
+    retried = record_posts(restarted)
+    assert restarted.sync()
+    push = retried[0]
+    assert push[0] == "/sync/push" and push[1]["batch_id"] == calls[0][1]["batch_id"]
+    assert push[3]["replayed"] is True
+    assert server.changes_of("sales", "s1") == 1
+    assert restarted.pending() == 0
+    assert_equal_to_server(server, restarted)
+
+
+def test_unreachable_server_keeps_batch_id_for_next_sync(server, device, tmp_path):
+    till = device("till-a", url="http://127.0.0.1:%d" % _free_port())
+    till.insert("sales", {"id": "s1", "total": "1.00"})
+    calls = record_posts(till)
+    assert till.sync() is False and till.sync() is False
+    assert till.pending() == 1
+    assert calls[0][1]["batch_id"] == calls[1][1]["batch_id"]
+    till.url = server.url
+    assert till.sync() is True
+    assert calls[2][1]["batch_id"] == calls[0][1]["batch_id"] and calls[2][2] == 200
+    assert_equal_to_server(server, till)
+
+
+def test_batches_hold_at_most_batch_size_operations(server, device):
+    till = device("till-a", batch_size=3)
+    for n in range(7):
+        till.insert("sales", {"id": "s%d" % n, "total": "1.00"})
+    calls = record_posts(till)
+    assert till.sync()
+    pushes = [body for path, body, _, _ in calls if path == "/sync/push"]
+    assert [len(body["operations"]) for body in pushes] == [3, 3, 1]
+    assert len({body["batch_id"] for body in pushes}) == 3
+    assert_equal_to_server(server, till)
+
+
+# ---------------------------------------------------------------------------
+# Refused operations, expired checkpoints, local integrity
+# ---------------------------------------------------------------------------
+
+
+def test_refused_operation_is_dropped_and_device_converges(server, device, caplog):
+    tables = dict(DEMO_TABLES, products=(DEMO_TABLES["products"][0] + ["colour"], ["id"]))   # app newer than server
+    till = device("till-a", tables=tables)
+    assert till.sync()                          # holds a checkpoint: only a reset re-pulls the refused rows
+    till.insert("sales", {"id": "s1", "total": "1.00"})
+    till.insert("products", {"id": "p1", "name": "Tea", "colour": "green"})      # 400 Unknown column, no `op`
+    till.insert("products", {"id": "p2", "name": None})                         # 400 Sync failed (NOT NULL), `op`
+    till.insert("sales", {"id": "s2", "total": "2.00"})
+    assert till.sync()
+    assert [op["error"] for op in till.last_report["dropped"]] == ["Unknown column", "Sync failed"]
+    assert "dropped" in caplog.text
+    assert till.pending() == 0
+    assert [row["id"] for row in till.rows("products")] == []        # re-pulled: the refused rows are gone
+    assert [row["id"] for row in till.rows("sales")] == ["s1", "s2"]
+    assert_equal_to_server(server, till)
+
+
+def test_expired_checkpoint_wipes_and_pulls_everything(server, device):
+    till_a, till_b = device("till-a"), device("till-b")
+    till_a.insert("sales", {"id": "s1", "total": "1.00"})
+    till_a.insert("sales", {"id": "s2", "total": "2.00"})
+    assert till_a.sync() and till_b.sync()
+    till_b.delete("sales", "s1")
+    till_b.insert("sales", {"id": "s3", "total": "3.00"})
+    assert till_b.sync()
+    # the log ages past CHANGELOG_RETENTION_DAYS and is compacted: till_a's checkpoint is now too old
+    with sqlite3.connect(server.db) as conn:
+        conn.execute("UPDATE cloudsync_changes SET changed_at = '2000-01-01 00:00:00'")
+    subprocess.run([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "", "compact"], check=True,
+                   cwd=server.cwd, env=dict(server.env, DB_PATH=server.db, ALLOWED_TABLES="sales,products,customers"),
+                   capture_output=True)
+    till_a.insert("sales", {"id": "s4", "total": "4.00"})
+    calls = record_posts(till_a)
+    assert till_a.sync()
+    assert [(path, status) for path, _, status, _ in calls][:2] == [("/sync/push", 410), ("/sync/push", 200)]
+    assert [row["id"] for row in till_a.rows("sales")] == ["s2", "s3", "s4"]     # s1's delete was compacted away
+    assert_equal_to_server(server, till_a)
+
+
+def test_pull_never_overwrites_a_local_change_made_during_sync(server, device):
+    till_a, till_b = device("till-a"), device("till-b")
+    till_a.insert("sales", {"id": "s1", "total": "1.00"})
+    assert till_a.sync() and till_b.sync()
+    till_b.update("sales", "s1", {"note": "from b"})
+    assert till_b.sync()
+    post = till_a._post
+
+    def write_before_pull(path, body):
+        if path == "/sync/pull":
+            till_a._post = post
+            till_a.update("sales", "s1", {"total": "7.00"})      # the app writes while the pull is in flight
+        return post(path, body)
+
+    till_a._post = write_before_pull
+    assert till_a.sync() is False
+    assert till_a.rows("sales")[0]["total"] == "7.00" and till_a.pending() == 1
+    assert till_a.sync()
+    assert [c["key"] for c in till_a.last_report["conflicts"]] == ["s1"]     # b changed s1 first: server wins
+    assert_equal_to_server(server, till_a, till_b)
+
+
+def test_failed_local_write_queues_nothing(device):
+    till = device("till-a")
+    till.insert("sales", {"id": "s1", "total": "1.00"})
+    with pytest.raises(sqlite3.IntegrityError):
+        till.insert("sales", {"id": "s1", "total": "2.00"})
+    with pytest.raises(LookupError):
+        till.update("sales", "nope", {"note": "x"})
+    assert till.pending() == 1
+
+
+def test_pushes_carry_the_pulled_checkpoint(server, device):
+    till = device("till-a")
+    assert till.sync()
+    till.insert("sales", {"id": "s1", "total": "1.00"})
+    calls = record_posts(till)
+    checkpoint = till.checkpoint
+    assert till.sync()
+    assert calls[0][1]["checkpoint"] == checkpoint and calls[0][1]["device_id"] == "till-a"
+
+
+# ---------------------------------------------------------------------------
+# Tokens and composite keys
+# ---------------------------------------------------------------------------
+
+
+def test_bearer_token_is_sent_and_a_bad_one_stops_the_sync(tmp_path):
+    server = Server(tmp_path, TOKENS="till-a:secret-a")
+    try:
+        good = cloudsync_client.Client(str(tmp_path / "a.db"), server.url, DEMO_TABLES, "till-a", token="secret-a")
+        good.insert("sales", {"id": "s1", "total": "1.00"})
+        assert good.sync() and good.pending() == 0
+        bad = cloudsync_client.Client(str(tmp_path / "b.db"), server.url, DEMO_TABLES, "till-a", token="wrong")
+        bad.insert("sales", {"id": "s2", "total": "2.00"})
+        with pytest.raises(cloudsync_client.SyncError, match="401"):
+            bad.sync()
+        assert bad.pending() == 1                  # nothing dropped for an auth failure
+        good.close(), bad.close()
+    finally:
+        server.stop()
+
+
+def test_composite_keys_sync_both_ways(tmp_path):
+    db = tmp_path / "server.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE stock_moves (shop TEXT, sku TEXT, qty INTEGER NOT NULL, PRIMARY KEY (shop, sku))")
+    server = Server(tmp_path, args=("serve",), DB_PATH=str(db), ALLOWED_TABLES="stock_moves")
+    tables = {"stock_moves": (["shop", "sku", "qty"], ["shop", "sku"])}
+    try:
+        a = cloudsync_client.Client(str(tmp_path / "a.db"), server.url, tables, "till-a")
+        b = cloudsync_client.Client(str(tmp_path / "b.db"), server.url, tables, "till-b")
+        a.insert("stock_moves", {"shop": "S1", "sku": "K1", "qty": 1})
+        a.insert("stock_moves", {"shop": "S1", "sku": "K2", "qty": 2})
+        assert a.sync() and b.sync()
+        b.delete("stock_moves", {"shop": "S1", "sku": "K1"})
+        b.update("stock_moves", {"shop": "S1", "sku": "K2"}, {"qty": 5})
+        assert b.sync() and a.sync()
+        assert a.rows("stock_moves") == b.rows("stock_moves") == [{"shop": "S1", "sku": "K2", "qty": 5}]
+        a.close(), b.close()
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------
