@@ -1831,54 +1831,64 @@ class SyncEngine:
             raise HTTPError(400, "Invalid payload", "operations must be a list")
         validated = []
         for index, operation in enumerate(operations):
-            where = "operation %d" % index
-            if not isinstance(operation, dict):
-                raise HTTPError(400, "Invalid operation", "%s must be an object" % where)
-            if "table" not in operation or "action" not in operation or "data" not in operation:
-                missing = [field for field in ("table", "action", "data") if field not in operation]
-                raise HTTPError(400, "Invalid operation", "%s has no %s" % (where, " or ".join(missing)))
-            schema = self._schema_for(operation["table"], where)
-            action = operation["action"]
-            if action not in ACTIONS:
-                raise HTTPError(400, "Invalid action", "%s: action must be one of %s"
-                                % (where, ", ".join(ACTIONS)))
-            data = operation["data"]
-            if not isinstance(data, dict):
-                raise HTTPError(400, "Invalid operation", "%s: data must be an object" % where)
-            values, columns = {}, schema.columns
-            for name, value in data.items():
-                column = columns.get(name)
-                if column is None:
-                    raise HTTPError(400, "Unknown column", "%s: table %r has no column %s"
-                                    % (where, schema.name, json.dumps(name)[:100]))
-                if type(value) is str:
-                    if len(value) * 4 > self.max_value_bytes \
-                            and len(value.encode("utf-8", "surrogatepass")) > self.max_value_bytes:
-                        raise HTTPError(413, "Value too large", "%s: the value for column %r is over %d bytes; store "
-                                        "large files elsewhere and sync a reference" % (where, name, self.max_value_bytes))
-                    if column.plain_text and value.isascii():
-                        values[name] = value        # the common case: nothing to convert or check
-                        continue
-                values[name] = bind_value(column, value, where)
-            absent = [name for name in schema.primary_key if values.get(name) is None]
-            # an insert may leave out a key the database generates (AUTO_INCREMENT, INTEGER PRIMARY KEY)
-            generated = action == "insert" and schema.generated_key and not any(name in values for name in absent)
-            if absent and not generated:
-                raise HTTPError(400, "Missing key", "%s: data must include primary key column %s"
-                                % (where, ", ".join(repr(name) for name in absent)))
-            key = tuple(values.get(name) for name in schema.primary_key)
-            validated.append(Operation(index, schema, action, values, key, data))
+            try:
+                validated.append(self._validate_operation(index, operation))
+            except HTTPError as error:
+                error.body.setdefault("op", index)      # which operation to fix or drop
+                raise
         return validated
+
+    def _validate_operation(self, index, operation):
+        """One operation checked against the schema, as an Operation."""
+        where = "operation %d" % index
+        if not isinstance(operation, dict):
+            raise HTTPError(400, "Invalid operation", "%s must be an object" % where)
+        if "table" not in operation or "action" not in operation or "data" not in operation:
+            missing = [field for field in ("table", "action", "data") if field not in operation]
+            raise HTTPError(400, "Invalid operation", "%s has no %s" % (where, " or ".join(missing)))
+        schema = self._schema_for(operation["table"], where)
+        action = operation["action"]
+        if action not in ACTIONS:
+            raise HTTPError(400, "Invalid action", "%s: action must be one of %s"
+                            % (where, ", ".join(ACTIONS)))
+        data = operation["data"]
+        if not isinstance(data, dict):
+            raise HTTPError(400, "Invalid operation", "%s: data must be an object" % where)
+        values, columns = {}, schema.columns
+        for name, value in data.items():
+            column = columns.get(name)
+            if column is None:
+                raise HTTPError(400, "Unknown column", "%s: table %r has no column %s"
+                                % (where, schema.name, json.dumps(name)[:100]))
+            if type(value) is str:
+                if len(value) * 4 > self.max_value_bytes \
+                        and len(value.encode("utf-8", "surrogatepass")) > self.max_value_bytes:
+                    raise HTTPError(413, "Value too large", "%s: the value for column %r is over %d bytes; store "
+                                    "large files elsewhere and sync a reference" % (where, name, self.max_value_bytes))
+                if column.plain_text and value.isascii():
+                    values[name] = value        # the common case: nothing to convert or check
+                    continue
+            values[name] = bind_value(column, value, where)
+        absent = [name for name in schema.primary_key if values.get(name) is None]
+        # an insert may leave out a key the database generates (AUTO_INCREMENT, INTEGER PRIMARY KEY)
+        generated = action == "insert" and schema.generated_key and not any(name in values for name in absent)
+        if absent and not generated:
+            raise HTTPError(400, "Missing key", "%s: data must include primary key column %s"
+                            % (where, ", ".join(repr(name) for name in absent)))
+        key = tuple(values.get(name) for name in schema.primary_key)
+        return Operation(index, schema, action, values, key, data)
 
     def push(self, operations, device_id=None, batch_id=None, checkpoint=None, on_conflict="abort",
              request_hash=None):
         """Apply validated operations in one transaction; return the response fields."""
-        since = self._checkpoint_seq(checkpoint) if checkpoint is not None else None
+        if checkpoint is not None:
+            self.checkpoints.decode(checkpoint)     # 400 when malformed or foreign, even for a replay
         if batch_id is not None:
             with self.db.connection() as conn:
                 prior = self.changelog.find_batch(conn, device_id or "", batch_id)
-            if prior is not None:
+            if prior is not None:           # a retry is answered even when its checkpoint has expired since
                 return self._replay(prior, request_hash, checkpoint)
+        since = self._checkpoint_seq(checkpoint) if checkpoint is not None else None
         attempt = dict(device_id=device_id, batch_id=batch_id, since=since, on_conflict=on_conflict,
                        request_hash=request_hash)
         try:
@@ -2185,6 +2195,8 @@ class SyncEngine:
     def pull_changes(self, tables, since, limit):
         """Sync-mode pull: changes after checkpoint `since` (None: everything), at most `limit` rows plus keys."""
         fields = self.checkpoints.decode(since) if since is not None else None
+        if fields is not None and sorted(fields["t"]) == sorted(tables):
+            tables = fields["t"]            # the same tables in another order: the checkpoint's order holds
         if fields is not None and fields["t"] != tables:
             raise HTTPError(400, "Invalid checkpoint", "this checkpoint was issued for tables %s; pull the same "
                             "tables with it, or start again with \"since\": null" % ", ".join(fields["t"]))

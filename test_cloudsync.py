@@ -1529,6 +1529,39 @@ def test_push_checkpoint_never_skips_what_the_device_lacks(backend, name, setup,
         app.db.close()
 
 
+@pytest.mark.parametrize("bad", [{"table": "nope", "action": "insert", "data": {"id": "x"}},
+                                 {"table": "sales", "action": "insert", "data": {"id": "x", "nope": 1}},
+                                 {"table": "sales", "action": "explode", "data": {"id": "x"}},
+                                 {"table": "sales", "action": "insert", "data": {"note": "no key"}},
+                                 "not an object"])
+def test_every_refused_operation_is_named_by_its_index(app, backend, bad):
+    response = push(app, [op("insert", id="ok"), bad])
+    assert response.status == 400 and response.json["op"] == 1
+    assert backend.rows("sales") == []
+
+
+def test_retry_of_an_applied_batch_is_replayed_after_its_checkpoint_expired(app, backend):
+    till = Device(app, ["sales"], device_id="till").sync()
+    body = dict(device_id="till", batch_id="b1", checkpoint=till.checkpoint)
+    assert push(app, [op("insert", id="s1")], **body).status == 200
+    with app.db.connection() as conn:
+        app.engine.changelog.sequence(conn)
+    backend.sql("UPDATE cloudsync_changes SET changed_at = '2000-01-01 00:00:00'")
+    with app.db.connection() as conn:
+        app.engine.changelog.compact(conn, 30)
+    again = push(app, [op("insert", id="s1")], **body)
+    assert again.status == 200 and again.json["replayed"] is True
+    assert push(app, [op("insert", id="s2")], **dict(body, batch_id="b2")).status == 410
+
+
+def test_checkpoint_serves_its_tables_in_any_order(app):
+    push(app, [op("insert", id="s1"), op("insert", "customers", id="c1")])
+    first = pull(app, tables=["sales", "customers"], since=None).json
+    again = pull(app, tables=["customers", "sales"], since=first["checkpoint"])
+    assert again.status == 200 and again.json["has_more"] is False
+    assert pull(app, tables=["customers"], since=first["checkpoint"]).status == 400
+
+
 def test_without_checkpoint_update_of_missing_row_is_listed(app):
     response = push(app, [op("update", id="gone", note="x")], device_id="till")
     assert response.status == 200 and response.json["missing"][0]["key"] == "gone"
