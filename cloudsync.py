@@ -3953,7 +3953,7 @@ def _limit_malloc_arenas():
         import ctypes
         libc = ctypes.CDLL(None)
         libc.mallopt(-8, MALLOC_ARENAS)         # -8 is M_ARENA_MAX in glibc's malloc.h
-    except (OSError, AttributeError):
+    except Exception:                           # no ctypes here (a hardened sandbox): only memory is at stake
         pass
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -2288,6 +2289,31 @@ def test_preflight_needs_no_token(backend):
 def test_bad_cors_origins_fail_at_start_up(value):
     with pytest.raises(cloudsync.ConfigError, match="CORS_ORIGINS"):
         cloudsync.load_config(None, environ={"CORS_ORIGINS": value})
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["demo"], ["migrate"], ["compact"], ["log"], ["check"],
+                                     ["devices"], ["token"], ["token", "add"], ["token", "list"]])
+def test_every_command_has_help(command):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cloudsync.py")] + command + ["--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("usage: cloudsync")
+
+
+def test_systemd_unit_verifies(tmp_path):
+    """cloudsync.service with its paths pointed at this checkout passes systemd-analyze verify."""
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    text = open(os.path.join(HERE, "cloudsync.service")).read()
+    for key in ("NoNewPrivileges=yes", "ProtectSystem=strict", "Restart=on-failure", "User=cloudsync",
+                "KillSignal=SIGTERM", "ExecStart=/opt/cloudsync/.venv/bin/python /opt/cloudsync/cloudsync.py serve"):
+        assert key in text, key
+    unit = (text.replace("/opt/cloudsync/.venv/bin/python", os.path.realpath(sys.executable))
+            .replace("/opt/cloudsync", HERE).replace("User=cloudsync", "User=root").replace("Group=cloudsync",
+                                                                                          "Group=root"))
+    path = tmp_path / "cloudsync.service"
+    path.write_text(unit)
+    result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
 def test_check_finds_nothing_wrong_after_migrate(backend, capsys):
