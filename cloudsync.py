@@ -364,6 +364,8 @@ class Config:
             value = getattr(self, name.lower())
             if name in SECRET_SETTINGS and value:
                 value = "***"
+            elif value is None:
+                value = ""
             elif isinstance(value, tuple):
                 value = ",".join(map(str, value))
             parts.append("%s=%s" % (name, value))
@@ -398,7 +400,8 @@ def load_config(env_file=".env", environ=None, overrides=None):
         try:
             values[name] = caster(raw)
         except ValueError as error:
-            raise ConfigError("%s=%r is not valid: %s." % (name, raw, error)) from None
+            shown = "(hidden)" if name in SECRET_SETTINGS else repr(raw)      # never echo a secret
+            raise ConfigError("%s=%s is not valid: %s." % (name, shown, error)) from None
     config = Config(values)
     outside = sorted(set(config.read_only_tables) - set(config.allowed_tables))
     if outside:
@@ -430,7 +433,7 @@ class DeviceToken:
 
     def __init__(self, device_id, secret, tables=None):
         self.device_id = device_id
-        if secret.startswith("sha256:") and re.fullmatch(r"[0-9a-f]{64}", secret[7:]):
+        if secret.startswith("sha256:") and re.fullmatch(r"[0-9a-fA-F]{64}", secret[7:]):
             self.digest = bytes.fromhex(secret[7:])
         else:
             self.digest = hashlib.sha256(secret.encode("utf-8")).digest()
@@ -1390,8 +1393,16 @@ class ChangeLog:
     def install(self, conn, schemas, progress=None):
         """Create the log tables and (re)install the triggers; idempotent."""
         say = progress or (lambda message: None)
-        for statement in (MYSQL_LOG_TABLES if self.backend == "mysql" else SQLITE_LOG_TABLES):
-            self.db.execute(conn, statement)
+        try:
+            for statement in (MYSQL_LOG_TABLES if self.backend == "mysql" else SQLITE_LOG_TABLES):
+                self.db.execute(conn, statement)
+        except Exception as error:
+            if getattr(error, "errno", None) in MYSQL_TRIGGER_DENIED:
+                raise ChangeCaptureError(
+                    "the database user may not create cloudsync's own tables (MySQL error %s); grant it CREATE "
+                    "and INDEX on the database (python cloudsync.py check lists what is missing)"
+                    % error.errno) from None
+            raise
         if self.backend == "mysql" and not self.db.query(conn, (
                 "SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()"
                 " AND TABLE_NAME = 'cloudsync_pending' AND INDEX_NAME = 'cloudsync_pending_by_table'")):
@@ -2459,17 +2470,21 @@ def parse_limit(value, cap=MAX_PULL_LIMIT_ROWS):
 # SEQUENCE_INTERVAL_SECONDS, so a request never waits for it. A crash loses at
 # most that last second of fleet statistics, never data.
 
+METRICS_FROM_ZERO = ("cloudsync_conflicts_total", "cloudsync_replays_total", "cloudsync_auth_failures_total",
+                     "cloudsync_database_unavailable_total", "cloudsync_server_errors_total")
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))  # others count as "other"
 LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SILENT_DEVICE_SECONDS = 86400       # `devices` highlights devices not seen for longer than this
 METRIC_HELP = {
     "cloudsync_requests_total": ("counter", "HTTP requests answered, by route, method and status"),
-    "cloudsync_request_duration_seconds": ("histogram", "time to answer a request, by route"),
+    "cloudsync_request_duration_seconds": ("histogram", "time to answer a request, by route and status"),
     "cloudsync_operations_pushed_total": ("counter", "push operations applied, by table and action"),
     "cloudsync_rows_pulled_total": ("counter", "rows and deleted keys sent by pulls, by table"),
     "cloudsync_conflicts_total": ("counter", "push operations refused or skipped as conflicts"),
     "cloudsync_replays_total": ("counter", "pushes answered from a stored batch outcome"),
     "cloudsync_auth_failures_total": ("counter", "requests refused for a missing or wrong token"),
     "cloudsync_database_unavailable_total": ("counter", "requests answered 503 because the database failed"),
+    "cloudsync_server_errors_total": ("counter", "requests answered 500 (the database refused or failed; see the log)"),
     "cloudsync_push_retries_total": ("counter", "pushes run again after a deadlock or lock timeout"),
     "cloudsync_pool_connections_in_use": ("gauge", "database connections lent to requests now"),
     "cloudsync_pool_connections_idle": ("gauge", "open database connections waiting in the pool"),
@@ -2484,17 +2499,19 @@ class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
         self._counters = collections.Counter()      # (name, ((label, value), ...)) -> value
-        self._latency = {}                          # route -> [count per bucket..., +Inf count, sum]
+        self._latency = {}                          # (route, status) -> [count per bucket..., +Inf count, sum]
+        for name in METRICS_FROM_ZERO:              # present before the first event, for rate() and alerts
+            self._counters[name, ()] = 0
 
     def count(self, name, amount=1, **labels):
         """Add to a counter."""
         with self._lock:
             self._counters[name, tuple(sorted(labels.items()))] += amount
 
-    def observe(self, route, seconds):
+    def observe(self, route, status, seconds):
         """Record one request's duration."""
         with self._lock:
-            buckets = self._latency.setdefault(route, [0] * (len(LATENCY_BUCKETS_SECONDS) + 2))
+            buckets = self._latency.setdefault((route, status), [0] * (len(LATENCY_BUCKETS_SECONDS) + 2))
             for position, bound in enumerate(LATENCY_BUCKETS_SECONDS):
                 if seconds <= bound:
                     buckets[position] += 1
@@ -2510,12 +2527,13 @@ class Metrics:
         for (name, labels), value in counters:
             samples[name].append("%s%s %s" % (name, _labels(labels), _number(value)))
         name = "cloudsync_request_duration_seconds"
-        for route, values in sorted(latency.items()):
+        for (route, status), values in sorted(latency.items()):
+            labels = (("route", route), ("status", status))
             for bound, count in zip(LATENCY_BUCKETS_SECONDS, values):
-                samples[name].append("%s_bucket%s %d" % (name, _labels((("le", repr(bound)), ("route", route))), count))
-            samples[name].append("%s_bucket%s %d" % (name, _labels((("le", "+Inf"), ("route", route))), values[-2]))
-            samples[name].append("%s_sum%s %s" % (name, _labels((("route", route),)), _number(values[-1])))
-            samples[name].append("%s_count%s %d" % (name, _labels((("route", route),)), values[-2]))
+                samples[name].append("%s_bucket%s %d" % (name, _labels((("le", repr(bound)),) + labels), count))
+            samples[name].append("%s_bucket%s %d" % (name, _labels((("le", "+Inf"),) + labels), values[-2]))
+            samples[name].append("%s_sum%s %s" % (name, _labels(labels), _number(values[-1])))
+            samples[name].append("%s_count%s %d" % (name, _labels(labels), values[-2]))
         for name, labels, value in gauges:
             samples[name].append("%s%s %s" % (name, _labels(tuple(sorted(labels.items()))), _number(value)))
         lines = []
@@ -2523,6 +2541,11 @@ class Metrics:
             kind, text = METRIC_HELP[name]
             lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)] + samples[name]
         return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _printable(text):
+    """Text for a one-line log entry: control and other unprintable characters escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
 def _labels(pairs):
@@ -2579,14 +2602,16 @@ DEVICES_UPSERT = {
              " last_seen = GREATEST(last_seen, VALUES(last_seen)),"
              " last_push = GREATEST(IFNULL(last_push, VALUES(last_push)), IFNULL(VALUES(last_push), last_push)),"
              " last_pull = GREATEST(IFNULL(last_pull, VALUES(last_pull)), IFNULL(VALUES(last_pull), last_pull)),"
-             " checkpoint_seq = IFNULL(VALUES(checkpoint_seq), checkpoint_seq),"
+             " checkpoint_seq = GREATEST(IFNULL(checkpoint_seq, VALUES(checkpoint_seq)),"
+             " IFNULL(VALUES(checkpoint_seq), checkpoint_seq)),"
              " pushes = pushes + VALUES(pushes), pulls = pulls + VALUES(pulls), errors = errors + VALUES(errors)",
     "sqlite": "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
               " pushes, pulls, errors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
               " last_seen = max(last_seen, excluded.last_seen),"
               " last_push = max(coalesce(last_push, excluded.last_push), coalesce(excluded.last_push, last_push)),"
               " last_pull = max(coalesce(last_pull, excluded.last_pull), coalesce(excluded.last_pull, last_pull)),"
-              " checkpoint_seq = coalesce(excluded.checkpoint_seq, checkpoint_seq),"
+              " checkpoint_seq = max(coalesce(checkpoint_seq, excluded.checkpoint_seq),"
+              " coalesce(excluded.checkpoint_seq, checkpoint_seq)),"
               " pushes = pushes + excluded.pushes, pulls = pulls + excluded.pulls, errors = errors + excluded.errors",
 }
 DEVICE_FIELDS = ("device_id", "first_seen", "last_seen", "last_push", "last_pull", "checkpoint_seq",
@@ -2613,7 +2638,9 @@ class DeviceFleet:
             if entry is None:
                 entry = self._unsaved[device_id] = [now, now, None, None, None, 0, 0, 0]
             entry[1] = now
-            if kind == "push":
+            if failed:                      # refused: seen, but not synced
+                entry[7] += 1
+            elif kind == "push":
                 entry[2] = now
                 entry[5] += 1
             else:
@@ -2621,8 +2648,6 @@ class DeviceFleet:
                 entry[6] += 1
                 if checkpoint_seq is not None:
                     entry[4] = checkpoint_seq
-            if failed:
-                entry[7] += 1
 
     def flush(self, conn):
         """Save what was noted since the last flush; on failure it is kept for the next one."""
@@ -2735,16 +2760,6 @@ OPENAPI = {
                 "security": [{}],
                 "responses": {"200": {"description": "The server is running (no body)."}},
             },
-            "options": {
-                "operationId": "preflightHealth",
-                "tags": ["meta"],
-                "summary": "CORS preflight.",
-                "security": [{}],
-                "parameters": [{"$ref": "#/components/parameters/Origin"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
-                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
-            },
         },
         "/openapi.json": {
             "get": {
@@ -2771,16 +2786,6 @@ OPENAPI = {
                 "summary": "GET /openapi.json without the body.",
                 "security": [{}],
                 "responses": {"200": {"description": "Headers only."}},
-            },
-            "options": {
-                "operationId": "preflightOpenapi",
-                "tags": ["meta"],
-                "summary": "CORS preflight.",
-                "security": [{}],
-                "parameters": [{"$ref": "#/components/parameters/Origin"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
-                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
             },
         },
         "/metrics": {
@@ -2811,16 +2816,6 @@ OPENAPI = {
                     "401": {"description": "Unauthorized (no body).",
                             "headers": {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}}},
                 },
-            },
-            "options": {
-                "operationId": "preflightMetrics",
-                "tags": ["meta"],
-                "summary": "CORS preflight.",
-                "security": [{}],
-                "parameters": [{"$ref": "#/components/parameters/Origin"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
-                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
             },
         },
         "/sync/status": {
@@ -2863,16 +2858,6 @@ OPENAPI = {
                             "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}},
                 },
             },
-            "options": {
-                "operationId": "preflightStatus",
-                "tags": ["meta"],
-                "summary": "CORS preflight.",
-                "security": [{}],
-                "parameters": [{"$ref": "#/components/parameters/Origin"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
-                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
-            },
         },
         "/sync/devices": {
             "get": {
@@ -2908,16 +2893,6 @@ OPENAPI = {
                             "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}},
                 },
             },
-            "options": {
-                "operationId": "preflightDevices",
-                "tags": ["meta"],
-                "summary": "CORS preflight.",
-                "security": [{}],
-                "parameters": [{"$ref": "#/components/parameters/Origin"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
-                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
-            },
         },
         "/sync/push": {
             "post": {
@@ -2943,47 +2918,6 @@ OPENAPI = {
                     "500": {"$ref": "#/components/responses/ServerError"},
                     "503": {"$ref": "#/components/responses/Unavailable"},
                 },
-            },
-            "options": {
-                "operationId": "preflightPush",
-                "tags": ["meta"],
-                "summary": "CORS preflight.",
-                "security": [{}],
-                "parameters": [{"$ref": "#/components/parameters/Origin"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
-                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
-            },
-        },
-        "/sync": {
-            "post": {
-                "operationId": "pushAlias",
-                "tags": ["sync"],
-                "summary": "The old alias of POST /sync/push: the same request and answers.",
-                "deprecated": True,
-                "requestBody": {"$ref": "#/components/requestBodies/Push"},
-                "responses": {
-                    "200": {"$ref": "#/components/responses/PushApplied"},
-                    "400": {"$ref": "#/components/responses/PushInvalid"},
-                    "401": {"$ref": "#/components/responses/Unauthorized"},
-                    "403": {"$ref": "#/components/responses/PushForbidden"},
-                    "409": {"$ref": "#/components/responses/PushConflict"},
-                    "410": {"$ref": "#/components/responses/Expired"},
-                    "413": {"$ref": "#/components/responses/PushTooLarge"},
-                    "415": {"$ref": "#/components/responses/UnsupportedEncoding"},
-                    "500": {"$ref": "#/components/responses/ServerError"},
-                    "503": {"$ref": "#/components/responses/Unavailable"},
-                },
-            },
-            "options": {
-                "operationId": "preflightPushAlias",
-                "tags": ["meta"],
-                "summary": "CORS preflight.",
-                "security": [{}],
-                "parameters": [{"$ref": "#/components/parameters/Origin"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
-                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
             },
         },
         "/sync/pull": {
@@ -3055,16 +2989,6 @@ OPENAPI = {
                     "500": {"$ref": "#/components/responses/ServerError"},
                     "503": {"$ref": "#/components/responses/Unavailable"},
                 },
-            },
-            "options": {
-                "operationId": "preflightPull",
-                "tags": ["meta"],
-                "summary": "CORS preflight.",
-                "security": [{}],
-                "parameters": [{"$ref": "#/components/parameters/Origin"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Method"},
-                               {"$ref": "#/components/parameters/Access-Control-Request-Headers"}],
-                "responses": {"204": {"$ref": "#/components/responses/Preflight"}},
             },
         },
     },
@@ -3447,6 +3371,24 @@ OPENAPI = {
 }
 
 
+def _complete_openapi(document):
+    """What is the same for every path: OPTIONS (a CORS preflight) everywhere, and /sync as push's alias."""
+    paths = document["paths"]
+    paths["/sync"] = {"post": dict(paths["/sync/push"]["post"], operationId="pushAlias", deprecated=True,
+                                   summary="The old alias of POST /sync/push: the same request and answers.")}
+    for path, item in paths.items():
+        name = "".join(part.capitalize() for part in re.split(r"[^a-z]+", path) if part)
+        item["options"] = {
+            "operationId": "preflight" + name, "tags": ["meta"], "summary": "CORS preflight.", "security": [{}],
+            "parameters": [{"$ref": "#/components/parameters/" + header} for header in
+                           ("Origin", "Access-Control-Request-Method", "Access-Control-Request-Headers")],
+            "responses": {"204": {"$ref": "#/components/responses/Preflight"}}}
+    return document
+
+
+_complete_openapi(OPENAPI)
+
+
 # ---------------------------------------------------------------------------
 # HTTP application
 # ---------------------------------------------------------------------------
@@ -3625,22 +3567,30 @@ class App:
         """After each request: metrics, the device fleet, and one access-log line."""
         seconds = time.perf_counter() - began
         metrics = self.metrics
-        metrics.count("cloudsync_requests_total", route=request.route, method=request.method, status=status)
-        metrics.observe(request.route, seconds)
+        # labels come from a fixed set, so a client cannot make series without end
+        method = request.method if request.method in HTTP_METHODS else "other"
+        metrics.count("cloudsync_requests_total", route=request.route, method=method, status=status)
+        metrics.observe(request.route, status, seconds)
         if request.auth_failed:
             metrics.count("cloudsync_auth_failures_total")
         if status == 503:
             metrics.count("cloudsync_database_unavailable_total")
+        elif status == 500:
+            metrics.count("cloudsync_server_errors_total")
         if request.device_id is not None and request.kind is not None:
             self.fleet.seen(request.device_id, request.kind, request.checkpoint_seq, failed=status >= 400)
         if access_log.isEnabledFor(logging.INFO):
-            fields = {"method": request.method, "path": request.path[:200], "status": status,
+            received = request.environ.get("CONTENT_LENGTH") or "0"
+            fields = {"method": request.method[:20], "path": request.path[:200], "status": status,
                       "ms": round(seconds * 1000, 1), "device": request.device_id,
-                      ("operations" if request.kind == "push" else "rows"): request.count, "bytes": size}
-            access_log.info("%s %s %d %.1fms device=%s %s=%s bytes=%d", request.method, request.path[:200], status,
-                            seconds * 1000, request.device_id or "-",
-                            "operations" if request.kind == "push" else "rows",
-                            "-" if request.count is None else request.count, size, extra={"fields": fields})
+                      ("operations" if request.kind == "push" else "rows"): request.count,
+                      "request_bytes": int(received) if received.isdigit() else None, "bytes": size}
+            # escaped: a newline in a (percent-decoded) path must not start a fake log line
+            access_log.info("%s %s %d %.1fms device=%s %s=%s request_bytes=%s bytes=%d", _printable(method),
+                            _printable(request.path[:200]), status, seconds * 1000,
+                            _printable(request.device_id or "-"), "operations" if request.kind == "push" else "rows",
+                            "-" if request.count is None else request.count, received[:20], size,
+                            extra={"fields": fields})
 
     def _cors_headers(self, origin):
         """Access-Control-* headers for a browser origin allowed by CORS_ORIGINS; none otherwise."""
@@ -3652,7 +3602,7 @@ class App:
         elif origin.rstrip("/") in allowed:
             allow = origin
         else:
-            return []
+            return [("Vary", "Origin")]     # the answer depends on the origin: caches must keep them apart
         return [("Access-Control-Allow-Origin", allow), ("Vary", "Origin"),
                 ("Access-Control-Expose-Headers", "ETag, Retry-After, WWW-Authenticate")]
 
@@ -3667,7 +3617,8 @@ class App:
         if request.method == "OPTIONS":       # a CORS preflight (or a client asking what it may do)
             allowed = ", ".join(sorted(set(methods) | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())))
             headers = [("Allow", allowed)]
-            if self._cors_headers(request.environ.get("HTTP_ORIGIN")):
+            if any(name == "Access-Control-Allow-Origin"
+                   for name, _ in self._cors_headers(request.environ.get("HTTP_ORIGIN"))):
                 headers += [("Access-Control-Allow-Methods", allowed),
                             ("Access-Control-Allow-Headers", CORS_ALLOWED_HEADERS),
                             ("Access-Control-Max-Age", str(CORS_MAX_AGE_SECONDS))]
@@ -3726,8 +3677,9 @@ class App:
             if result.get("replayed"):
                 self.metrics.count("cloudsync_replays_total")
             else:
-                for op in operations:
-                    self.metrics.count("cloudsync_operations_pushed_total", table=op.table.name, action=op.action)
+                for (table, action), count in collections.Counter(
+                        (op.table.name, op.action) for op in operations).items():
+                    self.metrics.count("cloudsync_operations_pushed_total", count, table=table, action=action)
             if result.get("conflicts"):
                 self.metrics.count("cloudsync_conflicts_total", len(result["conflicts"]))
             return 200, result
@@ -4083,6 +4035,11 @@ def _check(config):
     ok("configuration is valid (%s)" % ("MySQL/MariaDB %s@%s:%d/%s" % (
         config.db_user, config.db_host, config.db_port, config.db_name) if config.backend == "mysql"
         else "SQLite %s" % config.db_path))
+    if config.backend == "sqlite" and not os.path.exists(config.db_path):
+        problem("the SQLite file %s does not exist" % config.db_path,
+                "set DB_PATH to your database file (cloudsync adds its tables to an existing database)")
+        print("%d problem(s)" % len(problems))
+        return len(problems)
     try:
         app = App(config)
     except ConfigError as error:
@@ -4120,13 +4077,19 @@ def _check(config):
                 elif config.change_capture == "api" and len(missing) < 3:
                     problem("table %s still has triggers while CHANGE_CAPTURE=api" % table,
                             "run: python cloudsync.py migrate")
-            if config.change_capture == "triggers" and app.db.name == "mysql":
-                grants = " ".join(_text(row[0]) for row in app.db.query(conn, "SHOW GRANTS"))
-                if "ALL PRIVILEGES" in grants or "TRIGGER" in grants:
-                    ok("the database user may create triggers")
+            if app.db.name == "mysql":
+                granted = _mysql_privileges(app.db, conn, config.db_name)
+                needed = ["SELECT", "INSERT", "UPDATE", "DELETE", "CREATE", "INDEX"] + (
+                    ["TRIGGER"] if config.change_capture == "triggers" else [])
+                missing = [name for name in needed if name not in granted and "ALL PRIVILEGES" not in granted]
+                if missing:
+                    problem("the database user lacks %s on %s (cloudsync creates its own tables%s)" % (
+                        ", ".join(missing), config.db_name, " and triggers" if "TRIGGER" in missing else ""),
+                        "GRANT %s ON `%s`.* TO the user%s" % (", ".join(missing), config.db_name,
+                                                             ", or set CHANGE_CAPTURE=api" if missing == ["TRIGGER"]
+                                                             else ""))
                 else:
-                    problem("the database user may not create triggers (SHOW GRANTS lists no TRIGGER)",
-                            "GRANT TRIGGER ON %s.* TO the user, or set CHANGE_CAPTURE=api" % config.db_name)
+                    ok("the database user has the privileges cloudsync needs on %s" % config.db_name)
     except DatabaseUnavailable as error:
         problem("the database does not answer (%s)" % error, "check DB_HOST, DB_PORT, DB_USER, DB_PASS, DB_NAME "
                 "and that the server runs")
@@ -4134,6 +4097,19 @@ def _check(config):
         app.db.close()
     print("%d problem(s)" % len(problems))
     return len(problems)
+
+
+def _mysql_privileges(db, conn, database):
+    """The privileges SHOW GRANTS gives the current user on `database` (or on every database)."""
+    granted = set()
+    for (line,) in db.query(conn, "SHOW GRANTS"):
+        found = re.match(r"GRANT (.+?) ON (\S+) TO ", _text(line))
+        if not found:
+            continue
+        scope = found.group(2).replace("`", "")
+        if scope in ("*.*", "%s.*" % database) or scope.replace("\\_", "_") == "%s.*" % database:
+            granted.update(part.strip() for part in found.group(1).split(","))
+    return granted
 
 
 def _installed_triggers(db, conn):

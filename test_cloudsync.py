@@ -803,27 +803,60 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+class LiveServer:
+    """A cloudsync process on a free loopback port, started and answering; `db` is its SQLite file."""
+
+    def __init__(self, tmp_path, args=("--env-file", "", "demo", "--db", "{db}"), **settings):
+        self.db = str(tmp_path / "server.db")
+        self.log = str(tmp_path / "server.log")    # a file: a full pipe would stall the server
+        self.port = _free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        env = {name: value for name, value in os.environ.items() if name not in cloudsync.SETTING_NAMES}
+        env.update(HOST="127.0.0.1", PORT=str(self.port), COMPACT_INTERVAL_SECONDS="3600", **settings)
+        self.env = env
+        self.cwd = str(tmp_path)
+        self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py")]
+                                        + [arg.format(db=self.db) for arg in args], cwd=self.cwd, env=env,
+                                        stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.process.kill()
+        pytest.fail("server did not start: %s" % open(self.log, errors="replace").read())
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+    def rows(self, table):
+        """The server's rows of `table`, read with a sync-mode pull from null (as a new device would)."""
+        rows, since = [], None
+        while True:
+            request = urllib.request.Request(self.url + "/sync/pull", json.dumps(
+                {"tables": [table], "since": since, "limit": 1000}).encode(), {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                answer = json.loads(response.read())
+            rows.extend(answer["changes"][table]["upserted"])
+            since = answer["checkpoint"]
+            if not answer["has_more"]:
+                return sorted(rows, key=lambda row: [row[name] for name in DEMO_TABLES.get(table, ([], ["id"]))[1]])
+
+    def changes_of(self, table, key):
+        """How many times the server's change log recorded a change of this row."""
+        with sqlite3.connect(self.db) as conn:
+            return conn.execute("SELECT COUNT(*) FROM cloudsync_changes WHERE table_name = ? AND row_key = ?",
+                                (table, json.dumps([key], separators=(",", ":")))).fetchone()[0]
+
+
 @pytest.fixture
 def demo_server(tmp_path):
     """`python cloudsync.py demo` on a free port, as the README starts it."""
-    port = _free_port()
-    env = dict(os.environ, PORT=str(port), MAX_BODY_BYTES="100000")
-    log_path = tmp_path / "demo.log"                    # a file: a full pipe would stall the server
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py"), "demo"], cwd=str(tmp_path),
-                               env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
-    url = "http://127.0.0.1:%d" % port
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        pytest.fail("demo server did not start: %s" % log_path.read_text(errors="replace"))
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
+    server = LiveServer(tmp_path, args=("demo",), MAX_BODY_BYTES="100000")
+    yield server.url
+    server.stop()
 
 
 def _readme_curl_commands():
@@ -1792,26 +1825,16 @@ def test_live_server_oversized_bodies_get_json_413(demo_server):
 
 
 def test_silent_client_is_disconnected(tmp_path):
-    port = _free_port()
-    env = dict(os.environ, PORT=str(port), READ_TIMEOUT_SECONDS="2")
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py"), "demo"], cwd=str(tmp_path),
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = LiveServer(tmp_path, READ_TIMEOUT_SECONDS="2")
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        with socket.create_connection(("127.0.0.1", port)) as sock:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(b"POST /sync/push HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
             sock.settimeout(15)
             started = time.monotonic()
             assert sock.recv(100) == b""              # closed by the server, nothing applied
             assert time.monotonic() - started < 10
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        server.stop()
 
 
 def test_server_reports_port_in_use(tmp_path):
@@ -2141,8 +2164,9 @@ def test_metrics_count_requests_operations_and_rows(app):
     for line in ('cloudsync_requests_total{method="POST",route="/sync/push",status="200"} 1',
                  'cloudsync_operations_pushed_total{action="insert",table="sales"} 2',
                  'cloudsync_rows_pulled_total{table="sales"} 4',
-                 'cloudsync_request_duration_seconds_count{route="/sync/pull"} 2',
-                 'cloudsync_request_duration_seconds_bucket{le="+Inf",route="/sync/push"} 1',
+                 'cloudsync_request_duration_seconds_count{route="/sync/pull",status="200"} 2',
+                 'cloudsync_request_duration_seconds_bucket{le="+Inf",route="/sync/push",status="200"} 1',
+                 "cloudsync_conflicts_total 0",
                  "# TYPE cloudsync_request_duration_seconds histogram"):
         assert line in text, line
     assert re.search(r"^cloudsync_change_log_head \d+$", text, re.M)
@@ -2211,7 +2235,7 @@ def test_device_fleet_counts_pushes_pulls_errors_and_lag(backend):
     assert response.status == 200
     devices = {device["device_id"]: device for device in response.json["devices"]}
     till, office = devices["till"], devices["office"]
-    assert (till["pushes"], till["pulls"], till["errors"]) == (3, 1, 1)
+    assert (till["pushes"], till["pulls"], till["errors"]) == (2, 1, 1)      # the refused push is an error only
     assert till["lag"] == 1 and office["lag"] is None                     # office pushed after till pulled
     assert till["last_seen"].endswith("Z") and till["silent"] is False
 
@@ -2316,6 +2340,95 @@ def test_systemd_unit_verifies(tmp_path):
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
+def _call_unvalidated(application, method, path):
+    """Call the app without wsgiref's validator (which warns on unusual methods)."""
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.update({"REQUEST_METHOD": method, "PATH_INFO": path, "wsgi.input": io.BytesIO(b""),
+                    "CONTENT_LENGTH": "0", "REMOTE_ADDR": "127.0.0.1"})
+    return b"".join(application(environ, lambda status, headers, exc_info=None: None))
+
+
+def test_metrics_method_label_is_bounded(app):
+    """A client choosing the method must not create a new time series per request (unbounded memory)."""
+    for number in range(50):
+        _call_unvalidated(app, "X%d" % number, "/sync/push")
+    text = call(app, "GET", "/metrics").body.decode()
+    methods = set(re.findall(r'cloudsync_requests_total\{method="([^"]*)"', text))
+    assert len(methods) <= 10, sorted(methods)[:12]
+
+
+def test_bad_tokens_setting_does_not_echo_the_secret():
+    with pytest.raises(cloudsync.ConfigError) as raised:
+        cloudsync.load_config(None, environ={"TOKENS": "till:supersecret-token-value,oops"})
+    assert "supersecret-token-value" not in str(raised.value)
+
+
+def test_text_access_log_is_one_line_per_request(app, caplog):
+    """PATH_INFO is percent-decoded: /x%0aFAKE must not forge a second log line in LOG_FORMAT=text."""
+    caplog.set_level(logging.INFO, logger="cloudsync.access")
+    _call_unvalidated(app, "GET", "/sync/status\n2026-01-01 00:00:00,000 INFO cloudsync.access: POST /sync/push 200")
+    line, = [record for record in caplog.records if record.name == "cloudsync.access"]
+    assert "\n" not in line.getMessage()
+
+
+def test_check_does_not_create_the_sqlite_file(tmp_path, capsys):
+    """check is documented read-only; a mistyped DB_PATH must be reported, not created."""
+    path = tmp_path / "typo.db"
+    config = cloudsync.load_config(None, environ={}, overrides={"DB_HOST": "", "DB_PATH": str(path),
+                                                                "ALLOWED_TABLES": "sales", "TOKENS_FILE": ""})
+    assert cloudsync._check(config) >= 1
+    assert not path.exists()
+
+
+def _limited_mysql_user(backend, name):
+    """A user with row privileges on the test database, and ALL PRIVILEGES on another database only."""
+    database = backend.settings["DB_NAME"]
+    for statement in ("DROP USER IF EXISTS '%s'@'%%'" % name,
+                      "CREATE USER '%s'@'%%' IDENTIFIED BY 'pw-limited'" % name,
+                      "GRANT SELECT, INSERT, UPDATE, DELETE ON `%s`.* TO '%s'@'%%'" % (database, name),
+                      "GRANT ALL PRIVILEGES ON `%s_other`.* TO '%s'@'%%'" % (database, name)):
+        backend.sql(statement)
+    return {"DB_USER": name, "DB_PASS": "pw-limited"}
+
+
+def test_check_sees_trigger_privilege_of_another_database_as_missing(backend, capsys):
+    if backend.kind != "mysql":
+        pytest.skip("MySQL privileges")
+    started(backend)
+    user = _limited_mysql_user(backend, "cs_limited_check")
+    try:
+        cloudsync._check(backend.config(**user))
+        out = capsys.readouterr().out
+        assert "lacks CREATE, INDEX, TRIGGER on %s" % backend.settings["DB_NAME"] in out and "fix: GRANT" in out
+    finally:
+        backend.sql("DROP USER IF EXISTS 'cs_limited_check'@'%'")
+
+
+def test_migrate_without_create_privilege_is_a_clean_error(backend):
+    """main() catches ConfigError/SchemaError/ChangeCaptureError/DatabaseUnavailable; a raw driver error
+    becomes a traceback."""
+    if backend.kind != "mysql":
+        pytest.skip("MySQL privileges")
+    user = _limited_mysql_user(backend, "cs_limited_migrate")
+    try:
+        application = cloudsync.App(backend.config(**user))
+        with pytest.raises((cloudsync.SchemaError, cloudsync.ChangeCaptureError, cloudsync.DatabaseUnavailable)):
+            application.start()
+        application.db.close()
+    finally:
+        backend.sql("DROP USER IF EXISTS 'cs_limited_migrate'@'%'")
+
+
+def test_failed_push_is_not_the_last_push(backend):
+    """'which devices have not synced today': a device whose every push fails has not synced."""
+    application = started(backend, ADMIN_TOKEN=ADMIN)
+    push(application, [op("update", id="s1", nope=1)], device_id="broken")     # 400
+    devices = call(application, "GET", "/sync/devices", headers={"Authorization": "Bearer " + ADMIN}).json["devices"]
+    broken, = devices
+    assert broken["errors"] == 1 and broken["last_push"] is None
+
+
 def test_check_finds_nothing_wrong_after_migrate(backend, capsys):
     started(backend)
     assert cloudsync._check(backend.config()) == 0
@@ -2350,20 +2463,9 @@ def test_check_command_exit_code(tmp_path):
 
 def test_sigterm_lets_a_push_in_progress_finish(tmp_path):
     """SIGTERM while a push waits for the database: it is answered 200, new connections are refused."""
-    port = _free_port()
-    db_path = str(tmp_path / "demo.db")
-    env = dict(os.environ, PORT=str(port), DB_WAIT_SECONDS="30")
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "", "demo",
-                                "--db", db_path], cwd=str(tmp_path), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = "http://127.0.0.1:%d" % port
+    server = LiveServer(tmp_path, DB_WAIT_SECONDS="30")
+    process, port, url, db_path = server.process, server.port, server.url, server.db
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
         blocker = sqlite3.connect(db_path, isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")                   # the push will wait for this write lock
         answer = []
@@ -2419,20 +2521,9 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
     schemathesis = os.path.join(os.path.dirname(sys.executable), "schemathesis")
     if not os.path.exists(schemathesis):
         pytest.skip("schemathesis is installed by requirements-test.txt")
-    port = _free_port()
-    env = dict(os.environ, PORT=str(port), ADMIN_TOKEN=ADMIN)
-    log_path = tmp_path / "server.log"                  # a file: a full pipe would stall the server
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "", "demo",
-                                "--db", str(tmp_path / "demo.db")], cwd=str(tmp_path), env=env,
-                               stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
-    url = "http://127.0.0.1:%d" % port
+    server = LiveServer(tmp_path, ADMIN_TOKEN=ADMIN)
+    url = server.url
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
         result = subprocess.run(
             [schemathesis, "run", url + "/openapi.json", "--url", url, "--checks", "all",
              # schema-valid pushes may still name tables and columns this server does not have: 400 is right
@@ -2441,9 +2532,8 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
             capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
         assert result.returncode == 0, result.stdout[-6000:]
     finally:
-        process.terminate()
-        process.wait(timeout=60)
-    server_log = log_path.read_text(errors="replace")
+        server.stop()
+    server_log = open(server.log, errors="replace").read()
     assert "Traceback" not in server_log, server_log[-4000:]
 
 
@@ -2459,60 +2549,10 @@ DEMO_TABLES = {
 }
 
 
-class Server:
-    """A cloudsync process on a free loopback port; `db` is its SQLite file."""
-
-    def __init__(self, tmp_path, args=("demo",), **settings):
-        self.db = str(tmp_path / "server.db")
-        self.log = str(tmp_path / "server.log")    # a file: a full pipe would stall the server
-        self.port = _free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
-        env = {name: value for name, value in os.environ.items() if name not in cloudsync.SETTING_NAMES}
-        env.update(HOST="127.0.0.1", PORT=str(self.port), COMPACT_INTERVAL_SECONDS="3600", **settings)
-        if args[0] == "demo":
-            args = list(args) + ["--db", self.db]
-        self.env = env
-        self.cwd = str(tmp_path)
-        self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", ""]
-                                        + list(args), cwd=self.cwd, env=env,
-                                        stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.process.kill()
-        pytest.fail("server did not start: %s" % open(self.log, errors="replace").read())
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(timeout=10)
-
-    def rows(self, table):
-        """The server's rows of `table`, read with a sync-mode pull from null (as a new device would)."""
-        rows, since = [], None
-        while True:
-            request = urllib.request.Request(self.url + "/sync/pull", json.dumps(
-                {"tables": [table], "since": since, "limit": 1000}).encode(), {"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=10) as response:
-                answer = json.loads(response.read())
-            rows.extend(answer["changes"][table]["upserted"])
-            since = answer["checkpoint"]
-            if not answer["has_more"]:
-                return sorted(rows, key=lambda row: [row[name] for name in DEMO_TABLES.get(table, ([], ["id"]))[1]])
-
-    def changes_of(self, table, key):
-        """How many times the server's change log recorded a change of this row."""
-        with sqlite3.connect(self.db) as conn:
-            return conn.execute("SELECT COUNT(*) FROM cloudsync_changes WHERE table_name = ? AND row_key = ?",
-                                (table, json.dumps([key], separators=(",", ":")))).fetchone()[0]
-
-
 @pytest.fixture
 def server(tmp_path):
     """`cloudsync.py demo` on a fresh SQLite file, no tokens."""
-    started = Server(tmp_path)
+    started = LiveServer(tmp_path)
     yield started
     started.stop()
 
@@ -2760,7 +2800,7 @@ def test_pushes_carry_the_pulled_checkpoint(server, device):
 
 
 def test_bearer_token_is_sent_and_a_bad_one_stops_the_sync(tmp_path):
-    server = Server(tmp_path, TOKENS="till-a:secret-a")
+    server = LiveServer(tmp_path, TOKENS="till-a:secret-a")
     try:
         good = cloudsync_client.Client(str(tmp_path / "a.db"), server.url, DEMO_TABLES, "till-a", token="secret-a")
         good.insert("sales", {"id": "s1", "total": "1.00"})
@@ -2779,7 +2819,7 @@ def test_composite_keys_sync_both_ways(tmp_path):
     db = tmp_path / "server.db"
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE stock_moves (shop TEXT, sku TEXT, qty INTEGER NOT NULL, PRIMARY KEY (shop, sku))")
-    server = Server(tmp_path, args=("serve",), DB_PATH=str(db), ALLOWED_TABLES="stock_moves")
+    server = LiveServer(tmp_path, args=("--env-file", "", "serve"), DB_PATH=str(db), ALLOWED_TABLES="stock_moves")
     tables = {"stock_moves": (["shop", "sku", "qty"], ["shop", "sku"])}
     try:
         a = cloudsync_client.Client(str(tmp_path / "a.db"), server.url, tables, "till-a")
