@@ -20,6 +20,7 @@ application, command line.
 
 import argparse
 import base64
+import bisect
 import collections
 import binascii
 import datetime
@@ -2499,7 +2500,7 @@ class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
         self._counters = collections.Counter()      # (name, ((label, value), ...)) -> value
-        self._latency = {}                          # (route, status) -> [count per bucket..., +Inf count, sum]
+        self._latency = {}                          # (route, status) -> [count per bucket..., beyond the last, sum]
         for name in METRICS_FROM_ZERO:              # present before the first event, for rate() and alerts
             self._counters[name, ()] = 0
 
@@ -2508,14 +2509,15 @@ class Metrics:
         with self._lock:
             self._counters[name, tuple(sorted(labels.items()))] += amount
 
-    def observe(self, route, status, seconds):
-        """Record one request's duration."""
+    def request(self, route, method, status, seconds):
+        """Count one answered request and its duration (one lock, no sorting: this runs for every request)."""
+        slot = bisect.bisect_left(LATENCY_BUCKETS_SECONDS, seconds)    # its bucket; +Inf past the last
         with self._lock:
-            buckets = self._latency.setdefault((route, status), [0] * (len(LATENCY_BUCKETS_SECONDS) + 2))
-            for position, bound in enumerate(LATENCY_BUCKETS_SECONDS):
-                if seconds <= bound:
-                    buckets[position] += 1
-            buckets[-2] += 1
+            self._counters["cloudsync_requests_total", (("method", method), ("route", route), ("status", status))] += 1
+            buckets = self._latency.get((route, status))
+            if buckets is None:
+                buckets = self._latency[route, status] = [0] * (len(LATENCY_BUCKETS_SECONDS) + 2)
+            buckets[slot] += 1
             buckets[-1] += seconds
 
     def render(self, gauges=()):
@@ -2529,11 +2531,14 @@ class Metrics:
         name = "cloudsync_request_duration_seconds"
         for (route, status), values in sorted(latency.items()):
             labels = (("route", route), ("status", status))
+            cumulative = 0                  # kept per bucket, shown cumulative as the format asks
             for bound, count in zip(LATENCY_BUCKETS_SECONDS, values):
-                samples[name].append("%s_bucket%s %d" % (name, _labels((("le", repr(bound)),) + labels), count))
-            samples[name].append("%s_bucket%s %d" % (name, _labels((("le", "+Inf"),) + labels), values[-2]))
+                cumulative += count
+                samples[name].append("%s_bucket%s %d" % (name, _labels((("le", repr(bound)),) + labels), cumulative))
+            total = cumulative + values[-2]
+            samples[name].append("%s_bucket%s %d" % (name, _labels((("le", "+Inf"),) + labels), total))
             samples[name].append("%s_sum%s %s" % (name, _labels(labels), _number(values[-1])))
-            samples[name].append("%s_count%s %d" % (name, _labels(labels), values[-2]))
+            samples[name].append("%s_count%s %d" % (name, _labels(labels), total))
         for name, labels, value in gauges:
             samples[name].append("%s%s %s" % (name, _labels(tuple(sorted(labels.items()))), _number(value)))
         lines = []
@@ -2632,7 +2637,7 @@ class DeviceFleet:
 
     def seen(self, device_id, kind, checkpoint_seq=None, failed=False):
         """Note a push or pull by a device (in memory; flush() saves it)."""
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        now = time.time()                   # formatted when saved: this runs for every push and pull
         with self._lock:
             entry = self._unsaved.get(device_id)
             if entry is None:
@@ -2658,7 +2663,9 @@ class DeviceFleet:
         try:
             with self.db.transaction(conn):
                 for device_id, entry in sorted(unsaved.items()):
-                    self.db.execute(conn, self.db.sql(DEVICES_UPSERT[self.db.name]), [device_id] + entry)
+                    times = [None if moment is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(moment))
+                             for moment in entry[:4]]
+                    self.db.execute(conn, self.db.sql(DEVICES_UPSERT[self.db.name]), [device_id] + times + entry[4:])
         except Exception:
             with self._lock:                # merge back, newer notes first
                 for device_id, entry in unsaved.items():
@@ -3569,8 +3576,7 @@ class App:
         metrics = self.metrics
         # labels come from a fixed set, so a client cannot make series without end
         method = request.method if request.method in HTTP_METHODS else "other"
-        metrics.count("cloudsync_requests_total", route=request.route, method=method, status=status)
-        metrics.observe(request.route, status, seconds)
+        metrics.request(request.route, method, status, seconds)
         if request.auth_failed:
             metrics.count("cloudsync_auth_failures_total")
         if status == 503:
