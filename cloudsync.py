@@ -12,10 +12,16 @@ What this service guarantees:
   paths, same request fields, same response fields (fields are only added).
 - An error is always a JSON body with ``success: false``, an ``error`` and,
   where it helps, a ``detail``; never SQL, a traceback or a password.
+- Every change to an allowed table, by cloudsync or any other program, is in
+  the change log, numbered in commit order; a device that follows the pull
+  loop from its checkpoint never misses one.
+- A push retried with its batch id is applied once; a push never conflicts
+  silently when it carries the device's checkpoint.
 
 The module reads top to bottom in sections: constants, errors, .env parser,
-configuration, identifiers and values, database layer, sync engine, HTTP
-application, command line.
+configuration, authentication, identifiers and values, database layer, change
+capture, checkpoints, sync engine, operations (metrics, logs, device fleet),
+API description, HTTP application, command line.
 """
 
 import argparse
