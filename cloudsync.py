@@ -603,7 +603,7 @@ class TableSchema:
 def _json_default(value):
     """Encode the database's non-JSON types: exact decimals, ISO dates, base64 bytes."""
     if isinstance(value, decimal.Decimal):
-        return str(value)
+        return format(value, "f")       # as MySQL writes it: 0.0000000000, not 0E-10
     if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, datetime.timedelta):        # MySQL TIME columns
@@ -1003,6 +1003,7 @@ class MySQLDatabase(Database):
     name = "mysql"
     placeholder = "%s"
     quote = staticmethod(quote_mysql)
+    use_pure = False            # the C extension; the driver falls back to pure Python when it cannot load
 
     def __init__(self, config):
         super().__init__(config)
@@ -1018,7 +1019,7 @@ class MySQLDatabase(Database):
                 host=self.config.db_host, port=self.config.db_port, user=self.config.db_user,
                 password=self.config.db_pass, database=self.config.db_name,
                 charset="utf8mb4", collation="utf8mb4_unicode_ci", autocommit=True,
-                use_pure=False, connection_timeout=int(self.config.db_connect_timeout_seconds) or 1,
+                use_pure=self.use_pure, connection_timeout=int(self.config.db_connect_timeout_seconds) or 1,
                 # rowcount of UPDATE counts matched rows, not only changed ones
                 client_flags=[connector.constants.ClientFlag.FOUND_ROWS],
             )
@@ -1098,9 +1099,25 @@ class MySQLDatabase(Database):
     # own prepare_for_mysql, as its cursor does, and put where the SQL text (all
     # written here, with no '%' but the placeholders) has %s.
 
+    @staticmethod
+    def _free_result(conn):
+        free = getattr(conn, "free_result", None)      # the pure-Python driver has nothing to free
+        if free is not None:
+            free()
+
+    def _escape(self, conn, params):
+        """Values as SQL literals, escaped by the driver as its cursors do (C extension or pure Python)."""
+        prepare = getattr(conn, "prepare_for_mysql", None)
+        if prepare is not None:
+            return prepare(params)
+        converter, sql_mode = conn.converter, conn.sql_mode
+        escaped = [converter.escape(converter.to_mysql(value), sql_mode) for value in params]
+        return [text if isinstance(value, decimal.Decimal) else converter.quote(text)
+                for value, text in zip(params, escaped)]
+
     def _bind(self, conn, sql, params):
         template = sql.encode("utf-8").split(b"%s")
-        values = conn.prepare_for_mysql(tuple(params)) if params else ()
+        values = self._escape(conn, tuple(params)) if params else ()
         if len(template) != len(values) + 1:
             raise ValueError("the statement has %d placeholders for %d values" % (len(template) - 1, len(values)))
         pieces = [template[0]]
@@ -1115,7 +1132,7 @@ class MySQLDatabase(Database):
             result = conn.cmd_query(self._bind(conn, sql, params))
             if "columns" in result:
                 conn.get_rows()
-                conn.free_result()
+                self._free_result(conn)
                 return 0
             return result["affected_rows"]
 
@@ -1128,7 +1145,7 @@ class MySQLDatabase(Database):
         if any(len(row) != width for row in rows):
             raise ValueError("the statement has %d placeholders per row" % width)
         # every value of every row escaped in one call into the driver
-        escaped = conn.prepare_for_mysql(tuple(value for row in rows for value in row)) if width else []
+        escaped = self._escape(conn, tuple(value for row in rows for value in row)) if width else []
         statement, size = [], 0
         for start in range(0, len(rows) * width or len(rows), width or 1):
             pieces = [template[0]]
@@ -1155,7 +1172,7 @@ class MySQLDatabase(Database):
             if "columns" not in result:
                 return []
             rows = conn.get_rows()[0]
-            conn.free_result()
+            self._free_result(conn)
             return rows
 
     def ping(self, conn):
@@ -1513,21 +1530,23 @@ class ChangeLog:
 
         The newest sequence number of the tables (never below the compaction
         mark, so it cannot fall back to an old value when their entries are
-        compacted away) and, on MySQL, the newest pending change not numbered
-        yet (a new commit always adds a higher one; numbering it raises the first part).
+        compacted away) and, on MySQL, the count and the newest id of their
+        changes not numbered yet: a commit adds a pending row (its id may be
+        lower than one committed before it, the count still grows), and
+        numbering one raises the first part.
         """
         marks = ", ".join("?" for _ in tables)
         if self.backend == "mysql":
             row = self.db.query(conn, self.db.sql(
                 "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
                 " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'),"
-                " (SELECT MAX(id) FROM cloudsync_pending WHERE table_name IN (%s))" % (marks, marks)),
+                " COUNT(*), MAX(id) FROM cloudsync_pending WHERE table_name IN (%s)" % (marks, marks)),
                 list(tables) * 2)[0]
-            return max(row[0] or 0, int(row[1])), row[2] or 0
+            return max(row[0] or 0, int(row[1])), row[2], row[3] or 0
         row = self.db.query(conn, "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
                                   " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto')" % marks,
                             list(tables))[0]
-        return max(row[0] or 0, int(row[1])), 0
+        return max(row[0] or 0, int(row[1])), 0, 0
 
     def head(self, conn):
         """The highest sequence number given out so far."""

@@ -569,6 +569,33 @@ def test_cached_pull_sees_changes_numbered_and_compacted_since(app, backend):
     assert [row["id"] for row in pull(app, tables=["products"]).json["data"]["products"]] == ["p1"]
 
 
+def test_seed_cache_sees_a_commit_of_an_earlier_pending_id(app, backend):
+    if backend.kind != "mysql":
+        pytest.skip("MySQL numbers changes after commit")
+    first, second = _mysql_connect(backend.settings["DB_NAME"]), _mysql_connect(backend.settings["DB_NAME"])
+    try:
+        early, late = first.cursor(), second.cursor()
+        early.execute("START TRANSACTION")
+        early.execute("INSERT INTO products (id, name) VALUES ('p1', 'first')")    # takes the lower pending id
+        late.execute("INSERT INTO products (id, name) VALUES ('p2', 'second')")    # higher id, committed first
+        assert [row["id"] for row in pull(app, tables=["products"]).json["data"]["products"]] == ["p2"]
+        early.execute("COMMIT")
+        assert [row["id"] for row in pull(app, tables=["products"]).json["data"]["products"]] == ["p1", "p2"]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_seed_and_sync_pulls_write_decimals_alike(backend):
+    backend.sql("CREATE TABLE rates (id INT PRIMARY KEY, r DECIMAL(20,10))")
+    backend.sql("INSERT INTO rates VALUES (1, 0), (2, 0.0000001), (3, 12.5)")
+    app = started(backend, ALLOWED_TABLES="rates")
+    seed = pull(app, tables=["rates"]).json["data"]["rates"]
+    sync = pull(app, tables=["rates"], since=None).json["changes"]["rates"]["upserted"]
+    assert seed == sync
+    assert [row["r"] for row in seed] == ["0.0000000000", "0.0000001000", "12.5000000000"]
+
+
 def test_api_capture_does_not_cache_pulls(backend):
     application = cloudsync.App(backend.config(CHANGE_CAPTURE="api"))
     application.start()
@@ -701,6 +728,34 @@ def test_tables_mysql_cannot_encode_are_encoded_here(backend):
         assert app.engine.schemas["readings"].json_row is None
         assert pull(app, tables=["readings"]).json["data"]["readings"] == [
             {"id": 1, "level": 0.1, "at": "-00:30:00"}, {"id": 2, "level": 1e300, "at": "100:00:00"}]
+    finally:
+        app.db.close()
+
+
+@pytest.fixture
+def pure_python_driver(monkeypatch):
+    """mysql-connector-python without its C extension, as where the extension cannot load."""
+    monkeypatch.setattr(cloudsync.MySQLDatabase, "use_pure", True)
+
+
+def test_pure_python_driver_pushes_and_pulls_the_same(backend, pure_python_driver):
+    if backend.kind != "mysql":
+        pytest.skip("the MySQL driver")
+    app = started(backend)
+    try:
+        assert "pure Python" in app.db.driver() or app.db.pool is not None
+        operations = [op("insert", id="s1", total=12.5, sold_at="2026-11-26 09:30:00", note="it's \"quoted\" \\"),
+                      op("insert", id="s2", total="1234567890.99", note="Grüße 🧾"),
+                      op("insert", "attachments", id=1, body="AAEC/w==", taken_on="2026-01-31")]
+        assert push(app, operations, device_id="till", batch_id="b1").status == 200
+        assert push(app, operations, device_id="till", batch_id="b1").json["replayed"] is True
+        data = pull(app, tables=["sales", "attachments"]).json["data"]
+        assert [(row["id"], row["total"], row["note"]) for row in data["sales"]] == [
+            ("s1", "12.50", 'it\'s "quoted" \\'), ("s2", "1234567890.99", "Grüße 🧾")]
+        assert data["sales"][0]["sold_at"] == "2026-11-26T09:30:00"
+        assert data["attachments"] == [{"id": 1, "body": "AAEC/w==", "taken_on": "2026-01-31"}]
+        device = Device(app, ["sales"]).sync()
+        assert device.rows["sales"] == server_rows(app, "sales")
     finally:
         app.db.close()
 
