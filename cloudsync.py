@@ -1120,11 +1120,7 @@ class MySQLDatabase(Database):
         values = self._escape(conn, tuple(params)) if params else ()
         if len(template) != len(values) + 1:
             raise ValueError("the statement has %d placeholders for %d values" % (len(template) - 1, len(values)))
-        pieces = [template[0]]
-        for value, text in zip(values, template[1:]):
-            pieces.append(value)
-            pieces.append(text)
-        return b"".join(pieces)
+        return _fill(template, values)
 
     def execute(self, conn, sql, params=()):
         """Run one statement; return the number of rows it matched."""
@@ -1148,11 +1144,7 @@ class MySQLDatabase(Database):
         escaped = self._escape(conn, tuple(value for row in rows for value in row)) if width else []
         statement, size = [], 0
         for start in range(0, len(rows) * width or len(rows), width or 1):
-            pieces = [template[0]]
-            for value, text in zip(escaped[start:start + width], template[1:]):
-                pieces.append(value)
-                pieces.append(text)
-            values = b"".join(pieces)
+            values = _fill(template, escaped[start:start + width])
             statement.append(values)
             size += len(values) + 2
             if size > MYSQL_STATEMENT_BYTES:
@@ -1261,6 +1253,15 @@ class MySQLDatabase(Database):
     def decode_rows(self, schema, rows):
         """MySQL rows are already typed by the driver."""
         return rows
+
+
+def _fill(template, values):
+    """SQL text pieces split at %s, joined with the escaped values between them."""
+    pieces = [template[0]]
+    for value, text in zip(values, template[1:]):
+        pieces.append(value)
+        pieces.append(text)
+    return b"".join(pieces)
 
 
 def _mysql_error_column(message):
@@ -1571,8 +1572,7 @@ class ChangeLog:
                                             " WHERE name IN ('last_seq', 'compacted_upto')"))
             compacted, head = int(meta["compacted_upto"]), int(meta["last_seq"])
         else:
-            compacted = self.compacted_upto(conn)
-            head = max(compacted, self.db.query(conn, "SELECT MAX(seq) FROM cloudsync_changes")[0][0] or 0)
+            compacted, head = self.compacted_upto(conn), self.head(conn)
         if seq < compacted or seq > head:
             raise _expired()
 
@@ -2022,10 +2022,10 @@ class SyncEngine:
             if op.action == "delete":
                 expected[schema.name, key] = None
             elif row is not None and op.action in ("update", "upsert"):
-                row.update((name, (True, _as_sent(op, name))) for name in op.values)
+                row.update((name, (True, op.sent[name])) for name in op.values)
             elif row is None and op.action in ("insert", "upsert"):
                 # a column left out is null on the device; a default the database filled in is not
-                expected[schema.name, key] = {name: (name in op.values, _as_sent(op, name))
+                expected[schema.name, key] = {name: (name in op.values, op.sent.get(name))
                                               for name in schema.column_names}
         by_table = {}
         for (table, key), row in expected.items():
@@ -2160,11 +2160,14 @@ class SyncEngine:
     def _key_condition(self, schema):
         return " AND ".join("%s = ?" % schema.columns[name].quoted for name in schema.primary_key)
 
+    def _insert_sql(self, schema, names):
+        """INSERT of one row with these (checked) columns, ? for each value."""
+        return self.db.sql("INSERT INTO %s (%s) VALUES (%s)" % (
+            schema.quoted, ", ".join(schema.columns[name].quoted for name in names), ", ".join("?" for _ in names)))
+
     def _insert_many(self, conn, group):
         schema, names = group[0].table, list(group[0].values)
-        sql = self.db.sql("INSERT INTO %s (%s) VALUES (%s)" % (
-            schema.quoted, ", ".join(schema.columns[name].quoted for name in names),
-            ", ".join("?" for _ in names)))
+        sql = self._insert_sql(schema, names)
         try:
             if len(group) == 1:
                 self.db.execute(conn, sql, tuple(group[0].values.values()))
@@ -2176,8 +2179,7 @@ class SyncEngine:
     def _insert_one(self, conn, op):
         schema, names = op.table, list(op.values)
         if names:
-            sql = self.db.sql("INSERT INTO %s (%s) VALUES (%s)" % (
-                schema.quoted, ", ".join(schema.columns[name].quoted for name in names), ", ".join("?" for _ in names)))
+            sql = self._insert_sql(schema, names)
         else:                                # every column takes its default (a generated key)
             sql = "INSERT INTO %s DEFAULT VALUES" % schema.quoted if self.db.name == "sqlite" else \
                 "INSERT INTO %s () VALUES ()" % schema.quoted
@@ -2295,7 +2297,7 @@ class SyncEngine:
                 schema.select_list, schema.quoted, where, schema.key_order)), params + [budget])
             if rows:
                 positions = [schema.column_names.index(name) for name in schema.primary_key]
-                last = [_json_default(v) if isinstance(v, (decimal.Decimal, bytes, datetime.date)) else v
+                last = [_as_json_value(v)
                         for v in (rows[-1][p] for p in positions)]
                 names = schema.column_names
                 changes[schema.name]["upserted"].extend(dict(zip(names, row))
@@ -2419,14 +2421,7 @@ def _expired():
 
 def _norm_key(values):
     """A key as comparable text, whether it came from JSON, a client, or the database."""
-    return tuple(None if value is None else
-                 _json_default(value) if isinstance(value, (decimal.Decimal, bytes, datetime.date)) else str(value)
-                 for value in values)
-
-
-def _as_sent(op, name):
-    """A pushed value exactly as the device sent it (and holds it); None when not sent."""
-    return op.sent.get(name)
+    return tuple(None if value is None else str(_as_json_value(value)) for value in values)
 
 
 def _as_json_value(value):
@@ -3662,8 +3657,8 @@ class App:
         if methods is None:
             raise HTTPError(404, "Not found", "no endpoint at %s" % path[:200])
         request.route = path
+        allowed = ", ".join(sorted(set(methods) | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())))
         if request.method == "OPTIONS":       # a CORS preflight (or a client asking what it may do)
-            allowed = ", ".join(sorted(set(methods) | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())))
             headers = [("Allow", allowed)]
             if any(name == "Access-Control-Allow-Origin"
                    for name, _ in self._cors_headers(request.environ.get("HTTP_ORIGIN"))):
@@ -3675,9 +3670,7 @@ class App:
         if handler is None and request.method == "HEAD":
             handler = methods.get("GET")
         if handler is None:
-            allowed = sorted(set(methods) | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set()))
-            raise HTTPError(405, "Method not allowed", "%s takes %s" % (path, ", ".join(allowed)),
-                            headers=[("Allow", ", ".join(allowed))])
+            raise HTTPError(405, "Method not allowed", "%s takes %s" % (path, allowed), headers=[("Allow", allowed)])
         if path.startswith("/sync") and path != "/sync/devices":
             request.token = self.auth.identify(request)
         result = handler(request)
