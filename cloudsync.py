@@ -1919,15 +1919,14 @@ class SyncEngine:
     def push(self, operations, device_id=None, batch_id=None, checkpoint=None, on_conflict="abort",
              request_hash=None):
         """Apply validated operations in one transaction; return the response fields."""
-        if checkpoint is not None:
-            self.checkpoints.decode(checkpoint)     # 400 when malformed or foreign, even for a replay
+        # 400 when malformed or foreign, even for a replay; its expiry is checked inside the push's transaction
+        fields = self.checkpoints.decode(checkpoint) if checkpoint is not None else None
         if batch_id is not None:
             with self.db.connection() as conn:
                 prior = self.changelog.find_batch(conn, device_id or "", batch_id)
             if prior is not None:           # a retry is answered even when its checkpoint has expired since
                 return self._replay(prior, request_hash, checkpoint)
-        since = self._checkpoint_seq(checkpoint) if checkpoint is not None else None
-        attempt = dict(device_id=device_id, batch_id=batch_id, since=since, on_conflict=on_conflict,
+        attempt = dict(device_id=device_id, batch_id=batch_id, fields=fields, on_conflict=on_conflict,
                        request_hash=request_hash)
         try:
             return self._push_with_retries(operations, attempt, checkpoint)
@@ -1963,12 +1962,6 @@ class SyncEngine:
         result["checkpoint"] = checkpoint
         return result
 
-    def _checkpoint_seq(self, checkpoint):
-        fields = self.checkpoints.decode(checkpoint)
-        with self.db.connection() as conn:
-            self.changelog.check_position(conn, fields["s"])
-        return fields["s"]
-
     def _checkpoint_after_push(self, conn, push):
         """Inside the push's transaction: number its changes; return the device's next pull position, or None.
 
@@ -1982,7 +1975,7 @@ class SyncEngine:
             # numbered later (by the next pull or the server's sequencer): saves a push five round trips
             return None
         numbered = self.changelog.sequence_in_transaction(conn)
-        fields = self.checkpoints.decode(push.checkpoint)
+        fields = push.fields
         if numbered is not None:
             start, head = numbered
         else:
@@ -2042,9 +2035,10 @@ class SyncEngine:
                         return False
         return True
 
-    def _push(self, operations, batched, checkpoint, device_id, batch_id, since, on_conflict, request_hash):
+    def _push(self, operations, batched, checkpoint, device_id, batch_id, fields, on_conflict, request_hash):
         missing, conflicts, logged = [], [], []
-        push = _PushState(checkpoint, device_id, batch_id)
+        push = _PushState(checkpoint, fields, device_id, batch_id)
+        since = fields["s"] if fields is not None else None
         with self.db.connection() as conn:
             with self._push_transaction(conn, operations, batched, batch_id, checkpoint):
                 if checkpoint is not None and self.db.name == "sqlite":
@@ -2058,7 +2052,8 @@ class SyncEngine:
                 with self.changelog.attributed(conn, device_id, batch_id):
                     if since is not None:
                         conflicts, push.before = self._conflicts(conn, operations, since, device_id)
-                        # again after reading: compaction publishes its mark before it deletes
+                        # checked after reading: compaction publishes its mark before it deletes, so an
+                        # entry compacted away under the conflict check shows here as 410
                         self.changelog.check_position(conn, since)
                         if conflicts and on_conflict != "skip":
                             raise PushConflict(conflicts)
@@ -2390,10 +2385,11 @@ class Encoded:
 class _PushState:
     """What deciding a push's returned checkpoint needs to know about the push."""
 
-    __slots__ = ("checkpoint", "device_id", "batch_id", "start", "before", "operations", "skipped")
+    __slots__ = ("checkpoint", "fields", "device_id", "batch_id", "start", "before", "operations", "skipped")
 
-    def __init__(self, checkpoint, device_id, batch_id):
+    def __init__(self, checkpoint, fields, device_id, batch_id):
         self.checkpoint = checkpoint
+        self.fields = fields        # the checkpoint decoded
         self.device_id = device_id
         self.batch_id = batch_id
         self.start = None           # SQLite: the head when the push took the write lock
