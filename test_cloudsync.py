@@ -2378,6 +2378,20 @@ def test_every_command_has_help(command):
     assert result.returncode == 0 and result.stdout.startswith("usage: cloudsync")
 
 
+def test_migrate_and_compact_show_progress(tmp_path):
+    db_path = str(tmp_path / "shop.db")
+    conn = sqlite3.connect(db_path)
+    conn.executescript(open(os.path.join(HERE, "schema-sqlite.sql")).read())
+    conn.close()
+    env = dict(os.environ, DB_HOST="", DB_PATH=db_path, ALLOWED_TABLES="sales,products", TOKENS_FILE="")
+    command = [sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", ""]
+    migrate = subprocess.run(command + ["migrate"], env=env, capture_output=True, text=True, timeout=60)
+    assert migrate.returncode == 0
+    assert "installing triggers on sales" in migrate.stderr and "installing triggers on products" in migrate.stderr
+    compact = subprocess.run(command + ["compact"], env=env, capture_output=True, text=True, timeout=60)
+    assert compact.returncode == 0 and "removed 0 change-log entries" in compact.stdout
+
+
 def test_systemd_unit_verifies(tmp_path):
     """cloudsync.service with its paths pointed at this checkout passes systemd-analyze verify."""
     if not shutil.which("systemd-analyze"):
