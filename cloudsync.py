@@ -34,6 +34,7 @@ import decimal
 import gzip
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -72,13 +73,14 @@ MAX_JSON_DEPTH_DEFAULT = 16         # nesting allowed when no configuration says
 MYSQL_STATEMENT_BYTES = 1 << 20     # a multi-row INSERT is cut into statements of about this size
 SCHEMA_REFRESH_SECONDS = 1.0        # status re-reads the tables' columns at most this often
 PULL_CACHE_ENTRIES = 64             # encoded seed-mode pull answers kept
+PULL_CACHE_BYTES = 16 << 20         # ... holding at most this many bytes (their gzipped copies too)
 EXAMPLE_TABLES = ("sales", "products", "customers", "item_sales", "product_stock")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 HTTP_REASONS = {
     200: "OK", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
     403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-    410: "Gone", 413: "Payload Too Large", 415: "Unsupported Media Type",
+    410: "Gone", 413: "Payload Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content",
     500: "Internal Server Error", 503: "Service Unavailable",
 }
 
@@ -117,11 +119,12 @@ class Retryable(DatabaseUnavailable):
 
 
 class DataRejected(Exception):
-    """The database refused the pushed values (duplicate key, NOT NULL...)."""
+    """The database refused the pushed values (duplicate key, NOT NULL, a rule of the user's...)."""
 
-    def __init__(self, message, duplicate=False):
+    def __init__(self, message, duplicate=False, rule=False):
         super().__init__(message)
-        self.duplicate = duplicate
+        self.duplicate = duplicate      # another row holds this key or unique value
+        self.rule = rule                # a trigger of the user's refused it (SIGNAL, RAISE): message is theirs
 
 
 # ---------------------------------------------------------------------------
@@ -214,15 +217,6 @@ def parse_dotenv(text, environ=None):
 # ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
-
-
-def _as_bool(text):
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("expected true or false")
 
 
 def _as_port(text):
@@ -554,6 +548,30 @@ class Authenticator:
 # ---------------------------------------------------------------------------
 # Identifiers reach SQL only through Column/TableSchema objects built from the
 # database's own catalogue, quoted by doubling the quote character.
+#
+# Every value has one form on the wire, its *pulled form*: what a pull sends,
+# and what a push of the same row sends back to leave the stored bytes as they
+# are. Column.kind decides it:
+#
+#   integer, bit                 a number
+#   decimal                      a string with the exact value ("12.50")
+#   float                        a number; a value no JSON number can hold, stored
+#                                by another program, as "Infinity", "-Infinity", "NaN"
+#   date, datetime, timestamp,   MySQL: ISO 8601 ("2026-11-26T09:30:00.500000",
+#   time                         "-00:00:00.500000"); SQLite: the stored text as it is
+#   binary                       base64
+#   set                          the members in the column's own order ("red,blue")
+#   text, json, other            a string
+#
+# A push is checked against the same kinds before any SQL runs (bind_value).
+
+COLUMN_KINDS = ("integer", "bit", "decimal", "float", "date", "datetime", "timestamp", "time", "binary",
+                "set", "text", "json", "other")
+MAX_INTEGER_DIGITS = 20             # beyond 64-bit integers no column can hold the value
+MAX_DECIMAL_EXPONENT = 65           # MySQL DECIMAL holds at most 65 digits
+MAX_FLOAT_EXPONENT = 308            # a double reaches 1.8e308
+SQLITE_EXACT_DIGITS = 15            # what a SQLite REAL keeps exactly
+_WIDE_CONTEXT = decimal.Context(prec=1000)      # rounding SQLite decimals of any size without overflow
 
 
 def quote_mysql(name):
@@ -569,16 +587,28 @@ def quote_sqlite(name):
 class Column:
     """One column of an allowed table, as the database describes it."""
 
-    __slots__ = ("name", "quoted", "kind", "scale", "exact_scale", "plain_text")
+    __slots__ = ("name", "quoted", "kind", "declared", "scale", "fsp", "members", "generated", "octets",
+                 "pads", "max_code_point", "int_limit", "affinity", "checks_decimals", "plain_text")
 
-    def __init__(self, name, quoted, kind, scale=None, exact_scale=None):
+    def __init__(self, name, quoted, kind, declared="", scale=None, fsp=0, members=(), generated=False,
+                 octets=None, pads=False, max_code_point=0x10FFFF, int_limit=1 << 64, affinity=None,
+                 checks_decimals=False):
         self.name = name
         self.quoted = quoted
-        self.exact_scale = exact_scale      # SQLite decimals: values are rounded here before storing
-        self.kind = kind        # 'integer', 'decimal', 'binary', 'date', 'datetime', 'time' or 'other'
-        self.scale = scale      # digits after the point, for decimal columns
-        # a string for this column is bound as it is (no rounding, no base64)
-        self.plain_text = exact_scale is None and kind != "binary"
+        self.kind = kind                    # one of COLUMN_KINDS
+        self.declared = declared            # the type as the database states it, for status
+        self.scale = scale                  # digits after the point of a decimal; None: as many as stored
+        self.fsp = fsp                      # MySQL: digits of a second kept by a datetime, timestamp or time
+        self.members = tuple(members)       # MySQL SET: the members in the column's order
+        self.generated = generated          # computed by the database: never written by a push
+        self.octets = octets                # MySQL BINARY(n): the fixed length the database pads to
+        self.pads = pads                    # MySQL CHAR: trailing spaces are not kept
+        self.max_code_point = max_code_point    # utf8mb3 (MySQL "utf8") stores nothing beyond U+FFFF
+        self.int_limit = int_limit          # whole numbers must be below this (SQLite: 2**63)
+        self.affinity = affinity            # SQLite: INTEGER, REAL, NUMERIC, TEXT or BLOB
+        self.checks_decimals = checks_decimals  # SQLite: cloudsync rounds and range-checks decimals itself
+        # a string for this column may be bound as it is when it is plain ASCII
+        self.plain_text = not checks_decimals and kind not in ("binary", "float")
 
 
 class TableSchema:
@@ -591,13 +621,29 @@ class TableSchema:
         self.columns = {column.name: column for column in columns}
         self.column_names = [column.name for column in columns]
         self.primary_key = list(primary_key)
+        self.key_columns = [self.columns[name] for name in primary_key]
         self.select_list = ", ".join(column.quoted for column in columns)
         self.key_order = ", ".join(self.columns[name].quoted for name in primary_key)
+        self.key_positions = [self.column_names.index(name) for name in primary_key]
+        self.has_generated = any(column.generated for column in columns)
+        self.decoders = []          # (position, function(value, column), column) turning stored values into pulled form
         self.json_row = None        # MySQL: SQL writing a row as a JSON object, when every column allows it
+        self.key_sql = None         # SQL writing the row key as the change log holds it (set by the backend)
+        self.cascaded = False       # MySQL: a foreign key cascade writes this table without firing triggers
 
     def describe(self):
         """The table as the status endpoint shows it."""
-        return {"primary_key": self.primary_key, "columns": self.column_names}
+        return {"primary_key": self.primary_key, "columns": self.column_names,
+                "types": {column.name: column.declared for column in self.columns.values()}}
+
+
+def _time_text(value):
+    """A MySQL TIME (a timedelta) in pulled form: [-]HH:MM:SS[.ffffff], hours beyond 24 kept."""
+    micro = (value.days * 86400 + value.seconds) * 1000000 + value.microseconds
+    sign = "-" if micro < 0 else ""
+    seconds, fraction = divmod(abs(micro), 1000000)
+    text = "%s%02d:%02d:%02d" % (sign, seconds // 3600, seconds // 60 % 60, seconds % 60)
+    return text + (".%06d" % fraction if fraction else "")
 
 
 def _json_default(value):
@@ -607,21 +653,37 @@ def _json_default(value):
     if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, datetime.timedelta):        # MySQL TIME columns
-        seconds = int(value.total_seconds())
-        sign = "-" if seconds < 0 else ""
-        seconds = abs(seconds)
-        return "%s%02d:%02d:%02d" % (sign, seconds // 3600, seconds // 60 % 60, seconds % 60)
+        return _time_text(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, set):                        # MySQL SET columns
+    if isinstance(value, (set, frozenset)):          # a MySQL SET read without its column (decoders order it)
         return ",".join(sorted(value))
     raise TypeError("cannot encode %s as JSON" % type(value).__name__)
 
 
+_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def _finite(value):
+    """A payload with every float JSON cannot hold (inf, nan) replaced by its name as a string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return _NON_FINITE.get(value, "NaN")
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def to_json_bytes(payload):
-    """Encode a response payload as compact UTF-8 JSON."""
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"),
-                      default=_json_default).encode("utf-8")
+    """Encode a response payload as compact UTF-8 JSON, always strict JSON (RFC 8259)."""
+    try:
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=_json_default,
+                          allow_nan=False)
+    except ValueError:              # Infinity or NaN another program stored in a float column
+        text = json.dumps(_finite(payload), ensure_ascii=False, separators=(",", ":"), default=_json_default,
+                          allow_nan=False)
+    return text.encode("utf-8")
 
 
 def _reject_constant(name):
@@ -645,52 +707,85 @@ def parse_json(body):
                         else "the body is nested too deeply") from None
 
 
-MAX_INTEGER_DIGITS = 20             # beyond 64-bit integers no column can hold the value
-MAX_DECIMAL_EXPONENT = 65           # MySQL DECIMAL holds at most 65 digits
-SQLITE_EXACT_DIGITS = 15            # what a SQLite REAL keeps exactly
+def _invalid(where, column, text):
+    return HTTPError(400, "Invalid value", "%s: %s" % (where, text % repr(column.name)))
 
 
 def bind_value(column, value, where):
-    """Turn a pushed JSON value into a value to bind for `column`, or raise 400."""
-    if value is None or isinstance(value, (str, int, decimal.Decimal)):
-        if isinstance(value, bool):
-            return int(value)
-        if isinstance(value, int) and (len(str(abs(value))) > MAX_INTEGER_DIGITS or not
-                                       -(1 << 63) <= value < 1 << 64) \
-                or isinstance(value, decimal.Decimal) and (not value.is_finite()
-                                                           or abs(value.adjusted()) > MAX_DECIMAL_EXPONENT):
-            raise HTTPError(400, "Invalid value", "%s: the number for column %r is out of range" % (where, column.name))
-        if isinstance(value, str):
+    """Turn a pushed JSON value into a value to bind for `column`, or raise 400 naming the column."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, str):
+        if not value.isascii():
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise HTTPError(400, "Invalid value", "%s: the text for column %r is not valid Unicode "
-                                "(a lone surrogate)" % (where, column.name)) from None
-        if column.exact_scale is not None:
-            return _sqlite_exact_decimal(column, value, where)
-        if column.kind == "binary" and isinstance(value, str):
+                raise _invalid(where, column, "the text for column %s is not valid Unicode (a lone surrogate)") \
+                    from None
+            if column.max_code_point < 0x10FFFF and max(map(ord, value)) > column.max_code_point:
+                raise _invalid(where, column, "column %s uses the utf8mb3 character set, which cannot store "
+                               "characters beyond U+FFFF (emoji and some CJK); convert the column to utf8mb4")
+        if column.kind == "binary":
             try:
                 return base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
-                raise HTTPError(400, "Invalid value", "%s: column %r holds binary data, "
-                                "send it as base64" % (where, column.name)) from None
+                raise _invalid(where, column, "column %s holds binary data, send it as base64") from None
+        if column.kind == "float":
+            try:
+                value = decimal.Decimal(value.strip())
+            except decimal.InvalidOperation:
+                raise _invalid(where, column, "column %s holds a number") from None
+            return _checked_float(column, value, where)
+        return _checked_decimal(column, value, where) if column.checks_decimals else value
+    if isinstance(value, int):
+        if not -(1 << 63) <= value < column.int_limit or len(str(abs(value))) > MAX_INTEGER_DIGITS:
+            raise _invalid(where, column, "the number for column %s is out of range")
+        if column.kind == "binary":
+            raise _invalid(where, column, "column %s holds binary data, send it as base64")
+        if column.kind == "float":
+            return float(value)
+        return _checked_decimal(column, value, where) if column.checks_decimals else value
+    if isinstance(value, decimal.Decimal):
+        if column.kind == "binary":
+            raise _invalid(where, column, "column %s holds binary data, send it as base64")
+        if column.kind == "float":
+            return _checked_float(column, value, where)
+        if column.checks_decimals:
+            return _checked_decimal(column, value, where)
+        if not value.is_finite() or abs(value.adjusted()) > MAX_DECIMAL_EXPONENT:
+            raise _invalid(where, column, "the number for column %s is out of range")
         return value
     raise HTTPError(400, "Invalid value", "%s: column %r must be a string, number, "
                     "boolean or null, not %s" % (where, column.name, _json_type(value)))
 
 
-def _sqlite_exact_decimal(column, value, where):
+def _checked_float(column, number, where):
+    """A float column: the double nearest the number; refused when no double holds it (1e400, 1e-400)."""
+    if not number.is_finite() or abs(number.adjusted()) > MAX_FLOAT_EXPONENT + 20:
+        raise _invalid(where, column, "the number for column %s is out of range")
+    value = float(number)
+    if not math.isfinite(value) or (value == 0 and number != 0):
+        raise _invalid(where, column, "the number for column %s is out of range")
+    return value
+
+
+def _checked_decimal(column, value, where):
     """SQLite DECIMAL(p,s): round half up to s places as MySQL does; refuse what a REAL cannot keep."""
-    if value is None:
-        return None
     try:
-        number = decimal.Decimal(value) if isinstance(value, (str, int)) else value
-        if not number.is_finite() or abs(number.adjusted()) > MAX_DECIMAL_EXPONENT:
-            raise decimal.InvalidOperation
-        number = number.quantize(decimal.Decimal(1).scaleb(-column.exact_scale), rounding=decimal.ROUND_HALF_UP)
+        number = decimal.Decimal(value.strip() if isinstance(value, str) else value)
     except (decimal.InvalidOperation, ValueError):
-        raise HTTPError(400, "Invalid value", "%s: column %r holds a decimal number" % (where, column.name)) from None
-    if len(number.as_tuple().digits) > SQLITE_EXACT_DIGITS:
+        raise _invalid(where, column, "column %s holds a decimal number") from None
+    if not number.is_finite() or abs(number.adjusted()) > MAX_FLOAT_EXPONENT:
+        raise _invalid(where, column, "the number for column %s is out of range")
+    try:
+        if column.scale is not None:
+            number = number.quantize(decimal.Decimal(1).scaleb(-column.scale), rounding=decimal.ROUND_HALF_UP,
+                                     context=_WIDE_CONTEXT)
+    except (decimal.InvalidOperation, ValueError):
+        raise _invalid(where, column, "column %s holds a decimal number") from None
+    if len(number.normalize(_WIDE_CONTEXT).as_tuple().digits) > SQLITE_EXACT_DIGITS:
         raise HTTPError(400, "Invalid value", "%s: %s has more digits than SQLite keeps exactly (%d); use "
                         "MySQL/MariaDB for such amounts" % (where, number, SQLITE_EXACT_DIGITS))
     return number
@@ -702,6 +797,65 @@ def _json_type(value):
     if isinstance(value, list):
         return "a list"
     return type(value).__name__
+
+
+def _mysql_set(value, column):
+    """A MySQL SET (the driver gives a Python set) as MySQL writes it: members in the column's order."""
+    if isinstance(value, (set, frozenset)):
+        order = {member.lower(): position for position, member in enumerate(column.members)}
+        return ",".join(sorted(value, key=lambda member: order.get(member.lower(), len(order))))
+    return value
+
+
+def _sqlite_decimal(value, column):
+    """A number in a SQLite DECIMAL column as an exact decimal string, with at least the column's scale."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value                         # text another program stored: shown as it is
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return value                     # written by another program; to_json_bytes names it
+        exact = decimal.Decimal(repr(value))
+    else:
+        exact = decimal.Decimal(value)
+    if column.scale is not None and exact.as_tuple().exponent > -column.scale:
+        exact = exact.quantize(decimal.Decimal(1).scaleb(-column.scale), context=_WIDE_CONTEXT)
+    return format(exact, "f")
+
+
+_NUMBER_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")    # a well-formed number
+_TIME_TEXT = re.compile(r"\s*(-)?(\d+):(\d{1,2})(?::(\d{1,2})(?:\.(\d+))?)?\s*")
+
+
+def _parse_date(value):
+    """A pushed date ('2026-11-26', or the date part of a date and time)."""
+    text = str(value).strip()
+    return datetime.date.fromisoformat(text[:10] if len(text) > 10 and text[10] in " T" else text)
+
+
+def _parse_datetime(value, fsp=6):
+    """A pushed date and time ('2026-11-26 09:30:00', or with T, a fraction, an offset), rounded as MySQL stores it."""
+    text = str(value).strip()
+    moment = datetime.datetime.fromisoformat(text + "T00:00:00" if len(text) == 10 else text)
+    if moment.tzinfo is not None:          # an offset: the instant in UTC, as cloudsync's sessions read it
+        moment = moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return moment + datetime.timedelta(microseconds=_rounded_micro(moment.microsecond, fsp) - moment.microsecond)
+
+
+def _parse_time(value, fsp=6):
+    """A pushed MySQL TIME ('-00:00:00.500', '838:59:59') as a timedelta, rounded as MySQL stores it."""
+    found = _TIME_TEXT.fullmatch(str(value))
+    if not found:
+        raise ValueError("not a time")
+    sign, hours, minutes, seconds, fraction = found.groups()
+    whole = int(hours) * 3600 + int(minutes) * 60 + int(seconds or 0)
+    micro = whole * 1000000 + _rounded_micro(int((fraction or "")[:6].ljust(6, "0")), fsp)
+    return datetime.timedelta(microseconds=-micro if sign else micro)
+
+
+def _rounded_micro(micro, fsp):
+    """Microseconds rounded half up to fsp digits, as MySQL rounds fractional seconds."""
+    quantum = 10 ** (6 - max(0, min(6, fsp)))
+    return (micro + quantum // 2) // quantum * quantum
 
 
 # ---------------------------------------------------------------------------
@@ -830,6 +984,58 @@ class Database:
             raise
         self._commit(conn)
 
+    def decode_rows(self, schema, rows):
+        """Rows as the driver gives them, with the columns that need it turned into their pulled form."""
+        if not schema.decoders:
+            return rows
+        decoded = []
+        for row in rows:
+            row = list(row)
+            for position, decoder, column in schema.decoders:
+                if row[position] is not None:
+                    row[position] = decoder(row[position], column)
+            decoded.append(row)
+        return decoded
+
+    # -- row keys ---------------------------------------------------------------
+    # The change log names a row by its key: a JSON array of the key columns,
+    # each in its *log form*, written by SQL (the triggers, and every query that
+    # reads a row's key) with one expression per column kind (key_sql). The log
+    # form converts exactly back to a value to look the row up by (key_bind)
+    # and to the pulled form a device holds (key_present). key_text writes the
+    # same text in Python for a key a device pushed, for rows that do not exist
+    # (or no longer do), where SQL cannot read it.
+
+    def key_sql(self, schema, ref=None):
+        """SQL writing the key of row `ref` (NEW, OLD, or the table itself) as the change log holds it."""
+        prefix = "" if ref is None else ref + "."
+        return "%s(%s)" % (self.json_array, ", ".join(
+            self._key_column_sql(column).format(prefix + column.quoted) for column in schema.key_columns))
+
+    @staticmethod
+    def parse_key(text):
+        """The log-form values of a logged row key."""
+        return json.loads(_text(text))
+
+    def key_text(self, schema, values):
+        """A key a device pushed, as the change log would hold it (exact for the usual forms of each type)."""
+        return self._json_array_text([None if value is None else self._log_form(column, value)
+                                      for column, value in zip(schema.key_columns, values)])
+
+    def key_bind(self, schema, logged):
+        """Log-form key values as values to look the row up by."""
+        return tuple(self._bind_logged(column, value) for column, value in zip(schema.key_columns, logged))
+
+    def key_logged(self, schema, row):
+        """The key of a row read from the table (the driver's values, before decode_rows), in log form."""
+        return [None if row[position] is None else self._stored_logged(column, row[position])
+                for column, position in zip(schema.key_columns, schema.key_positions)]
+
+    def key_present(self, schema, logged):
+        """Log-form key values as the pulled form a device holds."""
+        return tuple(None if value is None else self._present_logged(column, value)
+                     for column, value in zip(schema.key_columns, logged))
+
 
 class SQLiteDatabase(Database):
     """SQLite through the standard library: one writer at a time, WAL journal."""
@@ -837,6 +1043,10 @@ class SQLiteDatabase(Database):
     name = "sqlite"
     placeholder = "?"
     quote = staticmethod(quote_sqlite)
+    json_array = "json_array"
+    lock_rows = ""                  # one writer at a time: the push's write lock covers every row
+    autocommit_atomic = False       # a push records its device in cloudsync_context: always a transaction
+    SQLITE_CONSTRAINT_TRIGGER = 1811    # RAISE(ABORT|FAIL|ROLLBACK, 'message') in a trigger
 
     def __init__(self, config):
         super().__init__(config)
@@ -854,22 +1064,29 @@ class SQLiteDatabase(Database):
         return conn
 
     def _begin(self, conn):
-        conn.execute("BEGIN IMMEDIATE")              # take the write lock now, not at the first write
+        with self._errors():                         # a write lock held past DB_WAIT_SECONDS: Retryable
+            conn.execute("BEGIN IMMEDIATE")          # take the write lock now, not at the first write
 
     def _commit(self, conn):
-        conn.execute("COMMIT")
+        with self._errors():
+            conn.execute("COMMIT")
 
     def _rollback(self, conn):
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:                      # RAISE(ROLLBACK) in a trigger has already done it
+            conn.execute("ROLLBACK")
 
     @contextmanager
     def _errors(self):
         try:
             yield
         except sqlite3.IntegrityError as error:
+            if getattr(error, "sqlite_errorcode", None) == self.SQLITE_CONSTRAINT_TRIGGER:
+                raise DataRejected(str(error), rule=True) from None
             raise DataRejected(_sqlite_message(error), duplicate="UNIQUE" in str(error)) from None
         except OverflowError:
             raise DataRejected("a whole number is beyond SQLite's 64-bit integers") from None
+        except sqlite3.DataError as error:
+            raise DataRejected(str(error)) from None
         except sqlite3.OperationalError as error:
             text = str(error)
             if "locked" in text or "busy" in text:
@@ -906,14 +1123,19 @@ class SQLiteDatabase(Database):
         return "sqlite3 (Python %s)" % sys.version.split()[0]
 
     def introspect(self, conn, table):
-        """Read one table's columns and primary key from the catalogue."""
-        rows = self.query(conn, "SELECT name, type, pk FROM pragma_table_info(?)", (table,))
+        """Read one table's columns (generated ones too) and primary key from the catalogue."""
+        rows = self.query(conn, "SELECT name, type, pk, hidden FROM pragma_table_xinfo(?)", (table,))
         if not rows:
             raise SchemaError("table %r does not exist in %s" % (table, self.config.db_path))
         columns, keyed = [], []
-        for name, declared, key_position in rows:
-            kind, scale = _sqlite_kind(declared)
-            columns.append(Column(name, quote_sqlite(name), kind, scale, scale if kind == "decimal" else None))
+        for name, declared, key_position, hidden in rows:
+            if hidden == 1:                 # a virtual table's hidden column
+                continue
+            affinity = _sqlite_affinity(declared)
+            kind, scale = _sqlite_kind(declared, affinity)
+            columns.append(Column(name, quote_sqlite(name), kind, declared or "", scale=scale,
+                                  generated=hidden in (2, 3), int_limit=1 << 63, affinity=affinity,
+                                  checks_decimals=kind == "decimal"))
             if key_position:
                 keyed.append((key_position, name))
         if not keyed:
@@ -921,48 +1143,144 @@ class SQLiteDatabase(Database):
         key = [name for _, name in sorted(keyed)]
         # only an INTEGER PRIMARY KEY (the rowid) is generated; other SQLite keys would take NULL
         generated = len(key) == 1 and any(name == key[0] and (declared or "").strip().upper() == "INTEGER"
-                                          for name, declared, _ in rows)
+                                          for name, declared, _, _ in rows)
         schema = TableSchema(table, quote_sqlite(table), columns, key, generated)
-        schema.decoders = [(position, _SQLITE_DECODERS[column.kind], column.scale)
-                           for position, column in enumerate(columns) if column.kind in _SQLITE_DECODERS]
+        for column in schema.key_columns:
+            if column.kind == "float":
+                raise SchemaError("table %r: primary key column %r is a floating-point %s, which cannot name a "
+                                  "row exactly; use an integer, decimal, text, date or binary key"
+                                  % (table, column.name, column.declared))
+        schema.decoders = [(position, _sqlite_decimal, column) for position, column in enumerate(columns)
+                           if column.kind == "decimal"]
+        schema.key_sql = self.key_sql(schema)
         return schema
 
     def rows_as_json(self, conn, schema, limit):
         """SQLite rows are encoded in Python (its decimals need rounding here first)."""
         return None
 
-    def decode_rows(self, schema, rows):
-        """SQLite stores decimals as floats and dates as text: present them as MySQL would."""
-        if not schema.decoders:
-            return rows
-        decoded = []
-        for row in rows:
-            row = list(row)
-            for position, decoder, scale in schema.decoders:
-                if row[position] is not None:
-                    row[position] = decoder(row[position], scale)
-            decoded.append(row)
-        return decoded
+    def insert_defaults_sql(self, schema):
+        """An INSERT in which every column takes its default (a generated key)."""
+        return "INSERT INTO %s DEFAULT VALUES" % schema.quoted
+
+    def upsert(self, conn, schema, values):
+        """Insert the row, or set the given columns on the row with its key; another unique column clashing is refused."""
+        names = list(values)
+        changes = [schema.columns[name].quoted for name in names if name not in schema.primary_key]
+        self.execute(conn, "INSERT INTO %s (%s) VALUES (%s) ON CONFLICT (%s) DO %s" % (
+            schema.quoted, ", ".join(schema.columns[name].quoted for name in names), ", ".join("?" for _ in names),
+            schema.key_order, "UPDATE SET " + ", ".join("%s = excluded.%s" % (quoted, quoted) for quoted in changes)
+            if changes else "NOTHING"), tuple(values.values()))
+
+    # -- row keys (see Database) --------------------------------------------------
+    # A key value is stored in whatever form SQLite's type affinity gave it; the log
+    # keeps that: integers and text as they are, a REAL exactly (quote() writes as
+    # many digits as it takes), a BLOB as hex. json_array cannot hold a BLOB.
+
+    def _key_column_sql(self, column):
+        if column.kind == "binary":
+            return "hex({0})"
+        return ("CASE typeof({0}) WHEN 'real' THEN (CASE WHEN abs({0}) <= 1.7976931348623157e308 THEN json(quote({0}))"
+                " ELSE quote({0}) END) WHEN 'blob' THEN hex({0}) ELSE {0} END")
+
+    @staticmethod
+    def _json_array_text(values):
+        return "[" + ",".join("null" if value is None else _sqlite_real_text(value) if isinstance(value, float)
+                              else json.dumps(value, ensure_ascii=False) for value in values) + "]"
+
+    def _log_form(self, column, value):
+        stored = _sqlite_stored(column.affinity, value)
+        if isinstance(stored, (bytes, bytearray)):
+            return bytes(stored).hex().upper()
+        return stored
+
+    def _bind_logged(self, column, value):
+        if column.kind == "binary" and isinstance(value, str):
+            return bytes.fromhex(value)
+        return value
+
+    @staticmethod
+    def _stored_logged(column, value):
+        return bytes(value).hex().upper() if isinstance(value, (bytes, bytearray)) else value
+
+    def _present_logged(self, column, value):
+        if column.kind == "binary" and isinstance(value, str):
+            return base64.b64encode(bytes.fromhex(value)).decode("ascii")
+        if column.kind == "decimal":
+            return _sqlite_decimal(value, column)
+        return value
 
 
-def _sqlite_decimal(value, scale):
-    """A SQLite number in a DECIMAL(p,s) column, as the exact decimal MySQL would show."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)                    # written by another program; shown, not lost
-    if isinstance(value, (int, float)):
-        exact = decimal.Decimal(repr(value)) if isinstance(value, float) else decimal.Decimal(value)
-        return exact.quantize(decimal.Decimal(1).scaleb(-scale)) if scale else exact
+def _sqlite_affinity(declared):
+    """SQLite's own rules for the type affinity of a declared column type."""
+    upper = (declared or "").upper()
+    if "INT" in upper:
+        return "INTEGER"
+    if "CHAR" in upper or "CLOB" in upper or "TEXT" in upper:
+        return "TEXT"
+    if "BLOB" in upper or not upper.strip():
+        return "BLOB"
+    if "REAL" in upper or "FLOA" in upper or "DOUB" in upper:
+        return "REAL"
+    return "NUMERIC"
+
+
+def _sqlite_kind(declared, affinity):
+    """A declared SQLite column type as a value kind and decimal scale (None: whatever is stored)."""
+    upper = (declared or "").upper().strip()
+    match = re.match(r"(DECIMAL|NUMERIC)\s*(?:\(\s*\d+\s*(?:,\s*(\d+)\s*)?\))?", upper)
+    if match:
+        scale = None if "(" not in upper else int(match.group(2) or 0)
+        return "decimal", scale
+    if affinity == "INTEGER":
+        return "integer", None
+    if "BLOB" in upper or "BINARY" in upper:
+        return "binary", None
+    if affinity == "REAL":
+        return "float", None
+    for prefix, kind in (("DATETIME", "datetime"), ("TIMESTAMP", "datetime"), ("DATE", "date"),
+                         ("TIME", "time"), ("JSON", "json")):
+        if upper.startswith(prefix):
+            return kind, None
+    return ("text" if affinity == "TEXT" else "other"), None
+
+
+def _sqlite_stored(affinity, value):
+    """The value SQLite stores for a bound value under a column affinity (its conversion rules)."""
+    if isinstance(value, decimal.Decimal):
+        value = str(value)                  # the adapter binds exact decimals as text
+    if isinstance(value, (bytes, bytearray)) or value is None:
+        return value
+    if affinity == "TEXT":
+        return value if isinstance(value, str) else _sqlite_real_text(value) if isinstance(value, float) \
+            else str(value)
+    if affinity == "BLOB":
+        return value
+    if isinstance(value, str):
+        if not _NUMBER_TEXT.fullmatch(value):
+            return value
+        number = decimal.Decimal(value.strip())
+        value = int(number) if affinity != "REAL" and number == number.to_integral_value() \
+            and -(1 << 63) <= number < 1 << 63 else float(number)
+    if isinstance(value, float) and affinity != "REAL" and value.is_integer() and -(1 << 63) <= value < 1 << 63:
+        return int(value)
+    if isinstance(value, int) and affinity == "REAL":
+        return float(value)
     return value
 
 
-def _sqlite_datetime(value, scale):
-    """'2024-05-01 10:00:00' stored as text, shown as ISO 8601 '2024-05-01T10:00:00'."""
-    if isinstance(value, str) and len(value) > 10 and value[10] == " ":
-        return value[:10] + "T" + value[11:]
-    return value
-
-
-_SQLITE_DECODERS = {"decimal": _sqlite_decimal, "datetime": _sqlite_datetime}
+def _sqlite_real_text(value):
+    """A REAL as SQLite's quote() writes it: 15 significant digits, or 20 when 15 do not give it back."""
+    def shortest(digits, style):
+        text = ("%." + str(digits) + style) % value
+        mantissa, _, exponent = text.partition("e")
+        if "." not in mantissa and style == "g":
+            mantissa += ".0"
+        return mantissa + ("e" + exponent if exponent else "")
+    if not math.isfinite(value):
+        return json.dumps("Inf" if value > 0 else "-Inf")
+    text = shortest(15, "g")
+    return text if float(text) == value else shortest(20, "e")
 
 
 def _sqlite_message(error):
@@ -978,31 +1296,15 @@ def _sqlite_message(error):
     return "the database refused the values"
 
 
-def _sqlite_kind(declared):
-    """Map a declared SQLite column type to a value kind and decimal scale."""
-    upper = (declared or "").upper()
-    match = re.match(r"\s*(DECIMAL|NUMERIC)\s*(?:\(\s*\d+\s*(?:,\s*(\d+)\s*)?\))?", upper)
-    if match:
-        return "decimal", int(match.group(2) or 0)
-    if "INT" in upper:                  # SQLite's own rule for integer affinity
-        return "integer", None
-    if "BLOB" in upper or "BINARY" in upper:
-        return "binary", None
-    if upper.startswith("DATETIME") or upper.startswith("TIMESTAMP"):
-        return "datetime", None
-    if upper.startswith("DATE"):
-        return "date", None
-    if upper.startswith("TIME"):
-        return "time", None
-    return "other", None
-
-
 class MySQLDatabase(Database):
     """MySQL/MariaDB through mysql-connector-python (C extension when it loads)."""
 
     name = "mysql"
     placeholder = "%s"
     quote = staticmethod(quote_mysql)
+    json_array = "JSON_ARRAY"
+    lock_rows = " FOR UPDATE"
+    autocommit_atomic = True    # one statement in autocommit is atomic, its triggers included
     use_pure = False            # the C extension; the driver falls back to pure Python when it cannot load
 
     def __init__(self, config):
@@ -1026,7 +1328,11 @@ class MySQLDatabase(Database):
             cursor = conn.cursor()
             # each statement sees what is committed now: the change log relies on it
             cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            cursor.execute("SET SESSION innodb_lock_wait_timeout = %d" % max(1, int(self.config.db_wait_seconds)))
+            # Every wait is bounded: row locks (innodb_lock_wait_timeout) and table locks
+            # (lock_wait_timeout: LOCK TABLES, an ALTER in progress; MySQL's default is a year).
+            # TIMESTAMP values are read and written in UTC, whatever the server's time zone.
+            cursor.execute("SET SESSION innodb_lock_wait_timeout = %d, lock_wait_timeout = %d, time_zone = '+00:00'"
+                           % ((max(1, int(self.config.db_wait_seconds)),) * 2))
             cursor.close()
             return conn
         except connector.Error as error:
@@ -1052,6 +1358,7 @@ class MySQLDatabase(Database):
     _UNAVAILABLE = {2002, 2003, 2005, 2006, 2013, 2055, 1040, 1053, 1158, 1159, 1160, 1927, 4031}
     _RETRYABLE = {1205, 1213}          # lock wait timeout, deadlock
     _DUPLICATE = {1062, 1586}
+    _RULE = {1644}                     # SIGNAL in a trigger of the user's (ER_SIGNAL_EXCEPTION)
     _REJECTED = {
         1048: "column %(column)s may not be null",
         1364: "column %(column)s has no default value and must be given",
@@ -1066,6 +1373,15 @@ class MySQLDatabase(Database):
         1690: "a value is out of range",
         3819: "a CHECK constraint refused the value",
         4025: "a CHECK constraint refused the value",
+        1267: "a value holds characters its column's character set cannot store",
+        1270: "a value holds characters its column's character set cannot store",
+        1271: "a value holds characters its column's character set cannot store",
+        1906: "column %(column)s is generated by the database and cannot be written",
+        3105: "column %(column)s is generated by the database and cannot be written",
+        3140: "the value for column %(column)s is not valid JSON",
+        4038: "a value is not valid JSON",
+        1365: "a division by zero",
+        1416: "a value is not valid for a spatial column",
     }
 
     @contextmanager
@@ -1075,6 +1391,10 @@ class MySQLDatabase(Database):
             yield
         except connector.Error as error:
             errno = getattr(error, "errno", None)
+            if errno in self._RULE or (getattr(error, "sqlstate", None) or "").startswith("45"):
+                # the user's own rule (a trigger's SIGNAL SQLSTATE '45000'): its message is for the device
+                raise DataRejected(getattr(error, "msg", None) or "refused by a rule of the database",
+                                   rule=True) from None
             if errno in self._DUPLICATE:
                 raise DataRejected("a row with this primary key or unique value already exists",
                                    duplicate=True) from None
@@ -1181,31 +1501,25 @@ class MySQLDatabase(Database):
         implementation = "C extension" if self._driver.HAVE_CEXT else "pure Python (slow)"
         return "mysql-connector-python %s (%s)" % (".".join(map(str, version.VERSION[:3])), implementation)
 
-    # How the server writes a column's value into JSON exactly as _json_default
-    # would (decimals as exact strings, ISO dates, base64 without line breaks).
-    # Types missing here (floats, TIME, BIT, SET, JSON...) make the table's rows
-    # encoded in Python instead.
-    _JSON_AS_IS = {"tinyint", "smallint", "mediumint", "int", "bigint", "char", "varchar", "tinytext",
-                   "text", "mediumtext", "longtext", "enum"}
-    _JSON_EXPRESSIONS = {
-        "decimal": "CAST({0} AS CHAR)",
-        "date": "NULLIF(DATE_FORMAT({0}, '%Y-%m-%d'), '0000-00-00')",
-        "datetime": "NULLIF(DATE_FORMAT({0}, IF(MICROSECOND({0}) = 0, '%Y-%m-%dT%H:%i:%S',"
-                    " '%Y-%m-%dT%H:%i:%S.%f')), '0000-00-00T00:00:00')",
-        "binary": "REPLACE(TO_BASE64({0}), '\\n', '')",
-    }
+    # -- columns --------------------------------------------------------------------
 
     _KINDS = {
-        "decimal": "decimal", "binary": "binary", "varbinary": "binary", "tinyblob": "binary",
-        "blob": "binary", "mediumblob": "binary", "longblob": "binary", "date": "date",
-        "datetime": "datetime", "timestamp": "datetime", "time": "time", "tinyint": "integer",
-        "smallint": "integer", "mediumint": "integer", "int": "integer", "bigint": "integer",
+        "tinyint": "integer", "smallint": "integer", "mediumint": "integer", "int": "integer",
+        "bigint": "integer", "year": "integer", "bit": "bit", "decimal": "decimal", "float": "float",
+        "double": "float", "date": "date", "datetime": "datetime", "timestamp": "timestamp", "time": "time",
+        "binary": "binary", "varbinary": "binary", "tinyblob": "binary", "blob": "binary",
+        "mediumblob": "binary", "longblob": "binary", "set": "set", "char": "text", "varchar": "text",
+        "tinytext": "text", "text": "text", "mediumtext": "text", "longtext": "text", "enum": "text",
+        "json": "json",
     }
+    _KEY_OTHER_TYPES = ("uuid", "inet4", "inet6")     # MariaDB types that name a row exactly as text
+    _GENERATED = re.compile(r"(?i)\b(VIRTUAL|STORED|PERSISTENT)\b")
 
     def introspect(self, conn, table):
         """Read one table's columns and primary key from information_schema."""
         rows = self.query(conn, self.sql(
-            "SELECT COLUMN_NAME, DATA_TYPE, NUMERIC_SCALE, EXTRA FROM information_schema.COLUMNS"
+            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_SCALE, DATETIME_PRECISION, CHARACTER_SET_NAME,"
+            " CHARACTER_OCTET_LENGTH, EXTRA FROM information_schema.COLUMNS"
             " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION"), (table,))
         if not rows:
             raise SchemaError("table %r does not exist in database %r" % (table, self.config.db_name))
@@ -1215,27 +1529,190 @@ class MySQLDatabase(Database):
         if not keys:
             raise SchemaError("table %r has no primary key; cloudsync needs one to find rows" % table)
         columns, generated, json_parts = [], set(), []
-        for name, data_type, scale, extra in rows:
-            name, data_type = _text(name), _text(data_type).lower()
+        for name, data_type, column_type, scale, fsp, charset, octets, extra in rows:
+            name, data_type, column_type = _text(name), _text(data_type).lower(), _text(column_type)
+            extra = _text(extra or "")
             if "%" in name + table or "?" in name + table:
                 # placeholders are written as ? and the driver substitutes %s inside SQL text:
                 # names holding either character cannot be kept apart from parameters
                 raise SchemaError("table %r or its column %r contains '%%' or '?', which cloudsync cannot "
                                   "quote safely on MySQL" % (table, name))
-            columns.append(Column(name, quote_mysql(name), self._KINDS.get(data_type, "other"),
-                                  scale if data_type == "decimal" else None))
-            if "auto_increment" in _text(extra or "").lower():
+            kind = self._KINDS.get(data_type, "other")
+            column = Column(
+                name, quote_mysql(name), kind, column_type, scale=scale if kind == "decimal" else None,
+                fsp=int(fsp or 0), members=_mysql_members(column_type) if kind == "set" else (),
+                generated=bool(self._GENERATED.search(extra)) and "DEFAULT_GENERATED" not in extra.upper(),
+                octets=int(octets) if data_type == "binary" and octets else None, pads=data_type == "char",
+                max_code_point=0xFFFF if _text(charset or "") in ("utf8", "utf8mb3") else 0x10FFFF)
+            columns.append(column)
+            if "auto_increment" in extra.lower():
                 generated.add(name)
-            expression = "{0}" if data_type in self._JSON_AS_IS else self._JSON_EXPRESSIONS.get(columns[-1].kind)
+            expression = self._json_expression(column, data_type)
             if expression is None:
                 json_parts = None
             elif json_parts is not None:
-                json_parts.append("%s, %s" % (_sql_literal(name, "mysql"), expression.format(columns[-1].quoted)))
+                json_parts.append("%s, %s" % (_sql_literal(name, "mysql"), expression.format(column.quoted)))
         key = [_text(name) for (name,) in keys]
         schema = TableSchema(table, quote_mysql(table), columns, key, len(key) == 1 and key[0] in generated)
+        for column in schema.key_columns:
+            data_type = column.declared.split("(")[0].split()[0].lower()
+            if column.kind in ("float", "json") or column.kind == "other" and data_type not in self._KEY_OTHER_TYPES:
+                raise SchemaError("table %r: primary key column %r is %s, which cannot name a row exactly; use an "
+                                  "integer, decimal, text, date or binary key" % (table, column.name, column.declared))
         if json_parts is not None:
             schema.json_row = "JSON_OBJECT(%s)" % ", ".join(json_parts)
+        schema.decoders = [(position, _mysql_set, column) for position, column in enumerate(columns)
+                           if column.kind == "set"]
+        schema.key_sql = self.key_sql(schema)
+        schema.cascaded = bool(self.query(conn, self.sql(
+            "SELECT 1 FROM information_schema.REFERENTIAL_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = DATABASE()"
+            " AND TABLE_NAME = ? AND (DELETE_RULE <> 'RESTRICT' AND DELETE_RULE <> 'NO ACTION'"
+            " OR UPDATE_RULE <> 'RESTRICT' AND UPDATE_RULE <> 'NO ACTION') LIMIT 1"), (table,)))
         return schema
+
+    # How the server writes a column's value into JSON exactly as the pulled form
+    # (decimals as exact strings, ISO dates, base64 without line breaks). Kinds
+    # missing here (floats, TIME, BIT...) make the table's rows encoded in Python.
+    # No format holds a lowercase %s: the driver substitutes %s in SQL text.
+    _JSON_AS_IS = ("integer", "text", "set")
+    _JSON_EXPRESSIONS = {
+        "decimal": "CAST({0} AS CHAR)",
+        "json": "CAST({0} AS CHAR)",
+        "date": "NULLIF(DATE_FORMAT({0}, '%Y-%m-%d'), '0000-00-00')",
+        "datetime": "NULLIF(DATE_FORMAT({0}, IF(MICROSECOND({0}) = 0, '%Y-%m-%dT%H:%i:%S',"
+                    " '%Y-%m-%dT%H:%i:%S.%f')), '0000-00-00T00:00:00')",
+        "binary": "REPLACE(TO_BASE64({0}), '\\n', '')",
+    }
+    _JSON_EXPRESSIONS["timestamp"] = _JSON_EXPRESSIONS["datetime"]
+
+    def _json_expression(self, column, data_type):
+        if column.kind in self._JSON_AS_IS:
+            # MariaDB's JSON is a LONGTEXT that JSON_OBJECT would embed as an object, not a string
+            return "CAST({0} AS CHAR)" if data_type == "longtext" else "{0}"
+        return self._JSON_EXPRESSIONS.get(column.kind)
+
+    def insert_defaults_sql(self, schema):
+        """An INSERT in which every column takes its default (a generated key)."""
+        return "INSERT INTO %s () VALUES ()" % schema.quoted
+
+    def upsert(self, conn, schema, values):
+        """Set the given columns on the row with this key, or insert it; another unique column clashing is refused.
+
+        Not INSERT ... ON DUPLICATE KEY UPDATE: that updates whichever row a
+        clash on *any* unique key finds, so {"id": 2, "code": "A"} would rewrite
+        the row whose code is "A". An UPDATE by the primary key, then an INSERT,
+        touches only the row the key names.
+        """
+        key = tuple(values[name] for name in schema.primary_key)
+        where = " AND ".join("%s = %%s" % column.quoted for column in schema.key_columns)
+        changes = [name for name in values if name not in schema.primary_key]
+        for attempt in (1, 2):
+            if changes:
+                found = self.execute(conn, "UPDATE %s SET %s WHERE %s" % (
+                    schema.quoted, ", ".join("%s = %%s" % schema.columns[name].quoted for name in changes), where),
+                    tuple(values[name] for name in changes) + key)
+            else:
+                found = len(self.query(conn, "SELECT 1 FROM %s WHERE %s" % (schema.quoted, where), key))
+            if found:
+                return
+            try:
+                self.execute(conn, "INSERT INTO %s (%s) VALUES (%s)" % (
+                    schema.quoted, ", ".join(schema.columns[name].quoted for name in values),
+                    ", ".join("%s" for _ in values)), tuple(values.values()))
+                return
+            except DataRejected as error:
+                # the key itself was inserted by another push since the UPDATE: update that row
+                if not error.duplicate or attempt == 2 or not self.query(
+                        conn, "SELECT 1 FROM %s WHERE %s" % (schema.quoted, where), key):
+                    raise
+
+    def fits_one_statement(self, rows):
+        """Whether executemany() sends these rows as one statement: an upper bound of their escaped size."""
+        size = 0
+        for row in rows:
+            for value in row:
+                # UTF-8 takes at most 4 bytes a character, and escaping adds a byte only to 1-byte ones
+                size += 4 * len(value) + 16 if isinstance(value, str) else 2 * len(value) + 16 \
+                    if isinstance(value, (bytes, bytearray)) else 96
+            size += 4
+        return size <= MYSQL_STATEMENT_BYTES
+
+    # -- row keys (see Database) --------------------------------------------------
+    # Each key column in the form a pull sends it, written the same way in every
+    # session: a TIMESTAMP in UTC from its stored instant (the writer's time zone
+    # does not matter), a TIME with its sign and fraction, a BIT as a number, a
+    # binary value as hex (JSON cannot hold raw bytes).
+
+    _ISO = "DATE_FORMAT({0}, IF(MICROSECOND({0}) = 0, '%Y-%m-%dT%H:%i:%S', '%Y-%m-%dT%H:%i:%S.%f'))"
+    _KEY_SQL = {
+        "integer": "{0}", "text": "{0}", "set": "{0}",
+        "bit": "CAST({0} AS UNSIGNED)",
+        "decimal": "CAST({0} AS CHAR)",
+        "date": "DATE_FORMAT({0}, '%Y-%m-%d')",
+        "datetime": _ISO,
+        "timestamp": _ISO.replace("{0}", "TIMESTAMPADD(MICROSECOND, UNIX_TIMESTAMP({0}) * 1000000, '1970-01-01')"),
+        "time": "IF(MICROSECOND({0}) = 0, TIME_FORMAT({0}, '%H:%i:%S'), TIME_FORMAT({0}, '%H:%i:%S.%f'))",
+        "binary": "HEX({0})",
+        "other": "CAST({0} AS CHAR)",
+    }
+    _JSON_ESCAPES = {code: "\\u%04X" % code for code in range(32)}
+    _JSON_ESCAPES.update({8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r", 34: '\\"', 92: "\\\\"})
+
+    def _key_column_sql(self, column):
+        return self._KEY_SQL[column.kind]
+
+    def _json_array_text(self, values):
+        """JSON text as JSON_ARRAY writes it: ", " between values, control characters as \\u00XX."""
+        return "[" + ", ".join("null" if value is None else str(value) if isinstance(value, int)
+                               else '"%s"' % value.translate(self._JSON_ESCAPES) for value in values) + "]"
+
+    def _log_form(self, column, value):
+        kind = column.kind
+        try:
+            if kind in ("integer", "bit"):
+                return int(decimal.Decimal(str(value).strip()))
+            if kind == "decimal":
+                return format(decimal.Decimal(str(value).strip()).quantize(
+                    decimal.Decimal(1).scaleb(-(column.scale or 0)), rounding=decimal.ROUND_HALF_UP,
+                    context=_WIDE_CONTEXT), "f")
+            if kind == "date":
+                return _parse_date(value).isoformat()
+            if kind in ("datetime", "timestamp"):
+                return _parse_datetime(value, column.fsp).isoformat()
+            if kind == "time":
+                return _time_text(_parse_time(value, column.fsp))
+            if kind == "binary":
+                data = bytes(value)
+                return (data.ljust(column.octets, b"\0") if column.octets else data).hex().upper()
+            if kind == "set":
+                return _mysql_set(set(filter(None, str(value).split(","))), column)
+            if column.pads:
+                return str(value).rstrip(" ")
+        except (ValueError, ArithmeticError, TypeError):
+            pass                            # not a form the database takes: it refuses the push anyway
+        return value if isinstance(value, (str, int)) else str(value)
+
+    def _bind_logged(self, column, value):
+        if column.kind == "binary" and isinstance(value, str):
+            return bytes.fromhex(value)
+        if column.kind == "decimal" and isinstance(value, str):
+            return decimal.Decimal(value)   # compared as an exact decimal, not as a double
+        return value
+
+    def _present_logged(self, column, value):
+        if column.kind == "binary" and isinstance(value, str):
+            return base64.b64encode(bytes.fromhex(value)).decode("ascii")
+        return value
+
+    @staticmethod
+    def _stored_logged(column, value):
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value).hex().upper()
+        if isinstance(value, (set, frozenset)):
+            return _mysql_set(value, column)
+        if isinstance(value, datetime.timedelta):
+            return _time_text(value)
+        return _as_json_value(value)        # decimals, dates and times as the key SQL writes them
 
     def rows_as_json(self, conn, schema, limit):
         """(JSON array of the first `limit` rows in key order, row count), encoded by the server; None if it cannot.
@@ -1249,10 +1726,6 @@ class MySQLDatabase(Database):
         rows = self.query(conn, self.sql("SELECT %s FROM %s ORDER BY %s LIMIT ?" % (
             schema.json_row, schema.quoted, schema.key_order)), (limit,))
         return b"[" + ",".join([row[0] for row in rows]).encode("utf-8") + b"]", len(rows)
-
-    def decode_rows(self, schema, rows):
-        """MySQL rows are already typed by the driver."""
-        return rows
 
 
 def _fill(template, values):
@@ -1270,6 +1743,11 @@ def _mysql_error_column(message):
     if not found:
         return "?"
     return repr("".join(re.findall(r"`([^`]*)`|'([^']*)'", found.group(1))[-1]))
+
+
+def _mysql_members(column_type):
+    """The members of a MySQL SET, in order, from its COLUMN_TYPE: set('red','it''s')."""
+    return [member.replace("''", "'") for member in re.findall(r"'((?:[^']|'')*)'", column_type)]
 
 
 def _text(value):
@@ -1305,7 +1783,6 @@ def open_database(config):
 # writers leave both NULL.
 
 CHANGE_OPS = {"I": "insert", "U": "update", "D": "delete"}
-CHANGE_CAPTURE_MODES = ("triggers", "api")
 SEQUENCE_BATCH_ROWS = 2000          # pending rows numbered per statement (and per transaction in the background)
 SEQUENCE_INTERVAL_SECONDS = 1       # how often the server numbers pending changes nobody pulled yet
 COMPACT_BATCH_ROWS = 10000          # log rows deleted per compaction transaction
@@ -1368,17 +1845,16 @@ def _trigger_name(table, event):
     return name
 
 
-def _trigger_sql(backend, schema, event):
+def _trigger_sql(db, schema, event):
     """CREATE TRIGGER text recording one event of one table; only checked identifiers inside."""
-    quote = quote_mysql if backend == "mysql" else quote_sqlite
-    name = quote(_trigger_name(schema.name, event))
-    keys = [schema.columns[column].quoted for column in schema.primary_key]
+    backend = db.name
+    name = db.quote(_trigger_name(schema.name, event))
+    keys = [column.quoted for column in schema.key_columns]
     table_literal = _sql_literal(schema.name, backend)
     now = NOW_SQL[backend]
 
     def record(row, op, guard=""):
-        key = "JSON_ARRAY(%s)" % ", ".join("%s.%s" % (row, k) for k in keys) if backend == "mysql" \
-            else "json_array(%s)" % ", ".join("%s.%s" % (row, k) for k in keys)
+        key = db.key_sql(schema, row)       # the same text every reader of the key computes
         if backend == "mysql":
             statement = ("INSERT INTO cloudsync_pending (table_name, row_key, op, device_id, batch_id, changed_at)"
                          " VALUES (%s, %s, '%s', @cloudsync_device, @cloudsync_batch, %s)" % (table_literal, key, op, now))
@@ -1456,7 +1932,7 @@ class ChangeLog:
             if (self.backend == "sqlite" or self.capture == "api") and (existing is None or name in existing):
                 statements.append("DROP TRIGGER IF EXISTS %s" % self.db.quote(name))
             if self.capture == "triggers":
-                statements.append(_trigger_sql(self.backend, schema, event))
+                statements.append(_trigger_sql(self.db, schema, event))
         try:
             if self.backend == "sqlite":
                 with self.db.transaction(conn):      # DDL is transactional: no write goes unrecorded
@@ -1593,31 +2069,13 @@ class ChangeLog:
             self.db.execute(conn, "UPDATE cloudsync_context SET device_id = NULL, batch_id = NULL WHERE id = 1")
 
     def record(self, conn, entries, device_id, batch_id):
-        """CHANGE_CAPTURE=api: log the push's own changes, as the triggers would."""
+        """CHANGE_CAPTURE=api: log the push's own changes, as the triggers would: entries are (table, op, key text)."""
         target = "cloudsync_pending" if self.backend == "mysql" else "cloudsync_changes"
-        rows = [(schema.name, self.key_text(schema, key), op, device_id, batch_id) for schema, op, key in entries]
+        rows = [(table, key_text, op, device_id, batch_id) for table, op, key_text in entries]
         if rows:
             self.db.executemany(conn, self.db.sql(
                 "INSERT INTO %s (table_name, row_key, op, device_id, batch_id, changed_at) VALUES (?, ?, ?, ?, ?, %s)"
                 % (target, NOW_SQL[self.backend])), rows)
-
-    def key_text(self, schema, key):
-        """A row key as the triggers write it: JSON_ARRAY/json_array of the key columns."""
-        parts = []
-        for name, value in zip(schema.primary_key, key):
-            column = schema.columns[name]
-            if value is None:
-                parts.append("null")
-            elif column.kind == "integer" and _is_integer(value):
-                parts.append(str(int(value)))
-            elif column.kind == "decimal" and _is_number(value):
-                number = decimal.Decimal(str(value))
-                parts.append(str(number.quantize(decimal.Decimal(1).scaleb(-(column.scale or 0))))
-                             if self.backend == "mysql" else repr(float(number)))
-            else:
-                parts.append(json.dumps(_json_default(value) if not isinstance(value, (str, int)) else str(value),
-                                        ensure_ascii=False))
-        return "[" + (", " if self.backend == "mysql" else ",").join(parts) + "]"
 
     # -- reading -----------------------------------------------------------------
 
@@ -1715,24 +2173,6 @@ class ChangeLog:
                 progress("removed %d log entries" % removed)
             if count < COMPACT_BATCH_ROWS:
                 return removed, upto
-
-
-def _is_integer(value):
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return True
-    if isinstance(value, decimal.Decimal):
-        return value == value.to_integral_value()
-    return isinstance(value, str) and re.fullmatch(r"-?\d+", value) is not None
-
-
-def _is_number(value):
-    try:
-        decimal.Decimal(str(value))
-        return not isinstance(value, bool)
-    except decimal.InvalidOperation:
-        return False
 
 
 def _chunks(items, size):
@@ -1914,6 +2354,8 @@ class SyncEngine:
             raise HTTPError(400, "Missing key", "%s: data must include primary key column %s"
                             % (where, ", ".join(repr(name) for name in absent)))
         key = tuple(values.get(name) for name in schema.primary_key)
+        if schema.has_generated:            # computed by the database: a pulled row pushed back still works
+            values = {name: value for name, value in values.items() if not columns[name].generated}
         return Operation(index, schema, action, values, key, data)
 
     def push(self, operations, device_id=None, batch_id=None, checkpoint=None, on_conflict="abort",
@@ -1958,8 +2400,8 @@ class SyncEngine:
             raise HTTPError(409, "Batch id reused", "this device already pushed a different batch with this "
                             "batch_id; use a new batch_id for new operations")
         result = json.loads(response)
+        result.setdefault("checkpoint", checkpoint)     # outcomes stored by versions that did not keep it
         result["replayed"] = True
-        result["checkpoint"] = checkpoint
         return result
 
     def _checkpoint_after_push(self, conn, push):
@@ -1991,48 +2433,47 @@ class SyncEngine:
         operations = [op for op in push.operations if op.table.name in tables]
         if any(None in op.key for op in operations):
             return False                    # the database chose a key the device does not know
-        keys = {(op.table.name, self.changelog.key_text(op.table, op.key)) for op in operations}
         most = 2 * len(push.operations)     # an update that moves a key logs a delete and an update
         entries = self.db.query(conn, self.db.sql(
             "SELECT table_name, row_key, device_id, batch_id FROM cloudsync_changes WHERE seq > ? AND seq <= ?"
             " ORDER BY seq LIMIT ?"), (start, head, most + 1))
         if len(entries) > most:
             return False
+        # each operation's row now (found as its statement found it) and its key as the log holds it
+        logged, now = {}, {}
+        for table in dict.fromkeys(op.table.name for op in operations):
+            schema = self.schemas[table]
+            ops = [op for op in operations if op.table.name == table]
+            for op, found in zip(ops, self._rows_for_keys(conn, schema, [op.key for op in ops])):
+                logged[op.index] = (table, found[0] if found else self.db.key_text(schema, op.key))
+                now[logged[op.index]] = found[1] if found else None
         for table, row_key, device_id, batch_id in entries:
             if _text(device_id) != push.device_id or (None if batch_id is None else _text(batch_id)) != push.batch_id:
                 return False
-            if _text(table) in tables and (_text(table), _text(row_key)) not in keys:
+            if _text(table) in tables and (_text(table), _text(row_key)) not in now:
                 return False                # a row the device did not push (a trigger, a cascade)
         # what the device now holds: the rows before the push with its operations applied
-        expected = {}                       # (table, key) -> {column: (pushed?, value)} or None
+        expected = {}                       # (table, key text) -> {column: (pushed?, value)} or None
         for op in operations:
-            schema, key = op.table, _norm_key(op.key)
-            if (schema.name, key) not in expected:
-                row = push.before.get(schema.name, {}).get(key)
-                expected[schema.name, key] = None if row is None else {
-                    name: (False, value) for name, value in row.items()}
-            row = expected[schema.name, key]
+            schema, key = op.table, logged[op.index]
+            if key not in expected:
+                row = push.before.get(schema.name, {}).get(key[1])
+                expected[key] = None if row is None else {name: (False, value) for name, value in row.items()}
+            row = expected[key]
             if op.action == "delete":
-                expected[schema.name, key] = None
+                expected[key] = None
             elif row is not None and op.action in ("update", "upsert"):
                 row.update((name, (True, op.sent[name])) for name in op.values)
             elif row is None and op.action in ("insert", "upsert"):
                 # a column left out is null on the device; a default the database filled in is not
-                expected[schema.name, key] = {name: (name in op.values, op.sent.get(name))
-                                              for name in schema.column_names}
-        by_table = {}
-        for (table, key), row in expected.items():
-            by_table.setdefault(table, {})[key] = row
-        for table, rows in by_table.items():
-            schema = self.schemas[table]
-            current = self._current_rows(conn, schema, list(rows))
-            for key, row in rows.items():
-                now = current.get(key)
-                if (row is None) != (now is None):
+                expected[key] = {name: (name in op.values, op.sent.get(name)) for name in schema.column_names}
+        for key, row in expected.items():
+            current = now[key]
+            if (row is None) != (current is None):
+                return False
+            for name, (pushed, value) in (row or {}).items():
+                if not (_as_json_value(current.get(name)) == value if pushed else current.get(name) == value):
                     return False
-                for name, (pushed, value) in (row or {}).items():
-                    if not (_as_json_value(now.get(name)) == value if pushed else now.get(name) == value):
-                        return False
         return True
 
     def _push(self, operations, batched, checkpoint, device_id, batch_id, fields, on_conflict, request_hash):
@@ -2063,49 +2504,69 @@ class SyncEngine:
                     for group in _group_operations(operations, batched):
                         if isinstance(group, list):
                             self._insert_many(conn, group)
-                            logged.extend((op.table, "I", op.key) for op in group)
+                            logged.extend((op, "I") for op in group)
                         elif group.action == "insert":
                             self._insert_one(conn, group)
-                            logged.append((group.table, "I", group.key))
+                            logged.append((group, "I"))
                         elif group.action == "upsert":
                             self._upsert(conn, group)
-                            logged.append((group.table, "U", group.key))
+                            logged.append((group, "U"))
                         elif group.action == "update":
                             if self._update(conn, group):
-                                logged.append((group.table, "U", group.key))
+                                logged.append((group, "U"))
                             else:
                                 missing.append(group)
                         elif self._delete(conn, group):
-                            logged.append((group.table, "D", group.key))
+                            logged.append((group, "D"))
                     if self.changelog.capture == "api":
-                        self.changelog.record(conn, [entry for entry in logged if None not in entry[2]],
-                                              device_id, batch_id)
+                        self.changelog.record(conn, self._logged_keys(conn, logged), device_id, batch_id)
                 result = {"success": True, "applied": len(operations)}
                 if missing:
                     result["missing"] = [_op_ref(op) for op in missing]
                 if conflicts:
                     result["conflicts"] = conflicts
-                if batch_id is not None:
-                    self.changelog.finish_batch(conn, device_id or "", batch_id, result)
                 push.operations = operations
                 # null without a checkpoint in the request: there is no pull position to carry on from
-                result = dict(result, checkpoint=self._checkpoint_after_push(conn, push))
+                result["checkpoint"] = self._checkpoint_after_push(conn, push)
+                if batch_id is not None:        # a retry is answered with exactly this outcome
+                    self.changelog.finish_batch(conn, device_id or "", batch_id, result)
         return result
 
+    def _logged_keys(self, conn, logged):
+        """CHANGE_CAPTURE=api: (table, op, key text) of a push's changes; a key read back where the row exists."""
+        entries, texts = [], {}
+        by_table = {}
+        for op, code in logged:
+            if None not in op.key:          # a key the database generated is not known here
+                by_table.setdefault(op.table.name, []).append(op)
+        for table, ops in by_table.items():
+            schema = self.schemas[table]
+            for op, found in zip(ops, self._rows_for_keys(conn, schema, [op.key for op in ops])):
+                texts[op.index] = found[0] if found else self.db.key_text(schema, op.key)
+        for op, code in logged:
+            if op.index in texts:
+                entries.append((op.table.name, code, texts[op.index]))
+        return entries
+
     def _push_transaction(self, conn, operations, batched, batch_id, checkpoint):
-        """The push's transaction; none of its own for a MySQL push that is one statement.
+        """The push's transaction; none of its own for a MySQL push that is certainly one statement.
 
         A plain push (no batch id, no checkpoint) whose operations make one
-        statement (a multi-row INSERT, or a single operation) is atomic by
-        itself in autocommit mode, its triggers included: START TRANSACTION and
-        COMMIT would add two round trips to the commonest push and change
-        nothing. SQLite attributes changes with statements of its own.
+        statement (a multi-row INSERT that fits one statement, or a single
+        insert, update or delete) is atomic by itself in autocommit mode, its
+        triggers included: START TRANSACTION and COMMIT would add two round
+        trips to the commonest push and change nothing. A bigger insert is sent
+        as several statements, and an upsert may take two: those get a
+        transaction. SQLite attributes changes with statements of its own.
         """
-        if (self.db.name == "mysql" and batched and batch_id is None and checkpoint is None
+        if (self.db.autocommit_atomic and batched and batch_id is None and checkpoint is None
                 and self.changelog.capture == "triggers"):
-            groups = _group_operations(operations, batched)
-            if next(groups, None) is not None and next(groups, None) is None:
-                return contextlib.nullcontext()
+            groups = list(itertools.islice(_group_operations(operations, batched), 2))
+            if len(groups) == 1:
+                group = groups[0]
+                if (self.db.fits_one_statement([op.values.values() for op in group]) if isinstance(group, list)
+                        else group.action in ("insert", "update", "delete")):
+                    return contextlib.nullcontext()
         return self.db.transaction(conn)
 
     def _conflicts(self, conn, operations, since, device_id):
@@ -2117,32 +2578,54 @@ class SyncEngine:
         conflicts, before = [], {}
         for table, ops in by_table.items():
             schema = self.schemas[table]
-            current = before[table] = self._current_rows(conn, schema, [op.key for op in ops], lock=True)
-            texts = {op.index: self.changelog.key_text(schema, op.key) for op in ops}
-            touched = self.changelog.touched_by_others(conn, schema, set(texts.values()), since, device_id)
+            found = self._rows_for_keys(conn, schema, [op.key for op in ops], lock=True)
+            texts = [row[0] if row else self.db.key_text(schema, op.key) for op, row in zip(ops, found)]
+            before[table] = {text: row[1] for text, row in zip(texts, found) if row}
+            touched = self.changelog.touched_by_others(conn, schema, set(texts), since, device_id)
             exists = {}                 # whether the row is there when the op runs: earlier ops count
-            for op in ops:
-                key = _norm_key(op.key)
-                row = current.get(key)
-                there = exists.get(key, row is not None)
-                if texts[op.index] in touched or (op.action == "update" and not there):
-                    conflicts.append({"op": op.index, "table": table, "key": _key_json(op),
-                                      "server_row": row})
-                exists[key] = op.action != "delete" if op.action != "update" else there
+            for op, text in zip(ops, texts):
+                row = before[table].get(text)
+                there = exists.get(text, row is not None)
+                if text in touched or (op.action == "update" and not there):
+                    conflicts.append({"op": op.index, "table": table, "key": _key_json(op), "server_row": row})
+                exists[text] = op.action != "delete" if op.action != "update" else there
         return sorted(conflicts, key=lambda conflict: conflict["op"]), before
 
-    def _current_rows(self, conn, schema, keys, lock=False):
-        """The rows with these keys now, as JSON-ready dicts, by normalised key."""
+    def _rows_for_keys(self, conn, schema, keys, lock=False):
+        """For each pushed key: (the key as logged, the row) of the row its statement would find, or None.
+
+        One query for all the keys, each row carrying its key as SQL writes it;
+        a key the device wrote in another form of the same value ('ABC' for
+        'abc' under a case-blind collation) is then looked up on its own.
+        """
+        found = self._select_by_keys(conn, schema, keys, lock)
+        result, unmatched = [], []
+        for position, key in enumerate(keys):
+            text = self.db.key_text(schema, key)
+            if text in found:
+                result.append((text, found[text]))
+            else:
+                result.append(None)
+                unmatched.append(position)
+        if unmatched and set(found) - {row[0] for row in result if row}:
+            for position in unmatched:
+                alone = self._select_by_keys(conn, schema, [keys[position]], lock)
+                if alone:
+                    result[position] = next(iter(alone.items()))
+        return result
+
+    def _select_by_keys(self, conn, schema, keys, lock=False):
+        """{key text as the log holds it: row} of the rows with these keys (bound values)."""
         found = {}
-        positions = [schema.column_names.index(name) for name in schema.primary_key]
+        names = schema.column_names
         for chunk in _chunks(list(dict.fromkeys(keys)), 500):
             where, params = self._keys_condition(schema, chunk)
-            sql = "SELECT %s FROM %s WHERE %s" % (schema.select_list, schema.quoted, where)
-            if lock and self.db.name == "mysql":
-                sql += " FOR UPDATE"      # a concurrent writer of these rows now waits for this push
+            sql = "SELECT %s, %s FROM %s WHERE %s" % (schema.key_sql, schema.select_list, schema.quoted, where)
+            if lock:
+                sql += self.db.lock_rows        # a concurrent writer of these rows now waits for this push
             rows = self.db.query(conn, self.db.sql(sql), params)
-            for raw, row in zip(rows, self.db.decode_rows(schema, rows)):
-                found[_norm_key([raw[p] for p in positions])] = dict(zip(schema.column_names, row))
+            for text, row in zip([row[0] for row in rows], self.db.decode_rows(schema, [row[1:] for row in rows])):
+                found[_text(text)] = dict(zip(names, row))
         return found
 
     def _keys_condition(self, schema, keys):
@@ -2153,7 +2636,7 @@ class SyncEngine:
         return " OR ".join(one for _ in keys), [value for key in keys for value in key]
 
     def _key_condition(self, schema):
-        return " AND ".join("%s = ?" % schema.columns[name].quoted for name in schema.primary_key)
+        return " AND ".join("%s = ?" % column.quoted for column in schema.key_columns)
 
     def _insert_sql(self, schema, names):
         """INSERT of one row with these (checked) columns, ? for each value."""
@@ -2173,36 +2656,20 @@ class SyncEngine:
 
     def _insert_one(self, conn, op):
         schema, names = op.table, list(op.values)
-        if names:
-            sql = self._insert_sql(schema, names)
-        else:                                # every column takes its default (a generated key)
-            sql = "INSERT INTO %s DEFAULT VALUES" % schema.quoted if self.db.name == "sqlite" else \
-                "INSERT INTO %s () VALUES ()" % schema.quoted
+        sql = self._insert_sql(schema, names) if names else self.db.insert_defaults_sql(schema)
         try:
             self.db.execute(conn, sql, tuple(op.values.values()))
         except DataRejected as error:
-            # a retried insert whose row is already there, identical, is a no-op
+            # a retried insert whose row is already there, holding exactly these values, is a no-op
             if error.duplicate and None not in op.key:
-                row = self._current_rows(conn, schema, [op.key]).get(_norm_key(op.key))
-                if row is not None and _same_values(schema, op.values, row):
+                found = self._rows_for_keys(conn, schema, [op.key])[0]
+                if found is not None and _same_values(schema, op.values, found[1]):
                     return
             raise PushRejected(op, error) from None
 
     def _upsert(self, conn, op):
-        schema, names = op.table, list(op.values)
-        columns = ", ".join(schema.columns[name].quoted for name in names)
-        changes = [schema.columns[name].quoted for name in names if name not in schema.primary_key]
-        if self.db.name == "mysql":
-            assignments = ", ".join("%s = VALUES(%s)" % (quoted, quoted) for quoted in changes) or \
-                "%s = %s" % (schema.columns[schema.primary_key[0]].quoted, schema.columns[schema.primary_key[0]].quoted)
-            tail = "ON DUPLICATE KEY UPDATE " + assignments
-        else:
-            tail = "ON CONFLICT (%s) DO %s" % (schema.key_order, "UPDATE SET " + ", ".join(
-                "%s = excluded.%s" % (quoted, quoted) for quoted in changes) if changes else "NOTHING")
-        sql = self.db.sql("INSERT INTO %s (%s) VALUES (%s) %s" % (
-            schema.quoted, columns, ", ".join("?" for _ in names), tail))
         try:
-            self.db.execute(conn, sql, tuple(op.values.values()))
+            self.db.upsert(conn, op.table, op.values)
         except DataRejected as error:
             raise PushRejected(op, error) from None
 
@@ -2276,7 +2743,11 @@ class SyncEngine:
                 "checkpoint": self.checkpoints.encode(tables, checkpoint_seq, scan), "has_more": has_more}
 
     def _scan_tables(self, conn, tables, scan, limit, changes):
-        """Initial sync: page through the tables in key order; return (next scan position or None, has_more)."""
+        """Initial sync: page through the tables in key order; return (next scan position or None, has_more).
+
+        The position is the last row's key in log form, which binds back to
+        exactly that value (a binary key as hex, a SQLite REAL exactly).
+        """
         index, last = scan
         budget = limit
         while index < len(tables):
@@ -2284,16 +2755,15 @@ class SyncEngine:
                 return [index, last], True
             schema = self.schemas[tables[index]]
             # a NULL in a key (SQLite allows it) would break keyset paging; such rows are not synced
-            where, params = "WHERE " + " AND ".join("%s IS NOT NULL" % schema.columns[name].quoted
-                                                    for name in schema.primary_key), []
+            where, params = "WHERE " + " AND ".join("%s IS NOT NULL" % column.quoted
+                                                    for column in schema.key_columns), []
             if last is not None:
-                where, params = where + " AND " + _after_key_condition(schema), _after_key_params(last)
+                where += " AND " + _after_key_condition(schema)
+                params = _after_key_params(self.db.key_bind(schema, last))
             rows = self.db.query(conn, self.db.sql("SELECT %s FROM %s %s ORDER BY %s LIMIT ?" % (
                 schema.select_list, schema.quoted, where, schema.key_order)), params + [budget])
             if rows:
-                positions = [schema.column_names.index(name) for name in schema.primary_key]
-                last = [_as_json_value(v)
-                        for v in (rows[-1][p] for p in positions)]
+                last = self.db.key_logged(schema, rows[-1])
                 names = schema.column_names
                 changes[schema.name]["upserted"].extend(dict(zip(names, row))
                                                         for row in self.db.decode_rows(schema, rows))
@@ -2303,29 +2773,39 @@ class SyncEngine:
         return None, False
 
     def _fetch_changed(self, conn, entries, changes):
-        """Turn (table, row_key, seq) entries into current rows, or keys of deleted rows."""
+        """Turn (table, row_key, seq) entries into current rows, or keys of deleted rows.
+
+        A row counts only when its key is, byte for byte, the logged one: after
+        'abc' became 'ABC' (equal under a case-blind collation) the log holds a
+        delete of 'abc', and a device must get that delete, not the 'ABC' row.
+        """
         by_table = {}
         for table, row_key, _ in entries:
-            key = tuple(json.loads(_text(row_key), parse_float=decimal.Decimal))
-            if None not in key:             # rows with a NULL in their key are not synced
-                by_table.setdefault(_text(table), []).append(key)
-        for table, keys in by_table.items():
+            text = _text(row_key)
+            try:
+                logged = self.db.parse_key(text)
+            except ValueError:              # written by an older version below the compaction mark: a 410 follows
+                continue
+            if None not in logged:          # rows with a NULL in their key are not synced
+                by_table.setdefault(_text(table), []).append((text, logged))
+        for table, items in by_table.items():
             schema = self.schemas[table]
-            current = self._current_rows(conn, schema, keys)
-            for key in keys:
-                row = current.get(_norm_key(key))
+            found = self._select_by_keys(conn, schema, [self.db.key_bind(schema, logged) for _, logged in items])
+            for text, logged in items:
+                row = found.get(text)
                 if row is not None:
                     changes[table]["upserted"].append(row)
                 else:
-                    changes[table]["deleted"].append(_key_value(schema, key))
+                    changes[table]["deleted"].append(_key_value(schema, self.db.key_present(schema, logged)))
 
     def seed_pull(self, tables, limit):
         """The seed's pull as encoded JSON, served from cache while the change log shows no change."""
         key = (tuple(tables), limit)
         with self.db.connection() as conn:
-            # outside writes are only in the log when triggers capture them
+            # Only what the change log sees can validate a cached answer: outside writes need
+            # triggers, and a foreign-key cascade on MySQL fires none.
             version = None
-            if self.changelog.capture == "triggers":
+            if self.changelog.capture == "triggers" and not any(self.schemas[table].cascaded for table in tables):
                 version = self.changelog.tables_version(conn, tables)
             if version is not None:
                 with self._pull_cache_lock:
@@ -2345,17 +2825,21 @@ class SyncEngine:
         if version is not None:
             encoded.etag = '"%s"' % hashlib.sha256(("%s|%r|%r|%f" % (
                 self.changelog.instance, key, version, self.schema_loaded_at)).encode("utf-8")).hexdigest()[:32]
-            with self._pull_cache_lock:
-                self._pull_cache[key] = encoded
-                self._pull_cache.move_to_end(key)
-                while len(self._pull_cache) > PULL_CACHE_ENTRIES:
-                    self._pull_cache.popitem(last=False)
+            self._cache_pull(key, encoded)
         return encoded
 
-    def pull_rows(self, tables, limit):
-        """The first `limit` rows of each table in primary-key order (the seed's pull)."""
-        with self.db.connection() as conn:
-            return self._read_rows(conn, tables, limit)
+    def _cache_pull(self, key, encoded):
+        """Keep an encoded seed pull; the least recently used go first, so the cache stays within PULL_CACHE_BYTES."""
+        if len(encoded.body) > PULL_CACHE_BYTES // 4:
+            return                          # one huge answer would push out every other
+        with self._pull_cache_lock:
+            self._pull_cache[key] = encoded
+            self._pull_cache.move_to_end(key)
+            # gzipped copies are made on first use, so they count when the next entry comes in
+            size = sum(len(entry.body) + len(entry.gzipped or b"") for entry in self._pull_cache.values())
+            while len(self._pull_cache) > PULL_CACHE_ENTRIES or size > PULL_CACHE_BYTES:
+                _, dropped = self._pull_cache.popitem(last=False)
+                size -= len(dropped.body) + len(dropped.gzipped or b"")
 
     def _read_rows(self, conn, tables, limit):
         data = {}
@@ -2393,7 +2877,7 @@ class _PushState:
         self.device_id = device_id
         self.batch_id = batch_id
         self.start = None           # SQLite: the head when the push took the write lock
-        self.before = {}            # table -> {key: row} as they were before the push
+        self.before = {}            # table -> {key as logged: row} as they were before the push
         self.operations = []        # the operations applied
         self.skipped = False        # some operations were skipped as conflicts
 
@@ -2415,11 +2899,6 @@ def _expired():
                      "database was restored to an earlier state; start again with \"since\": null", reset=True)
 
 
-def _norm_key(values):
-    """A key as comparable text, whether it came from JSON, a client, or the database."""
-    return tuple(None if value is None else str(_as_json_value(value)) for value in values)
-
-
 def _as_json_value(value):
     """A database value as a pull sends it: exact decimals and dates as strings, bytes as base64."""
     if value is None or isinstance(value, (str, int, float)):
@@ -2428,24 +2907,37 @@ def _as_json_value(value):
 
 
 def _same_values(schema, pushed, row):
-    """Whether an existing row already holds the pushed values (a retried insert)."""
-    for name, value in pushed.items():
-        stored, kind = row.get(name), schema.columns[name].kind
-        if value is None or stored is None:
-            if value is not stored:
+    """Whether an existing row already holds exactly the pushed values (a retried insert)."""
+    return all(_same_value(schema.columns[name], value, row.get(name)) for name, value in pushed.items())
+
+
+def _same_value(column, pushed, stored):
+    """Whether a stored value is the pushed one: compared as its type, text byte for byte."""
+    if pushed is None or stored is None:
+        return pushed is None and stored is None
+    try:
+        if isinstance(stored, (bytes, bytearray)):
+            if not isinstance(pushed, (bytes, bytearray)):
                 return False
-        elif kind in ("decimal", "integer") and _is_number(value) and _is_number(stored):
-            if decimal.Decimal(str(value)) != decimal.Decimal(str(_json_default(stored) if isinstance(
-                    stored, decimal.Decimal) else stored)):
-                return False
-        elif kind == "binary":
-            if bytes(value) != bytes(stored):
-                return False
-        else:
-            text = stored if isinstance(stored, str) else json.loads(to_json_bytes(stored))
-            if str(value).replace("T", " ") != str(text).replace("T", " "):
-                return False
-    return True
+            return bytes(pushed).ljust(column.octets or 0, b"\0") == bytes(stored)
+        if isinstance(stored, float):
+            return float(pushed) == stored
+        if isinstance(stored, datetime.datetime):
+            return _parse_datetime(pushed, column.fsp) == stored
+        if isinstance(stored, datetime.date):
+            return _parse_date(pushed) == stored
+        if isinstance(stored, datetime.timedelta):
+            return _parse_time(pushed, column.fsp) == stored
+        if column.kind == "set":
+            return set(filter(None, str(pushed).split(","))) == set(filter(None, str(stored).split(",")))
+        if column.kind in ("integer", "bit", "decimal") or isinstance(stored, (int, decimal.Decimal)):
+            if _NUMBER_TEXT.fullmatch(str(pushed)) and _NUMBER_TEXT.fullmatch(str(stored)):
+                return decimal.Decimal(str(pushed).strip()) == decimal.Decimal(str(stored))
+        text = pushed if isinstance(pushed, str) else str(pushed)
+        return (text.rstrip(" ") if column.pads else text) == stored
+    except (ValueError, ArithmeticError, TypeError):
+        return False
+
 
 
 def _op_ref(op):
@@ -3727,9 +4219,15 @@ class App:
                             % len(conflict.conflicts), conflicts=conflict.conflicts) from None
         except PushRejected as rejected:
             op = rejected.op
+            if rejected.error.rule:         # a trigger of the shop's own refused it, with its own words
+                raise HTTPError(422, "Rejected", "operation %d (%s on %s) was refused by a rule of the database: "
+                                "%s; nothing was applied" % (op.index, op.action, op.table.name, rejected.error),
+                                op=op.index, rejected=[dict(_op_ref(op), message=str(rejected.error))]) from None
             status = 409 if rejected.error.duplicate else 400
             raise HTTPError(status, "Sync failed", "operation %d (%s on %s): %s"
                             % (op.index, op.action, op.table.name, rejected.error), op=op.index) from None
+        except DataRejected as error:       # refused outside any one operation (a key the column cannot hold)
+            raise HTTPError(400, "Sync failed", "the database refused the push: %s" % error) from None
         except DatabaseUnavailable:
             raise _unavailable("Sync failed") from None
         except HTTPError:
