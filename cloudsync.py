@@ -561,12 +561,12 @@ class Authenticator:
 #   time                         "-00:00:00.500000"); SQLite: the stored text as it is
 #   binary                       base64
 #   set                          the members in the column's own order ("red,blue")
-#   text, json, other            a string
+#   enum, text, json, other      a string
 #
 # A push is checked against the same kinds before any SQL runs (bind_value).
 
 COLUMN_KINDS = ("integer", "bit", "decimal", "float", "date", "datetime", "timestamp", "time", "binary",
-                "set", "text", "json", "other")
+                "enum", "set", "text", "json", "other")
 MAX_INTEGER_DIGITS = 20             # beyond 64-bit integers no column can hold the value
 MAX_DECIMAL_EXPONENT = 65           # MySQL DECIMAL holds at most 65 digits
 MAX_FLOAT_EXPONENT = 308            # a double reaches 1.8e308
@@ -599,7 +599,7 @@ class Column:
         self.declared = declared            # the type as the database states it, for status
         self.scale = scale                  # digits after the point of a decimal; None: as many as stored
         self.fsp = fsp                      # MySQL: digits of a second kept by a datetime, timestamp or time
-        self.members = tuple(members)       # MySQL SET: the members in the column's order
+        self.members = tuple(members)       # MySQL ENUM and SET: the members in the column's order
         self.generated = generated          # computed by the database: never written by a push
         self.octets = octets                # MySQL BINARY(n): the fixed length the database pads to
         self.pads = pads                    # MySQL CHAR: trailing spaces are not kept
@@ -1022,9 +1022,9 @@ class Database:
         return self._json_array_text([None if value is None else self._log_form(column, value)
                                       for column, value in zip(schema.key_columns, values)])
 
-    def key_bind(self, schema, logged):
-        """Log-form key values as values to look the row up by."""
-        return tuple(self._bind_logged(column, value) for column, value in zip(schema.key_columns, logged))
+    def key_bind(self, schema, logged, ordered=False):
+        """Log-form key values as values to look the row up by (ordered: to compare with >, as ORDER BY sorts)."""
+        return tuple(self._bind_logged(column, value, ordered) for column, value in zip(schema.key_columns, logged))
 
     def key_logged(self, schema, row):
         """The key of a row read from the table (the driver's values, before decode_rows), in log form."""
@@ -1194,7 +1194,7 @@ class SQLiteDatabase(Database):
             return bytes(stored).hex().upper()
         return stored
 
-    def _bind_logged(self, column, value):
+    def _bind_logged(self, column, value, ordered=False):
         if column.kind == "binary" and isinstance(value, str):
             return bytes.fromhex(value)
         return value
@@ -1509,7 +1509,7 @@ class MySQLDatabase(Database):
         "double": "float", "date": "date", "datetime": "datetime", "timestamp": "timestamp", "time": "time",
         "binary": "binary", "varbinary": "binary", "tinyblob": "binary", "blob": "binary",
         "mediumblob": "binary", "longblob": "binary", "set": "set", "char": "text", "varchar": "text",
-        "tinytext": "text", "text": "text", "mediumtext": "text", "longtext": "text", "enum": "text",
+        "tinytext": "text", "text": "text", "mediumtext": "text", "longtext": "text", "enum": "enum",
         "json": "json",
     }
     _KEY_OTHER_TYPES = ("uuid", "inet4", "inet6")     # MariaDB types that name a row exactly as text
@@ -1540,7 +1540,7 @@ class MySQLDatabase(Database):
             kind = self._KINDS.get(data_type, "other")
             column = Column(
                 name, quote_mysql(name), kind, column_type, scale=scale if kind == "decimal" else None,
-                fsp=int(fsp or 0), members=_mysql_members(column_type) if kind == "set" else (),
+                fsp=int(fsp or 0), members=_mysql_members(column_type) if kind in ("enum", "set") else (),
                 generated=bool(self._GENERATED.search(extra)) and "DEFAULT_GENERATED" not in extra.upper(),
                 octets=int(octets) if data_type == "binary" and octets else None, pads=data_type == "char",
                 max_code_point=0xFFFF if _text(charset or "") in ("utf8", "utf8mb3") else 0x10FFFF)
@@ -1574,7 +1574,7 @@ class MySQLDatabase(Database):
     # (decimals as exact strings, ISO dates, base64 without line breaks). Kinds
     # missing here (floats, TIME, BIT...) make the table's rows encoded in Python.
     # No format holds a lowercase %s: the driver substitutes %s in SQL text.
-    _JSON_AS_IS = ("integer", "text", "set")
+    _JSON_AS_IS = ("integer", "text", "enum", "set")
     _JSON_EXPRESSIONS = {
         "decimal": "CAST({0} AS CHAR)",
         "json": "CAST({0} AS CHAR)",
@@ -1645,7 +1645,7 @@ class MySQLDatabase(Database):
 
     _ISO = "DATE_FORMAT({0}, IF(MICROSECOND({0}) = 0, '%Y-%m-%dT%H:%i:%S', '%Y-%m-%dT%H:%i:%S.%f'))"
     _KEY_SQL = {
-        "integer": "{0}", "text": "{0}", "set": "{0}",
+        "integer": "{0}", "text": "{0}", "enum": "{0}", "set": "{0}",
         "bit": "CAST({0} AS UNSIGNED)",
         "decimal": "CAST({0} AS CHAR)",
         "date": "DATE_FORMAT({0}, '%Y-%m-%d')",
@@ -1692,11 +1692,17 @@ class MySQLDatabase(Database):
             pass                            # not a form the database takes: it refuses the push anyway
         return value if isinstance(value, (str, int)) else str(value)
 
-    def _bind_logged(self, column, value):
+    def _bind_logged(self, column, value, ordered=False):
         if column.kind == "binary" and isinstance(value, str):
             return bytes.fromhex(value)
         if column.kind == "decimal" and isinstance(value, str):
             return decimal.Decimal(value)   # compared as an exact decimal, not as a double
+        if ordered and column.kind in ("enum", "set") and isinstance(value, str):
+            # ORDER BY sorts ENUM and SET by their number, while > compares a string as text
+            positions = {member.lower(): position for position, member in enumerate(column.members)}
+            if column.kind == "enum":
+                return positions.get(value.lower(), -1) + 1
+            return sum(1 << positions[member.lower()] for member in value.split(",") if member.lower() in positions)
         return value
 
     def _present_logged(self, column, value):
@@ -2759,7 +2765,7 @@ class SyncEngine:
                                                     for column in schema.key_columns), []
             if last is not None:
                 where += " AND " + _after_key_condition(schema)
-                params = _after_key_params(self.db.key_bind(schema, last))
+                params = _after_key_params(self.db.key_bind(schema, last, ordered=True))
             rows = self.db.query(conn, self.db.sql("SELECT %s FROM %s %s ORDER BY %s LIMIT ?" % (
                 schema.select_list, schema.quoted, where, schema.key_order)), params + [budget])
             if rows:

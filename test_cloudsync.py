@@ -159,6 +159,10 @@ def app(backend):
     application.db.close()
 
 
+def _not_json(name):
+    raise AssertionError("the response holds %s, which is not JSON" % name)
+
+
 class Response:
     def __init__(self, status, headers, body):
         self.status = status
@@ -167,7 +171,8 @@ class Response:
 
     @property
     def json(self):
-        return json.loads(self.body)
+        """The body as strict JSON (RFC 8259): Infinity or NaN would fail here, as in JSON.parse."""
+        return json.loads(self.body, parse_constant=_not_json)
 
 
 def call(application, method, path, body=None, raw=None, headers=None, content_length=None):
@@ -765,6 +770,279 @@ def test_pure_python_driver_pushes_and_pulls_the_same(backend, pure_python_drive
 def test_integers_come_out_as_numbers(app):
     push(app, [op("insert", "product_stock", id="p1", quantity=42)])
     assert pull(app, tables=["product_stock"]).json["data"]["product_stock"] == [{"id": "p1", "quantity": 42}]
+
+
+# ---------------------------------------------------------------------------
+# Integrity: every column type, as a value and as a key, through every step
+# ---------------------------------------------------------------------------
+# Each type goes into a table of its own three times: as a value, as the whole
+# primary key, and inside a composite key. Each table then goes through push,
+# seed pull, sync pull (paged), push-back of the pulled rows (update, upsert and
+# a retried insert: the stored values must not change), an update by the pulled
+# key with a checkpoint (no false conflict), an outside writer's change (a real
+# conflict), a delete by the pulled key, and the sync pull that delivers the
+# deletes as exactly the keys the device holds.
+
+# (name, column type, [(pushed, pulled)], usable as a key)
+MYSQL_TYPES = [
+    ("tinyint", "TINYINT", [(-128, -128), (0, 0), (127, 127)], True),
+    ("tinyint_u", "TINYINT UNSIGNED", [(0, 0), (255, 255)], True),
+    ("smallint", "SMALLINT", [(-32768, -32768), (32767, 32767)], True),
+    ("mediumint", "MEDIUMINT", [(-8388608, -8388608), (8388607, 8388607)], True),
+    ("int", "INT", [(-2147483648, -2147483648), (2147483647, 2147483647), ("17", 17)], True),
+    ("int_u", "INT UNSIGNED", [(0, 0), (4294967295, 4294967295)], True),
+    ("bigint", "BIGINT", [(-(2 ** 63), -(2 ** 63)), (2 ** 63 - 1, 2 ** 63 - 1)], True),
+    ("bigint_u", "BIGINT UNSIGNED", [(0, 0), (2 ** 64 - 1, 2 ** 64 - 1)], True),
+    ("dec0", "DECIMAL(10,0)", [("-9999999999", "-9999999999"), (42, "42"), ("7", "7")], True),
+    ("dec2", "DECIMAL(12,2)", [("12.50", "12.50"), (7.5, "7.50"), ("-0.01", "-0.01"),
+                               ("9999999999.99", "9999999999.99")], True),
+    ("dec65", "DECIMAL(65,30)", [("12345678901234567890123456789012345.123456789012345678901234567890",
+                                  "12345678901234567890123456789012345.123456789012345678901234567890"),
+                                 ("-0.000000000000000000000000000001", "-0.000000000000000000000000000001")], True),
+    ("float", "FLOAT", [(1.5, 1.5), (0.1, 0.1), (-3.4e38, -3.4e38)], False),
+    # MariaDB's DOUBLE keeps no negative zero: -0.0 is stored, and pulled, as 0.0
+    ("double", "DOUBLE", [(1e300, 1e300), (-0.0, 0.0), (5e-324, 5e-324), (0.1, 0.1),
+                          (2.2250738585072014e-308, 2.2250738585072014e-308), ("1e-5", 1e-5)], False),
+    ("date", "DATE", [("2026-11-26", "2026-11-26"), ("1000-01-01", "1000-01-01"),
+                      ("9999-12-31", "9999-12-31")], True),
+    ("datetime", "DATETIME", [("2026-11-26 09:30:00", "2026-11-26T09:30:00"),
+                              ("2026-11-26T23:59:59", "2026-11-26T23:59:59")], True),
+    ("datetime3", "DATETIME(3)", [("2026-11-26 09:30:00.5", "2026-11-26T09:30:00.500000"),
+                                  ("2026-11-26 09:30:00", "2026-11-26T09:30:00")], True),
+    ("datetime6", "DATETIME(6)", [("2026-11-26T09:30:00.123456", "2026-11-26T09:30:00.123456"),
+                                  ("1000-01-01 00:00:00.000001", "1000-01-01T00:00:00.000001")], True),
+    ("timestamp", "TIMESTAMP NULL", [("2026-11-26 09:30:00", "2026-11-26T09:30:00")], True),
+    ("timestamp3", "TIMESTAMP(3) NULL", [("2026-11-26 09:30:00.5", "2026-11-26T09:30:00.500000"),
+                                         ("2038-01-19T03:14:07", "2038-01-19T03:14:07")], True),
+    ("time", "TIME", [("09:30:00", "09:30:00"), ("-838:59:59", "-838:59:59"), ("838:59:59", "838:59:59")], True),
+    ("time3", "TIME(3)", [("-00:00:00.5", "-00:00:00.500000"), ("12:00:00.250", "12:00:00.250000"),
+                          ("00:00:00", "00:00:00")], True),
+    ("year", "YEAR", [(2026, 2026), (1901, 1901), (2155, 2155)], True),
+    ("bit1", "BIT(1)", [(0, 0), (1, 1)], True),
+    ("bit64", "BIT(64)", [(0, 0), (2 ** 64 - 1, 2 ** 64 - 1), (5, 5)], True),
+    ("boolean", "BOOLEAN", [(True, 1), (False, 0)], True),
+    ("enum", "ENUM('red','green','it''s')", [("red", "red"), ("it's", "it's"), ("green", "green")], True),
+    ("set", "SET('red','green','blue')", [("blue,red", "red,blue"), ("", ""), ("green", "green")], True),
+    ("json", "JSON", [('{"a": 1}', '{"a": 1}'), ("[1, 2]", "[1, 2]")], False),
+    ("char", "CHAR(5)", [("ab", "ab"), ("ab c", "ab c"), ("é", "é")], True),
+    ("char_pad", "CHAR(5)", [("pad  ", "pad")], False),
+    ("utf8mb3", "VARCHAR(20) CHARACTER SET utf8mb3", [("x", "x"), ("é東", "é東")], True),
+    ("utf8mb4", "VARCHAR(20) CHARACTER SET utf8mb4", [("🧾☕", "🧾☕"), ("a\\b\"c\n\u0001", "a\\b\"c\n\u0001"),
+                                                       ("Tea Time", "Tea Time")], True),
+    ("latin1", "VARCHAR(20) CHARACTER SET latin1", [("café", "café")], True),
+    ("text", "TEXT", [("x" * 300, "x" * 300), ("", "")], False),
+    ("longtext", "LONGTEXT", [('{"not": "json"}', '{"not": "json"}')], False),
+    ("binary", "BINARY(4)", [("AQI=", "AQIAAA=="), ("/////w==", "/////w==")], True),
+    ("varbinary", "VARBINARY(16)", [("AP8=", "AP8="), ("gA==", "gA=="), ("", "")], True),
+    ("blob", "BLOB", [("//79/A==", "//79/A==")], False),
+]
+SQLITE_TYPES = [
+    ("integer", "INTEGER", [(-(2 ** 63), -(2 ** 63)), (2 ** 63 - 1, 2 ** 63 - 1), ("5", 5)], True),
+    ("real", "REAL", [(1e300, 1e300), (5e-324, 5e-324), (0.1, 0.1), ("2.5", 2.5)], False),
+    ("numeric", "NUMERIC", [("7.1", "7.1"), ("1234567890.05", "1234567890.05"), ("7", "7"), ("70.0", "70")], True),
+    ("dec2", "DECIMAL(12,2)", [("12.50", "12.50"), (7.5, "7.50"), ("-0.01", "-0.01"), (12, "12.00")], True),
+    ("text", "TEXT", [("a", "a"), ("é🧾\u0001\"\\", "é🧾\u0001\"\\"), ("", ""), ("abc ", "abc ")], True),
+    ("varchar", "VARCHAR(20)", [("Tea Time", "Tea Time"), ("5", "5")], True),
+    ("blob", "BLOB", [("//79/A==", "//79/A=="), ("", "")], True),
+    ("date", "DATE", [("2026-11-26", "2026-11-26")], True),
+    ("datetime", "DATETIME", [("2026-11-26 09:30:00", "2026-11-26 09:30:00"),
+                              ("2026-11-26T09:30:00.5", "2026-11-26T09:30:00.5")], True),
+    ("time", "TIME", [("09:30:00", "09:30:00"), ("-00:00:00.5", "-00:00:00.5")], True),
+    ("boolean", "BOOLEAN", [(True, 1), (False, 0)], True),
+    ("untyped", "", [("x", "x"), (5, 5)], True),
+]
+MATRIX_ROLES = ("value", "key", "composite")
+
+
+def _matrix_tables(kind):
+    """(table, role, type name, column type, values) for every matrix case of a backend."""
+    types = MYSQL_TYPES if kind == "mysql" else SQLITE_TYPES
+    return [("m_%s_%s" % (name, role[0]), role, name, column_type, values)
+            for name, column_type, values, keyable in types for role in MATRIX_ROLES
+            if role == "value" or keyable]
+
+
+def _matrix_ddl(kind, table, role, column_type):
+    suffix = " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4" if kind == "mysql" else ""
+    note = "VARCHAR(20)" if kind == "mysql" else "TEXT"
+    if role == "value":
+        return "CREATE TABLE %s (id INT PRIMARY KEY, v %s, note %s)%s" % (table, column_type, note, suffix)
+    if role == "key":
+        return "CREATE TABLE %s (k %s NOT NULL PRIMARY KEY, note %s)%s" % (table, column_type, note, suffix)
+    return "CREATE TABLE %s (a INT NOT NULL, k %s NOT NULL, note %s, PRIMARY KEY (a, k))%s" % (
+        table, column_type, note, suffix)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "mysql"])
+def matrix(request, tmp_path_factory):
+    """One database per backend holding every matrix table, served by one app."""
+    kind = request.param
+    tables = _matrix_tables(kind)
+    extra = ["CREATE TABLE m_generated (id INT PRIMARY KEY, v INT, g INT AS (v * 2) VIRTUAL,"
+             " s INT AS (v + 1) STORED, d VARCHAR(10) DEFAULT 'dflt') ENGINE=InnoDB" if kind == "mysql" else
+             "CREATE TABLE m_generated (id INT PRIMARY KEY, v INT, g INT GENERATED ALWAYS AS (v * 2) VIRTUAL,"
+             " s INT GENERATED ALWAYS AS (v + 1) STORED, d TEXT DEFAULT 'dflt')"]
+    if kind == "sqlite":
+        path = str(tmp_path_factory.mktemp("matrix") / "matrix.db")
+        conn = sqlite3.connect(path)
+        for table, role, _, column_type, _ in tables:
+            conn.execute(_matrix_ddl(kind, table, role, column_type))
+        for statement in extra:
+            conn.execute(statement)
+        conn.commit()
+        conn.close()
+        made = Backend("sqlite", {"DB_HOST": "", "DB_PATH": path},
+                       lambda: sqlite3.connect(path, isolation_level=None), lambda: None)
+    else:
+        request.getfixturevalue("mysql_server")
+        name = "cloudsync_matrix_%s" % uuid.uuid4().hex[:12]
+        admin = _mysql_connect()
+        cursor = admin.cursor()
+        cursor.execute("CREATE DATABASE %s CHARACTER SET utf8mb4" % name)
+        cursor.execute("USE %s" % name)
+        for table, role, _, column_type, _ in tables:
+            cursor.execute(_matrix_ddl(kind, table, role, column_type))
+        for statement in extra:
+            cursor.execute(statement)
+        cursor.close()
+
+        def drop():
+            admin.cursor().execute("DROP DATABASE IF EXISTS %s" % name)
+            admin.close()
+        made = Backend("mysql", {"DB_HOST": MYSQL["host"], "DB_PORT": str(MYSQL["port"]),
+                                 "DB_USER": MYSQL["user"], "DB_PASS": MYSQL["password"], "DB_NAME": name},
+                       lambda: _mysql_connect(name), drop)
+    names = [table for table, _, _, _, _ in tables] + ["m_generated"]
+    application = cloudsync.App(made.config(ALLOWED_TABLES=",".join(names)))
+    application.start()
+    yield application, made, {table: (role, values) for table, role, _, _, values in tables}
+    application.db.close()
+    made.close()
+
+
+def _stored(backend, table):
+    """Every stored value of a table, exactly: the storage type and repr (floats by their bits)."""
+    rows = backend.sql("SELECT * FROM %s" % table)
+    return sorted(tuple((type(value).__name__, value.hex() if isinstance(value, float) else repr(value))
+                        for value in row) for row in rows)
+
+
+def _sync_all(application, table, since=None):
+    """The client loop with a small page, from `since`: (upserted, deleted, checkpoint)."""
+    upserted, deleted = [], []
+    for _ in range(100):                    # a first sync that never ends is a failure, not a hang
+        response = pull(application, tables=[table], since=since, limit=2)
+        assert response.status == 200, response.body
+        body = response.json
+        upserted += body["changes"][table]["upserted"]
+        deleted += body["changes"][table]["deleted"]
+        since = body["checkpoint"]
+        if not body["has_more"]:
+            return upserted, deleted, since
+    raise AssertionError("has_more is still true after 100 pages")
+
+
+def _json_key(row, role):
+    """The key a device holds for a pulled row, as comparable text."""
+    key = row["id"] if role == "value" else row["k"] if role == "key" else {"a": row["a"], "k": row["k"]}
+    return json.dumps(key, sort_keys=True)
+
+
+def _matrix_rows(role, values):
+    rows = []
+    for position, (pushed, _) in enumerate(values):
+        if role == "value":
+            rows.append({"id": position + 1, "v": pushed, "note": "n%d" % position})
+        elif role == "key":
+            rows.append({"k": pushed, "note": "n%d" % position})
+        else:
+            rows += [{"a": a, "k": pushed, "note": "n%d-%d" % (position, a)} for a in (1, 2)]
+    if role == "value":
+        rows.append({"id": len(values) + 1, "v": None, "note": "null"})
+    return rows
+
+
+def _key_of(row, role):
+    return {"id": row["id"]} if role == "value" else {"k": row["k"]} if role == "key" else \
+        {"a": row["a"], "k": row["k"]}
+
+
+def _matrix_cases():
+    cases = []
+    for kind in ("sqlite", "mysql"):
+        for table, role, _, _, _ in _matrix_tables(kind):
+            cases.append(pytest.param(kind, table, id="%s-%s" % (kind, table)))
+    return cases
+
+
+@pytest.mark.parametrize("kind,table", _matrix_cases())
+def test_every_type_survives_every_step(matrix, kind, table):
+    application, backend, cases = matrix
+    if backend.kind != kind:
+        pytest.skip("this case belongs to the other backend")
+    role, values = cases[table]
+    rows = _matrix_rows(role, values)
+    # push
+    response = push(application, [op("insert", table, **row) for row in rows], device_id="till")
+    assert response.status == 200, response.body
+    stored = _stored(backend, table)
+    # seed pull and sync pull (paged) give the same rows, each value in its pulled form
+    seed = pull(application, tables=[table]).json["data"][table]
+    synced, deleted, checkpoint = _sync_all(application, table)
+    assert deleted == []
+    assert sorted(map(json.dumps, seed)) == sorted(map(json.dumps, synced))
+    column = "v" if role == "value" else "k"
+    expected = [pulled for _, pulled in values] + ([None] if role == "value" else [])
+    pulled_values = [row[column] for row in seed]
+    assert sorted(map(json.dumps, pulled_values)) == sorted(map(json.dumps, [
+        value for value in expected for _ in range(2 if role == "composite" else 1)]))
+    pulled_keys = sorted(_json_key(row, role) for row in seed)
+    # the pulled rows pushed back (update, upsert, a retried insert) leave every stored byte as it was
+    for action in ("update", "upsert", "insert"):
+        response = push(application, [op(action, table, **row) for row in seed], checkpoint=checkpoint, device_id="till")
+        assert response.status == 200 and not response.json.get("missing"), (action, response.body)
+        assert _stored(backend, table) == stored, action
+    # an update by the pulled key with a fresh checkpoint is no conflict and finds its row
+    synced, _, checkpoint = _sync_all(application, table, checkpoint)
+    response = push(application, [op("update", table, **dict(_key_of(row, role), note="upd"))
+                                  for row in seed], checkpoint=checkpoint, device_id="till")
+    assert response.status == 200 and not response.json.get("missing"), response.body
+    assert {row[-1] for row in backend.sql("SELECT note FROM %s" % table)} == {"upd"}
+    changed, deleted, checkpoint = _sync_all(application, table, checkpoint)
+    assert deleted == [] and sorted(_json_key(row, role) for row in changed) == pulled_keys
+    assert all(row["note"] == "upd" for row in changed)
+    # another program changes one row: an update by the device now is a conflict
+    backend.sql("UPDATE %s SET note = 'outside' WHERE %s" % (table, "id = 1" if role == "value" else
+                                                             "note = 'upd' LIMIT 1" if kind == "mysql" else
+                                                             "rowid = (SELECT MIN(rowid) FROM %s)" % table))
+    response = push(application, [op("update", table, **dict(_key_of(row, role), note="mine")) for row in seed],
+                    checkpoint=checkpoint, device_id="till")
+    assert response.status == 409 and len(response.json["conflicts"]) == 1, response.body
+    changed, deleted, checkpoint = _sync_all(application, table, checkpoint)
+    assert [row["note"] for row in changed] == ["outside"] and deleted == []
+    assert _json_key(changed[0], role) in pulled_keys
+    # delete by the pulled key; the deletes reach a device as exactly the keys it holds
+    response = push(application, [op("delete", table, **_key_of(row, role)) for row in seed],
+                    checkpoint=checkpoint, device_id="till")
+    assert response.status == 200 and not response.json.get("conflicts"), response.body
+    assert backend.sql("SELECT COUNT(*) FROM %s" % table)[0][0] == 0
+    upserted, deleted, _ = _sync_all(application, table, checkpoint)
+    assert upserted == []
+    assert sorted(json.dumps(key, sort_keys=True) for key in deleted) == pulled_keys
+
+
+def test_generated_columns_and_defaults_are_pulled_and_never_written(matrix):
+    application, backend, _ = matrix
+    assert push(application, [op("insert", "m_generated", id=1, v=20)]).status == 200
+    row = pull(application, tables=["m_generated"]).json["data"]["m_generated"][0]
+    assert row == {"id": 1, "v": 20, "g": 40, "s": 21, "d": "dflt"}
+    stored = _stored(backend, "m_generated")
+    for action in ("update", "upsert", "insert"):
+        assert push(application, [op(action, "m_generated", **row)]).status == 200, action
+        assert _stored(backend, "m_generated") == stored
+    # a value sent for a generated column is not written: the database computes it
+    assert push(application, [op("update", "m_generated", id=1, v=5, g=999)]).status == 200
+    assert pull(application, tables=["m_generated"]).json["data"]["m_generated"][0]["g"] == 10
 
 
 # ---------------------------------------------------------------------------
