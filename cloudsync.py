@@ -244,6 +244,10 @@ def _as_table_list(text):
     names = [name.strip() for name in text.split(",") if name.strip()]
     if len(set(names)) != len(names):
         raise ValueError("a table is named twice")
+    own = [name for name in names if name.lower().startswith("cloudsync_")]
+    if own:
+        # cloudsync_meta holds the checkpoint-signing key; no cloudsync_* table is for devices
+        raise ValueError("%s is one of cloudsync's own tables (cloudsync_*), which devices may never sync" % own[0])
     return tuple(names)
 
 
@@ -435,11 +439,15 @@ class DeviceToken:
 
     def __init__(self, device_id, secret, tables=None):
         self.device_id = device_id
-        if secret.startswith("sha256:") and re.fullmatch(r"[0-9a-fA-F]{64}", secret[7:]):
+        if secret[:7].lower() == "sha256:":
+            # a mistyped hash must not quietly become a plaintext token that nobody holds
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", secret[7:]):
+                raise ValueError("the token of device %r is written as sha256: but is not followed by exactly 64 "
+                                 "hex digits" % device_id)
             self.digest = bytes.fromhex(secret[7:])
         else:
             self.digest = hashlib.sha256(secret.encode("utf-8")).digest()
-        self.tables = tuple(tables) if tables else None
+        self.tables = None if tables is None else tuple(tables)      # None: every allowed table
 
     def __str__(self):
         return "%s:***" % self.device_id
@@ -471,9 +479,15 @@ def read_tokens_file(path):
         tables = None
         if len(fields) == 3 and fields[2].startswith("tables="):
             tables = [name for name in fields[2][7:].split(",") if name]
+            if not tables:
+                raise ConfigError("%s line %d: tables= names no table; list the tables the device may sync, or "
+                                  "leave tables= out to allow every table." % (path, number))
         elif len(fields) != 2:
             raise ConfigError("%s line %d: expected 'device_id sha256:HEX [tables=a,b]'." % (path, number))
-        tokens.append(DeviceToken(fields[0], fields[1], tables))
+        try:
+            tokens.append(DeviceToken(fields[0], fields[1], tables))
+        except ValueError as error:
+            raise ConfigError("%s line %d: %s." % (path, number, error)) from None
     return tokens
 
 
@@ -536,8 +550,8 @@ class Authenticator:
                          if matched else "this endpoint is off: set ADMIN_TOKEN to use it")
 
     def _refuse(self, request, detail):
-        log.warning("auth failure from %s on %s: %s", request.environ.get("REMOTE_ADDR", "?"),
-                    request.path[:100], detail)
+        log.warning("auth failure from %s on %s: %s", _loggable(request.environ.get("REMOTE_ADDR", "?")),
+                    _loggable(request.path, 100), detail)
         request.auth_failed = True
         raise HTTPError(401, "Unauthorized", detail,
                         headers=[("WWW-Authenticate", 'Bearer realm="cloudsync"')])
@@ -1025,6 +1039,17 @@ class Database:
     def key_bind(self, schema, logged, ordered=False):
         """Log-form key values as values to look the row up by (ordered: to compare with >, as ORDER BY sorts)."""
         return tuple(self._bind_logged(column, value, ordered) for column, value in zip(schema.key_columns, logged))
+
+    def prepare(self, conn):
+        """Learn what this database server does differently (nothing to learn by default)."""
+
+    def ids_bytewise(self, conn, table, columns):
+        """Make id columns compare byte for byte (MySQL); SQLite compares text that way already."""
+
+    @staticmethod
+    def bytewise(expression):
+        """SQL comparing `expression` byte for byte, whatever its collation."""
+        return expression
 
     def key_logged(self, schema, row):
         """The key of a row read from the table (the driver's values, before decode_rows), in log form."""
@@ -1595,6 +1620,27 @@ class MySQLDatabase(Database):
         """An INSERT in which every column takes its default (a generated key)."""
         return "INSERT INTO %s () VALUES ()" % schema.quoted
 
+    def prepare(self, conn):
+        """Learn how this server escapes JSON text (MariaDB \\u001F, MySQL 8 \\u001f), for key_text."""
+        text = _text(self.query(conn, "SELECT JSON_ARRAY(%s)", ("\x1f",))[0][0])
+        if "\\u001f" in text:
+            self._JSON_ESCAPES = {code: escape.lower() if escape.startswith("\\u") else escape
+                                  for code, escape in self._JSON_ESCAPES.items()}
+
+    def ids_bytewise(self, conn, table, columns):
+        """Turn VARCHAR id columns of a cloudsync table made by an earlier version into VARBINARY."""
+        rows = self.query(conn, "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
+                                " AND TABLE_NAME = %s AND DATA_TYPE = 'varchar'", (table,))
+        found = [_text(name) for (name,) in rows if _text(name) in columns]
+        if found:
+            self.execute(conn, "ALTER TABLE %s %s" % (table, ", ".join(
+                "MODIFY %s VARBINARY(512) NOT NULL" % name for name in found)))
+
+    @staticmethod
+    def bytewise(expression):
+        """SQL comparing `expression` byte for byte: 'a ' is not 'a' (every MySQL collation pads)."""
+        return "CAST(%s AS BINARY)" % expression
+
     def upsert(self, conn, schema, values):
         """Set the given columns on the row with this key, or insert it; another unique column clashing is refused.
 
@@ -1789,6 +1835,7 @@ def open_database(config):
 # writers leave both NULL.
 
 CHANGE_OPS = {"I": "insert", "U": "update", "D": "delete"}
+KEY_FORMAT = "2"                    # how row keys are written in the log (see Database.key_sql); 1: before 2026-12
 SEQUENCE_BATCH_ROWS = 2000          # pending rows numbered per statement (and per transaction in the background)
 SEQUENCE_INTERVAL_SECONDS = 1       # how often the server numbers pending changes nobody pulled yet
 COMPACT_BATCH_ROWS = 10000          # log rows deleted per compaction transaction
@@ -1807,8 +1854,9 @@ MYSQL_LOG_TABLES = (
     " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
     " KEY cloudsync_changes_by_row (table_name, row_key(255), seq), KEY cloudsync_changes_by_table (table_name, seq))"
     " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
-    "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id VARCHAR(128) NOT NULL,"
-    " batch_id VARCHAR(128) NOT NULL, request_hash CHAR(64) NOT NULL, response MEDIUMTEXT NULL,"
+    # ids compared byte for byte: under any MySQL collation 'b1 ' would be the same batch as 'b1'
+    "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id VARBINARY(512) NOT NULL,"
+    " batch_id VARBINARY(512) NOT NULL, request_hash CHAR(64) NOT NULL, response MEDIUMTEXT NULL,"
     " created_at DATETIME(6) NOT NULL, PRIMARY KEY (device_id, batch_id))"
     " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
 )
@@ -1916,15 +1964,48 @@ class ChangeLog:
                 " AND TABLE_NAME = 'cloudsync_pending' AND INDEX_NAME = 'cloudsync_pending_by_table'")):
             # added in a later version: tables created before lack it
             self.db.execute(conn, "CREATE INDEX cloudsync_pending_by_table ON cloudsync_pending (table_name)")
+        self.db.ids_bytewise(conn, "cloudsync_batches", ("device_id", "batch_id"))
+        fresh = not self.db.query(conn, "SELECT 1 FROM cloudsync_meta WHERE name = 'instance'")
         insert = "INSERT IGNORE" if self.backend == "mysql" else "INSERT OR IGNORE"
         for name, value in (("instance", uuid.uuid4().hex), ("secret", secrets.token_hex(32)),
-                            ("last_seq", "0"), ("compacted_upto", "0")):
+                            ("last_seq", "0"), ("compacted_upto", "0"), ("key_format", KEY_FORMAT if fresh else "1")):
             self.db.execute(conn, self.db.sql("%s INTO cloudsync_meta (name, value) VALUES (?, ?)" % insert),
                             (name, value))
         for schema in schemas.values():
             say("%s triggers on %s" % ("installing" if self.capture == "triggers" else "removing", schema.name))
             self._install_triggers(conn, schema)
+        self._upgrade_key_format(conn, schemas, say)
         self.load_identity(conn)
+
+    def _upgrade_key_format(self, conn, schemas, say):
+        """After an upgrade that writes some keys differently, make devices that hold old keys start again.
+
+        Row keys of integer and text columns are written as before; others
+        (decimal, date, time, binary...) were written in forms that did not
+        match the rows. Entries in the old form cannot be served, so they are
+        put below the compaction mark: a checkpoint before it gets 410 with
+        reset: true, and the device pulls everything again, once.
+        """
+        stored = self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'key_format'")
+        if stored and _text(stored[0][0]) == KEY_FORMAT:
+            return
+        changed = [schema.name for schema in schemas.values()
+                   if any(column.kind not in ("integer", "text", "enum") for column in schema.key_columns)]
+        marks = ", ".join("?" for _ in changed)
+        if changed and (self.db.query(conn, self.db.sql(
+                "SELECT 1 FROM cloudsync_changes WHERE table_name IN (%s) LIMIT 1" % marks), changed)
+                or self.backend == "mysql" and self.db.query(conn, self.db.sql(
+                    "SELECT 1 FROM cloudsync_pending WHERE table_name IN (%s) LIMIT 1" % marks), changed)):
+            self.sequence(conn)
+            with self.db.transaction(conn):
+                head = self.head(conn)
+                self.db.execute(conn, self.db.sql("UPDATE cloudsync_meta SET value = ? WHERE name = 'compacted_upto'"),
+                                (str(head),))
+            say("row keys of %s are now written in a new form: devices syncing them start again from the "
+                "beginning, once (their next pull answers 410 with reset: true)" % ", ".join(changed))
+            log.warning("row keys of %s are now written in a new form; every checkpoint up to seq %d gets 410 "
+                        "(reset: true), so devices pull again from the beginning, once", ", ".join(changed), head)
+        self.db.execute(conn, "UPDATE cloudsync_meta SET value = '%s' WHERE name = 'key_format'" % KEY_FORMAT)
 
     def _install_triggers(self, conn, schema):
         statements = []
@@ -2103,7 +2184,8 @@ class ChangeLog:
         found = set()
         for chunk in _chunks(sorted(key_texts), 500):
             marks = ", ".join("?" for _ in chunk)
-            foreign = "" if device_id is None else " AND (device_id IS NULL OR device_id <> ?)"
+            foreign = "" if device_id is None else " AND (device_id IS NULL OR %s <> %s)" % (
+                self.db.bytewise("device_id"), self.db.bytewise("?"))
             extra = [] if device_id is None else [device_id]
             # Pending first: the sequencer moves rows from pending to changes, so a row
             # missed in pending because it was just numbered is then found in changes.
@@ -2275,6 +2357,7 @@ class SyncEngine:
     def load_schema(self):
         """Introspect every allowed table; raise SchemaError naming the first bad one."""
         with self.db.connection() as conn:
+            self.db.prepare(conn)
             schemas = {table: self.db.introspect(conn, table) for table in self.allowed_tables}
             if self.changelog.instance is None:
                 self.changelog.load_identity(conn)
@@ -2296,6 +2379,7 @@ class SyncEngine:
     def migrate(self, progress=None):
         """Introspect the tables, create cloudsync's own tables and install the triggers."""
         with self.db.connection() as conn:
+            self.db.prepare(conn)
             schemas = {table: self.db.introspect(conn, table) for table in self.allowed_tables}
             self.changelog.install(conn, schemas, progress)
         self._set_schemas(schemas)
@@ -3084,6 +3168,19 @@ def _printable(text):
     return text if text.isprintable() else text.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
+def _loggable(value, limit=200):
+    """Anything a client sent, fit for a log line: cut to `limit` characters, line breaks and controls escaped."""
+    return _printable(str(value)[:limit])
+
+
+class TextLogFormatter(logging.Formatter):
+    """LOG_FORMAT=text: one line a message; a line break in a message (from anywhere) cannot start a fake entry."""
+
+    def formatMessage(self, record):
+        record.message = _printable(record.message)
+        return super().formatMessage(record)
+
+
 def _labels(pairs):
     """{a="1",b="2"} with values escaped as the text format asks."""
     if not pairs:
@@ -3113,7 +3210,7 @@ def configure_logging(log_format, level):
     """Send every log line to stderr, as text or JSON lines."""
     handler = logging.StreamHandler()
     handler.setFormatter(JSONLogFormatter() if log_format == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                         TextLogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -3122,7 +3219,7 @@ def configure_logging(log_format, level):
 access_log = logging.getLogger("cloudsync.access")
 
 MYSQL_DEVICES_TABLE = (
-    "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id VARCHAR(128) NOT NULL PRIMARY KEY,"
+    "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id VARBINARY(512) NOT NULL PRIMARY KEY,"
     " first_seen DATETIME NOT NULL, last_seen DATETIME NOT NULL, last_push DATETIME NULL,"
     " last_pull DATETIME NULL, checkpoint_seq BIGINT NULL, pushes BIGINT NOT NULL DEFAULT 0,"
     " pulls BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0)"
@@ -3165,6 +3262,7 @@ class DeviceFleet:
     def install(self, conn):
         """Create cloudsync_devices; idempotent."""
         self.db.execute(conn, MYSQL_DEVICES_TABLE if self.db.name == "mysql" else SQLITE_DEVICES_TABLE)
+        self.db.ids_bytewise(conn, "cloudsync_devices", ("device_id",))
 
     def seen(self, device_id, kind, checkpoint_seq=None, failed=False):
         """Note a push or pull by a device (in memory; flush() saves it)."""
@@ -4074,7 +4172,7 @@ class App:
         except HTTPError as error:
             status, payload, headers = error.status, error.body, error.headers
         except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
+            log.exception("unhandled error on %s %s", _loggable(request.method, 20), _loggable(request.path))
             status, payload, headers = 500, {"success": False, "error": "Internal server error",
                                              "detail": "an unexpected error; the server log has the details"}, []
         headers = headers + self._cors_headers(environ.get("HTTP_ORIGIN"))
@@ -4123,9 +4221,9 @@ class App:
                       ("operations" if request.kind == "push" else "rows"): request.count,
                       "request_bytes": int(received) if received.isdigit() else None, "bytes": size}
             # escaped: a newline in a (percent-decoded) path must not start a fake log line
-            access_log.info("%s %s %d %.1fms device=%s %s=%s request_bytes=%s bytes=%d", _printable(method),
-                            _printable(request.path[:200]), status, seconds * 1000,
-                            _printable(request.device_id or "-"), "operations" if request.kind == "push" else "rows",
+            access_log.info("%s %s %d %.1fms device=%s %s=%s request_bytes=%s bytes=%d", _loggable(method),
+                            _loggable(request.path), status, seconds * 1000,
+                            _loggable(request.device_id or "-"), "operations" if request.kind == "push" else "rows",
                             "-" if request.count is None else request.count, received[:20], size,
                             extra={"fields": fields})
 
@@ -4184,7 +4282,7 @@ class App:
         if token is not None:
             if device_id is not None and device_id != token.device_id:
                 log.warning("auth failure from %s: token of device %s used for device_id %s",
-                            request.environ.get("REMOTE_ADDR", "?"), token.device_id, device_id[:MAX_ID_CHARS])
+                            _loggable(request.environ.get("REMOTE_ADDR", "?")), token.device_id, _loggable(device_id))
                 raise HTTPError(403, "Forbidden", "this token belongs to device %r, not %r"
                                 % (token.device_id, device_id))
             device_id = token.device_id

@@ -873,10 +873,24 @@ def _matrix_ddl(kind, table, role, column_type):
         table, column_type, note, suffix)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "mysql"])
-def matrix(request, tmp_path_factory):
-    """One database per backend holding every matrix table, served by one app."""
-    kind = request.param
+@pytest.fixture(scope="module")
+def matrices(request, tmp_path_factory):
+    """For each backend, made on first use: one database holding every matrix table, served by one app."""
+    made = {}
+    yield lambda kind: made[kind] if kind in made else made.setdefault(
+        kind, _make_matrix(kind, request, tmp_path_factory))
+    for application, backend, _ in made.values():
+        application.db.close()
+        backend.close()
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def matrix(request, matrices):
+    """The matrix database of one backend."""
+    return matrices(request.param)
+
+
+def _make_matrix(kind, request, tmp_path_factory):
     tables = _matrix_tables(kind)
     extra = ["CREATE TABLE m_generated (id INT PRIMARY KEY, v INT, g INT AS (v * 2) VIRTUAL,"
              " s INT AS (v + 1) STORED, d VARCHAR(10) DEFAULT 'dflt') ENGINE=InnoDB" if kind == "mysql" else
@@ -915,9 +929,7 @@ def matrix(request, tmp_path_factory):
     names = [table for table, _, _, _, _ in tables] + ["m_generated"]
     application = cloudsync.App(made.config(ALLOWED_TABLES=",".join(names)))
     application.start()
-    yield application, made, {table: (role, values) for table, role, _, _, values in tables}
-    application.db.close()
-    made.close()
+    return application, made, {table: (role, values) for table, role, _, _, values in tables}
 
 
 def _stored(backend, table):
@@ -976,10 +988,8 @@ def _matrix_cases():
 
 
 @pytest.mark.parametrize("kind,table", _matrix_cases())
-def test_every_type_survives_every_step(matrix, kind, table):
-    application, backend, cases = matrix
-    if backend.kind != kind:
-        pytest.skip("this case belongs to the other backend")
+def test_every_type_survives_every_step(matrices, kind, table):
+    application, backend, cases = matrices(kind)
     role, values = cases[table]
     rows = _matrix_rows(role, values)
     # push
@@ -1043,6 +1053,279 @@ def test_generated_columns_and_defaults_are_pulled_and_never_written(matrix):
     # a value sent for a generated column is not written: the database computes it
     assert push(application, [op("update", "m_generated", id=1, v=5, g=999)]).status == 200
     assert pull(application, tables=["m_generated"]).json["data"]["m_generated"][0]["g"] == 10
+
+
+# ---------------------------------------------------------------------------
+# Integrity: the defects a schema probe found, one test each
+# ---------------------------------------------------------------------------
+
+PROBE_TABLES = {
+    # a secondary unique key
+    "uq": ("CREATE TABLE uq (id INT PRIMARY KEY, code VARCHAR(10) UNIQUE, name VARCHAR(20)) ENGINE=InnoDB",
+           "CREATE TABLE uq (id INT PRIMARY KEY, code TEXT UNIQUE, name TEXT)"),
+    # rows deleted by a foreign-key cascade (InnoDB fires no trigger for them)
+    "shops": ("CREATE TABLE shops (id INT PRIMARY KEY, name VARCHAR(20)) ENGINE=InnoDB",
+              "CREATE TABLE shops (id INT PRIMARY KEY, name TEXT)"),
+    "shop_notes": ("CREATE TABLE shop_notes (id INT PRIMARY KEY, shop_id INT NOT NULL, note TEXT, FOREIGN KEY "
+                   "(shop_id) REFERENCES shops (id) ON DELETE CASCADE) ENGINE=InnoDB",
+                   "CREATE TABLE shop_notes (id INT PRIMARY KEY, shop_id INT NOT NULL REFERENCES shops (id) "
+                   "ON DELETE CASCADE, note TEXT)"),
+    # a binary key, a utf8mb3 key
+    "bin_keys": ("CREATE TABLE bin_keys (k VARBINARY(16) PRIMARY KEY, note VARCHAR(20)) ENGINE=InnoDB",
+                 "CREATE TABLE bin_keys (k BLOB PRIMARY KEY, note TEXT)"),
+    "mb3": ("CREATE TABLE mb3 (id VARCHAR(20) CHARACTER SET utf8mb3 PRIMARY KEY, note VARCHAR(20)) ENGINE=InnoDB",
+            "CREATE TABLE mb3 (id TEXT PRIMARY KEY, note TEXT)"),
+    # the shop's own rule, in a BEFORE trigger
+    "guarded": ("CREATE TABLE guarded (id INT PRIMARY KEY, qty INT NOT NULL) ENGINE=InnoDB",
+                "CREATE TABLE guarded (id INT PRIMARY KEY, qty INT NOT NULL)"),
+    "docs": ("CREATE TABLE docs (id INT PRIMARY KEY, body MEDIUMTEXT) ENGINE=InnoDB",
+             "CREATE TABLE docs (id INT PRIMARY KEY, body TEXT)"),
+    "real_values": ("CREATE TABLE real_values (id INT PRIMARY KEY, r DOUBLE, d DECIMAL(12,2)) ENGINE=InnoDB",
+                    "CREATE TABLE real_values (id INT PRIMARY KEY, r REAL, d DECIMAL(12,2))"),
+}
+GUARD_TRIGGERS = {
+    "mysql": ["CREATE TRIGGER guarded_stock BEFORE INSERT ON guarded FOR EACH ROW BEGIN IF NEW.qty < 0 THEN "
+              "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'stock cannot go below 0'; END IF; END",
+              "CREATE TRIGGER guarded_stock_upd BEFORE UPDATE ON guarded FOR EACH ROW BEGIN IF NEW.qty < 0 THEN "
+              "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'stock cannot go below 0'; END IF; END"],
+    "sqlite": ["CREATE TRIGGER guarded_stock BEFORE INSERT ON guarded WHEN NEW.qty < 0 BEGIN "
+               "SELECT RAISE(ABORT, 'stock cannot go below 0'); END",
+               "CREATE TRIGGER guarded_stock_upd BEFORE UPDATE ON guarded WHEN NEW.qty < 0 BEGIN "
+               "SELECT RAISE(ABORT, 'stock cannot go below 0'); END"],
+}
+
+
+@pytest.fixture
+def probe(backend):
+    """The app on a database that also holds the probe's own tables."""
+    for mysql_ddl, sqlite_ddl in PROBE_TABLES.values():
+        backend.sql(mysql_ddl if backend.kind == "mysql" else sqlite_ddl)
+    for statement in GUARD_TRIGGERS[backend.kind]:
+        backend.sql(statement)
+    application = cloudsync.App(backend.config(ALLOWED_TABLES=",".join(TABLES + tuple(PROBE_TABLES))))
+    application.start()
+    yield application
+    application.db.close()
+
+
+def test_a_push_of_any_size_is_all_or_nothing(probe, backend):
+    """A plain push of 4,000 inserts with 400-byte notes is several statements; its last one clashing undoes all."""
+    assert push(probe, [op("insert", id="s-3999")]).status == 200
+    operations = [op("insert", id="s-%d" % n, note="n" * 400) for n in range(4000)]
+    response = push(probe, operations)
+    assert response.status == 409 and response.json["op"] == 3999
+    assert backend.sql("SELECT COUNT(*) FROM sales")[0][0] == 1
+
+
+def test_a_small_plain_push_still_goes_in_one_statement(probe, backend):
+    assert probe.engine.db.fits_one_statement([("x" * 100,)] * 50) if backend.kind == "mysql" else True
+    assert push(probe, [op("insert", id="s-%d" % n) for n in range(50)]).status == 200
+    assert backend.sql("SELECT COUNT(*) FROM sales")[0][0] == 50
+
+
+@pytest.mark.parametrize("action", ["upsert", "insert", "update"])
+def test_a_clash_on_another_unique_key_changes_nothing(probe, backend, action):
+    assert push(probe, [op("insert", "uq", id=1, code="A", name="first"),
+                        op("insert", "uq", id=2, code="B", name="second")]).status == 200
+    data = {"id": 3 if action != "update" else 2, "code": "A", "name": "clash"}
+    response = push(probe, [op(action, "uq", **data)])
+    assert response.status == 409 and response.json["op"] == 0, response.body
+    assert sorted(backend.sql("SELECT id, code, name FROM uq")) == [(1, "A", "first"), (2, "B", "second")]
+    # the key's own row is still updated by an upsert
+    assert push(probe, [op("upsert", "uq", id=1, code="A", name="renamed")]).status == 200
+    assert push(probe, [op("upsert", "uq", id=4, code="D")]).status == 200
+    assert sorted(backend.sql("SELECT id, name FROM uq")) == [(1, "renamed"), (2, "second"), (4, None)]
+
+
+def test_seed_cache_never_serves_rows_a_cascade_deleted(probe, backend):
+    assert push(probe, [op("insert", "shops", id=1, name="north"),
+                        op("insert", "shop_notes", id=10, shop_id=1, note="a"),
+                        op("insert", "shop_notes", id=11, shop_id=1, note="b")]).status == 200
+    first = pull(probe, tables=["shop_notes"])
+    assert len(first.json["data"]["shop_notes"]) == 2
+    if backend.kind == "sqlite":
+        backend.sql("PRAGMA foreign_keys = ON")             # SQLite cascades only where a connection asks
+    backend.sql("DELETE FROM shops WHERE id = 1")          # another program; the notes go by cascade
+    assert backend.sql("SELECT COUNT(*) FROM shop_notes")[0][0] == 0
+    again = pull(probe, tables=["shop_notes"])
+    assert again.json["data"]["shop_notes"] == []
+    if "ETag" in first.headers:
+        revalidated = call(probe, "POST", "/sync/pull", {"tables": ["shop_notes"]},
+                           headers={"If-None-Match": first.headers["ETag"]})
+        assert revalidated.status == 200 and revalidated.json["data"]["shop_notes"] == []
+
+
+def test_seed_cache_memory_is_bounded_in_bytes(probe, backend, monkeypatch):
+    monkeypatch.setattr(cloudsync, "PULL_CACHE_BYTES", 4 << 20)
+    for n in range(6):
+        assert push(probe, [op("insert", "docs", id=n, body="x" * 1000000)]).status == 200
+    for limit in range(1, 7):
+        assert pull(probe, tables=["docs"], limit=limit).status == 200
+    cached = probe.engine._pull_cache.values()
+    assert sum(len(entry.body) + len(entry.gzipped or b"") for entry in cached) <= 4 << 20
+    assert len(pull(probe, tables=["docs"], limit=6).json["data"]["docs"]) == 6
+
+
+def test_a_shops_own_rule_refuses_with_its_message(probe, backend):
+    response = push(probe, [op("insert", "guarded", id=1, qty=5), op("insert", "guarded", id=2, qty=-1)])
+    assert response.status == 422, response.body
+    assert response.json["error"] == "Rejected" and response.json["op"] == 1
+    assert response.json["rejected"] == [{"op": 1, "table": "guarded", "key": 2,
+                                          "message": "stock cannot go below 0"}]
+    assert backend.sql("SELECT COUNT(*) FROM guarded")[0][0] == 0
+    assert push(probe, [op("insert", "guarded", id=1, qty=5)]).status == 200
+    response = push(probe, [op("update", "guarded", id=1, qty=-3)], batch_id="b1")
+    assert response.status == 422 and "stock cannot go below 0" in response.json["detail"]
+    assert backend.sql("SELECT qty FROM guarded")[0][0] == 5
+
+
+@pytest.mark.parametrize("case", ["utf8mb3 key", "binary key as number", "binary value as number",
+                                  "sqlite key of 2**63", "not base64"])
+def test_what_a_client_sent_is_a_4xx_naming_the_op(probe, backend, case):
+    operation, needs = {
+        "utf8mb3 key": (op("update", "mb3", id="🧾", note="x"), "mysql"),
+        "binary key as number": (op("update", "bin_keys", k=5, note="x"), None),
+        "binary value as number": (op("insert", "attachments", id=9, body=12), None),
+        "sqlite key of 2**63": (op("update", "product_stock", id="p1", quantity=2 ** 63), "sqlite"),
+        "not base64": (op("insert", "bin_keys", k="not base64!", note="x"), None),
+    }[case]
+    if needs is not None and needs != backend.kind:
+        pytest.skip("a %s case" % needs)
+    checkpoint = pull(probe, tables=["sales"], since=None).json["checkpoint"]
+    for fields in ({}, {"checkpoint": checkpoint} if operation["table"] == "sales" else {}):
+        response = push(probe, [op("insert", id="ok"), operation], **fields)
+        assert 400 <= response.status < 500 and response.json["op"] == 1, response.body
+        assert backend.sql("SELECT COUNT(*) FROM sales")[0][0] == 0
+
+
+def test_sqlite_key_of_2_63_with_a_checkpoint_is_400(probe, backend):
+    if backend.kind != "sqlite":
+        pytest.skip("SQLite integers end at 2**63 - 1")
+    checkpoint = pull(probe, tables=["uq"], since=None).json["checkpoint"]
+    response = push(probe, [op("update", "uq", id=2 ** 63, name="x")], checkpoint=checkpoint)
+    assert response.status == 400 and response.json["op"] == 0
+
+
+def test_values_another_program_wrote_never_break_a_pull(probe, backend):
+    if backend.kind == "sqlite":
+        backend.sql("INSERT INTO real_values VALUES (1, 9e999, 1e300)")      # +Infinity and a 301-digit decimal
+        backend.sql("INSERT INTO real_values VALUES (2, -9e999, 2.675)")
+    else:
+        backend.sql("INSERT INTO real_values VALUES (1, 1e308, 9999999999.99)")
+    for body in ({"tables": ["real_values"]}, {"tables": ["real_values"], "since": None}):
+        response = call(probe, "POST", "/sync/pull", body)
+        assert response.status == 200
+        rows = response.json["data" if "since" not in body else "changes"]["real_values"]
+        rows = rows if "since" not in body else rows["upserted"]
+        if backend.kind == "sqlite":
+            assert rows[0]["r"] == "Infinity" and rows[1]["r"] == "-Infinity"
+            assert rows[0]["d"] == "1" + "0" * 300 + ".00" and rows[1]["d"] == "2.675"
+
+
+def test_a_float_column_refuses_what_no_double_holds(probe, backend):
+    for value in ("1e400", "-1e400", "1e-400", "NaN", "Infinity"):
+        response = push(probe, [op("insert", "real_values", id=1, r=value)])
+        assert response.status == 400 and response.json["error"] == "Invalid value", value
+    assert push(probe, [op("insert", "real_values", id=1, r=1e308)]).status == 200
+    assert backend.sql("SELECT COUNT(*) FROM real_values")[0][0] == 1
+
+
+def test_sqlite_write_lock_held_too_long_is_503_with_retry_after(backend, tmp_path):
+    if backend.kind != "sqlite":
+        pytest.skip("the SQLite write lock")
+    application = cloudsync.App(backend.config(DB_WAIT_SECONDS="0.2", PUSH_RETRIES="1"))
+    application.start()
+    holder = sqlite3.connect(backend.settings["DB_PATH"], isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        response = push(application, [op("insert", id="s1")])
+        assert response.status == 503 and response.headers["Retry-After"]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert push(application, [op("insert", id="s1")]).status == 200
+    application.db.close()
+
+
+def test_a_table_lock_held_by_another_program_is_bounded(backend):
+    if backend.kind != "mysql":
+        pytest.skip("LOCK TABLES is MySQL's")
+    application = cloudsync.App(backend.config(DB_WAIT_SECONDS="1", PUSH_RETRIES="1"))
+    application.start()
+    holder = backend._raw_connect()
+    holder.cursor().execute("LOCK TABLES sales WRITE")
+    try:
+        began = time.monotonic()
+        response = push(application, [op("insert", id="s1")])
+        assert response.status == 503 and response.headers["Retry-After"]
+        assert time.monotonic() - began < 30
+    finally:
+        holder.cursor().execute("UNLOCK TABLES")
+        holder.close()
+    assert push(application, [op("insert", id="s1")]).status == 200
+    application.db.close()
+
+
+def test_batch_ids_are_compared_byte_for_byte(app, backend):
+    first = push(app, [op("insert", id="s1")], device_id="till", batch_id="batch")
+    second = push(app, [op("insert", id="s2")], device_id="till", batch_id="batch ")
+    assert first.status == 200 and second.status == 200 and not second.json.get("replayed")
+    assert len(backend.rows("sales")) == 2
+    devices = [push(app, [op("insert", id="s%d" % n)], device_id=device, batch_id="b")
+               for n, device in ((3, "dev"), (4, "dev "))]
+    assert [response.json.get("replayed") for response in devices] == [None, None]
+
+
+@pytest.mark.parametrize("with_checkpoint", [True, False])
+def test_a_replay_returns_exactly_the_first_outcome(app, backend, with_checkpoint):
+    fields = {"device_id": "till", "batch_id": "b1"}
+    if with_checkpoint:
+        fields["checkpoint"] = pull(app, tables=["sales"], since=None).json["checkpoint"]
+    operations = [op("insert", id="s1"), op("update", id="gone" if not with_checkpoint else "s1", note="x")]
+    first = push(app, operations, **fields)
+    assert first.status == 200 and bool(first.json["checkpoint"]) == with_checkpoint
+    assert push(app, [op("insert", id="s2")], device_id="other").status == 200    # the log moves on
+    replayed = push(app, operations, **fields).json
+    assert replayed.pop("replayed") is True
+    assert replayed == first.json
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"ALLOWED_TABLES": "sales,cloudsync_meta"}, "cloudsync's own tables"),
+    ({"TOKENS": "till:sha256:abc"}, "TOKENS"),
+    ({"ADMIN_TOKEN": "sha256:0123"}, "ADMIN_TOKEN"),
+])
+def test_unsafe_settings_stop_the_start(backend, settings, message):
+    with pytest.raises(cloudsync.ConfigError, match=re.escape(message)):
+        cloudsync.App(backend.config(**settings))
+
+
+@pytest.mark.parametrize("line,message", [
+    ("till-01 sha256:%s tables=" % ("a" * 64), "tables= names no table"),
+    ("till-01 sha256:%s" % ("a" * 63), "exactly 64 hex digits"),
+])
+def test_unsafe_tokens_file_lines_stop_the_start(backend, tmp_path, line, message):
+    path = tmp_path / "tokens"
+    path.write_text(line + "\n")
+    with pytest.raises(cloudsync.ConfigError, match=re.escape(message)):
+        cloudsync.App(backend.config(TOKENS_FILE=str(path)))
+
+
+def test_client_strings_cannot_forge_a_log_line(backend, caplog):
+    token = "t" * 40
+    application = cloudsync.App(backend.config(TOKENS="till:" + token))
+    application.start()
+    caplog.set_level(logging.INFO)
+    forged = "till\n2026-12-01 00:00:00 WARNING cloudsync: forged"
+    response = call(application, "POST", "/sync/push", {"device_id": forged, "operations": []},
+                    headers={"Authorization": "Bearer " + token})
+    assert response.status == 403
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(cloudsync.TextLogFormatter("%(levelname)s %(message)s"))
+    for record in caplog.records:
+        assert "\n" not in handler.format(record), record.getMessage()
+    assert any("till\\n2026" in record.getMessage() for record in caplog.records)
+    application.db.close()
 
 
 # ---------------------------------------------------------------------------
