@@ -1311,6 +1311,36 @@ def test_unsafe_tokens_file_lines_stop_the_start(backend, tmp_path, line, messag
         cloudsync.App(backend.config(TOKENS_FILE=str(path)))
 
 
+@pytest.mark.parametrize("keys,resets", [("decimal", True), ("text", False)])
+def test_upgrade_from_the_old_key_form_makes_devices_start_again_once(probe, backend, keys, resets):
+    table = "real_values" if keys == "decimal" else "sales"
+    if keys == "decimal":
+        backend.sql("CREATE TABLE dec_keys (k DECIMAL(12,2) PRIMARY KEY, note TEXT)")
+        table = "dec_keys"
+    application = cloudsync.App(backend.config(ALLOWED_TABLES=",".join(TABLES + (table,) if table != "sales"
+                                                                        else TABLES)))
+    application.start()
+    assert push(application, [op("insert", table, **({"k": "1.50"} if keys == "decimal" else {"id": "s1"}))]
+                ).status == 200
+    checkpoint = pull(application, tables=[table], since=None).json["checkpoint"]
+    # a change the device has not pulled yet, logged in the old form
+    assert push(application, [op("insert", table, **({"k": "2.50"} if keys == "decimal" else {"id": "s2"}))]
+                ).status == 200
+    application.db.close()
+    # as an earlier version left it: keys in the old form, and no key_format yet
+    backend.sql("UPDATE cloudsync_meta SET value = '1' WHERE name = 'key_format'")
+    upgraded = cloudsync.App(backend.config(ALLOWED_TABLES=",".join(TABLES + (table,) if table != "sales"
+                                                                     else TABLES)))
+    upgraded.start()
+    response = pull(upgraded, tables=[table], since=checkpoint)
+    assert response.status == (410 if resets else 200)
+    if resets:
+        assert response.json["reset"] is True
+    upgraded.start()                        # once: a second start changes nothing
+    assert pull(upgraded, tables=[table], since=None).status == 200
+    upgraded.db.close()
+
+
 def test_client_strings_cannot_forge_a_log_line(backend, caplog):
     token = "t" * 40
     application = cloudsync.App(backend.config(TOKENS="till:" + token))
@@ -2767,6 +2797,71 @@ def test_fuzz_never_5xx_and_rejections_change_nothing(app, backend, method, path
         json.loads(raw)
     if response.status >= 400:
         assert _snapshot(backend) == before
+
+
+MATRIX_VALUES = st.one_of(
+    JSON_VALUES,
+    st.sampled_from(["2026-11-26", "2026-11-26T09:30:00.5", "2026-02-30", "-838:59:59", "25:61:61", "AP8=",
+                     "not base64!", "1e400", "-1e-400", "-0", "NaN", "Infinity", "9" * 70, "0." + "1" * 40,
+                     "red,blue", "purple", "🧾", "\x00", "a\nb", "é", " ", "", "{\"a\": 1}", "[1,", "0x10"]),
+    st.sampled_from([2 ** 63, 2 ** 64, 2 ** 64 - 1, -(2 ** 63) - 1, 1e300, 5e-324, -0.0, 0.1, True, False]),
+    st.integers(min_value=-(2 ** 65), max_value=2 ** 65))
+
+
+@pytest.fixture(scope="module")
+def fuzz_matrices(request, tmp_path_factory):
+    made = {}
+    yield lambda kind: made[kind] if kind in made else made.setdefault(
+        kind, _make_matrix(kind, request, tmp_path_factory))
+    for application, backend, _ in made.values():
+        application.db.close()
+        backend.close()
+
+
+def _matrix_snapshot(backend, tables):
+    return [_stored(backend, table) for table in tables]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "mysql"])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_every_type_never_5xx_and_refusals_change_nothing(fuzz_matrices, kind, data):
+    application, backend, cases = fuzz_matrices(kind)
+    tables = data.draw(st.lists(st.sampled_from(sorted(cases)), min_size=1, max_size=3, unique=True))
+    operations = []
+    clean = data.draw(st.booleans())        # half the pushes hold only values of each column's own type
+    for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
+        table = data.draw(st.sampled_from(tables))
+        role, values = cases[table]
+        own = st.sampled_from([pushed for pushed, _ in values])
+        typed = own if clean else own | MATRIX_VALUES
+        small = st.integers(min_value=1, max_value=5)
+        small = small if clean else small | MATRIX_VALUES
+        columns = {"value": {"id": small, "v": typed}, "key": {"k": typed},
+                   "composite": {"a": small, "k": typed}}[role]
+        row = {name: data.draw(strategy) for name, strategy in columns.items()
+               if clean or data.draw(st.integers(0, 9))}
+        if data.draw(st.booleans()):
+            row["note"] = data.draw(st.text(max_size=8) if clean else MATRIX_VALUES)
+        operations.append({"table": table, "action": data.draw(st.sampled_from(["insert", "update", "delete",
+                                                                                "upsert"])), "data": row})
+    fields = {"operations": operations}
+    if data.draw(st.booleans()):
+        fields["checkpoint"] = pull(application, tables=tables, since=None).json["checkpoint"]
+        fields["on_conflict"] = data.draw(st.sampled_from(["abort", "skip"]))
+    if data.draw(st.booleans()):
+        fields["batch_id"] = data.draw(st.text(min_size=1, max_size=8))
+        fields["device_id"] = "fuzz"
+    before = _matrix_snapshot(backend, tables)
+    response = call(application, "POST", "/sync/push", fields)
+    assert response.status < 500, response.body
+    assert response.json["success"] is (response.status == 200)
+    if response.status >= 400:
+        assert _matrix_snapshot(backend, tables) == before, response.body
+    for body in ({"tables": tables}, {"tables": tables, "since": None, "limit": 3}):
+        pulled = call(application, "POST", "/sync/pull", body)
+        assert pulled.status == 200, pulled.body
+        assert pulled.json["success"] is True
 
 
 # ---------------------------------------------------------------------------
