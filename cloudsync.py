@@ -2089,28 +2089,32 @@ class ChangeLog:
         self.db.execute(conn, self.db.sql("UPDATE cloudsync_meta SET value = ? WHERE name = 'last_seq'"), (str(last),))
         return first, last
 
-    def tables_version(self, conn, tables):
-        """A value that changes whenever a committed write changes `tables`: one indexed round trip.
+    def tables_version(self, conn, schemas):
+        """A value that changes whenever a committed write changes these tables: one indexed round trip.
 
         The newest sequence number of the tables (never below the compaction
         mark, so it cannot fall back to an old value when their entries are
         compacted away) and, on MySQL, the count and the newest id of their
         changes not numbered yet: a commit adds a pending row (its id may be
         lower than one committed before it, the count still grows), and
-        numbering one raises the first part.
+        numbering one raises the first part. Last, each table's first key (an
+        index probe): a TRUNCATE fires no trigger, but it empties the table.
         """
+        tables = [schema.name for schema in schemas]
         marks = ", ".join("?" for _ in tables)
+        first_keys = "".join(", (SELECT %s FROM %s ORDER BY %s LIMIT 1)" % (
+            schema.key_sql, schema.quoted, schema.key_order) for schema in schemas)
         if self.backend == "mysql":
             row = self.db.query(conn, self.db.sql(
                 "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
                 " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'),"
-                " COUNT(*), MAX(id) FROM cloudsync_pending WHERE table_name IN (%s)" % (marks, marks)),
+                " COUNT(*), MAX(id)%s FROM cloudsync_pending WHERE table_name IN (%s)" % (marks, first_keys, marks)),
                 list(tables) * 2)[0]
-            return max(row[0] or 0, int(row[1])), row[2], row[3] or 0
+            return (max(row[0] or 0, int(row[1])), row[2], row[3] or 0) + tuple(map(_text, row[4:]))
         row = self.db.query(conn, "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
-                                  " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto')" % marks,
-                            list(tables))[0]
-        return max(row[0] or 0, int(row[1])), 0, 0
+                                  " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto')%s"
+                                  % (marks, first_keys), list(tables))[0]
+        return (max(row[0] or 0, int(row[1])), 0, 0) + tuple(row[2:])
 
     def head(self, conn):
         """The highest sequence number given out so far."""
@@ -2896,7 +2900,7 @@ class SyncEngine:
             # triggers, and a foreign-key cascade on MySQL fires none.
             version = None
             if self.changelog.capture == "triggers" and not any(self.schemas[table].cascaded for table in tables):
-                version = self.changelog.tables_version(conn, tables)
+                version = self.changelog.tables_version(conn, [self.schemas[table] for table in tables])
             if version is not None:
                 with self._pull_cache_lock:
                     cached = self._pull_cache.get(key)
@@ -3537,9 +3541,12 @@ OPENAPI = {
                 "summary": "Apply a batch of operations in one transaction: all or nothing.",
                 "description": (
                     "Every operation is checked (table, action, columns, key, value types) before the first "
-                    "statement runs; no error answer applies anything. With `batch_id` a retry returns the first "
-                    "outcome with `replayed: true`. With `checkpoint`, operations on rows changed since it are "
-                    "conflicts: 409 (on_conflict abort) or skipped and listed (on_conflict skip)."
+                    "statement runs; no error answer applies anything, whatever the size of the push. With "
+                    "`batch_id` a retry returns exactly the first outcome (its checkpoint included) with "
+                    "`replayed: true`. With `checkpoint`, operations on rows changed since it are conflicts: 409 "
+                    "(on_conflict abort) or skipped and listed (on_conflict skip). The checkpoint a push returns "
+                    "assumes the device already holds the rows it pushed, as it sent them: apply operations "
+                    "locally before (or as) you push them, or keep the checkpoint of your last pull."
                 ),
                 "requestBody": {"$ref": "#/components/requestBodies/Push"},
                 "responses": {
@@ -3551,6 +3558,7 @@ OPENAPI = {
                     "410": {"$ref": "#/components/responses/Expired"},
                     "413": {"$ref": "#/components/responses/PushTooLarge"},
                     "415": {"$ref": "#/components/responses/UnsupportedEncoding"},
+                    "422": {"$ref": "#/components/responses/PushRejected"},
                     "500": {"$ref": "#/components/responses/ServerError"},
                     "503": {"$ref": "#/components/responses/Unavailable"},
                 },
@@ -3732,6 +3740,12 @@ OPENAPI = {
                                "reused`.",
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
             },
+            "PushRejected": {
+                "description": "`Rejected`: a rule of the database (a BEFORE trigger's SIGNAL SQLSTATE '45000' on "
+                               "MySQL/MariaDB, RAISE(ABORT, ...) on SQLite) refused an operation; `rejected` "
+                               "carries the rule's own message, `op` names the operation. Nothing was applied.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
             "PushTooLarge": {
                 "description": "`Payload too large` (the body or unpacked body over MAX_BODY_BYTES), `Too many "
                                "operations` (over MAX_OPERATIONS) or `Value too large` (a text over MAX_VALUE_BYTES).",
@@ -3754,8 +3768,11 @@ OPENAPI = {
         },
         "schemas": {
             "Value": {
-                "description": "A column value. DECIMAL as an exact string (\"12.50\"), dates ISO 8601, TIME "
-                               "\"HH:MM:SS\", binary as base64, booleans stored as 1/0.",
+                "description": "A column value in its pulled form: DECIMAL as an exact string (\"12.50\"), "
+                               "MySQL dates ISO 8601 (TIMESTAMP in UTC), TIME \"[-]HH:MM:SS[.ffffff]\", SQLite "
+                               "dates as stored, binary as base64, SET members in the column's order, JSON as a "
+                               "string, booleans stored as 1/0; a float no JSON number holds as \"Infinity\", "
+                               "\"-Infinity\" or \"NaN\". Pushing a pulled value back changes nothing.",
                 "type": ["string", "integer", "number", "boolean", "null"],
             },
             "Row": {
@@ -3786,6 +3803,8 @@ OPENAPI = {
                     "op": {"type": "integer", "minimum": 0,
                            "description": "The index of the operation concerned (push errors)."},
                     "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"}},
+                    "rejected": {"type": "array", "items": {"$ref": "#/components/schemas/Rejection"},
+                                 "description": "With 422: the operations a rule of the database refused."},
                     "reset": {"const": True, "description": "With 410: start again from `since: null`."},
                     "status": {"const": "error", "description": "GET /sync/status errors."},
                 },
@@ -3821,10 +3840,12 @@ OPENAPI = {
                         "type": "object",
                         "additionalProperties": {
                             "type": "object",
-                            "required": ["primary_key", "columns"],
+                            "required": ["primary_key", "columns", "types"],
                             "properties": {
                                 "primary_key": {"type": "array", "items": {"type": "string"}, "minItems": 1},
                                 "columns": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                                "types": {"type": "object", "additionalProperties": {"type": "string"},
+                                          "description": "Each column's type as the database declares it."},
                             },
                         },
                     },
@@ -3909,6 +3930,16 @@ OPENAPI = {
                     "key": {"$ref": "#/components/schemas/Key"},
                 },
             },
+            "Rejection": {
+                "type": "object",
+                "required": ["op", "table", "key", "message"],
+                "properties": {
+                    "op": {"type": "integer", "minimum": 0},
+                    "table": {"type": "string"},
+                    "key": {"$ref": "#/components/schemas/Key"},
+                    "message": {"type": "string", "description": "The rule's own message."},
+                },
+            },
             "Conflict": {
                 "type": "object",
                 "required": ["op", "table", "key", "server_row"],
@@ -3934,7 +3965,8 @@ OPENAPI = {
                     "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"},
                                   "description": "on_conflict skip: the operations skipped."},
                     "checkpoint": {
-                        "description": "The device's next pull position; null when the request had no checkpoint.",
+                        "description": "The device's next pull position, assuming it holds the rows it pushed; "
+                                       "null when the request had no checkpoint.",
                         "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
                     },
                     "replayed": {"const": True, "description": "This batch_id was applied before; nothing changed."},

@@ -1155,6 +1155,16 @@ def test_seed_cache_never_serves_rows_a_cascade_deleted(probe, backend):
         assert revalidated.status == 200 and revalidated.json["data"]["shop_notes"] == []
 
 
+def test_seed_cache_never_serves_rows_a_truncate_removed(app, backend):
+    assert push(app, [op("insert", "product_stock", id="p%d" % n, quantity=n) for n in range(3)]).status == 200
+    first = pull(app, tables=["product_stock"])
+    assert len(first.json["data"]["product_stock"]) == 3 and first.headers["ETag"]
+    backend.sql("TRUNCATE TABLE product_stock" if backend.kind == "mysql" else "DELETE FROM product_stock")
+    again = call(app, "POST", "/sync/pull", {"tables": ["product_stock"]},
+                 headers={"If-None-Match": first.headers["ETag"]})
+    assert again.status == 200 and again.json["data"]["product_stock"] == []
+
+
 def test_seed_cache_memory_is_bounded_in_bytes(probe, backend, monkeypatch):
     monkeypatch.setattr(cloudsync, "PULL_CACHE_BYTES", 4 << 20)
     for n in range(6):
