@@ -581,6 +581,8 @@ class Authenticator:
 
 COLUMN_KINDS = ("integer", "bit", "decimal", "float", "date", "datetime", "timestamp", "time", "binary",
                 "enum", "set", "text", "json", "other")
+TEXT_KINDS = ("text", "enum", "set", "json", "other")
+DATE_KINDS = ("date", "datetime", "timestamp", "time")
 MAX_INTEGER_DIGITS = 20             # beyond 64-bit integers no column can hold the value
 MAX_DECIMAL_EXPONENT = 65           # MySQL DECIMAL holds at most 65 digits
 MAX_FLOAT_EXPONENT = 308            # a double reaches 1.8e308
@@ -601,14 +603,15 @@ def quote_sqlite(name):
 class Column:
     """One column of an allowed table, as the database describes it."""
 
-    __slots__ = ("name", "quoted", "kind", "declared", "scale", "fsp", "members", "generated", "octets",
-                 "pads", "max_code_point", "int_limit", "affinity", "checks_decimals", "plain_text")
+    __slots__ = ("name", "quoted", "select", "kind", "declared", "scale", "fsp", "members", "generated", "octets",
+                 "pads", "max_code_point", "int_limit", "affinity", "checks_decimals", "dates_as_text", "plain_text")
 
     def __init__(self, name, quoted, kind, declared="", scale=None, fsp=0, members=(), generated=False,
                  octets=None, pads=False, max_code_point=0x10FFFF, int_limit=1 << 64, affinity=None,
-                 checks_decimals=False):
+                 checks_decimals=False, dates_as_text=False, select=None):
         self.name = name
         self.quoted = quoted
+        self.select = select or quoted      # how a SELECT reads it (MySQL dates as text: zero dates survive)
         self.kind = kind                    # one of COLUMN_KINDS
         self.declared = declared            # the type as the database states it, for status
         self.scale = scale                  # digits after the point of a decimal; None: as many as stored
@@ -621,8 +624,9 @@ class Column:
         self.int_limit = int_limit          # whole numbers must be below this (SQLite: 2**63)
         self.affinity = affinity            # SQLite: INTEGER, REAL, NUMERIC, TEXT or BLOB
         self.checks_decimals = checks_decimals  # SQLite: cloudsync rounds and range-checks decimals itself
+        self.dates_as_text = dates_as_text  # SQLite: dates and times are text, kept as sent
         # a string for this column may be bound as it is when it is plain ASCII
-        self.plain_text = not checks_decimals and kind not in ("binary", "float")
+        self.plain_text = kind in TEXT_KINDS or dates_as_text and kind in DATE_KINDS
 
 
 class TableSchema:
@@ -636,7 +640,7 @@ class TableSchema:
         self.column_names = [column.name for column in columns]
         self.primary_key = list(primary_key)
         self.key_columns = [self.columns[name] for name in primary_key]
-        self.select_list = ", ".join(column.quoted for column in columns)
+        self.select_list = ", ".join(column.select for column in columns)
         self.key_order = ", ".join(self.columns[name].quoted for name in primary_key)
         self.key_positions = [self.column_names.index(name) for name in primary_key]
         self.has_generated = any(column.generated for column in columns)
@@ -704,6 +708,16 @@ def _reject_constant(name):
     raise ValueError("%s is not valid JSON" % name)
 
 
+def _object_without_duplicates(pairs):
+    """A JSON object; a name given twice is refused: which value counts is not defined (RFC 8259)."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        twice = next(name for name, _ in pairs if name in seen or seen.add(name))
+        raise ValueError("the name %s appears twice in one object" % json.dumps(twice)[:100])
+    return result
+
+
 def parse_json(body):
     """Decode a request body; numbers with a fraction become exact Decimals."""
     try:
@@ -713,7 +727,8 @@ def parse_json(body):
     if not text.strip():
         return {}
     try:
-        return json.loads(text, parse_float=decimal.Decimal, parse_constant=_reject_constant)
+        return json.loads(text, parse_float=decimal.Decimal, parse_constant=_reject_constant,
+                          object_pairs_hook=_object_without_duplicates)
     except json.JSONDecodeError as error:
         raise HTTPError(400, "Invalid JSON", "%s at line %d column %d" % (error.msg, error.lineno, error.colno)) from None
     except (ValueError, RecursionError) as error:
@@ -726,53 +741,114 @@ def _invalid(where, column, text):
 
 
 def bind_value(column, value, where):
-    """Turn a pushed JSON value into a value to bind for `column`, or raise 400 naming the column."""
+    """Turn a pushed JSON value into a value to bind for `column`, or raise 400 naming the column.
+
+    Nothing the database would silently turn into another value gets through:
+    a fraction for a whole-number column, a number for a date, a float no
+    double holds, text a utf8mb3 column cannot store, binary not in base64.
+    """
     if value is None:
         return None
     if isinstance(value, bool):
         value = int(value)
     if isinstance(value, str):
         if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise _invalid(where, column, "the text for column %s is not valid Unicode (a lone surrogate)") \
-                    from None
-            if column.max_code_point < 0x10FFFF and max(map(ord, value)) > column.max_code_point:
-                raise _invalid(where, column, "column %s uses the utf8mb3 character set, which cannot store "
-                               "characters beyond U+FFFF (emoji and some CJK); convert the column to utf8mb4")
-        if column.kind == "binary":
-            try:
-                return base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise _invalid(where, column, "column %s holds binary data, send it as base64") from None
-        if column.kind == "float":
-            try:
-                value = decimal.Decimal(value.strip())
-            except decimal.InvalidOperation:
-                raise _invalid(where, column, "column %s holds a number") from None
-            return _checked_float(column, value, where)
-        return _checked_decimal(column, value, where) if column.checks_decimals else value
-    if isinstance(value, int):
-        if not -(1 << 63) <= value < column.int_limit or len(str(abs(value))) > MAX_INTEGER_DIGITS:
-            raise _invalid(where, column, "the number for column %s is out of range")
-        if column.kind == "binary":
+            _check_text(column, value, where)
+    elif not isinstance(value, (int, decimal.Decimal)):
+        raise HTTPError(400, "Invalid value", "%s: column %r must be a string, number, "
+                        "boolean or null, not %s" % (where, column.name, _json_type(value)))
+    kind = column.kind
+    if kind == "binary":
+        if not isinstance(value, str):
             raise _invalid(where, column, "column %s holds binary data, send it as base64")
-        if column.kind == "float":
-            return float(value)
-        return _checked_decimal(column, value, where) if column.checks_decimals else value
-    if isinstance(value, decimal.Decimal):
-        if column.kind == "binary":
-            raise _invalid(where, column, "column %s holds binary data, send it as base64")
-        if column.kind == "float":
-            return _checked_float(column, value, where)
-        if column.checks_decimals:
-            return _checked_decimal(column, value, where)
-        if not value.is_finite() or abs(value.adjusted()) > MAX_DECIMAL_EXPONENT:
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise _invalid(where, column, "column %s holds binary data, send it as base64") from None
+    if kind == "float":
+        try:
+            number = decimal.Decimal(value.strip() if isinstance(value, str) else value)
+        except decimal.InvalidOperation:
+            raise _invalid(where, column, "column %s holds a number") from None
+        return _checked_float(column, number, where)
+    if kind in ("integer", "bit"):
+        return _checked_whole(column, value, where)
+    if column.checks_decimals:
+        return _checked_decimal(column, value, where)
+    if kind in DATE_KINDS and not column.dates_as_text:
+        return _checked_moment(column, value, where)
+    if isinstance(value, int) and not -(1 << 63) <= value < column.int_limit \
+            or isinstance(value, decimal.Decimal) and (not value.is_finite()
+                                                       or abs(value.adjusted()) > MAX_DECIMAL_EXPONENT):
+        raise _invalid(where, column, "the number for column %s is out of range")
+    return value
+
+
+def _check_text(column, value, where):
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid(where, column, "the text for column %s is not valid Unicode (a lone surrogate)") from None
+    if column.max_code_point < 0x10FFFF and max(map(ord, value)) > column.max_code_point:
+        raise _invalid(where, column, "column %s uses the utf8mb3 character set, which cannot store "
+                       "characters beyond U+FFFF (emoji and some CJK); convert the column to utf8mb4")
+
+
+_WHOLE_NUMBER_TEXT = re.compile(r"\s*[+-]?[0-9]{1,%d}\s*" % MAX_INTEGER_DIGITS)
+_UTC_OFFSET = re.compile(r"(Z|[+-][0-9]{2}:?[0-9]{2})\s*$")
+
+
+def _checked_whole(column, value, where):
+    """A whole-number column: a whole number in range, as a number or text; a fraction is refused, not rounded."""
+    if isinstance(value, str):
+        if not _WHOLE_NUMBER_TEXT.fullmatch(value):
+            raise _invalid(where, column, "column %s holds whole numbers")
+        value = int(value)
+    elif isinstance(value, decimal.Decimal):
+        if not value.is_finite() or abs(value.adjusted()) > MAX_INTEGER_DIGITS:
             raise _invalid(where, column, "the number for column %s is out of range")
-        return value
-    raise HTTPError(400, "Invalid value", "%s: column %r must be a string, number, "
-                    "boolean or null, not %s" % (where, column.name, _json_type(value)))
+        if value != value.to_integral_value():
+            raise _invalid(where, column, "column %s holds whole numbers")
+        value = int(value)
+    if not -(1 << 63) <= value < column.int_limit:
+        raise _invalid(where, column, "the number for column %s is out of range")
+    return value
+
+
+def _checked_moment(column, value, where):
+    """A MySQL date or time: text (a number would be read as YYYYMMDD or HHMMSS); an offset becomes UTC."""
+    if not isinstance(value, str):
+        raise _invalid(where, column, "column %%s holds a %s: send it as text (%s)" % (
+            column.kind, "'09:30:00'" if column.kind == "time" else "'2026-11-26 09:30:00'"))
+    if column.kind in ("datetime", "timestamp") and _UTC_OFFSET.search(value):
+        # what JavaScript's toISOString sends ("...Z"): the instant in UTC, as cloudsync's sessions read it
+        try:
+            moment = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise _invalid(where, column, "column %s holds a date and time; this is not one") from None
+        return moment.astimezone(datetime.timezone.utc).replace(tzinfo=None).isoformat()
+    return value
+
+
+def key_problem(column, value):
+    """Why a pushed key value would be stored as another value (so the key could not name its row again), or None."""
+    try:
+        if column.octets and isinstance(value, (bytes, bytearray)) and len(value) != column.octets:
+            return ("column %r is BINARY(%d): a key of %d bytes would be stored padded with zero bytes, as "
+                    "another key; send exactly %d bytes" % (column.name, column.octets, len(value), column.octets))
+        if column.kind == "decimal" and not column.checks_decimals and column.scale is not None:
+            number = decimal.Decimal(str(value).strip())
+            if number != number.quantize(decimal.Decimal(1).scaleb(-column.scale), context=_WIDE_CONTEXT):
+                return ("column %r keeps %d decimals: this key would be stored rounded, as another key"
+                        % (column.name, column.scale))
+        if column.kind in ("datetime", "timestamp", "time") and not column.dates_as_text:
+            fraction = re.search(r"[0-9]:[0-9]{2}\.([0-9]+)", str(value))
+            if fraction and fraction.group(1)[column.fsp:].strip("0"):
+                return ("column %r keeps %d digits of a second: this key would be stored cut, as another key"
+                        % (column.name, column.fsp))
+    except (ArithmeticError, ValueError):
+        return None                         # not a value of the column's type: the database refuses it
+    return None
 
 
 def _checked_float(column, number, where):
@@ -1160,7 +1236,7 @@ class SQLiteDatabase(Database):
             kind, scale = _sqlite_kind(declared, affinity)
             columns.append(Column(name, quote_sqlite(name), kind, declared or "", scale=scale,
                                   generated=hidden in (2, 3), int_limit=1 << 63, affinity=affinity,
-                                  checks_decimals=kind == "decimal"))
+                                  checks_decimals=kind == "decimal", dates_as_text=True))
             if key_position:
                 keyed.append((key_position, name))
         if not keyed:
@@ -1204,7 +1280,8 @@ class SQLiteDatabase(Database):
 
     def _key_column_sql(self, column):
         if column.kind == "binary":
-            return "hex({0})"
+            # a BLOB as hex; text or a number another program stored there, wrapped: ["abc"] is not hex
+            return "CASE typeof({0}) WHEN 'blob' THEN hex({0}) ELSE json_array({0}) END"
         return ("CASE typeof({0}) WHEN 'real' THEN (CASE WHEN abs({0}) <= 1.7976931348623157e308 THEN json(quote({0}))"
                 " ELSE quote({0}) END) WHEN 'blob' THEN hex({0}) ELSE {0} END")
 
@@ -1220,17 +1297,19 @@ class SQLiteDatabase(Database):
         return stored
 
     def _bind_logged(self, column, value, ordered=False):
-        if column.kind == "binary" and isinstance(value, str):
-            return bytes.fromhex(value)
+        if column.kind == "binary":
+            return value[0] if isinstance(value, list) else bytes.fromhex(value)
         return value
 
     @staticmethod
     def _stored_logged(column, value):
-        return bytes(value).hex().upper() if isinstance(value, (bytes, bytearray)) else value
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value).hex().upper()
+        return [value] if column.kind == "binary" else value
 
     def _present_logged(self, column, value):
-        if column.kind == "binary" and isinstance(value, str):
-            return base64.b64encode(bytes.fromhex(value)).decode("ascii")
+        if column.kind == "binary":
+            return value[0] if isinstance(value, list) else base64.b64encode(bytes.fromhex(value)).decode("ascii")
         if column.kind == "decimal":
             return _sqlite_decimal(value, column)
         return value
@@ -1537,7 +1616,11 @@ class MySQLDatabase(Database):
         "tinytext": "text", "text": "text", "mediumtext": "text", "longtext": "text", "enum": "enum",
         "json": "json",
     }
-    _KEY_OTHER_TYPES = ("uuid", "inet4", "inet6")     # MariaDB types that name a row exactly as text
+    _KEY_OTHER_TYPES = ("uuid", "inet4", "inet6")
+    _DECODERS = {"set": lambda value, column: _mysql_set(value, column),
+                 "date": lambda value, column: _text(value),
+                 "datetime": lambda value, column: _mysql_datetime_text(value),
+                 "timestamp": lambda value, column: _mysql_datetime_text(value)}     # MariaDB types that name a row exactly as text
     _GENERATED = re.compile(r"(?i)\b(VIRTUAL|STORED|PERSISTENT)\b")
 
     def introspect(self, conn, table):
@@ -1563,8 +1646,11 @@ class MySQLDatabase(Database):
                 raise SchemaError("table %r or its column %r contains '%%' or '?', which cloudsync cannot "
                                   "quote safely on MySQL" % (table, name))
             kind = self._KINDS.get(data_type, "other")
+            quoted = quote_mysql(name)
             column = Column(
-                name, quote_mysql(name), kind, column_type, scale=scale if kind == "decimal" else None,
+                name, quoted, kind, column_type, scale=scale if kind == "decimal" else None,
+                # as text: the driver would turn a zero date (0000-00-00, which MariaDB allows) into NULL
+                select="CAST(%s AS CHAR)" % quoted if kind in ("date", "datetime", "timestamp") else None,
                 fsp=int(fsp or 0), members=_mysql_members(column_type) if kind in ("enum", "set") else (),
                 generated=bool(self._GENERATED.search(extra)) and "DEFAULT_GENERATED" not in extra.upper(),
                 octets=int(octets) if data_type == "binary" and octets else None, pads=data_type == "char",
@@ -1586,8 +1672,8 @@ class MySQLDatabase(Database):
                                   "integer, decimal, text, date or binary key" % (table, column.name, column.declared))
         if json_parts is not None:
             schema.json_row = "JSON_OBJECT(%s)" % ", ".join(json_parts)
-        schema.decoders = [(position, _mysql_set, column) for position, column in enumerate(columns)
-                           if column.kind == "set"]
+        schema.decoders = [(position, self._DECODERS[column.kind], column) for position, column in enumerate(columns)
+                           if column.kind in self._DECODERS]
         schema.key_sql = self.key_sql(schema)
         schema.cascaded = bool(self.query(conn, self.sql(
             "SELECT 1 FROM information_schema.REFERENTIAL_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = DATABASE()"
@@ -1603,9 +1689,8 @@ class MySQLDatabase(Database):
     _JSON_EXPRESSIONS = {
         "decimal": "CAST({0} AS CHAR)",
         "json": "CAST({0} AS CHAR)",
-        "date": "NULLIF(DATE_FORMAT({0}, '%Y-%m-%d'), '0000-00-00')",
-        "datetime": "NULLIF(DATE_FORMAT({0}, IF(MICROSECOND({0}) = 0, '%Y-%m-%dT%H:%i:%S',"
-                    " '%Y-%m-%dT%H:%i:%S.%f')), '0000-00-00T00:00:00')",
+        "date": "DATE_FORMAT({0}, '%Y-%m-%d')",
+        "datetime": "DATE_FORMAT({0}, IF(MICROSECOND({0}) = 0, '%Y-%m-%dT%H:%i:%S', '%Y-%m-%dT%H:%i:%S.%f'))",
         "binary": "REPLACE(TO_BASE64({0}), '\\n', '')",
     }
     _JSON_EXPRESSIONS["timestamp"] = _JSON_EXPRESSIONS["datetime"]
@@ -1696,7 +1781,9 @@ class MySQLDatabase(Database):
         "decimal": "CAST({0} AS CHAR)",
         "date": "DATE_FORMAT({0}, '%Y-%m-%d')",
         "datetime": _ISO,
-        "timestamp": _ISO.replace("{0}", "TIMESTAMPADD(MICROSECOND, UNIX_TIMESTAMP({0}) * 1000000, '1970-01-01')"),
+        # (a zero TIMESTAMP has no instant: written as the zero date it shows)
+        "timestamp": "IF(UNIX_TIMESTAMP({0}) = 0, DATE_FORMAT({0}, '%Y-%m-%dT%H:%i:%S'), " + _ISO.replace(
+            "{0}", "TIMESTAMPADD(MICROSECOND, UNIX_TIMESTAMP({0}) * 1000000, '1970-01-01')") + ")",
         "time": "IF(MICROSECOND({0}) = 0, TIME_FORMAT({0}, '%H:%i:%S'), TIME_FORMAT({0}, '%H:%i:%S.%f'))",
         "binary": "HEX({0})",
         "other": "CAST({0} AS CHAR)",
@@ -1760,11 +1847,11 @@ class MySQLDatabase(Database):
     def _stored_logged(column, value):
         if isinstance(value, (bytes, bytearray)):
             return bytes(value).hex().upper()
-        if isinstance(value, (set, frozenset)):
-            return _mysql_set(value, column)
+        if column.kind in MySQLDatabase._DECODERS:
+            return MySQLDatabase._DECODERS[column.kind](value, column)
         if isinstance(value, datetime.timedelta):
             return _time_text(value)
-        return _as_json_value(value)        # decimals, dates and times as the key SQL writes them
+        return _as_json_value(value)        # decimals as the key SQL writes them
 
     def rows_as_json(self, conn, schema, limit):
         """(JSON array of the first `limit` rows in key order, row count), encoded by the server; None if it cannot.
@@ -1795,6 +1882,14 @@ def _mysql_error_column(message):
     if not found:
         return "?"
     return repr("".join(re.findall(r"`([^`]*)`|'([^']*)'", found.group(1))[-1]))
+
+
+def _mysql_datetime_text(value):
+    """MySQL's text of a DATETIME or TIMESTAMP ('2026-11-26 09:30:00.500') in pulled form: T, six digits or none."""
+    text = _text(value)
+    whole, _, fraction = text.partition(".")
+    fraction = fraction.rstrip("0")
+    return whole.replace(" ", "T", 1) + ("." + fraction.ljust(6, "0") if fraction else "")
 
 
 def _mysql_members(column_type):
@@ -2448,6 +2543,10 @@ class SyncEngine:
             raise HTTPError(400, "Missing key", "%s: data must include primary key column %s"
                             % (where, ", ".join(repr(name) for name in absent)))
         key = tuple(values.get(name) for name in schema.primary_key)
+        for column, value in zip(schema.key_columns, key):
+            problem = None if value is None else key_problem(column, value)
+            if problem is not None:
+                raise HTTPError(400, "Invalid value", "%s: %s" % (where, problem))
         if schema.has_generated:            # computed by the database: a pulled row pushed back still works
             values = {name: value for name, value in values.items() if not columns[name].generated}
         return Operation(index, schema, action, values, key, data)
@@ -3016,10 +3115,12 @@ def _same_value(column, pushed, stored):
             return bytes(pushed).ljust(column.octets or 0, b"\0") == bytes(stored)
         if isinstance(stored, float):
             return float(pushed) == stored
-        if isinstance(stored, datetime.datetime):
-            return _parse_datetime(pushed, column.fsp) == stored
-        if isinstance(stored, datetime.date):
-            return _parse_date(pushed) == stored
+        if column.kind in ("date", "datetime", "timestamp") and not column.dates_as_text:
+            if str(pushed).strip() == stored:
+                return True                 # the same text (zero dates too)
+            if column.kind == "date":
+                return _parse_date(pushed) == _parse_date(stored)
+            return _parse_datetime(pushed, column.fsp) == _parse_datetime(stored)
         if isinstance(stored, datetime.timedelta):
             return _parse_time(pushed, column.fsp) == stored
         if column.kind == "set":
@@ -4116,17 +4217,27 @@ class Request:
             return body
         if encoding not in ("gzip", "x-gzip"):
             raise HTTPError(415, "Unsupported content encoding", "Content-Encoding may be gzip or identity")
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            unpacked = inflater.decompress(body, self.max_body_bytes + 1)
-        except zlib.error:
-            raise HTTPError(400, "Invalid request", "the body is not valid gzip") from None
-        if len(unpacked) > self.max_body_bytes or inflater.unconsumed_tail:
-            raise HTTPError(413, "Payload too large", "the unpacked body is over the limit of %d bytes; split the "
-                            "batch into smaller pushes" % self.max_body_bytes)
-        if not inflater.eof:
-            raise HTTPError(400, "Invalid request", "the gzip body is truncated")
-        return unpacked
+        # A gzip body may be several members one after the other (RFC 1952); anything else after the
+        # end is refused, not ignored: the client did not send what it meant to.
+        pieces, size, rest = [], 0, body
+        while True:
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                piece = inflater.decompress(rest, self.max_body_bytes + 1 - size)
+            except zlib.error:
+                raise HTTPError(400, "Invalid request", "the body is not valid gzip") from None
+            size += len(piece)
+            pieces.append(piece)
+            if size > self.max_body_bytes or inflater.unconsumed_tail:
+                raise HTTPError(413, "Payload too large", "the unpacked body is over the limit of %d bytes; split "
+                                "the batch into smaller pushes" % self.max_body_bytes)
+            if not inflater.eof:
+                raise HTTPError(400, "Invalid request", "the gzip body is truncated")
+            rest = inflater.unused_data
+            if not rest:
+                return b"".join(pieces)
+            if not rest.startswith(b"\x1f\x8b"):
+                raise HTTPError(400, "Invalid request", "%d bytes follow the end of the gzip body" % len(rest))
 
     def json_object(self):
         """The body as a JSON object; {} when empty (as the seed's express.json gave)."""
