@@ -1099,8 +1099,12 @@ class Database:
     def key_sql(self, schema, ref=None):
         """SQL writing the key of row `ref` (NEW, OLD, or the table itself) as the change log holds it."""
         prefix = "" if ref is None else ref + "."
+        return self.key_sql_from(schema, {column.name: prefix + column.quoted for column in schema.key_columns})
+
+    def key_sql_from(self, schema, sources):
+        """The same, each key column's value read from the SQL in `sources` (column name -> expression)."""
         return "%s(%s)" % (self.json_array, ", ".join(
-            self._key_column_sql(column).format(prefix + column.quoted) for column in schema.key_columns))
+            self._key_column_sql(column).format(sources[column.name]) for column in schema.key_columns))
 
     @staticmethod
     def parse_key(text):
@@ -1675,10 +1679,6 @@ class MySQLDatabase(Database):
         schema.decoders = [(position, self._DECODERS[column.kind], column) for position, column in enumerate(columns)
                            if column.kind in self._DECODERS]
         schema.key_sql = self.key_sql(schema)
-        schema.cascaded = bool(self.query(conn, self.sql(
-            "SELECT 1 FROM information_schema.REFERENTIAL_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = DATABASE()"
-            " AND TABLE_NAME = ? AND (DELETE_RULE <> 'RESTRICT' AND DELETE_RULE <> 'NO ACTION'"
-            " OR UPDATE_RULE <> 'RESTRICT' AND UPDATE_RULE <> 'NO ACTION') LIMIT 1"), (table,)))
         return schema
 
     # How the server writes a column's value into JSON exactly as the pulled form
@@ -1930,6 +1930,8 @@ def open_database(config):
 # writers leave both NULL.
 
 CHANGE_OPS = {"I": "insert", "U": "update", "D": "delete"}
+CASCADE_DEPTH = 4                   # foreign-key cascade chains are followed this many tables deep
+CASCADING_RULES = ("CASCADE", "SET NULL", "SET DEFAULT")
 KEY_FORMAT = "2"                    # how row keys are written in the log (see Database.key_sql); 1: before 2026-12
 SEQUENCE_BATCH_ROWS = 2000          # pending rows numbered per statement (and per transaction in the background)
 SEQUENCE_INTERVAL_SECONDS = 1       # how often the server numbers pending changes nobody pulled yet
@@ -1985,6 +1987,21 @@ def _sql_literal(text, backend):
     if backend == "mysql":
         text = text.replace("\\", "\\\\")
     return "'" + text.replace("'", "''") + "'"
+
+
+class _ForeignKey:
+    """A foreign key that makes InnoDB write child rows: child and parent tables, columns, ON DELETE/UPDATE rules."""
+
+    __slots__ = ("child", "parent", "on_delete", "on_update", "child_columns", "parent_columns")
+
+    def __init__(self, child, parent, on_delete, on_update):
+        self.child, self.parent, self.on_delete, self.on_update = child, parent, on_delete, on_update
+        self.child_columns, self.parent_columns = [], []
+
+
+def _cascade_trigger_name(table, event):
+    """A parent table's cascade trigger: named by a hash, so no table's own trigger name can clash with it."""
+    return "cloudsync_cascade_%s_%s" % (hashlib.sha1(table.encode("utf-8")).hexdigest()[:16], event)
 
 
 def _trigger_name(table, event):
@@ -2069,6 +2086,8 @@ class ChangeLog:
         for schema in schemas.values():
             say("%s triggers on %s" % ("installing" if self.capture == "triggers" else "removing", schema.name))
             self._install_triggers(conn, schema)
+        if self.backend == "mysql":
+            self._install_cascade_triggers(conn, schemas, say)
         self._upgrade_key_format(conn, schemas, say)
         self.load_identity(conn)
 
@@ -2131,6 +2150,141 @@ class ChangeLog:
                     "privilege (with binary logging also set log_bin_trust_function_creators=1), or set "
                     "CHANGE_CAPTURE=api to record only writes made through cloudsync" % (schema.name, errno)) from None
             raise
+
+    # -- foreign-key cascades (MySQL) ----------------------------------------------
+    # InnoDB changes the rows a foreign-key cascade reaches without firing their
+    # triggers. So a BEFORE DELETE and a BEFORE UPDATE trigger on the parent
+    # table (allowed or not) logs them, while they still hold the parent's old
+    # values: ON DELETE CASCADE chains through tables of any kind, CASCADE_DEPTH
+    # deep, as deletes; ON DELETE SET NULL as updates; ON UPDATE CASCADE or SET
+    # NULL one level deep, a child key that changes with its parent as a delete
+    # of the old key and an update of the new. What they cannot follow (a table
+    # cascading into itself past the first level, deeper chains) is marked on the
+    # table (TableSchema.cascaded), whose seed pulls are then never cached.
+
+    def foreign_keys(self, conn):
+        """The foreign keys whose ON DELETE or ON UPDATE makes InnoDB write child rows, as _ForeignKey."""
+        rows = self.db.query(conn, (
+            "SELECT k.CONSTRAINT_NAME, k.TABLE_NAME, k.REFERENCED_TABLE_NAME, k.COLUMN_NAME, k.REFERENCED_COLUMN_NAME,"
+            " r.DELETE_RULE, r.UPDATE_RULE FROM information_schema.KEY_COLUMN_USAGE k"
+            " JOIN information_schema.REFERENTIAL_CONSTRAINTS r ON r.CONSTRAINT_SCHEMA = k.CONSTRAINT_SCHEMA"
+            " AND r.CONSTRAINT_NAME = k.CONSTRAINT_NAME AND r.TABLE_NAME = k.TABLE_NAME"
+            " WHERE k.TABLE_SCHEMA = DATABASE() AND k.REFERENCED_TABLE_NAME IS NOT NULL"
+            " ORDER BY k.TABLE_NAME, k.CONSTRAINT_NAME, k.ORDINAL_POSITION"))
+        found = collections.OrderedDict()
+        for name, child, parent, column, referenced, on_delete, on_update in rows:
+            key = (_text(child), _text(name))
+            if key not in found:
+                found[key] = _ForeignKey(_text(child), _text(parent), _text(on_delete), _text(on_update))
+            found[key].child_columns.append(_text(column))
+            found[key].parent_columns.append(_text(referenced))
+        return [fk for fk in found.values() if (fk.on_delete in CASCADING_RULES or fk.on_update in CASCADING_RULES)
+                and not any(c in "%?" for c in fk.child + fk.parent + "".join(fk.child_columns + fk.parent_columns))]
+
+    def cascade_plan(self, foreign_keys, schemas):
+        """({parent: {"del": [SQL], "upd": [SQL]}} logging what cascades write, tables whose cascades it cannot follow)."""
+        plan = collections.defaultdict(lambda: {"del": [], "upd": []})
+        cut = set()                         # tables where following stopped
+
+        def walk(root, steps):
+            parent = steps[-1].child if steps else root
+            for fk in foreign_keys:
+                if fk.parent != parent or fk.on_delete not in CASCADING_RULES:
+                    continue
+                visited = [step.child for step in steps]
+                if fk.child in visited or steps and fk.child == root or len(steps) >= CASCADE_DEPTH:
+                    cut.add(fk.child)       # a table cascading into itself, or a chain too deep
+                    continue
+                path = steps + [fk]
+                if fk.child in schemas:
+                    plan[root]["del"].append(self._cascade_rows_sql(
+                        schemas[fk.child], path, "D" if fk.on_delete == "CASCADE" else "U"))
+                if fk.on_delete == "CASCADE":
+                    walk(root, path)
+        for parent in dict.fromkeys(fk.parent for fk in foreign_keys):
+            walk(parent, [])
+        for fk in foreign_keys:
+            if fk.on_update in CASCADING_RULES:
+                if fk.child in schemas:
+                    plan[fk.parent]["upd"].append(self._cascade_update_sql(schemas[fk.child], fk))
+                cut.update(deeper.child for deeper in foreign_keys if deeper.parent == fk.child
+                           and deeper.on_update in CASCADING_RULES
+                           and set(deeper.parent_columns) & set(fk.child_columns))
+        uncaptured, queue = set(), list(cut)
+        while queue:                        # and every table a cascade reaches from there
+            table = queue.pop()
+            if table not in uncaptured:
+                uncaptured.add(table)
+                queue.extend(fk.child for fk in foreign_keys if fk.parent == table)
+        return plan, uncaptured
+
+    def _cascade_rows_sql(self, schema, path, op):
+        """Log the rows of `schema` that a delete of OLD reaches through the foreign keys of `path`."""
+        quote = self.db.quote
+        last = len(path)
+        source = "%s AS t%d" % (quote(path[-1].child), last)
+        for position in range(last - 1, 0, -1):     # t<n> is the child of the n-th foreign key of the path
+            step = path[position]
+            source += " JOIN %s AS t%d ON %s" % (quote(path[position - 1].child), position, " AND ".join(
+                "t%d.%s = t%d.%s" % (position + 1, quote(child), position, quote(parent))
+                for child, parent in zip(step.child_columns, step.parent_columns)))
+        where = " AND ".join("t1.%s = OLD.%s" % (quote(child), quote(parent))
+                             for child, parent in zip(path[0].child_columns, path[0].parent_columns))
+        return self._log_rows_sql(schema, self.db.key_sql(schema, "t%d" % last), op, source, where)
+
+    def _cascade_update_sql(self, schema, fk):
+        """Log the rows of `schema` an update of OLD's referenced columns changes (and moves, if they are its key)."""
+        quote = self.db.quote
+        changed = " OR ".join("NOT (%s <=> %s)" % (self.db.bytewise("OLD." + quote(column)),
+                                                   self.db.bytewise("NEW." + quote(column)))
+                              for column in fk.parent_columns)
+        source = "%s AS c" % quote(fk.child)
+        where = " AND ".join("c.%s = OLD.%s" % (quote(child), quote(parent))
+                             for child, parent in zip(fk.child_columns, fk.parent_columns))
+        if fk.on_update == "CASCADE" and set(fk.child_columns) & set(schema.primary_key):
+            moved = dict(zip(fk.child_columns, fk.parent_columns))
+            new_key = self.db.key_sql_from(schema, {column.name: "NEW." + quote(moved[column.name])
+                                                    if column.name in moved else "c." + column.quoted
+                                                    for column in schema.key_columns})
+            statements = [self._log_rows_sql(schema, self.db.key_sql(schema, "c"), "D", source, where),
+                          self._log_rows_sql(schema, new_key, "U", source, where)]
+        else:
+            statements = [self._log_rows_sql(schema, self.db.key_sql(schema, "c"), "U", source, where)]
+        return "IF %s THEN %s; END IF" % (changed, "; ".join(statements))
+
+    def _log_rows_sql(self, schema, key, op, source, where):
+        return ("INSERT INTO cloudsync_pending (table_name, row_key, op, device_id, batch_id, changed_at)"
+                " SELECT %s, %s, '%s', @cloudsync_device, @cloudsync_batch, %s FROM %s WHERE %s"
+                % (_sql_literal(schema.name, "mysql"), key, op, NOW_SQL["mysql"], source, where))
+
+    def _install_cascade_triggers(self, conn, schemas, say):
+        """Install (or, with CHANGE_CAPTURE=api or no cascades left, remove) the parents' cascade triggers."""
+        existing = {_text(name) for (name,) in self.db.query(
+            conn, "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()"
+                  " AND TRIGGER_NAME LIKE 'cloudsync\\_cascade\\_%'")}
+        wanted = {}
+        if self.capture == "triggers":
+            plan, _ = self.cascade_plan(self.foreign_keys(conn), schemas)
+            for parent, events in plan.items():
+                for event, timing in (("del", "DELETE"), ("upd", "UPDATE")):
+                    if events[event]:
+                        name = _cascade_trigger_name(parent, event)
+                        wanted[name] = "CREATE OR REPLACE TRIGGER %s BEFORE %s ON %s FOR EACH ROW BEGIN %s; END" % (
+                            self.db.quote(name), timing, self.db.quote(parent), "; ".join(events[event]))
+                if events["del"] or events["upd"]:
+                    say("installing cascade triggers on %s (its foreign-key cascades reach allowed tables)" % parent)
+        for name in sorted(existing - set(wanted)):
+            self.db.execute(conn, "DROP TRIGGER IF EXISTS %s" % self.db.quote(name))
+        for statement in wanted.values():
+            self.db.execute(conn, statement)
+
+    def mark_uncaptured(self, conn, schemas):
+        """Mark the tables a foreign-key cascade writes where the cascade triggers cannot follow."""
+        if self.backend != "mysql":
+            return                          # SQLite fires triggers for cascades
+        _, uncaptured = self.cascade_plan(self.foreign_keys(conn), schemas)
+        for schema in schemas.values():
+            schema.cascaded = schema.name in uncaptured
 
     def load_identity(self, conn):
         """Read this database's instance id and checkpoint-signing secret."""
@@ -2458,6 +2612,7 @@ class SyncEngine:
         with self.db.connection() as conn:
             self.db.prepare(conn)
             schemas = {table: self.db.introspect(conn, table) for table in self.allowed_tables}
+            self.changelog.mark_uncaptured(conn, schemas)
             if self.changelog.instance is None:
                 self.changelog.load_identity(conn)
         self._set_schemas(schemas)
@@ -2481,6 +2636,7 @@ class SyncEngine:
             self.db.prepare(conn)
             schemas = {table: self.db.introspect(conn, table) for table in self.allowed_tables}
             self.changelog.install(conn, schemas, progress)
+            self.changelog.mark_uncaptured(conn, schemas)
         self._set_schemas(schemas)
         return schemas
 

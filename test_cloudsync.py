@@ -1432,6 +1432,91 @@ def test_gzip_bodies_are_read_whole_or_refused(app, backend, tail, status):
     assert len(backend.rows("sales")) == (1 if status == 200 else 0)
 
 
+CASCADE_TABLES = {
+    "mysql": [
+        "CREATE TABLE c_shops (id INT PRIMARY KEY, name VARCHAR(20)) ENGINE=InnoDB",
+        "CREATE TABLE c_notes (id INT PRIMARY KEY, shop_id INT NOT NULL, note VARCHAR(20), FOREIGN KEY (shop_id)"
+        " REFERENCES c_shops (id) ON DELETE CASCADE ON UPDATE CASCADE) ENGINE=InnoDB",
+        # an intermediate table no device syncs, and lines keyed by their order
+        "CREATE TABLE c_orders (id INT PRIMARY KEY, shop_id INT NOT NULL, FOREIGN KEY (shop_id) REFERENCES c_shops"
+        " (id) ON DELETE CASCADE ON UPDATE CASCADE) ENGINE=InnoDB",
+        "CREATE TABLE c_lines (order_id INT NOT NULL, n INT NOT NULL, qty INT, PRIMARY KEY (order_id, n),"
+        " FOREIGN KEY (order_id) REFERENCES c_orders (id) ON DELETE CASCADE ON UPDATE CASCADE) ENGINE=InnoDB",
+        "CREATE TABLE c_tags (id INT PRIMARY KEY, shop_id INT NULL, FOREIGN KEY (shop_id) REFERENCES c_shops (id)"
+        " ON DELETE SET NULL ON UPDATE CASCADE) ENGINE=InnoDB",
+        "CREATE TABLE c_staff (id INT PRIMARY KEY, boss INT NULL, FOREIGN KEY (boss) REFERENCES c_staff (id)"
+        " ON DELETE CASCADE) ENGINE=InnoDB",
+    ],
+    "sqlite": [
+        "CREATE TABLE c_shops (id INT PRIMARY KEY, name TEXT)",
+        "CREATE TABLE c_notes (id INT PRIMARY KEY, shop_id INT NOT NULL REFERENCES c_shops (id) ON DELETE CASCADE"
+        " ON UPDATE CASCADE, note TEXT)",
+        "CREATE TABLE c_orders (id INT PRIMARY KEY, shop_id INT NOT NULL REFERENCES c_shops (id) ON DELETE CASCADE"
+        " ON UPDATE CASCADE)",
+        "CREATE TABLE c_lines (order_id INT NOT NULL REFERENCES c_orders (id) ON DELETE CASCADE ON UPDATE CASCADE,"
+        " n INT NOT NULL, qty INT, PRIMARY KEY (order_id, n))",
+        "CREATE TABLE c_tags (id INT PRIMARY KEY, shop_id INT NULL REFERENCES c_shops (id) ON DELETE SET NULL"
+        " ON UPDATE CASCADE)",
+        "CREATE TABLE c_staff (id INT PRIMARY KEY, boss INT NULL REFERENCES c_staff (id) ON DELETE CASCADE)",
+    ],
+}
+CASCADE_SYNCED = ["c_shops", "c_notes", "c_lines", "c_tags", "c_staff"]
+
+
+@pytest.fixture
+def cascades(backend):
+    for statement in CASCADE_TABLES[backend.kind]:
+        backend.sql(statement)
+    if backend.kind == "sqlite":
+        backend.sql("PRAGMA foreign_keys = ON")         # the outside program's connection cascades too
+    application = cloudsync.App(backend.config(ALLOWED_TABLES=",".join(CASCADE_SYNCED)))
+    application.start()
+    yield application
+    application.db.close()
+
+
+def _fill_shops(backend):
+    for statement in ["INSERT INTO c_shops VALUES (1, 'north'), (2, 'south')",
+                      "INSERT INTO c_notes VALUES (10, 1, 'a'), (11, 1, 'b'), (12, 2, 'c')",
+                      "INSERT INTO c_orders VALUES (100, 1), (101, 2)",
+                      "INSERT INTO c_lines VALUES (100, 1, 5), (100, 2, 6), (101, 1, 7)",
+                      "INSERT INTO c_tags VALUES (20, 1), (21, 2)",
+                      "INSERT INTO c_staff VALUES (1, NULL), (2, 1), (3, 2)"]:
+        backend.sql(statement)
+
+
+@pytest.mark.parametrize("change", [
+    "DELETE FROM c_shops WHERE id = 1",             # notes, orders and their lines go; tags lose their shop
+    "UPDATE c_orders SET id = 200 WHERE id = 100",  # lines keyed by the order move with it
+    "UPDATE c_shops SET id = 9 WHERE id = 2",       # tags follow, lines' orders follow (their keys stay)
+    "DELETE FROM c_staff WHERE id = 2",             # one level of a table cascading into itself
+])
+def test_rows_a_foreign_key_cascade_changes_reach_every_device(cascades, backend, change):
+    _fill_shops(backend)
+    device = Device(cascades, CASCADE_SYNCED, limit=3).sync()
+    backend.sql(change)
+    device.sync()
+    for table in CASCADE_SYNCED:
+        assert device.rows[table] == server_rows(cascades, table), (table, change)
+
+
+def test_cascade_triggers_follow_the_foreign_keys(cascades, backend):
+    if backend.kind != "mysql":
+        pytest.skip("SQLite fires triggers for cascades itself")
+    names = {name for (name,) in backend.sql("SELECT TRIGGER_NAME FROM information_schema.TRIGGERS"
+                                              " WHERE TRIGGER_SCHEMA = DATABASE() AND TRIGGER_NAME LIKE"
+                                              " 'cloudsync\\\\_cascade\\\\_%'")}
+    assert names == {cloudsync._cascade_trigger_name(table, event) for table, event in [
+        ("c_shops", "del"), ("c_shops", "upd"), ("c_orders", "del"), ("c_orders", "upd"), ("c_staff", "del")]}
+    # a table cascading into itself is followed one level: its seed pulls are never cached
+    assert [schema.name for schema in cascades.engine.schemas.values() if schema.cascaded] == ["c_staff"]
+    application = cloudsync.App(backend.config(ALLOWED_TABLES=",".join(CASCADE_SYNCED), CHANGE_CAPTURE="api"))
+    application.start()
+    assert not backend.sql("SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA ="
+                           " DATABASE() AND TRIGGER_NAME LIKE 'cloudsync\\\\_cascade\\\\_%'")
+    application.db.close()
+
+
 def test_client_strings_cannot_forge_a_log_line(backend, caplog):
     token = "t" * 40
     application = cloudsync.App(backend.config(TOKENS="till:" + token))
