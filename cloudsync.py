@@ -2346,20 +2346,20 @@ class ChangeLog:
         compacted away) and, on MySQL, the count and the newest id of their
         changes not numbered yet: a commit adds a pending row (its id may be
         lower than one committed before it, the count still grows), and
-        numbering one raises the first part. Last, each table's first key (an
-        index probe): a TRUNCATE fires no trigger, but it empties the table.
+        numbering one raises the first part. Last, whether each table holds a
+        row: a TRUNCATE fires no trigger, but it empties the table (and every
+        row inserted after it is logged).
         """
         tables = [schema.name for schema in schemas]
         marks = ", ".join("?" for _ in tables)
-        first_keys = "".join(", (SELECT %s FROM %s ORDER BY %s LIMIT 1)" % (
-            schema.key_sql, schema.quoted, schema.key_order) for schema in schemas)
+        first_keys = "".join(", (SELECT 1 FROM %s LIMIT 1)" % schema.quoted for schema in schemas)
         if self.backend == "mysql":
             row = self.db.query(conn, self.db.sql(
                 "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
                 " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'),"
                 " COUNT(*), MAX(id)%s FROM cloudsync_pending WHERE table_name IN (%s)" % (marks, first_keys, marks)),
                 list(tables) * 2)[0]
-            return (max(row[0] or 0, int(row[1])), row[2], row[3] or 0) + tuple(map(_text, row[4:]))
+            return (max(row[0] or 0, int(row[1])), row[2], row[3] or 0) + tuple(row[4:])
         row = self.db.query(conn, "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
                                   " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto')%s"
                                   % (marks, first_keys), list(tables))[0]
@@ -4188,14 +4188,9 @@ OPENAPI = {
                 },
             },
             "Rejection": {
-                "type": "object",
-                "required": ["op", "table", "key", "message"],
-                "properties": {
-                    "op": {"type": "integer", "minimum": 0},
-                    "table": {"type": "string"},
-                    "key": {"$ref": "#/components/schemas/Key"},
-                    "message": {"type": "string", "description": "The rule's own message."},
-                },
+                "allOf": [{"$ref": "#/components/schemas/OpRef"}],
+                "required": ["message"],
+                "properties": {"message": {"type": "string", "description": "The rule's own message."}},
             },
             "Conflict": {
                 "type": "object",

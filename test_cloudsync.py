@@ -118,35 +118,41 @@ class Backend:
         self._cleanup()
 
 
+def _fresh_database(kind, statements, directory, request):
+    """A new database (a SQLite file in `directory`, or a MySQL database) holding `statements`, as a Backend."""
+    if kind == "sqlite":
+        path = os.path.join(str(directory), "test.db")
+        conn = sqlite3.connect(path)
+        for statement in statements:
+            conn.execute(statement)
+        conn.commit()
+        conn.close()
+        return Backend("sqlite", {"DB_HOST": "", "DB_PATH": path},
+                       lambda: sqlite3.connect(path, isolation_level=None), lambda: None)
+    request.getfixturevalue("mysql_server")
+    name = "cloudsync_test_%s" % uuid.uuid4().hex[:12]
+    admin = _mysql_connect()
+    cursor = admin.cursor()
+    cursor.execute("CREATE DATABASE %s CHARACTER SET utf8mb4" % name)
+    cursor.execute("USE %s" % name)
+    for statement in statements:
+        cursor.execute(statement)
+    cursor.close()
+
+    def drop():
+        admin.cursor().execute("DROP DATABASE IF EXISTS %s" % name)
+        admin.close()
+    return Backend("mysql", {"DB_HOST": MYSQL["host"], "DB_PORT": str(MYSQL["port"]), "DB_USER": MYSQL["user"],
+                             "DB_PASS": MYSQL["password"], "DB_NAME": name}, lambda: _mysql_connect(name), drop)
+
+
 @pytest.fixture(params=["sqlite", "mysql"])
 def backend(request, tmp_path):
     """A fresh database on each backend with the example tables and the extra test tables."""
-    if request.param == "sqlite":
-        path = str(tmp_path / "test.db")
-        conn = sqlite3.connect(path)
-        conn.executescript(open(os.path.join(HERE, "schema-sqlite.sql")).read() + EXTRA_SQLITE)
-        conn.close()
-        made = Backend("sqlite", {"DB_HOST": "", "DB_PATH": path},
-                       lambda: sqlite3.connect(path, isolation_level=None), lambda: None)
-    else:
-        request.getfixturevalue("mysql_server")
-        name = "cloudsync_test_%s" % uuid.uuid4().hex[:12]
-        admin = _mysql_connect()
-        cursor = admin.cursor()
-        cursor.execute("CREATE DATABASE %s CHARACTER SET utf8mb4" % name)
-        cursor.execute("USE %s" % name)
-        script = open(os.path.join(HERE, "schema-mysql.sql")).read() + EXTRA_MYSQL
-        for statement in script.split(";"):
-            if "CREATE" in statement:
-                cursor.execute(statement)
-        cursor.close()
-
-        def drop():
-            admin.cursor().execute("DROP DATABASE IF EXISTS %s" % name)
-            admin.close()
-        made = Backend("mysql", {"DB_HOST": MYSQL["host"], "DB_PORT": str(MYSQL["port"]),
-                                 "DB_USER": MYSQL["user"], "DB_PASS": MYSQL["password"], "DB_NAME": name},
-                       lambda: _mysql_connect(name), drop)
+    script = open(os.path.join(HERE, "schema-%s.sql" % request.param)).read() + (
+        EXTRA_SQLITE if request.param == "sqlite" else EXTRA_MYSQL)
+    made = _fresh_database(request.param, [statement for statement in script.split(";") if "CREATE" in statement],
+                           tmp_path, request)
     yield made
     made.close()
 
@@ -906,36 +912,9 @@ def _make_matrix(kind, request, tmp_path_factory):
              " s INT AS (v + 1) STORED, d VARCHAR(10) DEFAULT 'dflt') ENGINE=InnoDB" if kind == "mysql" else
              "CREATE TABLE m_generated (id INT PRIMARY KEY, v INT, g INT GENERATED ALWAYS AS (v * 2) VIRTUAL,"
              " s INT GENERATED ALWAYS AS (v + 1) STORED, d TEXT DEFAULT 'dflt')"]
-    if kind == "sqlite":
-        path = str(tmp_path_factory.mktemp("matrix") / "matrix.db")
-        conn = sqlite3.connect(path)
-        for table, role, _, column_type, _ in tables:
-            conn.execute(_matrix_ddl(kind, table, role, column_type))
-        for statement in extra:
-            conn.execute(statement)
-        conn.commit()
-        conn.close()
-        made = Backend("sqlite", {"DB_HOST": "", "DB_PATH": path},
-                       lambda: sqlite3.connect(path, isolation_level=None), lambda: None)
-    else:
-        request.getfixturevalue("mysql_server")
-        name = "cloudsync_matrix_%s" % uuid.uuid4().hex[:12]
-        admin = _mysql_connect()
-        cursor = admin.cursor()
-        cursor.execute("CREATE DATABASE %s CHARACTER SET utf8mb4" % name)
-        cursor.execute("USE %s" % name)
-        for table, role, _, column_type, _ in tables:
-            cursor.execute(_matrix_ddl(kind, table, role, column_type))
-        for statement in extra:
-            cursor.execute(statement)
-        cursor.close()
-
-        def drop():
-            admin.cursor().execute("DROP DATABASE IF EXISTS %s" % name)
-            admin.close()
-        made = Backend("mysql", {"DB_HOST": MYSQL["host"], "DB_PORT": str(MYSQL["port"]),
-                                 "DB_USER": MYSQL["user"], "DB_PASS": MYSQL["password"], "DB_NAME": name},
-                       lambda: _mysql_connect(name), drop)
+    made = _fresh_database(kind, [_matrix_ddl(kind, table, role, column_type)
+                                  for table, role, _, column_type, _ in tables] + extra,
+                           tmp_path_factory.mktemp("matrix"), request)
     names = [table for table, _, _, _, _ in tables] + ["m_generated"]
     application = cloudsync.App(made.config(ALLOWED_TABLES=",".join(names)))
     application.start()
