@@ -44,6 +44,7 @@ import secrets
 import signal
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -220,21 +221,22 @@ def parse_dotenv(text, environ=None):
 
 
 def _as_port(text):
-    port = int(text)
-    if not 0 < port < 65536:
+    if not re.fullmatch(r"\s*[0-9]{1,5}\s*", text) or not 0 < int(text) < 65536:
         raise ValueError("expected a port number from 1 to 65535")
-    return port
+    return int(text)
 
 
 def _as_positive_int(text):
-    number = int(text)
-    if number < 1:
+    if not re.fullmatch(r"\s*[0-9]{1,18}\s*", text) or int(text) < 1:
         raise ValueError("expected a whole number of at least 1")
-    return number
+    return int(text)
 
 
 def _as_positive_float(text):
-    number = float(text)
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
     if not 0 < number < 86400:
         raise ValueError("expected a number of seconds greater than 0 and below 86400")
     return number
@@ -322,12 +324,13 @@ SETTINGS = (
     ("THREADS", _as_positive_int, "8", "request worker threads"),
     ("DB_POOL_SIZE", _as_positive_int, "8", "most database connections held open at once"),
     ("DB_CONNECT_TIMEOUT_SECONDS", _as_positive_float, "5", "give up connecting to the database after this long"),
-    ("DB_WAIT_SECONDS", _as_positive_float, "10", "longest wait for a free database connection or a lock"),
+    ("DB_WAIT_SECONDS", _as_positive_float, "10", "longest wait for a free database connection, a row or table lock, or the SQLite write lock"),
     ("LOG_LEVEL", _as_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     ("AUTH", _as_auth_mode, "auto",
      "auto: tokens are required when any are configured; off: no authentication (never on a public address)"),
     ("TOKENS", _as_token_list, "", "device tokens as device_id:token or device_id:sha256:HEX, comma-separated"),
-    ("TOKENS_FILE", str, "cloudsync.tokens", "file of device tokens, one 'device_id sha256:HEX [tables=a,b]' a line"),
+    ("TOKENS_FILE", str, "cloudsync.tokens",
+     "file of device tokens, one 'device_id sha256:HEX [tables=a,b] [created=TIME]' a line; re-read when it changes"),
     ("READ_ONLY_TABLES", _as_table_list, "", "tables devices may pull but never push"),
     ("MAX_OPERATIONS", _as_positive_int, "10000", "most operations in one push"),
     ("MAX_PULL_ROWS", _as_positive_int, "5000", "most rows plus keys in one pull; a larger limit is capped"),
@@ -341,9 +344,11 @@ SETTINGS = (
     ("CHANGELOG_RETENTION_DAYS", _as_positive_int, "30", "change log and batch ids are kept this many days"),
     ("COMPACT_INTERVAL_SECONDS", _as_positive_int, "3600", "how often the server compacts the change log"),
     ("LOG_FORMAT", _as_log_format, "text", "text, or json for one JSON object a line"),
-    ("ADMIN_TOKEN", _as_secret_token, "", "token (or sha256:HEX) for GET /sync/devices and /metrics; empty: none"),
+    ("ADMIN_TOKEN", _as_secret_token, "",
+     "token (or sha256:HEX) for GET /sync/devices, /metrics and /sync/status; empty: none"),
     ("METRICS_TOKEN", _as_secret_token, "",
-     "token (or sha256:HEX) for GET /metrics only; empty: /metrics is protected like the sync endpoints"),
+     "token (or sha256:HEX) for GET /metrics and /sync/status (monitoring); empty: /metrics is protected like "
+     "the sync endpoints"),
     ("CORS_ORIGINS", _as_origin_list, "", "browser origins allowed to call the API (PWA field apps), comma-separated, or *"),
     ("SHUTDOWN_GRACE_SECONDS", _as_positive_int, "30", "on SIGTERM, requests in progress get this long to finish"),
 )
@@ -378,10 +383,16 @@ class Config:
         return " ".join(parts)
 
 
-def load_config(env_file=".env", environ=None, overrides=None):
-    """Build a Config from defaults, the .env file and the environment (which wins)."""
+def load_config(env_file=".env", environ=None, overrides=None, required=False):
+    """Build a Config from defaults, the .env file and the environment (which wins).
+
+    `required`: the file was named on purpose (--env-file), so its absence is an error.
+    """
     environ = os.environ if environ is None else environ
     file_values = {}
+    if env_file and required and not os.path.exists(env_file):
+        raise ConfigError("the settings file %s does not exist (--env-file); give an existing file, or leave "
+                          "--env-file out to read .env in the working directory if there is one." % env_file)
     if env_file and os.path.exists(env_file):
         try:
             with open(env_file, encoding="utf-8", newline="") as handle:
@@ -433,11 +444,11 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 class DeviceToken:
-    """One device's credential: device id, the SHA-256 of its token, optional table list."""
+    """One device's credential: device id, the SHA-256 of its token, optional table list, when it was made."""
 
-    __slots__ = ("device_id", "digest", "tables")
+    __slots__ = ("device_id", "digest", "tables", "created")
 
-    def __init__(self, device_id, secret, tables=None):
+    def __init__(self, device_id, secret, tables=None, created=None):
         self.device_id = device_id
         if secret[:7].lower() == "sha256:":
             # a mistyped hash must not quietly become a plaintext token that nobody holds
@@ -448,6 +459,7 @@ class DeviceToken:
         else:
             self.digest = hashlib.sha256(secret.encode("utf-8")).digest()
         self.tables = None if tables is None else tuple(tables)      # None: every allowed table
+        self.created = created              # "2026-12-01T09:30:00Z" for tokens `token add` made
 
     def __str__(self):
         return "%s:***" % self.device_id
@@ -462,80 +474,182 @@ def hash_token(token):
     return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+TOKEN_LINE = "device_id sha256:HEX [tables=a,b] [created=TIME]"
+
+
 def read_tokens_file(path):
     """DeviceTokens from a tokens file; a bad line is a ConfigError naming it."""
-    tokens = []
+    return [token for _, token in _tokens_file(path) if token is not None]
+
+
+def _tokens_file(path):
+    """(line, DeviceToken or None) for every line of a tokens file: comments and blank lines have no token."""
     if not path or not os.path.exists(path):
-        return tokens
+        return []
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError("cannot read tokens file %s: %s." % (path, error)) from None
+    parsed = []
     for number, line in enumerate(lines, 1):
         fields = line.split("#", 1)[0].split()
         if not fields:
+            parsed.append((line, None))
             continue
+        if len(fields) < 2:
+            raise ConfigError("%s line %d: expected '%s'." % (path, number, TOKEN_LINE))
+        options = {}
+        for field in fields[2:]:
+            name, equals, value = field.partition("=")
+            if not equals or name not in ("tables", "created") or name in options:
+                raise ConfigError("%s line %d: %r is not one of tables=a,b or created=TIME ('%s')."
+                                  % (path, number, field, TOKEN_LINE))
+            options[name] = value
         tables = None
-        if len(fields) == 3 and fields[2].startswith("tables="):
-            tables = [name for name in fields[2][7:].split(",") if name]
+        if "tables" in options:
+            tables = [name for name in options["tables"].split(",") if name]
             if not tables:
                 raise ConfigError("%s line %d: tables= names no table; list the tables the device may sync, or "
                                   "leave tables= out to allow every table." % (path, number))
-        elif len(fields) != 2:
-            raise ConfigError("%s line %d: expected 'device_id sha256:HEX [tables=a,b]'." % (path, number))
         try:
-            tokens.append(DeviceToken(fields[0], fields[1], tables))
+            parsed.append((line, DeviceToken(fields[0], fields[1], tables, options.get("created"))))
         except ValueError as error:
             raise ConfigError("%s line %d: %s." % (path, number, error)) from None
-    return tokens
+    return parsed
 
 
-def add_token(path, device_id, tables=None):
-    """Generate a token for device_id, store only its hash in `path`, return the token."""
+def _token_line(device_id, tables):
+    """A new token for device_id, and its tokens-file line (only the hash is kept)."""
     if not re.fullmatch(r"[^\s#]{1,%d}" % MAX_ID_CHARS, device_id):
         raise ConfigError("a device id is 1 to %d characters without spaces or '#'." % MAX_ID_CHARS)
     token = secrets.token_urlsafe(TOKEN_BYTES)
-    line = "%s %s%s\n" % (device_id, hash_token(token), " tables=" + ",".join(tables) if tables else "")
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(descriptor, "a", encoding="utf-8") as handle:
-        handle.write(line)
+    created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return token, "%s %s%s created=%s" % (device_id, hash_token(token),
+                                          " tables=" + ",".join(tables) if tables else "", created)
+
+
+def _rewrite_tokens_file(path, lines):
+    """Replace the tokens file at once (a running server never reads half of it), readable by its owner only."""
+    folder = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(prefix=".cloudsync-tokens-", dir=folder)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def add_token(path, device_id, tables=None):
+    """Generate a token for a device that has none, store only its hash in `path`, return the token."""
+    entries = _tokens_file(path)
+    if any(token is not None and token.device_id == device_id for _, token in entries):
+        raise ConfigError("device %s already has a token; `token rotate %s` replaces it (the old one stops "
+                          "working), `token remove %s` takes it away." % (device_id, device_id, device_id))
+    token, line = _token_line(device_id, tables)
+    _rewrite_tokens_file(path, [text for text, _ in entries] + [line])
     return token
 
 
+def rotate_token(path, device_id, tables=None):
+    """Replace a device's token by a new one (its tables kept unless given); return the new token."""
+    entries = _tokens_file(path)
+    found = [token for _, token in entries if token is not None and token.device_id == device_id]
+    if not found:
+        raise ConfigError("device %s has no token in %s; `token add %s` makes one." % (device_id, path, device_id))
+    token, line = _token_line(device_id, tables if tables is not None else found[0].tables)
+    lines = [text for text, entry in entries if entry is None or entry.device_id != device_id]
+    _rewrite_tokens_file(path, lines + [line])
+    return token
+
+
+def remove_token(path, device_id):
+    """Take a device's token away (a lost scanner): the next request with it gets 401."""
+    entries = _tokens_file(path)
+    if not any(token is not None and token.device_id == device_id for _, token in entries):
+        raise ConfigError("device %s has no token in %s." % (device_id, path))
+    _rewrite_tokens_file(path, [text for text, token in entries if token is None or token.device_id != device_id])
+
+
 class Authenticator:
-    """Who may call /sync*: a device with a valid token, or anyone when no token is configured."""
+    """Who may call /sync*: a device with a valid token, or anyone when no token is configured.
+
+    The tokens file is read again when it changes (the server looks every
+    second, and at once on SIGHUP), so `token add`, `rotate` and `remove`
+    take effect on a running server. A file that no longer reads keeps the
+    tokens in force, and says why in the log.
+    """
 
     def __init__(self, config):
-        self.tokens = list(config.tokens) + read_tokens_file(config.tokens_file)
-        allowed = set(config.allowed_tables)
-        for token in self.tokens:
-            unknown = sorted(set(token.tables or ()) - allowed)
-            if unknown:
-                raise ConfigError("the token of device %r names %s, not in ALLOWED_TABLES."
-                                  % (token.device_id, ", ".join(unknown)))
-        if config.auth == "off" and self.tokens:
-            raise ConfigError("AUTH=off, but device tokens are configured; remove the tokens or AUTH=off.")
-        self.required = bool(self.tokens)
+        self.config = config
+        self._file_state = self._file_stat()
+        self.tokens = self._load()
+        # once tokens guard the server, an emptied file does not open it: every request gets 401
+        self._started_required = bool(self.tokens)
+        self.required = self._started_required
         if config.auth == "auto" and not self.required and config.host not in LOOPBACK_HOSTS:
             raise ConfigError("HOST=%s is not a loopback address and no device tokens are configured; add "
                               "tokens (cloudsync.py token add DEVICE) or set AUTH=off to run without "
                               "authentication." % config.host)
 
-    def identify(self, request):
-        """The DeviceToken of the request (None when no token is configured); 401 otherwise."""
-        if not self.required:
+    def _load(self):
+        tokens = list(self.config.tokens) + read_tokens_file(self.config.tokens_file)
+        allowed = set(self.config.allowed_tables)
+        for token in tokens:
+            unknown = sorted(set(token.tables or ()) - allowed)
+            if unknown:
+                raise ConfigError("the token of device %r names %s, not in ALLOWED_TABLES."
+                                  % (token.device_id, ", ".join(unknown)))
+        if self.config.auth == "off" and tokens:
+            raise ConfigError("AUTH=off, but device tokens are configured; remove the tokens or AUTH=off.")
+        return tokens
+
+    def _file_stat(self):
+        try:
+            status = os.stat(self.config.tokens_file) if self.config.tokens_file else None
+        except OSError:
+            return None
+        return status and (status.st_ino, status.st_mtime_ns, status.st_size)
+
+    def reload(self, force=False):
+        """Read the tokens file again if it changed (or when forced); True when the tokens changed."""
+        state = self._file_stat()
+        if state == self._file_state and not force:
+            return False
+        self._file_state = state
+        try:
+            tokens = self._load()
+        except ConfigError as error:
+            log.error("tokens file not reloaded, the tokens in force stay: %s", error)
+            return False
+        self.tokens = tokens                # one assignment: a request sees the old list or the new one
+        self.required = self._started_required or bool(tokens)
+        log.info("tokens reloaded: %d device token(s)", len(tokens))
+        return True
+
+    def identify(self, request, monitors=()):
+        """The DeviceToken of the request, None when no token is needed or a monitoring token was shown; else 401."""
+        if not self.required and not any(monitors):
             return None
         header = request.environ.get("HTTP_AUTHORIZATION", "")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
+            if not self.required:
+                return None
             self._refuse(request, "send the header Authorization: Bearer <token>")
         digest = hashlib.sha256(presented.strip().encode("utf-8", "replace")).digest()
         found = None
         for token in self.tokens:          # every token is compared: the time does not tell which matched
             if token.matches(digest):
                 found = token
-        if found is None:
+        if found is None and not any([token.matches(digest) for token in monitors if token is not None]) \
+                and self.required:
             self._refuse(request, "the token is not valid")
         return found
 
@@ -1123,6 +1237,25 @@ class Database:
     def prepare(self, conn):
         """Learn what this database server does differently (nothing to learn by default)."""
 
+    def triggers(self, conn):
+        """(name, table) of every trigger in the database."""
+        return [(_text(name), _text(table)) for name, table in self.query(conn, self.triggers_sql)]
+
+    def trigger_definitions(self, conn, table=None):
+        """{trigger name: its definition as the catalogue keeps it}, of one table or of all."""
+        rows = self.query(conn, self.sql(self.trigger_definitions_sql + (" AND %s = ?" % self.trigger_table
+                                                                          if table is not None else "")),
+                          () if table is None else (table,))
+        return {_text(name): _text(text) for name, text in rows}
+
+    def table_names(self, conn):
+        """The names of the tables in the database."""
+        return {_text(name) for (name,) in self.query(conn, self.tables_sql)}
+
+    def column_names(self, conn, table):
+        """The names of a table's columns (a table cloudsync made: for adding columns of later versions)."""
+        return {_text(name) for (name,) in self.query(conn, self.sql(self.columns_sql), (table,))}
+
     def ids_bytewise(self, conn, table, columns):
         """Make id columns compare byte for byte (MySQL); SQLite compares text that way already."""
 
@@ -1149,6 +1282,17 @@ class SQLiteDatabase(Database):
     placeholder = "?"
     quote = staticmethod(quote_sqlite)
     json_array = "json_array"
+    columns_sql = "SELECT name FROM pragma_table_info(?)"
+    tables_sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
+    triggers_sql = "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'"
+    trigger_definitions_sql = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"
+    trigger_table = "tbl_name"
+    replaces_triggers = False       # no CREATE OR REPLACE: a changed trigger is dropped and made again
+
+    @staticmethod
+    def stored_trigger(create_sql):
+        """A CREATE TRIGGER as sqlite_master keeps it: the statement itself."""
+        return create_sql
     lock_rows = ""                  # one writer at a time: the push's write lock covers every row
     autocommit_atomic = False       # a push records its device in cloudsync_context: always a transaction
     SQLITE_CONSTRAINT_TRIGGER = 1811    # RAISE(ABORT|FAIL|ROLLBACK, 'message') in a trigger
@@ -1162,7 +1306,8 @@ class SQLiteDatabase(Database):
             conn = sqlite3.connect(self.config.db_path, timeout=self.config.db_wait_seconds,
                                    isolation_level=None, check_same_thread=False)
         except sqlite3.Error as error:
-            raise DatabaseUnavailable("cannot open %s: %s" % (self.config.db_path, error)) from None
+            raise DatabaseUnavailable("cannot open %s: %s; check DB_PATH and that its folder is writable"
+                                      % (self.config.db_path, error)) from None
         conn.execute("PRAGMA journal_mode=WAL")     # readers never block the writer
         conn.execute("PRAGMA synchronous=FULL")     # an acknowledged push survives a power cut
         conn.execute("PRAGMA foreign_keys=ON")      # as InnoDB enforces them on MySQL
@@ -1411,6 +1556,20 @@ class MySQLDatabase(Database):
     placeholder = "%s"
     quote = staticmethod(quote_mysql)
     json_array = "JSON_ARRAY"
+    columns_sql = ("SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
+                   " AND TABLE_NAME = ?")
+    tables_sql = "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()"
+    triggers_sql = ("SELECT TRIGGER_NAME, EVENT_OBJECT_TABLE FROM information_schema.TRIGGERS"
+                    " WHERE TRIGGER_SCHEMA = DATABASE()")
+    trigger_definitions_sql = ("SELECT TRIGGER_NAME, ACTION_STATEMENT FROM information_schema.TRIGGERS"
+                               " WHERE TRIGGER_SCHEMA = DATABASE()")
+    trigger_table = "EVENT_OBJECT_TABLE"
+    replaces_triggers = True        # CREATE OR REPLACE TRIGGER swaps a trigger atomically
+
+    @staticmethod
+    def stored_trigger(create_sql):
+        """A CREATE TRIGGER as information_schema keeps it: its body, from BEGIN."""
+        return create_sql[create_sql.index(" BEGIN ") + 1:]
     lock_rows = " FOR UPDATE"
     autocommit_atomic = True    # one statement in autocommit is atomic, its triggers included
     use_pure = False            # the C extension; the driver falls back to pure Python when it cannot load
@@ -1444,10 +1603,28 @@ class MySQLDatabase(Database):
             cursor.close()
             return conn
         except connector.Error as error:
-            raise DatabaseUnavailable(self._safe_message(error)) from None
+            raise DatabaseUnavailable(self._connect_problem(error)) from None
 
     def _safe_message(self, error):
         return "MySQL error %s" % (getattr(error, "errno", None) or "?")
+
+    # what to do about the commonest reasons a connection is refused
+    _CONNECT_FIXES = {
+        1049: "create the database (CREATE DATABASE ...) or correct DB_NAME",
+        1045: "check DB_USER and DB_PASS, and that the user may connect from this host",
+        1044: "grant the user its privileges on DB_NAME (python cloudsync.py check lists them)",
+        2003: "check DB_HOST and DB_PORT, and that the database server is running",
+        2002: "check DB_HOST and DB_PORT, and that the database server is running",
+        2005: "check DB_HOST: the name does not resolve",
+        1040: "the server has no connection left: lower DB_POOL_SIZE or raise its max_connections",
+    }
+
+    def _connect_problem(self, error):
+        """The server's own words for a refused connection (never a password), and the fix."""
+        errno = getattr(error, "errno", None)
+        words = (getattr(error, "msg", None) or str(error)).strip().rstrip(".")
+        return "%s (MySQL error %s); %s" % (words, errno or "?", self._CONNECT_FIXES.get(
+            errno, "check DB_HOST, DB_PORT, DB_USER, DB_PASS and DB_NAME, and that the server runs"))
 
     def _begin(self, conn):
         with self._errors():
@@ -2083,12 +2260,17 @@ class ChangeLog:
                             ("last_seq", "0"), ("compacted_upto", "0"), ("key_format", KEY_FORMAT if fresh else "1")):
             self.db.execute(conn, self.db.sql("%s INTO cloudsync_meta (name, value) VALUES (?, ?)" % insert),
                             (name, value))
+        changed = 0
         for schema in schemas.values():
-            say("%s triggers on %s" % ("installing" if self.capture == "triggers" else "removing", schema.name))
-            self._install_triggers(conn, schema)
+            if self._install_triggers(conn, schema):
+                changed += 1
+                say("%s triggers on %s" % ("installed" if self.capture == "triggers" else "removed", schema.name))
+        self._remove_stale_triggers(conn, schemas, say)
         if self.backend == "mysql":
             self._install_cascade_triggers(conn, schemas, say)
         self._upgrade_key_format(conn, schemas, say)
+        say("change capture (%s) on %d table(s)%s" % (
+            self.capture, len(schemas), "" if changed else ", unchanged"))
         self.load_identity(conn)
 
     def _upgrade_key_format(self, conn, schemas, say):
@@ -2122,18 +2304,20 @@ class ChangeLog:
         self.db.execute(conn, "UPDATE cloudsync_meta SET value = '%s' WHERE name = 'key_format'" % KEY_FORMAT)
 
     def _install_triggers(self, conn, schema):
+        """Make the table's triggers what they should be; True when something had to change."""
+        existing = self.db.trigger_definitions(conn, schema.name)
         statements = []
-        existing = None
-        if self.backend == "mysql":     # dropping needs the privilege even when there is nothing to drop
-            existing = {_text(name) for (name,) in self.db.query(conn, self.db.sql(
-                "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()"
-                " AND EVENT_OBJECT_TABLE = ?"), (schema.name,))}
         for event in ("ins", "upd", "del"):
             name = _trigger_name(schema.name, event)
-            if (self.backend == "sqlite" or self.capture == "api") and (existing is None or name in existing):
+            wanted = _trigger_sql(self.db, schema, event) if self.capture == "triggers" else None
+            if wanted is not None and existing.get(name) == self.db.stored_trigger(wanted):
+                continue                    # already as it should be
+            if name in existing and (wanted is None or not self.db.replaces_triggers):
                 statements.append("DROP TRIGGER IF EXISTS %s" % self.db.quote(name))
-            if self.capture == "triggers":
-                statements.append(_trigger_sql(self.db, schema, event))
+            if wanted is not None:
+                statements.append(wanted)
+        if not statements:
+            return False
         try:
             if self.backend == "sqlite":
                 with self.db.transaction(conn):      # DDL is transactional: no write goes unrecorded
@@ -2150,6 +2334,22 @@ class ChangeLog:
                     "privilege (with binary logging also set log_bin_trust_function_creators=1), or set "
                     "CHANGE_CAPTURE=api to record only writes made through cloudsync" % (schema.name, errno)) from None
             raise
+        return True
+
+    def stale_triggers(self, conn, allowed):
+        """{table: [trigger names]}: cloudsync's change-capture triggers on tables not in `allowed`."""
+        stale = {}
+        for name, table in self.db.triggers(conn):
+            if table not in allowed and name in {_trigger_name(table, event) for event in ("ins", "upd", "del")}:
+                stale.setdefault(table, []).append(name)
+        return stale
+
+    def _remove_stale_triggers(self, conn, schemas, say):
+        """A table taken out of ALLOWED_TABLES stops being recorded: its triggers go."""
+        for table, names in sorted(self.stale_triggers(conn, set(schemas)).items()):
+            for name in names:
+                self.db.execute(conn, "DROP TRIGGER IF EXISTS %s" % self.db.quote(name))
+            say("removed the change-capture triggers of %s, which is no longer in ALLOWED_TABLES" % table)
 
     # -- foreign-key cascades (MySQL) ----------------------------------------------
     # InnoDB changes the rows a foreign-key cascade reaches without firing their
@@ -2259,9 +2459,8 @@ class ChangeLog:
 
     def _install_cascade_triggers(self, conn, schemas, say):
         """Install (or, with CHANGE_CAPTURE=api or no cascades left, remove) the parents' cascade triggers."""
-        existing = {_text(name) for (name,) in self.db.query(
-            conn, "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()"
-                  " AND TRIGGER_NAME LIKE 'cloudsync\\_cascade\\_%'")}
+        existing = {name: text for name, text in self.db.trigger_definitions(conn).items()
+                    if name.startswith("cloudsync_cascade_")}
         wanted = {}
         if self.capture == "triggers":
             plan, _ = self.cascade_plan(self.foreign_keys(conn), schemas)
@@ -2271,12 +2470,12 @@ class ChangeLog:
                         name = _cascade_trigger_name(parent, event)
                         wanted[name] = "CREATE OR REPLACE TRIGGER %s BEFORE %s ON %s FOR EACH ROW BEGIN %s; END" % (
                             self.db.quote(name), timing, self.db.quote(parent), "; ".join(events[event]))
-                if events["del"] or events["upd"]:
-                    say("installing cascade triggers on %s (its foreign-key cascades reach allowed tables)" % parent)
-        for name in sorted(existing - set(wanted)):
+
+        for name in sorted(set(existing) - set(wanted)):
             self.db.execute(conn, "DROP TRIGGER IF EXISTS %s" % self.db.quote(name))
-        for statement in wanted.values():
-            self.db.execute(conn, statement)
+        for name, statement in wanted.items():
+            if existing.get(name) != self.db.stored_trigger(statement):
+                self.db.execute(conn, statement)
 
     def mark_uncaptured(self, conn, schemas):
         """Mark the tables a foreign-key cascade writes where the cascade triggers cannot follow."""
@@ -2452,17 +2651,19 @@ class ChangeLog:
                 found.update(_text(row[0]) for row in rows)
         return found
 
-    def entries(self, conn, device_id=None, table=None, since=0, limit=100):
-        """The audit trail: change log rows, oldest first, filtered."""
+    def entries(self, conn, device_id=None, table=None, since=0, limit=100, newest=False):
+        """The audit trail: change log rows, oldest first, filtered; `newest`: the last `limit` of them."""
         sql, params = "SELECT seq, table_name, row_key, op, device_id, batch_id, changed_at FROM cloudsync_changes" \
                       " WHERE seq > ?", [since]
         if device_id is not None:
-            sql += " AND device_id = ?"
+            sql += " AND %s = %s" % (self.db.bytewise("device_id"), self.db.bytewise("?"))
             params.append(device_id)
         if table is not None:
             sql += " AND table_name = ?"
             params.append(table)
-        return self.db.query(conn, self.db.sql(sql + " ORDER BY seq LIMIT ?"), params + [limit])
+        rows = self.db.query(conn, self.db.sql(sql + " ORDER BY seq %s LIMIT ?" % ("DESC" if newest else "ASC")),
+                             params + [limit])
+        return rows[::-1] if newest else rows
 
     # -- batches -------------------------------------------------------------------
 
@@ -3483,58 +3684,71 @@ MYSQL_DEVICES_TABLE = (
     "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id VARBINARY(512) NOT NULL PRIMARY KEY,"
     " first_seen DATETIME NOT NULL, last_seen DATETIME NOT NULL, last_push DATETIME NULL,"
     " last_pull DATETIME NULL, checkpoint_seq BIGINT NULL, pushes BIGINT NOT NULL DEFAULT 0,"
-    " pulls BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0)"
-    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin")
+    " pulls BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0, rejected BIGINT NOT NULL DEFAULT 0,"
+    " failed BIGINT NOT NULL DEFAULT 0) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin")
 SQLITE_DEVICES_TABLE = (
     "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id TEXT NOT NULL PRIMARY KEY,"
     " first_seen TEXT NOT NULL, last_seen TEXT NOT NULL, last_push TEXT, last_pull TEXT, checkpoint_seq INTEGER,"
-    " pushes INTEGER NOT NULL DEFAULT 0, pulls INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0)")
+    " pushes INTEGER NOT NULL DEFAULT 0, pulls INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,"
+    " rejected INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0)")
+# added in 2026-12: requests refused (4xx) and failed (5xx) apart; errors stays their sum
+DEVICE_COUNT_COLUMNS = ("rejected", "failed")
 # Several instances flush into one row: counts add up, times keep the latest.
 DEVICES_UPSERT = {
     "mysql": "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
-             " pushes, pulls, errors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE"
+             " pushes, pulls, errors, rejected, failed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE"
              " last_seen = GREATEST(last_seen, VALUES(last_seen)),"
              " last_push = GREATEST(IFNULL(last_push, VALUES(last_push)), IFNULL(VALUES(last_push), last_push)),"
              " last_pull = GREATEST(IFNULL(last_pull, VALUES(last_pull)), IFNULL(VALUES(last_pull), last_pull)),"
              " checkpoint_seq = GREATEST(IFNULL(checkpoint_seq, VALUES(checkpoint_seq)),"
              " IFNULL(VALUES(checkpoint_seq), checkpoint_seq)),"
-             " pushes = pushes + VALUES(pushes), pulls = pulls + VALUES(pulls), errors = errors + VALUES(errors)",
+             " pushes = pushes + VALUES(pushes), pulls = pulls + VALUES(pulls), errors = errors + VALUES(errors),"
+             " rejected = rejected + VALUES(rejected), failed = failed + VALUES(failed)",
     "sqlite": "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
-              " pushes, pulls, errors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
+              " pushes, pulls, errors, rejected, failed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+              " ON CONFLICT (device_id) DO UPDATE SET"
               " last_seen = max(last_seen, excluded.last_seen),"
               " last_push = max(coalesce(last_push, excluded.last_push), coalesce(excluded.last_push, last_push)),"
               " last_pull = max(coalesce(last_pull, excluded.last_pull), coalesce(excluded.last_pull, last_pull)),"
               " checkpoint_seq = max(coalesce(checkpoint_seq, excluded.checkpoint_seq),"
               " coalesce(excluded.checkpoint_seq, checkpoint_seq)),"
-              " pushes = pushes + excluded.pushes, pulls = pulls + excluded.pulls, errors = errors + excluded.errors",
+              " pushes = pushes + excluded.pushes, pulls = pulls + excluded.pulls, errors = errors + excluded.errors,"
+              " rejected = rejected + excluded.rejected, failed = failed + excluded.failed",
 }
 DEVICE_FIELDS = ("device_id", "first_seen", "last_seen", "last_push", "last_pull", "checkpoint_seq",
-                 "pushes", "pulls", "errors")
+                 "pushes", "pulls", "errors", "rejected", "failed")
 
 
 class DeviceFleet:
-    """Per device: first and last seen, last push and pull, last pull checkpoint, pushes, pulls and errors."""
+    """Per device: first and last seen, last push and pull, last pull checkpoint, pushes, pulls, and requests
+    refused (4xx: a conflict, a 410 reset, a bad value) apart from requests that failed (5xx)."""
 
     def __init__(self, db):
         self.db = db
         self._lock = threading.Lock()
-        self._unsaved = {}                  # device_id -> [first, last, push, pull, seq, pushes, pulls, errors]
+        # device_id -> [first, last, push, pull, seq, pushes, pulls, errors, rejected, failed]
+        self._unsaved = {}
 
     def install(self, conn):
-        """Create cloudsync_devices; idempotent."""
+        """Create cloudsync_devices (adding the columns of later versions); idempotent."""
         self.db.execute(conn, MYSQL_DEVICES_TABLE if self.db.name == "mysql" else SQLITE_DEVICES_TABLE)
         self.db.ids_bytewise(conn, "cloudsync_devices", ("device_id",))
+        present = self.db.column_names(conn, "cloudsync_devices")
+        for column in DEVICE_COUNT_COLUMNS:
+            if column not in present:
+                self.db.execute(conn, "ALTER TABLE cloudsync_devices ADD COLUMN %s BIGINT NOT NULL DEFAULT 0" % column)
 
-    def seen(self, device_id, kind, checkpoint_seq=None, failed=False):
-        """Note a push or pull by a device (in memory; flush() saves it)."""
+    def seen(self, device_id, kind, checkpoint_seq=None, status=200):
+        """Note a push or pull by a device and its answer's status (in memory; flush() saves it)."""
         now = time.time()                   # formatted when saved: this runs for every push and pull
         with self._lock:
             entry = self._unsaved.get(device_id)
             if entry is None:
-                entry = self._unsaved[device_id] = [now, now, None, None, None, 0, 0, 0]
+                entry = self._unsaved[device_id] = [now, now, None, None, None, 0, 0, 0, 0, 0]
             entry[1] = now
-            if failed:                      # refused: seen, but not synced
+            if status >= 400:               # seen, but not synced
                 entry[7] += 1
+                entry[8 if status < 500 else 9] += 1
             elif kind == "push":
                 entry[2] = now
                 entry[5] += 1
@@ -3566,7 +3780,7 @@ class DeviceFleet:
                         newer[0] = entry[0]
                         newer[2], newer[3] = newer[2] or entry[2], newer[3] or entry[3]
                         newer[4] = newer[4] if newer[4] is not None else entry[4]
-                        for position in (5, 6, 7):
+                        for position in (5, 6, 7, 8, 9):
                             newer[position] += entry[position]
             raise
 
@@ -4507,7 +4721,7 @@ class App:
         elif status == 500:
             metrics.count("cloudsync_server_errors_total")
         if request.device_id is not None and request.kind is not None:
-            self.fleet.seen(request.device_id, request.kind, request.checkpoint_seq, failed=status >= 400)
+            self.fleet.seen(request.device_id, request.kind, request.checkpoint_seq, status)
         if access_log.isEnabledFor(logging.INFO):
             received = request.environ.get("CONTENT_LENGTH") or "0"
             fields = {"method": request.method[:20], "path": request.path[:200], "status": status,
@@ -4558,7 +4772,9 @@ class App:
         if handler is None:
             raise HTTPError(405, "Method not allowed", "%s takes %s" % (path, allowed), headers=[("Allow", allowed)])
         if path.startswith("/sync") and path != "/sync/devices":
-            request.token = self.auth.identify(request)
+            # status is for monitoring too: ADMIN_TOKEN and METRICS_TOKEN read it, not only devices
+            monitors = (self.config.admin_token, self.config.metrics_token) if path == "/sync/status" else ()
+            request.token = self.auth.identify(request, monitors)
         result = handler(request)
         return result if len(result) == 3 else result + ([],)
 
@@ -4842,8 +5058,8 @@ def _limit_malloc_arenas():
         pass
 
 
-def _serve(app, config):
-    """Serve the app with waitress until interrupted; raise OSError when it cannot listen."""
+def _create_server(app, config):
+    """A waitress server for the app, already listening: OSError when the port is taken."""
     import waitress.channel
     import waitress.server
     import waitress.task
@@ -4875,17 +5091,27 @@ def _serve(app, config):
         # a silent client is dropped after channel_timeout; waitress looks every cleanup_interval
         channel_timeout=config.read_timeout_seconds, cleanup_interval=max(1, min(30, config.read_timeout_seconds // 2)))
     server.channel_class = Channel
-    log.info("cloudsync %s listening on http://%s:%d", __version__, config.host, config.port)
+    return server
 
+
+def _run(server, config, wake):
+    """Serve until SIGTERM (then let requests in progress finish) or Ctrl-C; SIGHUP re-reads the tokens file."""
     import waitress.wasyncore
-    # SIGTERM only sets a flag and wakes the loop: an exception raised inside waitress's
+    log.info("cloudsync %s listening on http://%s:%d", __version__, config.host, config.port)
+    # Signal handlers only set flags and wake a loop: an exception raised inside waitress's
     # handlers would be caught there and logged, and the server would carry on.
     terminating = []
 
     def terminate(signum, frame):
         terminating.append(signum)
         server.trigger.pull_trigger()
-    previous = signal.signal(signal.SIGTERM, terminate)
+
+    def hang_up(signum, frame):
+        wake.reload = True                  # the maintenance thread re-reads the tokens file at once
+        wake.set()
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate)}
+    if hasattr(signal, "SIGHUP"):
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hang_up)
     try:
         while not terminating:
             waitress.wasyncore.loop(timeout=server.adj.asyncore_loop_timeout, map=server._map,
@@ -4895,7 +5121,8 @@ def _serve(app, config):
         server.task_dispatcher.shutdown()
         log.info("stopped")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         server.close()
 
 
@@ -4929,11 +5156,13 @@ def _create_demo_database(path):
         conn.close()
 
 
-def _maintain_log(app, config, stop):
-    """Server thread, every SEQUENCE_INTERVAL_SECONDS: number pending changes, save the device fleet;
-    compact every COMPACT_INTERVAL_SECONDS."""
+def _maintain(app, config, stop, wake):
+    """Server thread, every SEQUENCE_INTERVAL_SECONDS: re-read a changed tokens file, number pending changes,
+    save the device fleet; compact every COMPACT_INTERVAL_SECONDS."""
     compact_due = 0.0
     while True:
+        app.auth.reload(force=getattr(wake, "reload", False))
+        wake.reload = False
         try:
             with app.db.connection() as conn:
                 if time.monotonic() >= compact_due:
@@ -4948,12 +5177,101 @@ def _maintain_log(app, config, stop):
             pass                            # requests report it; tried again next time
         except Exception:
             log.warning("change log maintenance failed; it is tried again later", exc_info=True)
-        if stop.wait(SEQUENCE_INTERVAL_SECONDS):
+        wake.wait(SEQUENCE_INTERVAL_SECONDS)
+        wake.clear()
+        if stop.is_set():
             return
 
 
+# -- commands ---------------------------------------------------------------------
+# Each command is a function (config, args) -> exit code. Exit codes: 0 done; 1 try
+# again later (the database is unavailable, the port is taken: systemd restarts);
+# 2 a configuration or schema problem (restarting will not fix it).
+
+EXIT_RETRY = 1
+EXIT_CONFIGURATION = 2
+# what the demo always uses, whatever .env or the environment say: it must not need (or read)
+# the operator's database, tables or tokens
+DEMO_SETTINGS = {"DB_HOST": "", "ALLOWED_TABLES": ",".join(EXAMPLE_TABLES), "TOKENS": "", "TOKENS_FILE": "",
+                 "ADMIN_TOKEN": "", "METRICS_TOKEN": "", "AUTH": "auto", "HOST": "127.0.0.1",
+                 "CHANGE_CAPTURE": "triggers"}
+
+
+def _serve_command(config, args):
+    """`serve` and `demo`: check the tables, install change capture, serve the API."""
+    if args.command == "demo":
+        _create_demo_database(config.db_path)
+    app = App(config)
+    log.info("configuration: %s", config.describe())
+    log.info("backend: %s, driver: %s", app.db.name, app.db.driver())
+    try:
+        server = _create_server(app, config)    # the port first: a taken one is found before anything changes
+    except (OSError, ValueError) as error:
+        log.error("cannot start: cannot listen on %s:%d: %s", config.host, config.port, error)
+        return EXIT_RETRY
+    try:
+        schemas = app.start(progress=lambda message: log.info("migrate: %s", message))
+    except BaseException:
+        server.close()
+        raise
+    if schemas:
+        log.info("tables: %s", ", ".join("%s (%s)" % (name, ", ".join(schema.primary_key))
+                                         for name, schema in schemas.items()))
+    else:
+        log.warning("ALLOWED_TABLES is empty: every push and pull will be refused")
+    if "pure Python" in app.db.driver():
+        log.warning("mysql-connector-python's C extension did not load: rows decode several times slower")
+    if config.auth == "off" and config.host not in LOOPBACK_HOSTS:
+        log.warning("AUTH=off on %s: ANYONE who can reach port %d can read and write the allowed tables",
+                    config.host, config.port)
+    elif not app.auth.required:
+        log.info("no device tokens: open to local clients only (HOST=%s)", config.host)
+    if config.change_capture == "api":
+        log.warning("CHANGE_CAPTURE=api: writes made outside cloudsync are not recorded and devices will not see them")
+    stop, wake = threading.Event(), threading.Event()
+    threading.Thread(target=_maintain, args=(app, config, stop, wake), name="cloudsync-maintenance",
+                     daemon=True).start()
+    _run(server, config, wake)
+    stop.set()
+    wake.set()
+    try:
+        with app.db.connection() as conn:
+            app.fleet.flush(conn)           # the last second of device statistics
+    except Exception:
+        log.warning("could not save the device fleet at shutdown", exc_info=True)
+    return 0
+
+
+def _migrate_command(config, args):
+    """`migrate`: cloudsync's tables and the triggers, as they should be; says what changed."""
+    App(config).start(progress=lambda message: print(message, flush=True))
+    return 0
+
+
+def _compact_command(config, args):
+    """`compact`: remove change-log entries and batch ids older than the retention (or --older-than DAYS)."""
+    days = config.changelog_retention_days if args.older_than is None else args.older_than
+    if days < 0:
+        raise ConfigError("--older-than takes a number of days, 0 or more.")
+    if args.older_than is not None and days < config.changelog_retention_days:
+        print("warning: devices that have not pulled since %s will get 410 (reset: true) on their next pull and "
+              "pull every row again; a push they retry with a batch id older than that is applied again"
+              % ("now" if days == 0 else "%d day(s) ago" % days), flush=True)
+    app = App(config)
+    with app.db.connection() as conn:
+        removed, upto = app.engine.changelog.compact(conn, days, progress=lambda message: print(message, flush=True))
+    print("removed %d change-log entries older than %d day(s); checkpoints before seq %d now get 410"
+          % (removed, days, upto))
+    return 0
+
+
+def _check_command(config, args):
+    """`check`: exit code 1 when something needs fixing."""
+    return 1 if _check(config) else 0
+
+
 def _check(config):
-    """`check`: what is wrong with the configuration, database, tables, triggers and privileges, and the fix.
+    """What is wrong with the configuration, database, tables, triggers and privileges, and the fix.
 
     Read-only: it changes nothing. Returns the number of problems found.
     """
@@ -4996,40 +5314,53 @@ def _check(config):
                     problem(str(error), "create the table with a primary key, or remove it from ALLOWED_TABLES")
             if not config.allowed_tables:
                 problem("ALLOWED_TABLES is empty: every push and pull is refused", "list the tables devices sync")
-            installed = _installed_triggers(app.db, conn)
-            has_log = app.db.query(conn, "SELECT COUNT(*) FROM %s WHERE %s = 'cloudsync_meta'" % (
-                ("information_schema.TABLES", "TABLE_SCHEMA = DATABASE() AND TABLE_NAME") if app.db.name == "mysql"
-                else ("sqlite_master", "type = 'table' AND name")))[0][0]
-            if not has_log:
-                problem("cloudsync's own tables are not there yet", "run: python cloudsync.py migrate")
-            for table in schemas:
-                missing = [event for event in ("ins", "upd", "del") if _trigger_name(table, event) not in installed]
-                if config.change_capture == "triggers" and missing:
-                    problem("table %s lacks change-capture triggers (%s)" % (table, ", ".join(missing)),
-                            "run: python cloudsync.py migrate")
-                elif config.change_capture == "api" and len(missing) < 3:
-                    problem("table %s still has triggers while CHANGE_CAPTURE=api" % table,
-                            "run: python cloudsync.py migrate")
+            if "cloudsync_meta" not in app.db.table_names(conn):
+                # nothing of cloudsync's is there yet: one problem, not one per table
+                problem("cloudsync is not set up in this database yet (no tables of its own, no triggers)",
+                        "run: python cloudsync.py migrate")
+            else:
+                _check_capture(app, conn, config, schemas, problem, ok)
             if app.db.name == "mysql":
-                granted = _mysql_privileges(app.db, conn, config.db_name)
-                needed = ["SELECT", "INSERT", "UPDATE", "DELETE", "CREATE", "INDEX"] + (
-                    ["TRIGGER"] if config.change_capture == "triggers" else [])
-                missing = [name for name in needed if name not in granted and "ALL PRIVILEGES" not in granted]
-                if missing:
-                    problem("the database user lacks %s on %s (cloudsync creates its own tables%s)" % (
-                        ", ".join(missing), config.db_name, " and triggers" if "TRIGGER" in missing else ""),
-                        "GRANT %s ON `%s`.* TO the user%s" % (", ".join(missing), config.db_name,
-                                                             ", or set CHANGE_CAPTURE=api" if missing == ["TRIGGER"]
-                                                             else ""))
-                else:
-                    ok("the database user has the privileges cloudsync needs on %s" % config.db_name)
+                _check_privileges(app, conn, config, problem, ok)
     except DatabaseUnavailable as error:
-        problem("the database does not answer (%s)" % error, "check DB_HOST, DB_PORT, DB_USER, DB_PASS, DB_NAME "
-                "and that the server runs")
+        problem("the database does not answer: %s" % error, "check the settings named above and that the server "
+                "runs")
     finally:
         app.db.close()
     print("%d problem(s)" % len(problems))
     return len(problems)
+
+
+def _check_capture(app, conn, config, schemas, problem, ok):
+    """check: each allowed table's triggers, and none left on tables no longer allowed."""
+    installed = {name for name, _ in app.db.triggers(conn)}
+    for table in schemas:
+        missing = [event for event in ("ins", "upd", "del") if _trigger_name(table, event) not in installed]
+        if config.change_capture == "triggers" and missing:
+            problem("table %s lacks change-capture triggers (%s)" % (table, ", ".join(missing)),
+                    "run: python cloudsync.py migrate")
+        elif config.change_capture == "api" and len(missing) < 3:
+            problem("table %s still has triggers while CHANGE_CAPTURE=api" % table, "run: python cloudsync.py migrate")
+    stale = app.engine.changelog.stale_triggers(conn, set(config.allowed_tables))
+    for table in sorted(stale):
+        problem("table %s is no longer in ALLOWED_TABLES, but cloudsync's triggers still record its changes" % table,
+                "run: python cloudsync.py migrate (it removes them)")
+    if not stale:
+        ok("change capture (%s) is in place" % config.change_capture)
+
+
+def _check_privileges(app, conn, config, problem, ok):
+    granted = _mysql_privileges(app.db, conn, config.db_name)
+    needed = ["SELECT", "INSERT", "UPDATE", "DELETE", "CREATE", "INDEX", "ALTER"] + (
+        ["TRIGGER"] if config.change_capture == "triggers" else [])
+    missing = [name for name in needed if name not in granted and "ALL PRIVILEGES" not in granted]
+    if missing:
+        problem("the database user lacks %s on %s (cloudsync creates its own tables%s)" % (
+            ", ".join(missing), config.db_name, " and triggers" if "TRIGGER" in missing else ""),
+            "GRANT %s ON `%s`.* TO the user%s" % (", ".join(missing), config.db_name,
+                                                 ", or set CHANGE_CAPTURE=api" if missing == ["TRIGGER"] else ""))
+    else:
+        ok("the database user has the privileges cloudsync needs on %s" % config.db_name)
 
 
 def _mysql_privileges(db, conn, database):
@@ -5045,150 +5376,185 @@ def _mysql_privileges(db, conn, database):
     return granted
 
 
-def _installed_triggers(db, conn):
-    """Names of the triggers in the database."""
-    if db.name == "mysql":
-        rows = db.query(conn, "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()")
-    else:
-        rows = db.query(conn, "SELECT name FROM sqlite_master WHERE type = 'trigger'")
-    return {_text(name) for (name,) in rows}
-
-
-def _print_devices(app):
-    """`devices`: the fleet as a table; devices silent for over a day are marked."""
+def _devices_command(config, args):
+    """`devices`: the fleet as a table of at most 100 columns, or as JSON (--json)."""
+    app = App(config)
+    app.engine.load_schema()
     with app.db.connection() as conn:
         app.fleet.install(conn)
         app.engine.changelog.sequence(conn)
         devices = app.fleet.devices(conn, app.engine.changelog.head(conn))
-    columns = ("device_id", "last_seen", "last_push", "last_pull", "lag", "pushes", "pulls", "errors")
-    print("  " + " ".join("%-20s" % name for name in columns))
+    if args.json:
+        print(json.dumps(devices, indent=2))
+        return 0
+    now = datetime.datetime.now(datetime.timezone.utc)
+    print("  %-24s %9s %9s %9s %7s %7s %7s %8s %6s" % ("device", "seen", "pushed", "pulled", "lag", "pushes",
+                                                      "pulls", "rejected", "failed"))
     for device in devices:
-        mark = "! " if device["silent"] else "  "
-        print(mark + " ".join("%-20s" % ("-" if device[name] is None else device[name]) for name in columns))
+        print("%s %-24s %9s %9s %9s %7s %7s %7s %8s %6s" % (
+            "!" if device["silent"] else " ", device["device_id"][:24], _ago(device["last_seen"], now),
+            _ago(device["last_push"], now), _ago(device["last_pull"], now),
+            "-" if device["lag"] is None else device["lag"], device["pushes"], device["pulls"],
+            device["rejected"], device["failed"]))
     silent = sum(1 for device in devices if device["silent"])
-    print("%d device(s); %d silent for more than a day (marked !); lag: changes the last pull is behind"
+    print("%d device(s); %d silent for more than a day (!). seen/pushed/pulled: how long ago; lag: changes the "
+          "last pull is behind; rejected: answered 4xx (conflicts, resets, bad values); failed: answered 5xx"
           % (len(devices), silent))
     return 0
 
 
-def _print_log(app, args):
+def _ago(moment, now):
+    """'12s', '5m', '3h', '2d' since an ISO time ('-' for none): short enough for a narrow table."""
+    if moment is None:
+        return "-"
+    seconds = (now - datetime.datetime.fromisoformat(moment.replace("Z", "+00:00"))).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s ago" % (seconds // size, unit)
+    return "%ds ago" % max(0, seconds)
+
+
+def _log_command(config, args):
+    """`log`: the change log, newest last: the last --tail entries, or those after --since N."""
+    app = App(config)
+    app.engine.load_schema()
     with app.db.connection() as conn:
         app.engine.changelog.sequence(conn)
-        rows = app.engine.changelog.entries(conn, args.device, args.table, args.since, args.limit)
+        if args.since is not None:
+            rows = app.engine.changelog.entries(conn, args.device, args.table, args.since, args.limit)
+        else:
+            rows = app.engine.changelog.entries(conn, args.device, args.table, limit=args.tail, newest=True)
     print("%-8s %-26s %-16s %-6s %-24s %-16s %s" % ("seq", "time", "table", "op", "key", "device", "batch"))
     for seq, table, row_key, op, device_id, batch_id, changed_at in rows:
         print("%-8d %-26s %-16s %-6s %-24s %-16s %s" % (
             seq, _text(changed_at), _text(table), CHANGE_OPS.get(_text(op), op), _text(row_key),
-            device_id or "-", batch_id or "-"))
+            _text(device_id) or "-", _text(batch_id) or "-"))
     return 0
 
 
 def _token_command(config, args):
+    """`token add|rotate|remove|list`: device tokens in TOKENS_FILE (a running server picks changes up)."""
     if args.token_command == "list":
-        for token in list(config.tokens) + read_tokens_file(config.tokens_file):
-            print("%-32s %s" % (token.device_id, ",".join(token.tables) if token.tables else "all tables"))
+        print("%-24s %-30s %s" % ("device", "tables", "created"))
+        for token in config.tokens:
+            print("%-24s %-30s %s" % (token.device_id, ",".join(token.tables or ()) or "all tables", "(TOKENS)"))
+        for token in read_tokens_file(config.tokens_file):
+            print("%-24s %-30s %s" % (token.device_id, ",".join(token.tables) if token.tables is not None
+                                      else "all tables", token.created or "-"))
         return 0
-    tables = [name.strip() for name in (args.tables or "").split(",") if name.strip()]
-    unknown = sorted(set(tables) - set(config.allowed_tables))
-    if unknown:
-        raise ConfigError("--tables names %s, not in ALLOWED_TABLES." % ", ".join(unknown))
-    secret = add_token(config.tokens_file, args.device_id, tables)
+    if not config.tokens_file:
+        raise ConfigError("TOKENS_FILE is empty: set it to the file that keeps the device tokens.")
+    if args.token_command == "remove":
+        remove_token(config.tokens_file, args.device_id)
+        print("device %s has no token any more; a server using %s refuses it within a second"
+              % (args.device_id, config.tokens_file))
+        return 0
+    tables = None
+    if args.tables is not None:
+        tables = [name.strip() for name in args.tables.split(",") if name.strip()]
+        unknown = sorted(set(tables) - set(config.allowed_tables))
+        if unknown or not tables:
+            raise ConfigError("--tables names %s, not in ALLOWED_TABLES." % (", ".join(unknown) or "no table"))
+    make = add_token if args.token_command == "add" else rotate_token
+    secret = make(config.tokens_file, args.device_id, tables)
     print("Token for device %s (shown once; only its hash is kept in %s):" % (args.device_id, config.tokens_file))
     print(secret)
+    if args.token_command == "rotate":
+        print("the old token stops working within a second on a running server")
     return 0
+
+
+COMMANDS = {"serve": _serve_command, "demo": _serve_command, "migrate": _migrate_command,
+            "compact": _compact_command, "check": _check_command, "devices": _devices_command,
+            "log": _log_command, "token": _token_command}
+
+
+def _arguments():
+    parser = argparse.ArgumentParser(prog="cloudsync", description="Sync server for offline-first devices.")
+    parser.add_argument("--env-file", default=None, help="settings file (default: .env in the working directory, "
+                        "if there is one; a file named here must exist; \"\" for none)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="serve the sync API (the default)")
+    demo = commands.add_parser("demo", help="serve the example tables from a local SQLite file, with nothing of yours")
+    demo.add_argument("--db", default="cloudsync-demo.db", help="SQLite file (created with the example tables)")
+    commands.add_parser("migrate", help="create cloudsync's tables and install the change-capture triggers")
+    compact = commands.add_parser("compact", help="remove change-log entries older than CHANGELOG_RETENTION_DAYS")
+    compact.add_argument("--older-than", type=int, metavar="DAYS",
+                         help="remove entries older than this many days instead (0: everything up to now)")
+    commands.add_parser("check", help="check settings, database, tables, triggers and privileges; "
+                                      "exit 1 when something needs fixing")
+    devices = commands.add_parser("devices", help="the device fleet: last seen, pushes, pulls, refusals, lag")
+    devices.add_argument("--json", action="store_true", help="print the fleet as JSON")
+    audit = commands.add_parser("log", help="print the change log (the audit trail), newest entries last")
+    audit.add_argument("--device", help="only changes made by this device")
+    audit.add_argument("--table", help="only changes to this table")
+    audit.add_argument("--tail", type=int, default=20, metavar="N", help="the newest N entries (default 20)")
+    audit.add_argument("--since", type=int, metavar="SEQ", help="instead: the entries after this sequence number")
+    audit.add_argument("--limit", type=int, default=1000, help="with --since: at most this many (default 1000)")
+    token = commands.add_parser("token", help="device tokens: add, rotate, remove, list")
+    token_commands = token.add_subparsers(dest="token_command", metavar="ACTION")
+    token_commands.required = True
+    for name, text in (("add", "generate a token for a device that has none, print it once, store its hash"),
+                       ("rotate", "replace a device's token (the old one stops working), print the new one once")):
+        action = token_commands.add_parser(name, help=text)
+        action.add_argument("device_id", help="the device the token belongs to")
+        action.add_argument("--tables", help="comma-separated tables this device may sync (default: all allowed; "
+                                             "rotate: as before)")
+    remove = token_commands.add_parser("remove", help="take a device's token away (a lost device)")
+    remove.add_argument("device_id", help="the device whose token goes")
+    token_commands.add_parser("list", help="list the devices that have tokens, their tables and when each was "
+                                           "made (never the tokens)")
+    return parser
+
+
+def _settings_file(args):
+    """The .env file a command reads, and whether it was named (then it must exist)."""
+    if args.env_file is not None:
+        return args.env_file, bool(args.env_file)
+    if args.command == "demo":
+        return None, False                  # the demo reads nothing of the operator's
+    return ".env", False
+
+
+def _early_log_format(args):
+    """LOG_FORMAT before the settings are known to be valid: start-up errors are JSON too when asked."""
+    value = os.environ.get("LOG_FORMAT")
+    path, _ = _settings_file(args)
+    if value is None and path and os.path.exists(path):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(path, encoding="utf-8") as handle:
+                value = parse_dotenv(handle.read(), os.environ)[0].get("LOG_FORMAT")
+    return "json" if (value or "").strip().lower() == "json" else "text"
+
+
+def _fail(command, message, code):
+    """Log why a command cannot go on, named after the command; return its exit code."""
+    log.error("%s: %s", "cannot start" if command in ("serve", "demo") else command, message)
+    return code
 
 
 def main(argv=None):
-    """Command-line entry point: serve (the default), demo, migrate, compact, log."""
+    """Command-line entry point: serve (the default), demo, migrate, compact, check, devices, log, token."""
     _limit_malloc_arenas()                      # before any thread starts
-    parser = argparse.ArgumentParser(prog="cloudsync", description="Sync server for offline-first devices.")
-    parser.add_argument("--env-file", default=".env", help="settings file (default: .env in the working directory)")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("serve", help="serve the sync API (the default)")
-    demo = commands.add_parser("demo", help="serve the example tables from a local SQLite file")
-    demo.add_argument("--db", default="cloudsync-demo.db", help="SQLite file (created with the example tables)")
-    commands.add_parser("migrate", help="create cloudsync's tables and install the change-capture triggers")
-    commands.add_parser("compact", help="remove change-log entries older than CHANGELOG_RETENTION_DAYS")
-    commands.add_parser("check", help="check settings, database, tables, triggers and privileges; "
-                                      "exit 1 when something needs fixing")
-    commands.add_parser("devices", help="the device fleet: last seen, pushes, pulls, errors, how far behind")
-    audit = commands.add_parser("log", help="print the change log (the audit trail)")
-    audit.add_argument("--device", help="only changes made by this device")
-    audit.add_argument("--table", help="only changes to this table")
-    audit.add_argument("--since", type=int, default=0, help="only changes after this sequence number")
-    audit.add_argument("--limit", type=int, default=1000, help="at most this many lines (default 1000)")
-    token = commands.add_parser("token", help="device tokens: add one, or list them")
-    token_commands = token.add_subparsers(dest="token_command", metavar="ACTION")
-    token_commands.required = True
-    token_add = token_commands.add_parser("add", help="generate a token for a device, print it once, store its hash")
-    token_add.add_argument("device_id", help="the device the token belongs to")
-    token_add.add_argument("--tables", help="comma-separated tables this device may sync (default: all allowed)")
-    token_commands.add_parser("list", help="list the devices that have tokens (never the tokens)")
-    args = parser.parse_args(argv)
-    configure_logging("text", logging.INFO)
-    overrides = None
-    if args.command == "demo":
-        overrides = {"DB_HOST": "", "DB_PATH": args.db, "ALLOWED_TABLES": ",".join(EXAMPLE_TABLES)}
+    args = _arguments().parse_args(argv)
+    args.command = args.command or "serve"
+    configure_logging(_early_log_format(args), logging.INFO)
+    path, named = _settings_file(args)
     try:
-        config = load_config(args.env_file, overrides=overrides)
-        configure_logging(config.log_format, config.log_level)
-        if args.command == "token":
-            return _token_command(config, args)
-        if args.command == "check":
-            return 1 if _check(config) else 0
-        if args.command == "demo":
-            _create_demo_database(config.db_path)
-        app = App(config)
-        if args.command == "log":
-            app.engine.load_schema()
-            return _print_log(app, args)
-        if args.command == "devices":
-            app.engine.load_schema()
-            return _print_devices(app)
-        if args.command == "compact":
-            with app.db.connection() as conn:
-                removed, upto = app.engine.changelog.compact(
-                    conn, config.changelog_retention_days, progress=lambda message: print(message, flush=True))
-            print("removed %d change-log entries; checkpoints older than seq %d now get 410" % (removed, upto))
-            return 0
-        log.info("configuration: %s", config.describe())
-        log.info("backend: %s, driver: %s", app.db.name, app.db.driver())
-        schemas = app.start(progress=lambda message: log.info("migrate: %s", message))
-        if args.command == "migrate":
-            print("change capture (%s) is installed on %d table(s)" % (config.change_capture, len(schemas)))
-            return 0
+        config = load_config(path, overrides=dict(DEMO_SETTINGS, DB_PATH=args.db) if args.command == "demo"
+                             else None, required=named)
+    except ConfigError as error:
+        return _fail(args.command, error, EXIT_CONFIGURATION)
+    configure_logging(config.log_format, config.log_level)
+    try:
+        return COMMANDS[args.command](config, args)
     except (ConfigError, SchemaError, ChangeCaptureError) as error:
-        log.error("cannot start: %s", error)
-        return 2
+        return _fail(args.command, error, EXIT_CONFIGURATION)
     except DatabaseUnavailable as error:
-        log.error("cannot start: the database is unavailable (%s)", error)
-        return 2
-    if not schemas:
-        log.warning("ALLOWED_TABLES is empty: every push and pull will be refused")
-    for name, schema in schemas.items():
-        log.info("table %s: primary key (%s)", name, ", ".join(schema.primary_key))
-    if "pure Python" in app.db.driver():
-        log.warning("mysql-connector-python's C extension did not load: rows decode several times slower")
-    if config.auth == "off" and config.host not in LOOPBACK_HOSTS:
-        log.warning("AUTH=off on %s: ANYONE who can reach port %d can read and write the allowed tables",
-                    config.host, config.port)
-    elif not app.auth.required:
-        log.info("no device tokens: open to local clients only (HOST=%s)", config.host)
-    if config.change_capture == "api":
-        log.warning("CHANGE_CAPTURE=api: writes made outside cloudsync are not recorded and devices will not see them")
-    threading.Thread(target=_maintain_log, args=(app, config, threading.Event()),
-                     name="cloudsync-log", daemon=True).start()
-    try:
-        _serve(app, config)
-    except (OSError, ValueError) as error:
-        log.error("cannot listen on %s:%d: %s", config.host, config.port, error)
-        return 2
-    try:
-        with app.db.connection() as conn:
-            app.fleet.flush(conn)           # the last second of device statistics
-    except Exception:
-        log.warning("could not save the device fleet at shutdown", exc_info=True)
-    return 0
+        return _fail(args.command, "the database is unavailable: %s" % error, EXIT_RETRY)
+    except BrokenPipeError:                     # `cloudsync.py log | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

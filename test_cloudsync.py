@@ -5,6 +5,7 @@ MySQL/MariaDB tests use CLOUDSYNC_TEST_DB_HOST/PORT/USER/PASS (default
 test. Without a server they skip, unless CLOUDSYNC_REQUIRE_MYSQL=1.
 """
 
+import argparse
 import gzip
 import hashlib
 import io
@@ -1677,8 +1678,13 @@ def _free_port():
 class LiveServer:
     """A cloudsync process on a free loopback port, started and answering; `db` is its SQLite file."""
 
-    def __init__(self, tmp_path, args=("--env-file", "", "demo", "--db", "{db}"), **settings):
+    def __init__(self, tmp_path, args=("--env-file", "", "serve"), **settings):
         self.db = str(tmp_path / "server.db")
+        if "DB_PATH" not in settings and "DB_HOST" not in settings:
+            # the demo's tables in a file of the test's; `serve`, so that the settings given here count
+            # (the demo command ignores tokens and tables by design)
+            cloudsync._create_demo_database(self.db)
+            settings = dict({"DB_PATH": self.db, "ALLOWED_TABLES": ",".join(cloudsync.EXAMPLE_TABLES)}, **settings)
         self.log = str(tmp_path / "server.log")    # a file: a full pipe would stall the server
         self.port = _free_port()
         self.url = "http://127.0.0.1:%d" % self.port
@@ -2058,7 +2064,8 @@ def test_server_numbers_pending_changes_in_the_background(app, backend):
     push(app, [op("insert", id="a")])          # a push without checkpoint leaves its change pending
     assert backend.sql("SELECT COUNT(*) FROM cloudsync_pending")[0][0] == 1
     stop = threading.Event()
-    worker = threading.Thread(target=cloudsync._maintain_log, args=(app, app.config, stop))
+    wake = threading.Event()
+    worker = threading.Thread(target=cloudsync._maintain, args=(app, app.config, stop, wake))
     worker.start()
     try:
         deadline = time.monotonic() + 10
@@ -2066,6 +2073,7 @@ def test_server_numbers_pending_changes_in_the_background(app, backend):
             time.sleep(0.05)
     finally:
         stop.set()
+        wake.set()
         worker.join()
     assert [row[1:4] for row in backend.sql("SELECT seq, table_name, row_key, op FROM cloudsync_changes")] == \
         [("sales", '["a"]', "I")]
@@ -2124,7 +2132,7 @@ def test_compact_command(backend, tmp_path, capsys):
         assert cloudsync.main(["--env-file", "", "compact"]) == 0
         assert "removed 0 change-log entries" in capsys.readouterr().out
         assert cloudsync.main(["--env-file", "", "migrate"]) == 0
-        assert "installed on 7 table(s)" in capsys.readouterr().out
+        assert "change capture (triggers) on 7 table(s), unchanged" in capsys.readouterr().out
     finally:
         for name, value in old.items():
             if value is None:
@@ -2724,7 +2732,7 @@ def test_server_reports_port_in_use(tmp_path):
         port = taken.getsockname()[1]
         result = subprocess.run([sys.executable, os.path.join(HERE, "cloudsync.py"), "demo"], cwd=str(tmp_path),
                                 env=dict(os.environ, PORT=str(port)), capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2
+    assert result.returncode == 1                   # try again later: systemd restarts it
     assert "cannot listen on 127.0.0.1:%d" % port in result.stderr and "Traceback" not in result.stderr
 
 
@@ -3218,7 +3226,7 @@ def test_devices_command_prints_the_fleet(backend, capsys):
     with application.db.connection() as conn:
         application.fleet.flush(conn)
     backend.sql("UPDATE cloudsync_devices SET last_seen = '2000-01-01 00:00:00' WHERE device_id = 'till'")
-    assert cloudsync._print_devices(application) == 0
+    assert cloudsync._devices_command(application.config, argparse.Namespace(json=False)) == 0
     out = capsys.readouterr().out
     assert "! till" in out and "1 device(s); 1 silent" in out
 
@@ -3277,7 +3285,7 @@ def test_migrate_and_compact_show_progress(tmp_path):
     command = [sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", ""]
     migrate = subprocess.run(command + ["migrate"], env=env, capture_output=True, text=True, timeout=60)
     assert migrate.returncode == 0
-    assert "installing triggers on sales" in migrate.stderr and "installing triggers on products" in migrate.stderr
+    assert "installed triggers on sales" in migrate.stdout and "installed triggers on products" in migrate.stdout
     compact = subprocess.run(command + ["compact"], env=env, capture_output=True, text=True, timeout=60)
     assert compact.returncode == 0 and "removed 0 change-log entries" in compact.stdout
 
@@ -3359,7 +3367,7 @@ def test_check_sees_trigger_privilege_of_another_database_as_missing(backend, ca
     try:
         cloudsync._check(backend.config(**user))
         out = capsys.readouterr().out
-        assert "lacks CREATE, INDEX, TRIGGER on %s" % backend.settings["DB_NAME"] in out and "fix: GRANT" in out
+        assert "lacks CREATE, INDEX, ALTER, TRIGGER on %s" % backend.settings["DB_NAME"] in out and "fix: GRANT" in out
     finally:
         backend.sql("DROP USER IF EXISTS 'cs_limited_check'@'%'")
 
@@ -3494,6 +3502,249 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
         server.stop()
     server_log = open(server.log, errors="replace").read()
     assert "Traceback" not in server_log, server_log[-4000:]
+
+
+# ---------------------------------------------------------------------------
+# Operators: token lifecycle, errors that say what to do, commands
+# ---------------------------------------------------------------------------
+
+
+def _cli(arguments, env, cwd=None, **options):
+    """cloudsync.py run as an operator runs it; (exit code, stdout, stderr)."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cloudsync.py")] + list(arguments),
+                            env=dict({name: value for name, value in os.environ.items()
+                                      if name not in cloudsync.SETTING_NAMES}, **env),
+                            cwd=cwd, capture_output=True, text=True, timeout=60, **options)
+    return result.returncode, result.stdout, result.stderr
+
+
+def _status_with(url, token):
+    request = urllib.request.Request(url + "/sync/status", headers={"Authorization": "Bearer " + token})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:                             # not listening (yet)
+        return None
+
+
+def _eventually(check, seconds=5):
+    """Poll `check` until it is true (a running server reads a changed tokens file within a second)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_token_add_rotate_remove_take_effect_on_a_running_server(tmp_path):
+    tokens = str(tmp_path / "cloudsync.tokens")
+    first = cloudsync.add_token(tokens, "till-01", ["sales"])
+    server = LiveServer(tmp_path, TOKENS_FILE=tokens)
+    env = {"DB_PATH": server.db, "ALLOWED_TABLES": ",".join(cloudsync.EXAMPLE_TABLES), "TOKENS_FILE": tokens}
+    try:
+        assert _status_with(server.url, first) == 200
+        code, out, _ = _cli(["--env-file", "", "token", "add", "till-02"], env)
+        second = out.split()[-1]
+        assert code == 0 and _eventually(lambda: _status_with(server.url, second) == 200)
+        code, _, err = _cli(["--env-file", "", "token", "add", "till-01"], env)
+        assert code == 2 and "token rotate till-01" in err          # one token a device, never two
+        code, out, _ = _cli(["--env-file", "", "token", "rotate", "till-01"], env)
+        rotated = [line for line in out.splitlines() if len(line) > 30 and " " not in line][0]
+        assert code == 0 and _eventually(lambda: _status_with(server.url, first) == 401)
+        assert _status_with(server.url, rotated) == 200
+        code, _, _ = _cli(["--env-file", "", "token", "remove", "till-02"], env)
+        assert code == 0 and _eventually(lambda: _status_with(server.url, second) == 401)
+        code, out, _ = _cli(["--env-file", "", "token", "list"], env)
+        assert "till-01" in out and "sales" in out and "till-02" not in out and rotated not in out
+        assert re.search(r"till-01\s+sales\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", out)
+        assert oct(os.stat(tokens).st_mode & 0o777) == "0o600"
+    finally:
+        server.stop()
+
+
+def test_sighup_rereads_the_tokens_file(tmp_path):
+    tokens = tmp_path / "cloudsync.tokens"
+    old, new = "a" * 43, "b" * 43
+    tokens.write_text("till-01 %s\n" % cloudsync.hash_token(old))
+    server = LiveServer(tmp_path, TOKENS_FILE=str(tokens))
+    try:
+        assert _status_with(server.url, old) == 200
+        # rewritten in place, same size, same time: only a SIGHUP tells the server
+        stat = os.stat(tokens)
+        with open(tokens, "r+") as handle:
+            handle.write("till-01 %s\n" % cloudsync.hash_token(new))
+        os.utime(tokens, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        time.sleep(1.5)
+        assert _status_with(server.url, old) == 200
+        server.process.send_signal(signal.SIGHUP)
+        assert _eventually(lambda: _status_with(server.url, new) == 200)
+        assert _status_with(server.url, old) == 401
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("setting", ["ADMIN_TOKEN", "METRICS_TOKEN"])
+def test_a_monitoring_token_reads_status_and_metrics(backend, setting):
+    application = started(backend, TOKENS="till:" + TILL_TOKEN, **{setting: ADMIN})
+    assert call(application, "GET", "/sync/status", headers=bearer(ADMIN)).status == 200
+    assert call(application, "GET", "/metrics", headers=bearer(ADMIN)).status == 200
+    assert call(application, "GET", "/sync/status", headers=bearer("wrong")).status == 401
+    assert call(application, "POST", "/sync/pull", {}, headers=bearer(ADMIN)).status == 401   # not a device
+    application.db.close()
+
+
+@pytest.mark.parametrize("settings,words", [
+    ({"DB_NAME": "cloudsync_no_such_db"}, ["Unknown database 'cloudsync_no_such_db'", "MySQL error 1049",
+                                           "create the database"]),
+    ({"DB_PASS": "wrong-password"}, ["Access denied for user", "MySQL error 1045", "check DB_USER and DB_PASS"]),
+    ({"DB_PORT": "1"}, ["MySQL error 2003", "check DB_HOST and DB_PORT"]),
+])
+def test_database_errors_give_the_servers_words_and_the_fix(backend, settings, words):
+    if backend.kind != "mysql":
+        pytest.skip("MySQL's own words")
+    env = dict(backend.settings, ALLOWED_TABLES="sales", TOKENS_FILE="", **settings)
+    code, _, err = _cli(["--env-file", "", "migrate"], env)
+    assert code == 1 and "migrate: the database is unavailable: " in err, err
+    for word in words:
+        assert word in err, err
+    assert "wrong-password" not in err
+
+
+@pytest.mark.parametrize("arguments,env,words", [
+    (["--env-file", "missing.env", "serve"], {}, ["cannot start: the settings file missing.env does not exist"]),
+    (["--env-file", "", "serve"], {"PORT": "abc"}, ["cannot start: PORT='abc' is not valid: expected a port number"]),
+    (["--env-file", "", "check"], {"THREADS": "many"}, ["check: THREADS='many' is not valid"]),
+    (["--env-file", "", "token", "list"], {"TOKENS": "till:sha256:12"}, ["token: TOKENS=(hidden) is not valid"]),
+    (["--env-file", "", "migrate"], {"ALLOWED_TABLES": "cloudsync_meta"}, ["migrate: ALLOWED_TABLES="]),
+])
+def test_bad_settings_are_one_sentence_naming_the_command(tmp_path, arguments, env, words):
+    code, out, err = _cli(arguments, dict({"DB_PATH": str(tmp_path / "x.db")}, **env), cwd=str(tmp_path))
+    assert code == 2 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    assert len([line for line in err.splitlines() if "ERROR" in line]) == 1
+
+
+def test_start_up_errors_are_json_lines_with_log_format_json(tmp_path):
+    code, _, err = _cli(["--env-file", "", "serve"], {"LOG_FORMAT": "json", "PORT": "abc"}, cwd=str(tmp_path))
+    assert code == 2
+    entry = json.loads(err.strip().splitlines()[-1])
+    assert entry["level"] == "ERROR" and "PORT='abc' is not valid" in entry["message"]
+
+
+def test_log_shows_the_newest_entries_and_stops_quietly_in_a_pipe(backend, tmp_path):
+    application = started(backend)
+    for n in range(30):
+        assert push(application, [op("insert", id="s%02d" % n)], device_id="till").status == 200
+    env = dict(backend.settings, ALLOWED_TABLES=",".join(TABLES), TOKENS_FILE="")
+    code, out, _ = _cli(["--env-file", "", "log", "--tail", "5"], env)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 6 and '["s29"]' in lines[-1] and '["s25"]' in lines[1]
+    code, out, _ = _cli(["--env-file", "", "log", "--since", "0", "--limit", "2"], env)
+    assert '["s00"]' in out.splitlines()[1]
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "", "log",
+                                "--tail", "1000"], env=dict(os.environ, **env), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.readline()
+    process.stdout.close()                      # `log | head -1`
+    _, err = process.communicate(timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err
+    application.db.close()
+
+
+def test_migrate_removes_the_triggers_of_tables_no_longer_allowed_and_check_sees_them(backend, tmp_path):
+    started(backend).db.close()
+    env = dict(backend.settings, ALLOWED_TABLES="sales,products", TOKENS_FILE="")
+    code, out, _ = _cli(["--env-file", "", "check"], env)
+    assert code == 1 and "customers is no longer in ALLOWED_TABLES" in out and "migrate" in out
+    code, out, _ = _cli(["--env-file", "", "migrate"], env)
+    assert code == 0 and "removed the change-capture triggers of customers" in out
+    names = {name for (name,) in backend.sql(
+        "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()"
+        if backend.kind == "mysql" else "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    assert not any("customers" in name for name in names) and cloudsync._trigger_name("sales", "ins") in names
+    code, out, _ = _cli(["--env-file", "", "check"], env)
+    assert code == 0 and "0 problem(s)" in out, out
+
+
+def test_check_of_a_database_never_migrated_reports_one_problem(backend):
+    env = dict(backend.settings, ALLOWED_TABLES=",".join(TABLES), TOKENS_FILE="")
+    code, out, _ = _cli(["--env-file", "", "check"], env)
+    assert code == 1 and "1 problem(s)" in out and "run: python cloudsync.py migrate" in out, out
+
+
+def test_devices_tell_refusals_from_failures_and_fit_100_columns(backend, monkeypatch):
+    application = started(backend)
+    assert push(application, [op("insert", id="s1")], device_id="till-with-a-long-name-01").status == 200
+    assert push(application, [op("insert", id="s1", total="x")], device_id="till-with-a-long-name-01").status == 400
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the database failed")
+    monkeypatch.setattr(application.engine, "push", broken)
+    assert push(application, [op("insert", id="s2")], device_id="till-with-a-long-name-01").status == 500
+    monkeypatch.undo()
+    with application.db.connection() as conn:
+        application.fleet.flush(conn)
+    env = dict(backend.settings, ALLOWED_TABLES=",".join(TABLES), TOKENS_FILE="")
+    code, out, _ = _cli(["--env-file", "", "devices"], env)
+    assert code == 0 and all(len(line) <= 100 for line in out.splitlines()[:-1]), out
+    code, out, _ = _cli(["--env-file", "", "devices", "--json"], env)
+    device = json.loads(out)[0]
+    assert (device["pushes"], device["rejected"], device["failed"], device["errors"]) == (1, 1, 1, 2)
+    application.db.close()
+
+
+def test_demo_is_self_contained(tmp_path):
+    """An operator's tokens file and .env beside it change nothing for the demo."""
+    cloudsync.add_token(str(tmp_path / "cloudsync.tokens"), "till-01")
+    (tmp_path / ".env").write_text("DB_HOST=db.example.com\nDB_USER=u\nDB_NAME=shop\nALLOWED_TABLES=nothing\n")
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py"), "demo"], cwd=str(tmp_path),
+                               env=dict(os.environ, PORT=str(port)), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    try:
+        url = "http://127.0.0.1:%d" % port
+        assert _eventually(lambda: _status_with(url, "no token needed") == 200, 20)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+
+def test_compact_older_than_zero_warns_and_old_checkpoints_reset(backend):
+    application = started(backend)
+    assert push(application, [op("insert", id="s1")]).status == 200
+    checkpoint = pull(application, tables=["sales"], since=None).json["checkpoint"]
+    assert push(application, [op("insert", id="s2")]).status == 200
+    env = dict(backend.settings, ALLOWED_TABLES=",".join(TABLES), TOKENS_FILE="")
+    code, out, _ = _cli(["--env-file", "", "compact", "--older-than", "0"], env)
+    assert code == 0 and "warning: devices that have not pulled since now will get 410" in out
+    response = pull(application, tables=["sales"], since=checkpoint)
+    assert response.status == 410 and response.json["reset"] is True
+    application.db.close()
+
+
+def test_a_taken_port_is_found_before_anything_changes(tmp_path):
+    db = str(tmp_path / "shop.db")
+    cloudsync._create_demo_database(db)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {"DB_PATH": db, "ALLOWED_TABLES": "sales", "TOKENS_FILE": "", "PORT": str(taken.getsockname()[1])}
+        code, _, err = _cli(["--env-file", "", "serve"], env)
+    assert code == 1 and "cannot listen" in err
+    with sqlite3.connect(db) as conn:                 # no trigger, no table of cloudsync's
+        assert not conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'cloudsync%'").fetchall()
+
+
+def test_start_up_says_one_line_about_triggers_unless_something_changed(backend):
+    env = dict(backend.settings, ALLOWED_TABLES=",".join(TABLES), TOKENS_FILE="")
+    code, first, _ = _cli(["--env-file", "", "migrate"], env)
+    assert code == 0 and "installed triggers on sales" in first
+    code, again, _ = _cli(["--env-file", "", "migrate"], env)
+    assert code == 0 and again.strip().splitlines() == ["change capture (triggers) on 7 table(s), unchanged"]
 
 
 # ---------------------------------------------------------------------------
