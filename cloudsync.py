@@ -73,6 +73,7 @@ READ_CHUNK_BYTES = 64 * 1024        # request bodies are read in pieces this siz
 MAX_JSON_DEPTH_DEFAULT = 16         # nesting allowed when no configuration says otherwise
 MYSQL_STATEMENT_BYTES = 1 << 20     # a multi-row INSERT is cut into statements of about this size
 SCHEMA_REFRESH_SECONDS = 1.0        # status re-reads the tables' columns at most this often
+SCHEMA_POLL_SECONDS = 10            # and the server by itself this often: an ALTER TABLE reaches pulls
 PULL_CACHE_ENTRIES = 64             # encoded seed-mode pull answers kept
 PULL_CACHE_BYTES = 16 << 20         # ... holding at most this many bytes (their gzipped copies too)
 EXAMPLE_TABLES = ("sales", "products", "customers", "item_sales", "product_stock")
@@ -2801,6 +2802,7 @@ class SyncEngine:
         self.allowed_tables = tuple(allowed_tables)
         self.schemas = {}
         self.schema_loaded_at = 0.0
+        self.schema_fingerprint = ""        # changes only when a table's columns, types or key change
         self._pull_cache = collections.OrderedDict()   # (tables, limit) -> Encoded, validated by tables_version
         self._pull_cache_lock = threading.Lock()
         self.changelog = ChangeLog(database, capture)
@@ -2819,17 +2821,22 @@ class SyncEngine:
         self._set_schemas(schemas)
         return schemas
 
-    def refresh_schema(self):
-        """load_schema(), unless it ran less than SCHEMA_REFRESH_SECONDS ago."""
-        if time.monotonic() - self.schema_loaded_at < SCHEMA_REFRESH_SECONDS:
+    def refresh_schema(self, max_age_seconds=SCHEMA_REFRESH_SECONDS):
+        """load_schema(), unless it ran less than `max_age_seconds` ago."""
+        if time.monotonic() - self.schema_loaded_at < max_age_seconds:
             return self.schemas
         return self.load_schema()
 
     def _set_schemas(self, schemas):
+        fingerprint = hashlib.sha256(json.dumps(
+            [(name, schema.describe(), schema.cascaded) for name, schema in sorted(schemas.items())],
+            sort_keys=True).encode("utf-8")).hexdigest()
         self.schemas = schemas          # one assignment: readers see the old or the new dict
         self.schema_loaded_at = time.monotonic()
-        with self._pull_cache_lock:
-            self._pull_cache.clear()
+        if fingerprint != self.schema_fingerprint:
+            self.schema_fingerprint = fingerprint
+            with self._pull_cache_lock:
+                self._pull_cache.clear()    # answers encoded with the old columns
 
     def migrate(self, progress=None):
         """Introspect the tables, create cloudsync's own tables and install the triggers."""
@@ -3373,8 +3380,8 @@ class SyncEngine:
         encoded = Encoded(b'{"success":true,"data":{%s},"limit":%d}' % (b",".join(pages), limit), version,
                           rows=counts)
         if version is not None:
-            encoded.etag = '"%s"' % hashlib.sha256(("%s|%r|%r|%f" % (
-                self.changelog.instance, key, version, self.schema_loaded_at)).encode("utf-8")).hexdigest()[:32]
+            encoded.etag = '"%s"' % hashlib.sha256(("%s|%r|%r|%s" % (
+                self.changelog.instance, key, version, self.schema_fingerprint)).encode("utf-8")).hexdigest()[:32]
             self._cache_pull(key, encoded)
         return encoded
 
@@ -3849,6 +3856,8 @@ OPENAPI = {
         {"name": "operations", "description": "Liveness, readiness, monitoring."},
         {"name": "meta", "description": "This description, CORS."},
     ],
+    "servers": [{"url": "http://127.0.0.1:4000", "description": "the defaults (HOST, PORT); put TLS in front "
+                                                           "when devices reach it over a network"}],
     "security": [{"deviceToken": []}, {}],
     "paths": {
         "/health": {
@@ -4350,7 +4359,11 @@ OPENAPI = {
                     "pushes": {"type": "integer", "minimum": 0},
                     "pulls": {"type": "integer", "minimum": 0},
                     "silent": {"type": "boolean", "description": "Not seen for more than a day."},
-                    "errors": {"type": "integer", "minimum": 0, "description": "Answers of 400 or more."},
+                    "errors": {"type": "integer", "minimum": 0, "description": "Answers of 400 or more "
+                                                                             "(rejected + failed)."},
+                    "rejected": {"type": "integer", "minimum": 0,
+                                 "description": "Requests answered 4xx: conflicts, 410 resets, bad values."},
+                    "failed": {"type": "integer", "minimum": 0, "description": "Requests answered 5xx."},
                 },
             },
             "Operation": {
@@ -4441,6 +4454,10 @@ OPENAPI = {
             "PullRequest": {
                 "type": "object",
                 "properties": {
+                    "device_id": {
+                        "description": "Ties the pull to a device in the fleet statistics when no token does.",
+                        "anyOf": [{"$ref": "#/components/schemas/Id"}, {"type": "null"}],
+                    },
                     "tables": {
                         "description": "Tables to pull, each in ALLOWED_TABLES (and the token's tables); absent "
                                        "or null: every allowed table (the token's).",
@@ -5158,12 +5175,14 @@ def _create_demo_database(path):
 
 def _maintain(app, config, stop, wake):
     """Server thread, every SEQUENCE_INTERVAL_SECONDS: re-read a changed tokens file, number pending changes,
-    save the device fleet; compact every COMPACT_INTERVAL_SECONDS."""
+    save the device fleet; every SCHEMA_POLL_SECONDS re-read the tables' columns; compact every
+    COMPACT_INTERVAL_SECONDS."""
     compact_due = 0.0
     while True:
         app.auth.reload(force=getattr(wake, "reload", False))
         wake.reload = False
         try:
+            app.engine.refresh_schema(SCHEMA_POLL_SECONDS)
             with app.db.connection() as conn:
                 if time.monotonic() >= compact_due:
                     compact_due = time.monotonic() + config.compact_interval_seconds
@@ -5175,6 +5194,8 @@ def _maintain(app, config, stop, wake):
                 app.fleet.flush(conn)
         except DatabaseUnavailable:
             pass                            # requests report it; tried again next time
+        except SchemaError as error:
+            log.error("an allowed table cannot be synced any more: %s", error)
         except Exception:
             log.warning("change log maintenance failed; it is tried again later", exc_info=True)
         wake.wait(SEQUENCE_INTERVAL_SECONDS)

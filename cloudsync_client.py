@@ -10,50 +10,94 @@ the client's own bookkeeping (tables named ``_cloudsync_*``):
   their ``batch_id`` BEFORE the request goes out, and removed only after a
   200 (or a replayed 200). A crash or a lost answer therefore retries the
   same operations with the same batch id, and the server applies them once.
-- ``_cloudsync_state``: the pull checkpoint per table set, stored in the same
-  transaction as the pulled rows, so a crash never skips or doubles a change.
+- ``_cloudsync_dead``: dead letters, the operations the server refused and
+  the conflicts nobody resolved, each with the server's answer. Nothing a
+  device wrote ever disappears without a trace: the app shows them, fixes
+  and resends them (``resend``), or lets them go (``discard``).
+- ``_cloudsync_state``: the pull checkpoint per table set (stored in the same
+  transaction as the pulled rows, so a crash never skips or doubles a
+  change) and the tables' schema as the server described it.
 
-``sync()`` pushes first, then pulls. Guarantees:
+``sync()`` pushes first, then pulls, and returns a ``SyncResult`` that is
+false when something needs the user's attention (offline, refused
+operations, unresolved conflicts). Guarantees:
 
 - Rows are pulled only while the outbox is empty, so a pull never overwrites
   a local change that the server has not seen yet.
-- Conflicts: the server wins. A push carries the device's checkpoint; when the
-  server answers 409 Conflict, every outbox operation on a conflicting row is
-  dropped, the row takes the server's value (``server_row``; null: deleted),
-  and the remaining operations are pushed with a new batch id.
-- An operation the server refuses for itself (4xx naming one operation) is
-  dropped with a warning, so the device is never blocked; the tables are then
+- Conflicts: a push carries the device's checkpoint. On ``409 Conflict`` the
+  app's ``on_conflict(local_op, server_row)`` decides, for each conflicting
+  operation: ``"server"`` (take the server's row), ``"mine"`` (send it again,
+  over the server's row), or a dict (a merged row, sent as an upsert). Without
+  a hook, or when it returns None, the server's row is taken and the local
+  operation becomes a dead letter: kept, not dropped.
+- An operation the server refuses for itself (a 4xx naming one operation)
+  becomes a dead letter, so the device is never blocked; the tables are then
   pulled again from scratch, because the local row holds what the server refused.
-- 5xx answers and network errors stop the sync (``sync()`` returns False); the
-  next sync sends the same batch again.
+- 5xx answers and network errors stop the sync (offline); the next sync sends
+  the same batch again.
 - 410 (checkpoint expired): the rest of the outbox is pushed without conflict
   detection (the device's changes win), then the tables are wiped and pulled
   again from ``since: null``.
+- Thread-safe: the app may write while ``sync()`` runs in a background thread.
+- Built from the server's schema (pass table names, or None for every table
+  the token allows): a column the server gains is added locally, and the
+  tables are pulled again. Decimals written locally take the server's form
+  ("3.5" is kept as "3.50" for a DECIMAL(12,2)), so a value never changes form.
 """
 
 import contextlib
+import decimal
 import gzip
 import json
 import logging
+import re
 import sqlite3
+import threading
 import urllib.error
 import urllib.request
 import uuid
 
-__all__ = ["Client", "SyncError"]
+__all__ = ["Client", "SyncError", "SyncResult"]
 
 log = logging.getLogger("cloudsync_client")
 
-# Errors the server gives for one operation of a push; only these may drop an operation.
+# Errors the server gives for one operation of a push; only these may set an operation aside.
 # (Validation errors name the operation only in `detail`, so without an `op` field the
 # client isolates it by pushing one operation at a time.)
 PER_OPERATION_ERRORS = {"Invalid operation", "Invalid table", "Invalid action", "Unknown column", "Missing key",
                         "Invalid value", "Value too large", "Sync failed", "Read-only table", "Table not permitted",
-                        "Payload too large"}     # (the last: one operation alone is over the body limit)
+                        "Rejected", "Payload too large"}     # (the last: one operation alone is over the body limit)
+CONFLICT_CHOICES = ("server", "mine")
 
 
 class SyncError(Exception):
     """The server refused the sync for a reason retrying will not fix (token, device id, configuration)."""
+
+
+class SyncResult:
+    """What one sync() did; false when something needs the user's attention."""
+
+    def __init__(self):
+        self.pushed = 0             # operations the server acknowledged
+        self.pulled = 0             # rows and deleted keys taken from the server
+        self.conflicts = []         # the server's conflict entries (op, table, key, server_row)
+        self.rejected = []          # dead letters this sync made (refused operations, unresolved conflicts)
+        self.offline = False        # the server could not be reached (or failed): try again later
+        self.reason = None          # why, when offline
+        self.up_to_date = False     # the pull reached the server's newest changes (no write came in meanwhile)
+
+    def __bool__(self):
+        return not self.offline and not self.rejected
+
+    def __repr__(self):
+        return "SyncResult(pushed=%d, pulled=%d, conflicts=%d, rejected=%d, offline=%s)" % (
+            self.pushed, self.pulled, len(self.conflicts), len(self.rejected), self.offline)
+
+    def report(self):
+        """The result as the dict `last_report` always was (with `dropped`: the refused operations)."""
+        return {"pushed": self.pushed, "pulled": self.pulled, "conflicts": self.conflicts,
+                "dropped": [entry for entry in self.rejected if entry["error"] != "Conflict"],
+                "rejected": self.rejected, "offline": self.offline}
 
 
 def _quote(name):
@@ -61,46 +105,150 @@ def _quote(name):
 
 
 class Client:
-    """One device: a local SQLite store of `tables`, synced with a cloudsync server at `url`."""
+    """One device: a local SQLite store of `tables`, synced with a cloudsync server at `url`.
 
-    def __init__(self, path, url, tables, device_id, token=None, batch_size=500, pull_limit=1000, timeout=30):
-        # tables: {name: (columns, primary-key columns)}, in a fixed order (a checkpoint belongs to one list)
+    tables: {name: (columns, key columns)} declared by the app; or a list of
+    table names, or None for every table the server lets this device sync,
+    described by the server itself (GET /sync/status; the first start needs
+    the server once).
+    """
+
+    def __init__(self, path, url, tables=None, device_id=None, token=None, batch_size=500, pull_limit=1000,
+                 timeout=30, on_conflict=None, on_change=None):
         self.url, self.device_id, self.token = url.rstrip("/"), device_id, token
-        self.tables = {name: (list(columns), list(key)) for name, (columns, key) in tables.items()}
         self.batch_size, self.pull_limit, self.timeout = batch_size, pull_limit, timeout
-        self.last_report = None         # what the last sync() did: pushed, conflicts, dropped, pulled
-        self.db = sqlite3.connect(path, isolation_level=None)     # transactions are explicit
+        self.on_conflict = on_conflict      # (local_op, server_row) -> "server", "mine", a merged row, or None
+        self.on_change = on_change          # (table, upserted rows, deleted keys) after pulled rows are stored
+        self.last_report = None             # what the last sync() did, as a dict
+        self._lock = threading.RLock()      # every use of the local database; sync() may run in another thread
+        self._syncing = threading.Lock()    # one sync at a time
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # transactions explicit
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")                  # a committed batch id survives a power cut
         with self._transaction():
-            for name, (columns, key) in self.tables.items():
-                # untyped columns: values stay exactly as the server sends them ("12.50" stays text)
-                self.db.execute("CREATE TABLE IF NOT EXISTS %s (%s, PRIMARY KEY (%s))" % (
-                    _quote(name), ", ".join(map(_quote, columns)), ", ".join(map(_quote, key))))
             self.db.execute("CREATE TABLE IF NOT EXISTS _cloudsync_outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
                             " tbl TEXT NOT NULL, action TEXT NOT NULL, row_key TEXT NOT NULL, data TEXT NOT NULL,"
                             " batch_id TEXT)")
+            if "force" not in self._columns("_cloudsync_outbox"):
+                # operations sent over the server's version of their row (conflict resolved "mine")
+                self.db.execute("ALTER TABLE _cloudsync_outbox ADD COLUMN force INTEGER NOT NULL DEFAULT 0")
             self.db.execute("CREATE TABLE IF NOT EXISTS _cloudsync_state (name TEXT PRIMARY KEY, value TEXT)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS _cloudsync_dead (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+                            " tbl TEXT NOT NULL, action TEXT NOT NULL, data TEXT NOT NULL, status INTEGER,"
+                            " error TEXT, detail TEXT, answer TEXT, at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)")
+        if isinstance(tables, dict):
+            self.tables = {name: (list(columns), list(key)) for name, (columns, key) in tables.items()}
+            self.types = {}
+        else:
+            self._load_schema(tables)
+        with self._transaction():
+            for name, (columns, key) in self.tables.items():
+                self._create_table(name, columns, key)
 
     def close(self):
         """Close the local database."""
-        self.db.close()
+        with self._lock:
+            self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- schema -----------------------------------------------------------------
+
+    def _load_schema(self, names, refresh=False):
+        """Tables from the server's description (kept locally, so later starts work offline)."""
+        stored = None if refresh else self._raw_state("schema")
+        if stored is None:
+            status, answer = self._get("/sync/status")
+            if status != 200:
+                raise SyncError("the server's description of the tables is needed once (%s); %s" % (
+                    "it cannot be reached" if status is None else "GET /sync/status answered %s" % status,
+                    "start with the server reachable, or declare the tables" if status is None
+                    else (answer or {}).get("detail", "")))
+            described = answer["tables"]
+            wanted = list(described) if names is None else list(names)
+            missing = [name for name in wanted if name not in described]
+            if missing:
+                raise SyncError("the server does not sync %s" % ", ".join(missing))
+            stored = json.dumps({name: described[name] for name in wanted})
+            with self._transaction():
+                self._set_raw_state("schema", stored)
+        schema = json.loads(stored)
+        self.tables = {name: (table["columns"], table["primary_key"]) for name, table in schema.items()}
+        self.types = {name: table.get("types", {}) for name, table in schema.items()}
+
+    def _create_table(self, name, columns, key):
+        # untyped columns: values stay exactly as the server sends them ("12.50" stays text)
+        self.db.execute("CREATE TABLE IF NOT EXISTS %s (%s, PRIMARY KEY (%s))" % (
+            _quote(name), ", ".join(map(_quote, columns)), ", ".join(map(_quote, key))))
+        for column in columns:
+            if column not in self._columns(name):
+                self.db.execute("ALTER TABLE %s ADD COLUMN %s" % (_quote(name), _quote(column)))
+
+    def _columns(self, table):
+        return [row[1] for row in self.db.execute("SELECT * FROM pragma_table_info(?)", (table,))]
+
+    def _learn_columns(self, changes):
+        """The server sent columns this device does not have: learn the new schema and add them; True if so."""
+        unknown = {table: [name for name in change["upserted"][0] if name not in self.tables[table][0]]
+                   for table, change in changes.items() if change["upserted"]}
+        unknown = {table: names for table, names in unknown.items() if names}
+        if not unknown:
+            return False
+        log.warning("the server's tables have new columns (%s): adding them here and pulling the tables again",
+                    ", ".join("%s.%s" % (table, name) for table, names in unknown.items() for name in names))
+        try:
+            self._load_schema(list(self.tables), refresh=True)
+        except SyncError:                   # declared tables on a server that does not describe them to us
+            for table, names in unknown.items():
+                columns, key = self.tables[table]
+                self.tables[table] = (columns + names, key)
+        with self._transaction():
+            for name, (columns, key) in self.tables.items():
+                self._create_table(name, columns, key)
+            self._set_state("reset", "1")   # rows pulled before the new columns lack them: pull all again
+        return True
+
+    def _local_form(self, table, row):
+        """Values as the server sends them back: a DECIMAL(p,s) as text with s decimals, so one value keeps one
+        form before and after a sync."""
+        types, formed = self.types.get(table, {}), {}
+        for name, value in row.items():
+            if name not in self.tables[table][0]:
+                raise ValueError("table %s has no column %r (its columns: %s)" % (
+                    table, name, ", ".join(self.tables[table][0])))
+            found = re.match(r"(?i)(decimal|numeric)\s*\(\s*\d+\s*,\s*(\d+)\s*\)", types.get(name, ""))
+            if found and isinstance(value, (int, float, str, decimal.Decimal)) and not isinstance(value, bool):
+                with contextlib.suppress(decimal.InvalidOperation, ValueError):
+                    value = format(decimal.Decimal(str(value).strip()).quantize(
+                        decimal.Decimal(1).scaleb(-int(found.group(2))), rounding=decimal.ROUND_HALF_UP), "f")
+            formed[name] = value
+        return formed
 
     # -- local store ------------------------------------------------------------
 
     @contextlib.contextmanager
     def _transaction(self):
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _table(self, table):
+        if table not in self.tables:
+            raise ValueError("this client does not sync table %r (it syncs %s)" % (table, ", ".join(self.tables)))
+        return self.tables[table]
 
     def _key(self, table, key):
         """A key (value, dict of key columns, or row) as the list of key values."""
-        names = self.tables[table][1]
+        names = self._table(table)[1]
         if isinstance(key, dict):
             return [key[name] for name in names]
         if len(names) != 1:
@@ -111,7 +259,7 @@ class Client:
         return " AND ".join("%s = ?" % _quote(name) for name in self.tables[table][1])
 
     def _put(self, table, row):
-        columns = [name for name in row if name in self.tables[table][0]]   # ignore columns unknown here
+        columns = [name for name in row if name in self.tables[table][0]]
         self.db.execute("INSERT OR REPLACE INTO %s (%s) VALUES (%s)" % (
             _quote(table), ", ".join(map(_quote, columns)), ", ".join("?" for _ in columns)),
             [row[name] for name in columns])
@@ -119,13 +267,14 @@ class Client:
     def _remove(self, table, key):
         self.db.execute("DELETE FROM %s WHERE %s" % (_quote(table), self._where(table)), self._key(table, key))
 
-    def _queue(self, table, action, data):
+    def _queue(self, table, action, data, force=False):
         key = json.dumps(self._key(table, data))
-        self.db.execute("INSERT INTO _cloudsync_outbox (tbl, action, row_key, data) VALUES (?, ?, ?, ?)",
-                        (table, action, key, json.dumps(data)))
+        self.db.execute("INSERT INTO _cloudsync_outbox (tbl, action, row_key, data, force) VALUES (?, ?, ?, ?, ?)",
+                        (table, action, key, json.dumps(data), int(force)))
 
     def insert(self, table, row):
         """Insert a row locally and queue it for the server."""
+        row = self._local_form(table, row)
         with self._transaction():
             columns = list(row)
             self.db.execute("INSERT INTO %s (%s) VALUES (%s)" % (
@@ -134,6 +283,7 @@ class Client:
 
     def update(self, table, key, changes):
         """Set `changes` on the row with `key` locally and queue it; LookupError if the row is not here."""
+        changes = self._local_form(table, changes)
         if set(changes) & set(self.tables[table][1]):
             raise ValueError("an update cannot change the key: delete the row and insert it again")
         data = dict(zip(self.tables[table][1], self._key(table, key)), **changes)
@@ -147,13 +297,17 @@ class Client:
 
     def upsert(self, table, row):
         """Insert the row, or set the given columns on it if its key exists; queue it."""
+        row = self._local_form(table, row)
         names = [name for name in row if name not in self.tables[table][1]]
         with self._transaction():
-            self.db.execute("INSERT INTO %s (%s) VALUES (%s) ON CONFLICT DO %s" % (
-                _quote(table), ", ".join(map(_quote, row)), ", ".join("?" for _ in row),
-                "UPDATE SET " + ", ".join("%s = excluded.%s" % (_quote(n), _quote(n)) for n in names)
-                if names else "NOTHING"), list(row.values()))
+            self._upsert_locally(table, row, names)
             self._queue(table, "upsert", row)
+
+    def _upsert_locally(self, table, row, names):
+        self.db.execute("INSERT INTO %s (%s) VALUES (%s) ON CONFLICT DO %s" % (
+            _quote(table), ", ".join(map(_quote, row)), ", ".join("?" for _ in row),
+            "UPDATE SET " + ", ".join("%s = excluded.%s" % (_quote(n), _quote(n)) for n in names)
+            if names else "NOTHING"), list(row.values()))
 
     def delete(self, table, key):
         """Delete the row with `key` locally and queue the delete."""
@@ -163,25 +317,82 @@ class Client:
 
     def rows(self, table):
         """Every local row of `table` as dicts, in key order."""
-        cursor = self.db.execute("SELECT * FROM %s ORDER BY %s" % (
-            _quote(table), ", ".join(map(_quote, self.tables[table][1]))))
-        names = [column[0] for column in cursor.description]
-        return [dict(zip(names, row)) for row in cursor]
+        self._table(table)
+        with self._lock:
+            cursor = self.db.execute("SELECT * FROM %s ORDER BY %s" % (
+                _quote(table), ", ".join(map(_quote, self.tables[table][1]))))
+            names = [column[0] for column in cursor.description]
+            return [dict(zip(names, row)) for row in cursor]
+
+    def get(self, table, key):
+        """The local row with this key (a value, or {column: value} for a composite key), or None."""
+        values = self._key(table, key)
+        with self._lock:
+            cursor = self.db.execute("SELECT * FROM %s WHERE %s" % (_quote(table), self._where(table)), values)
+            row = cursor.fetchone()
+            return None if row is None else dict(zip([column[0] for column in cursor.description], row))
 
     def pending(self):
         """How many local operations the server has not acknowledged yet."""
-        return self.db.execute("SELECT COUNT(*) FROM _cloudsync_outbox").fetchone()[0]
+        with self._lock:
+            return self.db.execute("SELECT COUNT(*) FROM _cloudsync_outbox").fetchone()[0]
+
+    # -- dead letters -------------------------------------------------------------
+
+    def dead_letters(self):
+        """Operations the server refused, and conflicts nobody resolved: each with the server's answer."""
+        with self._lock:
+            rows = self.db.execute("SELECT id, tbl, action, data, status, error, detail, answer, at"
+                                   " FROM _cloudsync_dead ORDER BY id").fetchall()
+        return [{"id": number, "table": table, "action": action, "data": json.loads(data), "status": status,
+                 "error": error, "detail": detail, "answer": json.loads(answer) if answer else None, "at": at}
+                for number, table, action, data, status, error, detail, answer, at in rows]
+
+    def resend(self, letter_id, data=None):
+        """Apply a dead letter locally again (with corrected `data` if given) and queue it; it leaves the list."""
+        with self._transaction():
+            found = self.db.execute("SELECT tbl, action, data FROM _cloudsync_dead WHERE id = ?",
+                                    (letter_id,)).fetchone()
+            if found is None:
+                raise LookupError("no dead letter %r" % letter_id)
+            table, action, stored = found
+            data = self._local_form(table, json.loads(stored) if data is None else data)
+            if action == "delete":
+                self._remove(table, data)
+            else:
+                self._upsert_locally(table, data, [name for name in data if name not in self.tables[table][1]])
+            self._queue(table, action, data)
+            self.db.execute("DELETE FROM _cloudsync_dead WHERE id = ?", (letter_id,))
+
+    def discard(self, letter_id):
+        """Let a dead letter go (the user decided the server's version stands)."""
+        with self._transaction():
+            self.db.execute("DELETE FROM _cloudsync_dead WHERE id = ?", (letter_id,))
+
+    def _bury(self, operation, status, answer, result):
+        """Keep an operation the sync could not apply, with the server's answer."""
+        entry = {"table": operation["table"], "action": operation["action"], "data": operation["data"],
+                 "status": status, "error": (answer or {}).get("error"), "detail": (answer or {}).get("detail")}
+        self.db.execute("INSERT INTO _cloudsync_dead (tbl, action, data, status, error, detail, answer)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)", (entry["table"], entry["action"], json.dumps(entry["data"]),
+                                                          status, entry["error"], entry["detail"], json.dumps(answer)))
+        result.rejected.append(entry)
 
     # -- state ------------------------------------------------------------------
 
-    def _state(self, name):
-        row = self.db.execute("SELECT value FROM _cloudsync_state WHERE name = ?",
-                              (name + " " + json.dumps(list(self.tables)),)).fetchone()
+    def _raw_state(self, name):
+        with self._lock:
+            row = self.db.execute("SELECT value FROM _cloudsync_state WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
 
+    def _set_raw_state(self, name, value):
+        self.db.execute("INSERT OR REPLACE INTO _cloudsync_state (name, value) VALUES (?, ?)", (name, value))
+
+    def _state(self, name):
+        return self._raw_state(name + " " + json.dumps(list(self.tables)))
+
     def _set_state(self, name, value):
-        self.db.execute("INSERT OR REPLACE INTO _cloudsync_state (name, value) VALUES (?, ?)",
-                        (name + " " + json.dumps(list(self.tables)), value))
+        self._set_raw_state(name + " " + json.dumps(list(self.tables)), value)
 
     @property
     def checkpoint(self):
@@ -192,58 +403,86 @@ class Client:
 
     def _post(self, path, body):
         """POST JSON; return (status, answer), or (None, None) when the server could not be reached."""
-        headers = {"Content-Type": "application/json", "Accept-Encoding": "gzip"}
+        return self._request(path, json.dumps(body).encode("utf-8"))
+
+    def _get(self, path):
+        return self._request(path, None)
+
+    def _request(self, path, data):
+        headers = {"Accept-Encoding": "gzip"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
-        request = urllib.request.Request(self.url + path, json.dumps(body).encode("utf-8"), headers, method="POST")
+        request = urllib.request.Request(self.url + path, data, headers, method="POST" if data is not None else "GET")
+        self._unreachable = None
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 status, encoding, raw = response.status, response.headers.get("Content-Encoding"), response.read()
         except urllib.error.HTTPError as error:
             status, encoding, raw = error.code, error.headers.get("Content-Encoding"), error.read()
         except OSError as error:                    # refused, reset, timed out: the answer may be lost
-            log.warning("%s: %s; will retry", path, error)
+            self._unreachable = str(getattr(error, "reason", None) or error)
             return None, None
         try:
             return status, json.loads(gzip.decompress(raw) if encoding == "gzip" else raw)
         except ValueError:                          # a proxy's HTML error page, a cut-off body
             return (status if status >= 500 else None), None
 
+    def _offline(self, result, what, status):
+        result.offline = True
+        result.reason = "the server could not be reached (%s)" % self._unreachable if status is None \
+            else "the server answered %s" % status
+        log.warning("%s: %s; %d operation(s) kept for the next sync", what, result.reason, self.pending())
+        return False
+
     # -- sync -------------------------------------------------------------------
 
     def sync(self):
-        """Push the outbox, then pull until up to date; True when done, False when it must be retried later."""
-        report = {"pushed": 0, "conflicts": [], "dropped": [], "pulled": 0}
-        self.last_report = report
-        return self._push(report) and self._pull(report)
+        """Push the outbox, then pull until up to date. The SyncResult is false when something needs attention:
+        offline (try again later), refused operations or unresolved conflicts (see dead_letters())."""
+        with self._syncing:
+            result = SyncResult()
+            try:
+                if self._push(result):
+                    self._pull(result)
+            finally:
+                self.last_report = result.report()
+            return result
 
     def _batch(self, size):
-        """The pending batch (batch_id, [(seq, operation)]), marked in the local DB before it is sent."""
+        """The pending batch (batch_id, force, [(seq, operation)]), marked in the local DB before it is sent.
+
+        Operations resolved "mine" after a conflict go out in batches of their own, without the checkpoint.
+        """
         with self._transaction():
-            rows = self.db.execute("SELECT seq, tbl, action, data, batch_id FROM _cloudsync_outbox"
+            rows = self.db.execute("SELECT seq, tbl, action, data, batch_id, force FROM _cloudsync_outbox"
                                    " WHERE batch_id IS NOT NULL ORDER BY seq").fetchall()
             if not rows:
+                first = self.db.execute("SELECT force FROM _cloudsync_outbox ORDER BY seq LIMIT 1").fetchone()
+                if first is None:
+                    return None, False, []
                 batch_id = str(uuid.uuid4())
                 self.db.execute("UPDATE _cloudsync_outbox SET batch_id = ? WHERE seq IN (SELECT seq FROM"
-                                " _cloudsync_outbox ORDER BY seq LIMIT ?)", (batch_id, size))
-                rows = self.db.execute("SELECT seq, tbl, action, data, batch_id FROM _cloudsync_outbox"
+                                " _cloudsync_outbox WHERE force = ? AND seq < coalesce((SELECT MIN(seq) FROM"
+                                " _cloudsync_outbox WHERE force <> ?), 1 << 62) ORDER BY seq LIMIT ?)",
+                                (batch_id, first[0], first[0], size))
+                rows = self.db.execute("SELECT seq, tbl, action, data, batch_id, force FROM _cloudsync_outbox"
                                        " WHERE batch_id = ? ORDER BY seq", (batch_id,)).fetchall()
-        if not rows:
-            return None, []
-        return rows[0][4], [(seq, {"table": tbl, "action": action, "data": json.loads(data)})
-                            for seq, tbl, action, data, _ in rows]
+        return rows[0][4], bool(rows[0][5]), [(seq, {"table": tbl, "action": action, "data": json.loads(data)})
+                                              for seq, tbl, action, data, _, _ in rows]
 
     def _unmark(self):
         """Forget the pending batch id: its operations go out again under a new one (only when not applied)."""
         self.db.execute("UPDATE _cloudsync_outbox SET batch_id = NULL")
 
-    def _push(self, report):
+    def _push(self, result):
         size = self.batch_size
         while True:
-            batch_id, batch = self._batch(size)
+            batch_id, force, batch = self._batch(size)
             if not batch:
                 return True
-            checkpoint = self.checkpoint
+            checkpoint = None if force else self.checkpoint
             body = {"device_id": self.device_id, "batch_id": batch_id, "on_conflict": "abort",
                     "operations": [operation for _, operation in batch]}
             if checkpoint is not None:      # without one the server cannot detect conflicts
@@ -257,9 +496,9 @@ class Client:
                     # changes only when the server proved this device holds them (the local table does)
                     if checkpoint is not None and answer.get("checkpoint"):
                         self._set_state("checkpoint", answer["checkpoint"])
-                report["pushed"] += len(batch)
+                result.pushed += len(batch)
             elif status == 409 and error == "Conflict":
-                self._take_server_rows(batch, answer["conflicts"], report)
+                self._resolve(batch, answer, result)
             elif status == 410 or (status == 400 and error == "Invalid checkpoint"):
                 # unpushed changes can no longer be checked for conflicts: push them plainly (same batch
                 # id: it may have been applied already), then pull everything again
@@ -280,36 +519,67 @@ class Client:
                         self._unmark()
                     continue
                 seq, operation = batch[answer.get("op", 0)]
-                log.warning("server refused %s on %s (%s: %s); dropped", operation["action"], operation["table"],
-                            error, answer.get("detail"))
-                report["dropped"].append(dict(operation, error=error))
+                log.warning("server refused %s on %s (%s: %s); kept as a dead letter", operation["action"],
+                            operation["table"], error, answer.get("detail"))
                 with self._transaction():
+                    self._bury(operation, status, answer, result)
                     self.db.execute("DELETE FROM _cloudsync_outbox WHERE seq = ?", (seq,))
                     self._unmark()
                     self._set_state("reset", "1")   # the local row holds what the server refused
             elif status is None or status >= 500 or status == 429:
-                log.warning("push failed (%s %s); batch %s is kept for the next sync", status, error, batch_id)
-                return False
+                return self._offline(result, "push of batch %s" % batch_id, status)
             else:
                 raise SyncError("push refused: %s %s: %s" % (status, error, (answer or {}).get("detail")))
 
-    def _take_server_rows(self, batch, conflicts, report):
-        """Server wins: drop every queued operation on a conflicting row and store the server's row."""
+    def _resolve(self, batch, answer, result):
+        """A 409 Conflict: for each conflicting operation, what on_conflict decides (by default: the server's row
+        is taken and the operation kept as a dead letter); the rest goes out again as a new batch."""
+        changed = {}
         with self._transaction():
-            for conflict in conflicts:
+            for conflict in answer["conflicts"]:
                 table, server_row = conflict["table"], conflict["server_row"]
                 key = self._key(table, conflict["key"])
+                seq, operation = batch[conflict["op"]]
+                later = self.db.execute("SELECT seq, action, data FROM _cloudsync_outbox WHERE tbl = ? AND"
+                                        " row_key = ? AND seq <> ? ORDER BY seq", (table, json.dumps(key), seq))
                 # by index (always progress), and by key: later operations on the row would only conflict again
-                self.db.execute("DELETE FROM _cloudsync_outbox WHERE seq = ? OR (tbl = ? AND row_key = ?)",
-                                (batch[conflict["op"]][0], table, json.dumps(key)))
-                if server_row is None:
-                    self._remove(table, dict(zip(self.tables[table][1], key)))
+                operations = [(seq, operation)] + [(number, {"table": table, "action": action,
+                                                             "data": json.loads(data)})
+                                                   for number, action, data in later.fetchall()]
+                choice = self.on_conflict(operation, server_row) if self.on_conflict else None
+                for number, _ in operations:
+                    self.db.execute("DELETE FROM _cloudsync_outbox WHERE seq = ?", (number,))
+                if choice == "mine":
+                    # the device's row as it is now goes over the server's (or its absence, for a delete)
+                    mine = self.get(table, dict(zip(self.tables[table][1], key)))
+                    self._queue(table, "delete" if mine is None else "upsert",
+                                dict(zip(self.tables[table][1], key)) if mine is None else mine, force=True)
                 else:
-                    self._put(table, server_row)
-                report["conflicts"].append(conflict)
+                    if server_row is None:
+                        self._remove(table, dict(zip(self.tables[table][1], key)))
+                    else:
+                        self._put(table, server_row)
+                    changed.setdefault(table, ([], []))[0 if server_row is not None else 1].append(
+                        server_row if server_row is not None else conflict["key"])
+                    if isinstance(choice, dict):        # a merged row: sent over the server's one
+                        merged = self._local_form(table, choice)
+                        self._upsert_locally(table, merged, [n for n in merged if n not in self.tables[table][1]])
+                        self._queue(table, "upsert", merged, force=True)
+                    elif choice is None:
+                        for _, kept in operations:
+                            self._bury(kept, 409, dict(conflict, error="Conflict",
+                                                       detail="changed on the server since this device pulled"),
+                                       result)
+                result.conflicts.append(conflict)
             self._unmark()                          # the rest goes out as a new batch
+        self._changed(changed)
 
-    def _pull(self, report):
+    def _changed(self, changed):
+        if self.on_change:
+            for table, (upserted, deleted) in changed.items():
+                self.on_change(table, upserted, deleted)
+
+    def _pull(self, result):
         tables = list(self.tables)
         while True:
             since = None if self._state("reset") else self.checkpoint
@@ -322,11 +592,14 @@ class Client:
                 continue
             if status != 200:
                 if status is None or status >= 500 or status == 429:
-                    return False
+                    return self._offline(result, "pull", status)
                 raise SyncError("pull refused: %s %s: %s" % (status, error, (answer or {}).get("detail")))
+            if self._learn_columns(answer["changes"]):
+                continue
+            changed = {}
             with self._transaction():
                 if self.pending():
-                    return False                    # a local write came in since the push: push it first
+                    return True                     # a local write came in since the push: it goes next time
                 if since is None:
                     # from scratch: rows deleted meanwhile are never listed, so start from an empty copy
                     for table in tables:
@@ -337,7 +610,11 @@ class Client:
                         self._put(table, row)
                     for key in change["deleted"]:
                         self._remove(table, key)
-                    report["pulled"] += len(change["upserted"]) + len(change["deleted"])
+                    result.pulled += len(change["upserted"]) + len(change["deleted"])
+                    if change["upserted"] or change["deleted"]:
+                        changed[table] = (change["upserted"], change["deleted"])
                 self._set_state("checkpoint", answer["checkpoint"])
+            self._changed(changed)
             if not answer["has_more"]:
+                result.up_to_date = True
                 return True

@@ -3827,9 +3827,10 @@ def test_two_devices_edit_offline_and_converge_server_wins(server, device):
     till_b.upsert("products", {"id": "p1", "name": "Espresso"})
     till_b.update("sales", "s4", {"note": "b again"})
     assert till_a.sync()
-    assert till_b.sync()
-    assert [c["key"] for c in till_b.last_report["conflicts"]] == ["s1"]
-    assert till_b.last_report["dropped"] == []
+    result = till_b.sync()
+    assert not result                               # a conflict nobody resolved needs the user's attention
+    assert [c["key"] for c in result.conflicts] == ["s1"] and till_b.last_report["dropped"] == []
+    assert [(letter["error"], letter["data"]["id"]) for letter in till_b.dead_letters()] == [("Conflict", "s1")]
     assert till_a.sync() and till_b.sync() and till_a.sync()     # once more: nothing left to move
     assert till_a.pending() == till_b.pending() == 0
     assert_equal_to_server(server, till_a, till_b)
@@ -3850,7 +3851,7 @@ def test_conflict_on_deleted_row_deletes_it_locally(server, device):
     assert till_a.sync()
     post = till_b._post
     till_b._post = lambda path, body: (None, None) if path == "/sync/pull" else post(path, body)   # pull fails
-    assert till_b.sync() is False
+    assert not till_b.sync()
     assert till_b.last_report["conflicts"][0]["server_row"] is None
     assert [row["id"] for row in till_b.rows("sales")] == ["s2"]        # taken from the conflict, not a pull
     till_b._post = post
@@ -3897,11 +3898,12 @@ def test_unreachable_server_keeps_batch_id_for_next_sync(server, device, tmp_pat
     till = device("till-a", url="http://127.0.0.1:%d" % _free_port())
     till.insert("sales", {"id": "s1", "total": "1.00"})
     calls = record_posts(till)
-    assert till.sync() is False and till.sync() is False
+    first, second = till.sync(), till.sync()
+    assert not first and first.offline and not second
     assert till.pending() == 1
     assert calls[0][1]["batch_id"] == calls[1][1]["batch_id"]
     till.url = server.url
-    assert till.sync() is True
+    assert till.sync()
     assert calls[2][1]["batch_id"] == calls[0][1]["batch_id"] and calls[2][2] == 200
     assert_equal_to_server(server, till)
 
@@ -3923,7 +3925,7 @@ def test_batches_hold_at_most_batch_size_operations(server, device):
 # ---------------------------------------------------------------------------
 
 
-def test_refused_operation_is_dropped_and_device_converges(server, device, caplog):
+def test_refused_operation_is_kept_as_a_dead_letter_and_device_converges(server, device, caplog):
     tables = dict(DEMO_TABLES, products=(DEMO_TABLES["products"][0] + ["colour"], ["id"]))   # app newer than server
     till = device("till-a", tables=tables)
     assert till.sync()                          # holds a checkpoint: only a reset re-pulls the refused rows
@@ -3931,9 +3933,12 @@ def test_refused_operation_is_dropped_and_device_converges(server, device, caplo
     till.insert("products", {"id": "p1", "name": "Tea", "colour": "green"})      # 400 Unknown column, no `op`
     till.insert("products", {"id": "p2", "name": None})                         # 400 Sync failed (NOT NULL), `op`
     till.insert("sales", {"id": "s2", "total": "2.00"})
-    assert till.sync()
+    result = till.sync()
+    assert not result                               # refused operations need the user's attention
     assert [op["error"] for op in till.last_report["dropped"]] == ["Unknown column", "Sync failed"]
-    assert "dropped" in caplog.text
+    assert [(letter["error"], letter["data"]["id"]) for letter in till.dead_letters()] == [
+        ("Unknown column", "p1"), ("Sync failed", "p2")]
+    assert "kept as a dead letter" in caplog.text
     assert till.pending() == 0
     assert [row["id"] for row in till.rows("products")] == []        # re-pulled: the refused rows are gone
     assert [row["id"] for row in till.rows("sales")] == ["s1", "s2"]
@@ -3977,10 +3982,11 @@ def test_pull_never_overwrites_a_local_change_made_during_sync(server, device):
         return post(path, body)
 
     till_a._post = write_before_pull
-    assert till_a.sync() is False
+    assert not till_a.sync().up_to_date            # the new write goes first: nothing was pulled over it
     assert till_a.rows("sales")[0]["total"] == "7.00" and till_a.pending() == 1
-    assert till_a.sync()
-    assert [c["key"] for c in till_a.last_report["conflicts"]] == ["s1"]     # b changed s1 first: server wins
+    result = till_a.sync()
+    assert [c["key"] for c in result.conflicts] == ["s1"]     # b changed s1 first: server wins
+    assert [letter["data"]["total"] for letter in till_a.dead_letters()] == ["7.00"]
     assert_equal_to_server(server, till_a, till_b)
 
 
@@ -4002,6 +4008,131 @@ def test_pushes_carry_the_pulled_checkpoint(server, device):
     checkpoint = till.checkpoint
     assert till.sync()
     assert calls[0][1]["checkpoint"] == checkpoint and calls[0][1]["device_id"] == "till-a"
+
+
+# ---------------------------------------------------------------------------
+# The reference client: dead letters, callbacks, threads, the server's schema
+# ---------------------------------------------------------------------------
+
+
+def test_a_refused_operation_can_be_fixed_and_resent(server, device):
+    till = device("till-a")
+    till.insert("sales", {"id": "s1", "total": "not-a-number"})
+    result = till.sync()
+    assert not result and [entry["error"] for entry in result.rejected] == ["Invalid value"]
+    [letter] = till.dead_letters()
+    assert letter["action"] == "insert" and letter["status"] == 400 and "'total'" in letter["detail"]
+    till.resend(letter["id"], dict(letter["data"], total="12.50"))
+    assert till.sync() and till.dead_letters() == []
+    assert till.get("sales", "s1")["total"] == "12.50"
+    till.insert("sales", {"id": "s2", "total": "bad"})
+    assert not till.sync()
+    till.discard(till.dead_letters()[0]["id"])
+    assert till.dead_letters() == [] and till.get("sales", "s2") is None
+    assert_equal_to_server(server, till)
+
+
+@pytest.mark.parametrize("choice,note", [("server", "from a"), ("mine", "from b"), ("merged", "from a + from b")])
+def test_on_conflict_decides_and_on_change_tells_the_app(server, device, choice, note):
+    seen, changes = [], []
+
+    def decide(local_op, server_row):
+        seen.append((local_op["data"]["note"], server_row["note"]))
+        if choice == "merged":
+            return dict(server_row, note=server_row["note"] + " + " + local_op["data"]["note"])
+        return choice
+    till_a = device("till-a")
+    till_b = device("till-b", on_conflict=decide, on_change=lambda table, upserted, deleted: changes.append(
+        (table, [row["id"] for row in upserted], deleted)))
+    till_a.insert("sales", {"id": "s1", "total": "1.00"})
+    assert till_a.sync() and till_b.sync()
+    assert changes == [("sales", ["s1"], [])]
+    till_a.update("sales", "s1", {"note": "from a"})
+    till_b.update("sales", "s1", {"note": "from b"})
+    assert till_a.sync()
+    result = till_b.sync()
+    assert result and [c["key"] for c in result.conflicts] == ["s1"]     # resolved: nothing needs attention
+    assert seen == [("from b", "from a")] and till_b.dead_letters() == []
+    assert till_a.sync() and till_b.sync()
+    assert till_a.get("sales", "s1")["note"] == till_b.get("sales", "s1")["note"] == note
+    assert_equal_to_server(server, till_a, till_b)
+
+
+def test_sync_runs_in_a_background_thread_while_the_app_writes(server, device):
+    till = device("till-a", batch_size=7)
+    errors, done = [], threading.Event()
+
+    def background():
+        try:
+            while not done.is_set():
+                till.sync()
+        except Exception as error:              # e.g. "SQLite objects created in a thread..."
+            errors.append(error)
+    thread = threading.Thread(target=background)
+    thread.start()
+    try:
+        for n in range(60):
+            till.insert("sales", {"id": "s%02d" % n, "total": "%d.00" % n})
+            till.rows("sales")
+    finally:
+        done.set()
+        thread.join()
+    assert errors == []
+    assert till.sync() and till.pending() == 0
+    assert len(till.rows("sales")) == 60
+    assert_equal_to_server(server, till)
+
+
+def test_the_server_sees_a_new_column_by_itself(app, backend, monkeypatch):
+    monkeypatch.setattr(cloudsync, "SCHEMA_POLL_SECONDS", 0.05)
+    backend.sql("ALTER TABLE sales ADD COLUMN payment VARCHAR(20)" if backend.kind == "mysql"
+                else "ALTER TABLE sales ADD COLUMN payment TEXT")
+    stop, wake = threading.Event(), threading.Event()
+    worker = threading.Thread(target=cloudsync._maintain, args=(app, app.config, stop, wake))
+    worker.start()
+    try:
+        assert _eventually(lambda: "payment" in app.engine.schemas["sales"].column_names)
+    finally:
+        stop.set()
+        wake.set()
+        worker.join()
+    assert push(app, [op("insert", id="s1", payment="cash")]).status == 200
+
+
+def test_a_client_built_from_the_servers_schema_learns_a_new_column(server, tmp_path):
+    till = cloudsync_client.Client(str(tmp_path / "till.db"), server.url, ["sales", "products"], "till-a")
+    assert till.tables["sales"][0] == ["id", "customer_id", "total", "note", "sold_at"]
+    till.insert("sales", {"id": "s1", "total": 3.5})
+    assert till.get("sales", "s1")["total"] == "3.50"        # one form before and after a sync
+    assert till.sync() and till.get("sales", "s1")["total"] == "3.50"
+    with sqlite3.connect(server.db) as conn:                  # the office adds a column, and fills it in
+        conn.execute("ALTER TABLE sales ADD COLUMN payment TEXT")
+        conn.execute("UPDATE sales SET payment = 'cash'")
+        conn.execute("INSERT INTO sales (id, total, payment) VALUES ('s2', 2, 'card')")
+    time.sleep(cloudsync.SCHEMA_REFRESH_SECONDS + 0.1)       # status re-reads the columns at most this often
+    urllib.request.urlopen(server.url + "/sync/status").read()    # the server sees it at once (else within 10 s)
+    assert till.sync()
+    assert [(row["id"], row["payment"]) for row in till.rows("sales")] == [("s1", "cash"), ("s2", "card")]
+    till.update("sales", "s2", {"payment": "voucher"})
+    assert till.sync() and server.rows("sales")[1]["payment"] == "voucher"
+    till.close()
+    with cloudsync_client.Client(str(tmp_path / "till.db"), "http://127.0.0.1:%d" % _free_port(), ["sales"],
+                                 "till-a") as offline:       # the schema is kept: a restart works offline
+        assert "payment" in offline.tables["sales"][0] and offline.get("sales", "s2")["payment"] == "voucher"
+
+
+def test_client_errors_say_what_is_wrong(server, device, caplog):
+    till = device("till-a")
+    with pytest.raises(ValueError, match="no column 'colour'"):
+        till.insert("sales", {"id": "s1", "colour": "red"})
+    with pytest.raises(ValueError, match="does not sync table 'nope'"):
+        till.rows("nope")
+    assert till.pending() == 0
+    till.url = "http://127.0.0.1:%d" % _free_port()
+    till.insert("sales", {"id": "s1", "total": "1.00"})
+    result = till.sync()
+    assert result.offline and "could not be reached" in result.reason
+    assert "1 operation(s) kept for the next sync" in caplog.text and "None None" not in caplog.text
 
 
 # ---------------------------------------------------------------------------
