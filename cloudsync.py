@@ -34,6 +34,7 @@ import decimal
 import gzip
 import hashlib
 import hmac
+import http
 import itertools
 import json
 import logging
@@ -53,7 +54,7 @@ import contextlib
 from contextlib import contextmanager
 
 __all__ = [
-    "App", "Config", "ConfigError", "HTTPError", "SchemaError", "DatabaseUnavailable",
+    "App", "Config", "ConfigError", "Refused", "REFUSALS", "SchemaError", "DatabaseUnavailable",
     "parse_dotenv", "load_config", "open_database", "make_app", "main", "Metrics", "DeviceFleet", "OPENAPI",
 ]
 
@@ -76,43 +77,37 @@ SCHEMA_REFRESH_SECONDS = 1.0        # status re-reads the tables' columns at mos
 SCHEMA_POLL_SECONDS = 10            # and the server by itself this often: an ALTER TABLE reaches pulls
 PULL_CACHE_ENTRIES = 64             # encoded seed-mode pull answers kept
 PULL_CACHE_BYTES = 16 << 20         # ... holding at most this many bytes (their gzipped copies too)
+RETRY_AFTER_SECONDS = 5             # what a 503 tells a client to wait
 EXAMPLE_TABLES = ("sales", "products", "customers", "item_sales", "product_stock")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-HTTP_REASONS = {
-    200: "OK", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
-    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-    410: "Gone", 413: "Payload Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content",
-    500: "Internal Server Error", 503: "Service Unavailable",
-}
 
 # ---------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------
+# Domain code raises these; only the HTTP section turns them into answers.
+# Refused is every refusal a client gets: its `reason` names an entry of
+# REFUSALS, the one catalogue of (HTTP status, `error`, when) from which both
+# the answers and the error responses of the OpenAPI description are made.
 
 
-class HTTPError(Exception):
-    """An error that is also the JSON response sent for it."""
-
-    def __init__(self, code, error, detail=None, headers=(), **fields):
-        super().__init__(error)
-        self.status = code
-        self.headers = list(headers)
-        self.body = {"success": False, "error": error}
-        if detail is not None:
-            self.body["detail"] = detail
-        self.body.update(fields)
+class CloudsyncError(Exception):
+    """Every error cloudsync raises on purpose (a connection that saw one is still good)."""
 
 
-class ConfigError(Exception):
+class ConfigError(CloudsyncError):
     """A configuration problem, told at start-up in one sentence."""
 
 
-class SchemaError(Exception):
-    """An allowed table that cannot be synced (missing, no primary key...)."""
+class SchemaError(CloudsyncError):
+    """An allowed table that cannot be synced (missing, no primary key, a key that cannot name a row)."""
 
 
-class DatabaseUnavailable(Exception):
+class ChangeCaptureError(CloudsyncError):
+    """Triggers cannot be installed (usually: the database user lacks the privilege)."""
+
+
+class DatabaseUnavailable(CloudsyncError):
     """The database cannot be reached (refused, timed out, restarting)."""
 
 
@@ -120,13 +115,93 @@ class Retryable(DatabaseUnavailable):
     """A deadlock or lock timeout: the transaction was undone and may simply be run again."""
 
 
-class DataRejected(Exception):
+class DataRejected(CloudsyncError):
     """The database refused the pushed values (duplicate key, NOT NULL, a rule of the user's...)."""
 
     def __init__(self, message, duplicate=False, rule=False):
         super().__init__(message)
         self.duplicate = duplicate      # another row holds this key or unique value
         self.rule = rule                # a trigger of the user's refused it (SIGNAL, RAISE): message is theirs
+
+
+class Refused(CloudsyncError):
+    """A request refused: `reason` is its entry in REFUSALS, `detail` says exactly what was wrong."""
+
+    def __init__(self, reason, detail, **fields):
+        super().__init__(detail)
+        if reason not in REFUSALS:
+            raise KeyError("no refusal %r in REFUSALS" % reason)
+        self.reason = reason
+        self.detail = detail
+        self.fields = fields            # more of the answer: op, conflicts, rejected, reset, status
+        self.headers = []               # set by the HTTP section where the answer needs one (Allow)
+
+
+class PushRejected(CloudsyncError):
+    """The database refused one operation of a push (turned into a Refused naming the operation)."""
+
+    def __init__(self, op, error):
+        super().__init__(str(error))
+        self.op = op
+        self.error = error
+
+
+class _GroupRejected(CloudsyncError):
+    """A multi-row insert was refused; the push is redone row by row to name the operation."""
+
+
+class _BatchTaken(CloudsyncError):
+    """Another request with the same device and batch id committed first."""
+
+
+# reason: (HTTP status, `error` as clients see it, when). The `error` texts are the
+# original service's where it had one; they never change.
+REFUSALS = {
+    "invalid_json": (400, "Invalid JSON", "the body is not JSON or not UTF-8, or an object names a field twice"),
+    "invalid_request": (400, "Invalid request", "a broken body: Content-Length not a number or not reached, gzip "
+                                                "that is not valid, cut short or followed by other bytes"),
+    "invalid_payload": (400, "Invalid payload", "the body is not an object, or a field has the wrong type"),
+    "too_deep": (400, "Too deeply nested", "the body nests deeper than MAX_JSON_DEPTH"),
+    "invalid_operation": (400, "Invalid operation", "an operation is not an object or lacks table, action or data"),
+    "invalid_table": (400, "Invalid table", "a table is not in ALLOWED_TABLES"),
+    "invalid_action": (400, "Invalid action", "an action is not insert, update, delete or upsert"),
+    "unknown_column": (400, "Unknown column", "a column is not in the table"),
+    "missing_key": (400, "Missing key", "data lacks a primary-key column"),
+    "invalid_value": (400, "Invalid value", "a value its column cannot hold as it is (the detail names the "
+                                            "operation and column)"),
+    "invalid_checkpoint": (400, "Invalid checkpoint", "a checkpoint this server did not issue for this database "
+                                                      "and these tables"),
+    "invalid_limit": (400, "Invalid limit", "limit is not a whole number of at least 1"),
+    "no_tables": (400, "No tables configured", "tables is [] or ALLOWED_TABLES is empty"),
+    "data_refused": (400, "Sync failed", "the database refused a value (NOT NULL, too long, foreign key, CHECK); "
+                                         "op names the operation"),
+    "unauthorized": (401, "Unauthorized", "tokens are configured and the request has no valid one"),
+    "forbidden": (403, "Forbidden", "device_id is not the token's device"),
+    "read_only_table": (403, "Read-only table", "a push to a table in READ_ONLY_TABLES"),
+    "table_not_permitted": (403, "Table not permitted", "a table outside the token's tables"),
+    "not_found": (404, "Not found", "no endpoint at this path"),
+    "method_not_allowed": (405, "Method not allowed", "the path does not take this method (see Allow)"),
+    "duplicate": (409, "Sync failed", "a row with that key or unique value exists with other values; op names "
+                                      "the operation"),
+    "conflict": (409, "Conflict", "with a checkpoint: operations touch rows changed since; conflicts lists them"),
+    "batch_reused": (409, "Batch id reused", "this device pushed a different batch under this batch_id"),
+    "expired": (410, "Checkpoint expired", "the checkpoint is older than what compaction removed, or ahead of "
+                                           "the log (a restored database); reset: true"),
+    "too_large": (413, "Payload too large", "the body, or the unpacked gzip body, is over MAX_BODY_BYTES"),
+    "too_many_operations": (413, "Too many operations", "a push holds more than MAX_OPERATIONS"),
+    "value_too_large": (413, "Value too large", "a text is over MAX_VALUE_BYTES"),
+    "unsupported_encoding": (415, "Unsupported content encoding", "Content-Encoding other than gzip or identity"),
+    "rejected": (422, "Rejected", "a rule of the database (a trigger's SIGNAL or RAISE) refused an operation; "
+                                  "rejected carries its message"),
+    "push_failed": (500, "Sync failed", "the database failed; nothing was applied"),
+    "pull_failed": (500, "Pull sync failed", "the database failed while reading"),
+    "schema_problem": (500, "Schema problem", "an allowed table disappeared or lost its primary key"),
+    "internal": (500, "Internal server error", "an unexpected error; the server log has the details"),
+    "push_unavailable": (503, "Sync failed", "the database is unreachable, or still locked after PUSH_RETRIES "
+                                             "retries; Retry-After"),
+    "pull_unavailable": (503, "Pull sync failed", "the database is unreachable; Retry-After"),
+    "database_unavailable": (503, "Database unavailable", "the database is unreachable; Retry-After"),
+}
 
 
 # ---------------------------------------------------------------------------
@@ -668,8 +743,7 @@ class Authenticator:
         log.warning("auth failure from %s on %s: %s", _loggable(request.environ.get("REMOTE_ADDR", "?")),
                     _loggable(request.path, 100), detail)
         request.auth_failed = True
-        raise HTTPError(401, "Unauthorized", detail,
-                        headers=[("WWW-Authenticate", 'Bearer realm="cloudsync"')])
+        raise Refused("unauthorized", detail)
 
 
 # ---------------------------------------------------------------------------
@@ -838,21 +912,21 @@ def parse_json(body):
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise HTTPError(400, "Invalid JSON", "the body is not valid UTF-8 (byte %d)" % error.start) from None
+        raise Refused("invalid_json", "the body is not valid UTF-8 (byte %d)" % error.start) from None
     if not text.strip():
         return {}
     try:
         return json.loads(text, parse_float=decimal.Decimal, parse_constant=_reject_constant,
                           object_pairs_hook=_object_without_duplicates)
     except json.JSONDecodeError as error:
-        raise HTTPError(400, "Invalid JSON", "%s at line %d column %d" % (error.msg, error.lineno, error.colno)) from None
+        raise Refused("invalid_json", "%s at line %d column %d" % (error.msg, error.lineno, error.colno)) from None
     except (ValueError, RecursionError) as error:
-        raise HTTPError(400, "Invalid JSON", str(error) if isinstance(error, ValueError)
+        raise Refused("invalid_json", str(error) if isinstance(error, ValueError)
                         else "the body is nested too deeply") from None
 
 
 def _invalid(where, column, text):
-    return HTTPError(400, "Invalid value", "%s: %s" % (where, text % repr(column.name)))
+    return Refused("invalid_value", "%s: %s" % (where, text % repr(column.name)))
 
 
 def bind_value(column, value, where):
@@ -870,7 +944,7 @@ def bind_value(column, value, where):
         if not value.isascii():
             _check_text(column, value, where)
     elif not isinstance(value, (int, decimal.Decimal)):
-        raise HTTPError(400, "Invalid value", "%s: column %r must be a string, number, "
+        raise Refused("invalid_value", "%s: column %r must be a string, number, "
                         "boolean or null, not %s" % (where, column.name, _json_type(value)))
     kind = column.kind
     if kind == "binary":
@@ -991,7 +1065,7 @@ def _checked_decimal(column, value, where):
     except (decimal.InvalidOperation, ValueError):
         raise _invalid(where, column, "column %s holds a decimal number") from None
     if len(number.normalize(_WIDE_CONTEXT).as_tuple().digits) > SQLITE_EXACT_DIGITS:
-        raise HTTPError(400, "Invalid value", "%s: %s has more digits than SQLite keeps exactly (%d); use "
+        raise Refused("invalid_value", "%s: %s has more digits than SQLite keeps exactly (%d); use "
                         "MySQL/MariaDB for such amounts" % (where, number, SQLITE_EXACT_DIGITS))
     return number
 
@@ -1110,7 +1184,7 @@ class _Pool:
             if conn is None:
                 conn = self._connect()
             yield conn
-        except (Retryable, DataRejected, HTTPError, PushConflict, PushRejected, _GroupRejected, _BatchTaken):
+        except Retryable:
             raise                            # the transaction was rolled back; the connection is fine
         except DatabaseUnavailable:
             # the server went away or restarted: the idle connections are most likely dead too
@@ -1120,6 +1194,8 @@ class _Pool:
                 conn = None
             self.close()
             raise
+        except CloudsyncError:
+            raise                            # refused on purpose (the transaction rolled back): the connection is fine
         except BaseException:
             if conn is not None:
                 self._discard(conn)
@@ -2156,10 +2232,6 @@ CUTOFF_SQL = {"mysql": "NOW(6) - INTERVAL ? DAY",
 MYSQL_TRIGGER_DENIED = {1142, 1419, 1227, 1044}
 
 
-class ChangeCaptureError(Exception):
-    """Triggers cannot be installed (usually: the database user lacks the privilege)."""
-
-
 def _sql_literal(text, backend):
     """A string literal for DDL, where values cannot be bound (trigger bodies)."""
     if backend == "mysql":
@@ -2755,15 +2827,15 @@ class Checkpoints:
     def decode(self, text):
         """The checkpoint's fields, or a 400 when it is malformed, altered or from another database."""
         if not isinstance(text, str) or not text.startswith(CHECKPOINT_PREFIX) or text.count(".") != 2:
-            raise HTTPError(400, "Invalid checkpoint", "checkpoint must be a string this server returned, or null")
+            raise Refused("invalid_checkpoint", "checkpoint must be a string this server returned, or null")
         _, payload, mac = text.split(".")
         payload = payload.encode("ascii", "replace")
         if not hmac.compare_digest(self._mac(payload), mac.encode("ascii", "replace")):
-            raise HTTPError(400, "Invalid checkpoint", "the checkpoint was not issued by this server for this "
+            raise Refused("invalid_checkpoint", "the checkpoint was not issued by this server for this "
                             "database; start again with \"since\": null")
         fields = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
         if fields.get("db") != self.changelog.instance:
-            raise HTTPError(400, "Invalid checkpoint", "the checkpoint belongs to another database")
+            raise Refused("invalid_checkpoint", "the checkpoint belongs to another database")
         return fields
 
 
@@ -2850,7 +2922,7 @@ class SyncEngine:
 
     def _schema_for(self, table, where):
         if not isinstance(table, str) or table not in self.allowed_tables:
-            raise HTTPError(400, "Invalid table", "%s: table %s is not in ALLOWED_TABLES"
+            raise Refused("invalid_table", "%s: table %s is not in ALLOWED_TABLES"
                             % (where, json.dumps(table, default=str)[:100]))
         return self.schemas[table]
 
@@ -2859,13 +2931,13 @@ class SyncEngine:
     def validate_operations(self, operations):
         """Check every operation against the schema; return Operations or raise 400."""
         if not isinstance(operations, list):
-            raise HTTPError(400, "Invalid payload", "operations must be a list")
+            raise Refused("invalid_payload", "operations must be a list")
         validated = []
         for index, operation in enumerate(operations):
             try:
                 validated.append(self._validate_operation(index, operation))
-            except HTTPError as error:
-                error.body.setdefault("op", index)      # which operation to fix or drop
+            except Refused as refusal:
+                refusal.fields.setdefault("op", index)  # which operation to fix or drop
                 raise
         return validated
 
@@ -2873,28 +2945,28 @@ class SyncEngine:
         """One operation checked against the schema, as an Operation."""
         where = "operation %d" % index
         if not isinstance(operation, dict):
-            raise HTTPError(400, "Invalid operation", "%s must be an object" % where)
+            raise Refused("invalid_operation", "%s must be an object" % where)
         if "table" not in operation or "action" not in operation or "data" not in operation:
             missing = [field for field in ("table", "action", "data") if field not in operation]
-            raise HTTPError(400, "Invalid operation", "%s has no %s" % (where, " or ".join(missing)))
+            raise Refused("invalid_operation", "%s has no %s" % (where, " or ".join(missing)))
         schema = self._schema_for(operation["table"], where)
         action = operation["action"]
         if action not in ACTIONS:
-            raise HTTPError(400, "Invalid action", "%s: action must be one of %s"
+            raise Refused("invalid_action", "%s: action must be one of %s"
                             % (where, ", ".join(ACTIONS)))
         data = operation["data"]
         if not isinstance(data, dict):
-            raise HTTPError(400, "Invalid operation", "%s: data must be an object" % where)
+            raise Refused("invalid_operation", "%s: data must be an object" % where)
         values, columns = {}, schema.columns
         for name, value in data.items():
             column = columns.get(name)
             if column is None:
-                raise HTTPError(400, "Unknown column", "%s: table %r has no column %s"
+                raise Refused("unknown_column", "%s: table %r has no column %s"
                                 % (where, schema.name, json.dumps(name)[:100]))
             if type(value) is str:
                 if len(value) * 4 > self.max_value_bytes \
                         and len(value.encode("utf-8", "surrogatepass")) > self.max_value_bytes:
-                    raise HTTPError(413, "Value too large", "%s: the value for column %r is over %d bytes; store "
+                    raise Refused("value_too_large", "%s: the value for column %r is over %d bytes; store "
                                     "large files elsewhere and sync a reference" % (where, name, self.max_value_bytes))
                 if column.plain_text and value.isascii():
                     values[name] = value        # the common case: nothing to convert or check
@@ -2904,13 +2976,13 @@ class SyncEngine:
         # an insert may leave out a key the database generates (AUTO_INCREMENT, INTEGER PRIMARY KEY)
         generated = action == "insert" and schema.generated_key and not any(name in values for name in absent)
         if absent and not generated:
-            raise HTTPError(400, "Missing key", "%s: data must include primary key column %s"
+            raise Refused("missing_key", "%s: data must include primary key column %s"
                             % (where, ", ".join(repr(name) for name in absent)))
         key = tuple(values.get(name) for name in schema.primary_key)
         for column, value in zip(schema.key_columns, key):
             problem = None if value is None else key_problem(column, value)
             if problem is not None:
-                raise HTTPError(400, "Invalid value", "%s: %s" % (where, problem))
+                raise Refused("invalid_value", "%s: %s" % (where, problem))
         if schema.has_generated:            # computed by the database: a pulled row pushed back still works
             values = {name: value for name, value in values.items() if not columns[name].generated}
         return Operation(index, schema, action, values, key, data)
@@ -2934,6 +3006,10 @@ class SyncEngine:
             with self.db.connection() as conn:
                 prior = self.changelog.find_batch(conn, device_id or "", batch_id)
             return self._replay(prior, request_hash, checkpoint)
+        except PushRejected as rejected:
+            raise _refusal_of(rejected) from None
+        except DataRejected as error:       # refused outside any one operation (a key the column cannot hold)
+            raise Refused("data_refused", "the database refused the push: %s" % error) from None
 
     def _push_with_retries(self, operations, attempt, checkpoint):
         """Run the push; after a deadlock or lock timeout (all undone) run it again, a bounded number of times."""
@@ -2954,7 +3030,7 @@ class SyncEngine:
     def _replay(self, prior, request_hash, checkpoint):
         stored_hash, response = prior
         if stored_hash != request_hash:
-            raise HTTPError(409, "Batch id reused", "this device already pushed a different batch with this "
+            raise Refused("batch_reused", "this device already pushed a different batch with this "
                             "batch_id; use a new batch_id for new operations")
         result = json.loads(response)
         result.setdefault("checkpoint", checkpoint)     # outcomes stored by versions that did not keep it
@@ -3054,7 +3130,9 @@ class SyncEngine:
                         # entry compacted away under the conflict check shows here as 410
                         self.changelog.check_position(conn, since)
                         if conflicts and on_conflict != "skip":
-                            raise PushConflict(conflicts)
+                            raise Refused("conflict", "%d operation(s) touch rows changed since your checkpoint; "
+                                          "nothing was applied. Pull, then push again, or send \"on_conflict\": "
+                                          "\"skip\"" % len(conflicts), conflicts=conflicts)
                         skipped = {conflict["op"] for conflict in conflicts}
                         push.skipped = bool(skipped)    # the device holds what it meant to do, not what was done
                         operations = [op for op in operations if op.index not in skipped]
@@ -3259,9 +3337,9 @@ class SyncEngine:
         if tables is None:
             tables = list(self.allowed_tables)
         if not isinstance(tables, list):
-            raise HTTPError(400, "Invalid payload", "tables must be a list of table names")
+            raise Refused("invalid_payload", "tables must be a list of table names")
         if not tables:
-            raise HTTPError(400, "No tables configured", "no table was named and ALLOWED_TABLES is empty"
+            raise Refused("no_tables", "no table was named and ALLOWED_TABLES is empty"
                             if not self.allowed_tables else "tables is an empty list")
         for position, table in enumerate(tables):
             self._schema_for(table, "tables[%d]" % position)
@@ -3273,7 +3351,7 @@ class SyncEngine:
         if fields is not None and sorted(fields["t"]) == sorted(tables):
             tables = fields["t"]            # the same tables in another order: the checkpoint's order holds
         if fields is not None and fields["t"] != tables:
-            raise HTTPError(400, "Invalid checkpoint", "this checkpoint was issued for tables %s; pull the same "
+            raise Refused("invalid_checkpoint", "this checkpoint was issued for tables %s; pull the same "
                             "tables with it, or start again with \"since\": null" % ", ".join(fields["t"]))
         changes = {table: {"upserted": [], "deleted": []} for table in tables}
         with self.db.connection() as conn:
@@ -3439,20 +3517,8 @@ class _PushState:
         self.skipped = False        # some operations were skipped as conflicts
 
 
-class _BatchTaken(Exception):
-    """Another request with the same device and batch id committed first."""
-
-
-class PushConflict(Exception):
-    """Operations touch rows that changed since the device's checkpoint."""
-
-    def __init__(self, conflicts):
-        super().__init__("%d conflicts" % len(conflicts))
-        self.conflicts = conflicts
-
-
 def _expired():
-    return HTTPError(410, "Checkpoint expired", "changes after this checkpoint were compacted away, or the "
+    return Refused("expired", "changes after this checkpoint were compacted away, or the "
                      "database was restored to an earlier state; start again with \"since\": null", reset=True)
 
 
@@ -3499,21 +3565,19 @@ def _same_value(column, pushed, stored):
 
 
 
+def _refusal_of(rejected):
+    """The answer to an operation the database refused: a rule of the user's, a clash, or a value."""
+    op, error = rejected.op, rejected.error
+    if error.rule:                      # a trigger of the shop's own refused it, with its own words
+        return Refused("rejected", "operation %d (%s on %s) was refused by a rule of the database: %s; nothing "
+                       "was applied" % (op.index, op.action, op.table.name, error), op=op.index,
+                       rejected=[dict(_op_ref(op), message=str(error))])
+    return Refused("duplicate" if error.duplicate else "data_refused", "operation %d (%s on %s): %s"
+                   % (op.index, op.action, op.table.name, error), op=op.index)
+
+
 def _op_ref(op):
     return {"op": op.index, "table": op.table.name, "key": _key_json(op)}
-
-
-class _GroupRejected(Exception):
-    """A multi-row insert was refused; the push is redone row by row to name the operation."""
-
-
-class PushRejected(Exception):
-    """The database refused one operation of a push."""
-
-    def __init__(self, op, error):
-        super().__init__(str(error))
-        self.op = op
-        self.error = error
 
 
 def _group_operations(operations, batched=True):
@@ -3542,7 +3606,7 @@ def parse_limit(value, cap=MAX_PULL_LIMIT_ROWS):
         # a huge exponent must not be expanded into digits (1E+1000000)
         value = (cap if value > 0 else 0) if value.adjusted() > 6 else int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise HTTPError(400, "Invalid limit", "limit must be a whole number of at least 1")
+        raise Refused("invalid_limit", "limit must be a whole number of at least 1")
     return min(value, cap)
 
 
@@ -4572,9 +4636,9 @@ class Request:
             try:
                 length = int(declared)
             except ValueError:
-                raise HTTPError(400, "Invalid request", "Content-Length is not a number") from None
+                raise Refused("invalid_request", "Content-Length is not a number") from None
             if length > self.max_body_bytes:
-                raise HTTPError(413, "Payload too large", "the body is %d bytes; the limit is %d bytes, "
+                raise Refused("too_large", "the body is %d bytes; the limit is %d bytes, "
                                 "split the batch into smaller pushes" % (length, self.max_body_bytes))
             return _read_exactly(stream, length)
         if environ.get("wsgi.input_terminated"):
@@ -4586,7 +4650,7 @@ class Request:
                     return b"".join(chunks)
                 total += len(chunk)
                 if total > self.max_body_bytes:
-                    raise HTTPError(413, "Payload too large", "the body is over the limit of %d bytes, "
+                    raise Refused("too_large", "the body is over the limit of %d bytes, "
                                     "split the batch into smaller pushes" % self.max_body_bytes)
                 chunks.append(chunk)
         return b""
@@ -4598,7 +4662,7 @@ class Request:
         if encoding in ("", "identity"):
             return body
         if encoding not in ("gzip", "x-gzip"):
-            raise HTTPError(415, "Unsupported content encoding", "Content-Encoding may be gzip or identity")
+            raise Refused("unsupported_encoding", "Content-Encoding may be gzip or identity")
         # A gzip body may be several members one after the other (RFC 1952); anything else after the
         # end is refused, not ignored: the client did not send what it meant to.
         pieces, size, rest = [], 0, body
@@ -4607,26 +4671,26 @@ class Request:
             try:
                 piece = inflater.decompress(rest, self.max_body_bytes + 1 - size)
             except zlib.error:
-                raise HTTPError(400, "Invalid request", "the body is not valid gzip") from None
+                raise Refused("invalid_request", "the body is not valid gzip") from None
             size += len(piece)
             pieces.append(piece)
             if size > self.max_body_bytes or inflater.unconsumed_tail:
-                raise HTTPError(413, "Payload too large", "the unpacked body is over the limit of %d bytes; split "
+                raise Refused("too_large", "the unpacked body is over the limit of %d bytes; split "
                                 "the batch into smaller pushes" % self.max_body_bytes)
             if not inflater.eof:
-                raise HTTPError(400, "Invalid request", "the gzip body is truncated")
+                raise Refused("invalid_request", "the gzip body is truncated")
             rest = inflater.unused_data
             if not rest:
                 return b"".join(pieces)
             if not rest.startswith(b"\x1f\x8b"):
-                raise HTTPError(400, "Invalid request", "%d bytes follow the end of the gzip body" % len(rest))
+                raise Refused("invalid_request", "%d bytes follow the end of the gzip body" % len(rest))
 
     def json_object(self):
         """The body as a JSON object; {} when empty (as the seed's express.json gave)."""
         payload = parse_json(self.decoded_body())
         _check_depth(payload, self.max_json_depth)
         if not isinstance(payload, dict):
-            raise HTTPError(400, "Invalid payload", "the body must be a JSON object, not %s" % _json_type(payload))
+            raise Refused("invalid_payload", "the body must be a JSON object, not %s" % _json_type(payload))
         return payload
 
 
@@ -4636,7 +4700,7 @@ def _check_depth(payload, limit):
     while current:
         level += 1
         if level > limit:
-            raise HTTPError(400, "Too deeply nested", "objects and lists nest deeper than %d levels" % limit)
+            raise Refused("too_deep", "objects and lists nest deeper than %d levels" % limit)
         following = []
         for item in current:        # json.loads makes only exact dicts and lists
             for value in (item.values() if type(item) is dict else item):
@@ -4650,7 +4714,7 @@ def _read_exactly(stream, length):
     while remaining > 0:
         chunk = stream.read(min(remaining, READ_CHUNK_BYTES))
         if not chunk:
-            raise HTTPError(400, "Invalid request", "the body ended before Content-Length bytes arrived")
+            raise Refused("invalid_request", "the body ended before Content-Length bytes arrived")
         chunks.append(chunk)
         remaining -= len(chunk)
     return b"".join(chunks)
@@ -4694,15 +4758,14 @@ class App:
         request = Request(environ, self.config.max_body_bytes, self.config.max_json_depth)
         try:
             status, payload, headers = self._dispatch(request)
-        except HTTPError as error:
-            status, payload, headers = error.status, error.body, error.headers
+        except Refused as refusal:
+            status, payload, headers = _answer(refusal)
         except Exception:
             log.exception("unhandled error on %s %s", _loggable(request.method, 20), _loggable(request.path))
-            status, payload, headers = 500, {"success": False, "error": "Internal server error",
-                                             "detail": "an unexpected error; the server log has the details"}, []
+            status, payload, headers = _answer(Refused("internal", REFUSALS["internal"][2]))
         headers = headers + self._cors_headers(environ.get("HTTP_ORIGIN"))
         if status in (204, 304):              # no body: a preflight, or the device's copy is current
-            start_response("%d %s" % (status, HTTP_REASONS[status]), headers)
+            start_response("%d %s" % (status, http.HTTPStatus(status).phrase), headers)
             self._account(request, status, 0, began)
             return []
         encoded = payload if isinstance(payload, Encoded) else None
@@ -4720,7 +4783,7 @@ class App:
                         encoded.gzipped = body
                 headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(len(body))))
-        start_response("%d %s" % (status, HTTP_REASONS.get(status, "Unknown")), headers)
+        start_response("%d %s" % (status, http.HTTPStatus(status).phrase), headers)
         self._account(request, status, len(body), began)
         return [] if request.method == "HEAD" else [body]
 
@@ -4772,7 +4835,7 @@ class App:
             path = path[:-1]                  # and a trailing slash
         methods = self.routes.get(path)
         if methods is None:
-            raise HTTPError(404, "Not found", "no endpoint at %s" % path[:200])
+            raise Refused("not_found", "no endpoint at %s" % path[:200])
         request.route = path
         allowed = ", ".join(sorted(set(methods) | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())))
         if request.method == "OPTIONS":       # a CORS preflight (or a client asking what it may do)
@@ -4787,7 +4850,9 @@ class App:
         if handler is None and request.method == "HEAD":
             handler = methods.get("GET")
         if handler is None:
-            raise HTTPError(405, "Method not allowed", "%s takes %s" % (path, allowed), headers=[("Allow", allowed)])
+            refusal = Refused("method_not_allowed", "%s takes %s" % (path, allowed))
+            refusal.headers.append(("Allow", allowed))
+            raise refusal
         if path.startswith("/sync") and path != "/sync/devices":
             # status is for monitoring too: ADMIN_TOKEN and METRICS_TOKEN read it, not only devices
             monitors = (self.config.admin_token, self.config.metrics_token) if path == "/sync/status" else ()
@@ -4810,19 +4875,19 @@ class App:
             if device_id is not None and device_id != token.device_id:
                 log.warning("auth failure from %s: token of device %s used for device_id %s",
                             _loggable(request.environ.get("REMOTE_ADDR", "?")), token.device_id, _loggable(device_id))
-                raise HTTPError(403, "Forbidden", "this token belongs to device %r, not %r"
+                raise Refused("forbidden", "this token belongs to device %r, not %r"
                                 % (token.device_id, device_id))
             device_id = token.device_id
         request.kind, request.device_id = "push", device_id
         batch_id = _optional_id(payload, "batch_id")
         checkpoint = payload.get("checkpoint")
         if checkpoint is not None and not isinstance(checkpoint, str):
-            raise HTTPError(400, "Invalid checkpoint", "checkpoint must be a string this server returned")
+            raise Refused("invalid_checkpoint", "checkpoint must be a string this server returned")
         on_conflict = payload.get("on_conflict", "abort")
         if on_conflict not in ("abort", "skip"):
-            raise HTTPError(400, "Invalid payload", "on_conflict must be \"abort\" or \"skip\"")
+            raise Refused("invalid_payload", "on_conflict must be \"abort\" or \"skip\"")
         if isinstance(payload.get("operations"), list) and len(payload["operations"]) > self.config.max_operations:
-            raise HTTPError(413, "Too many operations", "a push may hold at most %d operations; split the batch "
+            raise Refused("too_many_operations", "a push may hold at most %d operations; split the batch "
                             "into several pushes" % self.config.max_operations)
         operations = self.engine.validate_operations(payload.get("operations"))
         self._check_writable(operations, token)
@@ -4843,38 +4908,24 @@ class App:
             if result.get("conflicts"):
                 self.metrics.count("cloudsync_conflicts_total", len(result["conflicts"]))
             return 200, result
-        except PushConflict as conflict:
-            self.metrics.count("cloudsync_conflicts_total", len(conflict.conflicts))
-            raise HTTPError(409, "Conflict", "%d operation(s) touch rows changed since your checkpoint; nothing "
-                            "was applied. Pull, then push again, or send \"on_conflict\": \"skip\""
-                            % len(conflict.conflicts), conflicts=conflict.conflicts) from None
-        except PushRejected as rejected:
-            op = rejected.op
-            if rejected.error.rule:         # a trigger of the shop's own refused it, with its own words
-                raise HTTPError(422, "Rejected", "operation %d (%s on %s) was refused by a rule of the database: "
-                                "%s; nothing was applied" % (op.index, op.action, op.table.name, rejected.error),
-                                op=op.index, rejected=[dict(_op_ref(op), message=str(rejected.error))]) from None
-            status = 409 if rejected.error.duplicate else 400
-            raise HTTPError(status, "Sync failed", "operation %d (%s on %s): %s"
-                            % (op.index, op.action, op.table.name, rejected.error), op=op.index) from None
-        except DataRejected as error:       # refused outside any one operation (a key the column cannot hold)
-            raise HTTPError(400, "Sync failed", "the database refused the push: %s" % error) from None
-        except DatabaseUnavailable:
-            raise _unavailable("Sync failed") from None
-        except HTTPError:
+        except Refused as refusal:
+            if refusal.reason == "conflict":
+                self.metrics.count("cloudsync_conflicts_total", len(refusal.fields["conflicts"]))
             raise
+        except DatabaseUnavailable:
+            raise Refused("push_unavailable", "the database is unavailable; retry later") from None
         except Exception:
             log.exception("push failed")
-            raise HTTPError(500, "Sync failed", "the database failed; nothing was applied") from None
+            raise Refused("push_failed", "the database failed; nothing was applied") from None
 
     def _check_writable(self, operations, token):
         """403 for a push to a read-only table, or to a table the device's token does not cover."""
         for op in operations:
             if op.table.name in self.config.read_only_tables:
-                raise HTTPError(403, "Read-only table", "operation %d: devices may pull %s but not push to it"
+                raise Refused("read_only_table", "operation %d: devices may pull %s but not push to it"
                                 % (op.index, op.table.name), op=op.index)
             if token is not None and token.tables is not None and op.table.name not in token.tables:
-                raise HTTPError(403, "Table not permitted", "operation %d: this device's token does not cover "
+                raise Refused("table_not_permitted", "operation %d: this device's token does not cover "
                                 "table %s" % (op.index, op.table.name), op=op.index)
 
     def pull(self, request):
@@ -4890,13 +4941,13 @@ class App:
         if token is not None and token.tables is not None:
             refused = [table for table in tables if table not in token.tables]
             if refused:
-                raise HTTPError(403, "Table not permitted", "this device's token does not cover %s"
+                raise Refused("table_not_permitted", "this device's token does not cover %s"
                                 % ", ".join(refused))
         limit = parse_limit(payload.get("limit"), self.config.max_pull_rows)
         sync_mode = "since" in payload
         since = payload.get("since")
         if since is not None and not isinstance(since, str):
-            raise HTTPError(400, "Invalid checkpoint", "since must be null or a checkpoint string")
+            raise Refused("invalid_checkpoint", "since must be null or a checkpoint string")
         try:
             if sync_mode:
                 result = self.engine.pull_changes(tables, since, limit)
@@ -4909,12 +4960,12 @@ class App:
             encoded = self.engine.seed_pull(tables, limit)
             self._count_pulled(request, encoded.rows)
         except DatabaseUnavailable:
-            raise _unavailable("Pull sync failed") from None
-        except HTTPError:
+            raise Refused("pull_unavailable", "the database is unavailable; retry later") from None
+        except Refused:
             raise
         except Exception:
             log.exception("pull failed")
-            raise HTTPError(500, "Pull sync failed", "the database failed while reading") from None
+            raise Refused("pull_failed", "the database failed while reading") from None
         if encoded.etag is None:
             return 200, encoded
         headers = [("ETag", encoded.etag), ("Cache-Control", "no-cache")]
@@ -4942,7 +4993,7 @@ class App:
                 self.engine.changelog.sequence(conn)        # lag counts changes not numbered yet too
                 devices = self.fleet.devices(conn, self.engine.changelog.head(conn))
         except DatabaseUnavailable:
-            raise _unavailable("Database unavailable") from None
+            raise Refused("database_unavailable", "the database is unavailable; retry later") from None
         return 200, {"success": True, "devices": devices}
 
     def metrics_text(self, request):
@@ -4973,16 +5024,26 @@ class App:
             schemas = self.engine.refresh_schema()
         except DatabaseUnavailable as error:
             log.warning("status: database unavailable: %s", error)
-            raise HTTPError(503, "Database unavailable", "the database did not answer; retry later",
-                            headers=[("Retry-After", "5")], status="error") from None
+            raise Refused("database_unavailable", "the database did not answer; retry later", status="error") from None
         except SchemaError as error:
-            raise HTTPError(500, "Schema problem", str(error), status="error") from None
+            raise Refused("schema_problem", str(error), status="error") from None
         return 200, {
             "success": True, "status": "ok", "allowed_tables": list(self.engine.allowed_tables),
             "backend": self.db.name, "server_version": version, "driver": self.db.driver(),
             "version": __version__, "change_capture": self.engine.changelog.capture, "last_seq": head,
             "tables": {name: schema.describe() for name, schema in schemas.items()},
         }
+
+
+def _answer(refusal):
+    """The one place a refusal becomes an answer: (status, JSON body, headers), from REFUSALS."""
+    status, error, _ = REFUSALS[refusal.reason]
+    headers = list(refusal.headers)
+    if status == 401:
+        headers.append(("WWW-Authenticate", 'Bearer realm="cloudsync"'))
+    elif status == 503:
+        headers.append(("Retry-After", str(RETRY_AFTER_SECONDS)))
+    return status, dict({"success": False, "error": error, "detail": refusal.detail}, **refusal.fields), headers
 
 
 def _accepts_gzip(header):
@@ -5002,17 +5063,13 @@ def _optional_id(payload, field):
     if value is None:
         return None
     if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
-        raise HTTPError(400, "Invalid payload", "%s must be a string of 1 to %d characters" % (field, MAX_ID_CHARS))
+        raise Refused("invalid_payload", "%s must be a string of 1 to %d characters" % (field, MAX_ID_CHARS))
     if not value.isascii():
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise HTTPError(400, "Invalid payload", "%s is not valid Unicode (a lone surrogate)" % field) from None
+            raise Refused("invalid_payload", "%s is not valid Unicode (a lone surrogate)" % field) from None
     return value
-
-
-def _unavailable(error):
-    return HTTPError(503, error, "the database is unavailable; retry later", headers=[("Retry-After", "5")])
 
 
 def _key_json(op):
