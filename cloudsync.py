@@ -108,7 +108,13 @@ class ChangeCaptureError(CloudsyncError):
 
 
 class DatabaseUnavailable(CloudsyncError):
-    """The database cannot be reached (refused, timed out, restarting)."""
+    """The database cannot be reached (refused, timed out, restarting), or refuses these settings."""
+
+    def __init__(self, message, fix=None, lasting=False):
+        super().__init__(message if fix is None else "%s; %s" % (message, fix))
+        self.words = message            # what the database said
+        self.fix = fix                  # what to do about it, when cloudsync knows
+        self.lasting = lasting          # the settings are wrong (unknown database, wrong password): no retry helps
 
 
 class Retryable(DatabaseUnavailable):
@@ -680,8 +686,12 @@ class Authenticator:
         for token in tokens:
             unknown = sorted(set(token.tables or ()) - allowed)
             if unknown:
-                raise ConfigError("the token of device %r names %s, not in ALLOWED_TABLES."
-                                  % (token.device_id, ", ".join(unknown)))
+                # a table taken out of ALLOWED_TABLES: the token keeps the others (the table is out of reach anyway)
+                log.warning("the token of device %s names %s, which %s not in ALLOWED_TABLES: ignored for it; "
+                            "`token rotate %s --tables ...` or an edit of %s makes it go", token.device_id,
+                            ", ".join(unknown), "is" if len(unknown) == 1 else "are", token.device_id,
+                            self.config.tokens_file or "TOKENS")
+                token.tables = tuple(table for table in token.tables if table in allowed)
         if self.config.auth == "off" and tokens:
             raise ConfigError("AUTH=off, but device tokens are configured; remove the tokens or AUTH=off.")
         return tokens
@@ -1383,8 +1393,8 @@ class SQLiteDatabase(Database):
             conn = sqlite3.connect(self.config.db_path, timeout=self.config.db_wait_seconds,
                                    isolation_level=None, check_same_thread=False)
         except sqlite3.Error as error:
-            raise DatabaseUnavailable("cannot open %s: %s; check DB_PATH and that its folder is writable"
-                                      % (self.config.db_path, error)) from None
+            raise DatabaseUnavailable("cannot open %s: %s" % (self.config.db_path, error),
+                                      "check DB_PATH and that its folder is writable", lasting=True) from None
         conn.execute("PRAGMA journal_mode=WAL")     # readers never block the writer
         conn.execute("PRAGMA synchronous=FULL")     # an acknowledged push survives a power cut
         conn.execute("PRAGMA foreign_keys=ON")      # as InnoDB enforces them on MySQL
@@ -1680,7 +1690,11 @@ class MySQLDatabase(Database):
             cursor.close()
             return conn
         except connector.Error as error:
-            raise DatabaseUnavailable(self._connect_problem(error)) from None
+            errno = getattr(error, "errno", None)
+            words = (getattr(error, "msg", None) or str(error)).strip().rstrip(".")
+            raise DatabaseUnavailable("%s (MySQL error %s)" % (words, errno or "?"), self._CONNECT_FIXES.get(
+                errno, "check DB_HOST, DB_PORT, DB_USER, DB_PASS and DB_NAME, and that the server runs"),
+                lasting=errno in self._SETTINGS_REFUSED) from None
 
     def _safe_message(self, error):
         return "MySQL error %s" % (getattr(error, "errno", None) or "?")
@@ -1696,12 +1710,8 @@ class MySQLDatabase(Database):
         1040: "the server has no connection left: lower DB_POOL_SIZE or raise its max_connections",
     }
 
-    def _connect_problem(self, error):
-        """The server's own words for a refused connection (never a password), and the fix."""
-        errno = getattr(error, "errno", None)
-        words = (getattr(error, "msg", None) or str(error)).strip().rstrip(".")
-        return "%s (MySQL error %s); %s" % (words, errno or "?", self._CONNECT_FIXES.get(
-            errno, "check DB_HOST, DB_PORT, DB_USER, DB_PASS and DB_NAME, and that the server runs"))
+    # unknown database, access denied (password, host, database), unknown host: the settings, not the moment
+    _SETTINGS_REFUSED = {1049, 1045, 1044, 1698, 2005}
 
     def _begin(self, conn):
         with self._errors():
@@ -2338,7 +2348,7 @@ class ChangeLog:
             if self._install_triggers(conn, schema):
                 changed += 1
                 say("%s triggers on %s" % ("installed" if self.capture == "triggers" else "removed", schema.name))
-        self._remove_stale_triggers(conn, schemas, say)
+        changed += self._remove_stale_triggers(conn, schemas, say)
         if self.backend == "mysql":
             self._install_cascade_triggers(conn, schemas, say)
         self._upgrade_key_format(conn, schemas, say)
@@ -2419,10 +2429,12 @@ class ChangeLog:
 
     def _remove_stale_triggers(self, conn, schemas, say):
         """A table taken out of ALLOWED_TABLES stops being recorded: its triggers go."""
-        for table, names in sorted(self.stale_triggers(conn, set(schemas)).items()):
+        stale = self.stale_triggers(conn, set(schemas))
+        for table, names in sorted(stale.items()):
             for name in names:
                 self.db.execute(conn, "DROP TRIGGER IF EXISTS %s" % self.db.quote(name))
             say("removed the change-capture triggers of %s, which is no longer in ALLOWED_TABLES" % table)
+        return len(stale)
 
     # -- foreign-key cascades (MySQL) ----------------------------------------------
     # InnoDB changes the rows a foreign-key cascade reaches without firing their
@@ -2762,7 +2774,7 @@ class ChangeLog:
     # -- compaction ------------------------------------------------------------------
 
     def compact(self, conn, retention_days, progress=None):
-        """Drop log entries and batch records older than the retention; return (entries removed, compacted_upto)."""
+        """Drop log entries and batch records older than the retention; return (entries, batch ids, compacted_upto)."""
         self.sequence(conn)
         cutoff = CUTOFF_SQL[self.backend]
         with self.db.transaction(conn):
@@ -2773,8 +2785,8 @@ class ChangeLog:
                 # published before the rows go: a reader that misses a row then sees this and answers 410
                 self.db.execute(conn, self.db.sql("UPDATE cloudsync_meta SET value = ? WHERE name = 'compacted_upto'"),
                                 (str(upto),))
-            self.db.execute(conn, self.db.sql("DELETE FROM cloudsync_batches WHERE created_at < %s" % cutoff),
-                            (retention_days,))
+            batches = self.db.execute(conn, self.db.sql(
+                "DELETE FROM cloudsync_batches WHERE created_at < %s" % cutoff), (retention_days,))
         upto = max(upto or 0, previous)
         removed = 0
         delete = ("DELETE FROM cloudsync_changes WHERE seq <= ? ORDER BY seq LIMIT ?" if self.backend == "mysql" else
@@ -2784,10 +2796,10 @@ class ChangeLog:
             with self.db.transaction(conn):
                 count = self.db.execute(conn, self.db.sql(delete), (upto, COMPACT_BATCH_ROWS))
             removed += count
-            if progress and count:
-                progress("removed %d log entries" % removed)
             if count < COMPACT_BATCH_ROWS:
-                return removed, upto
+                return removed, batches, upto
+            if progress:                    # a long compaction says how far it got
+                progress("removed %d log entries so far" % removed)
 
 
 def _chunks(items, size):
@@ -2799,9 +2811,11 @@ def _chunks(items, size):
 # Checkpoints
 # ---------------------------------------------------------------------------
 # A checkpoint is opaque to devices: "cs1.<payload>.<mac>", the payload being
-# base64url JSON {db, t, s, scan}: this database's instance id, the tables it
-# was issued for, the sequence number it covers, and during an initial sync
-# the position of the table scan. The HMAC (key in cloudsync_meta) makes a
+# base64url JSON {db, t, s, scan, f}: this database's instance id, the tables it
+# was issued for, the sequence number it covers, during an initial sync the
+# position of the table scan, and a fingerprint of the tables' columns: rows a
+# device pulled before an ALTER TABLE lack the new column, so a checkpoint
+# from before it gets 410 and the device pulls every row again. The HMAC (key in cloudsync_meta) makes a
 # forged or altered checkpoint a 400, not a wrong answer.
 
 CHECKPOINT_PREFIX = "cs1."
@@ -2817,10 +2831,10 @@ class Checkpoints:
         digest = hmac.new(self.changelog.secret, payload, hashlib.sha256).digest()[:16]
         return base64.urlsafe_b64encode(digest).rstrip(b"=")
 
-    def encode(self, tables, seq, scan=None):
-        """A checkpoint string for `tables` at `seq` (and a scan position during an initial sync)."""
+    def encode(self, tables, seq, scan=None, fingerprint=None):
+        """A checkpoint string for `tables` at `seq` (a scan position during an initial sync; the tables' columns)."""
         payload = base64.urlsafe_b64encode(json.dumps(
-            {"db": self.changelog.instance, "t": list(tables), "s": seq, "scan": scan},
+            {"db": self.changelog.instance, "t": list(tables), "s": seq, "scan": scan, "f": fingerprint},
             separators=(",", ":"), default=_json_default).encode("utf-8")).rstrip(b"=")
         return CHECKPOINT_PREFIX + payload.decode("ascii") + "." + self._mac(payload).decode("ascii")
 
@@ -2900,9 +2914,11 @@ class SyncEngine:
         return self.load_schema()
 
     def _set_schemas(self, schemas):
-        fingerprint = hashlib.sha256(json.dumps(
-            [(name, schema.describe(), schema.cascaded) for name, schema in sorted(schemas.items())],
-            sort_keys=True).encode("utf-8")).hexdigest()
+        columns = {name: hashlib.sha256(json.dumps(schema.describe(), sort_keys=True).encode("utf-8")).hexdigest()
+                   for name, schema in schemas.items()}
+        fingerprint = hashlib.sha256(json.dumps([sorted(columns.items()), sorted(
+            name for name, schema in schemas.items() if schema.cascaded)]).encode("utf-8")).hexdigest()
+        self._columns_fingerprints = columns
         self.schemas = schemas          # one assignment: readers see the old or the new dict
         self.schema_loaded_at = time.monotonic()
         if fingerprint != self.schema_fingerprint:
@@ -2919,6 +2935,11 @@ class SyncEngine:
             self.changelog.mark_uncaptured(conn, schemas)
         self._set_schemas(schemas)
         return schemas
+
+    def columns_fingerprint(self, tables):
+        """A short value that changes when a column, type or key of one of `tables` changes."""
+        return hashlib.sha256("|".join(self._columns_fingerprints.get(table, "-") for table in tables)
+                              .encode("ascii")).hexdigest()[:12]
 
     def _schema_for(self, table, where):
         if not isinstance(table, str) or table not in self.allowed_tables:
@@ -3056,10 +3077,12 @@ class SyncEngine:
         else:
             head = self.changelog.head(conn)
             start = head if push.start is None else push.start
+        fingerprint = self.columns_fingerprint(fields["t"])
         if fields["scan"] is not None or push.device_id is None or fields["s"] != start or head == start \
+                or fields.get("f") not in (None, fingerprint) \
                 or push.skipped or not self._only_echoes(conn, fields["t"], start, head, push):
             return push.checkpoint
-        return self.checkpoints.encode(fields["t"], head)
+        return self.checkpoints.encode(fields["t"], head, fingerprint=fingerprint)
 
     def _only_echoes(self, conn, tables, start, head, push):
         """Whether every change in (start, head] to `tables` is a row of this push, holding exactly what it sent."""
@@ -3353,6 +3376,10 @@ class SyncEngine:
         if fields is not None and fields["t"] != tables:
             raise Refused("invalid_checkpoint", "this checkpoint was issued for tables %s; pull the same "
                             "tables with it, or start again with \"since\": null" % ", ".join(fields["t"]))
+        fingerprint = self.columns_fingerprint(tables)
+        if fields is not None and fields.get("f") not in (None, fingerprint):
+            raise Refused("expired", "the columns of %s changed since this checkpoint (ALTER TABLE): start again "
+                          "with \"since\": null to pull every row with its columns" % ", ".join(tables), reset=True)
         changes = {table: {"upserted": [], "deleted": []} for table in tables}
         with self.db.connection() as conn:
             self.changelog.sequence(conn)
@@ -3375,7 +3402,8 @@ class SyncEngine:
             # checked after reading: compaction publishes its mark before deleting
             self.changelog.check_position(conn, seq)
         return {"success": True, "changes": changes,
-                "checkpoint": self.checkpoints.encode(tables, checkpoint_seq, scan), "has_more": has_more}
+                "checkpoint": self.checkpoints.encode(tables, checkpoint_seq, scan, fingerprint),
+                "has_more": has_more}
 
     def _scan_tables(self, conn, tables, scan, limit, changes):
         """Initial sync: page through the tables in key order; return (next scan position or None, has_more).
@@ -3756,18 +3784,23 @@ MYSQL_DEVICES_TABLE = (
     " first_seen DATETIME NOT NULL, last_seen DATETIME NOT NULL, last_push DATETIME NULL,"
     " last_pull DATETIME NULL, checkpoint_seq BIGINT NULL, pushes BIGINT NOT NULL DEFAULT 0,"
     " pulls BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0, rejected BIGINT NOT NULL DEFAULT 0,"
-    " failed BIGINT NOT NULL DEFAULT 0) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin")
+    " failed BIGINT NOT NULL DEFAULT 0, pull_tables TEXT NULL)"
+    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin")
 SQLITE_DEVICES_TABLE = (
     "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id TEXT NOT NULL PRIMARY KEY,"
     " first_seen TEXT NOT NULL, last_seen TEXT NOT NULL, last_push TEXT, last_pull TEXT, checkpoint_seq INTEGER,"
     " pushes INTEGER NOT NULL DEFAULT 0, pulls INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,"
-    " rejected INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0)")
-# added in 2026-12: requests refused (4xx) and failed (5xx) apart; errors stays their sum
-DEVICE_COUNT_COLUMNS = ("rejected", "failed")
+    " rejected INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, pull_tables TEXT)")
+# added in 2026-12: requests refused (4xx) and failed (5xx) apart (errors stays their sum), and the
+# tables of the last pull, so that lag counts only the changes the device would get
+DEVICE_ADDED_COLUMNS = (("rejected", "BIGINT NOT NULL DEFAULT 0"), ("failed", "BIGINT NOT NULL DEFAULT 0"),
+                        ("pull_tables", "TEXT NULL"))
+LAG_COUNTED_UP_TO = 100000          # `devices` counts a device's lag up to this many changes
 # Several instances flush into one row: counts add up, times keep the latest.
 DEVICES_UPSERT = {
     "mysql": "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
-             " pushes, pulls, errors, rejected, failed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE"
+             " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+             " ON DUPLICATE KEY UPDATE pull_tables = IFNULL(VALUES(pull_tables), pull_tables),"
              " last_seen = GREATEST(last_seen, VALUES(last_seen)),"
              " last_push = GREATEST(IFNULL(last_push, VALUES(last_push)), IFNULL(VALUES(last_push), last_push)),"
              " last_pull = GREATEST(IFNULL(last_pull, VALUES(last_pull)), IFNULL(VALUES(last_pull), last_pull)),"
@@ -3776,8 +3809,8 @@ DEVICES_UPSERT = {
              " pushes = pushes + VALUES(pushes), pulls = pulls + VALUES(pulls), errors = errors + VALUES(errors),"
              " rejected = rejected + VALUES(rejected), failed = failed + VALUES(failed)",
     "sqlite": "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
-              " pushes, pulls, errors, rejected, failed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-              " ON CONFLICT (device_id) DO UPDATE SET"
+              " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+              " ON CONFLICT (device_id) DO UPDATE SET pull_tables = coalesce(excluded.pull_tables, pull_tables),"
               " last_seen = max(last_seen, excluded.last_seen),"
               " last_push = max(coalesce(last_push, excluded.last_push), coalesce(excluded.last_push, last_push)),"
               " last_pull = max(coalesce(last_pull, excluded.last_pull), coalesce(excluded.last_pull, last_pull)),"
@@ -3787,7 +3820,7 @@ DEVICES_UPSERT = {
               " rejected = rejected + excluded.rejected, failed = failed + excluded.failed",
 }
 DEVICE_FIELDS = ("device_id", "first_seen", "last_seen", "last_push", "last_pull", "checkpoint_seq",
-                 "pushes", "pulls", "errors", "rejected", "failed")
+                 "pushes", "pulls", "errors", "rejected", "failed", "pull_tables")
 
 
 class DeviceFleet:
@@ -3797,7 +3830,7 @@ class DeviceFleet:
     def __init__(self, db):
         self.db = db
         self._lock = threading.Lock()
-        # device_id -> [first, last, push, pull, seq, pushes, pulls, errors, rejected, failed]
+        # device_id -> [first, last, push, pull, seq, pushes, pulls, errors, rejected, failed, pull tables]
         self._unsaved = {}
 
     def install(self, conn):
@@ -3805,17 +3838,17 @@ class DeviceFleet:
         self.db.execute(conn, MYSQL_DEVICES_TABLE if self.db.name == "mysql" else SQLITE_DEVICES_TABLE)
         self.db.ids_bytewise(conn, "cloudsync_devices", ("device_id",))
         present = self.db.column_names(conn, "cloudsync_devices")
-        for column in DEVICE_COUNT_COLUMNS:
+        for column, declaration in DEVICE_ADDED_COLUMNS:
             if column not in present:
-                self.db.execute(conn, "ALTER TABLE cloudsync_devices ADD COLUMN %s BIGINT NOT NULL DEFAULT 0" % column)
+                self.db.execute(conn, "ALTER TABLE cloudsync_devices ADD COLUMN %s %s" % (column, declaration))
 
-    def seen(self, device_id, kind, checkpoint_seq=None, status=200):
+    def seen(self, device_id, kind, checkpoint_seq=None, status=200, tables=None):
         """Note a push or pull by a device and its answer's status (in memory; flush() saves it)."""
         now = time.time()                   # formatted when saved: this runs for every push and pull
         with self._lock:
             entry = self._unsaved.get(device_id)
             if entry is None:
-                entry = self._unsaved[device_id] = [now, now, None, None, None, 0, 0, 0, 0, 0]
+                entry = self._unsaved[device_id] = [now, now, None, None, None, 0, 0, 0, 0, 0, None]
             entry[1] = now
             if status >= 400:               # seen, but not synced
                 entry[7] += 1
@@ -3827,7 +3860,7 @@ class DeviceFleet:
                 entry[3] = now
                 entry[6] += 1
                 if checkpoint_seq is not None:
-                    entry[4] = checkpoint_seq
+                    entry[4], entry[10] = checkpoint_seq, tables
 
     def flush(self, conn):
         """Save what was noted since the last flush; on failure it is kept for the next one."""
@@ -3850,10 +3883,22 @@ class DeviceFleet:
                     else:
                         newer[0] = entry[0]
                         newer[2], newer[3] = newer[2] or entry[2], newer[3] or entry[3]
-                        newer[4] = newer[4] if newer[4] is not None else entry[4]
+                        if newer[4] is None:
+                            newer[4], newer[10] = entry[4], entry[10]
                         for position in (5, 6, 7, 8, 9):
                             newer[position] += entry[position]
             raise
+
+    def _lag(self, conn, device, head):
+        """How many changes of the tables it pulls were logged after the device's last checkpoint."""
+        if device["checkpoint_seq"] is None:
+            return None
+        tables = [name for name in _text(device["pull_tables"] or "").split(",") if name]
+        if not tables:                      # pulled before cloudsync kept the tables: every table counts
+            return max(0, head - int(device["checkpoint_seq"]))
+        return self.db.query(conn, self.db.sql(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM cloudsync_changes WHERE seq > ? AND table_name IN (%s) LIMIT ?) x"
+            % ", ".join("?" for _ in tables)), [device["checkpoint_seq"]] + tables + [LAG_COUNTED_UP_TO])[0][0]
 
     def devices(self, conn, head):
         """Every known device as a dict, with `lag`: how many changes its last pull checkpoint is behind."""
@@ -3869,7 +3914,8 @@ class DeviceFleet:
                     value = datetime.datetime.fromisoformat(value)
                 device[name] = value
             device["device_id"] = _text(device["device_id"])
-            device["lag"] = None if device["checkpoint_seq"] is None else max(0, head - int(device["checkpoint_seq"]))
+            device["lag"] = self._lag(conn, device, head)
+            device.pop("pull_tables")
             device["silent"] = (now - device["last_seen"]).total_seconds() > SILENT_DEVICE_SECONDS
             for name in ("first_seen", "last_seen", "last_push", "last_pull"):
                 if device[name] is not None:
@@ -3920,8 +3966,8 @@ OPENAPI = {
         {"name": "operations", "description": "Liveness, readiness, monitoring."},
         {"name": "meta", "description": "This description, CORS."},
     ],
-    "servers": [{"url": "http://127.0.0.1:4000", "description": "the defaults (HOST, PORT); put TLS in front "
-                                                           "when devices reach it over a network"}],
+    "servers": [{"url": "/", "description": "where this document was fetched from (HOST and PORT; put TLS in "
+                                            "front when devices reach it over a network)"}],
     "security": [{"deviceToken": []}, {}],
     "paths": {
         "/health": {
@@ -4008,7 +4054,9 @@ OPENAPI = {
                 "tags": ["operations"],
                 "summary": "Readiness: a database round trip, and the allowed tables as the database describes them.",
                 "description": "Re-reads the tables' columns and keys (at most once a second), so an ALTER TABLE "
-                               "shows without a restart.",
+                               "shows without a restart. A device token limited to some tables sees only those. "
+                               "ADMIN_TOKEN and METRICS_TOKEN read it too (monitoring).",
+                "security": [{"deviceToken": []}, {"adminToken": []}, {"metricsToken": []}, {}],
                 "responses": {
                     "200": {
                         "description": "The database answered.",
@@ -4191,12 +4239,12 @@ OPENAPI = {
             "adminToken": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "ADMIN_TOKEN: for /sync/devices and /metrics.",
+                "description": "ADMIN_TOKEN: for /sync/devices, /metrics and /sync/status.",
             },
             "metricsToken": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "METRICS_TOKEN: for /metrics only (a scraper).",
+                "description": "METRICS_TOKEN: for /metrics and /sync/status (monitoring).",
             },
         },
         "headers": {
@@ -4625,6 +4673,7 @@ class Request:
         self.kind = None                    # "push" or "pull"
         self.count = None                   # operations pushed or rows pulled
         self.checkpoint_seq = None
+        self.tables = None                  # the tables a sync-mode pull was for, comma-separated
         self.auth_failed = False
 
     def body(self):
@@ -4801,7 +4850,7 @@ class App:
         elif status == 500:
             metrics.count("cloudsync_server_errors_total")
         if request.device_id is not None and request.kind is not None:
-            self.fleet.seen(request.device_id, request.kind, request.checkpoint_seq, status)
+            self.fleet.seen(request.device_id, request.kind, request.checkpoint_seq, status, request.tables)
         if access_log.isEnabledFor(logging.INFO):
             received = request.environ.get("CONTENT_LENGTH") or "0"
             fields = {"method": request.method[:20], "path": request.path[:200], "status": status,
@@ -4952,7 +5001,8 @@ class App:
             if sync_mode:
                 result = self.engine.pull_changes(tables, since, limit)
                 result["limit"] = limit
-                request.checkpoint_seq = self.engine.checkpoints.decode(result["checkpoint"])["s"]
+                pulled = self.engine.checkpoints.decode(result["checkpoint"])
+                request.checkpoint_seq, request.tables = pulled["s"], ",".join(pulled["t"])
                 counts = {table: len(change["upserted"]) + len(change["deleted"])
                           for table, change in result["changes"].items()}
                 self._count_pulled(request, counts)
@@ -5027,11 +5077,15 @@ class App:
             raise Refused("database_unavailable", "the database did not answer; retry later", status="error") from None
         except SchemaError as error:
             raise Refused("schema_problem", str(error), status="error") from None
+        token = request.token
+        # a device limited to some tables learns nothing of the others, not even their names
+        shown = [name for name in self.engine.allowed_tables if token is None or token.tables is None
+                 or name in token.tables]
         return 200, {
-            "success": True, "status": "ok", "allowed_tables": list(self.engine.allowed_tables),
+            "success": True, "status": "ok", "allowed_tables": shown,
             "backend": self.db.name, "server_version": version, "driver": self.db.driver(),
             "version": __version__, "change_capture": self.engine.changelog.capture, "last_seq": head,
-            "tables": {name: schema.describe() for name, schema in schemas.items()},
+            "tables": {name: schemas[name].describe() for name in shown},
         }
 
 
@@ -5243,7 +5297,7 @@ def _maintain(app, config, stop, wake):
             with app.db.connection() as conn:
                 if time.monotonic() >= compact_due:
                     compact_due = time.monotonic() + config.compact_interval_seconds
-                    removed, upto = app.engine.changelog.compact(conn, config.changelog_retention_days)
+                    removed, _, upto = app.engine.changelog.compact(conn, config.changelog_retention_days)
                     if removed:
                         log.info("compacted the change log: %d entries removed, up to seq %d", removed, upto)
                 else:
@@ -5304,6 +5358,9 @@ def _serve_command(config, args):
                     config.host, config.port)
     elif not app.auth.required:
         log.info("no device tokens: open to local clients only (HOST=%s)", config.host)
+    else:
+        log.info("authentication: %d device token(s); the tokens file is re-read when it changes",
+                 len(app.auth.tokens))
     if config.change_capture == "api":
         log.warning("CHANGE_CAPTURE=api: writes made outside cloudsync are not recorded and devices will not see them")
     stop, wake = threading.Event(), threading.Event()
@@ -5317,6 +5374,7 @@ def _serve_command(config, args):
             app.fleet.flush(conn)           # the last second of device statistics
     except Exception:
         log.warning("could not save the device fleet at shutdown", exc_info=True)
+    app.db.close()                          # SQLite folds its -wal file back in
     return 0
 
 
@@ -5334,12 +5392,13 @@ def _compact_command(config, args):
     if args.older_than is not None and days < config.changelog_retention_days:
         print("warning: devices that have not pulled since %s will get 410 (reset: true) on their next pull and "
               "pull every row again; a push they retry with a batch id older than that is applied again"
-              % ("now" if days == 0 else "%d day(s) ago" % days), flush=True)
+              % ("now" if days == 0 else "%d day(s) ago" % days), file=sys.stderr, flush=True)
     app = App(config)
     with app.db.connection() as conn:
-        removed, upto = app.engine.changelog.compact(conn, days, progress=lambda message: print(message, flush=True))
-    print("removed %d change-log entries older than %d day(s); checkpoints before seq %d now get 410"
-          % (removed, days, upto))
+        removed, batches, upto = app.engine.changelog.compact(
+            conn, days, progress=lambda message: print(message, flush=True))
+    print("removed %d change-log entries and %d batch ids older than %d day(s); checkpoints before seq %d now "
+          "get 410" % (removed, batches, days, upto))
     return 0
 
 
@@ -5395,14 +5454,14 @@ def _check(config):
             if "cloudsync_meta" not in app.db.table_names(conn):
                 # nothing of cloudsync's is there yet: one problem, not one per table
                 problem("cloudsync is not set up in this database yet (no tables of its own, no triggers)",
-                        "run: python cloudsync.py migrate")
+                        "run: %s migrate" % _own_command())
             else:
                 _check_capture(app, conn, config, schemas, problem, ok)
             if app.db.name == "mysql":
                 _check_privileges(app, conn, config, problem, ok)
     except DatabaseUnavailable as error:
-        problem("the database does not answer: %s" % error, "check the settings named above and that the server "
-                "runs")
+        problem("the database refused the connection: %s" % error.words, error.fix or "check DB_HOST, DB_PORT, "
+                "DB_USER, DB_PASS and DB_NAME, and that the server runs")
     finally:
         app.db.close()
     print("%d problem(s)" % len(problems))
@@ -5416,15 +5475,24 @@ def _check_capture(app, conn, config, schemas, problem, ok):
         missing = [event for event in ("ins", "upd", "del") if _trigger_name(table, event) not in installed]
         if config.change_capture == "triggers" and missing:
             problem("table %s lacks change-capture triggers (%s)" % (table, ", ".join(missing)),
-                    "run: python cloudsync.py migrate")
+                    "run: %s migrate" % _own_command())
         elif config.change_capture == "api" and len(missing) < 3:
-            problem("table %s still has triggers while CHANGE_CAPTURE=api" % table, "run: python cloudsync.py migrate")
+            problem("table %s still has triggers while CHANGE_CAPTURE=api" % table, "run: %s migrate" % _own_command())
     stale = app.engine.changelog.stale_triggers(conn, set(config.allowed_tables))
     for table in sorted(stale):
         problem("table %s is no longer in ALLOWED_TABLES, but cloudsync's triggers still record its changes" % table,
-                "run: python cloudsync.py migrate (it removes them)")
+                "run: %s migrate (it removes them)" % _own_command())
     if not stale:
         ok("change capture (%s) is in place" % config.change_capture)
+
+
+def _own_command():
+    """How this operator runs cloudsync ('.venv/bin/python cloudsync.py'), for the fixes check prints."""
+    python = sys.executable if not sys.executable.startswith(os.getcwd() + os.sep) \
+        else os.path.relpath(sys.executable)
+    script = os.path.relpath(os.path.join(HERE, "cloudsync.py")) if HERE.startswith(os.getcwd()) \
+        else os.path.join(HERE, "cloudsync.py")
+    return "%s %s" % (python, script)
 
 
 def _check_privileges(app, conn, config, problem, ok):
@@ -5475,9 +5543,9 @@ def _devices_command(config, args):
             "-" if device["lag"] is None else device["lag"], device["pushes"], device["pulls"],
             device["rejected"], device["failed"]))
     silent = sum(1 for device in devices if device["silent"])
-    print("%d device(s); %d silent for more than a day (!). seen/pushed/pulled: how long ago; lag: changes the "
-          "last pull is behind; rejected: answered 4xx (conflicts, resets, bad values); failed: answered 5xx"
-          % (len(devices), silent))
+    print("%d device(s); %d silent for more than a day (!)" % (len(devices), silent))
+    print("seen, pushed, pulled: how long ago; lag: changes of its tables its last pull is behind;")
+    print("rejected: answered 4xx (conflicts, resets, bad values); failed: answered 5xx")
     return 0
 
 
@@ -5535,10 +5603,10 @@ def _token_command(config, args):
             raise ConfigError("--tables names %s, not in ALLOWED_TABLES." % (", ".join(unknown) or "no table"))
     make = add_token if args.token_command == "add" else rotate_token
     secret = make(config.tokens_file, args.device_id, tables)
-    print("Token for device %s (shown once; only its hash is kept in %s):" % (args.device_id, config.tokens_file))
-    print(secret)
     if args.token_command == "rotate":
         print("the old token stops working within a second on a running server")
+    print("Token for device %s (shown once; only its hash is kept in %s):" % (args.device_id, config.tokens_file))
+    print(secret)
     return 0
 
 
@@ -5629,7 +5697,8 @@ def main(argv=None):
     except (ConfigError, SchemaError, ChangeCaptureError) as error:
         return _fail(args.command, error, EXIT_CONFIGURATION)
     except DatabaseUnavailable as error:
-        return _fail(args.command, "the database is unavailable: %s" % error, EXIT_RETRY)
+        return _fail(args.command, "the database is unavailable: %s" % error,
+                     EXIT_CONFIGURATION if error.lasting else EXIT_RETRY)
     except BrokenPipeError:                     # `cloudsync.py log | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -94,10 +94,12 @@ class SyncResult:
             self.pushed, self.pulled, len(self.conflicts), len(self.rejected), self.offline)
 
     def report(self):
-        """The result as the dict `last_report` always was (with `dropped`: the refused operations)."""
+        """The result as a dict, as `last_report` keeps it (with `dropped`, its name before 2026-12 for the
+        refused operations among `rejected`)."""
         return {"pushed": self.pushed, "pulled": self.pulled, "conflicts": self.conflicts,
-                "dropped": [entry for entry in self.rejected if entry["error"] != "Conflict"],
-                "rejected": self.rejected, "offline": self.offline}
+                "rejected": self.rejected, "offline": self.offline, "reason": self.reason,
+                "up_to_date": self.up_to_date,
+                "dropped": [entry for entry in self.rejected if entry["error"] != "Conflict"]}
 
 
 def _quote(name):

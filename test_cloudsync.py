@@ -2104,7 +2104,7 @@ def test_compaction_and_expired_checkpoint(app, backend):
         app.engine.changelog.sequence(conn)     # as the server does within SEQUENCE_INTERVAL_SECONDS
     backend.sql("UPDATE cloudsync_changes SET changed_at = '2000-01-01 00:00:00'")
     with app.db.connection() as conn:
-        removed, upto = app.engine.changelog.compact(conn, 30)
+        removed, _, upto = app.engine.changelog.compact(conn, 30)
     assert removed == 3 and upto == 3
     response = pull(app, tables=["sales"], since=old)
     assert response.status == 410
@@ -3406,7 +3406,7 @@ CHECK_PROBLEMS = [
     # (break the setup, expected words in the output)
     (lambda backend: backend.sql("DROP TRIGGER cloudsync_sales_upd"), "lacks change-capture triggers (upd)"),
     (lambda backend: backend.sql("DROP TABLE item_sales"), "'item_sales' does not exist"),
-    (lambda backend: None, "the database does not answer"),
+    (lambda backend: None, "the database refused the connection"),
 ]
 
 
@@ -3414,7 +3414,7 @@ CHECK_PROBLEMS = [
 def test_check_reports_problems_and_fixes(backend, capsys, breaks, words):
     started(backend)
     breaks(backend)
-    config = backend.config() if words != "the database does not answer" else backend.config(
+    config = backend.config() if words != "the database refused the connection" else backend.config(
         DB_HOST="127.0.0.1", DB_PORT="1", DB_USER="x", DB_NAME="x", DB_CONNECT_TIMEOUT_SECONDS="1")
     assert cloudsync._check(config) >= 1
     out = capsys.readouterr().out
@@ -3586,6 +3586,21 @@ def test_sighup_rereads_the_tokens_file(tmp_path):
         server.stop()
 
 
+def test_status_shows_a_limited_device_only_its_tables(secured):
+    status = call(secured, "GET", "/sync/status", headers=bearer(OFFICE_TOKEN)).json
+    assert status["allowed_tables"] == ["sales", "products"] and sorted(status["tables"]) == ["products", "sales"]
+    assert len(call(secured, "GET", "/sync/status", headers=bearer(TILL_TOKEN)).json["tables"]) == len(TABLES)
+
+
+def test_a_token_naming_a_table_no_longer_allowed_keeps_the_others(backend, tmp_path, caplog):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("office %s tables=products,sales\n" % cloudsync.hash_token(OFFICE_TOKEN))
+    application = started(backend, ALLOWED_TABLES="sales", TOKENS_FILE=str(tokens))
+    assert "names products, which is not in ALLOWED_TABLES: ignored" in caplog.text
+    assert call(application, "POST", "/sync/pull", {"tables": ["sales"]}, headers=bearer(OFFICE_TOKEN)).status == 200
+    application.db.close()
+
+
 @pytest.mark.parametrize("setting", ["ADMIN_TOKEN", "METRICS_TOKEN"])
 def test_a_monitoring_token_reads_status_and_metrics(backend, setting):
     application = started(backend, TOKENS="till:" + TILL_TOKEN, **{setting: ADMIN})
@@ -3596,18 +3611,18 @@ def test_a_monitoring_token_reads_status_and_metrics(backend, setting):
     application.db.close()
 
 
-@pytest.mark.parametrize("settings,words", [
+@pytest.mark.parametrize("settings,words,code", [
     ({"DB_NAME": "cloudsync_no_such_db"}, ["Unknown database 'cloudsync_no_such_db'", "MySQL error 1049",
-                                           "create the database"]),
-    ({"DB_PASS": "wrong-password"}, ["Access denied for user", "MySQL error 1045", "check DB_USER and DB_PASS"]),
-    ({"DB_PORT": "1"}, ["MySQL error 2003", "check DB_HOST and DB_PORT"]),
+                                           "create the database"], 2),
+    ({"DB_PASS": "wrong-password"}, ["Access denied for user", "MySQL error 1045", "check DB_USER and DB_PASS"], 2),
+    ({"DB_PORT": "1"}, ["MySQL error 2003", "check DB_HOST and DB_PORT"], 1),       # down: try again later
 ])
-def test_database_errors_give_the_servers_words_and_the_fix(backend, settings, words):
+def test_database_errors_give_the_servers_words_and_the_fix(backend, settings, words, code):
     if backend.kind != "mysql":
         pytest.skip("MySQL's own words")
     env = dict(backend.settings, ALLOWED_TABLES="sales", TOKENS_FILE="", **settings)
-    code, _, err = _cli(["--env-file", "", "migrate"], env)
-    assert code == 1 and "migrate: the database is unavailable: " in err, err
+    exit_code, _, err = _cli(["--env-file", "", "migrate"], env)
+    assert exit_code == code and "migrate: the database is unavailable: " in err, err
     for word in words:
         assert word in err, err
     assert "wrong-password" not in err
@@ -3673,7 +3688,19 @@ def test_migrate_removes_the_triggers_of_tables_no_longer_allowed_and_check_sees
 def test_check_of_a_database_never_migrated_reports_one_problem(backend):
     env = dict(backend.settings, ALLOWED_TABLES=",".join(TABLES), TOKENS_FILE="")
     code, out, _ = _cli(["--env-file", "", "check"], env)
-    assert code == 1 and "1 problem(s)" in out and "run: python cloudsync.py migrate" in out, out
+    assert code == 1 and "1 problem(s)" in out and re.search(r"run: \S*python\S* \S*cloudsync.py migrate", out), out
+
+
+def test_lag_counts_only_the_changes_of_the_devices_tables(backend):
+    application = started(backend)
+    assert pull(application, tables=["sales"], since=None, device_id="till").status == 200
+    assert push(application, [op("insert", "product_stock", id="p1", quantity=1),
+                              op("insert", "sales", id="s1")]).status == 200
+    with application.db.connection() as conn:
+        application.engine.changelog.sequence(conn)
+        [device] = application.fleet.devices(conn, application.engine.changelog.head(conn))
+    assert device["device_id"] == "till" and device["lag"] == 1
+    application.db.close()
 
 
 def test_devices_tell_refusals_from_failures_and_fit_100_columns(backend, monkeypatch):
@@ -3690,7 +3717,7 @@ def test_devices_tell_refusals_from_failures_and_fit_100_columns(backend, monkey
         application.fleet.flush(conn)
     env = dict(backend.settings, ALLOWED_TABLES=",".join(TABLES), TOKENS_FILE="")
     code, out, _ = _cli(["--env-file", "", "devices"], env)
-    assert code == 0 and all(len(line) <= 100 for line in out.splitlines()[:-1]), out
+    assert code == 0 and all(len(line) <= 100 for line in out.splitlines()), out
     code, out, _ = _cli(["--env-file", "", "devices", "--json"], env)
     device = json.loads(out)[0]
     assert (device["pushes"], device["rejected"], device["failed"], device["errors"]) == (1, 1, 1, 2)
@@ -3719,8 +3746,10 @@ def test_compact_older_than_zero_warns_and_old_checkpoints_reset(backend):
     checkpoint = pull(application, tables=["sales"], since=None).json["checkpoint"]
     assert push(application, [op("insert", id="s2")]).status == 200
     env = dict(backend.settings, ALLOWED_TABLES=",".join(TABLES), TOKENS_FILE="")
-    code, out, _ = _cli(["--env-file", "", "compact", "--older-than", "0"], env)
-    assert code == 0 and "warning: devices that have not pulled since now will get 410" in out
+    code, out, err = _cli(["--env-file", "", "compact", "--older-than", "0"], env)
+    assert code == 0 and "warning: devices that have not pulled since now will get 410" in err
+    assert out.strip().splitlines() == ["removed 2 change-log entries and 0 batch ids older than 0 day(s); "
+                                        "checkpoints before seq 2 now get 410"]
     response = pull(application, tables=["sales"], since=checkpoint)
     assert response.status == 410 and response.json["reset"] is True
     application.db.close()
@@ -4097,6 +4126,21 @@ def test_the_server_sees_a_new_column_by_itself(app, backend, monkeypatch):
         wake.set()
         worker.join()
     assert push(app, [op("insert", id="s1", payment="cash")]).status == 200
+
+
+def test_a_checkpoint_from_before_an_alter_table_makes_the_device_pull_again(app, backend):
+    assert push(app, [op("insert", id="s1")]).status == 200
+    checkpoint = pull(app, tables=["sales"], since=None).json["checkpoint"]
+    backend.sql("ALTER TABLE sales ADD COLUMN payment VARCHAR(20)" if backend.kind == "mysql"
+                else "ALTER TABLE sales ADD COLUMN payment TEXT")
+    backend.sql("UPDATE sales SET payment = 'cash'")
+    app.engine.load_schema()                # (the server re-reads its tables every SCHEMA_POLL_SECONDS)
+    pushed = push(app, [op("insert", id="s2")], device_id="till", checkpoint=checkpoint)
+    assert pushed.status == 200 and pushed.json["checkpoint"] == checkpoint     # not past rows it lacks columns of
+    response = pull(app, tables=["sales"], since=checkpoint)
+    assert response.status == 410 and response.json["reset"] is True and "ALTER TABLE" in response.json["detail"]
+    rows = pull(app, tables=["sales"], since=None).json["changes"]["sales"]["upserted"]
+    assert [row["payment"] for row in rows] == ["cash", None]
 
 
 def test_a_client_built_from_the_servers_schema_learns_a_new_column(server, tmp_path):
