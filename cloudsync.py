@@ -1236,7 +1236,6 @@ class Database:
     """What both backends share: the pool, transactions and SQL helpers."""
 
     name = "?"
-    placeholder = "?"
 
     def __init__(self, config):
         self.config = config
@@ -1252,10 +1251,6 @@ class Database:
             return True
         except Exception:
             return False
-
-    def sql(self, text):
-        """Return SQL text with this backend's placeholder style."""
-        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
 
     def close(self):
         """Release every pooled connection."""
@@ -1330,8 +1325,8 @@ class Database:
 
     def trigger_definitions(self, conn, table=None):
         """{trigger name: its definition as the catalogue keeps it}, of one table or of all."""
-        rows = self.query(conn, self.sql(self.trigger_definitions_sql + (" AND %s = ?" % self.trigger_table
-                                                                          if table is not None else "")),
+        rows = self.query(conn, self.trigger_definitions_sql + (" AND %s = ?" % self.trigger_table
+                                                                          if table is not None else ""),
                           () if table is None else (table,))
         return {_text(name): _text(text) for name, text in rows}
 
@@ -1341,7 +1336,7 @@ class Database:
 
     def column_names(self, conn, table):
         """The names of a table's columns (a table cloudsync made: for adding columns of later versions)."""
-        return {_text(name) for (name,) in self.query(conn, self.sql(self.columns_sql), (table,))}
+        return {_text(name) for (name,) in self.query(conn, self.columns_sql, (table,))}
 
     def ids_bytewise(self, conn, table, columns):
         """Make id columns compare byte for byte (MySQL); SQLite compares text that way already."""
@@ -1366,7 +1361,6 @@ class SQLiteDatabase(Database):
     """SQLite through the standard library: one writer at a time, WAL journal."""
 
     name = "sqlite"
-    placeholder = "?"
     quote = staticmethod(quote_sqlite)
     json_array = "json_array"
     columns_sql = "SELECT name FROM pragma_table_info(?)"
@@ -1640,7 +1634,6 @@ class MySQLDatabase(Database):
     """MySQL/MariaDB through mysql-connector-python (C extension when it loads)."""
 
     name = "mysql"
-    placeholder = "%s"
     quote = staticmethod(quote_mysql)
     json_array = "JSON_ARRAY"
     columns_sql = ("SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
@@ -1808,7 +1801,7 @@ class MySQLDatabase(Database):
                 for value, text in zip(params, escaped)]
 
     def _bind(self, conn, sql, params):
-        template = sql.encode("utf-8").split(b"%s")
+        template = sql.encode("utf-8").split(b"?")
         values = self._escape(conn, tuple(params)) if params else ()
         if len(template) != len(values) + 1:
             raise ValueError("the statement has %d placeholders for %d values" % (len(template) - 1, len(values)))
@@ -1827,7 +1820,7 @@ class MySQLDatabase(Database):
     def executemany(self, conn, sql, rows):
         """Run an INSERT ... VALUES (?, ...) for many rows as multi-row statements of at most ~1 MiB."""
         head, _, row_template = sql.partition(" VALUES ")
-        template = row_template.encode("utf-8").split(b"%s")
+        template = row_template.encode("utf-8").split(b"?")
         width = len(template) - 1
         rows = [tuple(row) for row in rows]
         if any(len(row) != width for row in rows):
@@ -1893,26 +1886,25 @@ class MySQLDatabase(Database):
 
     def introspect(self, conn, table):
         """Read one table's columns and primary key from information_schema."""
-        rows = self.query(conn, self.sql(
+        rows = self.query(conn, 
             "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_SCALE, DATETIME_PRECISION, CHARACTER_SET_NAME,"
             " CHARACTER_OCTET_LENGTH, EXTRA FROM information_schema.COLUMNS"
-            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION"), (table,))
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION", (table,))
         if not rows:
             raise SchemaError("table %r does not exist in database %r" % (table, self.config.db_name))
-        keys = self.query(conn, self.sql(
+        keys = self.query(conn, 
             "SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE WHERE TABLE_SCHEMA = DATABASE()"
-            " AND TABLE_NAME = ? AND CONSTRAINT_NAME = 'PRIMARY' ORDER BY ORDINAL_POSITION"), (table,))
+            " AND TABLE_NAME = ? AND CONSTRAINT_NAME = 'PRIMARY' ORDER BY ORDINAL_POSITION", (table,))
         if not keys:
             raise SchemaError("table %r has no primary key; cloudsync needs one to find rows" % table)
         columns, generated, json_parts = [], set(), []
         for name, data_type, column_type, scale, fsp, charset, octets, extra in rows:
             name, data_type, column_type = _text(name), _text(data_type).lower(), _text(column_type)
             extra = _text(extra or "")
-            if "%" in name + table or "?" in name + table:
-                # placeholders are written as ? and the driver substitutes %s inside SQL text:
-                # names holding either character cannot be kept apart from parameters
-                raise SchemaError("table %r or its column %r contains '%%' or '?', which cloudsync cannot "
-                                  "quote safely on MySQL" % (table, name))
+            if "?" in name + table:
+                # values are bound where the SQL text has ?: a name holding one could not be told apart
+                raise SchemaError("table %r or its column %r contains '?', which cloudsync cannot quote safely on "
+                                  "MySQL" % (table, name))
             kind = self._KINDS.get(data_type, "other")
             quoted = quote_mysql(name)
             column = Column(
@@ -1971,7 +1963,7 @@ class MySQLDatabase(Database):
 
     def prepare(self, conn):
         """Learn how this server escapes JSON text (MariaDB \\u001F, MySQL 8 \\u001f), for key_text."""
-        text = _text(self.query(conn, "SELECT JSON_ARRAY(%s)", ("\x1f",))[0][0])
+        text = _text(self.query(conn, "SELECT JSON_ARRAY(?)", ("\x1f",))[0][0])
         if "\\u001f" in text:
             self._JSON_ESCAPES = {code: escape.lower() if escape.startswith("\\u") else escape
                                   for code, escape in self._JSON_ESCAPES.items()}
@@ -1979,7 +1971,7 @@ class MySQLDatabase(Database):
     def ids_bytewise(self, conn, table, columns):
         """Turn VARCHAR id columns of a cloudsync table made by an earlier version into VARBINARY."""
         rows = self.query(conn, "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
-                                " AND TABLE_NAME = %s AND DATA_TYPE = 'varchar'", (table,))
+                                " AND TABLE_NAME = ? AND DATA_TYPE = 'varchar'", (table,))
         found = [_text(name) for (name,) in rows if _text(name) in columns]
         if found:
             self.execute(conn, "ALTER TABLE %s %s" % (table, ", ".join(
@@ -1999,12 +1991,12 @@ class MySQLDatabase(Database):
         touches only the row the key names.
         """
         key = tuple(values[name] for name in schema.primary_key)
-        where = " AND ".join("%s = %%s" % column.quoted for column in schema.key_columns)
+        where = " AND ".join("%s = ?" % column.quoted for column in schema.key_columns)
         changes = [name for name in values if name not in schema.primary_key]
         for attempt in (1, 2):
             if changes:
                 found = self.execute(conn, "UPDATE %s SET %s WHERE %s" % (
-                    schema.quoted, ", ".join("%s = %%s" % schema.columns[name].quoted for name in changes), where),
+                    schema.quoted, ", ".join("%s = ?" % schema.columns[name].quoted for name in changes), where),
                     tuple(values[name] for name in changes) + key)
             else:
                 found = len(self.query(conn, "SELECT 1 FROM %s WHERE %s" % (schema.quoted, where), key))
@@ -2013,7 +2005,7 @@ class MySQLDatabase(Database):
             try:
                 self.execute(conn, "INSERT INTO %s (%s) VALUES (%s)" % (
                     schema.quoted, ", ".join(schema.columns[name].quoted for name in values),
-                    ", ".join("%s" for _ in values)), tuple(values.values()))
+                    ", ".join("?" for _ in values)), tuple(values.values()))
                 return
             except DataRejected as error:
                 # the key itself was inserted by another push since the UPDATE: update that row
@@ -2126,8 +2118,8 @@ class MySQLDatabase(Database):
         """
         if schema.json_row is None:
             return None
-        rows = self.query(conn, self.sql("SELECT %s FROM %s ORDER BY %s LIMIT ?" % (
-            schema.json_row, schema.quoted, schema.key_order)), (limit,))
+        rows = self.query(conn, "SELECT %s FROM %s ORDER BY %s LIMIT ?" % (
+            schema.json_row, schema.quoted, schema.key_order), (limit,))
         return b"[" + ",".join([row[0] for row in rows]).encode("utf-8") + b"]", len(rows)
 
 
@@ -2341,7 +2333,7 @@ class ChangeLog:
         insert = "INSERT IGNORE" if self.backend == "mysql" else "INSERT OR IGNORE"
         for name, value in (("instance", uuid.uuid4().hex), ("secret", secrets.token_hex(32)),
                             ("last_seq", "0"), ("compacted_upto", "0"), ("key_format", KEY_FORMAT if fresh else "1")):
-            self.db.execute(conn, self.db.sql("%s INTO cloudsync_meta (name, value) VALUES (?, ?)" % insert),
+            self.db.execute(conn, "%s INTO cloudsync_meta (name, value) VALUES (?, ?)" % insert,
                             (name, value))
         changed = 0
         for schema in schemas.values():
@@ -2371,14 +2363,14 @@ class ChangeLog:
         changed = [schema.name for schema in schemas.values()
                    if any(column.kind not in ("integer", "text", "enum") for column in schema.key_columns)]
         marks = ", ".join("?" for _ in changed)
-        if changed and (self.db.query(conn, self.db.sql(
-                "SELECT 1 FROM cloudsync_changes WHERE table_name IN (%s) LIMIT 1" % marks), changed)
-                or self.backend == "mysql" and self.db.query(conn, self.db.sql(
-                    "SELECT 1 FROM cloudsync_pending WHERE table_name IN (%s) LIMIT 1" % marks), changed)):
+        if changed and (self.db.query(conn, 
+                "SELECT 1 FROM cloudsync_changes WHERE table_name IN (%s) LIMIT 1" % marks, changed)
+                or self.backend == "mysql" and self.db.query(conn, 
+                    "SELECT 1 FROM cloudsync_pending WHERE table_name IN (%s) LIMIT 1" % marks, changed)):
             self.sequence(conn)
             with self.db.transaction(conn):
                 head = self.head(conn)
-                self.db.execute(conn, self.db.sql("UPDATE cloudsync_meta SET value = ? WHERE name = 'compacted_upto'"),
+                self.db.execute(conn, "UPDATE cloudsync_meta SET value = ? WHERE name = 'compacted_upto'",
                                 (str(head),))
             say("row keys of %s are now written in a new form: devices syncing them start again from the "
                 "beginning, once (their next pull answers 410 with reset: true)" % ", ".join(changed))
@@ -2464,7 +2456,7 @@ class ChangeLog:
             found[key].child_columns.append(_text(column))
             found[key].parent_columns.append(_text(referenced))
         return [fk for fk in found.values() if (fk.on_delete in CASCADING_RULES or fk.on_update in CASCADING_RULES)
-                and not any(c in "%?" for c in fk.child + fk.parent + "".join(fk.child_columns + fk.parent_columns))]
+                and "?" not in fk.child + fk.parent + "".join(fk.child_columns + fk.parent_columns)]
 
     def cascade_plan(self, foreign_keys, schemas):
         """({parent: {"del": [SQL], "upd": [SQL]}} logging what cascades write, tables whose cascades it cannot follow)."""
@@ -2605,21 +2597,21 @@ class ChangeLog:
             # Only the ids pass through here; the rows move inside the database. The
             # ids are exactly the committed rows seen now: a range would also take in
             # rows committed later, which this DELETE would then remove unnumbered.
-            ids = [row[0] for row in self.db.query(conn, self.db.sql(
-                "SELECT id FROM cloudsync_pending ORDER BY id LIMIT ?"), (SEQUENCE_BATCH_ROWS,))]
+            ids = [row[0] for row in self.db.query(conn, 
+                "SELECT id FROM cloudsync_pending ORDER BY id LIMIT ?", (SEQUENCE_BATCH_ROWS,))]
             if ids:
                 marks = ", ".join("?" for _ in ids)
-                self.db.execute(conn, self.db.sql(
+                self.db.execute(conn, 
                     "INSERT INTO cloudsync_changes (seq, table_name, row_key, op, device_id, batch_id, changed_at)"
                     " SELECT ? + ROW_NUMBER() OVER (ORDER BY id), table_name, row_key, op, device_id, batch_id,"
-                    " changed_at FROM cloudsync_pending WHERE id IN (%s)" % marks), [last] + ids)
-                self.db.execute(conn, self.db.sql("DELETE FROM cloudsync_pending WHERE id IN (%s)" % marks), ids)
+                    " changed_at FROM cloudsync_pending WHERE id IN (%s)" % marks, [last] + ids)
+                self.db.execute(conn, "DELETE FROM cloudsync_pending WHERE id IN (%s)" % marks, ids)
                 last += len(ids)
             if len(ids) < SEQUENCE_BATCH_ROWS or not drain:
                 break
         if last == first:
             return None
-        self.db.execute(conn, self.db.sql("UPDATE cloudsync_meta SET value = ? WHERE name = 'last_seq'"), (str(last),))
+        self.db.execute(conn, "UPDATE cloudsync_meta SET value = ? WHERE name = 'last_seq'", (str(last),))
         return first, last
 
     def tables_version(self, conn, schemas):
@@ -2638,10 +2630,10 @@ class ChangeLog:
         marks = ", ".join("?" for _ in tables)
         first_keys = "".join(", (SELECT 1 FROM %s LIMIT 1)" % schema.quoted for schema in schemas)
         if self.backend == "mysql":
-            row = self.db.query(conn, self.db.sql(
+            row = self.db.query(conn, 
                 "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
                 " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'),"
-                " COUNT(*), MAX(id)%s FROM cloudsync_pending WHERE table_name IN (%s)" % (marks, first_keys, marks)),
+                " COUNT(*), MAX(id)%s FROM cloudsync_pending WHERE table_name IN (%s)" % (marks, first_keys, marks),
                 list(tables) * 2)[0]
             return (max(row[0] or 0, int(row[1])), row[2], row[3] or 0) + tuple(row[4:])
         row = self.db.query(conn, "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
@@ -2684,7 +2676,7 @@ class ChangeLog:
         if self.backend == "mysql":
             # No reset afterwards: pooled connections write to allowed tables only in a
             # push, and every push sets both variables first; outside writers have their own sessions.
-            self.db.execute(conn, "SET @cloudsync_device = %s, @cloudsync_batch = %s", (device_id, batch_id))
+            self.db.execute(conn, "SET @cloudsync_device = ?, @cloudsync_batch = ?", (device_id, batch_id))
             yield
         else:
             self.db.execute(conn, "UPDATE cloudsync_context SET device_id = ?, batch_id = ? WHERE id = 1",
@@ -2697,24 +2689,24 @@ class ChangeLog:
         target = "cloudsync_pending" if self.backend == "mysql" else "cloudsync_changes"
         rows = [(table, key_text, op, device_id, batch_id) for table, op, key_text in entries]
         if rows:
-            self.db.executemany(conn, self.db.sql(
+            self.db.executemany(conn, 
                 "INSERT INTO %s (table_name, row_key, op, device_id, batch_id, changed_at) VALUES (?, ?, ?, ?, ?, %s)"
-                % (target, NOW_SQL[self.backend])), rows)
+                % (target, NOW_SQL[self.backend]), rows)
 
     # -- reading -----------------------------------------------------------------
 
     def changed_rows(self, conn, tables, since, limit):
         """(table, row_key, last seq) of rows changed after `since`, each once, oldest last change first."""
-        return self.db.query(conn, self.db.sql(
+        return self.db.query(conn, 
             "SELECT table_name, row_key, MAX(seq) AS last_seq FROM cloudsync_changes WHERE seq > ?"
             " AND table_name IN (%s) GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?"
-            % ", ".join("?" for _ in tables)), [since] + list(tables) + [limit])
+            % ", ".join("?" for _ in tables), [since] + list(tables) + [limit])
 
     def changed_since(self, conn, tables, since):
         """Whether any change after `since` touches `tables`."""
-        return bool(self.db.query(conn, self.db.sql(
+        return bool(self.db.query(conn, 
             "SELECT 1 FROM cloudsync_changes WHERE seq > ? AND table_name IN (%s) LIMIT 1"
-            % ", ".join("?" for _ in tables)), [since] + list(tables)))
+            % ", ".join("?" for _ in tables), [since] + list(tables)))
 
     def touched_by_others(self, conn, schema, key_texts, since, device_id):
         """The row keys among key_texts that someone other than device_id changed after `since`."""
@@ -2730,9 +2722,9 @@ class ChangeLog:
             if self.backend == "mysql":        # committed but not yet numbered: after any checkpoint
                 sources.insert(0, ("cloudsync_pending", "", []))
             for table, after, after_params in sources:
-                rows = self.db.query(conn, self.db.sql(
+                rows = self.db.query(conn, 
                     "SELECT DISTINCT row_key FROM %s WHERE table_name = ? AND row_key IN (%s)%s%s"
-                    % (table, marks, after, foreign)), [schema.name] + list(chunk) + after_params + extra)
+                    % (table, marks, after, foreign), [schema.name] + list(chunk) + after_params + extra)
                 found.update(_text(row[0]) for row in rows)
         return found
 
@@ -2746,7 +2738,7 @@ class ChangeLog:
         if table is not None:
             sql += " AND table_name = ?"
             params.append(table)
-        rows = self.db.query(conn, self.db.sql(sql + " ORDER BY seq %s LIMIT ?" % ("DESC" if newest else "ASC")),
+        rows = self.db.query(conn, sql + " ORDER BY seq %s LIMIT ?" % ("DESC" if newest else "ASC"),
                              params + [limit])
         return rows[::-1] if newest else rows
 
@@ -2754,21 +2746,21 @@ class ChangeLog:
 
     def find_batch(self, conn, device_id, batch_id):
         """(request_hash, stored response) of an earlier push with this batch id, or None."""
-        rows = self.db.query(conn, self.db.sql(
-            "SELECT request_hash, response FROM cloudsync_batches WHERE device_id = ? AND batch_id = ?"),
+        rows = self.db.query(conn, 
+            "SELECT request_hash, response FROM cloudsync_batches WHERE device_id = ? AND batch_id = ?",
             (device_id, batch_id))
         return (rows[0][0], rows[0][1]) if rows else None
 
     def claim_batch(self, conn, device_id, batch_id, request_hash):
         """Inside the push's transaction: reserve the batch id (a concurrent twin waits, then fails)."""
-        self.db.execute(conn, self.db.sql(
+        self.db.execute(conn, 
             "INSERT INTO cloudsync_batches (device_id, batch_id, request_hash, created_at) VALUES (?, ?, ?, %s)"
-            % NOW_SQL[self.backend]), (device_id, batch_id, request_hash))
+            % NOW_SQL[self.backend], (device_id, batch_id, request_hash))
 
     def finish_batch(self, conn, device_id, batch_id, response):
         """Inside the push's transaction: store the outcome to replay."""
-        self.db.execute(conn, self.db.sql(
-            "UPDATE cloudsync_batches SET response = ? WHERE device_id = ? AND batch_id = ?"),
+        self.db.execute(conn, 
+            "UPDATE cloudsync_batches SET response = ? WHERE device_id = ? AND batch_id = ?",
             (json.dumps(response, default=_json_default), device_id, batch_id))
 
     # -- compaction ------------------------------------------------------------------
@@ -2778,15 +2770,15 @@ class ChangeLog:
         self.sequence(conn)
         cutoff = CUTOFF_SQL[self.backend]
         with self.db.transaction(conn):
-            upto = self.db.query(conn, self.db.sql(
-                "SELECT MAX(seq) FROM cloudsync_changes WHERE changed_at < %s" % cutoff), (retention_days,))[0][0]
+            upto = self.db.query(conn, 
+                "SELECT MAX(seq) FROM cloudsync_changes WHERE changed_at < %s" % cutoff, (retention_days,))[0][0]
             previous = self.compacted_upto(conn)
             if upto and upto > previous:
                 # published before the rows go: a reader that misses a row then sees this and answers 410
-                self.db.execute(conn, self.db.sql("UPDATE cloudsync_meta SET value = ? WHERE name = 'compacted_upto'"),
+                self.db.execute(conn, "UPDATE cloudsync_meta SET value = ? WHERE name = 'compacted_upto'",
                                 (str(upto),))
-            batches = self.db.execute(conn, self.db.sql(
-                "DELETE FROM cloudsync_batches WHERE created_at < %s" % cutoff), (retention_days,))
+            batches = self.db.execute(conn, 
+                "DELETE FROM cloudsync_batches WHERE created_at < %s" % cutoff, (retention_days,))
         upto = max(upto or 0, previous)
         removed = 0
         delete = ("DELETE FROM cloudsync_changes WHERE seq <= ? ORDER BY seq LIMIT ?" if self.backend == "mysql" else
@@ -2794,7 +2786,7 @@ class ChangeLog:
                   " ORDER BY seq LIMIT ?)")
         while True:
             with self.db.transaction(conn):
-                count = self.db.execute(conn, self.db.sql(delete), (upto, COMPACT_BATCH_ROWS))
+                count = self.db.execute(conn, delete, (upto, COMPACT_BATCH_ROWS))
             removed += count
             if count < COMPACT_BATCH_ROWS:
                 return removed, batches, upto
@@ -3090,9 +3082,9 @@ class SyncEngine:
         if any(None in op.key for op in operations):
             return False                    # the database chose a key the device does not know
         most = 2 * len(push.operations)     # an update that moves a key logs a delete and an update
-        entries = self.db.query(conn, self.db.sql(
+        entries = self.db.query(conn, 
             "SELECT table_name, row_key, device_id, batch_id FROM cloudsync_changes WHERE seq > ? AND seq <= ?"
-            " ORDER BY seq LIMIT ?"), (start, head, most + 1))
+            " ORDER BY seq LIMIT ?", (start, head, most + 1))
         if len(entries) > most:
             return False
         # each operation's row now (found as its statement found it) and its key as the log holds it
@@ -3281,7 +3273,7 @@ class SyncEngine:
             sql = "SELECT %s, %s FROM %s WHERE %s" % (schema.key_sql, schema.select_list, schema.quoted, where)
             if lock:
                 sql += self.db.lock_rows        # a concurrent writer of these rows now waits for this push
-            rows = self.db.query(conn, self.db.sql(sql), params)
+            rows = self.db.query(conn, sql, params)
             for text, row in zip([row[0] for row in rows], self.db.decode_rows(schema, [row[1:] for row in rows])):
                 found[_text(text)] = dict(zip(names, row))
         return found
@@ -3298,8 +3290,8 @@ class SyncEngine:
 
     def _insert_sql(self, schema, names):
         """INSERT of one row with these (checked) columns, ? for each value."""
-        return self.db.sql("INSERT INTO %s (%s) VALUES (%s)" % (
-            schema.quoted, ", ".join(schema.columns[name].quoted for name in names), ", ".join("?" for _ in names)))
+        return "INSERT INTO %s (%s) VALUES (%s)" % (
+            schema.quoted, ", ".join(schema.columns[name].quoted for name in names), ", ".join("?" for _ in names))
 
     def _insert_many(self, conn, group):
         schema, names = group[0].table, list(group[0].values)
@@ -3336,11 +3328,11 @@ class SyncEngine:
         changes = [name for name in op.values if name not in schema.primary_key]
         try:
             if not changes:
-                return bool(self.db.query(conn, self.db.sql("SELECT 1 FROM %s WHERE %s" % (
-                    schema.quoted, self._key_condition(schema))), op.key))
-            sql = self.db.sql("UPDATE %s SET %s WHERE %s" % (
+                return bool(self.db.query(conn, "SELECT 1 FROM %s WHERE %s" % (
+                    schema.quoted, self._key_condition(schema)), op.key))
+            sql = "UPDATE %s SET %s WHERE %s" % (
                 schema.quoted, ", ".join("%s = ?" % schema.columns[name].quoted for name in changes),
-                self._key_condition(schema)))
+                self._key_condition(schema))
             return self.db.execute(conn, sql, tuple(op.values[name] for name in changes) + op.key) > 0
         except DataRejected as error:
             raise PushRejected(op, error) from None
@@ -3348,8 +3340,8 @@ class SyncEngine:
     def _delete(self, conn, op):
         schema = op.table
         try:
-            return self.db.execute(conn, self.db.sql("DELETE FROM %s WHERE %s" % (
-                schema.quoted, self._key_condition(schema))), op.key) > 0
+            return self.db.execute(conn, "DELETE FROM %s WHERE %s" % (
+                schema.quoted, self._key_condition(schema)), op.key) > 0
         except DataRejected as error:
             raise PushRejected(op, error) from None
 
@@ -3423,8 +3415,8 @@ class SyncEngine:
             if last is not None:
                 where += " AND " + _after_key_condition(schema)
                 params = _after_key_params(self.db.key_bind(schema, last, ordered=True))
-            rows = self.db.query(conn, self.db.sql("SELECT %s FROM %s %s ORDER BY %s LIMIT ?" % (
-                schema.select_list, schema.quoted, where, schema.key_order)), params + [budget])
+            rows = self.db.query(conn, "SELECT %s FROM %s %s ORDER BY %s LIMIT ?" % (
+                schema.select_list, schema.quoted, where, schema.key_order), params + [budget])
             if rows:
                 last = self.db.key_logged(schema, rows[-1])
                 names = schema.column_names
@@ -3508,8 +3500,8 @@ class SyncEngine:
         data = {}
         for table in tables:
             schema = self.schemas[table]
-            rows = self.db.query(conn, self.db.sql("SELECT %s FROM %s ORDER BY %s LIMIT ?" % (
-                schema.select_list, schema.quoted, schema.key_order)), (limit,))
+            rows = self.db.query(conn, "SELECT %s FROM %s ORDER BY %s LIMIT ?" % (
+                schema.select_list, schema.quoted, schema.key_order), (limit,))
             names = schema.column_names
             data[table] = [dict(zip(names, row)) for row in self.db.decode_rows(schema, rows)]
         return data
@@ -3873,7 +3865,7 @@ class DeviceFleet:
                 for device_id, entry in sorted(unsaved.items()):
                     times = [None if moment is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(moment))
                              for moment in entry[:4]]
-                    self.db.execute(conn, self.db.sql(DEVICES_UPSERT[self.db.name]), [device_id] + times + entry[4:])
+                    self.db.execute(conn, DEVICES_UPSERT[self.db.name], [device_id] + times + entry[4:])
         except Exception:
             with self._lock:                # merge back, newer notes first
                 for device_id, entry in unsaved.items():
@@ -3896,9 +3888,9 @@ class DeviceFleet:
         tables = [name for name in _text(device["pull_tables"] or "").split(",") if name]
         if not tables:                      # pulled before cloudsync kept the tables: every table counts
             return max(0, head - int(device["checkpoint_seq"]))
-        return self.db.query(conn, self.db.sql(
+        return self.db.query(conn, 
             "SELECT COUNT(*) FROM (SELECT 1 FROM cloudsync_changes WHERE seq > ? AND table_name IN (%s) LIMIT ?) x"
-            % ", ".join("?" for _ in tables)), [device["checkpoint_seq"]] + tables + [LAG_COUNTED_UP_TO])[0][0]
+            % ", ".join("?" for _ in tables), [device["checkpoint_seq"]] + tables + [LAG_COUNTED_UP_TO])[0][0]
 
     def devices(self, conn, head):
         """Every known device as a dict, with `lag`: how many changes its last pull checkpoint is behind."""
