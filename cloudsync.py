@@ -121,6 +121,10 @@ class Retryable(DatabaseUnavailable):
     """A deadlock or lock timeout: the transaction was undone and may simply be run again."""
 
 
+class Denied(CloudsyncError):
+    """The database user lacks a privilege cloudsync needs (to create its tables or the triggers)."""
+
+
 class DataRejected(CloudsyncError):
     """The database refused the pushed values (duplicate key, NOT NULL, a rule of the user's...)."""
 
@@ -1233,7 +1237,15 @@ class _Pool:
 
 
 class Database:
-    """What both backends share: the pool, transactions and SQL helpers."""
+    """What both backends share: the pool, transactions and SQL helpers.
+
+    What differs lives in the two subclasses, as attributes and methods of
+    the same names, so no other code asks which database it talks to:
+    numbers_at_commit (triggers number changes as they write them: one writer
+    at a time), cascades_fire_triggers, transactional_ddl, replaces_triggers,
+    autocommit_atomic, lock_rows, json_array, insert_ignore, now_sql,
+    cutoff_sql, delete_oldest_sql, log_tables(), trigger_sql(), attributed().
+    """
 
     name = "?"
 
@@ -1362,6 +1374,15 @@ class SQLiteDatabase(Database):
 
     name = "sqlite"
     quote = staticmethod(quote_sqlite)
+    numbers_at_commit = True        # one writer at a time: AUTOINCREMENT numbers follow commit order
+    cascades_fire_triggers = True
+    transactional_ddl = True
+    insert_ignore = "INSERT OR IGNORE"
+    # the time a change is stamped with, and the cutoff compaction compares it to (? is a number of days)
+    now_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    cutoff_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ? || ' days')"
+    delete_oldest_sql = ("DELETE FROM cloudsync_changes WHERE seq IN (SELECT seq FROM cloudsync_changes"
+                         " WHERE seq <= ? ORDER BY seq LIMIT ?)")
     json_array = "json_array"
     columns_sql = "SELECT name FROM pragma_table_info(?)"
     tables_sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
@@ -1493,6 +1514,53 @@ class SQLiteDatabase(Database):
     def insert_defaults_sql(self, schema):
         """An INSERT in which every column takes its default (a generated key)."""
         return "INSERT INTO %s DEFAULT VALUES" % schema.quoted
+
+    # -- change capture (see that section) --------------------------------------
+
+    @staticmethod
+    def log_tables():
+        """cloudsync's own tables."""
+        return SQLITE_LOG_TABLES
+
+    def upgrade_log_tables(self, conn):
+        """Nothing of an earlier version's to bring up to date."""
+
+    @staticmethod
+    def devices_table():
+        return SQLITE_DEVICES_TABLE
+
+    @staticmethod
+    def devices_upsert():
+        return SQLITE_DEVICES_UPSERT
+
+    def trigger_sql(self, schema, event):
+        """CREATE TRIGGER text numbering one event of one table into cloudsync_changes, with the device and
+        batch of the push in progress (cloudsync_context: SQLite has no session variables; safe because the push
+        holds the only write lock and clears it before committing)."""
+        table_literal = _sql_literal(schema.name)
+
+        def record(row, op, guard=""):
+            return ("INSERT INTO cloudsync_changes (table_name, row_key, op, device_id, batch_id, changed_at)"
+                    " SELECT %s, %s, '%s', device_id, batch_id, %s FROM cloudsync_context WHERE id = 1%s"
+                    % (table_literal, self.key_sql(schema, row), op, self.now_sql, " AND " + guard if guard else ""))
+        if event == "upd":
+            # byte for byte, not by the column's collation: 'abc' -> 'ABC' is a new key to a device;
+            # an update that changes the key deletes the old row and creates a new one
+            same = " AND ".join("OLD.%s IS NEW.%s COLLATE BINARY" % (column.quoted, column.quoted)
+                                for column in schema.key_columns)
+            body = [record("OLD", "D", "NOT (%s)" % same), record("NEW", "U")]
+        else:
+            body = [record("NEW", "I")] if event == "ins" else [record("OLD", "D")]
+        return "CREATE TRIGGER %s AFTER %s ON %s BEGIN %s; END" % (
+            self.quote(_trigger_name(schema.name, event)), TRIGGER_EVENTS[event], schema.quoted, "; ".join(body))
+
+    @contextmanager
+    def attributed(self, conn, device_id, batch_id):
+        """Inside a push's transaction: changes made in the with-block carry this device and batch."""
+        self.execute(conn, "UPDATE cloudsync_context SET device_id = ?, batch_id = ? WHERE id = 1",
+                     (device_id, batch_id))
+        yield
+        self.execute(conn, "UPDATE cloudsync_context SET device_id = NULL, batch_id = NULL WHERE id = 1")
 
     def upsert(self, conn, schema, values):
         """Insert the row, or set the given columns on the row with its key; another unique column clashing is refused."""
@@ -1635,6 +1703,13 @@ class MySQLDatabase(Database):
 
     name = "mysql"
     quote = staticmethod(quote_mysql)
+    numbers_at_commit = False       # commits run at once: a sequencer numbers changes after they commit
+    cascades_fire_triggers = False  # InnoDB writes the rows a foreign-key cascade reaches without triggers
+    transactional_ddl = False
+    insert_ignore = "INSERT IGNORE"
+    now_sql = "NOW(6)"
+    cutoff_sql = "NOW(6) - INTERVAL ? DAY"
+    delete_oldest_sql = "DELETE FROM cloudsync_changes WHERE seq <= ? ORDER BY seq LIMIT ?"
     json_array = "JSON_ARRAY"
     columns_sql = ("SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
                    " AND TABLE_NAME = ?")
@@ -1724,6 +1799,7 @@ class MySQLDatabase(Database):
     _RETRYABLE = {1205, 1213}          # lock wait timeout, deadlock
     _DUPLICATE = {1062, 1586}
     _RULE = {1644}                     # SIGNAL in a trigger of the user's (ER_SIGNAL_EXCEPTION)
+    _DENIED = {1142, 1419, 1227, 1044}  # this user may not create a table or a trigger
     _REJECTED = {
         1048: "column %(column)s may not be null",
         1364: "column %(column)s has no default value and must be given",
@@ -1756,6 +1832,8 @@ class MySQLDatabase(Database):
             yield
         except connector.Error as error:
             errno = getattr(error, "errno", None)
+            if errno in self._DENIED:
+                raise Denied("MySQL error %s: %s" % (errno, getattr(error, "msg", "") or "")) from None
             if errno in self._RULE or (getattr(error, "sqlstate", None) or "").startswith("45"):
                 # the user's own rule (a trigger's SIGNAL SQLSTATE '45000'): its message is for the device
                 raise DataRejected(getattr(error, "msg", None) or "refused by a rule of the database",
@@ -1960,6 +2038,92 @@ class MySQLDatabase(Database):
     def insert_defaults_sql(self, schema):
         """An INSERT in which every column takes its default (a generated key)."""
         return "INSERT INTO %s () VALUES ()" % schema.quoted
+
+    # -- change capture (see that section) --------------------------------------
+
+    @staticmethod
+    def log_tables():
+        """cloudsync's own tables."""
+        return MYSQL_LOG_TABLES
+
+    def upgrade_log_tables(self, conn):
+        """What versions before have left different: an index, ids compared byte for byte."""
+        if not self.query(conn, "SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()"
+                                " AND TABLE_NAME = 'cloudsync_pending' AND INDEX_NAME = 'cloudsync_pending_by_table'"):
+            self.execute(conn, "CREATE INDEX cloudsync_pending_by_table ON cloudsync_pending (table_name)")
+        self.ids_bytewise(conn, "cloudsync_batches", ("device_id", "batch_id"))
+
+    @staticmethod
+    def devices_table():
+        return MYSQL_DEVICES_TABLE
+
+    @staticmethod
+    def devices_upsert():
+        return MYSQL_DEVICES_UPSERT
+
+    def trigger_sql(self, schema, event):
+        """CREATE TRIGGER text recording one event of one table into cloudsync_pending, with the device and
+        batch a push set in its session (outside writers leave both NULL)."""
+        def record(row, op, guard=""):
+            statement = self.log_rows_sql(schema.name, self.key_sql(schema, row), op)
+            return self.when_sql(guard, [statement]) if guard else statement
+        if event == "upd":
+            # byte for byte, not by the column's collation: 'abc' -> 'ABC' is a new key to a device;
+            # an update that changes the key deletes the old row and creates a new one
+            same = " AND ".join("%s <=> %s" % (self.bytewise("OLD." + column.quoted), self.bytewise(
+                "NEW." + column.quoted)) for column in schema.key_columns)
+            body = [record("OLD", "D", "NOT (%s)" % same), record("NEW", "U")]
+        else:
+            body = [record("NEW", "I")] if event == "ins" else [record("OLD", "D")]
+        return "CREATE OR REPLACE TRIGGER %s AFTER %s ON %s FOR EACH ROW BEGIN %s; END" % (
+            self.quote(_trigger_name(schema.name, event)), TRIGGER_EVENTS[event], schema.quoted, "; ".join(body))
+
+    def log_rows_sql(self, table, key, op, source=None, where=None):
+        """An INSERT into cloudsync_pending of one row (NEW, OLD) or of the rows of `source` WHERE `where`."""
+        values = "%s, %s, '%s', @cloudsync_device, @cloudsync_batch, %s" % (
+            _sql_literal(table, backslashes=True), key, op, self.now_sql)
+        return ("INSERT INTO cloudsync_pending (table_name, row_key, op, device_id, batch_id, changed_at) "
+                + ("VALUES (%s)" % values if source is None else "SELECT %s FROM %s WHERE %s" % (values, source, where)))
+
+    @staticmethod
+    def when_sql(condition, statements):
+        """Statements run only when `condition` holds, inside a trigger body."""
+        return "IF %s THEN %s; END IF" % (condition, "; ".join(statements))
+
+    def before_trigger_sql(self, name, event, table, statements):
+        """A BEFORE trigger running `statements` for each row (a parent's cascade trigger)."""
+        return "CREATE OR REPLACE TRIGGER %s BEFORE %s ON %s FOR EACH ROW BEGIN %s; END" % (
+            self.quote(name), TRIGGER_EVENTS[event], self.quote(table), "; ".join(statements))
+
+    @contextmanager
+    def attributed(self, conn, device_id, batch_id):
+        """Inside a push's transaction: changes made in the with-block carry this device and batch.
+
+        No reset afterwards: pooled connections write to allowed tables only in
+        a push, and every push sets both variables first; outside writers have
+        their own sessions.
+        """
+        self.execute(conn, "SET @cloudsync_device = ?, @cloudsync_batch = ?", (device_id, batch_id))
+        yield
+
+    def foreign_keys(self, conn):
+        """The foreign keys whose ON DELETE or ON UPDATE makes InnoDB write child rows, as _ForeignKey."""
+        rows = self.query(conn, (
+            "SELECT k.CONSTRAINT_NAME, k.TABLE_NAME, k.REFERENCED_TABLE_NAME, k.COLUMN_NAME, k.REFERENCED_COLUMN_NAME,"
+            " r.DELETE_RULE, r.UPDATE_RULE FROM information_schema.KEY_COLUMN_USAGE k"
+            " JOIN information_schema.REFERENTIAL_CONSTRAINTS r ON r.CONSTRAINT_SCHEMA = k.CONSTRAINT_SCHEMA"
+            " AND r.CONSTRAINT_NAME = k.CONSTRAINT_NAME AND r.TABLE_NAME = k.TABLE_NAME"
+            " WHERE k.TABLE_SCHEMA = DATABASE() AND k.REFERENCED_TABLE_NAME IS NOT NULL"
+            " ORDER BY k.TABLE_NAME, k.CONSTRAINT_NAME, k.ORDINAL_POSITION"))
+        found = collections.OrderedDict()
+        for name, child, parent, column, referenced, on_delete, on_update in rows:
+            key = (_text(child), _text(name))
+            if key not in found:
+                found[key] = _ForeignKey(_text(child), _text(parent), _text(on_delete), _text(on_update))
+            found[key].child_columns.append(_text(column))
+            found[key].parent_columns.append(_text(referenced))
+        return [fk for fk in found.values() if (fk.on_delete in CASCADING_RULES or fk.on_update in CASCADING_RULES)
+                and "?" not in fk.child + fk.parent + "".join(fk.child_columns + fk.parent_columns)]
 
     def prepare(self, conn):
         """Learn how this server escapes JSON text (MariaDB \\u001F, MySQL 8 \\u001f), for key_text."""
@@ -2186,6 +2350,7 @@ def open_database(config):
 # writers leave both NULL.
 
 CHANGE_OPS = {"I": "insert", "U": "update", "D": "delete"}
+TRIGGER_EVENTS = {"ins": "INSERT", "upd": "UPDATE", "del": "DELETE"}
 CASCADE_DEPTH = 4                   # foreign-key cascade chains are followed this many tables deep
 CASCADING_RULES = ("CASCADE", "SET NULL", "SET DEFAULT")
 KEY_FORMAT = "2"                    # how row keys are written in the log (see Database.key_sql); 1: before 2026-12
@@ -2226,17 +2391,9 @@ SQLITE_LOG_TABLES = (
     "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id TEXT NOT NULL, batch_id TEXT NOT NULL,"
     " request_hash TEXT NOT NULL, response TEXT, created_at TEXT NOT NULL, PRIMARY KEY (device_id, batch_id))",
 )
-# the time a change is stamped with, and the cutoff compaction compares it to
-NOW_SQL = {"mysql": "NOW(6)", "sqlite": "strftime('%Y-%m-%d %H:%M:%f', 'now')"}
-CUTOFF_SQL = {"mysql": "NOW(6) - INTERVAL ? DAY",
-              "sqlite": "strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ? || ' days')"}
-# error numbers for "this user may not create triggers"
-MYSQL_TRIGGER_DENIED = {1142, 1419, 1227, 1044}
-
-
-def _sql_literal(text, backend):
-    """A string literal for DDL, where values cannot be bound (trigger bodies)."""
-    if backend == "mysql":
+def _sql_literal(text, backslashes=False):
+    """A string literal for DDL, where values cannot be bound (trigger bodies); MySQL doubles backslashes too."""
+    if backslashes:
         text = text.replace("\\", "\\\\")
     return "'" + text.replace("'", "''") + "'"
 
@@ -2263,48 +2420,12 @@ def _trigger_name(table, event):
     return name
 
 
-def _trigger_sql(db, schema, event):
-    """CREATE TRIGGER text recording one event of one table; only checked identifiers inside."""
-    backend = db.name
-    name = db.quote(_trigger_name(schema.name, event))
-    keys = [column.quoted for column in schema.key_columns]
-    table_literal = _sql_literal(schema.name, backend)
-    now = NOW_SQL[backend]
-
-    def record(row, op, guard=""):
-        key = db.key_sql(schema, row)       # the same text every reader of the key computes
-        if backend == "mysql":
-            statement = ("INSERT INTO cloudsync_pending (table_name, row_key, op, device_id, batch_id, changed_at)"
-                         " VALUES (%s, %s, '%s', @cloudsync_device, @cloudsync_batch, %s)" % (table_literal, key, op, now))
-            return "IF %s THEN %s; END IF" % (guard, statement) if guard else statement
-        return ("INSERT INTO cloudsync_changes (table_name, row_key, op, device_id, batch_id, changed_at)"
-                " SELECT %s, %s, '%s', device_id, batch_id, %s FROM cloudsync_context WHERE id = 1%s"
-                % (table_literal, key, op, now, " AND " + guard if guard else ""))
-
-    timing = {"ins": "INSERT", "upd": "UPDATE", "del": "DELETE"}[event]
-    if event == "ins":
-        body = [record("NEW", "I")]
-    elif event == "del":
-        body = [record("OLD", "D")]
-    else:
-        # byte for byte, not by the column's collation: 'abc' -> 'ABC' is a new key to a device
-        same = " AND ".join(("CAST(OLD.%s AS BINARY) <=> CAST(NEW.%s AS BINARY)" if backend == "mysql"
-                             else "OLD.%s IS NEW.%s COLLATE BINARY") % (k, k) for k in keys)
-        # an update that changes the key deletes the old row and creates a new one
-        body = [record("OLD", "D", "NOT (%s)" % same), record("NEW", "U")]
-    if backend == "mysql":
-        return "CREATE OR REPLACE TRIGGER %s AFTER %s ON %s FOR EACH ROW BEGIN %s; END" % (
-            name, timing, schema.quoted, "; ".join(body))
-    return "CREATE TRIGGER %s AFTER %s ON %s BEGIN %s; END" % (name, timing, schema.quoted, "; ".join(body))
-
-
 class ChangeLog:
     """cloudsync's own tables: the change log, sequence numbers, batches, and the triggers."""
 
     def __init__(self, db, capture):
         self.db = db
         self.capture = capture
-        self.backend = db.name
         self.instance = None
         self.secret = None
 
@@ -2314,26 +2435,17 @@ class ChangeLog:
         """Create the log tables and (re)install the triggers; idempotent."""
         say = progress or (lambda message: None)
         try:
-            for statement in (MYSQL_LOG_TABLES if self.backend == "mysql" else SQLITE_LOG_TABLES):
+            for statement in self.db.log_tables():
                 self.db.execute(conn, statement)
-        except Exception as error:
-            if getattr(error, "errno", None) in MYSQL_TRIGGER_DENIED:
-                raise ChangeCaptureError(
-                    "the database user may not create cloudsync's own tables (MySQL error %s); grant it CREATE "
-                    "and INDEX on the database (python cloudsync.py check lists what is missing)"
-                    % error.errno) from None
-            raise
-        if self.backend == "mysql" and not self.db.query(conn, (
-                "SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()"
-                " AND TABLE_NAME = 'cloudsync_pending' AND INDEX_NAME = 'cloudsync_pending_by_table'")):
-            # added in a later version: tables created before lack it
-            self.db.execute(conn, "CREATE INDEX cloudsync_pending_by_table ON cloudsync_pending (table_name)")
-        self.db.ids_bytewise(conn, "cloudsync_batches", ("device_id", "batch_id"))
+            self.db.upgrade_log_tables(conn)
+        except Denied as denied:
+            raise ChangeCaptureError("the database user may not create cloudsync's own tables (%s); grant it "
+                                     "CREATE, INDEX and ALTER on the database (cloudsync.py check lists what is "
+                                     "missing)" % denied) from None
         fresh = not self.db.query(conn, "SELECT 1 FROM cloudsync_meta WHERE name = 'instance'")
-        insert = "INSERT IGNORE" if self.backend == "mysql" else "INSERT OR IGNORE"
         for name, value in (("instance", uuid.uuid4().hex), ("secret", secrets.token_hex(32)),
                             ("last_seq", "0"), ("compacted_upto", "0"), ("key_format", KEY_FORMAT if fresh else "1")):
-            self.db.execute(conn, "%s INTO cloudsync_meta (name, value) VALUES (?, ?)" % insert,
+            self.db.execute(conn, "%s INTO cloudsync_meta (name, value) VALUES (?, ?)" % self.db.insert_ignore,
                             (name, value))
         changed = 0
         for schema in schemas.values():
@@ -2341,8 +2453,8 @@ class ChangeLog:
                 changed += 1
                 say("%s triggers on %s" % ("installed" if self.capture == "triggers" else "removed", schema.name))
         changed += self._remove_stale_triggers(conn, schemas, say)
-        if self.backend == "mysql":
-            self._install_cascade_triggers(conn, schemas, say)
+        if not self.db.cascades_fire_triggers:
+            self._install_cascade_triggers(conn, schemas)
         self._upgrade_key_format(conn, schemas, say)
         say("change capture (%s) on %d table(s)%s" % (
             self.capture, len(schemas), "" if changed else ", unchanged"))
@@ -2363,10 +2475,8 @@ class ChangeLog:
         changed = [schema.name for schema in schemas.values()
                    if any(column.kind not in ("integer", "text", "enum") for column in schema.key_columns)]
         marks = ", ".join("?" for _ in changed)
-        if changed and (self.db.query(conn, 
-                "SELECT 1 FROM cloudsync_changes WHERE table_name IN (%s) LIMIT 1" % marks, changed)
-                or self.backend == "mysql" and self.db.query(conn, 
-                    "SELECT 1 FROM cloudsync_pending WHERE table_name IN (%s) LIMIT 1" % marks, changed)):
+        if changed and any(self.db.query(conn, "SELECT 1 FROM %s WHERE table_name IN (%s) LIMIT 1"
+                                         % (log, marks), changed) for log in self._logs()):
             self.sequence(conn)
             with self.db.transaction(conn):
                 head = self.head(conn)
@@ -2384,7 +2494,7 @@ class ChangeLog:
         statements = []
         for event in ("ins", "upd", "del"):
             name = _trigger_name(schema.name, event)
-            wanted = _trigger_sql(self.db, schema, event) if self.capture == "triggers" else None
+            wanted = self.db.trigger_sql(schema, event) if self.capture == "triggers" else None
             if wanted is not None and existing.get(name) == self.db.stored_trigger(wanted):
                 continue                    # already as it should be
             if name in existing and (wanted is None or not self.db.replaces_triggers):
@@ -2394,21 +2504,16 @@ class ChangeLog:
         if not statements:
             return False
         try:
-            if self.backend == "sqlite":
-                with self.db.transaction(conn):      # DDL is transactional: no write goes unrecorded
-                    for statement in statements:
-                        self.db.execute(conn, statement)
-            else:
-                for statement in statements:         # CREATE OR REPLACE swaps atomically
+            # where DDL is transactional (SQLite) the triggers change in one transaction, and no write goes
+            # unrecorded; MySQL's CREATE OR REPLACE swaps each trigger atomically
+            with self.db.transaction(conn) if self.db.transactional_ddl else contextlib.nullcontext():
+                for statement in statements:
                     self.db.execute(conn, statement)
-        except Exception as error:
-            errno = getattr(error, "errno", None)
-            if self.backend == "mysql" and errno in MYSQL_TRIGGER_DENIED:
-                raise ChangeCaptureError(
-                    "the database user may not create triggers on %r (MySQL error %s); grant it the TRIGGER "
-                    "privilege (with binary logging also set log_bin_trust_function_creators=1), or set "
-                    "CHANGE_CAPTURE=api to record only writes made through cloudsync" % (schema.name, errno)) from None
-            raise
+        except Denied as denied:
+            raise ChangeCaptureError(
+                "the database user may not create triggers on %r (%s); grant it the TRIGGER privilege (with "
+                "binary logging also set log_bin_trust_function_creators=1), or set CHANGE_CAPTURE=api to record "
+                "only writes made through cloudsync" % (schema.name, denied)) from None
         return True
 
     def stale_triggers(self, conn, allowed):
@@ -2428,7 +2533,7 @@ class ChangeLog:
             say("removed the change-capture triggers of %s, which is no longer in ALLOWED_TABLES" % table)
         return len(stale)
 
-    # -- foreign-key cascades (MySQL) ----------------------------------------------
+    # -- foreign-key cascades (where they fire no triggers: InnoDB) ------------------
     # InnoDB changes the rows a foreign-key cascade reaches without firing their
     # triggers. So a BEFORE DELETE and a BEFORE UPDATE trigger on the parent
     # table (allowed or not) logs them, while they still hold the parent's old
@@ -2438,25 +2543,6 @@ class ChangeLog:
     # of the old key and an update of the new. What they cannot follow (a table
     # cascading into itself past the first level, deeper chains) is marked on the
     # table (TableSchema.cascaded), whose seed pulls are then never cached.
-
-    def foreign_keys(self, conn):
-        """The foreign keys whose ON DELETE or ON UPDATE makes InnoDB write child rows, as _ForeignKey."""
-        rows = self.db.query(conn, (
-            "SELECT k.CONSTRAINT_NAME, k.TABLE_NAME, k.REFERENCED_TABLE_NAME, k.COLUMN_NAME, k.REFERENCED_COLUMN_NAME,"
-            " r.DELETE_RULE, r.UPDATE_RULE FROM information_schema.KEY_COLUMN_USAGE k"
-            " JOIN information_schema.REFERENTIAL_CONSTRAINTS r ON r.CONSTRAINT_SCHEMA = k.CONSTRAINT_SCHEMA"
-            " AND r.CONSTRAINT_NAME = k.CONSTRAINT_NAME AND r.TABLE_NAME = k.TABLE_NAME"
-            " WHERE k.TABLE_SCHEMA = DATABASE() AND k.REFERENCED_TABLE_NAME IS NOT NULL"
-            " ORDER BY k.TABLE_NAME, k.CONSTRAINT_NAME, k.ORDINAL_POSITION"))
-        found = collections.OrderedDict()
-        for name, child, parent, column, referenced, on_delete, on_update in rows:
-            key = (_text(child), _text(name))
-            if key not in found:
-                found[key] = _ForeignKey(_text(child), _text(parent), _text(on_delete), _text(on_update))
-            found[key].child_columns.append(_text(column))
-            found[key].parent_columns.append(_text(referenced))
-        return [fk for fk in found.values() if (fk.on_delete in CASCADING_RULES or fk.on_update in CASCADING_RULES)
-                and "?" not in fk.child + fk.parent + "".join(fk.child_columns + fk.parent_columns)]
 
     def cascade_plan(self, foreign_keys, schemas):
         """({parent: {"del": [SQL], "upd": [SQL]}} logging what cascades write, tables whose cascades it cannot follow)."""
@@ -2527,26 +2613,23 @@ class ChangeLog:
                           self._log_rows_sql(schema, new_key, "U", source, where)]
         else:
             statements = [self._log_rows_sql(schema, self.db.key_sql(schema, "c"), "U", source, where)]
-        return "IF %s THEN %s; END IF" % (changed, "; ".join(statements))
+        return self.db.when_sql(changed, statements)
 
     def _log_rows_sql(self, schema, key, op, source, where):
-        return ("INSERT INTO cloudsync_pending (table_name, row_key, op, device_id, batch_id, changed_at)"
-                " SELECT %s, %s, '%s', @cloudsync_device, @cloudsync_batch, %s FROM %s WHERE %s"
-                % (_sql_literal(schema.name, "mysql"), key, op, NOW_SQL["mysql"], source, where))
+        return self.db.log_rows_sql(schema.name, key, op, source, where)
 
-    def _install_cascade_triggers(self, conn, schemas, say):
+    def _install_cascade_triggers(self, conn, schemas):
         """Install (or, with CHANGE_CAPTURE=api or no cascades left, remove) the parents' cascade triggers."""
         existing = {name: text for name, text in self.db.trigger_definitions(conn).items()
                     if name.startswith("cloudsync_cascade_")}
         wanted = {}
         if self.capture == "triggers":
-            plan, _ = self.cascade_plan(self.foreign_keys(conn), schemas)
+            plan, _ = self.cascade_plan(self.db.foreign_keys(conn), schemas)
             for parent, events in plan.items():
-                for event, timing in (("del", "DELETE"), ("upd", "UPDATE")):
+                for event in ("del", "upd"):
                     if events[event]:
                         name = _cascade_trigger_name(parent, event)
-                        wanted[name] = "CREATE OR REPLACE TRIGGER %s BEFORE %s ON %s FOR EACH ROW BEGIN %s; END" % (
-                            self.db.quote(name), timing, self.db.quote(parent), "; ".join(events[event]))
+                        wanted[name] = self.db.before_trigger_sql(name, event, parent, events[event])
 
         for name in sorted(set(existing) - set(wanted)):
             self.db.execute(conn, "DROP TRIGGER IF EXISTS %s" % self.db.quote(name))
@@ -2556,9 +2639,9 @@ class ChangeLog:
 
     def mark_uncaptured(self, conn, schemas):
         """Mark the tables a foreign-key cascade writes where the cascade triggers cannot follow."""
-        if self.backend != "mysql":
-            return                          # SQLite fires triggers for cascades
-        _, uncaptured = self.cascade_plan(self.foreign_keys(conn), schemas)
+        if self.db.cascades_fire_triggers:
+            return
+        _, uncaptured = self.cascade_plan(self.db.foreign_keys(conn), schemas)
         for schema in schemas.values():
             schema.cascaded = schema.name in uncaptured
 
@@ -2569,9 +2652,13 @@ class ChangeLog:
 
     # -- sequence numbers -------------------------------------------------------
 
+    def _logs(self):
+        """The tables holding changes: the log, and where changes wait to be numbered."""
+        return ("cloudsync_changes",) if self.db.numbers_at_commit else ("cloudsync_pending", "cloudsync_changes")
+
     def sequence(self, conn):
-        """Number the committed pending changes (MySQL), one short transaction per batch; SQLite numbers at insert."""
-        if self.backend != "mysql":
+        """Number the committed pending changes, one short transaction per batch (not where triggers number them)."""
+        if self.db.numbers_at_commit:
             return
         while self.db.query(conn, "SELECT 1 FROM cloudsync_pending LIMIT 1"):
             with self.db.transaction(conn):
@@ -2586,10 +2673,10 @@ class ChangeLog:
         its numbers and its commit, and anything numbered later commits later.
         With drain, every visible pending change is numbered (the push's own
         among them); without, at most SEQUENCE_BATCH_ROWS. Returns None when
-        there was nothing to number, and always on SQLite, which numbers
-        changes as they are written.
+        there was nothing to number, and always where triggers number changes
+        as they write them (SQLite).
         """
-        if self.backend != "mysql":
+        if self.db.numbers_at_commit:
             return None
         first = last = int(self.db.query(
             conn, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq' FOR UPDATE")[0][0])
@@ -2628,22 +2715,22 @@ class ChangeLog:
         """
         tables = [schema.name for schema in schemas]
         marks = ", ".join("?" for _ in tables)
-        first_keys = "".join(", (SELECT 1 FROM %s LIMIT 1)" % schema.quoted for schema in schemas)
-        if self.backend == "mysql":
-            row = self.db.query(conn, 
-                "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
-                " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'),"
-                " COUNT(*), MAX(id)%s FROM cloudsync_pending WHERE table_name IN (%s)" % (marks, first_keys, marks),
-                list(tables) * 2)[0]
-            return (max(row[0] or 0, int(row[1])), row[2], row[3] or 0) + tuple(row[4:])
-        row = self.db.query(conn, "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
-                                  " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto')%s"
-                                  % (marks, first_keys), list(tables))[0]
-        return (max(row[0] or 0, int(row[1])), 0, 0) + tuple(row[2:])
+        holds_rows = "".join(", (SELECT 1 FROM %s LIMIT 1)" % schema.quoted for schema in schemas)
+        if self.db.numbers_at_commit:
+            row = self.db.query(conn, "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
+                                      " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto')%s"
+                                % (marks, holds_rows), list(tables))[0]
+            return (max(row[0] or 0, int(row[1])), 0, 0) + tuple(row[2:])
+        row = self.db.query(conn,
+            "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
+            " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'),"
+            " COUNT(*), MAX(id)%s FROM cloudsync_pending WHERE table_name IN (%s)" % (marks, holds_rows, marks),
+            list(tables) * 2)[0]
+        return (max(row[0] or 0, int(row[1])), row[2], row[3] or 0) + tuple(row[4:])
 
     def head(self, conn):
         """The highest sequence number given out so far."""
-        if self.backend == "mysql":
+        if not self.db.numbers_at_commit:       # the sequencer keeps it
             return int(self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq'")[0][0])
         top = self.db.query(conn, "SELECT MAX(seq) FROM cloudsync_changes")[0][0] or 0
         return max(top, self.compacted_upto(conn))
@@ -2659,39 +2746,27 @@ class ChangeLog:
         backup or its log was reset; numbers it already saw will be given out
         again, so the device must start over.
         """
-        if self.backend == "mysql":
+        if self.db.numbers_at_commit:
+            compacted, head = self.compacted_upto(conn), self.head(conn)
+        else:                                   # one round trip: the sequencer keeps the head in cloudsync_meta
             meta = dict(self.db.query(conn, "SELECT name, value FROM cloudsync_meta"
                                             " WHERE name IN ('last_seq', 'compacted_upto')"))
             compacted, head = int(meta["compacted_upto"]), int(meta["last_seq"])
-        else:
-            compacted, head = self.compacted_upto(conn), self.head(conn)
         if seq < compacted or seq > head:
             raise _expired()
 
     # -- who is writing -----------------------------------------------------------
 
-    @contextmanager
     def attributed(self, conn, device_id, batch_id):
         """Inside a push's transaction: changes made in the with-block carry this device and batch."""
-        if self.backend == "mysql":
-            # No reset afterwards: pooled connections write to allowed tables only in a
-            # push, and every push sets both variables first; outside writers have their own sessions.
-            self.db.execute(conn, "SET @cloudsync_device = ?, @cloudsync_batch = ?", (device_id, batch_id))
-            yield
-        else:
-            self.db.execute(conn, "UPDATE cloudsync_context SET device_id = ?, batch_id = ? WHERE id = 1",
-                            (device_id, batch_id))
-            yield
-            self.db.execute(conn, "UPDATE cloudsync_context SET device_id = NULL, batch_id = NULL WHERE id = 1")
+        return self.db.attributed(conn, device_id, batch_id)
 
     def record(self, conn, entries, device_id, batch_id):
         """CHANGE_CAPTURE=api: log the push's own changes, as the triggers would: entries are (table, op, key text)."""
-        target = "cloudsync_pending" if self.backend == "mysql" else "cloudsync_changes"
         rows = [(table, key_text, op, device_id, batch_id) for table, op, key_text in entries]
         if rows:
-            self.db.executemany(conn, 
-                "INSERT INTO %s (table_name, row_key, op, device_id, batch_id, changed_at) VALUES (?, ?, ?, ?, ?, %s)"
-                % (target, NOW_SQL[self.backend]), rows)
+            self.db.executemany(conn, "INSERT INTO %s (table_name, row_key, op, device_id, batch_id, changed_at)"
+                                      " VALUES (?, ?, ?, ?, ?, %s)" % (self._logs()[0], self.db.now_sql), rows)
 
     # -- reading -----------------------------------------------------------------
 
@@ -2718,9 +2793,9 @@ class ChangeLog:
             extra = [] if device_id is None else [device_id]
             # Pending first: the sequencer moves rows from pending to changes, so a row
             # missed in pending because it was just numbered is then found in changes.
-            sources = [("cloudsync_changes", " AND seq > ?", [since])]
-            if self.backend == "mysql":        # committed but not yet numbered: after any checkpoint
-                sources.insert(0, ("cloudsync_pending", "", []))
+            # (Pending changes are not numbered yet: they come after any checkpoint.)
+            sources = [(log, " AND seq > ?", [since]) if log == "cloudsync_changes" else (log, "", [])
+                       for log in self._logs()]
             for table, after, after_params in sources:
                 rows = self.db.query(conn, 
                     "SELECT DISTINCT row_key FROM %s WHERE table_name = ? AND row_key IN (%s)%s%s"
@@ -2755,7 +2830,7 @@ class ChangeLog:
         """Inside the push's transaction: reserve the batch id (a concurrent twin waits, then fails)."""
         self.db.execute(conn, 
             "INSERT INTO cloudsync_batches (device_id, batch_id, request_hash, created_at) VALUES (?, ?, ?, %s)"
-            % NOW_SQL[self.backend], (device_id, batch_id, request_hash))
+            % self.db.now_sql, (device_id, batch_id, request_hash))
 
     def finish_batch(self, conn, device_id, batch_id, response):
         """Inside the push's transaction: store the outcome to replay."""
@@ -2768,7 +2843,7 @@ class ChangeLog:
     def compact(self, conn, retention_days, progress=None):
         """Drop log entries and batch records older than the retention; return (entries, batch ids, compacted_upto)."""
         self.sequence(conn)
-        cutoff = CUTOFF_SQL[self.backend]
+        cutoff = self.db.cutoff_sql
         with self.db.transaction(conn):
             upto = self.db.query(conn, 
                 "SELECT MAX(seq) FROM cloudsync_changes WHERE changed_at < %s" % cutoff, (retention_days,))[0][0]
@@ -2781,12 +2856,9 @@ class ChangeLog:
                 "DELETE FROM cloudsync_batches WHERE created_at < %s" % cutoff, (retention_days,))
         upto = max(upto or 0, previous)
         removed = 0
-        delete = ("DELETE FROM cloudsync_changes WHERE seq <= ? ORDER BY seq LIMIT ?" if self.backend == "mysql" else
-                  "DELETE FROM cloudsync_changes WHERE seq IN (SELECT seq FROM cloudsync_changes WHERE seq <= ?"
-                  " ORDER BY seq LIMIT ?)")
         while True:
             with self.db.transaction(conn):
-                count = self.db.execute(conn, delete, (upto, COMPACT_BATCH_ROWS))
+                count = self.db.execute(conn, self.db.delete_oldest_sql, (upto, COMPACT_BATCH_ROWS))
             removed += count
             if count < COMPACT_BATCH_ROWS:
                 return removed, batches, upto
@@ -3130,8 +3202,8 @@ class SyncEngine:
         since = fields["s"] if fields is not None else None
         with self.db.connection() as conn:
             with self._push_transaction(conn, operations, batched, batch_id, checkpoint):
-                if checkpoint is not None and self.db.name == "sqlite":
-                    # the write lock is held from here: every change numbered after this is the push's own
+                if checkpoint is not None and self.db.numbers_at_commit:
+                    # one writer at a time: every change numbered after this is the push's own
                     push.start = self.changelog.head(conn)
                 if batch_id is not None:
                     try:
@@ -3789,28 +3861,28 @@ DEVICE_ADDED_COLUMNS = (("rejected", "BIGINT NOT NULL DEFAULT 0"), ("failed", "B
                         ("pull_tables", "TEXT NULL"))
 LAG_COUNTED_UP_TO = 100000          # `devices` counts a device's lag up to this many changes
 # Several instances flush into one row: counts add up, times keep the latest.
-DEVICES_UPSERT = {
-    "mysql": "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
-             " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-             " ON DUPLICATE KEY UPDATE pull_tables = IFNULL(VALUES(pull_tables), pull_tables),"
-             " last_seen = GREATEST(last_seen, VALUES(last_seen)),"
-             " last_push = GREATEST(IFNULL(last_push, VALUES(last_push)), IFNULL(VALUES(last_push), last_push)),"
-             " last_pull = GREATEST(IFNULL(last_pull, VALUES(last_pull)), IFNULL(VALUES(last_pull), last_pull)),"
-             " checkpoint_seq = GREATEST(IFNULL(checkpoint_seq, VALUES(checkpoint_seq)),"
-             " IFNULL(VALUES(checkpoint_seq), checkpoint_seq)),"
-             " pushes = pushes + VALUES(pushes), pulls = pulls + VALUES(pulls), errors = errors + VALUES(errors),"
-             " rejected = rejected + VALUES(rejected), failed = failed + VALUES(failed)",
-    "sqlite": "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
-              " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-              " ON CONFLICT (device_id) DO UPDATE SET pull_tables = coalesce(excluded.pull_tables, pull_tables),"
-              " last_seen = max(last_seen, excluded.last_seen),"
-              " last_push = max(coalesce(last_push, excluded.last_push), coalesce(excluded.last_push, last_push)),"
-              " last_pull = max(coalesce(last_pull, excluded.last_pull), coalesce(excluded.last_pull, last_pull)),"
-              " checkpoint_seq = max(coalesce(checkpoint_seq, excluded.checkpoint_seq),"
-              " coalesce(excluded.checkpoint_seq, checkpoint_seq)),"
-              " pushes = pushes + excluded.pushes, pulls = pulls + excluded.pulls, errors = errors + excluded.errors,"
-              " rejected = rejected + excluded.rejected, failed = failed + excluded.failed",
-}
+MYSQL_DEVICES_UPSERT = (
+    "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
+    " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON DUPLICATE KEY UPDATE pull_tables = IFNULL(VALUES(pull_tables), pull_tables),"
+    " last_seen = GREATEST(last_seen, VALUES(last_seen)),"
+    " last_push = GREATEST(IFNULL(last_push, VALUES(last_push)), IFNULL(VALUES(last_push), last_push)),"
+    " last_pull = GREATEST(IFNULL(last_pull, VALUES(last_pull)), IFNULL(VALUES(last_pull), last_pull)),"
+    " checkpoint_seq = GREATEST(IFNULL(checkpoint_seq, VALUES(checkpoint_seq)),"
+    " IFNULL(VALUES(checkpoint_seq), checkpoint_seq)),"
+    " pushes = pushes + VALUES(pushes), pulls = pulls + VALUES(pulls), errors = errors + VALUES(errors),"
+    " rejected = rejected + VALUES(rejected), failed = failed + VALUES(failed)")
+SQLITE_DEVICES_UPSERT = (
+    "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
+    " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (device_id) DO UPDATE SET pull_tables = coalesce(excluded.pull_tables, pull_tables),"
+    " last_seen = max(last_seen, excluded.last_seen),"
+    " last_push = max(coalesce(last_push, excluded.last_push), coalesce(excluded.last_push, last_push)),"
+    " last_pull = max(coalesce(last_pull, excluded.last_pull), coalesce(excluded.last_pull, last_pull)),"
+    " checkpoint_seq = max(coalesce(checkpoint_seq, excluded.checkpoint_seq),"
+    " coalesce(excluded.checkpoint_seq, checkpoint_seq)),"
+    " pushes = pushes + excluded.pushes, pulls = pulls + excluded.pulls, errors = errors + excluded.errors,"
+    " rejected = rejected + excluded.rejected, failed = failed + excluded.failed")
 DEVICE_FIELDS = ("device_id", "first_seen", "last_seen", "last_push", "last_pull", "checkpoint_seq",
                  "pushes", "pulls", "errors", "rejected", "failed", "pull_tables")
 
@@ -3827,7 +3899,7 @@ class DeviceFleet:
 
     def install(self, conn):
         """Create cloudsync_devices (adding the columns of later versions); idempotent."""
-        self.db.execute(conn, MYSQL_DEVICES_TABLE if self.db.name == "mysql" else SQLITE_DEVICES_TABLE)
+        self.db.execute(conn, self.db.devices_table())
         self.db.ids_bytewise(conn, "cloudsync_devices", ("device_id",))
         present = self.db.column_names(conn, "cloudsync_devices")
         for column, declaration in DEVICE_ADDED_COLUMNS:
@@ -3865,7 +3937,7 @@ class DeviceFleet:
                 for device_id, entry in sorted(unsaved.items()):
                     times = [None if moment is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(moment))
                              for moment in entry[:4]]
-                    self.db.execute(conn, DEVICES_UPSERT[self.db.name], [device_id] + times + entry[4:])
+                    self.db.execute(conn, self.db.devices_upsert(), [device_id] + times + entry[4:])
         except Exception:
             with self._lock:                # merge back, newer notes first
                 for device_id, entry in unsaved.items():
