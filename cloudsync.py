@@ -896,6 +896,13 @@ def _finite(value):
     return value
 
 
+def _as_json_value(value):
+    """A database value as a pull sends it: exact decimals and dates as strings, bytes as base64."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return _json_default(value)
+
+
 def to_json_bytes(payload):
     """Encode a response payload as compact UTF-8 JSON, always strict JSON (RFC 8259)."""
     try:
@@ -1149,6 +1156,80 @@ def _rounded_micro(micro, fsp):
     """Microseconds rounded half up to fsp digits, as MySQL rounds fractional seconds."""
     quantum = 10 ** (6 - max(0, min(6, fsp)))
     return (micro + quantum // 2) // quantum * quantum
+
+
+# ---------------------------------------------------------------------------
+# SQL builders
+# ---------------------------------------------------------------------------
+# The statements push and pull send, written the same way for both databases:
+# each builder returns (sql, params) with ? for every value. Every name in the
+# text is a Column's or TableSchema's `quoted` form, built from the database's
+# own catalogue, never from a request. Tests compare their text.
+
+
+def key_where(schema):
+    """WHERE text matching one row by its primary key: a = ? AND b = ?."""
+    return " AND ".join("%s = ?" % column.quoted for column in schema.key_columns)
+
+
+def keys_where(schema, keys):
+    """(WHERE text, params) matching any of `keys`: a IN (?, ?) or (a = ? AND b = ?) OR ..."""
+    if len(schema.primary_key) == 1:
+        return "%s IN (%s)" % (schema.key_order, ", ".join("?" for _ in keys)), [key[0] for key in keys]
+    return " OR ".join("(%s)" % key_where(schema) for _ in keys), [value for key in keys for value in key]
+
+
+def select_keyed_sql(schema, keys, lock=""):
+    """(sql, params) reading the rows with these keys, each led by its key as the change log writes it."""
+    where, params = keys_where(schema, keys)
+    return "SELECT %s, %s FROM %s WHERE %s%s" % (schema.key_sql, schema.select_list, schema.quoted, where,
+                                                 lock), params
+
+
+def insert_sql(schema, names):
+    """INSERT of one row with these columns, ? for each value."""
+    return "INSERT INTO %s (%s) VALUES (%s)" % (schema.quoted, ", ".join(schema.columns[name].quoted
+                                                                         for name in names),
+                                                ", ".join("?" for _ in names))
+
+
+def update_sql(schema, values, key):
+    """(sql, params) setting `values` ({column: value}) on the row with `key`."""
+    return "UPDATE %s SET %s WHERE %s" % (schema.quoted, ", ".join("%s = ?" % schema.columns[name].quoted
+                                                                    for name in values),
+                                          key_where(schema)), tuple(values.values()) + tuple(key)
+
+
+def exists_sql(schema, key):
+    """(sql, params) finding whether the row with `key` is there."""
+    return "SELECT 1 FROM %s WHERE %s" % (schema.quoted, key_where(schema)), tuple(key)
+
+
+def delete_sql(schema, key):
+    """(sql, params) deleting the row with `key`."""
+    return "DELETE FROM %s WHERE %s" % (schema.quoted, key_where(schema)), tuple(key)
+
+
+def first_rows_sql(schema, limit):
+    """(sql, params) reading the first `limit` rows in key order (the seed's pull)."""
+    return "SELECT %s FROM %s ORDER BY %s LIMIT ?" % (schema.select_list, schema.quoted, schema.key_order), [limit]
+
+
+def page_sql(schema, after, limit):
+    """(sql, params) reading up to `limit` rows in key order after the key `after` (bound values), or from the
+    start: keyset paging, (a > ?) OR (a = ? AND b > ?)..., an index range however large the table. A NULL in
+    a key (SQLite allows it) would break the order: such rows are left out."""
+    where = " AND ".join("%s IS NOT NULL" % column.quoted for column in schema.key_columns)
+    params = []
+    if after is not None:
+        quoted = [column.quoted for column in schema.key_columns]
+        where += " AND (%s)" % " OR ".join("(%s)" % " AND ".join(["%s = ?" % name for name in quoted[:n]]
+                                                                  + ["%s > ?" % quoted[n]])
+                                           for n in range(len(quoted)))
+        for n in range(len(after)):
+            params.extend(after[:n + 1])
+    return "SELECT %s FROM %s WHERE %s ORDER BY %s LIMIT ?" % (
+        schema.select_list, schema.quoted, where, schema.key_order), params + [limit]
 
 
 # ---------------------------------------------------------------------------
@@ -1564,11 +1645,10 @@ class SQLiteDatabase(Database):
 
     def upsert(self, conn, schema, values):
         """Insert the row, or set the given columns on the row with its key; another unique column clashing is refused."""
-        names = list(values)
-        changes = [schema.columns[name].quoted for name in names if name not in schema.primary_key]
-        self.execute(conn, "INSERT INTO %s (%s) VALUES (%s) ON CONFLICT (%s) DO %s" % (
-            schema.quoted, ", ".join(schema.columns[name].quoted for name in names), ", ".join("?" for _ in names),
-            schema.key_order, "UPDATE SET " + ", ".join("%s = excluded.%s" % (quoted, quoted) for quoted in changes)
+        changes = [schema.columns[name].quoted for name in values if name not in schema.primary_key]
+        self.execute(conn, "%s ON CONFLICT (%s) DO %s" % (
+            insert_sql(schema, list(values)), schema.key_order,
+            "UPDATE SET " + ", ".join("%s = excluded.%s" % (quoted, quoted) for quoted in changes)
             if changes else "NOTHING"), tuple(values.values()))
 
     # -- row keys (see Database) --------------------------------------------------
@@ -2155,26 +2235,20 @@ class MySQLDatabase(Database):
         touches only the row the key names.
         """
         key = tuple(values[name] for name in schema.primary_key)
-        where = " AND ".join("%s = ?" % column.quoted for column in schema.key_columns)
-        changes = [name for name in values if name not in schema.primary_key]
+        changes = {name: value for name, value in values.items() if name not in schema.primary_key}
         for attempt in (1, 2):
             if changes:
-                found = self.execute(conn, "UPDATE %s SET %s WHERE %s" % (
-                    schema.quoted, ", ".join("%s = ?" % schema.columns[name].quoted for name in changes), where),
-                    tuple(values[name] for name in changes) + key)
+                found = self.execute(conn, *update_sql(schema, changes, key))
             else:
-                found = len(self.query(conn, "SELECT 1 FROM %s WHERE %s" % (schema.quoted, where), key))
+                found = len(self.query(conn, *exists_sql(schema, key)))
             if found:
                 return
             try:
-                self.execute(conn, "INSERT INTO %s (%s) VALUES (%s)" % (
-                    schema.quoted, ", ".join(schema.columns[name].quoted for name in values),
-                    ", ".join("?" for _ in values)), tuple(values.values()))
+                self.execute(conn, insert_sql(schema, list(values)), tuple(values.values()))
                 return
             except DataRejected as error:
                 # the key itself was inserted by another push since the UPDATE: update that row
-                if not error.duplicate or attempt == 2 or not self.query(
-                        conn, "SELECT 1 FROM %s WHERE %s" % (schema.quoted, where), key):
+                if not error.duplicate or attempt == 2 or not self.query(conn, *exists_sql(schema, key)):
                     raise
 
     def fits_one_statement(self, rows):
@@ -2871,6 +2945,11 @@ def _chunks(items, size):
         yield items[start:start + size]
 
 
+def _expired():
+    return Refused("expired", "changes after this checkpoint were compacted away, or the "
+                     "database was restored to an earlier state; start again with \"since\": null", reset=True)
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------
@@ -2918,45 +2997,33 @@ class Checkpoints:
 
 
 # ---------------------------------------------------------------------------
-# Sync engine
+# Sync engine: the tables and their rows
 # ---------------------------------------------------------------------------
-# The engine knows the allowed tables and turns validated requests into SQL.
-# Validation happens in full before the first statement runs, so a bad
-# operation anywhere in a batch leaves the database untouched.
-
-ACTIONS = ("insert", "update", "delete", "upsert")
+# What push and pull share: the allowed tables as the database describes
+# them, the change log, checkpoints, and reading rows by key.
 
 
-class Operation:
-    """One validated push operation: bound values and its primary key."""
-
-    __slots__ = ("index", "table", "action", "values", "key", "sent")
-
-    def __init__(self, index, table, action, values, key, sent=None):
-        self.index = index
-        self.table = table      # a TableSchema
-        self.action = action
-        self.values = values    # {column name: bound value}, in the order the client sent
-        self.key = key          # tuple of primary-key values
-        self.sent = sent if sent is not None else values   # {column name: value as the device holds it}
+def key_value(schema, key):
+    """A row key as the protocol shows it: the value, or an object for a composite key."""
+    if len(schema.primary_key) == 1:
+        return key[0]
+    return dict(zip(schema.primary_key, key))
 
 
 class SyncEngine:
-    """Schema-checked push and pull over one Database."""
+    """The allowed tables and what push and pull share; `pushes` and `pulls` do the rest."""
 
     def __init__(self, database, allowed_tables, capture="triggers", max_value_bytes=1 << 20, push_retries=3):
         self.db = database
-        self.max_value_bytes = max_value_bytes
-        self.push_retries = push_retries
-        self.retries = 0                    # pushes run again after a deadlock or lock timeout
         self.allowed_tables = tuple(allowed_tables)
         self.schemas = {}
         self.schema_loaded_at = 0.0
         self.schema_fingerprint = ""        # changes only when a table's columns, types or key change
-        self._pull_cache = collections.OrderedDict()   # (tables, limit) -> Encoded, validated by tables_version
-        self._pull_cache_lock = threading.Lock()
+        self._columns_fingerprints = {}
         self.changelog = ChangeLog(database, capture)
         self.checkpoints = Checkpoints(self.changelog)
+        self.pushes = Pushes(self, max_value_bytes, push_retries)
+        self.pulls = Pulls(self)
 
     # -- schema -------------------------------------------------------------
 
@@ -2977,19 +3044,6 @@ class SyncEngine:
             return self.schemas
         return self.load_schema()
 
-    def _set_schemas(self, schemas):
-        columns = {name: hashlib.sha256(json.dumps(schema.describe(), sort_keys=True).encode("utf-8")).hexdigest()
-                   for name, schema in schemas.items()}
-        fingerprint = hashlib.sha256(json.dumps([sorted(columns.items()), sorted(
-            name for name, schema in schemas.items() if schema.cascaded)]).encode("utf-8")).hexdigest()
-        self._columns_fingerprints = columns
-        self.schemas = schemas          # one assignment: readers see the old or the new dict
-        self.schema_loaded_at = time.monotonic()
-        if fingerprint != self.schema_fingerprint:
-            self.schema_fingerprint = fingerprint
-            with self._pull_cache_lock:
-                self._pull_cache.clear()    # answers encoded with the old columns
-
     def migrate(self, progress=None):
         """Introspect the tables, create cloudsync's own tables and install the triggers."""
         with self.db.connection() as conn:
@@ -3000,18 +3054,131 @@ class SyncEngine:
         self._set_schemas(schemas)
         return schemas
 
+    def _set_schemas(self, schemas):
+        columns = {name: hashlib.sha256(json.dumps(schema.describe(), sort_keys=True).encode("utf-8")).hexdigest()
+                   for name, schema in schemas.items()}
+        fingerprint = hashlib.sha256(json.dumps([sorted(columns.items()), sorted(
+            name for name, schema in schemas.items() if schema.cascaded)]).encode("utf-8")).hexdigest()
+        self._columns_fingerprints = columns
+        self.schemas = schemas          # one assignment: readers see the old or the new dict
+        self.schema_loaded_at = time.monotonic()
+        if fingerprint != self.schema_fingerprint:
+            self.schema_fingerprint = fingerprint
+            self.pulls.forget()         # answers encoded with the old columns
+
     def columns_fingerprint(self, tables):
         """A short value that changes when a column, type or key of one of `tables` changes."""
         return hashlib.sha256("|".join(self._columns_fingerprints.get(table, "-") for table in tables)
                               .encode("ascii")).hexdigest()[:12]
 
-    def _schema_for(self, table, where):
+    def schema_for(self, table, where):
+        """The TableSchema of an allowed table a request names; 400 for any other name."""
         if not isinstance(table, str) or table not in self.allowed_tables:
             raise Refused("invalid_table", "%s: table %s is not in ALLOWED_TABLES"
-                            % (where, json.dumps(table, default=str)[:100]))
+                          % (where, json.dumps(table, default=str)[:100]))
         return self.schemas[table]
 
-    # -- push ---------------------------------------------------------------
+    # -- rows by key -------------------------------------------------------------
+
+    def rows_for_keys(self, conn, schema, keys, lock=False):
+        """For each pushed key: (the key as logged, the row) of the row its statement would find, or None.
+
+        One query for all the keys, each row carrying its key as SQL writes it;
+        a key the device wrote in another form of the same value ('ABC' for
+        'abc' under a case-blind collation) is then looked up on its own.
+        """
+        found = self.select_by_keys(conn, schema, keys, lock)
+        result, unmatched = [], []
+        for position, key in enumerate(keys):
+            text = self.db.key_text(schema, key)
+            if text in found:
+                result.append((text, found[text]))
+            else:
+                result.append(None)
+                unmatched.append(position)
+        if unmatched and set(found) - {row[0] for row in result if row}:
+            for position in unmatched:
+                alone = self.select_by_keys(conn, schema, [keys[position]], lock)
+                if alone:
+                    result[position] = next(iter(alone.items()))
+        return result
+
+    def select_by_keys(self, conn, schema, keys, lock=False):
+        """{key text as the log holds it: row} of the rows with these keys (bound values).
+
+        lock: a concurrent writer of these rows waits for this transaction.
+        """
+        found = {}
+        names = schema.column_names
+        for chunk in _chunks(list(dict.fromkeys(keys)), 500):
+            rows = self.db.query(conn, *select_keyed_sql(schema, chunk, self.db.lock_rows if lock else ""))
+            for text, row in zip([row[0] for row in rows], self.db.decode_rows(schema, [row[1:] for row in rows])):
+                found[_text(text)] = dict(zip(names, row))
+        return found
+
+
+# ---------------------------------------------------------------------------
+# Push
+# ---------------------------------------------------------------------------
+# A push is validated in full (tables, actions, columns, keys, every value
+# bound for its column) before the first statement runs, so a bad operation
+# anywhere leaves the database untouched. Then, in one transaction: the batch
+# id is claimed, conflicts with the device's checkpoint are found, each
+# operation runs (ACTIONS names its method), the outcome is stored for a
+# replay, and the checkpoint to return is decided (below, "The checkpoint a
+# push returns").
+
+ACTIONS = {
+    # action: (the method that applies it, what the log records when it changed a row)
+    "insert": ("_insert_one", "I"),
+    "update": ("_update", "U"),
+    "delete": ("_delete", "D"),
+    "upsert": ("_upsert", "U"),
+}
+
+
+class Operation:
+    """One validated push operation: bound values and its primary key."""
+
+    __slots__ = ("index", "table", "action", "values", "key", "sent")
+
+    def __init__(self, index, table, action, values, key, sent=None):
+        self.index = index
+        self.table = table      # a TableSchema
+        self.action = action
+        self.values = values    # {column name: bound value}, in the order the client sent
+        self.key = key          # tuple of primary-key values
+        self.sent = sent if sent is not None else values   # {column name: value as the device holds it}
+
+
+class _PushState:
+    """What deciding a push's returned checkpoint needs to know about the push."""
+
+    __slots__ = ("checkpoint", "fields", "device_id", "batch_id", "start", "before", "operations", "skipped")
+
+    def __init__(self, checkpoint, fields, device_id, batch_id):
+        self.checkpoint = checkpoint
+        self.fields = fields        # the checkpoint decoded
+        self.device_id = device_id
+        self.batch_id = batch_id
+        self.start = None           # where triggers number changes: the head when the push took the write lock
+        self.before = {}            # table -> {key as logged: row} as they were before the push
+        self.operations = []        # the operations applied
+        self.skipped = False        # some operations were skipped as conflicts
+
+
+class Pushes:
+    """Pushes: validate the operations, apply them in one transaction, answer (or replay) the outcome."""
+
+    def __init__(self, engine, max_value_bytes, push_retries):
+        self.engine = engine
+        self.db = engine.db
+        self.changelog = engine.changelog
+        self.max_value_bytes = max_value_bytes
+        self.push_retries = push_retries
+        self.retries = 0                    # pushes run again after a deadlock or lock timeout
+
+    # -- validation ----------------------------------------------------------------
 
     def validate_operations(self, operations):
         """Check every operation against the schema; return Operations or raise 400."""
@@ -3034,11 +3201,10 @@ class SyncEngine:
         if "table" not in operation or "action" not in operation or "data" not in operation:
             missing = [field for field in ("table", "action", "data") if field not in operation]
             raise Refused("invalid_operation", "%s has no %s" % (where, " or ".join(missing)))
-        schema = self._schema_for(operation["table"], where)
+        schema = self.engine.schema_for(operation["table"], where)
         action = operation["action"]
         if action not in ACTIONS:
-            raise Refused("invalid_action", "%s: action must be one of %s"
-                            % (where, ", ".join(ACTIONS)))
+            raise Refused("invalid_action", "%s: action must be one of %s" % (where, ", ".join(ACTIONS)))
         data = operation["data"]
         if not isinstance(data, dict):
             raise Refused("invalid_operation", "%s: data must be an object" % where)
@@ -3047,12 +3213,12 @@ class SyncEngine:
             column = columns.get(name)
             if column is None:
                 raise Refused("unknown_column", "%s: table %r has no column %s"
-                                % (where, schema.name, json.dumps(name)[:100]))
+                              % (where, schema.name, json.dumps(name)[:100]))
             if type(value) is str:
                 if len(value) * 4 > self.max_value_bytes \
                         and len(value.encode("utf-8", "surrogatepass")) > self.max_value_bytes:
-                    raise Refused("value_too_large", "%s: the value for column %r is over %d bytes; store "
-                                    "large files elsewhere and sync a reference" % (where, name, self.max_value_bytes))
+                    raise Refused("value_too_large", "%s: the value for column %r is over %d bytes; store large "
+                                  "files elsewhere and sync a reference" % (where, name, self.max_value_bytes))
                 if column.plain_text and value.isascii():
                     values[name] = value        # the common case: nothing to convert or check
                     continue
@@ -3062,7 +3228,7 @@ class SyncEngine:
         generated = action == "insert" and schema.generated_key and not any(name in values for name in absent)
         if absent and not generated:
             raise Refused("missing_key", "%s: data must include primary key column %s"
-                            % (where, ", ".join(repr(name) for name in absent)))
+                          % (where, ", ".join(repr(name) for name in absent)))
         key = tuple(values.get(name) for name in schema.primary_key)
         for column, value in zip(schema.key_columns, key):
             problem = None if value is None else key_problem(column, value)
@@ -3072,11 +3238,13 @@ class SyncEngine:
             values = {name: value for name, value in values.items() if not columns[name].generated}
         return Operation(index, schema, action, values, key, data)
 
+    # -- the push -------------------------------------------------------------------
+
     def push(self, operations, device_id=None, batch_id=None, checkpoint=None, on_conflict="abort",
              request_hash=None):
         """Apply validated operations in one transaction; return the response fields."""
         # 400 when malformed or foreign, even for a replay; its expiry is checked inside the push's transaction
-        fields = self.checkpoints.decode(checkpoint) if checkpoint is not None else None
+        fields = self.engine.checkpoints.decode(checkpoint) if checkpoint is not None else None
         if batch_id is not None:
             with self.db.connection() as conn:
                 prior = self.changelog.find_batch(conn, device_id or "", batch_id)
@@ -3115,88 +3283,15 @@ class SyncEngine:
     def _replay(self, prior, request_hash, checkpoint):
         stored_hash, response = prior
         if stored_hash != request_hash:
-            raise Refused("batch_reused", "this device already pushed a different batch with this "
-                            "batch_id; use a new batch_id for new operations")
+            raise Refused("batch_reused", "this device already pushed a different batch with this batch_id; use "
+                          "a new batch_id for new operations")
         result = json.loads(response)
         result.setdefault("checkpoint", checkpoint)     # outcomes stored by versions that did not keep it
         result["replayed"] = True
         return result
 
-    def _checkpoint_after_push(self, conn, push):
-        """Inside the push's transaction: number its changes; return the device's next pull position, or None.
-
-        Past the push's own changes only when the device provably holds them
-        already: its checkpoint was the head when the push began, and every
-        change since is a row it pushed, now exactly as it pushed it. Anything
-        else (another writer, a trigger or cascade, a generated key, a default,
-        a rounded value) returns the request's checkpoint, so nothing is skipped.
-        """
-        if push.checkpoint is None:
-            # numbered later (by the next pull or the server's sequencer): saves a push five round trips
-            return None
-        numbered = self.changelog.sequence_in_transaction(conn)
-        fields = push.fields
-        if numbered is not None:
-            start, head = numbered
-        else:
-            head = self.changelog.head(conn)
-            start = head if push.start is None else push.start
-        fingerprint = self.columns_fingerprint(fields["t"])
-        if fields["scan"] is not None or push.device_id is None or fields["s"] != start or head == start \
-                or fields.get("f") not in (None, fingerprint) \
-                or push.skipped or not self._only_echoes(conn, fields["t"], start, head, push):
-            return push.checkpoint
-        return self.checkpoints.encode(fields["t"], head, fingerprint=fingerprint)
-
-    def _only_echoes(self, conn, tables, start, head, push):
-        """Whether every change in (start, head] to `tables` is a row of this push, holding exactly what it sent."""
-        operations = [op for op in push.operations if op.table.name in tables]
-        if any(None in op.key for op in operations):
-            return False                    # the database chose a key the device does not know
-        most = 2 * len(push.operations)     # an update that moves a key logs a delete and an update
-        entries = self.db.query(conn, 
-            "SELECT table_name, row_key, device_id, batch_id FROM cloudsync_changes WHERE seq > ? AND seq <= ?"
-            " ORDER BY seq LIMIT ?", (start, head, most + 1))
-        if len(entries) > most:
-            return False
-        # each operation's row now (found as its statement found it) and its key as the log holds it
-        logged, now = {}, {}
-        for table in dict.fromkeys(op.table.name for op in operations):
-            schema = self.schemas[table]
-            ops = [op for op in operations if op.table.name == table]
-            for op, found in zip(ops, self._rows_for_keys(conn, schema, [op.key for op in ops])):
-                logged[op.index] = (table, found[0] if found else self.db.key_text(schema, op.key))
-                now[logged[op.index]] = found[1] if found else None
-        for table, row_key, device_id, batch_id in entries:
-            if _text(device_id) != push.device_id or (None if batch_id is None else _text(batch_id)) != push.batch_id:
-                return False
-            if _text(table) in tables and (_text(table), _text(row_key)) not in now:
-                return False                # a row the device did not push (a trigger, a cascade)
-        # what the device now holds: the rows before the push with its operations applied
-        expected = {}                       # (table, key text) -> {column: (pushed?, value)} or None
-        for op in operations:
-            schema, key = op.table, logged[op.index]
-            if key not in expected:
-                row = push.before.get(schema.name, {}).get(key[1])
-                expected[key] = None if row is None else {name: (False, value) for name, value in row.items()}
-            row = expected[key]
-            if op.action == "delete":
-                expected[key] = None
-            elif row is not None and op.action in ("update", "upsert"):
-                row.update((name, (True, op.sent[name])) for name in op.values)
-            elif row is None and op.action in ("insert", "upsert"):
-                # a column left out is null on the device; a default the database filled in is not
-                expected[key] = {name: (name in op.values, op.sent.get(name)) for name in schema.column_names}
-        for key, row in expected.items():
-            current = now[key]
-            if (row is None) != (current is None):
-                return False
-            for name, (pushed, value) in (row or {}).items():
-                if not (_as_json_value(current.get(name)) == value if pushed else current.get(name) == value):
-                    return False
-        return True
-
     def _push(self, operations, batched, checkpoint, device_id, batch_id, fields, on_conflict, request_hash):
+        """The push's transaction: claim the batch id, check conflicts, apply, store the outcome."""
         missing, conflicts, logged = [], [], []
         push = _PushState(checkpoint, fields, device_id, batch_id)
         since = fields["s"] if fields is not None else None
@@ -3227,19 +3322,12 @@ class SyncEngine:
                         if isinstance(group, list):
                             self._insert_many(conn, group)
                             logged.extend((op, "I") for op in group)
-                        elif group.action == "insert":
-                            self._insert_one(conn, group)
-                            logged.append((group, "I"))
-                        elif group.action == "upsert":
-                            self._upsert(conn, group)
-                            logged.append((group, "U"))
+                            continue
+                        method, code = ACTIONS[group.action]
+                        if getattr(self, method)(conn, group):
+                            logged.append((group, code))
                         elif group.action == "update":
-                            if self._update(conn, group):
-                                logged.append((group, "U"))
-                            else:
-                                missing.append(group)
-                        elif self._delete(conn, group):
-                            logged.append((group, "D"))
+                            missing.append(group)   # an update of a row that is not there changes nothing
                     if self.changelog.capture == "api":
                         self.changelog.record(conn, self._logged_keys(conn, logged), device_id, batch_id)
                 result = {"success": True, "applied": len(operations)}
@@ -3253,22 +3341,6 @@ class SyncEngine:
                 if batch_id is not None:        # a retry is answered with exactly this outcome
                     self.changelog.finish_batch(conn, device_id or "", batch_id, result)
         return result
-
-    def _logged_keys(self, conn, logged):
-        """CHANGE_CAPTURE=api: (table, op, key text) of a push's changes; a key read back where the row exists."""
-        entries, texts = [], {}
-        by_table = {}
-        for op, code in logged:
-            if None not in op.key:          # a key the database generated is not known here
-                by_table.setdefault(op.table.name, []).append(op)
-        for table, ops in by_table.items():
-            schema = self.schemas[table]
-            for op, found in zip(ops, self._rows_for_keys(conn, schema, [op.key for op in ops])):
-                texts[op.index] = found[0] if found else self.db.key_text(schema, op.key)
-        for op, code in logged:
-            if op.index in texts:
-                entries.append((op.table.name, code, texts[op.index]))
-        return entries
 
     def _push_transaction(self, conn, operations, batched, batch_id, checkpoint):
         """The push's transaction; none of its own for a MySQL push that is certainly one statement.
@@ -3299,8 +3371,8 @@ class SyncEngine:
                 by_table.setdefault(op.table.name, []).append(op)
         conflicts, before = [], {}
         for table, ops in by_table.items():
-            schema = self.schemas[table]
-            found = self._rows_for_keys(conn, schema, [op.key for op in ops], lock=True)
+            schema = self.engine.schemas[table]
+            found = self.engine.rows_for_keys(conn, schema, [op.key for op in ops], lock=True)
             texts = [row[0] if row else self.db.key_text(schema, op.key) for op, row in zip(ops, found)]
             before[table] = {text: row[1] for text, row in zip(texts, found) if row}
             touched = self.changelog.touched_by_others(conn, schema, set(texts), since, device_id)
@@ -3313,61 +3385,27 @@ class SyncEngine:
                 exists[text] = op.action != "delete" if op.action != "update" else there
         return sorted(conflicts, key=lambda conflict: conflict["op"]), before
 
-    def _rows_for_keys(self, conn, schema, keys, lock=False):
-        """For each pushed key: (the key as logged, the row) of the row its statement would find, or None.
+    def _logged_keys(self, conn, logged):
+        """CHANGE_CAPTURE=api: (table, op, key text) of a push's changes; a key read back where the row exists."""
+        entries, texts = [], {}
+        by_table = {}
+        for op, code in logged:
+            if None not in op.key:          # a key the database generated is not known here
+                by_table.setdefault(op.table.name, []).append(op)
+        for table, ops in by_table.items():
+            schema = self.engine.schemas[table]
+            for op, found in zip(ops, self.engine.rows_for_keys(conn, schema, [op.key for op in ops])):
+                texts[op.index] = found[0] if found else self.db.key_text(schema, op.key)
+        for op, code in logged:
+            if op.index in texts:
+                entries.append((op.table.name, code, texts[op.index]))
+        return entries
 
-        One query for all the keys, each row carrying its key as SQL writes it;
-        a key the device wrote in another form of the same value ('ABC' for
-        'abc' under a case-blind collation) is then looked up on its own.
-        """
-        found = self._select_by_keys(conn, schema, keys, lock)
-        result, unmatched = [], []
-        for position, key in enumerate(keys):
-            text = self.db.key_text(schema, key)
-            if text in found:
-                result.append((text, found[text]))
-            else:
-                result.append(None)
-                unmatched.append(position)
-        if unmatched and set(found) - {row[0] for row in result if row}:
-            for position in unmatched:
-                alone = self._select_by_keys(conn, schema, [keys[position]], lock)
-                if alone:
-                    result[position] = next(iter(alone.items()))
-        return result
-
-    def _select_by_keys(self, conn, schema, keys, lock=False):
-        """{key text as the log holds it: row} of the rows with these keys (bound values)."""
-        found = {}
-        names = schema.column_names
-        for chunk in _chunks(list(dict.fromkeys(keys)), 500):
-            where, params = self._keys_condition(schema, chunk)
-            sql = "SELECT %s, %s FROM %s WHERE %s" % (schema.key_sql, schema.select_list, schema.quoted, where)
-            if lock:
-                sql += self.db.lock_rows        # a concurrent writer of these rows now waits for this push
-            rows = self.db.query(conn, sql, params)
-            for text, row in zip([row[0] for row in rows], self.db.decode_rows(schema, [row[1:] for row in rows])):
-                found[_text(text)] = dict(zip(names, row))
-        return found
-
-    def _keys_condition(self, schema, keys):
-        """WHERE text and parameters matching any of `keys`."""
-        if len(schema.primary_key) == 1:
-            return "%s IN (%s)" % (schema.key_order, ", ".join("?" for _ in keys)), [key[0] for key in keys]
-        one = "(%s)" % self._key_condition(schema)
-        return " OR ".join(one for _ in keys), [value for key in keys for value in key]
-
-    def _key_condition(self, schema):
-        return " AND ".join("%s = ?" % column.quoted for column in schema.key_columns)
-
-    def _insert_sql(self, schema, names):
-        """INSERT of one row with these (checked) columns, ? for each value."""
-        return "INSERT INTO %s (%s) VALUES (%s)" % (
-            schema.quoted, ", ".join(schema.columns[name].quoted for name in names), ", ".join("?" for _ in names))
+    # -- the actions (ACTIONS) -----------------------------------------------------------
 
     def _insert_many(self, conn, group):
         schema, names = group[0].table, list(group[0].values)
-        sql = self._insert_sql(schema, names)
+        sql = insert_sql(schema, names)
         try:
             if len(group) == 1:
                 self.db.execute(conn, sql, tuple(group[0].values.values()))
@@ -3378,247 +3416,130 @@ class SyncEngine:
 
     def _insert_one(self, conn, op):
         schema, names = op.table, list(op.values)
-        sql = self._insert_sql(schema, names) if names else self.db.insert_defaults_sql(schema)
+        sql = insert_sql(schema, names) if names else self.db.insert_defaults_sql(schema)
         try:
             self.db.execute(conn, sql, tuple(op.values.values()))
         except DataRejected as error:
             # a retried insert whose row is already there, holding exactly these values, is a no-op
             if error.duplicate and None not in op.key:
-                found = self._rows_for_keys(conn, schema, [op.key])[0]
+                found = self.engine.rows_for_keys(conn, schema, [op.key])[0]
                 if found is not None and _same_values(schema, op.values, found[1]):
-                    return
+                    return True
             raise PushRejected(op, error) from None
+        return True
 
     def _upsert(self, conn, op):
         try:
             self.db.upsert(conn, op.table, op.values)
         except DataRejected as error:
             raise PushRejected(op, error) from None
+        return True
 
     def _update(self, conn, op):
+        """True when the row is there (an update that changes nothing finds it too)."""
         schema = op.table
-        changes = [name for name in op.values if name not in schema.primary_key]
+        changes = {name: value for name, value in op.values.items() if name not in schema.primary_key}
         try:
             if not changes:
-                return bool(self.db.query(conn, "SELECT 1 FROM %s WHERE %s" % (
-                    schema.quoted, self._key_condition(schema)), op.key))
-            sql = "UPDATE %s SET %s WHERE %s" % (
-                schema.quoted, ", ".join("%s = ?" % schema.columns[name].quoted for name in changes),
-                self._key_condition(schema))
-            return self.db.execute(conn, sql, tuple(op.values[name] for name in changes) + op.key) > 0
+                return bool(self.db.query(conn, *exists_sql(schema, op.key)))
+            return self.db.execute(conn, *update_sql(schema, changes, op.key)) > 0
         except DataRejected as error:
             raise PushRejected(op, error) from None
 
     def _delete(self, conn, op):
-        schema = op.table
         try:
-            return self.db.execute(conn, "DELETE FROM %s WHERE %s" % (
-                schema.quoted, self._key_condition(schema)), op.key) > 0
+            return self.db.execute(conn, *delete_sql(op.table, op.key)) > 0
         except DataRejected as error:
             raise PushRejected(op, error) from None
 
-    # -- pull (seed mode) -----------------------------------------------------
+    # -- The checkpoint a push returns ---------------------------------------------------
+    # A device that pushes with its checkpoint gets back its next pull position.
+    # It may move past the push's own changes only if the device provably holds
+    # them: otherwise it would never pull what differs. The argument, in order:
+    #
+    # 1. Commit order. The push numbers its changes last, inside its own
+    #    transaction (ChangeLog.sequence_in_transaction), holding the lock on
+    #    the last_seq row until it commits: no number is given out between its
+    #    numbers and its commit, and whatever commits later is numbered later.
+    #    (SQLite has one writer: its head at the push's start is the start.)
+    # 2. Nothing slipped in: the request's checkpoint was the head when the
+    #    push began (`fields["s"] == start`), no table scan was in progress,
+    #    and the tables' columns have not changed since it was issued.
+    # 3. Only echoes: every change numbered between start and head is a row
+    #    this push wrote (same device and batch, a key it sent), and each row
+    #    now holds exactly what the device sent, in the form a pull sends it
+    #    (_only_echoes). A trigger of the user's, a cascade, a generated key, a
+    #    default, a rounded value or a skipped conflict each break it.
+    #
+    # When all three hold, the checkpoint moves to the head; in any other case
+    # the request's checkpoint comes back, and the next pull brings the
+    # server's version. A push without a checkpoint gets null.
 
-    def check_tables(self, tables):
-        """Validate a pull's `tables` field; return the table names to read."""
-        if tables is None:
-            tables = list(self.allowed_tables)
-        if not isinstance(tables, list):
-            raise Refused("invalid_payload", "tables must be a list of table names")
-        if not tables:
-            raise Refused("no_tables", "no table was named and ALLOWED_TABLES is empty"
-                            if not self.allowed_tables else "tables is an empty list")
-        for position, table in enumerate(tables):
-            self._schema_for(table, "tables[%d]" % position)
-        return list(dict.fromkeys(tables))
+    def _checkpoint_after_push(self, conn, push):
+        """Inside the push's transaction: number its changes; return the device's next pull position, or None."""
+        if push.checkpoint is None:
+            # numbered later (by the next pull or the server's sequencer): saves a push five round trips
+            return None
+        numbered = self.changelog.sequence_in_transaction(conn)
+        fields = push.fields
+        if numbered is not None:
+            start, head = numbered
+        else:
+            head = self.changelog.head(conn)
+            start = head if push.start is None else push.start
+        fingerprint = self.engine.columns_fingerprint(fields["t"])
+        if fields["scan"] is not None or push.device_id is None or fields["s"] != start or head == start \
+                or fields.get("f") not in (None, fingerprint) \
+                or push.skipped or not self._only_echoes(conn, fields["t"], start, head, push):
+            return push.checkpoint
+        return self.engine.checkpoints.encode(fields["t"], head, fingerprint=fingerprint)
 
-    def pull_changes(self, tables, since, limit):
-        """Sync-mode pull: changes after checkpoint `since` (None: everything), at most `limit` rows plus keys."""
-        fields = self.checkpoints.decode(since) if since is not None else None
-        if fields is not None and sorted(fields["t"]) == sorted(tables):
-            tables = fields["t"]            # the same tables in another order: the checkpoint's order holds
-        if fields is not None and fields["t"] != tables:
-            raise Refused("invalid_checkpoint", "this checkpoint was issued for tables %s; pull the same "
-                            "tables with it, or start again with \"since\": null" % ", ".join(fields["t"]))
-        fingerprint = self.columns_fingerprint(tables)
-        if fields is not None and fields.get("f") not in (None, fingerprint):
-            raise Refused("expired", "the columns of %s changed since this checkpoint (ALTER TABLE): start again "
-                          "with \"since\": null to pull every row with its columns" % ", ".join(tables), reset=True)
-        changes = {table: {"upserted": [], "deleted": []} for table in tables}
-        with self.db.connection() as conn:
-            self.changelog.sequence(conn)
-            if fields is None:
-                # the scan starts after every change up to `seq` is visible in the tables
-                seq, scan = self.changelog.head(conn), [0, None]
-            else:
-                seq, scan = fields["s"], fields["scan"]
-            if scan is not None:
-                scan, has_more = self._scan_tables(conn, tables, scan, limit, changes)
-                if scan is None:
-                    has_more = self.changelog.changed_since(conn, tables, seq)
-                checkpoint_seq = seq
-            else:
-                entries = self.changelog.changed_rows(conn, tables, seq, limit + 1)
-                has_more = len(entries) > limit
-                entries = entries[:limit]
-                self._fetch_changed(conn, entries, changes)
-                checkpoint_seq = entries[-1][2] if entries else seq
-            # checked after reading: compaction publishes its mark before deleting
-            self.changelog.check_position(conn, seq)
-        return {"success": True, "changes": changes,
-                "checkpoint": self.checkpoints.encode(tables, checkpoint_seq, scan, fingerprint),
-                "has_more": has_more}
-
-    def _scan_tables(self, conn, tables, scan, limit, changes):
-        """Initial sync: page through the tables in key order; return (next scan position or None, has_more).
-
-        The position is the last row's key in log form, which binds back to
-        exactly that value (a binary key as hex, a SQLite REAL exactly).
-        """
-        index, last = scan
-        budget = limit
-        while index < len(tables):
-            if budget == 0:
-                return [index, last], True
-            schema = self.schemas[tables[index]]
-            # a NULL in a key (SQLite allows it) would break keyset paging; such rows are not synced
-            where, params = "WHERE " + " AND ".join("%s IS NOT NULL" % column.quoted
-                                                    for column in schema.key_columns), []
-            if last is not None:
-                where += " AND " + _after_key_condition(schema)
-                params = _after_key_params(self.db.key_bind(schema, last, ordered=True))
-            rows = self.db.query(conn, "SELECT %s FROM %s %s ORDER BY %s LIMIT ?" % (
-                schema.select_list, schema.quoted, where, schema.key_order), params + [budget])
-            if rows:
-                last = self.db.key_logged(schema, rows[-1])
-                names = schema.column_names
-                changes[schema.name]["upserted"].extend(dict(zip(names, row))
-                                                        for row in self.db.decode_rows(schema, rows))
-            if len(rows) < budget:
-                index, last = index + 1, None
-            budget -= len(rows)
-        return None, False
-
-    def _fetch_changed(self, conn, entries, changes):
-        """Turn (table, row_key, seq) entries into current rows, or keys of deleted rows.
-
-        A row counts only when its key is, byte for byte, the logged one: after
-        'abc' became 'ABC' (equal under a case-blind collation) the log holds a
-        delete of 'abc', and a device must get that delete, not the 'ABC' row.
-        """
-        by_table = {}
-        for table, row_key, _ in entries:
-            text = _text(row_key)
-            try:
-                logged = self.db.parse_key(text)
-            except ValueError:              # written by an older version below the compaction mark: a 410 follows
-                continue
-            if None not in logged:          # rows with a NULL in their key are not synced
-                by_table.setdefault(_text(table), []).append((text, logged))
-        for table, items in by_table.items():
-            schema = self.schemas[table]
-            found = self._select_by_keys(conn, schema, [self.db.key_bind(schema, logged) for _, logged in items])
-            for text, logged in items:
-                row = found.get(text)
-                if row is not None:
-                    changes[table]["upserted"].append(row)
-                else:
-                    changes[table]["deleted"].append(_key_value(schema, self.db.key_present(schema, logged)))
-
-    def seed_pull(self, tables, limit):
-        """The seed's pull as encoded JSON, served from cache while the change log shows no change."""
-        key = (tuple(tables), limit)
-        with self.db.connection() as conn:
-            # Only what the change log sees can validate a cached answer: outside writes need
-            # triggers, and a foreign-key cascade on MySQL fires none.
-            version = None
-            if self.changelog.capture == "triggers" and not any(self.schemas[table].cascaded for table in tables):
-                version = self.changelog.tables_version(conn, [self.schemas[table] for table in tables])
-            if version is not None:
-                with self._pull_cache_lock:
-                    cached = self._pull_cache.get(key)
-                if cached is not None and cached.version == version:
-                    return cached
-            pages, counts = [], {}
-            for table in tables:
-                page = self.db.rows_as_json(conn, self.schemas[table], limit)
-                if page is None:
-                    rows = self._read_rows(conn, [table], limit)[table]
-                    page = (to_json_bytes(rows), len(rows))
-                counts[table] = page[1]
-                pages.append(to_json_bytes(table) + b":" + page[0])
-        encoded = Encoded(b'{"success":true,"data":{%s},"limit":%d}' % (b",".join(pages), limit), version,
-                          rows=counts)
-        if version is not None:
-            encoded.etag = '"%s"' % hashlib.sha256(("%s|%r|%r|%s" % (
-                self.changelog.instance, key, version, self.schema_fingerprint)).encode("utf-8")).hexdigest()[:32]
-            self._cache_pull(key, encoded)
-        return encoded
-
-    def _cache_pull(self, key, encoded):
-        """Keep an encoded seed pull; the least recently used go first, so the cache stays within PULL_CACHE_BYTES."""
-        if len(encoded.body) > PULL_CACHE_BYTES // 4:
-            return                          # one huge answer would push out every other
-        with self._pull_cache_lock:
-            self._pull_cache[key] = encoded
-            self._pull_cache.move_to_end(key)
-            # gzipped copies are made on first use, so they count when the next entry comes in
-            size = sum(len(entry.body) + len(entry.gzipped or b"") for entry in self._pull_cache.values())
-            while len(self._pull_cache) > PULL_CACHE_ENTRIES or size > PULL_CACHE_BYTES:
-                _, dropped = self._pull_cache.popitem(last=False)
-                size -= len(dropped.body) + len(dropped.gzipped or b"")
-
-    def _read_rows(self, conn, tables, limit):
-        data = {}
-        for table in tables:
-            schema = self.schemas[table]
-            rows = self.db.query(conn, "SELECT %s FROM %s ORDER BY %s LIMIT ?" % (
-                schema.select_list, schema.quoted, schema.key_order), (limit,))
-            names = schema.column_names
-            data[table] = [dict(zip(names, row)) for row in self.db.decode_rows(schema, rows)]
-        return data
-
-
-class Encoded:
-    """A response body already encoded (JSON unless told), with its ETag and a gzipped copy made on first use."""
-
-    __slots__ = ("body", "version", "etag", "gzipped", "content_type", "rows")
-
-    def __init__(self, body, version=None, content_type="application/json; charset=utf-8", rows=None):
-        self.body = body
-        self.version = version
-        self.etag = None
-        self.gzipped = None
-        self.content_type = content_type
-        self.rows = rows or {}          # table -> rows in the body, for the metrics
-
-
-class _PushState:
-    """What deciding a push's returned checkpoint needs to know about the push."""
-
-    __slots__ = ("checkpoint", "fields", "device_id", "batch_id", "start", "before", "operations", "skipped")
-
-    def __init__(self, checkpoint, fields, device_id, batch_id):
-        self.checkpoint = checkpoint
-        self.fields = fields        # the checkpoint decoded
-        self.device_id = device_id
-        self.batch_id = batch_id
-        self.start = None           # SQLite: the head when the push took the write lock
-        self.before = {}            # table -> {key as logged: row} as they were before the push
-        self.operations = []        # the operations applied
-        self.skipped = False        # some operations were skipped as conflicts
-
-
-def _expired():
-    return Refused("expired", "changes after this checkpoint were compacted away, or the "
-                     "database was restored to an earlier state; start again with \"since\": null", reset=True)
-
-
-def _as_json_value(value):
-    """A database value as a pull sends it: exact decimals and dates as strings, bytes as base64."""
-    if value is None or isinstance(value, (str, int, float)):
-        return value
-    return _json_default(value)
+    def _only_echoes(self, conn, tables, start, head, push):
+        """Whether every change in (start, head] to `tables` is a row of this push, holding exactly what it sent."""
+        operations = [op for op in push.operations if op.table.name in tables]
+        if any(None in op.key for op in operations):
+            return False                    # the database chose a key the device does not know
+        most = 2 * len(push.operations)     # an update that moves a key logs a delete and an update
+        entries = self.db.query(conn, "SELECT table_name, row_key, device_id, batch_id FROM cloudsync_changes"
+                                      " WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (start, head, most + 1))
+        if len(entries) > most:
+            return False
+        # each operation's row now (found as its statement found it) and its key as the log holds it
+        logged, now = {}, {}
+        for table in dict.fromkeys(op.table.name for op in operations):
+            schema = self.engine.schemas[table]
+            ops = [op for op in operations if op.table.name == table]
+            for op, found in zip(ops, self.engine.rows_for_keys(conn, schema, [op.key for op in ops])):
+                logged[op.index] = (table, found[0] if found else self.db.key_text(schema, op.key))
+                now[logged[op.index]] = found[1] if found else None
+        for table, row_key, device_id, batch_id in entries:
+            if _text(device_id) != push.device_id or (None if batch_id is None else _text(batch_id)) != push.batch_id:
+                return False
+            if _text(table) in tables and (_text(table), _text(row_key)) not in now:
+                return False                # a row the device did not push (a trigger, a cascade)
+        # what the device now holds: the rows before the push with its operations applied
+        expected = {}                       # (table, key text) -> {column: (pushed?, value)} or None
+        for op in operations:
+            schema, key = op.table, logged[op.index]
+            if key not in expected:
+                row = push.before.get(schema.name, {}).get(key[1])
+                expected[key] = None if row is None else {name: (False, value) for name, value in row.items()}
+            row = expected[key]
+            if op.action == "delete":
+                expected[key] = None
+            elif row is not None and op.action in ("update", "upsert"):
+                row.update((name, (True, op.sent[name])) for name in op.values)
+            elif row is None and op.action in ("insert", "upsert"):
+                # a column left out is null on the device; a default the database filled in is not
+                expected[key] = {name: (name in op.values, op.sent.get(name)) for name in schema.column_names}
+        for key, row in expected.items():
+            current = now[key]
+            if (row is None) != (current is None):
+                return False
+            for name, (pushed, value) in (row or {}).items():
+                if not (_as_json_value(current.get(name)) == value if pushed else current.get(name) == value):
+                    return False
+        return True
 
 
 def _same_values(schema, pushed, row):
@@ -3656,7 +3577,6 @@ def _same_value(column, pushed, stored):
         return False
 
 
-
 def _refusal_of(rejected):
     """The answer to an operation the database refused: a rule of the user's, a clash, or a value."""
     op, error = rejected.op, rejected.error
@@ -3666,6 +3586,11 @@ def _refusal_of(rejected):
                        rejected=[dict(_op_ref(op), message=str(error))])
     return Refused("duplicate" if error.duplicate else "data_refused", "operation %d (%s on %s): %s"
                    % (op.index, op.action, op.table.name, error), op=op.index)
+
+
+def _key_json(op):
+    """An operation's row key as the protocol shows it."""
+    return key_value(op.table, op.key)
 
 
 def _op_ref(op):
@@ -3686,6 +3611,205 @@ def _group_operations(operations, batched=True):
             yield op
     if run:
         yield run if len(run) > 1 else run[0]
+
+
+# ---------------------------------------------------------------------------
+# Pull
+# ---------------------------------------------------------------------------
+# Two modes. Seed mode (no `since`) sends the first `limit` rows of each
+# table, as the original service did, from a cache validated against the
+# change log with one indexed query. Sync mode (`since`: null or a
+# checkpoint) pages through the tables in key order on a first sync, then
+# reads the change log after the checkpoint, an index range on seq.
+
+
+class Encoded:
+    """A response body already encoded (JSON unless told), with its ETag and a gzipped copy made on first use."""
+
+    __slots__ = ("body", "version", "etag", "gzipped", "content_type", "rows")
+
+    def __init__(self, body, version=None, content_type="application/json; charset=utf-8", rows=None):
+        self.body = body
+        self.version = version
+        self.etag = None
+        self.gzipped = None
+        self.content_type = content_type
+        self.rows = rows or {}          # table -> rows in the body, for the metrics
+
+
+class Pulls:
+    """Pulls: the tables a request names, seed mode from a cache, sync mode from the change log."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.db = engine.db
+        self.changelog = engine.changelog
+        self._cache = collections.OrderedDict()     # (tables, limit) -> Encoded, validated by tables_version
+        self._cache_lock = threading.Lock()
+
+    def check_tables(self, tables):
+        """Validate a pull's `tables` field; return the table names to read."""
+        if tables is None:
+            tables = list(self.engine.allowed_tables)
+        if not isinstance(tables, list):
+            raise Refused("invalid_payload", "tables must be a list of table names")
+        if not tables:
+            raise Refused("no_tables", "no table was named and ALLOWED_TABLES is empty"
+                          if not self.engine.allowed_tables else "tables is an empty list")
+        for position, table in enumerate(tables):
+            self.engine.schema_for(table, "tables[%d]" % position)
+        return list(dict.fromkeys(tables))
+
+    # -- sync mode ---------------------------------------------------------------------
+
+    def pull_changes(self, tables, since, limit):
+        """Sync-mode pull: changes after checkpoint `since` (None: everything), at most `limit` rows plus keys."""
+        fields = self.engine.checkpoints.decode(since) if since is not None else None
+        if fields is not None and sorted(fields["t"]) == sorted(tables):
+            tables = fields["t"]            # the same tables in another order: the checkpoint's order holds
+        if fields is not None and fields["t"] != tables:
+            raise Refused("invalid_checkpoint", "this checkpoint was issued for tables %s; pull the same tables "
+                          "with it, or start again with \"since\": null" % ", ".join(fields["t"]))
+        fingerprint = self.engine.columns_fingerprint(tables)
+        if fields is not None and fields.get("f") not in (None, fingerprint):
+            raise Refused("expired", "the columns of %s changed since this checkpoint (ALTER TABLE): start again "
+                          "with \"since\": null to pull every row with its columns" % ", ".join(tables), reset=True)
+        changes = {table: {"upserted": [], "deleted": []} for table in tables}
+        with self.db.connection() as conn:
+            self.changelog.sequence(conn)
+            if fields is None:
+                # the scan starts after every change up to `seq` is visible in the tables
+                seq, scan = self.changelog.head(conn), [0, None]
+            else:
+                seq, scan = fields["s"], fields["scan"]
+            if scan is not None:
+                scan, has_more = self._scan_tables(conn, tables, scan, limit, changes)
+                if scan is None:
+                    has_more = self.changelog.changed_since(conn, tables, seq)
+                checkpoint_seq = seq
+            else:
+                entries = self.changelog.changed_rows(conn, tables, seq, limit + 1)
+                has_more = len(entries) > limit
+                entries = entries[:limit]
+                self._fetch_changed(conn, entries, changes)
+                checkpoint_seq = entries[-1][2] if entries else seq
+            # checked after reading: compaction publishes its mark before deleting
+            self.changelog.check_position(conn, seq)
+        return {"success": True, "changes": changes,
+                "checkpoint": self.engine.checkpoints.encode(tables, checkpoint_seq, scan, fingerprint),
+                "has_more": has_more}
+
+    def _scan_tables(self, conn, tables, scan, limit, changes):
+        """Initial sync: page through the tables in key order; return (next scan position or None, has_more).
+
+        The position is the last row's key in log form, which binds back to
+        exactly that value (a binary key as hex, a SQLite REAL exactly).
+        """
+        index, last = scan
+        budget = limit
+        while index < len(tables):
+            if budget == 0:
+                return [index, last], True
+            schema = self.engine.schemas[tables[index]]
+            after = None if last is None else self.db.key_bind(schema, last, ordered=True)
+            rows = self.db.query(conn, *page_sql(schema, after, budget))
+            if rows:
+                last = self.db.key_logged(schema, rows[-1])
+                names = schema.column_names
+                changes[schema.name]["upserted"].extend(dict(zip(names, row))
+                                                        for row in self.db.decode_rows(schema, rows))
+            if len(rows) < budget:
+                index, last = index + 1, None
+            budget -= len(rows)
+        return None, False
+
+    def _fetch_changed(self, conn, entries, changes):
+        """Turn (table, row_key, seq) entries into current rows, or keys of deleted rows.
+
+        A row counts only when its key is, byte for byte, the logged one: after
+        'abc' became 'ABC' (equal under a case-blind collation) the log holds a
+        delete of 'abc', and a device must get that delete, not the 'ABC' row.
+        """
+        by_table = {}
+        for table, row_key, _ in entries:
+            text = _text(row_key)
+            try:
+                logged = self.db.parse_key(text)
+            except ValueError:              # written by an older version below the compaction mark: a 410 follows
+                continue
+            if None not in logged:          # rows with a NULL in their key are not synced
+                by_table.setdefault(_text(table), []).append((text, logged))
+        for table, items in by_table.items():
+            schema = self.engine.schemas[table]
+            found = self.engine.select_by_keys(conn, schema, [self.db.key_bind(schema, logged)
+                                                              for _, logged in items])
+            for text, logged in items:
+                row = found.get(text)
+                if row is not None:
+                    changes[table]["upserted"].append(row)
+                else:
+                    changes[table]["deleted"].append(key_value(schema, self.db.key_present(schema, logged)))
+
+    # -- seed mode ---------------------------------------------------------------------
+
+    def seed_pull(self, tables, limit):
+        """The seed's pull as encoded JSON, served from cache while the change log shows no change."""
+        schemas = self.engine.schemas
+        key = (tuple(tables), limit)
+        with self.db.connection() as conn:
+            # Only what the change log sees can validate a cached answer: outside writes need
+            # triggers, and a foreign-key cascade the cascade triggers cannot follow is not seen.
+            version = None
+            if self.changelog.capture == "triggers" and not any(schemas[table].cascaded for table in tables):
+                version = self.changelog.tables_version(conn, [schemas[table] for table in tables])
+            if version is not None:
+                with self._cache_lock:
+                    cached = self._cache.get(key)
+                if cached is not None and cached.version == version:
+                    return cached
+            pages, counts = [], {}
+            for table in tables:
+                page = self.db.rows_as_json(conn, schemas[table], limit)
+                if page is None:
+                    rows = self._read_rows(conn, [table], limit)[table]
+                    page = (to_json_bytes(rows), len(rows))
+                counts[table] = page[1]
+                pages.append(to_json_bytes(table) + b":" + page[0])
+        encoded = Encoded(b'{"success":true,"data":{%s},"limit":%d}' % (b",".join(pages), limit), version,
+                          rows=counts)
+        if version is not None:
+            encoded.etag = '"%s"' % hashlib.sha256(("%s|%r|%r|%s" % (
+                self.changelog.instance, key, version, self.engine.schema_fingerprint)).encode("utf-8")
+            ).hexdigest()[:32]
+            self._keep(key, encoded)
+        return encoded
+
+    def _keep(self, key, encoded):
+        """Keep an encoded seed pull; the least recently used go first, so the cache stays within PULL_CACHE_BYTES."""
+        if len(encoded.body) > PULL_CACHE_BYTES // 4:
+            return                          # one huge answer would push out every other
+        with self._cache_lock:
+            self._cache[key] = encoded
+            self._cache.move_to_end(key)
+            # gzipped copies are made on first use, so they count when the next entry comes in
+            size = sum(len(entry.body) + len(entry.gzipped or b"") for entry in self._cache.values())
+            while len(self._cache) > PULL_CACHE_ENTRIES or size > PULL_CACHE_BYTES:
+                _, dropped = self._cache.popitem(last=False)
+                size -= len(dropped.body) + len(dropped.gzipped or b"")
+
+    def forget(self):
+        """Drop every cached answer (the tables' columns changed)."""
+        with self._cache_lock:
+            self._cache.clear()
+
+    def _read_rows(self, conn, tables, limit):
+        data = {}
+        for table in tables:
+            schema = self.engine.schemas[table]
+            rows = self.db.query(conn, *first_rows_sql(schema, limit))
+            names = schema.column_names
+            data[table] = [dict(zip(names, row)) for row in self.db.decode_rows(schema, rows)]
+        return data
 
 
 def parse_limit(value, cap=MAX_PULL_LIMIT_ROWS):
@@ -4981,8 +5105,8 @@ class App:
 
     def push(self, request):
         """Apply a batch of operations in one transaction; retry-safe with batch_id, conflict-aware with checkpoint."""
-        payload = request.json_object()
-        device_id = _optional_id(payload, "device_id")
+        fields = read_fields(request.json_object(), PUSH_FIELDS)
+        device_id, batch_id, checkpoint = fields["device_id"], fields["batch_id"], fields["checkpoint"]
         token = request.token
         if token is not None:
             if device_id is not None and device_id != token.device_id:
@@ -4992,26 +5116,21 @@ class App:
                                 % (token.device_id, device_id))
             device_id = token.device_id
         request.kind, request.device_id = "push", device_id
-        batch_id = _optional_id(payload, "batch_id")
-        checkpoint = payload.get("checkpoint")
-        if checkpoint is not None and not isinstance(checkpoint, str):
-            raise Refused("invalid_checkpoint", "checkpoint must be a string this server returned")
-        on_conflict = payload.get("on_conflict", "abort")
-        if on_conflict not in ("abort", "skip"):
-            raise Refused("invalid_payload", "on_conflict must be \"abort\" or \"skip\"")
-        if isinstance(payload.get("operations"), list) and len(payload["operations"]) > self.config.max_operations:
+        sent = fields["operations"]
+        if isinstance(sent, list) and len(sent) > self.config.max_operations:
             raise Refused("too_many_operations", "a push may hold at most %d operations; split the batch "
                             "into several pushes" % self.config.max_operations)
-        operations = self.engine.validate_operations(payload.get("operations"))
+        operations = self.engine.pushes.validate_operations(sent)
         self._check_writable(operations, token)
         request_hash = None             # what a retry with the same batch id must match
         if batch_id is not None:
             # surrogatepass: a lone surrogate in a field nobody reads must not break the hash
-            request_hash = hashlib.sha256(json.dumps(payload.get("operations"), sort_keys=True, default=str,
+            request_hash = hashlib.sha256(json.dumps(sent, sort_keys=True, default=str,
                                                      ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
         request.count = len(operations)
         try:
-            result = self.engine.push(operations, device_id, batch_id, checkpoint, on_conflict, request_hash)
+            result = self.engine.pushes.push(operations, device_id, batch_id, checkpoint, fields["on_conflict"],
+                                             request_hash)
             if result.get("replayed"):
                 self.metrics.count("cloudsync_replays_total")
             else:
@@ -5044,26 +5163,24 @@ class App:
     def pull(self, request):
         """Seed mode: rows of the requested tables. With `since`: changes after a checkpoint."""
         payload = request.json_object()
+        fields = read_fields(payload, PULL_FIELDS)
         token = request.token
         request.kind = "pull"
-        request.device_id = token.device_id if token is not None else _optional_id(payload, "device_id")
-        requested = payload.get("tables")
+        request.device_id = token.device_id if token is not None else fields["device_id"]
+        requested = fields["tables"]
         if requested is None and token is not None and token.tables is not None:
             requested = [table for table in self.engine.allowed_tables if table in token.tables]
-        tables = self.engine.check_tables(requested)
+        tables = self.engine.pulls.check_tables(requested)
         if token is not None and token.tables is not None:
             refused = [table for table in tables if table not in token.tables]
             if refused:
                 raise Refused("table_not_permitted", "this device's token does not cover %s"
                                 % ", ".join(refused))
-        limit = parse_limit(payload.get("limit"), self.config.max_pull_rows)
-        sync_mode = "since" in payload
-        since = payload.get("since")
-        if since is not None and not isinstance(since, str):
-            raise Refused("invalid_checkpoint", "since must be null or a checkpoint string")
+        limit = parse_limit(fields["limit"], self.config.max_pull_rows)
+        sync_mode, since = "since" in payload, fields["since"]
         try:
             if sync_mode:
-                result = self.engine.pull_changes(tables, since, limit)
+                result = self.engine.pulls.pull_changes(tables, since, limit)
                 result["limit"] = limit
                 pulled = self.engine.checkpoints.decode(result["checkpoint"])
                 request.checkpoint_seq, request.tables = pulled["s"], ",".join(pulled["t"])
@@ -5071,7 +5188,7 @@ class App:
                           for table, change in result["changes"].items()}
                 self._count_pulled(request, counts)
                 return 200, result
-            encoded = self.engine.seed_pull(tables, limit)
+            encoded = self.engine.pulls.seed_pull(tables, limit)
             self._count_pulled(request, encoded.rows)
         except DatabaseUnavailable:
             raise Refused("pull_unavailable", "the database is unavailable; retry later") from None
@@ -5117,7 +5234,7 @@ class App:
         else:
             request.token = self.auth.identify(request)
         pool = getattr(self.db, "pool", None)
-        gauges = [("cloudsync_push_retries_total", {}, self.engine.retries),
+        gauges = [("cloudsync_push_retries_total", {}, self.engine.pushes.retries),
                   ("cloudsync_driver_info", {"driver": self.db.driver()}, 1)]
         if pool is not None:
             gauges += [("cloudsync_pool_connections_in_use", {}, pool.in_use),
@@ -5175,9 +5292,17 @@ def _accepts_gzip(header):
     return False
 
 
-def _optional_id(payload, field):
-    """device_id / batch_id: absent, or a non-empty string of at most MAX_ID_CHARS."""
-    value = payload.get(field)
+# -- request fields --------------------------------------------------------------
+# What push and pull read from their JSON body, checked before anything runs,
+# the way SETTINGS checks settings: (field, check, default). A field left
+# out gets its default; a check takes (value, field) and returns the value
+# (null, for most fields, means the same as left out) or raises Refused.
+# Fields not named here are ignored, as the original service ignored them. The operations, the tables and the limit are checked
+# against the schema and the settings by the engine and the handlers.
+
+
+def _checked_id(value, field):
+    """device_id / batch_id: null, or a non-empty string of at most MAX_ID_CHARS."""
     if value is None:
         return None
     if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
@@ -5190,32 +5315,46 @@ def _optional_id(payload, field):
     return value
 
 
-def _key_json(op):
-    """An operation's row key as the protocol shows it."""
-    return _key_value(op.table, op.key)
+def _checked_checkpoint(value, field):
+    """checkpoint / since: null, or a string this server returned (decoded later, by the engine)."""
+    if value is not None and not isinstance(value, str):
+        raise Refused("invalid_checkpoint", "%s must be null or a checkpoint string this server returned" % field)
+    return value
 
 
-def _key_value(schema, key):
-    """A row key as the protocol shows it: the value, or an object for a composite key."""
-    if len(schema.primary_key) == 1:
-        return key[0]
-    return dict(zip(schema.primary_key, key))
+def _checked_on_conflict(value, field):
+    """on_conflict: what a push does with conflicting operations, "abort" (all) or "skip" (those)."""
+    if value not in ("abort", "skip"):
+        raise Refused("invalid_payload", "on_conflict must be \"abort\" or \"skip\"")
+    return value
 
 
-def _after_key_condition(schema):
-    """Keyset paging: rows whose key sorts after the given one, (a > ?) OR (a = ? AND b > ?)..."""
-    quoted = [schema.columns[name].quoted for name in schema.primary_key]
-    terms = []
-    for n in range(len(quoted)):
-        terms.append("(" + " AND ".join(["%s = ?" % q for q in quoted[:n]] + ["%s > ?" % quoted[n]]) + ")")
-    return "(" + " OR ".join(terms) + ")"
+def _unchecked(value, field):
+    """A field checked later, against the schema or the settings."""
+    return value
 
 
-def _after_key_params(last):
-    params = []
-    for n in range(len(last)):
-        params.extend(last[:n + 1])
-    return params
+PUSH_FIELDS = (
+    ("device_id", _checked_id, None),
+    ("batch_id", _checked_id, None),        # makes the push retry-safe
+    ("checkpoint", _checked_checkpoint, None),  # makes it conflict-aware
+    ("on_conflict", _checked_on_conflict, "abort"),
+    ("operations", _unchecked, None),       # Pushes.validate_operations
+)
+PULL_FIELDS = (
+    ("device_id", _checked_id, None),
+    ("tables", _unchecked, None),           # Pulls.check_tables
+    ("since", _checked_checkpoint, None),   # present (even null): sync mode
+    ("limit", _unchecked, None),            # parse_limit
+)
+
+
+def read_fields(payload, fields):
+    """{field: checked value} of a request body, per a PUSH_FIELDS-like table."""
+    values = {}
+    for field, check, default in fields:
+        values[field] = check(payload[field], field) if field in payload else default
+    return values
 
 
 def make_app(config):
