@@ -656,7 +656,7 @@ def rotate_token(path, device_id, tables=None):
 
 
 def remove_token(path, device_id):
-    """Take a device's token away (a lost scanner): the next request with it gets 401."""
+    """Take a device's token away (a lost scanner): the next request with it is refused."""
     entries = _tokens_file(path)
     if not any(token is not None and token.device_id == device_id for _, token in entries):
         raise ConfigError("device %s has no token in %s." % (device_id, path))
@@ -724,7 +724,7 @@ class Authenticator:
         return True
 
     def identify(self, request, monitors=()):
-        """The DeviceToken of the request, None when no token is needed or a monitoring token was shown; else 401."""
+        """The DeviceToken of the request, None when no token is needed or a monitoring token was shown; else Refused("unauthorized")."""
         if not self.required and not any(monitors):
             return None
         header = request.environ.get("HTTP_AUTHORIZATION", "")
@@ -744,7 +744,7 @@ class Authenticator:
         return found
 
     def require(self, request, *accepted):
-        """401 unless the request carries one of the `accepted` tokens (admin, metrics)."""
+        """Refused("unauthorized") unless the request carries one of the `accepted` tokens (admin, metrics)."""
         header = request.environ.get("HTTP_AUTHORIZATION", "")
         scheme, _, presented = header.partition(" ")
         digest = hashlib.sha256(presented.strip().encode("utf-8", "replace")).digest()
@@ -951,7 +951,7 @@ def _invalid(where, column, text):
 
 
 def bind_value(column, value, where):
-    """Turn a pushed JSON value into a value to bind for `column`, or raise 400 naming the column.
+    """Turn a pushed JSON value into a value to bind for `column`, or raise Refused naming the column.
 
     Nothing the database would silently turn into another value gets through:
     a fraction for a whole-number column, a number for a date, a float no
@@ -2540,7 +2540,7 @@ class ChangeLog:
         Row keys of integer and text columns are written as before; others
         (decimal, date, time, binary...) were written in forms that did not
         match the rows. Entries in the old form cannot be served, so they are
-        put below the compaction mark: a checkpoint before it gets 410 with
+        put below the compaction mark: a checkpoint before it is refused as expired, with
         reset: true, and the device pulls everything again, once.
         """
         stored = self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'key_format'")
@@ -2814,7 +2814,7 @@ class ChangeLog:
         return int(self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'")[0][0])
 
     def check_position(self, conn, seq):
-        """Raise 410 unless a checkpoint at `seq` can still be served: not compacted away, not ahead of the log.
+        """Raise Refused("expired") unless a checkpoint at `seq` can still be served: not compacted away, not ahead of the log.
 
         A checkpoint ahead of the log means the database was restored from a
         backup or its log was reset; numbers it already saw will be given out
@@ -2982,7 +2982,7 @@ class Checkpoints:
         return CHECKPOINT_PREFIX + payload.decode("ascii") + "." + self._mac(payload).decode("ascii")
 
     def decode(self, text):
-        """The checkpoint's fields, or a 400 when it is malformed, altered or from another database."""
+        """The checkpoint's fields, or Refused("invalid_checkpoint") when it is malformed, altered or from another database."""
         if not isinstance(text, str) or not text.startswith(CHECKPOINT_PREFIX) or text.count(".") != 2:
             raise Refused("invalid_checkpoint", "checkpoint must be a string this server returned, or null")
         _, payload, mac = text.split(".")
@@ -3072,7 +3072,7 @@ class SyncEngine:
                               .encode("ascii")).hexdigest()[:12]
 
     def schema_for(self, table, where):
-        """The TableSchema of an allowed table a request names; 400 for any other name."""
+        """The TableSchema of an allowed table a request names; Refused("invalid_table") for any other."""
         if not isinstance(table, str) or table not in self.allowed_tables:
             raise Refused("invalid_table", "%s: table %s is not in ALLOWED_TABLES"
                           % (where, json.dumps(table, default=str)[:100]))
@@ -3181,7 +3181,7 @@ class Pushes:
     # -- validation ----------------------------------------------------------------
 
     def validate_operations(self, operations):
-        """Check every operation against the schema; return Operations or raise 400."""
+        """Check every operation against the schema; return Operations or raise Refused naming the operation."""
         if not isinstance(operations, list):
             raise Refused("invalid_payload", "operations must be a list")
         validated = []
@@ -3735,7 +3735,7 @@ class Pulls:
             text = _text(row_key)
             try:
                 logged = self.db.parse_key(text)
-            except ValueError:              # written by an older version below the compaction mark: a 410 follows
+            except ValueError:              # written by an older version below the compaction mark: "expired" follows
                 continue
             if None not in logged:          # rows with a NULL in their key are not synced
                 by_table.setdefault(_text(table), []).append((text, logged))
@@ -4030,17 +4030,20 @@ class DeviceFleet:
             if column not in present:
                 self.db.execute(conn, "ALTER TABLE cloudsync_devices ADD COLUMN %s %s" % (column, declaration))
 
-    def seen(self, device_id, kind, checkpoint_seq=None, status=200, tables=None):
-        """Note a push or pull by a device and its answer's status (in memory; flush() saves it)."""
+    def seen(self, device_id, kind, checkpoint_seq=None, outcome="synced", tables=None):
+        """Note a push or pull by a device and its outcome: "synced", "rejected" (its request) or "failed" (ours).
+
+        In memory; flush() saves it.
+        """
         now = time.time()                   # formatted when saved: this runs for every push and pull
         with self._lock:
             entry = self._unsaved.get(device_id)
             if entry is None:
                 entry = self._unsaved[device_id] = [now, now, None, None, None, 0, 0, 0, 0, 0, None]
             entry[1] = now
-            if status >= 400:               # seen, but not synced
+            if outcome != "synced":         # seen, but not synced
                 entry[7] += 1
-                entry[8 if status < 500 else 9] += 1
+                entry[8 if outcome == "rejected" else 9] += 1
             elif kind == "push":
                 entry[2] = now
                 entry[5] += 1
@@ -5038,7 +5041,8 @@ class App:
         elif status == 500:
             metrics.count("cloudsync_server_errors_total")
         if request.device_id is not None and request.kind is not None:
-            self.fleet.seen(request.device_id, request.kind, request.checkpoint_seq, status, request.tables)
+            outcome = "synced" if status < 400 else "rejected" if status < 500 else "failed"
+            self.fleet.seen(request.device_id, request.kind, request.checkpoint_seq, outcome, request.tables)
         if access_log.isEnabledFor(logging.INFO):
             received = request.environ.get("CONTENT_LENGTH") or "0"
             fields = {"method": request.method[:20], "path": request.path[:200], "status": status,
