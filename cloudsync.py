@@ -1233,11 +1233,247 @@ def page_sql(schema, after, limit):
 
 
 # ---------------------------------------------------------------------------
+# Private APIs, each with its public fallback
+# ---------------------------------------------------------------------------
+# Three places reach past a library's documented interface. Each is used only
+# when what it needs is there; otherwise the public path, tested on its own,
+# does the same work more slowly. No other code touches a private name.
+#
+# mysql-connector-python. A cursor pings the server each time it is made and
+# runs a multi-statement splitter over every statement, which together cost
+# more than the statements. _DriverStatements sends each statement with
+# cmd_query(), its values escaped by the driver's own prepare_for_mysql() (C
+# extension) or converter (pure Python), as the driver's cursors do. The public
+# path, _CursorStatements, is a cursor per statement, each ? bound as %(pN)s
+# (which leaves every other % alone). Both cut a multi-row INSERT at about
+# MYSQL_STATEMENT_BYTES, within the bound fits_one_statement() checks, so an
+# insert it passes is one statement, atomic by itself, either way.
+#
+# waitress. Its own refusals (a declared body over the limit, refused before it
+# is read; a malformed request) are answered in JSON, like every other error,
+# by subclasses of its channel and error task; without them, in its plain text.
+# server.run() stops only when an exception leaves its loop, cutting
+# off the requests in progress. A graceful stop (close the listening socket,
+# answer what is open, then stop) turns waitress's loop one step at a time over
+# server._map and reads each channel's requests and output buffers. Without
+# them, SIGTERM stops server.run() at once: requests in progress are cut off
+# and their transactions roll back, which loses nothing acknowledged.
+
+
+def _row_bytes_bound(row):
+    """An upper bound of a row's size in a MySQL INSERT, escaped: UTF-8 is at most 4 bytes a character."""
+    size = 4
+    for value in row:
+        size += 4 * len(value) + 16 if isinstance(value, str) else 2 * len(value) + 16 \
+            if isinstance(value, (bytes, bytearray)) else 96
+    return size
+
+
+def _fill(template, values):
+    """SQL text pieces split at ?, joined with the escaped values between them."""
+    pieces = [template[0]]
+    for value, text in zip(values, template[1:]):
+        pieces.append(value)
+        pieces.append(text)
+    return b"".join(pieces)
+
+
+class _DriverStatements:
+    """MySQL statements through cmd_query(), values escaped by the driver's internals (fast)."""
+
+    @staticmethod
+    def available(conn):
+        """Whether this connection has what the fast path uses."""
+        return hasattr(conn, "cmd_query") and hasattr(conn, "get_rows") and (
+            hasattr(conn, "prepare_for_mysql") or hasattr(getattr(conn, "converter", None), "escape"))
+
+    def begin(self, conn):
+        conn.cmd_query("START TRANSACTION")
+
+    def execute(self, conn, sql, params):
+        result = conn.cmd_query(self._bind(conn, sql, params))
+        if "columns" in result:
+            conn.get_rows()
+            self._free_result(conn)
+            return 0
+        return result["affected_rows"]
+
+    def query(self, conn, sql, params):
+        result = conn.cmd_query(self._bind(conn, sql, params))
+        if "columns" not in result:
+            return []
+        rows = conn.get_rows()[0]
+        self._free_result(conn)
+        return rows
+
+    def executemany(self, conn, sql, rows):
+        head, _, row_template = sql.partition(" VALUES ")
+        template = row_template.encode("utf-8").split(b"?")
+        width = len(template) - 1
+        rows = [tuple(row) for row in rows]
+        if any(len(row) != width for row in rows):
+            raise ValueError("the statement has %d placeholders per row" % width)
+        # every value of every row escaped in one call into the driver
+        escaped = self._escape(conn, tuple(value for row in rows for value in row)) if width else []
+        statement, size = [], 0
+        for start in range(0, len(rows) * width or len(rows), width or 1):
+            values = _fill(template, escaped[start:start + width])
+            statement.append(values)
+            size += len(values) + 2
+            if size > MYSQL_STATEMENT_BYTES:
+                conn.cmd_query(head.encode("utf-8") + b" VALUES " + b", ".join(statement))
+                statement, size = [], 0
+        if statement:
+            conn.cmd_query(head.encode("utf-8") + b" VALUES " + b", ".join(statement))
+
+    @staticmethod
+    def _free_result(conn):
+        free = getattr(conn, "free_result", None)      # the pure-Python driver has nothing to free
+        if free is not None:
+            free()
+
+    @staticmethod
+    def _escape(conn, params):
+        """Values as SQL literals, escaped by the driver as its cursors do (C extension or pure Python)."""
+        prepare = getattr(conn, "prepare_for_mysql", None)
+        if prepare is not None:
+            return prepare(params)
+        converter, sql_mode = conn.converter, conn.sql_mode
+        escaped = [converter.escape(converter.to_mysql(value), sql_mode) for value in params]
+        return [text if isinstance(value, decimal.Decimal) else converter.quote(text)
+                for value, text in zip(params, escaped)]
+
+    def _bind(self, conn, sql, params):
+        template = sql.encode("utf-8").split(b"?")
+        values = self._escape(conn, tuple(params)) if params else ()
+        if len(template) != len(values) + 1:
+            raise ValueError("the statement has %d placeholders for %d values" % (len(template) - 1, len(values)))
+        return _fill(template, values)
+
+
+class _CursorStatements:
+    """MySQL statements through the driver's documented cursor: the public path."""
+
+    def begin(self, conn):
+        conn.start_transaction()
+
+    def execute(self, conn, sql, params):
+        with self._cursor(conn, sql, params) as cursor:
+            if cursor.with_rows:
+                cursor.fetchall()
+                return 0
+            return cursor.rowcount
+
+    def query(self, conn, sql, params):
+        with self._cursor(conn, sql, params) as cursor:
+            return cursor.fetchall() if cursor.with_rows else []
+
+    def executemany(self, conn, sql, rows):
+        head, _, row_template = sql.partition(" VALUES ")
+        run, size = [], 0
+        for row in rows:                    # runs within the bound fits_one_statement() checks
+            bound = _row_bytes_bound(row)
+            if run and size + bound > MYSQL_STATEMENT_BYTES:
+                self._insert_run(conn, head, row_template, run)
+                run, size = [], 0
+            run.append(tuple(row))
+            size += bound
+        if run:
+            self._insert_run(conn, head, row_template, run)
+
+    def _insert_run(self, conn, head, row_template, run):
+        self.execute(conn, "%s VALUES %s" % (head, ", ".join([row_template] * len(run))),
+                     [value for row in run for value in row])
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _cursor(conn, sql, params):
+        """A cursor that ran `sql`, each ? bound by name: %(p0)s, %(p1)s... (a % elsewhere stays as it is)."""
+        cursor = conn.cursor()
+        try:
+            if params:
+                pieces = sql.split("?")
+                if len(pieces) != len(params) + 1:
+                    raise ValueError("the statement has %d placeholders for %d values"
+                                     % (len(pieces) - 1, len(params)))
+                cursor.execute(pieces[0] + "".join("%%(p%d)s%s" % (number, piece)
+                                                   for number, piece in enumerate(pieces[1:])),
+                               {"p%d" % number: value for number, value in enumerate(params)})
+            else:
+                cursor.execute(sql)
+            yield cursor
+        finally:
+            cursor.close()
+
+
+def _json_error_channel(max_body_bytes):
+    """waitress's channel, answering waitress's own refusals (a body over the limit, a malformed request) in JSON.
+
+    None when waitress lacks the classes it extends: those refusals are then its plain text.
+    """
+    try:
+        import waitress.channel
+        import waitress.task
+        base_task, base_channel = waitress.task.ErrorTask, waitress.channel.HTTPChannel
+    except (ImportError, AttributeError):
+        return None
+
+    class JSONErrorTask(base_task):
+        def execute(self):
+            error = self.request.error
+            if error.code == 413:
+                payload = {"success": False, "error": "Payload too large", "detail": "the body is over the limit "
+                           "of %d bytes; split the batch into smaller pushes" % max_body_bytes}
+            else:
+                payload = {"success": False, "error": error.reason, "detail": str(error.body)}
+            body = to_json_bytes(payload)
+            self.status = "%d %s" % (error.code, error.reason)
+            self.response_headers.append(("Content-Type", "application/json; charset=utf-8"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class JSONErrorChannel(base_channel):
+        error_task_class = JSONErrorTask
+
+    return JSONErrorChannel
+
+
+def _graceful_stop_possible(server):
+    """Whether waitress's internals a graceful stop uses are there: its socket map, loop and channels."""
+    import waitress.channel
+    import waitress.wasyncore
+    # a channel's `requests` and `total_outbufs_len` are set per instance: _requests_in_progress reads them
+    # with defaults, so a version without them drains nothing rather than failing
+    return isinstance(getattr(server, "_map", None), dict) and hasattr(waitress.wasyncore, "loop") \
+        and hasattr(waitress.channel, "HTTPChannel") and hasattr(server, "adj")
+
+
+def _stop_listening(server):
+    """Close the listening socket only; open connections and the wake-up pipe stay."""
+    import waitress.wasyncore
+    waitress.wasyncore.dispatcher.close(server)
+
+
+def _serve_one_step(server, timeout):
+    """One turn of waitress's loop: accept, read, write what is ready."""
+    import waitress.wasyncore
+    waitress.wasyncore.loop(timeout=timeout, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1)
+
+
+def _requests_in_progress(server):
+    """Whether a connection holds a request not yet answered, or an answer not yet sent."""
+    import waitress.channel
+    return any(getattr(channel, "requests", None) or getattr(channel, "total_outbufs_len", 0)
+               for channel in list(server._map.values()) if isinstance(channel, waitress.channel.HTTPChannel))
+
+
+# ---------------------------------------------------------------------------
 # Database layer
 # ---------------------------------------------------------------------------
 # Two backends with one small interface: connection(), transaction(conn),
 # execute/executemany/query helpers, introspect(table) and ping(). SQL text is
-# written once with `?` placeholders; the MySQL backend rewrites them to `%s`.
+# written once with `?` placeholders; each backend binds them itself.
 
 
 class _Pool:
@@ -1815,6 +2051,7 @@ class MySQLDatabase(Database):
         from mysql.connector import errorcode
         self._driver = mysql.connector
         self._codes = errorcode
+        self.statements = None      # _DriverStatements or _CursorStatements, chosen at the first connection
 
     def _connect(self):
         connector = self._driver
@@ -1836,6 +2073,11 @@ class MySQLDatabase(Database):
             cursor.execute("SET SESSION innodb_lock_wait_timeout = %d, lock_wait_timeout = %d, time_zone = '+00:00'"
                            % ((max(1, int(self.config.db_wait_seconds)),) * 2))
             cursor.close()
+            if self.statements is None:
+                self.statements = _DriverStatements() if _DriverStatements.available(conn) else _CursorStatements()
+                if isinstance(self.statements, _CursorStatements):
+                    log.warning("this mysql-connector-python lacks the internals of cloudsync's fast path; "
+                                "statements go through cursors (slower, same results)")
             return conn
         except connector.Error as error:
             errno = getattr(error, "errno", None)
@@ -1863,7 +2105,7 @@ class MySQLDatabase(Database):
 
     def _begin(self, conn):
         with self._errors():
-            conn.cmd_query("START TRANSACTION")
+            self.statements.begin(conn)
 
     def _commit(self, conn):
         with self._errors():
@@ -1936,79 +2178,23 @@ class MySQLDatabase(Database):
                 raise DatabaseUnavailable("MySQL error %s" % (getattr(error, "errno", None) or "?")) from None
             raise
 
-    # Statements go straight to cmd_query: a cursor pings the server each time it
-    # is made and runs a multi-statement splitter over every statement, which
-    # together cost more than the statements. Values are escaped by the driver's
-    # own prepare_for_mysql, as its cursor does, and put where the SQL text (all
-    # written here, with no '%' but the placeholders) has %s.
-
-    @staticmethod
-    def _free_result(conn):
-        free = getattr(conn, "free_result", None)      # the pure-Python driver has nothing to free
-        if free is not None:
-            free()
-
-    def _escape(self, conn, params):
-        """Values as SQL literals, escaped by the driver as its cursors do (C extension or pure Python)."""
-        prepare = getattr(conn, "prepare_for_mysql", None)
-        if prepare is not None:
-            return prepare(params)
-        converter, sql_mode = conn.converter, conn.sql_mode
-        escaped = [converter.escape(converter.to_mysql(value), sql_mode) for value in params]
-        return [text if isinstance(value, decimal.Decimal) else converter.quote(text)
-                for value, text in zip(params, escaped)]
-
-    def _bind(self, conn, sql, params):
-        template = sql.encode("utf-8").split(b"?")
-        values = self._escape(conn, tuple(params)) if params else ()
-        if len(template) != len(values) + 1:
-            raise ValueError("the statement has %d placeholders for %d values" % (len(template) - 1, len(values)))
-        return _fill(template, values)
+    # Statements reach the server through self.statements, chosen at the first
+    # connection (see "Private APIs, each with its public fallback").
 
     def execute(self, conn, sql, params=()):
         """Run one statement; return the number of rows it matched."""
         with self._errors():
-            result = conn.cmd_query(self._bind(conn, sql, params))
-            if "columns" in result:
-                conn.get_rows()
-                self._free_result(conn)
-                return 0
-            return result["affected_rows"]
+            return self.statements.execute(conn, sql, params)
 
     def executemany(self, conn, sql, rows):
         """Run an INSERT ... VALUES (?, ...) for many rows as multi-row statements of at most ~1 MiB."""
-        head, _, row_template = sql.partition(" VALUES ")
-        template = row_template.encode("utf-8").split(b"?")
-        width = len(template) - 1
-        rows = [tuple(row) for row in rows]
-        if any(len(row) != width for row in rows):
-            raise ValueError("the statement has %d placeholders per row" % width)
-        # every value of every row escaped in one call into the driver
-        escaped = self._escape(conn, tuple(value for row in rows for value in row)) if width else []
-        statement, size = [], 0
-        for start in range(0, len(rows) * width or len(rows), width or 1):
-            values = _fill(template, escaped[start:start + width])
-            statement.append(values)
-            size += len(values) + 2
-            if size > MYSQL_STATEMENT_BYTES:
-                self._send_values(conn, head, statement)
-                statement, size = [], 0
-        if statement:
-            self._send_values(conn, head, statement)
-
-    def _send_values(self, conn, head, rows):
         with self._errors():
-            conn.cmd_query(head.encode("utf-8") + b" VALUES " + b", ".join(rows))
+            self.statements.executemany(conn, sql, rows)
 
     def query(self, conn, sql, params=()):
         """Run a SELECT; return its rows as tuples."""
         with self._errors():
-            result = conn.cmd_query(self._bind(conn, sql, params))
-            if "columns" not in result:
-                return []
-            rows = conn.get_rows()[0]
-            self._free_result(conn)
-            return rows
+            return self.statements.query(conn, sql, params)
 
     def ping(self, conn):
         """A real round trip to the database."""
@@ -2059,10 +2245,11 @@ class MySQLDatabase(Database):
         for name, data_type, column_type, scale, fsp, charset, octets, extra in rows:
             name, data_type, column_type = _text(name), _text(data_type).lower(), _text(column_type)
             extra = _text(extra or "")
-            if "?" in name + table:
-                # values are bound where the SQL text has ?: a name holding one could not be told apart
-                raise SchemaError("table %r or its column %r contains '?', which cloudsync cannot quote safely on "
-                                  "MySQL" % (table, name))
+            if "?" in name + table or "%(" in name + table:
+                # values are bound where the SQL text has ? (by the cursor path, as %(pN)s): a name
+                # holding either could not be told apart from a value
+                raise SchemaError("table %r or its column %r contains '?' or '%%(', which cloudsync cannot quote "
+                                  "safely on MySQL" % (table, name))
             kind = self._KINDS.get(data_type, "other")
             quoted = quote_mysql(name)
             column = Column(
@@ -2253,14 +2440,7 @@ class MySQLDatabase(Database):
 
     def fits_one_statement(self, rows):
         """Whether executemany() sends these rows as one statement: an upper bound of their escaped size."""
-        size = 0
-        for row in rows:
-            for value in row:
-                # UTF-8 takes at most 4 bytes a character, and escaping adds a byte only to 1-byte ones
-                size += 4 * len(value) + 16 if isinstance(value, str) else 2 * len(value) + 16 \
-                    if isinstance(value, (bytes, bytearray)) else 96
-            size += 4
-        return size <= MYSQL_STATEMENT_BYTES
+        return sum(_row_bytes_bound(row) for row in rows) <= MYSQL_STATEMENT_BYTES
 
     # -- row keys (see Database) --------------------------------------------------
     # Each key column in the form a pull sends it, written the same way in every
@@ -2359,15 +2539,6 @@ class MySQLDatabase(Database):
         rows = self.query(conn, "SELECT %s FROM %s ORDER BY %s LIMIT ?" % (
             schema.json_row, schema.quoted, schema.key_order), (limit,))
         return b"[" + ",".join([row[0] for row in rows]).encode("utf-8") + b"]", len(rows)
-
-
-def _fill(template, values):
-    """SQL text pieces split at %s, joined with the escaped values between them."""
-    pieces = [template[0]]
-    for value, text in zip(values, template[1:]):
-        pieces.append(value)
-        pieces.append(text)
-    return b"".join(pieces)
 
 
 def _mysql_error_column(message):
@@ -5395,51 +5566,35 @@ def _limit_malloc_arenas():
 
 def _create_server(app, config):
     """A waitress server for the app, already listening: OSError when the port is taken."""
-    import waitress.channel
     import waitress.server
-    import waitress.task
-
-    class JSONErrorTask(waitress.task.ErrorTask):
-        """waitress's own refusals (oversized or malformed requests) as JSON, like every other error."""
-
-        def execute(self):
-            error = self.request.error
-            if error.code == 413:
-                payload = {"success": False, "error": "Payload too large", "detail": "the body is over the limit "
-                           "of %d bytes; split the batch into smaller pushes" % config.max_body_bytes}
-            else:
-                payload = {"success": False, "error": error.reason, "detail": str(error.body)}
-            body = to_json_bytes(payload)
-            self.status = "%d %s" % (error.code, error.reason)
-            self.response_headers.append(("Content-Type", "application/json; charset=utf-8"))
-            self.set_close_on_finish()
-            self.content_length = len(body)
-            self.write(body)
-
-    class Channel(waitress.channel.HTTPChannel):
-        error_task_class = JSONErrorTask
-
     server = waitress.server.create_server(
         app, host=config.host, port=config.port, threads=config.threads,
         # waitress refuses an oversized declared body before reading any of it
         max_request_body_size=config.max_body_bytes, ident="cloudsync", clear_untrusted_proxy_headers=True,
         # a silent client is dropped after channel_timeout; waitress looks every cleanup_interval
         channel_timeout=config.read_timeout_seconds, cleanup_interval=max(1, min(30, config.read_timeout_seconds // 2)))
-    server.channel_class = Channel
+    channel = _json_error_channel(config.max_body_bytes)
+    if channel is not None:
+        server.channel_class = channel
     return server
 
 
 def _run(server, config, wake):
     """Serve until SIGTERM (then let requests in progress finish) or Ctrl-C; SIGHUP re-reads the tokens file."""
-    import waitress.wasyncore
     log.info("cloudsync %s listening on http://%s:%d", __version__, config.host, config.port)
+    graceful = _graceful_stop_possible(server)
+    if not graceful:
+        log.warning("this waitress lacks the internals of a graceful stop: SIGTERM will cut off requests in "
+                    "progress (their transactions roll back)")
     # Signal handlers only set flags and wake a loop: an exception raised inside waitress's
     # handlers would be caught there and logged, and the server would carry on.
     terminating = []
 
     def terminate(signum, frame):
+        if not graceful:
+            raise SystemExit(0)             # the public path: server.run() stops on it
         terminating.append(signum)
-        server.trigger.pull_trigger()
+        server.pull_trigger()
 
     def hang_up(signum, frame):
         wake.reload = True                  # the maintenance thread re-reads the tokens file at once
@@ -5448,10 +5603,13 @@ def _run(server, config, wake):
     if hasattr(signal, "SIGHUP"):
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hang_up)
     try:
-        while not terminating:
-            waitress.wasyncore.loop(timeout=server.adj.asyncore_loop_timeout, map=server._map,
-                                    use_poll=server.adj.asyncore_use_poll, count=1)
-        _drain(server, config.shutdown_grace_seconds)
+        if graceful:
+            while not terminating:
+                _serve_one_step(server, server.adj.asyncore_loop_timeout)
+            _drain(server, config.shutdown_grace_seconds)
+        else:
+            server.run()                    # returns after SIGTERM or Ctrl-C
+            log.info("stopped")
     except KeyboardInterrupt:
         server.task_dispatcher.shutdown()
         log.info("stopped")
@@ -5463,17 +5621,13 @@ def _run(server, config, wake):
 
 def _drain(server, grace_seconds):
     """After SIGTERM: close the listening socket, keep serving the open requests until they are answered."""
-    import waitress.channel
-    import waitress.wasyncore
     log.info("SIGTERM: no new connections; finishing requests in progress (up to %d s)", grace_seconds)
-    waitress.wasyncore.dispatcher.close(server)         # the listening socket only; the wake-up pipe stays
+    _stop_listening(server)
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline:
-        channels = [channel for channel in list(server._map.values())
-                    if isinstance(channel, waitress.channel.HTTPChannel)]
-        if not any(channel.requests or channel.total_outbufs_len for channel in channels):
+        if not _requests_in_progress(server):
             break
-        waitress.wasyncore.loop(timeout=0.05, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1)
+        _serve_one_step(server, 0.05)
     else:
         log.warning("SIGTERM: requests still running after %d s are cut off (their transactions roll back)",
                     grace_seconds)

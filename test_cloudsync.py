@@ -1736,7 +1736,7 @@ def _free_port():
 class LiveServer:
     """A cloudsync process on a free loopback port, started and answering; `db` is its SQLite file."""
 
-    def __init__(self, tmp_path, args=("--env-file", "", "serve"), **settings):
+    def __init__(self, tmp_path, args=("--env-file", "", "serve"), script=None, **settings):
         self.db = str(tmp_path / "server.db")
         if "DB_PATH" not in settings and "DB_HOST" not in settings:
             # the demo's tables in a file of the test's; `serve`, so that the settings given here count
@@ -1750,7 +1750,7 @@ class LiveServer:
         env.update(HOST="127.0.0.1", PORT=str(self.port), COMPACT_INTERVAL_SECONDS="3600", **settings)
         self.env = env
         self.cwd = str(tmp_path)
-        self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "cloudsync.py")]
+        self.process = subprocess.Popen([sys.executable, script or os.path.join(HERE, "cloudsync.py")]
                                         + [arg.format(db=self.db) for arg in args], cwd=self.cwd, env=env,
                                         stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
         for _ in range(100):
@@ -3517,6 +3517,110 @@ def test_sigterm_lets_a_push_in_progress_finish(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# The public paths under "Private APIs, each with its public fallback", forced.
+
+WITHOUT_WAITRESS_INTERNALS = """
+import sys
+sys.path.insert(0, %r)
+import cloudsync
+cloudsync._graceful_stop_possible = lambda server: False
+cloudsync._json_error_channel = lambda max_body_bytes: None
+sys.exit(cloudsync.main())
+""" % HERE
+
+
+def test_without_waitress_internals_the_server_serves_and_stops_on_sigterm(tmp_path):
+    script = tmp_path / "public_waitress.py"
+    script.write_text(WITHOUT_WAITRESS_INTERNALS)
+    server = LiveServer(tmp_path, script=str(script), MAX_BODY_BYTES="1000")
+    try:
+        request = urllib.request.Request(server.url + "/sync/push", method="POST", headers={
+            "Content-Type": "application/json"}, data=json.dumps({"operations": [op("insert", id="s1")]}).encode())
+        assert urllib.request.urlopen(request, timeout=10).status == 200
+        too_big = urllib.request.Request(server.url + "/sync/push", method="POST", data=b"{" + b" " * 5000 + b"}",
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(too_big, timeout=10)
+        assert refused.value.code == 413           # waitress's own words, in its plain text
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+        server_log = open(server.log, errors="replace").read()
+        assert "graceful stop" in server_log and "stopped" in server_log and "Traceback" not in server_log
+        assert sqlite3.connect(server.db).execute("SELECT id FROM sales").fetchall() == [("s1",)]
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+def test_mysql_statements_take_the_fast_path_when_the_driver_has_it(app, backend):
+    if backend.kind != "mysql":
+        pytest.skip("MySQL only")
+    assert isinstance(app.db.statements, cloudsync._DriverStatements)
+
+
+def test_without_driver_internals_the_cursor_path_is_chosen(backend, monkeypatch, caplog):
+    if backend.kind != "mysql":
+        pytest.skip("MySQL only")
+    monkeypatch.setattr(cloudsync._DriverStatements, "available", staticmethod(lambda conn: False))
+    with caplog.at_level(logging.WARNING, logger="cloudsync"):
+        application = started(backend)
+    try:
+        assert isinstance(application.db.statements, cloudsync._CursorStatements)
+        assert "statements go through cursors" in caplog.text
+        assert push(application, [op("insert", id="s1", total="12.50")]).status == 200
+        assert pull(application, tables=["sales"]).json["data"]["sales"][0]["total"] == "12.50"
+    finally:
+        application.db.close()
+
+
+@pytest.fixture
+def cursor_path(probe, backend):
+    """The probe app with its MySQL statements going through cursors (the public path)."""
+    if backend.kind != "mysql":
+        pytest.skip("MySQL only")
+    probe.db.statements = cloudsync._CursorStatements()
+    return probe
+
+
+def test_cursor_path_keeps_a_push_of_any_size_all_or_nothing(cursor_path, backend, monkeypatch):
+    runs = []
+    real = cloudsync._CursorStatements._insert_run
+    monkeypatch.setattr(cloudsync._CursorStatements, "_insert_run",
+                        lambda self, *args: runs.append(len(args[-1])) or real(self, *args))
+    assert push(cursor_path, [op("insert", id="s-3999")]).status == 200
+    operations = [op("insert", id="s-%d" % n, note="n" * 400) for n in range(4000)]
+    response = push(cursor_path, operations)
+    assert response.status == 409 and response.json["op"] == 3999
+    assert backend.sql("SELECT COUNT(*) FROM sales")[0][0] == 1
+    assert len(runs) > 1                         # several statements, in one transaction
+    runs.clear()
+    assert push(cursor_path, [op("insert", id="t-%d" % n, note="n" * 400) for n in range(4000)]).status == 200
+    assert backend.sql("SELECT COUNT(*) FROM sales")[0][0] == 4001 and sum(runs) == 4000
+
+
+def test_cursor_path_binds_values_holding_percent_and_question_marks(cursor_path, backend):
+    hostile = "50%s off? %(p0)s ?? %% '; --"
+    assert push(cursor_path, [op("insert", id="p?%s", note=hostile),
+                              op("upsert", id="q%(p1)s", note=hostile)]).status == 200
+    rows = {row["id"]: row["note"] for row in pull(cursor_path, tables=["sales"]).json["data"]["sales"]}
+    assert rows == {"p?%s": hostile, "q%(p1)s": hostile}
+    assert push(cursor_path, [op("delete", id="p?%s")]).status == 200
+    assert [row[0] for row in backend.sql("SELECT id FROM sales")] == ["q%(p1)s"]
+
+
+def test_every_type_survives_the_cursor_path(request, tmp_path_factory):
+    """The type matrix, every step, with MySQL statements through cursors."""
+    application, backend, cases = _make_matrix("mysql", request, tmp_path_factory)
+    application.db.statements = cloudsync._CursorStatements()
+    try:
+        for table, (role, values) in cases.items():
+            _every_step(application, backend, "mysql", table, role, values)
+    finally:
+        application.db.close()
+        backend.close()
 
 
 def test_openapi_describes_every_route_and_method(app):
