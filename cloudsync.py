@@ -65,19 +65,48 @@ log = logging.getLogger("cloudsync")
 # ---------------------------------------------------------------------------
 # Constants
 # ---------------------------------------------------------------------------
+# Limits and intervals, each with its unit in its name. What an operator may
+# change is a setting (SETTINGS, under Configuration), its default written
+# there only.
 
+# requests and answers
+READ_CHUNK_BYTES = 64 * 1024        # request bodies are read in pieces this size
 DEFAULT_PULL_LIMIT_ROWS = 1000      # the seed's default page size
-MAX_PULL_LIMIT_ROWS = 5000          # the seed's cap on `limit`
+MAX_ID_CHARS = 128                  # device_id and batch_id
 CORS_ALLOWED_HEADERS = "Authorization, Content-Type, Content-Encoding, If-None-Match"
 CORS_MAX_AGE_SECONDS = 600          # browsers may reuse a preflight answer this long
-READ_CHUNK_BYTES = 64 * 1024        # request bodies are read in pieces this size
-MAX_JSON_DEPTH_DEFAULT = 16         # nesting allowed when no configuration says otherwise
+RETRY_AFTER_SECONDS = 5             # what a 503 tells a client to wait
+TOKEN_BYTES = 32                    # random bytes in a generated token
+
+# values: what no column can hold is refused before any SQL runs
+MAX_INTEGER_DIGITS = 20             # beyond 64-bit integers no column can hold the value
+MAX_DECIMAL_EXPONENT = 65           # MySQL DECIMAL holds at most 65 digits
+MAX_FLOAT_EXPONENT = 308            # a double reaches 1.8e308
+SQLITE_EXACT_DIGITS = 15            # what a SQLite REAL keeps exactly
+
+# the database and the change log
 MYSQL_STATEMENT_BYTES = 1 << 20     # a multi-row INSERT is cut into statements of about this size
 SCHEMA_REFRESH_SECONDS = 1.0        # status re-reads the tables' columns at most this often
 SCHEMA_POLL_SECONDS = 10            # and the server by itself this often: an ALTER TABLE reaches pulls
+CASCADE_DEPTH = 4                   # foreign-key cascade chains are followed this many tables deep
+KEY_FORMAT = "2"                    # how row keys are written in the log (see Database.key_sql); 1: before 2026-12
+SEQUENCE_BATCH_ROWS = 2000          # pending rows numbered per statement (and per transaction in the background)
+SEQUENCE_INTERVAL_SECONDS = 1       # how often the server numbers pending changes nobody pulled yet
+COMPACT_BATCH_ROWS = 10000          # log rows deleted per compaction transaction
+CHECKPOINT_PREFIX = "cs1."          # the checkpoint format's version
+
+# memory
 PULL_CACHE_ENTRIES = 64             # encoded seed-mode pull answers kept
 PULL_CACHE_BYTES = 16 << 20         # ... holding at most this many bytes (their gzipped copies too)
-RETRY_AFTER_SECONDS = 5             # what a 503 tells a client to wait
+MALLOC_ARENAS = 2                   # glibc malloc arenas for the whole process (its default: 8 per core)
+
+# operations: metrics, the device fleet, exit codes
+LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SILENT_DEVICE_SECONDS = 86400       # `devices` highlights devices not seen for longer than this
+LAG_COUNTED_UP_TO = 100000          # `devices` counts a device's lag up to this many changes
+EXIT_RETRY = 1                      # the database is unavailable: try again later
+EXIT_CONFIGURATION = 2              # a setting or the schema must be fixed first
+
 EXAMPLE_TABLES = ("sales", "products", "customers", "item_sales", "product_stock")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -525,7 +554,6 @@ def load_config(env_file=".env", environ=None, overrides=None, required=False):
 # better, as "sha256:<hex>" of the token (what `cloudsync.py token add`
 # writes); either way the presented token is compared in constant time.
 
-TOKEN_BYTES = 32                    # random bytes in a generated token
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
@@ -786,10 +814,6 @@ COLUMN_KINDS = ("integer", "bit", "decimal", "float", "date", "datetime", "times
                 "enum", "set", "text", "json", "other")
 TEXT_KINDS = ("text", "enum", "set", "json", "other")
 DATE_KINDS = ("date", "datetime", "timestamp", "time")
-MAX_INTEGER_DIGITS = 20             # beyond 64-bit integers no column can hold the value
-MAX_DECIMAL_EXPONENT = 65           # MySQL DECIMAL holds at most 65 digits
-MAX_FLOAT_EXPONENT = 308            # a double reaches 1.8e308
-SQLITE_EXACT_DIGITS = 15            # what a SQLite REAL keeps exactly
 _WIDE_CONTEXT = decimal.Context(prec=1000)      # rounding SQLite decimals of any size without overflow
 
 
@@ -2596,46 +2620,9 @@ def open_database(config):
 
 CHANGE_OPS = {"I": "insert", "U": "update", "D": "delete"}
 TRIGGER_EVENTS = {"ins": "INSERT", "upd": "UPDATE", "del": "DELETE"}
-CASCADE_DEPTH = 4                   # foreign-key cascade chains are followed this many tables deep
 CASCADING_RULES = ("CASCADE", "SET NULL", "SET DEFAULT")
-KEY_FORMAT = "2"                    # how row keys are written in the log (see Database.key_sql); 1: before 2026-12
-SEQUENCE_BATCH_ROWS = 2000          # pending rows numbered per statement (and per transaction in the background)
-SEQUENCE_INTERVAL_SECONDS = 1       # how often the server numbers pending changes nobody pulled yet
-COMPACT_BATCH_ROWS = 10000          # log rows deleted per compaction transaction
-MAX_ID_CHARS = 128                  # device_id and batch_id
 
-MYSQL_LOG_TABLES = (
-    "CREATE TABLE IF NOT EXISTS cloudsync_meta (name VARCHAR(64) NOT NULL PRIMARY KEY,"
-    " value VARCHAR(255) NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
-    "CREATE TABLE IF NOT EXISTS cloudsync_pending (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,"
-    " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
-    " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
-    " KEY cloudsync_pending_by_table (table_name))"
-    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
-    "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq BIGINT NOT NULL PRIMARY KEY,"
-    " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
-    " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
-    " KEY cloudsync_changes_by_row (table_name, row_key(255), seq), KEY cloudsync_changes_by_table (table_name, seq))"
-    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
-    # ids compared byte for byte: under any MySQL collation 'b1 ' would be the same batch as 'b1'
-    "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id VARBINARY(512) NOT NULL,"
-    " batch_id VARBINARY(512) NOT NULL, request_hash CHAR(64) NOT NULL, response MEDIUMTEXT NULL,"
-    " created_at DATETIME(6) NOT NULL, PRIMARY KEY (device_id, batch_id))"
-    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
-)
-SQLITE_LOG_TABLES = (
-    "CREATE TABLE IF NOT EXISTS cloudsync_meta (name TEXT NOT NULL PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
-    " table_name TEXT NOT NULL, row_key TEXT NOT NULL, op TEXT NOT NULL, device_id TEXT,"
-    " batch_id TEXT, changed_at TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_row ON cloudsync_changes (table_name, row_key, seq)",
-    "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_table ON cloudsync_changes (table_name, seq)",
-    "CREATE TABLE IF NOT EXISTS cloudsync_context (id INTEGER PRIMARY KEY CHECK (id = 1),"
-    " device_id TEXT, batch_id TEXT)",
-    "INSERT OR IGNORE INTO cloudsync_context (id) VALUES (1)",
-    "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id TEXT NOT NULL, batch_id TEXT NOT NULL,"
-    " request_hash TEXT NOT NULL, response TEXT, created_at TEXT NOT NULL, PRIMARY KEY (device_id, batch_id))",
-)
+
 def _sql_literal(text, backslashes=False):
     """A string literal for DDL, where values cannot be bound (trigger bodies); MySQL doubles backslashes too."""
     if backslashes:
@@ -3132,7 +3119,6 @@ def _expired():
 # from before it gets 410 and the device pulls every row again. The HMAC (key in cloudsync_meta) makes a
 # forged or altered checkpoint a 400, not a wrong answer.
 
-CHECKPOINT_PREFIX = "cs1."
 
 
 class Checkpoints:
@@ -3983,8 +3969,9 @@ class Pulls:
         return data
 
 
-def parse_limit(value, cap=MAX_PULL_LIMIT_ROWS):
-    """The seed's `limit`: default 1000, capped (5000); a whole number of at least 1 (digits in a string too)."""
+def parse_limit(value, cap):
+    """A pull's `limit`: DEFAULT_PULL_LIMIT_ROWS when absent, at most `cap` (MAX_PULL_ROWS); a whole number of at
+    least 1 (digits in a string too)."""
     if value is None:
         return DEFAULT_PULL_LIMIT_ROWS
     if isinstance(value, str) and re.fullmatch(r"[0-9]{1,12}", value):
@@ -4009,24 +3996,6 @@ def parse_limit(value, cap=MAX_PULL_LIMIT_ROWS):
 METRICS_FROM_ZERO = ("cloudsync_conflicts_total", "cloudsync_replays_total", "cloudsync_auth_failures_total",
                      "cloudsync_database_unavailable_total", "cloudsync_server_errors_total")
 HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))  # others count as "other"
-LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-SILENT_DEVICE_SECONDS = 86400       # `devices` highlights devices not seen for longer than this
-METRIC_HELP = {
-    "cloudsync_requests_total": ("counter", "HTTP requests answered, by route, method and status"),
-    "cloudsync_request_duration_seconds": ("histogram", "time to answer a request, by route and status"),
-    "cloudsync_operations_pushed_total": ("counter", "push operations applied, by table and action"),
-    "cloudsync_rows_pulled_total": ("counter", "rows and deleted keys sent by pulls, by table"),
-    "cloudsync_conflicts_total": ("counter", "push operations refused or skipped as conflicts"),
-    "cloudsync_replays_total": ("counter", "pushes answered from a stored batch outcome"),
-    "cloudsync_auth_failures_total": ("counter", "requests refused for a missing or wrong token"),
-    "cloudsync_database_unavailable_total": ("counter", "requests answered 503 because the database failed"),
-    "cloudsync_server_errors_total": ("counter", "requests answered 500 (the database refused or failed; see the log)"),
-    "cloudsync_push_retries_total": ("counter", "pushes run again after a deadlock or lock timeout"),
-    "cloudsync_pool_connections_in_use": ("gauge", "database connections lent to requests now"),
-    "cloudsync_pool_connections_idle": ("gauge", "open database connections waiting in the pool"),
-    "cloudsync_change_log_head": ("gauge", "the newest sequence number given out (the current checkpoint)"),
-    "cloudsync_driver_info": ("gauge", "the database driver in use (1)"),
-}
 
 
 class Metrics:
@@ -4138,46 +4107,6 @@ def configure_logging(log_format, level):
 
 access_log = logging.getLogger("cloudsync.access")
 
-MYSQL_DEVICES_TABLE = (
-    "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id VARBINARY(512) NOT NULL PRIMARY KEY,"
-    " first_seen DATETIME NOT NULL, last_seen DATETIME NOT NULL, last_push DATETIME NULL,"
-    " last_pull DATETIME NULL, checkpoint_seq BIGINT NULL, pushes BIGINT NOT NULL DEFAULT 0,"
-    " pulls BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0, rejected BIGINT NOT NULL DEFAULT 0,"
-    " failed BIGINT NOT NULL DEFAULT 0, pull_tables TEXT NULL)"
-    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin")
-SQLITE_DEVICES_TABLE = (
-    "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id TEXT NOT NULL PRIMARY KEY,"
-    " first_seen TEXT NOT NULL, last_seen TEXT NOT NULL, last_push TEXT, last_pull TEXT, checkpoint_seq INTEGER,"
-    " pushes INTEGER NOT NULL DEFAULT 0, pulls INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,"
-    " rejected INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, pull_tables TEXT)")
-# added in 2026-12: requests refused (4xx) and failed (5xx) apart (errors stays their sum), and the
-# tables of the last pull, so that lag counts only the changes the device would get
-DEVICE_ADDED_COLUMNS = (("rejected", "BIGINT NOT NULL DEFAULT 0"), ("failed", "BIGINT NOT NULL DEFAULT 0"),
-                        ("pull_tables", "TEXT NULL"))
-LAG_COUNTED_UP_TO = 100000          # `devices` counts a device's lag up to this many changes
-# Several instances flush into one row: counts add up, times keep the latest.
-MYSQL_DEVICES_UPSERT = (
-    "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
-    " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON DUPLICATE KEY UPDATE pull_tables = IFNULL(VALUES(pull_tables), pull_tables),"
-    " last_seen = GREATEST(last_seen, VALUES(last_seen)),"
-    " last_push = GREATEST(IFNULL(last_push, VALUES(last_push)), IFNULL(VALUES(last_push), last_push)),"
-    " last_pull = GREATEST(IFNULL(last_pull, VALUES(last_pull)), IFNULL(VALUES(last_pull), last_pull)),"
-    " checkpoint_seq = GREATEST(IFNULL(checkpoint_seq, VALUES(checkpoint_seq)),"
-    " IFNULL(VALUES(checkpoint_seq), checkpoint_seq)),"
-    " pushes = pushes + VALUES(pushes), pulls = pulls + VALUES(pulls), errors = errors + VALUES(errors),"
-    " rejected = rejected + VALUES(rejected), failed = failed + VALUES(failed)")
-SQLITE_DEVICES_UPSERT = (
-    "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
-    " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (device_id) DO UPDATE SET pull_tables = coalesce(excluded.pull_tables, pull_tables),"
-    " last_seen = max(last_seen, excluded.last_seen),"
-    " last_push = max(coalesce(last_push, excluded.last_push), coalesce(excluded.last_push, last_push)),"
-    " last_pull = max(coalesce(last_pull, excluded.last_pull), coalesce(excluded.last_pull, last_pull)),"
-    " checkpoint_seq = max(coalesce(checkpoint_seq, excluded.checkpoint_seq),"
-    " coalesce(excluded.checkpoint_seq, checkpoint_seq)),"
-    " pushes = pushes + excluded.pushes, pulls = pulls + excluded.pulls, errors = errors + excluded.errors,"
-    " rejected = rejected + excluded.rejected, failed = failed + excluded.failed")
 DEVICE_FIELDS = ("device_id", "first_seen", "last_seen", "last_push", "last_pull", "checkpoint_seq",
                  "pushes", "pulls", "errors", "rejected", "failed", "pull_tables")
 
@@ -4287,734 +4216,6 @@ class DeviceFleet:
 
 
 # ---------------------------------------------------------------------------
-# API description (OpenAPI 3.1)
-# ---------------------------------------------------------------------------
-# The single source of truth for clients, served as GET /openapi.json. A test
-# checks that every route App knows is described here, and CI runs
-# schemathesis against a live server with it.
-
-OPENAPI = {
-    "openapi": "3.1.0",
-    "info": {
-        "title": "cloudsync",
-        "version": __version__,
-        "summary": "Sync server for offline-first devices.",
-        "description": (
-            "All request and response bodies are JSON (UTF-8), except GET /metrics. The server does not look at "
-            "the request Content-Type: every request body is parsed as JSON, and an empty body counts as {}.\n\n"
-            "Every error is a JSON object {\"success\": false, \"error\": \"...\", \"detail\": \"...\"}, sometimes "
-            "with more fields (op, conflicts, reset, status). `error` is short and stable; `detail` says what was "
-            "wrong. Fields are only ever added: clients must ignore fields they do not know.\n\n"
-            "HTTP details that apply to every path: an unknown path is a 404 JSON error; a known path with a "
-            "method it does not take is a 405 JSON error with an Allow header (checked before authentication). "
-            "HEAD works wherever GET does (same status and headers, no body). Paths ignore case and one trailing "
-            "slash (/SYNC/push/). Request bodies may be sent with Content-Encoding: gzip (or x-gzip, identity); "
-            "any other Content-Encoding is a 415, and the MAX_BODY_BYTES limit (default 10 MiB) applies to the "
-            "unpacked size too (413). Responses of GZIP_MIN_BYTES (default 1024) bytes or more carry "
-            "Vary: Accept-Encoding, and are gzipped (Content-Encoding: gzip) when the request's Accept-Encoding "
-            "allows gzip. Request bodies nested deeper than MAX_JSON_DEPTH (default 16) are a 400.\n\n"
-            "Authentication: with device tokens configured, every /sync* request needs Authorization: Bearer "
-            "<token> (401 with WWW-Authenticate: Bearer otherwise); with none configured (the server then listens "
-            "on loopback only, or runs with AUTH=off) no token is needed. /sync/devices takes ADMIN_TOKEN instead, "
-            "/metrics METRICS_TOKEN or ADMIN_TOKEN when set. /health, /openapi.json and OPTIONS are always "
-            "open.\n\n"
-            "CORS: every path answers a preflight OPTIONS request with 204; the Access-Control-Allow-* headers "
-            "are present only when the request's Origin is allowed."
-        ),
-        "license": {"name": "MIT", "identifier": "MIT"},
-    },
-    "tags": [
-        {"name": "sync", "description": "Pushing and pulling rows."},
-        {"name": "operations", "description": "Liveness, readiness, monitoring."},
-        {"name": "meta", "description": "This description, CORS."},
-    ],
-    "servers": [{"url": "/", "description": "where this document was fetched from (HOST and PORT; put TLS in "
-                                            "front when devices reach it over a network)"}],
-    "security": [{"deviceToken": []}, {}],
-    "paths": {
-        "/health": {
-            "get": {
-                "operationId": "health",
-                "tags": ["operations"],
-                "summary": "Liveness: answers without touching the database.",
-                "security": [{}],
-                "responses": {
-                    "200": {
-                        "description": "The server is running.",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
-                    },
-                },
-            },
-            "head": {
-                "operationId": "healthHead",
-                "tags": ["operations"],
-                "summary": "GET /health without the body.",
-                "security": [{}],
-                "responses": {"200": {"description": "The server is running (no body)."}},
-            },
-        },
-        "/openapi.json": {
-            "get": {
-                "operationId": "openapi",
-                "tags": ["meta"],
-                "summary": "This OpenAPI description.",
-                "security": [{}],
-                "responses": {
-                    "200": {
-                        "description": "The OpenAPI 3.1 document.",
-                        "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
-                                    "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
-                        "content": {"application/json": {"schema": {
-                            "type": "object",
-                            "required": ["openapi", "info", "paths"],
-                            "properties": {"openapi": {"type": "string", "pattern": "^3\\.1\\.\\d+$"}},
-                        }}},
-                    },
-                },
-            },
-            "head": {
-                "operationId": "openapiHead",
-                "tags": ["meta"],
-                "summary": "GET /openapi.json without the body.",
-                "security": [{}],
-                "responses": {"200": {"description": "Headers only."}},
-            },
-        },
-        "/metrics": {
-            "get": {
-                "operationId": "metrics",
-                "tags": ["operations"],
-                "summary": "Counters and gauges in the Prometheus text exposition format 0.0.4.",
-                "description": "With METRICS_TOKEN or ADMIN_TOKEN set, one of them is needed; with neither, "
-                               "/metrics is protected like /sync* (a device token when tokens are configured).",
-                "security": [{"metricsToken": []}, {"adminToken": []}, {"deviceToken": []}, {}],
-                "responses": {
-                    "200": {
-                        "description": "Prometheus text format.",
-                        "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
-                                    "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
-                        "content": {"text/plain; version=0.0.4; charset=utf-8": {"schema": {"type": "string"}}},
-                    },
-                    "401": {"$ref": "#/components/responses/Unauthorized"},
-                },
-            },
-            "head": {
-                "operationId": "metricsHead",
-                "tags": ["operations"],
-                "summary": "GET /metrics without the body.",
-                "security": [{"metricsToken": []}, {"adminToken": []}, {"deviceToken": []}, {}],
-                "responses": {
-                    "200": {"description": "Headers only."},
-                    "401": {"description": "Unauthorized (no body).",
-                            "headers": {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}}},
-                },
-            },
-        },
-        "/sync/status": {
-            "get": {
-                "operationId": "status",
-                "tags": ["operations"],
-                "summary": "Readiness: a database round trip, and the allowed tables as the database describes them.",
-                "description": "Re-reads the tables' columns and keys (at most once a second), so an ALTER TABLE "
-                               "shows without a restart. A device token limited to some tables sees only those. "
-                               "ADMIN_TOKEN and METRICS_TOKEN read it too (monitoring).",
-                "security": [{"deviceToken": []}, {"adminToken": []}, {"metricsToken": []}, {}],
-                "responses": {
-                    "200": {
-                        "description": "The database answered.",
-                        "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
-                                    "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}},
-                    },
-                    "401": {"$ref": "#/components/responses/Unauthorized"},
-                    "500": {
-                        "description": "`Schema problem`: an allowed table disappeared or lost its primary key "
-                                       "(`detail` names it, `status` is \"error\"); or `Internal server error`.",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-                    },
-                    "503": {
-                        "description": "`Database unavailable`, with `status`: \"error\".",
-                        "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/StatusError"}}},
-                    },
-                },
-            },
-            "head": {
-                "operationId": "statusHead",
-                "tags": ["operations"],
-                "summary": "GET /sync/status without the body.",
-                "responses": {
-                    "200": {"description": "Headers only."},
-                    "401": {"description": "Unauthorized (no body).",
-                            "headers": {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}}},
-                    "500": {"description": "Schema problem (no body)."},
-                    "503": {"description": "Database unavailable (no body).",
-                            "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}},
-                },
-            },
-        },
-        "/sync/devices": {
-            "get": {
-                "operationId": "devices",
-                "tags": ["operations"],
-                "summary": "Every device that has pushed or pulled: when, how far behind, how many pushes and errors.",
-                "description": "Needs ADMIN_TOKEN, whatever else is configured: without ADMIN_TOKEN set the "
-                               "endpoint is off (401).",
-                "security": [{"adminToken": []}],
-                "responses": {
-                    "200": {
-                        "description": "The devices, in device_id order.",
-                        "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
-                                    "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Devices"}}},
-                    },
-                    "401": {"$ref": "#/components/responses/Unauthorized"},
-                    "500": {"$ref": "#/components/responses/ServerError"},
-                    "503": {"$ref": "#/components/responses/Unavailable"},
-                },
-            },
-            "head": {
-                "operationId": "devicesHead",
-                "tags": ["operations"],
-                "summary": "GET /sync/devices without the body.",
-                "security": [{"adminToken": []}],
-                "responses": {
-                    "200": {"description": "Headers only."},
-                    "401": {"description": "Unauthorized (no body).",
-                            "headers": {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}}},
-                    "500": {"description": "The database failed (no body)."},
-                    "503": {"description": "The database is unavailable (no body).",
-                            "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}},
-                },
-            },
-        },
-        "/sync/push": {
-            "post": {
-                "operationId": "push",
-                "tags": ["sync"],
-                "summary": "Apply a batch of operations in one transaction: all or nothing.",
-                "description": (
-                    "Every operation is checked (table, action, columns, key, value types) before the first "
-                    "statement runs; no error answer applies anything, whatever the size of the push. With "
-                    "`batch_id` a retry returns exactly the first outcome (its checkpoint included) with "
-                    "`replayed: true`. With `checkpoint`, operations on rows changed since it are conflicts: 409 "
-                    "(on_conflict abort) or skipped and listed (on_conflict skip). The checkpoint a push returns "
-                    "assumes the device already holds the rows it pushed, as it sent them: apply operations "
-                    "locally before (or as) you push them, or keep the checkpoint of your last pull."
-                ),
-                "requestBody": {"$ref": "#/components/requestBodies/Push"},
-                "responses": {
-                    "200": {"$ref": "#/components/responses/PushApplied"},
-                    "400": {"$ref": "#/components/responses/PushInvalid"},
-                    "401": {"$ref": "#/components/responses/Unauthorized"},
-                    "403": {"$ref": "#/components/responses/PushForbidden"},
-                    "409": {"$ref": "#/components/responses/PushConflict"},
-                    "410": {"$ref": "#/components/responses/Expired"},
-                    "413": {"$ref": "#/components/responses/PushTooLarge"},
-                    "415": {"$ref": "#/components/responses/UnsupportedEncoding"},
-                    "422": {"$ref": "#/components/responses/PushRejected"},
-                    "500": {"$ref": "#/components/responses/ServerError"},
-                    "503": {"$ref": "#/components/responses/Unavailable"},
-                },
-            },
-        },
-        "/sync/pull": {
-            "post": {
-                "operationId": "pull",
-                "tags": ["sync"],
-                "summary": "Rows of the requested tables (seed mode), or the changes after a checkpoint (sync mode).",
-                "description": (
-                    "Without a `since` field: seed mode, the first `limit` rows of each table in primary-key order "
-                    "(answer `data`). Unchanged answers are served from memory with an ETag (when "
-                    "CHANGE_CAPTURE=triggers); If-None-Match with that ETag gives 304 and no body.\n\n"
-                    "With a `since` field (null for a first sync, else the `checkpoint` of the previous answer): "
-                    "sync mode, at most `limit` upserted rows plus deleted keys per answer (answer `changes`, "
-                    "`checkpoint`, `has_more`). Call again with the new checkpoint while `has_more` is true. "
-                    "A checkpoint belongs to the list of tables it was pulled with."
-                ),
-                "parameters": [{
-                    "name": "If-None-Match",
-                    "in": "header",
-                    "required": False,
-                    "description": "Seed mode: the ETag of an earlier answer; 304 when the answer is unchanged.",
-                    "schema": {"type": "string"},
-                }],
-                "requestBody": {
-                    "required": False,
-                    "description": "An empty body is taken as {} (every allowed table, seed mode).",
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PullRequest"}}},
-                },
-                "responses": {
-                    "200": {
-                        "description": "Seed mode (`data`) or sync mode (`changes`).",
-                        "headers": {
-                            "ETag": {"description": "Seed mode with CHANGE_CAPTURE=triggers: the answer's version.",
-                                     "schema": {"type": "string", "pattern": "^\"[0-9a-f]{32}\"$"}},
-                            "Cache-Control": {"description": "`no-cache`, with ETag.",
-                                              "schema": {"type": "string", "const": "no-cache"}},
-                            "Vary": {"$ref": "#/components/headers/Vary"},
-                            "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"},
-                        },
-                        "content": {"application/json": {"schema": {"oneOf": [
-                            {"$ref": "#/components/schemas/SeedPull"},
-                            {"$ref": "#/components/schemas/ChangesPull"},
-                        ]}}},
-                    },
-                    "304": {
-                        "description": "Seed mode: If-None-Match holds the current ETag. No body.",
-                        "headers": {
-                            "ETag": {"schema": {"type": "string"}},
-                            "Cache-Control": {"schema": {"type": "string", "const": "no-cache"}},
-                        },
-                    },
-                    "400": {
-                        "description": (
-                            "`Invalid JSON`, `Invalid payload` (body not an object, `tables` not a list), "
-                            "`Invalid table`, `No tables configured` (`tables` is [] or ALLOWED_TABLES is empty), "
-                            "`Invalid limit`, `Invalid checkpoint` (not issued by this server for this database "
-                            "and these tables), `Too deeply nested`, `Invalid request` (bad gzip, short body)."
-                        ),
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-                    },
-                    "401": {"$ref": "#/components/responses/Unauthorized"},
-                    "403": {
-                        "description": "`Table not permitted`: a table outside the device token's tables.",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-                    },
-                    "410": {"$ref": "#/components/responses/Expired"},
-                    "413": {"$ref": "#/components/responses/TooLarge"},
-                    "415": {"$ref": "#/components/responses/UnsupportedEncoding"},
-                    "500": {"$ref": "#/components/responses/ServerError"},
-                    "503": {"$ref": "#/components/responses/Unavailable"},
-                },
-            },
-        },
-    },
-    "components": {
-        "securitySchemes": {
-            "deviceToken": {
-                "type": "http",
-                "scheme": "bearer",
-                "description": "A device token (`cloudsync.py token add DEVICE`), bound to a device id and "
-                               "optionally to tables. Needed on /sync* only when tokens are configured.",
-            },
-            "adminToken": {
-                "type": "http",
-                "scheme": "bearer",
-                "description": "ADMIN_TOKEN: for /sync/devices, /metrics and /sync/status.",
-            },
-            "metricsToken": {
-                "type": "http",
-                "scheme": "bearer",
-                "description": "METRICS_TOKEN: for /metrics and /sync/status (monitoring).",
-            },
-        },
-        "headers": {
-            "Retry-After": {"description": "Seconds to wait before retrying.",
-                            "schema": {"type": "integer", "minimum": 0}},
-            "WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer realm=\"cloudsync\""}},
-            "Vary": {"description": "`Accept-Encoding` on bodies of GZIP_MIN_BYTES or more.",
-                     "schema": {"type": "string"}},
-            "Content-Encoding": {"description": "`gzip` when the body is gzipped (Accept-Encoding allowed it).",
-                                 "schema": {"type": "string", "const": "gzip"}},
-            "Allow": {"description": "The methods the path takes.", "schema": {"type": "string"}},
-        },
-        "responses": {
-            "Unauthorized": {
-                "description": "`Unauthorized`: tokens are configured and the request has no valid one.",
-                "headers": {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}},
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-            "Expired": {
-                "description": "`Checkpoint expired`: the checkpoint is older than what compaction removed, or "
-                               "ahead of the log (a restored database). Start again with `since: null`.",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ExpiredError"}}},
-            },
-            "TooLarge": {
-                "description": "`Payload too large`: the body, or the unpacked gzip body, is over MAX_BODY_BYTES.",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-            "UnsupportedEncoding": {
-                "description": "`Unsupported content encoding`: Content-Encoding other than gzip or identity.",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-            "ServerError": {
-                "description": "The database failed (nothing was applied), or `Internal server error`.",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-            "Unavailable": {
-                "description": "The database is unreachable, or a push is still deadlocked after PUSH_RETRIES retries.",
-                "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-            "MethodNotAllowed": {
-                "description": "`Method not allowed` (any known path, any method it does not take).",
-                "headers": {"Allow": {"$ref": "#/components/headers/Allow"}},
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-            "NotFound": {
-                "description": "`Not found` (any unknown path).",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-            "Preflight": {
-                "description": "CORS preflight answered, without authentication (no body). The "
-                               "Access-Control-Allow-* headers are sent only when Origin is allowed; without them "
-                               "the browser refuses the request.",
-                "headers": {
-                    "Access-Control-Allow-Origin": {"schema": {"type": "string"}},
-                    "Access-Control-Allow-Methods": {"schema": {"type": "string"}},
-                    "Access-Control-Allow-Headers": {"schema": {"type": "string"}},
-                    "Access-Control-Max-Age": {"schema": {"type": "integer", "minimum": 0}},
-                    "Vary": {"schema": {"type": "string"}},
-                },
-            },
-            "PushApplied": {
-                "description": "Applied (or replayed).",
-                "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
-                            "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PushResult"}}},
-            },
-            "PushInvalid": {
-                "description": (
-                    "`Invalid JSON`, `Invalid payload`, `Invalid operation`, `Invalid table`, `Invalid action`, "
-                    "`Unknown column`, `Missing key`, `Invalid value`, `Invalid checkpoint`, `Too deeply nested`, "
-                    "`Invalid request` (bad gzip, short body); `Sync failed` when the database refused a value "
-                    "(`op` names the operation)."
-                ),
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-            "PushForbidden": {
-                "description": "`Forbidden` (device_id is not the token's device), `Read-only table` or `Table not "
-                               "permitted` (`op` names the operation).",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-            "PushConflict": {
-                "description": "`Conflict` (with `checkpoint` and on_conflict abort; `conflicts` lists them), "
-                               "`Sync failed` (a row with that key exists with other values; `op`), or `Batch id "
-                               "reused`.",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-            "PushRejected": {
-                "description": "`Rejected`: a rule of the database (a BEFORE trigger's SIGNAL SQLSTATE '45000' on "
-                               "MySQL/MariaDB, RAISE(ABORT, ...) on SQLite) refused an operation; `rejected` "
-                               "carries the rule's own message, `op` names the operation. Nothing was applied.",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-            "PushTooLarge": {
-                "description": "`Payload too large` (the body or unpacked body over MAX_BODY_BYTES), `Too many "
-                               "operations` (over MAX_OPERATIONS) or `Value too large` (a text over MAX_VALUE_BYTES).",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-        },
-        "parameters": {
-            "Origin": {"name": "Origin", "in": "header", "required": False, "schema": {"type": "string"},
-                       "description": "The page's origin; the CORS headers are sent only when it is allowed."},
-            "Access-Control-Request-Method": {"name": "Access-Control-Request-Method", "in": "header",
-                                              "required": False, "schema": {"type": "string"}},
-            "Access-Control-Request-Headers": {"name": "Access-Control-Request-Headers", "in": "header",
-                                               "required": False, "schema": {"type": "string"}},
-        },
-        "requestBodies": {
-            "Push": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PushRequest"}}},
-            },
-        },
-        "schemas": {
-            "Value": {
-                "description": "A column value in its pulled form: DECIMAL as an exact string (\"12.50\"), "
-                               "MySQL dates ISO 8601 (TIMESTAMP in UTC), TIME \"[-]HH:MM:SS[.ffffff]\", SQLite "
-                               "dates as stored, binary as base64, SET members in the column's order, JSON as a "
-                               "string, booleans stored as 1/0; a float no JSON number holds as \"Infinity\", "
-                               "\"-Infinity\" or \"NaN\". Pushing a pulled value back changes nothing.",
-                "type": ["string", "integer", "number", "boolean", "null"],
-            },
-            "Row": {
-                "description": "One row: column name to value, every column of the table.",
-                "type": "object",
-                "additionalProperties": {"$ref": "#/components/schemas/Value"},
-            },
-            "Key": {
-                "description": "A row's primary key: its value, or {column: value} for a composite key.",
-                "anyOf": [
-                    {"$ref": "#/components/schemas/Value"},
-                    {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/Value"}},
-                ],
-            },
-            "Checkpoint": {
-                "description": "Opaque and signed: a string this server returned (`cs1.<payload>.<mac>`).",
-                "type": "string",
-                "pattern": "^cs1\\.[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+$",
-            },
-            "Id": {"type": "string", "minLength": 1, "maxLength": 128},
-            "Error": {
-                "type": "object",
-                "required": ["success", "error", "detail"],
-                "properties": {
-                    "success": {"const": False},
-                    "error": {"type": "string", "description": "Short and stable: what kind of error."},
-                    "detail": {"type": "string", "description": "What exactly was wrong."},
-                    "op": {"type": "integer", "minimum": 0,
-                           "description": "The index of the operation concerned (push errors)."},
-                    "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"}},
-                    "rejected": {"type": "array", "items": {"$ref": "#/components/schemas/Rejection"},
-                                 "description": "With 422: the operations a rule of the database refused."},
-                    "reset": {"const": True, "description": "With 410: start again from `since: null`."},
-                    "status": {"const": "error", "description": "GET /sync/status errors."},
-                },
-            },
-            "ExpiredError": {
-                "allOf": [{"$ref": "#/components/schemas/Error"}],
-                "required": ["reset"],
-            },
-            "StatusError": {
-                "allOf": [{"$ref": "#/components/schemas/Error"}],
-                "required": ["status"],
-            },
-            "Health": {
-                "type": "object",
-                "required": ["status"],
-                "properties": {"status": {"const": "Sync API running"}},
-            },
-            "Status": {
-                "type": "object",
-                "required": ["success", "status", "allowed_tables", "backend", "server_version", "driver",
-                             "version", "change_capture", "last_seq", "tables"],
-                "properties": {
-                    "success": {"const": True},
-                    "status": {"const": "ok"},
-                    "allowed_tables": {"type": "array", "items": {"type": "string"}},
-                    "backend": {"enum": ["mysql", "sqlite"]},
-                    "server_version": {"type": "string", "examples": ["MySQL 10.11.19-MariaDB-0+deb12u1"]},
-                    "driver": {"type": "string", "examples": ["mysql-connector-python 9.5.0 (C extension)"]},
-                    "version": {"type": "string", "description": "cloudsync's version."},
-                    "change_capture": {"enum": ["triggers", "api"]},
-                    "last_seq": {"type": "integer", "minimum": 0, "description": "The newest change-log number."},
-                    "tables": {
-                        "type": "object",
-                        "additionalProperties": {
-                            "type": "object",
-                            "required": ["primary_key", "columns", "types"],
-                            "properties": {
-                                "primary_key": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                                "columns": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                                "types": {"type": "object", "additionalProperties": {"type": "string"},
-                                          "description": "Each column's type as the database declares it."},
-                            },
-                        },
-                    },
-                },
-            },
-            "Devices": {
-                "type": "object",
-                "required": ["success", "devices"],
-                "properties": {
-                    "success": {"const": True},
-                    "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
-                },
-            },
-            "Device": {
-                "type": "object",
-                "required": ["device_id", "first_seen", "last_seen", "last_push", "last_pull", "checkpoint_seq",
-                             "lag", "pushes", "errors"],
-                "properties": {
-                    "device_id": {"type": "string"},
-                    "first_seen": {"type": "string", "format": "date-time", "description": "UTC, whole seconds."},
-                    "last_seen": {"type": "string", "format": "date-time"},
-                    "last_push": {"type": ["string", "null"], "format": "date-time",
-                                  "description": "null: never pushed."},
-                    "last_pull": {"type": ["string", "null"], "format": "date-time",
-                                  "description": "null: never pulled."},
-                    "checkpoint_seq": {"type": ["integer", "null"], "minimum": 0,
-                                       "description": "The sequence number of the device's newest checkpoint; "
-                                                      "null: no sync-mode pull yet."},
-                    "lag": {"type": ["integer", "null"], "minimum": 0,
-                            "description": "Changes numbered after checkpoint_seq (last_seq - checkpoint_seq)."},
-                    "pushes": {"type": "integer", "minimum": 0},
-                    "pulls": {"type": "integer", "minimum": 0},
-                    "silent": {"type": "boolean", "description": "Not seen for more than a day."},
-                    "errors": {"type": "integer", "minimum": 0, "description": "Answers of 400 or more "
-                                                                             "(rejected + failed)."},
-                    "rejected": {"type": "integer", "minimum": 0,
-                                 "description": "Requests answered 4xx: conflicts, 410 resets, bad values."},
-                    "failed": {"type": "integer", "minimum": 0, "description": "Requests answered 5xx."},
-                },
-            },
-            "Operation": {
-                "type": "object",
-                "required": ["table", "action", "data"],
-                "properties": {
-                    "table": {"type": "string", "description": "A table in ALLOWED_TABLES."},
-                    "action": {"enum": ["insert", "update", "delete", "upsert"]},
-                    "data": {
-                        "type": "object",
-                        "description": "Column values; must hold every primary-key column (an insert may leave "
-                                       "out a key the database generates). Update sets the given columns; delete "
-                                       "needs only the key.",
-                        "additionalProperties": {"$ref": "#/components/schemas/Value"},
-                    },
-                },
-            },
-            "PushRequest": {
-                "type": "object",
-                "required": ["operations"],
-                "properties": {
-                    "device_id": {
-                        "description": "With a token: absent, null or the token's device id (else 403).",
-                        "anyOf": [{"$ref": "#/components/schemas/Id"}, {"type": "null"}],
-                    },
-                    "batch_id": {
-                        "description": "Makes the push retry-safe: the same device_id + batch_id is applied once.",
-                        "anyOf": [{"$ref": "#/components/schemas/Id"}, {"type": "null"}],
-                    },
-                    "checkpoint": {
-                        "description": "The device's last pulled checkpoint: turns on conflict detection.",
-                        "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
-                    },
-                    "on_conflict": {"enum": ["abort", "skip"], "default": "abort"},
-                    "operations": {
-                        "type": "array",
-                        "description": "At most MAX_OPERATIONS (default 10000) operations, applied in order.",
-                        "items": {"$ref": "#/components/schemas/Operation"},
-                    },
-                },
-            },
-            "OpRef": {
-                "type": "object",
-                "required": ["op", "table", "key"],
-                "properties": {
-                    "op": {"type": "integer", "minimum": 0},
-                    "table": {"type": "string"},
-                    "key": {"$ref": "#/components/schemas/Key"},
-                },
-            },
-            "Rejection": {
-                "allOf": [{"$ref": "#/components/schemas/OpRef"}],
-                "required": ["message"],
-                "properties": {"message": {"type": "string", "description": "The rule's own message."}},
-            },
-            "Conflict": {
-                "type": "object",
-                "required": ["op", "table", "key", "server_row"],
-                "properties": {
-                    "op": {"type": "integer", "minimum": 0},
-                    "table": {"type": "string"},
-                    "key": {"$ref": "#/components/schemas/Key"},
-                    "server_row": {
-                        "description": "The row as the server has it now; null when it is gone.",
-                        "anyOf": [{"$ref": "#/components/schemas/Row"}, {"type": "null"}],
-                    },
-                },
-            },
-            "PushResult": {
-                "type": "object",
-                "required": ["success", "applied", "checkpoint"],
-                "properties": {
-                    "success": {"const": True},
-                    "applied": {"type": "integer", "minimum": 0,
-                                "description": "Operations run (skipped conflicts are not counted)."},
-                    "missing": {"type": "array", "items": {"$ref": "#/components/schemas/OpRef"},
-                                "description": "Updates whose row does not exist (nothing changed)."},
-                    "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"},
-                                  "description": "on_conflict skip: the operations skipped."},
-                    "checkpoint": {
-                        "description": "The device's next pull position, assuming it holds the rows it pushed; "
-                                       "null when the request had no checkpoint.",
-                        "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
-                    },
-                    "replayed": {"const": True, "description": "This batch_id was applied before; nothing changed."},
-                },
-            },
-            "PullRequest": {
-                "type": "object",
-                "properties": {
-                    "device_id": {
-                        "description": "Ties the pull to a device in the fleet statistics when no token does.",
-                        "anyOf": [{"$ref": "#/components/schemas/Id"}, {"type": "null"}],
-                    },
-                    "tables": {
-                        "description": "Tables to pull, each in ALLOWED_TABLES (and the token's tables); absent "
-                                       "or null: every allowed table (the token's).",
-                        "anyOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1}, {"type": "null"}],
-                    },
-                    "limit": {
-                        "description": "Most rows per table (seed mode) or rows plus deleted keys per answer (sync "
-                                       "mode). Default 1000; larger values are capped at MAX_PULL_ROWS (5000). A "
-                                       "string of digits is taken too.",
-                        "anyOf": [
-                            {"type": "integer", "minimum": 1},
-                            {"type": "string", "pattern": "^0*[1-9][0-9]*$", "maxLength": 12},
-                            {"type": "null"},
-                        ],
-                    },
-                    "since": {
-                        "description": "Present: sync mode. null for a first sync, else the `checkpoint` of the "
-                                       "previous answer.",
-                        "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
-                    },
-                },
-            },
-            "SeedPull": {
-                "type": "object",
-                "required": ["success", "data", "limit"],
-                "properties": {
-                    "success": {"const": True},
-                    "data": {
-                        "type": "object",
-                        "description": "Table name to its first `limit` rows in primary-key order.",
-                        "additionalProperties": {"type": "array", "items": {"$ref": "#/components/schemas/Row"}},
-                    },
-                    "limit": {"type": "integer", "minimum": 1, "description": "The limit used."},
-                },
-            },
-            "ChangesPull": {
-                "type": "object",
-                "required": ["success", "changes", "checkpoint", "has_more", "limit"],
-                "properties": {
-                    "success": {"const": True},
-                    "changes": {
-                        "type": "object",
-                        "description": "Every requested table, changed or not.",
-                        "additionalProperties": {
-                            "type": "object",
-                            "required": ["upserted", "deleted"],
-                            "properties": {
-                                "upserted": {"type": "array", "items": {"$ref": "#/components/schemas/Row"},
-                                             "description": "Rows to insert or replace, as they are now."},
-                                "deleted": {"type": "array", "items": {"$ref": "#/components/schemas/Key"},
-                                            "description": "Keys of rows to delete."},
-                            },
-                        },
-                    },
-                    "checkpoint": {"$ref": "#/components/schemas/Checkpoint"},
-                    "has_more": {"type": "boolean", "description": "Pull again with `checkpoint` at once."},
-                    "limit": {"type": "integer", "minimum": 1, "description": "The limit used."},
-                },
-            },
-        },
-    },
-}
-
-
-def _complete_openapi(document):
-    """What is the same for every path: OPTIONS (a CORS preflight) everywhere, and /sync as push's alias."""
-    paths = document["paths"]
-    paths["/sync"] = {"post": dict(paths["/sync/push"]["post"], operationId="pushAlias", deprecated=True,
-                                   summary="The old alias of POST /sync/push: the same request and answers.")}
-    for path, item in paths.items():
-        name = "".join(part.capitalize() for part in re.split(r"[^a-z]+", path) if part)
-        item["options"] = {
-            "operationId": "preflight" + name, "tags": ["meta"], "summary": "CORS preflight.", "security": [{}],
-            "parameters": [{"$ref": "#/components/parameters/" + header} for header in
-                           ("Origin", "Access-Control-Request-Method", "Access-Control-Request-Headers")],
-            "responses": {"204": {"$ref": "#/components/responses/Preflight"}}}
-    return document
-
-
-_complete_openapi(OPENAPI)
-
-
-# ---------------------------------------------------------------------------
 # HTTP application
 # ---------------------------------------------------------------------------
 
@@ -5022,7 +4223,7 @@ _complete_openapi(OPENAPI)
 class Request:
     """The parts of a WSGI environ the handlers use, with a bounded body reader."""
 
-    def __init__(self, environ, max_body_bytes, max_json_depth=MAX_JSON_DEPTH_DEFAULT):
+    def __init__(self, environ, max_body_bytes, max_json_depth):
         self.environ = environ
         self.method = environ["REQUEST_METHOD"]
         self.path = environ.get("PATH_INFO") or "/"
@@ -5544,7 +4745,6 @@ def make_app(config):
 # ---------------------------------------------------------------------------
 
 
-MALLOC_ARENAS = 2      # glibc malloc arenas for the whole process (its default: 8 per core)
 
 
 def _limit_malloc_arenas():
@@ -5681,8 +4881,6 @@ def _maintain(app, config, stop, wake):
 # again later (the database is unavailable, the port is taken: systemd restarts);
 # 2 a configuration or schema problem (restarting will not fix it).
 
-EXIT_RETRY = 1
-EXIT_CONFIGURATION = 2
 # what the demo always uses, whatever .env or the environment say: it must not need (or read)
 # the operator's database, tables or tokens
 DEMO_SETTINGS = {"DB_HOST": "", "ALLOWED_TABLES": ",".join(EXAMPLE_TABLES), "TOKENS": "", "TOKENS_FILE": "",
@@ -6063,6 +5261,735 @@ def main(argv=None):
     except BrokenPipeError:                     # `cloudsync.py log | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+# ---------------------------------------------------------------------------
+# Data: cloudsync's own tables, metric help
+# ---------------------------------------------------------------------------
+# The DDL of the tables cloudsync keeps beside the user's (each database class
+# returns its own: log_tables(), devices_table(), devices_upsert()), and the
+# help text of every metric.
+
+MYSQL_LOG_TABLES = (
+    "CREATE TABLE IF NOT EXISTS cloudsync_meta (name VARCHAR(64) NOT NULL PRIMARY KEY,"
+    " value VARCHAR(255) NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS cloudsync_pending (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,"
+    " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
+    " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
+    " KEY cloudsync_pending_by_table (table_name))"
+    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq BIGINT NOT NULL PRIMARY KEY,"
+    " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
+    " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
+    " KEY cloudsync_changes_by_row (table_name, row_key(255), seq), KEY cloudsync_changes_by_table (table_name, seq))"
+    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    # ids compared byte for byte: under any MySQL collation 'b1 ' would be the same batch as 'b1'
+    "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id VARBINARY(512) NOT NULL,"
+    " batch_id VARBINARY(512) NOT NULL, request_hash CHAR(64) NOT NULL, response MEDIUMTEXT NULL,"
+    " created_at DATETIME(6) NOT NULL, PRIMARY KEY (device_id, batch_id))"
+    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+)
+SQLITE_LOG_TABLES = (
+    "CREATE TABLE IF NOT EXISTS cloudsync_meta (name TEXT NOT NULL PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " table_name TEXT NOT NULL, row_key TEXT NOT NULL, op TEXT NOT NULL, device_id TEXT,"
+    " batch_id TEXT, changed_at TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_row ON cloudsync_changes (table_name, row_key, seq)",
+    "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_table ON cloudsync_changes (table_name, seq)",
+    "CREATE TABLE IF NOT EXISTS cloudsync_context (id INTEGER PRIMARY KEY CHECK (id = 1),"
+    " device_id TEXT, batch_id TEXT)",
+    "INSERT OR IGNORE INTO cloudsync_context (id) VALUES (1)",
+    "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id TEXT NOT NULL, batch_id TEXT NOT NULL,"
+    " request_hash TEXT NOT NULL, response TEXT, created_at TEXT NOT NULL, PRIMARY KEY (device_id, batch_id))",
+)
+MYSQL_DEVICES_TABLE = (
+    "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id VARBINARY(512) NOT NULL PRIMARY KEY,"
+    " first_seen DATETIME NOT NULL, last_seen DATETIME NOT NULL, last_push DATETIME NULL,"
+    " last_pull DATETIME NULL, checkpoint_seq BIGINT NULL, pushes BIGINT NOT NULL DEFAULT 0,"
+    " pulls BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0, rejected BIGINT NOT NULL DEFAULT 0,"
+    " failed BIGINT NOT NULL DEFAULT 0, pull_tables TEXT NULL)"
+    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin")
+SQLITE_DEVICES_TABLE = (
+    "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id TEXT NOT NULL PRIMARY KEY,"
+    " first_seen TEXT NOT NULL, last_seen TEXT NOT NULL, last_push TEXT, last_pull TEXT, checkpoint_seq INTEGER,"
+    " pushes INTEGER NOT NULL DEFAULT 0, pulls INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,"
+    " rejected INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, pull_tables TEXT)")
+# added in 2026-12: requests refused (4xx) and failed (5xx) apart (errors stays their sum), and the
+# tables of the last pull, so that lag counts only the changes the device would get
+DEVICE_ADDED_COLUMNS = (("rejected", "BIGINT NOT NULL DEFAULT 0"), ("failed", "BIGINT NOT NULL DEFAULT 0"),
+                        ("pull_tables", "TEXT NULL"))
+# Several instances flush into one row: counts add up, times keep the latest.
+MYSQL_DEVICES_UPSERT = (
+    "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
+    " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON DUPLICATE KEY UPDATE pull_tables = IFNULL(VALUES(pull_tables), pull_tables),"
+    " last_seen = GREATEST(last_seen, VALUES(last_seen)),"
+    " last_push = GREATEST(IFNULL(last_push, VALUES(last_push)), IFNULL(VALUES(last_push), last_push)),"
+    " last_pull = GREATEST(IFNULL(last_pull, VALUES(last_pull)), IFNULL(VALUES(last_pull), last_pull)),"
+    " checkpoint_seq = GREATEST(IFNULL(checkpoint_seq, VALUES(checkpoint_seq)),"
+    " IFNULL(VALUES(checkpoint_seq), checkpoint_seq)),"
+    " pushes = pushes + VALUES(pushes), pulls = pulls + VALUES(pulls), errors = errors + VALUES(errors),"
+    " rejected = rejected + VALUES(rejected), failed = failed + VALUES(failed)")
+SQLITE_DEVICES_UPSERT = (
+    "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
+    " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (device_id) DO UPDATE SET pull_tables = coalesce(excluded.pull_tables, pull_tables),"
+    " last_seen = max(last_seen, excluded.last_seen),"
+    " last_push = max(coalesce(last_push, excluded.last_push), coalesce(excluded.last_push, last_push)),"
+    " last_pull = max(coalesce(last_pull, excluded.last_pull), coalesce(excluded.last_pull, last_pull)),"
+    " checkpoint_seq = max(coalesce(checkpoint_seq, excluded.checkpoint_seq),"
+    " coalesce(excluded.checkpoint_seq, checkpoint_seq)),"
+    " pushes = pushes + excluded.pushes, pulls = pulls + excluded.pulls, errors = errors + excluded.errors,"
+    " rejected = rejected + excluded.rejected, failed = failed + excluded.failed")
+
+METRIC_HELP = {
+    "cloudsync_requests_total": ("counter", "HTTP requests answered, by route, method and status"),
+    "cloudsync_request_duration_seconds": ("histogram", "time to answer a request, by route and status"),
+    "cloudsync_operations_pushed_total": ("counter", "push operations applied, by table and action"),
+    "cloudsync_rows_pulled_total": ("counter", "rows and deleted keys sent by pulls, by table"),
+    "cloudsync_conflicts_total": ("counter", "push operations refused or skipped as conflicts"),
+    "cloudsync_replays_total": ("counter", "pushes answered from a stored batch outcome"),
+    "cloudsync_auth_failures_total": ("counter", "requests refused for a missing or wrong token"),
+    "cloudsync_database_unavailable_total": ("counter", "requests answered 503 because the database failed"),
+    "cloudsync_server_errors_total": ("counter", "requests answered 500 (the database refused or failed; see the log)"),
+    "cloudsync_push_retries_total": ("counter", "pushes run again after a deadlock or lock timeout"),
+    "cloudsync_pool_connections_in_use": ("gauge", "database connections lent to requests now"),
+    "cloudsync_pool_connections_idle": ("gauge", "open database connections waiting in the pool"),
+    "cloudsync_change_log_head": ("gauge", "the newest sequence number given out (the current checkpoint)"),
+    "cloudsync_driver_info": ("gauge", "the database driver in use (1)"),
+}
+
+
+# ---------------------------------------------------------------------------
+# Data: the API description
+# ---------------------------------------------------------------------------
+# Big data goes last, as bottle.py keeps its HTTP codes and templates at the
+# end. OPENAPI is the single source of truth for clients, served as GET
+# /openapi.json. What repeats is generated when the module loads: each route's
+# error answers from REFUSALS (the catalogue the HTTP section answers from), so
+# the two cannot drift; HEAD from GET; OPTIONS (a CORS preflight) everywhere;
+# /sync as push's alias. A test checks that every route App knows is described
+# here, and CI runs schemathesis against a live server with it.
+
+# The refusals each route may answer (a reason, or (reason, schema) when its
+# answer carries more required fields on that route), in the order described.
+_BODY_REFUSALS = ("invalid_json", "invalid_request", "invalid_payload", "too_deep")
+ROUTE_REFUSALS = {
+    ("/metrics", "get"): ("unauthorized",),
+    ("/sync/status", "get"): ("unauthorized", ("schema_problem", "StatusError"), "internal",
+                              ("database_unavailable", "StatusError")),
+    ("/sync/devices", "get"): ("unauthorized", "internal", "database_unavailable"),
+    ("/sync/push", "post"): _BODY_REFUSALS + (
+        "invalid_operation", "invalid_table", "invalid_action", "unknown_column", "missing_key", "invalid_value",
+        "invalid_checkpoint", "data_refused", "unauthorized", "forbidden", "read_only_table", "table_not_permitted",
+        "duplicate", "conflict", "batch_reused", "expired", "too_large", "too_many_operations", "value_too_large",
+        "unsupported_encoding", "rejected", "push_failed", "internal", "push_unavailable"),
+    ("/sync/pull", "post"): _BODY_REFUSALS + (
+        "invalid_table", "no_tables", "invalid_limit", "invalid_checkpoint", "unauthorized", "table_not_permitted",
+        "expired", "too_large", "unsupported_encoding", "pull_failed", "internal", "pull_unavailable"),
+}
+REFUSAL_SCHEMAS = {"expired": "ExpiredError"}       # a reason's answer with more required fields everywhere
+STATUS_HEADERS = {401: "WWW-Authenticate", 405: "Allow", 503: "Retry-After"}    # sent with every such answer
+
+OPENAPI = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "cloudsync",
+        "version": __version__,
+        "summary": "Sync server for offline-first devices.",
+        "description": (
+            "All request and response bodies are JSON (UTF-8), except GET /metrics. The server does not look at "
+            "the request Content-Type: every request body is parsed as JSON, and an empty body counts as {}.\n\n"
+            "Every error is a JSON object {\"success\": false, \"error\": \"...\", \"detail\": \"...\"}, sometimes "
+            "with more fields (op, conflicts, reset, status). `error` is short and stable; `detail` says what was "
+            "wrong. Fields are only ever added: clients must ignore fields they do not know.\n\n"
+            "HTTP details that apply to every path: an unknown path is a 404 JSON error; a known path with a "
+            "method it does not take is a 405 JSON error with an Allow header (checked before authentication). "
+            "HEAD works wherever GET does (same status and headers, no body). Paths ignore case and one trailing "
+            "slash (/SYNC/push/). Request bodies may be sent with Content-Encoding: gzip (or x-gzip, identity); "
+            "any other Content-Encoding is a 415, and the MAX_BODY_BYTES limit (default 10 MiB) applies to the "
+            "unpacked size too (413). Responses of GZIP_MIN_BYTES (default 1024) bytes or more carry "
+            "Vary: Accept-Encoding, and are gzipped (Content-Encoding: gzip) when the request's Accept-Encoding "
+            "allows gzip. Request bodies nested deeper than MAX_JSON_DEPTH (default 16) are a 400.\n\n"
+            "Authentication: with device tokens configured, every /sync* request needs Authorization: Bearer "
+            "<token> (401 with WWW-Authenticate: Bearer otherwise); with none configured (the server then listens "
+            "on loopback only, or runs with AUTH=off) no token is needed. /sync/devices takes ADMIN_TOKEN instead, "
+            "/metrics METRICS_TOKEN or ADMIN_TOKEN when set. /health, /openapi.json and OPTIONS are always "
+            "open.\n\n"
+            "CORS: every path answers a preflight OPTIONS request with 204; the Access-Control-Allow-* headers "
+            "are present only when the request's Origin is allowed."
+        ),
+        "license": {"name": "MIT", "identifier": "MIT"},
+    },
+    "tags": [
+        {"name": "sync", "description": "Pushing and pulling rows."},
+        {"name": "operations", "description": "Liveness, readiness, monitoring."},
+        {"name": "meta", "description": "This description, CORS."},
+    ],
+    "servers": [{"url": "/", "description": "where this document was fetched from (HOST and PORT; put TLS in "
+                                            "front when devices reach it over a network)"}],
+    "security": [{"deviceToken": []}, {}],
+    "paths": {
+        "/health": {
+            "get": {
+                "operationId": "health",
+                "tags": ["operations"],
+                "summary": "Liveness: answers without touching the database.",
+                "security": [{}],
+                "responses": {
+                    "200": {
+                        "description": "The server is running.",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
+                    },
+                },
+            },
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "tags": ["meta"],
+                "summary": "This OpenAPI description.",
+                "security": [{}],
+                "responses": {
+                    "200": {
+                        "description": "The OpenAPI 3.1 document.",
+                        "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
+                                    "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
+                        "content": {"application/json": {"schema": {
+                            "type": "object",
+                            "required": ["openapi", "info", "paths"],
+                            "properties": {"openapi": {"type": "string", "pattern": "^3\\.1\\.\\d+$"}},
+                        }}},
+                    },
+                },
+            },
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "tags": ["operations"],
+                "summary": "Counters and gauges in the Prometheus text exposition format 0.0.4.",
+                "description": "With METRICS_TOKEN or ADMIN_TOKEN set, one of them is needed; with neither, "
+                               "/metrics is protected like /sync* (a device token when tokens are configured).",
+                "security": [{"metricsToken": []}, {"adminToken": []}, {"deviceToken": []}, {}],
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format.",
+                        "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
+                                    "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
+                        "content": {"text/plain; version=0.0.4; charset=utf-8": {"schema": {"type": "string"}}},
+                    },
+                },
+            },
+        },
+        "/sync/status": {
+            "get": {
+                "operationId": "status",
+                "tags": ["operations"],
+                "summary": "Readiness: a database round trip, and the allowed tables as the database describes them.",
+                "description": "Re-reads the tables' columns and keys (at most once a second), so an ALTER TABLE "
+                               "shows without a restart. A device token limited to some tables sees only those. "
+                               "ADMIN_TOKEN and METRICS_TOKEN read it too (monitoring).",
+                "security": [{"deviceToken": []}, {"adminToken": []}, {"metricsToken": []}, {}],
+                "responses": {
+                    "200": {
+                        "description": "The database answered.",
+                        "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
+                                    "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}},
+                    },
+                },
+            },
+        },
+        "/sync/devices": {
+            "get": {
+                "operationId": "devices",
+                "tags": ["operations"],
+                "summary": "Every device that has pushed or pulled: when, how far behind, how many pushes and errors.",
+                "description": "Needs ADMIN_TOKEN, whatever else is configured: without ADMIN_TOKEN set the "
+                               "endpoint is off (401).",
+                "security": [{"adminToken": []}],
+                "responses": {
+                    "200": {
+                        "description": "The devices, in device_id order.",
+                        "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
+                                    "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Devices"}}},
+                    },
+                },
+            },
+        },
+        "/sync/push": {
+            "post": {
+                "operationId": "push",
+                "tags": ["sync"],
+                "summary": "Apply a batch of operations in one transaction: all or nothing.",
+                "description": (
+                    "Every operation is checked (table, action, columns, key, value types) before the first "
+                    "statement runs; no error answer applies anything, whatever the size of the push. With "
+                    "`batch_id` a retry returns exactly the first outcome (its checkpoint included) with "
+                    "`replayed: true`. With `checkpoint`, operations on rows changed since it are conflicts: 409 "
+                    "(on_conflict abort) or skipped and listed (on_conflict skip). The checkpoint a push returns "
+                    "assumes the device already holds the rows it pushed, as it sent them: apply operations "
+                    "locally before (or as) you push them, or keep the checkpoint of your last pull."
+                ),
+                "requestBody": {"$ref": "#/components/requestBodies/Push"},
+                "responses": {
+                    "200": {"$ref": "#/components/responses/PushApplied"},
+                },
+            },
+        },
+        "/sync/pull": {
+            "post": {
+                "operationId": "pull",
+                "tags": ["sync"],
+                "summary": "Rows of the requested tables (seed mode), or the changes after a checkpoint (sync mode).",
+                "description": (
+                    "Without a `since` field: seed mode, the first `limit` rows of each table in primary-key order "
+                    "(answer `data`). Unchanged answers are served from memory with an ETag (when "
+                    "CHANGE_CAPTURE=triggers); If-None-Match with that ETag gives 304 and no body.\n\n"
+                    "With a `since` field (null for a first sync, else the `checkpoint` of the previous answer): "
+                    "sync mode, at most `limit` upserted rows plus deleted keys per answer (answer `changes`, "
+                    "`checkpoint`, `has_more`). Call again with the new checkpoint while `has_more` is true. "
+                    "A checkpoint belongs to the list of tables it was pulled with."
+                ),
+                "parameters": [{
+                    "name": "If-None-Match",
+                    "in": "header",
+                    "required": False,
+                    "description": "Seed mode: the ETag of an earlier answer; 304 when the answer is unchanged.",
+                    "schema": {"type": "string"},
+                }],
+                "requestBody": {
+                    "required": False,
+                    "description": "An empty body is taken as {} (every allowed table, seed mode).",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PullRequest"}}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "Seed mode (`data`) or sync mode (`changes`).",
+                        "headers": {
+                            "ETag": {"description": "Seed mode with CHANGE_CAPTURE=triggers: the answer's version.",
+                                     "schema": {"type": "string", "pattern": "^\"[0-9a-f]{32}\"$"}},
+                            "Cache-Control": {"description": "`no-cache`, with ETag.",
+                                              "schema": {"type": "string", "const": "no-cache"}},
+                            "Vary": {"$ref": "#/components/headers/Vary"},
+                            "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"},
+                        },
+                        "content": {"application/json": {"schema": {"oneOf": [
+                            {"$ref": "#/components/schemas/SeedPull"},
+                            {"$ref": "#/components/schemas/ChangesPull"},
+                        ]}}},
+                    },
+                    "304": {
+                        "description": "Seed mode: If-None-Match holds the current ETag. No body.",
+                        "headers": {
+                            "ETag": {"schema": {"type": "string"}},
+                            "Cache-Control": {"schema": {"type": "string", "const": "no-cache"}},
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "deviceToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "A device token (`cloudsync.py token add DEVICE`), bound to a device id and "
+                               "optionally to tables. Needed on /sync* only when tokens are configured.",
+            },
+            "adminToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "ADMIN_TOKEN: for /sync/devices, /metrics and /sync/status.",
+            },
+            "metricsToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "METRICS_TOKEN: for /metrics and /sync/status (monitoring).",
+            },
+        },
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait before retrying.",
+                            "schema": {"type": "integer", "minimum": 0}},
+            "WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer realm=\"cloudsync\""}},
+            "Vary": {"description": "`Accept-Encoding` on bodies of GZIP_MIN_BYTES or more.",
+                     "schema": {"type": "string"}},
+            "Content-Encoding": {"description": "`gzip` when the body is gzipped (Accept-Encoding allowed it).",
+                                 "schema": {"type": "string", "const": "gzip"}},
+            "Allow": {"description": "The methods the path takes.", "schema": {"type": "string"}},
+        },
+        "responses": {
+            "Preflight": {
+                "description": "CORS preflight answered, without authentication (no body). The "
+                               "Access-Control-Allow-* headers are sent only when Origin is allowed; without them "
+                               "the browser refuses the request.",
+                "headers": {
+                    "Access-Control-Allow-Origin": {"schema": {"type": "string"}},
+                    "Access-Control-Allow-Methods": {"schema": {"type": "string"}},
+                    "Access-Control-Allow-Headers": {"schema": {"type": "string"}},
+                    "Access-Control-Max-Age": {"schema": {"type": "integer", "minimum": 0}},
+                    "Vary": {"schema": {"type": "string"}},
+                },
+            },
+            "PushApplied": {
+                "description": "Applied (or replayed).",
+                "headers": {"Vary": {"$ref": "#/components/headers/Vary"},
+                            "Content-Encoding": {"$ref": "#/components/headers/Content-Encoding"}},
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PushResult"}}},
+            },
+        },
+        "parameters": {
+            "Origin": {"name": "Origin", "in": "header", "required": False, "schema": {"type": "string"},
+                       "description": "The page's origin; the CORS headers are sent only when it is allowed."},
+            "Access-Control-Request-Method": {"name": "Access-Control-Request-Method", "in": "header",
+                                              "required": False, "schema": {"type": "string"}},
+            "Access-Control-Request-Headers": {"name": "Access-Control-Request-Headers", "in": "header",
+                                               "required": False, "schema": {"type": "string"}},
+        },
+        "requestBodies": {
+            "Push": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PushRequest"}}},
+            },
+        },
+        "schemas": {
+            "Value": {
+                "description": "A column value in its pulled form: DECIMAL as an exact string (\"12.50\"), "
+                               "MySQL dates ISO 8601 (TIMESTAMP in UTC), TIME \"[-]HH:MM:SS[.ffffff]\", SQLite "
+                               "dates as stored, binary as base64, SET members in the column's order, JSON as a "
+                               "string, booleans stored as 1/0; a float no JSON number holds as \"Infinity\", "
+                               "\"-Infinity\" or \"NaN\". Pushing a pulled value back changes nothing.",
+                "type": ["string", "integer", "number", "boolean", "null"],
+            },
+            "Row": {
+                "description": "One row: column name to value, every column of the table.",
+                "type": "object",
+                "additionalProperties": {"$ref": "#/components/schemas/Value"},
+            },
+            "Key": {
+                "description": "A row's primary key: its value, or {column: value} for a composite key.",
+                "anyOf": [
+                    {"$ref": "#/components/schemas/Value"},
+                    {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/Value"}},
+                ],
+            },
+            "Checkpoint": {
+                "description": "Opaque and signed: a string this server returned (`cs1.<payload>.<mac>`).",
+                "type": "string",
+                "pattern": "^cs1\\.[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+$",
+            },
+            "Id": {"type": "string", "minLength": 1, "maxLength": 128},
+            "Error": {
+                "type": "object",
+                "required": ["success", "error", "detail"],
+                "properties": {
+                    "success": {"const": False},
+                    "error": {"type": "string", "description": "Short and stable: what kind of error."},
+                    "detail": {"type": "string", "description": "What exactly was wrong."},
+                    "op": {"type": "integer", "minimum": 0,
+                           "description": "The index of the operation concerned (push errors)."},
+                    "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"}},
+                    "rejected": {"type": "array", "items": {"$ref": "#/components/schemas/Rejection"},
+                                 "description": "With 422: the operations a rule of the database refused."},
+                    "reset": {"const": True, "description": "With 410: start again from `since: null`."},
+                    "status": {"const": "error", "description": "GET /sync/status errors."},
+                },
+            },
+            "ExpiredError": {
+                "allOf": [{"$ref": "#/components/schemas/Error"}],
+                "required": ["reset"],
+            },
+            "StatusError": {
+                "allOf": [{"$ref": "#/components/schemas/Error"}],
+                "required": ["status"],
+            },
+            "Health": {
+                "type": "object",
+                "required": ["status"],
+                "properties": {"status": {"const": "Sync API running"}},
+            },
+            "Status": {
+                "type": "object",
+                "required": ["success", "status", "allowed_tables", "backend", "server_version", "driver",
+                             "version", "change_capture", "last_seq", "tables"],
+                "properties": {
+                    "success": {"const": True},
+                    "status": {"const": "ok"},
+                    "allowed_tables": {"type": "array", "items": {"type": "string"}},
+                    "backend": {"enum": ["mysql", "sqlite"]},
+                    "server_version": {"type": "string", "examples": ["MySQL 10.11.19-MariaDB-0+deb12u1"]},
+                    "driver": {"type": "string", "examples": ["mysql-connector-python 9.5.0 (C extension)"]},
+                    "version": {"type": "string", "description": "cloudsync's version."},
+                    "change_capture": {"enum": ["triggers", "api"]},
+                    "last_seq": {"type": "integer", "minimum": 0, "description": "The newest change-log number."},
+                    "tables": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": ["primary_key", "columns", "types"],
+                            "properties": {
+                                "primary_key": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                                "columns": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                                "types": {"type": "object", "additionalProperties": {"type": "string"},
+                                          "description": "Each column's type as the database declares it."},
+                            },
+                        },
+                    },
+                },
+            },
+            "Devices": {
+                "type": "object",
+                "required": ["success", "devices"],
+                "properties": {
+                    "success": {"const": True},
+                    "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
+                },
+            },
+            "Device": {
+                "type": "object",
+                "required": ["device_id", "first_seen", "last_seen", "last_push", "last_pull", "checkpoint_seq",
+                             "lag", "pushes", "errors"],
+                "properties": {
+                    "device_id": {"type": "string"},
+                    "first_seen": {"type": "string", "format": "date-time", "description": "UTC, whole seconds."},
+                    "last_seen": {"type": "string", "format": "date-time"},
+                    "last_push": {"type": ["string", "null"], "format": "date-time",
+                                  "description": "null: never pushed."},
+                    "last_pull": {"type": ["string", "null"], "format": "date-time",
+                                  "description": "null: never pulled."},
+                    "checkpoint_seq": {"type": ["integer", "null"], "minimum": 0,
+                                       "description": "The sequence number of the device's newest checkpoint; "
+                                                      "null: no sync-mode pull yet."},
+                    "lag": {"type": ["integer", "null"], "minimum": 0,
+                            "description": "Changes numbered after checkpoint_seq (last_seq - checkpoint_seq)."},
+                    "pushes": {"type": "integer", "minimum": 0},
+                    "pulls": {"type": "integer", "minimum": 0},
+                    "silent": {"type": "boolean", "description": "Not seen for more than a day."},
+                    "errors": {"type": "integer", "minimum": 0, "description": "Answers of 400 or more "
+                                                                             "(rejected + failed)."},
+                    "rejected": {"type": "integer", "minimum": 0,
+                                 "description": "Requests answered 4xx: conflicts, 410 resets, bad values."},
+                    "failed": {"type": "integer", "minimum": 0, "description": "Requests answered 5xx."},
+                },
+            },
+            "Operation": {
+                "type": "object",
+                "required": ["table", "action", "data"],
+                "properties": {
+                    "table": {"type": "string", "description": "A table in ALLOWED_TABLES."},
+                    "action": {"enum": ["insert", "update", "delete", "upsert"]},
+                    "data": {
+                        "type": "object",
+                        "description": "Column values; must hold every primary-key column (an insert may leave "
+                                       "out a key the database generates). Update sets the given columns; delete "
+                                       "needs only the key.",
+                        "additionalProperties": {"$ref": "#/components/schemas/Value"},
+                    },
+                },
+            },
+            "PushRequest": {
+                "type": "object",
+                "required": ["operations"],
+                "properties": {
+                    "device_id": {
+                        "description": "With a token: absent, null or the token's device id (else 403).",
+                        "anyOf": [{"$ref": "#/components/schemas/Id"}, {"type": "null"}],
+                    },
+                    "batch_id": {
+                        "description": "Makes the push retry-safe: the same device_id + batch_id is applied once.",
+                        "anyOf": [{"$ref": "#/components/schemas/Id"}, {"type": "null"}],
+                    },
+                    "checkpoint": {
+                        "description": "The device's last pulled checkpoint: turns on conflict detection.",
+                        "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
+                    },
+                    "on_conflict": {"enum": ["abort", "skip"], "default": "abort"},
+                    "operations": {
+                        "type": "array",
+                        "description": "At most MAX_OPERATIONS (default 10000) operations, applied in order.",
+                        "items": {"$ref": "#/components/schemas/Operation"},
+                    },
+                },
+            },
+            "OpRef": {
+                "type": "object",
+                "required": ["op", "table", "key"],
+                "properties": {
+                    "op": {"type": "integer", "minimum": 0},
+                    "table": {"type": "string"},
+                    "key": {"$ref": "#/components/schemas/Key"},
+                },
+            },
+            "Rejection": {
+                "allOf": [{"$ref": "#/components/schemas/OpRef"}],
+                "required": ["message"],
+                "properties": {"message": {"type": "string", "description": "The rule's own message."}},
+            },
+            "Conflict": {
+                "type": "object",
+                "required": ["op", "table", "key", "server_row"],
+                "properties": {
+                    "op": {"type": "integer", "minimum": 0},
+                    "table": {"type": "string"},
+                    "key": {"$ref": "#/components/schemas/Key"},
+                    "server_row": {
+                        "description": "The row as the server has it now; null when it is gone.",
+                        "anyOf": [{"$ref": "#/components/schemas/Row"}, {"type": "null"}],
+                    },
+                },
+            },
+            "PushResult": {
+                "type": "object",
+                "required": ["success", "applied", "checkpoint"],
+                "properties": {
+                    "success": {"const": True},
+                    "applied": {"type": "integer", "minimum": 0,
+                                "description": "Operations run (skipped conflicts are not counted)."},
+                    "missing": {"type": "array", "items": {"$ref": "#/components/schemas/OpRef"},
+                                "description": "Updates whose row does not exist (nothing changed)."},
+                    "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"},
+                                  "description": "on_conflict skip: the operations skipped."},
+                    "checkpoint": {
+                        "description": "The device's next pull position, assuming it holds the rows it pushed; "
+                                       "null when the request had no checkpoint.",
+                        "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
+                    },
+                    "replayed": {"const": True, "description": "This batch_id was applied before; nothing changed."},
+                },
+            },
+            "PullRequest": {
+                "type": "object",
+                "properties": {
+                    "device_id": {
+                        "description": "Ties the pull to a device in the fleet statistics when no token does.",
+                        "anyOf": [{"$ref": "#/components/schemas/Id"}, {"type": "null"}],
+                    },
+                    "tables": {
+                        "description": "Tables to pull, each in ALLOWED_TABLES (and the token's tables); absent "
+                                       "or null: every allowed table (the token's).",
+                        "anyOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1}, {"type": "null"}],
+                    },
+                    "limit": {
+                        "description": "Most rows per table (seed mode) or rows plus deleted keys per answer (sync "
+                                       "mode). Default 1000; larger values are capped at MAX_PULL_ROWS (5000). A "
+                                       "string of digits is taken too.",
+                        "anyOf": [
+                            {"type": "integer", "minimum": 1},
+                            {"type": "string", "pattern": "^0*[1-9][0-9]*$", "maxLength": 12},
+                            {"type": "null"},
+                        ],
+                    },
+                    "since": {
+                        "description": "Present: sync mode. null for a first sync, else the `checkpoint` of the "
+                                       "previous answer.",
+                        "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
+                    },
+                },
+            },
+            "SeedPull": {
+                "type": "object",
+                "required": ["success", "data", "limit"],
+                "properties": {
+                    "success": {"const": True},
+                    "data": {
+                        "type": "object",
+                        "description": "Table name to its first `limit` rows in primary-key order.",
+                        "additionalProperties": {"type": "array", "items": {"$ref": "#/components/schemas/Row"}},
+                    },
+                    "limit": {"type": "integer", "minimum": 1, "description": "The limit used."},
+                },
+            },
+            "ChangesPull": {
+                "type": "object",
+                "required": ["success", "changes", "checkpoint", "has_more", "limit"],
+                "properties": {
+                    "success": {"const": True},
+                    "changes": {
+                        "type": "object",
+                        "description": "Every requested table, changed or not.",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": ["upserted", "deleted"],
+                            "properties": {
+                                "upserted": {"type": "array", "items": {"$ref": "#/components/schemas/Row"},
+                                             "description": "Rows to insert or replace, as they are now."},
+                                "deleted": {"type": "array", "items": {"$ref": "#/components/schemas/Key"},
+                                            "description": "Keys of rows to delete."},
+                            },
+                        },
+                    },
+                    "checkpoint": {"$ref": "#/components/schemas/Checkpoint"},
+                    "has_more": {"type": "boolean", "description": "Pull again with `checkpoint` at once."},
+                    "limit": {"type": "integer", "minimum": 1, "description": "The limit used."},
+                },
+            },
+        },
+    },
+}
+
+
+def _error_responses(refusals):
+    """OpenAPI responses for these refusal reasons: one per status, its description and schema from REFUSALS."""
+    by_status = {}
+    for entry in refusals:
+        reason, schema = entry if isinstance(entry, tuple) else (entry, REFUSAL_SCHEMAS.get(entry, "Error"))
+        status, error, when = REFUSALS[reason]
+        by_status.setdefault(status, []).append(("`%s`: %s" % (error, when), schema))
+    responses = {}
+    for status, entries in sorted(by_status.items()):
+        schemas = {schema for _, schema in entries}
+        response = {"description": "; ".join(dict.fromkeys(text for text, _ in entries)) + ".",
+                    "content": {"application/json": {"schema": {
+                        "$ref": "#/components/schemas/" + (schemas.pop() if len(schemas) == 1 else "Error")}}}}
+        if status in STATUS_HEADERS:
+            header = STATUS_HEADERS[status]
+            response["headers"] = {header: {"$ref": "#/components/headers/" + header}}
+        responses[str(status)] = response
+    return responses
+
+
+def _head_of(document, path, get):
+    """The HEAD operation of a GET one: the same answers and headers, without bodies."""
+    responses = {}
+    for code, response in get["responses"].items():
+        if "$ref" in response:
+            response = document["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
+        responses[code] = {"description": "As GET, without the body. " + response["description"]}
+        if "headers" in response:
+            responses[code]["headers"] = response["headers"]
+    head = {"operationId": get["operationId"] + "Head", "tags": get["tags"],
+            "summary": "GET %s without the body." % path, "responses": responses}
+    if "security" in get:
+        head["security"] = get["security"]
+    return head
+
+
+def _complete_openapi(document):
+    """Add what is generated: error answers, HEAD, OPTIONS on every path, /sync as push's alias."""
+    paths = document["paths"]
+    for (path, method), refusals in ROUTE_REFUSALS.items():
+        paths[path][method]["responses"].update(_error_responses(refusals))
+    for name, reason in (("NotFound", "not_found"), ("MethodNotAllowed", "method_not_allowed")):
+        # any path: described once, as components
+        document["components"]["responses"][name] = next(iter(_error_responses([reason]).values()))
+    paths["/sync"] = {"post": dict(paths["/sync/push"]["post"], operationId="pushAlias", deprecated=True,
+                                   summary="The old alias of POST /sync/push: the same request and answers.")}
+    for path, item in paths.items():
+        if "get" in item:
+            item["head"] = _head_of(document, path, item["get"])
+        name = "".join(part.capitalize() for part in re.split(r"[^a-z]+", path) if part)
+        item["options"] = {
+            "operationId": "preflight" + name, "tags": ["meta"], "summary": "CORS preflight.", "security": [{}],
+            "parameters": [{"$ref": "#/components/parameters/" + header} for header in
+                           ("Origin", "Access-Control-Request-Method", "Access-Control-Request-Headers")],
+            "responses": {"204": {"$ref": "#/components/responses/Preflight"}}}
+    return document
+
+
+_complete_openapi(OPENAPI)
 
 
 if __name__ == "__main__":

@@ -3645,6 +3645,25 @@ def test_openapi_error_responses_are_described_with_the_error_schema(app):
                     assert "application/json" in answer["content"], (path, method, status)
 
 
+def test_openapi_error_answers_come_from_the_refusal_catalogue(app):
+    """Every refusal is described, on the routes that answer it, with its status and `error` from REFUSALS."""
+    document = call(app, "GET", "/openapi.json").json
+    described = set()
+    for (path, method), refusals in cloudsync.ROUTE_REFUSALS.items():
+        assert method.upper() in app.routes[path], (path, method)
+        for entry in refusals:
+            reason = entry[0] if isinstance(entry, tuple) else entry
+            status, error, _ = cloudsync.REFUSALS[reason]
+            for operation in ("get", "head") if method == "get" else (method,):
+                answer = document["paths"][path][operation]["responses"][str(status)]
+                assert "`%s`" % error in answer["description"], (path, operation, reason)
+            described.add(reason)
+    components = document["components"]["responses"]
+    assert "`Not found`" in components["NotFound"]["description"]
+    assert set(cloudsync.REFUSALS) - described == {"not_found", "method_not_allowed"}
+    assert document["paths"]["/sync"]["post"]["responses"] == document["paths"]["/sync/push"]["post"]["responses"]
+
+
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
     """The live server against its own description: random valid and invalid requests, no 5xx, no mismatch."""
     schemathesis = os.path.join(os.path.dirname(sys.executable), "schemathesis")
