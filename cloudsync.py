@@ -331,219 +331,55 @@ def parse_dotenv(text, environ=None):
 
 
 # ---------------------------------------------------------------------------
-# Configuration
+# Logs
 # ---------------------------------------------------------------------------
+# One line a message on stderr, as text or JSON (LOG_FORMAT). Whatever a
+# client sent is escaped before it reaches a log line, so a line break in an
+# id or a path cannot forge an entry.
 
 
-def _as_port(text):
-    if not re.fullmatch(r"\s*[0-9]{1,5}\s*", text) or not 0 < int(text) < 65536:
-        raise ValueError("expected a port number from 1 to 65535")
-    return int(text)
+def _printable(text):
+    """Text for a one-line log entry: control and other unprintable characters escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
-def _as_positive_int(text):
-    if not re.fullmatch(r"\s*[0-9]{1,18}\s*", text) or int(text) < 1:
-        raise ValueError("expected a whole number of at least 1")
-    return int(text)
+def _loggable(value, limit=200):
+    """Anything a client sent, fit for a log line: cut to `limit` characters, line breaks and controls escaped."""
+    return _printable(str(value)[:limit])
 
 
-def _as_positive_float(text):
-    try:
-        number = float(text)
-    except ValueError:
-        number = math.nan
-    if not 0 < number < 86400:
-        raise ValueError("expected a number of seconds greater than 0 and below 86400")
-    return number
+class TextLogFormatter(logging.Formatter):
+    """LOG_FORMAT=text: one line a message; a line break in a message (from anywhere) cannot start a fake entry."""
+
+    def formatMessage(self, record):
+        record.message = _printable(record.message)
+        return super().formatMessage(record)
 
 
-def _as_table_list(text):
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if len(set(names)) != len(names):
-        raise ValueError("a table is named twice")
-    own = [name for name in names if name.lower().startswith("cloudsync_")]
-    if own:
-        # cloudsync_meta holds the checkpoint-signing key; no cloudsync_* table is for devices
-        raise ValueError("%s is one of cloudsync's own tables (cloudsync_*), which devices may never sync" % own[0])
-    return tuple(names)
+class JSONLogFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object a line; access lines carry their fields as keys."""
+
+    def format(self, record):
+        entry = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+                 .isoformat(timespec="milliseconds"), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        entry.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def _as_log_level(text):
-    level = text.strip().upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
-    return level
+def configure_logging(log_format, level):
+    """Send every log line to stderr, as text or JSON lines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JSONLogFormatter() if log_format == "json" else
+                         TextLogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
 
 
-def _as_auth_mode(text):
-    mode = text.strip().lower()
-    if mode not in ("auto", "off"):
-        raise ValueError("expected auto or off")
-    return mode
-
-
-def _as_token_list(text):
-    tokens = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        device_id, _, secret = item.partition(":")
-        if not device_id or not secret:
-            raise ValueError("expected device_id:token pairs separated by commas")
-        tokens.append(DeviceToken(device_id, secret))
-    return tuple(tokens)
-
-
-def _as_log_format(text):
-    fmt = text.strip().lower()
-    if fmt not in ("text", "json"):
-        raise ValueError("expected text or json")
-    return fmt
-
-
-def _as_secret_token(text):
-    """An admin or metrics token: the token itself or sha256:HEX; empty for none."""
-    text = text.strip()
-    return DeviceToken("-", text) if text else None
-
-
-def _as_origin_list(text):
-    origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
-    for origin in origins:
-        if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
-            raise ValueError("expected * or origins like https://app.example.com, comma-separated")
-    return origins
-
-
-def _as_capture_mode(text):
-    mode = text.strip().lower()
-    if mode not in ("triggers", "api"):
-        raise ValueError("expected triggers or api")
-    return mode
-
-
-# (name, caster, default, one-line description): the single source for
-# parsing, sample.env and README. Seed names (DB_HOST, DB_USER, DB_PASS,
-# DB_NAME, ALLOWED_TABLES, PORT) keep their meaning.
-SETTINGS = (
-    ("HOST", str, "127.0.0.1", "address to listen on; 0.0.0.0 for every interface"),
-    ("PORT", _as_port, "4000", "TCP port to listen on"),
-    ("DB_HOST", str, "", "MySQL/MariaDB host; leave empty to use the embedded SQLite database"),
-    ("DB_PORT", _as_port, "3306", "MySQL/MariaDB port"),
-    ("DB_USER", str, "", "MySQL/MariaDB user"),
-    ("DB_PASS", str, "", "MySQL/MariaDB password"),
-    ("DB_NAME", str, "", "MySQL/MariaDB database (schema) name"),
-    ("DB_PATH", str, "cloudsync.db", "SQLite database file, used when DB_HOST is empty"),
-    ("ALLOWED_TABLES", _as_table_list, "", "comma-separated tables devices may sync"),
-    ("MAX_BODY_BYTES", _as_positive_int, "10485760", "largest request body accepted, in bytes"),
-    ("THREADS", _as_positive_int, "8", "request worker threads"),
-    ("DB_POOL_SIZE", _as_positive_int, "8", "most database connections held open at once"),
-    ("DB_CONNECT_TIMEOUT_SECONDS", _as_positive_float, "5", "give up connecting to the database after this long"),
-    ("DB_WAIT_SECONDS", _as_positive_float, "10", "longest wait for a free database connection, a row or table lock, or the SQLite write lock"),
-    ("LOG_LEVEL", _as_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    ("AUTH", _as_auth_mode, "auto",
-     "auto: tokens are required when any are configured; off: no authentication (never on a public address)"),
-    ("TOKENS", _as_token_list, "", "device tokens as device_id:token or device_id:sha256:HEX, comma-separated"),
-    ("TOKENS_FILE", str, "cloudsync.tokens",
-     "file of device tokens, one 'device_id sha256:HEX [tables=a,b] [created=TIME]' a line; re-read when it changes"),
-    ("READ_ONLY_TABLES", _as_table_list, "", "tables devices may pull but never push"),
-    ("MAX_OPERATIONS", _as_positive_int, "10000", "most operations in one push"),
-    ("MAX_PULL_ROWS", _as_positive_int, "5000", "most rows plus keys in one pull; a larger limit is capped"),
-    ("MAX_JSON_DEPTH", _as_positive_int, "16", "deepest nesting of objects and lists in a request body"),
-    ("MAX_VALUE_BYTES", _as_positive_int, "1048576", "largest single text value, in bytes"),
-    ("READ_TIMEOUT_SECONDS", _as_positive_int, "30", "a client that sends nothing for this long is disconnected"),
-    ("GZIP_MIN_BYTES", _as_positive_int, "1024", "responses at least this large are gzipped for clients that accept it"),
-    ("PUSH_RETRIES", _as_positive_int, "3", "times a push is retried after a deadlock or lock timeout before 503"),
-    ("CHANGE_CAPTURE", _as_capture_mode, "triggers",
-     "triggers (every writer is recorded) or api (only writes through cloudsync)"),
-    ("CHANGELOG_RETENTION_DAYS", _as_positive_int, "30", "change log and batch ids are kept this many days"),
-    ("COMPACT_INTERVAL_SECONDS", _as_positive_int, "3600", "how often the server compacts the change log"),
-    ("LOG_FORMAT", _as_log_format, "text", "text, or json for one JSON object a line"),
-    ("ADMIN_TOKEN", _as_secret_token, "",
-     "token (or sha256:HEX) for GET /sync/devices, /metrics and /sync/status; empty: none"),
-    ("METRICS_TOKEN", _as_secret_token, "",
-     "token (or sha256:HEX) for GET /metrics and /sync/status (monitoring); empty: /metrics is protected like "
-     "the sync endpoints"),
-    ("CORS_ORIGINS", _as_origin_list, "", "browser origins allowed to call the API (PWA field apps), comma-separated, or *"),
-    ("SHUTDOWN_GRACE_SECONDS", _as_positive_int, "30", "on SIGTERM, requests in progress get this long to finish"),
-)
-SETTING_NAMES = tuple(name for name, _, _, _ in SETTINGS)
-SECRET_SETTINGS = ("DB_PASS", "TOKENS", "ADMIN_TOKEN", "METRICS_TOKEN")
-
-
-class Config:
-    """Validated settings; attribute names are the setting names in lower case."""
-
-    def __init__(self, values):
-        for name, _, _, _ in SETTINGS:
-            setattr(self, name.lower(), values[name])
-
-    @property
-    def backend(self):
-        """'mysql' when DB_HOST is set, else 'sqlite'."""
-        return "mysql" if self.db_host else "sqlite"
-
-    def describe(self):
-        """Effective settings as text, secrets masked."""
-        parts = []
-        for name in SETTING_NAMES:
-            value = getattr(self, name.lower())
-            if name in SECRET_SETTINGS and value:
-                value = "***"
-            elif value is None:
-                value = ""
-            elif isinstance(value, tuple):
-                value = ",".join(map(str, value))
-            parts.append("%s=%s" % (name, value))
-        return " ".join(parts)
-
-
-def load_config(env_file=".env", environ=None, overrides=None, required=False):
-    """Build a Config from defaults, the .env file and the environment (which wins).
-
-    `required`: the file was named on purpose (--env-file), so its absence is an error.
-    """
-    environ = os.environ if environ is None else environ
-    file_values = {}
-    if env_file and required and not os.path.exists(env_file):
-        raise ConfigError("the settings file %s does not exist (--env-file); give an existing file, or leave "
-                          "--env-file out to read .env in the working directory if there is one." % env_file)
-    if env_file and os.path.exists(env_file):
-        try:
-            with open(env_file, encoding="utf-8", newline="") as handle:
-                file_values, problems = parse_dotenv(handle.read(), environ)
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError("cannot read %s: %s." % (env_file, error)) from None
-        for number, message in problems:
-            log.warning("%s line %d skipped: %s", env_file, number, message)
-        unknown = sorted(set(file_values) - set(SETTING_NAMES))
-        if unknown:
-            raise ConfigError("%s sets unknown setting %s; the settings are listed in sample.env."
-                              % (env_file, ", ".join(unknown)))
-    values = {}
-    for name, caster, default, _ in SETTINGS:
-        raw = default
-        if name in file_values:
-            raw = file_values[name]
-        if name in environ:
-            raw = environ[name]
-        if overrides and name in overrides:
-            raw = overrides[name]
-        try:
-            values[name] = caster(raw)
-        except ValueError as error:
-            shown = "(hidden)" if name in SECRET_SETTINGS else repr(raw)      # never echo a secret
-            raise ConfigError("%s=%s is not valid: %s." % (name, shown, error)) from None
-    config = Config(values)
-    outside = sorted(set(config.read_only_tables) - set(config.allowed_tables))
-    if outside:
-        raise ConfigError("READ_ONLY_TABLES names %s, which %s not in ALLOWED_TABLES."
-                          % (", ".join(outside), "is" if len(outside) == 1 else "are"))
-    if config.backend == "mysql":
-        missing = [name for name in ("DB_USER", "DB_NAME") if not values[name]]
-        if missing:
-            raise ConfigError("DB_HOST is set, so %s must be set too." % " and ".join(missing))
-    return config
+access_log = logging.getLogger("cloudsync.access")
 
 
 # ---------------------------------------------------------------------------
@@ -786,6 +622,222 @@ class Authenticator:
                     _loggable(request.path, 100), detail)
         request.auth_failed = True
         raise Refused("unauthorized", detail)
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+def _as_port(text):
+    if not re.fullmatch(r"\s*[0-9]{1,5}\s*", text) or not 0 < int(text) < 65536:
+        raise ValueError("expected a port number from 1 to 65535")
+    return int(text)
+
+
+def _as_positive_int(text):
+    if not re.fullmatch(r"\s*[0-9]{1,18}\s*", text) or int(text) < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return int(text)
+
+
+def _as_positive_float(text):
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not 0 < number < 86400:
+        raise ValueError("expected a number of seconds greater than 0 and below 86400")
+    return number
+
+
+def _as_table_list(text):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if len(set(names)) != len(names):
+        raise ValueError("a table is named twice")
+    own = [name for name in names if name.lower().startswith("cloudsync_")]
+    if own:
+        # cloudsync_meta holds the checkpoint-signing key; no cloudsync_* table is for devices
+        raise ValueError("%s is one of cloudsync's own tables (cloudsync_*), which devices may never sync" % own[0])
+    return tuple(names)
+
+
+def _as_log_level(text):
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+def _as_auth_mode(text):
+    mode = text.strip().lower()
+    if mode not in ("auto", "off"):
+        raise ValueError("expected auto or off")
+    return mode
+
+
+def _as_token_list(text):
+    tokens = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        device_id, _, secret = item.partition(":")
+        if not device_id or not secret:
+            raise ValueError("expected device_id:token pairs separated by commas")
+        tokens.append(DeviceToken(device_id, secret))
+    return tuple(tokens)
+
+
+def _as_log_format(text):
+    fmt = text.strip().lower()
+    if fmt not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return fmt
+
+
+def _as_secret_token(text):
+    """An admin or metrics token: the token itself or sha256:HEX; empty for none."""
+    text = text.strip()
+    return DeviceToken("-", text) if text else None
+
+
+def _as_origin_list(text):
+    origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
+            raise ValueError("expected * or origins like https://app.example.com, comma-separated")
+    return origins
+
+
+def _as_capture_mode(text):
+    mode = text.strip().lower()
+    if mode not in ("triggers", "api"):
+        raise ValueError("expected triggers or api")
+    return mode
+
+
+# (name, caster, default, one-line description): the single source for
+# parsing, sample.env and README. Seed names (DB_HOST, DB_USER, DB_PASS,
+# DB_NAME, ALLOWED_TABLES, PORT) keep their meaning.
+SETTINGS = (
+    ("HOST", str, "127.0.0.1", "address to listen on; 0.0.0.0 for every interface"),
+    ("PORT", _as_port, "4000", "TCP port to listen on"),
+    ("DB_HOST", str, "", "MySQL/MariaDB host; leave empty to use the embedded SQLite database"),
+    ("DB_PORT", _as_port, "3306", "MySQL/MariaDB port"),
+    ("DB_USER", str, "", "MySQL/MariaDB user"),
+    ("DB_PASS", str, "", "MySQL/MariaDB password"),
+    ("DB_NAME", str, "", "MySQL/MariaDB database (schema) name"),
+    ("DB_PATH", str, "cloudsync.db", "SQLite database file, used when DB_HOST is empty"),
+    ("ALLOWED_TABLES", _as_table_list, "", "comma-separated tables devices may sync"),
+    ("MAX_BODY_BYTES", _as_positive_int, "10485760", "largest request body accepted, in bytes"),
+    ("THREADS", _as_positive_int, "8", "request worker threads"),
+    ("DB_POOL_SIZE", _as_positive_int, "8", "most database connections held open at once"),
+    ("DB_CONNECT_TIMEOUT_SECONDS", _as_positive_float, "5", "give up connecting to the database after this long"),
+    ("DB_WAIT_SECONDS", _as_positive_float, "10", "longest wait for a free database connection, a row or table lock, or the SQLite write lock"),
+    ("LOG_LEVEL", _as_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    ("AUTH", _as_auth_mode, "auto",
+     "auto: tokens are required when any are configured; off: no authentication (never on a public address)"),
+    ("TOKENS", _as_token_list, "", "device tokens as device_id:token or device_id:sha256:HEX, comma-separated"),
+    ("TOKENS_FILE", str, "cloudsync.tokens",
+     "file of device tokens, one 'device_id sha256:HEX [tables=a,b] [created=TIME]' a line; re-read when it changes"),
+    ("READ_ONLY_TABLES", _as_table_list, "", "tables devices may pull but never push"),
+    ("MAX_OPERATIONS", _as_positive_int, "10000", "most operations in one push"),
+    ("MAX_PULL_ROWS", _as_positive_int, "5000", "most rows plus keys in one pull; a larger limit is capped"),
+    ("MAX_JSON_DEPTH", _as_positive_int, "16", "deepest nesting of objects and lists in a request body"),
+    ("MAX_VALUE_BYTES", _as_positive_int, "1048576", "largest single text value, in bytes"),
+    ("READ_TIMEOUT_SECONDS", _as_positive_int, "30", "a client that sends nothing for this long is disconnected"),
+    ("GZIP_MIN_BYTES", _as_positive_int, "1024", "responses at least this large are gzipped for clients that accept it"),
+    ("PUSH_RETRIES", _as_positive_int, "3", "times a push is retried after a deadlock or lock timeout before 503"),
+    ("CHANGE_CAPTURE", _as_capture_mode, "triggers",
+     "triggers (every writer is recorded) or api (only writes through cloudsync)"),
+    ("CHANGELOG_RETENTION_DAYS", _as_positive_int, "30", "change log and batch ids are kept this many days"),
+    ("COMPACT_INTERVAL_SECONDS", _as_positive_int, "3600", "how often the server compacts the change log"),
+    ("LOG_FORMAT", _as_log_format, "text", "text, or json for one JSON object a line"),
+    ("ADMIN_TOKEN", _as_secret_token, "",
+     "token (or sha256:HEX) for GET /sync/devices, /metrics and /sync/status; empty: none"),
+    ("METRICS_TOKEN", _as_secret_token, "",
+     "token (or sha256:HEX) for GET /metrics and /sync/status (monitoring); empty: /metrics is protected like "
+     "the sync endpoints"),
+    ("CORS_ORIGINS", _as_origin_list, "", "browser origins allowed to call the API (PWA field apps), comma-separated, or *"),
+    ("SHUTDOWN_GRACE_SECONDS", _as_positive_int, "30", "on SIGTERM, requests in progress get this long to finish"),
+)
+SETTING_NAMES = tuple(name for name, _, _, _ in SETTINGS)
+SECRET_SETTINGS = ("DB_PASS", "TOKENS", "ADMIN_TOKEN", "METRICS_TOKEN")
+
+
+class Config:
+    """Validated settings; attribute names are the setting names in lower case."""
+
+    def __init__(self, values):
+        for name, _, _, _ in SETTINGS:
+            setattr(self, name.lower(), values[name])
+
+    @property
+    def backend(self):
+        """'mysql' when DB_HOST is set, else 'sqlite'."""
+        return "mysql" if self.db_host else "sqlite"
+
+    def describe(self):
+        """Effective settings as text, secrets masked."""
+        parts = []
+        for name in SETTING_NAMES:
+            value = getattr(self, name.lower())
+            if name in SECRET_SETTINGS and value:
+                value = "***"
+            elif value is None:
+                value = ""
+            elif isinstance(value, tuple):
+                value = ",".join(map(str, value))
+            parts.append("%s=%s" % (name, value))
+        return " ".join(parts)
+
+
+def load_config(env_file=".env", environ=None, overrides=None, required=False):
+    """Build a Config from defaults, the .env file and the environment (which wins).
+
+    `required`: the file was named on purpose (--env-file), so its absence is an error.
+    """
+    environ = os.environ if environ is None else environ
+    file_values = {}
+    if env_file and required and not os.path.exists(env_file):
+        raise ConfigError("the settings file %s does not exist (--env-file); give an existing file, or leave "
+                          "--env-file out to read .env in the working directory if there is one." % env_file)
+    if env_file and os.path.exists(env_file):
+        try:
+            with open(env_file, encoding="utf-8", newline="") as handle:
+                file_values, problems = parse_dotenv(handle.read(), environ)
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError("cannot read %s: %s." % (env_file, error)) from None
+        for number, message in problems:
+            log.warning("%s line %d skipped: %s", env_file, number, message)
+        unknown = sorted(set(file_values) - set(SETTING_NAMES))
+        if unknown:
+            raise ConfigError("%s sets unknown setting %s; the settings are listed in sample.env."
+                              % (env_file, ", ".join(unknown)))
+    values = {}
+    for name, caster, default, _ in SETTINGS:
+        raw = default
+        if name in file_values:
+            raw = file_values[name]
+        if name in environ:
+            raw = environ[name]
+        if overrides and name in overrides:
+            raw = overrides[name]
+        try:
+            values[name] = caster(raw)
+        except ValueError as error:
+            shown = "(hidden)" if name in SECRET_SETTINGS else repr(raw)      # never echo a secret
+            raise ConfigError("%s=%s is not valid: %s." % (name, shown, error)) from None
+    config = Config(values)
+    outside = sorted(set(config.read_only_tables) - set(config.allowed_tables))
+    if outside:
+        raise ConfigError("READ_ONLY_TABLES names %s, which %s not in ALLOWED_TABLES."
+                          % (", ".join(outside), "is" if len(outside) == 1 else "are"))
+    if config.backend == "mysql":
+        missing = [name for name in ("DB_USER", "DB_NAME") if not values[name]]
+        if missing:
+            raise ConfigError("DB_HOST is set, so %s must be set too." % " and ".join(missing))
+    return config
 
 
 # ---------------------------------------------------------------------------
@@ -1498,6 +1550,41 @@ def _requests_in_progress(server):
 # Two backends with one small interface: connection(), transaction(conn),
 # execute/executemany/query helpers, introspect(table) and ping(). SQL text is
 # written once with `?` placeholders; each backend binds them itself.
+
+
+# -- triggers: their names, the events they fire on, literals in their bodies --------
+
+TRIGGER_EVENTS = {"ins": "INSERT", "upd": "UPDATE", "del": "DELETE"}
+CASCADING_RULES = ("CASCADE", "SET NULL", "SET DEFAULT")
+
+
+def _sql_literal(text, backslashes=False):
+    """A string literal for DDL, where values cannot be bound (trigger bodies); MySQL doubles backslashes too."""
+    if backslashes:
+        text = text.replace("\\", "\\\\")
+    return "'" + text.replace("'", "''") + "'"
+
+
+class _ForeignKey:
+    """A foreign key that makes InnoDB write child rows: child and parent tables, columns, ON DELETE/UPDATE rules."""
+
+    __slots__ = ("child", "parent", "on_delete", "on_update", "child_columns", "parent_columns")
+
+    def __init__(self, child, parent, on_delete, on_update):
+        self.child, self.parent, self.on_delete, self.on_update = child, parent, on_delete, on_update
+        self.child_columns, self.parent_columns = [], []
+
+
+def _cascade_trigger_name(table, event):
+    """A parent table's cascade trigger: named by a hash, so no table's own trigger name can clash with it."""
+    return "cloudsync_cascade_%s_%s" % (hashlib.sha1(table.encode("utf-8")).hexdigest()[:16], event)
+
+
+def _trigger_name(table, event):
+    name = "cloudsync_%s_%s" % (table, event)
+    if len(name) > 64 or not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        name = "cloudsync_%s_%s" % (hashlib.sha1(table.encode("utf-8")).hexdigest()[:16], event)
+    return name
 
 
 class _Pool:
@@ -2619,39 +2706,6 @@ def open_database(config):
 # writers leave both NULL.
 
 CHANGE_OPS = {"I": "insert", "U": "update", "D": "delete"}
-TRIGGER_EVENTS = {"ins": "INSERT", "upd": "UPDATE", "del": "DELETE"}
-CASCADING_RULES = ("CASCADE", "SET NULL", "SET DEFAULT")
-
-
-def _sql_literal(text, backslashes=False):
-    """A string literal for DDL, where values cannot be bound (trigger bodies); MySQL doubles backslashes too."""
-    if backslashes:
-        text = text.replace("\\", "\\\\")
-    return "'" + text.replace("'", "''") + "'"
-
-
-class _ForeignKey:
-    """A foreign key that makes InnoDB write child rows: child and parent tables, columns, ON DELETE/UPDATE rules."""
-
-    __slots__ = ("child", "parent", "on_delete", "on_update", "child_columns", "parent_columns")
-
-    def __init__(self, child, parent, on_delete, on_update):
-        self.child, self.parent, self.on_delete, self.on_update = child, parent, on_delete, on_update
-        self.child_columns, self.parent_columns = [], []
-
-
-def _cascade_trigger_name(table, event):
-    """A parent table's cascade trigger: named by a hash, so no table's own trigger name can clash with it."""
-    return "cloudsync_cascade_%s_%s" % (hashlib.sha1(table.encode("utf-8")).hexdigest()[:16], event)
-
-
-def _trigger_name(table, event):
-    name = "cloudsync_%s_%s" % (table, event)
-    if len(name) > 64 or not re.fullmatch(r"[A-Za-z0-9_]+", name):
-        name = "cloudsync_%s_%s" % (hashlib.sha1(table.encode("utf-8")).hexdigest()[:16], event)
-    return name
-
-
 class ChangeLog:
     """cloudsync's own tables: the change log, sequence numbers, batches, and the triggers."""
 
@@ -3168,9 +3222,9 @@ def key_value(schema, key):
 
 
 class SyncEngine:
-    """The allowed tables and what push and pull share; `pushes` and `pulls` do the rest."""
+    """The allowed tables and what push and pull share; Pushes and Pulls (below) do the rest."""
 
-    def __init__(self, database, allowed_tables, capture="triggers", max_value_bytes=1 << 20, push_retries=3):
+    def __init__(self, database, allowed_tables, capture="triggers"):
         self.db = database
         self.allowed_tables = tuple(allowed_tables)
         self.schemas = {}
@@ -3179,8 +3233,6 @@ class SyncEngine:
         self._columns_fingerprints = {}
         self.changelog = ChangeLog(database, capture)
         self.checkpoints = Checkpoints(self.changelog)
-        self.pushes = Pushes(self, max_value_bytes, push_retries)
-        self.pulls = Pulls(self)
 
     # -- schema -------------------------------------------------------------
 
@@ -3219,9 +3271,8 @@ class SyncEngine:
         self._columns_fingerprints = columns
         self.schemas = schemas          # one assignment: readers see the old or the new dict
         self.schema_loaded_at = time.monotonic()
-        if fingerprint != self.schema_fingerprint:
-            self.schema_fingerprint = fingerprint
-            self.pulls.forget()         # answers encoded with the old columns
+        # cached seed pulls are keyed by it: answers encoded with the old columns are not served again
+        self.schema_fingerprint = fingerprint
 
     def columns_fingerprint(self, tables):
         """A short value that changes when a column, type or key of one of `tables` changes."""
@@ -3912,7 +3963,7 @@ class Pulls:
     def seed_pull(self, tables, limit):
         """The seed's pull as encoded JSON, served from cache while the change log shows no change."""
         schemas = self.engine.schemas
-        key = (tuple(tables), limit)
+        key = (tuple(tables), limit, self.engine.schema_fingerprint)
         with self.db.connection() as conn:
             # Only what the change log sees can validate a cached answer: outside writes need
             # triggers, and a foreign-key cascade the cascade triggers cannot follow is not seen.
@@ -3954,11 +4005,6 @@ class Pulls:
                 _, dropped = self._cache.popitem(last=False)
                 size -= len(dropped.body) + len(dropped.gzipped or b"")
 
-    def forget(self):
-        """Drop every cached answer (the tables' columns changed)."""
-        with self._cache_lock:
-            self._cache.clear()
-
     def _read_rows(self, conn, tables, limit):
         data = {}
         for table in tables:
@@ -3985,7 +4031,7 @@ def parse_limit(value, cap):
 
 
 # ---------------------------------------------------------------------------
-# Operations: metrics, logs, device fleet
+# Operations: metrics, device fleet
 # ---------------------------------------------------------------------------
 # What an operator needs without reading code. Metrics and the device fleet
 # are kept in memory on the request path (a lock and a few additions); the
@@ -4052,24 +4098,6 @@ class Metrics:
         return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def _printable(text):
-    """Text for a one-line log entry: control and other unprintable characters escaped."""
-    return text if text.isprintable() else text.encode("unicode_escape", "backslashreplace").decode("ascii")
-
-
-def _loggable(value, limit=200):
-    """Anything a client sent, fit for a log line: cut to `limit` characters, line breaks and controls escaped."""
-    return _printable(str(value)[:limit])
-
-
-class TextLogFormatter(logging.Formatter):
-    """LOG_FORMAT=text: one line a message; a line break in a message (from anywhere) cannot start a fake entry."""
-
-    def formatMessage(self, record):
-        record.message = _printable(record.message)
-        return super().formatMessage(record)
-
-
 def _labels(pairs):
     """{a="1",b="2"} with values escaped as the text format asks."""
     if not pairs:
@@ -4081,31 +4109,6 @@ def _labels(pairs):
 def _number(value):
     return repr(float(value)) if isinstance(value, float) else str(value)
 
-
-class JSONLogFormatter(logging.Formatter):
-    """LOG_FORMAT=json: one JSON object a line; access lines carry their fields as keys."""
-
-    def format(self, record):
-        entry = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
-                 .isoformat(timespec="milliseconds"), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
-        entry.update(getattr(record, "fields", None) or {})
-        if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
-
-
-def configure_logging(log_format, level):
-    """Send every log line to stderr, as text or JSON lines."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JSONLogFormatter() if log_format == "json" else
-                         TextLogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
-
-access_log = logging.getLogger("cloudsync.access")
 
 DEVICE_FIELDS = ("device_id", "first_seen", "last_seen", "last_push", "last_pull", "checkpoint_seq",
                  "pushes", "pulls", "errors", "rejected", "failed", "pull_tables")
@@ -4338,8 +4341,9 @@ class App:
     def __init__(self, config, database=None, engine=None):
         self.config = config
         self.db = database or open_database(config)
-        self.engine = engine or SyncEngine(self.db, config.allowed_tables, config.change_capture,
-                                           config.max_value_bytes, config.push_retries)
+        self.engine = engine or SyncEngine(self.db, config.allowed_tables, config.change_capture)
+        self.pushes = Pushes(self.engine, config.max_value_bytes, config.push_retries)
+        self.pulls = Pulls(self.engine)
         self.auth = Authenticator(config)
         self.metrics = Metrics()
         self.fleet = DeviceFleet(self.db)
@@ -4496,7 +4500,7 @@ class App:
         if isinstance(sent, list) and len(sent) > self.config.max_operations:
             raise Refused("too_many_operations", "a push may hold at most %d operations; split the batch "
                             "into several pushes" % self.config.max_operations)
-        operations = self.engine.pushes.validate_operations(sent)
+        operations = self.pushes.validate_operations(sent)
         self._check_writable(operations, token)
         request_hash = None             # what a retry with the same batch id must match
         if batch_id is not None:
@@ -4505,7 +4509,7 @@ class App:
                                                      ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
         request.count = len(operations)
         try:
-            result = self.engine.pushes.push(operations, device_id, batch_id, checkpoint, fields["on_conflict"],
+            result = self.pushes.push(operations, device_id, batch_id, checkpoint, fields["on_conflict"],
                                              request_hash)
             if result.get("replayed"):
                 self.metrics.count("cloudsync_replays_total")
@@ -4546,7 +4550,7 @@ class App:
         requested = fields["tables"]
         if requested is None and token is not None and token.tables is not None:
             requested = [table for table in self.engine.allowed_tables if table in token.tables]
-        tables = self.engine.pulls.check_tables(requested)
+        tables = self.pulls.check_tables(requested)
         if token is not None and token.tables is not None:
             refused = [table for table in tables if table not in token.tables]
             if refused:
@@ -4556,7 +4560,7 @@ class App:
         sync_mode, since = "since" in payload, fields["since"]
         try:
             if sync_mode:
-                result = self.engine.pulls.pull_changes(tables, since, limit)
+                result = self.pulls.pull_changes(tables, since, limit)
                 result["limit"] = limit
                 pulled = self.engine.checkpoints.decode(result["checkpoint"])
                 request.checkpoint_seq, request.tables = pulled["s"], ",".join(pulled["t"])
@@ -4564,7 +4568,7 @@ class App:
                           for table, change in result["changes"].items()}
                 self._count_pulled(request, counts)
                 return 200, result
-            encoded = self.engine.pulls.seed_pull(tables, limit)
+            encoded = self.pulls.seed_pull(tables, limit)
             self._count_pulled(request, encoded.rows)
         except DatabaseUnavailable:
             raise Refused("pull_unavailable", "the database is unavailable; retry later") from None
@@ -4610,7 +4614,7 @@ class App:
         else:
             request.token = self.auth.identify(request)
         pool = getattr(self.db, "pool", None)
-        gauges = [("cloudsync_push_retries_total", {}, self.engine.pushes.retries),
+        gauges = [("cloudsync_push_retries_total", {}, self.pushes.retries),
                   ("cloudsync_driver_info", {"driver": self.db.driver()}, 1)]
         if pool is not None:
             gauges += [("cloudsync_pool_connections_in_use", {}, pool.in_use),

@@ -786,7 +786,7 @@ def test_rows_encoded_by_mysql_equal_rows_encoded_here(backend):
         assert schema.json_row is not None
         with app.db.connection() as conn:
             by_server = json.loads(app.db.rows_as_json(conn, schema, 5000)[0])
-            here = json.loads(cloudsync.to_json_bytes(app.engine.pulls._read_rows(conn, ["kinds"], 5000)["kinds"]))
+            here = json.loads(cloudsync.to_json_bytes(app.pulls._read_rows(conn, ["kinds"], 5000)["kinds"]))
             assert len(here) == len(values)
             assert by_server == here
             assert json.loads(app.db.rows_as_json(conn, schema, 2)[0]) == here[:2]
@@ -1283,7 +1283,7 @@ def test_seed_cache_memory_is_bounded_in_bytes(probe, backend, monkeypatch):
         assert push(probe, [op("insert", "docs", id=n, body="x" * 1000000)]).status == 200
     for limit in range(1, 7):
         assert pull(probe, tables=["docs"], limit=limit).status == 200
-    cached = probe.engine.pulls._cache.values()
+    cached = probe.pulls._cache.values()
     assert sum(len(entry.body) + len(entry.gzipped or b"") for entry in cached) <= 4 << 20
     assert len(pull(probe, tables=["docs"], limit=6).json["data"]["docs"]) == 6
 
@@ -2994,25 +2994,25 @@ def test_gzip_response_when_accepted_and_large(app):
 
 
 def test_retryable_error_is_retried_then_succeeds(app, backend, monkeypatch):
-    real_push, failures = app.engine.pushes._push, []
+    real_push, failures = app.pushes._push, []
 
     def flaky(*args, **kwargs):
         if len(failures) < 2:
             failures.append(1)
             raise cloudsync.Retryable("deadlock")
         return real_push(*args, **kwargs)
-    monkeypatch.setattr(app.engine.pushes, "_push", flaky)
+    monkeypatch.setattr(app.pushes, "_push", flaky)
     assert push(app, [op("insert", id="s1")]).status == 200
-    assert app.engine.pushes.retries == 2 and len(backend.rows("sales")) == 1
+    assert app.pushes.retries == 2 and len(backend.rows("sales")) == 1
 
 
 def test_retryable_error_gives_503_after_bounded_retries(app, monkeypatch):
     def always(*args, **kwargs):
         raise cloudsync.Retryable("deadlock")
-    monkeypatch.setattr(app.engine.pushes, "_push", always)
+    monkeypatch.setattr(app.pushes, "_push", always)
     response = push(app, [op("insert", id="s1")])
     assert response.status == 503 and response.headers["Retry-After"]
-    assert app.engine.pushes.retries == app.config.push_retries
+    assert app.pushes.retries == app.config.push_retries
 
 
 def test_concurrent_pushes_in_opposite_order_all_succeed(app, backend):
@@ -3891,7 +3891,7 @@ def test_devices_tell_refusals_from_failures_and_fit_100_columns(backend, monkey
 
     def broken(*args, **kwargs):
         raise RuntimeError("the database failed")
-    monkeypatch.setattr(application.engine.pushes, "push", broken)
+    monkeypatch.setattr(application.pushes, "push", broken)
     assert push(application, [op("insert", id="s2")], device_id="till-with-a-long-name-01").status == 500
     monkeypatch.undo()
     with application.db.connection() as conn:
