@@ -18,10 +18,55 @@ What this service guarantees:
 - A push retried with its batch id is applied once; a push never conflicts
   silently when it carries the device's checkpoint.
 
-The module reads top to bottom in sections: constants, errors, .env parser,
-configuration, authentication, identifiers and values, database layer, change
-capture, checkpoints, sync engine, operations (metrics, logs, device fleet),
-API description, HTTP application, command line.
+How to read it. The module reads top to bottom in sections, each under a
+banner: Constants, Errors, .env parser, Logs, Authentication, Configuration,
+Identifiers and values, SQL builders, Private APIs (each with its public
+fallback), Database layer, Change capture, Checkpoints, Sync engine, Push,
+Pull, Operations (metrics, device fleet), HTTP application, Command line,
+and the data at the end (cloudsync's own tables, metric help, OpenAPI). A
+definition uses what is below it in its section or in an earlier section;
+only the data at the end is named from above.
+
+The path of a push (POST /sync/push), function by function:
+  App.__call__            wraps the WSGI environ in a Request; the one place a
+                          Refused becomes an answer (_answer, from REFUSALS)
+  App._dispatch           route and method (405 with Allow), Authenticator.identify
+  App.push                Request.json_object (parse_json, _check_depth), then
+                          read_fields(PUSH_FIELDS): device_id, batch_id, ...
+  Pushes.validate_operations   every operation before any SQL: schema_for,
+                          bind_value for each value, key_problem for the key
+  App._check_writable     READ_ONLY_TABLES and the token's tables
+  Pushes.push             Checkpoints.decode; a batch seen before is replayed
+                          (ChangeLog.find_batch, Pushes._replay)
+  Pushes._push_with_retries    a deadlock or lock timeout runs it again
+  Pushes._push            one transaction (_push_transaction):
+                            ChangeLog.claim_batch, ChangeLog.attributed
+                            Pushes._conflicts: SyncEngine.rows_for_keys,
+                              ChangeLog.touched_by_others, check_position
+                            each operation by ACTIONS: _insert_many, _insert_one,
+                              _update, _delete, _upsert -> SQL builders ->
+                              Database.execute (triggers log the change)
+                            Pushes._checkpoint_after_push: the commit-order
+                              argument, _only_echoes, Checkpoints.encode
+                            ChangeLog.finish_batch keeps the outcome for a retry
+  App.__call__            to_json_bytes, gzip; App._account: metrics, the
+                          device fleet, one access-log line
+
+The path of a pull (POST /sync/pull):
+  App.__call__ -> App._dispatch -> App.pull   read_fields(PULL_FIELDS),
+                          Pulls.check_tables, parse_limit
+  sync mode (`since` present):
+    Pulls.pull_changes    Checkpoints.decode; ChangeLog.sequence numbers what
+                          committed; a first sync pages through the tables
+                          (Pulls._scan_tables: page_sql), later ones read the
+                          log (ChangeLog.changed_rows, Pulls._fetch_changed:
+                          SyncEngine.select_by_keys, deleted keys by key_value);
+                          ChangeLog.check_position; Checkpoints.encode
+  seed mode (no `since`):
+    Pulls.seed_pull       ChangeLog.tables_version validates the cached answer;
+                          else Database.rows_as_json or Pulls._read_rows
+                          (first_rows_sql), kept as Encoded with an ETag
+  App.__call__            the encoded body, or 304 for a matching If-None-Match
 """
 
 import argparse
@@ -54,8 +99,20 @@ import contextlib
 from contextlib import contextmanager
 
 __all__ = [
-    "App", "Config", "ConfigError", "Refused", "REFUSALS", "SchemaError", "DatabaseUnavailable",
-    "parse_dotenv", "load_config", "open_database", "make_app", "main", "Metrics", "DeviceFleet", "OPENAPI",
+    # errors, and the catalogue of refusals
+    "CloudsyncError", "ConfigError", "SchemaError", "ChangeCaptureError", "DatabaseUnavailable", "Retryable",
+    "Denied", "DataRejected", "Refused", "REFUSALS",
+    # configuration and tokens
+    "SETTINGS", "Config", "parse_dotenv", "load_config", "DeviceToken", "hash_token", "read_tokens_file",
+    "add_token", "rotate_token", "remove_token",
+    # values and SQL
+    "Column", "TableSchema", "bind_value", "parse_json", "to_json_bytes", "key_where", "keys_where",
+    "select_keyed_sql", "insert_sql", "update_sql", "exists_sql", "delete_sql", "first_rows_sql", "page_sql",
+    # the database, its change log, the sync engine
+    "Database", "SQLiteDatabase", "MySQLDatabase", "open_database", "ChangeLog", "Checkpoints", "SyncEngine",
+    "Pushes", "Pulls",
+    # serving it
+    "Metrics", "DeviceFleet", "App", "make_app", "main", "OPENAPI", "ROUTE_REFUSALS",
 ]
 
 __version__ = "0.1.0"
@@ -352,6 +409,7 @@ class TextLogFormatter(logging.Formatter):
     """LOG_FORMAT=text: one line a message; a line break in a message (from anywhere) cannot start a fake entry."""
 
     def formatMessage(self, record):
+        """The message with unprintable characters escaped."""
         record.message = _printable(record.message)
         return super().formatMessage(record)
 
@@ -360,6 +418,7 @@ class JSONLogFormatter(logging.Formatter):
     """LOG_FORMAT=json: one JSON object a line; access lines carry their fields as keys."""
 
     def format(self, record):
+        """One JSON object: time, level, logger, message, and an access line's fields."""
         entry = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
                  .isoformat(timespec="milliseconds"), "level": record.levelname, "logger": record.name,
                  "message": record.getMessage()}
@@ -549,6 +608,7 @@ class Authenticator:
                               "authentication." % config.host)
 
     def _load(self):
+        """Read TOKENS and the tokens file into the tokens in force."""
         tokens = list(self.config.tokens) + read_tokens_file(self.config.tokens_file)
         allowed = set(self.config.allowed_tables)
         for token in tokens:
@@ -565,6 +625,7 @@ class Authenticator:
         return tokens
 
     def _file_stat(self):
+        """What tells the tokens file changed: mtime, inode and size, or None when absent."""
         try:
             status = os.stat(self.config.tokens_file) if self.config.tokens_file else None
         except OSError:
@@ -618,6 +679,7 @@ class Authenticator:
                          if matched else "this endpoint is off: set ADMIN_TOKEN to use it")
 
     def _refuse(self, request, detail):
+        """Count and log a failed authentication; raise Refused("unauthorized")."""
         log.warning("auth failure from %s on %s: %s", _loggable(request.environ.get("REMOTE_ADDR", "?")),
                     _loggable(request.path, 100), detail)
         request.auth_failed = True
@@ -630,18 +692,21 @@ class Authenticator:
 
 
 def _as_port(text):
+    """A TCP port, 1 to 65535."""
     if not re.fullmatch(r"\s*[0-9]{1,5}\s*", text) or not 0 < int(text) < 65536:
         raise ValueError("expected a port number from 1 to 65535")
     return int(text)
 
 
 def _as_positive_int(text):
+    """A whole number of at least 1."""
     if not re.fullmatch(r"\s*[0-9]{1,18}\s*", text) or int(text) < 1:
         raise ValueError("expected a whole number of at least 1")
     return int(text)
 
 
 def _as_positive_float(text):
+    """A finite number above 0."""
     try:
         number = float(text)
     except ValueError:
@@ -652,6 +717,7 @@ def _as_positive_float(text):
 
 
 def _as_table_list(text):
+    """Comma-separated table names, each named once, none of cloudsync's own."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     if len(set(names)) != len(names):
         raise ValueError("a table is named twice")
@@ -663,6 +729,7 @@ def _as_table_list(text):
 
 
 def _as_log_level(text):
+    """DEBUG, INFO, WARNING or ERROR."""
     level = text.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
@@ -670,6 +737,7 @@ def _as_log_level(text):
 
 
 def _as_auth_mode(text):
+    """auto or off."""
     mode = text.strip().lower()
     if mode not in ("auto", "off"):
         raise ValueError("expected auto or off")
@@ -677,6 +745,7 @@ def _as_auth_mode(text):
 
 
 def _as_token_list(text):
+    """TOKENS: device_id:token or device_id:sha256:HEX, comma-separated, as DeviceTokens."""
     tokens = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -689,6 +758,7 @@ def _as_token_list(text):
 
 
 def _as_log_format(text):
+    """text or json."""
     fmt = text.strip().lower()
     if fmt not in ("text", "json"):
         raise ValueError("expected text or json")
@@ -702,6 +772,7 @@ def _as_secret_token(text):
 
 
 def _as_origin_list(text):
+    """CORS origins: * or comma-separated scheme://host[:port]."""
     origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
     for origin in origins:
         if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
@@ -710,6 +781,7 @@ def _as_origin_list(text):
 
 
 def _as_capture_mode(text):
+    """triggers or api."""
     mode = text.strip().lower()
     if mode not in ("triggers", "api"):
         raise ValueError("expected triggers or api")
@@ -991,6 +1063,7 @@ def to_json_bytes(payload):
 
 
 def _reject_constant(name):
+    """json.loads hook: NaN and Infinity are not JSON."""
     raise ValueError("%s is not valid JSON" % name)
 
 
@@ -1023,6 +1096,7 @@ def parse_json(body):
 
 
 def _invalid(where, column, text):
+    """Refused("invalid_value") naming the operation and the column."""
     return Refused("invalid_value", "%s: %s" % (where, text % repr(column.name)))
 
 
@@ -1071,6 +1145,7 @@ def bind_value(column, value, where):
 
 
 def _check_text(column, value, where):
+    """A text value the column can hold: length, code points, ENUM and SET members."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -1168,6 +1243,7 @@ def _checked_decimal(column, value, where):
 
 
 def _json_type(value):
+    """A JSON value's type as a client would name it: object, array, string..."""
     if isinstance(value, dict):
         return "an object"
     if isinstance(value, list):
@@ -1364,9 +1440,11 @@ class _DriverStatements:
             hasattr(conn, "prepare_for_mysql") or hasattr(getattr(conn, "converter", None), "escape"))
 
     def begin(self, conn):
+        """START TRANSACTION."""
         conn.cmd_query("START TRANSACTION")
 
     def execute(self, conn, sql, params):
+        """Run one statement; the rows it matched."""
         result = conn.cmd_query(self._bind(conn, sql, params))
         if "columns" in result:
             conn.get_rows()
@@ -1375,6 +1453,7 @@ class _DriverStatements:
         return result["affected_rows"]
 
     def query(self, conn, sql, params):
+        """Run a SELECT; its rows as tuples."""
         result = conn.cmd_query(self._bind(conn, sql, params))
         if "columns" not in result:
             return []
@@ -1383,6 +1462,7 @@ class _DriverStatements:
         return rows
 
     def executemany(self, conn, sql, rows):
+        """An INSERT of many rows as multi-row statements of about MYSQL_STATEMENT_BYTES."""
         head, _, row_template = sql.partition(" VALUES ")
         template = row_template.encode("utf-8").split(b"?")
         width = len(template) - 1
@@ -1404,6 +1484,7 @@ class _DriverStatements:
 
     @staticmethod
     def _free_result(conn):
+        """Free the C extension's result buffer."""
         free = getattr(conn, "free_result", None)      # the pure-Python driver has nothing to free
         if free is not None:
             free()
@@ -1420,6 +1501,7 @@ class _DriverStatements:
                 for value, text in zip(params, escaped)]
 
     def _bind(self, conn, sql, params):
+        """The statement as bytes, each ? replaced by its escaped value."""
         template = sql.encode("utf-8").split(b"?")
         values = self._escape(conn, tuple(params)) if params else ()
         if len(template) != len(values) + 1:
@@ -1431,9 +1513,11 @@ class _CursorStatements:
     """MySQL statements through the driver's documented cursor: the public path."""
 
     def begin(self, conn):
+        """START TRANSACTION, through the driver."""
         conn.start_transaction()
 
     def execute(self, conn, sql, params):
+        """Run one statement; the rows it matched."""
         with self._cursor(conn, sql, params) as cursor:
             if cursor.with_rows:
                 cursor.fetchall()
@@ -1441,10 +1525,12 @@ class _CursorStatements:
             return cursor.rowcount
 
     def query(self, conn, sql, params):
+        """Run a SELECT; its rows as tuples."""
         with self._cursor(conn, sql, params) as cursor:
             return cursor.fetchall() if cursor.with_rows else []
 
     def executemany(self, conn, sql, rows):
+        """An INSERT of many rows as multi-row statements within fits_one_statement()'s bound."""
         head, _, row_template = sql.partition(" VALUES ")
         run, size = [], 0
         for row in rows:                    # runs within the bound fits_one_statement() checks
@@ -1458,6 +1544,7 @@ class _CursorStatements:
             self._insert_run(conn, head, row_template, run)
 
     def _insert_run(self, conn, head, row_template, run):
+        """One multi-row INSERT of these rows."""
         self.execute(conn, "%s VALUES %s" % (head, ", ".join([row_template] * len(run))),
                      [value for row in run for value in row])
 
@@ -1581,6 +1668,7 @@ def _cascade_trigger_name(table, event):
 
 
 def _trigger_name(table, event):
+    """A table's own trigger for an event: readable when the name allows, else by a hash."""
     name = "cloudsync_%s_%s" % (table, event)
     if len(name) > 64 or not re.fullmatch(r"[A-Za-z0-9_]+", name):
         name = "cloudsync_%s_%s" % (hashlib.sha1(table.encode("utf-8")).hexdigest()[:16], event)
@@ -1651,6 +1739,7 @@ class _Pool:
             self._slots.release()
 
     def _discard(self, conn):
+        """Close a broken connection and free its place."""
         try:
             conn.close()
         except Exception:       # a dead connection may fail to close; it is gone either way
@@ -1686,6 +1775,7 @@ class Database:
         return self.pool.connection()
 
     def _alive(self, conn):
+        """Whether a connection answers a ping."""
         try:
             self.ping(conn)
             return True
@@ -1832,6 +1922,7 @@ class SQLiteDatabase(Database):
         sqlite3.register_adapter(decimal.Decimal, str)   # exact decimals go in as text
 
     def _connect(self):
+        """A new connection in autocommit mode: WAL, synchronous=FULL, foreign keys on."""
         try:
             conn = sqlite3.connect(self.config.db_path, timeout=self.config.db_wait_seconds,
                                    isolation_level=None, check_same_thread=False)
@@ -1844,19 +1935,23 @@ class SQLiteDatabase(Database):
         return conn
 
     def _begin(self, conn):
+        """BEGIN IMMEDIATE: the write lock now, not at the first write."""
         with self._errors():                         # a write lock held past DB_WAIT_SECONDS: Retryable
             conn.execute("BEGIN IMMEDIATE")          # take the write lock now, not at the first write
 
     def _commit(self, conn):
+        """COMMIT."""
         with self._errors():
             conn.execute("COMMIT")
 
     def _rollback(self, conn):
+        """ROLLBACK."""
         if conn.in_transaction:                      # RAISE(ROLLBACK) in a trigger has already done it
             conn.execute("ROLLBACK")
 
     @contextmanager
     def _errors(self):
+        """Turn SQLite's exceptions into DataRejected, Retryable or DatabaseUnavailable."""
         try:
             yield
         except sqlite3.IntegrityError as error:
@@ -1955,10 +2050,12 @@ class SQLiteDatabase(Database):
 
     @staticmethod
     def devices_table():
+        """CREATE TABLE of cloudsync_devices."""
         return SQLITE_DEVICES_TABLE
 
     @staticmethod
     def devices_upsert():
+        """The statement flushing one device's counts into cloudsync_devices."""
         return SQLITE_DEVICES_UPSERT
 
     def trigger_sql(self, schema, event):
@@ -2004,6 +2101,7 @@ class SQLiteDatabase(Database):
     # many digits as it takes), a BLOB as hex. json_array cannot hold a BLOB.
 
     def _key_column_sql(self, column):
+        """SQL writing one key column as the change log holds it ({0}: the column)."""
         if column.kind == "binary":
             # a BLOB as hex; text or a number another program stored there, wrapped: ["abc"] is not hex
             return "CASE typeof({0}) WHEN 'blob' THEN hex({0}) ELSE json_array({0}) END"
@@ -2012,27 +2110,32 @@ class SQLiteDatabase(Database):
 
     @staticmethod
     def _json_array_text(values):
+        """Key values as json_array() writes them."""
         return "[" + ",".join("null" if value is None else _sqlite_real_text(value) if isinstance(value, float)
                               else json.dumps(value, ensure_ascii=False) for value in values) + "]"
 
     def _log_form(self, column, value):
+        """A pushed key value as the log holds it."""
         stored = _sqlite_stored(column.affinity, value)
         if isinstance(stored, (bytes, bytearray)):
             return bytes(stored).hex().upper()
         return stored
 
     def _bind_logged(self, column, value, ordered=False):
+        """A logged key value as the value that matches the row."""
         if column.kind == "binary":
             return value[0] if isinstance(value, list) else bytes.fromhex(value)
         return value
 
     @staticmethod
     def _stored_logged(column, value):
+        """A stored key value as the log holds it."""
         if isinstance(value, (bytes, bytearray)):
             return bytes(value).hex().upper()
         return [value] if column.kind == "binary" else value
 
     def _present_logged(self, column, value):
+        """A logged key value in pulled form."""
         if column.kind == "binary":
             return value[0] if isinstance(value, list) else base64.b64encode(bytes.fromhex(value)).decode("ascii")
         if column.kind == "decimal":
@@ -2113,6 +2216,7 @@ def _sqlite_real_text(value):
 
 
 def _sqlite_message(error):
+    """SQLite's words for a refused value, with the column named where it can be."""
     text = str(error)
     if text.startswith("UNIQUE constraint failed"):
         return "a row with this primary key or unique value already exists"
@@ -2165,6 +2269,7 @@ class MySQLDatabase(Database):
         self.statements = None      # _DriverStatements or _CursorStatements, chosen at the first connection
 
     def _connect(self):
+        """A new connection: UTC, READ COMMITTED, bounded lock waits, matched-row counts."""
         connector = self._driver
         try:
             conn = connector.connect(
@@ -2198,6 +2303,7 @@ class MySQLDatabase(Database):
                 lasting=errno in self._SETTINGS_REFUSED) from None
 
     def _safe_message(self, error):
+        """An error for a client: its number, never the server's text."""
         return "MySQL error %s" % (getattr(error, "errno", None) or "?")
 
     # what to do about the commonest reasons a connection is refused
@@ -2215,14 +2321,17 @@ class MySQLDatabase(Database):
     _SETTINGS_REFUSED = {1049, 1045, 1044, 1698, 2005}
 
     def _begin(self, conn):
+        """START TRANSACTION."""
         with self._errors():
             self.statements.begin(conn)
 
     def _commit(self, conn):
+        """COMMIT."""
         with self._errors():
             conn.commit()
 
     def _rollback(self, conn):
+        """ROLLBACK."""
         conn.rollback()
 
     # errno values that mean "the server is not there" or "try again"
@@ -2260,6 +2369,7 @@ class MySQLDatabase(Database):
 
     @contextmanager
     def _errors(self):
+        """Turn the driver's exceptions into DataRejected, Retryable or DatabaseUnavailable."""
         connector = self._driver
         try:
             yield
@@ -2408,6 +2518,7 @@ class MySQLDatabase(Database):
     _JSON_EXPRESSIONS["timestamp"] = _JSON_EXPRESSIONS["datetime"]
 
     def _json_expression(self, column, data_type):
+        """SQL writing one column into a JSON object as a pull sends it, or None."""
         if column.kind in self._JSON_AS_IS:
             # MariaDB's JSON is a LONGTEXT that JSON_OBJECT would embed as an object, not a string
             return "CAST({0} AS CHAR)" if data_type == "longtext" else "{0}"
@@ -2433,10 +2544,12 @@ class MySQLDatabase(Database):
 
     @staticmethod
     def devices_table():
+        """CREATE TABLE of cloudsync_devices."""
         return MYSQL_DEVICES_TABLE
 
     @staticmethod
     def devices_upsert():
+        """The statement flushing one device's counts into cloudsync_devices."""
         return MYSQL_DEVICES_UPSERT
 
     def trigger_sql(self, schema, event):
@@ -2577,6 +2690,7 @@ class MySQLDatabase(Database):
     _JSON_ESCAPES.update({8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r", 34: '\\"', 92: "\\\\"})
 
     def _key_column_sql(self, column):
+        """SQL writing one key column as the change log holds it ({0}: the column)."""
         return self._KEY_SQL[column.kind]
 
     def _json_array_text(self, values):
@@ -2585,6 +2699,7 @@ class MySQLDatabase(Database):
                                else '"%s"' % value.translate(self._JSON_ESCAPES) for value in values) + "]"
 
     def _log_form(self, column, value):
+        """A pushed key value as the log holds it."""
         kind = column.kind
         try:
             if kind in ("integer", "bit"):
@@ -2611,6 +2726,7 @@ class MySQLDatabase(Database):
         return value if isinstance(value, (str, int)) else str(value)
 
     def _bind_logged(self, column, value, ordered=False):
+        """A logged key value as the value that matches the row."""
         if column.kind == "binary" and isinstance(value, str):
             return bytes.fromhex(value)
         if column.kind == "decimal" and isinstance(value, str):
@@ -2624,12 +2740,14 @@ class MySQLDatabase(Database):
         return value
 
     def _present_logged(self, column, value):
+        """A logged key value in pulled form."""
         if column.kind == "binary" and isinstance(value, str):
             return base64.b64encode(bytes.fromhex(value)).decode("ascii")
         return value
 
     @staticmethod
     def _stored_logged(column, value):
+        """A stored key value as the log holds it."""
         if isinstance(value, (bytes, bytearray)):
             return bytes(value).hex().upper()
         if column.kind in MySQLDatabase._DECODERS:
@@ -2902,6 +3020,7 @@ class ChangeLog:
         return self.db.when_sql(changed, statements)
 
     def _log_rows_sql(self, schema, key, op, source, where):
+        """A cascade trigger's INSERT logging the child rows of `source` WHERE `where`."""
         return self.db.log_rows_sql(schema.name, key, op, source, where)
 
     def _install_cascade_triggers(self, conn, schemas):
@@ -3153,11 +3272,13 @@ class ChangeLog:
 
 
 def _chunks(items, size):
+    """`items` in lists of at most `size`."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
 def _expired():
+    """The refusal of a checkpoint the log can no longer serve."""
     return Refused("expired", "changes after this checkpoint were compacted away, or the "
                      "database was restored to an earlier state; start again with \"since\": null", reset=True)
 
@@ -3182,6 +3303,7 @@ class Checkpoints:
         self.changelog = changelog
 
     def _mac(self, payload):
+        """The checkpoint payload's HMAC-SHA256, base64url."""
         digest = hmac.new(self.changelog.secret, payload, hashlib.sha256).digest()[:16]
         return base64.urlsafe_b64encode(digest).rstrip(b"=")
 
@@ -3264,6 +3386,7 @@ class SyncEngine:
         return schemas
 
     def _set_schemas(self, schemas):
+        """Put newly read schemas in force, with their fingerprints."""
         columns = {name: hashlib.sha256(json.dumps(schema.describe(), sort_keys=True).encode("utf-8")).hexdigest()
                    for name, schema in schemas.items()}
         fingerprint = hashlib.sha256(json.dumps([sorted(columns.items()), sorted(
@@ -3489,6 +3612,7 @@ class Pushes:
                 time.sleep(0.02 * (2 ** retry) * (1 + secrets.randbelow(100) / 100))
 
     def _replay(self, prior, request_hash, checkpoint):
+        """The stored outcome of a batch pushed before, if the same operations came again."""
         stored_hash, response = prior
         if stored_hash != request_hash:
             raise Refused("batch_reused", "this device already pushed a different batch with this batch_id; use "
@@ -3612,6 +3736,7 @@ class Pushes:
     # -- the actions (ACTIONS) -----------------------------------------------------------
 
     def _insert_many(self, conn, group):
+        """A multi-row INSERT; a refusal means redo one by one to find the row."""
         schema, names = group[0].table, list(group[0].values)
         sql = insert_sql(schema, names)
         try:
@@ -3623,6 +3748,7 @@ class Pushes:
             raise _GroupRejected() from None
 
     def _insert_one(self, conn, op):
+        """Insert one row; True (a retried identical insert is a no-op)."""
         schema, names = op.table, list(op.values)
         sql = insert_sql(schema, names) if names else self.db.insert_defaults_sql(schema)
         try:
@@ -3637,6 +3763,7 @@ class Pushes:
         return True
 
     def _upsert(self, conn, op):
+        """Insert the row or set its columns; True."""
         try:
             self.db.upsert(conn, op.table, op.values)
         except DataRejected as error:
@@ -3655,6 +3782,7 @@ class Pushes:
             raise PushRejected(op, error) from None
 
     def _delete(self, conn, op):
+        """Delete the row; True when it was there."""
         try:
             return self.db.execute(conn, *delete_sql(op.table, op.key)) > 0
         except DataRejected as error:
@@ -3802,6 +3930,7 @@ def _key_json(op):
 
 
 def _op_ref(op):
+    """An operation as answers name it: op, table, key."""
     return {"op": op.index, "table": op.table.name, "key": _key_json(op)}
 
 
@@ -4006,6 +4135,7 @@ class Pulls:
                 size -= len(dropped.body) + len(dropped.gzipped or b"")
 
     def _read_rows(self, conn, tables, limit):
+        """The first `limit` rows of each table in key order, decoded."""
         data = {}
         for table in tables:
             schema = self.engine.schemas[table]
@@ -4107,6 +4237,7 @@ def _labels(pairs):
 
 
 def _number(value):
+    """A sample value as the text format writes it."""
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
@@ -4325,6 +4456,7 @@ def _check_depth(payload, limit):
 
 
 def _read_exactly(stream, length):
+    """Read a body of a declared length, at most READ_CHUNK_BYTES at a time."""
     chunks, remaining = [], length
     while remaining > 0:
         chunk = stream.read(min(remaining, READ_CHUNK_BYTES))
@@ -4370,6 +4502,7 @@ class App:
     # -- WSGI ----------------------------------------------------------------
 
     def __call__(self, environ, start_response):
+        """The WSGI entry: route, answer, account; a Refused becomes its answer here."""
         began = time.perf_counter()
         request = Request(environ, self.config.max_body_bytes, self.config.max_json_depth)
         try:
@@ -4447,6 +4580,7 @@ class App:
                 ("Access-Control-Expose-Headers", "ETag, Retry-After, WWW-Authenticate")]
 
     def _dispatch(self, request):
+        """Route a request to its handler: 404, 405 with Allow, OPTIONS, authentication."""
         path = request.path.lower()           # Express routes ignore case
         if len(path) > 1 and path.endswith("/"):
             path = path[:-1]                  # and a trailing slash
@@ -4591,6 +4725,7 @@ class App:
         return 200, self._openapi
 
     def _count_pulled(self, request, counts):
+        """Count pulled rows for the metrics and the access log."""
         request.count = sum(counts.values())
         for table, count in counts.items():
             if count:
@@ -4840,6 +4975,7 @@ def _drain(server, grace_seconds):
 
 
 def _create_demo_database(path):
+    """A SQLite file holding the example tables (schema-sqlite.sql)."""
     with open(os.path.join(HERE, "schema-sqlite.sql"), encoding="utf-8") as handle:
         script = handle.read()
     conn = sqlite3.connect(path)
@@ -5059,6 +5195,7 @@ def _own_command():
 
 
 def _check_privileges(app, conn, config, problem, ok):
+    """The privileges the database user lacks for serve and migrate."""
     granted = _mysql_privileges(app.db, conn, config.db_name)
     needed = ["SELECT", "INSERT", "UPDATE", "DELETE", "CREATE", "INDEX", "ALTER"] + (
         ["TRIGGER"] if config.change_capture == "triggers" else [])
@@ -5179,6 +5316,7 @@ COMMANDS = {"serve": _serve_command, "demo": _serve_command, "migrate": _migrate
 
 
 def _arguments():
+    """The command-line parser."""
     parser = argparse.ArgumentParser(prog="cloudsync", description="Sync server for offline-first devices.")
     parser.add_argument("--env-file", default=None, help="settings file (default: .env in the working directory, "
                         "if there is one; a file named here must exist; \"\" for none)")
