@@ -144,10 +144,13 @@ SQLITE_EXACT_DIGITS = 15            # what a SQLite REAL keeps exactly
 # the database and the change log
 MYSQL_STATEMENT_BYTES = 1 << 20     # a multi-row INSERT is cut into statements of about this size
 SCHEMA_REFRESH_SECONDS = 1.0        # status re-reads the tables' columns at most this often
-SCHEMA_POLL_SECONDS = 10            # and the server by itself this often: an ALTER TABLE reaches pulls
+# and the server by itself this often: an ALTER TABLE reaches pulls
+SCHEMA_POLL_SECONDS = 10
 CASCADE_DEPTH = 4                   # foreign-key cascade chains are followed this many tables deep
-KEY_FORMAT = "2"                    # how row keys are written in the log (see Database.key_sql); 1: before 2026-12
-SEQUENCE_BATCH_ROWS = 2000          # pending rows numbered per statement (and per transaction in the background)
+# how row keys are written in the log (see Database.key_sql); 1: before 2026-12
+KEY_FORMAT = "2"
+# pending rows numbered per statement (and per transaction in the background)
+SEQUENCE_BATCH_ROWS = 2000
 SEQUENCE_INTERVAL_SECONDS = 1       # how often the server numbers pending changes nobody pulled yet
 COMPACT_BATCH_ROWS = 10000          # log rows deleted per compaction transaction
 CHECKPOINT_PREFIX = "cs1."          # the checkpoint format's version
@@ -155,7 +158,8 @@ CHECKPOINT_PREFIX = "cs1."          # the checkpoint format's version
 # memory
 PULL_CACHE_ENTRIES = 64             # encoded seed-mode pull answers kept
 PULL_CACHE_BYTES = 16 << 20         # ... holding at most this many bytes (their gzipped copies too)
-MALLOC_ARENAS = 2                   # glibc malloc arenas for the whole process (its default: 8 per core)
+# glibc malloc arenas for the whole process (its default: 8 per core)
+MALLOC_ARENAS = 2
 
 # operations: metrics, the device fleet, exit codes
 LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -200,7 +204,8 @@ class DatabaseUnavailable(CloudsyncError):
         super().__init__(message if fix is None else "%s; %s" % (message, fix))
         self.words = message            # what the database said
         self.fix = fix                  # what to do about it, when cloudsync knows
-        self.lasting = lasting          # the settings are wrong (unknown database, wrong password): no retry helps
+        # the settings are wrong (unknown database, wrong password): no retry helps
+        self.lasting = lasting
 
 
 class Retryable(DatabaseUnavailable):
@@ -217,7 +222,8 @@ class DataRejected(CloudsyncError):
     def __init__(self, message, duplicate=False, rule=False):
         super().__init__(message)
         self.duplicate = duplicate      # another row holds this key or unique value
-        self.rule = rule                # a trigger of the user's refused it (SIGNAL, RAISE): message is theirs
+        # a trigger of the user's refused it (SIGNAL, RAISE): message is theirs
+        self.rule = rule
 
 
 class Refused(CloudsyncError):
@@ -643,7 +649,8 @@ class Authenticator:
         except ConfigError as error:
             log.error("tokens file not reloaded, the tokens in force stay: %s", error)
             return False
-        self.tokens = tokens                # one assignment: a request sees the old list or the new one
+        # one assignment: a request sees the old list or the new one
+        self.tokens = tokens
         self.required = self._started_required or bool(tokens)
         log.info("tokens reloaded: %d device token(s)", len(tokens))
         return True
@@ -660,7 +667,8 @@ class Authenticator:
             self._refuse(request, "send the header Authorization: Bearer <token>")
         digest = hashlib.sha256(presented.strip().encode("utf-8", "replace")).digest()
         found = None
-        for token in self.tokens:          # every token is compared: the time does not tell which matched
+        # every token is compared: the time does not tell which matched
+        for token in self.tokens:
             if token.matches(digest):
                 found = token
         if found is None and not any([token.matches(digest) for token in monitors if token is not None]) \
@@ -938,7 +946,8 @@ COLUMN_KINDS = ("integer", "bit", "decimal", "float", "date", "datetime", "times
                 "enum", "set", "text", "json", "other")
 TEXT_KINDS = ("text", "enum", "set", "json", "other")
 DATE_KINDS = ("date", "datetime", "timestamp", "time")
-_WIDE_CONTEXT = decimal.Context(prec=1000)      # rounding SQLite decimals of any size without overflow
+# rounding SQLite decimals of any size without overflow
+_WIDE_CONTEXT = decimal.Context(prec=1000)
 
 
 def quote_mysql(name):
@@ -962,19 +971,24 @@ class Column:
                  checks_decimals=False, dates_as_text=False, select=None):
         self.name = name
         self.quoted = quoted
-        self.select = select or quoted      # how a SELECT reads it (MySQL dates as text: zero dates survive)
+        # how a SELECT reads it (MySQL dates as text: zero dates survive)
+        self.select = select or quoted
         self.kind = kind                    # one of COLUMN_KINDS
         self.declared = declared            # the type as the database states it, for status
-        self.scale = scale                  # digits after the point of a decimal; None: as many as stored
-        self.fsp = fsp                      # MySQL: digits of a second kept by a datetime, timestamp or time
+        # digits after the point of a decimal; None: as many as stored
+        self.scale = scale
+        # MySQL: digits of a second kept by a datetime, timestamp or time
+        self.fsp = fsp
         self.members = tuple(members)       # MySQL ENUM and SET: the members in the column's order
         self.generated = generated          # computed by the database: never written by a push
         self.octets = octets                # MySQL BINARY(n): the fixed length the database pads to
         self.pads = pads                    # MySQL CHAR: trailing spaces are not kept
-        self.max_code_point = max_code_point    # utf8mb3 (MySQL "utf8") stores nothing beyond U+FFFF
+        # utf8mb3 (MySQL "utf8") stores nothing beyond U+FFFF
+        self.max_code_point = max_code_point
         self.int_limit = int_limit          # whole numbers must be below this (SQLite: 2**63)
         self.affinity = affinity            # SQLite: INTEGER, REAL, NUMERIC, TEXT or BLOB
-        self.checks_decimals = checks_decimals  # SQLite: cloudsync rounds and range-checks decimals itself
+        # SQLite: cloudsync rounds and range-checks decimals itself
+        self.checks_decimals = checks_decimals
         self.dates_as_text = dates_as_text  # SQLite: dates and times are text, kept as sent
         # a string for this column may be bound as it is when it is plain ASCII
         self.plain_text = kind in TEXT_KINDS or dates_as_text and kind in DATE_KINDS
@@ -995,10 +1009,14 @@ class TableSchema:
         self.key_order = ", ".join(self.columns[name].quoted for name in primary_key)
         self.key_positions = [self.column_names.index(name) for name in primary_key]
         self.has_generated = any(column.generated for column in columns)
-        self.decoders = []          # (position, function(value, column), column) turning stored values into pulled form
-        self.json_row = None        # MySQL: SQL writing a row as a JSON object, when every column allows it
-        self.key_sql = None         # SQL writing the row key as the change log holds it (set by the backend)
-        self.cascaded = False       # MySQL: a foreign key cascade writes this table without firing triggers
+        # (position, function(value, column), column) turning stored values into pulled form
+        self.decoders = []
+        # MySQL: SQL writing a row as a JSON object, when every column allows it
+        self.json_row = None
+        # SQL writing the row key as the change log holds it (set by the backend)
+        self.key_sql = None
+        # MySQL: a foreign key cascade writes this table without firing triggers
+        self.cascaded = False
 
     def describe(self):
         """The table as the status endpoint shows it."""
@@ -1025,7 +1043,8 @@ def _json_default(value):
         return _time_text(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, (set, frozenset)):          # a MySQL SET read without its column (decoders order it)
+    # a MySQL SET read without its column (decoders order it)
+    if isinstance(value, (set, frozenset)):
         return ",".join(sorted(value))
     raise TypeError("cannot encode %s as JSON" % type(value).__name__)
 
@@ -1208,7 +1227,8 @@ def key_problem(column, value):
                 return ("column %r keeps %d digits of a second: this key would be stored cut, as another key"
                         % (column.name, column.fsp))
     except (ArithmeticError, ValueError):
-        return None                         # not a value of the column's type: the database refuses it
+        # not a value of the column's type: the database refuses it
+        return None
     return None
 
 
@@ -1288,7 +1308,8 @@ def _parse_datetime(value, fsp=6):
     """A pushed date and time ('2026-11-26 09:30:00', or with T, a fraction, an offset), rounded as MySQL stores it."""
     text = str(value).strip()
     moment = datetime.datetime.fromisoformat(text + "T00:00:00" if len(text) == 10 else text)
-    if moment.tzinfo is not None:          # an offset: the instant in UTC, as cloudsync's sessions read it
+    # an offset: the instant in UTC, as cloudsync's sessions read it
+    if moment.tzinfo is not None:
         moment = moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
     return moment + datetime.timedelta(microseconds=_rounded_micro(moment.microsecond, fsp) - moment.microsecond)
 
@@ -1679,7 +1700,8 @@ class _Pool:
     """A bounded set of reusable connections; a broken one is dropped, not reused."""
 
     IDLE_CHECK_SECONDS = 30     # a connection idle longer is pinged before it is lent again
-    SUSPECT_SECONDS = 60        # after a connection failed, every lent connection is pinged this long
+    # after a connection failed, every lent connection is pinged this long
+    SUSPECT_SECONDS = 60
 
     def __init__(self, connect, size, wait_seconds, alive=None):
         self._connect = connect
@@ -1715,7 +1737,8 @@ class _Pool:
                 conn = self._connect()
             yield conn
         except Retryable:
-            raise                            # the transaction was rolled back; the connection is fine
+            # the transaction was rolled back; the connection is fine
+            raise
         except DatabaseUnavailable:
             # the server went away or restarted: the idle connections are most likely dead too
             self._failed_at = time.monotonic()
@@ -1725,7 +1748,8 @@ class _Pool:
             self.close()
             raise
         except CloudsyncError:
-            raise                            # refused on purpose (the transaction rolled back): the connection is fine
+            # refused on purpose (the transaction rolled back): the connection is fine
+            raise
         except BaseException:
             if conn is not None:
                 self._discard(conn)
@@ -1892,7 +1916,8 @@ class SQLiteDatabase(Database):
 
     name = "sqlite"
     quote = staticmethod(quote_sqlite)
-    numbers_at_commit = True        # one writer at a time: AUTOINCREMENT numbers follow commit order
+    # one writer at a time: AUTOINCREMENT numbers follow commit order
+    numbers_at_commit = True
     cascades_fire_triggers = True
     transactional_ddl = True
     insert_ignore = "INSERT OR IGNORE"
@@ -1907,14 +1932,16 @@ class SQLiteDatabase(Database):
     triggers_sql = "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'"
     trigger_definitions_sql = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"
     trigger_table = "tbl_name"
-    replaces_triggers = False       # no CREATE OR REPLACE: a changed trigger is dropped and made again
+    # no CREATE OR REPLACE: a changed trigger is dropped and made again
+    replaces_triggers = False
 
     @staticmethod
     def stored_trigger(create_sql):
         """A CREATE TRIGGER as sqlite_master keeps it: the statement itself."""
         return create_sql
     lock_rows = ""                  # one writer at a time: the push's write lock covers every row
-    autocommit_atomic = False       # a push records its device in cloudsync_context: always a transaction
+    # a push records its device in cloudsync_context: always a transaction
+    autocommit_atomic = False
     SQLITE_CONSTRAINT_TRIGGER = 1811    # RAISE(ABORT|FAIL|ROLLBACK, 'message') in a trigger
 
     def __init__(self, config):
@@ -1936,8 +1963,10 @@ class SQLiteDatabase(Database):
 
     def _begin(self, conn):
         """BEGIN IMMEDIATE: the write lock now, not at the first write."""
-        with self._errors():                         # a write lock held past DB_WAIT_SECONDS: Retryable
-            conn.execute("BEGIN IMMEDIATE")          # take the write lock now, not at the first write
+        # a write lock held past DB_WAIT_SECONDS: Retryable
+        with self._errors():
+            # take the write lock now, not at the first write
+            conn.execute("BEGIN IMMEDIATE")
 
     def _commit(self, conn):
         """COMMIT."""
@@ -1946,7 +1975,8 @@ class SQLiteDatabase(Database):
 
     def _rollback(self, conn):
         """ROLLBACK."""
-        if conn.in_transaction:                      # RAISE(ROLLBACK) in a trigger has already done it
+        # RAISE(ROLLBACK) in a trigger has already done it
+        if conn.in_transaction:
             conn.execute("ROLLBACK")
 
     @contextmanager
@@ -2234,8 +2264,10 @@ class MySQLDatabase(Database):
 
     name = "mysql"
     quote = staticmethod(quote_mysql)
-    numbers_at_commit = False       # commits run at once: a sequencer numbers changes after they commit
-    cascades_fire_triggers = False  # InnoDB writes the rows a foreign-key cascade reaches without triggers
+    # commits run at once: a sequencer numbers changes after they commit
+    numbers_at_commit = False
+    # InnoDB writes the rows a foreign-key cascade reaches without triggers
+    cascades_fire_triggers = False
     transactional_ddl = False
     insert_ignore = "INSERT IGNORE"
     now_sql = "NOW(6)"
@@ -2258,7 +2290,8 @@ class MySQLDatabase(Database):
         return create_sql[create_sql.index(" BEGIN ") + 1:]
     lock_rows = " FOR UPDATE"
     autocommit_atomic = True    # one statement in autocommit is atomic, its triggers included
-    use_pure = False            # the C extension; the driver falls back to pure Python when it cannot load
+    # the C extension; the driver falls back to pure Python when it cannot load
+    use_pure = False
 
     def __init__(self, config):
         super().__init__(config)
@@ -2266,7 +2299,8 @@ class MySQLDatabase(Database):
         from mysql.connector import errorcode
         self._driver = mysql.connector
         self._codes = errorcode
-        self.statements = None      # _DriverStatements or _CursorStatements, chosen at the first connection
+        # _DriverStatements or _CursorStatements, chosen at the first connection
+        self.statements = None
 
     def _connect(self):
         """A new connection: UTC, READ COMMITTED, bounded lock waits, matched-row counts."""
@@ -2446,7 +2480,8 @@ class MySQLDatabase(Database):
     _DECODERS = {"set": lambda value, column: _mysql_set(value, column),
                  "date": lambda value, column: _text(value),
                  "datetime": lambda value, column: _mysql_datetime_text(value),
-                 "timestamp": lambda value, column: _mysql_datetime_text(value)}     # MariaDB types that name a row exactly as text
+                 # MariaDB types that name a row exactly as text
+                 "timestamp": lambda value, column: _mysql_datetime_text(value)}
     _GENERATED = re.compile(r"(?i)\b(VIRTUAL|STORED|PERSISTENT)\b")
 
     def introspect(self, conn, table):
@@ -2722,7 +2757,8 @@ class MySQLDatabase(Database):
             if column.pads:
                 return str(value).rstrip(" ")
         except (ValueError, ArithmeticError, TypeError):
-            pass                            # not a form the database takes: it refuses the push anyway
+            # not a form the database takes: it refuses the push anyway
+            pass
         return value if isinstance(value, (str, int)) else str(value)
 
     def _bind_logged(self, column, value, ordered=False):
@@ -2990,7 +3026,8 @@ class ChangeLog:
         quote = self.db.quote
         last = len(path)
         source = "%s AS t%d" % (quote(path[-1].child), last)
-        for position in range(last - 1, 0, -1):     # t<n> is the child of the n-th foreign key of the path
+        # t<n> is the child of the n-th foreign key of the path
+        for position in range(last - 1, 0, -1):
             step = path[position]
             source += " JOIN %s AS t%d ON %s" % (quote(path[position - 1].child), position, " AND ".join(
                 "t%d.%s = t%d.%s" % (position + 1, quote(child), position, quote(parent))
@@ -3153,7 +3190,8 @@ class ChangeLog:
         """
         if self.db.numbers_at_commit:
             compacted, head = self.compacted_upto(conn), self.head(conn)
-        else:                                   # one round trip: the sequencer keeps the head in cloudsync_meta
+        # one round trip: the sequencer keeps the head in cloudsync_meta
+        else:
             meta = dict(self.db.query(conn, "SELECT name, value FROM cloudsync_meta"
                                             " WHERE name IN ('last_seq', 'compacted_upto')"))
             compacted, head = int(meta["compacted_upto"]), int(meta["last_seq"])
@@ -3351,7 +3389,8 @@ class SyncEngine:
         self.allowed_tables = tuple(allowed_tables)
         self.schemas = {}
         self.schema_loaded_at = 0.0
-        self.schema_fingerprint = ""        # changes only when a table's columns, types or key change
+        # changes only when a table's columns, types or key change
+        self.schema_fingerprint = ""
         self._columns_fingerprints = {}
         self.changelog = ChangeLog(database, capture)
         self.checkpoints = Checkpoints(self.changelog)
@@ -3479,7 +3518,8 @@ class Operation:
         self.action = action
         self.values = values    # {column name: bound value}, in the order the client sent
         self.key = key          # tuple of primary-key values
-        self.sent = sent if sent is not None else values   # {column name: value as the device holds it}
+        # {column name: value as the device holds it}
+        self.sent = sent if sent is not None else values
 
 
 class _PushState:
@@ -3492,7 +3532,8 @@ class _PushState:
         self.fields = fields        # the checkpoint decoded
         self.device_id = device_id
         self.batch_id = batch_id
-        self.start = None           # where triggers number changes: the head when the push took the write lock
+        # where triggers number changes: the head when the push took the write lock
+        self.start = None
         self.before = {}            # table -> {key as logged: row} as they were before the push
         self.operations = []        # the operations applied
         self.skipped = False        # some operations were skipped as conflicts
@@ -3565,7 +3606,8 @@ class Pushes:
             problem = None if value is None else key_problem(column, value)
             if problem is not None:
                 raise Refused("invalid_value", "%s: %s" % (where, problem))
-        if schema.has_generated:            # computed by the database: a pulled row pushed back still works
+        # computed by the database: a pulled row pushed back still works
+        if schema.has_generated:
             values = {name: value for name, value in values.items() if not columns[name].generated}
         return Operation(index, schema, action, values, key, data)
 
@@ -3579,7 +3621,8 @@ class Pushes:
         if batch_id is not None:
             with self.db.connection() as conn:
                 prior = self.changelog.find_batch(conn, device_id or "", batch_id)
-            if prior is not None:           # a retry is answered even when its checkpoint has expired since
+            # a retry is answered even when its checkpoint has expired since
+            if prior is not None:
                 return self._replay(prior, request_hash, checkpoint)
         attempt = dict(device_id=device_id, batch_id=batch_id, fields=fields, on_conflict=on_conflict,
                        request_hash=request_hash)
@@ -3592,7 +3635,8 @@ class Pushes:
             return self._replay(prior, request_hash, checkpoint)
         except PushRejected as rejected:
             raise _refusal_of(rejected) from None
-        except DataRejected as error:       # refused outside any one operation (a key the column cannot hold)
+        # refused outside any one operation (a key the column cannot hold)
+        except DataRejected as error:
             raise Refused("data_refused", "the database refused the push: %s" % error) from None
 
     def _push_with_retries(self, operations, attempt, checkpoint):
@@ -3618,7 +3662,8 @@ class Pushes:
             raise Refused("batch_reused", "this device already pushed a different batch with this batch_id; use "
                           "a new batch_id for new operations")
         result = json.loads(response)
-        result.setdefault("checkpoint", checkpoint)     # outcomes stored by versions that did not keep it
+        # outcomes stored by versions that did not keep it
+        result.setdefault("checkpoint", checkpoint)
         result["replayed"] = True
         return result
 
@@ -3648,7 +3693,8 @@ class Pushes:
                                           "nothing was applied. Pull, then push again, or send \"on_conflict\": "
                                           "\"skip\"" % len(conflicts), conflicts=conflicts)
                         skipped = {conflict["op"] for conflict in conflicts}
-                        push.skipped = bool(skipped)    # the device holds what it meant to do, not what was done
+                        # the device holds what it meant to do, not what was done
+                        push.skipped = bool(skipped)
                         operations = [op for op in operations if op.index not in skipped]
                     for group in _group_operations(operations, batched):
                         if isinstance(group, list):
@@ -3659,7 +3705,8 @@ class Pushes:
                         if getattr(self, method)(conn, group):
                             logged.append((group, code))
                         elif group.action == "update":
-                            missing.append(group)   # an update of a row that is not there changes nothing
+                            # an update of a row that is not there changes nothing
+                            missing.append(group)
                     if self.changelog.capture == "api":
                         self.changelog.record(conn, self._logged_keys(conn, logged), device_id, batch_id)
                 result = {"success": True, "applied": len(operations)}
@@ -3708,7 +3755,8 @@ class Pushes:
             texts = [row[0] if row else self.db.key_text(schema, op.key) for op, row in zip(ops, found)]
             before[table] = {text: row[1] for text, row in zip(texts, found) if row}
             touched = self.changelog.touched_by_others(conn, schema, set(texts), since, device_id)
-            exists = {}                 # whether the row is there when the op runs: earlier ops count
+            # whether the row is there when the op runs: earlier ops count
+            exists = {}
             for op, text in zip(ops, texts):
                 row = before[table].get(text)
                 there = exists.get(text, row is not None)
@@ -3854,7 +3902,8 @@ class Pushes:
             if _text(table) in tables and (_text(table), _text(row_key)) not in now:
                 return False                # a row the device did not push (a trigger, a cascade)
         # what the device now holds: the rows before the push with its operations applied
-        expected = {}                       # (table, key text) -> {column: (pushed?, value)} or None
+        # (table, key text) -> {column: (pushed?, value)} or None
+        expected = {}
         for op in operations:
             schema, key = op.table, logged[op.index]
             if key not in expected:
@@ -3981,7 +4030,8 @@ class Pulls:
         self.engine = engine
         self.db = engine.db
         self.changelog = engine.changelog
-        self._cache = collections.OrderedDict()     # (tables, limit) -> Encoded, validated by tables_version
+        # (tables, limit) -> Encoded, validated by tables_version
+        self._cache = collections.OrderedDict()
         self._cache_lock = threading.Lock()
 
     def check_tables(self, tables):
@@ -4003,7 +4053,8 @@ class Pulls:
         """Sync-mode pull: changes after checkpoint `since` (None: everything), at most `limit` rows plus keys."""
         fields = self.engine.checkpoints.decode(since) if since is not None else None
         if fields is not None and sorted(fields["t"]) == sorted(tables):
-            tables = fields["t"]            # the same tables in another order: the checkpoint's order holds
+            # the same tables in another order: the checkpoint's order holds
+            tables = fields["t"]
         if fields is not None and fields["t"] != tables:
             raise Refused("invalid_checkpoint", "this checkpoint was issued for tables %s; pull the same tables "
                           "with it, or start again with \"since\": null" % ", ".join(fields["t"]))
@@ -4072,7 +4123,8 @@ class Pulls:
             text = _text(row_key)
             try:
                 logged = self.db.parse_key(text)
-            except ValueError:              # written by an older version below the compaction mark: "expired" follows
+            # written by an older version below the compaction mark: "expired" follows
+            except ValueError:
                 continue
             if None not in logged:          # rows with a NULL in their key are not synced
                 by_table.setdefault(_text(table), []).append((text, logged))
@@ -4171,7 +4223,8 @@ def parse_limit(value, cap):
 
 METRICS_FROM_ZERO = ("cloudsync_conflicts_total", "cloudsync_replays_total", "cloudsync_auth_failures_total",
                      "cloudsync_database_unavailable_total", "cloudsync_server_errors_total")
-HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))  # others count as "other"
+# others count as "other"
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))
 
 
 class Metrics:
@@ -4180,8 +4233,10 @@ class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
         self._counters = collections.Counter()      # (name, ((label, value), ...)) -> value
-        self._latency = {}                          # (route, status) -> [count per bucket..., beyond the last, sum]
-        for name in METRICS_FROM_ZERO:              # present before the first event, for rate() and alerts
+        # (route, status) -> [count per bucket..., beyond the last, sum]
+        self._latency = {}
+        # present before the first event, for rate() and alerts
+        for name in METRICS_FROM_ZERO:
             self._counters[name, ()] = 0
 
     def count(self, name, amount=1, **labels):
@@ -4191,7 +4246,8 @@ class Metrics:
 
     def request(self, route, method, status, seconds):
         """Count one answered request and its duration (one lock, no sorting: this runs for every request)."""
-        slot = bisect.bisect_left(LATENCY_BUCKETS_SECONDS, seconds)    # its bucket; +Inf past the last
+        # its bucket; +Inf past the last
+        slot = bisect.bisect_left(LATENCY_BUCKETS_SECONDS, seconds)
         with self._lock:
             self._counters["cloudsync_requests_total", (("method", method), ("route", route), ("status", status))] += 1
             buckets = self._latency.get((route, status))
@@ -4269,7 +4325,8 @@ class DeviceFleet:
 
         In memory; flush() saves it.
         """
-        now = time.time()                   # formatted when saved: this runs for every push and pull
+        # formatted when saved: this runs for every push and pull
+        now = time.time()
         with self._lock:
             entry = self._unsaved.get(device_id)
             if entry is None:
@@ -4319,7 +4376,8 @@ class DeviceFleet:
         if device["checkpoint_seq"] is None:
             return None
         tables = [name for name in _text(device["pull_tables"] or "").split(",") if name]
-        if not tables:                      # pulled before cloudsync kept the tables: every table counts
+        # pulled before cloudsync kept the tables: every table counts
+        if not tables:
             return max(0, head - int(device["checkpoint_seq"]))
         return self.db.query(conn, 
             "SELECT COUNT(*) FROM (SELECT 1 FROM cloudsync_changes WHERE seq > ? AND table_name IN (%s) LIMIT ?) x"
@@ -4513,7 +4571,8 @@ class App:
             log.exception("unhandled error on %s %s", _loggable(request.method, 20), _loggable(request.path))
             status, payload, headers = _answer(Refused("internal", REFUSALS["internal"][2]))
         headers = headers + self._cors_headers(environ.get("HTTP_ORIGIN"))
-        if status in (204, 304):              # no body: a preflight, or the device's copy is current
+        # no body: a preflight, or the device's copy is current
+        if status in (204, 304):
             start_response("%d %s" % (status, http.HTTPStatus(status).phrase), headers)
             self._account(request, status, 0, began)
             return []
@@ -4575,7 +4634,8 @@ class App:
         elif origin.rstrip("/") in allowed:
             allow = origin
         else:
-            return [("Vary", "Origin")]     # the answer depends on the origin: caches must keep them apart
+            # the answer depends on the origin: caches must keep them apart
+            return [("Vary", "Origin")]
         return [("Access-Control-Allow-Origin", allow), ("Vary", "Origin"),
                 ("Access-Control-Expose-Headers", "ETag, Retry-After, WWW-Authenticate")]
 
@@ -4736,7 +4796,8 @@ class App:
         self.auth.require(request, self.config.admin_token)
         try:
             with self.db.connection() as conn:
-                self.engine.changelog.sequence(conn)        # lag counts changes not numbered yet too
+                # lag counts changes not numbered yet too
+                self.engine.changelog.sequence(conn)
                 devices = self.fleet.devices(conn, self.engine.changelog.head(conn))
         except DatabaseUnavailable:
             raise Refused("database_unavailable", "the database is unavailable; retry later") from None
@@ -4765,7 +4826,8 @@ class App:
         """A real database round trip, and the tables as the schema now describes them."""
         try:
             with self.db.connection() as conn:
-                version = self.db.server_version(conn)      # the round trip that proves the database answers
+                # the round trip that proves the database answers
+                version = self.db.server_version(conn)
                 head = self.engine.changelog.head(conn)
             schemas = self.engine.refresh_schema()
         except DatabaseUnavailable as error:
@@ -4899,7 +4961,8 @@ def _limit_malloc_arenas():
         import ctypes
         libc = ctypes.CDLL(None)
         libc.mallopt(-8, MALLOC_ARENAS)         # -8 is M_ARENA_MAX in glibc's malloc.h
-    except Exception:                           # no ctypes here (a hardened sandbox): only memory is at stake
+    # no ctypes here (a hardened sandbox): only memory is at stake
+    except Exception:
         pass
 
 
@@ -4936,7 +4999,8 @@ def _run(server, config, wake):
         server.pull_trigger()
 
     def hang_up(signum, frame):
-        wake.reload = True                  # the maintenance thread re-reads the tokens file at once
+        # the maintenance thread re-reads the tokens file at once
+        wake.reload = True
         wake.set()
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate)}
     if hasattr(signal, "SIGHUP"):
@@ -5036,7 +5100,8 @@ def _serve_command(config, args):
     log.info("configuration: %s", config.describe())
     log.info("backend: %s, driver: %s", app.db.name, app.db.driver())
     try:
-        server = _create_server(app, config)    # the port first: a taken one is found before anything changes
+        # the port first: a taken one is found before anything changes
+        server = _create_server(app, config)
     except (OSError, ValueError) as error:
         log.error("cannot start: cannot listen on %s:%d: %s", config.host, config.port, error)
         return EXIT_RETRY
@@ -5400,7 +5465,8 @@ def main(argv=None):
     except DatabaseUnavailable as error:
         return _fail(args.command, "the database is unavailable: %s" % error,
                      EXIT_CONFIGURATION if error.lasting else EXIT_RETRY)
-    except BrokenPipeError:                     # `cloudsync.py log | head`: the reader has what it wanted
+    # `cloudsync.py log | head`: the reader has what it wanted
+    except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
@@ -5530,8 +5596,10 @@ ROUTE_REFUSALS = {
         "invalid_table", "no_tables", "invalid_limit", "invalid_checkpoint", "unauthorized", "table_not_permitted",
         "expired", "too_large", "unsupported_encoding", "pull_failed", "internal", "pull_unavailable"),
 }
-REFUSAL_SCHEMAS = {"expired": "ExpiredError"}       # a reason's answer with more required fields everywhere
-STATUS_HEADERS = {401: "WWW-Authenticate", 405: "Allow", 503: "Retry-After"}    # sent with every such answer
+# a reason's answer with more required fields everywhere
+REFUSAL_SCHEMAS = {"expired": "ExpiredError"}
+# sent with every such answer
+STATUS_HEADERS = {401: "WWW-Authenticate", 405: "Allow", 503: "Retry-After"}
 
 OPENAPI = {
     "openapi": "3.1.0",
