@@ -3,6 +3,41 @@
 MySQL/MariaDB tests use CLOUDSYNC_TEST_DB_HOST/PORT/USER/PASS (default
 127.0.0.1:3306, root, empty password) and create a throwaway database per
 test. Without a server they skip, unless CLOUDSYNC_REQUIRE_MYSQL=1.
+
+Contents, in the order of the banners below (a test keeps this list true):
+   1. Fixtures: fresh databases on both backends
+   2. .env parser
+   3. SQL builders, compared as text (no database)
+   4. Health, routing, WSGI
+   5. Push
+   6. Pull
+   7. Values
+   8. Integrity: every column type, as a value and as a key, through every step
+   9. Integrity: the defects a schema probe found, one test each
+  10. Status and schema
+  11. Request size
+  12. Live server: the README's commands and the socket-level size limit
+  13. Sync protocol: change capture
+  14. Sync protocol: the client loop
+  15. Sync protocol: retry-safe pushes
+  16. Sync protocol: conflicts
+  17. Sync protocol: property test
+  18. Hostile values and odd requests
+  19. Trust: authentication and permissions
+  20. Trust: limits
+  21. Trust: gzip
+  22. Trust: deadlocks and lock timeouts
+  23. Trust: fuzzing the WSGI app
+  24. Operating it: metrics, logs, device fleet, CORS, check, shutdown
+  25. Operators: token lifecycle, errors that say what to do, commands
+  26. Reference client (cloudsync_client.py) against a live server
+  27. End to end: two devices offline, conflicting and independent edits
+  28. Retries: lost answers, server down, crash between send and answer
+  29. Refused operations, expired checkpoints, local integrity
+  30. The reference client: dead letters, callbacks, threads, the server's schema
+  31. Tokens and composite keys
+  32. Benchmark: a smoke run so that the script cannot rot (figures are not checked)
+  33. Trust: faults and load against live servers (a private MariaDB)
 """
 
 import argparse
@@ -257,6 +292,13 @@ DOTENV_CASES = [
     ('A=1\nB="\\${A}"', {"A": "1", "B": "${A}"}, []),
     ('A="open\nB=2', {"B": "2"}, [1]),
 ]
+
+
+def test_table_of_contents_lists_every_section():
+    source = open(os.path.abspath(__file__), encoding="utf-8").read()
+    banners = re.findall(r"^# -{70,}\n# (.+)\n# -{70,}$", source, re.M)
+    listed = re.findall(r"^ +\d+\. (.+)$", __doc__, re.M)
+    assert listed == banners
 
 
 @pytest.mark.parametrize("text,expected,problem_lines", DOTENV_CASES)
