@@ -193,11 +193,17 @@ def backend(request, tmp_path):
     made.close()
 
 
+def started(backend, **settings):
+    """An App on the backend's database with these settings, started."""
+    application = cloudsync.App(backend.config(**settings))
+    application.start()
+    return application
+
+
 @pytest.fixture
 def app(backend):
     """The WSGI app on the fresh database, started."""
-    application = cloudsync.App(backend.config())
-    application.start()
+    application = started(backend)
     yield application
     application.db.close()
 
@@ -714,8 +720,7 @@ def test_seed_and_sync_pulls_write_decimals_alike(backend):
 
 
 def test_api_capture_does_not_cache_pulls(backend):
-    application = cloudsync.App(backend.config(CHANGE_CAPTURE="api"))
-    application.start()
+    application = started(backend, CHANGE_CAPTURE="api")
     assert "ETag" not in pull(application, tables=["products"]).headers
     backend.sql("INSERT INTO products (id, name) VALUES ('p9', 'Outside')")
     assert pull(application, tables=["products"]).json["data"]["products"][0]["id"] == "p9"
@@ -754,8 +759,7 @@ def test_pull_errors(app, body, status, error):
 
 
 def test_pull_without_configured_tables(backend):
-    application = cloudsync.App(backend.config(ALLOWED_TABLES=""))
-    application.start()
+    application = started(backend, ALLOWED_TABLES="")
     response = pull(application)
     assert response.status == 400 and response.json["error"] == "No tables configured"
 
@@ -821,8 +825,7 @@ def test_rows_encoded_by_mysql_equal_rows_encoded_here(backend):
                 text.encode("utf-8")[:200], None) for n, text in enumerate(_tricky_texts())]
     for row in values:
         backend.sql("INSERT INTO kinds VALUES (%s)" % ", ".join("?" for _ in row), row)
-    app = cloudsync.App(backend.config(ALLOWED_TABLES="kinds"))
-    app.start()
+    app = started(backend, ALLOWED_TABLES="kinds")
     try:
         schema = app.engine.schemas["kinds"]
         assert schema.json_row is not None
@@ -841,8 +844,7 @@ def test_tables_mysql_cannot_encode_are_encoded_here(backend):
         pytest.skip("SQLite rows are always encoded in Python")
     backend.sql("CREATE TABLE readings (id INT PRIMARY KEY, level DOUBLE, at TIME)")
     backend.sql("INSERT INTO readings VALUES (1, 0.1, '-00:30:00'), (2, 1e300, '100:00:00')")
-    app = cloudsync.App(backend.config(ALLOWED_TABLES="readings"))
-    app.start()
+    app = started(backend, ALLOWED_TABLES="readings")
     try:
         assert app.engine.schemas["readings"].json_row is None
         assert pull(app, tables=["readings"]).json["data"]["readings"] == [
@@ -990,8 +992,7 @@ def _matrix_ddl(kind, table, role, column_type):
         table, column_type, note, suffix)
 
 
-@pytest.fixture(scope="module")
-def matrices(request, tmp_path_factory):
+def _matrices_made_on_first_use(request, tmp_path_factory):
     """For each backend, made on first use: one database holding every matrix table, served by one app."""
     made = {}
     yield lambda kind: made[kind] if kind in made else made.setdefault(
@@ -999,6 +1000,12 @@ def matrices(request, tmp_path_factory):
     for application, backend, _ in made.values():
         application.db.close()
         backend.close()
+
+
+@pytest.fixture(scope="module")
+def matrices(request, tmp_path_factory):
+    """The matrix databases the type tests share."""
+    yield from _matrices_made_on_first_use(request, tmp_path_factory)
 
 
 @pytest.fixture(params=["sqlite", "mysql"])
@@ -1256,8 +1263,7 @@ def probe(backend):
         backend.sql(mysql_ddl if backend.kind == "mysql" else sqlite_ddl)
     for statement in GUARD_TRIGGERS[backend.kind]:
         backend.sql(statement)
-    application = cloudsync.App(backend.config(ALLOWED_TABLES=",".join(TABLES + tuple(PROBE_TABLES))))
-    application.start()
+    application = started(backend, ALLOWED_TABLES=",".join(TABLES + tuple(PROBE_TABLES)))
     yield application
     application.db.close()
 
@@ -1397,8 +1403,7 @@ def test_a_float_column_refuses_what_no_double_holds(probe, backend):
 def test_sqlite_write_lock_held_too_long_is_503_with_retry_after(backend, tmp_path):
     if backend.kind != "sqlite":
         pytest.skip("the SQLite write lock")
-    application = cloudsync.App(backend.config(DB_WAIT_SECONDS="0.2", PUSH_RETRIES="1"))
-    application.start()
+    application = started(backend, DB_WAIT_SECONDS="0.2", PUSH_RETRIES="1")
     holder = sqlite3.connect(backend.settings["DB_PATH"], isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
@@ -1414,8 +1419,7 @@ def test_sqlite_write_lock_held_too_long_is_503_with_retry_after(backend, tmp_pa
 def test_a_table_lock_held_by_another_program_is_bounded(backend):
     if backend.kind != "mysql":
         pytest.skip("LOCK TABLES is MySQL's")
-    application = cloudsync.App(backend.config(DB_WAIT_SECONDS="1", PUSH_RETRIES="1"))
-    application.start()
+    application = started(backend, DB_WAIT_SECONDS="1", PUSH_RETRIES="1")
     holder = backend._raw_connect()
     holder.cursor().execute("LOCK TABLES sales WRITE")
     try:
@@ -1523,8 +1527,7 @@ def test_a_key_the_database_would_store_otherwise_is_refused(backend, kind, colu
     if backend.kind != kind:
         pytest.skip("a %s case" % kind)
     backend.sql("CREATE TABLE odd_keys (k %s NOT NULL PRIMARY KEY, note VARCHAR(20))" % column_type)
-    application = cloudsync.App(backend.config(ALLOWED_TABLES="odd_keys"))
-    application.start()
+    application = started(backend, ALLOWED_TABLES="odd_keys")
     for action in ("insert", "upsert", "update", "delete"):
         response = push(application, [op(action, "odd_keys", k=key, note="x")])
         assert response.status == 400 and why in response.json["detail"], (action, response.body)
@@ -1540,8 +1543,7 @@ def test_a_value_the_database_would_change_is_refused(backend, column_type, valu
     if backend.kind == "sqlite" and column_type in ("BIT(12)", "TIME", "DATE", "DATETIME"):
         pytest.skip("SQLite keeps dates as sent and has no BIT")
     backend.sql("CREATE TABLE odd_values (id INT PRIMARY KEY, v %s)" % column_type)
-    application = cloudsync.App(backend.config(ALLOWED_TABLES="odd_values"))
-    application.start()
+    application = started(backend, ALLOWED_TABLES="odd_values")
     response = push(application, [op("insert", "odd_values", id=1, v=value)])
     assert response.status == 400 and response.json["error"] == "Invalid value", response.body
     assert backend.sql("SELECT COUNT(*) FROM odd_values")[0][0] == 0
@@ -1553,8 +1555,7 @@ def test_text_another_program_stored_in_a_sqlite_blob_key_pages_and_syncs(backen
         pytest.skip("SQLite keeps any type in any column")
     backend.sql("CREATE TABLE files (id BLOB PRIMARY KEY, v REAL, amount DECIMAL(10,2))")
     backend.sql("INSERT INTO files VALUES (X'01', 1, 1), ('abc', 9e999, 'n/a'), (X'02', 2, 2), ('616263', 3, 3)")
-    application = cloudsync.App(backend.config(ALLOWED_TABLES="files"))
-    application.start()
+    application = started(backend, ALLOWED_TABLES="files")
     rows, _, checkpoint = _sync_all(application, "files")
     assert sorted(json.dumps(row["id"]) for row in rows) == sorted(json.dumps(key) for key in
                                                                   ["AQ==", "abc", "Ag==", "616263"])
@@ -1613,8 +1614,7 @@ def cascades(backend):
         backend.sql(statement)
     if backend.kind == "sqlite":
         backend.sql("PRAGMA foreign_keys = ON")         # the outside program's connection cascades too
-    application = cloudsync.App(backend.config(ALLOWED_TABLES=",".join(CASCADE_SYNCED)))
-    application.start()
+    application = started(backend, ALLOWED_TABLES=",".join(CASCADE_SYNCED))
     yield application
     application.db.close()
 
@@ -1654,8 +1654,7 @@ def test_cascade_triggers_follow_the_foreign_keys(cascades, backend):
         ("c_shops", "del"), ("c_shops", "upd"), ("c_orders", "del"), ("c_orders", "upd"), ("c_staff", "del")]}
     # a table cascading into itself is followed one level: its seed pulls are never cached
     assert [schema.name for schema in cascades.engine.schemas.values() if schema.cascaded] == ["c_staff"]
-    application = cloudsync.App(backend.config(ALLOWED_TABLES=",".join(CASCADE_SYNCED), CHANGE_CAPTURE="api"))
-    application.start()
+    application = started(backend, ALLOWED_TABLES=",".join(CASCADE_SYNCED), CHANGE_CAPTURE="api")
     assert not backend.sql("SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA ="
                            " DATABASE() AND TRIGGER_NAME LIKE 'cloudsync\\\\_cascade\\\\_%'")
     application.db.close()
@@ -1663,8 +1662,7 @@ def test_cascade_triggers_follow_the_foreign_keys(cascades, backend):
 
 def test_client_strings_cannot_forge_a_log_line(backend, caplog):
     token = "t" * 40
-    application = cloudsync.App(backend.config(TOKENS="till:" + token))
-    application.start()
+    application = started(backend, TOKENS="till:" + token)
     caplog.set_level(logging.INFO)
     forged = "till\n2026-12-01 00:00:00 WARNING cloudsync: forged"
     response = call(application, "POST", "/sync/push", {"device_id": forged, "operations": []},
@@ -1694,8 +1692,7 @@ def test_status_ok(app, backend):
 
 
 def test_status_database_unavailable(backend, tmp_path):
-    application = cloudsync.App(backend.config())
-    application.start()
+    application = started(backend)
     if backend.kind == "mysql":
         application.db.config.db_port = _free_port()
     else:
@@ -1756,8 +1753,7 @@ def test_oversized_body_is_413_without_reading(app):
 
 
 def test_body_at_limit_is_accepted(backend):
-    application = cloudsync.App(backend.config(MAX_BODY_BYTES="200"))
-    application.start()
+    application = started(backend, MAX_BODY_BYTES="200")
     body = json.dumps({"operations": [op("insert", id="x")]}).encode()
     body += b" " * (200 - len(body))
     assert call(application, "POST", "/sync/push", raw=body).status == 200
@@ -1925,8 +1921,7 @@ def test_key_change_is_logged_as_delete_and_insert(app, backend):
 
 def test_migrate_is_idempotent(backend):
     for _ in range(3):
-        application = cloudsync.App(backend.config())
-        application.start()
+        application = started(backend)
     push(application, [op("insert", id="s1")])
     assert len(log_entries(application)) == 1
 
@@ -1940,8 +1935,7 @@ def test_start_without_trigger_privilege_says_so(backend):
                     % (backend.settings["DB_NAME"], user))
         with pytest.raises(cloudsync.ChangeCaptureError, match="may not create triggers.*CHANGE_CAPTURE=api"):
             cloudsync.App(backend.config(DB_USER=user, DB_PASS="pw")).start()
-        application = cloudsync.App(backend.config(DB_USER=user, DB_PASS="pw", CHANGE_CAPTURE="api"))
-        application.start()
+        application = started(backend, DB_USER=user, DB_PASS="pw", CHANGE_CAPTURE="api")
         assert push(application, [op("insert", id="s1")], device_id="d").status == 200
         assert len(log_entries(application)) == 1
         application.db.close()
@@ -1950,8 +1944,7 @@ def test_start_without_trigger_privilege_says_so(backend):
 
 
 def test_api_capture_records_only_own_writes(backend):
-    application = cloudsync.App(backend.config(CHANGE_CAPTURE="api"))
-    application.start()
+    application = started(backend, CHANGE_CAPTURE="api")
     push(application, [op("insert", id="s1"), op("update", id="s1", note="n"), op("delete", id="s1")], device_id="d")
     backend.sql("INSERT INTO sales (id) VALUES ('outside')")
     assert [(kind, device) for _, _, kind, device, _ in log_entries(application)] == [("I", "d"), ("U", "d"), ("D", "d")]
@@ -1959,8 +1952,7 @@ def test_api_capture_records_only_own_writes(backend):
 
 def test_switching_to_api_capture_removes_triggers(backend):
     cloudsync.App(backend.config()).start()
-    application = cloudsync.App(backend.config(CHANGE_CAPTURE="api"))
-    application.start()
+    application = started(backend, CHANGE_CAPTURE="api")
     push(application, [op("insert", id="s1")], device_id="d")
     assert len(log_entries(application)) == 1
 
@@ -2053,8 +2045,7 @@ def test_initial_sync_while_another_writer_writes(app, backend):
     stop = threading.Event()
 
     def writer():
-        other = cloudsync.App(backend.config())
-        other.start()
+        other = started(backend)
         n = 0
         while not stop.is_set() and n < 400:
             n += 1
@@ -2218,8 +2209,7 @@ def test_compaction_and_expired_checkpoint(app, backend):
 
 
 def test_compact_command(backend, tmp_path, capsys):
-    application = cloudsync.App(backend.config())
-    application.start()
+    application = started(backend)
     push(application, [op("insert", id="a")], device_id="till-9")
     env = {name: value for name, value in backend.settings.items()}
     env["ALLOWED_TABLES"] = ",".join(TABLES)
@@ -2390,8 +2380,7 @@ def test_key_change_equal_under_collation_deletes_old_key(backend, old, new):
                     " DEFAULT CHARSET utf8mb4 COLLATE utf8mb4_general_ci")
     else:
         backend.sql("CREATE TABLE tags (name TEXT COLLATE NOCASE PRIMARY KEY, note TEXT)")
-    app = cloudsync.App(backend.config(ALLOWED_TABLES="tags"))
-    app.start()
+    app = started(backend, ALLOWED_TABLES="tags")
     try:
         push(app, [op("insert", "tags", name=old, note="n")])
         device = Device(app, ["tags"]).sync()
@@ -2405,8 +2394,7 @@ def test_key_change_equal_under_collation_deletes_old_key(backend, old, new):
 def test_sqlite_rows_with_null_in_key_are_not_synced(backend):
     if backend.kind != "sqlite":
         pytest.skip("only SQLite lets a primary key column hold NULL")
-    app = cloudsync.App(backend.config())
-    app.start()
+    app = started(backend)
     try:
         for shop, sku in ((None, "K1"), ("S1", "K1"), (None, "K2"), ("S1", "K2"), ("S2", None), ("S2", "K1")):
             backend.sql("INSERT INTO stock_moves (shop, sku, qty) VALUES (?, ?, 1)", (shop, sku))
@@ -2524,8 +2512,7 @@ ECHO_CASES = [
 
 @pytest.mark.parametrize("name, setup, tables, operations, advanced", ECHO_CASES, ids=[c[0] for c in ECHO_CASES])
 def test_push_checkpoint_never_skips_what_the_device_lacks(backend, name, setup, tables, operations, advanced):
-    app = cloudsync.App(backend.config())
-    app.start()
+    app = started(backend)
     try:
         push(app, [op("insert", **full_sale("x"))], device_id="office")
         if setup:
@@ -2954,8 +2941,7 @@ def test_token_command_stores_only_hash(tmp_path, capsys):
 
 
 def test_too_many_operations_is_413(backend):
-    application = cloudsync.App(backend.config(MAX_OPERATIONS="3"))
-    application.start()
+    application = started(backend, MAX_OPERATIONS="3")
     response = push(application, [op("insert", id=str(n)) for n in range(4)])
     assert response.status == 413 and "split the batch" in response.json["detail"]
     assert backend.rows("sales") == []
@@ -2963,16 +2949,14 @@ def test_too_many_operations_is_413(backend):
 
 
 def test_value_too_large_is_413(backend):
-    application = cloudsync.App(backend.config(MAX_VALUE_BYTES="100"))
-    application.start()
+    application = started(backend, MAX_VALUE_BYTES="100")
     response = push(application, [op("insert", id="s1", note="é" * 51)])
     assert response.status == 413 and response.json["error"] == "Value too large" and "'note'" in response.json["detail"]
     assert push(application, [op("insert", id="s1", note="é" * 50)]).status == 200
 
 
 def test_nesting_deeper_than_limit_is_400(backend):
-    application = cloudsync.App(backend.config(MAX_JSON_DEPTH="4"))
-    application.start()
+    application = started(backend, MAX_JSON_DEPTH="4")
     response = call(application, "POST", "/sync/push", raw=b'{"operations": [{"data": {"x": [[1]]}}]}')
     assert response.status == 400 and response.json["error"] == "Too deeply nested"
 
@@ -2985,8 +2969,7 @@ def test_body_that_is_not_an_object_is_400(app, path, raw):
 
 
 def test_pull_limit_capped_by_setting(backend):
-    application = cloudsync.App(backend.config(MAX_PULL_ROWS="10"))
-    application.start()
+    application = started(backend, MAX_PULL_ROWS="10")
     assert pull(application, tables=["sales"], limit=50).json["limit"] == 10
 
 
@@ -3009,8 +2992,7 @@ def test_gzip_request_body(app, backend):
 ])
 def test_gzip_request_errors(backend, raw, encoding, status, error):
     import gzip
-    application = cloudsync.App(backend.config(MAX_BODY_BYTES="100000"))
-    application.start()
+    application = started(backend, MAX_BODY_BYTES="100000")
     if raw is None:
         raw = gzip.compress(b'{"operations": [], "pad": "' + b" " * 50_000_000 + b'"}')
         assert len(raw) < 100000
@@ -3139,12 +3121,8 @@ MATRIX_VALUES = st.one_of(
 
 @pytest.fixture(scope="module")
 def fuzz_matrices(request, tmp_path_factory):
-    made = {}
-    yield lambda kind: made[kind] if kind in made else made.setdefault(
-        kind, _make_matrix(kind, request, tmp_path_factory))
-    for application, backend, _ in made.values():
-        application.db.close()
-        backend.close()
+    """Matrix databases of the fuzz tests' own, whose random rows stay out of the type tests' way."""
+    yield from _matrices_made_on_first_use(request, tmp_path_factory)
 
 
 def _matrix_snapshot(backend, tables):
@@ -3198,13 +3176,6 @@ def test_fuzz_every_type_never_5xx_and_refusals_change_nothing(fuzz_matrices, ki
 # ---------------------------------------------------------------------------
 
 ADMIN = "admin-secret-token"
-
-
-def started(backend, **settings):
-    """An App on the backend's database with these settings, started."""
-    application = cloudsync.App(backend.config(**settings))
-    application.start()
-    return application
 
 
 def test_metrics_count_requests_operations_and_rows(app):
