@@ -100,17 +100,18 @@ from contextlib import contextmanager
 
 __all__ = [
     # errors, and the catalogue of refusals
-    "CloudsyncError", "ConfigError", "SchemaError", "ChangeCaptureError", "DatabaseUnavailable", "Retryable",
-    "Denied", "DataRejected", "Refused", "REFUSALS",
+    "CloudsyncError", "ConfigError", "SchemaError", "ChangeCaptureError", "DatabaseUnavailable",
+    "Retryable", "Denied", "DataRejected", "Refused", "REFUSALS",
     # configuration and tokens
-    "SETTINGS", "Config", "parse_dotenv", "load_config", "DeviceToken", "hash_token", "read_tokens_file",
-    "add_token", "rotate_token", "remove_token",
+    "SETTINGS", "Config", "parse_dotenv", "load_config", "DeviceToken", "hash_token",
+    "read_tokens_file", "add_token", "rotate_token", "remove_token",
     # values and SQL
     "Column", "TableSchema", "bind_value", "parse_json", "to_json_bytes", "key_where", "keys_where",
-    "select_keyed_sql", "insert_sql", "update_sql", "exists_sql", "delete_sql", "first_rows_sql", "page_sql",
+    "select_keyed_sql", "insert_sql", "update_sql", "exists_sql", "delete_sql", "first_rows_sql",
+    "page_sql",
     # the database, its change log, the sync engine
-    "Database", "SQLiteDatabase", "MySQLDatabase", "open_database", "ChangeLog", "Checkpoints", "SyncEngine",
-    "Pushes", "Pulls",
+    "Database", "SQLiteDatabase", "MySQLDatabase", "open_database", "ChangeLog", "Checkpoints",
+    "SyncEngine", "Pushes", "Pulls",
     # serving it
     "Metrics", "DeviceFleet", "App", "make_app", "main", "OPENAPI", "ROUTE_REFUSALS",
 ]
@@ -190,7 +191,10 @@ class ConfigError(CloudsyncError):
 
 
 class SchemaError(CloudsyncError):
-    """An allowed table that cannot be synced (missing, no primary key, a key that cannot name a row)."""
+    """An allowed table that cannot be synced.
+
+    Missing, no primary key, or a key that cannot name a row.
+    """
 
 
 class ChangeCaptureError(CloudsyncError):
@@ -198,7 +202,7 @@ class ChangeCaptureError(CloudsyncError):
 
 
 class DatabaseUnavailable(CloudsyncError):
-    """The database cannot be reached (refused, timed out, restarting), or refuses these settings."""
+    """The database is unreachable (refused, timed out, restarting), or refuses these settings."""
 
     def __init__(self, message, fix=None, lasting=False):
         super().__init__(message if fix is None else "%s; %s" % (message, fix))
@@ -213,7 +217,7 @@ class Retryable(DatabaseUnavailable):
 
 
 class Denied(CloudsyncError):
-    """The database user lacks a privilege cloudsync needs (to create its tables or the triggers)."""
+    """The database user lacks a privilege cloudsync needs (to create its tables or triggers)."""
 
 
 class DataRejected(CloudsyncError):
@@ -227,7 +231,7 @@ class DataRejected(CloudsyncError):
 
 
 class Refused(CloudsyncError):
-    """A request refused: `reason` is its entry in REFUSALS, `detail` says exactly what was wrong."""
+    """A request refused: `reason` is its REFUSALS entry, `detail` says exactly what was wrong."""
 
     def __init__(self, reason, detail, **fields):
         super().__init__(detail)
@@ -256,53 +260,72 @@ class _BatchTaken(CloudsyncError):
     """Another request with the same device and batch id committed first."""
 
 
-# reason: (HTTP status, `error` as clients see it, when). The `error` texts are the
-# original service's where it had one; they never change.
+# reason: (HTTP status, `error` as clients see it, when). The `error` texts are the original
+# service's where it had one; they never change.
 REFUSALS = {
-    "invalid_json": (400, "Invalid JSON", "the body is not JSON or not UTF-8, or an object names a field twice"),
-    "invalid_request": (400, "Invalid request", "a broken body: Content-Length not a number or not reached, gzip "
-                                                "that is not valid, cut short or followed by other bytes"),
-    "invalid_payload": (400, "Invalid payload", "the body is not an object, or a field has the wrong type"),
+    "invalid_json": (400, "Invalid JSON",
+                     "the body is not JSON or not UTF-8, or an object names a field twice"),
+    "invalid_request": (400, "Invalid request",
+                        "a broken body: Content-Length not a number or not reached, gzip that is "
+                        "not valid, cut short or followed by other bytes"),
+    "invalid_payload": (400, "Invalid payload",
+                        "the body is not an object, or a field has the wrong type"),
     "too_deep": (400, "Too deeply nested", "the body nests deeper than MAX_JSON_DEPTH"),
-    "invalid_operation": (400, "Invalid operation", "an operation is not an object or lacks table, action or data"),
+    "invalid_operation": (400, "Invalid operation",
+                          "an operation is not an object or lacks table, action or data"),
     "invalid_table": (400, "Invalid table", "a table is not in ALLOWED_TABLES"),
     "invalid_action": (400, "Invalid action", "an action is not insert, update, delete or upsert"),
     "unknown_column": (400, "Unknown column", "a column is not in the table"),
     "missing_key": (400, "Missing key", "data lacks a primary-key column"),
-    "invalid_value": (400, "Invalid value", "a value its column cannot hold as it is (the detail names the "
-                                            "operation and column)"),
-    "invalid_checkpoint": (400, "Invalid checkpoint", "a checkpoint this server did not issue for this database "
-                                                      "and these tables"),
+    "invalid_value": (400, "Invalid value",
+                      "a value its column cannot hold as it is (the detail names the operation "
+                      "and column)"),
+    "invalid_checkpoint": (400, "Invalid checkpoint",
+                           "a checkpoint this server did not issue for this database and these "
+                           "tables"),
     "invalid_limit": (400, "Invalid limit", "limit is not a whole number of at least 1"),
     "no_tables": (400, "No tables configured", "tables is [] or ALLOWED_TABLES is empty"),
-    "data_refused": (400, "Sync failed", "the database refused a value (NOT NULL, too long, foreign key, CHECK); "
-                                         "op names the operation"),
+    "data_refused": (400, "Sync failed",
+                     "the database refused a value (NOT NULL, too long, foreign key, CHECK); op "
+                     "names the operation"),
     "unauthorized": (401, "Unauthorized", "tokens are configured and the request has no valid one"),
     "forbidden": (403, "Forbidden", "device_id is not the token's device"),
     "read_only_table": (403, "Read-only table", "a push to a table in READ_ONLY_TABLES"),
     "table_not_permitted": (403, "Table not permitted", "a table outside the token's tables"),
     "not_found": (404, "Not found", "no endpoint at this path"),
-    "method_not_allowed": (405, "Method not allowed", "the path does not take this method (see Allow)"),
-    "duplicate": (409, "Sync failed", "a row with that key or unique value exists with other values; op names "
-                                      "the operation"),
-    "conflict": (409, "Conflict", "with a checkpoint: operations touch rows changed since; conflicts lists them"),
-    "batch_reused": (409, "Batch id reused", "this device pushed a different batch under this batch_id"),
-    "expired": (410, "Checkpoint expired", "the checkpoint is older than what compaction removed, or ahead of "
-                                           "the log (a restored database); reset: true"),
-    "too_large": (413, "Payload too large", "the body, or the unpacked gzip body, is over MAX_BODY_BYTES"),
+    "method_not_allowed": (405, "Method not allowed",
+                           "the path does not take this method (see Allow)"),
+    "duplicate": (409, "Sync failed",
+                  "a row with that key or unique value exists with other values; op names the "
+                  "operation"),
+    "conflict": (409, "Conflict",
+                 "with a checkpoint: operations touch rows changed since; conflicts lists them"),
+    "batch_reused": (409, "Batch id reused",
+                     "this device pushed a different batch under this batch_id"),
+    "expired": (410, "Checkpoint expired",
+                "the checkpoint is older than what compaction removed, or ahead of the log (a "
+                "restored database); reset: true"),
+    "too_large": (413, "Payload too large",
+                  "the body, or the unpacked gzip body, is over MAX_BODY_BYTES"),
     "too_many_operations": (413, "Too many operations", "a push holds more than MAX_OPERATIONS"),
     "value_too_large": (413, "Value too large", "a text is over MAX_VALUE_BYTES"),
-    "unsupported_encoding": (415, "Unsupported content encoding", "Content-Encoding other than gzip or identity"),
-    "rejected": (422, "Rejected", "a rule of the database (a trigger's SIGNAL or RAISE) refused an operation; "
-                                  "rejected carries its message"),
+    "unsupported_encoding": (415, "Unsupported content encoding",
+                             "Content-Encoding other than gzip or identity"),
+    "rejected": (422, "Rejected",
+                 "a rule of the database (a trigger's SIGNAL or RAISE) refused an operation; "
+                 "rejected carries its message"),
     "push_failed": (500, "Sync failed", "the database failed; nothing was applied"),
     "pull_failed": (500, "Pull sync failed", "the database failed while reading"),
-    "schema_problem": (500, "Schema problem", "an allowed table disappeared or lost its primary key"),
-    "internal": (500, "Internal server error", "an unexpected error; the server log has the details"),
-    "push_unavailable": (503, "Sync failed", "the database is unreachable, or still locked after PUSH_RETRIES "
-                                             "retries; Retry-After"),
+    "schema_problem": (500, "Schema problem",
+                       "an allowed table disappeared or lost its primary key"),
+    "internal": (500, "Internal server error",
+                 "an unexpected error; the server log has the details"),
+    "push_unavailable": (503, "Sync failed",
+                         "the database is unreachable, or still locked after PUSH_RETRIES "
+                         "retries; Retry-After"),
     "pull_unavailable": (503, "Pull sync failed", "the database is unreachable; Retry-After"),
-    "database_unavailable": (503, "Database unavailable", "the database is unreachable; Retry-After"),
+    "database_unavailable": (503, "Database unavailable",
+                             "the database is unreachable; Retry-After"),
 }
 
 
@@ -313,7 +336,8 @@ REFUSALS = {
 _DOTENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _DOTENV_EXPAND = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ESCAPED_DOLLAR = "\x00"             # stands for \$ until ${VAR} expansion is done
-_DOUBLE_QUOTE_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\", "$": _ESCAPED_DOLLAR, "'": "'"}
+_DOUBLE_QUOTE_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\",
+                         "$": _ESCAPED_DOLLAR, "'": "'"}
 
 
 def _expand(value, known, environ):
@@ -373,7 +397,8 @@ def parse_dotenv(text, environ=None):
                     body = lines[index]
                     index += 1
             if rest is None:
-                problems.append((number, "unterminated %s quote" % ("double" if quote == '"' else "single")))
+                problems.append((number, "unterminated %s quote"
+                                 % ("double" if quote == '"' else "single")))
                 index = number              # carry on with the next line, as python-dotenv does
                 continue
             trailing = rest.strip()
@@ -403,16 +428,23 @@ def parse_dotenv(text, environ=None):
 
 def _printable(text):
     """Text for a one-line log entry: control and other unprintable characters escaped."""
-    return text if text.isprintable() else text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return (text if text.isprintable()
+            else text.encode("unicode_escape", "backslashreplace").decode("ascii"))
 
 
 def _loggable(value, limit=200):
-    """Anything a client sent, fit for a log line: cut to `limit` characters, line breaks and controls escaped."""
+    """Anything a client sent, fit for a log line.
+
+    Cut to `limit` characters, line breaks and controls escaped.
+    """
     return _printable(str(value)[:limit])
 
 
 class TextLogFormatter(logging.Formatter):
-    """LOG_FORMAT=text: one line a message; a line break in a message (from anywhere) cannot start a fake entry."""
+    """LOG_FORMAT=text: one line a message.
+
+    A line break in a message (from anywhere) cannot start a fake entry.
+    """
 
     def formatMessage(self, record):
         """The message with unprintable characters escaped."""
@@ -426,8 +458,8 @@ class JSONLogFormatter(logging.Formatter):
     def format(self, record):
         """One JSON object: time, level, logger, message, and an access line's fields."""
         entry = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
-                 .isoformat(timespec="milliseconds"), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
+                 .isoformat(timespec="milliseconds"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
         entry.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
@@ -459,7 +491,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 class DeviceToken:
-    """One device's credential: device id, the SHA-256 of its token, optional table list, when it was made."""
+    """A device's credential: device id, its token's SHA-256, optional tables, when it was made."""
 
     __slots__ = ("device_id", "digest", "tables", "created")
 
@@ -468,8 +500,8 @@ class DeviceToken:
         if secret[:7].lower() == "sha256:":
             # a mistyped hash must not quietly become a plaintext token that nobody holds
             if not re.fullmatch(r"[0-9a-fA-F]{64}", secret[7:]):
-                raise ValueError("the token of device %r is written as sha256: but is not followed by exactly 64 "
-                                 "hex digits" % device_id)
+                raise ValueError("the token of device %r is written as sha256: but is not followed "
+                                 "by exactly 64 hex digits" % device_id)
             self.digest = bytes.fromhex(secret[7:])
         else:
             self.digest = hashlib.sha256(secret.encode("utf-8")).digest()
@@ -498,7 +530,7 @@ def read_tokens_file(path):
 
 
 def _tokens_file(path):
-    """(line, DeviceToken or None) for every line of a tokens file: comments and blank lines have no token."""
+    """(line, DeviceToken or None) per line of a tokens file: comments and blank lines get None."""
     if not path or not os.path.exists(path):
         return []
     try:
@@ -525,8 +557,9 @@ def _tokens_file(path):
         if "tables" in options:
             tables = [name for name in options["tables"].split(",") if name]
             if not tables:
-                raise ConfigError("%s line %d: tables= names no table; list the tables the device may sync, or "
-                                  "leave tables= out to allow every table." % (path, number))
+                raise ConfigError("%s line %d: tables= names no table; list the tables the device "
+                                  "may sync, or leave tables= out to allow every table."
+                                  % (path, number))
         try:
             parsed.append((line, DeviceToken(fields[0], fields[1], tables, options.get("created"))))
         except ValueError as error:
@@ -545,7 +578,10 @@ def _token_line(device_id, tables):
 
 
 def _rewrite_tokens_file(path, lines):
-    """Replace the tokens file at once (a running server never reads half of it), readable by its owner only."""
+    """Replace the tokens file at once, readable by its owner only.
+
+    A running server never reads half of it.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     descriptor, temporary = tempfile.mkstemp(prefix=".cloudsync-tokens-", dir=folder)
     try:
@@ -562,22 +598,24 @@ def _rewrite_tokens_file(path, lines):
 
 
 def add_token(path, device_id, tables=None):
-    """Generate a token for a device that has none, store only its hash in `path`, return the token."""
+    """Make a token for a device that has none, store only its hash in `path`, return the token."""
     entries = _tokens_file(path)
     if any(token is not None and token.device_id == device_id for _, token in entries):
-        raise ConfigError("device %s already has a token; `token rotate %s` replaces it (the old one stops "
-                          "working), `token remove %s` takes it away." % (device_id, device_id, device_id))
+        raise ConfigError("device %s already has a token; `token rotate %s` replaces it (the old "
+                          "one stops working), `token remove %s` takes it away."
+                          % (device_id, device_id, device_id))
     token, line = _token_line(device_id, tables)
     _rewrite_tokens_file(path, [text for text, _ in entries] + [line])
     return token
 
 
 def rotate_token(path, device_id, tables=None):
-    """Replace a device's token by a new one (its tables kept unless given); return the new token."""
+    """Give a device a new token (its tables kept unless given); return the new token."""
     entries = _tokens_file(path)
     found = [token for _, token in entries if token is not None and token.device_id == device_id]
     if not found:
-        raise ConfigError("device %s has no token in %s; `token add %s` makes one." % (device_id, path, device_id))
+        raise ConfigError("device %s has no token in %s; `token add %s` makes one."
+                          % (device_id, path, device_id))
     token, line = _token_line(device_id, tables if tables is not None else found[0].tables)
     lines = [text for text, entry in entries if entry is None or entry.device_id != device_id]
     _rewrite_tokens_file(path, lines + [line])
@@ -589,7 +627,8 @@ def remove_token(path, device_id):
     entries = _tokens_file(path)
     if not any(token is not None and token.device_id == device_id for _, token in entries):
         raise ConfigError("device %s has no token in %s." % (device_id, path))
-    _rewrite_tokens_file(path, [text for text, token in entries if token is None or token.device_id != device_id])
+    _rewrite_tokens_file(path, [text for text, token in entries
+                                if token is None or token.device_id != device_id])
 
 
 class Authenticator:
@@ -609,9 +648,9 @@ class Authenticator:
         self._started_required = bool(self.tokens)
         self.required = self._started_required
         if config.auth == "auto" and not self.required and config.host not in LOOPBACK_HOSTS:
-            raise ConfigError("HOST=%s is not a loopback address and no device tokens are configured; add "
-                              "tokens (cloudsync.py token add DEVICE) or set AUTH=off to run without "
-                              "authentication." % config.host)
+            raise ConfigError("HOST=%s is not a loopback address and no device tokens are "
+                              "configured; add tokens (cloudsync.py token add DEVICE) or set "
+                              "AUTH=off to run without authentication." % config.host)
 
     def _load(self):
         """Read TOKENS and the tokens file into the tokens in force."""
@@ -620,14 +659,17 @@ class Authenticator:
         for token in tokens:
             unknown = sorted(set(token.tables or ()) - allowed)
             if unknown:
-                # a table taken out of ALLOWED_TABLES: the token keeps the others (the table is out of reach anyway)
-                log.warning("the token of device %s names %s, which %s not in ALLOWED_TABLES: ignored for it; "
-                            "`token rotate %s --tables ...` or an edit of %s makes it go", token.device_id,
-                            ", ".join(unknown), "is" if len(unknown) == 1 else "are", token.device_id,
+                # a table taken out of ALLOWED_TABLES: the token keeps the others (the table is
+                # out of reach anyway)
+                log.warning("the token of device %s names %s, which %s not in ALLOWED_TABLES: "
+                            "ignored for it; `token rotate %s --tables ...` or an edit of %s "
+                            "makes it go", token.device_id, ", ".join(unknown),
+                            "is" if len(unknown) == 1 else "are", token.device_id,
                             self.config.tokens_file or "TOKENS")
                 token.tables = tuple(table for table in token.tables if table in allowed)
         if self.config.auth == "off" and tokens:
-            raise ConfigError("AUTH=off, but device tokens are configured; remove the tokens or AUTH=off.")
+            raise ConfigError("AUTH=off, but device tokens are configured; remove the tokens or "
+                              "AUTH=off.")
         return tokens
 
     def _file_stat(self):
@@ -639,7 +681,7 @@ class Authenticator:
         return status and (status.st_ino, status.st_mtime_ns, status.st_size)
 
     def reload(self, force=False):
-        """Read the tokens file again if it changed (or when forced); True when the tokens changed."""
+        """Reread the tokens file if it changed (or when forced); True when the tokens changed."""
         state = self._file_stat()
         if state == self._file_state and not force:
             return False
@@ -656,7 +698,11 @@ class Authenticator:
         return True
 
     def identify(self, request, monitors=()):
-        """The DeviceToken of the request, None when no token is needed or a monitoring token was shown; else Refused("unauthorized")."""
+        """The DeviceToken of the request.
+
+        None when no token is needed or a monitoring token was shown; else
+        Refused("unauthorized").
+        """
         if not self.required and not any(monitors):
             return None
         header = request.environ.get("HTTP_AUTHORIZATION", "")
@@ -671,13 +717,14 @@ class Authenticator:
         for token in self.tokens:
             if token.matches(digest):
                 found = token
-        if found is None and not any([token.matches(digest) for token in monitors if token is not None]) \
+        if found is None \
+                and not any([token.matches(digest) for token in monitors if token is not None]) \
                 and self.required:
             self._refuse(request, "the token is not valid")
         return found
 
     def require(self, request, *accepted):
-        """Refused("unauthorized") unless the request carries one of the `accepted` tokens (admin, metrics)."""
+        """Refused("unauthorized") unless the request has an `accepted` token (admin, metrics)."""
         header = request.environ.get("HTTP_AUTHORIZATION", "")
         scheme, _, presented = header.partition(" ")
         digest = hashlib.sha256(presented.strip().encode("utf-8", "replace")).digest()
@@ -688,7 +735,8 @@ class Authenticator:
 
     def _refuse(self, request, detail):
         """Count and log a failed authentication; raise Refused("unauthorized")."""
-        log.warning("auth failure from %s on %s: %s", _loggable(request.environ.get("REMOTE_ADDR", "?")),
+        log.warning("auth failure from %s on %s: %s",
+                    _loggable(request.environ.get("REMOTE_ADDR", "?")),
                     _loggable(request.path, 100), detail)
         request.auth_failed = True
         raise Refused("unauthorized", detail)
@@ -732,7 +780,8 @@ def _as_table_list(text):
     own = [name for name in names if name.lower().startswith("cloudsync_")]
     if own:
         # cloudsync_meta holds the checkpoint-signing key; no cloudsync_* table is for devices
-        raise ValueError("%s is one of cloudsync's own tables (cloudsync_*), which devices may never sync" % own[0])
+        raise ValueError("%s is one of cloudsync's own tables (cloudsync_*), which devices may "
+                         "never sync" % own[0])
     return tuple(names)
 
 
@@ -812,34 +861,48 @@ SETTINGS = (
     ("MAX_BODY_BYTES", _as_positive_int, "10485760", "largest request body accepted, in bytes"),
     ("THREADS", _as_positive_int, "8", "request worker threads"),
     ("DB_POOL_SIZE", _as_positive_int, "8", "most database connections held open at once"),
-    ("DB_CONNECT_TIMEOUT_SECONDS", _as_positive_float, "5", "give up connecting to the database after this long"),
-    ("DB_WAIT_SECONDS", _as_positive_float, "10", "longest wait for a free database connection, a row or table lock, or the SQLite write lock"),
+    ("DB_CONNECT_TIMEOUT_SECONDS", _as_positive_float, "5",
+     "give up connecting to the database after this long"),
+    ("DB_WAIT_SECONDS", _as_positive_float, "10",
+     "longest wait for a free database connection, a row or table lock, or the SQLite write lock"),
     ("LOG_LEVEL", _as_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     ("AUTH", _as_auth_mode, "auto",
-     "auto: tokens are required when any are configured; off: no authentication (never on a public address)"),
-    ("TOKENS", _as_token_list, "", "device tokens as device_id:token or device_id:sha256:HEX, comma-separated"),
+     "auto: tokens are required when any are configured; off: no authentication (never on a "
+     "public address)"),
+    ("TOKENS", _as_token_list, "",
+     "device tokens as device_id:token or device_id:sha256:HEX, comma-separated"),
     ("TOKENS_FILE", str, "cloudsync.tokens",
-     "file of device tokens, one 'device_id sha256:HEX [tables=a,b] [created=TIME]' a line; re-read when it changes"),
+     "file of device tokens, one 'device_id sha256:HEX [tables=a,b] [created=TIME]' a line; "
+     "re-read when it changes"),
     ("READ_ONLY_TABLES", _as_table_list, "", "tables devices may pull but never push"),
     ("MAX_OPERATIONS", _as_positive_int, "10000", "most operations in one push"),
-    ("MAX_PULL_ROWS", _as_positive_int, "5000", "most rows plus keys in one pull; a larger limit is capped"),
-    ("MAX_JSON_DEPTH", _as_positive_int, "16", "deepest nesting of objects and lists in a request body"),
+    ("MAX_PULL_ROWS", _as_positive_int, "5000",
+     "most rows plus keys in one pull; a larger limit is capped"),
+    ("MAX_JSON_DEPTH", _as_positive_int, "16",
+     "deepest nesting of objects and lists in a request body"),
     ("MAX_VALUE_BYTES", _as_positive_int, "1048576", "largest single text value, in bytes"),
-    ("READ_TIMEOUT_SECONDS", _as_positive_int, "30", "a client that sends nothing for this long is disconnected"),
-    ("GZIP_MIN_BYTES", _as_positive_int, "1024", "responses at least this large are gzipped for clients that accept it"),
-    ("PUSH_RETRIES", _as_positive_int, "3", "times a push is retried after a deadlock or lock timeout before 503"),
+    ("READ_TIMEOUT_SECONDS", _as_positive_int, "30",
+     "a client that sends nothing for this long is disconnected"),
+    ("GZIP_MIN_BYTES", _as_positive_int, "1024",
+     "responses at least this large are gzipped for clients that accept it"),
+    ("PUSH_RETRIES", _as_positive_int, "3",
+     "times a push is retried after a deadlock or lock timeout before 503"),
     ("CHANGE_CAPTURE", _as_capture_mode, "triggers",
      "triggers (every writer is recorded) or api (only writes through cloudsync)"),
-    ("CHANGELOG_RETENTION_DAYS", _as_positive_int, "30", "change log and batch ids are kept this many days"),
-    ("COMPACT_INTERVAL_SECONDS", _as_positive_int, "3600", "how often the server compacts the change log"),
+    ("CHANGELOG_RETENTION_DAYS", _as_positive_int, "30",
+     "change log and batch ids are kept this many days"),
+    ("COMPACT_INTERVAL_SECONDS", _as_positive_int, "3600",
+     "how often the server compacts the change log"),
     ("LOG_FORMAT", _as_log_format, "text", "text, or json for one JSON object a line"),
     ("ADMIN_TOKEN", _as_secret_token, "",
      "token (or sha256:HEX) for GET /sync/devices, /metrics and /sync/status; empty: none"),
     ("METRICS_TOKEN", _as_secret_token, "",
-     "token (or sha256:HEX) for GET /metrics and /sync/status (monitoring); empty: /metrics is protected like "
-     "the sync endpoints"),
-    ("CORS_ORIGINS", _as_origin_list, "", "browser origins allowed to call the API (PWA field apps), comma-separated, or *"),
-    ("SHUTDOWN_GRACE_SECONDS", _as_positive_int, "30", "on SIGTERM, requests in progress get this long to finish"),
+     "token (or sha256:HEX) for GET /metrics and /sync/status (monitoring); empty: /metrics is "
+     "protected like the sync endpoints"),
+    ("CORS_ORIGINS", _as_origin_list, "",
+     "browser origins allowed to call the API (PWA field apps), comma-separated, or *"),
+    ("SHUTDOWN_GRACE_SECONDS", _as_positive_int, "30",
+     "on SIGTERM, requests in progress get this long to finish"),
 )
 SETTING_NAMES = tuple(name for name, _, _, _ in SETTINGS)
 SECRET_SETTINGS = ("DB_PASS", "TOKENS", "ADMIN_TOKEN", "METRICS_TOKEN")
@@ -880,8 +943,9 @@ def load_config(env_file=".env", environ=None, overrides=None, required=False):
     environ = os.environ if environ is None else environ
     file_values = {}
     if env_file and required and not os.path.exists(env_file):
-        raise ConfigError("the settings file %s does not exist (--env-file); give an existing file, or leave "
-                          "--env-file out to read .env in the working directory if there is one." % env_file)
+        raise ConfigError("the settings file %s does not exist (--env-file); give an existing "
+                          "file, or leave --env-file out to read .env in the working directory if "
+                          "there is one." % env_file)
     if env_file and os.path.exists(env_file):
         try:
             with open(env_file, encoding="utf-8", newline="") as handle:
@@ -942,8 +1006,8 @@ def load_config(env_file=".env", environ=None, overrides=None, required=False):
 #
 # A push is checked against the same kinds before any SQL runs (bind_value).
 
-COLUMN_KINDS = ("integer", "bit", "decimal", "float", "date", "datetime", "timestamp", "time", "binary",
-                "enum", "set", "text", "json", "other")
+COLUMN_KINDS = ("integer", "bit", "decimal", "float", "date", "datetime", "timestamp", "time",
+                "binary", "enum", "set", "text", "json", "other")
 TEXT_KINDS = ("text", "enum", "set", "json", "other")
 DATE_KINDS = ("date", "datetime", "timestamp", "time")
 # rounding SQLite decimals of any size without overflow
@@ -963,12 +1027,14 @@ def quote_sqlite(name):
 class Column:
     """One column of an allowed table, as the database describes it."""
 
-    __slots__ = ("name", "quoted", "select", "kind", "declared", "scale", "fsp", "members", "generated", "octets",
-                 "pads", "max_code_point", "int_limit", "affinity", "checks_decimals", "dates_as_text", "plain_text")
+    __slots__ = ("name", "quoted", "select", "kind", "declared", "scale", "fsp", "members",
+                 "generated", "octets", "pads", "max_code_point", "int_limit", "affinity",
+                 "checks_decimals", "dates_as_text", "plain_text")
 
-    def __init__(self, name, quoted, kind, declared="", scale=None, fsp=0, members=(), generated=False,
-                 octets=None, pads=False, max_code_point=0x10FFFF, int_limit=1 << 64, affinity=None,
-                 checks_decimals=False, dates_as_text=False, select=None):
+    def __init__(self, name, quoted, kind, declared="", scale=None, fsp=0, members=(),
+                 generated=False, octets=None, pads=False, max_code_point=0x10FFFF,
+                 int_limit=1 << 64, affinity=None, checks_decimals=False, dates_as_text=False,
+                 select=None):
         self.name = name
         self.quoted = quoted
         # how a SELECT reads it (MySQL dates as text: zero dates survive)
@@ -1076,8 +1142,8 @@ def to_json_bytes(payload):
         text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=_json_default,
                           allow_nan=False)
     except ValueError:              # Infinity or NaN another program stored in a float column
-        text = json.dumps(_finite(payload), ensure_ascii=False, separators=(",", ":"), default=_json_default,
-                          allow_nan=False)
+        text = json.dumps(_finite(payload), ensure_ascii=False, separators=(",", ":"),
+                          default=_json_default, allow_nan=False)
     return text.encode("utf-8")
 
 
@@ -1087,7 +1153,7 @@ def _reject_constant(name):
 
 
 def _object_without_duplicates(pairs):
-    """A JSON object; a name given twice is refused: which value counts is not defined (RFC 8259)."""
+    """A JSON object; a name given twice is refused: which value counts is undefined (RFC 8259)."""
     result = dict(pairs)
     if len(result) != len(pairs):
         seen = set()
@@ -1101,14 +1167,16 @@ def parse_json(body):
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise Refused("invalid_json", "the body is not valid UTF-8 (byte %d)" % error.start) from None
+        raise Refused("invalid_json",
+                      "the body is not valid UTF-8 (byte %d)" % error.start) from None
     if not text.strip():
         return {}
     try:
         return json.loads(text, parse_float=decimal.Decimal, parse_constant=_reject_constant,
                           object_pairs_hook=_object_without_duplicates)
     except json.JSONDecodeError as error:
-        raise Refused("invalid_json", "%s at line %d column %d" % (error.msg, error.lineno, error.colno)) from None
+        raise Refused("invalid_json", "%s at line %d column %d"
+                      % (error.msg, error.lineno, error.colno)) from None
     except (ValueError, RecursionError) as error:
         raise Refused("invalid_json", str(error) if isinstance(error, ValueError)
                         else "the body is nested too deeply") from None
@@ -1120,7 +1188,7 @@ def _invalid(where, column, text):
 
 
 def bind_value(column, value, where):
-    """Turn a pushed JSON value into a value to bind for `column`, or raise Refused naming the column.
+    """Turn a pushed JSON value into one to bind for `column`, or raise Refused naming the column.
 
     Nothing the database would silently turn into another value gets through:
     a fraction for a whole-number column, a number for a date, a float no
@@ -1143,7 +1211,8 @@ def bind_value(column, value, where):
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise _invalid(where, column, "column %s holds binary data, send it as base64") from None
+            raise _invalid(where, column,
+                           "column %s holds binary data, send it as base64") from None
     if kind == "float":
         try:
             number = decimal.Decimal(value.strip() if isinstance(value, str) else value)
@@ -1157,8 +1226,8 @@ def bind_value(column, value, where):
     if kind in DATE_KINDS and not column.dates_as_text:
         return _checked_moment(column, value, where)
     if isinstance(value, int) and not -(1 << 63) <= value < column.int_limit \
-            or isinstance(value, decimal.Decimal) and (not value.is_finite()
-                                                       or abs(value.adjusted()) > MAX_DECIMAL_EXPONENT):
+            or isinstance(value, decimal.Decimal) \
+            and (not value.is_finite() or abs(value.adjusted()) > MAX_DECIMAL_EXPONENT):
         raise _invalid(where, column, "the number for column %s is out of range")
     return value
 
@@ -1168,10 +1237,12 @@ def _check_text(column, value, where):
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise _invalid(where, column, "the text for column %s is not valid Unicode (a lone surrogate)") from None
+        raise _invalid(where, column, "the text for column %s is not valid Unicode (a lone "
+                       "surrogate)") from None
     if column.max_code_point < 0x10FFFF and max(map(ord, value)) > column.max_code_point:
-        raise _invalid(where, column, "column %s uses the utf8mb3 character set, which cannot store "
-                       "characters beyond U+FFFF (emoji and some CJK); convert the column to utf8mb4")
+        raise _invalid(where, column, "column %s uses the utf8mb3 character set, which cannot "
+                       "store characters beyond U+FFFF (emoji and some CJK); convert the column "
+                       "to utf8mb4")
 
 
 _WHOLE_NUMBER_TEXT = re.compile(r"\s*[+-]?[0-9]{1,%d}\s*" % MAX_INTEGER_DIGITS)
@@ -1179,7 +1250,10 @@ _UTC_OFFSET = re.compile(r"(Z|[+-][0-9]{2}:?[0-9]{2})\s*$")
 
 
 def _checked_whole(column, value, where):
-    """A whole-number column: a whole number in range, as a number or text; a fraction is refused, not rounded."""
+    """A whole-number column: a whole number in range, as a number or text.
+
+    A fraction is refused, not rounded.
+    """
     if isinstance(value, str):
         if not _WHOLE_NUMBER_TEXT.fullmatch(value):
             raise _invalid(where, column, "column %s holds whole numbers")
@@ -1196,36 +1270,46 @@ def _checked_whole(column, value, where):
 
 
 def _checked_moment(column, value, where):
-    """A MySQL date or time: text (a number would be read as YYYYMMDD or HHMMSS); an offset becomes UTC."""
+    """A MySQL date or time, as text (a number would be read as YYYYMMDD or HHMMSS).
+
+    An offset becomes UTC.
+    """
     if not isinstance(value, str):
         raise _invalid(where, column, "column %%s holds a %s: send it as text (%s)" % (
             column.kind, "'09:30:00'" if column.kind == "time" else "'2026-11-26 09:30:00'"))
     if column.kind in ("datetime", "timestamp") and _UTC_OFFSET.search(value):
-        # what JavaScript's toISOString sends ("...Z"): the instant in UTC, as cloudsync's sessions read it
+        # what JavaScript's toISOString sends ("...Z"): the instant in UTC, as cloudsync's
+        # sessions read it
         try:
             moment = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
         except ValueError:
-            raise _invalid(where, column, "column %s holds a date and time; this is not one") from None
+            raise _invalid(where, column,
+                           "column %s holds a date and time; this is not one") from None
         return moment.astimezone(datetime.timezone.utc).replace(tzinfo=None).isoformat()
     return value
 
 
 def key_problem(column, value):
-    """Why a pushed key value would be stored as another value (so the key could not name its row again), or None."""
+    """Why a pushed key value would be stored as another value, or None.
+
+    Stored so, the key could not name its row again.
+    """
     try:
         if column.octets and isinstance(value, (bytes, bytearray)) and len(value) != column.octets:
-            return ("column %r is BINARY(%d): a key of %d bytes would be stored padded with zero bytes, as "
-                    "another key; send exactly %d bytes" % (column.name, column.octets, len(value), column.octets))
+            return ("column %r is BINARY(%d): a key of %d bytes would be stored padded with zero "
+                    "bytes, as another key; send exactly %d bytes"
+                    % (column.name, column.octets, len(value), column.octets))
         if column.kind == "decimal" and not column.checks_decimals and column.scale is not None:
             number = decimal.Decimal(str(value).strip())
-            if number != number.quantize(decimal.Decimal(1).scaleb(-column.scale), context=_WIDE_CONTEXT):
-                return ("column %r keeps %d decimals: this key would be stored rounded, as another key"
-                        % (column.name, column.scale))
+            if number != number.quantize(decimal.Decimal(1).scaleb(-column.scale),
+                                         context=_WIDE_CONTEXT):
+                return ("column %r keeps %d decimals: this key would be stored rounded, as "
+                        "another key" % (column.name, column.scale))
         if column.kind in ("datetime", "timestamp", "time") and not column.dates_as_text:
             fraction = re.search(r"[0-9]:[0-9]{2}\.([0-9]+)", str(value))
             if fraction and fraction.group(1)[column.fsp:].strip("0"):
-                return ("column %r keeps %d digits of a second: this key would be stored cut, as another key"
-                        % (column.name, column.fsp))
+                return ("column %r keeps %d digits of a second: this key would be stored cut, as "
+                        "another key" % (column.name, column.fsp))
     except (ArithmeticError, ValueError):
         # not a value of the column's type: the database refuses it
         return None
@@ -1233,7 +1317,7 @@ def key_problem(column, value):
 
 
 def _checked_float(column, number, where):
-    """A float column: the double nearest the number; refused when no double holds it (1e400, 1e-400)."""
+    """A float column: the nearest double; refused when no double holds it (1e400, 1e-400)."""
     if not number.is_finite() or abs(number.adjusted()) > MAX_FLOAT_EXPONENT + 20:
         raise _invalid(where, column, "the number for column %s is out of range")
     value = float(number)
@@ -1243,7 +1327,7 @@ def _checked_float(column, number, where):
 
 
 def _checked_decimal(column, value, where):
-    """SQLite DECIMAL(p,s): round half up to s places as MySQL does; refuse what a REAL cannot keep."""
+    """SQLite DECIMAL(p,s): round half up to s places like MySQL; refuse what a REAL cannot keep."""
     try:
         number = decimal.Decimal(value.strip() if isinstance(value, str) else value)
     except (decimal.InvalidOperation, ValueError):
@@ -1252,8 +1336,8 @@ def _checked_decimal(column, value, where):
         raise _invalid(where, column, "the number for column %s is out of range")
     try:
         if column.scale is not None:
-            number = number.quantize(decimal.Decimal(1).scaleb(-column.scale), rounding=decimal.ROUND_HALF_UP,
-                                     context=_WIDE_CONTEXT)
+            number = number.quantize(decimal.Decimal(1).scaleb(-column.scale),
+                                     rounding=decimal.ROUND_HALF_UP, context=_WIDE_CONTEXT)
     except (decimal.InvalidOperation, ValueError):
         raise _invalid(where, column, "column %s holds a decimal number") from None
     if len(number.normalize(_WIDE_CONTEXT).as_tuple().digits) > SQLITE_EXACT_DIGITS:
@@ -1272,7 +1356,7 @@ def _json_type(value):
 
 
 def _mysql_set(value, column):
-    """A MySQL SET (the driver gives a Python set) as MySQL writes it: members in the column's order."""
+    """A MySQL SET (the driver gives a Python set) as MySQL writes it: members in column order."""
     if isinstance(value, (set, frozenset)):
         order = {member.lower(): position for position, member in enumerate(column.members)}
         return ",".join(sorted(value, key=lambda member: order.get(member.lower(), len(order))))
@@ -1280,7 +1364,7 @@ def _mysql_set(value, column):
 
 
 def _sqlite_decimal(value, column):
-    """A number in a SQLite DECIMAL column as an exact decimal string, with at least the column's scale."""
+    """A SQLite DECIMAL column's number as exact decimal text, with at least the column's scale."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return value                         # text another program stored: shown as it is
     if isinstance(value, float):
@@ -1305,17 +1389,21 @@ def _parse_date(value):
 
 
 def _parse_datetime(value, fsp=6):
-    """A pushed date and time ('2026-11-26 09:30:00', or with T, a fraction, an offset), rounded as MySQL stores it."""
+    """A pushed date and time, rounded as MySQL stores it.
+
+    '2026-11-26 09:30:00', or with T, a fraction, an offset.
+    """
     text = str(value).strip()
     moment = datetime.datetime.fromisoformat(text + "T00:00:00" if len(text) == 10 else text)
     # an offset: the instant in UTC, as cloudsync's sessions read it
     if moment.tzinfo is not None:
         moment = moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
-    return moment + datetime.timedelta(microseconds=_rounded_micro(moment.microsecond, fsp) - moment.microsecond)
+    return moment + datetime.timedelta(
+        microseconds=_rounded_micro(moment.microsecond, fsp) - moment.microsecond)
 
 
 def _parse_time(value, fsp=6):
-    """A pushed MySQL TIME ('-00:00:00.500', '838:59:59') as a timedelta, rounded as MySQL stores it."""
+    """A pushed TIME ('-00:00:00.500', '838:59:59') as a timedelta, rounded as MySQL stores it."""
     found = _TIME_TEXT.fullmatch(str(value))
     if not found:
         raise ValueError("not a time")
@@ -1348,15 +1436,17 @@ def key_where(schema):
 def keys_where(schema, keys):
     """(WHERE text, params) matching any of `keys`: a IN (?, ?) or (a = ? AND b = ?) OR ..."""
     if len(schema.primary_key) == 1:
-        return "%s IN (%s)" % (schema.key_order, ", ".join("?" for _ in keys)), [key[0] for key in keys]
-    return " OR ".join("(%s)" % key_where(schema) for _ in keys), [value for key in keys for value in key]
+        return ("%s IN (%s)" % (schema.key_order, ", ".join("?" for _ in keys)),
+                [key[0] for key in keys])
+    return (" OR ".join("(%s)" % key_where(schema) for _ in keys),
+            [value for key in keys for value in key])
 
 
 def select_keyed_sql(schema, keys, lock=""):
-    """(sql, params) reading the rows with these keys, each led by its key as the change log writes it."""
+    """(sql, params) reading these keys' rows, each led by its key as the change log writes it."""
     where, params = keys_where(schema, keys)
-    return "SELECT %s, %s FROM %s WHERE %s%s" % (schema.key_sql, schema.select_list, schema.quoted, where,
-                                                 lock), params
+    return "SELECT %s, %s FROM %s WHERE %s%s" % (schema.key_sql, schema.select_list,
+                                                 schema.quoted, where, lock), params
 
 
 def insert_sql(schema, names):
@@ -1368,9 +1458,9 @@ def insert_sql(schema, names):
 
 def update_sql(schema, values, key):
     """(sql, params) setting `values` ({column: value}) on the row with `key`."""
-    return "UPDATE %s SET %s WHERE %s" % (schema.quoted, ", ".join("%s = ?" % schema.columns[name].quoted
-                                                                    for name in values),
-                                          key_where(schema)), tuple(values.values()) + tuple(key)
+    return "UPDATE %s SET %s WHERE %s" % (
+        schema.quoted, ", ".join("%s = ?" % schema.columns[name].quoted for name in values),
+        key_where(schema)), tuple(values.values()) + tuple(key)
 
 
 def exists_sql(schema, key):
@@ -1385,20 +1475,22 @@ def delete_sql(schema, key):
 
 def first_rows_sql(schema, limit):
     """(sql, params) reading the first `limit` rows in key order (the seed's pull)."""
-    return "SELECT %s FROM %s ORDER BY %s LIMIT ?" % (schema.select_list, schema.quoted, schema.key_order), [limit]
+    return "SELECT %s FROM %s ORDER BY %s LIMIT ?" % (schema.select_list, schema.quoted,
+                                                      schema.key_order), [limit]
 
 
 def page_sql(schema, after, limit):
-    """(sql, params) reading up to `limit` rows in key order after the key `after` (bound values), or from the
-    start: keyset paging, (a > ?) OR (a = ? AND b > ?)..., an index range however large the table. A NULL in
-    a key (SQLite allows it) would break the order: such rows are left out."""
+    """(sql, params) reading up to `limit` rows in key order after the key `after` (bound values),
+    or from the start: keyset paging, (a > ?) OR (a = ? AND b > ?)..., an index range however
+    large the table. A NULL in a key (SQLite allows it) would break the order: such rows are left
+    out."""
     where = " AND ".join("%s IS NOT NULL" % column.quoted for column in schema.key_columns)
     params = []
     if after is not None:
         quoted = [column.quoted for column in schema.key_columns]
-        where += " AND (%s)" % " OR ".join("(%s)" % " AND ".join(["%s = ?" % name for name in quoted[:n]]
-                                                                  + ["%s > ?" % quoted[n]])
-                                           for n in range(len(quoted)))
+        where += " AND (%s)" % " OR ".join(
+            "(%s)" % " AND ".join(["%s = ?" % name for name in quoted[:n]] + ["%s > ?" % quoted[n]])
+            for n in range(len(quoted)))
         for n in range(len(after)):
             params.extend(after[:n + 1])
     return "SELECT %s FROM %s WHERE %s ORDER BY %s LIMIT ?" % (
@@ -1434,7 +1526,10 @@ def page_sql(schema, after, limit):
 
 
 def _row_bytes_bound(row):
-    """An upper bound of a row's size in a MySQL INSERT, escaped: UTF-8 is at most 4 bytes a character."""
+    """An upper bound of a row's size in a MySQL INSERT, escaped.
+
+    UTF-8 is at most 4 bytes a character.
+    """
     size = 4
     for value in row:
         size += 4 * len(value) + 16 if isinstance(value, str) else 2 * len(value) + 16 \
@@ -1458,7 +1553,8 @@ class _DriverStatements:
     def available(conn):
         """Whether this connection has what the fast path uses."""
         return hasattr(conn, "cmd_query") and hasattr(conn, "get_rows") and (
-            hasattr(conn, "prepare_for_mysql") or hasattr(getattr(conn, "converter", None), "escape"))
+            hasattr(conn, "prepare_for_mysql")
+            or hasattr(getattr(conn, "converter", None), "escape"))
 
     def begin(self, conn):
         """START TRANSACTION."""
@@ -1512,7 +1608,10 @@ class _DriverStatements:
 
     @staticmethod
     def _escape(conn, params):
-        """Values as SQL literals, escaped by the driver as its cursors do (C extension or pure Python)."""
+        """Values as SQL literals, escaped by the driver as its cursors do.
+
+        The C extension's prepare_for_mysql() or the pure Python converter.
+        """
         prepare = getattr(conn, "prepare_for_mysql", None)
         if prepare is not None:
             return prepare(params)
@@ -1526,7 +1625,8 @@ class _DriverStatements:
         template = sql.encode("utf-8").split(b"?")
         values = self._escape(conn, tuple(params)) if params else ()
         if len(template) != len(values) + 1:
-            raise ValueError("the statement has %d placeholders for %d values" % (len(template) - 1, len(values)))
+            raise ValueError("the statement has %d placeholders for %d values"
+                             % (len(template) - 1, len(values)))
         return _fill(template, values)
 
 
@@ -1572,7 +1672,10 @@ class _CursorStatements:
     @staticmethod
     @contextlib.contextmanager
     def _cursor(conn, sql, params):
-        """A cursor that ran `sql`, each ? bound by name: %(p0)s, %(p1)s... (a % elsewhere stays as it is)."""
+        """A cursor that ran `sql`, each ? bound by name: %(p0)s, %(p1)s...
+
+        A % elsewhere stays as it is.
+        """
         cursor = conn.cursor()
         try:
             if params:
@@ -1591,7 +1694,7 @@ class _CursorStatements:
 
 
 def _json_error_channel(max_body_bytes):
-    """waitress's channel, answering waitress's own refusals (a body over the limit, a malformed request) in JSON.
+    """waitress's channel, answering its own refusals (oversized body, malformed request) in JSON.
 
     None when waitress lacks the classes it extends: those refusals are then its plain text.
     """
@@ -1606,8 +1709,9 @@ def _json_error_channel(max_body_bytes):
         def execute(self):
             error = self.request.error
             if error.code == 413:
-                payload = {"success": False, "error": "Payload too large", "detail": "the body is over the limit "
-                           "of %d bytes; split the batch into smaller pushes" % max_body_bytes}
+                payload = {"success": False, "error": "Payload too large",
+                           "detail": "the body is over the limit of %d bytes; split the batch "
+                                     "into smaller pushes" % max_body_bytes}
             else:
                 payload = {"success": False, "error": error.reason, "detail": str(error.body)}
             body = to_json_bytes(payload)
@@ -1624,11 +1728,11 @@ def _json_error_channel(max_body_bytes):
 
 
 def _graceful_stop_possible(server):
-    """Whether waitress's internals a graceful stop uses are there: its socket map, loop and channels."""
+    """Whether waitress has the internals a graceful stop uses: socket map, loop and channels."""
     import waitress.channel
     import waitress.wasyncore
-    # a channel's `requests` and `total_outbufs_len` are set per instance: _requests_in_progress reads them
-    # with defaults, so a version without them drains nothing rather than failing
+    # a channel's `requests` and `total_outbufs_len` are set per instance: _requests_in_progress
+    # reads them with defaults, so a version without them drains nothing rather than failing
     return isinstance(getattr(server, "_map", None), dict) and hasattr(waitress.wasyncore, "loop") \
         and hasattr(waitress.channel, "HTTPChannel") and hasattr(server, "adj")
 
@@ -1642,14 +1746,16 @@ def _stop_listening(server):
 def _serve_one_step(server, timeout):
     """One turn of waitress's loop: accept, read, write what is ready."""
     import waitress.wasyncore
-    waitress.wasyncore.loop(timeout=timeout, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1)
+    waitress.wasyncore.loop(timeout=timeout, map=server._map, use_poll=server.adj.asyncore_use_poll,
+                            count=1)
 
 
 def _requests_in_progress(server):
     """Whether a connection holds a request not yet answered, or an answer not yet sent."""
     import waitress.channel
     return any(getattr(channel, "requests", None) or getattr(channel, "total_outbufs_len", 0)
-               for channel in list(server._map.values()) if isinstance(channel, waitress.channel.HTTPChannel))
+               for channel in list(server._map.values())
+               if isinstance(channel, waitress.channel.HTTPChannel))
 
 
 # ---------------------------------------------------------------------------
@@ -1667,24 +1773,34 @@ CASCADING_RULES = ("CASCADE", "SET NULL", "SET DEFAULT")
 
 
 def _sql_literal(text, backslashes=False):
-    """A string literal for DDL, where values cannot be bound (trigger bodies); MySQL doubles backslashes too."""
+    """A string literal for DDL, where values cannot be bound (trigger bodies).
+
+    MySQL doubles backslashes too.
+    """
     if backslashes:
         text = text.replace("\\", "\\\\")
     return "'" + text.replace("'", "''") + "'"
 
 
 class _ForeignKey:
-    """A foreign key that makes InnoDB write child rows: child and parent tables, columns, ON DELETE/UPDATE rules."""
+    """A foreign key that makes InnoDB write child rows.
+
+    Child and parent tables, columns, ON DELETE/UPDATE rules.
+    """
 
     __slots__ = ("child", "parent", "on_delete", "on_update", "child_columns", "parent_columns")
 
     def __init__(self, child, parent, on_delete, on_update):
-        self.child, self.parent, self.on_delete, self.on_update = child, parent, on_delete, on_update
+        self.child, self.parent, self.on_delete, self.on_update = \
+            child, parent, on_delete, on_update
         self.child_columns, self.parent_columns = [], []
 
 
 def _cascade_trigger_name(table, event):
-    """A parent table's cascade trigger: named by a hash, so no table's own trigger name can clash with it."""
+    """A parent table's cascade trigger, named by a hash.
+
+    Thus no table's own trigger name can clash with it.
+    """
     return "cloudsync_cascade_%s_%s" % (hashlib.sha1(table.encode("utf-8")).hexdigest()[:16], event)
 
 
@@ -1722,7 +1838,8 @@ class _Pool:
     def connection(self):
         """Lend a connection for the duration of a with-block."""
         if not self._slots.acquire(timeout=self._wait_seconds):
-            raise DatabaseUnavailable("no free database connection within %.0f s" % self._wait_seconds)
+            raise DatabaseUnavailable("no free database connection within %.0f s"
+                                      % self._wait_seconds)
         conn = None
         try:
             with self._lock:
@@ -1730,7 +1847,8 @@ class _Pool:
                 self.in_use += 1
             now = time.monotonic()
             if conn is not None and (now - idle_since > self.IDLE_CHECK_SECONDS
-                                     or now - self._failed_at < self.SUSPECT_SECONDS) and not self._alive(conn):
+                                     or now - self._failed_at < self.SUSPECT_SECONDS) \
+                    and not self._alive(conn):
                 self._discard(conn)          # the server closed it (restart, wait_timeout)
                 conn = None
             if conn is None:
@@ -1825,7 +1943,7 @@ class Database:
         self._commit(conn)
 
     def decode_rows(self, schema, rows):
-        """Rows as the driver gives them, with the columns that need it turned into their pulled form."""
+        """Rows as the driver gives them, the columns that need it turned into their pulled form."""
         if not schema.decoders:
             return rows
         decoded = []
@@ -1847,14 +1965,16 @@ class Database:
     # (or no longer do), where SQL cannot read it.
 
     def key_sql(self, schema, ref=None):
-        """SQL writing the key of row `ref` (NEW, OLD, or the table itself) as the change log holds it."""
+        """SQL writing the key of row `ref` (NEW, OLD, or the table itself) as the log holds it."""
         prefix = "" if ref is None else ref + "."
-        return self.key_sql_from(schema, {column.name: prefix + column.quoted for column in schema.key_columns})
+        return self.key_sql_from(schema, {column.name: prefix + column.quoted
+                                          for column in schema.key_columns})
 
     def key_sql_from(self, schema, sources):
-        """The same, each key column's value read from the SQL in `sources` (column name -> expression)."""
+        """The same, each key column's value read from `sources` (column name -> SQL expression)."""
         return "%s(%s)" % (self.json_array, ", ".join(
-            self._key_column_sql(column).format(sources[column.name]) for column in schema.key_columns))
+            self._key_column_sql(column).format(sources[column.name])
+            for column in schema.key_columns))
 
     @staticmethod
     def parse_key(text):
@@ -1862,13 +1982,20 @@ class Database:
         return json.loads(_text(text))
 
     def key_text(self, schema, values):
-        """A key a device pushed, as the change log would hold it (exact for the usual forms of each type)."""
+        """A key a device pushed, as the change log would hold it.
+
+        Exact for the usual forms of each type.
+        """
         return self._json_array_text([None if value is None else self._log_form(column, value)
                                       for column, value in zip(schema.key_columns, values)])
 
     def key_bind(self, schema, logged, ordered=False):
-        """Log-form key values as values to look the row up by (ordered: to compare with >, as ORDER BY sorts)."""
-        return tuple(self._bind_logged(column, value, ordered) for column, value in zip(schema.key_columns, logged))
+        """Log-form key values as values to look the row up by.
+
+        With `ordered`: to compare with >, as ORDER BY sorts.
+        """
+        return tuple(self._bind_logged(column, value, ordered)
+                     for column, value in zip(schema.key_columns, logged))
 
     def prepare(self, conn):
         """Learn what this database server does differently (nothing to learn by default)."""
@@ -1879,8 +2006,8 @@ class Database:
 
     def trigger_definitions(self, conn, table=None):
         """{trigger name: its definition as the catalogue keeps it}, of one table or of all."""
-        rows = self.query(conn, self.trigger_definitions_sql + (" AND %s = ?" % self.trigger_table
-                                                                          if table is not None else ""),
+        rows = self.query(conn, self.trigger_definitions_sql
+                          + (" AND %s = ?" % self.trigger_table if table is not None else ""),
                           () if table is None else (table,))
         return {_text(name): _text(text) for name, text in rows}
 
@@ -1889,7 +2016,7 @@ class Database:
         return {_text(name) for (name,) in self.query(conn, self.tables_sql)}
 
     def column_names(self, conn, table):
-        """The names of a table's columns (a table cloudsync made: for adding columns of later versions)."""
+        """A table's column names (a table cloudsync made: for adding columns of later versions)."""
         return {_text(name) for (name,) in self.query(conn, self.columns_sql, (table,))}
 
     def ids_bytewise(self, conn, table, columns):
@@ -1901,7 +2028,7 @@ class Database:
         return expression
 
     def key_logged(self, schema, row):
-        """The key of a row read from the table (the driver's values, before decode_rows), in log form."""
+        """The log-form key of a row read from the table (driver's values, before decode_rows)."""
         return [None if row[position] is None else self._stored_logged(column, row[position])
                 for column, position in zip(schema.key_columns, schema.key_positions)]
 
@@ -1921,11 +2048,12 @@ class SQLiteDatabase(Database):
     cascades_fire_triggers = True
     transactional_ddl = True
     insert_ignore = "INSERT OR IGNORE"
-    # the time a change is stamped with, and the cutoff compaction compares it to (? is a number of days)
+    # the time a change is stamped with, and the cutoff compaction compares it to (? is a number
+    # of days)
     now_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
     cutoff_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ? || ' days')"
-    delete_oldest_sql = ("DELETE FROM cloudsync_changes WHERE seq IN (SELECT seq FROM cloudsync_changes"
-                         " WHERE seq <= ? ORDER BY seq LIMIT ?)")
+    delete_oldest_sql = ("DELETE FROM cloudsync_changes WHERE seq IN"
+                         " (SELECT seq FROM cloudsync_changes WHERE seq <= ? ORDER BY seq LIMIT ?)")
     json_array = "json_array"
     columns_sql = "SELECT name FROM pragma_table_info(?)"
     tables_sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
@@ -1955,7 +2083,8 @@ class SQLiteDatabase(Database):
                                    isolation_level=None, check_same_thread=False)
         except sqlite3.Error as error:
             raise DatabaseUnavailable("cannot open %s: %s" % (self.config.db_path, error),
-                                      "check DB_PATH and that its folder is writable", lasting=True) from None
+                                      "check DB_PATH and that its folder is writable",
+                                      lasting=True) from None
         conn.execute("PRAGMA journal_mode=WAL")     # readers never block the writer
         conn.execute("PRAGMA synchronous=FULL")     # an acknowledged push survives a power cut
         conn.execute("PRAGMA foreign_keys=ON")      # as InnoDB enforces them on MySQL
@@ -2029,7 +2158,8 @@ class SQLiteDatabase(Database):
 
     def introspect(self, conn, table):
         """Read one table's columns (generated ones too) and primary key from the catalogue."""
-        rows = self.query(conn, "SELECT name, type, pk, hidden FROM pragma_table_xinfo(?)", (table,))
+        rows = self.query(conn, "SELECT name, type, pk, hidden FROM pragma_table_xinfo(?)",
+                          (table,))
         if not rows:
             raise SchemaError("table %r does not exist in %s" % (table, self.config.db_path))
         columns, keyed = [], []
@@ -2044,19 +2174,21 @@ class SQLiteDatabase(Database):
             if key_position:
                 keyed.append((key_position, name))
         if not keyed:
-            raise SchemaError("table %r has no primary key; cloudsync needs one to find rows" % table)
+            raise SchemaError("table %r has no primary key; cloudsync needs one to find rows"
+                              % table)
         key = [name for _, name in sorted(keyed)]
         # only an INTEGER PRIMARY KEY (the rowid) is generated; other SQLite keys would take NULL
-        generated = len(key) == 1 and any(name == key[0] and (declared or "").strip().upper() == "INTEGER"
-                                          for name, declared, _, _ in rows)
+        generated = len(key) == 1 and any(
+            name == key[0] and (declared or "").strip().upper() == "INTEGER"
+            for name, declared, _, _ in rows)
         schema = TableSchema(table, quote_sqlite(table), columns, key, generated)
         for column in schema.key_columns:
             if column.kind == "float":
-                raise SchemaError("table %r: primary key column %r is a floating-point %s, which cannot name a "
-                                  "row exactly; use an integer, decimal, text, date or binary key"
-                                  % (table, column.name, column.declared))
-        schema.decoders = [(position, _sqlite_decimal, column) for position, column in enumerate(columns)
-                           if column.kind == "decimal"]
+                raise SchemaError("table %r: primary key column %r is a floating-point %s, which "
+                                  "cannot name a row exactly; use an integer, decimal, text, date "
+                                  "or binary key" % (table, column.name, column.declared))
+        schema.decoders = [(position, _sqlite_decimal, column)
+                           for position, column in enumerate(columns) if column.kind == "decimal"]
         schema.key_sql = self.key_sql(schema)
         return schema
 
@@ -2089,15 +2221,19 @@ class SQLiteDatabase(Database):
         return SQLITE_DEVICES_UPSERT
 
     def trigger_sql(self, schema, event):
-        """CREATE TRIGGER text numbering one event of one table into cloudsync_changes, with the device and
-        batch of the push in progress (cloudsync_context: SQLite has no session variables; safe because the push
-        holds the only write lock and clears it before committing)."""
+        """CREATE TRIGGER text numbering one event of one table into cloudsync_changes, with the
+        device and batch of the push in progress (cloudsync_context: SQLite has no session
+        variables; safe because the push holds the only write lock and clears it before
+        committing)."""
         table_literal = _sql_literal(schema.name)
 
         def record(row, op, guard=""):
-            return ("INSERT INTO cloudsync_changes (table_name, row_key, op, device_id, batch_id, changed_at)"
-                    " SELECT %s, %s, '%s', device_id, batch_id, %s FROM cloudsync_context WHERE id = 1%s"
-                    % (table_literal, self.key_sql(schema, row), op, self.now_sql, " AND " + guard if guard else ""))
+            return ("INSERT INTO cloudsync_changes"
+                    " (table_name, row_key, op, device_id, batch_id, changed_at)"
+                    " SELECT %s, %s, '%s', device_id, batch_id, %s"
+                    " FROM cloudsync_context WHERE id = 1%s"
+                    % (table_literal, self.key_sql(schema, row), op, self.now_sql,
+                       " AND " + guard if guard else ""))
         if event == "upd":
             # byte for byte, not by the column's collation: 'abc' -> 'ABC' is a new key to a device;
             # an update that changes the key deletes the old row and creates a new one
@@ -2107,18 +2243,23 @@ class SQLiteDatabase(Database):
         else:
             body = [record("NEW", "I")] if event == "ins" else [record("OLD", "D")]
         return "CREATE TRIGGER %s AFTER %s ON %s BEGIN %s; END" % (
-            self.quote(_trigger_name(schema.name, event)), TRIGGER_EVENTS[event], schema.quoted, "; ".join(body))
+            self.quote(_trigger_name(schema.name, event)), TRIGGER_EVENTS[event], schema.quoted,
+            "; ".join(body))
 
     @contextmanager
     def attributed(self, conn, device_id, batch_id):
-        """Inside a push's transaction: changes made in the with-block carry this device and batch."""
+        """In a push's transaction: changes made in the with-block carry this device and batch."""
         self.execute(conn, "UPDATE cloudsync_context SET device_id = ?, batch_id = ? WHERE id = 1",
                      (device_id, batch_id))
         yield
-        self.execute(conn, "UPDATE cloudsync_context SET device_id = NULL, batch_id = NULL WHERE id = 1")
+        self.execute(conn,
+                     "UPDATE cloudsync_context SET device_id = NULL, batch_id = NULL WHERE id = 1")
 
     def upsert(self, conn, schema, values):
-        """Insert the row, or set the given columns on the row with its key; another unique column clashing is refused."""
+        """Insert the row, or set the given columns on the row with its key.
+
+        Another unique column clashing is refused.
+        """
         changes = [schema.columns[name].quoted for name in values if name not in schema.primary_key]
         self.execute(conn, "%s ON CONFLICT (%s) DO %s" % (
             insert_sql(schema, list(values)), schema.key_order,
@@ -2133,15 +2274,18 @@ class SQLiteDatabase(Database):
     def _key_column_sql(self, column):
         """SQL writing one key column as the change log holds it ({0}: the column)."""
         if column.kind == "binary":
-            # a BLOB as hex; text or a number another program stored there, wrapped: ["abc"] is not hex
+            # a BLOB as hex; text or a number another program stored there, wrapped: ["abc"] is
+            # not hex
             return "CASE typeof({0}) WHEN 'blob' THEN hex({0}) ELSE json_array({0}) END"
-        return ("CASE typeof({0}) WHEN 'real' THEN (CASE WHEN abs({0}) <= 1.7976931348623157e308 THEN json(quote({0}))"
+        return ("CASE typeof({0}) WHEN 'real'"
+                " THEN (CASE WHEN abs({0}) <= 1.7976931348623157e308 THEN json(quote({0}))"
                 " ELSE quote({0}) END) WHEN 'blob' THEN hex({0}) ELSE {0} END")
 
     @staticmethod
     def _json_array_text(values):
         """Key values as json_array() writes them."""
-        return "[" + ",".join("null" if value is None else _sqlite_real_text(value) if isinstance(value, float)
+        return "[" + ",".join("null" if value is None
+                              else _sqlite_real_text(value) if isinstance(value, float)
                               else json.dumps(value, ensure_ascii=False) for value in values) + "]"
 
     def _log_form(self, column, value):
@@ -2167,7 +2311,8 @@ class SQLiteDatabase(Database):
     def _present_logged(self, column, value):
         """A logged key value in pulled form."""
         if column.kind == "binary":
-            return value[0] if isinstance(value, list) else base64.b64encode(bytes.fromhex(value)).decode("ascii")
+            return value[0] if isinstance(value, list) \
+                else base64.b64encode(bytes.fromhex(value)).decode("ascii")
         if column.kind == "decimal":
             return _sqlite_decimal(value, column)
         return value
@@ -2188,7 +2333,7 @@ def _sqlite_affinity(declared):
 
 
 def _sqlite_kind(declared, affinity):
-    """A declared SQLite column type as a value kind and decimal scale (None: whatever is stored)."""
+    """A declared SQLite type as a value kind and decimal scale (None: whatever is stored)."""
     upper = (declared or "").upper().strip()
     match = re.match(r"(DECIMAL|NUMERIC)\s*(?:\(\s*\d+\s*(?:,\s*(\d+)\s*)?\))?", upper)
     if match:
@@ -2214,8 +2359,8 @@ def _sqlite_stored(affinity, value):
     if isinstance(value, (bytes, bytearray)) or value is None:
         return value
     if affinity == "TEXT":
-        return value if isinstance(value, str) else _sqlite_real_text(value) if isinstance(value, float) \
-            else str(value)
+        return value if isinstance(value, str) \
+            else _sqlite_real_text(value) if isinstance(value, float) else str(value)
     if affinity == "BLOB":
         return value
     if isinstance(value, str):
@@ -2224,7 +2369,8 @@ def _sqlite_stored(affinity, value):
         number = decimal.Decimal(value.strip())
         value = int(number) if affinity != "REAL" and number == number.to_integral_value() \
             and -(1 << 63) <= number < 1 << 63 else float(number)
-    if isinstance(value, float) and affinity != "REAL" and value.is_integer() and -(1 << 63) <= value < 1 << 63:
+    if isinstance(value, float) and affinity != "REAL" and value.is_integer() \
+            and -(1 << 63) <= value < 1 << 63:
         return int(value)
     if isinstance(value, int) and affinity == "REAL":
         return float(value)
@@ -2232,7 +2378,7 @@ def _sqlite_stored(affinity, value):
 
 
 def _sqlite_real_text(value):
-    """A REAL as SQLite's quote() writes it: 15 significant digits, or 20 when 15 do not give it back."""
+    """A REAL as SQLite's quote() writes it: 15 significant digits, 20 if 15 do not give it back."""
     def shortest(digits, style):
         text = ("%." + str(digits) + style) % value
         mantissa, _, exponent = text.partition("e")
@@ -2274,13 +2420,14 @@ class MySQLDatabase(Database):
     cutoff_sql = "NOW(6) - INTERVAL ? DAY"
     delete_oldest_sql = "DELETE FROM cloudsync_changes WHERE seq <= ? ORDER BY seq LIMIT ?"
     json_array = "JSON_ARRAY"
-    columns_sql = ("SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
-                   " AND TABLE_NAME = ?")
+    columns_sql = ("SELECT COLUMN_NAME FROM information_schema.COLUMNS"
+                   " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?")
     tables_sql = "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()"
     triggers_sql = ("SELECT TRIGGER_NAME, EVENT_OBJECT_TABLE FROM information_schema.TRIGGERS"
                     " WHERE TRIGGER_SCHEMA = DATABASE()")
-    trigger_definitions_sql = ("SELECT TRIGGER_NAME, ACTION_STATEMENT FROM information_schema.TRIGGERS"
-                               " WHERE TRIGGER_SCHEMA = DATABASE()")
+    trigger_definitions_sql = (
+        "SELECT TRIGGER_NAME, ACTION_STATEMENT FROM information_schema.TRIGGERS"
+        " WHERE TRIGGER_SCHEMA = DATABASE()")
     trigger_table = "EVENT_OBJECT_TABLE"
     replaces_triggers = True        # CREATE OR REPLACE TRIGGER swaps a trigger atomically
 
@@ -2310,7 +2457,8 @@ class MySQLDatabase(Database):
                 host=self.config.db_host, port=self.config.db_port, user=self.config.db_user,
                 password=self.config.db_pass, database=self.config.db_name,
                 charset="utf8mb4", collation="utf8mb4_unicode_ci", autocommit=True,
-                use_pure=self.use_pure, connection_timeout=int(self.config.db_connect_timeout_seconds) or 1,
+                use_pure=self.use_pure,
+                connection_timeout=int(self.config.db_connect_timeout_seconds) or 1,
                 # rowcount of UPDATE counts matched rows, not only changed ones
                 client_flags=[connector.constants.ClientFlag.FOUND_ROWS],
             )
@@ -2320,20 +2468,24 @@ class MySQLDatabase(Database):
             # Every wait is bounded: row locks (innodb_lock_wait_timeout) and table locks
             # (lock_wait_timeout: LOCK TABLES, an ALTER in progress; MySQL's default is a year).
             # TIMESTAMP values are read and written in UTC, whatever the server's time zone.
-            cursor.execute("SET SESSION innodb_lock_wait_timeout = %d, lock_wait_timeout = %d, time_zone = '+00:00'"
+            cursor.execute("SET SESSION innodb_lock_wait_timeout = %d, lock_wait_timeout = %d, "
+                           "time_zone = '+00:00'"
                            % ((max(1, int(self.config.db_wait_seconds)),) * 2))
             cursor.close()
             if self.statements is None:
-                self.statements = _DriverStatements() if _DriverStatements.available(conn) else _CursorStatements()
+                self.statements = _DriverStatements() if _DriverStatements.available(conn) \
+                    else _CursorStatements()
                 if isinstance(self.statements, _CursorStatements):
-                    log.warning("this mysql-connector-python lacks the internals of cloudsync's fast path; "
-                                "statements go through cursors (slower, same results)")
+                    log.warning("this mysql-connector-python lacks the internals of cloudsync's "
+                                "fast path; statements go through cursors (slower, same results)")
             return conn
         except connector.Error as error:
             errno = getattr(error, "errno", None)
             words = (getattr(error, "msg", None) or str(error)).strip().rstrip(".")
-            raise DatabaseUnavailable("%s (MySQL error %s)" % (words, errno or "?"), self._CONNECT_FIXES.get(
-                errno, "check DB_HOST, DB_PORT, DB_USER, DB_PASS and DB_NAME, and that the server runs"),
+            raise DatabaseUnavailable(
+                "%s (MySQL error %s)" % (words, errno or "?"),
+                self._CONNECT_FIXES.get(errno, "check DB_HOST, DB_PORT, DB_USER, DB_PASS and "
+                                               "DB_NAME, and that the server runs"),
                 lasting=errno in self._SETTINGS_REFUSED) from None
 
     def _safe_message(self, error):
@@ -2351,7 +2503,8 @@ class MySQLDatabase(Database):
         1040: "the server has no connection left: lower DB_POOL_SIZE or raise its max_connections",
     }
 
-    # unknown database, access denied (password, host, database), unknown host: the settings, not the moment
+    # unknown database, access denied (password, host, database), unknown host: the settings, not
+    # the moment
     _SETTINGS_REFUSED = {1049, 1045, 1044, 1698, 2005}
 
     def _begin(self, conn):
@@ -2410,11 +2563,13 @@ class MySQLDatabase(Database):
         except connector.Error as error:
             errno = getattr(error, "errno", None)
             if errno in self._DENIED:
-                raise Denied("MySQL error %s: %s" % (errno, getattr(error, "msg", "") or "")) from None
+                raise Denied("MySQL error %s: %s"
+                             % (errno, getattr(error, "msg", "") or "")) from None
             if errno in self._RULE or (getattr(error, "sqlstate", None) or "").startswith("45"):
-                # the user's own rule (a trigger's SIGNAL SQLSTATE '45000'): its message is for the device
-                raise DataRejected(getattr(error, "msg", None) or "refused by a rule of the database",
-                                   rule=True) from None
+                # the user's own rule (a trigger's SIGNAL SQLSTATE '45000'): its message is for
+                # the device
+                raise DataRejected(getattr(error, "msg", None)
+                                   or "refused by a rule of the database", rule=True) from None
             if errno in self._DUPLICATE:
                 raise DataRejected("a row with this primary key or unique value already exists",
                                    duplicate=True) from None
@@ -2423,14 +2578,16 @@ class MySQLDatabase(Database):
                 raise DataRejected(self._REJECTED[errno] % {"column": column}) from None
             if errno in self._RETRYABLE:
                 raise Retryable(self._safe_message(error)) from None
-            if errno in self._UNAVAILABLE or isinstance(error, (connector.InterfaceError, connector.OperationalError)):
+            if errno in self._UNAVAILABLE \
+                    or isinstance(error, (connector.InterfaceError, connector.OperationalError)):
                 raise DatabaseUnavailable(self._safe_message(error)) from None
             raise
         except Exception as error:
             # The C extension's commit() and rollback() raise its own MySQLInterfaceError, which is
             # not a mysql.connector.Error ("Lost connection to MySQL server during query").
             if type(error).__name__ == "MySQLInterfaceError":
-                raise DatabaseUnavailable("MySQL error %s" % (getattr(error, "errno", None) or "?")) from None
+                raise DatabaseUnavailable("MySQL error %s"
+                                          % (getattr(error, "errno", None) or "?")) from None
             raise
 
     # Statements reach the server through self.statements, chosen at the first
@@ -2442,7 +2599,7 @@ class MySQLDatabase(Database):
             return self.statements.execute(conn, sql, params)
 
     def executemany(self, conn, sql, rows):
-        """Run an INSERT ... VALUES (?, ...) for many rows as multi-row statements of at most ~1 MiB."""
+        """Run an INSERT ... VALUES (?, ...) for many rows as multi-row statements up to ~1 MiB."""
         with self._errors():
             self.statements.executemany(conn, sql, rows)
 
@@ -2463,18 +2620,19 @@ class MySQLDatabase(Database):
         """The driver and whether its C extension is active."""
         from mysql.connector import version
         implementation = "C extension" if self._driver.HAVE_CEXT else "pure Python (slow)"
-        return "mysql-connector-python %s (%s)" % (".".join(map(str, version.VERSION[:3])), implementation)
+        return "mysql-connector-python %s (%s)" % (".".join(map(str, version.VERSION[:3])),
+                                                   implementation)
 
     # -- columns --------------------------------------------------------------------
 
     _KINDS = {
         "tinyint": "integer", "smallint": "integer", "mediumint": "integer", "int": "integer",
-        "bigint": "integer", "year": "integer", "bit": "bit", "decimal": "decimal", "float": "float",
-        "double": "float", "date": "date", "datetime": "datetime", "timestamp": "timestamp", "time": "time",
-        "binary": "binary", "varbinary": "binary", "tinyblob": "binary", "blob": "binary",
-        "mediumblob": "binary", "longblob": "binary", "set": "set", "char": "text", "varchar": "text",
-        "tinytext": "text", "text": "text", "mediumtext": "text", "longtext": "text", "enum": "enum",
-        "json": "json",
+        "bigint": "integer", "year": "integer", "bit": "bit", "decimal": "decimal",
+        "float": "float", "double": "float", "date": "date", "datetime": "datetime",
+        "timestamp": "timestamp", "time": "time", "binary": "binary", "varbinary": "binary",
+        "tinyblob": "binary", "blob": "binary", "mediumblob": "binary", "longblob": "binary",
+        "set": "set", "char": "text", "varchar": "text", "tinytext": "text", "text": "text",
+        "mediumtext": "text", "longtext": "text", "enum": "enum", "json": "json",
     }
     _KEY_OTHER_TYPES = ("uuid", "inet4", "inet6")
     _DECODERS = {"set": lambda value, column: _mysql_set(value, column),
@@ -2486,17 +2644,21 @@ class MySQLDatabase(Database):
 
     def introspect(self, conn, table):
         """Read one table's columns and primary key from information_schema."""
-        rows = self.query(conn, 
-            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_SCALE, DATETIME_PRECISION, CHARACTER_SET_NAME,"
-            " CHARACTER_OCTET_LENGTH, EXTRA FROM information_schema.COLUMNS"
-            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION", (table,))
+        rows = self.query(conn, (
+            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_SCALE, DATETIME_PRECISION,"
+            " CHARACTER_SET_NAME, CHARACTER_OCTET_LENGTH, EXTRA FROM information_schema.COLUMNS"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?"
+            " ORDER BY ORDINAL_POSITION"), (table,))
         if not rows:
-            raise SchemaError("table %r does not exist in database %r" % (table, self.config.db_name))
-        keys = self.query(conn, 
-            "SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE WHERE TABLE_SCHEMA = DATABASE()"
-            " AND TABLE_NAME = ? AND CONSTRAINT_NAME = 'PRIMARY' ORDER BY ORDINAL_POSITION", (table,))
+            raise SchemaError("table %r does not exist in database %r"
+                              % (table, self.config.db_name))
+        keys = self.query(conn, (
+            "SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND CONSTRAINT_NAME = 'PRIMARY'"
+            " ORDER BY ORDINAL_POSITION"), (table,))
         if not keys:
-            raise SchemaError("table %r has no primary key; cloudsync needs one to find rows" % table)
+            raise SchemaError("table %r has no primary key; cloudsync needs one to find rows"
+                              % table)
         columns, generated, json_parts = [], set(), []
         for name, data_type, column_type, scale, fsp, charset, octets, extra in rows:
             name, data_type, column_type = _text(name), _text(data_type).lower(), _text(column_type)
@@ -2504,17 +2666,22 @@ class MySQLDatabase(Database):
             if "?" in name + table or "%(" in name + table:
                 # values are bound where the SQL text has ? (by the cursor path, as %(pN)s): a name
                 # holding either could not be told apart from a value
-                raise SchemaError("table %r or its column %r contains '?' or '%%(', which cloudsync cannot quote "
-                                  "safely on MySQL" % (table, name))
+                raise SchemaError("table %r or its column %r contains '?' or '%%(', which "
+                                  "cloudsync cannot quote safely on MySQL" % (table, name))
             kind = self._KINDS.get(data_type, "other")
             quoted = quote_mysql(name)
             column = Column(
                 name, quoted, kind, column_type, scale=scale if kind == "decimal" else None,
-                # as text: the driver would turn a zero date (0000-00-00, which MariaDB allows) into NULL
-                select="CAST(%s AS CHAR)" % quoted if kind in ("date", "datetime", "timestamp") else None,
-                fsp=int(fsp or 0), members=_mysql_members(column_type) if kind in ("enum", "set") else (),
-                generated=bool(self._GENERATED.search(extra)) and "DEFAULT_GENERATED" not in extra.upper(),
-                octets=int(octets) if data_type == "binary" and octets else None, pads=data_type == "char",
+                # as text: the driver would turn a zero date (0000-00-00, which MariaDB allows)
+                # into NULL
+                select=("CAST(%s AS CHAR)" % quoted
+                        if kind in ("date", "datetime", "timestamp") else None),
+                fsp=int(fsp or 0),
+                members=_mysql_members(column_type) if kind in ("enum", "set") else (),
+                generated=(bool(self._GENERATED.search(extra))
+                           and "DEFAULT_GENERATED" not in extra.upper()),
+                octets=int(octets) if data_type == "binary" and octets else None,
+                pads=data_type == "char",
                 max_code_point=0xFFFF if _text(charset or "") in ("utf8", "utf8mb3") else 0x10FFFF)
             columns.append(column)
             if "auto_increment" in extra.lower():
@@ -2523,17 +2690,22 @@ class MySQLDatabase(Database):
             if expression is None:
                 json_parts = None
             elif json_parts is not None:
-                json_parts.append("%s, %s" % (_sql_literal(name, "mysql"), expression.format(column.quoted)))
+                json_parts.append("%s, %s" % (_sql_literal(name, "mysql"),
+                                              expression.format(column.quoted)))
         key = [_text(name) for (name,) in keys]
-        schema = TableSchema(table, quote_mysql(table), columns, key, len(key) == 1 and key[0] in generated)
+        schema = TableSchema(table, quote_mysql(table), columns, key,
+                             len(key) == 1 and key[0] in generated)
         for column in schema.key_columns:
             data_type = column.declared.split("(")[0].split()[0].lower()
-            if column.kind in ("float", "json") or column.kind == "other" and data_type not in self._KEY_OTHER_TYPES:
-                raise SchemaError("table %r: primary key column %r is %s, which cannot name a row exactly; use an "
-                                  "integer, decimal, text, date or binary key" % (table, column.name, column.declared))
+            if column.kind in ("float", "json") \
+                    or column.kind == "other" and data_type not in self._KEY_OTHER_TYPES:
+                raise SchemaError("table %r: primary key column %r is %s, which cannot name a row "
+                                  "exactly; use an integer, decimal, text, date or binary key"
+                                  % (table, column.name, column.declared))
         if json_parts is not None:
             schema.json_row = "JSON_OBJECT(%s)" % ", ".join(json_parts)
-        schema.decoders = [(position, self._DECODERS[column.kind], column) for position, column in enumerate(columns)
+        schema.decoders = [(position, self._DECODERS[column.kind], column)
+                           for position, column in enumerate(columns)
                            if column.kind in self._DECODERS]
         schema.key_sql = self.key_sql(schema)
         return schema
@@ -2547,7 +2719,8 @@ class MySQLDatabase(Database):
         "decimal": "CAST({0} AS CHAR)",
         "json": "CAST({0} AS CHAR)",
         "date": "DATE_FORMAT({0}, '%Y-%m-%d')",
-        "datetime": "DATE_FORMAT({0}, IF(MICROSECOND({0}) = 0, '%Y-%m-%dT%H:%i:%S', '%Y-%m-%dT%H:%i:%S.%f'))",
+        "datetime": "DATE_FORMAT({0}, IF(MICROSECOND({0}) = 0, '%Y-%m-%dT%H:%i:%S',"
+                    " '%Y-%m-%dT%H:%i:%S.%f'))",
         "binary": "REPLACE(TO_BASE64({0}), '\\n', '')",
     }
     _JSON_EXPRESSIONS["timestamp"] = _JSON_EXPRESSIONS["datetime"]
@@ -2572,9 +2745,12 @@ class MySQLDatabase(Database):
 
     def upgrade_log_tables(self, conn):
         """What versions before have left different: an index, ids compared byte for byte."""
-        if not self.query(conn, "SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()"
-                                " AND TABLE_NAME = 'cloudsync_pending' AND INDEX_NAME = 'cloudsync_pending_by_table'"):
-            self.execute(conn, "CREATE INDEX cloudsync_pending_by_table ON cloudsync_pending (table_name)")
+        if not self.query(conn, "SELECT 1 FROM information_schema.STATISTICS"
+                                " WHERE TABLE_SCHEMA = DATABASE()"
+                                " AND TABLE_NAME = 'cloudsync_pending'"
+                                " AND INDEX_NAME = 'cloudsync_pending_by_table'"):
+            self.execute(conn, "CREATE INDEX cloudsync_pending_by_table"
+                               " ON cloudsync_pending (table_name)")
         self.ids_bytewise(conn, "cloudsync_batches", ("device_id", "batch_id"))
 
     @staticmethod
@@ -2588,8 +2764,8 @@ class MySQLDatabase(Database):
         return MYSQL_DEVICES_UPSERT
 
     def trigger_sql(self, schema, event):
-        """CREATE TRIGGER text recording one event of one table into cloudsync_pending, with the device and
-        batch a push set in its session (outside writers leave both NULL)."""
+        """CREATE TRIGGER text recording one event of one table into cloudsync_pending, with the
+        device and batch a push set in its session (outside writers leave both NULL)."""
         def record(row, op, guard=""):
             statement = self.log_rows_sql(schema.name, self.key_sql(schema, row), op)
             return self.when_sql(guard, [statement]) if guard else statement
@@ -2602,14 +2778,20 @@ class MySQLDatabase(Database):
         else:
             body = [record("NEW", "I")] if event == "ins" else [record("OLD", "D")]
         return "CREATE OR REPLACE TRIGGER %s AFTER %s ON %s FOR EACH ROW BEGIN %s; END" % (
-            self.quote(_trigger_name(schema.name, event)), TRIGGER_EVENTS[event], schema.quoted, "; ".join(body))
+            self.quote(_trigger_name(schema.name, event)), TRIGGER_EVENTS[event], schema.quoted,
+            "; ".join(body))
 
     def log_rows_sql(self, table, key, op, source=None, where=None):
-        """An INSERT into cloudsync_pending of one row (NEW, OLD) or of the rows of `source` WHERE `where`."""
+        """An INSERT into cloudsync_pending.
+
+        Of one row (NEW, OLD), or of the rows of `source` WHERE `where`.
+        """
         values = "%s, %s, '%s', @cloudsync_device, @cloudsync_batch, %s" % (
             _sql_literal(table, backslashes=True), key, op, self.now_sql)
-        return ("INSERT INTO cloudsync_pending (table_name, row_key, op, device_id, batch_id, changed_at) "
-                + ("VALUES (%s)" % values if source is None else "SELECT %s FROM %s WHERE %s" % (values, source, where)))
+        return ("INSERT INTO cloudsync_pending"
+                " (table_name, row_key, op, device_id, batch_id, changed_at) "
+                + ("VALUES (%s)" % values if source is None
+                   else "SELECT %s FROM %s WHERE %s" % (values, source, where)))
 
     @staticmethod
     def when_sql(condition, statements):
@@ -2623,7 +2805,7 @@ class MySQLDatabase(Database):
 
     @contextmanager
     def attributed(self, conn, device_id, batch_id):
-        """Inside a push's transaction: changes made in the with-block carry this device and batch.
+        """In a push's transaction: changes made in the with-block carry this device and batch.
 
         No reset afterwards: pooled connections write to allowed tables only in
         a push, and every push sets both variables first; outside writers have
@@ -2633,11 +2815,13 @@ class MySQLDatabase(Database):
         yield
 
     def foreign_keys(self, conn):
-        """The foreign keys whose ON DELETE or ON UPDATE makes InnoDB write child rows, as _ForeignKey."""
+        """The foreign keys whose ON DELETE/UPDATE makes InnoDB write child rows, as _ForeignKey."""
         rows = self.query(conn, (
-            "SELECT k.CONSTRAINT_NAME, k.TABLE_NAME, k.REFERENCED_TABLE_NAME, k.COLUMN_NAME, k.REFERENCED_COLUMN_NAME,"
-            " r.DELETE_RULE, r.UPDATE_RULE FROM information_schema.KEY_COLUMN_USAGE k"
-            " JOIN information_schema.REFERENTIAL_CONSTRAINTS r ON r.CONSTRAINT_SCHEMA = k.CONSTRAINT_SCHEMA"
+            "SELECT k.CONSTRAINT_NAME, k.TABLE_NAME, k.REFERENCED_TABLE_NAME, k.COLUMN_NAME,"
+            " k.REFERENCED_COLUMN_NAME, r.DELETE_RULE, r.UPDATE_RULE"
+            " FROM information_schema.KEY_COLUMN_USAGE k"
+            " JOIN information_schema.REFERENTIAL_CONSTRAINTS r"
+            " ON r.CONSTRAINT_SCHEMA = k.CONSTRAINT_SCHEMA"
             " AND r.CONSTRAINT_NAME = k.CONSTRAINT_NAME AND r.TABLE_NAME = k.TABLE_NAME"
             " WHERE k.TABLE_SCHEMA = DATABASE() AND k.REFERENCED_TABLE_NAME IS NOT NULL"
             " ORDER BY k.TABLE_NAME, k.CONSTRAINT_NAME, k.ORDINAL_POSITION"))
@@ -2645,23 +2829,26 @@ class MySQLDatabase(Database):
         for name, child, parent, column, referenced, on_delete, on_update in rows:
             key = (_text(child), _text(name))
             if key not in found:
-                found[key] = _ForeignKey(_text(child), _text(parent), _text(on_delete), _text(on_update))
+                found[key] = _ForeignKey(_text(child), _text(parent), _text(on_delete),
+                                         _text(on_update))
             found[key].child_columns.append(_text(column))
             found[key].parent_columns.append(_text(referenced))
-        return [fk for fk in found.values() if (fk.on_delete in CASCADING_RULES or fk.on_update in CASCADING_RULES)
+        return [fk for fk in found.values()
+                if (fk.on_delete in CASCADING_RULES or fk.on_update in CASCADING_RULES)
                 and "?" not in fk.child + fk.parent + "".join(fk.child_columns + fk.parent_columns)]
 
     def prepare(self, conn):
-        """Learn how this server escapes JSON text (MariaDB \\u001F, MySQL 8 \\u001f), for key_text."""
+        """Learn how this server escapes JSON (MariaDB \\u001F, MySQL 8 \\u001f), for key_text."""
         text = _text(self.query(conn, "SELECT JSON_ARRAY(?)", ("\x1f",))[0][0])
         if "\\u001f" in text:
             self._JSON_ESCAPES = {code: escape.lower() if escape.startswith("\\u") else escape
                                   for code, escape in self._JSON_ESCAPES.items()}
 
     def ids_bytewise(self, conn, table, columns):
-        """Turn VARCHAR id columns of a cloudsync table made by an earlier version into VARBINARY."""
-        rows = self.query(conn, "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
-                                " AND TABLE_NAME = ? AND DATA_TYPE = 'varchar'", (table,))
+        """Turn VARCHAR id columns of a cloudsync table made by an older version into VARBINARY."""
+        rows = self.query(conn, "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
+                                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?"
+                                " AND DATA_TYPE = 'varchar'", (table,))
         found = [_text(name) for (name,) in rows if _text(name) in columns]
         if found:
             self.execute(conn, "ALTER TABLE %s %s" % (table, ", ".join(
@@ -2669,12 +2856,13 @@ class MySQLDatabase(Database):
 
     @staticmethod
     def bytewise(expression):
-        """SQL comparing `expression` byte for byte: 'a ' is not 'a' (every MySQL collation pads)."""
+        """SQL comparing `expression` byte for byte: 'a ' is not 'a' (all MySQL collations pad)."""
         return "CAST(%s AS BINARY)" % expression
 
     def upsert(self, conn, schema, values):
-        """Set the given columns on the row with this key, or insert it; another unique column clashing is refused.
+        """Set the given columns on the row with this key, or insert it.
 
+        Another unique column clashing is refused.
         Not INSERT ... ON DUPLICATE KEY UPDATE: that updates whichever row a
         clash on *any* unique key finds, so {"id": 2, "code": "A"} would rewrite
         the row whose code is "A". An UPDATE by the primary key, then an INSERT,
@@ -2694,11 +2882,15 @@ class MySQLDatabase(Database):
                 return
             except DataRejected as error:
                 # the key itself was inserted by another push since the UPDATE: update that row
-                if not error.duplicate or attempt == 2 or not self.query(conn, *exists_sql(schema, key)):
+                if not error.duplicate or attempt == 2 \
+                        or not self.query(conn, *exists_sql(schema, key)):
                     raise
 
     def fits_one_statement(self, rows):
-        """Whether executemany() sends these rows as one statement: an upper bound of their escaped size."""
+        """Whether executemany() sends these rows as one statement.
+
+        By an upper bound of their escaped size.
+        """
         return sum(_row_bytes_bound(row) for row in rows) <= MYSQL_STATEMENT_BYTES
 
     # -- row keys (see Database) --------------------------------------------------
@@ -2715,14 +2907,17 @@ class MySQLDatabase(Database):
         "date": "DATE_FORMAT({0}, '%Y-%m-%d')",
         "datetime": _ISO,
         # (a zero TIMESTAMP has no instant: written as the zero date it shows)
-        "timestamp": "IF(UNIX_TIMESTAMP({0}) = 0, DATE_FORMAT({0}, '%Y-%m-%dT%H:%i:%S'), " + _ISO.replace(
-            "{0}", "TIMESTAMPADD(MICROSECOND, UNIX_TIMESTAMP({0}) * 1000000, '1970-01-01')") + ")",
-        "time": "IF(MICROSECOND({0}) = 0, TIME_FORMAT({0}, '%H:%i:%S'), TIME_FORMAT({0}, '%H:%i:%S.%f'))",
+        "timestamp": "IF(UNIX_TIMESTAMP({0}) = 0, DATE_FORMAT({0}, '%Y-%m-%dT%H:%i:%S'), "
+                     + _ISO.replace("{0}", "TIMESTAMPADD(MICROSECOND,"
+                                           " UNIX_TIMESTAMP({0}) * 1000000, '1970-01-01')") + ")",
+        "time": "IF(MICROSECOND({0}) = 0, TIME_FORMAT({0}, '%H:%i:%S'),"
+                " TIME_FORMAT({0}, '%H:%i:%S.%f'))",
         "binary": "HEX({0})",
         "other": "CAST({0} AS CHAR)",
     }
     _JSON_ESCAPES = {code: "\\u%04X" % code for code in range(32)}
-    _JSON_ESCAPES.update({8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r", 34: '\\"', 92: "\\\\"})
+    _JSON_ESCAPES.update({8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r", 34: '\\"',
+                          92: "\\\\"})
 
     def _key_column_sql(self, column):
         """SQL writing one key column as the change log holds it ({0}: the column)."""
@@ -2731,7 +2926,8 @@ class MySQLDatabase(Database):
     def _json_array_text(self, values):
         """JSON text as JSON_ARRAY writes it: ", " between values, control characters as \\u00XX."""
         return "[" + ", ".join("null" if value is None else str(value) if isinstance(value, int)
-                               else '"%s"' % value.translate(self._JSON_ESCAPES) for value in values) + "]"
+                               else '"%s"' % value.translate(self._JSON_ESCAPES)
+                               for value in values) + "]"
 
     def _log_form(self, column, value):
         """A pushed key value as the log holds it."""
@@ -2772,7 +2968,8 @@ class MySQLDatabase(Database):
             positions = {member.lower(): position for position, member in enumerate(column.members)}
             if column.kind == "enum":
                 return positions.get(value.lower(), -1) + 1
-            return sum(1 << positions[member.lower()] for member in value.split(",") if member.lower() in positions)
+            return sum(1 << positions[member.lower()] for member in value.split(",")
+                       if member.lower() in positions)
         return value
 
     def _present_logged(self, column, value):
@@ -2793,8 +2990,9 @@ class MySQLDatabase(Database):
         return _as_json_value(value)        # decimals as the key SQL writes them
 
     def rows_as_json(self, conn, schema, limit):
-        """(JSON array of the first `limit` rows in key order, row count), encoded by the server; None if it cannot.
+        """(JSON array of the first `limit` rows in key order, row count), encoded by the server.
 
+        None if it cannot.
         One string per row instead of a Python object per column, and JSON
         written in C: the seed pull, which sends whole pages, is about twice as
         fast. (One GROUP_CONCAT of the page measured slower than this.)
@@ -2815,7 +3013,10 @@ def _mysql_error_column(message):
 
 
 def _mysql_datetime_text(value):
-    """MySQL's text of a DATETIME or TIMESTAMP ('2026-11-26 09:30:00.500') in pulled form: T, six digits or none."""
+    """MySQL's text of a DATETIME or TIMESTAMP ('2026-11-26 09:30:00.500') in pulled form.
+
+    That is: T, six digits or none.
+    """
     text = _text(value)
     whole, _, fraction = text.partition(".")
     fraction = fraction.rstrip("0")
@@ -2879,19 +3080,22 @@ class ChangeLog:
                 self.db.execute(conn, statement)
             self.db.upgrade_log_tables(conn)
         except Denied as denied:
-            raise ChangeCaptureError("the database user may not create cloudsync's own tables (%s); grant it "
-                                     "CREATE, INDEX and ALTER on the database (cloudsync.py check lists what is "
-                                     "missing)" % denied) from None
+            raise ChangeCaptureError("the database user may not create cloudsync's own tables "
+                                     "(%s); grant it CREATE, INDEX and ALTER on the database "
+                                     "(cloudsync.py check lists what is missing)"
+                                     % denied) from None
         fresh = not self.db.query(conn, "SELECT 1 FROM cloudsync_meta WHERE name = 'instance'")
         for name, value in (("instance", uuid.uuid4().hex), ("secret", secrets.token_hex(32)),
-                            ("last_seq", "0"), ("compacted_upto", "0"), ("key_format", KEY_FORMAT if fresh else "1")):
-            self.db.execute(conn, "%s INTO cloudsync_meta (name, value) VALUES (?, ?)" % self.db.insert_ignore,
-                            (name, value))
+                            ("last_seq", "0"), ("compacted_upto", "0"),
+                            ("key_format", KEY_FORMAT if fresh else "1")):
+            self.db.execute(conn, "%s INTO cloudsync_meta (name, value) VALUES (?, ?)"
+                            % self.db.insert_ignore, (name, value))
         changed = 0
         for schema in schemas.values():
             if self._install_triggers(conn, schema):
                 changed += 1
-                say("%s triggers on %s" % ("installed" if self.capture == "triggers" else "removed", schema.name))
+                say("%s triggers on %s" % ("installed" if self.capture == "triggers" else "removed",
+                                           schema.name))
         changed += self._remove_stale_triggers(conn, schemas, say)
         if not self.db.cascades_fire_triggers:
             self._install_cascade_triggers(conn, schemas)
@@ -2901,7 +3105,7 @@ class ChangeLog:
         self.load_identity(conn)
 
     def _upgrade_key_format(self, conn, schemas, say):
-        """After an upgrade that writes some keys differently, make devices that hold old keys start again.
+        """After an upgrade writing some keys differently, make devices with old keys start again.
 
         Row keys of integer and text columns are written as before; others
         (decimal, date, time, binary...) were written in forms that did not
@@ -2913,20 +3117,24 @@ class ChangeLog:
         if stored and _text(stored[0][0]) == KEY_FORMAT:
             return
         changed = [schema.name for schema in schemas.values()
-                   if any(column.kind not in ("integer", "text", "enum") for column in schema.key_columns)]
+                   if any(column.kind not in ("integer", "text", "enum")
+                          for column in schema.key_columns)]
         marks = ", ".join("?" for _ in changed)
         if changed and any(self.db.query(conn, "SELECT 1 FROM %s WHERE table_name IN (%s) LIMIT 1"
                                          % (log, marks), changed) for log in self._logs()):
             self.sequence(conn)
             with self.db.transaction(conn):
                 head = self.head(conn)
-                self.db.execute(conn, "UPDATE cloudsync_meta SET value = ? WHERE name = 'compacted_upto'",
-                                (str(head),))
-            say("row keys of %s are now written in a new form: devices syncing them start again from the "
-                "beginning, once (their next pull answers 410 with reset: true)" % ", ".join(changed))
-            log.warning("row keys of %s are now written in a new form; every checkpoint up to seq %d gets 410 "
-                        "(reset: true), so devices pull again from the beginning, once", ", ".join(changed), head)
-        self.db.execute(conn, "UPDATE cloudsync_meta SET value = '%s' WHERE name = 'key_format'" % KEY_FORMAT)
+                self.db.execute(conn, "UPDATE cloudsync_meta SET value = ?"
+                                      " WHERE name = 'compacted_upto'", (str(head),))
+            say("row keys of %s are now written in a new form: devices syncing them start again "
+                "from the beginning, once (their next pull answers 410 with reset: true)"
+                % ", ".join(changed))
+            log.warning("row keys of %s are now written in a new form; every checkpoint up to "
+                        "seq %d gets 410 (reset: true), so devices pull again from the beginning, "
+                        "once", ", ".join(changed), head)
+        self.db.execute(conn, "UPDATE cloudsync_meta SET value = '%s' WHERE name = 'key_format'"
+                        % KEY_FORMAT)
 
     def _install_triggers(self, conn, schema):
         """Make the table's triggers what they should be; True when something had to change."""
@@ -2944,23 +3152,26 @@ class ChangeLog:
         if not statements:
             return False
         try:
-            # where DDL is transactional (SQLite) the triggers change in one transaction, and no write goes
-            # unrecorded; MySQL's CREATE OR REPLACE swaps each trigger atomically
-            with self.db.transaction(conn) if self.db.transactional_ddl else contextlib.nullcontext():
+            # where DDL is transactional (SQLite) the triggers change in one transaction, and no
+            # write goes unrecorded; MySQL's CREATE OR REPLACE swaps each trigger atomically
+            with self.db.transaction(conn) if self.db.transactional_ddl \
+                    else contextlib.nullcontext():
                 for statement in statements:
                     self.db.execute(conn, statement)
         except Denied as denied:
             raise ChangeCaptureError(
-                "the database user may not create triggers on %r (%s); grant it the TRIGGER privilege (with "
-                "binary logging also set log_bin_trust_function_creators=1), or set CHANGE_CAPTURE=api to record "
-                "only writes made through cloudsync" % (schema.name, denied)) from None
+                "the database user may not create triggers on %r (%s); grant it the TRIGGER "
+                "privilege (with binary logging also set log_bin_trust_function_creators=1), or "
+                "set CHANGE_CAPTURE=api to record only writes made through cloudsync"
+                % (schema.name, denied)) from None
         return True
 
     def stale_triggers(self, conn, allowed):
-        """{table: [trigger names]}: cloudsync's change-capture triggers on tables not in `allowed`."""
+        """{table: [names]}: cloudsync's change-capture triggers on tables not in `allowed`."""
         stale = {}
         for name, table in self.db.triggers(conn):
-            if table not in allowed and name in {_trigger_name(table, event) for event in ("ins", "upd", "del")}:
+            if table not in allowed \
+                    and name in {_trigger_name(table, event) for event in ("ins", "upd", "del")}:
                 stale.setdefault(table, []).append(name)
         return stale
 
@@ -2970,7 +3181,8 @@ class ChangeLog:
         for table, names in sorted(stale.items()):
             for name in names:
                 self.db.execute(conn, "DROP TRIGGER IF EXISTS %s" % self.db.quote(name))
-            say("removed the change-capture triggers of %s, which is no longer in ALLOWED_TABLES" % table)
+            say("removed the change-capture triggers of %s, which is no longer in ALLOWED_TABLES"
+                % table)
         return len(stale)
 
     # -- foreign-key cascades (where they fire no triggers: InnoDB) ------------------
@@ -2985,7 +3197,10 @@ class ChangeLog:
     # table (TableSchema.cascaded), whose seed pulls are then never cached.
 
     def cascade_plan(self, foreign_keys, schemas):
-        """({parent: {"del": [SQL], "upd": [SQL]}} logging what cascades write, tables whose cascades it cannot follow)."""
+        """(plan, tables whose cascades it cannot follow) for the parents' cascade triggers.
+
+        The plan, {parent: {"del": [SQL], "upd": [SQL]}}, logs what cascades write.
+        """
         plan = collections.defaultdict(lambda: {"del": [], "upd": []})
         cut = set()                         # tables where following stopped
 
@@ -3022,22 +3237,27 @@ class ChangeLog:
         return plan, uncaptured
 
     def _cascade_rows_sql(self, schema, path, op):
-        """Log the rows of `schema` that a delete of OLD reaches through the foreign keys of `path`."""
+        """Log the rows of `schema` a delete of OLD reaches through the foreign keys of `path`."""
         quote = self.db.quote
         last = len(path)
         source = "%s AS t%d" % (quote(path[-1].child), last)
         # t<n> is the child of the n-th foreign key of the path
         for position in range(last - 1, 0, -1):
             step = path[position]
-            source += " JOIN %s AS t%d ON %s" % (quote(path[position - 1].child), position, " AND ".join(
-                "t%d.%s = t%d.%s" % (position + 1, quote(child), position, quote(parent))
-                for child, parent in zip(step.child_columns, step.parent_columns)))
+            source += " JOIN %s AS t%d ON %s" % (
+                quote(path[position - 1].child), position, " AND ".join(
+                    "t%d.%s = t%d.%s" % (position + 1, quote(child), position, quote(parent))
+                    for child, parent in zip(step.child_columns, step.parent_columns)))
         where = " AND ".join("t1.%s = OLD.%s" % (quote(child), quote(parent))
-                             for child, parent in zip(path[0].child_columns, path[0].parent_columns))
+                             for child, parent in zip(path[0].child_columns,
+                                                      path[0].parent_columns))
         return self._log_rows_sql(schema, self.db.key_sql(schema, "t%d" % last), op, source, where)
 
     def _cascade_update_sql(self, schema, fk):
-        """Log the rows of `schema` an update of OLD's referenced columns changes (and moves, if they are its key)."""
+        """Log the rows of `schema` an update of OLD's referenced columns changes, or moves.
+
+        It moves them if the columns are its key.
+        """
         quote = self.db.quote
         changed = " OR ".join("NOT (%s <=> %s)" % (self.db.bytewise("OLD." + quote(column)),
                                                    self.db.bytewise("NEW." + quote(column)))
@@ -3047,13 +3267,15 @@ class ChangeLog:
                              for child, parent in zip(fk.child_columns, fk.parent_columns))
         if fk.on_update == "CASCADE" and set(fk.child_columns) & set(schema.primary_key):
             moved = dict(zip(fk.child_columns, fk.parent_columns))
-            new_key = self.db.key_sql_from(schema, {column.name: "NEW." + quote(moved[column.name])
-                                                    if column.name in moved else "c." + column.quoted
-                                                    for column in schema.key_columns})
-            statements = [self._log_rows_sql(schema, self.db.key_sql(schema, "c"), "D", source, where),
-                          self._log_rows_sql(schema, new_key, "U", source, where)]
+            new_key = self.db.key_sql_from(schema, {
+                column.name: "NEW." + quote(moved[column.name]) if column.name in moved
+                else "c." + column.quoted for column in schema.key_columns})
+            statements = [
+                self._log_rows_sql(schema, self.db.key_sql(schema, "c"), "D", source, where),
+                self._log_rows_sql(schema, new_key, "U", source, where)]
         else:
-            statements = [self._log_rows_sql(schema, self.db.key_sql(schema, "c"), "U", source, where)]
+            statements = [
+                self._log_rows_sql(schema, self.db.key_sql(schema, "c"), "U", source, where)]
         return self.db.when_sql(changed, statements)
 
     def _log_rows_sql(self, schema, key, op, source, where):
@@ -3061,7 +3283,10 @@ class ChangeLog:
         return self.db.log_rows_sql(schema.name, key, op, source, where)
 
     def _install_cascade_triggers(self, conn, schemas):
-        """Install (or, with CHANGE_CAPTURE=api or no cascades left, remove) the parents' cascade triggers."""
+        """Install the parents' cascade triggers.
+
+        Or, with CHANGE_CAPTURE=api or no cascades left, remove them.
+        """
         existing = {name: text for name, text in self.db.trigger_definitions(conn).items()
                     if name.startswith("cloudsync_cascade_")}
         wanted = {}
@@ -3071,7 +3296,8 @@ class ChangeLog:
                 for event in ("del", "upd"):
                     if events[event]:
                         name = _cascade_trigger_name(parent, event)
-                        wanted[name] = self.db.before_trigger_sql(name, event, parent, events[event])
+                        wanted[name] = self.db.before_trigger_sql(name, event, parent,
+                                                                  events[event])
 
         for name in sorted(set(existing) - set(wanted)):
             self.db.execute(conn, "DROP TRIGGER IF EXISTS %s" % self.db.quote(name))
@@ -3096,10 +3322,14 @@ class ChangeLog:
 
     def _logs(self):
         """The tables holding changes: the log, and where changes wait to be numbered."""
-        return ("cloudsync_changes",) if self.db.numbers_at_commit else ("cloudsync_pending", "cloudsync_changes")
+        return ("cloudsync_changes",) if self.db.numbers_at_commit \
+            else ("cloudsync_pending", "cloudsync_changes")
 
     def sequence(self, conn):
-        """Number the committed pending changes, one short transaction per batch (not where triggers number them)."""
+        """Number the committed pending changes, one short transaction per batch.
+
+        Not where triggers number them.
+        """
         if self.db.numbers_at_commit:
             return
         while self.db.query(conn, "SELECT 1 FROM cloudsync_pending LIMIT 1"):
@@ -3108,8 +3338,9 @@ class ChangeLog:
                     return
 
     def sequence_in_transaction(self, conn, drain=True):
-        """Inside an open transaction: number what is pending and visible; return (head before, head after).
+        """Inside an open transaction: number what is pending and visible.
 
+        Return (head before, head after).
         A push calls this last, just before its commit: it then holds the
         last_seq lock until the commit, so no number can be given out between
         its numbers and its commit, and anything numbered later commits later.
@@ -3131,20 +3362,23 @@ class ChangeLog:
             if ids:
                 marks = ", ".join("?" for _ in ids)
                 self.db.execute(conn, 
-                    "INSERT INTO cloudsync_changes (seq, table_name, row_key, op, device_id, batch_id, changed_at)"
-                    " SELECT ? + ROW_NUMBER() OVER (ORDER BY id), table_name, row_key, op, device_id, batch_id,"
-                    " changed_at FROM cloudsync_pending WHERE id IN (%s)" % marks, [last] + ids)
+                    "INSERT INTO cloudsync_changes"
+                    " (seq, table_name, row_key, op, device_id, batch_id, changed_at)"
+                    " SELECT ? + ROW_NUMBER() OVER (ORDER BY id),"
+                    " table_name, row_key, op, device_id, batch_id, changed_at"
+                    " FROM cloudsync_pending WHERE id IN (%s)" % marks, [last] + ids)
                 self.db.execute(conn, "DELETE FROM cloudsync_pending WHERE id IN (%s)" % marks, ids)
                 last += len(ids)
             if len(ids) < SEQUENCE_BATCH_ROWS or not drain:
                 break
         if last == first:
             return None
-        self.db.execute(conn, "UPDATE cloudsync_meta SET value = ? WHERE name = 'last_seq'", (str(last),))
+        self.db.execute(conn, "UPDATE cloudsync_meta SET value = ? WHERE name = 'last_seq'",
+                        (str(last),))
         return first, last
 
     def tables_version(self, conn, schemas):
-        """A value that changes whenever a committed write changes these tables: one indexed round trip.
+        """A value that changes with every committed write to these tables: one indexed round trip.
 
         The newest sequence number of the tables (never below the compaction
         mark, so it cannot fall back to an old value when their entries are
@@ -3159,31 +3393,35 @@ class ChangeLog:
         marks = ", ".join("?" for _ in tables)
         holds_rows = "".join(", (SELECT 1 FROM %s LIMIT 1)" % schema.quoted for schema in schemas)
         if self.db.numbers_at_commit:
-            row = self.db.query(conn, "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
-                                      " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto')%s"
-                                % (marks, holds_rows), list(tables))[0]
+            row = self.db.query(conn,
+                "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
+                " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto')%s"
+                % (marks, holds_rows), list(tables))[0]
             return (max(row[0] or 0, int(row[1])), 0, 0) + tuple(row[2:])
         row = self.db.query(conn,
             "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
             " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'),"
-            " COUNT(*), MAX(id)%s FROM cloudsync_pending WHERE table_name IN (%s)" % (marks, holds_rows, marks),
-            list(tables) * 2)[0]
+            " COUNT(*), MAX(id)%s FROM cloudsync_pending WHERE table_name IN (%s)"
+            % (marks, holds_rows, marks), list(tables) * 2)[0]
         return (max(row[0] or 0, int(row[1])), row[2], row[3] or 0) + tuple(row[4:])
 
     def head(self, conn):
         """The highest sequence number given out so far."""
         if not self.db.numbers_at_commit:       # the sequencer keeps it
-            return int(self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq'")[0][0])
+            return int(self.db.query(conn, "SELECT value FROM cloudsync_meta"
+                                           " WHERE name = 'last_seq'")[0][0])
         top = self.db.query(conn, "SELECT MAX(seq) FROM cloudsync_changes")[0][0] or 0
         return max(top, self.compacted_upto(conn))
 
     def compacted_upto(self, conn):
         """Changes numbered up to this were removed by compaction."""
-        return int(self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'")[0][0])
+        return int(self.db.query(conn, "SELECT value FROM cloudsync_meta"
+                                       " WHERE name = 'compacted_upto'")[0][0])
 
     def check_position(self, conn, seq):
-        """Raise Refused("expired") unless a checkpoint at `seq` can still be served: not compacted away, not ahead of the log.
+        """Raise Refused("expired") unless a checkpoint at `seq` can still be served.
 
+        That is: not compacted away, not ahead of the log.
         A checkpoint ahead of the log means the database was restored from a
         backup or its log was reset; numbers it already saw will be given out
         again, so the device must start over.
@@ -3201,20 +3439,24 @@ class ChangeLog:
     # -- who is writing -----------------------------------------------------------
 
     def attributed(self, conn, device_id, batch_id):
-        """Inside a push's transaction: changes made in the with-block carry this device and batch."""
+        """In a push's transaction: changes made in the with-block carry this device and batch."""
         return self.db.attributed(conn, device_id, batch_id)
 
     def record(self, conn, entries, device_id, batch_id):
-        """CHANGE_CAPTURE=api: log the push's own changes, as the triggers would: entries are (table, op, key text)."""
+        """CHANGE_CAPTURE=api: log the push's own changes, as the triggers would.
+
+        Entries are (table, op, key text).
+        """
         rows = [(table, key_text, op, device_id, batch_id) for table, op, key_text in entries]
         if rows:
-            self.db.executemany(conn, "INSERT INTO %s (table_name, row_key, op, device_id, batch_id, changed_at)"
-                                      " VALUES (?, ?, ?, ?, ?, %s)" % (self._logs()[0], self.db.now_sql), rows)
+            self.db.executemany(
+                conn, "INSERT INTO %s (table_name, row_key, op, device_id, batch_id, changed_at)"
+                      " VALUES (?, ?, ?, ?, ?, %s)" % (self._logs()[0], self.db.now_sql), rows)
 
     # -- reading -----------------------------------------------------------------
 
     def changed_rows(self, conn, tables, since, limit):
-        """(table, row_key, last seq) of rows changed after `since`, each once, oldest last change first."""
+        """(table, row_key, last seq) per row changed after `since`, oldest last change first."""
         return self.db.query(conn, 
             "SELECT table_name, row_key, MAX(seq) AS last_seq FROM cloudsync_changes WHERE seq > ?"
             " AND table_name IN (%s) GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?"
@@ -3237,19 +3479,20 @@ class ChangeLog:
             # Pending first: the sequencer moves rows from pending to changes, so a row
             # missed in pending because it was just numbered is then found in changes.
             # (Pending changes are not numbered yet: they come after any checkpoint.)
-            sources = [(log, " AND seq > ?", [since]) if log == "cloudsync_changes" else (log, "", [])
-                       for log in self._logs()]
+            sources = [(log, " AND seq > ?", [since]) if log == "cloudsync_changes"
+                       else (log, "", []) for log in self._logs()]
             for table, after, after_params in sources:
                 rows = self.db.query(conn, 
                     "SELECT DISTINCT row_key FROM %s WHERE table_name = ? AND row_key IN (%s)%s%s"
-                    % (table, marks, after, foreign), [schema.name] + list(chunk) + after_params + extra)
+                    % (table, marks, after, foreign),
+                    [schema.name] + list(chunk) + after_params + extra)
                 found.update(_text(row[0]) for row in rows)
         return found
 
     def entries(self, conn, device_id=None, table=None, since=0, limit=100, newest=False):
-        """The audit trail: change log rows, oldest first, filtered; `newest`: the last `limit` of them."""
-        sql, params = "SELECT seq, table_name, row_key, op, device_id, batch_id, changed_at FROM cloudsync_changes" \
-                      " WHERE seq > ?", [since]
+        """The audit trail: log rows, oldest first, filtered; `newest`: the last `limit` of them."""
+        sql, params = "SELECT seq, table_name, row_key, op, device_id, batch_id, changed_at" \
+                      " FROM cloudsync_changes WHERE seq > ?", [since]
         if device_id is not None:
             sql += " AND %s = %s" % (self.db.bytewise("device_id"), self.db.bytewise("?"))
             params.append(device_id)
@@ -3265,15 +3508,16 @@ class ChangeLog:
     def find_batch(self, conn, device_id, batch_id):
         """(request_hash, stored response) of an earlier push with this batch id, or None."""
         rows = self.db.query(conn, 
-            "SELECT request_hash, response FROM cloudsync_batches WHERE device_id = ? AND batch_id = ?",
+            "SELECT request_hash, response FROM cloudsync_batches"
+            " WHERE device_id = ? AND batch_id = ?",
             (device_id, batch_id))
         return (rows[0][0], rows[0][1]) if rows else None
 
     def claim_batch(self, conn, device_id, batch_id, request_hash):
-        """Inside the push's transaction: reserve the batch id (a concurrent twin waits, then fails)."""
+        """In the push's transaction: reserve the batch id (a concurrent twin waits, then fails)."""
         self.db.execute(conn, 
-            "INSERT INTO cloudsync_batches (device_id, batch_id, request_hash, created_at) VALUES (?, ?, ?, %s)"
-            % self.db.now_sql, (device_id, batch_id, request_hash))
+            "INSERT INTO cloudsync_batches (device_id, batch_id, request_hash, created_at)"
+            " VALUES (?, ?, ?, %s)" % self.db.now_sql, (device_id, batch_id, request_hash))
 
     def finish_batch(self, conn, device_id, batch_id, response):
         """Inside the push's transaction: store the outcome to replay."""
@@ -3284,17 +3528,22 @@ class ChangeLog:
     # -- compaction ------------------------------------------------------------------
 
     def compact(self, conn, retention_days, progress=None):
-        """Drop log entries and batch records older than the retention; return (entries, batch ids, compacted_upto)."""
+        """Drop log entries and batch records older than the retention.
+
+        Return (entries, batch ids, compacted_upto).
+        """
         self.sequence(conn)
         cutoff = self.db.cutoff_sql
         with self.db.transaction(conn):
             upto = self.db.query(conn, 
-                "SELECT MAX(seq) FROM cloudsync_changes WHERE changed_at < %s" % cutoff, (retention_days,))[0][0]
+                "SELECT MAX(seq) FROM cloudsync_changes WHERE changed_at < %s" % cutoff,
+                (retention_days,))[0][0]
             previous = self.compacted_upto(conn)
             if upto and upto > previous:
-                # published before the rows go: a reader that misses a row then sees this and answers 410
-                self.db.execute(conn, "UPDATE cloudsync_meta SET value = ? WHERE name = 'compacted_upto'",
-                                (str(upto),))
+                # published before the rows go: a reader that misses a row then sees this and
+                # answers 410
+                self.db.execute(conn, "UPDATE cloudsync_meta SET value = ?"
+                                      " WHERE name = 'compacted_upto'", (str(upto),))
             batches = self.db.execute(conn, 
                 "DELETE FROM cloudsync_batches WHERE created_at < %s" % cutoff, (retention_days,))
         upto = max(upto or 0, previous)
@@ -3318,7 +3567,8 @@ def _chunks(items, size):
 def _expired():
     """The refusal of a checkpoint the log can no longer serve."""
     return Refused("expired", "changes after this checkpoint were compacted away, or the "
-                     "database was restored to an earlier state; start again with \"since\": null", reset=True)
+                              "database was restored to an earlier state; start again with "
+                              "\"since\": null", reset=True)
 
 
 # ---------------------------------------------------------------------------
@@ -3329,8 +3579,9 @@ def _expired():
 # was issued for, the sequence number it covers, during an initial sync the
 # position of the table scan, and a fingerprint of the tables' columns: rows a
 # device pulled before an ALTER TABLE lack the new column, so a checkpoint
-# from before it gets 410 and the device pulls every row again. The HMAC (key in cloudsync_meta) makes a
-# forged or altered checkpoint a 400, not a wrong answer.
+# from before it gets 410 and the device pulls every row again. The HMAC (key
+# in cloudsync_meta) makes a forged or altered checkpoint a 400, not a wrong
+# answer.
 
 
 
@@ -3346,21 +3597,31 @@ class Checkpoints:
         return base64.urlsafe_b64encode(digest).rstrip(b"=")
 
     def encode(self, tables, seq, scan=None, fingerprint=None):
-        """A checkpoint string for `tables` at `seq` (a scan position during an initial sync; the tables' columns)."""
+        """A checkpoint string for `tables` at `seq`.
+
+        `scan`: a scan position during an initial sync; `fingerprint`: the tables' columns.
+        """
         payload = base64.urlsafe_b64encode(json.dumps(
-            {"db": self.changelog.instance, "t": list(tables), "s": seq, "scan": scan, "f": fingerprint},
+            {"db": self.changelog.instance, "t": list(tables), "s": seq, "scan": scan,
+             "f": fingerprint},
             separators=(",", ":"), default=_json_default).encode("utf-8")).rstrip(b"=")
-        return CHECKPOINT_PREFIX + payload.decode("ascii") + "." + self._mac(payload).decode("ascii")
+        return CHECKPOINT_PREFIX + payload.decode("ascii") + "." \
+            + self._mac(payload).decode("ascii")
 
     def decode(self, text):
-        """The checkpoint's fields, or Refused("invalid_checkpoint") when it is malformed, altered or from another database."""
-        if not isinstance(text, str) or not text.startswith(CHECKPOINT_PREFIX) or text.count(".") != 2:
-            raise Refused("invalid_checkpoint", "checkpoint must be a string this server returned, or null")
+        """The checkpoint's fields, or Refused("invalid_checkpoint").
+
+        Refused when it is malformed, altered or from another database.
+        """
+        if not isinstance(text, str) or not text.startswith(CHECKPOINT_PREFIX) \
+                or text.count(".") != 2:
+            raise Refused("invalid_checkpoint",
+                          "checkpoint must be a string this server returned, or null")
         _, payload, mac = text.split(".")
         payload = payload.encode("ascii", "replace")
         if not hmac.compare_digest(self._mac(payload), mac.encode("ascii", "replace")):
-            raise Refused("invalid_checkpoint", "the checkpoint was not issued by this server for this "
-                            "database; start again with \"since\": null")
+            raise Refused("invalid_checkpoint", "the checkpoint was not issued by this server for "
+                                                "this database; start again with \"since\": null")
         fields = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
         if fields.get("db") != self.changelog.instance:
             raise Refused("invalid_checkpoint", "the checkpoint belongs to another database")
@@ -3426,23 +3687,28 @@ class SyncEngine:
 
     def _set_schemas(self, schemas):
         """Put newly read schemas in force, with their fingerprints."""
-        columns = {name: hashlib.sha256(json.dumps(schema.describe(), sort_keys=True).encode("utf-8")).hexdigest()
+        columns = {name: hashlib.sha256(json.dumps(schema.describe(), sort_keys=True)
+                                        .encode("utf-8")).hexdigest()
                    for name, schema in schemas.items()}
-        fingerprint = hashlib.sha256(json.dumps([sorted(columns.items()), sorted(
-            name for name, schema in schemas.items() if schema.cascaded)]).encode("utf-8")).hexdigest()
+        fingerprint = hashlib.sha256(json.dumps([
+            sorted(columns.items()),
+            sorted(name for name, schema in schemas.items() if schema.cascaded),
+        ]).encode("utf-8")).hexdigest()
         self._columns_fingerprints = columns
         self.schemas = schemas          # one assignment: readers see the old or the new dict
         self.schema_loaded_at = time.monotonic()
-        # cached seed pulls are keyed by it: answers encoded with the old columns are not served again
+        # cached seed pulls are keyed by it: answers encoded with the old columns are not served
+        # again
         self.schema_fingerprint = fingerprint
 
     def columns_fingerprint(self, tables):
         """A short value that changes when a column, type or key of one of `tables` changes."""
-        return hashlib.sha256("|".join(self._columns_fingerprints.get(table, "-") for table in tables)
+        return hashlib.sha256("|".join(self._columns_fingerprints.get(table, "-")
+                                       for table in tables)
                               .encode("ascii")).hexdigest()[:12]
 
     def schema_for(self, table, where):
-        """The TableSchema of an allowed table a request names; Refused("invalid_table") for any other."""
+        """The TableSchema of the allowed table a request names, else Refused("invalid_table")."""
         if not isinstance(table, str) or table not in self.allowed_tables:
             raise Refused("invalid_table", "%s: table %s is not in ALLOWED_TABLES"
                           % (where, json.dumps(table, default=str)[:100]))
@@ -3451,7 +3717,7 @@ class SyncEngine:
     # -- rows by key -------------------------------------------------------------
 
     def rows_for_keys(self, conn, schema, keys, lock=False):
-        """For each pushed key: (the key as logged, the row) of the row its statement would find, or None.
+        """For each pushed key: (key as logged, row) of the row its statement would find, or None.
 
         One query for all the keys, each row carrying its key as SQL writes it;
         a key the device wrote in another form of the same value ('ABC' for
@@ -3481,8 +3747,10 @@ class SyncEngine:
         found = {}
         names = schema.column_names
         for chunk in _chunks(list(dict.fromkeys(keys)), 500):
-            rows = self.db.query(conn, *select_keyed_sql(schema, chunk, self.db.lock_rows if lock else ""))
-            for text, row in zip([row[0] for row in rows], self.db.decode_rows(schema, [row[1:] for row in rows])):
+            rows = self.db.query(conn, *select_keyed_sql(schema, chunk,
+                                                         self.db.lock_rows if lock else ""))
+            for text, row in zip([row[0] for row in rows],
+                                 self.db.decode_rows(schema, [row[1:] for row in rows])):
                 found[_text(text)] = dict(zip(names, row))
         return found
 
@@ -3525,7 +3793,8 @@ class Operation:
 class _PushState:
     """What deciding a push's returned checkpoint needs to know about the push."""
 
-    __slots__ = ("checkpoint", "fields", "device_id", "batch_id", "start", "before", "operations", "skipped")
+    __slots__ = ("checkpoint", "fields", "device_id", "batch_id", "start", "before", "operations",
+                 "skipped")
 
     def __init__(self, checkpoint, fields, device_id, batch_id):
         self.checkpoint = checkpoint
@@ -3540,7 +3809,7 @@ class _PushState:
 
 
 class Pushes:
-    """Pushes: validate the operations, apply them in one transaction, answer (or replay) the outcome."""
+    """Validate pushed operations, apply them in one transaction, answer (or replay) the outcome."""
 
     def __init__(self, engine, max_value_bytes, push_retries):
         self.engine = engine
@@ -3553,7 +3822,10 @@ class Pushes:
     # -- validation ----------------------------------------------------------------
 
     def validate_operations(self, operations):
-        """Check every operation against the schema; return Operations or raise Refused naming the operation."""
+        """Check every operation against the schema.
+
+        Return Operations or raise Refused naming the operation.
+        """
         if not isinstance(operations, list):
             raise Refused("invalid_payload", "operations must be a list")
         validated = []
@@ -3576,7 +3848,8 @@ class Pushes:
         schema = self.engine.schema_for(operation["table"], where)
         action = operation["action"]
         if action not in ACTIONS:
-            raise Refused("invalid_action", "%s: action must be one of %s" % (where, ", ".join(ACTIONS)))
+            raise Refused("invalid_action", "%s: action must be one of %s"
+                          % (where, ", ".join(ACTIONS)))
         data = operation["data"]
         if not isinstance(data, dict):
             raise Refused("invalid_operation", "%s: data must be an object" % where)
@@ -3589,15 +3862,18 @@ class Pushes:
             if type(value) is str:
                 if len(value) * 4 > self.max_value_bytes \
                         and len(value.encode("utf-8", "surrogatepass")) > self.max_value_bytes:
-                    raise Refused("value_too_large", "%s: the value for column %r is over %d bytes; store large "
-                                  "files elsewhere and sync a reference" % (where, name, self.max_value_bytes))
+                    raise Refused("value_too_large", "%s: the value for column %r is over %d "
+                                  "bytes; store large files elsewhere and sync a reference"
+                                  % (where, name, self.max_value_bytes))
                 if column.plain_text and value.isascii():
                     values[name] = value        # the common case: nothing to convert or check
                     continue
             values[name] = bind_value(column, value, where)
         absent = [name for name in schema.primary_key if values.get(name) is None]
-        # an insert may leave out a key the database generates (AUTO_INCREMENT, INTEGER PRIMARY KEY)
-        generated = action == "insert" and schema.generated_key and not any(name in values for name in absent)
+        # an insert may leave out a key the database generates (AUTO_INCREMENT, INTEGER
+        # PRIMARY KEY)
+        generated = action == "insert" and schema.generated_key \
+            and not any(name in values for name in absent)
         if absent and not generated:
             raise Refused("missing_key", "%s: data must include primary key column %s"
                           % (where, ", ".join(repr(name) for name in absent)))
@@ -3616,7 +3892,8 @@ class Pushes:
     def push(self, operations, device_id=None, batch_id=None, checkpoint=None, on_conflict="abort",
              request_hash=None):
         """Apply validated operations in one transaction; return the response fields."""
-        # 400 when malformed or foreign, even for a replay; its expiry is checked inside the push's transaction
+        # 400 when malformed or foreign, even for a replay; its expiry is checked inside the push's
+        # transaction
         fields = self.engine.checkpoints.decode(checkpoint) if checkpoint is not None else None
         if batch_id is not None:
             with self.db.connection() as conn:
@@ -3624,8 +3901,8 @@ class Pushes:
             # a retry is answered even when its checkpoint has expired since
             if prior is not None:
                 return self._replay(prior, request_hash, checkpoint)
-        attempt = dict(device_id=device_id, batch_id=batch_id, fields=fields, on_conflict=on_conflict,
-                       request_hash=request_hash)
+        attempt = dict(device_id=device_id, batch_id=batch_id, fields=fields,
+                       on_conflict=on_conflict, request_hash=request_hash)
         try:
             return self._push_with_retries(operations, attempt, checkpoint)
         except _BatchTaken:
@@ -3640,7 +3917,10 @@ class Pushes:
             raise Refused("data_refused", "the database refused the push: %s" % error) from None
 
     def _push_with_retries(self, operations, attempt, checkpoint):
-        """Run the push; after a deadlock or lock timeout (all undone) run it again, a bounded number of times."""
+        """Run the push; after a deadlock or lock timeout (all undone) run it again.
+
+        At most a bounded number of times.
+        """
         for retry in range(self.push_retries + 1):
             try:
                 try:
@@ -3659,15 +3939,16 @@ class Pushes:
         """The stored outcome of a batch pushed before, if the same operations came again."""
         stored_hash, response = prior
         if stored_hash != request_hash:
-            raise Refused("batch_reused", "this device already pushed a different batch with this batch_id; use "
-                          "a new batch_id for new operations")
+            raise Refused("batch_reused", "this device already pushed a different batch with this "
+                          "batch_id; use a new batch_id for new operations")
         result = json.loads(response)
         # outcomes stored by versions that did not keep it
         result.setdefault("checkpoint", checkpoint)
         result["replayed"] = True
         return result
 
-    def _push(self, operations, batched, checkpoint, device_id, batch_id, fields, on_conflict, request_hash):
+    def _push(self, operations, batched, checkpoint, device_id, batch_id, fields, on_conflict,
+              request_hash):
         """The push's transaction: claim the batch id, check conflicts, apply, store the outcome."""
         missing, conflicts, logged = [], [], []
         push = _PushState(checkpoint, fields, device_id, batch_id)
@@ -3685,13 +3966,15 @@ class Pushes:
                 with self.changelog.attributed(conn, device_id, batch_id):
                     if since is not None:
                         conflicts, push.before = self._conflicts(conn, operations, since, device_id)
-                        # checked after reading: compaction publishes its mark before it deletes, so an
-                        # entry compacted away under the conflict check shows here as 410
+                        # checked after reading: compaction publishes its mark before it
+                        # deletes, so an entry compacted away under the conflict check shows
+                        # here as 410
                         self.changelog.check_position(conn, since)
                         if conflicts and on_conflict != "skip":
-                            raise Refused("conflict", "%d operation(s) touch rows changed since your checkpoint; "
-                                          "nothing was applied. Pull, then push again, or send \"on_conflict\": "
-                                          "\"skip\"" % len(conflicts), conflicts=conflicts)
+                            raise Refused("conflict", "%d operation(s) touch rows changed since "
+                                          "your checkpoint; nothing was applied. Pull, then push "
+                                          "again, or send \"on_conflict\": \"skip\""
+                                          % len(conflicts), conflicts=conflicts)
                         skipped = {conflict["op"] for conflict in conflicts}
                         # the device holds what it meant to do, not what was done
                         push.skipped = bool(skipped)
@@ -3708,14 +3991,16 @@ class Pushes:
                             # an update of a row that is not there changes nothing
                             missing.append(group)
                     if self.changelog.capture == "api":
-                        self.changelog.record(conn, self._logged_keys(conn, logged), device_id, batch_id)
+                        self.changelog.record(conn, self._logged_keys(conn, logged), device_id,
+                                              batch_id)
                 result = {"success": True, "applied": len(operations)}
                 if missing:
                     result["missing"] = [_op_ref(op) for op in missing]
                 if conflicts:
                     result["conflicts"] = conflicts
                 push.operations = operations
-                # null without a checkpoint in the request: there is no pull position to carry on from
+                # null without a checkpoint in the request: there is no pull position to carry on
+                # from
                 result["checkpoint"] = self._checkpoint_after_push(conn, push)
                 if batch_id is not None:        # a retry is answered with exactly this outcome
                     self.changelog.finish_batch(conn, device_id or "", batch_id, result)
@@ -3737,13 +4022,14 @@ class Pushes:
             groups = list(itertools.islice(_group_operations(operations, batched), 2))
             if len(groups) == 1:
                 group = groups[0]
-                if (self.db.fits_one_statement([op.values.values() for op in group]) if isinstance(group, list)
+                if (self.db.fits_one_statement([op.values.values() for op in group])
+                        if isinstance(group, list)
                         else group.action in ("insert", "update", "delete")):
                     return contextlib.nullcontext()
         return self.db.transaction(conn)
 
     def _conflicts(self, conn, operations, since, device_id):
-        """Operations on rows that others changed after `since`, or updates of rows that are gone."""
+        """Operations on rows others changed after `since`, or updates of rows that are gone."""
         by_table = {}
         for op in operations:
             if None not in op.key:
@@ -3752,7 +4038,8 @@ class Pushes:
         for table, ops in by_table.items():
             schema = self.engine.schemas[table]
             found = self.engine.rows_for_keys(conn, schema, [op.key for op in ops], lock=True)
-            texts = [row[0] if row else self.db.key_text(schema, op.key) for op, row in zip(ops, found)]
+            texts = [row[0] if row else self.db.key_text(schema, op.key)
+                     for op, row in zip(ops, found)]
             before[table] = {text: row[1] for text, row in zip(texts, found) if row}
             touched = self.changelog.touched_by_others(conn, schema, set(texts), since, device_id)
             # whether the row is there when the op runs: earlier ops count
@@ -3761,12 +4048,16 @@ class Pushes:
                 row = before[table].get(text)
                 there = exists.get(text, row is not None)
                 if text in touched or (op.action == "update" and not there):
-                    conflicts.append({"op": op.index, "table": table, "key": _key_json(op), "server_row": row})
+                    conflicts.append({"op": op.index, "table": table, "key": _key_json(op),
+                                      "server_row": row})
                 exists[text] = op.action != "delete" if op.action != "update" else there
         return sorted(conflicts, key=lambda conflict: conflict["op"]), before
 
     def _logged_keys(self, conn, logged):
-        """CHANGE_CAPTURE=api: (table, op, key text) of a push's changes; a key read back where the row exists."""
+        """CHANGE_CAPTURE=api: (table, op, key text) of a push's changes.
+
+        A key is read back where the row exists.
+        """
         entries, texts = [], {}
         by_table = {}
         for op, code in logged:
@@ -3774,7 +4065,8 @@ class Pushes:
                 by_table.setdefault(op.table.name, []).append(op)
         for table, ops in by_table.items():
             schema = self.engine.schemas[table]
-            for op, found in zip(ops, self.engine.rows_for_keys(conn, schema, [op.key for op in ops])):
+            for op, found in zip(ops,
+                                 self.engine.rows_for_keys(conn, schema, [op.key for op in ops])):
                 texts[op.index] = found[0] if found else self.db.key_text(schema, op.key)
         for op, code in logged:
             if op.index in texts:
@@ -3821,7 +4113,8 @@ class Pushes:
     def _update(self, conn, op):
         """True when the row is there (an update that changes nothing finds it too)."""
         schema = op.table
-        changes = {name: value for name, value in op.values.items() if name not in schema.primary_key}
+        changes = {name: value for name, value in op.values.items()
+                   if name not in schema.primary_key}
         try:
             if not changes:
                 return bool(self.db.query(conn, *exists_sql(schema, op.key)))
@@ -3860,9 +4153,13 @@ class Pushes:
     # server's version. A push without a checkpoint gets null.
 
     def _checkpoint_after_push(self, conn, push):
-        """Inside the push's transaction: number its changes; return the device's next pull position, or None."""
+        """Inside the push's transaction: number its changes.
+
+        Return the device's next pull position, or None.
+        """
         if push.checkpoint is None:
-            # numbered later (by the next pull or the server's sequencer): saves a push five round trips
+            # numbered later (by the next pull or the server's sequencer): saves a push five
+            # round trips
             return None
         numbered = self.changelog.sequence_in_transaction(conn)
         fields = push.fields
@@ -3872,20 +4169,24 @@ class Pushes:
             head = self.changelog.head(conn)
             start = head if push.start is None else push.start
         fingerprint = self.engine.columns_fingerprint(fields["t"])
-        if fields["scan"] is not None or push.device_id is None or fields["s"] != start or head == start \
-                or fields.get("f") not in (None, fingerprint) \
+        if fields["scan"] is not None or push.device_id is None or fields["s"] != start \
+                or head == start or fields.get("f") not in (None, fingerprint) \
                 or push.skipped or not self._only_echoes(conn, fields["t"], start, head, push):
             return push.checkpoint
         return self.engine.checkpoints.encode(fields["t"], head, fingerprint=fingerprint)
 
     def _only_echoes(self, conn, tables, start, head, push):
-        """Whether every change in (start, head] to `tables` is a row of this push, holding exactly what it sent."""
+        """Whether every change in (start, head] to `tables` is a row of this push.
+
+        Each such row must hold exactly what the push sent.
+        """
         operations = [op for op in push.operations if op.table.name in tables]
         if any(None in op.key for op in operations):
             return False                    # the database chose a key the device does not know
         most = 2 * len(push.operations)     # an update that moves a key logs a delete and an update
-        entries = self.db.query(conn, "SELECT table_name, row_key, device_id, batch_id FROM cloudsync_changes"
-                                      " WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (start, head, most + 1))
+        entries = self.db.query(conn, "SELECT table_name, row_key, device_id, batch_id"
+                                      " FROM cloudsync_changes WHERE seq > ? AND seq <= ?"
+                                      " ORDER BY seq LIMIT ?", (start, head, most + 1))
         if len(entries) > most:
             return False
         # each operation's row now (found as its statement found it) and its key as the log holds it
@@ -3893,11 +4194,13 @@ class Pushes:
         for table in dict.fromkeys(op.table.name for op in operations):
             schema = self.engine.schemas[table]
             ops = [op for op in operations if op.table.name == table]
-            for op, found in zip(ops, self.engine.rows_for_keys(conn, schema, [op.key for op in ops])):
+            for op, found in zip(ops,
+                                 self.engine.rows_for_keys(conn, schema, [op.key for op in ops])):
                 logged[op.index] = (table, found[0] if found else self.db.key_text(schema, op.key))
                 now[logged[op.index]] = found[1] if found else None
         for table, row_key, device_id, batch_id in entries:
-            if _text(device_id) != push.device_id or (None if batch_id is None else _text(batch_id)) != push.batch_id:
+            if _text(device_id) != push.device_id \
+                    or (None if batch_id is None else _text(batch_id)) != push.batch_id:
                 return False
             if _text(table) in tables and (_text(table), _text(row_key)) not in now:
                 return False                # a row the device did not push (a trigger, a cascade)
@@ -3908,7 +4211,8 @@ class Pushes:
             schema, key = op.table, logged[op.index]
             if key not in expected:
                 row = push.before.get(schema.name, {}).get(key[1])
-                expected[key] = None if row is None else {name: (False, value) for name, value in row.items()}
+                expected[key] = None if row is None \
+                    else {name: (False, value) for name, value in row.items()}
             row = expected[key]
             if op.action == "delete":
                 expected[key] = None
@@ -3916,20 +4220,23 @@ class Pushes:
                 row.update((name, (True, op.sent[name])) for name in op.values)
             elif row is None and op.action in ("insert", "upsert"):
                 # a column left out is null on the device; a default the database filled in is not
-                expected[key] = {name: (name in op.values, op.sent.get(name)) for name in schema.column_names}
+                expected[key] = {name: (name in op.values, op.sent.get(name))
+                                 for name in schema.column_names}
         for key, row in expected.items():
             current = now[key]
             if (row is None) != (current is None):
                 return False
             for name, (pushed, value) in (row or {}).items():
-                if not (_as_json_value(current.get(name)) == value if pushed else current.get(name) == value):
+                if not (_as_json_value(current.get(name)) == value if pushed
+                        else current.get(name) == value):
                     return False
         return True
 
 
 def _same_values(schema, pushed, row):
     """Whether an existing row already holds exactly the pushed values (a retried insert)."""
-    return all(_same_value(schema.columns[name], value, row.get(name)) for name, value in pushed.items())
+    return all(_same_value(schema.columns[name], value, row.get(name))
+               for name, value in pushed.items())
 
 
 def _same_value(column, pushed, stored):
@@ -3952,8 +4259,10 @@ def _same_value(column, pushed, stored):
         if isinstance(stored, datetime.timedelta):
             return _parse_time(pushed, column.fsp) == stored
         if column.kind == "set":
-            return set(filter(None, str(pushed).split(","))) == set(filter(None, str(stored).split(",")))
-        if column.kind in ("integer", "bit", "decimal") or isinstance(stored, (int, decimal.Decimal)):
+            return set(filter(None, str(pushed).split(","))) \
+                == set(filter(None, str(stored).split(",")))
+        if column.kind in ("integer", "bit", "decimal") \
+                or isinstance(stored, (int, decimal.Decimal)):
             if _NUMBER_TEXT.fullmatch(str(pushed)) and _NUMBER_TEXT.fullmatch(str(stored)):
                 return decimal.Decimal(str(pushed).strip()) == decimal.Decimal(str(stored))
         text = pushed if isinstance(pushed, str) else str(pushed)
@@ -3963,12 +4272,12 @@ def _same_value(column, pushed, stored):
 
 
 def _refusal_of(rejected):
-    """The answer to an operation the database refused: a rule of the user's, a clash, or a value."""
+    """The answer to an operation the database refused: a user's rule, a clash, or a value."""
     op, error = rejected.op, rejected.error
     if error.rule:                      # a trigger of the shop's own refused it, with its own words
-        return Refused("rejected", "operation %d (%s on %s) was refused by a rule of the database: %s; nothing "
-                       "was applied" % (op.index, op.action, op.table.name, error), op=op.index,
-                       rejected=[dict(_op_ref(op), message=str(error))])
+        return Refused("rejected", "operation %d (%s on %s) was refused by a rule of the database: "
+                       "%s; nothing was applied" % (op.index, op.action, op.table.name, error),
+                       op=op.index, rejected=[dict(_op_ref(op), message=str(error))])
     return Refused("duplicate" if error.duplicate else "data_refused", "operation %d (%s on %s): %s"
                    % (op.index, op.action, op.table.name, error), op=op.index)
 
@@ -3984,10 +4293,11 @@ def _op_ref(op):
 
 
 def _group_operations(operations, batched=True):
-    """Yield runs of 2+ inserts into one table with the same columns as lists, other operations alone."""
+    """Yield runs of 2+ inserts into one table with the same columns as lists, other ops alone."""
     run = []
     for op in operations:
-        if run and op.action == "insert" and op.table is run[0].table and list(op.values) == list(run[0].values):
+        if run and op.action == "insert" and op.table is run[0].table \
+                and list(op.values) == list(run[0].values):
             run.append(op)
             continue
         if run:
@@ -4010,11 +4320,15 @@ def _group_operations(operations, batched=True):
 
 
 class Encoded:
-    """A response body already encoded (JSON unless told), with its ETag and a gzipped copy made on first use."""
+    """A response body already encoded (JSON unless told), with its ETag.
+
+    A gzipped copy is made on first use.
+    """
 
     __slots__ = ("body", "version", "etag", "gzipped", "content_type", "rows")
 
-    def __init__(self, body, version=None, content_type="application/json; charset=utf-8", rows=None):
+    def __init__(self, body, version=None, content_type="application/json; charset=utf-8",
+                 rows=None):
         self.body = body
         self.version = version
         self.etag = None
@@ -4050,18 +4364,23 @@ class Pulls:
     # -- sync mode ---------------------------------------------------------------------
 
     def pull_changes(self, tables, since, limit):
-        """Sync-mode pull: changes after checkpoint `since` (None: everything), at most `limit` rows plus keys."""
+        """Sync-mode pull: changes after checkpoint `since` (None: everything).
+
+        At most `limit` rows plus keys.
+        """
         fields = self.engine.checkpoints.decode(since) if since is not None else None
         if fields is not None and sorted(fields["t"]) == sorted(tables):
             # the same tables in another order: the checkpoint's order holds
             tables = fields["t"]
         if fields is not None and fields["t"] != tables:
-            raise Refused("invalid_checkpoint", "this checkpoint was issued for tables %s; pull the same tables "
-                          "with it, or start again with \"since\": null" % ", ".join(fields["t"]))
+            raise Refused("invalid_checkpoint", "this checkpoint was issued for tables %s; pull "
+                          "the same tables with it, or start again with \"since\": null"
+                          % ", ".join(fields["t"]))
         fingerprint = self.engine.columns_fingerprint(tables)
         if fields is not None and fields.get("f") not in (None, fingerprint):
-            raise Refused("expired", "the columns of %s changed since this checkpoint (ALTER TABLE): start again "
-                          "with \"since\": null to pull every row with its columns" % ", ".join(tables), reset=True)
+            raise Refused("expired", "the columns of %s changed since this checkpoint "
+                          "(ALTER TABLE): start again with \"since\": null to pull every row with "
+                          "its columns" % ", ".join(tables), reset=True)
         changes = {table: {"upserted": [], "deleted": []} for table in tables}
         with self.db.connection() as conn:
             self.changelog.sequence(conn)
@@ -4084,12 +4403,14 @@ class Pulls:
             # checked after reading: compaction publishes its mark before deleting
             self.changelog.check_position(conn, seq)
         return {"success": True, "changes": changes,
-                "checkpoint": self.engine.checkpoints.encode(tables, checkpoint_seq, scan, fingerprint),
+                "checkpoint": self.engine.checkpoints.encode(tables, checkpoint_seq, scan,
+                                                             fingerprint),
                 "has_more": has_more}
 
     def _scan_tables(self, conn, tables, scan, limit, changes):
-        """Initial sync: page through the tables in key order; return (next scan position or None, has_more).
+        """Initial sync: page through the tables in key order.
 
+        Return (next scan position or None, has_more).
         The position is the last row's key in log form, which binds back to
         exactly that value (a binary key as hex, a SQLite REAL exactly).
         """
@@ -4104,8 +4425,8 @@ class Pulls:
             if rows:
                 last = self.db.key_logged(schema, rows[-1])
                 names = schema.column_names
-                changes[schema.name]["upserted"].extend(dict(zip(names, row))
-                                                        for row in self.db.decode_rows(schema, rows))
+                changes[schema.name]["upserted"].extend(
+                    dict(zip(names, row)) for row in self.db.decode_rows(schema, rows))
             if len(rows) < budget:
                 index, last = index + 1, None
             budget -= len(rows)
@@ -4137,19 +4458,21 @@ class Pulls:
                 if row is not None:
                     changes[table]["upserted"].append(row)
                 else:
-                    changes[table]["deleted"].append(key_value(schema, self.db.key_present(schema, logged)))
+                    changes[table]["deleted"].append(
+                        key_value(schema, self.db.key_present(schema, logged)))
 
     # -- seed mode ---------------------------------------------------------------------
 
     def seed_pull(self, tables, limit):
-        """The seed's pull as encoded JSON, served from cache while the change log shows no change."""
+        """The seed's pull as encoded JSON, served from cache while the log shows no change."""
         schemas = self.engine.schemas
         key = (tuple(tables), limit, self.engine.schema_fingerprint)
         with self.db.connection() as conn:
             # Only what the change log sees can validate a cached answer: outside writes need
             # triggers, and a foreign-key cascade the cascade triggers cannot follow is not seen.
             version = None
-            if self.changelog.capture == "triggers" and not any(schemas[table].cascaded for table in tables):
+            if self.changelog.capture == "triggers" \
+                    and not any(schemas[table].cascaded for table in tables):
                 version = self.changelog.tables_version(conn, [schemas[table] for table in tables])
             if version is not None:
                 with self._cache_lock:
@@ -4164,24 +4487,28 @@ class Pulls:
                     page = (to_json_bytes(rows), len(rows))
                 counts[table] = page[1]
                 pages.append(to_json_bytes(table) + b":" + page[0])
-        encoded = Encoded(b'{"success":true,"data":{%s},"limit":%d}' % (b",".join(pages), limit), version,
-                          rows=counts)
+        encoded = Encoded(b'{"success":true,"data":{%s},"limit":%d}' % (b",".join(pages), limit),
+                          version, rows=counts)
         if version is not None:
             encoded.etag = '"%s"' % hashlib.sha256(("%s|%r|%r|%s" % (
-                self.changelog.instance, key, version, self.engine.schema_fingerprint)).encode("utf-8")
-            ).hexdigest()[:32]
+                self.changelog.instance, key, version, self.engine.schema_fingerprint)
+            ).encode("utf-8")).hexdigest()[:32]
             self._keep(key, encoded)
         return encoded
 
     def _keep(self, key, encoded):
-        """Keep an encoded seed pull; the least recently used go first, so the cache stays within PULL_CACHE_BYTES."""
+        """Keep an encoded seed pull.
+
+        The least recently used go first, so the cache stays within PULL_CACHE_BYTES.
+        """
         if len(encoded.body) > PULL_CACHE_BYTES // 4:
             return                          # one huge answer would push out every other
         with self._cache_lock:
             self._cache[key] = encoded
             self._cache.move_to_end(key)
             # gzipped copies are made on first use, so they count when the next entry comes in
-            size = sum(len(entry.body) + len(entry.gzipped or b"") for entry in self._cache.values())
+            size = sum(len(entry.body) + len(entry.gzipped or b"")
+                       for entry in self._cache.values())
             while len(self._cache) > PULL_CACHE_ENTRIES or size > PULL_CACHE_BYTES:
                 _, dropped = self._cache.popitem(last=False)
                 size -= len(dropped.body) + len(dropped.gzipped or b"")
@@ -4198,13 +4525,14 @@ class Pulls:
 
 
 def parse_limit(value, cap):
-    """A pull's `limit`: DEFAULT_PULL_LIMIT_ROWS when absent, at most `cap` (MAX_PULL_ROWS); a whole number of at
-    least 1 (digits in a string too)."""
+    """A pull's `limit`: DEFAULT_PULL_LIMIT_ROWS when absent, at most `cap` (MAX_PULL_ROWS); a
+    whole number of at least 1 (digits in a string too)."""
     if value is None:
         return DEFAULT_PULL_LIMIT_ROWS
     if isinstance(value, str) and re.fullmatch(r"[0-9]{1,12}", value):
         value = int(value)                     # the Node service took "500" too
-    if isinstance(value, decimal.Decimal) and value.is_finite() and value == value.to_integral_value():
+    if isinstance(value, decimal.Decimal) and value.is_finite() \
+            and value == value.to_integral_value():
         # a huge exponent must not be expanded into digits (1E+1000000)
         value = (cap if value > 0 else 0) if value.adjusted() > 6 else int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -4221,8 +4549,9 @@ def parse_limit(value, cap):
 # SEQUENCE_INTERVAL_SECONDS, so a request never waits for it. A crash loses at
 # most that last second of fleet statistics, never data.
 
-METRICS_FROM_ZERO = ("cloudsync_conflicts_total", "cloudsync_replays_total", "cloudsync_auth_failures_total",
-                     "cloudsync_database_unavailable_total", "cloudsync_server_errors_total")
+METRICS_FROM_ZERO = ("cloudsync_conflicts_total", "cloudsync_replays_total",
+                     "cloudsync_auth_failures_total", "cloudsync_database_unavailable_total",
+                     "cloudsync_server_errors_total")
 # others count as "other"
 HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))
 
@@ -4245,11 +4574,15 @@ class Metrics:
             self._counters[name, tuple(sorted(labels.items()))] += amount
 
     def request(self, route, method, status, seconds):
-        """Count one answered request and its duration (one lock, no sorting: this runs for every request)."""
+        """Count one answered request and its duration.
+
+        One lock, no sorting: this runs for every request.
+        """
         # its bucket; +Inf past the last
         slot = bisect.bisect_left(LATENCY_BUCKETS_SECONDS, seconds)
         with self._lock:
-            self._counters["cloudsync_requests_total", (("method", method), ("route", route), ("status", status))] += 1
+            self._counters["cloudsync_requests_total",
+                           (("method", method), ("route", route), ("status", status))] += 1
             buckets = self._latency.get((route, status))
             if buckets is None:
                 buckets = self._latency[route, status] = [0] * (len(LATENCY_BUCKETS_SECONDS) + 2)
@@ -4270,13 +4603,16 @@ class Metrics:
             cumulative = 0                  # kept per bucket, shown cumulative as the format asks
             for bound, count in zip(LATENCY_BUCKETS_SECONDS, values):
                 cumulative += count
-                samples[name].append("%s_bucket%s %d" % (name, _labels((("le", repr(bound)),) + labels), cumulative))
+                samples[name].append("%s_bucket%s %d"
+                                     % (name, _labels((("le", repr(bound)),) + labels), cumulative))
             total = cumulative + values[-2]
-            samples[name].append("%s_bucket%s %d" % (name, _labels((("le", "+Inf"),) + labels), total))
+            samples[name].append("%s_bucket%s %d"
+                                 % (name, _labels((("le", "+Inf"),) + labels), total))
             samples[name].append("%s_sum%s %s" % (name, _labels(labels), _number(values[-1])))
             samples[name].append("%s_count%s %d" % (name, _labels(labels), total))
         for name, labels, value in gauges:
-            samples[name].append("%s%s %s" % (name, _labels(tuple(sorted(labels.items()))), _number(value)))
+            samples[name].append("%s%s %s" % (name, _labels(tuple(sorted(labels.items()))),
+                                              _number(value)))
         lines = []
         for name in sorted(samples):
             kind, text = METRIC_HELP[name]
@@ -4302,13 +4638,15 @@ DEVICE_FIELDS = ("device_id", "first_seen", "last_seen", "last_push", "last_pull
 
 
 class DeviceFleet:
-    """Per device: first and last seen, last push and pull, last pull checkpoint, pushes, pulls, and requests
-    refused (4xx: a conflict, a 410 reset, a bad value) apart from requests that failed (5xx)."""
+    """Per device: first and last seen, last push and pull, last pull checkpoint, pushes, pulls,
+    and requests refused (4xx: a conflict, a 410 reset, a bad value) apart from requests that
+    failed (5xx)."""
 
     def __init__(self, db):
         self.db = db
         self._lock = threading.Lock()
-        # device_id -> [first, last, push, pull, seq, pushes, pulls, errors, rejected, failed, pull tables]
+        # device_id -> [first, last, push, pull, seq, pushes, pulls, errors, rejected, failed,
+        # pull tables]
         self._unsaved = {}
 
     def install(self, conn):
@@ -4318,10 +4656,13 @@ class DeviceFleet:
         present = self.db.column_names(conn, "cloudsync_devices")
         for column, declaration in DEVICE_ADDED_COLUMNS:
             if column not in present:
-                self.db.execute(conn, "ALTER TABLE cloudsync_devices ADD COLUMN %s %s" % (column, declaration))
+                self.db.execute(conn, "ALTER TABLE cloudsync_devices ADD COLUMN %s %s"
+                                % (column, declaration))
 
     def seen(self, device_id, kind, checkpoint_seq=None, outcome="synced", tables=None):
-        """Note a push or pull by a device and its outcome: "synced", "rejected" (its request) or "failed" (ours).
+        """Note a push or pull by a device and its outcome.
+
+        The outcome: "synced", "rejected" (its request) or "failed" (ours).
 
         In memory; flush() saves it.
         """
@@ -4353,7 +4694,8 @@ class DeviceFleet:
         try:
             with self.db.transaction(conn):
                 for device_id, entry in sorted(unsaved.items()):
-                    times = [None if moment is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(moment))
+                    times = [None if moment is None
+                             else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(moment))
                              for moment in entry[:4]]
                     self.db.execute(conn, self.db.devices_upsert(), [device_id] + times + entry[4:])
         except Exception:
@@ -4372,7 +4714,7 @@ class DeviceFleet:
             raise
 
     def _lag(self, conn, device, head):
-        """How many changes of the tables it pulls were logged after the device's last checkpoint."""
+        """How many changes of the tables a device pulls were logged since its last checkpoint."""
         if device["checkpoint_seq"] is None:
             return None
         tables = [name for name in _text(device["pull_tables"] or "").split(",") if name]
@@ -4380,13 +4722,18 @@ class DeviceFleet:
         if not tables:
             return max(0, head - int(device["checkpoint_seq"]))
         return self.db.query(conn, 
-            "SELECT COUNT(*) FROM (SELECT 1 FROM cloudsync_changes WHERE seq > ? AND table_name IN (%s) LIMIT ?) x"
-            % ", ".join("?" for _ in tables), [device["checkpoint_seq"]] + tables + [LAG_COUNTED_UP_TO])[0][0]
+            "SELECT COUNT(*) FROM (SELECT 1 FROM cloudsync_changes"
+            " WHERE seq > ? AND table_name IN (%s) LIMIT ?) x" % ", ".join("?" for _ in tables),
+            [device["checkpoint_seq"]] + tables + [LAG_COUNTED_UP_TO])[0][0]
 
     def devices(self, conn, head):
-        """Every known device as a dict, with `lag`: how many changes its last pull checkpoint is behind."""
+        """Every known device as a dict, with `lag`.
+
+        `lag`: how many changes its last pull checkpoint is behind.
+        """
         self.flush(conn)
-        rows = self.db.query(conn, "SELECT %s FROM cloudsync_devices ORDER BY device_id" % ", ".join(DEVICE_FIELDS))
+        rows = self.db.query(conn, "SELECT %s FROM cloudsync_devices ORDER BY device_id"
+                             % ", ".join(DEVICE_FIELDS))
         now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
         found = []
         for row in rows:
@@ -4442,8 +4789,8 @@ class Request:
             except ValueError:
                 raise Refused("invalid_request", "Content-Length is not a number") from None
             if length > self.max_body_bytes:
-                raise Refused("too_large", "the body is %d bytes; the limit is %d bytes, "
-                                "split the batch into smaller pushes" % (length, self.max_body_bytes))
+                raise Refused("too_large", "the body is %d bytes; the limit is %d bytes, split "
+                              "the batch into smaller pushes" % (length, self.max_body_bytes))
             return _read_exactly(stream, length)
         if environ.get("wsgi.input_terminated"):
             # a chunked body: read until the end, but never past the limit
@@ -4460,7 +4807,10 @@ class Request:
         return b""
 
     def decoded_body(self):
-        """The body, gunzipped when Content-Encoding says gzip; the limit holds for the unpacked size too."""
+        """The body, gunzipped when Content-Encoding says gzip.
+
+        The limit holds for the unpacked size too.
+        """
         body = self.body()
         encoding = self.environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
         if encoding in ("", "identity"):
@@ -4487,14 +4837,16 @@ class Request:
             if not rest:
                 return b"".join(pieces)
             if not rest.startswith(b"\x1f\x8b"):
-                raise Refused("invalid_request", "%d bytes follow the end of the gzip body" % len(rest))
+                raise Refused("invalid_request",
+                              "%d bytes follow the end of the gzip body" % len(rest))
 
     def json_object(self):
         """The body as a JSON object; {} when empty (as the seed's express.json gave)."""
         payload = parse_json(self.decoded_body())
         _check_depth(payload, self.max_json_depth)
         if not isinstance(payload, dict):
-            raise Refused("invalid_payload", "the body must be a JSON object, not %s" % _json_type(payload))
+            raise Refused("invalid_payload",
+                          "the body must be a JSON object, not %s" % _json_type(payload))
         return payload
 
 
@@ -4526,7 +4878,7 @@ def _read_exactly(stream, length):
 
 
 class App:
-    """The WSGI application: a path router, the handlers, and the one place errors become responses."""
+    """The WSGI app: a path router, the handlers, and the one place errors become responses."""
 
     def __init__(self, config, database=None, engine=None):
         self.config = config
@@ -4568,7 +4920,8 @@ class App:
         except Refused as refusal:
             status, payload, headers = _answer(refusal)
         except Exception:
-            log.exception("unhandled error on %s %s", _loggable(request.method, 20), _loggable(request.path))
+            log.exception("unhandled error on %s %s", _loggable(request.method, 20),
+                          _loggable(request.path))
             status, payload, headers = _answer(Refused("internal", REFUSALS["internal"][2]))
         headers = headers + self._cors_headers(environ.get("HTTP_ORIGIN"))
         # no body: a preflight, or the device's copy is current
@@ -4610,7 +4963,8 @@ class App:
             metrics.count("cloudsync_server_errors_total")
         if request.device_id is not None and request.kind is not None:
             outcome = "synced" if status < 400 else "rejected" if status < 500 else "failed"
-            self.fleet.seen(request.device_id, request.kind, request.checkpoint_seq, outcome, request.tables)
+            self.fleet.seen(request.device_id, request.kind, request.checkpoint_seq, outcome,
+                            request.tables)
         if access_log.isEnabledFor(logging.INFO):
             received = request.environ.get("CONTENT_LENGTH") or "0"
             fields = {"method": request.method[:20], "path": request.path[:200], "status": status,
@@ -4618,9 +4972,10 @@ class App:
                       ("operations" if request.kind == "push" else "rows"): request.count,
                       "request_bytes": int(received) if received.isdigit() else None, "bytes": size}
             # escaped: a newline in a (percent-decoded) path must not start a fake log line
-            access_log.info("%s %s %d %.1fms device=%s %s=%s request_bytes=%s bytes=%d", _loggable(method),
-                            _loggable(request.path), status, seconds * 1000,
-                            _loggable(request.device_id or "-"), "operations" if request.kind == "push" else "rows",
+            access_log.info("%s %s %d %.1fms device=%s %s=%s request_bytes=%s bytes=%d",
+                            _loggable(method), _loggable(request.path), status, seconds * 1000,
+                            _loggable(request.device_id or "-"),
+                            "operations" if request.kind == "push" else "rows",
                             "-" if request.count is None else request.count, received[:20], size,
                             extra={"fields": fields})
 
@@ -4648,7 +5003,8 @@ class App:
         if methods is None:
             raise Refused("not_found", "no endpoint at %s" % path[:200])
         request.route = path
-        allowed = ", ".join(sorted(set(methods) | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())))
+        allowed = ", ".join(sorted(set(methods) | {"OPTIONS"}
+                                   | ({"HEAD"} if "GET" in methods else set())))
         if request.method == "OPTIONS":       # a CORS preflight (or a client asking what it may do)
             headers = [("Allow", allowed)]
             if any(name == "Access-Control-Allow-Origin"
@@ -4666,7 +5022,8 @@ class App:
             raise refusal
         if path.startswith("/sync") and path != "/sync/devices":
             # status is for monitoring too: ADMIN_TOKEN and METRICS_TOKEN read it, not only devices
-            monitors = (self.config.admin_token, self.config.metrics_token) if path == "/sync/status" else ()
+            monitors = (self.config.admin_token, self.config.metrics_token) \
+                if path == "/sync/status" else ()
             request.token = self.auth.identify(request, monitors)
         result = handler(request)
         return result if len(result) == 3 else result + ([],)
@@ -4678,39 +5035,46 @@ class App:
         return 200, {"status": "Sync API running"}
 
     def push(self, request):
-        """Apply a batch of operations in one transaction; retry-safe with batch_id, conflict-aware with checkpoint."""
+        """Apply a batch of operations in one transaction.
+
+        Retry-safe with batch_id, conflict-aware with checkpoint.
+        """
         fields = read_fields(request.json_object(), PUSH_FIELDS)
-        device_id, batch_id, checkpoint = fields["device_id"], fields["batch_id"], fields["checkpoint"]
+        device_id, batch_id, checkpoint = (fields["device_id"], fields["batch_id"],
+                                           fields["checkpoint"])
         token = request.token
         if token is not None:
             if device_id is not None and device_id != token.device_id:
                 log.warning("auth failure from %s: token of device %s used for device_id %s",
-                            _loggable(request.environ.get("REMOTE_ADDR", "?")), token.device_id, _loggable(device_id))
+                            _loggable(request.environ.get("REMOTE_ADDR", "?")), token.device_id,
+                            _loggable(device_id))
                 raise Refused("forbidden", "this token belongs to device %r, not %r"
                                 % (token.device_id, device_id))
             device_id = token.device_id
         request.kind, request.device_id = "push", device_id
         sent = fields["operations"]
         if isinstance(sent, list) and len(sent) > self.config.max_operations:
-            raise Refused("too_many_operations", "a push may hold at most %d operations; split the batch "
-                            "into several pushes" % self.config.max_operations)
+            raise Refused("too_many_operations", "a push may hold at most %d operations; split "
+                          "the batch into several pushes" % self.config.max_operations)
         operations = self.pushes.validate_operations(sent)
         self._check_writable(operations, token)
         request_hash = None             # what a retry with the same batch id must match
         if batch_id is not None:
             # surrogatepass: a lone surrogate in a field nobody reads must not break the hash
             request_hash = hashlib.sha256(json.dumps(sent, sort_keys=True, default=str,
-                                                     ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+                                                     ensure_ascii=False)
+                                          .encode("utf-8", "surrogatepass")).hexdigest()
         request.count = len(operations)
         try:
-            result = self.pushes.push(operations, device_id, batch_id, checkpoint, fields["on_conflict"],
-                                             request_hash)
+            result = self.pushes.push(operations, device_id, batch_id, checkpoint,
+                                      fields["on_conflict"], request_hash)
             if result.get("replayed"):
                 self.metrics.count("cloudsync_replays_total")
             else:
                 for (table, action), count in collections.Counter(
                         (op.table.name, op.action) for op in operations).items():
-                    self.metrics.count("cloudsync_operations_pushed_total", count, table=table, action=action)
+                    self.metrics.count("cloudsync_operations_pushed_total", count, table=table,
+                                       action=action)
             if result.get("conflicts"):
                 self.metrics.count("cloudsync_conflicts_total", len(result["conflicts"]))
             return 200, result
@@ -4728,11 +5092,11 @@ class App:
         """403 for a push to a read-only table, or to a table the device's token does not cover."""
         for op in operations:
             if op.table.name in self.config.read_only_tables:
-                raise Refused("read_only_table", "operation %d: devices may pull %s but not push to it"
-                                % (op.index, op.table.name), op=op.index)
+                raise Refused("read_only_table", "operation %d: devices may pull %s but not push "
+                              "to it" % (op.index, op.table.name), op=op.index)
             if token is not None and token.tables is not None and op.table.name not in token.tables:
-                raise Refused("table_not_permitted", "operation %d: this device's token does not cover "
-                                "table %s" % (op.index, op.table.name), op=op.index)
+                raise Refused("table_not_permitted", "operation %d: this device's token does not "
+                              "cover table %s" % (op.index, op.table.name), op=op.index)
 
     def pull(self, request):
         """Seed mode: rows of the requested tables. With `since`: changes after a checkpoint."""
@@ -4800,11 +5164,12 @@ class App:
                 self.engine.changelog.sequence(conn)
                 devices = self.fleet.devices(conn, self.engine.changelog.head(conn))
         except DatabaseUnavailable:
-            raise Refused("database_unavailable", "the database is unavailable; retry later") from None
+            raise Refused("database_unavailable",
+                          "the database is unavailable; retry later") from None
         return 200, {"success": True, "devices": devices}
 
     def metrics_text(self, request):
-        """Prometheus metrics; needs METRICS_TOKEN or ADMIN_TOKEN when set, else what /sync* needs."""
+        """Prometheus metrics; needs METRICS_TOKEN or ADMIN_TOKEN if set, else what /sync* needs."""
         if self.config.metrics_token is not None or self.config.admin_token is not None:
             self.auth.require(request, self.config.metrics_token, self.config.admin_token)
         else:
@@ -4820,7 +5185,8 @@ class App:
                 gauges.append(("cloudsync_change_log_head", {}, self.engine.changelog.head(conn)))
         except DatabaseUnavailable:
             pass                            # the other metrics still tell what is going on
-        return 200, Encoded(self.metrics.render(gauges), content_type="text/plain; version=0.0.4; charset=utf-8")
+        return 200, Encoded(self.metrics.render(gauges),
+                            content_type="text/plain; version=0.0.4; charset=utf-8")
 
     def status(self, request):
         """A real database round trip, and the tables as the schema now describes them."""
@@ -4832,18 +5198,19 @@ class App:
             schemas = self.engine.refresh_schema()
         except DatabaseUnavailable as error:
             log.warning("status: database unavailable: %s", error)
-            raise Refused("database_unavailable", "the database did not answer; retry later", status="error") from None
+            raise Refused("database_unavailable", "the database did not answer; retry later",
+                          status="error") from None
         except SchemaError as error:
             raise Refused("schema_problem", str(error), status="error") from None
         token = request.token
         # a device limited to some tables learns nothing of the others, not even their names
-        shown = [name for name in self.engine.allowed_tables if token is None or token.tables is None
-                 or name in token.tables]
+        shown = [name for name in self.engine.allowed_tables
+                 if token is None or token.tables is None or name in token.tables]
         return 200, {
             "success": True, "status": "ok", "allowed_tables": shown,
             "backend": self.db.name, "server_version": version, "driver": self.db.driver(),
-            "version": __version__, "change_capture": self.engine.changelog.capture, "last_seq": head,
-            "tables": {name: schemas[name].describe() for name in shown},
+            "version": __version__, "change_capture": self.engine.changelog.capture,
+            "last_seq": head, "tables": {name: schemas[name].describe() for name in shown},
         }
 
 
@@ -4855,7 +5222,8 @@ def _answer(refusal):
         headers.append(("WWW-Authenticate", 'Bearer realm="cloudsync"'))
     elif status == 503:
         headers.append(("Retry-After", str(RETRY_AFTER_SECONDS)))
-    return status, dict({"success": False, "error": error, "detail": refusal.detail}, **refusal.fields), headers
+    return status, dict({"success": False, "error": error, "detail": refusal.detail},
+                        **refusal.fields), headers
 
 
 def _accepts_gzip(header):
@@ -4864,7 +5232,8 @@ def _accepts_gzip(header):
         name, _, params = part.strip().partition(";")
         if name.strip() in ("gzip", "x-gzip", "*"):
             quality = re.search(r"q\s*=\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)", params)
-            # a malformed weight ("q=.", "q=1.2.3") reads as its valid prefix, or as no weight at all
+            # a malformed weight ("q=.", "q=1.2.3") reads as its valid prefix, or as no weight
+            # at all
             return not quality or float(quality.group(1)) > 0
     return False
 
@@ -4874,8 +5243,9 @@ def _accepts_gzip(header):
 # the way SETTINGS checks settings: (field, check, default). A field left
 # out gets its default; a check takes (value, field) and returns the value
 # (null, for most fields, means the same as left out) or raises Refused.
-# Fields not named here are ignored, as the original service ignored them. The operations, the tables and the limit are checked
-# against the schema and the settings by the engine and the handlers.
+# Fields not named here are ignored, as the original service ignored them. The
+# operations, the tables and the limit are checked against the schema and the
+# settings by the engine and the handlers.
 
 
 def _checked_id(value, field):
@@ -4883,24 +5253,27 @@ def _checked_id(value, field):
     if value is None:
         return None
     if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
-        raise Refused("invalid_payload", "%s must be a string of 1 to %d characters" % (field, MAX_ID_CHARS))
+        raise Refused("invalid_payload", "%s must be a string of 1 to %d characters"
+                      % (field, MAX_ID_CHARS))
     if not value.isascii():
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise Refused("invalid_payload", "%s is not valid Unicode (a lone surrogate)" % field) from None
+            raise Refused("invalid_payload",
+                          "%s is not valid Unicode (a lone surrogate)" % field) from None
     return value
 
 
 def _checked_checkpoint(value, field):
     """checkpoint / since: null, or a string this server returned (decoded later, by the engine)."""
     if value is not None and not isinstance(value, str):
-        raise Refused("invalid_checkpoint", "%s must be null or a checkpoint string this server returned" % field)
+        raise Refused("invalid_checkpoint",
+                      "%s must be null or a checkpoint string this server returned" % field)
     return value
 
 
 def _checked_on_conflict(value, field):
-    """on_conflict: what a push does with conflicting operations, "abort" (all) or "skip" (those)."""
+    """on_conflict: what a push does with conflicting operations, "abort" (all) or "skip" (them)."""
     if value not in ("abort", "skip"):
         raise Refused("invalid_payload", "on_conflict must be \"abort\" or \"skip\"")
     return value
@@ -4972,9 +5345,11 @@ def _create_server(app, config):
     server = waitress.server.create_server(
         app, host=config.host, port=config.port, threads=config.threads,
         # waitress refuses an oversized declared body before reading any of it
-        max_request_body_size=config.max_body_bytes, ident="cloudsync", clear_untrusted_proxy_headers=True,
+        max_request_body_size=config.max_body_bytes, ident="cloudsync",
+        clear_untrusted_proxy_headers=True,
         # a silent client is dropped after channel_timeout; waitress looks every cleanup_interval
-        channel_timeout=config.read_timeout_seconds, cleanup_interval=max(1, min(30, config.read_timeout_seconds // 2)))
+        channel_timeout=config.read_timeout_seconds,
+        cleanup_interval=max(1, min(30, config.read_timeout_seconds // 2)))
     channel = _json_error_channel(config.max_body_bytes)
     if channel is not None:
         server.channel_class = channel
@@ -4982,12 +5357,15 @@ def _create_server(app, config):
 
 
 def _run(server, config, wake):
-    """Serve until SIGTERM (then let requests in progress finish) or Ctrl-C; SIGHUP re-reads the tokens file."""
+    """Serve until SIGTERM (then let requests in progress finish) or Ctrl-C.
+
+    SIGHUP re-reads the tokens file.
+    """
     log.info("cloudsync %s listening on http://%s:%d", __version__, config.host, config.port)
     graceful = _graceful_stop_possible(server)
     if not graceful:
-        log.warning("this waitress lacks the internals of a graceful stop: SIGTERM will cut off requests in "
-                    "progress (their transactions roll back)")
+        log.warning("this waitress lacks the internals of a graceful stop: SIGTERM will cut off "
+                    "requests in progress (their transactions roll back)")
     # Signal handlers only set flags and wake a loop: an exception raised inside waitress's
     # handlers would be caught there and logged, and the server would carry on.
     terminating = []
@@ -5023,8 +5401,9 @@ def _run(server, config, wake):
 
 
 def _drain(server, grace_seconds):
-    """After SIGTERM: close the listening socket, keep serving the open requests until they are answered."""
-    log.info("SIGTERM: no new connections; finishing requests in progress (up to %d s)", grace_seconds)
+    """After SIGTERM: close the listening socket, keep serving the open requests until answered."""
+    log.info("SIGTERM: no new connections; finishing requests in progress (up to %d s)",
+             grace_seconds)
     _stop_listening(server)
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline:
@@ -5032,8 +5411,8 @@ def _drain(server, grace_seconds):
             break
         _serve_one_step(server, 0.05)
     else:
-        log.warning("SIGTERM: requests still running after %d s are cut off (their transactions roll back)",
-                    grace_seconds)
+        log.warning("SIGTERM: requests still running after %d s are cut off (their transactions "
+                    "roll back)", grace_seconds)
     server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
     log.info("stopped")
 
@@ -5050,9 +5429,9 @@ def _create_demo_database(path):
 
 
 def _maintain(app, config, stop, wake):
-    """Server thread, every SEQUENCE_INTERVAL_SECONDS: re-read a changed tokens file, number pending changes,
-    save the device fleet; every SCHEMA_POLL_SECONDS re-read the tables' columns; compact every
-    COMPACT_INTERVAL_SECONDS."""
+    """Server thread, every SEQUENCE_INTERVAL_SECONDS: re-read a changed tokens file, number
+    pending changes, save the device fleet; every SCHEMA_POLL_SECONDS re-read the tables'
+    columns; compact every COMPACT_INTERVAL_SECONDS."""
     compact_due = 0.0
     while True:
         app.auth.reload(force=getattr(wake, "reload", False))
@@ -5062,9 +5441,11 @@ def _maintain(app, config, stop, wake):
             with app.db.connection() as conn:
                 if time.monotonic() >= compact_due:
                     compact_due = time.monotonic() + config.compact_interval_seconds
-                    removed, _, upto = app.engine.changelog.compact(conn, config.changelog_retention_days)
+                    removed, _, upto = app.engine.changelog.compact(
+                        conn, config.changelog_retention_days)
                     if removed:
-                        log.info("compacted the change log: %d entries removed, up to seq %d", removed, upto)
+                        log.info("compacted the change log: %d entries removed, up to seq %d",
+                                 removed, upto)
                 else:
                     app.engine.changelog.sequence(conn)
                 app.fleet.flush(conn)
@@ -5087,9 +5468,9 @@ def _maintain(app, config, stop, wake):
 
 # what the demo always uses, whatever .env or the environment say: it must not need (or read)
 # the operator's database, tables or tokens
-DEMO_SETTINGS = {"DB_HOST": "", "ALLOWED_TABLES": ",".join(EXAMPLE_TABLES), "TOKENS": "", "TOKENS_FILE": "",
-                 "ADMIN_TOKEN": "", "METRICS_TOKEN": "", "AUTH": "auto", "HOST": "127.0.0.1",
-                 "CHANGE_CAPTURE": "triggers"}
+DEMO_SETTINGS = {"DB_HOST": "", "ALLOWED_TABLES": ",".join(EXAMPLE_TABLES), "TOKENS": "",
+                 "TOKENS_FILE": "", "ADMIN_TOKEN": "", "METRICS_TOKEN": "", "AUTH": "auto",
+                 "HOST": "127.0.0.1", "CHANGE_CAPTURE": "triggers"}
 
 
 def _serve_command(config, args):
@@ -5116,17 +5497,19 @@ def _serve_command(config, args):
     else:
         log.warning("ALLOWED_TABLES is empty: every push and pull will be refused")
     if "pure Python" in app.db.driver():
-        log.warning("mysql-connector-python's C extension did not load: rows decode several times slower")
+        log.warning("mysql-connector-python's C extension did not load: rows decode several "
+                    "times slower")
     if config.auth == "off" and config.host not in LOOPBACK_HOSTS:
-        log.warning("AUTH=off on %s: ANYONE who can reach port %d can read and write the allowed tables",
-                    config.host, config.port)
+        log.warning("AUTH=off on %s: ANYONE who can reach port %d can read and write the allowed "
+                    "tables", config.host, config.port)
     elif not app.auth.required:
         log.info("no device tokens: open to local clients only (HOST=%s)", config.host)
     else:
         log.info("authentication: %d device token(s); the tokens file is re-read when it changes",
                  len(app.auth.tokens))
     if config.change_capture == "api":
-        log.warning("CHANGE_CAPTURE=api: writes made outside cloudsync are not recorded and devices will not see them")
+        log.warning("CHANGE_CAPTURE=api: writes made outside cloudsync are not recorded and "
+                    "devices will not see them")
     stop, wake = threading.Event(), threading.Event()
     threading.Thread(target=_maintain, args=(app, config, stop, wake), name="cloudsync-maintenance",
                      daemon=True).start()
@@ -5149,20 +5532,21 @@ def _migrate_command(config, args):
 
 
 def _compact_command(config, args):
-    """`compact`: remove change-log entries and batch ids older than the retention (or --older-than DAYS)."""
+    """`compact`: drop log entries and batch ids older than the retention (or --older-than DAYS)."""
     days = config.changelog_retention_days if args.older_than is None else args.older_than
     if days < 0:
         raise ConfigError("--older-than takes a number of days, 0 or more.")
     if args.older_than is not None and days < config.changelog_retention_days:
-        print("warning: devices that have not pulled since %s will get 410 (reset: true) on their next pull and "
-              "pull every row again; a push they retry with a batch id older than that is applied again"
+        print("warning: devices that have not pulled since %s will get 410 (reset: true) on their "
+              "next pull and pull every row again; a push they retry with a batch id older than "
+              "that is applied again"
               % ("now" if days == 0 else "%d day(s) ago" % days), file=sys.stderr, flush=True)
     app = App(config)
     with app.db.connection() as conn:
         removed, batches, upto = app.engine.changelog.compact(
             conn, days, progress=lambda message: print(message, flush=True))
-    print("removed %d change-log entries and %d batch ids older than %d day(s); checkpoints before seq %d now "
-          "get 410" % (removed, batches, days, upto))
+    print("removed %d change-log entries and %d batch ids older than %d day(s); checkpoints "
+          "before seq %d now get 410" % (removed, batches, days, upto))
     return 0
 
 
@@ -5189,7 +5573,8 @@ def _check(config):
         else "SQLite %s" % config.db_path))
     if config.backend == "sqlite" and not os.path.exists(config.db_path):
         problem("the SQLite file %s does not exist" % config.db_path,
-                "set DB_PATH to your database file (cloudsync adds its tables to an existing database)")
+                "set DB_PATH to your database file (cloudsync adds its tables to an existing "
+                "database)")
         print("%d problem(s)" % len(problems))
         return len(problems)
     try:
@@ -5198,8 +5583,8 @@ def _check(config):
         problem(str(error), "change the settings named above")
         return len(problems)
     ok("authentication: %s" % ("%d device token(s)" % len(app.auth.tokens) if app.auth.required
-                               else "no tokens, open to loopback clients only" if config.auth == "auto"
-                               else "AUTH=off"))
+                               else "no tokens, open to loopback clients only"
+                               if config.auth == "auto" else "AUTH=off"))
     try:
         with app.db.connection() as conn:
             ok("database answers: %s" % app.db.server_version(conn))
@@ -5210,22 +5595,27 @@ def _check(config):
             for table in config.allowed_tables:
                 try:
                     schemas[table] = app.db.introspect(conn, table)
-                    ok("table %s: primary key (%s)" % (table, ", ".join(schemas[table].primary_key)))
+                    ok("table %s: primary key (%s)"
+                       % (table, ", ".join(schemas[table].primary_key)))
                 except SchemaError as error:
-                    problem(str(error), "create the table with a primary key, or remove it from ALLOWED_TABLES")
+                    problem(str(error),
+                            "create the table with a primary key, or remove it from ALLOWED_TABLES")
             if not config.allowed_tables:
-                problem("ALLOWED_TABLES is empty: every push and pull is refused", "list the tables devices sync")
+                problem("ALLOWED_TABLES is empty: every push and pull is refused",
+                        "list the tables devices sync")
             if "cloudsync_meta" not in app.db.table_names(conn):
                 # nothing of cloudsync's is there yet: one problem, not one per table
-                problem("cloudsync is not set up in this database yet (no tables of its own, no triggers)",
+                problem("cloudsync is not set up in this database yet (no tables of its own, "
+                        "no triggers)",
                         "run: %s migrate" % _own_command())
             else:
                 _check_capture(app, conn, config, schemas, problem, ok)
             if app.db.name == "mysql":
                 _check_privileges(app, conn, config, problem, ok)
     except DatabaseUnavailable as error:
-        problem("the database refused the connection: %s" % error.words, error.fix or "check DB_HOST, DB_PORT, "
-                "DB_USER, DB_PASS and DB_NAME, and that the server runs")
+        problem("the database refused the connection: %s" % error.words,
+                error.fix or "check DB_HOST, DB_PORT, DB_USER, DB_PASS and DB_NAME, and that the "
+                "server runs")
     finally:
         app.db.close()
     print("%d problem(s)" % len(problems))
@@ -5236,22 +5626,25 @@ def _check_capture(app, conn, config, schemas, problem, ok):
     """check: each allowed table's triggers, and none left on tables no longer allowed."""
     installed = {name for name, _ in app.db.triggers(conn)}
     for table in schemas:
-        missing = [event for event in ("ins", "upd", "del") if _trigger_name(table, event) not in installed]
+        missing = [event for event in ("ins", "upd", "del")
+                   if _trigger_name(table, event) not in installed]
         if config.change_capture == "triggers" and missing:
             problem("table %s lacks change-capture triggers (%s)" % (table, ", ".join(missing)),
                     "run: %s migrate" % _own_command())
         elif config.change_capture == "api" and len(missing) < 3:
-            problem("table %s still has triggers while CHANGE_CAPTURE=api" % table, "run: %s migrate" % _own_command())
+            problem("table %s still has triggers while CHANGE_CAPTURE=api" % table,
+                    "run: %s migrate" % _own_command())
     stale = app.engine.changelog.stale_triggers(conn, set(config.allowed_tables))
     for table in sorted(stale):
-        problem("table %s is no longer in ALLOWED_TABLES, but cloudsync's triggers still record its changes" % table,
+        problem("table %s is no longer in ALLOWED_TABLES, but cloudsync's triggers still record "
+                "its changes" % table,
                 "run: %s migrate (it removes them)" % _own_command())
     if not stale:
         ok("change capture (%s) is in place" % config.change_capture)
 
 
 def _own_command():
-    """How this operator runs cloudsync ('.venv/bin/python cloudsync.py'), for the fixes check prints."""
+    """How this operator runs cloudsync ('.venv/bin/python cloudsync.py'), for check's fixes."""
     python = sys.executable if not sys.executable.startswith(os.getcwd() + os.sep) \
         else os.path.relpath(sys.executable)
     script = os.path.relpath(os.path.join(HERE, "cloudsync.py")) if HERE.startswith(os.getcwd()) \
@@ -5268,8 +5661,9 @@ def _check_privileges(app, conn, config, problem, ok):
     if missing:
         problem("the database user lacks %s on %s (cloudsync creates its own tables%s)" % (
             ", ".join(missing), config.db_name, " and triggers" if "TRIGGER" in missing else ""),
-            "GRANT %s ON `%s`.* TO the user%s" % (", ".join(missing), config.db_name,
-                                                 ", or set CHANGE_CAPTURE=api" if missing == ["TRIGGER"] else ""))
+            "GRANT %s ON `%s`.* TO the user%s" % (
+                ", ".join(missing), config.db_name,
+                ", or set CHANGE_CAPTURE=api" if missing == ["TRIGGER"] else ""))
     else:
         ok("the database user has the privileges cloudsync needs on %s" % config.db_name)
 
@@ -5299,12 +5693,13 @@ def _devices_command(config, args):
         print(json.dumps(devices, indent=2))
         return 0
     now = datetime.datetime.now(datetime.timezone.utc)
-    print("  %-24s %9s %9s %9s %7s %7s %7s %8s %6s" % ("device", "seen", "pushed", "pulled", "lag", "pushes",
-                                                      "pulls", "rejected", "failed"))
+    print("  %-24s %9s %9s %9s %7s %7s %7s %8s %6s" % ("device", "seen", "pushed", "pulled", "lag",
+                                                      "pushes", "pulls", "rejected", "failed"))
     for device in devices:
         print("%s %-24s %9s %9s %9s %7s %7s %7s %8s %6s" % (
-            "!" if device["silent"] else " ", device["device_id"][:24], _ago(device["last_seen"], now),
-            _ago(device["last_push"], now), _ago(device["last_pull"], now),
+            "!" if device["silent"] else " ", device["device_id"][:24],
+            _ago(device["last_seen"], now), _ago(device["last_push"], now),
+            _ago(device["last_pull"], now),
             "-" if device["lag"] is None else device["lag"], device["pushes"], device["pulls"],
             device["rejected"], device["failed"]))
     silent = sum(1 for device in devices if device["silent"])
@@ -5332,10 +5727,13 @@ def _log_command(config, args):
     with app.db.connection() as conn:
         app.engine.changelog.sequence(conn)
         if args.since is not None:
-            rows = app.engine.changelog.entries(conn, args.device, args.table, args.since, args.limit)
+            rows = app.engine.changelog.entries(conn, args.device, args.table, args.since,
+                                                args.limit)
         else:
-            rows = app.engine.changelog.entries(conn, args.device, args.table, limit=args.tail, newest=True)
-    print("%-8s %-26s %-16s %-6s %-24s %-16s %s" % ("seq", "time", "table", "op", "key", "device", "batch"))
+            rows = app.engine.changelog.entries(conn, args.device, args.table, limit=args.tail,
+                                                newest=True)
+    print("%-8s %-26s %-16s %-6s %-24s %-16s %s"
+          % ("seq", "time", "table", "op", "key", "device", "batch"))
     for seq, table, row_key, op, device_id, batch_id, changed_at in rows:
         print("%-8d %-26s %-16s %-6s %-24s %-16s %s" % (
             seq, _text(changed_at), _text(table), CHANGE_OPS.get(_text(op), op), _text(row_key),
@@ -5344,13 +5742,18 @@ def _log_command(config, args):
 
 
 def _token_command(config, args):
-    """`token add|rotate|remove|list`: device tokens in TOKENS_FILE (a running server picks changes up)."""
+    """`token add|rotate|remove|list`: device tokens in TOKENS_FILE.
+
+    A running server picks changes up.
+    """
     if args.token_command == "list":
         print("%-24s %-30s %s" % ("device", "tables", "created"))
         for token in config.tokens:
-            print("%-24s %-30s %s" % (token.device_id, ",".join(token.tables or ()) or "all tables", "(TOKENS)"))
+            print("%-24s %-30s %s" % (token.device_id, ",".join(token.tables or ()) or "all tables",
+                                      "(TOKENS)"))
         for token in read_tokens_file(config.tokens_file):
-            print("%-24s %-30s %s" % (token.device_id, ",".join(token.tables) if token.tables is not None
+            print("%-24s %-30s %s" % (token.device_id,
+                                      ",".join(token.tables) if token.tables is not None
                                       else "all tables", token.created or "-"))
         return 0
     if not config.tokens_file:
@@ -5365,12 +5768,14 @@ def _token_command(config, args):
         tables = [name.strip() for name in args.tables.split(",") if name.strip()]
         unknown = sorted(set(tables) - set(config.allowed_tables))
         if unknown or not tables:
-            raise ConfigError("--tables names %s, not in ALLOWED_TABLES." % (", ".join(unknown) or "no table"))
+            raise ConfigError("--tables names %s, not in ALLOWED_TABLES."
+                              % (", ".join(unknown) or "no table"))
     make = add_token if args.token_command == "add" else rotate_token
     secret = make(config.tokens_file, args.device_id, tables)
     if args.token_command == "rotate":
         print("the old token stops working within a second on a running server")
-    print("Token for device %s (shown once; only its hash is kept in %s):" % (args.device_id, config.tokens_file))
+    print("Token for device %s (shown once; only its hash is kept in %s):"
+          % (args.device_id, config.tokens_file))
     print(secret)
     return 0
 
@@ -5382,40 +5787,54 @@ COMMANDS = {"serve": _serve_command, "demo": _serve_command, "migrate": _migrate
 
 def _arguments():
     """The command-line parser."""
-    parser = argparse.ArgumentParser(prog="cloudsync", description="Sync server for offline-first devices.")
-    parser.add_argument("--env-file", default=None, help="settings file (default: .env in the working directory, "
-                        "if there is one; a file named here must exist; \"\" for none)")
+    parser = argparse.ArgumentParser(prog="cloudsync",
+                                     description="Sync server for offline-first devices.")
+    parser.add_argument("--env-file", default=None,
+                        help="settings file (default: .env in the working directory, if there is "
+                             "one; a file named here must exist; \"\" for none)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="serve the sync API (the default)")
-    demo = commands.add_parser("demo", help="serve the example tables from a local SQLite file, with nothing of yours")
-    demo.add_argument("--db", default="cloudsync-demo.db", help="SQLite file (created with the example tables)")
-    commands.add_parser("migrate", help="create cloudsync's tables and install the change-capture triggers")
-    compact = commands.add_parser("compact", help="remove change-log entries older than CHANGELOG_RETENTION_DAYS")
+    demo = commands.add_parser("demo", help="serve the example tables from a local SQLite file, "
+                                            "with nothing of yours")
+    demo.add_argument("--db", default="cloudsync-demo.db",
+                      help="SQLite file (created with the example tables)")
+    commands.add_parser("migrate",
+                        help="create cloudsync's tables and install the change-capture triggers")
+    compact = commands.add_parser("compact", help="remove change-log entries older than "
+                                                  "CHANGELOG_RETENTION_DAYS")
     compact.add_argument("--older-than", type=int, metavar="DAYS",
-                         help="remove entries older than this many days instead (0: everything up to now)")
+                         help="remove entries older than this many days instead (0: everything "
+                              "up to now)")
     commands.add_parser("check", help="check settings, database, tables, triggers and privileges; "
                                       "exit 1 when something needs fixing")
-    devices = commands.add_parser("devices", help="the device fleet: last seen, pushes, pulls, refusals, lag")
+    devices = commands.add_parser("devices",
+                                  help="the device fleet: last seen, pushes, pulls, refusals, lag")
     devices.add_argument("--json", action="store_true", help="print the fleet as JSON")
-    audit = commands.add_parser("log", help="print the change log (the audit trail), newest entries last")
+    audit = commands.add_parser("log",
+                                help="print the change log (the audit trail), newest entries last")
     audit.add_argument("--device", help="only changes made by this device")
     audit.add_argument("--table", help="only changes to this table")
-    audit.add_argument("--tail", type=int, default=20, metavar="N", help="the newest N entries (default 20)")
-    audit.add_argument("--since", type=int, metavar="SEQ", help="instead: the entries after this sequence number")
-    audit.add_argument("--limit", type=int, default=1000, help="with --since: at most this many (default 1000)")
+    audit.add_argument("--tail", type=int, default=20, metavar="N",
+                       help="the newest N entries (default 20)")
+    audit.add_argument("--since", type=int, metavar="SEQ",
+                       help="instead: the entries after this sequence number")
+    audit.add_argument("--limit", type=int, default=1000,
+                       help="with --since: at most this many (default 1000)")
     token = commands.add_parser("token", help="device tokens: add, rotate, remove, list")
     token_commands = token.add_subparsers(dest="token_command", metavar="ACTION")
     token_commands.required = True
-    for name, text in (("add", "generate a token for a device that has none, print it once, store its hash"),
-                       ("rotate", "replace a device's token (the old one stops working), print the new one once")):
+    for name, text in (("add", "generate a token for a device that has none, print it once, "
+                               "store its hash"),
+                       ("rotate", "replace a device's token (the old one stops working), print "
+                                  "the new one once")):
         action = token_commands.add_parser(name, help=text)
         action.add_argument("device_id", help="the device the token belongs to")
-        action.add_argument("--tables", help="comma-separated tables this device may sync (default: all allowed; "
-                                             "rotate: as before)")
+        action.add_argument("--tables", help="comma-separated tables this device may sync "
+                                             "(default: all allowed; rotate: as before)")
     remove = token_commands.add_parser("remove", help="take a device's token away (a lost device)")
     remove.add_argument("device_id", help="the device whose token goes")
-    token_commands.add_parser("list", help="list the devices that have tokens, their tables and when each was "
-                                           "made (never the tokens)")
+    token_commands.add_parser("list", help="list the devices that have tokens, their tables and "
+                                           "when each was made (never the tokens)")
     return parser
 
 
@@ -5429,7 +5848,7 @@ def _settings_file(args):
 
 
 def _early_log_format(args):
-    """LOG_FORMAT before the settings are known to be valid: start-up errors are JSON too when asked."""
+    """LOG_FORMAT before the settings are validated: start-up errors are JSON too when asked."""
     value = os.environ.get("LOG_FORMAT")
     path, _ = _settings_file(args)
     if value is None and path and os.path.exists(path):
@@ -5446,15 +5865,18 @@ def _fail(command, message, code):
 
 
 def main(argv=None):
-    """Command-line entry point: serve (the default), demo, migrate, compact, check, devices, log, token."""
+    """Command-line entry point.
+
+    Commands: serve (the default), demo, migrate, compact, check, devices, log, token.
+    """
     _limit_malloc_arenas()                      # before any thread starts
     args = _arguments().parse_args(argv)
     args.command = args.command or "serve"
     configure_logging(_early_log_format(args), logging.INFO)
     path, named = _settings_file(args)
     try:
-        config = load_config(path, overrides=dict(DEMO_SETTINGS, DB_PATH=args.db) if args.command == "demo"
-                             else None, required=named)
+        config = load_config(path, overrides=dict(DEMO_SETTINGS, DB_PATH=args.db)
+                             if args.command == "demo" else None, required=named)
     except ConfigError as error:
         return _fail(args.command, error, EXIT_CONFIGURATION)
     configure_logging(config.log_format, config.log_level)
@@ -5489,7 +5911,8 @@ MYSQL_LOG_TABLES = (
     "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq BIGINT NOT NULL PRIMARY KEY,"
     " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
     " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
-    " KEY cloudsync_changes_by_row (table_name, row_key(255), seq), KEY cloudsync_changes_by_table (table_name, seq))"
+    " KEY cloudsync_changes_by_row (table_name, row_key(255), seq), KEY "
+    "cloudsync_changes_by_table (table_name, seq))"
     " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
     # ids compared byte for byte: under any MySQL collation 'b1 ' would be the same batch as 'b1'
     "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id VARBINARY(512) NOT NULL,"
@@ -5498,29 +5921,35 @@ MYSQL_LOG_TABLES = (
     " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
 )
 SQLITE_LOG_TABLES = (
-    "CREATE TABLE IF NOT EXISTS cloudsync_meta (name TEXT NOT NULL PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS cloudsync_meta (name TEXT NOT NULL PRIMARY KEY, value TEXT NOT "
+    "NULL)",
     "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
     " table_name TEXT NOT NULL, row_key TEXT NOT NULL, op TEXT NOT NULL, device_id TEXT,"
     " batch_id TEXT, changed_at TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_row ON cloudsync_changes (table_name, row_key, seq)",
+    "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_row ON cloudsync_changes (table_name, "
+    "row_key, seq)",
     "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_table ON cloudsync_changes (table_name, seq)",
     "CREATE TABLE IF NOT EXISTS cloudsync_context (id INTEGER PRIMARY KEY CHECK (id = 1),"
     " device_id TEXT, batch_id TEXT)",
     "INSERT OR IGNORE INTO cloudsync_context (id) VALUES (1)",
     "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id TEXT NOT NULL, batch_id TEXT NOT NULL,"
-    " request_hash TEXT NOT NULL, response TEXT, created_at TEXT NOT NULL, PRIMARY KEY (device_id, batch_id))",
+    " request_hash TEXT NOT NULL, response TEXT, created_at TEXT NOT NULL, PRIMARY KEY "
+    "(device_id, batch_id))",
 )
 MYSQL_DEVICES_TABLE = (
     "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id VARBINARY(512) NOT NULL PRIMARY KEY,"
     " first_seen DATETIME NOT NULL, last_seen DATETIME NOT NULL, last_push DATETIME NULL,"
     " last_pull DATETIME NULL, checkpoint_seq BIGINT NULL, pushes BIGINT NOT NULL DEFAULT 0,"
-    " pulls BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0, rejected BIGINT NOT NULL DEFAULT 0,"
+    " pulls BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0, rejected BIGINT NOT NULL "
+    "DEFAULT 0,"
     " failed BIGINT NOT NULL DEFAULT 0, pull_tables TEXT NULL)"
     " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin")
 SQLITE_DEVICES_TABLE = (
     "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id TEXT NOT NULL PRIMARY KEY,"
-    " first_seen TEXT NOT NULL, last_seen TEXT NOT NULL, last_push TEXT, last_pull TEXT, checkpoint_seq INTEGER,"
-    " pushes INTEGER NOT NULL DEFAULT 0, pulls INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,"
+    " first_seen TEXT NOT NULL, last_seen TEXT NOT NULL, last_push TEXT, last_pull TEXT, "
+    "checkpoint_seq INTEGER,"
+    " pushes INTEGER NOT NULL DEFAULT 0, pulls INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT "
+    "NULL DEFAULT 0,"
     " rejected INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, pull_tables TEXT)")
 # added in 2026-12: requests refused (4xx) and failed (5xx) apart (errors stays their sum), and the
 # tables of the last pull, so that lag counts only the changes the device would get
@@ -5528,26 +5957,37 @@ DEVICE_ADDED_COLUMNS = (("rejected", "BIGINT NOT NULL DEFAULT 0"), ("failed", "B
                         ("pull_tables", "TEXT NULL"))
 # Several instances flush into one row: counts add up, times keep the latest.
 MYSQL_DEVICES_UPSERT = (
-    "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
-    " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, "
+    "checkpoint_seq,"
+    " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    "?, ?)"
     " ON DUPLICATE KEY UPDATE pull_tables = IFNULL(VALUES(pull_tables), pull_tables),"
     " last_seen = GREATEST(last_seen, VALUES(last_seen)),"
-    " last_push = GREATEST(IFNULL(last_push, VALUES(last_push)), IFNULL(VALUES(last_push), last_push)),"
-    " last_pull = GREATEST(IFNULL(last_pull, VALUES(last_pull)), IFNULL(VALUES(last_pull), last_pull)),"
+    " last_push = GREATEST(IFNULL(last_push, VALUES(last_push)), IFNULL(VALUES(last_push), "
+    "last_push)),"
+    " last_pull = GREATEST(IFNULL(last_pull, VALUES(last_pull)), IFNULL(VALUES(last_pull), "
+    "last_pull)),"
     " checkpoint_seq = GREATEST(IFNULL(checkpoint_seq, VALUES(checkpoint_seq)),"
     " IFNULL(VALUES(checkpoint_seq), checkpoint_seq)),"
-    " pushes = pushes + VALUES(pushes), pulls = pulls + VALUES(pulls), errors = errors + VALUES(errors),"
+    " pushes = pushes + VALUES(pushes), pulls = pulls + VALUES(pulls), errors = errors + "
+    "VALUES(errors),"
     " rejected = rejected + VALUES(rejected), failed = failed + VALUES(failed)")
 SQLITE_DEVICES_UPSERT = (
-    "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
-    " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (device_id) DO UPDATE SET pull_tables = coalesce(excluded.pull_tables, pull_tables),"
+    "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, "
+    "checkpoint_seq,"
+    " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    "?, ?)"
+    " ON CONFLICT (device_id) DO UPDATE SET pull_tables = coalesce(excluded.pull_tables, "
+    "pull_tables),"
     " last_seen = max(last_seen, excluded.last_seen),"
-    " last_push = max(coalesce(last_push, excluded.last_push), coalesce(excluded.last_push, last_push)),"
-    " last_pull = max(coalesce(last_pull, excluded.last_pull), coalesce(excluded.last_pull, last_pull)),"
+    " last_push = max(coalesce(last_push, excluded.last_push), coalesce(excluded.last_push, "
+    "last_push)),"
+    " last_pull = max(coalesce(last_pull, excluded.last_pull), coalesce(excluded.last_pull, "
+    "last_pull)),"
     " checkpoint_seq = max(coalesce(checkpoint_seq, excluded.checkpoint_seq),"
     " coalesce(excluded.checkpoint_seq, checkpoint_seq)),"
-    " pushes = pushes + excluded.pushes, pulls = pulls + excluded.pulls, errors = errors + excluded.errors,"
+    " pushes = pushes + excluded.pushes, pulls = pulls + excluded.pulls, errors = errors + "
+    "excluded.errors,"
     " rejected = rejected + excluded.rejected, failed = failed + excluded.failed")
 
 METRIC_HELP = {
@@ -5608,25 +6048,42 @@ OPENAPI = {
         "version": __version__,
         "summary": "Sync server for offline-first devices.",
         "description": (
-            "All request and response bodies are JSON (UTF-8), except GET /metrics. The server does not look at "
-            "the request Content-Type: every request body is parsed as JSON, and an empty body counts as {}.\n\n"
-            "Every error is a JSON object {\"success\": false, \"error\": \"...\", \"detail\": \"...\"}, sometimes "
-            "with more fields (op, conflicts, reset, status). `error` is short and stable; `detail` says what was "
+            "All request and response bodies are JSON (UTF-8), except GET /metrics. The server "
+            "does not look at "
+            "the request Content-Type: every request body is parsed as JSON, and an empty body "
+            "counts as {}.\n\n"
+            "Every error is a JSON object {\"success\": false, \"error\": \"...\", \"detail\": "
+            "\"...\"}, sometimes "
+            "with more fields (op, conflicts, reset, status). `error` is short and stable; "
+            "`detail` says what was "
             "wrong. Fields are only ever added: clients must ignore fields they do not know.\n\n"
-            "HTTP details that apply to every path: an unknown path is a 404 JSON error; a known path with a "
-            "method it does not take is a 405 JSON error with an Allow header (checked before authentication). "
-            "HEAD works wherever GET does (same status and headers, no body). Paths ignore case and one trailing "
-            "slash (/SYNC/push/). Request bodies may be sent with Content-Encoding: gzip (or x-gzip, identity); "
-            "any other Content-Encoding is a 415, and the MAX_BODY_BYTES limit (default 10 MiB) applies to the "
-            "unpacked size too (413). Responses of GZIP_MIN_BYTES (default 1024) bytes or more carry "
-            "Vary: Accept-Encoding, and are gzipped (Content-Encoding: gzip) when the request's Accept-Encoding "
-            "allows gzip. Request bodies nested deeper than MAX_JSON_DEPTH (default 16) are a 400.\n\n"
-            "Authentication: with device tokens configured, every /sync* request needs Authorization: Bearer "
-            "<token> (401 with WWW-Authenticate: Bearer otherwise); with none configured (the server then listens "
-            "on loopback only, or runs with AUTH=off) no token is needed. /sync/devices takes ADMIN_TOKEN instead, "
-            "/metrics METRICS_TOKEN or ADMIN_TOKEN when set. /health, /openapi.json and OPTIONS are always "
+            "HTTP details that apply to every path: an unknown path is a 404 JSON error; a known "
+            "path with a "
+            "method it does not take is a 405 JSON error with an Allow header (checked before "
+            "authentication). "
+            "HEAD works wherever GET does (same status and headers, no body). Paths ignore case "
+            "and one trailing "
+            "slash (/SYNC/push/). Request bodies may be sent with Content-Encoding: gzip (or "
+            "x-gzip, identity); "
+            "any other Content-Encoding is a 415, and the MAX_BODY_BYTES limit (default 10 MiB) "
+            "applies to the "
+            "unpacked size too (413). Responses of GZIP_MIN_BYTES (default 1024) bytes or more "
+            "carry "
+            "Vary: Accept-Encoding, and are gzipped (Content-Encoding: gzip) when the request's "
+            "Accept-Encoding "
+            "allows gzip. Request bodies nested deeper than MAX_JSON_DEPTH (default 16) are a "
+            "400.\n\n"
+            "Authentication: with device tokens configured, every /sync* request needs "
+            "Authorization: Bearer "
+            "<token> (401 with WWW-Authenticate: Bearer otherwise); with none configured (the "
+            "server then listens "
+            "on loopback only, or runs with AUTH=off) no token is needed. /sync/devices takes "
+            "ADMIN_TOKEN instead, "
+            "/metrics METRICS_TOKEN or ADMIN_TOKEN when set. /health, /openapi.json and OPTIONS "
+            "are always "
             "open.\n\n"
-            "CORS: every path answers a preflight OPTIONS request with 204; the Access-Control-Allow-* headers "
+            "CORS: every path answers a preflight OPTIONS request with 204; the "
+            "Access-Control-Allow-* headers "
             "are present only when the request's Origin is allowed."
         ),
         "license": {"name": "MIT", "identifier": "MIT"},
@@ -5680,7 +6137,8 @@ OPENAPI = {
                 "tags": ["operations"],
                 "summary": "Counters and gauges in the Prometheus text exposition format 0.0.4.",
                 "description": "With METRICS_TOKEN or ADMIN_TOKEN set, one of them is needed; with neither, "
-                               "/metrics is protected like /sync* (a device token when tokens are configured).",
+                               "/metrics is protected like /sync* (a device token when tokens are "
+                               "configured).",
                 "security": [{"metricsToken": []}, {"adminToken": []}, {"deviceToken": []}, {}],
                 "responses": {
                     "200": {
@@ -5698,7 +6156,8 @@ OPENAPI = {
                 "tags": ["operations"],
                 "summary": "Readiness: a database round trip, and the allowed tables as the database describes them.",
                 "description": "Re-reads the tables' columns and keys (at most once a second), so an ALTER TABLE "
-                               "shows without a restart. A device token limited to some tables sees only those. "
+                               "shows without a restart. A device token limited to some tables "
+                               "sees only those. "
                                "ADMIN_TOKEN and METRICS_TOKEN read it too (monitoring).",
                 "security": [{"deviceToken": []}, {"adminToken": []}, {"metricsToken": []}, {}],
                 "responses": {
@@ -5735,13 +6194,20 @@ OPENAPI = {
                 "tags": ["sync"],
                 "summary": "Apply a batch of operations in one transaction: all or nothing.",
                 "description": (
-                    "Every operation is checked (table, action, columns, key, value types) before the first "
-                    "statement runs; no error answer applies anything, whatever the size of the push. With "
-                    "`batch_id` a retry returns exactly the first outcome (its checkpoint included) with "
-                    "`replayed: true`. With `checkpoint`, operations on rows changed since it are conflicts: 409 "
-                    "(on_conflict abort) or skipped and listed (on_conflict skip). The checkpoint a push returns "
-                    "assumes the device already holds the rows it pushed, as it sent them: apply operations "
-                    "locally before (or as) you push them, or keep the checkpoint of your last pull."
+                    "Every operation is checked (table, action, columns, key, value types) before "
+                    "the first "
+                    "statement runs; no error answer applies anything, whatever the size of the "
+                    "push. With "
+                    "`batch_id` a retry returns exactly the first outcome (its checkpoint "
+                    "included) with "
+                    "`replayed: true`. With `checkpoint`, operations on rows changed since it are "
+                    "conflicts: 409 "
+                    "(on_conflict abort) or skipped and listed (on_conflict skip). The checkpoint "
+                    "a push returns "
+                    "assumes the device already holds the rows it pushed, as it sent them: apply "
+                    "operations "
+                    "locally before (or as) you push them, or keep the checkpoint of your last "
+                    "pull."
                 ),
                 "requestBody": {"$ref": "#/components/requestBodies/Push"},
                 "responses": {
@@ -5755,12 +6221,17 @@ OPENAPI = {
                 "tags": ["sync"],
                 "summary": "Rows of the requested tables (seed mode), or the changes after a checkpoint (sync mode).",
                 "description": (
-                    "Without a `since` field: seed mode, the first `limit` rows of each table in primary-key order "
+                    "Without a `since` field: seed mode, the first `limit` rows of each table in "
+                    "primary-key order "
                     "(answer `data`). Unchanged answers are served from memory with an ETag (when "
-                    "CHANGE_CAPTURE=triggers); If-None-Match with that ETag gives 304 and no body.\n\n"
-                    "With a `since` field (null for a first sync, else the `checkpoint` of the previous answer): "
-                    "sync mode, at most `limit` upserted rows plus deleted keys per answer (answer `changes`, "
-                    "`checkpoint`, `has_more`). Call again with the new checkpoint while `has_more` is true. "
+                    "CHANGE_CAPTURE=triggers); If-None-Match with that ETag gives 304 and no "
+                    "body.\n\n"
+                    "With a `since` field (null for a first sync, else the `checkpoint` of the "
+                    "previous answer): "
+                    "sync mode, at most `limit` upserted rows plus deleted keys per answer "
+                    "(answer `changes`, "
+                    "`checkpoint`, `has_more`). Call again with the new checkpoint while "
+                    "`has_more` is true. "
                     "A checkpoint belongs to the list of tables it was pulled with."
                 ),
                 "parameters": [{
@@ -5808,7 +6279,8 @@ OPENAPI = {
                 "type": "http",
                 "scheme": "bearer",
                 "description": "A device token (`cloudsync.py token add DEVICE`), bound to a device id and "
-                               "optionally to tables. Needed on /sync* only when tokens are configured.",
+                               "optionally to tables. Needed on /sync* only when tokens are "
+                               "configured.",
             },
             "adminToken": {
                 "type": "http",
@@ -5834,7 +6306,8 @@ OPENAPI = {
         "responses": {
             "Preflight": {
                 "description": "CORS preflight answered, without authentication (no body). The "
-                               "Access-Control-Allow-* headers are sent only when Origin is allowed; without them "
+                               "Access-Control-Allow-* headers are sent only when Origin is "
+                               "allowed; without them "
                                "the browser refuses the request.",
                 "headers": {
                     "Access-Control-Allow-Origin": {"schema": {"type": "string"}},
@@ -5868,10 +6341,14 @@ OPENAPI = {
         "schemas": {
             "Value": {
                 "description": "A column value in its pulled form: DECIMAL as an exact string (\"12.50\"), "
-                               "MySQL dates ISO 8601 (TIMESTAMP in UTC), TIME \"[-]HH:MM:SS[.ffffff]\", SQLite "
-                               "dates as stored, binary as base64, SET members in the column's order, JSON as a "
-                               "string, booleans stored as 1/0; a float no JSON number holds as \"Infinity\", "
-                               "\"-Infinity\" or \"NaN\". Pushing a pulled value back changes nothing.",
+                               "MySQL dates ISO 8601 (TIMESTAMP in UTC), TIME "
+                               "\"[-]HH:MM:SS[.ffffff]\", SQLite "
+                               "dates as stored, binary as base64, SET members in the column's "
+                               "order, JSON as a "
+                               "string, booleans stored as 1/0; a float no JSON number holds as "
+                               "\"Infinity\", "
+                               "\"-Infinity\" or \"NaN\". Pushing a pulled value back changes "
+                               "nothing.",
                 "type": ["string", "integer", "number", "boolean", "null"],
             },
             "Row": {
@@ -5994,7 +6471,8 @@ OPENAPI = {
                     "data": {
                         "type": "object",
                         "description": "Column values; must hold every primary-key column (an insert may leave "
-                                       "out a key the database generates). Update sets the given columns; delete "
+                                       "out a key the database generates). Update sets the given "
+                                       "columns; delete "
                                        "needs only the key.",
                         "additionalProperties": {"$ref": "#/components/schemas/Value"},
                     },
@@ -6084,7 +6562,8 @@ OPENAPI = {
                     },
                     "limit": {
                         "description": "Most rows per table (seed mode) or rows plus deleted keys per answer (sync "
-                                       "mode). Default 1000; larger values are capped at MAX_PULL_ROWS (5000). A "
+                                       "mode). Default 1000; larger values are capped at "
+                                       "MAX_PULL_ROWS (5000). A "
                                        "string of digits is taken too.",
                         "anyOf": [
                             {"type": "integer", "minimum": 1},
