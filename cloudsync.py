@@ -104,6 +104,7 @@ __all__ = [
     "Retryable", "Denied", "DataRejected", "Refused", "REFUSALS",
     # configuration and tokens
     "SETTINGS", "Config", "parse_dotenv", "load_config", "DeviceToken", "hash_token",
+    "parse_scope", "SCOPE_ALL",
     "read_tokens_file", "add_token", "rotate_token", "remove_token",
     # values and SQL
     "Column", "TableSchema", "bind_value", "parse_json", "to_json_bytes", "key_where", "keys_where",
@@ -111,7 +112,7 @@ __all__ = [
     "page_sql",
     # the database, its change log, the sync engine
     "Database", "SQLiteDatabase", "MySQLDatabase", "open_database", "ChangeLog", "Checkpoints",
-    "SyncEngine", "Pushes", "Pulls",
+    "SyncEngine", "TableScope", "Pushes", "Pulls",
     # serving it
     "Metrics", "DeviceFleet", "App", "make_app", "main", "OPENAPI", "ROUTE_REFUSALS",
 ]
@@ -135,6 +136,8 @@ CORS_ALLOWED_HEADERS = "Authorization, Content-Type, Content-Encoding, If-None-M
 CORS_MAX_AGE_SECONDS = 600          # browsers may reuse a preflight answer this long
 RETRY_AFTER_SECONDS = 5             # what a 503 tells a client to wait
 TOKEN_BYTES = 32                    # random bytes in a generated token
+MAX_SCOPE_VALUE_CHARS = 200         # a scope value in a token: a store number, a region's name
+SCOPE_ALL = "*"                     # the scope value of a token that sees every row (the office)
 
 # values: what no column can hold is refused before any SQL runs
 MAX_INTEGER_DIGITS = 20             # beyond 64-bit integers no column can hold the value
@@ -155,6 +158,8 @@ SEQUENCE_BATCH_ROWS = 2000
 SEQUENCE_INTERVAL_SECONDS = 1       # how often the server numbers pending changes nobody pulled yet
 COMPACT_BATCH_ROWS = 10000          # log rows deleted per compaction transaction
 CHECKPOINT_PREFIX = "cs1."          # the checkpoint format's version
+# the change log keeps this much of a row's scope value (MySQL; longer values match no token)
+MYSQL_SCOPE_CHARS = 255
 
 # memory
 PULL_CACHE_ENTRIES = 64             # encoded seed-mode pull answers kept
@@ -291,7 +296,12 @@ REFUSALS = {
     "unauthorized": (401, "Unauthorized", "tokens are configured and the request has no valid one"),
     "forbidden": (403, "Forbidden", "device_id is not the token's device"),
     "read_only_table": (403, "Read-only table", "a push to a table in READ_ONLY_TABLES"),
-    "table_not_permitted": (403, "Table not permitted", "a table outside the token's tables"),
+    "table_not_permitted": (403, "Table not permitted",
+                            "a table outside the token's tables, or a scoped table (ROW_SCOPES) "
+                            "for whose column the token has no value"),
+    "out_of_scope": (403, "Out of scope",
+                     "an insert or update puts a row outside the token's scope values; op names "
+                     "the operation"),
     "not_found": (404, "Not found", "no endpoint at this path"),
     "method_not_allowed": (405, "Method not allowed",
                            "the path does not take this method (see Allow)"),
@@ -491,11 +501,11 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 class DeviceToken:
-    """A device's credential: device id, its token's SHA-256, optional tables, when it was made."""
+    """A device's credential: device id, token's SHA-256, optional tables and scopes, its date."""
 
-    __slots__ = ("device_id", "digest", "tables", "created")
+    __slots__ = ("device_id", "digest", "tables", "created", "scopes")
 
-    def __init__(self, device_id, secret, tables=None, created=None):
+    def __init__(self, device_id, secret, tables=None, created=None, scopes=None):
         self.device_id = device_id
         if secret[:7].lower() == "sha256:":
             # a mistyped hash must not quietly become a plaintext token that nobody holds
@@ -507,6 +517,8 @@ class DeviceToken:
             self.digest = hashlib.sha256(secret.encode("utf-8")).digest()
         self.tables = None if tables is None else tuple(tables)      # None: every allowed table
         self.created = created              # "2026-12-01T09:30:00Z" for tokens `token add` made
+        # {scope column: values}, e.g. {"store_id": ("7", "8")}; ("*",) is every row (Row scopes)
+        self.scopes = dict(scopes or {})
 
     def __str__(self):
         return "%s:***" % self.device_id
@@ -515,13 +527,38 @@ class DeviceToken:
         """Constant-time comparison of the SHA-256 of a presented token."""
         return hmac.compare_digest(self.digest, presented_digest)
 
+    def scope_text(self):
+        """The token's scopes as `token list` and the devices view show them: store_id=7,8."""
+        return " ".join("%s=%s" % (column, ",".join(values))
+                        for column, values in sorted(self.scopes.items()))
+
+
+def parse_scope(text, where):
+    """(column, values) of a scope written COLUMN=V[,V...], or COLUMN=* for every row.
+
+    ValueError naming `where` when it is not one.
+    """
+    column, equals, listed = text.partition("=")
+    values = tuple(value.strip() for value in listed.split(","))
+    if not equals or not re.fullmatch(r"[^\s=#,.]{1,64}", column.strip()) \
+            or not all(values) or len(set(values)) != len(values) \
+            or any(len(value) > MAX_SCOPE_VALUE_CHARS or re.search(r"[\s#|;]", value)
+                   for value in values):
+        raise ValueError("%s: %r is not a scope; write COLUMN=VALUE[,VALUE...] (store_id=7,8), "
+                         "each value at most %d characters without spaces, '#', '|' or ';', or "
+                         "COLUMN=* for every row" % (where, text, MAX_SCOPE_VALUE_CHARS))
+    if SCOPE_ALL in values and len(values) > 1:
+        raise ValueError("%s: %r mixes * (every row) with values; give one or the other"
+                         % (where, text))
+    return column.strip(), values
+
 
 def hash_token(token):
     """The form to store: 'sha256:<hex>'."""
     return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-TOKEN_LINE = "device_id sha256:HEX [tables=a,b] [created=TIME]"
+TOKEN_LINE = "device_id sha256:HEX [tables=a,b] [scope.COLUMN=V,V ...] [created=TIME]"
 
 
 def read_tokens_file(path):
@@ -546,12 +583,23 @@ def _tokens_file(path):
             continue
         if len(fields) < 2:
             raise ConfigError("%s line %d: expected '%s'." % (path, number, TOKEN_LINE))
-        options = {}
+        options, scopes = {}, {}
         for field in fields[2:]:
             name, equals, value = field.partition("=")
+            if name.startswith("scope.") and equals:
+                try:
+                    column, values = parse_scope(field[len("scope."):],
+                                                 "%s line %d" % (path, number))
+                except ValueError as error:
+                    raise ConfigError("%s." % error) from None
+                if column in scopes:
+                    raise ConfigError("%s line %d: scope.%s is given twice."
+                                      % (path, number, column))
+                scopes[column] = values
+                continue
             if not equals or name not in ("tables", "created") or name in options:
-                raise ConfigError("%s line %d: %r is not one of tables=a,b or created=TIME ('%s')."
-                                  % (path, number, field, TOKEN_LINE))
+                raise ConfigError("%s line %d: %r is not one of tables=a,b, scope.COLUMN=V,V or "
+                                  "created=TIME ('%s')." % (path, number, field, TOKEN_LINE))
             options[name] = value
         tables = None
         if "tables" in options:
@@ -561,20 +609,24 @@ def _tokens_file(path):
                                   "may sync, or leave tables= out to allow every table."
                                   % (path, number))
         try:
-            parsed.append((line, DeviceToken(fields[0], fields[1], tables, options.get("created"))))
+            parsed.append((line, DeviceToken(fields[0], fields[1], tables, options.get("created"),
+                                             scopes)))
         except ValueError as error:
             raise ConfigError("%s line %d: %s." % (path, number, error)) from None
     return parsed
 
 
-def _token_line(device_id, tables):
+def _token_line(device_id, tables, scopes=None):
     """A new token for device_id, and its tokens-file line (only the hash is kept)."""
     if not re.fullmatch(r"[^\s#]{1,%d}" % MAX_ID_CHARS, device_id):
         raise ConfigError("a device id is 1 to %d characters without spaces or '#'." % MAX_ID_CHARS)
     token = secrets.token_urlsafe(TOKEN_BYTES)
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return token, "%s %s%s created=%s" % (device_id, hash_token(token),
-                                          " tables=" + ",".join(tables) if tables else "", created)
+    scoped = "".join(" scope.%s=%s" % (column, ",".join(values))
+                     for column, values in sorted((scopes or {}).items()))
+    return token, "%s %s%s%s created=%s" % (device_id, hash_token(token),
+                                            " tables=" + ",".join(tables) if tables else "",
+                                            scoped, created)
 
 
 def _rewrite_tokens_file(path, lines):
@@ -597,26 +649,27 @@ def _rewrite_tokens_file(path, lines):
         raise
 
 
-def add_token(path, device_id, tables=None):
+def add_token(path, device_id, tables=None, scopes=None):
     """Make a token for a device that has none, store only its hash in `path`, return the token."""
     entries = _tokens_file(path)
     if any(token is not None and token.device_id == device_id for _, token in entries):
         raise ConfigError("device %s already has a token; `token rotate %s` replaces it (the old "
                           "one stops working), `token remove %s` takes it away."
                           % (device_id, device_id, device_id))
-    token, line = _token_line(device_id, tables)
+    token, line = _token_line(device_id, tables, scopes)
     _rewrite_tokens_file(path, [text for text, _ in entries] + [line])
     return token
 
 
-def rotate_token(path, device_id, tables=None):
-    """Give a device a new token (its tables kept unless given); return the new token."""
+def rotate_token(path, device_id, tables=None, scopes=None):
+    """Give a device a new token (its tables and scopes kept unless given); return it."""
     entries = _tokens_file(path)
     found = [token for _, token in entries if token is not None and token.device_id == device_id]
     if not found:
         raise ConfigError("device %s has no token in %s; `token add %s` makes one."
                           % (device_id, path, device_id))
-    token, line = _token_line(device_id, tables if tables is not None else found[0].tables)
+    token, line = _token_line(device_id, tables if tables is not None else found[0].tables,
+                              scopes if scopes is not None else found[0].scopes)
     lines = [text for text, entry in entries if entry is None or entry.device_id != device_id]
     _rewrite_tokens_file(path, lines + [line])
     return token
@@ -647,6 +700,10 @@ class Authenticator:
         # once tokens guard the server, an emptied file does not open it: every request gets 401
         self._started_required = bool(self.tokens)
         self.required = self._started_required
+        if config.row_scopes and not self.tokens:
+            raise ConfigError("ROW_SCOPES is set, but no device token is configured: a scope "
+                              "belongs to a device's token (cloudsync.py token add DEVICE "
+                              "--scope %s=VALUE)" % config.row_scopes[0][1])
         if config.auth == "auto" and not self.required and config.host not in LOOPBACK_HOSTS:
             raise ConfigError("HOST=%s is not a loopback address and no device tokens are "
                               "configured; add tokens (cloudsync.py token add DEVICE) or set "
@@ -802,15 +859,25 @@ def _as_auth_mode(text):
 
 
 def _as_token_list(text):
-    """TOKENS: device_id:token or device_id:sha256:HEX, comma-separated, as DeviceTokens."""
+    """TOKENS: device_id:token or device_id:sha256:HEX, comma-separated, as DeviceTokens.
+
+    Scopes follow the token after semicolons, values split by |: dev:token;store_id=7|8.
+    """
     tokens = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        device_id, _, secret = item.partition(":")
+        credential, *scoped = item.split(";")
+        device_id, _, secret = credential.partition(":")
         if not device_id or not secret:
             raise ValueError("expected device_id:token pairs separated by commas")
-        tokens.append(DeviceToken(device_id, secret))
+        scopes = {}
+        for written in scoped:
+            column, values = parse_scope(written.replace("|", ","), "device %s" % device_id)
+            if column in scopes:
+                raise ValueError("device %s: the scope of %s is given twice" % (device_id, column))
+            scopes[column] = values
+        tokens.append(DeviceToken(device_id, secret, scopes=scopes))
     return tuple(tokens)
 
 
@@ -835,6 +902,23 @@ def _as_origin_list(text):
         if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
             raise ValueError("expected * or origins like https://app.example.com, comma-separated")
     return origins
+
+
+def _as_scope_list(text):
+    """ROW_SCOPES: comma-separated table.column, each table once, as ((table, column), ...)."""
+    scopes = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        table, dot, column = item.rpartition(".")
+        if not dot or not table or not column:
+            raise ValueError("expected table.column items separated by commas "
+                             "(sales.store_id,customers.store_id)")
+        scopes.append((table, column))
+    tables = [table for table, _ in scopes]
+    if len(set(tables)) != len(tables):
+        raise ValueError("a table is named twice; a table has one scope column")
+    return tuple(scopes)
 
 
 def _as_capture_mode(text):
@@ -870,11 +954,16 @@ SETTINGS = (
      "auto: tokens are required when any are configured; off: no authentication (never on a "
      "public address)"),
     ("TOKENS", _as_token_list, "",
-     "device tokens as device_id:token or device_id:sha256:HEX, comma-separated"),
+     "device tokens as device_id:token or device_id:sha256:HEX, comma-separated; scopes after "
+     "semicolons: device_id:token;store_id=7|8"),
     ("TOKENS_FILE", str, "cloudsync.tokens",
-     "file of device tokens, one 'device_id sha256:HEX [tables=a,b] [created=TIME]' a line; "
+     "file of device tokens, one 'device_id sha256:HEX [tables=a,b] [scope.COLUMN=V,V] "
+     "[created=TIME]' a line; "
      "re-read when it changes"),
     ("READ_ONLY_TABLES", _as_table_list, "", "tables devices may pull but never push"),
+    ("ROW_SCOPES", _as_scope_list, "",
+     "table.column items, comma-separated: a device syncs only the rows of these tables whose "
+     "column holds one of its token's scope values (see Row scopes)"),
     ("MAX_OPERATIONS", _as_positive_int, "10000", "most operations in one push"),
     ("MAX_PULL_ROWS", _as_positive_int, "5000",
      "most rows plus keys in one pull; a larger limit is capped"),
@@ -929,6 +1018,8 @@ class Config:
                 value = "***"
             elif value is None:
                 value = ""
+            elif name == "ROW_SCOPES":
+                value = ",".join("%s.%s" % pair for pair in value)
             elif isinstance(value, tuple):
                 value = ",".join(map(str, value))
             parts.append("%s=%s" % (name, value))
@@ -977,6 +1068,17 @@ def load_config(env_file=".env", environ=None, overrides=None, required=False):
     if outside:
         raise ConfigError("READ_ONLY_TABLES names %s, which %s not in ALLOWED_TABLES."
                           % (", ".join(outside), "is" if len(outside) == 1 else "are"))
+    scoped = [table for table, _ in config.row_scopes]
+    outside = [table for table in scoped if table not in config.allowed_tables]
+    if outside:
+        raise ConfigError("ROW_SCOPES names %s, which %s not in ALLOWED_TABLES."
+                          % (", ".join(outside), "is" if len(outside) == 1 else "are"))
+    if scoped and config.change_capture != "triggers":
+        raise ConfigError("ROW_SCOPES needs CHANGE_CAPTURE=triggers: a row that leaves a device's "
+                          "scope is seen only by the triggers.")
+    if scoped and config.auth == "off":
+        raise ConfigError("ROW_SCOPES needs device tokens (a scope belongs to a token), and "
+                          "AUTH=off turns them off.")
     if config.backend == "mysql":
         missing = [name for name in ("DB_USER", "DB_NAME") if not values[name]]
         if missing:
@@ -1083,11 +1185,16 @@ class TableSchema:
         self.key_sql = None
         # MySQL: a foreign key cascade writes this table without firing triggers
         self.cascaded = False
+        # the Column of ROW_SCOPES that says whose each row is, or None: every device's rows
+        self.scope = None
 
     def describe(self):
         """The table as the status endpoint shows it."""
-        return {"primary_key": self.primary_key, "columns": self.column_names,
-                "types": {column.name: column.declared for column in self.columns.values()}}
+        described = {"primary_key": self.primary_key, "columns": self.column_names,
+                     "types": {column.name: column.declared for column in self.columns.values()}}
+        if self.scope is not None:
+            described["scope"] = self.scope.name
+        return described
 
 
 def _time_text(value):
@@ -1425,7 +1532,16 @@ def _rounded_micro(micro, fsp):
 # The statements push and pull send, written the same way for both databases:
 # each builder returns (sql, params) with ? for every value. Every name in the
 # text is a Column's or TableSchema's `quoted` form, built from the database's
-# own catalogue, never from a request. Tests compare their text.
+# own catalogue, never from a request. Tests compare their text. A `scope`
+# (TableScope, under Row scopes) adds its condition: a device's statements
+# then see only the rows of its scope.
+
+
+def _scoped(where, params, scope):
+    """WHERE text and params, narrowed to the rows of `scope` when there is one."""
+    if scope is None:
+        return where, list(params)
+    return "%s AND %s" % (where, scope.where), list(params) + list(scope.params)
 
 
 def key_where(schema):
@@ -1442,9 +1558,11 @@ def keys_where(schema, keys):
             [value for key in keys for value in key])
 
 
-def select_keyed_sql(schema, keys, lock=""):
+def select_keyed_sql(schema, keys, lock="", scope=None):
     """(sql, params) reading these keys' rows, each led by its key as the change log writes it."""
     where, params = keys_where(schema, keys)
+    if scope is not None:
+        where, params = _scoped("(%s)" % where, params, scope)
     return "SELECT %s, %s FROM %s WHERE %s%s" % (schema.key_sql, schema.select_list,
                                                  schema.quoted, where, lock), params
 
@@ -1456,36 +1574,40 @@ def insert_sql(schema, names):
                                                 ", ".join("?" for _ in names))
 
 
-def update_sql(schema, values, key):
+def update_sql(schema, values, key, scope=None):
     """(sql, params) setting `values` ({column: value}) on the row with `key`."""
+    where, params = _scoped(key_where(schema), key, scope)
     return "UPDATE %s SET %s WHERE %s" % (
         schema.quoted, ", ".join("%s = ?" % schema.columns[name].quoted for name in values),
-        key_where(schema)), tuple(values.values()) + tuple(key)
+        where), tuple(values.values()) + tuple(params)
 
 
-def exists_sql(schema, key):
+def exists_sql(schema, key, scope=None):
     """(sql, params) finding whether the row with `key` is there."""
-    return "SELECT 1 FROM %s WHERE %s" % (schema.quoted, key_where(schema)), tuple(key)
+    where, params = _scoped(key_where(schema), key, scope)
+    return "SELECT 1 FROM %s WHERE %s" % (schema.quoted, where), tuple(params)
 
 
-def delete_sql(schema, key):
+def delete_sql(schema, key, scope=None):
     """(sql, params) deleting the row with `key`."""
-    return "DELETE FROM %s WHERE %s" % (schema.quoted, key_where(schema)), tuple(key)
+    where, params = _scoped(key_where(schema), key, scope)
+    return "DELETE FROM %s WHERE %s" % (schema.quoted, where), tuple(params)
 
 
-def first_rows_sql(schema, limit):
+def first_rows_sql(schema, limit, scope=None):
     """(sql, params) reading the first `limit` rows in key order (the seed's pull)."""
-    return "SELECT %s FROM %s ORDER BY %s LIMIT ?" % (schema.select_list, schema.quoted,
-                                                      schema.key_order), [limit]
+    where, params = ("", []) if scope is None else (" WHERE " + scope.where, list(scope.params))
+    return "SELECT %s FROM %s%s ORDER BY %s LIMIT ?" % (schema.select_list, schema.quoted, where,
+                                                        schema.key_order), params + [limit]
 
 
-def page_sql(schema, after, limit):
+def page_sql(schema, after, limit, scope=None):
     """(sql, params) reading up to `limit` rows in key order after the key `after` (bound values),
     or from the start: keyset paging, (a > ?) OR (a = ? AND b > ?)..., an index range however
     large the table. A NULL in a key (SQLite allows it) would break the order: such rows are left
     out."""
     where = " AND ".join("%s IS NOT NULL" % column.quoted for column in schema.key_columns)
-    params = []
+    where, params = _scoped(where, [], scope)
     if after is not None:
         quoted = [column.quoted for column in schema.key_columns]
         where += " AND (%s)" % " OR ".join(
@@ -2027,6 +2149,44 @@ class Database:
         """SQL comparing `expression` byte for byte, whatever its collation."""
         return expression
 
+    # -- row scopes (see Row scopes in the sync engine) ----------------------------
+
+    def logged_update(self, schema, record, same_key, same_form):
+        """The update trigger's entries: `record(row, op, guard)` writes one.
+
+        A key that changed logs a delete of the old key (with its old scope)
+        and an update of the new. A row whose scope value changed under the
+        same key logs an update under its old scope too: the devices of the
+        old scope then read it, find it outside their scope, and delete it.
+        `same_form` compares two values byte for byte ("%s IS %s ...").
+        """
+        body = [record("OLD", "D", "NOT (%s)" % same_key)]
+        if schema.scope is not None:
+            same_scope = same_form % (self.scope_value_sql("OLD." + schema.scope.quoted),
+                                      self.scope_value_sql("NEW." + schema.scope.quoted))
+            body.append(record("OLD", "U", "(%s) AND NOT (%s)" % (same_key, same_scope)))
+        return body + [record("NEW", "U")]
+
+    def scope_sql(self, schema, ref):
+        """SQL writing the scope value of row `ref` (NEW, OLD, an alias) as the log keeps it.
+
+        NULL for a table without a scope column: every device sees its entries.
+        """
+        if schema.scope is None:
+            return "NULL"
+        return self.scope_value_sql("%s.%s" % (ref, schema.scope.quoted))
+
+    @staticmethod
+    def scope_value_sql(expression):
+        """SQL turning a scope column's value into the log's text (SQLite: TEXT affinity does)."""
+        return expression
+
+    def scope_where(self, column, values):
+        """(WHERE text, params) matching rows whose scope `column` holds one of `values`."""
+        if not values:
+            return "0 = 1", []
+        return "%s IN (%s)" % (column.quoted, ", ".join("?" for _ in values)), list(values)
+
     def key_logged(self, schema, row):
         """The log-form key of a row read from the table (driver's values, before decode_rows)."""
         return [None if row[position] is None else self._stored_logged(column, row[position])
@@ -2192,7 +2352,7 @@ class SQLiteDatabase(Database):
         schema.key_sql = self.key_sql(schema)
         return schema
 
-    def rows_as_json(self, conn, schema, limit):
+    def rows_as_json(self, conn, schema, limit, scope=None):
         """SQLite rows are encoded in Python (its decimals need rounding here first)."""
         return None
 
@@ -2208,7 +2368,20 @@ class SQLiteDatabase(Database):
         return SQLITE_LOG_TABLES
 
     def upgrade_log_tables(self, conn):
-        """Nothing of an earlier version's to bring up to date."""
+        """What versions before have left different: the log's scope column and its index."""
+        if "scope" not in self.column_names(conn, "cloudsync_changes"):
+            self.execute(conn, "ALTER TABLE cloudsync_changes ADD COLUMN scope TEXT")
+        self.execute(conn, "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_scope"
+                           " ON cloudsync_changes (table_name, scope, seq)")
+
+    def index_columns(self, conn, table):
+        """The columns of each index of `table`, in index order (the primary key's first)."""
+        found = [tuple(_text(name) for (name,) in self.query(
+            conn, "SELECT name FROM pragma_table_info(?) WHERE pk > 0 ORDER BY pk", (table,)))]
+        for (name,) in self.query(conn, "SELECT name FROM pragma_index_list(?)", (table,)):
+            found.append(tuple(_text(column) for (column,) in self.query(
+                conn, "SELECT name FROM pragma_index_info(?) ORDER BY seqno", (_text(name),))))
+        return found
 
     @staticmethod
     def devices_table():
@@ -2229,17 +2402,17 @@ class SQLiteDatabase(Database):
 
         def record(row, op, guard=""):
             return ("INSERT INTO cloudsync_changes"
-                    " (table_name, row_key, op, device_id, batch_id, changed_at)"
-                    " SELECT %s, %s, '%s', device_id, batch_id, %s"
+                    " (table_name, row_key, op, device_id, batch_id, changed_at, scope)"
+                    " SELECT %s, %s, '%s', device_id, batch_id, %s, %s"
                     " FROM cloudsync_context WHERE id = 1%s"
                     % (table_literal, self.key_sql(schema, row), op, self.now_sql,
-                       " AND " + guard if guard else ""))
+                       self.scope_sql(schema, row), " AND " + guard if guard else ""))
         if event == "upd":
             # byte for byte, not by the column's collation: 'abc' -> 'ABC' is a new key to a device;
             # an update that changes the key deletes the old row and creates a new one
             same = " AND ".join("OLD.%s IS NEW.%s COLLATE BINARY" % (column.quoted, column.quoted)
                                 for column in schema.key_columns)
-            body = [record("OLD", "D", "NOT (%s)" % same), record("NEW", "U")]
+            body = self.logged_update(schema, record, same, "%s IS %s COLLATE BINARY")
         else:
             body = [record("NEW", "I")] if event == "ins" else [record("OLD", "D")]
         return "CREATE TRIGGER %s AFTER %s ON %s BEGIN %s; END" % (
@@ -2255,16 +2428,22 @@ class SQLiteDatabase(Database):
         self.execute(conn,
                      "UPDATE cloudsync_context SET device_id = NULL, batch_id = NULL WHERE id = 1")
 
-    def upsert(self, conn, schema, values):
+    def upsert(self, conn, schema, values, scope=None):
         """Insert the row, or set the given columns on the row with its key.
 
-        Another unique column clashing is refused.
+        Another unique column clashing is refused. With a scope, a row with the
+        key outside it is left as it is, and refused as a duplicate.
         """
         changes = [schema.columns[name].quoted for name in values if name not in schema.primary_key]
-        self.execute(conn, "%s ON CONFLICT (%s) DO %s" % (
+        limit, params = ("", []) if scope is None or not changes \
+            else (" WHERE " + scope.where, scope.params)
+        written = self.execute(conn, "%s ON CONFLICT (%s) DO %s" % (
             insert_sql(schema, list(values)), schema.key_order,
             "UPDATE SET " + ", ".join("%s = excluded.%s" % (quoted, quoted) for quoted in changes)
-            if changes else "NOTHING"), tuple(values.values()))
+            + limit if changes else "NOTHING"), tuple(values.values()) + tuple(params))
+        if scope is not None and not written and not self.query(conn, *exists_sql(
+                schema, [values[name] for name in schema.primary_key], scope)):
+            raise DataRejected("another row holds this key", duplicate=True)
 
     # -- row keys (see Database) --------------------------------------------------
     # A key value is stored in whatever form SQLite's type affinity gave it; the log
@@ -2752,6 +2931,23 @@ class MySQLDatabase(Database):
             self.execute(conn, "CREATE INDEX cloudsync_pending_by_table"
                                " ON cloudsync_pending (table_name)")
         self.ids_bytewise(conn, "cloudsync_batches", ("device_id", "batch_id"))
+        for table in ("cloudsync_pending", "cloudsync_changes"):
+            if "scope" not in self.column_names(conn, table):
+                self.execute(conn, "ALTER TABLE %s ADD COLUMN scope VARCHAR(%d) NULL"
+                             % (table, MYSQL_SCOPE_CHARS))
+        if ("table_name", "scope", "seq") not in self.index_columns(conn, "cloudsync_changes"):
+            self.execute(conn, "CREATE INDEX cloudsync_changes_by_scope"
+                               " ON cloudsync_changes (table_name, scope, seq)")
+
+    def index_columns(self, conn, table):
+        """The columns of each index of `table`, in index order (the primary key's among them)."""
+        found = collections.defaultdict(list)
+        for name, column in self.query(conn, "SELECT INDEX_NAME, COLUMN_NAME"
+                                             " FROM information_schema.STATISTICS"
+                                             " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?"
+                                             " ORDER BY INDEX_NAME, SEQ_IN_INDEX", (table,)):
+            found[_text(name)].append(_text(column))
+        return [tuple(columns) for columns in found.values()]
 
     @staticmethod
     def devices_table():
@@ -2767,29 +2963,31 @@ class MySQLDatabase(Database):
         """CREATE TRIGGER text recording one event of one table into cloudsync_pending, with the
         device and batch a push set in its session (outside writers leave both NULL)."""
         def record(row, op, guard=""):
-            statement = self.log_rows_sql(schema.name, self.key_sql(schema, row), op)
+            statement = self.log_rows_sql(schema.name, self.key_sql(schema, row), op,
+                                          scope=self.scope_sql(schema, row))
             return self.when_sql(guard, [statement]) if guard else statement
         if event == "upd":
             # byte for byte, not by the column's collation: 'abc' -> 'ABC' is a new key to a device;
             # an update that changes the key deletes the old row and creates a new one
             same = " AND ".join("%s <=> %s" % (self.bytewise("OLD." + column.quoted), self.bytewise(
                 "NEW." + column.quoted)) for column in schema.key_columns)
-            body = [record("OLD", "D", "NOT (%s)" % same), record("NEW", "U")]
+            body = self.logged_update(schema, record, same, "%s <=> %s")
         else:
             body = [record("NEW", "I")] if event == "ins" else [record("OLD", "D")]
         return "CREATE OR REPLACE TRIGGER %s AFTER %s ON %s FOR EACH ROW BEGIN %s; END" % (
             self.quote(_trigger_name(schema.name, event)), TRIGGER_EVENTS[event], schema.quoted,
             "; ".join(body))
 
-    def log_rows_sql(self, table, key, op, source=None, where=None):
+    def log_rows_sql(self, table, key, op, source=None, where=None, scope="NULL"):
         """An INSERT into cloudsync_pending.
 
-        Of one row (NEW, OLD), or of the rows of `source` WHERE `where`.
+        Of one row (NEW, OLD), or of the rows of `source` WHERE `where`;
+        `scope`: SQL writing each row's scope value.
         """
-        values = "%s, %s, '%s', @cloudsync_device, @cloudsync_batch, %s" % (
-            _sql_literal(table, backslashes=True), key, op, self.now_sql)
+        values = "%s, %s, '%s', @cloudsync_device, @cloudsync_batch, %s, %s" % (
+            _sql_literal(table, backslashes=True), key, op, self.now_sql, scope)
         return ("INSERT INTO cloudsync_pending"
-                " (table_name, row_key, op, device_id, batch_id, changed_at) "
+                " (table_name, row_key, op, device_id, batch_id, changed_at, scope) "
                 + ("VALUES (%s)" % values if source is None
                    else "SELECT %s FROM %s WHERE %s" % (values, source, where)))
 
@@ -2859,10 +3057,27 @@ class MySQLDatabase(Database):
         """SQL comparing `expression` byte for byte: 'a ' is not 'a' (all MySQL collations pad)."""
         return "CAST(%s AS BINARY)" % expression
 
-    def upsert(self, conn, schema, values):
+    @staticmethod
+    def scope_value_sql(expression):
+        """SQL turning a scope column's value into the log's text: '7', 'north'."""
+        return "LEFT(CAST(%s AS CHAR), %d)" % (expression, MYSQL_SCOPE_CHARS)
+
+    def scope_where(self, column, values):
+        """(WHERE text, params): an index range by the column's collation, then byte for byte.
+
+        Under a case-blind collation 'North' would match 'north'.
+        """
+        where, params = Database.scope_where(self, column, values)
+        if column.kind == "integer" or not values:
+            return where, params
+        return "%s AND %s IN (%s)" % (where, self.bytewise(column.quoted), ", ".join(
+            self.bytewise("?") for _ in values)), params + list(values)
+
+    def upsert(self, conn, schema, values, scope=None):
         """Set the given columns on the row with this key, or insert it.
 
-        Another unique column clashing is refused.
+        Another unique column clashing is refused; with a scope, so is a row
+        with the key outside it (its UPDATE finds nothing, its INSERT clashes).
         Not INSERT ... ON DUPLICATE KEY UPDATE: that updates whichever row a
         clash on *any* unique key finds, so {"id": 2, "code": "A"} would rewrite
         the row whose code is "A". An UPDATE by the primary key, then an INSERT,
@@ -2872,9 +3087,9 @@ class MySQLDatabase(Database):
         changes = {name: value for name, value in values.items() if name not in schema.primary_key}
         for attempt in (1, 2):
             if changes:
-                found = self.execute(conn, *update_sql(schema, changes, key))
+                found = self.execute(conn, *update_sql(schema, changes, key, scope))
             else:
-                found = len(self.query(conn, *exists_sql(schema, key)))
+                found = len(self.query(conn, *exists_sql(schema, key, scope)))
             if found:
                 return
             try:
@@ -2989,7 +3204,7 @@ class MySQLDatabase(Database):
             return _time_text(value)
         return _as_json_value(value)        # decimals as the key SQL writes them
 
-    def rows_as_json(self, conn, schema, limit):
+    def rows_as_json(self, conn, schema, limit, scope=None):
         """(JSON array of the first `limit` rows in key order, row count), encoded by the server.
 
         None if it cannot.
@@ -2999,8 +3214,9 @@ class MySQLDatabase(Database):
         """
         if schema.json_row is None:
             return None
-        rows = self.query(conn, "SELECT %s FROM %s ORDER BY %s LIMIT ?" % (
-            schema.json_row, schema.quoted, schema.key_order), (limit,))
+        where, params = ("", []) if scope is None else (" WHERE " + scope.where, scope.params)
+        rows = self.query(conn, "SELECT %s FROM %s%s ORDER BY %s LIMIT ?" % (
+            schema.json_row, schema.quoted, where, schema.key_order), params + [limit])
         return b"[" + ",".join([row[0] for row in rows]).encode("utf-8") + b"]", len(rows)
 
 
@@ -3251,7 +3467,8 @@ class ChangeLog:
         where = " AND ".join("t1.%s = OLD.%s" % (quote(child), quote(parent))
                              for child, parent in zip(path[0].child_columns,
                                                       path[0].parent_columns))
-        return self._log_rows_sql(schema, self.db.key_sql(schema, "t%d" % last), op, source, where)
+        return self.db.log_rows_sql(schema.name, self.db.key_sql(schema, "t%d" % last), op, source,
+                                    where, self.db.scope_sql(schema, "t%d" % last))
 
     def _cascade_update_sql(self, schema, fk):
         """Log the rows of `schema` an update of OLD's referenced columns changes, or moves.
@@ -3265,22 +3482,26 @@ class ChangeLog:
         source = "%s AS c" % quote(fk.child)
         where = " AND ".join("c.%s = OLD.%s" % (quote(child), quote(parent))
                              for child, parent in zip(fk.child_columns, fk.parent_columns))
+        moved = dict(zip(fk.child_columns, fk.parent_columns))
+        old_scope = new_scope = self.db.scope_sql(schema, "c")
+        if schema.scope is not None and schema.scope.name in moved:
+            # the cascade changes the child's scope: the devices of both scopes hear of it
+            new_scope = "NULL" if fk.on_update != "CASCADE" \
+                else self.db.scope_value_sql("NEW." + quote(moved[schema.scope.name]))
+
+        def log(key, op, scope):
+            return self.db.log_rows_sql(schema.name, key, op, source, where, scope)
         if fk.on_update == "CASCADE" and set(fk.child_columns) & set(schema.primary_key):
-            moved = dict(zip(fk.child_columns, fk.parent_columns))
             new_key = self.db.key_sql_from(schema, {
                 column.name: "NEW." + quote(moved[column.name]) if column.name in moved
                 else "c." + column.quoted for column in schema.key_columns})
-            statements = [
-                self._log_rows_sql(schema, self.db.key_sql(schema, "c"), "D", source, where),
-                self._log_rows_sql(schema, new_key, "U", source, where)]
+            statements = [log(self.db.key_sql(schema, "c"), "D", old_scope),
+                          log(new_key, "U", new_scope)]
         else:
-            statements = [
-                self._log_rows_sql(schema, self.db.key_sql(schema, "c"), "U", source, where)]
+            statements = [log(self.db.key_sql(schema, "c"), "U", old_scope)]
+            if new_scope != old_scope:
+                statements.append(log(self.db.key_sql(schema, "c"), "U", new_scope))
         return self.db.when_sql(changed, statements)
-
-    def _log_rows_sql(self, schema, key, op, source, where):
-        """A cascade trigger's INSERT logging the child rows of `source` WHERE `where`."""
-        return self.db.log_rows_sql(schema.name, key, op, source, where)
 
     def _install_cascade_triggers(self, conn, schemas):
         """Install the parents' cascade triggers.
@@ -3363,9 +3584,9 @@ class ChangeLog:
                 marks = ", ".join("?" for _ in ids)
                 self.db.execute(conn, 
                     "INSERT INTO cloudsync_changes"
-                    " (seq, table_name, row_key, op, device_id, batch_id, changed_at)"
+                    " (seq, table_name, row_key, op, device_id, batch_id, changed_at, scope)"
                     " SELECT ? + ROW_NUMBER() OVER (ORDER BY id),"
-                    " table_name, row_key, op, device_id, batch_id, changed_at"
+                    " table_name, row_key, op, device_id, batch_id, changed_at, scope"
                     " FROM cloudsync_pending WHERE id IN (%s)" % marks, [last] + ids)
                 self.db.execute(conn, "DELETE FROM cloudsync_pending WHERE id IN (%s)" % marks, ids)
                 last += len(ids)
@@ -3455,18 +3676,51 @@ class ChangeLog:
 
     # -- reading -----------------------------------------------------------------
 
-    def changed_rows(self, conn, tables, since, limit):
-        """(table, row_key, last seq) per row changed after `since`, oldest last change first."""
-        return self.db.query(conn, 
-            "SELECT table_name, row_key, MAX(seq) AS last_seq FROM cloudsync_changes WHERE seq > ?"
-            " AND table_name IN (%s) GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?"
-            % ", ".join("?" for _ in tables), [since] + list(tables) + [limit])
+    def changed_rows(self, conn, tables, since, limit, scopes=None):
+        """(table, row_key, last seq) per row changed after `since`, oldest last change first.
 
-    def changed_since(self, conn, tables, since):
-        """Whether any change after `since` touches `tables`."""
-        return bool(self.db.query(conn, 
-            "SELECT 1 FROM cloudsync_changes WHERE seq > ? AND table_name IN (%s) LIMIT 1"
-            % ", ".join("?" for _ in tables), [since] + list(tables)))
+        With `scopes` ({table: TableScope or None}), only entries logged under
+        the device's scope values: one index range per scoped table.
+        """
+        parts = self._changes_sql(tables, since, scopes)
+        if not parts:
+            return []
+        if len(parts) == 1 and parts[0][2]:
+            return self.db.query(conn,
+                "SELECT table_name, row_key, MAX(seq) AS last_seq FROM cloudsync_changes WHERE %s"
+                " GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?" % parts[0][0],
+                parts[0][1] + [limit])
+        return self.db.query(conn,
+            "SELECT table_name, row_key, MAX(seq) AS last_seq FROM (%s) AS visible"
+            " GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?" % " UNION ALL ".join(
+                "SELECT table_name, row_key, seq FROM cloudsync_changes WHERE %s" % where
+                for where, _, _ in parts), [value for _, params, _ in parts for value in params]
+            + [limit])
+
+    def changed_since(self, conn, tables, since, scopes=None):
+        """Whether any change after `since` touches `tables` (within `scopes`)."""
+        return any(self.db.query(conn, "SELECT 1 FROM cloudsync_changes WHERE %s LIMIT 1" % where,
+                                 params)
+                   for where, params, _ in self._changes_sql(tables, since, scopes))
+
+    @staticmethod
+    def _changes_sql(tables, since, scopes):
+        """[(WHERE text, params, shared)]: the log entries after `since` a device may read.
+
+        One for the tables every device sees whole, one per scoped table.
+        """
+        shared = [table for table in tables if not scopes or scopes.get(table) is None]
+        parts = []
+        if shared:
+            parts.append(("seq > ? AND table_name IN (%s)" % ", ".join("?" for _ in shared),
+                          [since] + shared, True))
+        for table in tables:
+            scope = scopes.get(table) if scopes else None
+            if scope is not None and scope.texts:
+                parts.append(("table_name = ? AND scope IN (%s) AND seq > ?"
+                              % ", ".join("?" for _ in scope.texts),
+                              [table] + list(scope.texts) + [since], False))
+        return parts
 
     def touched_by_others(self, conn, schema, key_texts, since, device_id):
         """The row keys among key_texts that someone other than device_id changed after `since`."""
@@ -3575,11 +3829,12 @@ def _expired():
 # Checkpoints
 # ---------------------------------------------------------------------------
 # A checkpoint is opaque to devices: "cs1.<payload>.<mac>", the payload being
-# base64url JSON {db, t, s, scan, f}: this database's instance id, the tables it
-# was issued for, the sequence number it covers, during an initial sync the
+# base64url JSON {db, t, s, scan, f, c}: this database's instance id, the tables
+# it was issued for, the sequence number it covers, during an initial sync the
 # position of the table scan, and a fingerprint of the tables' columns: rows a
 # device pulled before an ALTER TABLE lack the new column, so a checkpoint
-# from before it gets 410 and the device pulls every row again. The HMAC (key
+# from before it gets 410 and the device pulls every row again. With row
+# scopes, "c" fingerprints the device's scope the same way. The HMAC (key
 # in cloudsync_meta) makes a forged or altered checkpoint a 400, not a wrong
 # answer.
 
@@ -3596,15 +3851,18 @@ class Checkpoints:
         digest = hmac.new(self.changelog.secret, payload, hashlib.sha256).digest()[:16]
         return base64.urlsafe_b64encode(digest).rstrip(b"=")
 
-    def encode(self, tables, seq, scan=None, fingerprint=None):
+    def encode(self, tables, seq, scan=None, fingerprint=None, scope=None):
         """A checkpoint string for `tables` at `seq`.
 
-        `scan`: a scan position during an initial sync; `fingerprint`: the tables' columns.
+        `scan`: a scan position during an initial sync; `fingerprint`: the
+        tables' columns; `scope`: the device's scope (SyncEngine.scope_fingerprint).
         """
+        fields = {"db": self.changelog.instance, "t": list(tables), "s": seq, "scan": scan,
+                  "f": fingerprint}
+        if scope is not None:
+            fields["c"] = scope
         payload = base64.urlsafe_b64encode(json.dumps(
-            {"db": self.changelog.instance, "t": list(tables), "s": seq, "scan": scan,
-             "f": fingerprint},
-            separators=(",", ":"), default=_json_default).encode("utf-8")).rstrip(b"=")
+            fields, separators=(",", ":"), default=_json_default).encode("utf-8")).rstrip(b"=")
         return CHECKPOINT_PREFIX + payload.decode("ascii") + "." \
             + self._mac(payload).decode("ascii")
 
@@ -3632,7 +3890,53 @@ class Checkpoints:
 # Sync engine: the tables and their rows
 # ---------------------------------------------------------------------------
 # What push and pull share: the allowed tables as the database describes
-# them, the change log, checkpoints, and reading rows by key.
+# them, the change log, checkpoints, reading rows by key, and row scopes.
+#
+# Row scopes. ROW_SCOPES names, for some tables, the column that says whose a
+# row is (sales.store_id); a token carries the values its device may see
+# (store_id=7,8, or * for every row). A device reads and writes only the rows
+# whose scope column holds one of its values: every statement a push or pull
+# sends for it carries the condition (TableScope). The triggers log each
+# change with the row's scope value, indexed by (table, scope, seq), so a
+# sync pull reads only its own stores' entries, however busy the others. An
+# update that moves a row to another store logs it under the old store too:
+# the old store's devices then look the row up, do not find it in their
+# scope, and get it as deleted; the new store's get it as upserted. A device
+# is never sent a key that was not in its scope when it was logged. Its
+# checkpoints carry a fingerprint of its scope ("c"): when the token's values
+# change, the next pull from an old checkpoint answers 410 with reset: true.
+
+# the column kinds a scope column may have: their values are written the same in the log and tokens
+SCOPE_KINDS = ("integer", "text", "enum")
+
+
+class TableScope:
+    """One device's scope on one table: the column, its values, and the condition to add."""
+
+    __slots__ = ("column", "values", "texts", "where", "params")
+
+    def __init__(self, db, column, texts):
+        self.column = column
+        if column.kind == "integer":
+            # "07" is store 7; a value that is no number matches no row
+            texts = [str(int(text)) for text in texts if re.fullmatch(r"-?[0-9]{1,19}", text)]
+            self.values = [int(text) for text in texts]
+        else:
+            self.values = list(texts)
+        self.texts = tuple(dict.fromkeys(texts))     # as the log writes them
+        self.where, self.params = db.scope_where(column, self.values)
+
+    def holds(self, value):
+        """Whether a bound value of the scope column is one of the device's."""
+        return value is not None and not isinstance(value, (bytes, bytearray, float)) \
+            and _scope_text(value) in self.texts
+
+
+def _scope_text(value):
+    """A scope column's value as the log writes it: 7 -> '7'."""
+    if isinstance(value, decimal.Decimal) and value == value.to_integral_value():
+        return str(int(value))
+    return str(value)
 
 
 def key_value(schema, key):
@@ -3645,9 +3949,10 @@ def key_value(schema, key):
 class SyncEngine:
     """The allowed tables and what push and pull share; Pushes and Pulls (below) do the rest."""
 
-    def __init__(self, database, allowed_tables, capture="triggers"):
+    def __init__(self, database, allowed_tables, capture="triggers", row_scopes=()):
         self.db = database
         self.allowed_tables = tuple(allowed_tables)
+        self.row_scopes = dict(row_scopes)      # table -> its scope column's name
         self.schemas = {}
         self.schema_loaded_at = 0.0
         # changes only when a table's columns, types or key change
@@ -3662,7 +3967,8 @@ class SyncEngine:
         """Introspect every allowed table; raise SchemaError naming the first bad one."""
         with self.db.connection() as conn:
             self.db.prepare(conn)
-            schemas = {table: self.db.introspect(conn, table) for table in self.allowed_tables}
+            schemas = self._with_scopes({table: self.db.introspect(conn, table)
+                                         for table in self.allowed_tables})
             self.changelog.mark_uncaptured(conn, schemas)
             if self.changelog.instance is None:
                 self.changelog.load_identity(conn)
@@ -3679,11 +3985,61 @@ class SyncEngine:
         """Introspect the tables, create cloudsync's own tables and install the triggers."""
         with self.db.connection() as conn:
             self.db.prepare(conn)
-            schemas = {table: self.db.introspect(conn, table) for table in self.allowed_tables}
+            schemas = self._with_scopes({table: self.db.introspect(conn, table)
+                                         for table in self.allowed_tables})
             self.changelog.install(conn, schemas, progress)
             self.changelog.mark_uncaptured(conn, schemas)
         self._set_schemas(schemas)
         return schemas
+
+    def _with_scopes(self, schemas):
+        """Mark each table's scope column (ROW_SCOPES); SchemaError for one that cannot be."""
+        for table, name in self.row_scopes.items():
+            schema = schemas.get(table)
+            if schema is None:
+                continue
+            column = schema.columns.get(name)
+            if column is None:
+                raise SchemaError("ROW_SCOPES names %s.%s, but table %s has no column %s."
+                                  % (table, name, table, name))
+            if column.kind not in SCOPE_KINDS:
+                raise SchemaError("ROW_SCOPES names %s.%s, a %s column; a scope column holds "
+                                  "whole numbers or text (a store number, a region's name)."
+                                  % (table, name, column.declared))
+            schema.scope = column
+        return schemas
+
+    def scopes_for(self, token):
+        """({table: TableScope, or None for every row}, tables the token may not use).
+
+        A token without a value for a scoped table's column may not use it:
+        fail closed.
+        """
+        scopes, closed = {}, set()
+        for table in self.allowed_tables:
+            schema = self.schemas.get(table)
+            scope = None if schema is None else schema.scope
+            if scope is None or token is None:
+                scopes[table] = None
+                continue
+            values = token.scopes.get(scope.name)
+            if values is None:
+                closed.add(table)
+            scopes[table] = None if values is None or SCOPE_ALL in values \
+                else TableScope(self.db, scope, values)
+        return scopes, closed
+
+    @staticmethod
+    def scope_fingerprint(scopes, tables):
+        """A short value naming the rows of `tables` a device sees; None when all of them.
+
+        It goes into checkpoints ("c") and the seed cache's key.
+        """
+        limited = [(table, scopes[table].column.name, sorted(scopes[table].texts))
+                   for table in tables if scopes and scopes.get(table) is not None]
+        if not limited:
+            return None
+        return hashlib.sha256(json.dumps(limited).encode("utf-8")).hexdigest()[:12]
 
     def _set_schemas(self, schemas):
         """Put newly read schemas in force, with their fingerprints."""
@@ -3716,14 +4072,14 @@ class SyncEngine:
 
     # -- rows by key -------------------------------------------------------------
 
-    def rows_for_keys(self, conn, schema, keys, lock=False):
+    def rows_for_keys(self, conn, schema, keys, lock=False, scope=None):
         """For each pushed key: (key as logged, row) of the row its statement would find, or None.
 
         One query for all the keys, each row carrying its key as SQL writes it;
         a key the device wrote in another form of the same value ('ABC' for
         'abc' under a case-blind collation) is then looked up on its own.
         """
-        found = self.select_by_keys(conn, schema, keys, lock)
+        found = self.select_by_keys(conn, schema, keys, lock, scope)
         result, unmatched = [], []
         for position, key in enumerate(keys):
             text = self.db.key_text(schema, key)
@@ -3734,21 +4090,22 @@ class SyncEngine:
                 unmatched.append(position)
         if unmatched and set(found) - {row[0] for row in result if row}:
             for position in unmatched:
-                alone = self.select_by_keys(conn, schema, [keys[position]], lock)
+                alone = self.select_by_keys(conn, schema, [keys[position]], lock, scope)
                 if alone:
                     result[position] = next(iter(alone.items()))
         return result
 
-    def select_by_keys(self, conn, schema, keys, lock=False):
+    def select_by_keys(self, conn, schema, keys, lock=False, scope=None):
         """{key text as the log holds it: row} of the rows with these keys (bound values).
 
-        lock: a concurrent writer of these rows waits for this transaction.
+        lock: a concurrent writer of these rows waits for this transaction;
+        scope: only the rows of a device's scope.
         """
         found = {}
         names = schema.column_names
         for chunk in _chunks(list(dict.fromkeys(keys)), 500):
             rows = self.db.query(conn, *select_keyed_sql(schema, chunk,
-                                                         self.db.lock_rows if lock else ""))
+                                                         self.db.lock_rows if lock else "", scope))
             for text, row in zip([row[0] for row in rows],
                                  self.db.decode_rows(schema, [row[1:] for row in rows])):
                 found[_text(text)] = dict(zip(names, row))
@@ -3778,7 +4135,7 @@ ACTIONS = {
 class Operation:
     """One validated push operation: bound values and its primary key."""
 
-    __slots__ = ("index", "table", "action", "values", "key", "sent")
+    __slots__ = ("index", "table", "action", "values", "key", "sent", "scope")
 
     def __init__(self, index, table, action, values, key, sent=None):
         self.index = index
@@ -3788,15 +4145,16 @@ class Operation:
         self.key = key          # tuple of primary-key values
         # {column name: value as the device holds it}
         self.sent = sent if sent is not None else values
+        self.scope = None       # the device's TableScope on the table, if it has one (Row scopes)
 
 
 class _PushState:
     """What deciding a push's returned checkpoint needs to know about the push."""
 
     __slots__ = ("checkpoint", "fields", "device_id", "batch_id", "start", "before", "operations",
-                 "skipped")
+                 "skipped", "scopes")
 
-    def __init__(self, checkpoint, fields, device_id, batch_id):
+    def __init__(self, checkpoint, fields, device_id, batch_id, scopes=None):
         self.checkpoint = checkpoint
         self.fields = fields        # the checkpoint decoded
         self.device_id = device_id
@@ -3806,6 +4164,7 @@ class _PushState:
         self.before = {}            # table -> {key as logged: row} as they were before the push
         self.operations = []        # the operations applied
         self.skipped = False        # some operations were skipped as conflicts
+        self.scopes = scopes        # the device's row scopes: {table: TableScope or None}
 
 
 class Pushes:
@@ -3887,10 +4246,38 @@ class Pushes:
             values = {name: value for name, value in values.items() if not columns[name].generated}
         return Operation(index, schema, action, values, key, data)
 
+    def hold_to_scopes(self, operations, scopes):
+        """Keep every operation inside the device's row scopes, or Refused("out_of_scope").
+
+        An insert that leaves the scope column out gets the token's value when
+        it has exactly one. Updates and deletes then find only rows of the
+        scope (Operation.scope goes into their SQL): another store's row is,
+        for this device, not there.
+        """
+        for op in operations:
+            scope = op.scope = scopes.get(op.table.name) if scopes else None
+            if scope is None:
+                continue
+            name = scope.column.name
+            if op.action == "delete" or (op.action == "update" and name in op.table.primary_key):
+                continue                        # the key names the row; the scope finds it or not
+            where = "operation %d (%s on %s)" % (op.index, op.action, op.table.name)
+            if name in op.values:
+                if not scope.holds(op.values[name]):
+                    raise Refused("out_of_scope", "%s: %s %s is outside this device's scope (%s)"
+                                  % (where, name, json.dumps(op.sent.get(name), default=str)[:100],
+                                     ", ".join(scope.texts) or "none"), op=op.index)
+            elif op.action in ("insert", "upsert"):
+                if len(scope.values) != 1:
+                    raise Refused("out_of_scope", "%s: data must include %s, one of this "
+                                  "device's values (%s)" % (where, name, ", ".join(scope.texts)),
+                                  op=op.index)
+                op.values[name] = scope.values[0]
+
     # -- the push -------------------------------------------------------------------
 
     def push(self, operations, device_id=None, batch_id=None, checkpoint=None, on_conflict="abort",
-             request_hash=None):
+             request_hash=None, scopes=None):
         """Apply validated operations in one transaction; return the response fields."""
         # 400 when malformed or foreign, even for a replay; its expiry is checked inside the push's
         # transaction
@@ -3902,7 +4289,7 @@ class Pushes:
             if prior is not None:
                 return self._replay(prior, request_hash, checkpoint)
         attempt = dict(device_id=device_id, batch_id=batch_id, fields=fields,
-                       on_conflict=on_conflict, request_hash=request_hash)
+                       on_conflict=on_conflict, request_hash=request_hash, scopes=scopes)
         try:
             return self._push_with_retries(operations, attempt, checkpoint)
         except _BatchTaken:
@@ -3948,10 +4335,10 @@ class Pushes:
         return result
 
     def _push(self, operations, batched, checkpoint, device_id, batch_id, fields, on_conflict,
-              request_hash):
+              request_hash, scopes=None):
         """The push's transaction: claim the batch id, check conflicts, apply, store the outcome."""
         missing, conflicts, logged = [], [], []
-        push = _PushState(checkpoint, fields, device_id, batch_id)
+        push = _PushState(checkpoint, fields, device_id, batch_id, scopes)
         since = fields["s"] if fields is not None else None
         with self.db.connection() as conn:
             with self._push_transaction(conn, operations, batched, batch_id, checkpoint):
@@ -4037,7 +4424,9 @@ class Pushes:
         conflicts, before = [], {}
         for table, ops in by_table.items():
             schema = self.engine.schemas[table]
-            found = self.engine.rows_for_keys(conn, schema, [op.key for op in ops], lock=True)
+            # a row outside the device's scope is not there for it: never shown, never touched
+            found = self.engine.rows_for_keys(conn, schema, [op.key for op in ops], lock=True,
+                                              scope=ops[0].scope)
             texts = [row[0] if row else self.db.key_text(schema, op.key)
                      for op, row in zip(ops, found)]
             before[table] = {text: row[1] for text, row in zip(texts, found) if row}
@@ -4096,7 +4485,7 @@ class Pushes:
         except DataRejected as error:
             # a retried insert whose row is already there, holding exactly these values, is a no-op
             if error.duplicate and None not in op.key:
-                found = self.engine.rows_for_keys(conn, schema, [op.key])[0]
+                found = self.engine.rows_for_keys(conn, schema, [op.key], scope=op.scope)[0]
                 if found is not None and _same_values(schema, op.values, found[1]):
                     return True
             raise PushRejected(op, error) from None
@@ -4105,7 +4494,7 @@ class Pushes:
     def _upsert(self, conn, op):
         """Insert the row or set its columns; True."""
         try:
-            self.db.upsert(conn, op.table, op.values)
+            self.db.upsert(conn, op.table, op.values, op.scope)
         except DataRejected as error:
             raise PushRejected(op, error) from None
         return True
@@ -4117,15 +4506,15 @@ class Pushes:
                    if name not in schema.primary_key}
         try:
             if not changes:
-                return bool(self.db.query(conn, *exists_sql(schema, op.key)))
-            return self.db.execute(conn, *update_sql(schema, changes, op.key)) > 0
+                return bool(self.db.query(conn, *exists_sql(schema, op.key, op.scope)))
+            return self.db.execute(conn, *update_sql(schema, changes, op.key, op.scope)) > 0
         except DataRejected as error:
             raise PushRejected(op, error) from None
 
     def _delete(self, conn, op):
         """Delete the row; True when it was there."""
         try:
-            return self.db.execute(conn, *delete_sql(op.table, op.key)) > 0
+            return self.db.execute(conn, *delete_sql(op.table, op.key, op.scope)) > 0
         except DataRejected as error:
             raise PushRejected(op, error) from None
 
@@ -4169,11 +4558,14 @@ class Pushes:
             head = self.changelog.head(conn)
             start = head if push.start is None else push.start
         fingerprint = self.engine.columns_fingerprint(fields["t"])
+        scope = self.engine.scope_fingerprint(push.scopes, fields["t"])
         if fields["scan"] is not None or push.device_id is None or fields["s"] != start \
                 or head == start or fields.get("f") not in (None, fingerprint) \
+                or fields.get("c") != scope \
                 or push.skipped or not self._only_echoes(conn, fields["t"], start, head, push):
             return push.checkpoint
-        return self.engine.checkpoints.encode(fields["t"], head, fingerprint=fingerprint)
+        return self.engine.checkpoints.encode(fields["t"], head, fingerprint=fingerprint,
+                                              scope=scope)
 
     def _only_echoes(self, conn, tables, start, head, push):
         """Whether every change in (start, head] to `tables` is a row of this push.
@@ -4194,8 +4586,9 @@ class Pushes:
         for table in dict.fromkeys(op.table.name for op in operations):
             schema = self.engine.schemas[table]
             ops = [op for op in operations if op.table.name == table]
-            for op, found in zip(ops,
-                                 self.engine.rows_for_keys(conn, schema, [op.key for op in ops])):
+            found_rows = self.engine.rows_for_keys(conn, schema, [op.key for op in ops],
+                                                   scope=ops[0].scope)
+            for op, found in zip(ops, found_rows):
                 logged[op.index] = (table, found[0] if found else self.db.key_text(schema, op.key))
                 now[logged[op.index]] = found[1] if found else None
         for table, row_key, device_id, batch_id in entries:
@@ -4363,10 +4756,10 @@ class Pulls:
 
     # -- sync mode ---------------------------------------------------------------------
 
-    def pull_changes(self, tables, since, limit):
+    def pull_changes(self, tables, since, limit, scopes=None):
         """Sync-mode pull: changes after checkpoint `since` (None: everything).
 
-        At most `limit` rows plus keys.
+        At most `limit` rows plus keys; with `scopes`, only the device's rows.
         """
         fields = self.engine.checkpoints.decode(since) if since is not None else None
         if fields is not None and sorted(fields["t"]) == sorted(tables):
@@ -4381,6 +4774,11 @@ class Pulls:
             raise Refused("expired", "the columns of %s changed since this checkpoint "
                           "(ALTER TABLE): start again with \"since\": null to pull every row with "
                           "its columns" % ", ".join(tables), reset=True)
+        scope = self.engine.scope_fingerprint(scopes, tables)
+        if fields is not None and fields.get("c") != scope:
+            raise Refused("expired", "this device's scope (the rows its token may see) changed "
+                          "since this checkpoint: start again with \"since\": null to pull the "
+                          "rows of its scope now", reset=True)
         changes = {table: {"upserted": [], "deleted": []} for table in tables}
         with self.db.connection() as conn:
             self.changelog.sequence(conn)
@@ -4390,24 +4788,24 @@ class Pulls:
             else:
                 seq, scan = fields["s"], fields["scan"]
             if scan is not None:
-                scan, has_more = self._scan_tables(conn, tables, scan, limit, changes)
+                scan, has_more = self._scan_tables(conn, tables, scan, limit, changes, scopes)
                 if scan is None:
-                    has_more = self.changelog.changed_since(conn, tables, seq)
+                    has_more = self.changelog.changed_since(conn, tables, seq, scopes)
                 checkpoint_seq = seq
             else:
-                entries = self.changelog.changed_rows(conn, tables, seq, limit + 1)
+                entries = self.changelog.changed_rows(conn, tables, seq, limit + 1, scopes)
                 has_more = len(entries) > limit
                 entries = entries[:limit]
-                self._fetch_changed(conn, entries, changes)
+                self._fetch_changed(conn, entries, changes, scopes)
                 checkpoint_seq = entries[-1][2] if entries else seq
             # checked after reading: compaction publishes its mark before deleting
             self.changelog.check_position(conn, seq)
         return {"success": True, "changes": changes,
                 "checkpoint": self.engine.checkpoints.encode(tables, checkpoint_seq, scan,
-                                                             fingerprint),
+                                                             fingerprint, scope),
                 "has_more": has_more}
 
-    def _scan_tables(self, conn, tables, scan, limit, changes):
+    def _scan_tables(self, conn, tables, scan, limit, changes, scopes=None):
         """Initial sync: page through the tables in key order.
 
         Return (next scan position or None, has_more).
@@ -4421,7 +4819,8 @@ class Pulls:
                 return [index, last], True
             schema = self.engine.schemas[tables[index]]
             after = None if last is None else self.db.key_bind(schema, last, ordered=True)
-            rows = self.db.query(conn, *page_sql(schema, after, budget))
+            rows = self.db.query(conn, *page_sql(schema, after, budget,
+                                                 scopes.get(schema.name) if scopes else None))
             if rows:
                 last = self.db.key_logged(schema, rows[-1])
                 names = schema.column_names
@@ -4432,12 +4831,14 @@ class Pulls:
             budget -= len(rows)
         return None, False
 
-    def _fetch_changed(self, conn, entries, changes):
+    def _fetch_changed(self, conn, entries, changes, scopes=None):
         """Turn (table, row_key, seq) entries into current rows, or keys of deleted rows.
 
         A row counts only when its key is, byte for byte, the logged one: after
         'abc' became 'ABC' (equal under a case-blind collation) the log holds a
         delete of 'abc', and a device must get that delete, not the 'ABC' row.
+        A row outside the device's scope is not found either: it left the
+        scope, and the device gets it as deleted.
         """
         by_table = {}
         for table, row_key, _ in entries:
@@ -4452,7 +4853,8 @@ class Pulls:
         for table, items in by_table.items():
             schema = self.engine.schemas[table]
             found = self.engine.select_by_keys(conn, schema, [self.db.key_bind(schema, logged)
-                                                              for _, logged in items])
+                                                              for _, logged in items],
+                                               scope=scopes.get(table) if scopes else None)
             for text, logged in items:
                 row = found.get(text)
                 if row is not None:
@@ -4463,10 +4865,15 @@ class Pulls:
 
     # -- seed mode ---------------------------------------------------------------------
 
-    def seed_pull(self, tables, limit):
-        """The seed's pull as encoded JSON, served from cache while the log shows no change."""
+    def seed_pull(self, tables, limit, scopes=None):
+        """The seed's pull as encoded JSON, served from cache while the log shows no change.
+
+        One device's cached answer is served only to devices of the same scope.
+        """
         schemas = self.engine.schemas
-        key = (tuple(tables), limit, self.engine.schema_fingerprint)
+        scopes = scopes or {}
+        key = (tuple(tables), limit, self.engine.schema_fingerprint,
+               self.engine.scope_fingerprint(scopes, tables))
         with self.db.connection() as conn:
             # Only what the change log sees can validate a cached answer: outside writes need
             # triggers, and a foreign-key cascade the cascade triggers cannot follow is not seen.
@@ -4481,9 +4888,9 @@ class Pulls:
                     return cached
             pages, counts = [], {}
             for table in tables:
-                page = self.db.rows_as_json(conn, schemas[table], limit)
+                page = self.db.rows_as_json(conn, schemas[table], limit, scopes.get(table))
                 if page is None:
-                    rows = self._read_rows(conn, [table], limit)[table]
+                    rows = self._read_rows(conn, [table], limit, scopes)[table]
                     page = (to_json_bytes(rows), len(rows))
                 counts[table] = page[1]
                 pages.append(to_json_bytes(table) + b":" + page[0])
@@ -4513,12 +4920,13 @@ class Pulls:
                 _, dropped = self._cache.popitem(last=False)
                 size -= len(dropped.body) + len(dropped.gzipped or b"")
 
-    def _read_rows(self, conn, tables, limit):
-        """The first `limit` rows of each table in key order, decoded."""
+    def _read_rows(self, conn, tables, limit, scopes=None):
+        """The first `limit` rows of each table in key order (in the device's scope), decoded."""
         data = {}
         for table in tables:
             schema = self.engine.schemas[table]
-            rows = self.db.query(conn, *first_rows_sql(schema, limit))
+            rows = self.db.query(conn, *first_rows_sql(schema, limit,
+                                                       scopes.get(table) if scopes else None))
             names = schema.column_names
             data[table] = [dict(zip(names, row)) for row in self.db.decode_rows(schema, rows)]
         return data
@@ -4883,7 +5291,8 @@ class App:
     def __init__(self, config, database=None, engine=None):
         self.config = config
         self.db = database or open_database(config)
-        self.engine = engine or SyncEngine(self.db, config.allowed_tables, config.change_capture)
+        self.engine = engine or SyncEngine(self.db, config.allowed_tables, config.change_capture,
+                                           config.row_scopes)
         self.pushes = Pushes(self.engine, config.max_value_bytes, config.push_retries)
         self.pulls = Pulls(self.engine)
         self.auth = Authenticator(config)
@@ -5057,7 +5466,9 @@ class App:
             raise Refused("too_many_operations", "a push may hold at most %d operations; split "
                           "the batch into several pushes" % self.config.max_operations)
         operations = self.pushes.validate_operations(sent)
-        self._check_writable(operations, token)
+        scopes, closed = self.engine.scopes_for(token)
+        self._check_writable(operations, token, closed)
+        self.pushes.hold_to_scopes(operations, scopes)
         request_hash = None             # what a retry with the same batch id must match
         if batch_id is not None:
             # surrogatepass: a lone surrogate in a field nobody reads must not break the hash
@@ -5067,7 +5478,7 @@ class App:
         request.count = len(operations)
         try:
             result = self.pushes.push(operations, device_id, batch_id, checkpoint,
-                                      fields["on_conflict"], request_hash)
+                                      fields["on_conflict"], request_hash, scopes)
             if result.get("replayed"):
                 self.metrics.count("cloudsync_replays_total")
             else:
@@ -5088,8 +5499,11 @@ class App:
             log.exception("push failed")
             raise Refused("push_failed", "the database failed; nothing was applied") from None
 
-    def _check_writable(self, operations, token):
-        """403 for a push to a read-only table, or to a table the device's token does not cover."""
+    def _check_writable(self, operations, token, closed=()):
+        """403 for a push to a read-only table, or to a table the device's token does not cover.
+
+        `closed`: scoped tables for whose column the token has no value.
+        """
         for op in operations:
             if op.table.name in self.config.read_only_tables:
                 raise Refused("read_only_table", "operation %d: devices may pull %s but not push "
@@ -5097,6 +5511,11 @@ class App:
             if token is not None and token.tables is not None and op.table.name not in token.tables:
                 raise Refused("table_not_permitted", "operation %d: this device's token does not "
                               "cover table %s" % (op.index, op.table.name), op=op.index)
+            if op.table.name in closed:
+                raise Refused("table_not_permitted", "operation %d: table %s is scoped by %s, and "
+                              "this device's token has no %s value (token rotate --scope)"
+                              % (op.index, op.table.name, op.table.scope.name,
+                                 op.table.scope.name), op=op.index)
 
     def pull(self, request):
         """Seed mode: rows of the requested tables. With `since`: changes after a checkpoint."""
@@ -5106,19 +5525,23 @@ class App:
         request.kind = "pull"
         request.device_id = token.device_id if token is not None else fields["device_id"]
         requested = fields["tables"]
-        if requested is None and token is not None and token.tables is not None:
-            requested = [table for table in self.engine.allowed_tables if table in token.tables]
+        scopes, closed = self.engine.scopes_for(token)
+        if requested is None and token is not None and (token.tables is not None or closed):
+            requested = [table for table in self.engine.allowed_tables if table not in closed
+                         and (token.tables is None or table in token.tables)]
         tables = self.pulls.check_tables(requested)
-        if token is not None and token.tables is not None:
-            refused = [table for table in tables if table not in token.tables]
+        if token is not None:
+            refused = [table for table in tables if table in closed
+                       or token.tables is not None and table not in token.tables]
             if refused:
-                raise Refused("table_not_permitted", "this device's token does not cover %s"
-                                % ", ".join(refused))
+                raise Refused("table_not_permitted", "this device's token does not cover %s%s"
+                              % (", ".join(refused), " (a scoped table needs a scope value of "
+                                 "its column in the token)" if set(refused) & closed else ""))
         limit = parse_limit(fields["limit"], self.config.max_pull_rows)
         sync_mode, since = "since" in payload, fields["since"]
         try:
             if sync_mode:
-                result = self.pulls.pull_changes(tables, since, limit)
+                result = self.pulls.pull_changes(tables, since, limit, scopes)
                 result["limit"] = limit
                 pulled = self.engine.checkpoints.decode(result["checkpoint"])
                 request.checkpoint_seq, request.tables = pulled["s"], ",".join(pulled["t"])
@@ -5126,7 +5549,7 @@ class App:
                           for table, change in result["changes"].items()}
                 self._count_pulled(request, counts)
                 return 200, result
-            encoded = self.pulls.seed_pull(tables, limit)
+            encoded = self.pulls.seed_pull(tables, limit, scopes)
             self._count_pulled(request, encoded.rows)
         except DatabaseUnavailable:
             raise Refused("pull_unavailable", "the database is unavailable; retry later") from None
@@ -5166,7 +5589,12 @@ class App:
         except DatabaseUnavailable:
             raise Refused("database_unavailable",
                           "the database is unavailable; retry later") from None
-        return 200, {"success": True, "devices": devices}
+        return 200, {"success": True, "devices": self.with_scopes(devices)}
+
+    def with_scopes(self, devices):
+        """The fleet's devices, each with the scopes of its token (None: no scope, or no token)."""
+        scopes = {token.device_id: token.scope_text() or None for token in self.auth.tokens}
+        return [dict(device, scope=scopes.get(device["device_id"])) for device in devices]
 
     def metrics_text(self, request):
         """Prometheus metrics; needs METRICS_TOKEN or ADMIN_TOKEN if set, else what /sync* needs."""
@@ -5204,8 +5632,9 @@ class App:
             raise Refused("schema_problem", str(error), status="error") from None
         token = request.token
         # a device limited to some tables learns nothing of the others, not even their names
-        shown = [name for name in self.engine.allowed_tables
-                 if token is None or token.tables is None or name in token.tables]
+        closed = self.engine.scopes_for(token)[1]
+        shown = [name for name in self.engine.allowed_tables if name not in closed
+                 and (token is None or token.tables is None or name in token.tables)]
         return 200, {
             "success": True, "status": "ok", "allowed_tables": shown,
             "backend": self.db.name, "server_version": version, "driver": self.db.driver(),
@@ -5610,6 +6039,7 @@ def _check(config):
                         "run: %s migrate" % _own_command())
             else:
                 _check_capture(app, conn, config, schemas, problem, ok)
+            _check_scopes(app, conn, config, schemas, problem, ok)
             if app.db.name == "mysql":
                 _check_privileges(app, conn, config, problem, ok)
     except DatabaseUnavailable as error:
@@ -5641,6 +6071,26 @@ def _check_capture(app, conn, config, schemas, problem, ok):
                 "run: %s migrate (it removes them)" % _own_command())
     if not stale:
         ok("change capture (%s) is in place" % config.change_capture)
+
+
+def _check_scopes(app, conn, config, schemas, problem, ok):
+    """check: each ROW_SCOPES column exists, and an index starts with it (pulls read ranges)."""
+    for table, name in config.row_scopes:
+        schema = schemas.get(table)
+        if schema is None:
+            continue
+        try:
+            app.engine._with_scopes({table: schema})
+        except SchemaError as error:
+            problem(str(error), "change ROW_SCOPES, or the table")
+            continue
+        if any(columns[:1] == (name,) for columns in app.db.index_columns(conn, table)):
+            ok("table %s is scoped by %s, and an index starts with it" % (table, name))
+        else:
+            problem("table %s is scoped by %s, but no index starts with %s: each device's pull "
+                    "reads the whole table" % (table, name, name),
+                    "CREATE INDEX %s ON %s (%s)" % (app.db.quote("%s_by_%s" % (table, name)),
+                                                    schema.quoted, app.db.quote(name)))
 
 
 def _own_command():
@@ -5688,16 +6138,18 @@ def _devices_command(config, args):
     with app.db.connection() as conn:
         app.fleet.install(conn)
         app.engine.changelog.sequence(conn)
-        devices = app.fleet.devices(conn, app.engine.changelog.head(conn))
+        devices = app.with_scopes(app.fleet.devices(conn, app.engine.changelog.head(conn)))
     if args.json:
         print(json.dumps(devices, indent=2))
         return 0
     now = datetime.datetime.now(datetime.timezone.utc)
-    print("  %-24s %9s %9s %9s %7s %7s %7s %8s %6s" % ("device", "seen", "pushed", "pulled", "lag",
-                                                      "pushes", "pulls", "rejected", "failed"))
+    print("  %-17s %-10s %9s %9s %9s %6s %6s %6s %8s %6s" % (
+        "device", "scope", "seen", "pushed", "pulled", "lag", "pushes", "pulls", "rejected",
+        "failed"))
     for device in devices:
-        print("%s %-24s %9s %9s %9s %7s %7s %7s %8s %6s" % (
-            "!" if device["silent"] else " ", device["device_id"][:24],
+        print("%s %-17s %-10s %9s %9s %9s %6s %6s %6s %8s %6s" % (
+            "!" if device["silent"] else " ", device["device_id"][:17],
+            _scope_shown(device["scope"], 10),
             _ago(device["last_seen"], now), _ago(device["last_push"], now),
             _ago(device["last_pull"], now),
             "-" if device["lag"] is None else device["lag"], device["pushes"], device["pulls"],
@@ -5707,6 +6159,13 @@ def _devices_command(config, args):
     print("seen, pushed, pulled: how long ago; lag: changes of its tables its last pull is behind;")
     print("rejected: answered 4xx (conflicts, resets, bad values); failed: answered 5xx")
     return 0
+
+
+def _scope_shown(scope, width):
+    """A token's scopes cut to `width` characters for a table ('-' for none)."""
+    if not scope:
+        return "-"
+    return scope if len(scope) <= width else scope[:width - 1] + "~"
 
 
 def _ago(moment, now):
@@ -5747,14 +6206,13 @@ def _token_command(config, args):
     A running server picks changes up.
     """
     if args.token_command == "list":
-        print("%-24s %-30s %s" % ("device", "tables", "created"))
-        for token in config.tokens:
-            print("%-24s %-30s %s" % (token.device_id, ",".join(token.tables or ()) or "all tables",
-                                      "(TOKENS)"))
-        for token in read_tokens_file(config.tokens_file):
-            print("%-24s %-30s %s" % (token.device_id,
-                                      ",".join(token.tables) if token.tables is not None
-                                      else "all tables", token.created or "-"))
+        print("%-24s %-30s %-20s %s" % ("device", "tables", "created", "scope"))
+        for token, created in [(token, "(TOKENS)") for token in config.tokens] + [
+                (token, token.created or "-") for token in read_tokens_file(config.tokens_file)]:
+            print("%-24s %-30s %-20s %s" % (token.device_id,
+                                            ",".join(token.tables) if token.tables is not None
+                                            else "all tables", created,
+                                            token.scope_text() or "-"))
         return 0
     if not config.tokens_file:
         raise ConfigError("TOKENS_FILE is empty: set it to the file that keeps the device tokens.")
@@ -5770,8 +6228,24 @@ def _token_command(config, args):
         if unknown or not tables:
             raise ConfigError("--tables names %s, not in ALLOWED_TABLES."
                               % (", ".join(unknown) or "no table"))
+    scopes = None
+    if args.scope:
+        scopes = {}
+        for written in args.scope:
+            try:
+                column, values = parse_scope(written, "--scope")
+            except ValueError as error:
+                raise ConfigError("%s." % error) from None
+            if column in scopes:
+                raise ConfigError("--scope %s is given twice; list its values once: "
+                                  "--scope %s=7,8." % (column, column))
+            scopes[column] = values
+        used = {column for _, column in config.row_scopes}
+        if used and not set(scopes) & used:
+            log.warning("--scope names %s, which no ROW_SCOPES table uses (%s)",
+                        ", ".join(sorted(scopes)), ", ".join(sorted(used)))
     make = add_token if args.token_command == "add" else rotate_token
-    secret = make(config.tokens_file, args.device_id, tables)
+    secret = make(config.tokens_file, args.device_id, tables, scopes)
     if args.token_command == "rotate":
         print("the old token stops working within a second on a running server")
     print("Token for device %s (shown once; only its hash is kept in %s):"
@@ -5831,6 +6305,10 @@ def _arguments():
         action.add_argument("device_id", help="the device the token belongs to")
         action.add_argument("--tables", help="comma-separated tables this device may sync "
                                              "(default: all allowed; rotate: as before)")
+        action.add_argument("--scope", action="append", metavar="COLUMN=V[,V]",
+                            help="the rows of ROW_SCOPES tables this device syncs: those whose "
+                                 "COLUMN holds one of the values (store_id=7,8; store_id=* for "
+                                 "every row); repeat for several columns (rotate: as before)")
     remove = token_commands.add_parser("remove", help="take a device's token away (a lost device)")
     remove.add_argument("device_id", help="the device whose token goes")
     token_commands.add_parser("list", help="list the devices that have tokens, their tables and "
@@ -5906,13 +6384,15 @@ MYSQL_LOG_TABLES = (
     "CREATE TABLE IF NOT EXISTS cloudsync_pending (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,"
     " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
     " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
-    " KEY cloudsync_pending_by_table (table_name))"
+    " scope VARCHAR(255) NULL, KEY cloudsync_pending_by_table (table_name))"
     " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
     "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq BIGINT NOT NULL PRIMARY KEY,"
     " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
     " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
+    " scope VARCHAR(255) NULL,"
     " KEY cloudsync_changes_by_row (table_name, row_key(255), seq), KEY "
-    "cloudsync_changes_by_table (table_name, seq))"
+    "cloudsync_changes_by_table (table_name, seq),"
+    " KEY cloudsync_changes_by_scope (table_name, scope, seq))"
     " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
     # ids compared byte for byte: under any MySQL collation 'b1 ' would be the same batch as 'b1'
     "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id VARBINARY(512) NOT NULL,"
@@ -5925,7 +6405,7 @@ SQLITE_LOG_TABLES = (
     "NULL)",
     "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
     " table_name TEXT NOT NULL, row_key TEXT NOT NULL, op TEXT NOT NULL, device_id TEXT,"
-    " batch_id TEXT, changed_at TEXT NOT NULL)",
+    " batch_id TEXT, changed_at TEXT NOT NULL, scope TEXT)",
     "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_row ON cloudsync_changes (table_name, "
     "row_key, seq)",
     "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_table ON cloudsync_changes (table_name, seq)",
@@ -6029,8 +6509,8 @@ ROUTE_REFUSALS = {
     ("/sync/devices", "get"): ("unauthorized", "internal", "database_unavailable"),
     ("/sync/push", "post"): _BODY_REFUSALS + (
         "invalid_operation", "invalid_table", "invalid_action", "unknown_column", "missing_key", "invalid_value",
-        "invalid_checkpoint", "data_refused", "unauthorized", "forbidden", "read_only_table", "table_not_permitted",
-        "duplicate", "conflict", "batch_reused", "expired", "too_large", "too_many_operations", "value_too_large",
+        "invalid_checkpoint", "data_refused", "unauthorized", "forbidden", "read_only_table",
+        "table_not_permitted", "out_of_scope", "duplicate", "conflict", "batch_reused", "expired", "too_large", "too_many_operations", "value_too_large",
         "unsupported_encoding", "rejected", "push_failed", "internal", "push_unavailable"),
     ("/sync/pull", "post"): _BODY_REFUSALS + (
         "invalid_table", "no_tables", "invalid_limit", "invalid_checkpoint", "unauthorized", "table_not_permitted",
@@ -6455,6 +6935,9 @@ OPENAPI = {
                     "pushes": {"type": "integer", "minimum": 0},
                     "pulls": {"type": "integer", "minimum": 0},
                     "silent": {"type": "boolean", "description": "Not seen for more than a day."},
+                    "scope": {"type": ["string", "null"],
+                              "description": "The row scopes of the device's token (store_id=7,8; "
+                                             "store_id=* for every row); null: none."},
                     "errors": {"type": "integer", "minimum": 0, "description": "Answers of 400 or more "
                                                                              "(rejected + failed)."},
                     "rejected": {"type": "integer", "minimum": 0,

@@ -38,6 +38,7 @@ Contents, in the order of the banners below (a test keeps this list true):
   31. Tokens and composite keys
   32. Benchmark: a smoke run so that the script cannot rot (figures are not checked)
   33. Trust: faults and load against live servers (a private MariaDB)
+  34. Row scopes: each device syncs only its own store's rows
 """
 
 import argparse
@@ -2661,7 +2662,7 @@ def test_push_field_errors(app, backend, fields, error):
 # Sync protocol: property test
 # ---------------------------------------------------------------------------
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings, strategies as st  # noqa: E402
 
 KEYS = st.integers(0, 7)
 PUSH_STEP = st.tuples(st.just("push"), st.integers(0, 2),
@@ -4483,3 +4484,443 @@ def test_fifty_devices_through_two_instances(private_mariadb, tmp_path):
 def test_bad_inputs_over_http(private_mariadb, tmp_path):
     figures = reliability_cloudsync.scenario_bad_inputs(private_mariadb, str(tmp_path), count=200)
     assert figures["5xx answers"] == 0 and figures["database changed"] is False
+
+
+# ---------------------------------------------------------------------------
+# Row scopes: each device syncs only its own store's rows
+# ---------------------------------------------------------------------------
+# Tables of a shop chain and a field team: orders scoped by an integer store,
+# visits by a text region inside a composite key, jobs by a technician through
+# a foreign key that cascades, notes scoped without an index (for `check`),
+# and a shared catalogue. Each device's token carries its scope values.
+
+SCOPED_MYSQL = [
+    "CREATE TABLE techs (name VARCHAR(20) PRIMARY KEY) ENGINE=InnoDB",
+    "CREATE TABLE orders (id INT PRIMARY KEY, store_id INT NULL, total DECIMAL(10,2), note VARCHAR(40),"
+    " KEY orders_by_store (store_id, id)) ENGINE=InnoDB",
+    "CREATE TABLE visits (region VARCHAR(20) NOT NULL, day DATE NOT NULL, who VARCHAR(40),"
+    " PRIMARY KEY (region, day)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE jobs (id INT PRIMARY KEY, tech VARCHAR(20) NULL, what VARCHAR(40), KEY jobs_by_tech (tech),"
+    " FOREIGN KEY (tech) REFERENCES techs (name) ON UPDATE CASCADE ON DELETE CASCADE) ENGINE=InnoDB",
+    "CREATE TABLE catalogue (id INT PRIMARY KEY, name VARCHAR(40)) ENGINE=InnoDB",
+    "CREATE TABLE notes (id INT PRIMARY KEY, store_id INT, body TEXT) ENGINE=InnoDB",
+]
+SCOPED_SQLITE = [
+    "CREATE TABLE techs (name TEXT PRIMARY KEY)",
+    "CREATE TABLE orders (id INTEGER PRIMARY KEY, store_id INTEGER, total DECIMAL(10,2), note TEXT)",
+    "CREATE INDEX orders_by_store ON orders (store_id, id)",
+    "CREATE TABLE visits (region TEXT NOT NULL, day DATE NOT NULL, who TEXT, PRIMARY KEY (region, day))",
+    "CREATE TABLE jobs (id INTEGER PRIMARY KEY, tech TEXT REFERENCES techs (name) ON UPDATE CASCADE"
+    " ON DELETE CASCADE, what TEXT)",
+    "CREATE INDEX jobs_by_tech ON jobs (tech)",
+    "CREATE TABLE catalogue (id INTEGER PRIMARY KEY, name TEXT)",
+    "CREATE TABLE notes (id INTEGER PRIMARY KEY, store_id INTEGER, body TEXT)",
+]
+SCOPED_TABLES = "orders,visits,jobs,catalogue,notes,techs"
+ROW_SCOPES = "orders.store_id,visits.region,jobs.tech,notes.store_id"
+SCOPED_TOKENS = ",".join([
+    "till7:t7;store_id=7;region=north;tech=ann", "till8:t8;store_id=8;region=south;tech=bob",
+    "both:tb;store_id=7|8", "office:to;store_id=*;region=*;tech=*", "bare:tn", "cat:tc;tech=cat"])
+# token -> the stores (orders.store_id) its device sees; None: every row
+STORES_OF = {"t7": {7}, "t8": {8}, "tb": {7, 8}, "to": None}
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def scoped_backend(request, tmp_path):
+    """A fresh database on each backend holding the scoped tables."""
+    made = _fresh_database(request.param, SCOPED_SQLITE if request.param == "sqlite" else SCOPED_MYSQL,
+                           tmp_path, request)
+    if request.param == "sqlite":
+        made.sql("PRAGMA foreign_keys = ON")     # the outside writer's cascades, as SQLite needs
+    yield made
+    made.close()
+
+
+def scoped_config(backend, **settings):
+    return backend.config(**dict(dict(ALLOWED_TABLES=SCOPED_TABLES, ROW_SCOPES=ROW_SCOPES,
+                                      TOKENS=SCOPED_TOKENS), **settings))
+
+
+@pytest.fixture
+def scoped(scoped_backend):
+    """The app with ROW_SCOPES and the scoped tokens, started."""
+    application = cloudsync.App(scoped_config(scoped_backend))
+    application.start()
+    yield application
+    application.db.close()
+
+
+def as_device(token):
+    return {"Authorization": "Bearer " + token}
+
+
+def spull(application, token, **fields):
+    return call(application, "POST", "/sync/pull", fields, headers=as_device(token))
+
+
+def spush(application, token, operations, **fields):
+    return call(application, "POST", "/sync/push", dict(fields, operations=operations), headers=as_device(token))
+
+
+def sync_to_end(application, token, tables, since=None, limit=1000):
+    """Pull from `since` until has_more is false: ({table: {key: row}}, {table: [deleted keys]}, checkpoint)."""
+    upserted, deleted = {table: {} for table in tables}, {table: [] for table in tables}
+    while True:
+        answer = spull(application, token, tables=tables, since=since, limit=limit)
+        assert answer.status == 200, answer.json
+        for table, change in answer.json["changes"].items():
+            for row in change["upserted"]:
+                upserted[table][_row_key(table, row)] = row
+            deleted[table].extend(change["deleted"])
+        since = answer.json["checkpoint"]
+        if not answer.json["has_more"]:
+            return upserted, deleted, since
+
+
+def _row_key(table, row):
+    return (row["region"], row["day"]) if table == "visits" else row["id"]
+
+
+def seed_orders(backend, *rows):
+    for row in rows:
+        backend.sql("INSERT INTO orders (id, store_id, total, note) VALUES (?, ?, ?, ?)", row)
+
+
+ROW_SCOPE_CONFIG_ERRORS = [
+    ({"ROW_SCOPES": "ghost.store_id"}, "ROW_SCOPES names ghost, which is not in ALLOWED_TABLES"),
+    ({"ROW_SCOPES": "orders"}, "expected table.column"),
+    ({"ROW_SCOPES": "orders.store_id,orders.note"}, "a table is named twice"),
+    ({"CHANGE_CAPTURE": "api"}, "ROW_SCOPES needs CHANGE_CAPTURE=triggers"),
+    ({"AUTH": "off", "TOKENS": ""}, "ROW_SCOPES needs device tokens"),
+    ({"TOKENS": "a:b;store_id"}, "is not a scope"),
+    ({"TOKENS": "a:b;store_id=7|*"}, "mixes \\* \\(every row\\) with values"),
+    ({"TOKENS": "a:b;store_id=7;store_id=8"}, "given twice"),
+]
+
+
+@pytest.mark.parametrize("settings,message", ROW_SCOPE_CONFIG_ERRORS)
+def test_row_scope_settings_that_cannot_work_stop_the_start(settings, message):
+    values = dict(ALLOWED_TABLES=SCOPED_TABLES, ROW_SCOPES=ROW_SCOPES, TOKENS=SCOPED_TOKENS, TOKENS_FILE="")
+    values.update(settings)
+    with pytest.raises(cloudsync.ConfigError, match=message):
+        cloudsync.load_config(env_file=None, environ={}, overrides=values)
+
+
+@pytest.mark.parametrize("scopes,message", [
+    ("orders.shop", "has no column shop"),
+    ("orders.total", "a scope column holds whole numbers or text"),
+])
+def test_a_scope_column_the_table_lacks_or_cannot_scope_by_is_a_schema_error(scoped_backend, scopes, message):
+    with pytest.raises(cloudsync.SchemaError, match=message):
+        cloudsync.App(scoped_config(scoped_backend, ROW_SCOPES=scopes)).start()
+
+
+def test_row_scopes_without_tokens_stop_the_start(scoped_backend):
+    with pytest.raises(cloudsync.ConfigError, match="no device token is configured"):
+        cloudsync.App(scoped_config(scoped_backend, TOKENS=""))
+
+
+def test_seed_pull_shows_each_device_its_own_rows_and_never_shares_a_cached_answer(scoped_backend, scoped):
+    seed_orders(scoped_backend, (1, 7, "1.00", "a"), (2, 8, "2.00", "b"), (3, 7, "3.00", "c"), (4, None, "4.00", "d"))
+    scoped_backend.sql("INSERT INTO catalogue (id, name) VALUES (1, 'tea')")
+    seen, etags = {}, {}
+    for token, stores in STORES_OF.items():
+        for _ in range(2):                      # the second answer comes from the cache
+            answer = spull(scoped, token, tables=["orders", "catalogue"])
+            assert answer.status == 200
+            seen[token] = sorted(row["id"] for row in answer.json["data"]["orders"])
+            assert [row["id"] for row in answer.json["data"]["catalogue"]] == [1]
+            etags.setdefault(token, answer.headers["ETag"])
+            assert answer.headers["ETag"] == etags[token]
+    assert seen == {"t7": [1, 3], "t8": [2], "tb": [1, 2, 3], "to": [1, 2, 3, 4]}
+    assert len(set(etags.values())) == len(etags)
+    assert call(scoped, "POST", "/sync/pull", {"tables": ["orders", "catalogue"]},
+                headers=dict(as_device("t7"), **{"If-None-Match": etags["t7"]})).status == 304
+    # another store's ETag is not this device's answer
+    answer = call(scoped, "POST", "/sync/pull", {"tables": ["orders", "catalogue"]},
+                  headers=dict(as_device("t8"), **{"If-None-Match": etags["t7"]}))
+    assert answer.status == 200 and [row["id"] for row in answer.json["data"]["orders"]] == [2]
+
+
+def test_a_token_without_a_value_for_a_scoped_table_may_not_use_it(scoped_backend, scoped):
+    seed_orders(scoped_backend, (1, 7, "1.00", "a"))
+    answer = spull(scoped, "tn", since=None)
+    assert answer.status == 200 and sorted(answer.json["changes"]) == ["catalogue", "techs"]
+    for fields in ({"tables": ["orders"]}, {"tables": ["orders"], "since": None}, {"tables": ["jobs", "catalogue"]}):
+        answer = spull(scoped, "tn", **fields)
+        assert (answer.status, answer.json["error"]) == (403, "Table not permitted")
+    answer = spush(scoped, "tn", [op("insert", "catalogue", id=5, name="x"), op("insert", "orders", id=9, store_id=7)])
+    assert (answer.status, answer.json["error"], answer.json["op"]) == (403, "Table not permitted", 1)
+    assert scoped_backend.rows("catalogue") == []
+    status = call(scoped, "GET", "/sync/status", headers=as_device("tn")).json
+    assert status["allowed_tables"] == ["catalogue", "techs"]
+    full = call(scoped, "GET", "/sync/status", headers=as_device("to")).json
+    assert full["tables"]["orders"]["scope"] == "store_id" and "scope" not in full["tables"]["catalogue"]
+
+
+def test_rows_that_move_between_stores_reach_devices_as_deletes_and_upserts(scoped_backend, scoped):
+    seed_orders(scoped_backend, (1, 7, "1.00", "a"), (2, 8, "2.00", "b"), (3, 7, "3.00", "c"))
+    first = {token: sync_to_end(scoped, token, ["orders"]) for token in ("t7", "t8", "to")}
+    assert sorted(first["t7"][0]["orders"]) == [1, 3] and sorted(first["t8"][0]["orders"]) == [2]
+    # another program moves a row, adds one, deletes one, edits one
+    scoped_backend.sql("UPDATE orders SET store_id = 8 WHERE id = 1")
+    seed_orders(scoped_backend, (5, 7, "5.00", "e"), (6, 9, "6.00", "f"))
+    scoped_backend.sql("DELETE FROM orders WHERE id = 3")
+    scoped_backend.sql("UPDATE orders SET note = 'B' WHERE id = 2")
+    after = {token: sync_to_end(scoped, token, ["orders"], since=first[token][2], limit=1)
+             for token in ("t7", "t8", "to")}
+    assert sorted(after["t7"][0]["orders"]) == [5] and sorted(after["t7"][1]["orders"]) == [1, 3]
+    # store 8 hears of the row that came in and the one that changed, never of 3, 5 or 6
+    assert sorted(after["t8"][0]["orders"]) == [1, 2] and after["t8"][1]["orders"] == []
+    assert after["t8"][0]["orders"][1]["store_id"] == 8
+    assert sorted(after["to"][0]["orders"]) == [1, 2, 5, 6] and after["to"][1]["orders"] == [3]
+    # a device of both stores moves a row back: store 7 gets it, store 8 loses it
+    assert spush(scoped, "tb", [op("update", "orders", id=1, store_id=7)]).status == 200
+    again = {token: sync_to_end(scoped, token, ["orders"], since=after[token][2]) for token in ("t7", "t8")}
+    assert sorted(again["t7"][0]["orders"]) == [1] and again["t7"][1]["orders"] == []
+    assert again["t8"][0]["orders"] == {} and again["t8"][1]["orders"] == [1]
+    # to null and back: only the office sees the row while it belongs to no store
+    scoped_backend.sql("UPDATE orders SET store_id = NULL WHERE id = 5")
+    assert sync_to_end(scoped, "t7", ["orders"], since=again["t7"][2])[1]["orders"] == [5]
+
+
+def test_a_text_scope_inside_a_composite_key_is_matched_byte_for_byte(scoped_backend, scoped):
+    for region, day, who in (("north", "2026-12-01", "ann"), ("North", "2026-12-02", "eve"),
+                             ("south", "2026-12-01", "bob")):
+        scoped_backend.sql("INSERT INTO visits (region, day, who) VALUES (?, ?, ?)", (region, day, who))
+    rows, _, since = sync_to_end(scoped, "t7", ["visits"])
+    assert sorted(rows["visits"]) == [("north", "2026-12-01")]
+    # the key itself moves to another region: a delete of the old key for north, the row for south
+    _, _, south = sync_to_end(scoped, "t8", ["visits"])
+    scoped_backend.sql("UPDATE visits SET region = 'south', day = '2026-12-03' WHERE who = 'ann'")
+    upserted, deleted, _ = sync_to_end(scoped, "t7", ["visits"], since=since)
+    assert upserted["visits"] == {} and deleted["visits"] == [{"region": "north", "day": "2026-12-01"}]
+    upserted, deleted, _ = sync_to_end(scoped, "t8", ["visits"], since=south)
+    assert sorted(upserted["visits"]) == [("south", "2026-12-03")] and deleted["visits"] == []
+
+
+OUT_OF_SCOPE_PUSHES = [
+    # (token, the operation after a valid insert, expected status, error)
+    ("t7", op("insert", "orders", id=10, store_id=8), 403, "Out of scope"),
+    ("t7", op("insert", "orders", id=10, store_id="8"), 403, "Out of scope"),
+    ("t7", op("upsert", "orders", id=10, store_id=9, note="x"), 403, "Out of scope"),
+    ("t7", op("update", "orders", id=1, store_id=8), 403, "Out of scope"),
+    ("t7", op("update", "orders", id=1, store_id=None), 403, "Out of scope"),
+    ("tb", op("insert", "orders", id=10, note="which store?"), 403, "Out of scope"),
+    ("t7", op("insert", "visits", region="south", day="2026-12-01"), 403, "Out of scope"),
+    ("t7", op("insert", "visits", region="North", day="2026-12-01"), 403, "Out of scope"),
+    ("t7", op("insert", "orders", id=2, store_id=7), 409, "Sync failed"),     # the key is another store's
+    ("t7", op("upsert", "orders", id=2, store_id=7, note="mine"), 409, "Sync failed"),
+    ("t7", op("upsert", "orders", id=2, note="mine"), 409, "Sync failed"),
+    ("t7", op("insert", "catalogue", id=1, name="again"), 409, "Sync failed"),
+]
+
+
+@pytest.mark.parametrize("token,operation,status,error", OUT_OF_SCOPE_PUSHES)
+def test_a_push_outside_the_devices_scope_is_refused_and_nothing_is_applied(scoped_backend, scoped, token,
+                                                                          operation, status, error):
+    seed_orders(scoped_backend, (1, 7, "1.00", "a"), (2, 8, "2.00", "b"))
+    scoped_backend.sql("INSERT INTO catalogue (id, name) VALUES (1, 'tea')")
+    before = {table: scoped_backend.rows(table) for table in ("orders", "visits", "catalogue")}
+    answer = spush(scoped, token, [op("insert", "orders", id=20, store_id=7), operation])
+    assert (answer.status, answer.json["error"], answer.json.get("op")) == (status, error, 1)
+    assert {table: scoped_backend.rows(table) for table in before} == before
+    assert "mine" not in answer.body.decode() and "2.00" not in answer.body.decode()
+
+
+def test_updates_and_deletes_of_another_stores_row_find_nothing_and_show_nothing(scoped_backend, scoped):
+    seed_orders(scoped_backend, (1, 7, "1.00", "a"), (2, 8, "2.00", "secret"))
+    answer = spush(scoped, "t7", [op("update", "orders", id=2, note="mine"), op("delete", "orders", id=2),
+                                  op("update", "orders", id=1, note="ok")])
+    assert answer.status == 200 and answer.json["missing"] == [{"op": 0, "table": "orders", "key": 2}]
+    assert scoped_backend.rows("orders")[1][3] == "secret" and scoped_backend.rows("orders")[0][3] == "ok"
+    # with a checkpoint, the conflict answer names the op but shows no row of store 8
+    _, _, since = sync_to_end(scoped, "t7", ["orders"])
+    scoped_backend.sql("UPDATE orders SET note = 'changed' WHERE id = 2")
+    answer = spush(scoped, "t7", [op("update", "orders", id=2, note="mine")], checkpoint=since)
+    assert answer.status == 409 and answer.json["conflicts"] == [
+        {"op": 0, "table": "orders", "key": 2, "server_row": None}]
+    answer = spush(scoped, "t7", [op("update", "orders", id=2, note="mine")], checkpoint=since, on_conflict="skip")
+    assert answer.status == 200 and "changed" not in answer.body.decode()
+    assert scoped_backend.rows("orders")[1][3] == "changed"
+
+
+def test_an_insert_without_the_scope_column_gets_the_tokens_only_value(scoped_backend, scoped):
+    _, _, since = sync_to_end(scoped, "t7", ["orders"])
+    answer = spush(scoped, "t7", [op("insert", "orders", id=30, note="no store"),
+                                  op("upsert", "orders", id=31, note="no store")], checkpoint=since)
+    assert answer.status == 200 and scoped_backend.rows("orders") == [
+        (30, 7, None, "no store"), (31, 7, None, "no store")]
+    # the device does not hold store_id yet: its checkpoint stays, and its next pull brings the rows
+    assert answer.json["checkpoint"] == since
+    upserted, _, _ = sync_to_end(scoped, "t7", ["orders"], since=since)
+    assert {key: row["store_id"] for key, row in upserted["orders"].items()} == {30: 7, 31: 7}
+
+
+def test_a_push_inside_the_scope_moves_the_checkpoint_as_before(scoped_backend, scoped):
+    _, _, since = sync_to_end(scoped, "t7", ["orders"])
+    answer = spush(scoped, "t7", [op("insert", "orders", id=40, store_id=7, total="1.50", note="n")],
+                   checkpoint=since, device_id="till7", batch_id="b1")
+    assert answer.status == 200 and answer.json["checkpoint"] != since
+    assert sync_to_end(scoped, "t7", ["orders"], since=answer.json["checkpoint"])[0]["orders"] == {}
+
+
+def test_a_changed_scope_makes_the_next_pull_start_again(scoped_backend, tmp_path):
+    tokens_file = str(tmp_path / "tokens")
+    secret = cloudsync.add_token(tokens_file, "till", scopes={"store_id": ("7",)})
+    config = scoped_config(scoped_backend, TOKENS="", TOKENS_FILE=tokens_file)
+    application = cloudsync.App(config)
+    application.start()
+    try:
+        seed_orders(scoped_backend, (1, 7, "1.00", "a"), (2, 8, "2.00", "b"))
+        rows, _, since = sync_to_end(application, secret, ["orders"])
+        assert sorted(rows["orders"]) == [1]
+        secret = cloudsync.rotate_token(tokens_file, "till", scopes={"store_id": ("8",)})
+        application.auth.reload(force=True)
+        answer = spull(application, secret, tables=["orders"], since=since)
+        assert (answer.status, answer.json["error"], answer.json["reset"]) == (410, "Checkpoint expired", True)
+        assert sorted(sync_to_end(application, secret, ["orders"])[0]["orders"]) == [2]
+        # rotating without --scope keeps the scope
+        secret = cloudsync.rotate_token(tokens_file, "till")
+        assert "scope.store_id=8" in open(tokens_file).read()
+    finally:
+        application.db.close()
+
+
+def test_token_commands_write_list_and_check_scopes(tmp_path, scoped_backend):
+    tokens_file = str(tmp_path / "tokens")
+    env = dict(TOKENS_FILE=tokens_file, ALLOWED_TABLES=SCOPED_TABLES, ROW_SCOPES=ROW_SCOPES,
+               **scoped_backend.settings)
+    code, out, err = _cli(["--env-file", "", "token", "add", "till-07", "--scope", "store_id=7,8",
+                           "--scope", "region=north"], env)
+    assert code == 0, err
+    assert re.search(r"^till-07 sha256:[0-9a-f]{64} scope.region=north scope.store_id=7,8 created=",
+                     open(tokens_file).read(), re.M)
+    token = cloudsync.read_tokens_file(tokens_file)[0]
+    assert token.scopes == {"store_id": ("7", "8"), "region": ("north",)}
+    code, out, _ = _cli(["--env-file", "", "token", "list"], env)
+    assert code == 0 and re.search(r"till-07 .* region=north store_id=7,8", out)
+    for bad in ("store_id", "store_id=7,,8", "store_id=7,*", "store id=7", "store_id=" + "9" * 201):
+        code, _, err = _cli(["--env-file", "", "token", "rotate", "till-07", "--scope", bad], env)
+        assert code == cloudsync.EXIT_CONFIGURATION and "--scope" in err, (bad, err)
+    code, _, err = _cli(["--env-file", "", "token", "rotate", "till-07", "--scope", "store_id=*"], env)
+    assert code == 0 and cloudsync.read_tokens_file(tokens_file)[0].scopes == {"store_id": ("*",)}
+
+
+@pytest.mark.parametrize("line,message", [
+    ("till sha256:%s scope.store_id=" % ("a" * 64), "is not a scope"),
+    ("till sha256:%s scope.store_id=7 scope.store_id=8" % ("a" * 64), "given twice"),
+    ("till sha256:%s scope.=7" % ("a" * 64), "is not a scope"),
+])
+def test_a_bad_scope_in_the_tokens_file_names_its_line(tmp_path, line, message):
+    path = tmp_path / "tokens"
+    path.write_text("# tills\n" + line + "\n")
+    with pytest.raises(cloudsync.ConfigError, match="line 2: .*%s" % message):
+        cloudsync.read_tokens_file(str(path))
+
+
+def test_devices_and_check_show_scopes(scoped_backend, capsys):
+    application = cloudsync.App(scoped_config(scoped_backend, ADMIN_TOKEN="admin"))
+    application.start()
+    try:
+        assert spull(application, "t7", tables=["orders"], since=None).status == 200
+        devices = call(application, "GET", "/sync/devices", headers=as_device("admin"))
+        assert devices.status == 200
+        scopes = {device["device_id"]: device["scope"] for device in devices.json["devices"]}
+        assert scopes == {"till7": "region=north store_id=7 tech=ann"}
+    finally:
+        application.db.close()
+    assert cloudsync._check(scoped_config(scoped_backend)) == 1
+    out = capsys.readouterr().out
+    assert "table notes is scoped by store_id, but no index starts with store_id" in out
+    assert "ok       table orders is scoped by store_id, and an index starts with it" in out
+
+
+def test_foreign_key_cascades_move_and_delete_rows_between_scopes(scoped_backend, scoped):
+    for name in ("ann", "bob"):
+        scoped_backend.sql("INSERT INTO techs (name) VALUES (?)", (name,))
+    for job, tech in ((1, "ann"), (2, "ann"), (3, "bob")):
+        scoped_backend.sql("INSERT INTO jobs (id, tech, what) VALUES (?, ?, 'fix')", (job, tech))
+    start = {token: sync_to_end(scoped, token, ["jobs"]) for token in ("t7", "t8", "tc", "to")}
+    assert sorted(start["t7"][0]["jobs"]) == [1, 2] and start["tc"][0]["jobs"] == {}
+    scoped_backend.sql("UPDATE techs SET name = 'cat' WHERE name = 'ann'")     # ON UPDATE CASCADE
+    scoped_backend.sql("DELETE FROM techs WHERE name = 'bob'")                 # ON DELETE CASCADE
+    after = {token: sync_to_end(scoped, token, ["jobs"], since=start[token][2]) for token in start}
+    assert after["t7"][0]["jobs"] == {} and sorted(after["t7"][1]["jobs"]) == [1, 2]
+    assert {key: row["tech"] for key, row in after["tc"][0]["jobs"].items()} == {1: "cat", 2: "cat"}
+    assert after["t8"][0]["jobs"] == {} and after["t8"][1]["jobs"] == [3]
+    assert sorted(after["to"][0]["jobs"]) == [1, 2] and after["to"][1]["jobs"] == [3]
+
+
+# the property: steps by devices and by plain SQL, interleaved with pulls
+SCOPE_DEVICES = ("t7", "t8", "tb", "to")
+SCOPE_STORES = st.sampled_from([7, 8, 9, None])
+SCOPE_IDS = st.integers(1, 6)
+SCOPE_STEP = st.one_of(
+    st.tuples(st.just("sql_insert"), SCOPE_IDS, SCOPE_STORES),
+    st.tuples(st.just("sql_move"), SCOPE_IDS, SCOPE_STORES),
+    st.tuples(st.just("sql_delete"), SCOPE_IDS, st.none()),
+    st.tuples(st.just("push_insert"), SCOPE_IDS, SCOPE_STORES, st.sampled_from(SCOPE_DEVICES)),
+    st.tuples(st.just("push_move"), SCOPE_IDS, SCOPE_STORES, st.sampled_from(SCOPE_DEVICES)),
+    st.tuples(st.just("push_delete"), SCOPE_IDS, st.none(), st.sampled_from(SCOPE_DEVICES)),
+    st.tuples(st.just("pull"), st.integers(1, 3), st.none(), st.sampled_from(SCOPE_DEVICES)),
+)
+
+
+def _in_scope(token, store):
+    return STORES_OF[token] is None or store in STORES_OF[token]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(SCOPE_STEP, min_size=10, max_size=40))
+@example(steps=[("sql_insert", 1, 7), ("pull", 1, None, "t7"), ("sql_move", 1, 8), ("sql_insert", 2, 7),
+                ("pull", 1, None, "t7"), ("push_move", 1, 7, "tb"), ("pull", 1, None, "t8"),
+                ("sql_move", 1, None), ("pull", 1, None, "t7"), ("push_delete", 1, None, "to")])
+def test_property_scoped_devices_hold_exactly_their_stores_rows(scoped_backend, scoped, steps):
+    scoped_backend.sql("DELETE FROM orders")
+    held = {token: {} for token in SCOPE_DEVICES}           # what each device holds: id -> store
+    since = {token: None for token in SCOPE_DEVICES}
+
+    def pull_once(token, limit):
+        answer = spull(scoped, token, tables=["orders"], since=since[token], limit=limit)
+        if answer.status == 410:
+            held[token], since[token] = {}, None             # the device starts again
+            return True
+        assert answer.status == 200, answer.json
+        change = answer.json["changes"]["orders"]
+        for row in change["upserted"]:
+            # a device never holds, even for a moment, a row outside its scope
+            assert _in_scope(token, row["store_id"]), (token, row)
+            held[token][row["id"]] = row["store_id"]
+        for key in change["deleted"]:
+            held[token].pop(key, None)
+        since[token] = answer.json["checkpoint"]
+        return answer.json["has_more"]
+
+    for step in steps:
+        kind, key, store = step[:3]
+        if kind == "sql_insert":
+            scoped_backend.sql("DELETE FROM orders WHERE id = ?", (key,))
+            scoped_backend.sql("INSERT INTO orders (id, store_id, note) VALUES (?, ?, 'sql')", (key, store))
+        elif kind == "sql_move":
+            scoped_backend.sql("UPDATE orders SET store_id = ? WHERE id = ?", (store, key))
+        elif kind == "sql_delete":
+            scoped_backend.sql("DELETE FROM orders WHERE id = ?", (key,))
+        elif kind == "pull":
+            pull_once(step[3], key)
+        else:
+            token = step[3]
+            before = scoped_backend.rows("orders")
+            data = {"id": key} if kind == "push_delete" else {"id": key, "store_id": store}
+            action = {"push_insert": "upsert", "push_move": "update", "push_delete": "delete"}[kind]
+            answer = spush(scoped, token, [op(action, "orders", **data)])
+            assert answer.status in (200, 403, 409), answer.json
+            if answer.status != 200:
+                assert scoped_backend.rows("orders") == before
+            elif kind != "push_delete" and not _in_scope(token, store):
+                raise AssertionError("a push outside the scope was applied: %r" % (step,))
+    server = {row[0]: row[1] for row in scoped_backend.rows("orders")}
+    for token in SCOPE_DEVICES:
+        while pull_once(token, 1000):
+            pass
+        assert held[token] == {key: store for key, store in server.items() if _in_scope(token, store)}, token
