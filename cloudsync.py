@@ -279,7 +279,8 @@ REFUSALS = {
     "invalid_operation": (400, "Invalid operation",
                           "an operation is not an object or lacks table, action or data"),
     "invalid_table": (400, "Invalid table", "a table is not in ALLOWED_TABLES"),
-    "invalid_action": (400, "Invalid action", "an action is not insert, update, delete or upsert"),
+    "invalid_action": (400, "Invalid action",
+                       "an action is not insert, update, delete, upsert or increment"),
     "unknown_column": (400, "Unknown column", "a column is not in the table"),
     "missing_key": (400, "Missing key", "data lacks a primary-key column"),
     "invalid_value": (400, "Invalid value",
@@ -289,6 +290,9 @@ REFUSALS = {
                            "a checkpoint this server did not issue for this database and these "
                            "tables"),
     "invalid_limit": (400, "Invalid limit", "limit is not a whole number of at least 1"),
+    "batch_id_required": (400, "Batch id required",
+                          "an increment without batch_id: only a recorded batch makes a retried "
+                          "increment safe"),
     "no_tables": (400, "No tables configured", "tables is [] or ALLOWED_TABLES is empty"),
     "data_refused": (400, "Sync failed",
                      "the database refused a value (NOT NULL, too long, foreign key, CHECK); op "
@@ -299,6 +303,11 @@ REFUSALS = {
     "table_not_permitted": (403, "Table not permitted",
                             "a table outside the token's tables, or a scoped table (ROW_SCOPES) "
                             "for whose column the token has no value"),
+    "insert_only_table": (403, "Insert-only table",
+                          "an update, upsert, increment or delete of a table in "
+                          "INSERT_ONLY_TABLES; op names the operation"),
+    "read_only_column": (403, "Read-only column",
+                         "a push sets a column of READ_ONLY_COLUMNS; op and column name it"),
     "out_of_scope": (403, "Out of scope",
                      "an insert or update puts a row outside the token's scope values; op names "
                      "the operation"),
@@ -921,6 +930,22 @@ def _as_scope_list(text):
     return tuple(scopes)
 
 
+def _as_column_list(text):
+    """READ_ONLY_COLUMNS: comma-separated table.column, each once, as ((table, column), ...)."""
+    columns = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        table, dot, column = item.rpartition(".")
+        if not dot or not table or not column:
+            raise ValueError("expected table.column items separated by commas "
+                             "(products.price,customers.credit_limit)")
+        columns.append((table, column))
+    if len(set(columns)) != len(columns):
+        raise ValueError("a column is named twice")
+    return tuple(columns)
+
+
 def _as_capture_mode(text):
     """triggers or api."""
     mode = text.strip().lower()
@@ -961,6 +986,12 @@ SETTINGS = (
      "[created=TIME]' a line; "
      "re-read when it changes"),
     ("READ_ONLY_TABLES", _as_table_list, "", "tables devices may pull but never push"),
+    ("INSERT_ONLY_TABLES", _as_table_list, "",
+     "tables devices may only insert into (sales, stock movements: ledgers); an update, upsert, "
+     "increment or delete is refused"),
+    ("READ_ONLY_COLUMNS", _as_column_list, "",
+     "table.column items, comma-separated, that pushes may not set (products.price); an insert "
+     "gets the database's default"),
     ("ROW_SCOPES", _as_scope_list, "",
      "table.column items, comma-separated: a device syncs only the rows of these tables whose "
      "column holds one of its token's scope values (see Row scopes)"),
@@ -1018,7 +1049,7 @@ class Config:
                 value = "***"
             elif value is None:
                 value = ""
-            elif name == "ROW_SCOPES":
+            elif name in ("ROW_SCOPES", "READ_ONLY_COLUMNS"):
                 value = ",".join("%s.%s" % pair for pair in value)
             elif isinstance(value, tuple):
                 value = ",".join(map(str, value))
@@ -1068,6 +1099,12 @@ def load_config(env_file=".env", environ=None, overrides=None, required=False):
     if outside:
         raise ConfigError("READ_ONLY_TABLES names %s, which %s not in ALLOWED_TABLES."
                           % (", ".join(outside), "is" if len(outside) == 1 else "are"))
+    for name, tables in (("INSERT_ONLY_TABLES", config.insert_only_tables),
+                         ("READ_ONLY_COLUMNS", [table for table, _ in config.read_only_columns])):
+        outside = sorted(set(tables) - set(config.allowed_tables))
+        if outside:
+            raise ConfigError("%s names %s, which %s not in ALLOWED_TABLES."
+                              % (name, ", ".join(outside), "is" if len(outside) == 1 else "are"))
     scoped = [table for table, _ in config.row_scopes]
     outside = [table for table in scoped if table not in config.allowed_tables]
     if outside:
@@ -1580,6 +1617,23 @@ def update_sql(schema, values, key, scope=None):
     return "UPDATE %s SET %s WHERE %s" % (
         schema.quoted, ", ".join("%s = ?" % schema.columns[name].quoted for name in values),
         where), tuple(values.values()) + tuple(params)
+
+
+def _plain_added(column):
+    """SQL adding a bound number to a column (NULL counts as 0)."""
+    return "COALESCE(%s, 0) + ?" % column.quoted
+
+
+def increment_sql(schema, added, key, scope=None, adding=_plain_added):
+    """(sql, params) adding `added` ({column: number}) to the row with `key`, in the database.
+
+    `adding(column)`: the database's SQL for one column (Database.added_sql).
+    """
+    where, params = _scoped(key_where(schema), key, scope)
+    return "UPDATE %s SET %s WHERE %s" % (
+        schema.quoted, ", ".join("%s = %s" % (schema.columns[name].quoted,
+                                            adding(schema.columns[name])) for name in added),
+        where), tuple(added.values()) + tuple(params)
 
 
 def exists_sql(schema, key, scope=None):
@@ -2149,6 +2203,11 @@ class Database:
         """SQL comparing `expression` byte for byte, whatever its collation."""
         return expression
 
+    @staticmethod
+    def added_sql(column):
+        """SQL adding a bound number to `column` for an increment (NULL counts as 0)."""
+        return _plain_added(column)
+
     # -- row scopes (see Row scopes in the sync engine) ----------------------------
 
     def logged_update(self, schema, record, same_key, same_form):
@@ -2158,14 +2217,31 @@ class Database:
         and an update of the new. A row whose scope value changed under the
         same key logs an update under its old scope too: the devices of the
         old scope then read it, find it outside their scope, and delete it.
-        `same_form` compares two values byte for byte ("%s IS %s ...").
+        `same_form` compares two values byte for byte ("%s IS %s ..."). The
+        update entry names the columns whose value changed (column-level
+        conflicts, in Push); the others name none (NULL: any column).
         """
         body = [record("OLD", "D", "NOT (%s)" % same_key)]
         if schema.scope is not None:
             same_scope = same_form % (self.scope_value_sql("OLD." + schema.scope.quoted),
                                       self.scope_value_sql("NEW." + schema.scope.quoted))
             body.append(record("OLD", "U", "(%s) AND NOT (%s)" % (same_key, same_scope)))
-        return body + [record("NEW", "U")]
+        changed = self.concat_sql([
+            "CASE WHEN %s THEN '' ELSE %s END" % (
+                same_form % ("OLD." + column.quoted, "NEW." + column.quoted),
+                self.text_literal(json.dumps(column.name) + ","))
+            for column in schema.columns.values()])
+        return body + [record("NEW", "U", columns=changed)]
+
+    @staticmethod
+    def concat_sql(parts):
+        """SQL joining text expressions (SQLite: ||)."""
+        return "(%s)" % " || ".join(parts)
+
+    @staticmethod
+    def text_literal(text):
+        """A string literal of this database's SQL."""
+        return _sql_literal(text)
 
     def scope_sql(self, schema, ref):
         """SQL writing the scope value of row `ref` (NEW, OLD, an alias) as the log keeps it.
@@ -2352,6 +2428,13 @@ class SQLiteDatabase(Database):
         schema.key_sql = self.key_sql(schema)
         return schema
 
+    @staticmethod
+    def added_sql(column):
+        """An increment's SQL: a DECIMAL(p,s) rounded to its scale (SQLite keeps it as a REAL)."""
+        if column.kind == "decimal" and column.scale is not None:
+            return "round(COALESCE(%s, 0) + ?, %d)" % (column.quoted, column.scale)
+        return _plain_added(column)
+
     def rows_as_json(self, conn, schema, limit, scope=None):
         """SQLite rows are encoded in Python (its decimals need rounding here first)."""
         return None
@@ -2369,8 +2452,10 @@ class SQLiteDatabase(Database):
 
     def upgrade_log_tables(self, conn):
         """What versions before have left different: the log's scope column and its index."""
-        if "scope" not in self.column_names(conn, "cloudsync_changes"):
-            self.execute(conn, "ALTER TABLE cloudsync_changes ADD COLUMN scope TEXT")
+        present = self.column_names(conn, "cloudsync_changes")
+        for name in ("scope", "columns"):
+            if name not in present:
+                self.execute(conn, "ALTER TABLE cloudsync_changes ADD COLUMN %s TEXT" % name)
         self.execute(conn, "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_scope"
                            " ON cloudsync_changes (table_name, scope, seq)")
 
@@ -2400,13 +2485,13 @@ class SQLiteDatabase(Database):
         committing)."""
         table_literal = _sql_literal(schema.name)
 
-        def record(row, op, guard=""):
+        def record(row, op, guard="", columns="NULL"):
             return ("INSERT INTO cloudsync_changes"
-                    " (table_name, row_key, op, device_id, batch_id, changed_at, scope)"
-                    " SELECT %s, %s, '%s', device_id, batch_id, %s, %s"
+                    " (table_name, row_key, op, device_id, batch_id, changed_at, scope, columns)"
+                    " SELECT %s, %s, '%s', device_id, batch_id, %s, %s, %s"
                     " FROM cloudsync_context WHERE id = 1%s"
                     % (table_literal, self.key_sql(schema, row), op, self.now_sql,
-                       self.scope_sql(schema, row), " AND " + guard if guard else ""))
+                       self.scope_sql(schema, row), columns, " AND " + guard if guard else ""))
         if event == "upd":
             # byte for byte, not by the column's collation: 'abc' -> 'ABC' is a new key to a device;
             # an update that changes the key deletes the old row and creates a new one
@@ -2932,9 +3017,12 @@ class MySQLDatabase(Database):
                                " ON cloudsync_pending (table_name)")
         self.ids_bytewise(conn, "cloudsync_batches", ("device_id", "batch_id"))
         for table in ("cloudsync_pending", "cloudsync_changes"):
-            if "scope" not in self.column_names(conn, table):
+            present = self.column_names(conn, table)
+            if "scope" not in present:
                 self.execute(conn, "ALTER TABLE %s ADD COLUMN scope VARCHAR(%d) NULL"
                              % (table, MYSQL_SCOPE_CHARS))
+            if "columns" not in present:
+                self.execute(conn, "ALTER TABLE %s ADD COLUMN columns TEXT NULL" % table)
         if ("table_name", "scope", "seq") not in self.index_columns(conn, "cloudsync_changes"):
             self.execute(conn, "CREATE INDEX cloudsync_changes_by_scope"
                                " ON cloudsync_changes (table_name, scope, seq)")
@@ -2962,32 +3050,33 @@ class MySQLDatabase(Database):
     def trigger_sql(self, schema, event):
         """CREATE TRIGGER text recording one event of one table into cloudsync_pending, with the
         device and batch a push set in its session (outside writers leave both NULL)."""
-        def record(row, op, guard=""):
+        def record(row, op, guard="", columns="NULL"):
             statement = self.log_rows_sql(schema.name, self.key_sql(schema, row), op,
-                                          scope=self.scope_sql(schema, row))
+                                          scope=self.scope_sql(schema, row), columns=columns)
             return self.when_sql(guard, [statement]) if guard else statement
         if event == "upd":
             # byte for byte, not by the column's collation: 'abc' -> 'ABC' is a new key to a device;
             # an update that changes the key deletes the old row and creates a new one
             same = " AND ".join("%s <=> %s" % (self.bytewise("OLD." + column.quoted), self.bytewise(
                 "NEW." + column.quoted)) for column in schema.key_columns)
-            body = self.logged_update(schema, record, same, "%s <=> %s")
+            body = self.logged_update(schema, record, same, "%s <=> %s" % (
+                self.bytewise("%s"), self.bytewise("%s")))
         else:
             body = [record("NEW", "I")] if event == "ins" else [record("OLD", "D")]
         return "CREATE OR REPLACE TRIGGER %s AFTER %s ON %s FOR EACH ROW BEGIN %s; END" % (
             self.quote(_trigger_name(schema.name, event)), TRIGGER_EVENTS[event], schema.quoted,
             "; ".join(body))
 
-    def log_rows_sql(self, table, key, op, source=None, where=None, scope="NULL"):
+    def log_rows_sql(self, table, key, op, source=None, where=None, scope="NULL", columns="NULL"):
         """An INSERT into cloudsync_pending.
 
         Of one row (NEW, OLD), or of the rows of `source` WHERE `where`;
-        `scope`: SQL writing each row's scope value.
+        `scope`: SQL writing each row's scope value; `columns`: the changed columns'.
         """
-        values = "%s, %s, '%s', @cloudsync_device, @cloudsync_batch, %s, %s" % (
-            _sql_literal(table, backslashes=True), key, op, self.now_sql, scope)
+        values = "%s, %s, '%s', @cloudsync_device, @cloudsync_batch, %s, %s, %s" % (
+            _sql_literal(table, backslashes=True), key, op, self.now_sql, scope, columns)
         return ("INSERT INTO cloudsync_pending"
-                " (table_name, row_key, op, device_id, batch_id, changed_at, scope) "
+                " (table_name, row_key, op, device_id, batch_id, changed_at, scope, columns) "
                 + ("VALUES (%s)" % values if source is None
                    else "SELECT %s FROM %s WHERE %s" % (values, source, where)))
 
@@ -3061,6 +3150,24 @@ class MySQLDatabase(Database):
     def scope_value_sql(expression):
         """SQL turning a scope column's value into the log's text: '7', 'north'."""
         return "LEFT(CAST(%s AS CHAR), %d)" % (expression, MYSQL_SCOPE_CHARS)
+
+    @staticmethod
+    def concat_sql(parts):
+        """SQL joining text expressions."""
+        return "CONCAT(%s)" % ", ".join(parts)
+
+    @staticmethod
+    def added_sql(column):
+        """An increment's SQL: a DECIMAL adds an exact decimal (a string would add as a double)."""
+        if column.kind == "decimal":
+            return "COALESCE(%s, 0) + CAST(? AS DECIMAL(65, %d))" % (column.quoted,
+                                                                     column.scale or 0)
+        return _plain_added(column)
+
+    @staticmethod
+    def text_literal(text):
+        """A string literal of MySQL's SQL (backslashes escaped)."""
+        return _sql_literal(text, backslashes=True)
 
     def scope_where(self, column, values):
         """(WHERE text, params): an index range by the column's collation, then byte for byte.
@@ -3584,9 +3691,10 @@ class ChangeLog:
                 marks = ", ".join("?" for _ in ids)
                 self.db.execute(conn, 
                     "INSERT INTO cloudsync_changes"
-                    " (seq, table_name, row_key, op, device_id, batch_id, changed_at, scope)"
+                    " (seq, table_name, row_key, op, device_id, batch_id, changed_at, scope,"
+                    " columns)"
                     " SELECT ? + ROW_NUMBER() OVER (ORDER BY id),"
-                    " table_name, row_key, op, device_id, batch_id, changed_at, scope"
+                    " table_name, row_key, op, device_id, batch_id, changed_at, scope, columns"
                     " FROM cloudsync_pending WHERE id IN (%s)" % marks, [last] + ids)
                 self.db.execute(conn, "DELETE FROM cloudsync_pending WHERE id IN (%s)" % marks, ids)
                 last += len(ids)
@@ -3685,7 +3793,7 @@ class ChangeLog:
         parts = self._changes_sql(tables, since, scopes)
         if not parts:
             return []
-        if len(parts) == 1 and parts[0][2]:
+        if len(parts) == 1:
             return self.db.query(conn,
                 "SELECT table_name, row_key, MAX(seq) AS last_seq FROM cloudsync_changes WHERE %s"
                 " GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?" % parts[0][0],
@@ -3694,18 +3802,18 @@ class ChangeLog:
             "SELECT table_name, row_key, MAX(seq) AS last_seq FROM (%s) AS visible"
             " GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?" % " UNION ALL ".join(
                 "SELECT table_name, row_key, seq FROM cloudsync_changes WHERE %s" % where
-                for where, _, _ in parts), [value for _, params, _ in parts for value in params]
+                for where, _ in parts), [value for _, params in parts for value in params]
             + [limit])
 
     def changed_since(self, conn, tables, since, scopes=None):
         """Whether any change after `since` touches `tables` (within `scopes`)."""
         return any(self.db.query(conn, "SELECT 1 FROM cloudsync_changes WHERE %s LIMIT 1" % where,
                                  params)
-                   for where, params, _ in self._changes_sql(tables, since, scopes))
+                   for where, params in self._changes_sql(tables, since, scopes))
 
     @staticmethod
     def _changes_sql(tables, since, scopes):
-        """[(WHERE text, params, shared)]: the log entries after `since` a device may read.
+        """[(WHERE text, params)]: the log entries after `since` a device may read.
 
         One for the tables every device sees whole, one per scoped table.
         """
@@ -3713,18 +3821,23 @@ class ChangeLog:
         parts = []
         if shared:
             parts.append(("seq > ? AND table_name IN (%s)" % ", ".join("?" for _ in shared),
-                          [since] + shared, True))
+                          [since] + shared))
         for table in tables:
             scope = scopes.get(table) if scopes else None
             if scope is not None and scope.texts:
                 parts.append(("table_name = ? AND scope IN (%s) AND seq > ?"
                               % ", ".join("?" for _ in scope.texts),
-                              [table] + list(scope.texts) + [since], False))
+                              [table] + list(scope.texts) + [since]))
         return parts
 
     def touched_by_others(self, conn, schema, key_texts, since, device_id):
-        """The row keys among key_texts that someone other than device_id changed after `since`."""
-        found = set()
+        """{row key: the columns others changed after `since`, or None for any column}.
+
+        Only the keys among key_texts that someone other than device_id
+        changed; None when an insert, a delete, a cascade or an entry of an
+        older version says nothing of columns.
+        """
+        found = {}
         for chunk in _chunks(sorted(key_texts), 500):
             marks = ", ".join("?" for _ in chunk)
             foreign = "" if device_id is None else " AND (device_id IS NULL OR %s <> %s)" % (
@@ -3736,11 +3849,16 @@ class ChangeLog:
             sources = [(log, " AND seq > ?", [since]) if log == "cloudsync_changes"
                        else (log, "", []) for log in self._logs()]
             for table, after, after_params in sources:
-                rows = self.db.query(conn, 
-                    "SELECT DISTINCT row_key FROM %s WHERE table_name = ? AND row_key IN (%s)%s%s"
+                rows = self.db.query(conn,
+                    "SELECT row_key, op, columns FROM %s WHERE table_name = ? AND row_key IN (%s)%s%s"
                     % (table, marks, after, foreign),
                     [schema.name] + list(chunk) + after_params + extra)
-                found.update(_text(row[0]) for row in rows)
+                for row_key, op, columns in rows:
+                    key, known = _text(row_key), found.get(_text(row_key), set())
+                    if known is None or _text(op) != "U" or columns is None:
+                        found[key] = None
+                    else:
+                        found[key] = known | set(json.loads("[%s]" % _text(columns)[:-1]))
         return found
 
     def entries(self, conn, device_id=None, table=None, since=0, limit=100, newest=False):
@@ -3949,10 +4067,14 @@ def key_value(schema, key):
 class SyncEngine:
     """The allowed tables and what push and pull share; Pushes and Pulls (below) do the rest."""
 
-    def __init__(self, database, allowed_tables, capture="triggers", row_scopes=()):
+    def __init__(self, database, allowed_tables, capture="triggers", row_scopes=(),
+                 read_only_columns=()):
         self.db = database
         self.allowed_tables = tuple(allowed_tables)
         self.row_scopes = dict(row_scopes)      # table -> its scope column's name
+        self.read_only_columns = {}             # table -> names pushes may not set
+        for table, name in read_only_columns:
+            self.read_only_columns.setdefault(table, set()).add(name)
         self.schemas = {}
         self.schema_loaded_at = 0.0
         # changes only when a table's columns, types or key change
@@ -3993,7 +4115,17 @@ class SyncEngine:
         return schemas
 
     def _with_scopes(self, schemas):
-        """Mark each table's scope column (ROW_SCOPES); SchemaError for one that cannot be."""
+        """Mark each table's scope column (ROW_SCOPES); SchemaError for one that cannot be.
+
+        And check READ_ONLY_COLUMNS: columns of the table, none of its key.
+        """
+        for table, names in self.read_only_columns.items():
+            schema = schemas.get(table)
+            for name in sorted(names) if schema is not None else ():
+                if name not in schema.columns or name in schema.primary_key:
+                    raise SchemaError("READ_ONLY_COLUMNS names %s.%s, which is %s." % (
+                        table, name, "a column of its primary key (a device must name its rows)"
+                        if name in schema.columns else "not a column of the table"))
         for table, name in self.row_scopes.items():
             schema = schemas.get(table)
             if schema is None:
@@ -4129,7 +4261,10 @@ ACTIONS = {
     "update": ("_update", "U"),
     "delete": ("_delete", "D"),
     "upsert": ("_upsert", "U"),
+    # adds to numeric columns in the database: never a conflict, needs a batch_id
+    "increment": ("_increment", "U"),
 }
+NUMBER_KINDS = ("integer", "decimal", "float")        # what an increment may add to
 
 
 class Operation:
@@ -4236,6 +4371,8 @@ class Pushes:
         if absent and not generated:
             raise Refused("missing_key", "%s: data must include primary key column %s"
                           % (where, ", ".join(repr(name) for name in absent)))
+        if action == "increment":
+            self._check_increment(schema, values, where)
         key = tuple(values.get(name) for name in schema.primary_key)
         for column, value in zip(schema.key_columns, key):
             problem = None if value is None else key_problem(column, value)
@@ -4274,11 +4411,34 @@ class Pushes:
                                   op=op.index)
                 op.values[name] = scope.values[0]
 
+    @staticmethod
+    def _check_increment(schema, values, where):
+        """An increment names its row by key and adds a number to at least one numeric column."""
+        added = [name for name in values if name not in schema.primary_key]
+        if not added:
+            raise Refused("invalid_operation", "%s: an increment adds to at least one numeric "
+                          "column besides the key" % where)
+        for name in added:
+            column = schema.columns[name]
+            if column.kind not in NUMBER_KINDS or column.generated:
+                raise Refused("invalid_value", "%s: an increment adds to numbers; column %s is %s"
+                              % (where, name, "computed by the database" if column.generated
+                                 else column.declared or column.kind))
+            value = values[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float, decimal.Decimal)) \
+                    and not (isinstance(value, str) and _NUMBER_TEXT.fullmatch(value)):
+                raise Refused("invalid_value", "%s: an increment of column %s needs a number, not "
+                              "%s" % (where, name, json.dumps(value, default=str)[:40]))
+
     # -- the push -------------------------------------------------------------------
 
     def push(self, operations, device_id=None, batch_id=None, checkpoint=None, on_conflict="abort",
-             request_hash=None, scopes=None):
+             request_hash=None, scopes=None, conflict_level="column", on_reject="abort"):
         """Apply validated operations in one transaction; return the response fields."""
+        if batch_id is None and any(op.action == "increment" for op in operations):
+            raise Refused("batch_id_required", "operation %d: an increment needs a batch_id, so "
+                          "that a retry is not counted twice" % next(
+                              op.index for op in operations if op.action == "increment"))
         # 400 when malformed or foreign, even for a replay; its expiry is checked inside the push's
         # transaction
         fields = self.engine.checkpoints.decode(checkpoint) if checkpoint is not None else None
@@ -4289,7 +4449,8 @@ class Pushes:
             if prior is not None:
                 return self._replay(prior, request_hash, checkpoint)
         attempt = dict(device_id=device_id, batch_id=batch_id, fields=fields,
-                       on_conflict=on_conflict, request_hash=request_hash, scopes=scopes)
+                       on_conflict=on_conflict, request_hash=request_hash, scopes=scopes,
+                       conflict_level=conflict_level, on_reject=on_reject)
         try:
             return self._push_with_retries(operations, attempt, checkpoint)
         except _BatchTaken:
@@ -4335,13 +4496,14 @@ class Pushes:
         return result
 
     def _push(self, operations, batched, checkpoint, device_id, batch_id, fields, on_conflict,
-              request_hash, scopes=None):
+              request_hash, scopes=None, conflict_level="column", on_reject="abort"):
         """The push's transaction: claim the batch id, check conflicts, apply, store the outcome."""
-        missing, conflicts, logged = [], [], []
+        missing, conflicts, logged, rejected = [], [], [], []
         push = _PushState(checkpoint, fields, device_id, batch_id, scopes)
         since = fields["s"] if fields is not None else None
         with self.db.connection() as conn:
-            with self._push_transaction(conn, operations, batched, batch_id, checkpoint):
+            with self._push_transaction(conn, operations, batched, batch_id, checkpoint,
+                                        on_reject):
                 if checkpoint is not None and self.db.numbers_at_commit:
                     # one writer at a time: every change numbered after this is the push's own
                     push.start = self.changelog.head(conn)
@@ -4352,7 +4514,8 @@ class Pushes:
                         raise _BatchTaken() from None
                 with self.changelog.attributed(conn, device_id, batch_id):
                     if since is not None:
-                        conflicts, push.before = self._conflicts(conn, operations, since, device_id)
+                        conflicts, push.before = self._conflicts(conn, operations, since, device_id,
+                                                                 conflict_level)
                         # checked after reading: compaction publishes its mark before it
                         # deletes, so an entry compacted away under the conflict check shows
                         # here as 410
@@ -4372,15 +4535,21 @@ class Pushes:
                             logged.extend((op, "I") for op in group)
                             continue
                         method, code = ACTIONS[group.action]
-                        if getattr(self, method)(conn, group):
+                        done = getattr(self, method)(conn, group) if on_reject == "abort" \
+                            else self._apply_or_set_aside(conn, group, method, rejected)
+                        if done:
                             logged.append((group, code))
-                        elif group.action == "update":
+                        elif done is not None and group.action in ("update", "increment"):
                             # an update of a row that is not there changes nothing
                             missing.append(group)
                     if self.changelog.capture == "api":
                         self.changelog.record(conn, self._logged_keys(conn, logged), device_id,
                                               batch_id)
-                result = {"success": True, "applied": len(operations)}
+                result = {"success": True, "applied": len(operations) - len(rejected)}
+                if rejected:
+                    # a rule refused them (on_reject skip): the device holds what it meant to do
+                    result["rejected"] = rejected
+                    push.skipped = True
                 if missing:
                     result["missing"] = [_op_ref(op) for op in missing]
                 if conflicts:
@@ -4393,7 +4562,7 @@ class Pushes:
                     self.changelog.finish_batch(conn, device_id or "", batch_id, result)
         return result
 
-    def _push_transaction(self, conn, operations, batched, batch_id, checkpoint):
+    def _push_transaction(self, conn, operations, batched, batch_id, checkpoint, on_reject="abort"):
         """The push's transaction; none of its own for a MySQL push that is certainly one statement.
 
         A plain push (no batch id, no checkpoint) whose operations make one
@@ -4403,9 +4572,10 @@ class Pushes:
         trips to the commonest push and change nothing. A bigger insert is sent
         as several statements, and an upsert may take two: those get a
         transaction. SQLite attributes changes with statements of its own.
+        on_reject skip takes savepoints, which need a transaction.
         """
         if (self.db.autocommit_atomic and batched and batch_id is None and checkpoint is None
-                and self.changelog.capture == "triggers"):
+                and on_reject == "abort" and self.changelog.capture == "triggers"):
             groups = list(itertools.islice(_group_operations(operations, batched), 2))
             if len(groups) == 1:
                 group = groups[0]
@@ -4415,8 +4585,30 @@ class Pushes:
                     return contextlib.nullcontext()
         return self.db.transaction(conn)
 
-    def _conflicts(self, conn, operations, since, device_id):
-        """Operations on rows others changed after `since`, or updates of rows that are gone."""
+    def _apply_or_set_aside(self, conn, op, method, rejected):
+        """on_reject skip: apply one operation; if a rule refuses it, undo it alone and list it.
+
+        Returns what the action returned, or None when the operation was set aside.
+        """
+        self.db.execute(conn, "SAVEPOINT cloudsync_op")
+        try:
+            done = getattr(self, method)(conn, op)
+        except PushRejected as refused:
+            if not refused.error.rule:
+                raise
+            self.db.execute(conn, "ROLLBACK TO SAVEPOINT cloudsync_op")
+            rejected.append(dict(_op_ref(op), message=str(refused.error)))
+            return None
+        self.db.execute(conn, "RELEASE SAVEPOINT cloudsync_op")
+        return done
+
+    def _conflicts(self, conn, operations, since, device_id, level="column"):
+        """Operations on rows others changed after `since`, or updates of rows that are gone.
+
+        Column level: an update or upsert conflicts only when a column it sets
+        was changed by someone else; row level: any change does. A delete or
+        insert conflicts with any change; an increment never conflicts.
+        """
         by_table = {}
         for op in operations:
             if None not in op.key:
@@ -4436,9 +4628,16 @@ class Pushes:
             for op, text in zip(ops, texts):
                 row = before[table].get(text)
                 there = exists.get(text, row is not None)
-                if text in touched or (op.action == "update" and not there):
+                if op.action == "increment":
+                    continue                # it adds to what is there, whoever changed it
+                columns = _conflicting_columns(op, touched[text], level) if text in touched \
+                    else None
+                if row is None and (columns is not None or op.action == "update" and not there):
+                    # a row gone, or outside the device's scope: every column, telling nothing
+                    columns = sorted(op.table.column_names)
+                if columns is not None or (op.action == "update" and not there):
                     conflicts.append({"op": op.index, "table": table, "key": _key_json(op),
-                                      "server_row": row})
+                                      "columns": columns or [], "server_row": row})
                 exists[text] = op.action != "delete" if op.action != "update" else there
         return sorted(conflicts, key=lambda conflict: conflict["op"]), before
 
@@ -4511,6 +4710,16 @@ class Pushes:
         except DataRejected as error:
             raise PushRejected(op, error) from None
 
+    def _increment(self, conn, op):
+        """Add the pushed numbers to the row's columns in the database; True when the row is there."""
+        schema = op.table
+        added = {name: value for name, value in op.values.items() if name not in schema.primary_key}
+        try:
+            return self.db.execute(conn, *increment_sql(schema, added, op.key, op.scope,
+                                                        self.db.added_sql)) > 0
+        except DataRejected as error:
+            raise PushRejected(op, error) from None
+
     def _delete(self, conn, op):
         """Delete the row; True when it was there."""
         try:
@@ -4575,6 +4784,8 @@ class Pushes:
         operations = [op for op in push.operations if op.table.name in tables]
         if any(None in op.key for op in operations):
             return False                    # the database chose a key the device does not know
+        if any(op.action == "increment" for op in operations):
+            return False                    # the device knows what it added, not the sum
         most = 2 * len(push.operations)     # an update that moves a key logs a delete and an update
         entries = self.db.query(conn, "SELECT table_name, row_key, device_id, batch_id"
                                       " FROM cloudsync_changes WHERE seq > ? AND seq <= ?"
@@ -4624,6 +4835,19 @@ class Pushes:
                         else current.get(name) == value):
                     return False
         return True
+
+
+def _conflicting_columns(op, changed, level):
+    """The columns that make `op` a conflict, given what others changed (None: any column).
+
+    None when they do not.
+    """
+    every = sorted(op.table.column_names) if changed is None else sorted(changed)
+    if level == "row" or op.action not in ("update", "upsert") or changed is None:
+        return every
+    overlap = sorted(name for name in changed
+                     if name in op.values and name not in op.table.primary_key)
+    return overlap or None
 
 
 def _same_values(schema, pushed, row):
@@ -5292,7 +5516,7 @@ class App:
         self.config = config
         self.db = database or open_database(config)
         self.engine = engine or SyncEngine(self.db, config.allowed_tables, config.change_capture,
-                                           config.row_scopes)
+                                           config.row_scopes, config.read_only_columns)
         self.pushes = Pushes(self.engine, config.max_value_bytes, config.push_retries)
         self.pulls = Pulls(self.engine)
         self.auth = Authenticator(config)
@@ -5478,7 +5702,8 @@ class App:
         request.count = len(operations)
         try:
             result = self.pushes.push(operations, device_id, batch_id, checkpoint,
-                                      fields["on_conflict"], request_hash, scopes)
+                                      fields["on_conflict"], request_hash, scopes,
+                                      fields["conflict_level"], fields["on_reject"])
             if result.get("replayed"):
                 self.metrics.count("cloudsync_replays_total")
             else:
@@ -5504,7 +5729,17 @@ class App:
 
         `closed`: scoped tables for whose column the token has no value.
         """
+        read_only_columns = self.engine.read_only_columns
         for op in operations:
+            if op.table.name in self.config.insert_only_tables and op.action != "insert":
+                raise Refused("insert_only_table", "operation %d: %s is insert-only (a ledger); "
+                              "devices may add rows to it, not %s them"
+                              % (op.index, op.table.name, op.action), op=op.index)
+            fixed = [name for name in op.sent if name in read_only_columns.get(op.table.name, ())]
+            if fixed and op.action != "delete":
+                raise Refused("read_only_column", "operation %d: column %s of %s is read-only; "
+                              "leave it out (an insert gets the database's default)"
+                              % (op.index, fixed[0], op.table.name), op=op.index, column=fixed[0])
             if op.table.name in self.config.read_only_tables:
                 raise Refused("read_only_table", "operation %d: devices may pull %s but not push "
                               "to it" % (op.index, op.table.name), op=op.index)
@@ -5708,6 +5943,20 @@ def _checked_on_conflict(value, field):
     return value
 
 
+def _checked_conflict_level(value, field):
+    """conflict_level: "column" (only columns both sides set conflict) or "row" (any change)."""
+    if value not in ("column", "row"):
+        raise Refused("invalid_payload", "conflict_level must be \"column\" or \"row\"")
+    return value
+
+
+def _checked_on_reject(value, field):
+    """on_reject: what a push does when a rule of the database refuses an operation."""
+    if value not in ("abort", "skip"):
+        raise Refused("invalid_payload", "on_reject must be \"abort\" or \"skip\"")
+    return value
+
+
 def _unchecked(value, field):
     """A field checked later, against the schema or the settings."""
     return value
@@ -5718,6 +5967,8 @@ PUSH_FIELDS = (
     ("batch_id", _checked_id, None),        # makes the push retry-safe
     ("checkpoint", _checked_checkpoint, None),  # makes it conflict-aware
     ("on_conflict", _checked_on_conflict, "abort"),
+    ("conflict_level", _checked_conflict_level, "column"),
+    ("on_reject", _checked_on_reject, "abort"),
     ("operations", _unchecked, None),       # Pushes.validate_operations
 )
 PULL_FIELDS = (
@@ -6384,12 +6635,12 @@ MYSQL_LOG_TABLES = (
     "CREATE TABLE IF NOT EXISTS cloudsync_pending (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,"
     " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
     " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
-    " scope VARCHAR(255) NULL, KEY cloudsync_pending_by_table (table_name))"
+    " scope VARCHAR(255) NULL, columns TEXT NULL, KEY cloudsync_pending_by_table (table_name))"
     " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
     "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq BIGINT NOT NULL PRIMARY KEY,"
     " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
     " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
-    " scope VARCHAR(255) NULL,"
+    " scope VARCHAR(255) NULL, columns TEXT NULL,"
     " KEY cloudsync_changes_by_row (table_name, row_key(255), seq), KEY "
     "cloudsync_changes_by_table (table_name, seq),"
     " KEY cloudsync_changes_by_scope (table_name, scope, seq))"
@@ -6405,7 +6656,7 @@ SQLITE_LOG_TABLES = (
     "NULL)",
     "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
     " table_name TEXT NOT NULL, row_key TEXT NOT NULL, op TEXT NOT NULL, device_id TEXT,"
-    " batch_id TEXT, changed_at TEXT NOT NULL, scope TEXT)",
+    " batch_id TEXT, changed_at TEXT NOT NULL, scope TEXT, columns TEXT)",
     "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_row ON cloudsync_changes (table_name, "
     "row_key, seq)",
     "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_table ON cloudsync_changes (table_name, seq)",
@@ -6510,7 +6761,8 @@ ROUTE_REFUSALS = {
     ("/sync/push", "post"): _BODY_REFUSALS + (
         "invalid_operation", "invalid_table", "invalid_action", "unknown_column", "missing_key", "invalid_value",
         "invalid_checkpoint", "data_refused", "unauthorized", "forbidden", "read_only_table",
-        "table_not_permitted", "out_of_scope", "duplicate", "conflict", "batch_reused", "expired", "too_large", "too_many_operations", "value_too_large",
+        "table_not_permitted", "out_of_scope", "insert_only_table", "read_only_column",
+        "batch_id_required", "duplicate", "conflict", "batch_reused", "expired", "too_large", "too_many_operations", "value_too_large",
         "unsupported_encoding", "rejected", "push_failed", "internal", "push_unavailable"),
     ("/sync/pull", "post"): _BODY_REFUSALS + (
         "invalid_table", "no_tables", "invalid_limit", "invalid_checkpoint", "unauthorized", "table_not_permitted",
@@ -6687,7 +6939,11 @@ OPENAPI = {
                     "assumes the device already holds the rows it pushed, as it sent them: apply "
                     "operations "
                     "locally before (or as) you push them, or keep the checkpoint of your last "
-                    "pull."
+                    "pull.\n\n"
+                    "With ROW_SCOPES, an insert or update that puts a row outside the token's "
+                    "scope values is 403 Out of scope; an insert without the scope column gets "
+                    "the token's value when it has only one; updates and deletes of rows outside "
+                    "the scope find nothing (missing), and no answer shows such a row."
                 ),
                 "requestBody": {"$ref": "#/components/requestBodies/Push"},
                 "responses": {
@@ -6712,7 +6968,11 @@ OPENAPI = {
                     "(answer `changes`, "
                     "`checkpoint`, `has_more`). Call again with the new checkpoint while "
                     "`has_more` is true. "
-                    "A checkpoint belongs to the list of tables it was pulled with."
+                    "A checkpoint belongs to the list of tables it was pulled with.\n\n"
+                    "With ROW_SCOPES, both modes return only the rows whose scope column holds "
+                    "one of the token's scope values; a row that leaves the scope arrives as "
+                    "deleted, one that enters it as upserted. When the token's scope changes, a "
+                    "pull from an older checkpoint is 410 with reset: true."
                 ),
                 "parameters": [{
                     "name": "If-None-Match",
@@ -6950,7 +7210,10 @@ OPENAPI = {
                 "required": ["table", "action", "data"],
                 "properties": {
                     "table": {"type": "string", "description": "A table in ALLOWED_TABLES."},
-                    "action": {"enum": ["insert", "update", "delete", "upsert"]},
+                    "action": {"enum": ["insert", "update", "delete", "upsert", "increment"],
+                               "description": "increment adds data's numbers to the row's columns "
+                                              "in the database (needs batch_id; never a "
+                                              "conflict)."},
                     "data": {
                         "type": "object",
                         "description": "Column values; must hold every primary-key column (an insert may leave "
@@ -6978,6 +7241,17 @@ OPENAPI = {
                         "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
                     },
                     "on_conflict": {"enum": ["abort", "skip"], "default": "abort"},
+                    "conflict_level": {
+                        "enum": ["column", "row"], "default": "column",
+                        "description": "column: an update conflicts only when a column it sets "
+                                       "was changed since the checkpoint by someone else; row: "
+                                       "when anything of its row was.",
+                    },
+                    "on_reject": {
+                        "enum": ["abort", "skip"], "default": "abort",
+                        "description": "skip: operations a rule of the database refuses are "
+                                       "left out and listed under rejected; the others apply.",
+                    },
                     "operations": {
                         "type": "array",
                         "description": "At most MAX_OPERATIONS (default 10000) operations, applied in order.",
@@ -7006,6 +7280,10 @@ OPENAPI = {
                     "op": {"type": "integer", "minimum": 0},
                     "table": {"type": "string"},
                     "key": {"$ref": "#/components/schemas/Key"},
+                    "columns": {"type": "array", "items": {"type": "string"},
+                                "description": "The columns that make it a conflict: changed "
+                                               "since the checkpoint by someone else (and, at "
+                                               "column level, set by the operation)."},
                     "server_row": {
                         "description": "The row as the server has it now; null when it is gone.",
                         "anyOf": [{"$ref": "#/components/schemas/Row"}, {"type": "null"}],
@@ -7023,6 +7301,9 @@ OPENAPI = {
                                 "description": "Updates whose row does not exist (nothing changed)."},
                     "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"},
                                   "description": "on_conflict skip: the operations skipped."},
+                    "rejected": {"type": "array", "items": {"$ref": "#/components/schemas/Rejection"},
+                                 "description": "on_reject skip: the operations a rule of the "
+                                                "database refused (not applied)."},
                     "checkpoint": {
                         "description": "The device's next pull position, assuming it holds the rows it pushed; "
                                        "null when the request had no checkpoint.",

@@ -30,6 +30,10 @@ operations, unresolved conflicts). Guarantees:
   over the server's row), or a dict (a merged row, sent as an upsert). Without
   a hook, or when it returns None, the server's row is taken and the local
   operation becomes a dead letter: kept, not dropped.
+- Increments (``increment(table, key, {"qty": -2})``) are sent as increments:
+  the server adds them in the database, so every device's increment counts
+  once, and they never conflict. The local row shows the server's value plus
+  this device's increments not pushed yet, also after a conflict.
 - An operation the server refuses for itself (a 4xx naming one operation)
   becomes a dead letter, so the device is never blocked; the tables are then
   pulled again from scratch, because the local row holds what the server refused.
@@ -66,7 +70,8 @@ log = logging.getLogger("cloudsync_client")
 # client isolates it by pushing one operation at a time.)
 PER_OPERATION_ERRORS = {"Invalid operation", "Invalid table", "Invalid action", "Unknown column", "Missing key",
                         "Invalid value", "Value too large", "Sync failed", "Read-only table", "Table not permitted",
-                        "Rejected", "Payload too large"}     # (the last: one operation alone is over the body limit)
+                        "Rejected", "Out of scope", "Insert-only table", "Read-only column",
+                        "Payload too large"}     # (the last: one operation alone is over the body limit)
 CONFLICT_CHOICES = ("server", "mine")
 
 
@@ -311,6 +316,43 @@ class Client:
             "UPDATE SET " + ", ".join("%s = excluded.%s" % (_quote(n), _quote(n)) for n in names)
             if names else "NOTHING"), list(row.values()))
 
+    def increment(self, table, key, deltas):
+        """Add `deltas` ({column: number}) to the row with `key`, locally and, as an increment, on the server.
+
+        The server adds them in the database, so increments from several devices all count (two tills
+        selling the last units of a product); the local row shows the server's value plus this device's
+        increments not pushed yet. LookupError if the row is not here.
+        """
+        deltas = self._local_form(table, deltas)
+        if not deltas or set(deltas) & set(self.tables[table][1]):
+            raise ValueError("an increment adds to columns other than the key")
+        data = dict(zip(self.tables[table][1], self._key(table, key)), **deltas)
+        with self._transaction():
+            if not self._add_locally(table, data):
+                raise LookupError("%s has no row %r" % (table, key))
+            self._queue(table, "increment", data)
+
+    def _add_locally(self, table, data):
+        """Add an increment's numbers to the local row; False when the row is not here."""
+        key = [data[name] for name in self.tables[table][1]]
+        added = {name: value for name, value in data.items() if name not in self.tables[table][1]}
+        cursor = self.db.execute("SELECT %s FROM %s WHERE %s" % (
+            ", ".join(map(_quote, added)), _quote(table), self._where(table)), key)
+        row = cursor.fetchone()
+        if row is None:
+            return False
+        sums = {}
+        for (name, delta), current in zip(added.items(), row):
+            if isinstance(delta, str) or isinstance(current, str):     # a DECIMAL, kept exact in its form
+                total = decimal.Decimal(str(current or 0)) + decimal.Decimal(str(delta))
+                sums[name] = self._local_form(table, {name: format(total, "f")})[name]
+            else:
+                sums[name] = (current or 0) + delta
+        self.db.execute("UPDATE %s SET %s WHERE %s" % (
+            _quote(table), ", ".join("%s = ?" % _quote(name) for name in sums), self._where(table)),
+            list(sums.values()) + key)
+        return True
+
     def delete(self, table, key):
         """Delete the row with `key` locally and queue the delete."""
         with self._transaction():
@@ -542,8 +584,10 @@ class Client:
                 table, server_row = conflict["table"], conflict["server_row"]
                 key = self._key(table, conflict["key"])
                 seq, operation = batch[conflict["op"]]
+                # pending increments are not resolved away: they never conflict, and still count
                 later = self.db.execute("SELECT seq, action, data FROM _cloudsync_outbox WHERE tbl = ? AND"
-                                        " row_key = ? AND seq <> ? ORDER BY seq", (table, json.dumps(key), seq))
+                                        " row_key = ? AND seq <> ? AND action <> 'increment' ORDER BY seq",
+                                        (table, json.dumps(key), seq))
                 # by index (always progress), and by key: later operations on the row would only conflict again
                 operations = [(seq, operation)] + [(number, {"table": table, "action": action,
                                                              "data": json.loads(data)})
@@ -552,8 +596,15 @@ class Client:
                 for number, _ in operations:
                     self.db.execute("DELETE FROM _cloudsync_outbox WHERE seq = ?", (number,))
                 if choice == "mine":
-                    # the device's row as it is now goes over the server's (or its absence, for a delete)
+                    # the device's row as it is now goes over the server's (or its absence, for a delete);
+                    # a column with increments still pending is left to them (sent, it would count twice)
                     mine = self.get(table, dict(zip(self.tables[table][1], key)))
+                    for (data,) in self.db.execute(
+                            "SELECT data FROM _cloudsync_outbox WHERE tbl = ? AND row_key = ? AND"
+                            " action = 'increment'", (table, json.dumps(key))).fetchall():
+                        for name in json.loads(data):
+                            if mine is not None and name not in self.tables[table][1]:
+                                mine.pop(name, None)
                     self._queue(table, "delete" if mine is None else "upsert",
                                 dict(zip(self.tables[table][1], key)) if mine is None else mine, force=True)
                 else:
@@ -561,6 +612,10 @@ class Client:
                         self._remove(table, dict(zip(self.tables[table][1], key)))
                     else:
                         self._put(table, server_row)
+                        for (data,) in self.db.execute(
+                                "SELECT data FROM _cloudsync_outbox WHERE tbl = ? AND row_key = ? AND"
+                                " action = 'increment' ORDER BY seq", (table, json.dumps(key))).fetchall():
+                            self._add_locally(table, json.loads(data))     # the server's value plus ours
                     changed.setdefault(table, ([], []))[0 if server_row is not None else 1].append(
                         server_row if server_row is not None else conflict["key"])
                     if isinstance(choice, dict):        # a merged row: sent over the server's one

@@ -39,6 +39,7 @@ Contents, in the order of the banners below (a test keeps this list true):
   32. Benchmark: a smoke run so that the script cannot rot (figures are not checked)
   33. Trust: faults and load against live servers (a private MariaDB)
   34. Row scopes: each device syncs only its own store's rows
+  35. Conflicts that match how shops work: columns, increments, ledgers, rules
 """
 
 import argparse
@@ -2351,7 +2352,7 @@ def test_conflict_seen_while_the_sequencer_numbers_it(app, backend):
 
     def query(conn, sql, params=()):
         rows = real_query(conn, sql, params)
-        if "SELECT DISTINCT row_key" in sql and not reads:
+        if "SELECT row_key, op, columns" in sql and not reads:
             reads.append(sql)
             with app.db.connection() as other:    # the sequencer runs between the two reads
                 changelog.sequence(other)
@@ -2364,7 +2365,7 @@ def test_conflict_seen_while_the_sequencer_numbers_it(app, backend):
             touched = changelog.touched_by_others(conn, schema, {app.db.key_text(schema, ("x",))}, since, "till")
     finally:
         del app.db.query
-    assert reads and touched == {'["x"]'}
+    assert reads and touched == {'["x"]': {"note"}}
 
 
 KEY_CASE_CASES = [
@@ -2427,7 +2428,8 @@ def test_update_of_deleted_row_is_conflict_with_checkpoint(app):
     push(app, [op("delete", id="x")], device_id="office")
     response = till.push([op("update", id="x", note="n")], checkpoint=till.checkpoint)
     assert response.status == 409
-    assert response.json["conflicts"] == [{"op": 0, "table": "sales", "key": "x", "server_row": None}]
+    assert response.json["conflicts"] == [{"op": 0, "table": "sales", "key": "x", "server_row": None,
+                                           "columns": ["customer_id", "id", "note", "sold_at", "total"]}]
 
 
 def test_own_writes_never_conflict(app):
@@ -4202,15 +4204,15 @@ def test_pull_never_overwrites_a_local_change_made_during_sync(server, device):
     def write_before_pull(path, body):
         if path == "/sync/pull":
             till_a._post = post
-            till_a.update("sales", "s1", {"total": "7.00"})      # the app writes while the pull is in flight
+            till_a.update("sales", "s1", {"note": "from a"})     # the app writes while the pull is in flight
         return post(path, body)
 
     till_a._post = write_before_pull
     assert not till_a.sync().up_to_date            # the new write goes first: nothing was pulled over it
-    assert till_a.rows("sales")[0]["total"] == "7.00" and till_a.pending() == 1
+    assert till_a.rows("sales")[0]["note"] == "from a" and till_a.pending() == 1
     result = till_a.sync()
-    assert [c["key"] for c in result.conflicts] == ["s1"]     # b changed s1 first: server wins
-    assert [letter["data"]["total"] for letter in till_a.dead_letters()] == ["7.00"]
+    assert [c["key"] for c in result.conflicts] == ["s1"]     # b set the note first: server wins
+    assert [letter["data"]["note"] for letter in till_a.dead_letters()] == ["from a"]
     assert_equal_to_server(server, till_a, till_b)
 
 
@@ -4739,7 +4741,7 @@ def test_updates_and_deletes_of_another_stores_row_find_nothing_and_show_nothing
     scoped_backend.sql("UPDATE orders SET note = 'changed' WHERE id = 2")
     answer = spush(scoped, "t7", [op("update", "orders", id=2, note="mine")], checkpoint=since)
     assert answer.status == 409 and answer.json["conflicts"] == [
-        {"op": 0, "table": "orders", "key": 2, "server_row": None}]
+        {"op": 0, "table": "orders", "key": 2, "columns": ["id", "note", "store_id", "total"], "server_row": None}]
     answer = spush(scoped, "t7", [op("update", "orders", id=2, note="mine")], checkpoint=since, on_conflict="skip")
     assert answer.status == 200 and "changed" not in answer.body.decode()
     assert scoped_backend.rows("orders")[1][3] == "changed"
@@ -4924,3 +4926,470 @@ def test_property_scoped_devices_hold_exactly_their_stores_rows(scoped_backend, 
         while pull_once(token, 1000):
             pass
         assert held[token] == {key: store for key, store in server.items() if _in_scope(token, store)}, token
+
+
+def test_the_reference_client_works_with_scopes_unchanged(tmp_path):
+    db = tmp_path / "server.db"
+    with sqlite3.connect(db) as conn:
+        for statement in SCOPED_SQLITE:
+            conn.execute(statement)
+        conn.executemany("INSERT INTO orders (id, store_id, note) VALUES (?, ?, ?)",
+                         [(1, 7, "mine"), (2, 8, "theirs"), (3, 7, "mine too")])
+    server = LiveServer(tmp_path, DB_PATH=str(db), ALLOWED_TABLES="orders,catalogue", ROW_SCOPES="orders.store_id",
+                        TOKENS="till7:t7;store_id=7,till8:t8;store_id=8")
+    tables = {"orders": (["id", "store_id", "total", "note"], ["id"])}
+    try:
+        till7 = cloudsync_client.Client(str(tmp_path / "7.db"), server.url, tables, "till7", token="t7")
+        till8 = cloudsync_client.Client(str(tmp_path / "8.db"), server.url, tables, "till8", token="t8")
+        assert till7.sync() and till8.sync()
+        assert [row["id"] for row in till7.rows("orders")] == [1, 3]
+        assert [row["id"] for row in till8.rows("orders")] == [2]
+        till7.insert("orders", {"id": 4, "store_id": 7, "note": "new"})
+        till7.update("orders", 1, {"note": "edited"})
+        assert till7.sync() and till7.pending() == 0
+        # the office moves order 3 to store 8: it leaves till 7 and reaches till 8
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE orders SET store_id = 8 WHERE id = 3")
+        assert till7.sync() and till8.sync()
+        assert [(row["id"], row["note"]) for row in till7.rows("orders")] == [(1, "edited"), (4, "new")]
+        assert [row["id"] for row in till8.rows("orders")] == [2, 3]
+        # a write outside the scope is refused, and the client keeps it rather than dropping it silently
+        till8.insert("orders", {"id": 5, "store_id": 7, "note": "not ours"})
+        try:
+            till8.sync()
+        except cloudsync_client.SyncError as error:
+            assert "Out of scope" in str(error)
+        assert till8.pending() + len(till8.dead_letters()) == 1
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM orders WHERE id = 5").fetchone()[0] == 0
+        till7.close(), till8.close()
+    finally:
+        server.stop()
+
+
+def test_a_change_log_from_before_scopes_gets_its_scope_column(scoped_backend):
+    application = cloudsync.App(scoped_config(scoped_backend))
+    application.start()
+    application.db.close()
+    # as an earlier version left it: triggers that log no scope, a log without the column
+    for (name,) in scoped_backend.sql(
+            "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()"
+            if scoped_backend.kind == "mysql" else "SELECT name FROM sqlite_master WHERE type = 'trigger'"):
+        scoped_backend.sql("DROP TRIGGER %s" % name)
+    scoped_backend.sql("DROP INDEX cloudsync_changes_by_scope" + (" ON cloudsync_changes"
+                                                                   if scoped_backend.kind == "mysql" else ""))
+    scoped_backend.sql("ALTER TABLE cloudsync_changes DROP COLUMN scope")
+    if scoped_backend.kind == "mysql":
+        scoped_backend.sql("ALTER TABLE cloudsync_pending DROP COLUMN scope")
+    application = cloudsync.App(scoped_config(scoped_backend))
+    application.start()
+    try:
+        seed_orders(scoped_backend, (1, 7, "1.00", "a"), (2, 8, "2.00", "b"))
+        assert sorted(sync_to_end(application, "t7", ["orders"])[0]["orders"]) == [1]
+        _, _, since = sync_to_end(application, "t8", ["orders"])
+        scoped_backend.sql("UPDATE orders SET store_id = 7 WHERE id = 2")
+        assert sync_to_end(application, "t8", ["orders"], since=since)[1]["orders"] == [2]
+    finally:
+        application.db.close()
+
+
+def test_scope_benchmark_smoke_run(mysql_server):
+    env = dict(os.environ, CLOUDSYNC_BENCH_DB_HOST=MYSQL["host"], CLOUDSYNC_BENCH_DB_PORT=str(MYSQL["port"]),
+               CLOUDSYNC_BENCH_DB_USER=MYSQL["user"], CLOUDSYNC_BENCH_DB_PASS=MYSQL["password"])
+    result = subprocess.run([sys.executable, os.path.join(HERE, "bench_cloudsync.py"), "--scopes", "--smoke"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"\| scoped pull, 10 own \+ 1,000 other stores' changes \(median ms\) \| [0-9.]+ \|",
+                     result.stdout), result.stdout
+
+
+# ---------------------------------------------------------------------------
+# Conflicts that match how shops work: columns, increments, ledgers, rules
+# ---------------------------------------------------------------------------
+# Shoppers edited by several tills (phone at one, points at another), stock
+# counted down by increments, a ledger only appended to, a credit limit only
+# the office sets, and the shop's own rules as triggers of the database.
+
+SHOP_MYSQL = [
+    "CREATE TABLE shoppers (id INT PRIMARY KEY, name VARCHAR(40), phone VARCHAR(20), points INT NOT NULL DEFAULT 0,"
+    " credit_limit DECIMAL(10,2) NOT NULL DEFAULT 100.00, note TEXT) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE stock (product_id VARCHAR(10), store_id INT, qty DECIMAL(12,3) NOT NULL DEFAULT 0,"
+    " sold INT NOT NULL DEFAULT 0, ratio DOUBLE, label VARCHAR(20), PRIMARY KEY (product_id, store_id)) ENGINE=InnoDB",
+    "CREATE TABLE ledger (id INT PRIMARY KEY, amount DECIMAL(10,2), memo VARCHAR(40)) ENGINE=InnoDB",
+    "CREATE TRIGGER stock_not_negative BEFORE UPDATE ON stock FOR EACH ROW BEGIN IF NEW.qty < 0 THEN"
+    " SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'stock cannot go below 0'; END IF; END",
+    "CREATE TRIGGER ledger_positive BEFORE INSERT ON ledger FOR EACH ROW BEGIN IF NEW.amount <= 0 THEN"
+    " SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'a ledger amount is positive'; END IF; END",
+]
+SHOP_SQLITE = [
+    "CREATE TABLE shoppers (id INTEGER PRIMARY KEY, name TEXT, phone TEXT, points INTEGER NOT NULL DEFAULT 0,"
+    " credit_limit DECIMAL(10,2) NOT NULL DEFAULT 100.00, note TEXT)",
+    "CREATE TABLE stock (product_id TEXT, store_id INTEGER, qty DECIMAL(12,3) NOT NULL DEFAULT 0,"
+    " sold INTEGER NOT NULL DEFAULT 0, ratio REAL, label TEXT, PRIMARY KEY (product_id, store_id))",
+    "CREATE TABLE ledger (id INTEGER PRIMARY KEY, amount DECIMAL(10,2), memo TEXT)",
+    "CREATE TRIGGER stock_not_negative BEFORE UPDATE ON stock WHEN NEW.qty < 0"
+    " BEGIN SELECT RAISE(ABORT, 'stock cannot go below 0'); END",
+    "CREATE TRIGGER ledger_positive BEFORE INSERT ON ledger WHEN NEW.amount <= 0"
+    " BEGIN SELECT RAISE(ABORT, 'a ledger amount is positive'); END",
+]
+SHOP_SETTINGS = dict(ALLOWED_TABLES="shoppers,stock,ledger", INSERT_ONLY_TABLES="ledger",
+                     READ_ONLY_COLUMNS="shoppers.credit_limit")
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def shop_backend(request, tmp_path):
+    """A fresh database on each backend holding the shop tables and their rules."""
+    made = _fresh_database(request.param, SHOP_SQLITE if request.param == "sqlite" else SHOP_MYSQL, tmp_path,
+                           request)
+    made.sql("INSERT INTO shoppers (id, name, phone, points) VALUES (1, 'Ann', '555-0100', 10)")
+    made.sql("INSERT INTO stock (product_id, store_id, qty, sold) VALUES ('p1', 7, 5.000, 0)")
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def shop(shop_backend):
+    application = started(shop_backend, **SHOP_SETTINGS)
+    yield application
+    application.db.close()
+
+
+def checkpoint_of(application, tables=("shoppers", "stock")):
+    """A device's checkpoint after syncing `tables` to the end."""
+    since = None
+    while True:
+        answer = pull(application, tables=list(tables), since=since, limit=1000)
+        since = answer.json["checkpoint"]
+        if not answer.json["has_more"]:
+            return since
+
+
+COLUMN_CONFLICTS = [
+    # (what another device or program changed, the device's operation, conflict_level, status, columns)
+    ("phone", op("update", "shoppers", id=1, points=11), "column", 200, None),
+    ("phone", op("update", "shoppers", id=1, phone="555-0199"), "column", 409, ["phone"]),
+    ("phone", op("update", "shoppers", id=1, phone="555-0199", points=11), "column", 409, ["phone"]),
+    ("phone", op("update", "shoppers", id=1, points=11), "row", 409, ["phone"]),
+    ("phone", op("upsert", "shoppers", id=1, name="Anne"), "column", 200, None),
+    ("phone", op("upsert", "shoppers", id=1, phone="1"), "column", 409, ["phone"]),
+    ("phone", op("delete", "shoppers", id=1), "column", 409, ["phone"]),
+    ("phone,points", op("update", "shoppers", id=1, points=11, note="x"), "column", 409, ["points"]),
+    ("nothing", op("update", "shoppers", id=1, phone="555-0199"), "column", 200, None),
+    ("nothing", op("update", "shoppers", id=1, phone="555-0199"), "row", 409, []),
+    ("deleted", op("update", "shoppers", id=1, points=11), "column", 409, None),
+]
+
+
+@pytest.mark.parametrize("writer", ["device", "sql"])
+@pytest.mark.parametrize("changed,operation,level,status,columns", COLUMN_CONFLICTS)
+def test_an_update_conflicts_only_on_the_columns_someone_else_changed(shop_backend, shop, writer, changed,
+                                                                   operation, level, status, columns):
+    since = checkpoint_of(shop)
+    if changed == "deleted":
+        statement = ("DELETE FROM shoppers WHERE id = 1", ())
+        other = op("delete", "shoppers", id=1)
+    else:
+        values = {"phone": "555-0142", "points": 99}
+        names = [] if changed == "nothing" else changed.split(",")
+        # "nothing": the same values written again; an update entry that changes no column
+        statement = ("UPDATE shoppers SET phone = phone" + "".join(", %s = ?" % name for name in names)
+                     + " WHERE id = 1", tuple(values[name] for name in names))
+        other = op("update", "shoppers", id=1, **{name: values[name] for name in names or ["phone"]})
+        if changed == "nothing":
+            other = op("update", "shoppers", id=1, phone="555-0100")
+    if writer == "sql":
+        shop_backend.sql(*statement)
+    else:
+        assert push(shop, [other], device_id="till-b").status == 200
+    before = shop_backend.rows("shoppers")
+    answer = push(shop, [operation], device_id="till-a", checkpoint=since, conflict_level=level)
+    assert answer.status == status, answer.json
+    if status == 409:
+        conflict = answer.json["conflicts"][0]
+        assert conflict["op"] == 0 and shop_backend.rows("shoppers") == before
+        if columns is not None:
+            assert conflict["columns"] == columns
+        else:                                   # the row was deleted: every column is someone else's now
+            assert conflict["columns"] == ["credit_limit", "id", "name", "note", "phone", "points"]
+    else:
+        assert answer.json["applied"] == 1 and "conflicts" not in answer.json
+
+
+def test_a_case_only_change_of_a_column_is_a_change_on_mysql_too(shop_backend, shop):
+    since = checkpoint_of(shop)
+    shop_backend.sql("UPDATE shoppers SET name = 'ANN' WHERE id = 1")
+    answer = push(shop, [op("update", "shoppers", id=1, name="Annie")], device_id="till-a", checkpoint=since)
+    assert answer.status == 409 and answer.json["conflicts"][0]["columns"] == ["name"]
+
+
+def test_increments_add_in_the_database_exactly_and_once(shop_backend, shop):
+    key = {"product_id": "p1", "store_id": 7}
+    answer = push(shop, [op("increment", "stock", qty="-2.5", sold=1, **key),
+                         op("increment", "stock", qty="0.125", ratio=0.5, **key)], device_id="till", batch_id="b1")
+    assert answer.status == 200 and answer.json["applied"] == 2
+    again = push(shop, [op("increment", "stock", qty="-2.5", sold=1, **key),
+                        op("increment", "stock", qty="0.125", ratio=0.5, **key)], device_id="till", batch_id="b1")
+    assert again.status == 200 and again.json["replayed"] is True
+    row = pull(shop, tables=["stock"]).json["data"]["stock"][0]
+    assert (row["qty"], row["sold"], row["ratio"]) == ("2.625", 1, 0.5)
+    # exact decimals, however many steps
+    for step in range(10):
+        assert push(shop, [op("increment", "stock", qty="0.1", **key)], device_id="till",
+                    batch_id="c%d" % step).status == 200
+    assert pull(shop, tables=["stock"]).json["data"]["stock"][0]["qty"] == "3.625"
+
+
+INCREMENT_REFUSALS = [
+    # (operation, batch_id, status, error)
+    (op("increment", "stock", product_id="p1", store_id=7, qty=1), None, 400, "Batch id required"),
+    (op("increment", "stock", product_id="p1", store_id=7, label=1), "b", 400, "Invalid value"),
+    (op("increment", "stock", product_id="p1", store_id=7), "b", 400, "Invalid operation"),
+    (op("increment", "stock", product_id="p1", store_id=7, qty=None), "b", 400, "Invalid value"),
+    (op("increment", "stock", product_id="p1", store_id=7, qty="lots"), "b", 400, "Invalid value"),
+    (op("increment", "stock", store_id=7, qty=1), "b", 400, "Missing key"),
+    (op("increment", "ledger", id=1, amount=1), "b", 403, "Insert-only table"),
+    (op("increment", "shoppers", id=1, credit_limit=1), "b", 403, "Read-only column"),
+    (op("increment", "stock", product_id="p1", store_id=7, qty=-6), "b", 422, "Rejected"),
+]
+
+
+@pytest.mark.parametrize("operation,batch_id,status,error", INCREMENT_REFUSALS)
+def test_increments_that_cannot_be_applied_are_refused_and_change_nothing(shop_backend, shop, operation, batch_id,
+                                                                        status, error):
+    before = shop_backend.rows("stock"), shop_backend.rows("shoppers")
+    answer = push(shop, [op("increment", "stock", product_id="p1", store_id=7, sold=1), operation],
+                  device_id="till", batch_id=batch_id)
+    assert (answer.status, answer.json["error"]) == (status, error), answer.json
+    assert (shop_backend.rows("stock"), shop_backend.rows("shoppers")) == before
+
+
+def test_an_increment_of_a_missing_row_is_reported_missing_and_never_conflicts(shop_backend, shop):
+    since = checkpoint_of(shop)
+    shop_backend.sql("UPDATE stock SET qty = 9 WHERE product_id = 'p1'")      # someone else changed it
+    answer = push(shop, [op("increment", "stock", product_id="p1", store_id=7, qty=-1),
+                         op("increment", "stock", product_id="p9", store_id=7, qty=-1)],
+                  device_id="till", batch_id="b", checkpoint=since)
+    assert answer.status == 200 and "conflicts" not in answer.json
+    assert answer.json["missing"] == [{"op": 1, "table": "stock", "key": {"product_id": "p9", "store_id": 7}}]
+    assert answer.json["checkpoint"] == since           # the device must pull the sum
+    assert pull(shop, tables=["stock"]).json["data"]["stock"][0]["qty"] == "8.000"
+
+
+def test_concurrent_increments_from_many_tills_all_count(shop_backend, shop):
+    errors = []
+
+    def till(number):
+        for step in range(15):
+            answer = push(shop, [op("increment", "stock", product_id="p1", store_id=7, qty="1.001", sold=1)],
+                          device_id="till-%d" % number, batch_id="b%d" % step)
+            if answer.status != 200:
+                errors.append(answer.json)
+    threads = [threading.Thread(target=till, args=(number,)) for number in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    row = pull(shop, tables=["stock"]).json["data"]["stock"][0]
+    assert (row["qty"], row["sold"]) == ("65.060", 60)
+
+
+LEDGER_AND_COLUMN_REFUSALS = [
+    # (operation, status, error, extra fields of the answer)
+    (op("update", "ledger", id=1, memo="changed"), 403, "Insert-only table", {"op": 1}),
+    (op("delete", "ledger", id=1), 403, "Insert-only table", {"op": 1}),
+    (op("upsert", "ledger", id=1, memo="changed"), 403, "Insert-only table", {"op": 1}),
+    (op("insert", "shoppers", id=2, name="Bo", credit_limit="900.00"), 403, "Read-only column",
+     {"op": 1, "column": "credit_limit"}),
+    (op("update", "shoppers", id=1, credit_limit="900.00"), 403, "Read-only column",
+     {"op": 1, "column": "credit_limit"}),
+    (op("upsert", "shoppers", id=1, name="Ann", credit_limit="100.00"), 403, "Read-only column",
+     {"op": 1, "column": "credit_limit"}),
+]
+
+
+@pytest.mark.parametrize("operation,status,error,fields", LEDGER_AND_COLUMN_REFUSALS)
+def test_ledgers_take_only_inserts_and_read_only_columns_are_never_set(shop_backend, shop, operation, status,
+                                                                      error, fields):
+    shop_backend.sql("INSERT INTO ledger (id, amount, memo) VALUES (1, 5.00, 'sale')")
+    before = shop_backend.rows("ledger"), shop_backend.rows("shoppers")
+    answer = push(shop, [op("insert", "ledger", id=2, amount="1.00"), operation])
+    assert (answer.status, answer.json["error"]) == (status, error)
+    assert {name: answer.json[name] for name in fields} == fields
+    assert (shop_backend.rows("ledger"), shop_backend.rows("shoppers")) == before
+
+
+def test_what_ledgers_and_read_only_columns_still_allow(shop_backend, shop):
+    answer = push(shop, [op("insert", "ledger", id=3, amount="2.50", memo="sale"),
+                         op("insert", "shoppers", id=2, name="Bo"),
+                         op("update", "shoppers", id=1, phone="1"),
+                         op("delete", "shoppers", id=2, name="Bo", credit_limit="100.00")])
+    assert answer.status == 200, answer.json
+    shop_backend.sql("INSERT INTO shoppers (id, name) VALUES (3, 'Cy')")
+    row = [row for row in pull(shop, tables=["shoppers"]).json["data"]["shoppers"] if row["id"] == 3][0]
+    assert row["credit_limit"] == "100.00"                  # the database's default
+
+
+@pytest.mark.parametrize("settings,error,message", [
+    ({"READ_ONLY_COLUMNS": "shoppers.id"}, cloudsync.SchemaError, "a column of its primary key"),
+    ({"READ_ONLY_COLUMNS": "shoppers.nope"}, cloudsync.SchemaError, "not a column of the table"),
+    ({"READ_ONLY_COLUMNS": "ghost.x"}, cloudsync.ConfigError, "READ_ONLY_COLUMNS names ghost"),
+    ({"READ_ONLY_COLUMNS": "shoppers"}, cloudsync.ConfigError, "expected table.column"),
+    ({"INSERT_ONLY_TABLES": "ghost"}, cloudsync.ConfigError, "INSERT_ONLY_TABLES names ghost"),
+])
+def test_ledger_and_column_settings_that_cannot_work_stop_the_start(shop_backend, settings, error, message):
+    with pytest.raises(error, match=message):
+        started(shop_backend, **dict(SHOP_SETTINGS, **settings))
+
+
+def test_a_rule_of_the_database_rejects_an_operation_with_its_message(shop_backend, shop):
+    key = {"product_id": "p1", "store_id": 7}
+    operations = [op("increment", "stock", sold=1, **key), op("increment", "stock", qty=-6, **key),
+                  op("insert", "ledger", id=1, amount="1.00")]
+    answer = push(shop, operations, device_id="till", batch_id="b1")
+    assert answer.status == 422 and answer.json["rejected"] == [
+        {"op": 1, "table": "stock", "key": key, "message": "stock cannot go below 0"}]
+    assert shop_backend.rows("ledger") == [] and shop_backend.rows("stock")[0][3] == 0
+    # on_reject skip: the others are applied, the rejection listed
+    answer = push(shop, operations, device_id="till", batch_id="b2", on_reject="skip")
+    assert answer.status == 200, answer.json
+    assert answer.json["applied"] == 2 and answer.json["rejected"] == [
+        {"op": 1, "table": "stock", "key": key, "message": "stock cannot go below 0"}]
+    assert len(shop_backend.rows("ledger")) == 1 and shop_backend.rows("stock")[0][3] == 1
+    # a retry is answered as the first time
+    assert push(shop, operations, device_id="till", batch_id="b2", on_reject="skip").json["rejected"] \
+        == answer.json["rejected"]
+
+
+def test_on_reject_skip_sets_aside_one_row_of_a_many_row_insert(shop_backend, shop):
+    rows = [op("insert", "ledger", id=n, amount="-1.00" if n == 3 else "%d.00" % n) for n in range(1, 6)]
+    answer = push(shop, rows, on_reject="skip")
+    assert answer.status == 200 and answer.json["applied"] == 4
+    assert answer.json["rejected"] == [{"op": 2, "table": "ledger", "key": 3, "message": "a ledger amount is positive"}]
+    assert [row[0] for row in shop_backend.rows("ledger")] == [1, 2, 4, 5]
+    assert push(shop, [op("insert", "ledger", id=9, amount="1")], on_reject="maybe").status == 400
+
+
+def test_the_reference_client_sends_increments_and_shows_its_pending_ones(tmp_path):
+    db = tmp_path / "server.db"
+    with sqlite3.connect(db) as conn:
+        for statement in SHOP_SQLITE:
+            conn.execute(statement)
+        conn.execute("INSERT INTO stock (product_id, store_id, qty, sold) VALUES ('p1', 7, 5.000, 0)")
+        conn.execute("INSERT INTO shoppers (id, name, phone) VALUES (1, 'Ann', '555-0100')")
+    server = LiveServer(tmp_path, DB_PATH=str(db), **SHOP_SETTINGS)
+    key = {"product_id": "p1", "store_id": 7}
+    try:
+        a = cloudsync_client.Client(str(tmp_path / "a.db"), server.url, ["stock", "shoppers", "ledger"], "till-a")
+        b = cloudsync_client.Client(str(tmp_path / "b.db"), server.url, ["stock", "shoppers", "ledger"], "till-b")
+        assert a.sync() and b.sync()
+        a.increment("stock", key, {"qty": "-2", "sold": 2})          # both sell offline
+        b.increment("stock", key, {"qty": -1.5, "sold": 1})
+        assert (a.get("stock", key)["qty"], a.get("stock", key)["sold"]) == ("3.000", 2)
+        b.update("shoppers", 1, {"phone": "555-0199"})                 # and edit different columns
+        a.update("shoppers", 1, {"name": "Anne"})
+        assert a.sync() and b.sync() and a.sync()
+        for device in (a, b):
+            assert (device.get("stock", key)["qty"], device.get("stock", key)["sold"]) == ("1.500", 3)
+            assert (device.get("shoppers", 1)["name"], device.get("shoppers", 1)["phone"]) == ("Anne", "555-0199")
+        # a conflict on the row keeps the pending increment: the server's row plus ours
+        a.increment("stock", key, {"qty": 1})
+        a.update("stock", key, {"label": "mine"})
+        b.update("stock", key, {"label": "theirs"})
+        assert b.sync()
+        result = a.sync()
+        assert not result and result.conflicts                       # the label conflict, kept as a dead letter
+        assert a.get("stock", key)["qty"] == "2.500" and a.get("stock", key)["label"] == "theirs"
+        assert [letter["action"] for letter in a.dead_letters()] == ["update"]
+        # refused operations are kept, never dropped: a ledger is only inserted into
+        a.insert("ledger", {"id": 1, "amount": "2.00"})
+        assert a.sync()
+        a.delete("ledger", 1)
+        assert not a.sync() and [letter["error"] for letter in a.dead_letters()][-1] == "Insert-only table"
+        a.close(), b.close()
+    finally:
+        server.stop()
+
+
+# the property: devices offline, each editing its own column of shared rows and incrementing shared stock
+SHOP_DEVICES = ("a", "b", "c")
+DEVICE_COLUMN = {"a": "name", "b": "phone", "c": "note"}
+SHOP_STEP = st.one_of(
+    st.tuples(st.just("write"), st.sampled_from(SHOP_DEVICES), st.integers(1, 2), st.text("xyz", min_size=1, max_size=3)),
+    st.tuples(st.just("increment"), st.sampled_from(SHOP_DEVICES), st.sampled_from(["p1", "p2"]),
+              st.integers(-3, 3)),
+    st.tuples(st.just("sync"), st.sampled_from(SHOP_DEVICES), st.booleans(), st.booleans()),
+)
+
+
+def pull_into(application, since, rows):
+    """Pull shoppers and stock from `since` to the end into `rows` ({(table, key): row}); the checkpoint."""
+    while True:
+        answer = pull(application, tables=["shoppers", "stock"], since=since, limit=1000)
+        assert answer.status == 200
+        for table, change in answer.json["changes"].items():
+            for row in change["upserted"]:
+                rows[(table, row["id"] if table == "shoppers" else row["product_id"])] = row
+            for key in change["deleted"]:
+                rows.pop((table, key if table == "shoppers" else key["product_id"]), None)
+        since = answer.json["checkpoint"]
+        if not answer.json["has_more"]:
+            return since
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(SHOP_STEP, min_size=5, max_size=30))
+@example(steps=[("write", "a", 1, "x"), ("write", "b", 1, "y"), ("increment", "a", "p1", 2),
+                ("increment", "b", "p1", -1), ("sync", "a", True, False), ("sync", "b", False, True)])
+def test_property_every_increment_counts_once_and_no_column_update_is_lost(shop_backend, shop, steps):
+    shop_backend.sql("DELETE FROM shoppers")
+    shop_backend.sql("DELETE FROM stock")
+    for shopper in (1, 2):
+        shop_backend.sql("INSERT INTO shoppers (id, name, phone, note) VALUES (?, 'n', 'p', 't')", (shopper,))
+    for product in ("p1", "p2"):
+        shop_backend.sql("INSERT INTO stock (product_id, store_id, qty, sold) VALUES (?, 7, 100, 0)", (product,))
+    devices = {}
+    for name in SHOP_DEVICES:
+        rows = {}
+        devices[name] = {"rows": rows, "outbox": [], "batch": 0, "since": pull_into(shop, None, rows)}
+    expected_qty, last_written, run = {"p1": 100, "p2": 100}, {}, uuid.uuid4().hex
+
+    def sync(name, lose_answer, pull_after):
+        device = devices[name]
+        if device["outbox"]:
+            device["batch"] += 1
+            body = dict(device_id=name, batch_id="%s-%d-%s" % (name, device["batch"], run), checkpoint=device["since"])
+            answer = push(shop, device["outbox"], **body)
+            if lose_answer:                         # the answer never arrived: the device sends it again
+                answer = push(shop, device["outbox"], **body)
+            assert answer.status == 200, answer.json      # no two devices set the same column
+            device["outbox"], device["since"] = [], answer.json["checkpoint"]
+        if pull_after:                              # pulls only with an empty outbox, as the client does
+            device["since"] = pull_into(shop, device["since"], device["rows"])
+
+    for step in steps:
+        kind, name = step[0], step[1]
+        device = devices[name]
+        if kind == "write":
+            column = DEVICE_COLUMN[name]
+            device["outbox"].append(op("update", "shoppers", id=step[2], **{column: step[3]}))
+            device["rows"][("shoppers", step[2])][column] = step[3]
+            last_written[(step[2], column)] = step[3]
+        elif kind == "increment":
+            device["outbox"].append(op("increment", "stock", product_id=step[2], store_id=7, qty=step[3]))
+            row = device["rows"][("stock", step[2])]
+            row["qty"] = "%.3f" % (float(row["qty"]) + step[3])
+            expected_qty[step[2]] += step[3]
+        else:
+            sync(name, step[2], step[3])
+    for _ in range(2):                          # the second round pulls what the others pushed last
+        for name in SHOP_DEVICES:
+            sync(name, False, True)
+    server_rows = {}
+    pull_into(shop, None, server_rows)
+    assert {product: server_rows[("stock", product)]["qty"] for product in ("p1", "p2")} \
+        == {product: "%.3f" % qty for product, qty in expected_qty.items()}
+    for (shopper, column), value in last_written.items():
+        assert server_rows[("shoppers", shopper)][column] == value, (shopper, column)
+    for name in SHOP_DEVICES:
+        assert devices[name]["rows"] == server_rows, name
