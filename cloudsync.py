@@ -16,13 +16,17 @@ What this service guarantees:
   the change log, numbered in commit order; a device that follows the pull
   loop from its checkpoint never misses one.
 - A push retried with its batch id is applied once; a push never conflicts
-  silently when it carries the device's checkpoint.
+  silently when it carries the device's checkpoint (column by column: an
+  update conflicts only on a column someone else changed; an increment never).
+- With ROW_SCOPES, a device reads, writes and hears of only the rows of its
+  token's scope; a row that leaves the scope reaches it as a delete.
 
 How to read it. The module reads top to bottom in sections, each under a
 banner: Constants, Errors, .env parser, Logs, Authentication, Configuration,
 Identifiers and values, SQL builders, Private APIs (each with its public
 fallback), Database layer, Change capture, Checkpoints, Sync engine, Push,
-Pull, Operations (metrics, device fleet), HTTP application, Command line,
+Pull, Long polls, Operations (metrics, device fleet), HTTP application,
+Command line,
 and the data at the end (cloudsync's own tables, metric help, OpenAPI). A
 definition uses what is below it in its section or in an earlier section;
 only the data at the end is named from above.
@@ -35,7 +39,9 @@ The path of a push (POST /sync/push), function by function:
                           read_fields(PUSH_FIELDS): device_id, batch_id, ...
   Pushes.validate_operations   every operation before any SQL: schema_for,
                           bind_value for each value, key_problem for the key
-  App._check_writable     READ_ONLY_TABLES and the token's tables
+  App._check_writable     READ_ONLY_TABLES, INSERT_ONLY_TABLES, READ_ONLY_COLUMNS,
+                          the token's tables (SyncEngine.scopes_for: its row scopes)
+  Pushes.hold_to_scopes   each operation inside the token's scope (TableScope)
   Pushes.push             Checkpoints.decode; a batch seen before is replayed
                           (ChangeLog.find_batch, Pushes._replay)
   Pushes._push_with_retries    a deadlock or lock timeout runs it again
@@ -44,11 +50,13 @@ The path of a push (POST /sync/push), function by function:
                             Pushes._conflicts: SyncEngine.rows_for_keys,
                               ChangeLog.touched_by_others, check_position
                             each operation by ACTIONS: _insert_many, _insert_one,
-                              _update, _delete, _upsert -> SQL builders ->
-                              Database.execute (triggers log the change)
+                              _update, _delete, _upsert, _increment -> SQL
+                              builders -> Database.execute (triggers log the
+                              change); on_reject skip: _apply_or_set_aside
                             Pushes._checkpoint_after_push: the commit-order
                               argument, _only_echoes, Checkpoints.encode
                             ChangeLog.finish_batch keeps the outcome for a retry
+  App.push                after the commit, LogWatcher.poke wakes the waiting pulls
   App.__call__            to_json_bytes, gzip; App._account: metrics, the
                           device fleet, one access-log line
 
@@ -56,12 +64,17 @@ The path of a pull (POST /sync/pull):
   App.__call__ -> App._dispatch -> App.pull   read_fields(PULL_FIELDS),
                           Pulls.check_tables, parse_limit
   sync mode (`since` present):
-    Pulls.pull_changes    Checkpoints.decode; ChangeLog.sequence numbers what
+    App._sync_pull        LogWatcher.known_head: Pulls.unchanged answers an
+                          idle poll from memory; else:
+    Pulls.pull_changes    Pulls._position (Checkpoints.decode, the columns' and
+                          the scope's fingerprints); ChangeLog.sequence numbers what
                           committed; a first sync pages through the tables
                           (Pulls._scan_tables: page_sql), later ones read the
                           log (ChangeLog.changed_rows, Pulls._fetch_changed:
                           SyncEngine.select_by_keys, deleted keys by key_value);
                           ChangeLog.check_position; Checkpoints.encode
+    App._sync_pull        with "wait" and nothing new: LogWatcher.enter, park
+                          until a change may have committed, pull again
   seed mode (no `since`):
     Pulls.seed_pull       ChangeLog.tables_version validates the cached answer;
                           else Database.rows_as_json or Pulls._read_rows
@@ -135,6 +148,9 @@ MAX_ID_CHARS = 128                  # device_id and batch_id
 CORS_ALLOWED_HEADERS = "Authorization, Content-Type, Content-Encoding, If-None-Match"
 CORS_MAX_AGE_SECONDS = 600          # browsers may reuse a preflight answer this long
 RETRY_AFTER_SECONDS = 5             # what a 503 tells a client to wait
+MAX_WAIT_SECONDS = 25               # the longest a pull waits for a change ("wait"), below 30 s
+WATCH_INTERVAL_SECONDS = 0.5        # the watcher looks at the change log this often (Long polls)
+LONGPOLL_RETRY_AFTER_SECONDS = 2    # what a pull turned away from waiting is told to wait
 TOKEN_BYTES = 32                    # random bytes in a generated token
 MAX_SCOPE_VALUE_CHARS = 200         # a scope value in a token: a store number, a region's name
 SCOPE_ALL = "*"                     # the scope value of a token that sees every row (the office)
@@ -290,6 +306,8 @@ REFUSALS = {
                            "a checkpoint this server did not issue for this database and these "
                            "tables"),
     "invalid_limit": (400, "Invalid limit", "limit is not a whole number of at least 1"),
+    "invalid_wait": (400, "Invalid wait",
+                     "wait is not a number of seconds of at least 0, or comes without since"),
     "batch_id_required": (400, "Batch id required",
                           "an increment without batch_id: only a recorded batch makes a retried "
                           "increment safe"),
@@ -1021,6 +1039,9 @@ SETTINGS = (
      "protected like the sync endpoints"),
     ("CORS_ORIGINS", _as_origin_list, "",
      "browser origins allowed to call the API (PWA field apps), comma-separated, or *"),
+    ("LONGPOLL_MAX_WAITERS", _as_positive_int, "100",
+     "most pulls waiting for changes (\"wait\") at once; the server adds a thread for each while "
+     "it waits, on top of THREADS"),
     ("SHUTDOWN_GRACE_SECONDS", _as_positive_int, "30",
      "on SIGTERM, requests in progress get this long to finish"),
 )
@@ -1676,7 +1697,7 @@ def page_sql(schema, after, limit, scope=None):
 # ---------------------------------------------------------------------------
 # Private APIs, each with its public fallback
 # ---------------------------------------------------------------------------
-# Three places reach past a library's documented interface. Each is used only
+# Four places reach past a library's documented interface. Each is used only
 # when what it needs is there; otherwise the public path, tested on its own,
 # does the same work more slowly. No other code touches a private name.
 #
@@ -1689,6 +1710,14 @@ def page_sql(schema, after, limit, scope=None):
 # (which leaves every other % alone). Both cut a multi-row INSERT at about
 # MYSQL_STATEMENT_BYTES, within the bound fits_one_statement() checks, so an
 # insert it passes is one statement, atomic by itself, either way.
+#
+# waitress's thread pool. A pull waiting for a change holds a waitress thread.
+# A pool sized for every possible waiting pull is slow for everything else (a
+# request then wakes a sleeping thread instead of the one that just finished:
+# 0.7x the pushes per second with 108 threads instead of 9), so the pool is
+# THREADS, and grows by one thread for each pull while it waits, through the
+# dispatcher's set_thread_count(). Without it, the pool is fixed at THREADS +
+# LONGPOLL_MAX_WAITERS from the start (create_server's threads=).
 #
 # waitress. Its own refusals (a declared body over the limit, refused before it
 # is read; a malformed request) are answered in JSON, like every other error,
@@ -1901,6 +1930,19 @@ def _json_error_channel(max_body_bytes):
         error_task_class = JSONErrorTask
 
     return JSONErrorChannel
+
+
+def _pool_resizer(server):
+    """The function setting the waitress server's thread count, or None when it has none."""
+    set_count = getattr(getattr(server, "task_dispatcher", None), "set_thread_count", None)
+    return set_count if callable(set_count) else None
+
+
+def _resizable_pool():
+    """Whether this waitress's dispatcher can change its thread count while it serves."""
+    import waitress.task
+    return callable(getattr(getattr(waitress.task, "ThreadedTaskDispatcher", None),
+                            "set_thread_count", None))
 
 
 def _graceful_stop_possible(server):
@@ -2291,6 +2333,10 @@ class SQLiteDatabase(Database):
     delete_oldest_sql = ("DELETE FROM cloudsync_changes WHERE seq IN"
                          " (SELECT seq FROM cloudsync_changes WHERE seq <= ? ORDER BY seq LIMIT ?)")
     json_array = "json_array"
+    # ChangeLog.position: the newest seq (the log numbers at commit), the compaction mark, version
+    position_sql = ("SELECT (SELECT MAX(seq) FROM cloudsync_changes),"
+                    " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'),"
+                    " sqlite_version()")
     columns_sql = "SELECT name FROM pragma_table_info(?)"
     tables_sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
     triggers_sql = "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'"
@@ -2386,7 +2432,12 @@ class SQLiteDatabase(Database):
 
     def server_version(self, conn):
         """The database engine's version string."""
-        return "SQLite " + sqlite3.sqlite_version
+        return self.version_name(sqlite3.sqlite_version)
+
+    @staticmethod
+    def version_name(version):
+        """The version as status shows it."""
+        return "SQLite " + version
 
     def driver(self):
         """The driver in use, as status and the start-up log show it."""
@@ -2684,6 +2735,9 @@ class MySQLDatabase(Database):
     cutoff_sql = "NOW(6) - INTERVAL ? DAY"
     delete_oldest_sql = "DELETE FROM cloudsync_changes WHERE seq <= ? ORDER BY seq LIMIT ?"
     json_array = "JSON_ARRAY"
+    # ChangeLog.position: the sequencer's head, the compaction mark, the server's version
+    position_sql = ("SELECT (SELECT value FROM cloudsync_meta WHERE name = 'last_seq'),"
+                    " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'), VERSION()")
     columns_sql = ("SELECT COLUMN_NAME FROM information_schema.COLUMNS"
                    " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?")
     tables_sql = "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()"
@@ -2878,7 +2932,12 @@ class MySQLDatabase(Database):
 
     def server_version(self, conn):
         """The database engine's version string."""
-        return "MySQL " + self.query(conn, "SELECT VERSION()")[0][0]
+        return self.version_name(_text(self.query(conn, "SELECT VERSION()")[0][0]))
+
+    @staticmethod
+    def version_name(version):
+        """The version as status shows it."""
+        return "MySQL " + version
 
     def driver(self):
         """The driver and whether its C extension is active."""
@@ -3734,6 +3793,12 @@ class ChangeLog:
             % (marks, holds_rows, marks), list(tables) * 2)[0]
         return (max(row[0] or 0, int(row[1])), row[2], row[3] or 0) + tuple(row[4:])
 
+    def position(self, conn):
+        """(head, compaction mark, the database server's version): one round trip."""
+        head, compacted, version = self.db.query(conn, self.db.position_sql)[0]
+        compacted = int(compacted)
+        return max(int(head or 0), compacted), compacted, self.db.version_name(_text(version))
+
     def head(self, conn):
         """The highest sequence number given out so far."""
         if not self.db.numbers_at_commit:       # the sequencer keeps it
@@ -3755,13 +3820,7 @@ class ChangeLog:
         backup or its log was reset; numbers it already saw will be given out
         again, so the device must start over.
         """
-        if self.db.numbers_at_commit:
-            compacted, head = self.compacted_upto(conn), self.head(conn)
-        # one round trip: the sequencer keeps the head in cloudsync_meta
-        else:
-            meta = dict(self.db.query(conn, "SELECT name, value FROM cloudsync_meta"
-                                            " WHERE name IN ('last_seq', 'compacted_upto')"))
-            compacted, head = int(meta["compacted_upto"]), int(meta["last_seq"])
+        head, compacted, _ = self.position(conn)
         if seq < compacted or seq > head:
             raise _expired()
 
@@ -3850,7 +3909,8 @@ class ChangeLog:
                        else (log, "", []) for log in self._logs()]
             for table, after, after_params in sources:
                 rows = self.db.query(conn,
-                    "SELECT row_key, op, columns FROM %s WHERE table_name = ? AND row_key IN (%s)%s%s"
+                    "SELECT row_key, op, columns FROM %s"
+                    " WHERE table_name = ? AND row_key IN (%s)%s%s"
                     % (table, marks, after, foreign),
                     [schema.name] + list(chunk) + after_params + extra)
                 for row_key, op, columns in rows:
@@ -4147,6 +4207,8 @@ class SyncEngine:
         A token without a value for a scoped table's column may not use it:
         fail closed.
         """
+        if not self.row_scopes:
+            return {}, frozenset()          # nothing is scoped: every device sees every row
         scopes, closed = {}, set()
         for table in self.allowed_tables:
             schema = self.schemas.get(table)
@@ -4391,8 +4453,10 @@ class Pushes:
         scope (Operation.scope goes into their SQL): another store's row is,
         for this device, not there.
         """
+        if not scopes:
+            return
         for op in operations:
-            scope = op.scope = scopes.get(op.table.name) if scopes else None
+            scope = op.scope = scopes.get(op.table.name)
             if scope is None:
                 continue
             name = scope.column.name
@@ -4711,7 +4775,7 @@ class Pushes:
             raise PushRejected(op, error) from None
 
     def _increment(self, conn, op):
-        """Add the pushed numbers to the row's columns in the database; True when the row is there."""
+        """Add the pushed numbers to the row's columns in the database; True if the row is there."""
         schema = op.table
         added = {name: value for name, value in op.values.items() if name not in schema.primary_key}
         try:
@@ -4985,24 +5049,7 @@ class Pulls:
 
         At most `limit` rows plus keys; with `scopes`, only the device's rows.
         """
-        fields = self.engine.checkpoints.decode(since) if since is not None else None
-        if fields is not None and sorted(fields["t"]) == sorted(tables):
-            # the same tables in another order: the checkpoint's order holds
-            tables = fields["t"]
-        if fields is not None and fields["t"] != tables:
-            raise Refused("invalid_checkpoint", "this checkpoint was issued for tables %s; pull "
-                          "the same tables with it, or start again with \"since\": null"
-                          % ", ".join(fields["t"]))
-        fingerprint = self.engine.columns_fingerprint(tables)
-        if fields is not None and fields.get("f") not in (None, fingerprint):
-            raise Refused("expired", "the columns of %s changed since this checkpoint "
-                          "(ALTER TABLE): start again with \"since\": null to pull every row with "
-                          "its columns" % ", ".join(tables), reset=True)
-        scope = self.engine.scope_fingerprint(scopes, tables)
-        if fields is not None and fields.get("c") != scope:
-            raise Refused("expired", "this device's scope (the rows its token may see) changed "
-                          "since this checkpoint: start again with \"since\": null to pull the "
-                          "rows of its scope now", reset=True)
+        fields, tables, fingerprint, scope = self._position(tables, since, scopes)
         changes = {table: {"upserted": [], "deleted": []} for table in tables}
         with self.db.connection() as conn:
             self.changelog.sequence(conn)
@@ -5028,6 +5075,43 @@ class Pulls:
                 "checkpoint": self.engine.checkpoints.encode(tables, checkpoint_seq, scan,
                                                              fingerprint, scope),
                 "has_more": has_more}
+
+    def _position(self, tables, since, scopes):
+        """What a sync pull checks before any SQL: (checkpoint fields or None, tables, columns'
+        fingerprint, scope fingerprint); Refused when the checkpoint cannot be served."""
+        fields = self.engine.checkpoints.decode(since) if since is not None else None
+        if fields is not None and sorted(fields["t"]) == sorted(tables):
+            # the same tables in another order: the checkpoint's order holds
+            tables = fields["t"]
+        if fields is not None and fields["t"] != tables:
+            raise Refused("invalid_checkpoint", "this checkpoint was issued for tables %s; pull "
+                          "the same tables with it, or start again with \"since\": null"
+                          % ", ".join(fields["t"]))
+        fingerprint = self.engine.columns_fingerprint(tables)
+        if fields is not None and fields.get("f") not in (None, fingerprint):
+            raise Refused("expired", "the columns of %s changed since this checkpoint "
+                          "(ALTER TABLE): start again with \"since\": null to pull every row with "
+                          "its columns" % ", ".join(tables), reset=True)
+        scope = self.engine.scope_fingerprint(scopes, tables)
+        if fields is not None and fields.get("c") != scope:
+            raise Refused("expired", "this device's scope (the rows its token may see) changed "
+                          "since this checkpoint: start again with \"since\": null to pull the "
+                          "rows of its scope now", reset=True)
+        return fields, tables, fingerprint, scope
+
+    def unchanged(self, tables, since, scopes, head, compacted):
+        """A sync pull's answer without SQL when the log is where the checkpoint is; else None.
+
+        `head` and `compacted`: the log as the watcher last saw it (Long polls).
+        """
+        if since is None:
+            return None
+        fields, tables, _, _ = self._position(tables, since, scopes)
+        if fields["scan"] is not None or fields["s"] != head or fields["s"] < compacted:
+            return None
+        return {"success": True, "changes": {table: {"upserted": [], "deleted": []}
+                                             for table in tables},
+                "checkpoint": since, "has_more": False}
 
     def _scan_tables(self, conn, tables, scan, limit, changes, scopes=None):
         """Initial sync: page through the tables in key order.
@@ -5156,6 +5240,18 @@ class Pulls:
         return data
 
 
+def parse_wait(value, read_timeout_seconds):
+    """A pull's `wait` in seconds: None when absent, null or 0; at most MAX_WAIT_SECONDS and below
+    READ_TIMEOUT_SECONDS (a larger one is capped); Refused("invalid_wait") when not a number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, decimal.Decimal)) \
+            or not math.isfinite(value) or value < 0:
+        raise Refused("invalid_wait", "wait must be a number of seconds of at least 0 (at most %d "
+                      "is used)" % MAX_WAIT_SECONDS)
+    return min(float(value), MAX_WAIT_SECONDS, read_timeout_seconds - 1) or None
+
+
 def parse_limit(value, cap):
     """A pull's `limit`: DEFAULT_PULL_LIMIT_ROWS when absent, at most `cap` (MAX_PULL_ROWS); a
     whole number of at least 1 (digits in a string too)."""
@@ -5170,6 +5266,120 @@ def parse_limit(value, cap):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise Refused("invalid_limit", "limit must be a whole number of at least 1")
     return min(value, cap)
+
+
+# ---------------------------------------------------------------------------
+# Long polls: one watcher per instance
+# ---------------------------------------------------------------------------
+# A sync pull with "wait": N that finds nothing new waits, without a database
+# connection, until a change may have committed, then pulls again. What wakes
+# it: a push through this instance (at once, after its commit), or the
+# watcher, one thread per instance that looks at the log every
+# WATCH_INTERVAL_SECONDS (numbering what other instances and other programs
+# committed) and wakes every waiting pull when the head moved. So the database
+# work grows with instances, not with waiting devices. Each waiting pull holds
+# a waitress thread: LONGPOLL_MAX_WAITERS bounds them, and the server adds a
+# thread for each while it waits (Private APIs: waitress's pool), so pushes
+# and status never wait behind parked pulls. The watcher's last look also
+# answers idle polls: a checkpoint at the head it saw at most one interval ago
+# gets "no changes" without a round trip (stale by at most that much; a push
+# through the instance, or a conflict it answered, sends the next poll to the
+# database).
+
+
+class LogWatcher:
+    """Knows the change log's head as of its last look, and wakes the pulls waiting for a change."""
+
+    def __init__(self, changelog, max_waiters):
+        self.changelog = changelog
+        self.max_waiters = max_waiters
+        self._changed = threading.Condition()
+        self.generation = 0         # goes up whenever the log may have moved
+        self.head = None            # (head, compaction mark) at the last look; None: not known
+        self.seen_at = 0.0          # when (monotonic)
+        self.waiting = 0            # pulls waiting now
+        self.turned_away = 0        # pulls that could not wait: LONGPOLL_MAX_WAITERS were
+        self.stopping = False
+        # serve: resize(waiting) gives the server THREADS threads plus one per waiting pull
+        self.resize = None
+
+    def look(self):
+        """One look at the log: number what committed elsewhere, read the head; wake on a move."""
+        began = time.monotonic()            # what it sees is at least this fresh
+        with self.changelog.db.connection() as conn:
+            self.changelog.sequence(conn)
+            head, compacted, _ = self.changelog.position(conn)
+        with self._changed:
+            if self.head is None or self.head[0] != head:
+                self.generation += 1
+                self._changed.notify_all()
+            self.head, self.seen_at = (head, compacted), began
+
+    def poke(self):
+        """A push through this instance committed: wake the waiting pulls at once."""
+        with self._changed:
+            self.head = None            # until the next look, idle polls ask the database
+            self.generation += 1
+            self._changed.notify_all()
+
+    def forget(self):
+        """Something may have changed that the last look did not see (a conflict showed it)."""
+        self.head = None
+
+    def known_head(self):
+        """(head, compaction mark) if the last look began at most WATCH_INTERVAL_SECONDS ago."""
+        head, seen_at = self.head, self.seen_at
+        if head is None or time.monotonic() - seen_at > WATCH_INTERVAL_SECONDS:
+            return None
+        return head
+
+    def enter(self):
+        """Take a waiting slot; False when LONGPOLL_MAX_WAITERS are taken or the server stops."""
+        with self._changed:
+            if self.stopping or self.waiting >= self.max_waiters:
+                self.turned_away += 1
+                return False
+            self.waiting += 1
+            if self.resize is not None:
+                self.resize(self.waiting)       # a thread takes the place of this one
+            return True
+
+    def leave(self):
+        """Give a waiting slot back."""
+        with self._changed:
+            self.waiting -= 1
+            if self.resize is not None:
+                self.resize(self.waiting)
+
+    def park(self, generation, deadline):
+        """Wait until the log may have moved since `generation`, the deadline, or a stop.
+
+        True when woken by a possible change.
+        """
+        with self._changed:
+            self._changed.wait_for(lambda: self.generation != generation or self.stopping,
+                                   max(0.0, deadline - time.monotonic()))
+            return self.generation != generation and not self.stopping
+
+    def stop(self):
+        """SIGTERM: every waiting pull answers now, and none starts waiting."""
+        with self._changed:
+            self.stopping = True
+            self._changed.notify_all()
+
+    def run(self, stop):
+        """The watcher thread: look every WATCH_INTERVAL_SECONDS until `stop` is set."""
+        while not stop.is_set():
+            try:
+                self.look()
+            except DatabaseUnavailable:
+                self.head = None        # requests report it; the next look tries again
+            except Exception:
+                self.head = None
+                log.warning("the change-log watcher failed; it looks again shortly",
+                            exc_info=True)
+            # twice an interval: a look younger than WATCH_INTERVAL_SECONDS is nearly always there
+            stop.wait(WATCH_INTERVAL_SECONDS / 2)
 
 
 # ---------------------------------------------------------------------------
@@ -5522,6 +5732,7 @@ class App:
         self.auth = Authenticator(config)
         self.metrics = Metrics()
         self.fleet = DeviceFleet(self.db)
+        self.watcher = LogWatcher(self.engine.changelog, config.longpoll_max_waiters)
         self.routes = {
             "/health": {"GET": self.health},
             "/sync": {"POST": self.push},
@@ -5713,10 +5924,13 @@ class App:
                                        action=action)
             if result.get("conflicts"):
                 self.metrics.count("cloudsync_conflicts_total", len(result["conflicts"]))
+            if not result.get("replayed") and result["applied"]:
+                self.watcher.poke()
             return 200, result
         except Refused as refusal:
             if refusal.reason == "conflict":
                 self.metrics.count("cloudsync_conflicts_total", len(refusal.fields["conflicts"]))
+                self.watcher.forget()       # the device pulls next: from the database
             raise
         except DatabaseUnavailable:
             raise Refused("push_unavailable", "the database is unavailable; retry later") from None
@@ -5735,8 +5949,9 @@ class App:
                 raise Refused("insert_only_table", "operation %d: %s is insert-only (a ledger); "
                               "devices may add rows to it, not %s them"
                               % (op.index, op.table.name, op.action), op=op.index)
-            fixed = [name for name in op.sent if name in read_only_columns.get(op.table.name, ())]
-            if fixed and op.action != "delete":
+            fixed = read_only_columns.get(op.table.name) and op.action != "delete" \
+                and [name for name in op.sent if name in read_only_columns[op.table.name]]
+            if fixed:
                 raise Refused("read_only_column", "operation %d: column %s of %s is read-only; "
                               "leave it out (an insert gets the database's default)"
                               % (op.index, fixed[0], op.table.name), op=op.index, column=fixed[0])
@@ -5774,9 +5989,12 @@ class App:
                                  "its column in the token)" if set(refused) & closed else ""))
         limit = parse_limit(fields["limit"], self.config.max_pull_rows)
         sync_mode, since = "since" in payload, fields["since"]
+        wait = parse_wait(fields["wait"], self.config.read_timeout_seconds)
+        if wait is not None and not sync_mode:
+            raise Refused("invalid_wait", "wait is for sync-mode pulls: send it with \"since\"")
         try:
             if sync_mode:
-                result = self.pulls.pull_changes(tables, since, limit, scopes)
+                result = self._sync_pull(tables, since, limit, scopes, wait)
                 result["limit"] = limit
                 pulled = self.engine.checkpoints.decode(result["checkpoint"])
                 request.checkpoint_seq, request.tables = pulled["s"], ",".join(pulled["t"])
@@ -5799,6 +6017,40 @@ class App:
         if encoded.etag in request.environ.get("HTTP_IF_NONE_MATCH", ""):
             return 304, None, headers
         return 200, encoded, headers
+
+    def _sync_pull(self, tables, since, limit, scopes, wait):
+        """A sync-mode pull; with `wait`, one that finds nothing waits for a change (Long polls)."""
+        watcher = self.watcher
+        generation = watcher.generation
+        known = watcher.known_head()
+        result = known and self.pulls.unchanged(tables, since, scopes, *known)
+        if not result:
+            result = self.pulls.pull_changes(tables, since, limit, scopes)
+        # a first sync (since null) answers at once: the device learns its checkpoint first
+        if not wait or since is None or result["has_more"] or any(
+                change["upserted"] or change["deleted"] for change in result["changes"].values()):
+            return result
+        if not watcher.enter():
+            self.metrics.count("cloudsync_longpoll_turned_away_total")
+            return dict(result, retry_after=LONGPOLL_RETRY_AFTER_SECONDS)
+        try:
+            deadline = time.monotonic() + wait
+            while watcher.park(generation, deadline):
+                generation = watcher.generation
+                result = self.pulls.pull_changes(tables, since, limit, scopes)
+                if result["has_more"] or any(change["upserted"] or change["deleted"]
+                                             for change in result["changes"].values()):
+                    break
+        finally:
+            watcher.leave()
+        return result
+
+    def watch(self):
+        """Start the watcher thread (serve does); return the function that stops it."""
+        stop = threading.Event()
+        threading.Thread(target=self.watcher.run, args=(stop,), name="cloudsync-watcher",
+                         daemon=True).start()
+        return stop.set
 
     def openapi(self, request):
         """This API's OpenAPI 3.1 description."""
@@ -5839,6 +6091,7 @@ class App:
             request.token = self.auth.identify(request)
         pool = getattr(self.db, "pool", None)
         gauges = [("cloudsync_push_retries_total", {}, self.pushes.retries),
+                  ("cloudsync_longpoll_waiting", {}, self.watcher.waiting),
                   ("cloudsync_driver_info", {"driver": self.db.driver()}, 1)]
         if pool is not None:
             gauges += [("cloudsync_pool_connections_in_use", {}, pool.in_use),
@@ -5855,9 +6108,8 @@ class App:
         """A real database round trip, and the tables as the schema now describes them."""
         try:
             with self.db.connection() as conn:
-                # the round trip that proves the database answers
-                version = self.db.server_version(conn)
-                head = self.engine.changelog.head(conn)
+                # the one round trip that proves the database answers
+                head, _, version = self.engine.changelog.position(conn)
             schemas = self.engine.refresh_schema()
         except DatabaseUnavailable as error:
             log.warning("status: database unavailable: %s", error)
@@ -5976,6 +6228,7 @@ PULL_FIELDS = (
     ("tables", _unchecked, None),           # Pulls.check_tables
     ("since", _checked_checkpoint, None),   # present (even null): sync mode
     ("limit", _unchecked, None),            # parse_limit
+    ("wait", _unchecked, None),             # parse_wait
 )
 
 
@@ -6022,8 +6275,11 @@ def _limit_malloc_arenas():
 def _create_server(app, config):
     """A waitress server for the app, already listening: OSError when the port is taken."""
     import waitress.server
+    resizable = _resizable_pool()
     server = waitress.server.create_server(
-        app, host=config.host, port=config.port, threads=config.threads,
+        # waiting pulls never take the threads pushes and status need (Private APIs)
+        app, host=config.host, port=config.port,
+        threads=config.threads if resizable else config.threads + config.longpoll_max_waiters,
         # waitress refuses an oversized declared body before reading any of it
         max_request_body_size=config.max_body_bytes, ident="cloudsync",
         clear_untrusted_proxy_headers=True,
@@ -6033,13 +6289,17 @@ def _create_server(app, config):
     channel = _json_error_channel(config.max_body_bytes)
     if channel is not None:
         server.channel_class = channel
+    set_count = _pool_resizer(server) if resizable else None
+    if set_count is not None:
+        app.watcher.resize = lambda waiting: set_count(config.threads + waiting)
     return server
 
 
-def _run(server, config, wake):
+def _run(server, config, wake, on_stop=None):
     """Serve until SIGTERM (then let requests in progress finish) or Ctrl-C.
 
-    SIGHUP re-reads the tokens file.
+    SIGHUP re-reads the tokens file. `on_stop`: called at SIGTERM, before the
+    requests in progress are drained (it wakes the waiting pulls).
     """
     log.info("cloudsync %s listening on http://%s:%d", __version__, config.host, config.port)
     graceful = _graceful_stop_possible(server)
@@ -6067,6 +6327,8 @@ def _run(server, config, wake):
         if graceful:
             while not terminating:
                 _serve_one_step(server, server.adj.asyncore_loop_timeout)
+            if on_stop is not None:
+                on_stop()
             _drain(server, config.shutdown_grace_seconds)
         else:
             server.run()                    # returns after SIGTERM or Ctrl-C
@@ -6193,7 +6455,8 @@ def _serve_command(config, args):
     stop, wake = threading.Event(), threading.Event()
     threading.Thread(target=_maintain, args=(app, config, stop, wake), name="cloudsync-maintenance",
                      daemon=True).start()
-    _run(server, config, wake)
+    app.watch()
+    _run(server, config, wake, on_stop=app.watcher.stop)
     stop.set()
     wake.set()
     try:
@@ -6724,6 +6987,9 @@ SQLITE_DEVICES_UPSERT = (
 METRIC_HELP = {
     "cloudsync_requests_total": ("counter", "HTTP requests answered, by route, method and status"),
     "cloudsync_request_duration_seconds": ("histogram", "time to answer a request, by route and status"),
+    "cloudsync_longpoll_waiting": ("gauge", "pulls waiting for a change now (\"wait\")"),
+    "cloudsync_longpoll_turned_away_total": ("counter",
+                                             "pulls that asked to wait when LONGPOLL_MAX_WAITERS were"),
     "cloudsync_operations_pushed_total": ("counter", "push operations applied, by table and action"),
     "cloudsync_rows_pulled_total": ("counter", "rows and deleted keys sent by pulls, by table"),
     "cloudsync_conflicts_total": ("counter", "push operations refused or skipped as conflicts"),
@@ -6765,7 +7031,8 @@ ROUTE_REFUSALS = {
         "batch_id_required", "duplicate", "conflict", "batch_reused", "expired", "too_large", "too_many_operations", "value_too_large",
         "unsupported_encoding", "rejected", "push_failed", "internal", "push_unavailable"),
     ("/sync/pull", "post"): _BODY_REFUSALS + (
-        "invalid_table", "no_tables", "invalid_limit", "invalid_checkpoint", "unauthorized", "table_not_permitted",
+        "invalid_table", "no_tables", "invalid_limit", "invalid_wait", "invalid_checkpoint", "unauthorized",
+        "table_not_permitted",
         "expired", "too_large", "unsupported_encoding", "pull_failed", "internal", "pull_unavailable"),
 }
 # a reason's answer with more required fields everywhere
@@ -7340,6 +7607,11 @@ OPENAPI = {
                                        "previous answer.",
                         "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
                     },
+                    "wait": {
+                        "description": "Sync mode only: when nothing changed after `since`, wait up to this "
+                                       "many seconds (at most 25) for a change before answering.",
+                        "anyOf": [{"type": "number", "minimum": 0}, {"type": "null"}],
+                    },
                 },
             },
             "SeedPull": {
@@ -7377,6 +7649,9 @@ OPENAPI = {
                     "checkpoint": {"$ref": "#/components/schemas/Checkpoint"},
                     "has_more": {"type": "boolean", "description": "Pull again with `checkpoint` at once."},
                     "limit": {"type": "integer", "minimum": 1, "description": "The limit used."},
+                    "retry_after": {"type": "integer", "minimum": 1,
+                                    "description": "With wait, when LONGPOLL_MAX_WAITERS pulls already wait: "
+                                                   "this one did not; ask again after this many seconds."},
                 },
             },
         },

@@ -54,6 +54,7 @@ import decimal
 import gzip
 import json
 import logging
+import random
 import re
 import sqlite3
 import threading
@@ -129,6 +130,8 @@ class Client:
         self.last_report = None             # what the last sync() did, as a dict
         self._lock = threading.RLock()      # every use of the local database; sync() may run in another thread
         self._syncing = threading.Lock()    # one sync at a time
+        self._written = threading.Event()   # the app wrote: run_forever pushes
+        self._stop = None
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # transactions explicit
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")                  # a committed batch id survives a power cut
@@ -278,6 +281,7 @@ class Client:
         key = json.dumps(self._key(table, data))
         self.db.execute("INSERT INTO _cloudsync_outbox (tbl, action, row_key, data, force) VALUES (?, ?, ?, ?, ?)",
                         (table, action, key, json.dumps(data), int(force)))
+        self._written.set()                         # run_forever pushes it now
 
     def insert(self, table, row):
         """Insert a row locally and queue it for the server."""
@@ -445,14 +449,14 @@ class Client:
 
     # -- HTTP -------------------------------------------------------------------
 
-    def _post(self, path, body):
+    def _post(self, path, body, timeout=None):
         """POST JSON; return (status, answer), or (None, None) when the server could not be reached."""
-        return self._request(path, json.dumps(body).encode("utf-8"))
+        return self._request(path, json.dumps(body).encode("utf-8"), timeout)
 
     def _get(self, path):
         return self._request(path, None)
 
-    def _request(self, path, data):
+    def _request(self, path, data, timeout=None):
         headers = {"Accept-Encoding": "gzip"}
         if data is not None:
             headers["Content-Type"] = "application/json"
@@ -461,7 +465,7 @@ class Client:
         request = urllib.request.Request(self.url + path, data, headers, method="POST" if data is not None else "GET")
         self._unreachable = None
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
                 status, encoding, raw = response.status, response.headers.get("Content-Encoding"), response.read()
         except urllib.error.HTTPError as error:
             status, encoding, raw = error.code, error.headers.get("Content-Encoding"), error.read()
@@ -482,14 +486,14 @@ class Client:
 
     # -- sync -------------------------------------------------------------------
 
-    def sync(self):
+    def sync(self, _first=None):
         """Push the outbox, then pull until up to date. The SyncResult is false when something needs attention:
         offline (try again later), refused operations or unresolved conflicts (see dead_letters())."""
         with self._syncing:
             result = SyncResult()
             try:
                 if self._push(result):
-                    self._pull(result)
+                    self._pull(result, _first)
             finally:
                 self.last_report = result.report()
             return result
@@ -631,16 +635,79 @@ class Client:
             self._unmark()                          # the rest goes out as a new batch
         self._changed(changed)
 
+    # -- staying in sync --------------------------------------------------------------
+
+    def run_forever(self, wait=25, stop=None, max_backoff=60):
+        """Keep this device in sync until `stop` (a threading.Event) is set, or stop() is called.
+
+        Long-polls the server (pulls that wait up to `wait` seconds for a change), so a change
+        elsewhere arrives within about a second; pushes the outbox as soon as the app writes (a
+        thread of its own). After a failure it waits, longer each time (up to `max_backoff`
+        seconds, with jitter: a fleet coming back does not return all at once). A SyncError
+        (a refusal that retrying cannot fix) ends the loop by raising it. It returns within
+        `wait` seconds of a stop.
+        """
+        self._stop = stop = stop or threading.Event()
+        pusher = threading.Thread(target=self._push_when_written, args=(stop,), name="cloudsync-client-push",
+                                  daemon=True)
+        pusher.start()
+        failures, first = 0, None
+        try:
+            while not stop.is_set():
+                result = self.sync(first)
+                first = None
+                if result.offline:
+                    failures += 1
+                    stop.wait(min(max_backoff, 0.5 * 2 ** min(failures, 16)) * random.uniform(0.5, 1.5))
+                    continue
+                failures = 0
+                since = self.checkpoint
+                if since is None or self.pending():
+                    continue
+                answer = self._post("/sync/pull", {"tables": list(self.tables), "since": since,
+                                                   "limit": self.pull_limit, "wait": wait}, timeout=wait + 15)
+                if answer[0] == 200 and answer[1].get("retry_after"):
+                    stop.wait(answer[1]["retry_after"] * random.uniform(0.5, 1.5))   # the server is full
+                first = (since, answer)             # the next sync stores it, if nothing moved meanwhile
+        finally:
+            stop.set()
+            self._written.set()
+            pusher.join()
+
+    def stop(self):
+        """End run_forever (within its `wait`)."""
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
+            self._written.set()
+
+    def _push_when_written(self, stop):
+        """run_forever's other thread: push as soon as the app writes."""
+        while not stop.is_set():
+            self._written.wait()
+            self._written.clear()
+            if stop.is_set():
+                return
+            try:
+                self.sync()
+            except SyncError:
+                log.warning("push refused; run_forever's own sync reports it", exc_info=True)
+            except Exception:
+                log.warning("push failed; tried again at the next write or sync", exc_info=True)
+
     def _changed(self, changed):
         if self.on_change:
             for table, (upserted, deleted) in changed.items():
                 self.on_change(table, upserted, deleted)
 
-    def _pull(self, result):
+    def _pull(self, result, first=None):
         tables = list(self.tables)
         while True:
             since = None if self._state("reset") else self.checkpoint
-            status, answer = self._post("/sync/pull", {"tables": tables, "since": since, "limit": self.pull_limit})
+            if first is not None and since is not None and first[0] == since:
+                status, answer = first[1]           # a long poll's answer, for this very checkpoint
+            else:
+                status, answer = self._post("/sync/pull", {"tables": tables, "since": since, "limit": self.pull_limit})
+            first = None
             error = (answer or {}).get("error")
             if since is not None and (status == 410 or (status == 400 and error == "Invalid checkpoint")):
                 log.warning("checkpoint refused (%s): pulling every row again", error)

@@ -40,6 +40,7 @@ Contents, in the order of the banners below (a test keeps this list true):
   33. Trust: faults and load against live servers (a private MariaDB)
   34. Row scopes: each device syncs only its own store's rows
   35. Conflicts that match how shops work: columns, increments, ledgers, rules
+  36. Long polls: changes reach every device within a second
 """
 
 import argparse
@@ -5393,3 +5394,294 @@ def test_property_every_increment_counts_once_and_no_column_update_is_lost(shop_
         assert server_rows[("shoppers", shopper)][column] == value, (shopper, column)
     for name in SHOP_DEVICES:
         assert devices[name]["rows"] == server_rows, name
+
+
+# ---------------------------------------------------------------------------
+# Long polls: changes reach every device within a second
+# ---------------------------------------------------------------------------
+
+
+class Waiter(threading.Thread):
+    """A device's pull that waits for a change, in a thread of its own: .answer when it returned."""
+
+    def __init__(self, application, since, wait=20, tables=("sales",)):
+        super().__init__(daemon=True)
+        self.application, self.since, self.wait, self.tables, self.answer = application, since, wait, tables, None
+        self.start()
+
+    def run(self):
+        self.answer = pull(self.application, tables=list(self.tables), since=self.since, wait=self.wait)
+
+
+def synced_checkpoint(application, tables=("sales",)):
+    since = None
+    while True:
+        answer = pull(application, tables=list(tables), since=since)
+        since = answer.json["checkpoint"]
+        if not answer.json["has_more"]:
+            return since
+
+
+def until(check, seconds=10):
+    """Wait for `check` to hold (a bound on how long a test may hang, not a timing assertion)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "waited %d s" % seconds
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("writer", ["push", "sql", "other_instance"])
+def test_a_waiting_pull_wakes_when_a_change_commits(backend, writer):
+    application = started(backend)
+    stop_watching = application.watch()
+    other = started(backend) if writer == "other_instance" else None
+    try:
+        since = synced_checkpoint(application)
+        waiter = Waiter(application, since)
+        until(lambda: application.watcher.waiting == 1)
+        if writer == "push":
+            push(application, [op("insert", id="w1", total="1.00")])
+        elif writer == "sql":
+            backend.sql("INSERT INTO sales (id, total) VALUES ('w1', 1.00)")
+        else:
+            push(other, [op("insert", id="w1", total="1.00")])
+        waiter.join(15)                         # it waits 20 s when nothing wakes it
+        assert not waiter.is_alive() and waiter.answer.status == 200
+        assert [row["id"] for row in waiter.answer.json["changes"]["sales"]["upserted"]] == ["w1"]
+        assert waiter.answer.json["checkpoint"] != since and application.watcher.waiting == 0
+    finally:
+        stop_watching()
+        application.db.close()
+        if other is not None:
+            other.db.close()
+
+
+def test_a_waiting_pull_answers_at_once_when_changes_are_there_and_times_out_empty(app):
+    since = synced_checkpoint(app)
+    push(app, [op("insert", id="x1")])
+    answer = pull(app, tables=["sales"], since=since, wait=20)
+    assert answer.status == 200 and answer.json["changes"]["sales"]["upserted"][0]["id"] == "x1"
+    since = answer.json["checkpoint"]
+    push(app, [op("insert", id="other", table="products", name="tea")])     # another table wakes it, no more
+    answer = pull(app, tables=["sales"], since=since, wait=1)
+    assert answer.status == 200 and answer.json == {
+        "success": True, "changes": {"sales": {"upserted": [], "deleted": []}}, "checkpoint": since,
+        "has_more": False, "limit": 1000}
+
+
+@pytest.mark.parametrize("wait,status,error", [
+    (-1, 400, "Invalid wait"), ("5", 400, "Invalid wait"), (True, 400, "Invalid wait"), ([], 400, "Invalid wait"),
+    (0, 200, None), (None, 200, None), (0.2, 200, None),
+])
+def test_wait_is_a_number_of_seconds(app, wait, status, error):
+    answer = pull(app, tables=["sales"], since=synced_checkpoint(app), wait=wait)
+    assert (answer.status, answer.json.get("error")) == (status, error)
+
+
+def test_wait_is_capped_and_needs_since(app):
+    assert cloudsync.parse_wait(1000, 30) == 25 and cloudsync.parse_wait(1000, 10) == 9
+    assert cloudsync.parse_wait(0, 30) is None and cloudsync.parse_wait(2.5, 30) == 2.5
+    answer = pull(app, tables=["sales"], wait=5)
+    assert (answer.status, answer.json["error"]) == (400, "Invalid wait")
+
+
+def test_pulls_past_the_waiter_cap_answer_at_once_with_a_retry_hint(backend):
+    application = started(backend, LONGPOLL_MAX_WAITERS="1")
+    try:
+        since = synced_checkpoint(application)
+        first = Waiter(application, since)
+        until(lambda: application.watcher.waiting == 1)
+        answer = pull(application, tables=["sales"], since=since, wait=20)
+        assert answer.status == 200 and answer.json["retry_after"] == cloudsync.LONGPOLL_RETRY_AFTER_SECONDS
+        assert answer.json["changes"]["sales"] == {"upserted": [], "deleted": []}
+        push(application, [op("insert", id="y")])
+        first.join(15)
+        assert first.answer.json["changes"]["sales"]["upserted"][0]["id"] == "y"
+        metrics = call(application, "GET", "/metrics").body.decode()
+        assert "cloudsync_longpoll_turned_away_total 1" in metrics
+    finally:
+        application.db.close()
+
+
+def test_an_idle_poll_is_answered_from_the_watcher_without_the_database(backend):
+    application = started(backend)
+    stop_watching = application.watch()
+    try:
+        since = synced_checkpoint(application)
+        until(lambda: application.watcher.known_head() == (application.engine.checkpoints.decode(since)["s"], 0))
+        real, used = application.db.connection, []
+
+        def connection():
+            if threading.current_thread().name != "cloudsync-watcher":
+                used.append(threading.current_thread().name)
+            return real()
+        application.db.connection = connection
+        answers = [pull(application, tables=["sales"], since=since) for _ in range(5)]
+        assert all(answer.json["checkpoint"] == since for answer in answers) and used == []
+        # a push through this instance: the next poll asks the database, and sees it
+        del application.db.connection
+        push(application, [op("insert", id="z")])
+        application.db.connection = connection
+        answer = pull(application, tables=["sales"], since=since)
+        assert answer.json["changes"]["sales"]["upserted"][0]["id"] == "z" and used
+    finally:
+        stop_watching()
+        application.db.close()
+
+
+def test_status_takes_one_round_trip(app):
+    call(app, "GET", "/sync/status")
+    app.engine.schema_loaded_at = time.monotonic() + 3600      # the schema re-read is not due
+    real, queries = app.db.query, []
+
+    def query(conn, sql, params=()):
+        queries.append(sql)
+        return real(conn, sql, params)
+    app.db.query = query
+    try:
+        answer = call(app, "GET", "/sync/status")
+    finally:
+        del app.db.query
+    assert answer.status == 200 and len(queries) == 1, queries
+    assert answer.json["server_version"].startswith(("MySQL ", "SQLite "))
+
+
+def _post_json(url, path, body, timeout=30):
+    request = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _live_checkpoint(server):
+    status, answer = _post_json(server.url, "/sync/pull", {"tables": ["sales"], "since": None})
+    return answer["checkpoint"]
+
+
+def test_pushes_and_status_are_served_while_every_waiting_slot_is_taken(tmp_path):
+    server = LiveServer(tmp_path, THREADS="1", LONGPOLL_MAX_WAITERS="3")
+    try:
+        since, answers = _live_checkpoint(server), []
+        waiters = [threading.Thread(target=lambda: answers.append(_post_json(
+            server.url, "/sync/pull", {"tables": ["sales"], "since": since, "wait": 20})), daemon=True)
+            for _ in range(3)]
+        for waiter in waiters:
+            waiter.start()
+
+        def parked():
+            with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+                return "cloudsync_longpoll_waiting 3" in response.read().decode()
+        until(parked)
+        # three threads are parked; the one of THREADS still serves, at once
+        with urllib.request.urlopen(server.url + "/sync/status", timeout=10) as response:
+            assert response.status == 200
+        assert all(waiter.is_alive() for waiter in waiters)
+        status, answer = _post_json(server.url, "/sync/push", {"operations": [
+            {"table": "sales", "action": "insert", "data": {"id": "busy", "total": "1.00"}}]}, timeout=10)
+        assert status == 200
+        for waiter in waiters:
+            waiter.join(15)
+        assert [answer["changes"]["sales"]["upserted"][0]["id"] for _, answer in answers] == ["busy"] * 3
+    finally:
+        server.stop()
+
+
+def test_sigterm_wakes_every_waiting_pull_with_a_normal_answer(tmp_path):
+    server = LiveServer(tmp_path, LONGPOLL_MAX_WAITERS="4")
+    since, answers = _live_checkpoint(server), []
+    waiters = [threading.Thread(target=lambda: answers.append(_post_json(
+        server.url, "/sync/pull", {"tables": ["sales"], "since": since, "wait": 25})), daemon=True)
+        for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+
+    def parked():
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+            return "cloudsync_longpoll_waiting 2" in response.read().decode()
+    until(parked)
+    server.process.send_signal(signal.SIGTERM)
+    for waiter in waiters:
+        waiter.join(15)                         # they would wait 25 s
+    assert [status for status, _ in answers] == [200, 200]
+    assert all(answer["checkpoint"] == since and answer["has_more"] is False for _, answer in answers)
+    assert server.process.wait(timeout=15) == 0
+
+
+def test_the_reference_client_stays_in_sync_with_run_forever(server, device):
+    office, till = device("office"), device("till")
+    assert office.sync() and till.sync()
+    loop = threading.Thread(target=till.run_forever, kwargs={"wait": 2}, daemon=True)
+    loop.start()
+    try:
+        office.insert("sales", {"id": "from-office", "total": "2.00"})
+        assert office.sync()
+        until(lambda: till.get("sales", "from-office") is not None)          # a long poll woke it
+        till.insert("sales", {"id": "from-till", "total": "3.00"})          # pushed without a sync() call
+        until(lambda: any(row["id"] == "from-till" for row in server.rows("sales")))
+        until(lambda: till.pending() == 0)
+    finally:
+        till.stop()
+        loop.join(15)
+    assert not loop.is_alive()
+    assert_equal_to_server(server, office.sync() and office, till)
+
+
+def test_the_reference_client_backs_off_while_the_server_is_away(tmp_path):
+    client = cloudsync_client.Client(str(tmp_path / "c.db"), "http://127.0.0.1:%d" % _free_port(),
+                                     {"sales": (["id", "total"], ["id"])}, "till")
+    attempts = []
+    real = client._post
+
+    def counting(path, body, timeout=None):
+        attempts.append(time.monotonic())
+        return real(path, body, timeout)
+    client._post = counting
+    stop = threading.Event()
+    loop = threading.Thread(target=client.run_forever, kwargs={"wait": 1, "stop": stop, "max_backoff": 0.4},
+                            daemon=True)
+    loop.start()
+    until(lambda: len(attempts) >= 4)
+    stop.set()
+    loop.join(10)
+    assert not loop.is_alive()
+    gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:])]
+    assert all(gap > 0.1 for gap in gaps[:3]), gaps          # it waited between attempts, not a busy loop
+    client.close()
+
+
+def test_fleet_benchmark_smoke_run(mysql_server):
+    env = dict(os.environ, CLOUDSYNC_BENCH_DB_HOST=MYSQL["host"], CLOUDSYNC_BENCH_DB_PORT=str(MYSQL["port"]),
+               CLOUDSYNC_BENCH_DB_USER=MYSQL["user"], CLOUDSYNC_BENCH_DB_PASS=MYSQL["password"])
+    result = subprocess.run([sys.executable, os.path.join(HERE, "bench_cloudsync.py"), "--fleet", "--smoke"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"\| 5 devices long-polling, 5 sales/s: propagation p95 \(ms; p50 \d+, p99 \d+\) \| [0-9.]+ \|",
+                     result.stdout), result.stdout
+    assert re.search(r"errors \(failed requests, and sales some device never got\) \| 0\.0 \|", result.stdout), \
+        result.stdout
+
+
+@pytest.mark.parametrize("resizable", [True, False])
+def test_the_server_adds_a_thread_for_each_waiting_pull_or_starts_with_them(backend, monkeypatch, resizable):
+    config = backend.config(THREADS="2", LONGPOLL_MAX_WAITERS="3", PORT=str(_free_port()))
+    application = cloudsync.App(config)
+    if not resizable:                           # the public path: a pool sized for every waiting pull
+        monkeypatch.setattr(cloudsync, "_resizable_pool", lambda: False)
+    server = cloudsync._create_server(application, config)
+    dispatcher = server.task_dispatcher
+
+    def running():
+        return len(dispatcher.threads) - dispatcher.stop_count
+    try:
+        assert running() == (2 if resizable else 5)
+        assert application.watcher.enter() and application.watcher.enter()
+        assert running() == (4 if resizable else 5)
+        application.watcher.leave()
+        assert running() == (3 if resizable else 5)
+        application.watcher.leave()
+    finally:
+        dispatcher.shutdown(timeout=5)
+        server.close()
+        application.db.close()
