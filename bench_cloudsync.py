@@ -16,6 +16,7 @@ only the ratios of one run.
 """
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -412,20 +413,22 @@ def scope_bench(workdir, rows, stores, others, samples, threads):
 # -- the fleet: many devices long-polling (or polling) while tills push sales --------------------
 
 class _Device:
-    """One simulated device: a keep-alive HTTP connection and its checkpoint."""
+    """One simulated device: its checkpoint, and a connection per request, as the reference client makes
+    (urllib): a device holds no connection open between its requests."""
 
     def __init__(self, port):
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        self.checkpoint = None
+        self.port, self.connection, self.checkpoint = port, None, None
 
     def post(self, path, body):
+        self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
             self.connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
             response = self.connection.getresponse()
             return response.status, json.loads(response.read())
         except (OSError, http.client.HTTPException, ValueError):
-            self.connection.close()
             return None, None
+        finally:
+            self.connection.close()
 
 
 def _percentile(values, fraction):
@@ -535,6 +538,9 @@ def fleet_run(server, database, devices, sales_per_second, seconds, wait, poll_e
     time.sleep(poll_every + 2 if poll_every else 3)     # the last sales reach everyone
     stop.set()
     sampling.set()
+    for device in fleet:                    # their connections close now, not when a wait ends
+        with contextlib.suppress(OSError, AttributeError):
+            device.connection.sock.shutdown(socket.SHUT_RDWR)
     latencies, missing = [], 0
     with lock:
         for sale, answered in sales.items():

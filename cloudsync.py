@@ -931,23 +931,6 @@ def _as_origin_list(text):
     return origins
 
 
-def _as_scope_list(text):
-    """ROW_SCOPES: comma-separated table.column, each table once, as ((table, column), ...)."""
-    scopes = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        table, dot, column = item.rpartition(".")
-        if not dot or not table or not column:
-            raise ValueError("expected table.column items separated by commas "
-                             "(sales.store_id,customers.store_id)")
-        scopes.append((table, column))
-    tables = [table for table, _ in scopes]
-    if len(set(tables)) != len(tables):
-        raise ValueError("a table is named twice; a table has one scope column")
-    return tuple(scopes)
-
-
 def _as_column_list(text):
     """READ_ONLY_COLUMNS: comma-separated table.column, each once, as ((table, column), ...)."""
     columns = []
@@ -957,11 +940,20 @@ def _as_column_list(text):
         table, dot, column = item.rpartition(".")
         if not dot or not table or not column:
             raise ValueError("expected table.column items separated by commas "
-                             "(products.price,customers.credit_limit)")
+                             "(products.price,customers.store_id)")
         columns.append((table, column))
     if len(set(columns)) != len(columns):
         raise ValueError("a column is named twice")
     return tuple(columns)
+
+
+def _as_scope_list(text):
+    """ROW_SCOPES: comma-separated table.column, each table once, as ((table, column), ...)."""
+    scopes = _as_column_list(text)
+    tables = [table for table, _ in scopes]
+    if len(set(tables)) != len(tables):
+        raise ValueError("a table is named twice; a table has one scope column")
+    return scopes
 
 
 def _as_capture_mode(text):
@@ -1039,6 +1031,9 @@ SETTINGS = (
      "protected like the sync endpoints"),
     ("CORS_ORIGINS", _as_origin_list, "",
      "browser origins allowed to call the API (PWA field apps), comma-separated, or *"),
+    ("MAX_CONNECTIONS", _as_positive_int, "1000",
+     "most open client connections (each device keeps one open between its requests); past it "
+     "new ones wait"),
     ("LONGPOLL_MAX_WAITERS", _as_positive_int, "100",
      "most pulls waiting for changes (\"wait\") at once; the server adds a thread for each while "
      "it waits, on top of THREADS"),
@@ -5302,6 +5297,8 @@ class LogWatcher:
         self.stopping = False
         # serve: resize(waiting) gives the server THREADS threads plus one per waiting pull
         self.resize = None
+        self._sharing = threading.Lock()
+        self._shared_generation, self._answers = None, {}   # key -> [lock, answer] (shared())
 
     def look(self):
         """One look at the log: number what committed elsewhere, read the head; wake on a move."""
@@ -5325,6 +5322,29 @@ class LogWatcher:
     def forget(self):
         """Something may have changed that the last look did not see (a conflict showed it)."""
         self.head = None
+
+    def running(self):
+        """Whether the watcher thread looked within WATCH_INTERVAL_SECONDS (serve runs it)."""
+        return time.monotonic() - self.seen_at <= WATCH_INTERVAL_SECONDS
+
+    def shared(self, key, compute):
+        """compute(), or the answer it gave a pull with the same `key` since the log last moved.
+
+        Woken together, the pulls of many devices at one checkpoint ask the
+        database once. Only while the watcher runs: it moves the generation
+        within WATCH_INTERVAL_SECONDS of any commit.
+        """
+        if not self.running():
+            return compute()
+        generation = self.generation
+        with self._sharing:
+            if self._shared_generation != generation:
+                self._shared_generation, self._answers = generation, {}
+            slot = self._answers.setdefault(key, [threading.Lock(), None])
+        with slot[0]:                       # one computes; the others wait for its answer
+            if slot[1] is None:
+                slot[1] = compute()
+            return dict(slot[1])
 
     def known_head(self):
         """(head, compaction mark) if the last look began at most WATCH_INTERVAL_SECONDS ago."""
@@ -6035,9 +6055,11 @@ class App:
             return dict(result, retry_after=LONGPOLL_RETRY_AFTER_SECONDS)
         try:
             deadline = time.monotonic() + wait
+            key = (tuple(tables), since, limit, self.engine.scope_fingerprint(scopes, tables))
             while watcher.park(generation, deadline):
                 generation = watcher.generation
-                result = self.pulls.pull_changes(tables, since, limit, scopes)
+                result = watcher.shared(key, lambda: self.pulls.pull_changes(tables, since, limit,
+                                                                               scopes))
                 if result["has_more"] or any(change["upserted"] or change["deleted"]
                                              for change in result["changes"].values()):
                     break
@@ -6282,6 +6304,9 @@ def _create_server(app, config):
         threads=config.threads if resizable else config.threads + config.longpoll_max_waiters,
         # waitress refuses an oversized declared body before reading any of it
         max_request_body_size=config.max_body_bytes, ident="cloudsync",
+        # a fleet keeps a connection per device open (waitress's default is 100); poll(), not
+        # select(), which cannot watch a descriptor numbered 1024 or more
+        connection_limit=config.max_connections, asyncore_use_poll=True,
         clear_untrusted_proxy_headers=True,
         # a silent client is dropped after channel_timeout; waitress looks every cleanup_interval
         channel_timeout=config.read_timeout_seconds,

@@ -5555,25 +5555,27 @@ def _post_json(url, path, body, timeout=30):
         return error.code, json.loads(error.read())
 
 
-def _live_checkpoint(server):
+def _park_live_pulls(server, count, wait):
+    """`count` pulls waiting on a live server, each in a thread: (their checkpoint, threads, answers)."""
     status, answer = _post_json(server.url, "/sync/pull", {"tables": ["sales"], "since": None})
-    return answer["checkpoint"]
+    since, answers = answer["checkpoint"], []
+    waiters = [threading.Thread(target=lambda: answers.append(_post_json(
+        server.url, "/sync/pull", {"tables": ["sales"], "since": since, "wait": wait})), daemon=True)
+        for _ in range(count)]
+    for waiter in waiters:
+        waiter.start()
+
+    def parked():
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+            return "cloudsync_longpoll_waiting %d" % count in response.read().decode()
+    until(parked)
+    return since, waiters, answers
 
 
 def test_pushes_and_status_are_served_while_every_waiting_slot_is_taken(tmp_path):
     server = LiveServer(tmp_path, THREADS="1", LONGPOLL_MAX_WAITERS="3")
     try:
-        since, answers = _live_checkpoint(server), []
-        waiters = [threading.Thread(target=lambda: answers.append(_post_json(
-            server.url, "/sync/pull", {"tables": ["sales"], "since": since, "wait": 20})), daemon=True)
-            for _ in range(3)]
-        for waiter in waiters:
-            waiter.start()
-
-        def parked():
-            with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
-                return "cloudsync_longpoll_waiting 3" in response.read().decode()
-        until(parked)
+        since, waiters, answers = _park_live_pulls(server, 3, 20)
         # three threads are parked; the one of THREADS still serves, at once
         with urllib.request.urlopen(server.url + "/sync/status", timeout=10) as response:
             assert response.status == 200
@@ -5590,17 +5592,7 @@ def test_pushes_and_status_are_served_while_every_waiting_slot_is_taken(tmp_path
 
 def test_sigterm_wakes_every_waiting_pull_with_a_normal_answer(tmp_path):
     server = LiveServer(tmp_path, LONGPOLL_MAX_WAITERS="4")
-    since, answers = _live_checkpoint(server), []
-    waiters = [threading.Thread(target=lambda: answers.append(_post_json(
-        server.url, "/sync/pull", {"tables": ["sales"], "since": since, "wait": 25})), daemon=True)
-        for _ in range(2)]
-    for waiter in waiters:
-        waiter.start()
-
-    def parked():
-        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
-            return "cloudsync_longpoll_waiting 2" in response.read().decode()
-    until(parked)
+    since, waiters, answers = _park_live_pulls(server, 2, 25)
     server.process.send_signal(signal.SIGTERM)
     for waiter in waiters:
         waiter.join(15)                         # they would wait 25 s
