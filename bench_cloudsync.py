@@ -5,6 +5,7 @@
     python3 bench_cloudsync.py --with-original # and the Node service from ../shared/anchors/node-seed
     python3 bench_cloudsync.py --scopes        # row scopes: 1,000,000 rows over 100 stores
     python3 bench_cloudsync.py --fleet         # 200 devices long-polling, 1,000 polling
+    python3 bench_cloudsync.py --against old/cloudsync.py   # this version against another, alternating
 
 Both servers use the same MariaDB (CLOUDSYNC_BENCH_DB_HOST/PORT/USER/PASS,
 default 127.0.0.1:3306 root) in a fresh database created for the run, on the
@@ -612,6 +613,56 @@ def fleet_bench(workdir, smoke, threads):
     return rows
 
 
+def against_bench(workdir, others, seconds, rounds, threads):
+    """This cloudsync.py against other versions of it, alternating on one database: result rows.
+
+    Before each run the pushed rows and the change log are emptied, and the order of the
+    versions turns every round, so no version always runs last on a fuller database.
+    """
+    versions = dict([("this", os.path.join(HERE, "cloudsync.py"))] + [(os.path.abspath(path), path)
+                                                                      for path in others])
+    database = "cloudsync_bench_ab_%d" % os.getpid()
+    create_database(database, 2000)
+    scenarios = (("push, 50 inserts per batch (rows/s)", PUSH_LUA, {"BATCH": "50"}, 16),
+                 ("push, 1 insert per batch (req/s)", PUSH_LUA, {"BATCH": "1"}, 16),
+                 ("pull of 1,000 unchanged rows (req/s)", PULL_LUA, {"LIMIT": "1000"}, 8),
+                 ("status (req/s)", STATUS_LUA, {}, 16))
+    figures = {name: {version: [] for version in versions} for name, _, _, _ in scenarios}
+    names = list(versions)
+    try:
+        for round_ in range(rounds):
+            for version in names[round_ % len(names):] + names[:round_ % len(names)]:
+                for table in ("sales", "cloudsync_changes", "cloudsync_pending"):
+                    with contextlib.suppress(Exception):
+                        sql("DELETE FROM %s" % table, database)
+                port = free_port()
+                env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), DB_HOST=DB["host"],
+                           DB_PORT=str(DB["port"]), DB_USER=DB["user"], DB_PASS=DB["password"], DB_NAME=database,
+                           ALLOWED_TABLES=TABLES, TOKENS_FILE="", LOG_LEVEL="WARNING", THREADS=str(threads),
+                           DB_POOL_SIZE=str(threads))
+                server = Process([sys.executable, versions[version], "--env-file", "", "serve"], env, workdir, port,
+                                 os.path.join(workdir, "ab.log"))
+                try:
+                    for name, script, load_env, connections in scenarios:
+                        rate = run_load(server.url, script, seconds, connections, workdir,
+                                        dict(load_env, RUN="%s%d%d" % (len(version), round_, time.monotonic_ns())))
+                        if "push" in name:      # what it sustains: numbering the pushed changes counts
+                            rate *= seconds / (seconds + wait_numbered(database))
+                        figures[name][version].append(rate * (50 if "50 inserts" in name else 1))
+                finally:
+                    server.stop()
+    finally:
+        sql("DROP DATABASE IF EXISTS %s" % database)
+    rows = []
+    for name, by_version in figures.items():
+        ours = statistics.median(by_version["this"])
+        for version in names[1:]:
+            theirs = statistics.median(by_version[version])
+            rows.append(("%s, this / %s (medians of %d)" % (name, os.path.relpath(version), rounds),
+                         {"cloudsync": ours, "original": theirs}, None))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--with-original", action="store_true", help="also run the Node.js reference service")
@@ -619,6 +670,10 @@ def main(argv=None):
     parser.add_argument("--big-rows", type=int, default=1_000_000, help="rows in the big catalogue")
     parser.add_argument("--threads", type=int, default=8, help="cloudsync THREADS and DB_POOL_SIZE")
     parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works")
+    parser.add_argument("--against", nargs="+", metavar="CLOUDSYNC_PY",
+                        help="only this cloudsync.py against other versions of it (push, pull, status), "
+                             "alternating on one database, --rounds times")
+    parser.add_argument("--rounds", type=int, default=4, help="with --against: runs of each version")
     parser.add_argument("--fleet", action="store_true",
                         help="only the fleet: 200 devices long-polling, then 1,000 polling every 5 s")
     parser.add_argument("--scopes", action="store_true",
@@ -631,6 +686,13 @@ def main(argv=None):
     if args.smoke:
         args.seconds, args.big_rows = 1, 2000
     workdir = tempfile.mkdtemp(prefix="cloudsync-bench-")
+    if args.against:
+        try:
+            results = against_bench(workdir, args.against, 1 if args.smoke else args.seconds,
+                                    1 if args.smoke else args.rounds, args.threads)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return print_results(results)
     if args.fleet:
         try:
             results = fleet_bench(workdir, args.smoke, args.threads)

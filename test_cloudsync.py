@@ -5677,3 +5677,14 @@ def test_the_server_adds_a_thread_for_each_waiting_pull_or_starts_with_them(back
         dispatcher.shutdown(timeout=5)
         server.close()
         application.db.close()
+
+
+def test_against_benchmark_smoke_run(mysql_server):
+    env = dict(os.environ, CLOUDSYNC_BENCH_DB_HOST=MYSQL["host"], CLOUDSYNC_BENCH_DB_PORT=str(MYSQL["port"]),
+               CLOUDSYNC_BENCH_DB_USER=MYSQL["user"], CLOUDSYNC_BENCH_DB_PASS=MYSQL["password"])
+    result = subprocess.run([sys.executable, os.path.join(HERE, "bench_cloudsync.py"), "--against",
+                             os.path.join(HERE, "cloudsync.py"), "--smoke", "--load", "python"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"\| status \(req/s\), this / \S+ \(medians of 1\) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|",
+                     result.stdout), result.stdout
