@@ -4425,18 +4425,14 @@ def test_composite_keys_sync_both_ways(tmp_path):
 
 
 def test_benchmark_smoke_run(mysql_server):
-    env = dict(os.environ, CLOUDSYNC_BENCH_DB_HOST=MYSQL["host"], CLOUDSYNC_BENCH_DB_PORT=str(MYSQL["port"]),
-               CLOUDSYNC_BENCH_DB_USER=MYSQL["user"], CLOUDSYNC_BENCH_DB_PASS=MYSQL["password"])
-    result = subprocess.run([sys.executable, os.path.join(HERE, "bench_cloudsync.py"), "--smoke", "--load", "python"],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
+    out = _bench("--smoke", "--load", "python")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
     assert [cell.strip() for cell in rows[0]][:4] == ["scenario", "cloudsync", "original", "ratio"]
     scenarios = {cells[0].strip(): cells[1].strip() for cells in rows[2:]}
     for name in ("push, 1 insert per batch (req/s)", "push, 50 inserts per batch (rows/s)",
                  "pull of 1,000 unchanged rows (req/s)", "pull of 1,000 changing rows (req/s)",
                  "resident memory, 64 connections mixed (MiB)"):
-        assert float(scenarios[name]) > 0, (name, result.stdout)
+        assert float(scenarios[name]) > 0, (name, out)
 
 
 # ---------------------------------------------------------------------------
@@ -4994,14 +4990,19 @@ def test_a_change_log_from_before_scopes_gets_its_scope_column(scoped_backend):
         application.db.close()
 
 
-def test_scope_benchmark_smoke_run(mysql_server):
+def _bench(*arguments):
+    """bench_cloudsync.py run with `arguments` against the test MySQL server: its output (exit 0)."""
     env = dict(os.environ, CLOUDSYNC_BENCH_DB_HOST=MYSQL["host"], CLOUDSYNC_BENCH_DB_PORT=str(MYSQL["port"]),
                CLOUDSYNC_BENCH_DB_USER=MYSQL["user"], CLOUDSYNC_BENCH_DB_PASS=MYSQL["password"])
-    result = subprocess.run([sys.executable, os.path.join(HERE, "bench_cloudsync.py"), "--scopes", "--smoke"],
+    result = subprocess.run([sys.executable, os.path.join(HERE, "bench_cloudsync.py")] + list(arguments),
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r"\| scoped pull, 10 own \+ 1,000 other stores' changes \(median ms\) \| [0-9.]+ \|",
-                     result.stdout), result.stdout
+    return result.stdout
+
+
+def test_scope_benchmark_smoke_run(mysql_server):
+    out = _bench("--scopes", "--smoke")
+    assert re.search(r"\| scoped pull, 10 own \+ 1,000 other stores' changes \(median ms\) \| [0-9.]+ \|", out), out
 
 
 # ---------------------------------------------------------------------------
@@ -5644,15 +5645,10 @@ def test_the_reference_client_backs_off_while_the_server_is_away(tmp_path):
 
 
 def test_fleet_benchmark_smoke_run(mysql_server):
-    env = dict(os.environ, CLOUDSYNC_BENCH_DB_HOST=MYSQL["host"], CLOUDSYNC_BENCH_DB_PORT=str(MYSQL["port"]),
-               CLOUDSYNC_BENCH_DB_USER=MYSQL["user"], CLOUDSYNC_BENCH_DB_PASS=MYSQL["password"])
-    result = subprocess.run([sys.executable, os.path.join(HERE, "bench_cloudsync.py"), "--fleet", "--smoke"],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    out = _bench("--fleet", "--smoke")
     assert re.search(r"\| 5 devices long-polling, 5 sales/s: propagation p95 \(ms; p50 \d+, p99 \d+\) \| [0-9.]+ \|",
-                     result.stdout), result.stdout
-    assert re.search(r"errors \(failed requests, and sales some device never got\) \| 0\.0 \|", result.stdout), \
-        result.stdout
+                     out), out
+    assert re.search(r"errors \(failed requests, and sales some device never got\) \| 0\.0 \|", out), out
 
 
 @pytest.mark.parametrize("resizable", [True, False])
@@ -5680,11 +5676,5 @@ def test_the_server_adds_a_thread_for_each_waiting_pull_or_starts_with_them(back
 
 
 def test_against_benchmark_smoke_run(mysql_server):
-    env = dict(os.environ, CLOUDSYNC_BENCH_DB_HOST=MYSQL["host"], CLOUDSYNC_BENCH_DB_PORT=str(MYSQL["port"]),
-               CLOUDSYNC_BENCH_DB_USER=MYSQL["user"], CLOUDSYNC_BENCH_DB_PASS=MYSQL["password"])
-    result = subprocess.run([sys.executable, os.path.join(HERE, "bench_cloudsync.py"), "--against",
-                             os.path.join(HERE, "cloudsync.py"), "--smoke", "--load", "python"],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r"\| status \(req/s\), this / \S+ \(medians of 1\) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|",
-                     result.stdout), result.stdout
+    out = _bench("--against", os.path.join(HERE, "cloudsync.py"), "--smoke", "--load", "python")
+    assert re.search(r"\| status \(req/s\), this / \S+ \(medians of 1\) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|", out), out
