@@ -5245,10 +5245,11 @@ def parse_wait(value, read_timeout_seconds):
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, decimal.Decimal)) \
-            or not math.isfinite(value) or value < 0:
+            or isinstance(value, (float, decimal.Decimal)) and not math.isfinite(value) or value < 0:
         raise Refused("invalid_wait", "wait must be a number of seconds of at least 0 (at most %d "
                       "is used)" % MAX_WAIT_SECONDS)
-    return min(float(value), MAX_WAIT_SECONDS, read_timeout_seconds - 1) or None
+    # compared before any float(): a whole number of 400 digits is just "the most"
+    return float(min(value, MAX_WAIT_SECONDS, read_timeout_seconds - 1)) or None
 
 
 def parse_limit(value, cap):

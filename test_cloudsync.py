@@ -5472,7 +5472,7 @@ def test_a_waiting_pull_answers_at_once_when_changes_are_there_and_times_out_emp
 
 @pytest.mark.parametrize("wait,status,error", [
     (-1, 400, "Invalid wait"), ("5", 400, "Invalid wait"), (True, 400, "Invalid wait"), ([], 400, "Invalid wait"),
-    (0, 200, None), (None, 200, None), (0.2, 200, None),
+    (0, 200, None), (None, 200, None), (0.2, 200, None), (-10 ** 400, 400, "Invalid wait"),
 ])
 def test_wait_is_a_number_of_seconds(app, wait, status, error):
     answer = pull(app, tables=["sales"], since=synced_checkpoint(app), wait=wait)
@@ -5481,6 +5481,7 @@ def test_wait_is_a_number_of_seconds(app, wait, status, error):
 
 def test_wait_is_capped_and_needs_since(app):
     assert cloudsync.parse_wait(1000, 30) == 25 and cloudsync.parse_wait(1000, 10) == 9
+    assert cloudsync.parse_wait(10 ** 400, 30) == 25
     assert cloudsync.parse_wait(0, 30) is None and cloudsync.parse_wait(2.5, 30) == 2.5
     answer = pull(app, tables=["sales"], wait=5)
     assert (answer.status, answer.json["error"]) == (400, "Invalid wait")
