@@ -4148,7 +4148,7 @@ class SyncEngine:
         """Introspect every allowed table; raise SchemaError naming the first bad one."""
         with self.db.connection() as conn:
             self.db.prepare(conn)
-            schemas = self._with_scopes({table: self.db.introspect(conn, table)
+            schemas = self.with_table_settings({table: self.db.introspect(conn, table)
                                          for table in self.allowed_tables})
             self.changelog.mark_uncaptured(conn, schemas)
             if self.changelog.instance is None:
@@ -4166,17 +4166,18 @@ class SyncEngine:
         """Introspect the tables, create cloudsync's own tables and install the triggers."""
         with self.db.connection() as conn:
             self.db.prepare(conn)
-            schemas = self._with_scopes({table: self.db.introspect(conn, table)
+            schemas = self.with_table_settings({table: self.db.introspect(conn, table)
                                          for table in self.allowed_tables})
             self.changelog.install(conn, schemas, progress)
             self.changelog.mark_uncaptured(conn, schemas)
         self._set_schemas(schemas)
         return schemas
 
-    def _with_scopes(self, schemas):
-        """Mark each table's scope column (ROW_SCOPES); SchemaError for one that cannot be.
+    def with_table_settings(self, schemas):
+        """The settings that name columns, checked against `schemas`; SchemaError if one cannot be.
 
-        And check READ_ONLY_COLUMNS: columns of the table, none of its key.
+        READ_ONLY_COLUMNS: columns of the table, none of its key. ROW_SCOPES:
+        each table's scope column is marked on its schema (TableSchema.scope).
         """
         for table, names in self.read_only_columns.items():
             schema = schemas.get(table)
@@ -5245,7 +5246,7 @@ def parse_wait(value, read_timeout_seconds):
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, decimal.Decimal)) \
-            or isinstance(value, (float, decimal.Decimal)) and not math.isfinite(value) or value < 0:
+            or not isinstance(value, int) and not math.isfinite(value) or value < 0:
         raise Refused("invalid_wait", "wait must be a number of seconds of at least 0 (at most %d "
                       "is used)" % MAX_WAIT_SECONDS)
     # compared before any float(): a whole number of 400 digits is just "the most"
@@ -6633,7 +6634,7 @@ def _check_scopes(app, conn, config, schemas, problem, ok):
         if schema is None:
             continue
         try:
-            app.engine._with_scopes({table: schema})
+            app.engine.with_table_settings({table: schema})
         except SchemaError as error:
             problem(str(error), "change ROW_SCOPES, or the table")
             continue
