@@ -342,7 +342,7 @@ def scope_bench(workdir, rows, stores, others, samples, threads):
         port = free_port()
         env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), DB_HOST=DB["host"], DB_PORT=str(DB["port"]),
                    DB_USER=DB["user"], DB_PASS=DB["password"], DB_NAME=database, ALLOWED_TABLES="scoped_sales",
-                   ROW_SCOPES="scoped_sales.store_id", TOKENS="till7:t7;store_id=7", TOKENS_FILE="",
+                   ROW_SCOPES="scoped_sales.store_id", TOKENS="till7 t7 scope.store_id=7", TOKENS_FILE="",
                    LOG_LEVEL="WARNING", THREADS=str(threads), DB_POOL_SIZE=str(threads))
         server = Process([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "", "serve"], env,
                          workdir, port, os.path.join(workdir, "cloudsync-scopes.log"))

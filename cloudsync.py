@@ -151,6 +151,7 @@ RETRY_AFTER_SECONDS = 5             # what a 503 tells a client to wait
 MAX_WAIT_SECONDS = 25               # the longest a pull waits for a change ("wait"), below 30 s
 WATCH_INTERVAL_SECONDS = 0.5        # the watcher looks at the change log this often (Long polls)
 LONGPOLL_RETRY_AFTER_SECONDS = 2    # what a pull turned away from waiting is told to wait
+LONGPOLL_WAITERS_PER_DEVICE = 4     # pulls of one device (or one address) waiting at once
 TOKEN_BYTES = 32                    # random bytes in a generated token
 MAX_SCOPE_VALUE_CHARS = 200         # a scope value in a token: a store number, a region's name
 SCOPE_ALL = "*"                     # the scope value of a token that sees every row (the office)
@@ -174,12 +175,14 @@ SEQUENCE_BATCH_ROWS = 2000
 SEQUENCE_INTERVAL_SECONDS = 1       # how often the server numbers pending changes nobody pulled yet
 COMPACT_BATCH_ROWS = 10000          # log rows deleted per compaction transaction
 CHECKPOINT_PREFIX = "cs1."          # the checkpoint format's version
-# the change log keeps this much of a row's scope value (MySQL; longer values match no token)
+# the change log keeps this much of a row's scope value (MySQL; longer values match no token), as
+# bytes: compared byte for byte, 'north ' is not 'north' (every MySQL text collation pads)
 MYSQL_SCOPE_CHARS = 255
 
 # memory
 PULL_CACHE_ENTRIES = 64             # encoded seed-mode pull answers kept
 PULL_CACHE_BYTES = 16 << 20         # ... holding at most this many bytes (their gzipped copies too)
+MAX_GRANTS_KEPT = 10000             # grants kept per set of schemas (one per token in use)
 # glibc malloc arenas for the whole process (its default: 8 per core)
 MALLOC_ARENAS = 2
 
@@ -593,6 +596,13 @@ def read_tokens_file(path):
     return [token for _, token in _tokens_file(path) if token is not None]
 
 
+def parse_tokens(text, where="TOKENS"):
+    """DeviceTokens from the TOKENS setting: tokens-file lines, separated by newlines or ';'."""
+    entries = [entry.strip() for entry in re.split(r"[;\n]", text or "")]
+    return [_token_of_line(entry, "%s entry %d" % (where, number))
+            for number, entry in enumerate(entries, 1) if entry and not entry.startswith("#")]
+
+
 def _tokens_file(path):
     """(line, DeviceToken or None) per line of a tokens file: comments and blank lines get None."""
     if not path or not os.path.exists(path):
@@ -602,45 +612,45 @@ def _tokens_file(path):
             lines = handle.read().splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError("cannot read tokens file %s: %s." % (path, error)) from None
-    parsed = []
-    for number, line in enumerate(lines, 1):
-        fields = line.split("#", 1)[0].split()
-        if not fields:
-            parsed.append((line, None))
+    return [(line, _token_of_line(line, "%s line %d" % (path, number))
+             if line.split("#", 1)[0].strip() else None)
+            for number, line in enumerate(lines, 1)]
+
+
+def _token_of_line(line, where):
+    """The DeviceToken a line of the tokens-file format gives; ConfigError naming `where`.
+
+    The one token format: the tokens file and TOKENS both write it.
+    """
+    fields = line.split("#", 1)[0].split()
+    if len(fields) < 2:
+        raise ConfigError("%s: expected '%s'." % (where, TOKEN_LINE))
+    options, scopes = {}, {}
+    for field in fields[2:]:
+        name, equals, value = field.partition("=")
+        if name.startswith("scope.") and equals:
+            try:
+                column, values = parse_scope(field[len("scope."):], where)
+            except ValueError as error:
+                raise ConfigError("%s." % error) from None
+            if column in scopes:
+                raise ConfigError("%s: scope.%s is given twice." % (where, column))
+            scopes[column] = values
             continue
-        if len(fields) < 2:
-            raise ConfigError("%s line %d: expected '%s'." % (path, number, TOKEN_LINE))
-        options, scopes = {}, {}
-        for field in fields[2:]:
-            name, equals, value = field.partition("=")
-            if name.startswith("scope.") and equals:
-                try:
-                    column, values = parse_scope(field[len("scope."):],
-                                                 "%s line %d" % (path, number))
-                except ValueError as error:
-                    raise ConfigError("%s." % error) from None
-                if column in scopes:
-                    raise ConfigError("%s line %d: scope.%s is given twice."
-                                      % (path, number, column))
-                scopes[column] = values
-                continue
-            if not equals or name not in ("tables", "created") or name in options:
-                raise ConfigError("%s line %d: %r is not one of tables=a,b, scope.COLUMN=V,V or "
-                                  "created=TIME ('%s')." % (path, number, field, TOKEN_LINE))
-            options[name] = value
-        tables = None
-        if "tables" in options:
-            tables = [name for name in options["tables"].split(",") if name]
-            if not tables:
-                raise ConfigError("%s line %d: tables= names no table; list the tables the device "
-                                  "may sync, or leave tables= out to allow every table."
-                                  % (path, number))
-        try:
-            parsed.append((line, DeviceToken(fields[0], fields[1], tables, options.get("created"),
-                                             scopes)))
-        except ValueError as error:
-            raise ConfigError("%s line %d: %s." % (path, number, error)) from None
-    return parsed
+        if not equals or name not in ("tables", "created") or name in options:
+            raise ConfigError("%s: %r is not one of tables=a,b, scope.COLUMN=V,V or "
+                              "created=TIME ('%s')." % (where, field, TOKEN_LINE))
+        options[name] = value
+    tables = None
+    if "tables" in options:
+        tables = [name for name in options["tables"].split(",") if name]
+        if not tables:
+            raise ConfigError("%s: tables= names no table; list the tables the device may sync, "
+                              "or leave tables= out to allow every table." % where)
+    try:
+        return DeviceToken(fields[0], fields[1], tables, options.get("created"), scopes)
+    except ValueError as error:
+        raise ConfigError("%s: %s." % (where, error)) from None
 
 
 def _token_line(device_id, tables, scopes=None):
@@ -709,6 +719,14 @@ def remove_token(path, device_id):
         raise ConfigError("device %s has no token in %s." % (device_id, path))
     _rewrite_tokens_file(path, [text for text, token in entries
                                 if token is None or token.device_id != device_id])
+
+
+def presented_digest(request):
+    """The SHA-256 of the bearer token a request shows, or None: the one reading of Authorization."""
+    scheme, _, presented = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        return None
+    return hashlib.sha256(presented.strip().encode("utf-8", "replace")).digest()
 
 
 class Authenticator:
@@ -789,13 +807,11 @@ class Authenticator:
         """
         if not self.required and not any(monitors):
             return None
-        header = request.environ.get("HTTP_AUTHORIZATION", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip():
+        digest = presented_digest(request)
+        if digest is None:
             if not self.required:
                 return None
             self._refuse(request, "send the header Authorization: Bearer <token>")
-        digest = hashlib.sha256(presented.strip().encode("utf-8", "replace")).digest()
         found = None
         # every token is compared: the time does not tell which matched
         for token in self.tokens:
@@ -807,15 +823,17 @@ class Authenticator:
             self._refuse(request, "the token is not valid")
         return found
 
-    def require(self, request, *accepted):
-        """Refused("unauthorized") unless the request has an `accepted` token (admin, metrics)."""
-        header = request.environ.get("HTTP_AUTHORIZATION", "")
-        scheme, _, presented = header.partition(" ")
-        digest = hashlib.sha256(presented.strip().encode("utf-8", "replace")).digest()
-        matched = [token.matches(digest) for token in accepted if token is not None]
-        if scheme.lower() != "bearer" or not any(matched):
+    def require(self, request, *accepted, names=("ADMIN_TOKEN",)):
+        """Refused("unauthorized") unless the request has an `accepted` token (admin, metrics).
+
+        `names`: the settings that would turn the endpoint on, for the refusal's words.
+        """
+        configured = [token for token in accepted if token is not None]
+        digest = presented_digest(request)
+        if digest is None or not any([token.matches(digest) for token in configured]):
             self._refuse(request, "this endpoint needs its own token (ADMIN_TOKEN or METRICS_TOKEN)"
-                         if matched else "this endpoint is off: set ADMIN_TOKEN to use it")
+                         if configured else "this endpoint is off: set %s to use it"
+                         % " or ".join(names))
 
     def _refuse(self, request, detail):
         """Count and log a failed authentication; raise Refused("unauthorized")."""
@@ -886,26 +904,14 @@ def _as_auth_mode(text):
 
 
 def _as_token_list(text):
-    """TOKENS: device_id:token or device_id:sha256:HEX, comma-separated, as DeviceTokens.
+    """TOKENS: lines of the tokens file's format, separated by ';' (or newlines), as DeviceTokens.
 
-    Scopes follow the token after semicolons, values split by |: dev:token;store_id=7|8.
+    till-07 TOKEN scope.store_id=7; office sha256:HEX tables=sales,products
     """
-    tokens = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        credential, *scoped = item.split(";")
-        device_id, _, secret = credential.partition(":")
-        if not device_id or not secret:
-            raise ValueError("expected device_id:token pairs separated by commas")
-        scopes = {}
-        for written in scoped:
-            column, values = parse_scope(written.replace("|", ","), "device %s" % device_id)
-            if column in scopes:
-                raise ValueError("device %s: the scope of %s is given twice" % (device_id, column))
-            scopes[column] = values
-        tokens.append(DeviceToken(device_id, secret, scopes=scopes))
-    return tuple(tokens)
+    try:
+        return tuple(parse_tokens(text))
+    except ConfigError as error:
+        raise ValueError(str(error).rstrip(".")) from None
 
 
 def _as_log_format(text):
@@ -989,8 +995,8 @@ SETTINGS = (
      "auto: tokens are required when any are configured; off: no authentication (never on a "
      "public address)"),
     ("TOKENS", _as_token_list, "",
-     "device tokens as device_id:token or device_id:sha256:HEX, comma-separated; scopes after "
-     "semicolons: device_id:token;store_id=7|8"),
+     "device tokens written as lines of the tokens file, separated by ';': 'device_id TOKEN' or "
+     "'device_id sha256:HEX', then [tables=a,b] [scope.COLUMN=V,V]"),
     ("TOKENS_FILE", str, "cloudsync.tokens",
      "file of device tokens, one 'device_id sha256:HEX [tables=a,b] [scope.COLUMN=V,V] "
      "[created=TIME]' a line; "
@@ -1184,12 +1190,12 @@ class Column:
 
     __slots__ = ("name", "quoted", "select", "kind", "declared", "scale", "fsp", "members",
                  "generated", "octets", "pads", "max_code_point", "int_limit", "affinity",
-                 "checks_decimals", "dates_as_text", "plain_text")
+                 "checks_decimals", "dates_as_text", "plain_text", "param")
 
     def __init__(self, name, quoted, kind, declared="", scale=None, fsp=0, members=(),
                  generated=False, octets=None, pads=False, max_code_point=0x10FFFF,
                  int_limit=1 << 64, affinity=None, checks_decimals=False, dates_as_text=False,
-                 select=None):
+                 select=None, param="?"):
         self.name = name
         self.quoted = quoted
         # how a SELECT reads it (MySQL dates as text: zero dates survive)
@@ -1213,6 +1219,9 @@ class Column:
         self.dates_as_text = dates_as_text  # SQLite: dates and times are text, kept as sent
         # a string for this column may be bound as it is when it is plain ASCII
         self.plain_text = kind in TEXT_KINDS or dates_as_text and kind in DATE_KINDS
+        # how a bound value stands in SQL that compares it with the column (MySQL decimals: as
+        # exact decimals, not as the doubles text or an exponent would be compared as)
+        self.param = param
 
 
 class TableSchema:
@@ -1307,9 +1316,13 @@ def to_json_bytes(payload):
     return text.encode("utf-8")
 
 
+class _NotJSON(ValueError):
+    """What parse_json's hooks refuse, in words for the client."""
+
+
 def _reject_constant(name):
     """json.loads hook: NaN and Infinity are not JSON."""
-    raise ValueError("%s is not valid JSON" % name)
+    raise _NotJSON("%s is not valid JSON" % name)
 
 
 def _object_without_duplicates(pairs):
@@ -1318,7 +1331,7 @@ def _object_without_duplicates(pairs):
     if len(result) != len(pairs):
         seen = set()
         twice = next(name for name, _ in pairs if name in seen or seen.add(name))
-        raise ValueError("the name %s appears twice in one object" % json.dumps(twice)[:100])
+        raise _NotJSON("the name %s appears twice in one object" % json.dumps(twice)[:100])
     return result
 
 
@@ -1337,9 +1350,14 @@ def parse_json(body):
     except json.JSONDecodeError as error:
         raise Refused("invalid_json", "%s at line %d column %d"
                       % (error.msg, error.lineno, error.colno)) from None
-    except (ValueError, RecursionError) as error:
-        raise Refused("invalid_json", str(error) if isinstance(error, ValueError)
-                        else "the body is nested too deeply") from None
+    except _NotJSON as error:
+        raise Refused("invalid_json", str(error)) from None
+    except ValueError:
+        # Python's own limit on the digits of a whole number (4300): no column holds one
+        raise Refused("invalid_json", "a number in the body has thousands of digits; no column "
+                      "holds it") from None
+    except RecursionError:
+        raise Refused("invalid_json", "the body is nested too deeply") from None
 
 
 def _invalid(where, column, text):
@@ -1348,11 +1366,16 @@ def _invalid(where, column, text):
 
 
 def bind_value(column, value, where):
-    """Turn a pushed JSON value into one to bind for `column`, or raise Refused naming the column.
+    """Turn a pushed JSON value into `column`'s type, to bind; or raise Refused naming the column.
 
-    Nothing the database would silently turn into another value gets through:
-    a fraction for a whole-number column, a number for a date, a float no
-    double holds, text a utf8mb3 column cannot store, binary not in base64.
+    The one place a client's value becomes a value for SQL. Nothing the
+    database would silently turn into another value gets through (a fraction
+    for a whole-number column, a number for a date, a float no double holds,
+    text a utf8mb3 column cannot store, binary not in base64), and nothing is
+    left for the database to coerce when it compares: a number for a text
+    column becomes its text (MySQL would compare 'abc' = 0 as numbers, and
+    match), a decimal becomes its exact text (compared through Column.param),
+    a date must be a date.
     """
     if value is None:
         return None
@@ -1383,13 +1406,19 @@ def bind_value(column, value, where):
         return _checked_whole(column, value, where)
     if column.checks_decimals:
         return _checked_decimal(column, value, where)
+    if kind == "decimal":
+        return _checked_exact(column, value, where)
     if kind in DATE_KINDS and not column.dates_as_text:
         return _checked_moment(column, value, where)
+    if isinstance(value, str):
+        return value
     if isinstance(value, int) and not -(1 << 63) <= value < column.int_limit \
             or isinstance(value, decimal.Decimal) \
             and (not value.is_finite() or abs(value.adjusted()) > MAX_DECIMAL_EXPONENT):
         raise _invalid(where, column, "the number for column %s is out of range")
-    return value
+    if column.affinity in (None, "TEXT"):
+        return str(value)                   # a text column (MySQL: any column kept as text)
+    return value                            # SQLite without a type: kept as sent
 
 
 def _check_text(column, value, where):
@@ -1407,6 +1436,9 @@ def _check_text(column, value, where):
 
 _WHOLE_NUMBER_TEXT = re.compile(r"\s*[+-]?[0-9]{1,%d}\s*" % MAX_INTEGER_DIGITS)
 _UTC_OFFSET = re.compile(r"(Z|[+-][0-9]{2}:?[0-9]{2})\s*$")
+# a MySQL date, or date and time, as ISO 8601 writes it (zero dates too: 0000-00-00)
+_DATE_TIME_TEXT = re.compile(r"\s*[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}([ T][0-9]{1,2}:[0-9]{1,2}"
+                             r"(:[0-9]{1,2}(\.[0-9]+)?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?\s*")
 
 
 def _checked_whole(column, value, where):
@@ -1429,12 +1461,27 @@ def _checked_whole(column, value, where):
     return value
 
 
+def _checked_exact(column, value, where):
+    """A MySQL DECIMAL: the exact number as plain text ("1000", never "1E+3", which MySQL reads as
+    a double)."""
+    if isinstance(value, str):
+        if not _NUMBER_TEXT.fullmatch(value):
+            raise _invalid(where, column, "column %s holds a decimal number")
+        value = decimal.Decimal(value.strip())
+    number = decimal.Decimal(value)
+    if not number.is_finite() or abs(number.adjusted()) > MAX_DECIMAL_EXPONENT:
+        raise _invalid(where, column, "the number for column %s is out of range")
+    return format(number, "f")
+
+
 def _checked_moment(column, value, where):
     """A MySQL date or time, as text (a number would be read as YYYYMMDD or HHMMSS).
 
     An offset becomes UTC.
     """
-    if not isinstance(value, str):
+    shape = _TIME_TEXT if column.kind == "time" else _DATE_TIME_TEXT
+    if not isinstance(value, str) or not shape.fullmatch(value):
+        # MySQL compares a date column with text it cannot read as a zero date: 'x' = '0000-00-00'
         raise _invalid(where, column, "column %%s holds a %s: send it as text (%s)" % (
             column.kind, "'09:30:00'" if column.kind == "time" else "'2026-11-26 09:30:00'"))
     if column.kind in ("datetime", "timestamp") and _UTC_OFFSET.search(value):
@@ -1449,18 +1496,19 @@ def _checked_moment(column, value, where):
     return value
 
 
-def key_problem(column, value):
+def key_problem(column, value, sent=None):
     """Why a pushed key value would be stored as another value, or None.
 
-    Stored so, the key could not name its row again.
+    Stored so, the key could not name its row again. `value` is the bound
+    value; `sent`, the one the client sent (a SQLite decimal is bound rounded).
     """
     try:
         if column.octets and isinstance(value, (bytes, bytearray)) and len(value) != column.octets:
             return ("column %r is BINARY(%d): a key of %d bytes would be stored padded with zero "
                     "bytes, as another key; send exactly %d bytes"
                     % (column.name, column.octets, len(value), column.octets))
-        if column.kind == "decimal" and not column.checks_decimals and column.scale is not None:
-            number = decimal.Decimal(str(value).strip())
+        if column.kind == "decimal" and column.scale is not None:
+            number = decimal.Decimal(str(value if sent is None else sent).strip())
             if number != number.quantize(decimal.Decimal(1).scaleb(-column.scale),
                                          context=_WIDE_CONTEXT):
                 return ("column %r keeps %d decimals: this key would be stored rounded, as "
@@ -1585,49 +1633,73 @@ def _rounded_micro(micro, fsp):
 # The statements push and pull send, written the same way for both databases:
 # each builder returns (sql, params) with ? for every value. Every name in the
 # text is a Column's or TableSchema's `quoted` form, built from the database's
-# own catalogue, never from a request. Tests compare their text. A `scope`
-# (TableScope, under Row scopes) adds its condition: a device's statements
-# then see only the rows of its scope.
+# own catalogue, never from a request. Tests compare their text. Every builder
+# that reads, changes or deletes rows of a synced table takes a scope, never
+# by default: a device's TableScope (under Grants) adds its condition, so its
+# statements see only the rows of its scope; EVERY_ROW, named on purpose,
+# adds none. A value compared with a column stands as the column's `param`.
+
+
+class _EveryRow:
+    """The scope of a table a device sees whole, or of an operator's read: no condition at all."""
+
+    __slots__ = ()
+    where = None
+    params = ()
+    texts = None
+
+    @staticmethod
+    def holds(value):
+        """Every row is in it."""
+        return True
+
+    def __repr__(self):
+        return "EVERY_ROW"
+
+
+# Named wherever a statement reads or writes every row of a table: an unscoped device's grant,
+# and the operator's commands. A builder never takes it as the default of a missing argument.
+EVERY_ROW = _EveryRow()
 
 
 def _scoped(where, params, scope):
-    """WHERE text and params, narrowed to the rows of `scope` when there is one."""
-    if scope is None:
+    """WHERE text and params, narrowed to the rows of `scope` (EVERY_ROW: none left out)."""
+    if scope.where is None:
         return where, list(params)
     return "%s AND %s" % (where, scope.where), list(params) + list(scope.params)
 
 
 def key_where(schema):
     """WHERE text matching one row by its primary key: a = ? AND b = ?."""
-    return " AND ".join("%s = ?" % column.quoted for column in schema.key_columns)
+    return " AND ".join("%s = %s" % (column.quoted, column.param) for column in schema.key_columns)
 
 
 def keys_where(schema, keys):
     """(WHERE text, params) matching any of `keys`: a IN (?, ?) or (a = ? AND b = ?) OR ..."""
     if len(schema.primary_key) == 1:
-        return ("%s IN (%s)" % (schema.key_order, ", ".join("?" for _ in keys)),
+        param = schema.key_columns[0].param
+        return ("%s IN (%s)" % (schema.key_order, ", ".join(param for _ in keys)),
                 [key[0] for key in keys])
     return (" OR ".join("(%s)" % key_where(schema) for _ in keys),
             [value for key in keys for value in key])
 
 
-def select_keyed_sql(schema, keys, lock="", scope=None):
+def select_keyed_sql(schema, keys, scope, lock=""):
     """(sql, params) reading these keys' rows, each led by its key as the change log writes it."""
     where, params = keys_where(schema, keys)
-    if scope is not None:
-        where, params = _scoped("(%s)" % where, params, scope)
+    where, params = _scoped("(%s)" % where, params, scope)
     return "SELECT %s, %s FROM %s WHERE %s%s" % (schema.key_sql, schema.select_list,
                                                  schema.quoted, where, lock), params
 
 
 def insert_sql(schema, names):
-    """INSERT of one row with these columns, ? for each value."""
+    """INSERT of one row with these columns, ? for each value (the grant judged the row first)."""
     return "INSERT INTO %s (%s) VALUES (%s)" % (schema.quoted, ", ".join(schema.columns[name].quoted
                                                                          for name in names),
                                                 ", ".join("?" for _ in names))
 
 
-def update_sql(schema, values, key, scope=None):
+def update_sql(schema, values, key, scope):
     """(sql, params) setting `values` ({column: value}) on the row with `key`."""
     where, params = _scoped(key_where(schema), key, scope)
     return "UPDATE %s SET %s WHERE %s" % (
@@ -1640,7 +1712,7 @@ def _plain_added(column):
     return "COALESCE(%s, 0) + ?" % column.quoted
 
 
-def increment_sql(schema, added, key, scope=None, adding=_plain_added):
+def increment_sql(schema, added, key, scope, adding=_plain_added):
     """(sql, params) adding `added` ({column: number}) to the row with `key`, in the database.
 
     `adding(column)`: the database's SQL for one column (Database.added_sql).
@@ -1652,26 +1724,27 @@ def increment_sql(schema, added, key, scope=None, adding=_plain_added):
         where), tuple(added.values()) + tuple(params)
 
 
-def exists_sql(schema, key, scope=None):
+def exists_sql(schema, key, scope):
     """(sql, params) finding whether the row with `key` is there."""
     where, params = _scoped(key_where(schema), key, scope)
     return "SELECT 1 FROM %s WHERE %s" % (schema.quoted, where), tuple(params)
 
 
-def delete_sql(schema, key, scope=None):
+def delete_sql(schema, key, scope):
     """(sql, params) deleting the row with `key`."""
     where, params = _scoped(key_where(schema), key, scope)
     return "DELETE FROM %s WHERE %s" % (schema.quoted, where), tuple(params)
 
 
-def first_rows_sql(schema, limit, scope=None):
+def first_rows_sql(schema, limit, scope):
     """(sql, params) reading the first `limit` rows in key order (the seed's pull)."""
-    where, params = ("", []) if scope is None else (" WHERE " + scope.where, list(scope.params))
+    where, params = ("", []) if scope.where is None \
+        else (" WHERE " + scope.where, list(scope.params))
     return "SELECT %s FROM %s%s ORDER BY %s LIMIT ?" % (schema.select_list, schema.quoted, where,
                                                         schema.key_order), params + [limit]
 
 
-def page_sql(schema, after, limit, scope=None):
+def page_sql(schema, after, limit, scope):
     """(sql, params) reading up to `limit` rows in key order after the key `after` (bound values),
     or from the start: keyset paging, (a > ?) OR (a = ? AND b > ?)..., an index range however
     large the table. A NULL in a key (SQLite allows it) would break the order: such rows are left
@@ -1679,10 +1752,12 @@ def page_sql(schema, after, limit, scope=None):
     where = " AND ".join("%s IS NOT NULL" % column.quoted for column in schema.key_columns)
     where, params = _scoped(where, [], scope)
     if after is not None:
-        quoted = [column.quoted for column in schema.key_columns]
+        columns = schema.key_columns
         where += " AND (%s)" % " OR ".join(
-            "(%s)" % " AND ".join(["%s = ?" % name for name in quoted[:n]] + ["%s > ?" % quoted[n]])
-            for n in range(len(quoted)))
+            "(%s)" % " AND ".join(["%s = %s" % (column.quoted, column.param)
+                                   for column in columns[:n]]
+                                  + ["%s > %s" % (columns[n].quoted, columns[n].param)])
+            for n in range(len(columns)))
         for n in range(len(after)):
             params.extend(after[:n + 1])
     return "SELECT %s FROM %s WHERE %s ORDER BY %s LIMIT ?" % (
@@ -1717,6 +1792,10 @@ def page_sql(schema, after, limit, scope=None):
 # waitress. Its own refusals (a declared body over the limit, refused before it
 # is read; a malformed request) are answered in JSON, like every other error,
 # by subclasses of its channel and error task; without them, in its plain text.
+# A subclass of its request parser refuses a body framed both by
+# Content-Length and as chunked (waitress would read it as chunked and keep
+# the connection, which a proxy reading Content-Length makes a smuggled
+# request); without it, such a request is read as chunked.
 # server.run() stops only when an exception leaves its loop, cutting
 # off the requests in progress. A graceful stop (close the listening socket,
 # answer what is open, then stop) turns waitress's loop one step at a time over
@@ -1894,16 +1973,29 @@ class _CursorStatements:
 
 
 def _json_error_channel(max_body_bytes):
-    """waitress's channel, answering its own refusals (oversized body, malformed request) in JSON.
+    """waitress's channel, answering its own refusals (oversized body, malformed request) in JSON,
+    and refusing a body framed both by Content-Length and as chunked.
 
-    None when waitress lacks the classes it extends: those refusals are then its plain text.
+    None when waitress lacks the classes it extends: those refusals are then its plain text, and a
+    doubly framed body is read as chunked (put a proxy that refuses it in front).
     """
     try:
         import waitress.channel
+        import waitress.parser
         import waitress.task
         base_task, base_channel = waitress.task.ErrorTask, waitress.channel.HTTPChannel
+        base_parser, parsing_error = waitress.parser.HTTPRequestParser, waitress.parser.ParsingError
     except (ImportError, AttributeError):
         return None
+
+    class FramedOnceParser(base_parser):
+        # A body framed two ways (Content-Length and chunked) is request smuggling behind a
+        # proxy that reads the other one (RFC 9112 section 6.1): 400, and the connection closes.
+        def parse_header(self, header_plus):
+            super().parse_header(header_plus)
+            if self.chunked and "CONTENT_LENGTH" in self.headers:
+                raise parsing_error("the request has both Content-Length and Transfer-Encoding: "
+                                    "chunked; send one")
 
     class JSONErrorTask(base_task):
         def execute(self):
@@ -1923,6 +2015,7 @@ def _json_error_channel(max_body_bytes):
 
     class JSONErrorChannel(base_channel):
         error_task_class = JSONErrorTask
+        parser_class = FramedOnceParser
 
     return JSONErrorChannel
 
@@ -2481,7 +2574,7 @@ class SQLiteDatabase(Database):
             return "round(COALESCE(%s, 0) + ?, %d)" % (column.quoted, column.scale)
         return _plain_added(column)
 
-    def rows_as_json(self, conn, schema, limit, scope=None):
+    def rows_as_json(self, conn, schema, limit, scope):
         """SQLite rows are encoded in Python (its decimals need rounding here first)."""
         return None
 
@@ -2559,20 +2652,20 @@ class SQLiteDatabase(Database):
         self.execute(conn,
                      "UPDATE cloudsync_context SET device_id = NULL, batch_id = NULL WHERE id = 1")
 
-    def upsert(self, conn, schema, values, scope=None):
+    def upsert(self, conn, schema, values, scope):
         """Insert the row, or set the given columns on the row with its key.
 
         Another unique column clashing is refused. With a scope, a row with the
         key outside it is left as it is, and refused as a duplicate.
         """
         changes = [schema.columns[name].quoted for name in values if name not in schema.primary_key]
-        limit, params = ("", []) if scope is None or not changes \
+        limit, params = ("", []) if scope.where is None or not changes \
             else (" WHERE " + scope.where, scope.params)
         written = self.execute(conn, "%s ON CONFLICT (%s) DO %s" % (
             insert_sql(schema, list(values)), schema.key_order,
             "UPDATE SET " + ", ".join("%s = excluded.%s" % (quoted, quoted) for quoted in changes)
             + limit if changes else "NOTHING"), tuple(values.values()) + tuple(params))
-        if scope is not None and not written and not self.query(conn, *exists_sql(
+        if scope.where is not None and not written and not self.query(conn, *exists_sql(
                 schema, [values[name] for name in schema.primary_key], scope)):
             raise DataRejected("another row holds this key", duplicate=True)
 
@@ -2997,6 +3090,8 @@ class MySQLDatabase(Database):
                 select=("CAST(%s AS CHAR)" % quoted
                         if kind in ("date", "datetime", "timestamp") else None),
                 fsp=int(fsp or 0),
+                param=("CAST(? AS DECIMAL(65, %d))" % int(scale or 0) if kind == "decimal"
+                       else "?"),
                 members=_mysql_members(column_type) if kind in ("enum", "set") else (),
                 generated=(bool(self._GENERATED.search(extra))
                            and "DEFAULT_GENERATED" not in extra.upper()),
@@ -3075,8 +3170,8 @@ class MySQLDatabase(Database):
         for table in ("cloudsync_pending", "cloudsync_changes"):
             present = self.column_names(conn, table)
             if "scope" not in present:
-                self.execute(conn, "ALTER TABLE %s ADD COLUMN scope VARCHAR(%d) NULL"
-                             % (table, MYSQL_SCOPE_CHARS))
+                self.execute(conn, "ALTER TABLE %s ADD COLUMN scope VARBINARY(%d) NULL"
+                             % (table, 4 * MYSQL_SCOPE_CHARS))
             if "columns" not in present:
                 self.execute(conn, "ALTER TABLE %s ADD COLUMN columns TEXT NULL" % table)
         if ("table_name", "scope", "seq") not in self.index_columns(conn, "cloudsync_changes"):
@@ -3236,7 +3331,7 @@ class MySQLDatabase(Database):
         return "%s AND %s IN (%s)" % (where, self.bytewise(column.quoted), ", ".join(
             self.bytewise("?") for _ in values)), params + list(values)
 
-    def upsert(self, conn, schema, values, scope=None):
+    def upsert(self, conn, schema, values, scope):
         """Set the given columns on the row with this key, or insert it.
 
         Another unique column clashing is refused; with a scope, so is a row
@@ -3261,7 +3356,7 @@ class MySQLDatabase(Database):
             except DataRejected as error:
                 # the key itself was inserted by another push since the UPDATE: update that row
                 if not error.duplicate or attempt == 2 \
-                        or not self.query(conn, *exists_sql(schema, key)):
+                        or not self.query(conn, *exists_sql(schema, key, EVERY_ROW)):
                     raise
 
     def fits_one_statement(self, rows):
@@ -3367,7 +3462,7 @@ class MySQLDatabase(Database):
             return _time_text(value)
         return _as_json_value(value)        # decimals as the key SQL writes them
 
-    def rows_as_json(self, conn, schema, limit, scope=None):
+    def rows_as_json(self, conn, schema, limit, scope):
         """(JSON array of the first `limit` rows in key order, row count), encoded by the server.
 
         None if it cannot.
@@ -3377,7 +3472,8 @@ class MySQLDatabase(Database):
         """
         if schema.json_row is None:
             return None
-        where, params = ("", []) if scope is None else (" WHERE " + scope.where, scope.params)
+        where, params = ("", []) if scope.where is None \
+            else (" WHERE " + scope.where, list(scope.params))
         rows = self.query(conn, "SELECT %s FROM %s%s ORDER BY %s LIMIT ?" % (
             schema.json_row, schema.quoted, where, schema.key_order), params + [limit])
         return b"[" + ",".join([row[0] for row in rows]).encode("utf-8") + b"]", len(rows)
@@ -3842,13 +3938,13 @@ class ChangeLog:
 
     # -- reading -----------------------------------------------------------------
 
-    def changed_rows(self, conn, tables, since, limit, scopes=None):
+    def changed_rows(self, conn, tables, since, limit, grant):
         """(table, row_key, last seq) per row changed after `since`, oldest last change first.
 
-        With `scopes` ({table: TableScope or None}), only entries logged under
-        the device's scope values: one index range per scoped table.
+        Only entries the grant may read: for a scoped table, those logged under
+        the device's scope values (one index range per scoped table).
         """
-        parts = self._changes_sql(tables, since, scopes)
+        parts = self._changes_sql(tables, since, grant)
         if not parts:
             return []
         if len(parts) == 1:
@@ -3863,44 +3959,51 @@ class ChangeLog:
                 for where, _ in parts), [value for _, params in parts for value in params]
             + [limit])
 
-    def changed_since(self, conn, tables, since, scopes=None):
-        """Whether any change after `since` touches `tables` (within `scopes`)."""
+    def changed_since(self, conn, tables, since, grant):
+        """Whether any change after `since` the grant may read touches `tables`."""
         return any(self.db.query(conn, "SELECT 1 FROM cloudsync_changes WHERE %s LIMIT 1" % where,
                                  params)
-                   for where, params in self._changes_sql(tables, since, scopes))
+                   for where, params in self._changes_sql(tables, since, grant))
 
     @staticmethod
-    def _changes_sql(tables, since, scopes):
+    def _changes_sql(tables, since, grant):
         """[(WHERE text, params)]: the log entries after `since` a device may read.
 
         One for the tables every device sees whole, one per scoped table.
         """
-        shared = [table for table in tables if not scopes or scopes.get(table) is None]
+        shared = [table for table in tables if grant.scope(table).texts is None]
         parts = []
         if shared:
             parts.append(("seq > ? AND table_name IN (%s)" % ", ".join("?" for _ in shared),
                           [since] + shared))
         for table in tables:
-            scope = scopes.get(table) if scopes else None
-            if scope is not None and scope.texts:
+            scope = grant.scope(table)
+            if scope.texts:
                 parts.append(("table_name = ? AND scope IN (%s) AND seq > ?"
                               % ", ".join("?" for _ in scope.texts),
                               [table] + list(scope.texts) + [since]))
         return parts
 
-    def touched_by_others(self, conn, schema, key_texts, since, device_id):
+    def touched_by_others(self, conn, schema, key_texts, since, device_id, scope):
         """{row key: the columns others changed after `since`, or None for any column}.
 
         Only the keys among key_texts that someone other than device_id
-        changed; None when an insert, a delete, a cascade or an entry of an
-        older version says nothing of columns.
+        changed, in entries logged under the device's `scope` (another store's
+        change is not there for it: its answer is the one a key nobody changed
+        gets); None when an insert, a delete, a cascade or an entry of an older
+        version says nothing of columns.
         """
         found = {}
+        if scope.texts == ():
+            return found                    # a scope no row can be in
         for chunk in _chunks(sorted(key_texts), 500):
             marks = ", ".join("?" for _ in chunk)
             foreign = "" if device_id is None else " AND (device_id IS NULL OR %s <> %s)" % (
                 self.db.bytewise("device_id"), self.db.bytewise("?"))
             extra = [] if device_id is None else [device_id]
+            if scope.texts is not None:
+                foreign += " AND scope IN (%s)" % ", ".join("?" for _ in scope.texts)
+                extra += list(scope.texts)
             # Pending first: the sequencer moves rows from pending to changes, so a row
             # missed in pending because it was just numbered is then found in changes.
             # (Pending changes are not numbered yet: they come after any checkpoint.)
@@ -4064,10 +4167,20 @@ class Checkpoints:
 
 
 # ---------------------------------------------------------------------------
-# Sync engine: the tables and their rows
+# Grants: what one request may read and write
 # ---------------------------------------------------------------------------
-# What push and pull share: the allowed tables as the database describes
-# them, the change log, checkpoints, reading rows by key, and row scopes.
+# Access is a value. The HTTP section builds one Grant per request from its
+# token (SyncEngine.grant_for keeps one per token and schema) and hands it to
+# everything that reads or writes a synced table, as PostgreSQL attaches a
+# row-level policy once and its executor applies it to every query. A Grant
+# holds, for each table the request may see, a TableGrant: the schema,
+# whether devices may write it, whether only insert, the columns pushes may
+# not set, and the rows it may touch (a TableScope, or EVERY_ROW). A table
+# the grant does not hold does not exist for the request: a device limited to
+# some tables gets the same 403 for another allowed table as for a name that
+# is no table at all, before anything about the table is looked at.
+# Grant.decide is the one function deciding whether a push operation may
+# happen; it judges the row as it will be after the operation.
 #
 # Row scopes. ROW_SCOPES names, for some tables, the column that says whose a
 # row is (sales.store_id); a token carries the values its device may see
@@ -4104,7 +4217,7 @@ class TableScope:
         self.where, self.params = db.scope_where(column, self.values)
 
     def holds(self, value):
-        """Whether a bound value of the scope column is one of the device's."""
+        """Whether a bound value of the scope column is one of the device's, byte for byte."""
         return value is not None and not isinstance(value, (bytes, bytearray, float)) \
             and _scope_text(value) in self.texts
 
@@ -4114,6 +4227,163 @@ def _scope_text(value):
     if isinstance(value, decimal.Decimal) and value == value.to_integral_value():
         return str(int(value))
     return str(value)
+
+
+class TableGrant:
+    """What a request may do with one table: its rows (scope), writing, actions, columns."""
+
+    __slots__ = ("schema", "scope", "writable", "insert_only", "read_only_columns")
+
+    def __init__(self, schema, scope, writable=True, insert_only=False, read_only_columns=()):
+        self.schema = schema
+        self.scope = scope                  # a TableScope, or EVERY_ROW
+        self.writable = writable            # not in READ_ONLY_TABLES
+        self.insert_only = insert_only      # in INSERT_ONLY_TABLES
+        self.read_only_columns = frozenset(read_only_columns)
+
+    def actions(self):
+        """The push actions the grant allows on the table, as /sync/status tells a device."""
+        if not self.writable:
+            return []
+        return ["insert"] if self.insert_only else list(ACTIONS)
+
+    def rules(self):
+        """The table's rules as /sync/status shows them to the device they apply to."""
+        return {"read_only": not self.writable, "insert_only": self.insert_only,
+                "read_only_columns": sorted(self.read_only_columns), "actions": self.actions()}
+
+
+class Grant:
+    """One request's access: its device and, for each table it may see, a TableGrant."""
+
+    __slots__ = ("device_id", "tables", "limited", "scopes")
+
+    def __init__(self, device_id, tables, limited, scopes=None):
+        self.device_id = device_id
+        self.tables = tables                # {table: TableGrant}, in ALLOWED_TABLES order
+        # some allowed table is out of reach: its name is answered like a name that is no table
+        self.limited = limited
+        self.scopes = scopes                # {column: values} of the token, for /sync/status
+
+    @property
+    def visible(self):
+        """The tables the request may use, in ALLOWED_TABLES order."""
+        return list(self.tables)
+
+    @property
+    def scoped(self):
+        """Whether some table is narrowed to the rows of a scope."""
+        return any(granted.scope.where is not None for granted in self.tables.values())
+
+    def table(self, name, where):
+        """The TableGrant of a table a request names; else Refused, before anything else is read.
+
+        A device limited to some tables cannot tell an allowed table it may
+        not use from a name that is no table: both are 403.
+        """
+        granted = self.tables.get(name) if isinstance(name, str) else None
+        if granted is not None:
+            return granted
+        shown = json.dumps(name, default=str)[:100]
+        if self.limited:
+            raise Refused("table_not_permitted", "%s: this device may not use table %s"
+                          % (where, shown))
+        raise Refused("invalid_table", "%s: table %s is not in ALLOWED_TABLES" % (where, shown))
+
+    def scope(self, table):
+        """The rows of `table` the request may see: its TableScope, or EVERY_ROW."""
+        return self.tables[table].scope
+
+    def fingerprint(self, tables):
+        """A short value naming the rows of `tables` the request sees; None when all of them.
+
+        It goes into checkpoints ("c") and the seed cache's key.
+        """
+        limited = [(table, self.tables[table].scope.column.name,
+                    sorted(self.tables[table].scope.texts))
+                   for table in tables if self.tables[table].scope.where is not None]
+        if not limited:
+            return None
+        return hashlib.sha256(json.dumps(limited).encode("utf-8")).hexdigest()[:12]
+
+    def decide(self, op):
+        """The one place a push operation is allowed or refused (Refused naming it).
+
+        Judged on the row as it will be after the operation, by each check of
+        DECISIONS in turn; the operation then carries its table's scope, which
+        every statement it sends adds to its WHERE.
+        """
+        granted = self.tables[op.table.name]
+        for check in DECISIONS:
+            check(granted, op)
+        op.scope = granted.scope
+
+
+def _may_write(granted, op):
+    """A table devices may only pull (READ_ONLY_TABLES) takes no push."""
+    if not granted.writable:
+        raise Refused("read_only_table", "operation %d: devices may pull %s but not push to it"
+                      % (op.index, op.table.name), op=op.index)
+
+
+def _may_do(granted, op):
+    """An insert-only table (a ledger) takes inserts only."""
+    if granted.insert_only and op.action != "insert":
+        raise Refused("insert_only_table", "operation %d: %s is insert-only (a ledger); devices "
+                      "may add rows to it, not %s them" % (op.index, op.table.name, op.action),
+                      op=op.index)
+
+
+def _may_set(granted, op):
+    """No operation but a delete (which may carry the whole row) sets a read-only column."""
+    if granted.read_only_columns and op.action != "delete":
+        fixed = [name for name in op.sent if name in granted.read_only_columns]
+        if fixed:
+            raise Refused("read_only_column", "operation %d: column %s of %s is read-only; leave "
+                          "it out (an insert gets the database's default)"
+                          % (op.index, fixed[0], op.table.name), op=op.index, column=fixed[0])
+
+
+def _stays_in_scope(granted, op):
+    """The row after the operation is in the device's scope.
+
+    An insert or upsert names its scope value (or gets the token's only one);
+    an update that sets the scope column keeps it inside; an increment may not
+    add to it (the sum is not known before it runs). An update, increment or
+    delete finds only rows of the scope: its WHERE carries the scope.
+    """
+    scope = granted.scope
+    if scope.where is None or op.action == "delete":
+        return
+    name = scope.column.name
+    where = "operation %d (%s on %s)" % (op.index, op.action, op.table.name)
+    if op.action == "increment":
+        if name in op.values and name not in op.table.primary_key:
+            raise Refused("out_of_scope", "%s: an increment may not add to %s, which says whose "
+                          "the row is" % (where, name), op=op.index)
+    elif name in op.values:
+        if op.action == "update" and name in op.table.primary_key:
+            return                          # the key names the row; the scope finds it or not
+        if not scope.holds(op.values[name]):
+            raise Refused("out_of_scope", "%s: %s %s is outside this device's scope (%s)"
+                          % (where, name, json.dumps(op.sent.get(name), default=str)[:100],
+                             ", ".join(scope.texts) or "none"), op=op.index)
+    elif op.action in ("insert", "upsert"):
+        if len(scope.values) != 1:
+            raise Refused("out_of_scope", "%s: data must include %s, one of this device's values "
+                          "(%s)" % (where, name, ", ".join(scope.texts)), op=op.index)
+        op.values[name] = scope.values[0]
+
+
+# Grant.decide runs these, in this order; each refuses an operation on its own ground.
+DECISIONS = (_may_write, _may_do, _may_set, _stays_in_scope)
+
+
+# ---------------------------------------------------------------------------
+# Sync engine: the tables and their rows
+# ---------------------------------------------------------------------------
+# What push and pull share: the allowed tables as the database describes
+# them, the change log, checkpoints, reading rows by key, and the grants.
 
 
 def key_value(schema, key):
@@ -4127,13 +4397,16 @@ class SyncEngine:
     """The allowed tables and what push and pull share; Pushes and Pulls (below) do the rest."""
 
     def __init__(self, database, allowed_tables, capture="triggers", row_scopes=(),
-                 read_only_columns=()):
+                 read_only_columns=(), read_only_tables=(), insert_only_tables=()):
         self.db = database
         self.allowed_tables = tuple(allowed_tables)
         self.row_scopes = dict(row_scopes)      # table -> its scope column's name
         self.read_only_columns = {}             # table -> names pushes may not set
         for table, name in read_only_columns:
             self.read_only_columns.setdefault(table, set()).add(name)
+        self.read_only_tables = frozenset(read_only_tables)
+        self.insert_only_tables = frozenset(insert_only_tables)
+        self._grants = (None, {})               # (the schemas they were made for, token -> Grant)
         self.schemas = {}
         self.schema_loaded_at = 0.0
         # changes only when a table's columns, types or key change
@@ -4201,39 +4474,47 @@ class SyncEngine:
             schema.scope = column
         return schemas
 
-    def scopes_for(self, token):
-        """({table: TableScope, or None for every row}, tables the token may not use).
+    def grant_for(self, token):
+        """The Grant of a request made with `token` (a DeviceToken; None: no token is needed).
 
-        A token without a value for a scoped table's column may not use it:
-        fail closed.
+        Made once per token and set of schemas. A token without a value for a
+        scoped table's column may not use that table: fail closed.
         """
-        if not self.row_scopes:
-            return {}, frozenset()          # nothing is scoped: every device sees every row
-        scopes, closed = {}, set()
+        schemas = self.schemas
+        made_for, grants = self._grants
+        if made_for is not schemas or len(grants) > MAX_GRANTS_KEPT:
+            grants = {}
+            self._grants = (schemas, grants)
+        grant = grants.get(token)
+        if grant is None:
+            grant = grants[token] = self._grant(token, schemas)
+        return grant
+
+    def _grant(self, token, schemas):
+        """A new Grant for `token` over `schemas`."""
+        tables = {}
         for table in self.allowed_tables:
-            schema = self.schemas.get(table)
-            scope = None if schema is None else schema.scope
-            if scope is None or token is None:
-                scopes[table] = None
+            schema = schemas.get(table)
+            if schema is None or token is not None and token.tables is not None \
+                    and table not in token.tables:
                 continue
-            values = token.scopes.get(scope.name)
-            if values is None:
-                closed.add(table)
-            scopes[table] = None if values is None or SCOPE_ALL in values \
-                else TableScope(self.db, scope, values)
-        return scopes, closed
+            scope = EVERY_ROW
+            if schema.scope is not None and token is not None:
+                values = token.scopes.get(schema.scope.name)
+                if values is None:
+                    continue                # the token has no value for the table's column
+                if SCOPE_ALL not in values:
+                    scope = TableScope(self.db, schema.scope, values)
+            tables[table] = TableGrant(schema, scope, table not in self.read_only_tables,
+                                       table in self.insert_only_tables,
+                                       self.read_only_columns.get(table, ()))
+        return Grant(None if token is None else token.device_id, tables,
+                     limited=len(tables) < len(self.allowed_tables),
+                     scopes=None if token is None else dict(token.scopes))
 
-    @staticmethod
-    def scope_fingerprint(scopes, tables):
-        """A short value naming the rows of `tables` a device sees; None when all of them.
-
-        It goes into checkpoints ("c") and the seed cache's key.
-        """
-        limited = [(table, scopes[table].column.name, sorted(scopes[table].texts))
-                   for table in tables if scopes and scopes.get(table) is not None]
-        if not limited:
-            return None
-        return hashlib.sha256(json.dumps(limited).encode("utf-8")).hexdigest()[:12]
+    def every_row(self):
+        """The Grant of the operator's own commands and of a server without tokens: every row."""
+        return self.grant_for(None)
 
     def _set_schemas(self, schemas):
         """Put newly read schemas in force, with their fingerprints."""
@@ -4257,23 +4538,16 @@ class SyncEngine:
                                        for table in tables)
                               .encode("ascii")).hexdigest()[:12]
 
-    def schema_for(self, table, where):
-        """The TableSchema of the allowed table a request names, else Refused("invalid_table")."""
-        if not isinstance(table, str) or table not in self.allowed_tables:
-            raise Refused("invalid_table", "%s: table %s is not in ALLOWED_TABLES"
-                          % (where, json.dumps(table, default=str)[:100]))
-        return self.schemas[table]
-
     # -- rows by key -------------------------------------------------------------
 
-    def rows_for_keys(self, conn, schema, keys, lock=False, scope=None):
+    def rows_for_keys(self, conn, schema, keys, scope, lock=False):
         """For each pushed key: (key as logged, row) of the row its statement would find, or None.
 
         One query for all the keys, each row carrying its key as SQL writes it;
         a key the device wrote in another form of the same value ('ABC' for
         'abc' under a case-blind collation) is then looked up on its own.
         """
-        found = self.select_by_keys(conn, schema, keys, lock, scope)
+        found = self.select_by_keys(conn, schema, keys, scope, lock)
         result, unmatched = [], []
         for position, key in enumerate(keys):
             text = self.db.key_text(schema, key)
@@ -4284,22 +4558,22 @@ class SyncEngine:
                 unmatched.append(position)
         if unmatched and set(found) - {row[0] for row in result if row}:
             for position in unmatched:
-                alone = self.select_by_keys(conn, schema, [keys[position]], lock, scope)
+                alone = self.select_by_keys(conn, schema, [keys[position]], scope, lock)
                 if alone:
                     result[position] = next(iter(alone.items()))
         return result
 
-    def select_by_keys(self, conn, schema, keys, lock=False, scope=None):
+    def select_by_keys(self, conn, schema, keys, scope, lock=False):
         """{key text as the log holds it: row} of the rows with these keys (bound values).
 
         lock: a concurrent writer of these rows waits for this transaction;
-        scope: only the rows of a device's scope.
+        scope: only the rows of a device's scope (EVERY_ROW: all).
         """
         found = {}
         names = schema.column_names
         for chunk in _chunks(list(dict.fromkeys(keys)), 500):
-            rows = self.db.query(conn, *select_keyed_sql(schema, chunk,
-                                                         self.db.lock_rows if lock else "", scope))
+            rows = self.db.query(conn, *select_keyed_sql(schema, chunk, scope,
+                                                         self.db.lock_rows if lock else ""))
             for text, row in zip([row[0] for row in rows],
                                  self.db.decode_rows(schema, [row[1:] for row in rows])):
                 found[_text(text)] = dict(zip(names, row))
@@ -4349,9 +4623,9 @@ class _PushState:
     """What deciding a push's returned checkpoint needs to know about the push."""
 
     __slots__ = ("checkpoint", "fields", "device_id", "batch_id", "start", "before", "operations",
-                 "skipped", "scopes")
+                 "skipped", "grant")
 
-    def __init__(self, checkpoint, fields, device_id, batch_id, scopes=None):
+    def __init__(self, checkpoint, fields, device_id, batch_id, grant):
         self.checkpoint = checkpoint
         self.fields = fields        # the checkpoint decoded
         self.device_id = device_id
@@ -4361,7 +4635,7 @@ class _PushState:
         self.before = {}            # table -> {key as logged: row} as they were before the push
         self.operations = []        # the operations applied
         self.skipped = False        # some operations were skipped as conflicts
-        self.scopes = scopes        # the device's row scopes: {table: TableScope or None}
+        self.grant = grant          # what the request may do (Grants)
 
 
 class Pushes:
@@ -4377,33 +4651,34 @@ class Pushes:
 
     # -- validation ----------------------------------------------------------------
 
-    def validate_operations(self, operations):
-        """Check every operation against the schema.
+    def validate_operations(self, operations, grant):
+        """Check every operation against the grant and the schema, before any SQL runs.
 
-        Return Operations or raise Refused naming the operation.
+        Return Operations (each with its scope, the grant's decision made) or
+        raise Refused naming the operation.
         """
         if not isinstance(operations, list):
             raise Refused("invalid_payload", "operations must be a list")
         validated = []
         for index, operation in enumerate(operations):
             try:
-                validated.append(self._validate_operation(index, operation))
+                validated.append(self._validate_operation(index, operation, grant))
             except Refused as refusal:
                 refusal.fields.setdefault("op", index)  # which operation to fix or drop
                 raise
         return validated
 
-    def _validate_operation(self, index, operation):
-        """One operation checked against the schema, as an Operation."""
+    def _validate_operation(self, index, operation, grant):
+        """One operation: the table through the grant, its values bound, then the grant decides."""
         where = "operation %d" % index
         if not isinstance(operation, dict):
             raise Refused("invalid_operation", "%s must be an object" % where)
         if "table" not in operation or "action" not in operation or "data" not in operation:
             missing = [field for field in ("table", "action", "data") if field not in operation]
             raise Refused("invalid_operation", "%s has no %s" % (where, " or ".join(missing)))
-        schema = self.engine.schema_for(operation["table"], where)
+        schema = grant.table(operation["table"], where).schema
         action = operation["action"]
-        if action not in ACTIONS:
+        if not isinstance(action, str) or action not in ACTIONS:
             raise Refused("invalid_action", "%s: action must be one of %s"
                           % (where, ", ".join(ACTIONS)))
         data = operation["data"]
@@ -4437,43 +4712,15 @@ class Pushes:
             self._check_increment(schema, values, where)
         key = tuple(values.get(name) for name in schema.primary_key)
         for column, value in zip(schema.key_columns, key):
-            problem = None if value is None else key_problem(column, value)
+            problem = None if value is None else key_problem(column, value, data.get(column.name))
             if problem is not None:
                 raise Refused("invalid_value", "%s: %s" % (where, problem))
         # computed by the database: a pulled row pushed back still works
         if schema.has_generated:
             values = {name: value for name, value in values.items() if not columns[name].generated}
-        return Operation(index, schema, action, values, key, data)
-
-    def hold_to_scopes(self, operations, scopes):
-        """Keep every operation inside the device's row scopes, or Refused("out_of_scope").
-
-        An insert that leaves the scope column out gets the token's value when
-        it has exactly one. Updates and deletes then find only rows of the
-        scope (Operation.scope goes into their SQL): another store's row is,
-        for this device, not there.
-        """
-        if not scopes:
-            return
-        for op in operations:
-            scope = op.scope = scopes.get(op.table.name)
-            if scope is None:
-                continue
-            name = scope.column.name
-            if op.action == "delete" or (op.action == "update" and name in op.table.primary_key):
-                continue                        # the key names the row; the scope finds it or not
-            where = "operation %d (%s on %s)" % (op.index, op.action, op.table.name)
-            if name in op.values:
-                if not scope.holds(op.values[name]):
-                    raise Refused("out_of_scope", "%s: %s %s is outside this device's scope (%s)"
-                                  % (where, name, json.dumps(op.sent.get(name), default=str)[:100],
-                                     ", ".join(scope.texts) or "none"), op=op.index)
-            elif op.action in ("insert", "upsert"):
-                if len(scope.values) != 1:
-                    raise Refused("out_of_scope", "%s: data must include %s, one of this "
-                                  "device's values (%s)" % (where, name, ", ".join(scope.texts)),
-                                  op=op.index)
-                op.values[name] = scope.values[0]
+        op = Operation(index, schema, action, values, key, data)
+        grant.decide(op)
+        return op
 
     @staticmethod
     def _check_increment(schema, values, where):
@@ -4497,7 +4744,7 @@ class Pushes:
     # -- the push -------------------------------------------------------------------
 
     def push(self, operations, device_id=None, batch_id=None, checkpoint=None, on_conflict="abort",
-             request_hash=None, scopes=None, conflict_level="column", on_reject="abort"):
+             request_hash=None, grant=None, conflict_level="column", on_reject="abort"):
         """Apply validated operations in one transaction; return the response fields."""
         if batch_id is None and any(op.action == "increment" for op in operations):
             raise Refused("batch_id_required", "operation %d: an increment needs a batch_id, so "
@@ -4513,7 +4760,7 @@ class Pushes:
             if prior is not None:
                 return self._replay(prior, request_hash, checkpoint)
         attempt = dict(device_id=device_id, batch_id=batch_id, fields=fields,
-                       on_conflict=on_conflict, request_hash=request_hash, scopes=scopes,
+                       on_conflict=on_conflict, request_hash=request_hash, grant=grant,
                        conflict_level=conflict_level, on_reject=on_reject)
         try:
             return self._push_with_retries(operations, attempt, checkpoint)
@@ -4560,10 +4807,10 @@ class Pushes:
         return result
 
     def _push(self, operations, batched, checkpoint, device_id, batch_id, fields, on_conflict,
-              request_hash, scopes=None, conflict_level="column", on_reject="abort"):
+              request_hash, grant, conflict_level="column", on_reject="abort"):
         """The push's transaction: claim the batch id, check conflicts, apply, store the outcome."""
         missing, conflicts, logged, rejected = [], [], [], []
-        push = _PushState(checkpoint, fields, device_id, batch_id, scopes)
+        push = _PushState(checkpoint, fields, device_id, batch_id, grant)
         since = fields["s"] if fields is not None else None
         with self.db.connection() as conn:
             with self._push_transaction(conn, operations, batched, batch_id, checkpoint,
@@ -4681,12 +4928,13 @@ class Pushes:
         for table, ops in by_table.items():
             schema = self.engine.schemas[table]
             # a row outside the device's scope is not there for it: never shown, never touched
-            found = self.engine.rows_for_keys(conn, schema, [op.key for op in ops], lock=True,
-                                              scope=ops[0].scope)
+            found = self.engine.rows_for_keys(conn, schema, [op.key for op in ops], ops[0].scope,
+                                              lock=True)
             texts = [row[0] if row else self.db.key_text(schema, op.key)
                      for op, row in zip(ops, found)]
             before[table] = {text: row[1] for text, row in zip(texts, found) if row}
-            touched = self.changelog.touched_by_others(conn, schema, set(texts), since, device_id)
+            touched = self.changelog.touched_by_others(conn, schema, set(texts), since, device_id,
+                                                       ops[0].scope)
             # whether the row is there when the op runs: earlier ops count
             exists = {}
             for op, text in zip(ops, texts):
@@ -4718,7 +4966,8 @@ class Pushes:
         for table, ops in by_table.items():
             schema = self.engine.schemas[table]
             for op, found in zip(ops,
-                                 self.engine.rows_for_keys(conn, schema, [op.key for op in ops])):
+                                 self.engine.rows_for_keys(conn, schema, [op.key for op in ops],
+                                                           ops[0].scope)):
                 texts[op.index] = found[0] if found else self.db.key_text(schema, op.key)
         for op, code in logged:
             if op.index in texts:
@@ -4748,7 +4997,7 @@ class Pushes:
         except DataRejected as error:
             # a retried insert whose row is already there, holding exactly these values, is a no-op
             if error.duplicate and None not in op.key:
-                found = self.engine.rows_for_keys(conn, schema, [op.key], scope=op.scope)[0]
+                found = self.engine.rows_for_keys(conn, schema, [op.key], op.scope)[0]
                 if found is not None and _same_values(schema, op.values, found[1]):
                     return True
             raise PushRejected(op, error) from None
@@ -4831,7 +5080,7 @@ class Pushes:
             head = self.changelog.head(conn)
             start = head if push.start is None else push.start
         fingerprint = self.engine.columns_fingerprint(fields["t"])
-        scope = self.engine.scope_fingerprint(push.scopes, fields["t"])
+        scope = push.grant.fingerprint(fields["t"])
         if fields["scan"] is not None or push.device_id is None or fields["s"] != start \
                 or head == start or fields.get("f") not in (None, fingerprint) \
                 or fields.get("c") != scope \
@@ -4862,7 +5111,7 @@ class Pushes:
             schema = self.engine.schemas[table]
             ops = [op for op in operations if op.table.name == table]
             found_rows = self.engine.rows_for_keys(conn, schema, [op.key for op in ops],
-                                                   scope=ops[0].scope)
+                                                   ops[0].scope)
             for op, found in zip(ops, found_rows):
                 logged[op.index] = (table, found[0] if found else self.db.key_text(schema, op.key))
                 now[logged[op.index]] = found[1] if found else None
@@ -5029,27 +5278,33 @@ class Pulls:
         self._cache = collections.OrderedDict()
         self._cache_lock = threading.Lock()
 
-    def check_tables(self, tables):
-        """Validate a pull's `tables` field; return the table names to read."""
+    def check_tables(self, tables, grant):
+        """Validate a pull's `tables` field through the grant; return the table names to read.
+
+        Left out: every table the grant holds.
+        """
         if tables is None:
-            tables = list(self.engine.allowed_tables)
+            tables = grant.visible
+            if not tables:
+                raise Refused("no_tables", "no table was named and this device may use none"
+                              if self.engine.allowed_tables else
+                              "no table was named and ALLOWED_TABLES is empty")
         if not isinstance(tables, list):
             raise Refused("invalid_payload", "tables must be a list of table names")
         if not tables:
-            raise Refused("no_tables", "no table was named and ALLOWED_TABLES is empty"
-                          if not self.engine.allowed_tables else "tables is an empty list")
+            raise Refused("no_tables", "tables is an empty list")
         for position, table in enumerate(tables):
-            self.engine.schema_for(table, "tables[%d]" % position)
+            grant.table(table, "tables[%d]" % position)
         return list(dict.fromkeys(tables))
 
     # -- sync mode ---------------------------------------------------------------------
 
-    def pull_changes(self, tables, since, limit, scopes=None):
+    def pull_changes(self, tables, since, limit, grant):
         """Sync-mode pull: changes after checkpoint `since` (None: everything).
 
-        At most `limit` rows plus keys; with `scopes`, only the device's rows.
+        At most `limit` rows plus keys, only the rows the grant may see.
         """
-        fields, tables, fingerprint, scope = self._position(tables, since, scopes)
+        fields, tables, fingerprint, scope = self._position(tables, since, grant)
         changes = {table: {"upserted": [], "deleted": []} for table in tables}
         with self.db.connection() as conn:
             self.changelog.sequence(conn)
@@ -5059,15 +5314,15 @@ class Pulls:
             else:
                 seq, scan = fields["s"], fields["scan"]
             if scan is not None:
-                scan, has_more = self._scan_tables(conn, tables, scan, limit, changes, scopes)
+                scan, has_more = self._scan_tables(conn, tables, scan, limit, changes, grant)
                 if scan is None:
-                    has_more = self.changelog.changed_since(conn, tables, seq, scopes)
+                    has_more = self.changelog.changed_since(conn, tables, seq, grant)
                 checkpoint_seq = seq
             else:
-                entries = self.changelog.changed_rows(conn, tables, seq, limit + 1, scopes)
+                entries = self.changelog.changed_rows(conn, tables, seq, limit + 1, grant)
                 has_more = len(entries) > limit
                 entries = entries[:limit]
-                self._fetch_changed(conn, entries, changes, scopes)
+                self._fetch_changed(conn, entries, changes, grant)
                 checkpoint_seq = entries[-1][2] if entries else seq
             # checked after reading: compaction publishes its mark before deleting
             self.changelog.check_position(conn, seq)
@@ -5076,7 +5331,7 @@ class Pulls:
                                                              fingerprint, scope),
                 "has_more": has_more}
 
-    def _position(self, tables, since, scopes):
+    def _position(self, tables, since, grant):
         """What a sync pull checks before any SQL: (checkpoint fields or None, tables, columns'
         fingerprint, scope fingerprint); Refused when the checkpoint cannot be served."""
         fields = self.engine.checkpoints.decode(since) if since is not None else None
@@ -5092,28 +5347,28 @@ class Pulls:
             raise Refused("expired", "the columns of %s changed since this checkpoint "
                           "(ALTER TABLE): start again with \"since\": null to pull every row with "
                           "its columns" % ", ".join(tables), reset=True)
-        scope = self.engine.scope_fingerprint(scopes, tables)
+        scope = grant.fingerprint(tables)
         if fields is not None and fields.get("c") != scope:
             raise Refused("expired", "this device's scope (the rows its token may see) changed "
                           "since this checkpoint: start again with \"since\": null to pull the "
                           "rows of its scope now", reset=True)
         return fields, tables, fingerprint, scope
 
-    def unchanged(self, tables, since, scopes, head, compacted):
+    def unchanged(self, tables, since, grant, head, compacted):
         """A sync pull's answer without SQL when the log is where the checkpoint is; else None.
 
         `head` and `compacted`: the log as the watcher last saw it (Long polls).
         """
         if since is None:
             return None
-        fields, tables, _, _ = self._position(tables, since, scopes)
+        fields, tables, _, _ = self._position(tables, since, grant)
         if fields["scan"] is not None or fields["s"] != head or fields["s"] < compacted:
             return None
         return {"success": True, "changes": {table: {"upserted": [], "deleted": []}
                                              for table in tables},
                 "checkpoint": since, "has_more": False}
 
-    def _scan_tables(self, conn, tables, scan, limit, changes, scopes=None):
+    def _scan_tables(self, conn, tables, scan, limit, changes, grant):
         """Initial sync: page through the tables in key order.
 
         Return (next scan position or None, has_more).
@@ -5127,8 +5382,7 @@ class Pulls:
                 return [index, last], True
             schema = self.engine.schemas[tables[index]]
             after = None if last is None else self.db.key_bind(schema, last, ordered=True)
-            rows = self.db.query(conn, *page_sql(schema, after, budget,
-                                                 scopes.get(schema.name) if scopes else None))
+            rows = self.db.query(conn, *page_sql(schema, after, budget, grant.scope(schema.name)))
             if rows:
                 last = self.db.key_logged(schema, rows[-1])
                 names = schema.column_names
@@ -5139,7 +5393,7 @@ class Pulls:
             budget -= len(rows)
         return None, False
 
-    def _fetch_changed(self, conn, entries, changes, scopes=None):
+    def _fetch_changed(self, conn, entries, changes, grant):
         """Turn (table, row_key, seq) entries into current rows, or keys of deleted rows.
 
         A row counts only when its key is, byte for byte, the logged one: after
@@ -5162,7 +5416,7 @@ class Pulls:
             schema = self.engine.schemas[table]
             found = self.engine.select_by_keys(conn, schema, [self.db.key_bind(schema, logged)
                                                               for _, logged in items],
-                                               scope=scopes.get(table) if scopes else None)
+                                               grant.scope(table))
             for text, logged in items:
                 row = found.get(text)
                 if row is not None:
@@ -5173,15 +5427,14 @@ class Pulls:
 
     # -- seed mode ---------------------------------------------------------------------
 
-    def seed_pull(self, tables, limit, scopes=None):
+    def seed_pull(self, tables, limit, grant):
         """The seed's pull as encoded JSON, served from cache while the log shows no change.
 
         One device's cached answer is served only to devices of the same scope.
         """
         schemas = self.engine.schemas
-        scopes = scopes or {}
         key = (tuple(tables), limit, self.engine.schema_fingerprint,
-               self.engine.scope_fingerprint(scopes, tables))
+               grant.fingerprint(tables))
         with self.db.connection() as conn:
             # Only what the change log sees can validate a cached answer: outside writes need
             # triggers, and a foreign-key cascade the cascade triggers cannot follow is not seen.
@@ -5196,18 +5449,17 @@ class Pulls:
                     return cached
             pages, counts = [], {}
             for table in tables:
-                page = self.db.rows_as_json(conn, schemas[table], limit, scopes.get(table))
+                page = self.db.rows_as_json(conn, schemas[table], limit, grant.scope(table))
                 if page is None:
-                    rows = self._read_rows(conn, [table], limit, scopes)[table]
+                    rows = self._read_rows(conn, [table], limit, grant)[table]
                     page = (to_json_bytes(rows), len(rows))
                 counts[table] = page[1]
                 pages.append(to_json_bytes(table) + b":" + page[0])
         encoded = Encoded(b'{"success":true,"data":{%s},"limit":%d}' % (b",".join(pages), limit),
                           version, rows=counts)
         if version is not None:
-            encoded.etag = '"%s"' % hashlib.sha256(("%s|%r|%r|%s" % (
-                self.changelog.instance, key, version, self.engine.schema_fingerprint)
-            ).encode("utf-8")).hexdigest()[:32]
+            # of the answer itself: a device cannot tell from it whether another store wrote
+            encoded.etag = '"%s"' % hashlib.sha256(encoded.body).hexdigest()[:32]
             self._keep(key, encoded)
         return encoded
 
@@ -5228,13 +5480,12 @@ class Pulls:
                 _, dropped = self._cache.popitem(last=False)
                 size -= len(dropped.body) + len(dropped.gzipped or b"")
 
-    def _read_rows(self, conn, tables, limit, scopes=None):
+    def _read_rows(self, conn, tables, limit, grant):
         """The first `limit` rows of each table in key order (in the device's scope), decoded."""
         data = {}
         for table in tables:
             schema = self.engine.schemas[table]
-            rows = self.db.query(conn, *first_rows_sql(schema, limit,
-                                                       scopes.get(table) if scopes else None))
+            rows = self.db.query(conn, *first_rows_sql(schema, limit, grant.scope(table)))
             names = schema.column_names
             data[table] = [dict(zip(names, row)) for row in self.db.decode_rows(schema, rows)]
         return data
@@ -5301,6 +5552,7 @@ class LogWatcher:
         self._last_seen = None      # (head, newest change not numbered) at the last look
         self.seen_at = 0.0          # when (monotonic)
         self.waiting = 0            # pulls waiting now
+        self._waiters = collections.Counter()   # waiting pulls per device (or address)
         self.turned_away = 0        # pulls that could not wait: LONGPOLL_MAX_WAITERS were
         self.stopping = False
         # serve: resize(waiting) gives the server THREADS threads plus one per waiting pull
@@ -5368,21 +5620,31 @@ class LogWatcher:
             return None
         return head
 
-    def enter(self):
-        """Take a waiting slot; False when LONGPOLL_MAX_WAITERS are taken or the server stops."""
+    def enter(self, waiter):
+        """Take a waiting slot for `waiter` (a device or an address); False when it may not wait.
+
+        At most LONGPOLL_MAX_WAITERS wait in all, LONGPOLL_WAITERS_PER_DEVICE of
+        them for one waiter (one device cannot take every slot), and none once
+        the server stops.
+        """
         with self._changed:
-            if self.stopping or self.waiting >= self.max_waiters:
+            if self.stopping or self.waiting >= self.max_waiters \
+                    or self._waiters[waiter] >= LONGPOLL_WAITERS_PER_DEVICE:
                 self.turned_away += 1
                 return False
             self.waiting += 1
+            self._waiters[waiter] += 1
             if self.resize is not None:
                 self.resize(self.waiting)       # a thread takes the place of this one
             return True
 
-    def leave(self):
+    def leave(self, waiter):
         """Give a waiting slot back."""
         with self._changed:
             self.waiting -= 1
+            self._waiters[waiter] -= 1
+            if not self._waiters[waiter]:
+                del self._waiters[waiter]
             if self.resize is not None:
                 self.resize(self.waiting)
 
@@ -5646,6 +5908,7 @@ class Request:
         self.max_body_bytes = max_body_bytes
         self.max_json_depth = max_json_depth
         self.token = None                   # the DeviceToken that authenticated the request
+        self.grant = None                   # what it may read and write (Grants), on /sync*
         # for the access log, metrics and device fleet, filled in by the handlers
         self.route = "other"
         self.device_id = None
@@ -5761,7 +6024,8 @@ class App:
         self.config = config
         self.db = database or open_database(config)
         self.engine = engine or SyncEngine(self.db, config.allowed_tables, config.change_capture,
-                                           config.row_scopes, config.read_only_columns)
+                                           config.row_scopes, config.read_only_columns,
+                                           config.read_only_tables, config.insert_only_tables)
         self.pushes = Pushes(self.engine, config.max_value_bytes, config.push_retries)
         self.pulls = Pulls(self.engine)
         self.auth = Authenticator(config)
@@ -5904,6 +6168,7 @@ class App:
             monitors = (self.config.admin_token, self.config.metrics_token) \
                 if path == "/sync/status" else ()
             request.token = self.auth.identify(request, monitors)
+            request.grant = self.engine.grant_for(request.token)
         result = handler(request)
         return result if len(result) == 3 else result + ([],)
 
@@ -5935,10 +6200,7 @@ class App:
         if isinstance(sent, list) and len(sent) > self.config.max_operations:
             raise Refused("too_many_operations", "a push may hold at most %d operations; split "
                           "the batch into several pushes" % self.config.max_operations)
-        operations = self.pushes.validate_operations(sent)
-        scopes, closed = self.engine.scopes_for(token)
-        self._check_writable(operations, token, closed)
-        self.pushes.hold_to_scopes(operations, scopes)
+        operations = self.pushes.validate_operations(sent, request.grant)
         request_hash = None             # what a retry with the same batch id must match
         if batch_id is not None:
             # surrogatepass: a lone surrogate in a field nobody reads must not break the hash
@@ -5948,7 +6210,7 @@ class App:
         request.count = len(operations)
         try:
             result = self.pushes.push(operations, device_id, batch_id, checkpoint,
-                                      fields["on_conflict"], request_hash, scopes,
+                                      fields["on_conflict"], request_hash, request.grant,
                                       fields["conflict_level"], fields["on_reject"])
             if result.get("replayed"):
                 self.metrics.count("cloudsync_replays_total")
@@ -5973,35 +6235,6 @@ class App:
             log.exception("push failed")
             raise Refused("push_failed", "the database failed; nothing was applied") from None
 
-    def _check_writable(self, operations, token, closed=()):
-        """403 for a push to a read-only table, or to a table the device's token does not cover.
-
-        `closed`: scoped tables for whose column the token has no value.
-        """
-        read_only_columns = self.engine.read_only_columns
-        for op in operations:
-            if op.table.name in self.config.insert_only_tables and op.action != "insert":
-                raise Refused("insert_only_table", "operation %d: %s is insert-only (a ledger); "
-                              "devices may add rows to it, not %s them"
-                              % (op.index, op.table.name, op.action), op=op.index)
-            fixed = read_only_columns.get(op.table.name) and op.action != "delete" \
-                and [name for name in op.sent if name in read_only_columns[op.table.name]]
-            if fixed:
-                raise Refused("read_only_column", "operation %d: column %s of %s is read-only; "
-                              "leave it out (an insert gets the database's default)"
-                              % (op.index, fixed[0], op.table.name), op=op.index, column=fixed[0])
-            if op.table.name in self.config.read_only_tables:
-                raise Refused("read_only_table", "operation %d: devices may pull %s but not push "
-                              "to it" % (op.index, op.table.name), op=op.index)
-            if token is not None and token.tables is not None and op.table.name not in token.tables:
-                raise Refused("table_not_permitted", "operation %d: this device's token does not "
-                              "cover table %s" % (op.index, op.table.name), op=op.index)
-            if op.table.name in closed:
-                raise Refused("table_not_permitted", "operation %d: table %s is scoped by %s, and "
-                              "this device's token has no %s value (token rotate --scope)"
-                              % (op.index, op.table.name, op.table.scope.name,
-                                 op.table.scope.name), op=op.index)
-
     def pull(self, request):
         """Seed mode: rows of the requested tables. With `since`: changes after a checkpoint."""
         payload = request.json_object()
@@ -6009,19 +6242,8 @@ class App:
         token = request.token
         request.kind = "pull"
         request.device_id = token.device_id if token is not None else fields["device_id"]
-        requested = fields["tables"]
-        scopes, closed = self.engine.scopes_for(token)
-        if requested is None and token is not None and (token.tables is not None or closed):
-            requested = [table for table in self.engine.allowed_tables if table not in closed
-                         and (token.tables is None or table in token.tables)]
-        tables = self.pulls.check_tables(requested)
-        if token is not None:
-            refused = [table for table in tables if table in closed
-                       or token.tables is not None and table not in token.tables]
-            if refused:
-                raise Refused("table_not_permitted", "this device's token does not cover %s%s"
-                              % (", ".join(refused), " (a scoped table needs a scope value of "
-                                 "its column in the token)" if set(refused) & closed else ""))
+        grant = request.grant
+        tables = self.pulls.check_tables(fields["tables"], grant)
         limit = parse_limit(fields["limit"], self.config.max_pull_rows)
         sync_mode, since = "since" in payload, fields["since"]
         wait = parse_wait(fields["wait"], self.config.read_timeout_seconds)
@@ -6029,7 +6251,8 @@ class App:
             raise Refused("invalid_wait", "wait is for sync-mode pulls: send it with \"since\"")
         try:
             if sync_mode:
-                result = self._sync_pull(tables, since, limit, scopes, wait)
+                result = self._sync_pull(tables, since, limit, grant, wait,
+                                         request.device_id or request.environ.get("REMOTE_ADDR"))
                 result["limit"] = limit
                 pulled = self.engine.checkpoints.decode(result["checkpoint"])
                 request.checkpoint_seq, request.tables = pulled["s"], ",".join(pulled["t"])
@@ -6037,7 +6260,7 @@ class App:
                           for table, change in result["changes"].items()}
                 self._count_pulled(request, counts)
                 return 200, result
-            encoded = self.pulls.seed_pull(tables, limit, scopes)
+            encoded = self.pulls.seed_pull(tables, limit, grant)
             self._count_pulled(request, encoded.rows)
         except DatabaseUnavailable:
             raise Refused("pull_unavailable", "the database is unavailable; retry later") from None
@@ -6053,33 +6276,36 @@ class App:
             return 304, None, headers
         return 200, encoded, headers
 
-    def _sync_pull(self, tables, since, limit, scopes, wait):
-        """A sync-mode pull; with `wait`, one that finds nothing waits for a change (Long polls)."""
+    def _sync_pull(self, tables, since, limit, grant, wait, waiter):
+        """A sync-mode pull; with `wait`, one that finds nothing waits for a change (Long polls).
+
+        `waiter`: who waits (the device, else the client's address), for its share of the slots.
+        """
         watcher = self.watcher
         generation = watcher.generation
         known = watcher.known_head()
-        result = known and self.pulls.unchanged(tables, since, scopes, *known)
+        result = known and self.pulls.unchanged(tables, since, grant, *known)
         if not result:
-            result = self.pulls.pull_changes(tables, since, limit, scopes)
+            result = self.pulls.pull_changes(tables, since, limit, grant)
         # a first sync (since null) answers at once: the device learns its checkpoint first
         if not wait or since is None or result["has_more"] or any(
                 change["upserted"] or change["deleted"] for change in result["changes"].values()):
             return result
-        if not watcher.enter():
+        if not watcher.enter(waiter):
             self.metrics.count("cloudsync_longpoll_turned_away_total")
             return dict(result, retry_after=LONGPOLL_RETRY_AFTER_SECONDS)
         try:
             deadline = time.monotonic() + wait
-            key = (tuple(tables), since, limit, self.engine.scope_fingerprint(scopes, tables))
+            key = (tuple(tables), since, limit, grant.fingerprint(tables))
             while watcher.park(generation, deadline):
                 generation = watcher.generation
                 result = watcher.shared(key, lambda: self.pulls.pull_changes(tables, since, limit,
-                                                                               scopes))
+                                                                               grant))
                 if result["has_more"] or any(change["upserted"] or change["deleted"]
                                              for change in result["changes"].values()):
                     break
         finally:
-            watcher.leave()
+            watcher.leave(waiter)
         return result
 
     def watch(self):
@@ -6122,8 +6348,11 @@ class App:
 
     def metrics_text(self, request):
         """Prometheus metrics; needs METRICS_TOKEN or ADMIN_TOKEN if set, else what /sync* needs."""
-        if self.config.metrics_token is not None or self.config.admin_token is not None:
-            self.auth.require(request, self.config.metrics_token, self.config.admin_token)
+        # with row scopes a device never reads them: they count every store's requests
+        if self.config.metrics_token is not None or self.config.admin_token is not None \
+                or self.config.row_scopes:
+            self.auth.require(request, self.config.metrics_token, self.config.admin_token,
+                              names=("METRICS_TOKEN", "ADMIN_TOKEN"))
         else:
             request.token = self.auth.identify(request)
         pool = getattr(self.db, "pool", None)
@@ -6154,16 +6383,19 @@ class App:
                           status="error") from None
         except SchemaError as error:
             raise Refused("schema_problem", str(error), status="error") from None
-        token = request.token
-        # a device limited to some tables learns nothing of the others, not even their names
-        closed = self.engine.scopes_for(token)[1]
-        shown = [name for name in self.engine.allowed_tables if name not in closed
-                 and (token is None or token.tables is None or name in token.tables)]
+        # a device limited to some tables learns nothing of the others, not even their names; a
+        # scoped one nothing of other stores' writes (the log's head counts them)
+        grant = self.engine.grant_for(request.token)
+        shown = grant.visible
         return 200, {
             "success": True, "status": "ok", "allowed_tables": shown,
             "backend": self.db.name, "server_version": version, "driver": self.db.driver(),
             "version": __version__, "change_capture": self.engine.changelog.capture,
-            "last_seq": head, "tables": {name: schemas[name].describe() for name in shown},
+            "last_seq": None if grant.scoped else head,
+            "scope": {column: list(values) for column, values in grant.scopes.items()}
+            if grant.scopes else None,
+            "tables": {name: dict(schemas[name].describe(), rules=grant.tables[name].rules())
+                       for name in shown},
         }
 
 
@@ -6938,12 +7170,12 @@ MYSQL_LOG_TABLES = (
     "CREATE TABLE IF NOT EXISTS cloudsync_pending (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,"
     " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
     " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
-    " scope VARCHAR(255) NULL, columns TEXT NULL, KEY cloudsync_pending_by_table (table_name))"
+    " scope VARBINARY(1020) NULL, columns TEXT NULL, KEY cloudsync_pending_by_table (table_name))"
     " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
     "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq BIGINT NOT NULL PRIMARY KEY,"
     " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
     " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
-    " scope VARCHAR(255) NULL, columns TEXT NULL,"
+    " scope VARBINARY(1020) NULL, columns TEXT NULL,"
     " KEY cloudsync_changes_by_row (table_name, row_key(255), seq), KEY "
     "cloudsync_changes_by_table (table_name, seq),"
     " KEY cloudsync_changes_by_scope (table_name, scope, seq))"

@@ -75,6 +75,9 @@ class PrivateMariaDB:
             [MARIADBD, "--no-defaults", "--datadir=" + self.data, "--socket=" + os.path.join(self.root, "sock"),
              "--port=%d" % self.port, "--bind-address=127.0.0.1", "--user=root",
              "--pid-file=" + os.path.join(self.root, "pid"), "--log-error=" + os.path.join(self.root, "err.log"),
+             # its own: a server starting removes every #sql* file in its tmpdir, and in a shared
+             # /tmp those are the temporary tables of the other servers' running queries
+             "--tmpdir=" + self.root,
              "--innodb-buffer-pool-size=64M", "--max-connections=400"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60

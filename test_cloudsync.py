@@ -41,6 +41,7 @@ Contents, in the order of the banners below (a test keeps this list true):
   34. Row scopes: each device syncs only its own store's rows
   35. Conflicts that match how shops work: columns, increments, ledgers, rules
   36. Long polls: changes reach every device within a second
+  37. Trust by construction: one grant, values as their column's type, hostile tenants
 """
 
 import argparse
@@ -386,6 +387,18 @@ def _text_schema(quote, key=("store", "id")):
 MYSQL_SCHEMA = _text_schema(cloudsync.quote_mysql)
 SQLITE_SCHEMA = _text_schema(cloudsync.quote_sqlite)
 SINGLE_KEY_SCHEMA = _text_schema(cloudsync.quote_sqlite, key=("id",))
+SINGLE_KEY_SCHEMA.key_sql = "K"
+SQLITE_SCHEMA.key_sql = "K"
+DECIMAL_KEY_SCHEMA = cloudsync.TableSchema("t", "`t`", [cloudsync.Column(
+    "amount", "`amount`", "decimal", "decimal(12,2)", scale=2, param="CAST(? AS DECIMAL(65, 2))")], ["amount"])
+
+
+class _Store7:
+    """A scope as a TableScope gives it: store 7's rows."""
+    where, params, texts = '"store" IN (?)', [7], ("7",)
+
+
+STORE_7 = _Store7()
 
 SQL_BUILDER_CASES = [
     # (builder call, expected sql, expected params)
@@ -395,21 +408,51 @@ SQL_BUILDER_CASES = [
      '("store" = ? AND "id" = ?) OR ("store" = ? AND "id" = ?)', [1, "a", 2, "b"]),
     (lambda: cloudsync.insert_sql(MYSQL_SCHEMA, ["store", "na`me \"x\""]),
      "INSERT INTO `line``s` (`store`, `na``me \"x\"`) VALUES (?, ?)", None),
-    (lambda: cloudsync.update_sql(SQLITE_SCHEMA, {'na`me "x"': "v"}, (1, "a")),
+    (lambda: cloudsync.update_sql(SQLITE_SCHEMA, {'na`me "x"': "v"}, (1, "a"), cloudsync.EVERY_ROW),
      'UPDATE "line`s" SET "na`me ""x""" = ? WHERE "store" = ? AND "id" = ?', ("v", 1, "a")),
-    (lambda: cloudsync.exists_sql(MYSQL_SCHEMA, (1, "a")),
+    (lambda: cloudsync.exists_sql(MYSQL_SCHEMA, (1, "a"), cloudsync.EVERY_ROW),
      "SELECT 1 FROM `line``s` WHERE `store` = ? AND `id` = ?", (1, "a")),
-    (lambda: cloudsync.delete_sql(MYSQL_SCHEMA, (1, "a")),
+    (lambda: cloudsync.delete_sql(MYSQL_SCHEMA, (1, "a"), cloudsync.EVERY_ROW),
      "DELETE FROM `line``s` WHERE `store` = ? AND `id` = ?", (1, "a")),
-    (lambda: cloudsync.first_rows_sql(SQLITE_SCHEMA, 10),
+    (lambda: cloudsync.first_rows_sql(SQLITE_SCHEMA, 10, cloudsync.EVERY_ROW),
      'SELECT "store", "id", "na`me ""x""" FROM "line`s" ORDER BY "store", "id" LIMIT ?', [10]),
-    (lambda: cloudsync.page_sql(SQLITE_SCHEMA, None, 5),
+    (lambda: cloudsync.page_sql(SQLITE_SCHEMA, None, 5, cloudsync.EVERY_ROW),
      'SELECT "store", "id", "na`me ""x""" FROM "line`s" WHERE "store" IS NOT NULL AND "id" IS NOT NULL'
      ' ORDER BY "store", "id" LIMIT ?', [5]),
-    (lambda: cloudsync.page_sql(SQLITE_SCHEMA, (1, "a"), 5),
+    (lambda: cloudsync.page_sql(SQLITE_SCHEMA, (1, "a"), 5, cloudsync.EVERY_ROW),
      'SELECT "store", "id", "na`me ""x""" FROM "line`s" WHERE "store" IS NOT NULL AND "id" IS NOT NULL'
      ' AND (("store" > ?) OR ("store" = ? AND "id" > ?)) ORDER BY "store", "id" LIMIT ?', [1, 1, "a", 5]),
+    # a device's scope goes into every statement that finds rows
+    (lambda: cloudsync.update_sql(SQLITE_SCHEMA, {"id": "b"}, (1, "a"), STORE_7),
+     'UPDATE "line`s" SET "id" = ? WHERE "store" = ? AND "id" = ? AND "store" IN (?)', ("b", 1, "a", 7)),
+    (lambda: cloudsync.delete_sql(MYSQL_SCHEMA, (1, "a"), STORE_7),
+     "DELETE FROM `line``s` WHERE `store` = ? AND `id` = ? AND \"store\" IN (?)", (1, "a", 7)),
+    (lambda: cloudsync.select_keyed_sql(SINGLE_KEY_SCHEMA, [("a",), ("b",)], STORE_7),
+     'SELECT K, "store", "id", "na`me ""x""" FROM "line`s" WHERE ("id" IN (?, ?)) AND "store" IN (?)',
+     ["a", "b", 7]),
+    (lambda: cloudsync.first_rows_sql(SQLITE_SCHEMA, 10, STORE_7),
+     'SELECT "store", "id", "na`me ""x""" FROM "line`s" WHERE "store" IN (?) ORDER BY "store", "id" LIMIT ?',
+     [7, 10]),
+    # a MySQL decimal is compared as an exact decimal, never as the double text would be
+    (lambda: cloudsync.key_where(DECIMAL_KEY_SCHEMA), "`amount` = CAST(? AS DECIMAL(65, 2))", None),
+    (lambda: cloudsync.page_sql(DECIMAL_KEY_SCHEMA, ("1.50",), 5, cloudsync.EVERY_ROW),
+     "SELECT `amount` FROM `t` WHERE `amount` IS NOT NULL AND ((`amount` > CAST(? AS DECIMAL(65, 2))))"
+     " ORDER BY `amount` LIMIT ?", ["1.50", 5]),
 ]
+
+
+@pytest.mark.parametrize("builder", [
+    lambda scope: cloudsync.update_sql(SQLITE_SCHEMA, {"id": "b"}, (1, "a"), scope),
+    lambda scope: cloudsync.delete_sql(SQLITE_SCHEMA, (1, "a"), scope),
+    lambda scope: cloudsync.exists_sql(SQLITE_SCHEMA, (1, "a"), scope),
+    lambda scope: cloudsync.first_rows_sql(SQLITE_SCHEMA, 10, scope),
+    lambda scope: cloudsync.page_sql(SQLITE_SCHEMA, None, 10, scope),
+    lambda scope: cloudsync.select_keyed_sql(SQLITE_SCHEMA, [(1, "a")], scope),
+])
+def test_a_statement_that_finds_rows_needs_a_scope_named(builder):
+    # no default: forgetting the scope is an error, never every row
+    with pytest.raises(AttributeError):
+        builder(None)
 
 
 @pytest.mark.parametrize("build,sql,params", SQL_BUILDER_CASES)
@@ -424,8 +467,10 @@ def test_sql_builder_text(build, sql, params):
 def test_sql_builders_bind_every_value():
     # no value reaches the text: a hostile key stays a parameter
     hostile = ("1; DROP TABLE x", "' OR '1'='1")
-    for sql, params in (cloudsync.update_sql(MYSQL_SCHEMA, {"store": hostile[0]}, hostile),
-                        cloudsync.delete_sql(MYSQL_SCHEMA, hostile), cloudsync.exists_sql(MYSQL_SCHEMA, hostile)):
+    every = cloudsync.EVERY_ROW
+    for sql, params in (cloudsync.update_sql(MYSQL_SCHEMA, {"store": hostile[0]}, hostile, every),
+                        cloudsync.delete_sql(MYSQL_SCHEMA, hostile, every),
+                        cloudsync.exists_sql(MYSQL_SCHEMA, hostile, every)):
         assert "DROP" not in sql and "'" not in sql and sql.count("?") == len(params)
 
 
@@ -833,11 +878,12 @@ def test_rows_encoded_by_mysql_equal_rows_encoded_here(backend):
         schema = app.engine.schemas["kinds"]
         assert schema.json_row is not None
         with app.db.connection() as conn:
-            by_server = json.loads(app.db.rows_as_json(conn, schema, 5000)[0])
-            here = json.loads(cloudsync.to_json_bytes(app.pulls._read_rows(conn, ["kinds"], 5000)["kinds"]))
+            by_server = json.loads(app.db.rows_as_json(conn, schema, 5000, cloudsync.EVERY_ROW)[0])
+            here = json.loads(cloudsync.to_json_bytes(app.pulls._read_rows(conn, ["kinds"], 5000,
+                                                                           app.engine.every_row())["kinds"]))
             assert len(here) == len(values)
             assert by_server == here
-            assert json.loads(app.db.rows_as_json(conn, schema, 2)[0]) == here[:2]
+            assert json.loads(app.db.rows_as_json(conn, schema, 2, cloudsync.EVERY_ROW)[0]) == here[:2]
     finally:
         app.db.close()
 
@@ -1463,7 +1509,7 @@ def test_a_replay_returns_exactly_the_first_outcome(app, backend, with_checkpoin
 
 @pytest.mark.parametrize("settings,message", [
     ({"ALLOWED_TABLES": "sales,cloudsync_meta"}, "cloudsync's own tables"),
-    ({"TOKENS": "till:sha256:abc"}, "TOKENS"),
+    ({"TOKENS": "till sha256:abc"}, "TOKENS"),
     ({"ADMIN_TOKEN": "sha256:0123"}, "ADMIN_TOKEN"),
 ])
 def test_unsafe_settings_stop_the_start(backend, settings, message):
@@ -1665,7 +1711,7 @@ def test_cascade_triggers_follow_the_foreign_keys(cascades, backend):
 
 def test_client_strings_cannot_forge_a_log_line(backend, caplog):
     token = "t" * 40
-    application = started(backend, TOKENS="till:" + token)
+    application = started(backend, TOKENS="till " + token)
     caplog.set_level(logging.INFO)
     forged = "till\n2026-12-01 00:00:00 WARNING cloudsync: forged"
     response = call(application, "POST", "/sync/push", {"device_id": forged, "operations": []},
@@ -2363,7 +2409,8 @@ def test_conflict_seen_while_the_sequencer_numbers_it(app, backend):
         schema = app.engine.schemas["sales"]
         with app.db.connection() as conn:
             since = app.engine.checkpoints.decode(till.checkpoint)["s"]
-            touched = changelog.touched_by_others(conn, schema, {app.db.key_text(schema, ("x",))}, since, "till")
+            touched = changelog.touched_by_others(conn, schema, {app.db.key_text(schema, ("x",))}, since, "till",
+                                                  cloudsync.EVERY_ROW)
     finally:
         del app.db.query
     assert reads and touched == {'["x"]': {"note"}}
@@ -2841,7 +2888,7 @@ def secured(backend, tmp_path):
     tokens_file = tmp_path / "tokens"
     tokens_file.write_text("# device  hash  tables\noffice %s tables=products,sales\n"
                            % cloudsync.hash_token(OFFICE_TOKEN))
-    application = cloudsync.App(backend.config(TOKENS="till-1:" + TILL_TOKEN, TOKENS_FILE=str(tokens_file),
+    application = cloudsync.App(backend.config(TOKENS="till-1 " + TILL_TOKEN, TOKENS_FILE=str(tokens_file),
                                                READ_ONLY_TABLES="products"))
     application.start()
     yield application
@@ -2919,7 +2966,7 @@ def test_open_server_only_on_loopback(backend):
         cloudsync.App(backend.config(HOST="0.0.0.0"))
     assert cloudsync.App(backend.config(HOST="0.0.0.0", AUTH="off")).auth.required is False
     with pytest.raises(cloudsync.ConfigError, match="AUTH=off, but device tokens"):
-        cloudsync.App(backend.config(AUTH="off", TOKENS="a:b"))
+        cloudsync.App(backend.config(AUTH="off", TOKENS="a b"))
     with pytest.raises(cloudsync.ConfigError, match="READ_ONLY_TABLES names nope"):
         backend.config(READ_ONLY_TABLES="nope")
 
@@ -3202,7 +3249,7 @@ def test_metrics_count_requests_operations_and_rows(app):
 
 
 def test_metrics_count_conflicts_replays_and_auth_failures(backend):
-    application = started(backend, TOKENS="till:%s" % TILL_TOKEN)
+    application = started(backend, TOKENS="till %s" % TILL_TOKEN)
     bearer = {"Authorization": "Bearer " + TILL_TOKEN}
     body = {"batch_id": "b1", "operations": [op("insert", id="x")]}
     for _ in range(2):
@@ -3215,13 +3262,13 @@ def test_metrics_count_conflicts_replays_and_auth_failures(backend):
 METRICS_ACCESS = [
     # (settings, header token, status)
     ({}, None, 200),                                               # loopback demo: open like /sync*
-    ({"TOKENS": "till:" + TILL_TOKEN}, None, 401),
-    ({"TOKENS": "till:" + TILL_TOKEN}, TILL_TOKEN, 200),           # protected like the sync endpoints
+    ({"TOKENS": "till " + TILL_TOKEN}, None, 401),
+    ({"TOKENS": "till " + TILL_TOKEN}, TILL_TOKEN, 200),           # protected like the sync endpoints
     ({"METRICS_TOKEN": "scrape"}, None, 401),
     ({"METRICS_TOKEN": "scrape"}, "scrape", 200),
     ({"METRICS_TOKEN": "scrape", "ADMIN_TOKEN": ADMIN}, ADMIN, 200),
     ({"METRICS_TOKEN": "sha256:" + hashlib.sha256(b"scrape").hexdigest()}, "scrape", 200),
-    ({"METRICS_TOKEN": "scrape", "TOKENS": "till:" + TILL_TOKEN}, TILL_TOKEN, 401),
+    ({"METRICS_TOKEN": "scrape", "TOKENS": "till " + TILL_TOKEN}, TILL_TOKEN, 401),
 ]
 
 
@@ -3270,7 +3317,7 @@ def test_device_fleet_counts_pushes_pulls_errors_and_lag(backend):
 
 @pytest.mark.parametrize("settings,token", [({}, ADMIN), ({"ADMIN_TOKEN": ADMIN}, None),
                                             ({"ADMIN_TOKEN": ADMIN}, "wrong"),
-                                            ({"ADMIN_TOKEN": ADMIN, "TOKENS": "till:" + TILL_TOKEN}, TILL_TOKEN)])
+                                            ({"ADMIN_TOKEN": ADMIN, "TOKENS": "till " + TILL_TOKEN}, TILL_TOKEN)])
 def test_device_fleet_needs_the_admin_token(backend, settings, token):
     application = started(backend, **settings)
     headers = {"Authorization": "Bearer " + token} if token else {}
@@ -3332,7 +3379,7 @@ def test_cors_preflight_and_responses(backend, origins, origin, allowed):
 
 
 def test_preflight_needs_no_token(backend):
-    application = started(backend, TOKENS="till:" + TILL_TOKEN, CORS_ORIGINS="https://field.example.com")
+    application = started(backend, TOKENS="till " + TILL_TOKEN, CORS_ORIGINS="https://field.example.com")
     response = call(application, "OPTIONS", "/sync/pull", headers={"Origin": "https://field.example.com"})
     assert response.status == 204 and response.headers["Access-Control-Allow-Origin"] == "https://field.example.com"
 
@@ -3402,7 +3449,7 @@ def test_metrics_method_label_is_bounded(app):
 
 def test_bad_tokens_setting_does_not_echo_the_secret():
     with pytest.raises(cloudsync.ConfigError) as raised:
-        cloudsync.load_config(None, environ={"TOKENS": "till:supersecret-token-value,oops"})
+        cloudsync.load_config(None, environ={"TOKENS": "till supersecret-token-value; oops"})
     assert "supersecret-token-value" not in str(raised.value)
 
 
@@ -3801,7 +3848,7 @@ def test_a_token_naming_a_table_no_longer_allowed_keeps_the_others(backend, tmp_
 
 @pytest.mark.parametrize("setting", ["ADMIN_TOKEN", "METRICS_TOKEN"])
 def test_a_monitoring_token_reads_status_and_metrics(backend, setting):
-    application = started(backend, TOKENS="till:" + TILL_TOKEN, **{setting: ADMIN})
+    application = started(backend, TOKENS="till " + TILL_TOKEN, **{setting: ADMIN})
     assert call(application, "GET", "/sync/status", headers=bearer(ADMIN)).status == 200
     assert call(application, "GET", "/metrics", headers=bearer(ADMIN)).status == 200
     assert call(application, "GET", "/sync/status", headers=bearer("wrong")).status == 401
@@ -3830,7 +3877,7 @@ def test_database_errors_give_the_servers_words_and_the_fix(backend, settings, w
     (["--env-file", "missing.env", "serve"], {}, ["cannot start: the settings file missing.env does not exist"]),
     (["--env-file", "", "serve"], {"PORT": "abc"}, ["cannot start: PORT='abc' is not valid: expected a port number"]),
     (["--env-file", "", "check"], {"THREADS": "many"}, ["check: THREADS='many' is not valid"]),
-    (["--env-file", "", "token", "list"], {"TOKENS": "till:sha256:12"}, ["token: TOKENS=(hidden) is not valid"]),
+    (["--env-file", "", "token", "list"], {"TOKENS": "till sha256:12"}, ["token: TOKENS=(hidden) is not valid"]),
     (["--env-file", "", "migrate"], {"ALLOWED_TABLES": "cloudsync_meta"}, ["migrate: ALLOWED_TABLES="]),
 ])
 def test_bad_settings_are_one_sentence_naming_the_command(tmp_path, arguments, env, words):
@@ -4383,7 +4430,7 @@ def test_client_errors_say_what_is_wrong(server, device, caplog):
 
 
 def test_bearer_token_is_sent_and_a_bad_one_stops_the_sync(tmp_path):
-    server = LiveServer(tmp_path, TOKENS="till-a:secret-a")
+    server = LiveServer(tmp_path, TOKENS="till-a secret-a")
     try:
         good = cloudsync_client.Client(str(tmp_path / "a.db"), server.url, DEMO_TABLES, "till-a", token="secret-a")
         good.insert("sales", {"id": "s1", "total": "1.00"})
@@ -4517,9 +4564,11 @@ SCOPED_SQLITE = [
 ]
 SCOPED_TABLES = "orders,visits,jobs,catalogue,notes,techs"
 ROW_SCOPES = "orders.store_id,visits.region,jobs.tech,notes.store_id"
-SCOPED_TOKENS = ",".join([
-    "till7:t7;store_id=7;region=north;tech=ann", "till8:t8;store_id=8;region=south;tech=bob",
-    "both:tb;store_id=7|8", "office:to;store_id=*;region=*;tech=*", "bare:tn", "cat:tc;tech=cat"])
+SCOPED_TOKENS = "; ".join([
+    "till7 t7 scope.store_id=7 scope.region=north scope.tech=ann",
+    "till8 t8 scope.store_id=8 scope.region=south scope.tech=bob",
+    "both tb scope.store_id=7,8", "office to scope.store_id=* scope.region=* scope.tech=*", "bare tn",
+    "cat tc scope.tech=cat"])
 # token -> the stores (orders.store_id) its device sees; None: every row
 STORES_OF = {"t7": {7}, "t8": {8}, "tb": {7, 8}, "to": None}
 
@@ -4591,9 +4640,9 @@ ROW_SCOPE_CONFIG_ERRORS = [
     ({"ROW_SCOPES": "orders.store_id,orders.note"}, "a table is named twice"),
     ({"CHANGE_CAPTURE": "api"}, "ROW_SCOPES needs CHANGE_CAPTURE=triggers"),
     ({"AUTH": "off", "TOKENS": ""}, "ROW_SCOPES needs device tokens"),
-    ({"TOKENS": "a:b;store_id"}, "is not a scope"),
-    ({"TOKENS": "a:b;store_id=7|*"}, "mixes \\* \\(every row\\) with values"),
-    ({"TOKENS": "a:b;store_id=7;store_id=8"}, "given twice"),
+    ({"TOKENS": "a b scope.store_id"}, "is not one of tables"),
+    ({"TOKENS": "a b scope.store_id=7,*"}, "mixes \\* \\(every row\\) with values"),
+    ({"TOKENS": "a b scope.store_id=7 scope.store_id=8"}, "given twice"),
 ]
 
 
@@ -4933,7 +4982,7 @@ def test_the_reference_client_works_with_scopes_unchanged(tmp_path):
         conn.executemany("INSERT INTO orders (id, store_id, note) VALUES (?, ?, ?)",
                          [(1, 7, "mine"), (2, 8, "theirs"), (3, 7, "mine too")])
     server = LiveServer(tmp_path, DB_PATH=str(db), ALLOWED_TABLES="orders,catalogue", ROW_SCOPES="orders.store_id",
-                        TOKENS="till7:t7;store_id=7,till8:t8;store_id=8")
+                        TOKENS="till7 t7 scope.store_id=7; till8 t8 scope.store_id=8")
     tables = {"orders": (["id", "store_id", "total", "note"], ["id"])}
     try:
         till7 = cloudsync_client.Client(str(tmp_path / "7.db"), server.url, tables, "till7", token="t7")
@@ -5665,11 +5714,11 @@ def test_the_server_adds_a_thread_for_each_waiting_pull_or_starts_with_them(back
         return len(dispatcher.threads) - dispatcher.stop_count
     try:
         assert running() == (2 if resizable else 5)
-        assert application.watcher.enter() and application.watcher.enter()
+        assert application.watcher.enter("till-1") and application.watcher.enter("till-2")
         assert running() == (4 if resizable else 5)
-        application.watcher.leave()
+        application.watcher.leave("till-1")
         assert running() == (3 if resizable else 5)
-        application.watcher.leave()
+        application.watcher.leave("till-2")
     finally:
         dispatcher.shutdown(timeout=5)
         server.close()
@@ -5679,3 +5728,578 @@ def test_the_server_adds_a_thread_for_each_waiting_pull_or_starts_with_them(back
 def test_against_benchmark_smoke_run(mysql_server):
     out = _bench("--against", os.path.join(HERE, "cloudsync.py"), "--smoke", "--load", "python")
     assert re.search(r"\| status \(req/s\), this / \S+ \(medians of 1\) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|", out), out
+
+
+# ---------------------------------------------------------------------------
+# Trust by construction: one grant, values as their column's type, hostile tenants
+# ---------------------------------------------------------------------------
+# A scoped till with a valid token tries every path to another store's rows,
+# and a careless client sends every JSON type in every field. The grant built
+# for each request decides every operation (Grant.decide), every statement
+# carries its scope, and every value is turned into its column's type before
+# it meets SQL (bind_value).
+
+TEXT_KEY_IDS = ["abc", "0", "0abc", "1", "x 1", "00"]
+
+
+@pytest.mark.parametrize("sent,survivors", [
+    (0, ["abc", "0abc", "1", "x 1", "00"]),             # MySQL compared 'abc' = 0 as numbers: every row
+    (1, ["abc", "0", "0abc", "x 1", "00"]),
+    (True, ["abc", "0", "0abc", "x 1", "00"]),          # a boolean is the 1 the database stored for it
+    ("0", ["abc", "0abc", "1", "x 1", "00"]),
+    (-0.0, TEXT_KEY_IDS[:]),                            # "-0.0" names no row
+])
+def test_a_number_sent_for_a_text_key_names_only_the_row_with_that_text(app, backend, sent, survivors):
+    for key in TEXT_KEY_IDS:
+        backend.sql("INSERT INTO sales (id, total) VALUES (?, 1)", (key,))
+    response = push(app, [op("delete", id=sent)])
+    assert response.status == 200, response.body
+    assert sorted(row[0] for row in backend.sql("SELECT id FROM sales")) == sorted(survivors)
+
+
+def test_a_number_for_a_text_key_updates_only_its_row(app, backend):
+    for key in TEXT_KEY_IDS:
+        backend.sql("INSERT INTO sales (id, total) VALUES (?, 1)", (key,))
+    assert push(app, [op("update", id=0, note="hit")]).status == 200
+    assert push(app, [op("upsert", id=0, note="hit again")]).status == 200
+    assert dict(backend.sql("SELECT id, note FROM sales WHERE note IS NOT NULL")) == {"0": "hit again"}
+
+
+def test_text_that_is_no_number_never_matches_a_decimal_key(backend):
+    backend.sql("CREATE TABLE prices (amount DECIMAL(14,2) PRIMARY KEY, label VARCHAR(10))")
+    for amount in ("0.00", "1.50", "12345678901.25"):
+        backend.sql("INSERT INTO prices VALUES (?, 'x')", (amount,))
+    application = started(backend, ALLOWED_TABLES="prices")
+    try:
+        for sent in ("abc", "", "1.5abc", [1], {"a": 1}):
+            response = push(application, [op("delete", "prices", amount=sent)])
+            assert response.status == 400 and response.json["error"] == "Invalid value", (sent, response.body)
+        # exact: 12345678901.25 is not the double it would be compared as
+        assert push(application, [op("delete", "prices", amount="12345678901.250000001")]).status == 400
+        assert push(application, [op("delete", "prices", amount="1.5")]).status == 200
+        assert sorted(cloudsync.decimal.Decimal(str(row[0])) for row in backend.sql("SELECT amount FROM prices")) \
+            == [0, cloudsync.decimal.Decimal("12345678901.25")]
+    finally:
+        application.db.close()
+
+
+@pytest.mark.parametrize("sent", ["2026-13-45x", "abc", "", 20261126, "26/11/2026"])
+def test_text_that_is_no_date_never_meets_a_mysql_date_key(backend, sent):
+    if backend.kind != "mysql":
+        pytest.skip("MySQL only: SQLite compares text with text")
+    backend.sql("CREATE TABLE days (day DATE PRIMARY KEY, note VARCHAR(10))")
+    backend.sql("INSERT INTO days VALUES ('0000-00-00', 'zero'), ('2026-11-26', 'day')")
+    application = started(backend, ALLOWED_TABLES="days")
+    try:
+        response = push(application, [op("delete", "days", day=sent)])
+        assert response.status == 400 and response.json["error"] == "Invalid value"
+        assert len(backend.sql("SELECT * FROM days")) == 2
+    finally:
+        application.db.close()
+
+
+# Every JSON type a client could send as a key: none may change a row it does not name.
+HOSTILE_KEYS = [0, 1, -1, 2 ** 70, True, False, None, "", " ", "0", "1", "1.0", "abc", "ABC", "abc ",
+                [1], {"a": 1}, 1.5, 0.0, -0.0, 10.0, 1e-10]
+KEY_TABLE_ACTIONS = ("update", "delete", "upsert", "increment")
+
+
+def _key_table_cases():
+    cases = []
+    for kind in ("sqlite", "mysql"):
+        for name, column_type, values, keyable in (MYSQL_TYPES if kind == "mysql" else SQLITE_TYPES):
+            if keyable:
+                cases.append(pytest.param(kind, name, column_type, values, id="%s-%s" % (kind, name)))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def key_tables(request, tmp_path_factory):
+    """Per backend, made on first use: a database with a table per key type, and its app."""
+    made = {}
+
+    def make(kind):
+        if kind not in made:
+            types = [(name, column_type) for name, column_type, _, keyable in
+                     (MYSQL_TYPES if kind == "mysql" else SQLITE_TYPES) if keyable]
+            suffix = " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4" if kind == "mysql" else ""
+            backend = _fresh_database(kind, ["CREATE TABLE kt_%s (k %s NOT NULL PRIMARY KEY, n INT, note %s)%s"
+                                              % (name, column_type, "VARCHAR(20)" if kind == "mysql" else "TEXT",
+                                                 suffix) for name, column_type in types],
+                                      tmp_path_factory.mktemp("keys"), request)
+            application = cloudsync.App(backend.config(ALLOWED_TABLES=",".join("kt_" + name for name, _ in types)))
+            application.start()
+            made[kind] = (application, backend)
+        return made[kind]
+    yield make
+    for application, backend in made.values():
+        application.db.close()
+        backend.close()
+
+
+@pytest.mark.parametrize("kind,name,column_type,values", _key_table_cases())
+def test_a_key_of_any_json_type_changes_at_most_the_row_it_names(key_tables, kind, name, column_type, values):
+    application, backend = key_tables(kind)
+    table = "kt_" + name
+    backend.sql("DELETE FROM %s" % table)
+    rows = [{"k": pushed, "n": 1, "note": "row%d" % position} for position, (pushed, _) in enumerate(values)]
+    assert push(application, [op("insert", table, **row) for row in rows]).status == 200
+    before = _stored(backend, table)
+    for action in KEY_TABLE_ACTIONS:
+        for sent in HOSTILE_KEYS:
+            data = {"k": sent, "n": 5} if action in ("increment", "update") else {"k": sent, "note": "hit"}
+            if action == "delete":
+                data = {"k": sent}
+            response = push(application, [op(action, table, **data)], batch_id=str(uuid.uuid4()))
+            assert response.status < 500, response.body
+            after = _stored(backend, table)
+            if action == "upsert" and response.status == 200 and len(after) == len(before) + 1:
+                # a key no row holds: the upsert inserted it; nothing else moved
+                assert set(before) <= set(after), (action, sent)
+            else:
+                changed = set(before) ^ set(after)
+                assert len(set(before) - set(after)) <= 1, (action, sent, changed)
+                if not isinstance(sent, (str, int, float)) or sent is None:
+                    assert not changed, (action, sent, response.body)
+            # put the rows back as they were for the next key
+            backend.sql("DELETE FROM %s" % table)
+            assert push(application, [op("insert", table, **row) for row in rows]).status == 200
+            assert _stored(backend, table) == before
+
+
+# -- a scoped till against another store ----------------------------------------------
+
+HOSTILE_SQLITE = [
+    "CREATE TABLE orders (id TEXT PRIMARY KEY, store_id INTEGER NOT NULL, qty INTEGER, price DECIMAL(10,2),"
+    " note TEXT)",
+    "CREATE INDEX orders_by_store ON orders (store_id)",
+    "CREATE TABLE ledger (id TEXT PRIMARY KEY, region TEXT NOT NULL, amount INTEGER, note TEXT)",
+    "CREATE INDEX ledger_by_region ON ledger (region)",
+    "CREATE TABLE catalog (id INTEGER PRIMARY KEY, name TEXT)",
+]
+HOSTILE_MYSQL = [
+    "CREATE TABLE orders (id VARCHAR(20) PRIMARY KEY, store_id INT NOT NULL, qty INT, price DECIMAL(10,2),"
+    " note VARCHAR(60), KEY orders_by_store (store_id)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE ledger (id VARCHAR(20) PRIMARY KEY, region VARCHAR(20) NOT NULL, amount INT, note VARCHAR(60),"
+    " KEY ledger_by_region (region)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE catalog (id INT PRIMARY KEY, name VARCHAR(60)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+]
+HOSTILE_SETTINGS = dict(ALLOWED_TABLES="orders,ledger,catalog", ROW_SCOPES="orders.store_id,ledger.region",
+                        READ_ONLY_COLUMNS="orders.price", INSERT_ONLY_TABLES="ledger", READ_ONLY_TABLES="catalog",
+                        TOKENS="till t7 scope.store_id=7 scope.region=north; office to scope.store_id=* "
+                               "scope.region=*")
+MY_STORE, MY_REGION = 7, "north"
+OTHER_STORES = [8, 70, -7, 0]
+OTHER_REGIONS = ["north ", "North", "south", "nort", ""]
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def hostile(request, tmp_path):
+    """A shop chain's tables and an app with a till of store 7 (region north) and the office."""
+    backend = _fresh_database(request.param, HOSTILE_SQLITE if request.param == "sqlite" else HOSTILE_MYSQL,
+                              tmp_path, request)
+    application = started(backend, **HOSTILE_SETTINGS)
+    yield application, backend
+    application.db.close()
+    backend.close()
+
+
+def _mine(table, row):
+    """Whether a row (as the database holds it) is in the till's scope, byte for byte."""
+    return row[1] == (MY_STORE if table == "orders" else MY_REGION)
+
+
+def _others(backend):
+    """Every row the till may not touch: other stores' and regions', and the whole catalog."""
+    rows = {}
+    for table in ("orders", "ledger", "catalog"):
+        for row in backend.sql("SELECT * FROM %s" % table):
+            if table == "catalog" or not _mine(table, row):
+                rows[table, row[0]] = tuple(row)
+    return rows
+
+
+def test_an_increment_of_the_scope_column_cannot_move_a_row_to_another_store(hostile):
+    application, backend = hostile
+    backend.sql("INSERT INTO orders (id, store_id, qty) VALUES ('o1', 7, 1)")
+    for added in (1, -7, 0, "1"):
+        response = spush(application, "t7", [op("increment", "orders", id="o1", store_id=added)],
+                         batch_id=str(uuid.uuid4()))
+        assert response.status == 403 and response.json["error"] == "Out of scope", response.body
+    assert backend.sql("SELECT store_id, qty FROM orders") == [(7, 1)]
+    # an update doing the same was always refused; an increment of another column is fine
+    assert spush(application, "t7", [op("update", "orders", id="o1", store_id=8)]).status == 403
+    assert spush(application, "t7", [op("increment", "orders", id="o1", qty=2)], batch_id="b").status == 200
+    assert backend.sql("SELECT store_id, qty FROM orders") == [(7, 3)]
+
+
+def test_a_region_with_a_trailing_space_or_another_case_is_another_store(hostile):
+    application, backend = hostile
+    _, _, since = sync_to_end(application, "t7", ["ledger"])
+    for number, region in enumerate(("north ", "North", "north")):
+        backend.sql("INSERT INTO ledger (id, region, amount) VALUES (?, ?, 1)", ("l%d" % number, region))
+    backend.sql("DELETE FROM ledger")
+    upserted, deleted, _ = sync_to_end(application, "t7", ["ledger"], since)
+    # the till hears only of its own region's row, never the key of 'north ' or 'North'
+    assert deleted["ledger"] == ["l2"] and upserted["ledger"] == {}
+
+
+def _answers_of(application, token, operations, **fields):
+    response = spush(application, token, operations, **fields)
+    return response.status, {key: value for key, value in response.json.items() if key != "detail"}
+
+
+def test_another_stores_changed_row_is_answered_as_a_key_nobody_holds(hostile):
+    application, backend = hostile
+    backend.sql("INSERT INTO orders (id, store_id, qty, note) VALUES ('theirs', 8, 1, 'secret')")
+    _, _, checkpoint = sync_to_end(application, "t7", ["orders"])
+    backend.sql("UPDATE orders SET qty = 2, note = 'secret 2' WHERE id = 'theirs'")     # changed since
+    for action, data in (("delete", {}), ("update", {"qty": 5}), ("upsert", {"qty": 5})):
+        for on_conflict in ("abort", "skip"):
+            answers = [_answers_of(application, "t7", [op(action, "orders", id=key, **data)],
+                                   checkpoint=checkpoint, on_conflict=on_conflict)
+                       for key in ("theirs", "nobody-has-it")]
+            shown = json.dumps(answers)
+            assert "secret" not in shown
+            theirs, nobodys = answers
+            if action != "upsert":
+                assert theirs == (nobodys[0], json.loads(json.dumps(nobodys[1]).replace("nobody-has-it", "theirs")))
+    assert backend.sql("SELECT qty, note FROM orders WHERE id = 'theirs'") == [(2, "secret 2")]
+
+
+def test_a_scoped_device_cannot_tell_whether_other_stores_are_busy(hostile):
+    application, backend = hostile
+    backend.sql("INSERT INTO orders (id, store_id, qty) VALUES ('mine', 7, 1), ('theirs', 8, 1)")
+    seen = []
+    for step in range(3):
+        status = call(application, "GET", "/sync/status", headers=as_device("t7"))
+        seed = spull(application, "t7", tables=["orders", "ledger"])
+        seen.append((status.json, seed.headers.get("ETag"), seed.body))
+        # another store works
+        backend.sql("INSERT INTO orders (id, store_id, qty) VALUES (?, 8, 1)", ("other-%d" % step,))
+        backend.sql("UPDATE orders SET qty = qty + 1 WHERE id = 'theirs'")
+        spush(application, "to", [op("insert", "orders", id="office-%d" % step, store_id=9)])
+        # a device unaware of the others finds the same answers, its seed pull still current (304)
+        again = spull(application, "t7", tables=["orders", "ledger"])
+        assert call(application, "POST", "/sync/pull", {"tables": ["orders", "ledger"]},
+                    headers=dict(as_device("t7"), **{"If-None-Match": again.headers["ETag"]})).status == 304
+    assert all(entry == seen[0] for entry in seen), seen
+    assert seen[0][0]["last_seq"] is None and seen[0][0]["scope"] == {"store_id": ["7"], "region": ["north"]}
+
+
+STATUS_RULES = {
+    "orders": {"read_only": False, "insert_only": False, "read_only_columns": ["price"],
+               "actions": ["insert", "update", "delete", "upsert", "increment"]},
+    "ledger": {"read_only": False, "insert_only": True, "read_only_columns": [], "actions": ["insert"]},
+    "catalog": {"read_only": True, "insert_only": False, "read_only_columns": [], "actions": []},
+}
+
+
+def test_status_tells_a_device_its_scope_and_each_tables_rules(hostile):
+    application, _ = hostile
+    status = call(application, "GET", "/sync/status", headers=as_device("t7")).json
+    assert {name: table["rules"] for name, table in status["tables"].items()} == STATUS_RULES
+    office = call(application, "GET", "/sync/status", headers=as_device("to")).json
+    assert office["scope"] == {"store_id": ["*"], "region": ["*"]} and isinstance(office["last_seq"], int)
+
+
+def test_a_device_limited_to_some_tables_learns_nothing_of_the_others(backend):
+    application = started(backend, TOKENS="till t1 tables=sales")
+    try:
+        probes = {}
+        for table in ("products", "no_such_table", "cloudsync_meta", "item_sales"):
+            for data in ({"id": "x"}, {"no_column": 1}, {}, {"quantity": "a lot"}):
+                response = call(application, "POST", "/sync/push", {"operations": [op("update", table, **data)]},
+                                headers=as_device("t1"))
+                answer = response.json
+                probes.setdefault((json.dumps(data)), set()).add(
+                    (response.status, answer["error"], answer["detail"].replace(json.dumps(table), "T")))
+            response = call(application, "POST", "/sync/pull", {"tables": [table]}, headers=as_device("t1"))
+            probes.setdefault("pull", set()).add(
+                (response.status, response.json["error"], response.json["detail"].replace(json.dumps(table), "T")))
+        assert all(len(answers) == 1 for answers in probes.values()), probes
+        status = call(application, "GET", "/sync/status", headers=as_device("t1")).json
+        assert status["allowed_tables"] == ["sales"] and list(status["tables"]) == ["sales"]
+    finally:
+        application.db.close()
+
+
+def test_one_device_cannot_take_every_long_poll_slot(backend):
+    application = started(backend, TOKENS="a ta; b tb", LONGPOLL_MAX_WAITERS="10")
+    watcher = application.watcher
+    try:
+        taken = sum(watcher.enter("a") for _ in range(10))
+        assert taken == cloudsync.LONGPOLL_WAITERS_PER_DEVICE
+        assert watcher.enter("b")                    # another device still waits
+    finally:
+        for _ in range(taken):
+            watcher.leave("a")
+        watcher.leave("b")
+        application.db.close()
+
+
+# Every field of a push and a pull, and the JSON types a careless client sends there.
+CARELESS_VALUES = [[], ["insert"], {}, {"a": 1}, True, None, 10 ** 30, -1, 1.5, "", "x" * 300]
+PUSH_FIELD_PATHS = ["device_id", "batch_id", "checkpoint", "on_conflict", "conflict_level", "on_reject",
+                    "operations", "operations.0", "operations.0.table", "operations.0.action", "operations.0.data",
+                    "operations.0.data.id", "operations.0.data.total", "operations.0.data.note"]
+PULL_FIELD_PATHS = ["device_id", "tables", "tables.0", "since", "limit", "wait"]
+
+
+def _with_value(body, path, value):
+    body = json.loads(json.dumps(body))
+    target, *rest = path.split(".")
+    holder = body
+    for part in path.split(".")[:-1]:
+        holder = holder[int(part)] if isinstance(holder, list) else holder[part]
+    last = path.split(".")[-1]
+    if isinstance(holder, list):
+        holder[int(last)] = value
+    else:
+        holder[last] = value
+    return body
+
+
+@pytest.mark.parametrize("route,path", [("/sync/push", path) for path in PUSH_FIELD_PATHS]
+                         + [("/sync/pull", path) for path in PULL_FIELD_PATHS])
+def test_every_json_type_in_every_field_is_answered_4xx_or_done_never_5xx(app, backend, route, path):
+    base = {"device_id": "till", "batch_id": None, "operations": [op("insert", id="s1", total="1.00", note="n")]} \
+        if route == "/sync/push" else {"device_id": "till", "tables": ["sales"], "since": None, "limit": 10}
+    for value in CARELESS_VALUES:
+        body = _with_value(base, path, value)
+        before = backend.rows("sales")
+        response = call(app, "POST", route, body)
+        assert response.status < 500, (path, value, response.body)
+        if response.status >= 400:
+            assert response.json["success"] is False and response.json["error"]
+            assert backend.rows("sales") == before, (path, value)
+        backend.sql("DELETE FROM sales")
+
+
+def test_a_number_of_thousands_of_digits_is_refused_in_plain_words(app):
+    response = call(app, "POST", "/sync/push", raw=b'{"operations": [{"table": "sales", "action": "insert",'
+                                                   b' "data": {"id": ' + b"9" * 5000 + b'}}]}')
+    assert response.status == 400 and "thousands of digits" in response.json["detail"]
+    assert "set_int_max_str_digits" not in response.body.decode()
+
+
+def test_the_tokens_setting_is_written_as_the_tokens_file_is(tmp_path):
+    line = "till-07 sha256:%s tables=sales,products scope.store_id=7,8" % ("ab" * 32)
+    (tmp_path / "tokens").write_text(line + "\n")
+    from_file, = cloudsync.read_tokens_file(str(tmp_path / "tokens"))
+    from_setting, other = cloudsync.load_config(None, environ={"TOKENS": line + "; office secret"}).tokens
+    assert (from_file.device_id, from_file.digest, from_file.tables, from_file.scopes) == \
+        (from_setting.device_id, from_setting.digest, from_setting.tables, from_setting.scopes)
+    assert other.device_id == "office" and other.scopes == {}
+
+
+def test_a_body_framed_both_by_length_and_as_chunked_is_refused_and_the_connection_closed(tmp_path):
+    server = LiveServer(tmp_path)
+    try:
+        body = b'{"tables": ["sales"]}'
+        smuggled = b"GET /sync/status HTTP/1.1\r\nHost: x\r\n\r\n"
+        chunk = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        request = (b"POST /sync/pull HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(chunk)) + chunk + smuggled
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(request)
+            received = b""
+            while True:
+                piece = sock.recv(65536)
+                if not piece:
+                    break                            # the server closed the connection
+                received += piece
+        assert received.startswith(b"HTTP/1.1 400"), received[:200]
+        assert received.count(b"HTTP/1.1") == 1      # the bytes after it were not read as a request
+        assert b"Content-Length and Transfer-Encoding" in received
+    finally:
+        server.stop()
+
+
+# The hostile tenant as a property: a till of store 7 (region north) sends random operations of
+# every action, with keys and values of every JSON type, other stores' keys, and text that
+# differs only by a trailing space or its case, while the office writes in every store.
+
+HOSTILE_SCOPE_VALUES = [MY_STORE, "7", 7.0, True, None, [7]] + OTHER_STORES + ["8"]
+HOSTILE_REGION_VALUES = [MY_REGION, None, 7, ["north"]] + OTHER_REGIONS
+HOSTILE_NUMBERS = [1, -2, "3", "x", None, True, [1], {"n": 1}, 10 ** 30, 2.5]
+
+
+def _hostile_key(data, backend, table):
+    known = [row[0] for row in backend.sql("SELECT id FROM %s" % table)]
+    hostile = ["new-%d" % data.draw(st.integers(0, 5)), 0, 1, True, None, [1], {"id": 1}, "", " "]
+    key = data.draw(st.sampled_from(known if known and data.draw(st.booleans()) else hostile + known))
+    if isinstance(key, str) and key and data.draw(st.booleans()):
+        key = data.draw(st.sampled_from([key.upper(), key + " ", " " + key, key.lower()]))
+    return key
+
+
+def _hostile_operation(data, backend):
+    table = data.draw(st.sampled_from(["orders", "ledger", "catalog", "orders"]))
+    action = data.draw(st.sampled_from(["update", "delete", "insert", "increment", "upsert"]))
+    payload = {"id": _hostile_key(data, backend, table)}
+    if table == "orders":
+        for column, pool in (("store_id", HOSTILE_SCOPE_VALUES), ("qty", HOSTILE_NUMBERS),
+                             ("price", ["9.99", 1]), ("note", ["mine", "x" * 3])):
+            if data.draw(st.booleans()):
+                payload[column] = data.draw(st.sampled_from(pool))
+    elif table == "ledger":
+        for column, pool in (("region", HOSTILE_REGION_VALUES), ("amount", HOSTILE_NUMBERS)):
+            if data.draw(st.booleans()):
+                payload[column] = data.draw(st.sampled_from(pool))
+    elif data.draw(st.booleans()):
+        payload["name"] = "changed"
+    return op(action, table, **payload)
+
+
+def _office_write(data, backend, counter):
+    table = data.draw(st.sampled_from(["orders", "ledger", "catalog"]))
+    marker = "@M%d@" % counter
+    kind = data.draw(st.sampled_from(["insert", "insert", "update", "move", "delete"]))
+    keys = [row[0] for row in backend.sql("SELECT id FROM %s" % table)]
+    if kind != "insert" and not keys:
+        kind = "insert"
+    if table == "catalog":
+        if kind == "insert":
+            backend.sql("INSERT INTO catalog (id, name) VALUES (?, ?)", (counter, marker))
+        elif kind == "delete":
+            backend.sql("DELETE FROM catalog WHERE id = ?", (data.draw(st.sampled_from(keys)),))
+        else:
+            backend.sql("UPDATE catalog SET name = ? WHERE id = ?", (marker, data.draw(st.sampled_from(keys))))
+        return
+    scope_column, values = ("store_id", [MY_STORE] + OTHER_STORES) if table == "orders" \
+        else ("region", [MY_REGION] + OTHER_REGIONS)
+    amount = "qty" if table == "orders" else "amount"
+    if kind == "insert":
+        # half of the office's rows are the till's own: those it may touch, and must not overreach from
+        mine = data.draw(st.booleans())
+        backend.sql("INSERT INTO %s (id, %s, %s, note) VALUES (?, ?, 1, ?)" % (table, scope_column, amount),
+                    ("k%d" % counter, values[0] if mine else data.draw(st.sampled_from(values[1:])), marker))
+    elif kind == "delete":
+        backend.sql("DELETE FROM %s WHERE id = ?" % table, (data.draw(st.sampled_from(keys)),))
+    elif kind == "move":
+        backend.sql("UPDATE %s SET %s = ?, note = ? WHERE id = ?" % (table, scope_column),
+                    (data.draw(st.sampled_from(values)), marker, data.draw(st.sampled_from(keys))))
+    else:
+        backend.sql("UPDATE %s SET %s = %s + 1, note = ? WHERE id = ?" % (table, amount, amount),
+                    (marker, data.draw(st.sampled_from(keys))))
+
+
+class _HostileWatch:
+    """What the till may ever learn: keys and office markers of rows that were in its scope."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.keys = {"orders": set(), "ledger": set(), "catalog": set()}
+        self.markers = set()
+
+    def note_mine(self):
+        for table in ("orders", "ledger", "catalog"):
+            for row in self.backend.sql("SELECT * FROM %s" % table):
+                if table == "catalog" or _mine(table, row):
+                    self.keys[table].add(row[0])
+                    self.markers.update(str(value) for value in row if str(value).startswith("@M"))
+
+    def check_answer(self, body, all_markers):
+        text = body.decode("utf-8")
+        leaked = [marker for marker in all_markers - self.markers if marker in text]
+        assert not leaked, (leaked, text[:500])
+
+
+def _hostile_pull(application, watch, copy, since, all_markers):
+    while True:
+        response = spull(application, "t7", tables=["orders", "ledger", "catalog"], since=since, limit=3)
+        assert response.status in (200, 410), response.body
+        watch.check_answer(response.body, all_markers)
+        if response.status == 410:
+            copy.clear()
+            since = None
+            continue
+        for table, change in response.json["changes"].items():
+            for row in change["upserted"]:
+                if table != "catalog":
+                    assert (row["store_id"] == MY_STORE) if table == "orders" else (row["region"] == MY_REGION), row
+                copy[table, row["id"]] = row
+            for key in change["deleted"]:
+                assert key in watch.keys[table], (table, key)
+                copy.pop((table, key), None)
+        since = response.json["checkpoint"]
+        if not response.json["has_more"]:
+            return since
+
+
+def _server_scope(backend):
+    rows = {}
+    for table, columns in (("orders", ("id", "store_id", "qty", "note")), ("ledger", ("id", "region", "amount", "note")),
+                           ("catalog", ("id", "name"))):
+        for row in backend.sql("SELECT %s FROM %s" % (", ".join(columns), table)):
+            if table == "catalog" or _mine(table, row):
+                rows[table, row[0]] = dict(zip(columns, row))
+    return rows
+
+
+def _hostile_run(application, backend, data, steps):
+    """One history; assertion errors are the property failing."""
+    for table in ("orders", "ledger", "catalog"):
+        backend.sql("DELETE FROM %s" % table)
+    watch = _HostileWatch(backend)
+    copy, since, counter, markers = {}, None, 0, set()
+    for _ in range(steps):
+        counter += 1
+        if data.draw(st.booleans()):
+            _office_write(data, backend, counter)
+            markers.add("@M%d@" % counter)
+            watch.note_mine()
+            continue
+        operations = [_hostile_operation(data, backend) for _ in range(data.draw(st.sampled_from([1, 1, 2, 3])))]
+        others = _others(backend)
+        prices = dict(backend.sql("SELECT id, price FROM orders"))
+        ledger = {row[0]: tuple(row) for row in backend.sql("SELECT * FROM ledger")}
+        fields = {"batch_id": str(uuid.uuid4()), "on_conflict": data.draw(st.sampled_from(["abort", "skip"]))}
+        if since is not None and data.draw(st.booleans()):
+            fields["checkpoint"] = since
+        response = spush(application, "t7", operations, **fields)
+        assert response.status < 500, response.body
+        watch.check_answer(response.body, markers)
+        for conflict in response.json.get("conflicts") or []:
+            row = conflict["server_row"]
+            assert row is None or row.get("store_id", MY_STORE) == MY_STORE, conflict
+        assert _others(backend) == others, operations                    # no other store's row changed
+        after = dict(backend.sql("SELECT id, price FROM orders"))
+        assert all(after[key] == price for key, price in prices.items() if key in after), \
+            operations                                                  # nor a read-only column
+        assert {key: row for key, row in ((row[0], tuple(row)) for row in backend.sql("SELECT * FROM ledger"))
+                if key in ledger} == ledger, operations                 # nor a row of the insert-only table
+        watch.note_mine()
+        since = _hostile_pull(application, watch, copy, since, markers)
+        status = call(application, "GET", "/sync/status", headers=as_device("t7"))
+        watch.check_answer(status.body, markers)
+    since = _hostile_pull(application, watch, copy, since, markers)
+    server = _server_scope(backend)
+    assert sorted(copy) == sorted(server)
+    for key, row in server.items():
+        assert {name: copy[key][name] for name in row} == row, key
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_property_a_hostile_scoped_device_never_reaches_another_store(hostile, data):
+    application, backend = hostile
+    _hostile_run(application, backend, data, steps=12)
+
+
+@pytest.mark.parametrize("removed", [check.__name__ for check in cloudsync.DECISIONS])
+def test_without_any_one_decision_the_hostile_property_fails(hostile, monkeypatch, removed):
+    # each check of Grant.decide is needed: without it, the property finds a way past
+    application, backend = hostile
+    monkeypatch.setattr(cloudsync, "DECISIONS", tuple(check for check in cloudsync.DECISIONS
+                                                      if check.__name__ != removed))
+    from hypothesis import Phase
+
+    @settings(max_examples=400, deadline=None, phases=[Phase.generate], database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def run(data):
+        _hostile_run(application, backend, data, steps=16)
+    with pytest.raises(AssertionError):
+        run()
