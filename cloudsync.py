@@ -4,55 +4,73 @@
 Devices (tills, scanners, field apps) push batches of row operations and pull
 rows back, over HTTP/JSON, against one MySQL/MariaDB or SQLite database.
 
-What this service guarantees:
-- Only tables named in ALLOWED_TABLES, and only columns that exist in them
-  (read from the database schema), ever reach SQL; every value is bound.
-- A push is applied in one database transaction: all of it or none of it.
-- Requests of the original Node.js service keep working unchanged: same
-  paths, same request fields, same response fields (fields are only added).
-- An error is always a JSON body with ``success: false``, an ``error`` and,
-  where it helps, a ``detail``; never SQL, a traceback or a password.
+What this service guarantees, and the one place each is enforced:
+- Only a device with a valid token calls /sync* (Authenticator.identify;
+  presented_digest is the one reading of the Authorization header).
+- A request reads and writes only what its grant holds: its tables, its
+  actions, its columns, its rows (Grant, one per token: SyncEngine.grant_for).
+  Grant.decide allows or refuses every push operation, judging the row as it
+  will be after it; every statement that finds rows carries the grant's scope
+  (the SQL builders take one, never by default); a table outside the grant
+  does not exist for the request. With ROW_SCOPES a device reads, writes and
+  hears of only its scope's rows; a row that leaves it arrives as a delete.
+- Every value a client sends becomes its column's type before it meets SQL,
+  or is refused (bind_value, under Binding); every value is bound (the SQL
+  builders write ?, the database classes bind it), and only tables in
+  ALLOWED_TABLES and columns the database's catalogue lists reach SQL, quoted
+  (Column, TableSchema, from Database.introspect).
+- A checkpoint is one this server issued, for this database (Checkpoints:
+  HMAC-SHA256 with a key kept in the database).
+- A push is applied in one database transaction: all of it or none of it
+  (Pushes._push); retried with its batch id, it is applied once
+  (ChangeLog.claim_batch inside that transaction); with the device's
+  checkpoint it never overwrites silently (Pushes._conflicts: column by
+  column, an increment never).
 - Every change to an allowed table, by cloudsync or any other program, is in
   the change log, numbered in commit order; a device that follows the pull
-  loop from its checkpoint never misses one.
-- A push retried with its batch id is applied once; a push never conflicts
-  silently when it carries the device's checkpoint (column by column: an
-  update conflicts only on a column someone else changed; an increment never).
-- With ROW_SCOPES, a device reads, writes and hears of only the rows of its
-  token's scope; a row that leaves the scope reaches it as a delete.
+  loop from its checkpoint never misses one (Change capture: the triggers,
+  ChangeLog.sequence_in_transaction).
+- An error is always a JSON body with ``success: false``, an ``error`` and,
+  where it helps, a ``detail``; never SQL, a traceback or a password (App.__call__
+  and _answer, from the one catalogue REFUSALS).
+- Requests of the original Node.js service keep working unchanged: same
+  paths, same request fields, same response fields (fields are only added).
 
 How to read it. The module reads top to bottom in sections, each under a
-banner: Constants, Errors, .env parser, Logs, Authentication, Configuration,
-Identifiers and values, SQL builders, Private APIs (each with its public
-fallback), Database layer, Change capture, Checkpoints, Sync engine, Push,
-Pull, Long polls, Operations (metrics, device fleet), HTTP application,
-Command line,
-and the data at the end (cloudsync's own tables, metric help, OpenAPI). A
-definition uses what is below it in its section or in an earlier section;
-only the data at the end is named from above.
+banner: Constants, Errors, .env parser, Logs, Identifiers and values; then
+what an auditor of trust reads in one sitting: Authentication, Grants (and
+row scopes), Binding, Checkpoints; then Configuration, SQL builders, Private
+APIs (each with its public fallback), Database layer, Change capture, Sync
+engine, Push, Pull, Long polls, Operations (metrics, device fleet), HTTP
+application, Command line, and the data at the end (cloudsync's own tables,
+metric help, OpenAPI). A definition uses what is below it in its section or
+in an earlier section; only the data at the end is named from above.
 
 The path of a push (POST /sync/push), function by function:
   App.__call__            wraps the WSGI environ in a Request; the one place a
                           Refused becomes an answer (_answer, from REFUSALS)
-  App._dispatch           route and method (405 with Allow), Authenticator.identify
+  App._dispatch           route and method (405 with Allow), Authenticator.identify,
+                          SyncEngine.grant_for: the request's Grant
   App.push                Request.json_object (parse_json, _check_depth), then
                           read_fields(PUSH_FIELDS): device_id, batch_id, ...
-  Pushes.validate_operations   every operation before any SQL: schema_for,
-                          bind_value for each value, key_problem for the key
-  App._check_writable     READ_ONLY_TABLES, INSERT_ONLY_TABLES, READ_ONLY_COLUMNS,
-                          the token's tables (SyncEngine.scopes_for: its row scopes)
-  Pushes.hold_to_scopes   each operation inside the token's scope (TableScope)
+  Pushes.validate_operations   every operation before any SQL: Grant.table (a
+                          table outside the grant is refused first), bind_value
+                          for each value, key_problem for the key, then
+                          Grant.decide (DECISIONS: writable, action, columns,
+                          scope), which gives the operation its scope
   Pushes.push             Checkpoints.decode; a batch seen before is replayed
                           (ChangeLog.find_batch, Pushes._replay)
   Pushes._push_with_retries    a deadlock or lock timeout runs it again
   Pushes._push            one transaction (_push_transaction):
                             ChangeLog.claim_batch, ChangeLog.attributed
                             Pushes._conflicts: SyncEngine.rows_for_keys,
-                              ChangeLog.touched_by_others, check_position
+                              ChangeLog.touched_by_others (the device's scope),
+                              check_position
                             each operation by ACTIONS: _insert_many, _insert_one,
                               _update, _delete, _upsert, _increment -> SQL
-                              builders -> Database.execute (triggers log the
-                              change); on_reject skip: _apply_or_set_aside
+                              builders with the operation's scope ->
+                              Database.execute (triggers log the change);
+                              on_reject skip: _apply_or_set_aside
                             Pushes._checkpoint_after_push: the commit-order
                               argument, _only_echoes, Checkpoints.encode
                             ChangeLog.finish_batch keeps the outcome for a retry
@@ -62,23 +80,26 @@ The path of a push (POST /sync/push), function by function:
 
 The path of a pull (POST /sync/pull):
   App.__call__ -> App._dispatch -> App.pull   read_fields(PULL_FIELDS),
-                          Pulls.check_tables, parse_limit
+                          Pulls.check_tables (Grant.table), parse_limit
   sync mode (`since` present):
     App._sync_pull        LogWatcher.known_head: Pulls.unchanged answers an
                           idle poll from memory; else:
     Pulls.pull_changes    Pulls._position (Checkpoints.decode, the columns' and
-                          the scope's fingerprints); ChangeLog.sequence numbers what
-                          committed; a first sync pages through the tables
-                          (Pulls._scan_tables: page_sql), later ones read the
-                          log (ChangeLog.changed_rows, Pulls._fetch_changed:
+                          the grant's scope fingerprints); ChangeLog.sequence
+                          numbers what committed; a first sync pages through the
+                          tables (Pulls._scan_tables: page_sql with the grant's
+                          scope), later ones read the log (ChangeLog.changed_rows:
+                          the grant's entries only, Pulls._fetch_changed:
                           SyncEngine.select_by_keys, deleted keys by key_value);
                           ChangeLog.check_position; Checkpoints.encode
-    App._sync_pull        with "wait" and nothing new: LogWatcher.enter, park
-                          until a change may have committed, pull again
+    App._sync_pull        with "wait" and nothing new: LogWatcher.enter (a share
+                          per device), park until a change may have committed,
+                          pull again
   seed mode (no `since`):
     Pulls.seed_pull       ChangeLog.tables_version validates the cached answer;
                           else Database.rows_as_json or Pulls._read_rows
-                          (first_rows_sql), kept as Encoded with an ETag
+                          (first_rows_sql with the grant's scope), kept as
+                          Encoded with an ETag hashed from the answer itself
   App.__call__            the encoded body, or 304 for a matching If-None-Match
 """
 
@@ -115,17 +136,18 @@ __all__ = [
     # errors, and the catalogue of refusals
     "CloudsyncError", "ConfigError", "SchemaError", "ChangeCaptureError", "DatabaseUnavailable",
     "Retryable", "Denied", "DataRejected", "Refused", "REFUSALS",
-    # configuration and tokens
-    "SETTINGS", "Config", "parse_dotenv", "load_config", "DeviceToken", "hash_token",
-    "parse_scope", "SCOPE_ALL",
-    "read_tokens_file", "add_token", "rotate_token", "remove_token",
+    # tokens, grants, binding (the trust-critical sections), configuration
+    "DeviceToken", "hash_token", "parse_scope", "parse_tokens", "SCOPE_ALL", "read_tokens_file",
+    "add_token", "rotate_token", "remove_token", "presented_digest", "Authenticator",
+    "Grant", "TableGrant", "TableScope", "EVERY_ROW", "DECISIONS", "ACTIONS", "bind_value",
+    "key_problem", "SETTINGS", "Config", "parse_dotenv", "load_config",
     # values and SQL
-    "Column", "TableSchema", "bind_value", "parse_json", "to_json_bytes", "key_where", "keys_where",
+    "Column", "TableSchema", "parse_json", "to_json_bytes", "key_where", "keys_where",
     "select_keyed_sql", "insert_sql", "update_sql", "exists_sql", "delete_sql", "first_rows_sql",
     "page_sql",
     # the database, its change log, the sync engine
     "Database", "SQLiteDatabase", "MySQLDatabase", "open_database", "ChangeLog", "Checkpoints",
-    "SyncEngine", "TableScope", "Pushes", "Pulls",
+    "SyncEngine", "Pushes", "Pulls",
     # serving it
     "Metrics", "DeviceFleet", "App", "make_app", "main", "OPENAPI", "ROUTE_REFUSALS",
 ]
@@ -520,12 +542,303 @@ access_log = logging.getLogger("cloudsync.access")
 
 
 # ---------------------------------------------------------------------------
+# Identifiers and values
+# ---------------------------------------------------------------------------
+# Identifiers reach SQL only through Column/TableSchema objects built from the
+# database's own catalogue, quoted by doubling the quote character.
+#
+# Every value has one form on the wire, its *pulled form*: what a pull sends,
+# and what a push of the same row sends back to leave the stored bytes as they
+# are. Column.kind decides it:
+#
+#   integer, bit                 a number
+#   decimal                      a string with the exact value ("12.50")
+#   float                        a number; a value no JSON number can hold, stored
+#                                by another program, as "Infinity", "-Infinity", "NaN"
+#   date, datetime, timestamp,   MySQL: ISO 8601 ("2026-11-26T09:30:00.500000",
+#   time                         "-00:00:00.500000"); SQLite: the stored text as it is
+#   binary                       base64
+#   set                          the members in the column's own order ("red,blue")
+#   enum, text, json, other      a string
+#
+# A push is checked against the same kinds before any SQL runs (bind_value).
+
+COLUMN_KINDS = ("integer", "bit", "decimal", "float", "date", "datetime", "timestamp", "time",
+                "binary", "enum", "set", "text", "json", "other")
+TEXT_KINDS = ("text", "enum", "set", "json", "other")
+DATE_KINDS = ("date", "datetime", "timestamp", "time")
+# rounding SQLite decimals of any size without overflow
+_WIDE_CONTEXT = decimal.Context(prec=1000)
+
+
+def quote_mysql(name):
+    """Quote a MySQL identifier: `name` with backticks doubled."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def quote_sqlite(name):
+    """Quote a SQLite identifier: "name" with double quotes doubled."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+class Column:
+    """One column of an allowed table, as the database describes it."""
+
+    __slots__ = ("name", "quoted", "select", "kind", "declared", "scale", "fsp", "members",
+                 "generated", "octets", "pads", "max_code_point", "int_limit", "affinity",
+                 "checks_decimals", "dates_as_text", "plain_text", "param")
+
+    def __init__(self, name, quoted, kind, declared="", scale=None, fsp=0, members=(),
+                 generated=False, octets=None, pads=False, max_code_point=0x10FFFF,
+                 int_limit=1 << 64, affinity=None, checks_decimals=False, dates_as_text=False,
+                 select=None, param="?"):
+        self.name = name
+        self.quoted = quoted
+        # how a SELECT reads it (MySQL dates as text: zero dates survive)
+        self.select = select or quoted
+        self.kind = kind                    # one of COLUMN_KINDS
+        self.declared = declared            # the type as the database states it, for status
+        # digits after the point of a decimal; None: as many as stored
+        self.scale = scale
+        # MySQL: digits of a second kept by a datetime, timestamp or time
+        self.fsp = fsp
+        self.members = tuple(members)       # MySQL ENUM and SET: the members in the column's order
+        self.generated = generated          # computed by the database: never written by a push
+        self.octets = octets                # MySQL BINARY(n): the fixed length the database pads to
+        self.pads = pads                    # MySQL CHAR: trailing spaces are not kept
+        # utf8mb3 (MySQL "utf8") stores nothing beyond U+FFFF
+        self.max_code_point = max_code_point
+        self.int_limit = int_limit          # whole numbers must be below this (SQLite: 2**63)
+        self.affinity = affinity            # SQLite: INTEGER, REAL, NUMERIC, TEXT or BLOB
+        # SQLite: cloudsync rounds and range-checks decimals itself
+        self.checks_decimals = checks_decimals
+        self.dates_as_text = dates_as_text  # SQLite: dates and times are text, kept as sent
+        # a string for this column may be bound as it is when it is plain ASCII
+        self.plain_text = kind in TEXT_KINDS or dates_as_text and kind in DATE_KINDS
+        # how a bound value stands in SQL that compares it with the column (MySQL decimals: as
+        # exact decimals, not as the doubles text or an exponent would be compared as)
+        self.param = param
+
+
+class TableSchema:
+    """An allowed table: its quoted name, columns in order, and primary key."""
+
+    def __init__(self, name, quoted, columns, primary_key, generated_key=False):
+        self.name = name
+        self.generated_key = generated_key      # the database fills in the key when it is left out
+        self.quoted = quoted
+        self.columns = {column.name: column for column in columns}
+        self.column_names = [column.name for column in columns]
+        self.primary_key = list(primary_key)
+        self.key_columns = [self.columns[name] for name in primary_key]
+        self.select_list = ", ".join(column.select for column in columns)
+        self.key_order = ", ".join(self.columns[name].quoted for name in primary_key)
+        self.key_positions = [self.column_names.index(name) for name in primary_key]
+        self.has_generated = any(column.generated for column in columns)
+        # (position, function(value, column), column) turning stored values into pulled form
+        self.decoders = []
+        # MySQL: SQL writing a row as a JSON object, when every column allows it
+        self.json_row = None
+        # SQL writing the row key as the change log holds it (set by the backend)
+        self.key_sql = None
+        # MySQL: a foreign key cascade writes this table without firing triggers
+        self.cascaded = False
+        # the Column of ROW_SCOPES that says whose each row is, or None: every device's rows
+        self.scope = None
+
+    def describe(self):
+        """The table as the status endpoint shows it."""
+        described = {"primary_key": self.primary_key, "columns": self.column_names,
+                     "types": {column.name: column.declared for column in self.columns.values()}}
+        if self.scope is not None:
+            described["scope"] = self.scope.name
+        return described
+
+
+def _time_text(value):
+    """A MySQL TIME (a timedelta) in pulled form: [-]HH:MM:SS[.ffffff], hours beyond 24 kept."""
+    micro = (value.days * 86400 + value.seconds) * 1000000 + value.microseconds
+    sign = "-" if micro < 0 else ""
+    seconds, fraction = divmod(abs(micro), 1000000)
+    text = "%s%02d:%02d:%02d" % (sign, seconds // 3600, seconds // 60 % 60, seconds % 60)
+    return text + (".%06d" % fraction if fraction else "")
+
+
+def _json_default(value):
+    """Encode the database's non-JSON types: exact decimals, ISO dates, base64 bytes."""
+    if isinstance(value, decimal.Decimal):
+        return format(value, "f")       # as MySQL writes it: 0.0000000000, not 0E-10
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):        # MySQL TIME columns
+        return _time_text(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    # a MySQL SET read without its column (decoders order it)
+    if isinstance(value, (set, frozenset)):
+        return ",".join(sorted(value))
+    raise TypeError("cannot encode %s as JSON" % type(value).__name__)
+
+
+_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def _finite(value):
+    """A payload with every float JSON cannot hold (inf, nan) replaced by its name as a string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return _NON_FINITE.get(value, "NaN")
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _as_json_value(value):
+    """A database value as a pull sends it: exact decimals and dates as strings, bytes as base64."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return _json_default(value)
+
+
+def to_json_bytes(payload):
+    """Encode a response payload as compact UTF-8 JSON, always strict JSON (RFC 8259)."""
+    try:
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=_json_default,
+                          allow_nan=False)
+    except ValueError:              # Infinity or NaN another program stored in a float column
+        text = json.dumps(_finite(payload), ensure_ascii=False, separators=(",", ":"),
+                          default=_json_default, allow_nan=False)
+    return text.encode("utf-8")
+
+
+class _NotJSON(ValueError):
+    """What parse_json's hooks refuse, in words for the client."""
+
+
+def _reject_constant(name):
+    """json.loads hook: NaN and Infinity are not JSON."""
+    raise _NotJSON("%s is not valid JSON" % name)
+
+
+def _object_without_duplicates(pairs):
+    """A JSON object; a name given twice is refused: which value counts is undefined (RFC 8259)."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        twice = next(name for name, _ in pairs if name in seen or seen.add(name))
+        raise _NotJSON("the name %s appears twice in one object" % json.dumps(twice)[:100])
+    return result
+
+
+def parse_json(body):
+    """Decode a request body; numbers with a fraction become exact Decimals."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise Refused("invalid_json",
+                      "the body is not valid UTF-8 (byte %d)" % error.start) from None
+    if not text.strip():
+        return {}
+    try:
+        return json.loads(text, parse_float=decimal.Decimal, parse_constant=_reject_constant,
+                          object_pairs_hook=_object_without_duplicates)
+    except json.JSONDecodeError as error:
+        raise Refused("invalid_json", "%s at line %d column %d"
+                      % (error.msg, error.lineno, error.colno)) from None
+    except _NotJSON as error:
+        raise Refused("invalid_json", str(error)) from None
+    except ValueError:
+        # Python's own limit on the digits of a whole number (4300): no column holds one
+        raise Refused("invalid_json", "a number in the body has thousands of digits; no column "
+                      "holds it") from None
+    except RecursionError:
+        raise Refused("invalid_json", "the body is nested too deeply") from None
+
+
+def _json_type(value):
+    """A JSON value's type as a client would name it: object, array, string..."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _mysql_set(value, column):
+    """A MySQL SET (the driver gives a Python set) as MySQL writes it: members in column order."""
+    if isinstance(value, (set, frozenset)):
+        order = {member.lower(): position for position, member in enumerate(column.members)}
+        return ",".join(sorted(value, key=lambda member: order.get(member.lower(), len(order))))
+    return value
+
+
+def _sqlite_decimal(value, column):
+    """A SQLite DECIMAL column's number as exact decimal text, with at least the column's scale."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value                         # text another program stored: shown as it is
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return value                     # written by another program; to_json_bytes names it
+        exact = decimal.Decimal(repr(value))
+    else:
+        exact = decimal.Decimal(value)
+    if column.scale is not None and exact.as_tuple().exponent > -column.scale:
+        exact = exact.quantize(decimal.Decimal(1).scaleb(-column.scale), context=_WIDE_CONTEXT)
+    return format(exact, "f")
+
+
+_NUMBER_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")    # a well-formed number
+_TIME_TEXT = re.compile(r"\s*(-)?(\d+):(\d{1,2})(?::(\d{1,2})(?:\.(\d+))?)?\s*")
+
+
+def _parse_date(value):
+    """A pushed date ('2026-11-26', or the date part of a date and time)."""
+    text = str(value).strip()
+    return datetime.date.fromisoformat(text[:10] if len(text) > 10 and text[10] in " T" else text)
+
+
+def _parse_datetime(value, fsp=6):
+    """A pushed date and time, rounded as MySQL stores it.
+
+    '2026-11-26 09:30:00', or with T, a fraction, an offset.
+    """
+    text = str(value).strip()
+    moment = datetime.datetime.fromisoformat(text + "T00:00:00" if len(text) == 10 else text)
+    # an offset: the instant in UTC, as cloudsync's sessions read it
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return moment + datetime.timedelta(
+        microseconds=_rounded_micro(moment.microsecond, fsp) - moment.microsecond)
+
+
+def _parse_time(value, fsp=6):
+    """A pushed TIME ('-00:00:00.500', '838:59:59') as a timedelta, rounded as MySQL stores it."""
+    found = _TIME_TEXT.fullmatch(str(value))
+    if not found:
+        raise ValueError("not a time")
+    sign, hours, minutes, seconds, fraction = found.groups()
+    whole = int(hours) * 3600 + int(minutes) * 60 + int(seconds or 0)
+    micro = whole * 1000000 + _rounded_micro(int((fraction or "")[:6].ljust(6, "0")), fsp)
+    return datetime.timedelta(microseconds=-micro if sign else micro)
+
+
+def _rounded_micro(micro, fsp):
+    """Microseconds rounded half up to fsp digits, as MySQL rounds fractional seconds."""
+    quantum = 10 ** (6 - max(0, min(6, fsp)))
+    return (micro + quantum // 2) // quantum * quantum
+
+
+# ---------------------------------------------------------------------------
 # Authentication
 # ---------------------------------------------------------------------------
-# Devices present `Authorization: Bearer <token>`. A token is bound to one
-# device id and optionally to a list of tables. Tokens are kept as given or,
+# Devices present `Authorization: Bearer <token>` (presented_digest is the one
+# reading of that header). A token is bound to one device id and optionally
+# to a list of tables and to row scope values. Tokens are kept as given or,
 # better, as "sha256:<hex>" of the token (what `cloudsync.py token add`
-# writes); either way the presented token is compared in constant time.
+# writes); either way the presented token is compared in constant time. One
+# format writes them, a line each: the tokens file, and the TOKENS setting
+# (lines separated by ';').
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
@@ -722,7 +1035,10 @@ def remove_token(path, device_id):
 
 
 def presented_digest(request):
-    """The SHA-256 of the bearer token a request shows, or None: the one reading of Authorization."""
+    """The SHA-256 of the bearer token a request shows, or None.
+
+    The one place the Authorization header is read.
+    """
     scheme, _, presented = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
         return None
@@ -842,6 +1158,519 @@ class Authenticator:
                     _loggable(request.path, 100), detail)
         request.auth_failed = True
         raise Refused("unauthorized", detail)
+
+
+# ---------------------------------------------------------------------------
+# Grants: what one request may read and write
+# ---------------------------------------------------------------------------
+# Access is a value. The HTTP section builds one Grant per request from its
+# token (SyncEngine.grant_for keeps one per token and schema) and hands it to
+# everything that reads or writes a synced table, as PostgreSQL attaches a
+# row-level policy once and its executor applies it to every query. A Grant
+# holds, for each table the request may see, a TableGrant: the schema,
+# whether devices may write it, whether only insert, the columns pushes may
+# not set, and the rows it may touch (a TableScope, or EVERY_ROW). A table
+# the grant does not hold does not exist for the request: a device limited to
+# some tables gets the same 403 for another allowed table as for a name that
+# is no table at all, before anything about the table is looked at.
+# Grant.decide is the one function deciding whether a push operation may
+# happen; it judges the row as it will be after the operation.
+#
+# Row scopes. ROW_SCOPES names, for some tables, the column that says whose a
+# row is (sales.store_id); a token carries the values its device may see
+# (store_id=7,8, or * for every row). A device reads and writes only the rows
+# whose scope column holds one of its values: every statement a push or pull
+# sends for it carries the condition (TableScope). The triggers log each
+# change with the row's scope value, indexed by (table, scope, seq), so a
+# sync pull reads only its own stores' entries, however busy the others. An
+# update that moves a row to another store logs it under the old store too:
+# the old store's devices then look the row up, do not find it in their
+# scope, and get it as deleted; the new store's get it as upserted. A device
+# is never sent a key that was not in its scope when it was logged. Its
+# checkpoints carry a fingerprint of its scope ("c"): when the token's values
+# change, the next pull from an old checkpoint answers 410 with reset: true.
+
+# The push actions a grant may allow. action: (the method of Pushes that applies it, what the
+# log records when it changed a row)
+ACTIONS = {
+    "insert": ("_insert_one", "I"),
+    "update": ("_update", "U"),
+    "delete": ("_delete", "D"),
+    "upsert": ("_upsert", "U"),
+    # adds to numeric columns in the database: never a conflict, needs a batch_id
+    "increment": ("_increment", "U"),
+}
+NUMBER_KINDS = ("integer", "decimal", "float")        # what an increment may add to
+
+
+class _EveryRow:
+    """The scope of a table a device sees whole, or of an operator's read: no condition at all."""
+
+    __slots__ = ()
+    where = None
+    params = ()
+    texts = None
+
+    @staticmethod
+    def holds(value):
+        """Every row is in it."""
+        return True
+
+    def __repr__(self):
+        return "EVERY_ROW"
+
+
+# Named wherever a statement reads or writes every row of a table: an unscoped device's grant,
+# and the operator's commands. A builder never takes it as the default of a missing argument.
+EVERY_ROW = _EveryRow()
+
+
+# the column kinds a scope column may have: their values are written the same in the log and tokens
+SCOPE_KINDS = ("integer", "text", "enum")
+
+
+class TableScope:
+    """One device's scope on one table: the column, its values, and the condition to add."""
+
+    __slots__ = ("column", "values", "texts", "where", "params")
+
+    def __init__(self, db, column, texts):
+        self.column = column
+        if column.kind == "integer":
+            # "07" is store 7; a value that is no number matches no row
+            texts = [str(int(text)) for text in texts if re.fullmatch(r"-?[0-9]{1,19}", text)]
+            self.values = [int(text) for text in texts]
+        else:
+            self.values = list(texts)
+        self.texts = tuple(dict.fromkeys(texts))     # as the log writes them
+        self.where, self.params = db.scope_where(column, self.values)
+
+    def holds(self, value):
+        """Whether a bound value of the scope column is one of the device's, byte for byte."""
+        return value is not None and not isinstance(value, (bytes, bytearray, float)) \
+            and _scope_text(value) in self.texts
+
+
+def _scope_text(value):
+    """A scope column's value as the log writes it: 7 -> '7'."""
+    if isinstance(value, decimal.Decimal) and value == value.to_integral_value():
+        return str(int(value))
+    return str(value)
+
+
+class TableGrant:
+    """What a request may do with one table: its rows (scope), writing, actions, columns."""
+
+    __slots__ = ("schema", "scope", "writable", "insert_only", "read_only_columns")
+
+    def __init__(self, schema, scope, writable=True, insert_only=False, read_only_columns=()):
+        self.schema = schema
+        self.scope = scope                  # a TableScope, or EVERY_ROW
+        self.writable = writable            # not in READ_ONLY_TABLES
+        self.insert_only = insert_only      # in INSERT_ONLY_TABLES
+        self.read_only_columns = frozenset(read_only_columns)
+
+    def actions(self):
+        """The push actions the grant allows on the table, as /sync/status tells a device."""
+        if not self.writable:
+            return []
+        return ["insert"] if self.insert_only else list(ACTIONS)
+
+    def rules(self):
+        """The table's rules as /sync/status shows them to the device they apply to."""
+        return {"read_only": not self.writable, "insert_only": self.insert_only,
+                "read_only_columns": sorted(self.read_only_columns), "actions": self.actions()}
+
+
+class Grant:
+    """One request's access: its device and, for each table it may see, a TableGrant."""
+
+    __slots__ = ("device_id", "tables", "limited", "scopes")
+
+    def __init__(self, device_id, tables, limited, scopes=None):
+        self.device_id = device_id
+        self.tables = tables                # {table: TableGrant}, in ALLOWED_TABLES order
+        # some allowed table is out of reach: its name is answered like a name that is no table
+        self.limited = limited
+        self.scopes = scopes                # {column: values} of the token, for /sync/status
+
+    @property
+    def visible(self):
+        """The tables the request may use, in ALLOWED_TABLES order."""
+        return list(self.tables)
+
+    @property
+    def scoped(self):
+        """Whether some table is narrowed to the rows of a scope."""
+        return any(granted.scope.where is not None for granted in self.tables.values())
+
+    def table(self, name, where):
+        """The TableGrant of a table a request names; else Refused, before anything else is read.
+
+        A device limited to some tables cannot tell an allowed table it may
+        not use from a name that is no table: both are 403.
+        """
+        granted = self.tables.get(name) if isinstance(name, str) else None
+        if granted is not None:
+            return granted
+        shown = json.dumps(name, default=str)[:100]
+        if self.limited:
+            raise Refused("table_not_permitted", "%s: this device may not use table %s"
+                          % (where, shown))
+        raise Refused("invalid_table", "%s: table %s is not in ALLOWED_TABLES" % (where, shown))
+
+    def scope(self, table):
+        """The rows of `table` the request may see: its TableScope, or EVERY_ROW."""
+        return self.tables[table].scope
+
+    def fingerprint(self, tables):
+        """A short value naming the rows of `tables` the request sees; None when all of them.
+
+        It goes into checkpoints ("c") and the seed cache's key.
+        """
+        limited = [(table, self.tables[table].scope.column.name,
+                    sorted(self.tables[table].scope.texts))
+                   for table in tables if self.tables[table].scope.where is not None]
+        if not limited:
+            return None
+        return hashlib.sha256(json.dumps(limited).encode("utf-8")).hexdigest()[:12]
+
+    def decide(self, op):
+        """The one place a push operation is allowed or refused (Refused naming it).
+
+        Judged on the row as it will be after the operation, by each check of
+        DECISIONS in turn; the operation then carries its table's scope, which
+        every statement it sends adds to its WHERE.
+        """
+        granted = self.tables[op.table.name]
+        for check in DECISIONS:
+            check(granted, op)
+        op.scope = granted.scope
+
+
+def _may_write(granted, op):
+    """A table devices may only pull (READ_ONLY_TABLES) takes no push."""
+    if not granted.writable:
+        raise Refused("read_only_table", "operation %d: devices may pull %s but not push to it"
+                      % (op.index, op.table.name), op=op.index)
+
+
+def _may_do(granted, op):
+    """An insert-only table (a ledger) takes inserts only."""
+    if granted.insert_only and op.action != "insert":
+        raise Refused("insert_only_table", "operation %d: %s is insert-only (a ledger); devices "
+                      "may add rows to it, not %s them" % (op.index, op.table.name, op.action),
+                      op=op.index)
+
+
+def _may_set(granted, op):
+    """No operation but a delete (which may carry the whole row) sets a read-only column."""
+    if granted.read_only_columns and op.action != "delete":
+        fixed = [name for name in op.sent if name in granted.read_only_columns]
+        if fixed:
+            raise Refused("read_only_column", "operation %d: column %s of %s is read-only; leave "
+                          "it out (an insert gets the database's default)"
+                          % (op.index, fixed[0], op.table.name), op=op.index, column=fixed[0])
+
+
+def _stays_in_scope(granted, op):
+    """The row after the operation is in the device's scope.
+
+    An insert or upsert names its scope value (or gets the token's only one);
+    an update that sets the scope column keeps it inside; an increment may not
+    add to it (the sum is not known before it runs). An update, increment or
+    delete finds only rows of the scope: its WHERE carries the scope.
+    """
+    scope = granted.scope
+    if scope.where is None or op.action == "delete":
+        return
+    name = scope.column.name
+    where = "operation %d (%s on %s)" % (op.index, op.action, op.table.name)
+    if op.action == "increment":
+        if name in op.values and name not in op.table.primary_key:
+            raise Refused("out_of_scope", "%s: an increment may not add to %s, which says whose "
+                          "the row is" % (where, name), op=op.index)
+    elif name in op.values:
+        if op.action == "update" and name in op.table.primary_key:
+            return                          # the key names the row; the scope finds it or not
+        if not scope.holds(op.values[name]):
+            raise Refused("out_of_scope", "%s: %s %s is outside this device's scope (%s)"
+                          % (where, name, json.dumps(op.sent.get(name), default=str)[:100],
+                             ", ".join(scope.texts) or "none"), op=op.index)
+    elif op.action in ("insert", "upsert"):
+        if len(scope.values) != 1:
+            raise Refused("out_of_scope", "%s: data must include %s, one of this device's values "
+                          "(%s)" % (where, name, ", ".join(scope.texts)), op=op.index)
+        op.values[name] = scope.values[0]
+
+
+# Grant.decide runs these, in this order; each refuses an operation on its own ground.
+DECISIONS = (_may_write, _may_do, _may_set, _stays_in_scope)
+
+
+# ---------------------------------------------------------------------------
+# Binding: client values as their column's type
+# ---------------------------------------------------------------------------
+# The one place a value a client sent becomes a value for SQL: bind_value
+# turns it into its column's type (COLUMN_KINDS, under Identifiers and
+# values) or refuses it with 400 Invalid value naming the operation and the
+# column, and key_problem refuses a key the database would store as another
+# value. Nothing a client sent is left for the database to coerce.
+
+
+def _invalid(where, column, text):
+    """Refused("invalid_value") naming the operation and the column."""
+    return Refused("invalid_value", "%s: %s" % (where, text % repr(column.name)))
+
+
+def bind_value(column, value, where):
+    """Turn a pushed JSON value into `column`'s type, to bind; or raise Refused naming the column.
+
+    The one place a client's value becomes a value for SQL. Nothing the
+    database would silently turn into another value gets through (a fraction
+    for a whole-number column, a number for a date, a float no double holds,
+    text a utf8mb3 column cannot store, binary not in base64), and nothing is
+    left for the database to coerce when it compares: a number for a text
+    column becomes its text (MySQL would compare 'abc' = 0 as numbers, and
+    match), a decimal becomes its exact text (compared through Column.param),
+    a date must be a date.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, str):
+        if not value.isascii():
+            _check_text(column, value, where)
+    elif not isinstance(value, (int, decimal.Decimal)):
+        raise Refused("invalid_value", "%s: column %r must be a string, number, "
+                        "boolean or null, not %s" % (where, column.name, _json_type(value)))
+    kind = column.kind
+    if kind == "binary":
+        if not isinstance(value, str):
+            raise _invalid(where, column, "column %s holds binary data, send it as base64")
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise _invalid(where, column,
+                           "column %s holds binary data, send it as base64") from None
+    if kind == "float":
+        try:
+            number = decimal.Decimal(value.strip() if isinstance(value, str) else value)
+        except decimal.InvalidOperation:
+            raise _invalid(where, column, "column %s holds a number") from None
+        return _checked_float(column, number, where)
+    if kind in ("integer", "bit"):
+        return _checked_whole(column, value, where)
+    if column.checks_decimals:
+        return _checked_decimal(column, value, where)
+    if kind == "decimal":
+        return _checked_exact(column, value, where)
+    if kind in DATE_KINDS and not column.dates_as_text:
+        return _checked_moment(column, value, where)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not -(1 << 63) <= value < column.int_limit \
+            or isinstance(value, decimal.Decimal) \
+            and (not value.is_finite() or abs(value.adjusted()) > MAX_DECIMAL_EXPONENT):
+        raise _invalid(where, column, "the number for column %s is out of range")
+    if column.affinity in (None, "TEXT"):
+        return str(value)                   # a text column (MySQL: any column kept as text)
+    return value                            # SQLite without a type: kept as sent
+
+
+def _check_text(column, value, where):
+    """A text value the column can hold: length, code points, ENUM and SET members."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid(where, column, "the text for column %s is not valid Unicode (a lone "
+                       "surrogate)") from None
+    if column.max_code_point < 0x10FFFF and max(map(ord, value)) > column.max_code_point:
+        raise _invalid(where, column, "column %s uses the utf8mb3 character set, which cannot "
+                       "store characters beyond U+FFFF (emoji and some CJK); convert the column "
+                       "to utf8mb4")
+
+
+_WHOLE_NUMBER_TEXT = re.compile(r"\s*[+-]?[0-9]{1,%d}\s*" % MAX_INTEGER_DIGITS)
+_UTC_OFFSET = re.compile(r"(Z|[+-][0-9]{2}:?[0-9]{2})\s*$")
+# a MySQL date, or date and time, as ISO 8601 writes it (zero dates too: 0000-00-00)
+_DATE_TIME_TEXT = re.compile(r"\s*[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}([ T][0-9]{1,2}:[0-9]{1,2}"
+                             r"(:[0-9]{1,2}(\.[0-9]+)?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?\s*")
+
+
+def _checked_whole(column, value, where):
+    """A whole-number column: a whole number in range, as a number or text.
+
+    A fraction is refused, not rounded.
+    """
+    if isinstance(value, str):
+        if not _WHOLE_NUMBER_TEXT.fullmatch(value):
+            raise _invalid(where, column, "column %s holds whole numbers")
+        value = int(value)
+    elif isinstance(value, decimal.Decimal):
+        if not value.is_finite() or abs(value.adjusted()) > MAX_INTEGER_DIGITS:
+            raise _invalid(where, column, "the number for column %s is out of range")
+        if value != value.to_integral_value():
+            raise _invalid(where, column, "column %s holds whole numbers")
+        value = int(value)
+    if not -(1 << 63) <= value < column.int_limit:
+        raise _invalid(where, column, "the number for column %s is out of range")
+    return value
+
+
+def _checked_exact(column, value, where):
+    """A MySQL DECIMAL: the exact number as plain text ("1000", never "1E+3", which MySQL reads as
+    a double)."""
+    if isinstance(value, str):
+        if not _NUMBER_TEXT.fullmatch(value):
+            raise _invalid(where, column, "column %s holds a decimal number")
+        value = decimal.Decimal(value.strip())
+    number = decimal.Decimal(value)
+    if not number.is_finite() or abs(number.adjusted()) > MAX_DECIMAL_EXPONENT:
+        raise _invalid(where, column, "the number for column %s is out of range")
+    return format(number, "f")
+
+
+def _checked_moment(column, value, where):
+    """A MySQL date or time, as text (a number would be read as YYYYMMDD or HHMMSS).
+
+    An offset becomes UTC.
+    """
+    shape = _TIME_TEXT if column.kind == "time" else _DATE_TIME_TEXT
+    if not isinstance(value, str) or not shape.fullmatch(value):
+        # MySQL compares a date column with text it cannot read as a zero date: 'x' = '0000-00-00'
+        raise _invalid(where, column, "column %%s holds a %s: send it as text (%s)" % (
+            column.kind, "'09:30:00'" if column.kind == "time" else "'2026-11-26 09:30:00'"))
+    if column.kind in ("datetime", "timestamp") and _UTC_OFFSET.search(value):
+        # what JavaScript's toISOString sends ("...Z"): the instant in UTC, as cloudsync's
+        # sessions read it
+        try:
+            moment = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise _invalid(where, column,
+                           "column %s holds a date and time; this is not one") from None
+        return moment.astimezone(datetime.timezone.utc).replace(tzinfo=None).isoformat()
+    return value
+
+
+def key_problem(column, value, sent=None):
+    """Why a pushed key value would be stored as another value, or None.
+
+    Stored so, the key could not name its row again. `value` is the bound
+    value; `sent`, the one the client sent (a SQLite decimal is bound rounded).
+    """
+    try:
+        if column.octets and isinstance(value, (bytes, bytearray)) and len(value) != column.octets:
+            return ("column %r is BINARY(%d): a key of %d bytes would be stored padded with zero "
+                    "bytes, as another key; send exactly %d bytes"
+                    % (column.name, column.octets, len(value), column.octets))
+        if column.kind == "decimal" and column.scale is not None:
+            number = decimal.Decimal(str(value if sent is None else sent).strip())
+            if number != number.quantize(decimal.Decimal(1).scaleb(-column.scale),
+                                         context=_WIDE_CONTEXT):
+                return ("column %r keeps %d decimals: this key would be stored rounded, as "
+                        "another key" % (column.name, column.scale))
+        if column.kind in ("datetime", "timestamp", "time") and not column.dates_as_text:
+            fraction = re.search(r"[0-9]:[0-9]{2}\.([0-9]+)", str(value))
+            if fraction and fraction.group(1)[column.fsp:].strip("0"):
+                return ("column %r keeps %d digits of a second: this key would be stored cut, as "
+                        "another key" % (column.name, column.fsp))
+    except (ArithmeticError, ValueError):
+        # not a value of the column's type: the database refuses it
+        return None
+    return None
+
+
+def _checked_float(column, number, where):
+    """A float column: the nearest double; refused when no double holds it (1e400, 1e-400)."""
+    if not number.is_finite() or abs(number.adjusted()) > MAX_FLOAT_EXPONENT + 20:
+        raise _invalid(where, column, "the number for column %s is out of range")
+    value = float(number)
+    if not math.isfinite(value) or (value == 0 and number != 0):
+        raise _invalid(where, column, "the number for column %s is out of range")
+    return value
+
+
+def _checked_decimal(column, value, where):
+    """SQLite DECIMAL(p,s): round half up to s places like MySQL; refuse what a REAL cannot keep."""
+    try:
+        number = decimal.Decimal(value.strip() if isinstance(value, str) else value)
+    except (decimal.InvalidOperation, ValueError):
+        raise _invalid(where, column, "column %s holds a decimal number") from None
+    if not number.is_finite() or abs(number.adjusted()) > MAX_FLOAT_EXPONENT:
+        raise _invalid(where, column, "the number for column %s is out of range")
+    try:
+        if column.scale is not None:
+            number = number.quantize(decimal.Decimal(1).scaleb(-column.scale),
+                                     rounding=decimal.ROUND_HALF_UP, context=_WIDE_CONTEXT)
+    except (decimal.InvalidOperation, ValueError):
+        raise _invalid(where, column, "column %s holds a decimal number") from None
+    if len(number.normalize(_WIDE_CONTEXT).as_tuple().digits) > SQLITE_EXACT_DIGITS:
+        raise Refused("invalid_value", "%s: %s has more digits than SQLite keeps exactly (%d); use "
+                        "MySQL/MariaDB for such amounts" % (where, number, SQLITE_EXACT_DIGITS))
+    return number
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+# A checkpoint is opaque to devices: "cs1.<payload>.<mac>", the payload being
+# base64url JSON {db, t, s, scan, f, c}: this database's instance id, the tables
+# it was issued for, the sequence number it covers, during an initial sync the
+# position of the table scan, and a fingerprint of the tables' columns: rows a
+# device pulled before an ALTER TABLE lack the new column, so a checkpoint
+# from before it gets 410 and the device pulls every row again. With row
+# scopes, "c" fingerprints the device's scope the same way. The HMAC (key
+# in cloudsync_meta) makes a forged or altered checkpoint a 400, not a wrong
+# answer.
+
+
+
+class Checkpoints:
+    """Encode and verify checkpoints for one database."""
+
+    def __init__(self, changelog):
+        self.changelog = changelog
+
+    def _mac(self, payload):
+        """The checkpoint payload's HMAC-SHA256, base64url."""
+        digest = hmac.new(self.changelog.secret, payload, hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(digest).rstrip(b"=")
+
+    def encode(self, tables, seq, scan=None, fingerprint=None, scope=None):
+        """A checkpoint string for `tables` at `seq`.
+
+        `scan`: a scan position during an initial sync; `fingerprint`: the
+        tables' columns; `scope`: the device's scope (SyncEngine.scope_fingerprint).
+        """
+        fields = {"db": self.changelog.instance, "t": list(tables), "s": seq, "scan": scan,
+                  "f": fingerprint}
+        if scope is not None:
+            fields["c"] = scope
+        payload = base64.urlsafe_b64encode(json.dumps(
+            fields, separators=(",", ":"), default=_json_default).encode("utf-8")).rstrip(b"=")
+        return CHECKPOINT_PREFIX + payload.decode("ascii") + "." \
+            + self._mac(payload).decode("ascii")
+
+    def decode(self, text):
+        """The checkpoint's fields, or Refused("invalid_checkpoint").
+
+        Refused when it is malformed, altered or from another database.
+        """
+        if not isinstance(text, str) or not text.startswith(CHECKPOINT_PREFIX) \
+                or text.count(".") != 2:
+            raise Refused("invalid_checkpoint",
+                          "checkpoint must be a string this server returned, or null")
+        _, payload, mac = text.split(".")
+        payload = payload.encode("ascii", "replace")
+        if not hmac.compare_digest(self._mac(payload), mac.encode("ascii", "replace")):
+            raise Refused("invalid_checkpoint", "the checkpoint was not issued by this server for "
+                                                "this database; start again with \"since\": null")
+        fields = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
+        if fields.get("db") != self.changelog.instance:
+            raise Refused("invalid_checkpoint", "the checkpoint belongs to another database")
+        return fields
 
 
 # ---------------------------------------------------------------------------
@@ -1146,488 +1975,6 @@ def load_config(env_file=".env", environ=None, overrides=None, required=False):
 
 
 # ---------------------------------------------------------------------------
-# Identifiers and values
-# ---------------------------------------------------------------------------
-# Identifiers reach SQL only through Column/TableSchema objects built from the
-# database's own catalogue, quoted by doubling the quote character.
-#
-# Every value has one form on the wire, its *pulled form*: what a pull sends,
-# and what a push of the same row sends back to leave the stored bytes as they
-# are. Column.kind decides it:
-#
-#   integer, bit                 a number
-#   decimal                      a string with the exact value ("12.50")
-#   float                        a number; a value no JSON number can hold, stored
-#                                by another program, as "Infinity", "-Infinity", "NaN"
-#   date, datetime, timestamp,   MySQL: ISO 8601 ("2026-11-26T09:30:00.500000",
-#   time                         "-00:00:00.500000"); SQLite: the stored text as it is
-#   binary                       base64
-#   set                          the members in the column's own order ("red,blue")
-#   enum, text, json, other      a string
-#
-# A push is checked against the same kinds before any SQL runs (bind_value).
-
-COLUMN_KINDS = ("integer", "bit", "decimal", "float", "date", "datetime", "timestamp", "time",
-                "binary", "enum", "set", "text", "json", "other")
-TEXT_KINDS = ("text", "enum", "set", "json", "other")
-DATE_KINDS = ("date", "datetime", "timestamp", "time")
-# rounding SQLite decimals of any size without overflow
-_WIDE_CONTEXT = decimal.Context(prec=1000)
-
-
-def quote_mysql(name):
-    """Quote a MySQL identifier: `name` with backticks doubled."""
-    return "`" + name.replace("`", "``") + "`"
-
-
-def quote_sqlite(name):
-    """Quote a SQLite identifier: "name" with double quotes doubled."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-class Column:
-    """One column of an allowed table, as the database describes it."""
-
-    __slots__ = ("name", "quoted", "select", "kind", "declared", "scale", "fsp", "members",
-                 "generated", "octets", "pads", "max_code_point", "int_limit", "affinity",
-                 "checks_decimals", "dates_as_text", "plain_text", "param")
-
-    def __init__(self, name, quoted, kind, declared="", scale=None, fsp=0, members=(),
-                 generated=False, octets=None, pads=False, max_code_point=0x10FFFF,
-                 int_limit=1 << 64, affinity=None, checks_decimals=False, dates_as_text=False,
-                 select=None, param="?"):
-        self.name = name
-        self.quoted = quoted
-        # how a SELECT reads it (MySQL dates as text: zero dates survive)
-        self.select = select or quoted
-        self.kind = kind                    # one of COLUMN_KINDS
-        self.declared = declared            # the type as the database states it, for status
-        # digits after the point of a decimal; None: as many as stored
-        self.scale = scale
-        # MySQL: digits of a second kept by a datetime, timestamp or time
-        self.fsp = fsp
-        self.members = tuple(members)       # MySQL ENUM and SET: the members in the column's order
-        self.generated = generated          # computed by the database: never written by a push
-        self.octets = octets                # MySQL BINARY(n): the fixed length the database pads to
-        self.pads = pads                    # MySQL CHAR: trailing spaces are not kept
-        # utf8mb3 (MySQL "utf8") stores nothing beyond U+FFFF
-        self.max_code_point = max_code_point
-        self.int_limit = int_limit          # whole numbers must be below this (SQLite: 2**63)
-        self.affinity = affinity            # SQLite: INTEGER, REAL, NUMERIC, TEXT or BLOB
-        # SQLite: cloudsync rounds and range-checks decimals itself
-        self.checks_decimals = checks_decimals
-        self.dates_as_text = dates_as_text  # SQLite: dates and times are text, kept as sent
-        # a string for this column may be bound as it is when it is plain ASCII
-        self.plain_text = kind in TEXT_KINDS or dates_as_text and kind in DATE_KINDS
-        # how a bound value stands in SQL that compares it with the column (MySQL decimals: as
-        # exact decimals, not as the doubles text or an exponent would be compared as)
-        self.param = param
-
-
-class TableSchema:
-    """An allowed table: its quoted name, columns in order, and primary key."""
-
-    def __init__(self, name, quoted, columns, primary_key, generated_key=False):
-        self.name = name
-        self.generated_key = generated_key      # the database fills in the key when it is left out
-        self.quoted = quoted
-        self.columns = {column.name: column for column in columns}
-        self.column_names = [column.name for column in columns]
-        self.primary_key = list(primary_key)
-        self.key_columns = [self.columns[name] for name in primary_key]
-        self.select_list = ", ".join(column.select for column in columns)
-        self.key_order = ", ".join(self.columns[name].quoted for name in primary_key)
-        self.key_positions = [self.column_names.index(name) for name in primary_key]
-        self.has_generated = any(column.generated for column in columns)
-        # (position, function(value, column), column) turning stored values into pulled form
-        self.decoders = []
-        # MySQL: SQL writing a row as a JSON object, when every column allows it
-        self.json_row = None
-        # SQL writing the row key as the change log holds it (set by the backend)
-        self.key_sql = None
-        # MySQL: a foreign key cascade writes this table without firing triggers
-        self.cascaded = False
-        # the Column of ROW_SCOPES that says whose each row is, or None: every device's rows
-        self.scope = None
-
-    def describe(self):
-        """The table as the status endpoint shows it."""
-        described = {"primary_key": self.primary_key, "columns": self.column_names,
-                     "types": {column.name: column.declared for column in self.columns.values()}}
-        if self.scope is not None:
-            described["scope"] = self.scope.name
-        return described
-
-
-def _time_text(value):
-    """A MySQL TIME (a timedelta) in pulled form: [-]HH:MM:SS[.ffffff], hours beyond 24 kept."""
-    micro = (value.days * 86400 + value.seconds) * 1000000 + value.microseconds
-    sign = "-" if micro < 0 else ""
-    seconds, fraction = divmod(abs(micro), 1000000)
-    text = "%s%02d:%02d:%02d" % (sign, seconds // 3600, seconds // 60 % 60, seconds % 60)
-    return text + (".%06d" % fraction if fraction else "")
-
-
-def _json_default(value):
-    """Encode the database's non-JSON types: exact decimals, ISO dates, base64 bytes."""
-    if isinstance(value, decimal.Decimal):
-        return format(value, "f")       # as MySQL writes it: 0.0000000000, not 0E-10
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, datetime.timedelta):        # MySQL TIME columns
-        return _time_text(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    # a MySQL SET read without its column (decoders order it)
-    if isinstance(value, (set, frozenset)):
-        return ",".join(sorted(value))
-    raise TypeError("cannot encode %s as JSON" % type(value).__name__)
-
-
-_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
-
-
-def _finite(value):
-    """A payload with every float JSON cannot hold (inf, nan) replaced by its name as a string."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return _NON_FINITE.get(value, "NaN")
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
-def _as_json_value(value):
-    """A database value as a pull sends it: exact decimals and dates as strings, bytes as base64."""
-    if value is None or isinstance(value, (str, int, float)):
-        return value
-    return _json_default(value)
-
-
-def to_json_bytes(payload):
-    """Encode a response payload as compact UTF-8 JSON, always strict JSON (RFC 8259)."""
-    try:
-        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=_json_default,
-                          allow_nan=False)
-    except ValueError:              # Infinity or NaN another program stored in a float column
-        text = json.dumps(_finite(payload), ensure_ascii=False, separators=(",", ":"),
-                          default=_json_default, allow_nan=False)
-    return text.encode("utf-8")
-
-
-class _NotJSON(ValueError):
-    """What parse_json's hooks refuse, in words for the client."""
-
-
-def _reject_constant(name):
-    """json.loads hook: NaN and Infinity are not JSON."""
-    raise _NotJSON("%s is not valid JSON" % name)
-
-
-def _object_without_duplicates(pairs):
-    """A JSON object; a name given twice is refused: which value counts is undefined (RFC 8259)."""
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen = set()
-        twice = next(name for name, _ in pairs if name in seen or seen.add(name))
-        raise _NotJSON("the name %s appears twice in one object" % json.dumps(twice)[:100])
-    return result
-
-
-def parse_json(body):
-    """Decode a request body; numbers with a fraction become exact Decimals."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise Refused("invalid_json",
-                      "the body is not valid UTF-8 (byte %d)" % error.start) from None
-    if not text.strip():
-        return {}
-    try:
-        return json.loads(text, parse_float=decimal.Decimal, parse_constant=_reject_constant,
-                          object_pairs_hook=_object_without_duplicates)
-    except json.JSONDecodeError as error:
-        raise Refused("invalid_json", "%s at line %d column %d"
-                      % (error.msg, error.lineno, error.colno)) from None
-    except _NotJSON as error:
-        raise Refused("invalid_json", str(error)) from None
-    except ValueError:
-        # Python's own limit on the digits of a whole number (4300): no column holds one
-        raise Refused("invalid_json", "a number in the body has thousands of digits; no column "
-                      "holds it") from None
-    except RecursionError:
-        raise Refused("invalid_json", "the body is nested too deeply") from None
-
-
-def _invalid(where, column, text):
-    """Refused("invalid_value") naming the operation and the column."""
-    return Refused("invalid_value", "%s: %s" % (where, text % repr(column.name)))
-
-
-def bind_value(column, value, where):
-    """Turn a pushed JSON value into `column`'s type, to bind; or raise Refused naming the column.
-
-    The one place a client's value becomes a value for SQL. Nothing the
-    database would silently turn into another value gets through (a fraction
-    for a whole-number column, a number for a date, a float no double holds,
-    text a utf8mb3 column cannot store, binary not in base64), and nothing is
-    left for the database to coerce when it compares: a number for a text
-    column becomes its text (MySQL would compare 'abc' = 0 as numbers, and
-    match), a decimal becomes its exact text (compared through Column.param),
-    a date must be a date.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        value = int(value)
-    if isinstance(value, str):
-        if not value.isascii():
-            _check_text(column, value, where)
-    elif not isinstance(value, (int, decimal.Decimal)):
-        raise Refused("invalid_value", "%s: column %r must be a string, number, "
-                        "boolean or null, not %s" % (where, column.name, _json_type(value)))
-    kind = column.kind
-    if kind == "binary":
-        if not isinstance(value, str):
-            raise _invalid(where, column, "column %s holds binary data, send it as base64")
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise _invalid(where, column,
-                           "column %s holds binary data, send it as base64") from None
-    if kind == "float":
-        try:
-            number = decimal.Decimal(value.strip() if isinstance(value, str) else value)
-        except decimal.InvalidOperation:
-            raise _invalid(where, column, "column %s holds a number") from None
-        return _checked_float(column, number, where)
-    if kind in ("integer", "bit"):
-        return _checked_whole(column, value, where)
-    if column.checks_decimals:
-        return _checked_decimal(column, value, where)
-    if kind == "decimal":
-        return _checked_exact(column, value, where)
-    if kind in DATE_KINDS and not column.dates_as_text:
-        return _checked_moment(column, value, where)
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int) and not -(1 << 63) <= value < column.int_limit \
-            or isinstance(value, decimal.Decimal) \
-            and (not value.is_finite() or abs(value.adjusted()) > MAX_DECIMAL_EXPONENT):
-        raise _invalid(where, column, "the number for column %s is out of range")
-    if column.affinity in (None, "TEXT"):
-        return str(value)                   # a text column (MySQL: any column kept as text)
-    return value                            # SQLite without a type: kept as sent
-
-
-def _check_text(column, value, where):
-    """A text value the column can hold: length, code points, ENUM and SET members."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _invalid(where, column, "the text for column %s is not valid Unicode (a lone "
-                       "surrogate)") from None
-    if column.max_code_point < 0x10FFFF and max(map(ord, value)) > column.max_code_point:
-        raise _invalid(where, column, "column %s uses the utf8mb3 character set, which cannot "
-                       "store characters beyond U+FFFF (emoji and some CJK); convert the column "
-                       "to utf8mb4")
-
-
-_WHOLE_NUMBER_TEXT = re.compile(r"\s*[+-]?[0-9]{1,%d}\s*" % MAX_INTEGER_DIGITS)
-_UTC_OFFSET = re.compile(r"(Z|[+-][0-9]{2}:?[0-9]{2})\s*$")
-# a MySQL date, or date and time, as ISO 8601 writes it (zero dates too: 0000-00-00)
-_DATE_TIME_TEXT = re.compile(r"\s*[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}([ T][0-9]{1,2}:[0-9]{1,2}"
-                             r"(:[0-9]{1,2}(\.[0-9]+)?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?\s*")
-
-
-def _checked_whole(column, value, where):
-    """A whole-number column: a whole number in range, as a number or text.
-
-    A fraction is refused, not rounded.
-    """
-    if isinstance(value, str):
-        if not _WHOLE_NUMBER_TEXT.fullmatch(value):
-            raise _invalid(where, column, "column %s holds whole numbers")
-        value = int(value)
-    elif isinstance(value, decimal.Decimal):
-        if not value.is_finite() or abs(value.adjusted()) > MAX_INTEGER_DIGITS:
-            raise _invalid(where, column, "the number for column %s is out of range")
-        if value != value.to_integral_value():
-            raise _invalid(where, column, "column %s holds whole numbers")
-        value = int(value)
-    if not -(1 << 63) <= value < column.int_limit:
-        raise _invalid(where, column, "the number for column %s is out of range")
-    return value
-
-
-def _checked_exact(column, value, where):
-    """A MySQL DECIMAL: the exact number as plain text ("1000", never "1E+3", which MySQL reads as
-    a double)."""
-    if isinstance(value, str):
-        if not _NUMBER_TEXT.fullmatch(value):
-            raise _invalid(where, column, "column %s holds a decimal number")
-        value = decimal.Decimal(value.strip())
-    number = decimal.Decimal(value)
-    if not number.is_finite() or abs(number.adjusted()) > MAX_DECIMAL_EXPONENT:
-        raise _invalid(where, column, "the number for column %s is out of range")
-    return format(number, "f")
-
-
-def _checked_moment(column, value, where):
-    """A MySQL date or time, as text (a number would be read as YYYYMMDD or HHMMSS).
-
-    An offset becomes UTC.
-    """
-    shape = _TIME_TEXT if column.kind == "time" else _DATE_TIME_TEXT
-    if not isinstance(value, str) or not shape.fullmatch(value):
-        # MySQL compares a date column with text it cannot read as a zero date: 'x' = '0000-00-00'
-        raise _invalid(where, column, "column %%s holds a %s: send it as text (%s)" % (
-            column.kind, "'09:30:00'" if column.kind == "time" else "'2026-11-26 09:30:00'"))
-    if column.kind in ("datetime", "timestamp") and _UTC_OFFSET.search(value):
-        # what JavaScript's toISOString sends ("...Z"): the instant in UTC, as cloudsync's
-        # sessions read it
-        try:
-            moment = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError:
-            raise _invalid(where, column,
-                           "column %s holds a date and time; this is not one") from None
-        return moment.astimezone(datetime.timezone.utc).replace(tzinfo=None).isoformat()
-    return value
-
-
-def key_problem(column, value, sent=None):
-    """Why a pushed key value would be stored as another value, or None.
-
-    Stored so, the key could not name its row again. `value` is the bound
-    value; `sent`, the one the client sent (a SQLite decimal is bound rounded).
-    """
-    try:
-        if column.octets and isinstance(value, (bytes, bytearray)) and len(value) != column.octets:
-            return ("column %r is BINARY(%d): a key of %d bytes would be stored padded with zero "
-                    "bytes, as another key; send exactly %d bytes"
-                    % (column.name, column.octets, len(value), column.octets))
-        if column.kind == "decimal" and column.scale is not None:
-            number = decimal.Decimal(str(value if sent is None else sent).strip())
-            if number != number.quantize(decimal.Decimal(1).scaleb(-column.scale),
-                                         context=_WIDE_CONTEXT):
-                return ("column %r keeps %d decimals: this key would be stored rounded, as "
-                        "another key" % (column.name, column.scale))
-        if column.kind in ("datetime", "timestamp", "time") and not column.dates_as_text:
-            fraction = re.search(r"[0-9]:[0-9]{2}\.([0-9]+)", str(value))
-            if fraction and fraction.group(1)[column.fsp:].strip("0"):
-                return ("column %r keeps %d digits of a second: this key would be stored cut, as "
-                        "another key" % (column.name, column.fsp))
-    except (ArithmeticError, ValueError):
-        # not a value of the column's type: the database refuses it
-        return None
-    return None
-
-
-def _checked_float(column, number, where):
-    """A float column: the nearest double; refused when no double holds it (1e400, 1e-400)."""
-    if not number.is_finite() or abs(number.adjusted()) > MAX_FLOAT_EXPONENT + 20:
-        raise _invalid(where, column, "the number for column %s is out of range")
-    value = float(number)
-    if not math.isfinite(value) or (value == 0 and number != 0):
-        raise _invalid(where, column, "the number for column %s is out of range")
-    return value
-
-
-def _checked_decimal(column, value, where):
-    """SQLite DECIMAL(p,s): round half up to s places like MySQL; refuse what a REAL cannot keep."""
-    try:
-        number = decimal.Decimal(value.strip() if isinstance(value, str) else value)
-    except (decimal.InvalidOperation, ValueError):
-        raise _invalid(where, column, "column %s holds a decimal number") from None
-    if not number.is_finite() or abs(number.adjusted()) > MAX_FLOAT_EXPONENT:
-        raise _invalid(where, column, "the number for column %s is out of range")
-    try:
-        if column.scale is not None:
-            number = number.quantize(decimal.Decimal(1).scaleb(-column.scale),
-                                     rounding=decimal.ROUND_HALF_UP, context=_WIDE_CONTEXT)
-    except (decimal.InvalidOperation, ValueError):
-        raise _invalid(where, column, "column %s holds a decimal number") from None
-    if len(number.normalize(_WIDE_CONTEXT).as_tuple().digits) > SQLITE_EXACT_DIGITS:
-        raise Refused("invalid_value", "%s: %s has more digits than SQLite keeps exactly (%d); use "
-                        "MySQL/MariaDB for such amounts" % (where, number, SQLITE_EXACT_DIGITS))
-    return number
-
-
-def _json_type(value):
-    """A JSON value's type as a client would name it: object, array, string..."""
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    return type(value).__name__
-
-
-def _mysql_set(value, column):
-    """A MySQL SET (the driver gives a Python set) as MySQL writes it: members in column order."""
-    if isinstance(value, (set, frozenset)):
-        order = {member.lower(): position for position, member in enumerate(column.members)}
-        return ",".join(sorted(value, key=lambda member: order.get(member.lower(), len(order))))
-    return value
-
-
-def _sqlite_decimal(value, column):
-    """A SQLite DECIMAL column's number as exact decimal text, with at least the column's scale."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return value                         # text another program stored: shown as it is
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return value                     # written by another program; to_json_bytes names it
-        exact = decimal.Decimal(repr(value))
-    else:
-        exact = decimal.Decimal(value)
-    if column.scale is not None and exact.as_tuple().exponent > -column.scale:
-        exact = exact.quantize(decimal.Decimal(1).scaleb(-column.scale), context=_WIDE_CONTEXT)
-    return format(exact, "f")
-
-
-_NUMBER_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")    # a well-formed number
-_TIME_TEXT = re.compile(r"\s*(-)?(\d+):(\d{1,2})(?::(\d{1,2})(?:\.(\d+))?)?\s*")
-
-
-def _parse_date(value):
-    """A pushed date ('2026-11-26', or the date part of a date and time)."""
-    text = str(value).strip()
-    return datetime.date.fromisoformat(text[:10] if len(text) > 10 and text[10] in " T" else text)
-
-
-def _parse_datetime(value, fsp=6):
-    """A pushed date and time, rounded as MySQL stores it.
-
-    '2026-11-26 09:30:00', or with T, a fraction, an offset.
-    """
-    text = str(value).strip()
-    moment = datetime.datetime.fromisoformat(text + "T00:00:00" if len(text) == 10 else text)
-    # an offset: the instant in UTC, as cloudsync's sessions read it
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
-    return moment + datetime.timedelta(
-        microseconds=_rounded_micro(moment.microsecond, fsp) - moment.microsecond)
-
-
-def _parse_time(value, fsp=6):
-    """A pushed TIME ('-00:00:00.500', '838:59:59') as a timedelta, rounded as MySQL stores it."""
-    found = _TIME_TEXT.fullmatch(str(value))
-    if not found:
-        raise ValueError("not a time")
-    sign, hours, minutes, seconds, fraction = found.groups()
-    whole = int(hours) * 3600 + int(minutes) * 60 + int(seconds or 0)
-    micro = whole * 1000000 + _rounded_micro(int((fraction or "")[:6].ljust(6, "0")), fsp)
-    return datetime.timedelta(microseconds=-micro if sign else micro)
-
-
-def _rounded_micro(micro, fsp):
-    """Microseconds rounded half up to fsp digits, as MySQL rounds fractional seconds."""
-    quantum = 10 ** (6 - max(0, min(6, fsp)))
-    return (micro + quantum // 2) // quantum * quantum
-
-
-# ---------------------------------------------------------------------------
 # SQL builders
 # ---------------------------------------------------------------------------
 # The statements push and pull send, written the same way for both databases:
@@ -1638,28 +1985,6 @@ def _rounded_micro(micro, fsp):
 # by default: a device's TableScope (under Grants) adds its condition, so its
 # statements see only the rows of its scope; EVERY_ROW, named on purpose,
 # adds none. A value compared with a column stands as the column's `param`.
-
-
-class _EveryRow:
-    """The scope of a table a device sees whole, or of an operator's read: no condition at all."""
-
-    __slots__ = ()
-    where = None
-    params = ()
-    texts = None
-
-    @staticmethod
-    def holds(value):
-        """Every row is in it."""
-        return True
-
-    def __repr__(self):
-        return "EVERY_ROW"
-
-
-# Named wherever a statement reads or writes every row of a table: an unscoped device's grant,
-# and the operator's commands. A builder never takes it as the default of a missing argument.
-EVERY_ROW = _EveryRow()
 
 
 def _scoped(where, params, scope):
@@ -4106,280 +4431,6 @@ def _expired():
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------
-# A checkpoint is opaque to devices: "cs1.<payload>.<mac>", the payload being
-# base64url JSON {db, t, s, scan, f, c}: this database's instance id, the tables
-# it was issued for, the sequence number it covers, during an initial sync the
-# position of the table scan, and a fingerprint of the tables' columns: rows a
-# device pulled before an ALTER TABLE lack the new column, so a checkpoint
-# from before it gets 410 and the device pulls every row again. With row
-# scopes, "c" fingerprints the device's scope the same way. The HMAC (key
-# in cloudsync_meta) makes a forged or altered checkpoint a 400, not a wrong
-# answer.
-
-
-
-class Checkpoints:
-    """Encode and verify checkpoints for one database."""
-
-    def __init__(self, changelog):
-        self.changelog = changelog
-
-    def _mac(self, payload):
-        """The checkpoint payload's HMAC-SHA256, base64url."""
-        digest = hmac.new(self.changelog.secret, payload, hashlib.sha256).digest()[:16]
-        return base64.urlsafe_b64encode(digest).rstrip(b"=")
-
-    def encode(self, tables, seq, scan=None, fingerprint=None, scope=None):
-        """A checkpoint string for `tables` at `seq`.
-
-        `scan`: a scan position during an initial sync; `fingerprint`: the
-        tables' columns; `scope`: the device's scope (SyncEngine.scope_fingerprint).
-        """
-        fields = {"db": self.changelog.instance, "t": list(tables), "s": seq, "scan": scan,
-                  "f": fingerprint}
-        if scope is not None:
-            fields["c"] = scope
-        payload = base64.urlsafe_b64encode(json.dumps(
-            fields, separators=(",", ":"), default=_json_default).encode("utf-8")).rstrip(b"=")
-        return CHECKPOINT_PREFIX + payload.decode("ascii") + "." \
-            + self._mac(payload).decode("ascii")
-
-    def decode(self, text):
-        """The checkpoint's fields, or Refused("invalid_checkpoint").
-
-        Refused when it is malformed, altered or from another database.
-        """
-        if not isinstance(text, str) or not text.startswith(CHECKPOINT_PREFIX) \
-                or text.count(".") != 2:
-            raise Refused("invalid_checkpoint",
-                          "checkpoint must be a string this server returned, or null")
-        _, payload, mac = text.split(".")
-        payload = payload.encode("ascii", "replace")
-        if not hmac.compare_digest(self._mac(payload), mac.encode("ascii", "replace")):
-            raise Refused("invalid_checkpoint", "the checkpoint was not issued by this server for "
-                                                "this database; start again with \"since\": null")
-        fields = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
-        if fields.get("db") != self.changelog.instance:
-            raise Refused("invalid_checkpoint", "the checkpoint belongs to another database")
-        return fields
-
-
-# ---------------------------------------------------------------------------
-# Grants: what one request may read and write
-# ---------------------------------------------------------------------------
-# Access is a value. The HTTP section builds one Grant per request from its
-# token (SyncEngine.grant_for keeps one per token and schema) and hands it to
-# everything that reads or writes a synced table, as PostgreSQL attaches a
-# row-level policy once and its executor applies it to every query. A Grant
-# holds, for each table the request may see, a TableGrant: the schema,
-# whether devices may write it, whether only insert, the columns pushes may
-# not set, and the rows it may touch (a TableScope, or EVERY_ROW). A table
-# the grant does not hold does not exist for the request: a device limited to
-# some tables gets the same 403 for another allowed table as for a name that
-# is no table at all, before anything about the table is looked at.
-# Grant.decide is the one function deciding whether a push operation may
-# happen; it judges the row as it will be after the operation.
-#
-# Row scopes. ROW_SCOPES names, for some tables, the column that says whose a
-# row is (sales.store_id); a token carries the values its device may see
-# (store_id=7,8, or * for every row). A device reads and writes only the rows
-# whose scope column holds one of its values: every statement a push or pull
-# sends for it carries the condition (TableScope). The triggers log each
-# change with the row's scope value, indexed by (table, scope, seq), so a
-# sync pull reads only its own stores' entries, however busy the others. An
-# update that moves a row to another store logs it under the old store too:
-# the old store's devices then look the row up, do not find it in their
-# scope, and get it as deleted; the new store's get it as upserted. A device
-# is never sent a key that was not in its scope when it was logged. Its
-# checkpoints carry a fingerprint of its scope ("c"): when the token's values
-# change, the next pull from an old checkpoint answers 410 with reset: true.
-
-# the column kinds a scope column may have: their values are written the same in the log and tokens
-SCOPE_KINDS = ("integer", "text", "enum")
-
-
-class TableScope:
-    """One device's scope on one table: the column, its values, and the condition to add."""
-
-    __slots__ = ("column", "values", "texts", "where", "params")
-
-    def __init__(self, db, column, texts):
-        self.column = column
-        if column.kind == "integer":
-            # "07" is store 7; a value that is no number matches no row
-            texts = [str(int(text)) for text in texts if re.fullmatch(r"-?[0-9]{1,19}", text)]
-            self.values = [int(text) for text in texts]
-        else:
-            self.values = list(texts)
-        self.texts = tuple(dict.fromkeys(texts))     # as the log writes them
-        self.where, self.params = db.scope_where(column, self.values)
-
-    def holds(self, value):
-        """Whether a bound value of the scope column is one of the device's, byte for byte."""
-        return value is not None and not isinstance(value, (bytes, bytearray, float)) \
-            and _scope_text(value) in self.texts
-
-
-def _scope_text(value):
-    """A scope column's value as the log writes it: 7 -> '7'."""
-    if isinstance(value, decimal.Decimal) and value == value.to_integral_value():
-        return str(int(value))
-    return str(value)
-
-
-class TableGrant:
-    """What a request may do with one table: its rows (scope), writing, actions, columns."""
-
-    __slots__ = ("schema", "scope", "writable", "insert_only", "read_only_columns")
-
-    def __init__(self, schema, scope, writable=True, insert_only=False, read_only_columns=()):
-        self.schema = schema
-        self.scope = scope                  # a TableScope, or EVERY_ROW
-        self.writable = writable            # not in READ_ONLY_TABLES
-        self.insert_only = insert_only      # in INSERT_ONLY_TABLES
-        self.read_only_columns = frozenset(read_only_columns)
-
-    def actions(self):
-        """The push actions the grant allows on the table, as /sync/status tells a device."""
-        if not self.writable:
-            return []
-        return ["insert"] if self.insert_only else list(ACTIONS)
-
-    def rules(self):
-        """The table's rules as /sync/status shows them to the device they apply to."""
-        return {"read_only": not self.writable, "insert_only": self.insert_only,
-                "read_only_columns": sorted(self.read_only_columns), "actions": self.actions()}
-
-
-class Grant:
-    """One request's access: its device and, for each table it may see, a TableGrant."""
-
-    __slots__ = ("device_id", "tables", "limited", "scopes")
-
-    def __init__(self, device_id, tables, limited, scopes=None):
-        self.device_id = device_id
-        self.tables = tables                # {table: TableGrant}, in ALLOWED_TABLES order
-        # some allowed table is out of reach: its name is answered like a name that is no table
-        self.limited = limited
-        self.scopes = scopes                # {column: values} of the token, for /sync/status
-
-    @property
-    def visible(self):
-        """The tables the request may use, in ALLOWED_TABLES order."""
-        return list(self.tables)
-
-    @property
-    def scoped(self):
-        """Whether some table is narrowed to the rows of a scope."""
-        return any(granted.scope.where is not None for granted in self.tables.values())
-
-    def table(self, name, where):
-        """The TableGrant of a table a request names; else Refused, before anything else is read.
-
-        A device limited to some tables cannot tell an allowed table it may
-        not use from a name that is no table: both are 403.
-        """
-        granted = self.tables.get(name) if isinstance(name, str) else None
-        if granted is not None:
-            return granted
-        shown = json.dumps(name, default=str)[:100]
-        if self.limited:
-            raise Refused("table_not_permitted", "%s: this device may not use table %s"
-                          % (where, shown))
-        raise Refused("invalid_table", "%s: table %s is not in ALLOWED_TABLES" % (where, shown))
-
-    def scope(self, table):
-        """The rows of `table` the request may see: its TableScope, or EVERY_ROW."""
-        return self.tables[table].scope
-
-    def fingerprint(self, tables):
-        """A short value naming the rows of `tables` the request sees; None when all of them.
-
-        It goes into checkpoints ("c") and the seed cache's key.
-        """
-        limited = [(table, self.tables[table].scope.column.name,
-                    sorted(self.tables[table].scope.texts))
-                   for table in tables if self.tables[table].scope.where is not None]
-        if not limited:
-            return None
-        return hashlib.sha256(json.dumps(limited).encode("utf-8")).hexdigest()[:12]
-
-    def decide(self, op):
-        """The one place a push operation is allowed or refused (Refused naming it).
-
-        Judged on the row as it will be after the operation, by each check of
-        DECISIONS in turn; the operation then carries its table's scope, which
-        every statement it sends adds to its WHERE.
-        """
-        granted = self.tables[op.table.name]
-        for check in DECISIONS:
-            check(granted, op)
-        op.scope = granted.scope
-
-
-def _may_write(granted, op):
-    """A table devices may only pull (READ_ONLY_TABLES) takes no push."""
-    if not granted.writable:
-        raise Refused("read_only_table", "operation %d: devices may pull %s but not push to it"
-                      % (op.index, op.table.name), op=op.index)
-
-
-def _may_do(granted, op):
-    """An insert-only table (a ledger) takes inserts only."""
-    if granted.insert_only and op.action != "insert":
-        raise Refused("insert_only_table", "operation %d: %s is insert-only (a ledger); devices "
-                      "may add rows to it, not %s them" % (op.index, op.table.name, op.action),
-                      op=op.index)
-
-
-def _may_set(granted, op):
-    """No operation but a delete (which may carry the whole row) sets a read-only column."""
-    if granted.read_only_columns and op.action != "delete":
-        fixed = [name for name in op.sent if name in granted.read_only_columns]
-        if fixed:
-            raise Refused("read_only_column", "operation %d: column %s of %s is read-only; leave "
-                          "it out (an insert gets the database's default)"
-                          % (op.index, fixed[0], op.table.name), op=op.index, column=fixed[0])
-
-
-def _stays_in_scope(granted, op):
-    """The row after the operation is in the device's scope.
-
-    An insert or upsert names its scope value (or gets the token's only one);
-    an update that sets the scope column keeps it inside; an increment may not
-    add to it (the sum is not known before it runs). An update, increment or
-    delete finds only rows of the scope: its WHERE carries the scope.
-    """
-    scope = granted.scope
-    if scope.where is None or op.action == "delete":
-        return
-    name = scope.column.name
-    where = "operation %d (%s on %s)" % (op.index, op.action, op.table.name)
-    if op.action == "increment":
-        if name in op.values and name not in op.table.primary_key:
-            raise Refused("out_of_scope", "%s: an increment may not add to %s, which says whose "
-                          "the row is" % (where, name), op=op.index)
-    elif name in op.values:
-        if op.action == "update" and name in op.table.primary_key:
-            return                          # the key names the row; the scope finds it or not
-        if not scope.holds(op.values[name]):
-            raise Refused("out_of_scope", "%s: %s %s is outside this device's scope (%s)"
-                          % (where, name, json.dumps(op.sent.get(name), default=str)[:100],
-                             ", ".join(scope.texts) or "none"), op=op.index)
-    elif op.action in ("insert", "upsert"):
-        if len(scope.values) != 1:
-            raise Refused("out_of_scope", "%s: data must include %s, one of this device's values "
-                          "(%s)" % (where, name, ", ".join(scope.texts)), op=op.index)
-        op.values[name] = scope.values[0]
-
-
-# Grant.decide runs these, in this order; each refuses an operation on its own ground.
-DECISIONS = (_may_write, _may_do, _may_set, _stays_in_scope)
-
-
-# ---------------------------------------------------------------------------
 # Sync engine: the tables and their rows
 # ---------------------------------------------------------------------------
 # What push and pull share: the allowed tables as the database describes
@@ -4590,18 +4641,6 @@ class SyncEngine:
 # operation runs (ACTIONS names its method), the outcome is stored for a
 # replay, and the checkpoint to return is decided (below, "The checkpoint a
 # push returns").
-
-ACTIONS = {
-    # action: (the method that applies it, what the log records when it changed a row)
-    "insert": ("_insert_one", "I"),
-    "update": ("_update", "U"),
-    "delete": ("_delete", "D"),
-    "upsert": ("_upsert", "U"),
-    # adds to numeric columns in the database: never a conflict, needs a batch_id
-    "increment": ("_increment", "U"),
-}
-NUMBER_KINDS = ("integer", "decimal", "float")        # what an increment may add to
-
 
 class Operation:
     """One validated push operation: bound values and its primary key."""
