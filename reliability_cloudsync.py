@@ -28,6 +28,7 @@ import argparse
 import gzip
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -121,6 +122,271 @@ class PrivateMariaDB:
 
     def close(self):
         self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# A Galera cluster on loopback
+# ---------------------------------------------------------------------------
+
+GALERA_LIBRARY = "/usr/lib/galera/libgalera_smm.so"
+
+
+def galera_missing():
+    """What this machine lacks to run a Galera cluster, in words ("" when nothing)."""
+    missing = [name for name, there in (
+        (MARIADBD, os.path.exists(MARIADBD)),
+        ("mariadb-install-db", shutil.which("mariadb-install-db")),
+        (GALERA_LIBRARY + " (apt-get install galera-4)", os.path.exists(GALERA_LIBRARY)),
+        ("rsync", shutil.which("rsync")),
+        ("wsrep_sst_rsync", shutil.which("wsrep_sst_rsync")),
+        # the state-transfer script finds its rsync daemon's socket with one of these
+        ("ss (iproute2)", shutil.which("ss") or shutil.which("lsof"))) if not there]
+    return ", ".join(missing)
+
+
+def galera_available():
+    """Whether this machine can run a GaleraCluster."""
+    return not galera_missing()
+
+
+def _log_tail(path, lines=25):
+    """The last lines of a log file, for an exception's message."""
+    try:
+        with open(path, errors="replace") as log:
+            return "".join(log.readlines()[-lines:])
+    except OSError:
+        return "(no log at %s)" % path
+
+
+class GaleraNode(PrivateMariaDB):
+    """One node of a GaleraCluster: its own directory, datadir, ports, socket and process."""
+
+    def __init__(self, root, number, cluster_name, owner):
+        # PrivateMariaDB.__init__ would install a datadir: only the first node gets one, the
+        # others receive theirs from a donor (state transfer)
+        self.root = root
+        self.number = number
+        self.data = os.path.join(root, "data")
+        self.log_path = os.path.join(root, "err.log")
+        self.port, self.galera_port, self.ist_port, self.sst_port = (free_port() for _ in range(4))
+        self.cluster_name = cluster_name
+        self.owner = owner
+        self.process = None
+        self.state = None                   # (wsrep_local_state_comment, wsrep_cluster_size) last seen
+        os.makedirs(self.data)
+        self._give_to_owner()
+
+    def _give_to_owner(self):
+        """Hand the node's files to the user it runs as (nobody, when started by root)."""
+        if self.owner is not None:
+            for folder, dirs, files in os.walk(self.root):
+                for name in [folder] + [os.path.join(folder, entry) for entry in dirs + files]:
+                    os.lchown(name, self.owner.pw_uid, self.owner.pw_gid)
+
+    def install(self):
+        """Create the system tables: the first node's datadir, from which the others are copied."""
+        subprocess.run(["mariadb-install-db", "--no-defaults", "--datadir=" + self.data,
+                        "--user=" + self.user, "--auth-root-authentication-method=normal",
+                        "--skip-test-db", "--innodb-log-file-size=16M"],
+                       check=True, capture_output=True)
+
+    @property
+    def user(self):
+        """The operating-system user mariadbd runs as."""
+        return self.owner.pw_name if self.owner is not None else "root"
+
+    def start(self, addresses=(), bootstrap=False):
+        """Start mariadbd; `addresses` are every node's replication address (host:port)."""
+        self._give_to_owner()
+        provider_options = ";".join([
+            "gmcast.listen_addr=tcp://127.0.0.1:%d" % self.galera_port,
+            "ist.recv_addr=127.0.0.1:%d" % self.ist_port,
+            "gcache.size=32M",
+            # a killed node is noticed within seconds, not the default 5-15 s
+            "evs.suspect_timeout=PT3S", "evs.inactive_timeout=PT5S",
+            "evs.inactive_check_period=PT0.5S", "evs.keepalive_period=PT0.5S",
+            # a node that finds no cluster to join gives up after 10 s, not 30 s
+            "pc.wait_prim_timeout=PT10S"])
+        command = [
+            MARIADBD, "--no-defaults", "--datadir=" + self.data, "--user=" + self.user,
+            "--socket=" + os.path.join(self.root, "sock"), "--pid-file=" + os.path.join(self.root, "pid"),
+            "--log-error=" + self.log_path, "--port=%d" % self.port, "--bind-address=127.0.0.1",
+            "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=16M", "--max-connections=400",
+            # every node has the data; a commit is safe once certified, not when this disk has it
+            "--innodb-flush-log-at-trx-commit=2",
+            # what Galera needs: row events, and auto-increments that take no table lock
+            "--binlog-format=ROW", "--innodb-autoinc-lock-mode=2", "--default-storage-engine=InnoDB",
+            "--wsrep-on=ON", "--wsrep-provider=" + GALERA_LIBRARY,
+            "--wsrep-cluster-name=" + self.cluster_name,
+            "--wsrep-cluster-address=gcomm://" + ",".join(addresses),
+            "--wsrep-node-name=node%d" % self.number,
+            "--wsrep-node-address=127.0.0.1:%d" % self.galera_port,
+            "--wsrep-node-incoming-address=127.0.0.1:%d" % self.port,
+            "--wsrep-sst-method=rsync", "--wsrep-sst-receive-address=127.0.0.1:%d" % self.sst_port,
+            "--wsrep-provider-options=" + provider_options,
+            # replicated writes are applied in parallel, as on a production cluster
+            "--wsrep-slave-threads=2"]
+        if bootstrap:
+            command.append("--wsrep-new-cluster")
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def status(self):
+        """The node's wsrep_* status variables, or None while it does not answer."""
+        try:
+            return dict(self.sql("SHOW GLOBAL STATUS LIKE 'wsrep%'"))
+        except Exception:
+            return None
+
+    def synced(self, size):
+        """Whether the node is Synced in a cluster of `size` nodes; raise if its process ended."""
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError("Galera node %d exited; %s:\n%s"
+                               % (self.number, self.log_path, _log_tail(self.log_path)))
+        status = self.status() or {}
+        self.state = status.get("wsrep_local_state_comment"), status.get("wsrep_cluster_size")
+        return self.state == ("Synced", str(size)) and status.get("wsrep_ready") == "ON"
+
+    def close(self):
+        self.stop(kill=True)
+
+
+class GaleraCluster:
+    """A throwaway MariaDB Galera cluster of N nodes on loopback, each with its own datadir and ports.
+
+    The first node is bootstrapped (--wsrep-new-cluster) from a fresh datadir;
+    the others join with empty datadirs and receive a copy by rsync (state
+    snapshot transfer). Every node accepts writes.
+
+    The rsync daemon of a joining node, started by root, writes as nobody: so
+    the nodes run as nobody (when started by root), and their files live under
+    a directory of /tmp that nobody may enter, not under pytest's private one.
+    """
+
+    def __init__(self, size=3, start_seconds=90):
+        self.root = tempfile.mkdtemp(prefix="cloudsync-galera-")
+        os.chmod(self.root, 0o755)
+        owner = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+        name = "cloudsync-%06d" % random.randrange(10 ** 6)    # at most 32 characters
+        self.start_seconds = start_seconds
+        self.nodes = [GaleraNode(os.path.join(self.root, "node%d" % n), n + 1, name, owner)
+                      for n in range(size)]
+        self._paused = {}
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def addresses(self):
+        """Every node's replication address."""
+        return ["127.0.0.1:%d" % node.galera_port for node in self.nodes]
+
+    def start(self):
+        """Bootstrap the first node, then join the others one by one; each must be Synced.
+
+        One at a time: two nodes joining together take as long, and a failure
+        then names the node that failed.
+        """
+        began = time.monotonic()
+        first = self.nodes[0]
+        first.install()
+        first.start(self.addresses, bootstrap=True)
+        self.wait_synced([first], 1, began + self.start_seconds)
+        for size, node in enumerate(self.nodes[1:], 2):
+            node.start(self.addresses)
+            self.wait_synced([node], size, began + self.start_seconds)
+        self.started_in = time.monotonic() - began
+
+    @staticmethod
+    def wait_synced(nodes, size, deadline):
+        """Wait until these nodes are Synced in a cluster of `size`; else raise with the laggards' logs."""
+        waiting = list(nodes)
+        while waiting and time.monotonic() < deadline:
+            waiting = [node for node in waiting if not node.synced(size)]
+            if waiting:
+                time.sleep(0.1)
+        if waiting:
+            raise RuntimeError("Galera nodes not Synced in a cluster of %d:\n%s" % (size, "\n".join(
+                "node %d (state, cluster size: %s); %s:\n%s"
+                % (node.number, node.state, node.log_path, _log_tail(node.log_path)) for node in waiting)))
+
+    def create_database(self, name):
+        """A database with the example tables, created through the first node; visible on all."""
+        self.nodes[0].create_database(name)
+        tables = self.nodes[0].sql("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = '%s'"
+                                   % name)[0][0]
+        deadline = time.monotonic() + 30
+        for node in self.nodes:
+            while node.sql("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = '%s'"
+                           % name)[0][0] != tables:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("database %s did not reach node %d" % (name, node.number))
+                time.sleep(0.05)
+        return name
+
+    def add_user(self, database, user="cloudsync", password="cloudsync"):
+        """A user with every privilege on one database and none beyond; returns (user, password).
+
+        read_only binds such a user. It does not bind root, which holds
+        READ_ONLY ADMIN: root may still write on a read-only node.
+        """
+        self.nodes[0].sql("CREATE USER IF NOT EXISTS '%s'@'%%' IDENTIFIED BY '%s'" % (user, password))
+        self.nodes[0].sql("GRANT ALL ON `%s`.* TO '%s'@'%%'" % (database, user))
+        return user, password
+
+    def kill(self, i):
+        """SIGKILL nodes[i]: a crash; the others go on without it once they notice (about 3 s)."""
+        self.nodes[i].stop(kill=True)
+
+    def restart(self, i):
+        """Start nodes[i] again and wait until it has rejoined and is Synced.
+
+        After a kill its position is unknown, so it rejoins by a state transfer
+        (rsync copies only the files that differ), not from the donor's cache.
+        """
+        node = self.nodes[i]
+        node.stop()
+        node.start(self.addresses)
+        self.wait_synced([node], len(self.nodes), time.monotonic() + self.start_seconds)
+
+    def pause(self, i):
+        """Make nodes[i] fall behind: it stops applying the others' writes until resume(i).
+
+        wsrep_desync first, so that the cluster's flow control does not
+        stop every node to wait for it. Reads on the node answer (with old
+        data); writes through it wait for the read lock.
+        """
+        conn = self.nodes[i].connect()
+        cursor = conn.cursor()
+        cursor.execute("SET GLOBAL wsrep_desync = ON")
+        cursor.execute("FLUSH TABLES WITH READ LOCK")
+        cursor.close()
+        self._paused[i] = conn
+
+    def resume(self, i):
+        """Let a paused node apply what it missed, and wait until it is Synced again."""
+        conn = self._paused.pop(i)
+        cursor = conn.cursor()
+        cursor.execute("UNLOCK TABLES")
+        cursor.execute("SET GLOBAL wsrep_desync = OFF")
+        cursor.close()
+        conn.close()
+        self.wait_synced([self.nodes[i]], len(self.nodes), time.monotonic() + self.start_seconds)
+
+    def set_read_only(self, i, on):
+        """Turn read_only on or off on nodes[i] (it binds the users of add_user, not root)."""
+        self.nodes[i].sql("SET GLOBAL read_only = %s" % ("ON" if on else "OFF"))
+
+    def close(self):
+        """Stop every node and remove every file."""
+        for conn in self._paused.values():
+            conn.close()
+        self._paused.clear()
+        for node in self.nodes:
+            node.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
