@@ -4456,6 +4456,19 @@ def private_mariadb(tmp_path_factory):
     db.close()
 
 
+@pytest.fixture(scope="module")
+def galera_cluster():
+    """A 3-node MariaDB Galera cluster on loopback, shared by the module's tests (about 10 s to start)."""
+    missing = reliability_cloudsync.galera_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail("a Galera cluster needs %s, and CI is set" % missing)
+        pytest.skip("a Galera cluster needs %s (apt-get install galera-4 rsync)" % missing)
+    cluster = reliability_cloudsync.GaleraCluster()
+    yield cluster
+    cluster.close()
+
+
 def test_database_restart_while_devices_sync(private_mariadb, tmp_path):
     figures = reliability_cloudsync.scenario_restart(private_mariadb, str(tmp_path), devices=6)
     assert figures["device failures"] == 0
@@ -4484,6 +4497,22 @@ def test_bad_inputs_over_http(private_mariadb, tmp_path):
     figures = reliability_cloudsync.scenario_bad_inputs(private_mariadb, str(tmp_path), count=200)
     assert figures["5xx answers"] == 0 and figures["database changed"] is False
 
+
+
+def test_a_galera_cluster_replicates_and_cloudsync_migrates_and_checks_against_its_nodes(galera_cluster):
+    database = galera_cluster.create_database("galera_%d" % random.randrange(10 ** 6))
+    first, third = galera_cluster.nodes[0], galera_cluster.nodes[2]
+    first.sql("INSERT INTO sales (id, total) VALUES ('written-on-1', 2.50)", database)
+    # a read waits until this node has applied every commit the cluster made before it
+    assert third.sql("SET STATEMENT wsrep_sync_wait = 1 FOR SELECT CAST(total AS CHAR) FROM sales"
+                     " WHERE id = 'written-on-1'", database) == [("2.50",)]
+    env = {"DB_HOST": "127.0.0.1", "DB_USER": "root", "DB_PASS": "", "DB_NAME": database,
+           "ALLOWED_TABLES": "sales,products", "TOKENS_FILE": ""}
+    code, out, err = _cli(["--env-file", "", "migrate"], dict(env, DB_PORT=str(first.port)))
+    assert code == 0, out + err
+    # the triggers migrate installed through node 1 are there on node 3
+    code, out, err = _cli(["--env-file", "", "check"], dict(env, DB_PORT=str(third.port)))
+    assert code == 0 and "PROBLEM" not in out, out + err
 
 # ---------------------------------------------------------------------------
 # Row scopes: each device syncs only its own store's rows
