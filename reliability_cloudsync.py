@@ -22,6 +22,16 @@ cloudsync server processes on loopback ports, then runs:
 
 It prints the figures README's reliability section quotes. The test suite runs
 the same scenarios with smaller numbers.
+
+    python3 reliability_cloudsync.py --galera [--devices 50] [--rounds 8]
+
+measures issue 25 instead: starts a 3-node MariaDB Galera cluster on loopback
+(GaleraCluster), then reports what Galera does with locks, commits of one row
+through two nodes, reads after a commit elsewhere and auto-increments; devices
+pushing (batch ids, checkpoints) and pulling through one cloudsync instance
+per node, then three instances on one node; a checkpoint used on a node that
+is behind; serve on a read-only node; and, on a plain private MariaDB, the
+same devices through three instances and the sequencer deadlock.
 """
 
 import argparse
@@ -212,11 +222,16 @@ class GaleraNode(PrivateMariaDB):
             MARIADBD, "--no-defaults", "--datadir=" + self.data, "--user=" + self.user,
             "--socket=" + os.path.join(self.root, "sock"), "--pid-file=" + os.path.join(self.root, "pid"),
             "--log-error=" + self.log_path, "--port=%d" % self.port, "--bind-address=127.0.0.1",
+            # its own: a server starting removes every #sql* file in its tmpdir, and in a shared
+            # /tmp those are the temporary tables of the other servers' running queries
+            "--tmpdir=" + self.data,
             "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=16M", "--max-connections=400",
             # every node has the data; a commit is safe once certified, not when this disk has it
             "--innodb-flush-log-at-trx-commit=2",
             # what Galera needs: row events, and auto-increments that take no table lock
             "--binlog-format=ROW", "--innodb-autoinc-lock-mode=2", "--default-storage-engine=InnoDB",
+            # Galera counts as binary logging: without this, only SUPER may create triggers
+            "--log-bin-trust-function-creators=1",
             "--wsrep-on=ON", "--wsrep-provider=" + GALERA_LIBRARY,
             "--wsrep-cluster-name=" + self.cluster_name,
             "--wsrep-cluster-address=gcomm://" + ",".join(addresses),
@@ -491,6 +506,9 @@ def pull_until_done(urls, figures, tables, checkpoint, rows, attempts=600):
         status, _, payload = request(random.choice(urls), "POST", "/sync/pull",
                                      {"tables": tables, "since": checkpoint, "limit": 200})
         figures.add("requests")
+        figures.add("pull requests")
+        if status != 200:
+            figures.add("pull %s" % (status or "unanswered"))
         if status == 410:
             checkpoint, rows = None, rows.clear() or rows
             continue
@@ -703,6 +721,392 @@ def scenario_load(db, workdir, devices=50, rounds=8, seed=7):
     return figures
 
 
+def push_with_checkpoint(urls, figures, body, rows):
+    """Send a push with the device's checkpoint and batch id until it is answered 200.
+
+    Counts every other answer by status. A 410 (checkpoint expired) makes the
+    device start over: the batch goes out again without a checkpoint, and the
+    device's copy is dropped. When the answer moves the checkpoint, the server
+    proved the device holds exactly what it pushed: the operations are applied
+    to its copy, as a device applies them before it pushes. Returns the
+    device's checkpoint.
+    """
+    for attempt in range(600):
+        status, _, payload = request(random.choice(urls), "POST", "/sync/push", body)
+        figures.add("requests")
+        figures.add("push requests")
+        if status == 200:
+            if body.get("checkpoint") is None or payload["checkpoint"] == body["checkpoint"]:
+                return body.get("checkpoint")
+            figures.add("push checkpoints moved")
+            for operation in body["operations"]:
+                table, data = rows.setdefault(operation["table"], {}), operation["data"]
+                if operation["action"] == "delete":
+                    table.pop(data["id"], None)
+                else:
+                    table[data["id"]] = dict(table.get(data["id"], {}), **data)
+            return payload["checkpoint"]
+        figures.add("push %s" % (status or "unanswered"))
+        if status == 410:
+            body = {name: value for name, value in body.items() if name != "checkpoint"}
+            rows.clear()
+        elif status not in (0, 500, 502, 503):
+            raise AssertionError("push got %s: %s" % (status, payload))
+        time.sleep(min(0.05 * (attempt + 1), 0.5))
+    raise AssertionError("push was never acknowledged")
+
+
+CONFLICT_COUNTERS = {"Innodb_deadlocks": "InnoDB deadlocks",
+                     # a commit refused because a write from another node certified first
+                     "wsrep_local_cert_failures": "Galera certification failures",
+                     # a transaction of this node rolled back to let another node's write apply
+                     "wsrep_local_bf_aborts": "Galera brute-force aborts"}
+
+
+def conflict_counters(dbs):
+    """Deadlocks and Galera conflicts so far, summed over the distinct servers of `dbs`."""
+    totals = dict.fromkeys(CONFLICT_COUNTERS.values(), 0)
+    for db in {db.port: db for db in dbs}.values():
+        for name, value in db.sql("SHOW GLOBAL STATUS WHERE Variable_name IN (%s)"
+                                  % ", ".join("'%s'" % name for name in CONFLICT_COUNTERS)):
+            totals[CONFLICT_COUNTERS[name]] += int(value)
+    return totals
+
+
+def scenario_instances(dbs, database, workdir, devices=15, rounds=8, seed=5):
+    """One cloudsync instance per entry of `dbs` (a Galera node each, or one server repeated).
+
+    Devices push batches (batch ids, their checkpoint, conflicts skipped) and
+    pull, each request through an instance chosen at random. Figures: requests
+    and non-200 answers by kind and status, then lost and doubled writes,
+    devices equal to the database, and gaps in the change log.
+    """
+    servers = []
+    for number, db in enumerate(dbs):    # one at a time: each runs migrate as it starts
+        servers.append(Server(db, database, os.path.join(workdir, "%s-%d.log" % (database, number)),
+                              THREADS=8, DB_POOL_SIZE=8).start())
+    urls = [server.url for server in servers]
+    figures = Figures(**{"devices": devices, "instances": len(servers), "push requests": 0,
+                         "pull requests": 0, "device failures": 0})
+    expected, finals, lock = {}, {}, threading.Lock()
+    counted = conflict_counters(dbs)
+
+    def device(number):
+        rng = random.Random(seed * 1000 + number)
+        own, checkpoint, rows = {}, None, {}
+        for round_ in range(rounds):
+            operations = []
+            for n in range(2):
+                row_id = "G%d-%d-%d" % (number, round_, n)
+                own[row_id] = "new"
+                # every column, as a pull sends it: the device then holds exactly what the server does
+                operations.append({"table": "sales", "action": "insert", "data": {
+                    "id": row_id, "customer_id": None, "total": "1.00", "note": "new", "sold_at": None}})
+            if rng.random() < 0.7:
+                row_id = rng.choice(sorted(own))
+                own[row_id] = "edited %d" % round_
+                operations.append({"table": "sales", "action": "update", "data": {"id": row_id, "note": own[row_id]}})
+            if len(own) > 3 and rng.random() < 0.3:
+                row_id = rng.choice(sorted(own))
+                del own[row_id]
+                operations.append({"table": "sales", "action": "delete", "data": {"id": row_id}})
+            if rng.random() < 0.5:
+                operations.append({"table": "product_stock", "action": "upsert",
+                                   "data": {"id": "shared-%d" % rng.randrange(5), "quantity": rng.randrange(100)}})
+            body = {"device_id": "dev%d" % number, "batch_id": "round-%d" % round_, "on_conflict": "skip",
+                    "checkpoint": checkpoint, "operations": operations}
+            checkpoint = push_with_checkpoint(urls, figures, body, rows)
+            checkpoint = pull_until_done(urls, figures, ["sales", "product_stock"], checkpoint, rows)
+        with lock:
+            expected.update(own)
+        finals[number] = (checkpoint, rows)
+
+    began = time.monotonic()
+    for thread in start_devices(device, devices, figures):
+        thread.join(timeout=900)
+    figures["seconds"] = round(time.monotonic() - began, 1)
+    for name, value in conflict_counters(dbs).items():
+        figures[name] = value - counted[name]
+    for db in dbs:
+        # a causal read: the node has applied every commit the cluster made (no-op without Galera)
+        db.sql("SET STATEMENT wsrep_sync_wait = 1 FOR SELECT 1")
+    db = dbs[0]
+    truth = {table: server_rows(db, database, table) for table in ("sales", "product_stock")}
+    equal = 0
+    for number, (checkpoint, rows) in finals.items():
+        pull_until_done(urls, figures, ["sales", "product_stock"], checkpoint, rows)
+        if all(_comparable(rows.get(table, {})) == truth[table] for table in truth):
+            equal += 1
+    figures["devices equal to the database"] = equal
+    own_rows = {key: row["note"] for key, row in truth["sales"].items() if key.startswith("G")}
+    figures["lost writes"] = sum(1 for key, note in expected.items() if own_rows.get(key) != note)
+    figures["doubled writes"] = doubled_inserts(db, database, "G") + len(set(own_rows) - set(expected))
+    figures["change log gaps"] = change_log_gaps(db, database)
+    figures["change log entries"] = db.sql("SELECT COUNT(*) FROM cloudsync_changes", database)[0][0]
+    for server in servers:
+        server.stop()
+    return figures
+
+
+def _run(conn, statement):
+    """Run one statement on a connection; its rows.
+
+    Through cmd_query, as cloudsync sends statements: a cursor would ping
+    first, and the ping would take the error that a Galera brute-force abort
+    leaves for the session's next command.
+    """
+    result = conn.cmd_query(statement)
+    return [tuple(row) for row in conn.get_rows()[0]] if "columns" in result else []
+
+
+def _outcome(conn, statement):
+    """The statement's rows, or "error <number>"."""
+    try:
+        return _run(conn, statement)
+    except Exception as error:                # the figure is which error
+        return "error %s" % getattr(error, "errno", error)
+
+
+def _timed(call):
+    """(what call() returned, seconds it took)."""
+    began = time.monotonic()
+    result = call()
+    return result, round(time.monotonic() - began, 2)
+
+
+def _answer(status, payload):
+    """An HTTP answer in a few words: the status, and the error and reset flag of a refusal."""
+    if status == 200 or not isinstance(payload, dict):
+        return str(status)
+    return "%s %s%s" % (status, payload.get("error"), ", reset" if payload.get("reset") else "")
+
+
+def scenario_lagging_node(cluster, workdir, lag_seconds=4.0):
+    """A checkpoint issued through node 1 is used on node 3 while node 3 is paused behind.
+
+    Node 3 stops applying (GaleraCluster.pause) and resumes after
+    lag_seconds. Figures: what a pull and a push through node 3 answer with
+    that checkpoint while it is behind, and how long they took; then a pull
+    after it caught up.
+    """
+    database = cluster.create_database("lag_%d" % random.randrange(10 ** 6))
+    first = Server(cluster.nodes[0], database, os.path.join(workdir, "lag-1.log")).start()
+    behind = Server(cluster.nodes[2], database, os.path.join(workdir, "lag-3.log")).start()
+    figures = Figures()
+
+    def push(url, name, checkpoint):
+        body = {"device_id": "lagging", "batch_id": name, "checkpoint": checkpoint, "operations": [
+            {"table": "sales", "action": "insert", "data": {"id": name, "total": "1.00"}}]}
+        return request(url, "POST", "/sync/push", body)
+
+    def pull(url, checkpoint):
+        return request(url, "POST", "/sync/pull", {"tables": ["sales"], "since": checkpoint})
+
+    checkpoint = pull_until_done([first.url], Figures(), ["sales"], None, {})
+    push(first.url, "before", checkpoint)
+    cluster.pause(2)
+    resumer = threading.Timer(lag_seconds, cluster.resume, (2,))
+    resumer.start()
+    try:
+        push(first.url, "while-behind", checkpoint)
+        status, _, payload = pull(first.url, checkpoint)
+        ahead = payload["checkpoint"]      # numbered past what node 3 has applied
+        figures["checkpoint from node 1"] = status
+        (status, _, payload), took = _timed(lambda: pull(behind.url, ahead))
+        figures["pull through node 3 while behind"] = "%s in %s s" % (_answer(status, payload), took)
+        (status, _, payload), took = _timed(lambda: push(behind.url, "through-3", ahead))
+        figures["push through node 3 while behind"] = "%s in %s s" % (_answer(status, payload), took)
+    finally:
+        resumer.join()
+    status, _, payload = pull(behind.url, ahead)
+    figures["pull through node 3 once caught up"] = _answer(status, payload)
+    first.stop()
+    behind.stop()
+    return figures
+
+
+def scenario_read_only_node(cluster, workdir):
+    """cloudsync serve against a read_only node, as a user read_only binds: how it ends."""
+    database = cluster.create_database("readonly_%d" % random.randrange(10 ** 6))
+    user, password = cluster.add_user(database)
+    env = dict(os.environ, DB_HOST="127.0.0.1", DB_USER=user, DB_PASS=password, DB_NAME=database,
+               ALLOWED_TABLES=TABLES, TOKENS_FILE="", HOST="127.0.0.1", PORT=str(free_port()))
+    command = [sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", ""]
+    figures = Figures()
+    migrated = subprocess.run(command + ["migrate"], env=dict(env, DB_PORT=str(cluster.nodes[0].port)),
+                              capture_output=True, text=True, timeout=60)
+    figures["migrate through node 1 (exit code)"] = migrated.returncode
+    cluster.set_read_only(2, True)
+    try:
+        served = subprocess.run(command + ["serve"], env=dict(env, DB_PORT=str(cluster.nodes[2].port)),
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        cluster.set_read_only(2, False)
+    figures["serve on read-only node 3 (exit code)"] = served.returncode
+    lines = served.stderr.strip().splitlines()
+    figures["its last words"] = lines[-1] if lines else ""
+    figures["traceback"] = "Traceback" in served.stderr
+    return figures
+
+
+def sequencer_deadlock(db, wait_seconds=10):
+    """Issue 25, item 2: a push that numbers its changes and the sequencer of a pull, deadlocked.
+
+    Two connections play the statements of ChangeLog.sequence_in_transaction
+    (as it is when this was written) on a database migrated by cloudsync:
+
+    1. three committed changes wait to be numbered (cloudsync_pending 1-3);
+    2. push: START TRANSACTION; INSERT INTO sales: its trigger adds pending row 4, uncommitted;
+    3. sequencer: START TRANSACTION; SELECT ... last_seq FOR UPDATE; SELECT id FROM cloudsync_pending
+       (sees 1-3); INSERT INTO cloudsync_changes ... SELECT ... WHERE id IN (1, 2, 3);
+       DELETE FROM cloudsync_pending WHERE id IN (1, 2, 3): the list covers most of a small
+       table, so the plan is a full scan, and the scan waits for row 4's lock;
+    4. push: SELECT ... last_seq FOR UPDATE (sequence_in_transaction, called just before its
+       commit): it waits for the sequencer, which waits for it.
+
+    Returns the figures, and InnoDB's report of the latest deadlock.
+    """
+    database = db.create_database("deadlock_%d" % random.randrange(10 ** 6))
+    env = dict(os.environ, DB_HOST="127.0.0.1", DB_PORT=str(db.port), DB_USER="root", DB_PASS="",
+               DB_NAME=database, ALLOWED_TABLES="sales", TOKENS_FILE="")
+    subprocess.run([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "", "migrate"],
+                   env=env, check=True, capture_output=True, timeout=60)
+    push, sequencer = db.connect(database), db.connect(database)
+    for conn in (push, sequencer):
+        conn.cmd_query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")   # as cloudsync's
+        conn.cmd_query("SET SESSION innodb_lock_wait_timeout = %d" % wait_seconds)
+    figures = Figures()
+
+    def delete():
+        done = _outcome(sequencer, "DELETE FROM cloudsync_pending WHERE id IN (%s)" % ids)
+        figures["sequencer's DELETE"] = "done" if done == [] else done
+
+    try:
+        for n in range(3):
+            db.sql("INSERT INTO sales (id) VALUES ('committed-%d')" % n, database)
+        _run(push, "START TRANSACTION")
+        _run(push, "INSERT INTO sales (id) VALUES ('pushed')")
+        _run(sequencer, "START TRANSACTION")
+        _run(sequencer, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq' FOR UPDATE")
+        ids = ", ".join(str(row[0]) for row in _run(sequencer, "SELECT id FROM cloudsync_pending ORDER BY id"))
+        _run(sequencer, "INSERT INTO cloudsync_changes (seq, table_name, row_key, op, device_id, batch_id,"
+                       " changed_at, scope, columns) SELECT ROW_NUMBER() OVER (ORDER BY id), table_name,"
+                       " row_key, op, device_id, batch_id, changed_at, scope, columns FROM cloudsync_pending"
+                       " WHERE id IN (%s)" % ids)
+        figures["DELETE's plan"] = db.sql("EXPLAIN DELETE FROM cloudsync_pending WHERE id IN (%s)" % ids,
+                                          database)[0][3]
+        deleting = threading.Thread(target=delete)
+        deleting.start()
+        deadline, waiting = time.monotonic() + wait_seconds, []
+        while not waiting and deleting.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)                 # InnoDB refreshes INNODB_TRX only when unread for 0.1 s
+            waiting = db.sql("SELECT 1 FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'"
+                             " AND trx_mysql_thread_id = %d" % sequencer.connection_id)
+        figures["sequencer's DELETE waits for the push's pending row"] = bool(waiting)
+        granted = _outcome(push, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq' FOR UPDATE")
+        figures["push's last_seq FOR UPDATE"] = "granted" if isinstance(granted, list) else granted
+        deleting.join()
+        status = db.sql("SHOW ENGINE INNODB STATUS")[0][2]
+        start = status.find("LATEST DETECTED DEADLOCK")
+        report = status[start:status.find("\nTRANSACTIONS\n", start)] if start >= 0 else ""
+        figures["InnoDB reports the deadlock"] = database in report
+        return figures, report
+    finally:
+        for conn in (push, sequencer):
+            conn.close()
+        db.sql("DROP DATABASE %s" % database)
+
+
+def galera_behaviour(cluster, reads=2000):
+    """What Galera does with what a sequencer relies on, measured on this cluster.
+
+    GET_LOCK, SELECT ... FOR UPDATE and commits of one row through two
+    nodes, reads right after a commit on another node with and without
+    wsrep_sync_wait, causal reads on a lagging node, and auto-increment
+    offsets (before and after a node leaves).
+    """
+    database = cluster.create_database("behaviour_%d" % random.randrange(10 ** 6))
+    one, two = (node.connect(database) for node in cluster.nodes[:2])
+    figures = Figures()
+
+    _run(one, "CREATE TABLE meta (name VARCHAR(20) PRIMARY KEY, value BIGINT NOT NULL)")
+    _run(one, "INSERT INTO meta VALUES ('last_seq', 0)")
+    # GET_LOCK
+    _run(one, "SELECT GET_LOCK('cloudsync', 0)")
+    figures["GET_LOCK held on node 1: node 2 gets the same lock"] = _run(two, "SELECT GET_LOCK('cloudsync', 0)")[0][0] == 1
+    _run(one, "SELECT RELEASE_LOCK('cloudsync')")
+    _run(two, "SELECT RELEASE_LOCK('cloudsync')")
+    # SELECT ... FOR UPDATE of one row, on two nodes
+    for conn in (one, two):
+        _run(conn, "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        _run(conn, "START TRANSACTION")
+    _run(one, "SELECT value FROM meta WHERE name = 'last_seq' FOR UPDATE")
+    _, took = _timed(lambda: _run(two, "SELECT value FROM meta WHERE name = 'last_seq' FOR UPDATE"))
+    figures["FOR UPDATE on node 2 while node 1 holds the row: waited (s)"] = took
+    for conn in (one, two):
+        _run(conn, "UPDATE meta SET value = value + 1 WHERE name = 'last_seq'")
+    figures["both update it: node 1 commits"] = _outcome(one, "COMMIT") == []
+    figures["both update it: node 2's commit"] = _outcome(two, "COMMIT")
+    _outcome(two, "ROLLBACK")
+    # a transaction holding the row on node 2 when node 1 commits a write to it
+    _run(two, "START TRANSACTION")
+    _run(two, "SELECT value FROM meta WHERE name = 'last_seq' FOR UPDATE")
+    _run(one, "UPDATE meta SET value = value + 1 WHERE name = 'last_seq'")
+    time.sleep(0.5)
+    figures["node 2 holding the row FOR UPDATE, after node 1 commits to it: its next statement"] = \
+        _outcome(two, "SELECT 1")
+    _outcome(two, "ROLLBACK")
+    # reads right after a commit elsewhere
+    _run(one, "CREATE TABLE seen (id INT PRIMARY KEY)")
+    for wait in (0, 1):
+        _run(two, "SET SESSION wsrep_sync_wait = %d" % wait)
+        missed, spent = 0, 0.0
+        for n in range(reads):
+            _run(one, "INSERT INTO seen VALUES (%d)" % (wait * reads + n))
+            began = time.perf_counter()
+            missed += not _run(two, "SELECT 1 FROM seen WHERE id = %d" % (wait * reads + n))
+            spent += time.perf_counter() - began
+        figures["wsrep_sync_wait=%d: reads on node 2 missing the commit just made on node 1" % wait] = \
+            "%d of %d (%.2f ms a read)" % (missed, reads, 1000 * spent / reads)
+    # a causal read on a node that is behind
+    third = cluster.nodes[2].connect(database)
+    _run(third, "SET SESSION wsrep_sync_wait = 1")
+    cluster.pause(2)
+    _run(one, "INSERT INTO seen VALUES (-1)")
+    resumer = threading.Timer(2.0, cluster.resume, (2,))
+    resumer.start()
+    rows, took = _timed(lambda: _outcome(third, "SELECT COUNT(*) FROM seen WHERE id = -1"))
+    figures["wsrep_sync_wait=1 read on node 3, paused 2 s behind"] = "%s after %s s" % (rows, took)
+    resumer.join()
+    _run(third, "SET GLOBAL wsrep_provider_options = 'repl.causal_read_timeout=PT1S'")
+    cluster.pause(2)
+    _run(one, "INSERT INTO seen VALUES (-2)")
+    rows, took = _timed(lambda: _outcome(third, "SELECT COUNT(*) FROM seen WHERE id = -2"))
+    cluster.resume(2)
+    _run(third, "SET GLOBAL wsrep_provider_options = 'repl.causal_read_timeout=PT30S'")
+    figures["the same with repl.causal_read_timeout=PT1S, paused longer"] = "%s after %s s" % (rows, took)
+    # auto-increment offsets
+    figures["auto_increment (increment, offset) per node"] = [
+        tuple(node.sql("SELECT @@auto_increment_increment, @@auto_increment_offset")[0]) for node in cluster.nodes]
+    _run(one, "CREATE TABLE numbered (id BIGINT AUTO_INCREMENT PRIMARY KEY, node INT)")
+    for round_ in range(2):
+        for number, node in enumerate(cluster.nodes, 1):
+            node.sql("INSERT INTO numbered (node) VALUES (%d), (%d)" % (number, number), database)
+    figures["ids given by node 1, 2, 3 (two rows each, twice, in turn)"] = [
+        [row[0] for row in _run(one, "SELECT id FROM numbered WHERE node = %d ORDER BY id" % number)]
+        for number in (1, 2, 3)]
+    cluster.kill(2)
+    deadline = time.monotonic() + 30
+    while cluster.nodes[0].status()["wsrep_cluster_size"] != "2" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    figures["with node 3 gone: (increment, offset) on nodes 1, 2"] = [
+        tuple(node.sql("SELECT @@auto_increment_increment, @@auto_increment_offset")[0]) for node in cluster.nodes[:2]]
+    cluster.restart(2)
+    for conn in (one, two, third):
+        conn.close()
+    return figures
+
+
 BAD_BODIES = [
     b"", b"{", b"[]", b"null", b'"x"', b"\xff\xfe\x00", b'{"operations": 5}', b'{"operations": [null]}',
     b'{"operations": [{"table": "sales; DROP TABLE sales", "action": "insert", "data": {"id": "1"}}]}',
@@ -741,30 +1145,68 @@ def scenario_bad_inputs(db, workdir, count=400, seed=11):
     return figures
 
 
+def galera_figures(args, workdir):
+    """Issue 25's measurements: [(scenario, figures)], and InnoDB's report of the sequencer deadlock."""
+    results = []
+    cluster = GaleraCluster()
+    try:
+        results.append(("Galera cluster start", {"nodes": len(cluster.nodes),
+                                                 "seconds": round(cluster.started_in, 1)}))
+        results.append(("what Galera does", galera_behaviour(cluster)))
+        for name, dbs in (("one instance per node", cluster.nodes), ("3 instances on node 1", [cluster.nodes[0]] * 3)):
+            database = cluster.create_database("instances_%d" % random.randrange(10 ** 6))
+            results.append(("Galera, %s" % name,
+                            scenario_instances(dbs, database, workdir, args.devices, args.rounds)))
+        results.append(("Galera, node 3 behind", scenario_lagging_node(cluster, workdir)))
+        results.append(("Galera, node 3 read-only", scenario_read_only_node(cluster, workdir)))
+    finally:
+        cluster.close()
+    db = PrivateMariaDB(workdir)
+    db.start()
+    try:
+        database = db.create_database("instances_%d" % random.randrange(10 ** 6))
+        results.append(("plain MariaDB, 3 instances",
+                        scenario_instances([db] * 3, database, workdir, args.devices, args.rounds)))
+        figures, report = sequencer_deadlock(db)
+        results.append(("plain MariaDB, sequencer deadlock", figures))
+    finally:
+        db.close()
+    return results, report
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=50, help="simulated devices in the load scenario")
     parser.add_argument("--rounds", type=int, default=8, help="push+pull rounds per device")
+    parser.add_argument("--galera", action="store_true",
+                        help="issue 25's measurements instead: a 3-node Galera cluster, then a plain MariaDB")
     args = parser.parse_args(argv)
-    if not mariadb_available():
-        print("needs %s and mariadb-install-db (apt-get install mariadb-server)" % MARIADBD)
+    missing = galera_missing() if args.galera else "" if mariadb_available() else MARIADBD
+    if missing:
+        print("needs %s (apt-get install mariadb-server%s)" % (missing, " galera-4 rsync" if args.galera else ""))
         return 2
     workdir = tempfile.mkdtemp(prefix="cloudsync-reliability-")
-    db = PrivateMariaDB(workdir)
-    db.start()
-    results = []
-    try:
-        results.append(("restart MariaDB under load", scenario_restart(db, workdir)))
-        results.append(("SIGKILL mid-push", scenario_crash(db, workdir)))
-        results.append(("load: %d devices, 2 instances" % args.devices,
-                        scenario_load(db, workdir, args.devices, args.rounds)))
-        results.append(("bad inputs over HTTP", scenario_bad_inputs(db, workdir)))
-    finally:
-        db.close()
+    report = None
+    if args.galera:
+        results, report = galera_figures(args, workdir)
+    else:
+        db = PrivateMariaDB(workdir)
+        db.start()
+        results = []
+        try:
+            results.append(("restart MariaDB under load", scenario_restart(db, workdir)))
+            results.append(("SIGKILL mid-push", scenario_crash(db, workdir)))
+            results.append(("load: %d devices, 2 instances" % args.devices,
+                            scenario_load(db, workdir, args.devices, args.rounds)))
+            results.append(("bad inputs over HTTP", scenario_bad_inputs(db, workdir)))
+        finally:
+            db.close()
     print("| scenario | figures |")
     print("|---|---|")
     for name, figures in results:
         print("| %s | %s |" % (name, ", ".join("%s: %s" % item for item in figures.items())))
+    if report:
+        print("\nInnoDB's report of the sequencer deadlock:\n\n" + report)
     return 0
 
 
