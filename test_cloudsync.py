@@ -3060,6 +3060,52 @@ def test_concurrent_pushes_in_opposite_order_all_succeed(app, backend):
     assert statuses == [200] * 50
 
 
+
+@pytest.mark.xfail(raises=cloudsync.Retryable, strict=True,
+                   reason="issue 25, item 2: the sequencer's DELETE scans the pending row a push holds")
+def test_a_push_numbering_its_changes_while_a_pull_numbers_others_is_not_deadlocked(app, backend):
+    """The push holds its new pending row and, just before its commit, waits for last_seq.
+
+    The sequencer of a pull holds last_seq and deletes the committed pending
+    rows it numbered: a DELETE whose id list covers most of a small table is
+    a full scan, which waits for the push's row (reliability_cloudsync.
+    sequencer_deadlock plays the same interleaving in SQL).
+    """
+    if backend.kind != "mysql":
+        pytest.skip("MySQL numbers changes after commit")
+    for n in range(3):
+        backend.sql("INSERT INTO sales (id) VALUES ('committed-%d')" % n)     # waiting to be numbered
+    failures, numbering = [], threading.Event()
+
+    def sequencer():
+        try:
+            with app.db.connection() as conn:
+                backend.sequencer_thread = app.db.query(conn, "SELECT CONNECTION_ID()")[0][0]
+                numbering.set()
+                app.engine.changelog.sequence(conn)
+        except cloudsync.Retryable as error:
+            failures.append(error)
+        finally:
+            numbering.set()
+
+    with app.db.connection() as conn:
+        with app.db.transaction(conn):
+            app.db.execute(conn, "INSERT INTO sales (id) VALUES ('pushed')")
+            thread = threading.Thread(target=sequencer)
+            thread.start()
+            numbering.wait(10)
+            deadline = time.monotonic() + 10
+            # on to the push's numbering once the sequencer waits for a lock (or is done)
+            while thread.is_alive() and time.monotonic() < deadline and not backend.sql(
+                    "SELECT 1 FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'"
+                    " AND trx_mysql_thread_id = %d" % backend.sequencer_thread):
+                time.sleep(0.2)     # InnoDB refreshes INNODB_TRX only when unread for 0.1 s
+            app.engine.changelog.sequence_in_transaction(conn)
+    thread.join()
+    if failures:
+        raise failures[0]
+    assert backend.sql("SELECT COUNT(*) FROM cloudsync_changes") == [(4,)]
+
 # ---------------------------------------------------------------------------
 # Trust: fuzzing the WSGI app
 # ---------------------------------------------------------------------------
