@@ -264,6 +264,7 @@ class GaleraNode(PrivateMariaDB):
         return self.state == ("Synced", str(size)) and status.get("wsrep_ready") == "ON"
 
     def close(self):
+        """Kill the node: its files go with the cluster's directory."""
         self.stop(kill=True)
 
 
@@ -280,9 +281,9 @@ class GaleraCluster:
     """
 
     def __init__(self, size=3, start_seconds=90):
-        self.root = tempfile.mkdtemp(prefix="cloudsync-galera-")
-        os.chmod(self.root, 0o755)
         owner = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+        self.root = tempfile.mkdtemp(prefix="cloudsync-galera-", dir="/tmp" if owner else None)
+        os.chmod(self.root, 0o755)
         name = "cloudsync-%06d" % random.randrange(10 ** 6)    # at most 32 characters
         self.start_seconds = start_seconds
         self.nodes = [GaleraNode(os.path.join(self.root, "node%d" % n), n + 1, name, owner)
