@@ -1032,9 +1032,11 @@ def galera_behaviour(cluster, reads=2000):
 
     _run(one, "CREATE TABLE meta (name VARCHAR(20) PRIMARY KEY, value BIGINT NOT NULL)")
     _run(one, "INSERT INTO meta VALUES ('last_seq', 0)")
+    _run(two, "SET STATEMENT wsrep_sync_wait = 1 FOR SELECT 1")    # node 2 has applied both
     # GET_LOCK
     _run(one, "SELECT GET_LOCK('cloudsync', 0)")
-    figures["GET_LOCK held on node 1: node 2 gets the same lock"] = _run(two, "SELECT GET_LOCK('cloudsync', 0)")[0][0] == 1
+    figures["GET_LOCK held on node 1: node 2 gets the same lock"] = \
+        _run(two, "SELECT GET_LOCK('cloudsync', 0)")[0][0] == 1
     _run(one, "SELECT RELEASE_LOCK('cloudsync')")
     _run(two, "SELECT RELEASE_LOCK('cloudsync')")
     # SELECT ... FOR UPDATE of one row, on two nodes
@@ -1053,12 +1055,13 @@ def galera_behaviour(cluster, reads=2000):
     _run(two, "START TRANSACTION")
     _run(two, "SELECT value FROM meta WHERE name = 'last_seq' FOR UPDATE")
     _run(one, "UPDATE meta SET value = value + 1 WHERE name = 'last_seq'")
-    time.sleep(0.5)
+    time.sleep(0.5)                           # node 2 applies it, aborting the transaction in its way
     figures["node 2 holding the row FOR UPDATE, after node 1 commits to it: its next statement"] = \
         _outcome(two, "SELECT 1")
     _outcome(two, "ROLLBACK")
     # reads right after a commit elsewhere
     _run(one, "CREATE TABLE seen (id INT PRIMARY KEY)")
+    _run(two, "SET STATEMENT wsrep_sync_wait = 1 FOR SELECT 1")
     for wait in (0, 1):
         _run(two, "SET SESSION wsrep_sync_wait = %d" % wait)
         missed, spent = 0, 0.0
@@ -1090,6 +1093,8 @@ def galera_behaviour(cluster, reads=2000):
     figures["auto_increment (increment, offset) per node"] = [
         tuple(node.sql("SELECT @@auto_increment_increment, @@auto_increment_offset")[0]) for node in cluster.nodes]
     _run(one, "CREATE TABLE numbered (id BIGINT AUTO_INCREMENT PRIMARY KEY, node INT)")
+    for node in cluster.nodes:
+        node.sql("SET STATEMENT wsrep_sync_wait = 1 FOR SELECT 1")
     for round_ in range(2):
         for number, node in enumerate(cluster.nodes, 1):
             node.sql("INSERT INTO numbered (node) VALUES (%d), (%d)" % (number, number), database)
@@ -1101,7 +1106,8 @@ def galera_behaviour(cluster, reads=2000):
     while cluster.nodes[0].status()["wsrep_cluster_size"] != "2" and time.monotonic() < deadline:
         time.sleep(0.1)
     figures["with node 3 gone: (increment, offset) on nodes 1, 2"] = [
-        tuple(node.sql("SELECT @@auto_increment_increment, @@auto_increment_offset")[0]) for node in cluster.nodes[:2]]
+        tuple(node.sql("SELECT @@auto_increment_increment, @@auto_increment_offset")[0])
+        for node in cluster.nodes[:2]]
     cluster.restart(2)
     for conn in (one, two, third):
         conn.close()
@@ -1154,7 +1160,8 @@ def galera_figures(args, workdir):
         results.append(("Galera cluster start", {"nodes": len(cluster.nodes),
                                                  "seconds": round(cluster.started_in, 1)}))
         results.append(("what Galera does", galera_behaviour(cluster)))
-        for name, dbs in (("one instance per node", cluster.nodes), ("3 instances on node 1", [cluster.nodes[0]] * 3)):
+        for name, dbs in (("one instance per node", cluster.nodes),
+                          ("3 instances on node 1", [cluster.nodes[0]] * 3)):
             database = cluster.create_database("instances_%d" % random.randrange(10 ** 6))
             results.append(("Galera, %s" % name,
                             scenario_instances(dbs, database, workdir, args.devices, args.rounds)))
