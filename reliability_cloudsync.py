@@ -968,14 +968,7 @@ def sequencer_deadlock(db, wait_seconds=10):
     Returns the figures, and InnoDB's report of the latest deadlock.
     """
     database = db.create_database("deadlock_%d" % random.randrange(10 ** 6))
-    env = dict(os.environ, DB_HOST="127.0.0.1", DB_PORT=str(db.port), DB_USER="root", DB_PASS="",
-               DB_NAME=database, ALLOWED_TABLES="sales", TOKENS_FILE="")
-    subprocess.run([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "", "migrate"],
-                   env=env, check=True, capture_output=True, timeout=60)
-    push, sequencer = db.connect(database), db.connect(database)
-    for conn in (push, sequencer):
-        conn.cmd_query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")   # as cloudsync's
-        conn.cmd_query("SET SESSION innodb_lock_wait_timeout = %d" % wait_seconds)
+    connections = []
     figures = Figures()
 
     def delete():
@@ -983,6 +976,15 @@ def sequencer_deadlock(db, wait_seconds=10):
         figures["sequencer's DELETE"] = "done" if done == [] else done
 
     try:
+        env = dict(os.environ, DB_HOST="127.0.0.1", DB_PORT=str(db.port), DB_USER="root", DB_PASS="",
+                   DB_NAME=database, ALLOWED_TABLES="sales", TOKENS_FILE="")
+        subprocess.run([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "", "migrate"],
+                       env=env, check=True, capture_output=True, timeout=60)
+        connections.extend([db.connect(database), db.connect(database)])
+        push, sequencer = connections
+        for conn in connections:
+            _run(conn, "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")   # as cloudsync's
+            _run(conn, "SET SESSION innodb_lock_wait_timeout = %d" % wait_seconds)
         for n in range(3):
             db.sql("INSERT INTO sales (id) VALUES ('committed-%d')" % n, database)
         _run(push, "START TRANSACTION")
@@ -991,9 +993,9 @@ def sequencer_deadlock(db, wait_seconds=10):
         _run(sequencer, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq' FOR UPDATE")
         ids = ", ".join(str(row[0]) for row in _run(sequencer, "SELECT id FROM cloudsync_pending ORDER BY id"))
         _run(sequencer, "INSERT INTO cloudsync_changes (seq, table_name, row_key, op, device_id, batch_id,"
-                       " changed_at, scope, columns) SELECT ROW_NUMBER() OVER (ORDER BY id), table_name,"
-                       " row_key, op, device_id, batch_id, changed_at, scope, columns FROM cloudsync_pending"
-                       " WHERE id IN (%s)" % ids)
+                        " changed_at, scope, columns) SELECT ROW_NUMBER() OVER (ORDER BY id), table_name,"
+                        " row_key, op, device_id, batch_id, changed_at, scope, columns FROM cloudsync_pending"
+                        " WHERE id IN (%s)" % ids)
         figures["DELETE's plan"] = db.sql("EXPLAIN DELETE FROM cloudsync_pending WHERE id IN (%s)" % ids,
                                           database)[0][3]
         deleting = threading.Thread(target=delete)
@@ -1013,7 +1015,7 @@ def sequencer_deadlock(db, wait_seconds=10):
         figures["InnoDB reports the deadlock"] = database in report
         return figures, report
     finally:
-        for conn in (push, sequencer):
+        for conn in connections:
             conn.close()
         db.sql("DROP DATABASE %s" % database)
 
