@@ -3107,6 +3107,52 @@ def test_concurrent_pushes_in_opposite_order_all_succeed(app, backend):
     assert statuses == [200] * 50
 
 
+
+@pytest.mark.xfail(raises=cloudsync.Retryable, strict=True,
+                   reason="issue 25, item 2: the sequencer's DELETE scans the pending row a push holds")
+def test_a_push_numbering_its_changes_while_a_pull_numbers_others_is_not_deadlocked(app, backend):
+    """The push holds its new pending row and, just before its commit, waits for last_seq.
+
+    The sequencer of a pull holds last_seq and deletes the committed pending
+    rows it numbered: a DELETE whose id list covers most of a small table is
+    a full scan, which waits for the push's row (reliability_cloudsync.
+    sequencer_deadlock plays the same interleaving in SQL).
+    """
+    if backend.kind != "mysql":
+        pytest.skip("MySQL numbers changes after commit")
+    for n in range(3):
+        backend.sql("INSERT INTO sales (id) VALUES ('committed-%d')" % n)     # waiting to be numbered
+    failures, numbering = [], threading.Event()
+
+    def sequencer():
+        try:
+            with app.db.connection() as conn:
+                backend.sequencer_thread = app.db.query(conn, "SELECT CONNECTION_ID()")[0][0]
+                numbering.set()
+                app.engine.changelog.sequence(conn)
+        except cloudsync.Retryable as error:
+            failures.append(error)
+        finally:
+            numbering.set()
+
+    with app.db.connection() as conn:
+        with app.db.transaction(conn):
+            app.db.execute(conn, "INSERT INTO sales (id) VALUES ('pushed')")
+            thread = threading.Thread(target=sequencer)
+            thread.start()
+            numbering.wait(10)
+            deadline = time.monotonic() + 10
+            # on to the push's numbering once the sequencer waits for a lock (or is done)
+            while thread.is_alive() and time.monotonic() < deadline and not backend.sql(
+                    "SELECT 1 FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'"
+                    " AND trx_mysql_thread_id = %d" % backend.sequencer_thread):
+                time.sleep(0.2)     # InnoDB refreshes INNODB_TRX only when unread for 0.1 s
+            app.engine.changelog.sequence_in_transaction(conn)
+    thread.join()
+    if failures:
+        raise failures[0]
+    assert backend.sql("SELECT COUNT(*) FROM cloudsync_changes") == [(4,)]
+
 # ---------------------------------------------------------------------------
 # Trust: fuzzing the WSGI app
 # ---------------------------------------------------------------------------
@@ -4503,6 +4549,19 @@ def private_mariadb(tmp_path_factory):
     db.close()
 
 
+@pytest.fixture(scope="module")
+def galera_cluster():
+    """A 3-node MariaDB Galera cluster on loopback, shared by the module's tests (about 10 s to start)."""
+    missing = reliability_cloudsync.galera_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail("a Galera cluster needs %s, and CI is set" % missing)
+        pytest.skip("a Galera cluster needs %s (apt-get install galera-4 rsync)" % missing)
+    cluster = reliability_cloudsync.GaleraCluster()
+    yield cluster
+    cluster.close()
+
+
 def test_database_restart_while_devices_sync(private_mariadb, tmp_path):
     figures = reliability_cloudsync.scenario_restart(private_mariadb, str(tmp_path), devices=6)
     assert figures["device failures"] == 0
@@ -4632,6 +4691,22 @@ def test_memory_returns_near_its_baseline_after_large_pulls(fault_figures):
     # 2 s after the pulls, within 100 MiB of the server's memory before the first push
     assert figures["settled RSS (MiB)"] < figures["baseline RSS (MiB)"] + 100, figures
 
+
+
+def test_a_galera_cluster_replicates_and_cloudsync_migrates_and_checks_against_its_nodes(galera_cluster):
+    database = galera_cluster.create_database("galera_%d" % random.randrange(10 ** 6))
+    first, third = galera_cluster.nodes[0], galera_cluster.nodes[2]
+    first.sql("INSERT INTO sales (id, total) VALUES ('written-on-1', 2.50)", database)
+    # a read waits until this node has applied every commit the cluster made before it
+    assert third.sql("SET STATEMENT wsrep_sync_wait = 1 FOR SELECT CAST(total AS CHAR) FROM sales"
+                     " WHERE id = 'written-on-1'", database) == [("2.50",)]
+    env = {"DB_HOST": "127.0.0.1", "DB_USER": "root", "DB_PASS": "", "DB_NAME": database,
+           "ALLOWED_TABLES": "sales,products", "TOKENS_FILE": ""}
+    code, out, err = _cli(["--env-file", "", "migrate"], dict(env, DB_PORT=str(first.port)))
+    assert code == 0, out + err
+    # the triggers migrate installed through node 1 are there on node 3
+    code, out, err = _cli(["--env-file", "", "check"], dict(env, DB_PORT=str(third.port)))
+    assert code == 0 and "PROBLEM" not in out, out + err
 
 # ---------------------------------------------------------------------------
 # Row scopes: each device syncs only its own store's rows
