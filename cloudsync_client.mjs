@@ -28,9 +28,11 @@
  *   the server does not have (`missing`), and a conflict the app does not resolve become dead
  *   letters, kept with the server's answer for the app to show, fix and `resend`, or `discard`;
  *   the local row goes back to the server's version.
- * - Conflicts: `onConflict(localOp, serverRow)` answers "server", "mine" (the device's row is sent
- *   again over the server's), or a merged row (sent over the server's); any other answer keeps the
- *   operation as a dead letter, with the server's row taken.
+ * - Conflicts: `onConflict(localOp, serverRow)` answers "server", "mine" (the device's changes are
+ *   sent again over the server's row: the columns it set win, the others keep the server's
+ *   values), or a merged row (sent over the server's); any other answer keeps the operation as a
+ *   dead letter, with the server's row taken. A column with increments pending is never sent as a
+ *   value after a conflict: the increments still add to it.
  * - Errors are told apart by the server's machine-readable `code` (falling back on the English
  *   `error` text of servers that do not send one). 5xx, 429 and network errors leave everything
  *   as it is (`offline`); a refusal retrying cannot fix (a bad token) throws a SyncError.
@@ -867,26 +869,31 @@ export class Client {
         const resolved = tx.values("outbox").filter((other) => other.table === table && other.key === key &&
           (other.seq === op.seq || other.action !== "increment"));
         for (const other of resolved) tx.delete("outbox", ORDER(other.seq));
+        const server = conflict.server_row && this._full(table, conflict.server_row);
+        const keyRow = this._keyRow(table, this._keyValue(table, key));
+        // a column with increments still pending is left to them: sent as a value, it would undo them
+        const incremented = new Set(tx.values("outbox").filter((other) => other.table === table && other.key === key)
+          .flatMap((other) => Object.keys(other.data)));
+        const sent = (row, names) => Object.fromEntries(Object.entries(row).filter(([name]) =>
+          name in keyRow || (names.has(name) && !incremented.has(name))));
         if (choice === "mine") {
-          // the device's row as it is now goes over the server's (or its absence, for a delete); a column
-          // with increments still pending is left to them (sent, it would count twice)
-          const mine = this._view(tx, table, key);
-          const incremented = new Set(tx.values("outbox").filter((other) => other.table === table &&
-            other.key === key).flatMap((other) => Object.keys(other.data)));
-          const names = this._schema(table).primary_key;
-          const row = mine && Object.fromEntries(Object.entries(mine).filter(([name]) =>
-            names.includes(name) || !incremented.has(name)));
-          this._queue(tx, table, mine ? "upsert" : "delete", mine ? row : this._keyRow(table, this._keyValue(table, key)), null);
+          // this device's changes go again, over the server's row and without a checkpoint: the columns
+          // its operations set (the others keep the server's values), or its whole row where the server
+          // has none any more
+          const mine = server ? resolved.reduce((row, other) => this._apply(table, row, other), server) : this._view(tx, table, key);
+          const names = new Set(server ? resolved.flatMap((other) => Object.keys(other.data)) : this._schema(table).columns);
+          if (mine === null) this._queue(tx, table, "delete", keyRow, null);
+          else this._queue(tx, table, "upsert", sent(mine, names), null);
         } else if (choice !== null && typeof choice === "object") {
-          const merged = this._checked(table, "upsert", {...choice, ...this._keyRow(table, this._keyValue(table, key))});
-          this._queue(tx, table, "upsert", merged, null);
+          const merged = this._checked(table, "upsert", {...choice, ...keyRow});
+          this._queue(tx, table, "upsert", sent(merged, new Set(Object.keys(merged))), null);
         } else if (choice !== "server") {
           for (const kept of resolved) {
             this._bury(tx, kept, 409, {...conflict, error: "Conflict", code: "conflict",
               detail: "changed on the server since this device pulled"}, result);
           }
         }
-        this._settle(tx, table, key, conflict.server_row ? this._full(table, conflict.server_row) : null);
+        this._settle(tx, table, key, server);
         this._changed(changed, table, conflict.server_row ? [conflict.server_row] : [], conflict.server_row ? [] : [conflict.key]);
       }
       this._unmark(tx, batch);
