@@ -41,6 +41,7 @@ Contents, in the order of the banners below (a test keeps this list true):
   34. Row scopes: each device syncs only its own store's rows
   35. Conflicts that match how shops work: columns, increments, ledgers, rules
   36. Long polls: changes reach every device within a second
+  37. The JavaScript client and the web till: Node's test runner, headless Chromium
 """
 
 import argparse
@@ -5679,3 +5680,74 @@ def test_the_server_adds_a_thread_for_each_waiting_pull_or_starts_with_them(back
 def test_against_benchmark_smoke_run(mysql_server):
     out = _bench("--against", os.path.join(HERE, "cloudsync.py"), "--smoke", "--load", "python")
     assert re.search(r"\| status \(req/s\), this / \S+ \(medians of 1\) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|", out), out
+
+
+# ---------------------------------------------------------------------------
+# The JavaScript client and the web till: Node's test runner, headless Chromium
+# ---------------------------------------------------------------------------
+# cloudsync_client.mjs is tested by js/*.test.mjs, run with `node --test` against a live server
+# started here on each backend, and the web till of `cloudsync.py demo` in Chromium driven by
+# playwright-core (package.json). .ci/run installs Node, Chromium and playwright-core; without
+# them these tests skip saying what is missing, and fail instead when CI is set.
+
+CHROMIUM = os.environ.get("CLOUDSYNC_CHROMIUM", "/usr/bin/chromium")
+
+
+def _require(found, missing):
+    """Go on when `found`; else skip (a developer's machine) or fail (CI) saying what is missing."""
+    if found:
+        return
+    reason = "%s; .ci/run installs it" % missing
+    if os.environ.get("CI"):
+        pytest.fail(reason + " (CI is set: required)")
+    pytest.skip(reason)
+
+
+def _node():
+    """The path of Node.js 18 or newer."""
+    node = shutil.which("node")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout if node else ""
+    found = re.match(r"v(\d+)\.", version)
+    _require(found and int(found.group(1)) >= 18, "Node.js 18 or newer is not installed (%s)"
+             % (version.strip() or "no node on PATH"))
+    return node
+
+
+def _node_test(node, name, env):
+    """Run js/<name>.test.mjs with Node's test runner; its report is the failure's message."""
+    done = subprocess.run([node, "--test", os.path.join(HERE, "js", name + ".test.mjs")], cwd=HERE, env=dict(
+        env, CLOUDSYNC_PYTHON=sys.executable, CLOUDSYNC_DIR=HERE), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, "\n".join(line for line in (done.stdout + done.stderr).splitlines()
+                                           if not line.lstrip().startswith(("duration_ms", "...", "---")))
+
+
+@pytest.mark.parametrize("name", ["client", "reset", "random"])
+def test_the_javascript_client(backend, tmp_path, name):
+    """js/client.test.mjs: the Python client's scenarios; js/reset.test.mjs: a compacted log and a
+    column added on the server; js/random.test.mjs: a seeded random loop of tills and the office."""
+    node = _node()
+    server = LiveServer(tmp_path, args=("--env-file", "", "serve"), **dict(
+        backend.settings, ALLOWED_TABLES=",".join(cloudsync.EXAMPLE_TABLES), TOKENS_FILE="", LOG_LEVEL="WARNING"))
+    try:
+        _node_test(node, name, dict(server.env, CLOUDSYNC_URL=server.url))
+    finally:
+        server.stop()
+
+
+def test_the_web_till_sells_offline_and_syncs_in_a_browser(tmp_path):
+    """js/web-till.test.mjs against `cloudsync.py demo`; the till's screenshot is kept as
+    artifacts/web-till.png (docs/web-till.png is a copy)."""
+    node = _node()
+    _require(os.path.exists(CHROMIUM), "Chromium is not installed at %s (apt-get install chromium)" % CHROMIUM)
+    _require(os.path.isdir(os.path.join(HERE, "node_modules", "playwright-core")),
+             "playwright-core is not installed (npm ci)")
+    server = LiveServer(tmp_path, args=("demo",))
+    artifacts = os.path.join(HERE, "artifacts")
+    os.makedirs(artifacts, exist_ok=True)
+    try:
+        _node_test(node, "web-till", dict(server.env, CLOUDSYNC_URL=server.url, CLOUDSYNC_CHROMIUM=CHROMIUM,
+                                          DB_PATH=str(tmp_path / "cloudsync-demo.db"),
+                                          CLOUDSYNC_SCREENSHOT=os.path.join(artifacts, "web-till.png")))
+    finally:
+        server.stop()
+    assert open(os.path.join(artifacts, "web-till.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
