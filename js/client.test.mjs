@@ -214,6 +214,32 @@ test("increments from two tills all count, exactly, and survive a conflict on th
   await assertEqualToServer(a, b);
 });
 
+test("a merged row never undoes a pending increment, and each conflicting operation is one dead letter", async () => {
+  const id = ids("merge-increment");
+  const a = await device("merge-increment-a", {onConflict: (localOp, serverRow) =>
+    ({...serverRow, note: `${serverRow.note}+${localOp.data.note}`})});      // the server's total with it
+  const b = await device("merge-increment-b");
+  await a.insert("sales", {id: id("s1"), total: "1.00"});
+  assert.ok((await a.sync()).ok && (await b.sync()).ok);
+  await a.increment("sales", id("s1"), {total: "1.00"});
+  await a.update("sales", id("s1"), {note: "a"});
+  await b.update("sales", id("s1"), {note: "b"});
+  assert.ok((await b.sync()).ok);
+  assert.ok((await a.sync()).ok && (await b.sync()).ok);
+  for (const till of [a, b]) assert.deepEqual([till.get("sales", id("s1")).total, till.get("sales", id("s1")).note], ["2.00", "b+a"]);
+  // two operations on the row both conflict: the default keeps each once
+  await b.update("sales", id("s1"), {note: "b2", total: "5.00"});
+  assert.ok((await b.sync()).ok);
+  await a.close();
+  const c = await device("merge-increment-c", {storage: a.storage});     // a, without a hook
+  await c.update("sales", id("s1"), {note: "c"});
+  await c.update("sales", id("s1"), {total: "7.00"});
+  const result = await c.sync();
+  assert.equal(result.conflicts.length, 2);
+  assert.deepEqual(c.deadLetters().map((letter) => letter.data), [{id: id("s1"), note: "c"}, {id: id("s1"), total: "7.00"}]);
+  await assertEqualToServer(b, c);
+});
+
 test("a lost answer is sent again under the same batch id and applied once, also after a restart", async () => {
   const id = ids("lost");
   sql("INSERT INTO product_stock (id, quantity) VALUES (?, 10)", [id("p1")]);
