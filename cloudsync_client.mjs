@@ -448,8 +448,9 @@ class Writes {
     if (Object.keys(changes).some((name) => name in keyRow)) {
       throw new CloudsyncError("key_change", `an ${action} cannot change the key of ${table}: delete the row and insert it again`);
     }
-    if (action === "increment" && Object.keys(changes).length === 0) {
-      throw new CloudsyncError("invalid_value", "an increment adds to at least one column besides the key");
+    if (action === "increment" && (Object.keys(changes).length === 0 ||
+        Object.values(changes).some((delta) => typeof delta === "boolean" || parseDecimal(delta) === null))) {
+      throw new CloudsyncError("invalid_value", `an increment adds numbers to columns besides the key, not ${JSON.stringify(changes)}`);
     }
     const data = client._checked(table, action, {...keyRow, ...changes});
     if (client._view(this._tx, table, client._keyText(table, data)) === null) {
@@ -552,8 +553,11 @@ export class Client {
     return this._checkpointIn(null);
   }
 
+  /** Stop run(), cut off what is in flight, and close the storage once the last write is stored. */
   async close() {
     await this.stop();
+    for (const request of this._requests) request.abort();
+    await this._syncTail;
     await this._queueTail;
     await this.storage.close();
   }

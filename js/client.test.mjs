@@ -412,6 +412,7 @@ test("local writes say what is wrong, and a failed transaction stores none of it
   await refused(till.update("sales", id("nope"), {note: "x"}), "not_found");
   await refused(till.update("sales", id("s1"), {id: id("s9")}), "key_change");
   await refused(till.insert("sales", {total: "1.00"}), "missing_key");
+  await refused(till.increment("sales", id("s1"), {total: "ten"}), "invalid_value");
   assert.throws(() => till.rows("nope"), (error) => error.code === "unknown_table");
   await refused(till.transaction((t) => {
     t.insert("sales", {id: id("s3"), total: "3.00"});
