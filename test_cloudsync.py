@@ -5721,6 +5721,25 @@ def _node_test(node, name, env):
                                            if not line.lstrip().startswith(("duration_ms", "...", "---")))
 
 
+def test_the_demo_serves_the_web_till_and_nothing_else_from_disk(demo_server, tmp_path):
+    for path, name, kind in [("/demo/", "demo/index.html", "text/html"), ("/Demo", "demo/index.html", "text/html"),
+                             ("/demo/till.js", "demo/till.js", "text/javascript"),
+                             ("/demo/cloudsync_client.mjs", "cloudsync_client.mjs", "text/javascript")]:
+        with urllib.request.urlopen(demo_server + path, timeout=10) as response:
+            assert response.headers["Content-Type"] == kind + "; charset=utf-8"
+            assert response.headers["Cache-Control"] == "no-store"
+            assert response.read() == open(os.path.join(HERE, name), "rb").read()
+    for path in ["/demo/seed.sql", "/demo/../cloudsync.py", "/demo/%2e%2e/cloudsync.py", "/demo/cloudsync.py",
+                 "/demo//etc/passwd", "/cloudsync_client.mjs", "/demo/index.html%00.js"]:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(demo_server + path, timeout=10)
+        assert refused.value.code == 404, path
+    served = cloudsync.App(cloudsync.load_config(env_file=None, environ={}, overrides={
+        "DB_HOST": "", "DB_PATH": str(tmp_path / "serve.db"), "ALLOWED_TABLES": "", "TOKENS_FILE": ""}))
+    assert call(served, "GET", "/demo/").status == 404          # `serve` has no web till
+    served.db.close()
+
+
 @pytest.mark.parametrize("name", ["client", "reset", "random"])
 def test_the_javascript_client(backend, tmp_path, name):
     """js/client.test.mjs: the Python client's scenarios; js/reset.test.mjs: a compacted log and a
