@@ -81,3 +81,23 @@ test("a till sells offline, and within 2 s of coming back the other till shows i
   assert.deepEqual([...a.errors, ...b.errors], []);
   await a.page.screenshot({path: process.env.CLOUDSYNC_SCREENSHOT});
 });
+
+test("a till's sales survive a reload while the server cannot be reached (IndexedDB), then go out", async () => {
+  const till = await openTill();
+  const before = await stock(till.page, "brownie");
+  await till.context.route("**/sync/**", (route) => route.abort());   // the page loads; the API does not answer
+  await till.page.click('[data-product="brownie"]');
+  await till.page.click("#pay");
+  await till.page.waitForSelector("#network[data-state=offline]");
+  const name = await text(till.page, "#till-name");
+  const [sale] = (await sales(till.page)).filter((id) => id.startsWith(name));
+  await till.page.reload();                                           // the same tab: the same till
+  await till.page.waitForSelector(`#sales [data-sale="${sale}"]`);
+  assert.equal((await text(till.page, "#outbox")).trim(), "3");
+  assert.equal(await stock(till.page, "brownie"), before - 1);
+  await till.context.unroute("**/sync/**");
+  await until(async () => (await text(till.page, "#outbox")).trim() === "0", 30);   // its back-off ends
+  assert.deepEqual(sql("SELECT quantity FROM product_stock WHERE id = 'brownie'"), [[before - 1]]);
+  assert.deepEqual(sql("SELECT COUNT(*) FROM sales WHERE id = ?", [sale]), [[1]]);
+  assert.deepEqual(till.errors, []);
+});
