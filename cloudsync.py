@@ -6347,6 +6347,15 @@ class App:
             watcher.leave(waiter)
         return result
 
+    def demo_file(self, request):
+        """`demo` only: a file of the web till (DEMO_FILES names every one; a request names none)."""
+        name, content_type = DEMO_FILES[request.route]
+        with open(os.path.join(HERE, name), "rb") as handle:
+            body = handle.read()
+        # read from disk at each request, and never kept by the browser: an edit shows at a reload
+        return 200, Encoded(body, content_type=content_type), [
+            ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
+
     def watch(self):
         """Start the watcher thread (serve does); return the function that stops it."""
         stop = threading.Event()
@@ -6670,10 +6679,14 @@ def _drain(server, grace_seconds):
     log.info("stopped")
 
 
-def _create_demo_database(path):
-    """A SQLite file holding the example tables (schema-sqlite.sql)."""
+def _create_demo_database(path, seed=False):
+    """A SQLite file holding the example tables (schema-sqlite.sql); with `seed`, the web till's
+    products too (demo/seed.sql, which keeps the rows already there)."""
     with open(os.path.join(HERE, "schema-sqlite.sql"), encoding="utf-8") as handle:
         script = handle.read()
+    if seed:
+        with open(os.path.join(HERE, "demo", "seed.sql"), encoding="utf-8") as handle:
+            script += handle.read()
     conn = sqlite3.connect(path)
     try:
         conn.executescript(script)
@@ -6724,13 +6737,23 @@ def _maintain(app, config, stop, wake):
 DEMO_SETTINGS = {"DB_HOST": "", "ALLOWED_TABLES": ",".join(EXAMPLE_TABLES), "TOKENS": "",
                  "TOKENS_FILE": "", "ADMIN_TOKEN": "", "METRICS_TOKEN": "", "AUTH": "auto",
                  "HOST": "127.0.0.1", "CHANGE_CAPTURE": "triggers"}
+# the web till the demo serves at /demo/ (App.demo_file): path as routed -> (file beside this
+# module, content type); nothing else is read from disk for a request
+DEMO_FILES = {
+    "/demo": ("demo/index.html", "text/html; charset=utf-8"),
+    "/demo/index.html": ("demo/index.html", "text/html; charset=utf-8"),
+    "/demo/till.js": ("demo/till.js", "text/javascript; charset=utf-8"),
+    "/demo/cloudsync_client.mjs": ("cloudsync_client.mjs", "text/javascript; charset=utf-8"),
+}
 
 
 def _serve_command(config, args):
     """`serve` and `demo`: check the tables, install change capture, serve the API."""
     if args.command == "demo":
-        _create_demo_database(config.db_path)
+        _create_demo_database(config.db_path, seed=True)
     app = App(config)
+    if args.command == "demo":
+        app.routes.update(dict.fromkeys(DEMO_FILES, {"GET": app.demo_file}))
     log.info("configuration: %s", config.describe())
     log.info("backend: %s, driver: %s", app.db.name, app.db.driver())
     try:

@@ -42,6 +42,7 @@ Contents, in the order of the banners below (a test keeps this list true):
   35. Conflicts that match how shops work: columns, increments, ledgers, rules
   36. Long polls: changes reach every device within a second
   37. Trust by construction: one grant, values as their column's type, hostile tenants
+  38. The JavaScript client and the web till: Node's test runner, headless Chromium
 """
 
 import argparse
@@ -6479,3 +6480,93 @@ def test_without_any_one_decision_the_hostile_property_fails(hostile, monkeypatc
         _hostile_run(application, backend, data, steps=16)
     with pytest.raises(AssertionError):
         run()
+
+
+# ---------------------------------------------------------------------------
+# The JavaScript client and the web till: Node's test runner, headless Chromium
+# ---------------------------------------------------------------------------
+# cloudsync_client.mjs is tested by js/*.test.mjs, run with `node --test` against a live server
+# started here on each backend, and the web till of `cloudsync.py demo` in Chromium driven by
+# playwright-core (package.json). .ci/run installs Node, Chromium and playwright-core; without
+# them these tests skip saying what is missing, and fail instead when CI is set.
+
+CHROMIUM = os.environ.get("CLOUDSYNC_CHROMIUM", "/usr/bin/chromium")
+
+
+def _require(found, missing):
+    """Go on when `found`; else skip (a developer's machine) or fail (CI) saying what is missing."""
+    if found:
+        return
+    reason = "%s; .ci/run installs it" % missing
+    if os.environ.get("CI"):
+        pytest.fail(reason + " (CI is set: required)")
+    pytest.skip(reason)
+
+
+def _node():
+    """The path of Node.js 18 or newer."""
+    node = shutil.which("node")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout if node else ""
+    found = re.match(r"v(\d+)\.", version)
+    _require(found and int(found.group(1)) >= 18, "Node.js 18 or newer is not installed (%s)"
+             % (version.strip() or "no node on PATH"))
+    return node
+
+
+def _node_test(node, name, env):
+    """Run js/<name>.test.mjs with Node's test runner; its report is the failure's message."""
+    done = subprocess.run([node, "--test", os.path.join(HERE, "js", name + ".test.mjs")], cwd=HERE, env=dict(
+        env, CLOUDSYNC_PYTHON=sys.executable, CLOUDSYNC_DIR=HERE), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, "\n".join(line for line in (done.stdout + done.stderr).splitlines()
+                                           if not line.lstrip().startswith(("duration_ms", "...", "---")))
+
+
+def test_the_demo_serves_the_web_till_and_nothing_else_from_disk(demo_server, tmp_path):
+    for path, name, kind in [("/demo/", "demo/index.html", "text/html"), ("/Demo", "demo/index.html", "text/html"),
+                             ("/demo/till.js", "demo/till.js", "text/javascript"),
+                             ("/demo/cloudsync_client.mjs", "cloudsync_client.mjs", "text/javascript")]:
+        with urllib.request.urlopen(demo_server + path, timeout=10) as response:
+            assert response.headers["Content-Type"] == kind + "; charset=utf-8"
+            assert response.headers["Cache-Control"] == "no-store"
+            assert response.read() == open(os.path.join(HERE, name), "rb").read()
+    for path in ["/demo/seed.sql", "/demo/../cloudsync.py", "/demo/%2e%2e/cloudsync.py", "/demo/cloudsync.py",
+                 "/demo//etc/passwd", "/cloudsync_client.mjs", "/demo/index.html%00.js"]:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(demo_server + path, timeout=10)
+        assert refused.value.code == 404, path
+    served = cloudsync.App(cloudsync.load_config(env_file=None, environ={}, overrides={
+        "DB_HOST": "", "DB_PATH": str(tmp_path / "serve.db"), "ALLOWED_TABLES": "", "TOKENS_FILE": ""}))
+    assert call(served, "GET", "/demo/").status == 404          # `serve` has no web till
+    served.db.close()
+
+
+@pytest.mark.parametrize("name", ["client", "reset", "random"])
+def test_the_javascript_client(backend, tmp_path, name):
+    """js/client.test.mjs: the Python client's scenarios; js/reset.test.mjs: a compacted log and a
+    column added on the server; js/random.test.mjs: a seeded random loop of tills and the office."""
+    node = _node()
+    server = LiveServer(tmp_path, args=("--env-file", "", "serve"), **dict(
+        backend.settings, ALLOWED_TABLES=",".join(cloudsync.EXAMPLE_TABLES), TOKENS_FILE="", LOG_LEVEL="WARNING"))
+    try:
+        _node_test(node, name, dict(server.env, CLOUDSYNC_URL=server.url))
+    finally:
+        server.stop()
+
+
+def test_the_web_till_sells_offline_and_syncs_in_a_browser(tmp_path):
+    """js/web-till.test.mjs against `cloudsync.py demo`; the till's screenshot is kept as
+    artifacts/web-till.png (docs/web-till.png is a copy)."""
+    node = _node()
+    _require(os.path.exists(CHROMIUM), "Chromium is not installed at %s (apt-get install chromium)" % CHROMIUM)
+    _require(os.path.isdir(os.path.join(HERE, "node_modules", "playwright-core")),
+             "playwright-core is not installed (npm ci)")
+    server = LiveServer(tmp_path, args=("demo",))
+    artifacts = os.path.join(HERE, "artifacts")
+    os.makedirs(artifacts, exist_ok=True)
+    try:
+        _node_test(node, "web-till", dict(server.env, CLOUDSYNC_URL=server.url, CLOUDSYNC_CHROMIUM=CHROMIUM,
+                                          DB_PATH=str(tmp_path / "cloudsync-demo.db"),
+                                          CLOUDSYNC_SCREENSHOT=os.path.join(artifacts, "web-till.png")))
+    finally:
+        server.stop()
+    assert open(os.path.join(artifacts, "web-till.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
