@@ -216,6 +216,14 @@ EXIT_RETRY = 1                      # the database is unavailable: try again lat
 EXIT_CONFIGURATION = 2              # a setting or the schema must be fixed first
 
 EXAMPLE_TABLES = ("sales", "products", "customers", "item_sales", "product_stock")
+# the web till the demo serves at /demo/ (App.demo_file): path as routed -> (file beside this
+# module, content type); nothing else is read from disk for a request
+DEMO_FILES = {
+    "/demo": ("demo/index.html", "text/html; charset=utf-8"),
+    "/demo/index.html": ("demo/index.html", "text/html; charset=utf-8"),
+    "/demo/till.js": ("demo/till.js", "text/javascript; charset=utf-8"),
+    "/demo/cloudsync_client.mjs": ("cloudsync_client.mjs", "text/javascript; charset=utf-8"),
+}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -6737,14 +6745,6 @@ def _maintain(app, config, stop, wake):
 DEMO_SETTINGS = {"DB_HOST": "", "ALLOWED_TABLES": ",".join(EXAMPLE_TABLES), "TOKENS": "",
                  "TOKENS_FILE": "", "ADMIN_TOKEN": "", "METRICS_TOKEN": "", "AUTH": "auto",
                  "HOST": "127.0.0.1", "CHANGE_CAPTURE": "triggers"}
-# the web till the demo serves at /demo/ (App.demo_file): path as routed -> (file beside this
-# module, content type); nothing else is read from disk for a request
-DEMO_FILES = {
-    "/demo": ("demo/index.html", "text/html; charset=utf-8"),
-    "/demo/index.html": ("demo/index.html", "text/html; charset=utf-8"),
-    "/demo/till.js": ("demo/till.js", "text/javascript; charset=utf-8"),
-    "/demo/cloudsync_client.mjs": ("cloudsync_client.mjs", "text/javascript; charset=utf-8"),
-}
 
 
 def _serve_command(config, args):
