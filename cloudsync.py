@@ -187,11 +187,10 @@ SQLITE_EXACT_DIGITS = 15            # what a SQLite REAL keeps exactly
 # the database and the change log
 MYSQL_STATEMENT_BYTES = 1 << 20     # a multi-row INSERT is cut into statements of about this size
 SCHEMA_REFRESH_SECONDS = 1.0        # status re-reads the tables' columns at most this often
-# and the server by itself this often: an ALTER TABLE reaches pulls
-SCHEMA_POLL_SECONDS = 10
+# the watcher looks at the tables' definitions this often: an ALTER TABLE, a table made again or
+# swapped, a TRUNCATE is followed within it (Long polls, SyncEngine.follow_schema)
+SCHEMA_LOOK_SECONDS = 0.5
 CASCADE_DEPTH = 4                   # foreign-key cascade chains are followed this many tables deep
-# how row keys are written in the log (see Database.key_sql); 1: before 2026-12
-KEY_FORMAT = "2"
 # pending rows numbered per statement (and per transaction in the background)
 SEQUENCE_BATCH_ROWS = 2000
 SEQUENCE_INTERVAL_SECONDS = 1       # how often the server numbers pending changes nobody pulled yet
@@ -594,12 +593,12 @@ class Column:
 
     __slots__ = ("name", "quoted", "select", "kind", "declared", "scale", "fsp", "members",
                  "generated", "octets", "pads", "max_code_point", "int_limit", "affinity",
-                 "checks_decimals", "dates_as_text", "plain_text", "param")
+                 "checks_decimals", "dates_as_text", "plain_text", "param", "default")
 
     def __init__(self, name, quoted, kind, declared="", scale=None, fsp=0, members=(),
                  generated=False, octets=None, pads=False, max_code_point=0x10FFFF,
                  int_limit=1 << 64, affinity=None, checks_decimals=False, dates_as_text=False,
-                 select=None, param="?"):
+                 select=None, param="?", default=None):
         self.name = name
         self.quoted = quoted
         # how a SELECT reads it (MySQL dates as text: zero dates survive)
@@ -626,6 +625,9 @@ class Column:
         # how a bound value stands in SQL that compares it with the column (MySQL decimals: as
         # exact decimals, not as the doubles text or an exponent would be compared as)
         self.param = param
+        # (value,): the constant every row gets when the column is added, as a pull sends it;
+        # None: no such constant (an expression, or NOT NULL without a default)
+        self.default = default
 
 
 class TableSchema:
@@ -653,6 +655,14 @@ class TableSchema:
         self.cascaded = False
         # the Column of ROW_SCOPES that says whose each row is, or None: every device's rows
         self.scope = None
+        # SQLite: the column sets of its UNIQUE constraints besides the key (a REPLACE removes a
+        # row holding one)
+        self.unique = []
+
+    def fingerprint(self):
+        """A short value that changes when a column, type, key or scope of the table changes."""
+        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True)
+                              .encode("utf-8")).hexdigest()[:16]
 
     def describe(self):
         """The table as the status endpoint shows it."""
@@ -762,6 +772,46 @@ def parse_json(body):
                       "holds it") from None
     except RecursionError:
         raise Refused("invalid_json", "the body is nested too deeply") from None
+
+
+_DEFAULT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def constant_default(column, text, nullable):
+    """The default a catalogue states for `column` as (value in pulled form,), or None.
+
+    `text` is the default as the catalogue writes it: NULL, a quoted string, a
+    number; an expression (CURRENT_TIMESTAMP), a date or binary default, or NOT
+    NULL without any default, is None: rows that get it cannot be told.
+    """
+    if text is None:
+        return (None,) if nullable else None
+    text = text.strip()
+    if text.upper() == "NULL":
+        return (None,)
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        value = text[1:-1].replace("''", "'")
+    elif _DEFAULT_NUMBER.fullmatch(text):
+        value = decimal.Decimal(text)
+    else:
+        return None
+    try:
+        if column.kind in ("integer", "bit"):
+            number = decimal.Decimal(value)
+            return (int(number),) if number == number.to_integral_value() else None
+        if column.kind == "decimal":
+            number = decimal.Decimal(value)
+            if column.scale is not None:
+                number = number.quantize(decimal.Decimal(1).scaleb(-column.scale),
+                                         context=_WIDE_CONTEXT)
+            return (format(number, "f"),)
+        if column.kind == "float":
+            return (float(decimal.Decimal(value)),)
+        if column.kind in TEXT_KINDS:
+            return (value if isinstance(value, str) else format(value, "f"),)
+    except (ArithmeticError, ValueError):
+        return None
+    return None
 
 
 def _json_type(value):
@@ -1624,15 +1674,24 @@ def _checked_decimal(column, value, where):
 # Checkpoints
 # ---------------------------------------------------------------------------
 # A checkpoint is opaque to devices: "cs1.<payload>.<mac>", the payload being
-# base64url JSON {db, t, s, scan, f, c}: this database's instance id, the tables
-# it was issued for, the sequence number it covers, during an initial sync the
-# position of the table scan, and a fingerprint of the tables' columns: rows a
-# device pulled before an ALTER TABLE lack the new column, so a checkpoint
-# from before it gets 410 and the device pulls every row again. With row
-# scopes, "c" fingerprints the device's scope the same way. The HMAC (key
-# in cloudsync_meta) makes a forged or altered checkpoint a 400, not a wrong
-# answer.
-
+# base64url JSON of these fields:
+#   db    this database's instance id
+#   t     the tables it was issued for, in order
+#   s     the sequence number of the log it covers
+#   scan  during a first sync or a table's new start: [table position, last key]
+#   r     the tables being pulled again from their start (410 reset_tables), if any
+#   f     per table, a fingerprint of the columns the device holds: after an
+#         ALTER TABLE it learns an added column (added_columns) or pulls the
+#         table again
+#   a     per table, the log position from which the device's copy of it is
+#         whole: a table whose history broke later (re-created, swapped,
+#         truncated: its epoch), or whose entries after it were compacted away,
+#         is pulled again on its own
+#   c     with row scopes, a fingerprint of the device's scope
+#   x     the push id of a push's own changes, which the device holds
+# The HMAC (key in cloudsync_meta) makes a forged or altered checkpoint a 400,
+# not a wrong answer. A checkpoint is signed, not encrypted: its numbers are
+# readable (README, Security model, says what a device can learn from them).
 
 
 class Checkpoints:
@@ -1646,16 +1705,11 @@ class Checkpoints:
         digest = hmac.new(self.changelog.secret, payload, hashlib.sha256).digest()[:16]
         return base64.urlsafe_b64encode(digest).rstrip(b"=")
 
-    def encode(self, tables, seq, scan=None, fingerprint=None, scope=None):
-        """A checkpoint string for `tables` at `seq`.
-
-        `scan`: a scan position during an initial sync; `fingerprint`: the
-        tables' columns; `scope`: the device's scope (SyncEngine.scope_fingerprint).
-        """
-        fields = {"db": self.changelog.instance, "t": list(tables), "s": seq, "scan": scan,
-                  "f": fingerprint}
-        if scope is not None:
-            fields["c"] = scope
+    def encode(self, fields):
+        """A checkpoint string of `fields` (those above; db is added, empty ones left out)."""
+        fields = dict({name: value for name, value in fields.items()
+                       if value is not None and name != "db"}, db=self.changelog.instance)
+        fields.setdefault("scan", None)
         payload = base64.urlsafe_b64encode(json.dumps(
             fields, separators=(",", ":"), default=_json_default).encode("utf-8")).rstrip(b"=")
         return CHECKPOINT_PREFIX + payload.decode("ascii") + "." \
@@ -2408,6 +2462,8 @@ def _requests_in_progress(server):
 # -- triggers: their names, the events they fire on, literals in their bodies --------
 
 TRIGGER_EVENTS = {"ins": "INSERT", "upd": "UPDATE", "del": "DELETE"}
+# SQLite: BEFORE triggers logging the rows a REPLACE (or ON CONFLICT REPLACE) will remove
+REPLACED_EVENTS = {"rin": "INSERT", "rup": "UPDATE"}
 CASCADING_RULES = ("CASCADE", "SET NULL", "SET DEFAULT")
 
 
@@ -2441,6 +2497,11 @@ def _cascade_trigger_name(table, event):
     Thus no table's own trigger name can clash with it.
     """
     return "cloudsync_cascade_%s_%s" % (hashlib.sha1(table.encode("utf-8")).hexdigest()[:16], event)
+
+
+def _own_trigger_names(table):
+    """The names a table's change-capture triggers may have."""
+    return {_trigger_name(table, event) for event in list(TRIGGER_EVENTS) + list(REPLACED_EVENTS)}
 
 
 def _trigger_name(table, event):
@@ -2650,6 +2711,26 @@ class Database:
                           () if table is None else (table,))
         return {_text(name): _text(text) for name, text in rows}
 
+    @staticmethod
+    def trigger_events(schema):
+        """The events a table's change-capture triggers record."""
+        return tuple(TRIGGER_EVENTS)
+
+    @staticmethod
+    def capture_intact(stored, live, truncated):
+        """Whether a table's capture is the one cloudsync left: its triggers the same ones (not
+        dropped with the table, not made again by another program or a dump), and, where the
+        database shows it, the table the same (not truncated, not swapped for a copy).
+
+        `truncated`: whether a TRUNCATE ran since the last look (None: not known).
+        """
+        if live is None or stored.get("triggers") != live.get("triggers"):
+            return False
+        same_table = stored.get("id") is None or live.get("id") is None \
+            or stored["id"] == live["id"]
+        # a table rebuilt by ALTER or OPTIMIZE gets a new id too: only a TRUNCATE loses rows
+        return same_table or truncated is False
+
     def table_names(self, conn):
         """The names of the tables in the database."""
         return {_text(name) for (name,) in self.query(conn, self.tables_sql)}
@@ -2657,9 +2738,6 @@ class Database:
     def column_names(self, conn, table):
         """A table's column names (a table cloudsync made: for adding columns of later versions)."""
         return {_text(name) for (name,) in self.query(conn, self.columns_sql, (table,))}
-
-    def ids_bytewise(self, conn, table, columns):
-        """Make id columns compare byte for byte (MySQL); SQLite compares text that way already."""
 
     @staticmethod
     def bytewise(expression):
@@ -2753,11 +2831,20 @@ class SQLiteDatabase(Database):
     cutoff_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ? || ' days')"
     delete_oldest_sql = ("DELETE FROM cloudsync_changes WHERE seq IN"
                          " (SELECT seq FROM cloudsync_changes WHERE seq <= ? ORDER BY seq LIMIT ?)")
+    # compaction: the newest seq it removes, per table and scope value
+    compacted_upsert_sql = (
+        "INSERT INTO cloudsync_compacted (table_name, scope, upto)"
+        " SELECT table_name, COALESCE(scope, ''), MAX(seq) FROM cloudsync_changes WHERE seq <= ?"
+        " GROUP BY table_name, COALESCE(scope, '')"
+        " ON CONFLICT (table_name, scope) DO UPDATE SET upto = max(upto, excluded.upto)")
     json_array = "json_array"
-    # ChangeLog.position: the newest seq (the log numbers at commit), the compaction mark, version
-    position_sql = ("SELECT (SELECT MAX(seq) FROM cloudsync_changes),"
-                    " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'),"
-                    " sqlite_version(), NULL")
+    # the newest seq given out (AUTOINCREMENT keeps it, whatever compaction removed)
+    head_sql = ("SELECT COALESCE((SELECT seq FROM sqlite_sequence"
+                " WHERE name = 'cloudsync_changes'), 0)")
+    head_part = "SELECT 'h', NULL, NULL, (%s)" % head_sql
+    # ChangeLog.position: the head, the sum of the tables' epochs, the version
+    position_sql = ("SELECT (%s), (SELECT SUM(epoch) FROM cloudsync_tables), sqlite_version(), NULL"
+                    % head_sql)
     columns_sql = "SELECT name FROM pragma_table_info(?)"
     tables_sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
     triggers_sql = "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'"
@@ -2770,6 +2857,27 @@ class SQLiteDatabase(Database):
     def stored_trigger(create_sql):
         """A CREATE TRIGGER as sqlite_master keeps it: the statement itself."""
         return create_sql
+
+    def capture_identity(self, conn, tables):
+        """{table: {"triggers": {name: ""}}}: cloudsync's triggers each table has now."""
+        found = {table: {"triggers": {}} for table in tables}
+        if tables:
+            for table, name in self.query(conn, "SELECT tbl_name, name FROM sqlite_master"
+                                                " WHERE type = 'trigger' AND tbl_name IN (%s)"
+                                                % ", ".join("?" for _ in tables), tables):
+                if _text(name) in _own_trigger_names(_text(table)):
+                    found[_text(table)]["triggers"][_text(name)] = ""
+        return found
+
+    def schema_signature(self, conn, tables):
+        """(the database's time, what changes with any change of any table's definition)."""
+        return tuple(self.query(conn, "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now'),"
+                                      " (SELECT schema_version FROM pragma_schema_version)")[0])
+
+    @staticmethod
+    def truncated_between(before, after):
+        """SQLite has no TRUNCATE: a DELETE of every row fires the triggers."""
+        return False
     lock_rows = ""                  # one writer at a time: the push's write lock covers every row
     # a push records its device in cloudsync_context: always a transaction
     autocommit_atomic = False
@@ -2866,19 +2974,22 @@ class SQLiteDatabase(Database):
 
     def introspect(self, conn, table):
         """Read one table's columns (generated ones too) and primary key from the catalogue."""
-        rows = self.query(conn, "SELECT name, type, pk, hidden FROM pragma_table_xinfo(?)",
-                          (table,))
+        rows = self.query(conn, "SELECT name, type, pk, hidden, \"notnull\", dflt_value"
+                                " FROM pragma_table_xinfo(?)", (table,))
         if not rows:
             raise SchemaError("table %r does not exist in %s" % (table, self.config.db_path))
         columns, keyed = [], []
-        for name, declared, key_position, hidden in rows:
+        for name, declared, key_position, hidden, not_null, default in rows:
             if hidden == 1:                 # a virtual table's hidden column
                 continue
             affinity = _sqlite_affinity(declared)
             kind, scale = _sqlite_kind(declared, affinity)
-            columns.append(Column(name, quote_sqlite(name), kind, declared or "", scale=scale,
-                                  generated=hidden in (2, 3), int_limit=1 << 63, affinity=affinity,
-                                  checks_decimals=kind == "decimal", dates_as_text=True))
+            column = Column(name, quote_sqlite(name), kind, declared or "", scale=scale,
+                            generated=hidden in (2, 3), int_limit=1 << 63, affinity=affinity,
+                            checks_decimals=kind == "decimal", dates_as_text=True)
+            if not column.generated:
+                column.default = constant_default(column, default, not not_null)
+            columns.append(column)
             if key_position:
                 keyed.append((key_position, name))
         if not keyed:
@@ -2887,8 +2998,7 @@ class SQLiteDatabase(Database):
         key = [name for _, name in sorted(keyed)]
         # only an INTEGER PRIMARY KEY (the rowid) is generated; other SQLite keys would take NULL
         generated = len(key) == 1 and any(
-            name == key[0] and (declared or "").strip().upper() == "INTEGER"
-            for name, declared, _, _ in rows)
+            row[0] == key[0] and (row[1] or "").strip().upper() == "INTEGER" for row in rows)
         schema = TableSchema(table, quote_sqlite(table), columns, key, generated)
         for column in schema.key_columns:
             if column.kind == "float":
@@ -2898,6 +3008,12 @@ class SQLiteDatabase(Database):
         schema.decoders = [(position, _sqlite_decimal, column)
                            for position, column in enumerate(columns) if column.kind == "decimal"]
         schema.key_sql = self.key_sql(schema)
+        for (index,) in self.query(conn, "SELECT name FROM pragma_index_list(?)"
+                                         " WHERE \"unique\" AND origin <> 'pk'", (table,)):
+            names = tuple(_text(name) for (name,) in self.query(
+                conn, "SELECT name FROM pragma_index_info(?) ORDER BY seqno", (_text(index),)))
+            if names and None not in names:
+                schema.unique.append(names)
         return schema
 
     @staticmethod
@@ -2921,15 +3037,6 @@ class SQLiteDatabase(Database):
     def log_tables():
         """cloudsync's own tables."""
         return SQLITE_LOG_TABLES
-
-    def upgrade_log_tables(self, conn):
-        """What versions before have left different: the log's scope column and its index."""
-        present = self.column_names(conn, "cloudsync_changes")
-        for name in ("scope", "columns"):
-            if name not in present:
-                self.execute(conn, "ALTER TABLE cloudsync_changes ADD COLUMN %s TEXT" % name)
-        self.execute(conn, "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_scope"
-                           " ON cloudsync_changes (table_name, scope, seq)")
 
     def index_columns(self, conn, table):
         """The columns of each index of `table`, in index order (the primary key's first)."""
@@ -2958,12 +3065,34 @@ class SQLiteDatabase(Database):
         table_literal = _sql_literal(schema.name)
 
         def record(row, op, guard="", columns="NULL"):
-            return ("INSERT INTO cloudsync_changes"
-                    " (table_name, row_key, op, device_id, batch_id, changed_at, scope, columns)"
-                    " SELECT %s, %s, '%s', device_id, batch_id, %s, %s, %s"
+            # the push's change only when its statement writes this table (not a trigger of the
+            # shop's writing here from another table, nor a cascade)
+            own = "table_name = %s" % table_literal
+            return ("INSERT INTO cloudsync_changes (table_name, row_key, op, device_id, batch_id,"
+                    " changed_at, scope, columns, push_id)"
+                    " SELECT %s, %s, '%s', CASE WHEN %s THEN device_id END,"
+                    " CASE WHEN %s THEN batch_id END, %s, %s, %s, CASE WHEN %s THEN push_id END"
                     " FROM cloudsync_context WHERE id = 1%s"
-                    % (table_literal, self.key_sql(schema, row), op, self.now_sql,
-                       self.scope_sql(schema, row), columns, " AND " + guard if guard else ""))
+                    % (table_literal, self.key_sql(schema, row), op, own, own, self.now_sql,
+                       self.scope_sql(schema, row), columns, own,
+                       " AND " + guard if guard else ""))
+        if event in REPLACED_EVENTS:
+            # SQLite deletes the rows a REPLACE pushes out (a UNIQUE column clashing) without
+            # firing their DELETE trigger: logged beforehand as changed, another writer's; a
+            # device looks each up and deletes what is gone (an INSERT OR IGNORE leaves them)
+            clash = " OR ".join("(%s)" % " AND ".join(
+                "t.%s = NEW.%s" % (quote_sqlite(name), quote_sqlite(name)) for name in unique)
+                for unique in schema.unique)
+            keyed = self.key_sql_from(schema, {column.name: "t." + column.quoted
+                                               for column in schema.key_columns})
+            statement = ("INSERT INTO cloudsync_changes"
+                         " (table_name, row_key, op, device_id, batch_id, changed_at, scope,"
+                         " columns) SELECT %s, %s, 'U', NULL, NULL, %s, %s, NULL FROM %s AS t"
+                         " WHERE %s" % (table_literal, keyed, self.now_sql,
+                                        self.scope_sql(schema, "t"), schema.quoted, clash))
+            return "CREATE TRIGGER %s BEFORE %s ON %s BEGIN %s; END" % (
+                self.quote(_trigger_name(schema.name, event)), REPLACED_EVENTS[event],
+                schema.quoted, statement)
         if event == "upd":
             # byte for byte, not by the column's collation: 'abc' -> 'ABC' is a new key to a device;
             # an update that changes the key deletes the old row and creates a new one
@@ -2977,13 +3106,36 @@ class SQLiteDatabase(Database):
             "; ".join(body))
 
     @contextmanager
-    def attributed(self, conn, device_id, batch_id):
-        """In a push's transaction: changes made in the with-block carry this device and batch."""
-        self.execute(conn, "UPDATE cloudsync_context SET device_id = ?, batch_id = ? WHERE id = 1",
-                     (device_id, batch_id))
+    def attributed(self, conn, device_id, batch_id, table, push_id):
+        """In a push's transaction: changes its statements make to `table` (attribute_table
+        moves it) carry this device, batch and push."""
+        self.execute(conn, "UPDATE cloudsync_context SET device_id = ?, batch_id = ?,"
+                           " table_name = ?, push_id = ? WHERE id = 1",
+                     (device_id, batch_id, table, push_id))
         yield
-        self.execute(conn,
-                     "UPDATE cloudsync_context SET device_id = NULL, batch_id = NULL WHERE id = 1")
+        self.execute(conn, "UPDATE cloudsync_context SET device_id = NULL, batch_id = NULL,"
+                           " table_name = NULL, push_id = NULL WHERE id = 1")
+
+    def attribute_table(self, conn, table):
+        """The push's next statements write `table`."""
+        self.execute(conn, "UPDATE cloudsync_context SET table_name = ? WHERE id = 1", (table,))
+
+    @contextmanager
+    def altering(self, conn, table, triggers):
+        """One transaction for an ALTER and the new triggers (SyncEngine.alter).
+
+        The old triggers go first: SQLite refuses to drop a column a trigger names.
+        """
+        with self.transaction(conn):
+            for name in triggers:
+                self.execute(conn, "DROP TRIGGER IF EXISTS %s" % self.quote(name))
+            yield
+
+    @staticmethod
+    def trigger_events(schema):
+        """The events a table's triggers record: with UNIQUE columns besides the key, the rows a
+        REPLACE removes too."""
+        return tuple(TRIGGER_EVENTS) + (tuple(REPLACED_EVENTS) if schema.unique else ())
 
     def upsert(self, conn, schema, values, scope):
         """Insert the row, or set the given columns on the row with its key.
@@ -3155,11 +3307,20 @@ class MySQLDatabase(Database):
     now_sql = "NOW(6)"
     cutoff_sql = "NOW(6) - INTERVAL ? DAY"
     delete_oldest_sql = "DELETE FROM cloudsync_changes WHERE seq <= ? ORDER BY seq LIMIT ?"
+    # compaction: the newest seq it removes, per table and scope value
+    compacted_upsert_sql = (
+        "INSERT INTO cloudsync_compacted (table_name, scope, upto)"
+        " SELECT table_name, COALESCE(scope, ''), MAX(seq) FROM cloudsync_changes WHERE seq <= ?"
+        " GROUP BY table_name, COALESCE(scope, '')"
+        " ON DUPLICATE KEY UPDATE upto = GREATEST(upto, VALUES(upto))")
     json_array = "JSON_ARRAY"
-    # ChangeLog.position: the sequencer's head, the compaction mark, the server's version, and
-    # the newest change waiting to be numbered
+    # the newest seq given out: the numberer keeps it
+    head_sql = "SELECT value FROM cloudsync_meta WHERE name = 'last_seq'"
+    head_part = "SELECT 'h', NULL, NULL, value FROM cloudsync_meta WHERE name = 'last_seq'"
+    # ChangeLog.position: the head, the sum of the tables' epochs, the server's version, and the
+    # newest change waiting to be numbered
     position_sql = ("SELECT (SELECT value FROM cloudsync_meta WHERE name = 'last_seq'),"
-                    " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'), VERSION(),"
+                    " (SELECT SUM(epoch) FROM cloudsync_tables), VERSION(),"
                     " (SELECT MAX(id) FROM cloudsync_pending)")
     columns_sql = ("SELECT COLUMN_NAME FROM information_schema.COLUMNS"
                    " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?")
@@ -3176,6 +3337,79 @@ class MySQLDatabase(Database):
     def stored_trigger(create_sql):
         """A CREATE TRIGGER as information_schema keeps it: its body, from BEGIN."""
         return create_sql[create_sql.index(" BEGIN ") + 1:]
+
+    # whether information_schema.INNODB_SYS_TABLES answers this user (it needs PROCESS): the
+    # table ids there are how a TRUNCATE is seen
+    sees_table_ids = None
+
+    def capture_identity(self, conn, tables):
+        """{table: {"triggers": {name: created}, "id": InnoDB table id or None}}.
+
+        A trigger made again (by a dump, by another program) has another
+        creation time; a truncated table, or one swapped for a copy, another id.
+        """
+        found = {table: {"triggers": {}, "id": None} for table in tables}
+        if not tables:
+            return found
+        marks = ", ".join("?" for _ in tables)
+        for table, name, created in self.query(
+                conn, "SELECT EVENT_OBJECT_TABLE, TRIGGER_NAME, CAST(CREATED AS CHAR)"
+                      " FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()"
+                      " AND EVENT_OBJECT_TABLE IN (%s)" % marks, tables):
+            if _text(name) in _own_trigger_names(_text(table)):
+                found[_text(table)]["triggers"][_text(name)] = _text(created)
+        for table, table_id in self._table_ids(conn, tables):
+            found[table]["id"] = table_id
+        return found
+
+    def _table_ids(self, conn, tables):
+        """[(table, InnoDB table id)], or [] when this user may not see them."""
+        if self.sees_table_ids is False:
+            return []
+        try:
+            rows = self.query(conn, "SELECT NAME, TABLE_ID FROM information_schema.INNODB_SYS_TABLES"
+                                    " WHERE NAME IN (%s)" % ", ".join(
+                                        "CONCAT(DATABASE(), '/', ?)" for _ in tables), tables)
+        except Denied:
+            self.sees_table_ids = False
+            log.warning("the database user may not read information_schema.INNODB_SYS_TABLES "
+                        "(the PROCESS privilege): a TRUNCATE TABLE of an allowed table is not "
+                        "seen; grant PROCESS (cloudsync.py check)")
+            return []
+        self.sees_table_ids = True
+        return [(_text(name).split("/", 1)[1], int(table_id)) for name, table_id in rows]
+
+    def schema_signature(self, conn, tables):
+        """(the database's time, then what changes with any change of these tables: their
+        columns, cloudsync's triggers on them, their ids, the server's count of TRUNCATEs).
+
+        One round trip of a few milliseconds (information_schema), made twice a second.
+        """
+        marks = ", ".join("?" for _ in tables)
+        parts = [
+            "NOW(6)",
+            "(SELECT GROUP_CONCAT(CONCAT_WS(':', TABLE_NAME, COLUMN_NAME, COLUMN_TYPE,"
+            " IFNULL(COLUMN_DEFAULT, '-'), IS_NULLABLE, COLUMN_KEY, EXTRA)"
+            " ORDER BY TABLE_NAME, ORDINAL_POSITION SEPARATOR '|') FROM information_schema.COLUMNS"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN (%s))" % marks,
+            "(SELECT GROUP_CONCAT(CONCAT_WS(':', EVENT_OBJECT_TABLE, TRIGGER_NAME, CREATED)"
+            " ORDER BY TRIGGER_NAME SEPARATOR '|') FROM information_schema.TRIGGERS"
+            " WHERE TRIGGER_SCHEMA = DATABASE() AND EVENT_OBJECT_TABLE IN (%s))" % marks,
+            "(SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS"
+            " WHERE VARIABLE_NAME = 'COM_TRUNCATE')"]
+        params = list(tables) * 2
+        if self.sees_table_ids:
+            parts.append("(SELECT GROUP_CONCAT(CONCAT_WS(':', NAME, TABLE_ID) ORDER BY NAME)"
+                         " FROM information_schema.INNODB_SYS_TABLES WHERE NAME IN (%s))"
+                         % ", ".join("CONCAT(DATABASE(), '/', ?)" for _ in tables))
+            params += list(tables)
+        return tuple(_text(value) for value in self.query(conn, "SELECT " + ", ".join(parts),
+                                                          params)[0])
+
+    @staticmethod
+    def truncated_between(before, after):
+        """Whether the server ran a TRUNCATE between two schema signatures (its 4th part)."""
+        return before[2] != after[2]
     lock_rows = " FOR UPDATE"
     autocommit_atomic = True    # one statement in autocommit is atomic, its triggers included
     # the C extension; the driver falls back to pure Python when it cannot load
@@ -3392,7 +3626,8 @@ class MySQLDatabase(Database):
         """Read one table's columns and primary key from information_schema."""
         rows = self.query(conn, (
             "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_SCALE, DATETIME_PRECISION,"
-            " CHARACTER_SET_NAME, CHARACTER_OCTET_LENGTH, EXTRA FROM information_schema.COLUMNS"
+            " CHARACTER_SET_NAME, CHARACTER_OCTET_LENGTH, EXTRA, COLUMN_DEFAULT, IS_NULLABLE"
+            " FROM information_schema.COLUMNS"
             " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?"
             " ORDER BY ORDINAL_POSITION"), (table,))
         if not rows:
@@ -3406,7 +3641,8 @@ class MySQLDatabase(Database):
             raise SchemaError("table %r has no primary key; cloudsync needs one to find rows"
                               % table)
         columns, generated, json_parts = [], set(), []
-        for name, data_type, column_type, scale, fsp, charset, octets, extra in rows:
+        for name, data_type, column_type, scale, fsp, charset, octets, extra, default, nullable \
+                in rows:
             name, data_type, column_type = _text(name), _text(data_type).lower(), _text(column_type)
             extra = _text(extra or "")
             if "?" in name + table or "%(" in name + table:
@@ -3431,6 +3667,10 @@ class MySQLDatabase(Database):
                 octets=int(octets) if data_type == "binary" and octets else None,
                 pads=data_type == "char",
                 max_code_point=0xFFFF if _text(charset or "") in ("utf8", "utf8mb3") else 0x10FFFF)
+            if not column.generated:
+                # a NOT NULL column without a default gives rows an implicit 0 or '': not known
+                column.default = constant_default(
+                    column, None if default is None else _text(default), _text(nullable) == "YES")
             columns.append(column)
             if "auto_increment" in extra.lower():
                 generated.add(name)
@@ -3491,26 +3731,6 @@ class MySQLDatabase(Database):
         """cloudsync's own tables."""
         return MYSQL_LOG_TABLES
 
-    def upgrade_log_tables(self, conn):
-        """What versions before have left different: an index, ids compared byte for byte."""
-        if not self.query(conn, "SELECT 1 FROM information_schema.STATISTICS"
-                                " WHERE TABLE_SCHEMA = DATABASE()"
-                                " AND TABLE_NAME = 'cloudsync_pending'"
-                                " AND INDEX_NAME = 'cloudsync_pending_by_table'"):
-            self.execute(conn, "CREATE INDEX cloudsync_pending_by_table"
-                               " ON cloudsync_pending (table_name)")
-        self.ids_bytewise(conn, "cloudsync_batches", ("device_id", "batch_id"))
-        for table in ("cloudsync_pending", "cloudsync_changes"):
-            present = self.column_names(conn, table)
-            if "scope" not in present:
-                self.execute(conn, "ALTER TABLE %s ADD COLUMN scope VARBINARY(%d) NULL"
-                             % (table, 4 * MYSQL_SCOPE_CHARS))
-            if "columns" not in present:
-                self.execute(conn, "ALTER TABLE %s ADD COLUMN columns TEXT NULL" % table)
-        if ("table_name", "scope", "seq") not in self.index_columns(conn, "cloudsync_changes"):
-            self.execute(conn, "CREATE INDEX cloudsync_changes_by_scope"
-                               " ON cloudsync_changes (table_name, scope, seq)")
-
     def index_columns(self, conn, table):
         """The columns of each index of `table`, in index order (the primary key's among them)."""
         found = collections.defaultdict(list)
@@ -3554,13 +3774,25 @@ class MySQLDatabase(Database):
     def log_rows_sql(self, table, key, op, source=None, where=None, scope="NULL", columns="NULL"):
         """An INSERT into cloudsync_pending.
 
-        Of one row (NEW, OLD), or of the rows of `source` WHERE `where`;
-        `scope`: SQL writing each row's scope value; `columns`: the changed columns'.
+        Of one row (NEW, OLD) of the table's own trigger, or of the rows of
+        `source` WHERE `where` (a cascade trigger: another writer's change, no
+        device's); `scope`: SQL writing each row's scope value; `columns`: the
+        changed columns'. A change is the push's (its device and batch) only
+        when the push's statement writes this very table (@cloudsync_table):
+        a trigger of the shop's that writes here from another table is not.
         """
-        values = "%s, %s, '%s', @cloudsync_device, @cloudsync_batch, %s, %s, %s" % (
-            _sql_literal(table, backslashes=True), key, op, self.now_sql, scope, columns)
+        literal = _sql_literal(table, backslashes=True)
+        if source is None:
+            own = "%s = %s" % (self.bytewise("@cloudsync_table"), self.bytewise(literal))
+            who = "IF(%s, @cloudsync_device, NULL), IF(%s, @cloudsync_batch, NULL)" % (own, own)
+            push = "IF(%s, @cloudsync_push, NULL)" % own
+        else:
+            who, push = "NULL, NULL", "NULL"
+        values = "%s, %s, '%s', %s, %s, %s, %s, %s" % (literal, key, op, who, self.now_sql, scope,
+                                                       columns, push)
         return ("INSERT INTO cloudsync_pending"
-                " (table_name, row_key, op, device_id, batch_id, changed_at, scope, columns) "
+                " (table_name, row_key, op, device_id, batch_id, changed_at, scope, columns,"
+                " push_id) "
                 + ("VALUES (%s)" % values if source is None
                    else "SELECT %s FROM %s WHERE %s" % (values, source, where)))
 
@@ -3575,15 +3807,37 @@ class MySQLDatabase(Database):
             self.quote(name), TRIGGER_EVENTS[event], self.quote(table), "; ".join(statements))
 
     @contextmanager
-    def attributed(self, conn, device_id, batch_id):
-        """In a push's transaction: changes made in the with-block carry this device and batch.
+    def attributed(self, conn, device_id, batch_id, table, push_id):
+        """In a push's transaction: changes its statements make to `table` (attribute_table
+        moves it) carry this device, batch and push.
 
         No reset afterwards: pooled connections write to allowed tables only in
-        a push, and every push sets both variables first; outside writers have
+        a push, and every push sets the variables first; outside writers have
         their own sessions.
         """
-        self.execute(conn, "SET @cloudsync_device = ?, @cloudsync_batch = ?", (device_id, batch_id))
+        self.execute(conn, "SET @cloudsync_device = ?, @cloudsync_batch = ?, @cloudsync_table = ?,"
+                           " @cloudsync_push = ?", (device_id, batch_id, table, push_id))
         yield
+
+    def attribute_table(self, conn, table):
+        """The push's next statements write `table`."""
+        self.execute(conn, "SET @cloudsync_table = ?", (table,))
+
+    @contextmanager
+    def altering(self, conn, table, triggers):
+        """The table's write lock, from an ALTER until its new triggers are in (SyncEngine.alter).
+
+        cloudsync's own tables are locked with it: the new triggers write to
+        them, and LOCK TABLES lets a session use only what it locked.
+        """
+        self.execute(conn, "LOCK TABLES %s WRITE, %s" % (self.quote(table), ", ".join(
+            "%s WRITE" % name for name in ("cloudsync_tables", "cloudsync_schemas",
+                                           "cloudsync_changes", "cloudsync_pending",
+                                           "cloudsync_meta"))))
+        try:
+            yield
+        finally:
+            self.execute(conn, "UNLOCK TABLES")
 
     def foreign_keys(self, conn):
         """The foreign keys whose ON DELETE/UPDATE makes InnoDB write child rows, as _ForeignKey."""
@@ -3614,16 +3868,6 @@ class MySQLDatabase(Database):
         if "\\u001f" in text:
             self._JSON_ESCAPES = {code: escape.lower() if escape.startswith("\\u") else escape
                                   for code, escape in self._JSON_ESCAPES.items()}
-
-    def ids_bytewise(self, conn, table, columns):
-        """Turn VARCHAR id columns of a cloudsync table made by an older version into VARBINARY."""
-        rows = self.query(conn, "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
-                                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?"
-                                " AND DATA_TYPE = 'varchar'", (table,))
-        found = [_text(name) for (name,) in rows if _text(name) in columns]
-        if found:
-            self.execute(conn, "ALTER TABLE %s %s" % (table, ", ".join(
-                "MODIFY %s VARBINARY(512) NOT NULL" % name for name in found)))
 
     @staticmethod
     def bytewise(expression):
@@ -3869,6 +4113,35 @@ def open_database(config):
 # writers leave both NULL.
 
 CHANGE_OPS = {"I": "insert", "U": "update", "D": "delete"}
+
+
+class Snapshot:
+    """One view of the log (ChangeLog.read): the head, each table's (epoch, fingerprint), the
+    compaction mark of each table, the changed rows (table, row key, last seq), and whether
+    changes of the excluded batch still wait to be numbered."""
+
+    __slots__ = ("head", "tables", "marks", "entries", "excluded_pending", "waiting")
+
+    def __init__(self, rows):
+        self.head, self.tables, self.marks, self.entries = 0, {}, {}, []
+        self.excluded_pending = self.waiting = False
+        for kind, name, third, fourth in rows:
+            kind = _text(kind)
+            if kind == "h":
+                self.head = int(fourth or 0)
+            elif kind == "t":
+                self.tables[_text(name)] = (int(third), _text(fourth))
+            elif kind == "c":
+                self.marks[_text(name)] = int(fourth or 0)
+            elif kind == "e":
+                self.entries.append((_text(name), _text(third), int(fourth)))
+            elif kind == "p":
+                self.excluded_pending = bool(int(fourth or 0))
+            elif kind == "w":
+                self.waiting = self.waiting or fourth is not None
+        self.entries.sort(key=lambda entry: entry[2])     # a UNION keeps no order of its own
+
+
 class ChangeLog:
     """cloudsync's own tables: the change log, sequence numbers, batches, and the triggers."""
 
@@ -3881,79 +4154,131 @@ class ChangeLog:
     # -- installation ---------------------------------------------------------
 
     def install(self, conn, schemas, progress=None):
-        """Create the log tables and (re)install the triggers; idempotent."""
+        """Create the log tables and (re)install the triggers; idempotent.
+
+        Returns each table's epoch (follow).
+        """
         say = progress or (lambda message: None)
         try:
             for statement in self.db.log_tables():
                 self.db.execute(conn, statement)
-            self.db.upgrade_log_tables(conn)
         except Denied as denied:
             raise ChangeCaptureError("the database user may not create cloudsync's own tables "
                                      "(%s); grant it CREATE, INDEX and ALTER on the database "
                                      "(cloudsync.py check lists what is missing)"
                                      % denied) from None
-        fresh = not self.db.query(conn, "SELECT 1 FROM cloudsync_meta WHERE name = 'instance'")
         for name, value in (("instance", uuid.uuid4().hex), ("secret", secrets.token_hex(32)),
-                            ("last_seq", "0"), ("compacted_upto", "0"),
-                            ("key_format", KEY_FORMAT if fresh else "1")):
+                            ("last_seq", "0"), ("compacted_upto", "0")):
             self.db.execute(conn, "%s INTO cloudsync_meta (name, value) VALUES (?, ?)"
                             % self.db.insert_ignore, (name, value))
-        changed = 0
-        for schema in schemas.values():
-            if self._install_triggers(conn, schema):
-                changed += 1
-                say("%s triggers on %s" % ("installed" if self.capture == "triggers" else "removed",
-                                           schema.name))
+        self.load_identity(conn)
+        epochs, changed = self.follow(conn, schemas, say)
         changed += self._remove_stale_triggers(conn, schemas, say)
-        if not self.db.cascades_fire_triggers:
-            self._install_cascade_triggers(conn, schemas)
-        self._upgrade_key_format(conn, schemas, say)
         say("change capture (%s) on %d table(s)%s" % (
             self.capture, len(schemas), "" if changed else ", unchanged"))
-        self.load_identity(conn)
+        return epochs
 
-    def _upgrade_key_format(self, conn, schemas, say):
-        """After an upgrade writing some keys differently, make devices with old keys start again.
+    def follow(self, conn, schemas, say, truncated=None, looked_at=None, trusted=(),
+               cascades=True):
+        """Make each table's capture what its columns ask for now: ({table: epoch}, how many
+        tables' triggers changed).
 
-        Row keys of integer and text columns are written as before; others
-        (decimal, date, time, binary...) were written in forms that did not
-        match the rows. Entries in the old form cannot be served, so they are
-        put below the compaction mark: a checkpoint before it is refused as expired, with
-        reset: true, and the device pulls everything again, once.
+        A table whose writes may have gone unrecorded (its triggers missing, made
+        again by another program or a dump, or the table truncated or swapped
+        for a copy: Database.capture_intact) gets a new epoch, the head of the
+        log: devices whose copy of it began before pull it again. Entries of a
+        table whose columns changed, logged since `looked_at` (the last look:
+        by triggers made for the old columns), say nothing of columns any more:
+        conflicts count them as a change of every column.
         """
-        stored = self.db.query(conn, "SELECT value FROM cloudsync_meta WHERE name = 'key_format'")
-        if stored and _text(stored[0][0]) == KEY_FORMAT:
-            return
-        changed = [schema.name for schema in schemas.values()
-                   if any(column.kind not in ("integer", "text", "enum")
-                          for column in schema.key_columns)]
-        marks = ", ".join("?" for _ in changed)
-        if changed and any(self.db.query(conn, "SELECT 1 FROM %s WHERE table_name IN (%s) LIMIT 1"
-                                         % (log, marks), changed) for log in self._logs()):
-            self.sequence(conn)
-            with self.db.transaction(conn):
-                head = self.head(conn)
-                self.db.execute(conn, "UPDATE cloudsync_meta SET value = ?"
-                                      " WHERE name = 'compacted_upto'", (str(head),))
-            say("row keys of %s are now written in a new form: devices syncing them start again "
-                "from the beginning, once (their next pull answers 410 with reset: true)"
-                % ", ".join(changed))
-            log.warning("row keys of %s are now written in a new form; every checkpoint up to "
-                        "seq %d gets 410 (reset: true), so devices pull again from the beginning, "
-                        "once", ", ".join(changed), head)
-        self.db.execute(conn, "UPDATE cloudsync_meta SET value = '%s' WHERE name = 'key_format'"
-                        % KEY_FORMAT)
+        stored = {_text(table): (_text(fingerprint), int(epoch),
+                                 json.loads(_text(identity)) if identity else {})
+                  for table, fingerprint, epoch, identity in self.db.query(
+                      conn, "SELECT table_name, fingerprint, epoch, identity FROM cloudsync_tables")}
+        tracked = self.capture == "triggers"
+        live = self.db.capture_identity(conn, list(schemas)) if tracked else {}
+        epochs, changed, head = {}, 0, None
+        for schema in schemas.values():
+            table, fingerprint = schema.name, schema.fingerprint()
+            old = stored.get(table)
+            broken = tracked and old is not None and table not in trusted \
+                and not self.db.capture_intact(old[2], live.get(table), truncated)
+            installed = self._install_triggers(conn, schema, alone=table not in trusted)
+            if installed:
+                changed += 1
+                say("%s triggers on %s" % ("installed" if tracked else "removed", table))
+            if old is not None and old[0] != fingerprint:
+                self._forget_columns(conn, table, looked_at or old[2].get("at"))
+            epoch = old[1] if old is not None else 0
+            if broken:
+                if head is None:
+                    self.sequence(conn)     # what committed before is behind the new epoch
+                    head = self.head(conn)
+                epoch = head
+                say("the history of %s starts again at %d (its triggers were missing or made "
+                    "again, or the table was truncated or swapped): devices pull it again" % (
+                        table, head))
+                log.warning("the change capture of %s was interrupted (the table re-created, "
+                            "swapped, truncated, or its triggers dropped or made by another "
+                            "program): its history starts again at %d, and devices pull it again",
+                            table, head)
+            identity = (self.db.capture_identity(conn, [table])[table] if installed
+                        else live.get(table, {})) if tracked else {}
+            if old is None or (old[0], old[1]) != (fingerprint, epoch) \
+                    or dict(old[2], at=None) != dict(identity, at=None):
+                self._keep_table(conn, schema, fingerprint, epoch, identity)
+            epochs[table] = epoch
+        if cascades and not self.db.cascades_fire_triggers:
+            self._install_cascade_triggers(conn, schemas)
+        return epochs, changed
 
-    def _install_triggers(self, conn, schema):
-        """Make the table's triggers what they should be; True when something had to change."""
+    def _keep_table(self, conn, schema, fingerprint, epoch, identity):
+        """Write down a table's state (cloudsync_tables) and its columns' description."""
+        now = str(_text(self.db.query(conn, "SELECT %s" % self.db.now_sql)[0][0]))
+        self.db.execute(conn, "DELETE FROM cloudsync_tables WHERE table_name = ?", (schema.name,))
+        self.db.execute(conn, "INSERT INTO cloudsync_tables (table_name, fingerprint, epoch,"
+                              " identity) VALUES (?, ?, ?, ?)",
+                        (schema.name, fingerprint, epoch, json.dumps(dict(identity, at=now))))
+        self.db.execute(conn, "%s INTO cloudsync_schemas (fingerprint, table_name, description)"
+                              " VALUES (?, ?, ?)" % self.db.insert_ignore,
+                        (fingerprint, schema.name, json.dumps(schema.describe(), sort_keys=True)))
+
+    def _forget_columns(self, conn, table, since):
+        """Updates of `table` logged since `since` (the database's time) say nothing of columns."""
+        for log_table in self._logs():
+            self.db.execute(conn, "UPDATE %s SET columns = NULL WHERE table_name = ? AND op = 'U'"
+                                  " AND changed_at >= ?" % log_table, (table, since or ""))
+
+    def description(self, conn, fingerprint):
+        """The columns a table had when its fingerprint was `fingerprint`, or None."""
+        rows = self.db.query(conn, "SELECT description FROM cloudsync_schemas"
+                                   " WHERE fingerprint = ?", (fingerprint,))
+        return json.loads(_text(rows[0][0])) if rows else None
+
+    def epochs(self, conn):
+        """{table: epoch} as cloudsync_tables holds them."""
+        return {_text(table): int(epoch) for table, epoch in self.db.query(
+            conn, "SELECT table_name, epoch FROM cloudsync_tables")}
+
+    def _install_triggers(self, conn, schema, alone=True):
+        """Make the table's triggers what they should be; True when something had to change.
+
+        `alone`: in a transaction of their own where DDL takes part in one
+        (SQLite); else inside the caller's (SyncEngine.alter).
+        """
         existing = self.db.trigger_definitions(conn, schema.name)
         statements = []
-        for event in ("ins", "upd", "del"):
+        recorded = self.db.trigger_events(schema) if self.capture == "triggers" else ()
+        for event in list(TRIGGER_EVENTS) + list(REPLACED_EVENTS):
             name = _trigger_name(schema.name, event)
-            wanted = self.db.trigger_sql(schema, event) if self.capture == "triggers" else None
+            if event not in recorded and name not in existing:
+                continue
+            wanted = self.db.trigger_sql(schema, event) if event in recorded else None
             if wanted is not None and existing.get(name) == self.db.stored_trigger(wanted):
                 continue                    # already as it should be
-            if name in existing and (wanted is None or not self.db.replaces_triggers):
+            if name not in existing or wanted is None or not self.db.replaces_triggers:
+                # a trigger of this name may be on another table: the table this one was
+                # renamed to when a copy took its place (pt-online-schema-change, gh-ost)
                 statements.append("DROP TRIGGER IF EXISTS %s" % self.db.quote(name))
             if wanted is not None:
                 statements.append(wanted)
@@ -3962,7 +4287,7 @@ class ChangeLog:
         try:
             # where DDL is transactional (SQLite) the triggers change in one transaction, and no
             # write goes unrecorded; MySQL's CREATE OR REPLACE swaps each trigger atomically
-            with self.db.transaction(conn) if self.db.transactional_ddl \
+            with self.db.transaction(conn) if self.db.transactional_ddl and alone \
                     else contextlib.nullcontext():
                 for statement in statements:
                     self.db.execute(conn, statement)
@@ -3979,7 +4304,7 @@ class ChangeLog:
         stale = {}
         for name, table in self.db.triggers(conn):
             if table not in allowed \
-                    and name in {_trigger_name(table, event) for event in ("ins", "upd", "del")}:
+                    and name in _own_trigger_names(table):
                 stale.setdefault(table, []).append(name)
         return stale
 
@@ -4139,124 +4464,185 @@ class ChangeLog:
             else ("cloudsync_pending", "cloudsync_changes")
 
     def sequence(self, conn):
-        """Number the committed pending changes, one short transaction per batch.
+        """Number the committed pending changes, one short transaction per batch; the number of
+        changes numbered.
 
-        Not where triggers number them.
+        The numberer of each instance (LogWatcher) and the operator's commands
+        call it; a push or a pull never does, so none of them writes the shared
+        last_seq row. Not where triggers number changes (SQLite).
         """
+        numbered = 0
         if self.db.numbers_at_commit:
-            return
+            return numbered
         while self.db.query(conn, "SELECT 1 FROM cloudsync_pending LIMIT 1"):
             with self.db.transaction(conn):
-                if self.sequence_in_transaction(conn, drain=False) is None:
-                    return
-
-    def sequence_in_transaction(self, conn, drain=True):
-        """Inside an open transaction: number what is pending and visible.
-
-        Return (head before, head after).
-        A push calls this last, just before its commit: it then holds the
-        last_seq lock until the commit, so no number can be given out between
-        its numbers and its commit, and anything numbered later commits later.
-        With drain, every visible pending change is numbered (the push's own
-        among them); without, at most SEQUENCE_BATCH_ROWS. Returns None when
-        there was nothing to number, and always where triggers number changes
-        as they write them (SQLite).
-        """
-        if self.db.numbers_at_commit:
-            return None
-        first = last = int(self.db.query(
-            conn, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq' FOR UPDATE")[0][0])
-        while True:
-            # Only the ids pass through here; the rows move inside the database. The
-            # ids are exactly the committed rows seen now: a range would also take in
-            # rows committed later, which this DELETE would then remove unnumbered.
-            ids = [row[0] for row in self.db.query(conn, 
-                "SELECT id FROM cloudsync_pending ORDER BY id LIMIT ?", (SEQUENCE_BATCH_ROWS,))]
-            if ids:
-                marks = ", ".join("?" for _ in ids)
-                self.db.execute(conn, 
-                    "INSERT INTO cloudsync_changes"
-                    " (seq, table_name, row_key, op, device_id, batch_id, changed_at, scope,"
-                    " columns)"
-                    " SELECT ? + ROW_NUMBER() OVER (ORDER BY id),"
-                    " table_name, row_key, op, device_id, batch_id, changed_at, scope, columns"
-                    " FROM cloudsync_pending WHERE id IN (%s)" % marks, [last] + ids)
-                self.db.execute(conn, "DELETE FROM cloudsync_pending WHERE id IN (%s)" % marks, ids)
-                last += len(ids)
-            if len(ids) < SEQUENCE_BATCH_ROWS or not drain:
+                count = self._number(conn)
+            numbered += count
+            if count < SEQUENCE_BATCH_ROWS:
                 break
-        if last == first:
-            return None
+        return numbered
+
+    def _number(self, conn):
+        """Inside a transaction: number up to SEQUENCE_BATCH_ROWS pending changes visible now.
+
+        It holds the lock on the last_seq row until its commit, so numberers
+        take turns, and a change is numbered only once its transaction has
+        committed: whatever commits later is numbered later. Only the ids pass
+        through here; the rows move inside the database. The ids are exactly
+        the committed rows seen now: a range would also take in rows committed
+        later, which the DELETE would then remove unnumbered.
+        """
+        last = int(self.db.query(
+            conn, "SELECT value FROM cloudsync_meta WHERE name = 'last_seq' FOR UPDATE")[0][0])
+        ids = [row[0] for row in self.db.query(
+            conn, "SELECT id FROM cloudsync_pending ORDER BY id LIMIT ?", (SEQUENCE_BATCH_ROWS,))]
+        if not ids:
+            return 0
+        marks = ", ".join("?" for _ in ids)
+        self.db.execute(
+            conn, "INSERT INTO cloudsync_changes"
+                  " (seq, table_name, row_key, op, device_id, batch_id, changed_at, scope, columns,"
+                  " push_id) SELECT ? + ROW_NUMBER() OVER (ORDER BY id),"
+                  " table_name, row_key, op, device_id, batch_id, changed_at, scope, columns,"
+                  " push_id"
+                  " FROM cloudsync_pending WHERE id IN (%s)" % marks, [last] + ids)
+        self.db.execute(conn, "DELETE FROM cloudsync_pending WHERE id IN (%s)" % marks, ids)
         self.db.execute(conn, "UPDATE cloudsync_meta SET value = ? WHERE name = 'last_seq'",
-                        (str(last),))
-        return first, last
+                        (str(last + len(ids)),))
+        return len(ids)
 
     def tables_version(self, conn, schemas):
         """A value that changes with every committed write to these tables: one indexed round trip.
 
-        The newest sequence number of the tables (never below the compaction
-        mark, so it cannot fall back to an old value when their entries are
-        compacted away) and, on MySQL, the count and the newest id of their
-        changes not numbered yet: a commit adds a pending row (its id may be
-        lower than one committed before it, the count still grows), and
-        numbering one raises the first part. Last, whether each table holds a
-        row: a TRUNCATE fires no trigger, but it empties the table (and every
-        row inserted after it is logged).
+        The newest sequence number of the tables (or its compaction mark, so it
+        cannot fall back to an old value when their entries are compacted away),
+        the epoch of each (a TRUNCATE, a table re-created: its history starts
+        again), whether each holds a row (a TRUNCATE fires no trigger, but
+        empties the table, and every row inserted after it is logged) and, on
+        MySQL, the count and the newest id of their changes not numbered yet: a
+        commit adds a pending row (its id may be lower than one committed
+        before it, the count still grows), and numbering one raises the first
+        part.
         """
         tables = [schema.name for schema in schemas]
         marks = ", ".join("?" for _ in tables)
-        holds_rows = "".join(", (SELECT 1 FROM %s LIMIT 1)" % schema.quoted for schema in schemas)
-        if self.db.numbers_at_commit:
-            row = self.db.query(conn,
-                "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
-                " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto')%s"
-                % (marks, holds_rows), list(tables))[0]
-            return (max(row[0] or 0, int(row[1])), 0, 0) + tuple(row[2:])
-        row = self.db.query(conn,
-            "SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
-            " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto'),"
-            " COUNT(*), MAX(id)%s FROM cloudsync_pending WHERE table_name IN (%s)"
-            % (marks, holds_rows, marks), list(tables) * 2)[0]
-        return (max(row[0] or 0, int(row[1])), row[2], row[3] or 0) + tuple(row[4:])
+        parts = ["(SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s))" % marks,
+                 "(SELECT MAX(upto) FROM cloudsync_compacted WHERE table_name IN (%s))" % marks,
+                 "(SELECT SUM(epoch) FROM cloudsync_tables WHERE table_name IN (%s))" % marks]
+        # whether each table holds a row: a TRUNCATE empties it before the watcher sees it
+        parts += ["(SELECT 1 FROM %s LIMIT 1)" % schema.quoted for schema in schemas]
+        params = list(tables) * 3
+        if not self.db.numbers_at_commit:
+            parts += ["(SELECT COUNT(*) FROM cloudsync_pending WHERE table_name IN (%s))" % marks,
+                      "(SELECT MAX(id) FROM cloudsync_pending WHERE table_name IN (%s))" % marks]
+            params += list(tables) * 2
+        return tuple(self.db.query(conn, "SELECT %s" % ", ".join(parts), params)[0])
 
     def position(self, conn):
-        """(head, compaction mark, the database server's version, the newest change not numbered
-        yet or None): one round trip."""
-        head, compacted, version, waiting = self.db.query(conn, self.db.position_sql)[0]
-        compacted = int(compacted)
-        return (max(int(head or 0), compacted), compacted, self.db.version_name(_text(version)),
-                waiting)
+        """(head, the sum of the tables' epochs, the database server's version, the newest change
+        not numbered yet or None): one round trip."""
+        head, epochs, version, waiting = self.db.query(conn, self.db.position_sql)[0]
+        return int(head or 0), int(epochs or 0), self.db.version_name(_text(version)), waiting
 
     def head(self, conn):
         """The highest sequence number given out so far."""
-        if not self.db.numbers_at_commit:       # the sequencer keeps it
-            return int(self.db.query(conn, "SELECT value FROM cloudsync_meta"
-                                           " WHERE name = 'last_seq'")[0][0])
-        top = self.db.query(conn, "SELECT MAX(seq) FROM cloudsync_changes")[0][0] or 0
-        return max(top, self.compacted_upto(conn))
+        return int(self.db.query(conn, self.db.head_sql)[0][0] or 0)
 
-    def compacted_upto(self, conn):
-        """Changes numbered up to this were removed by compaction."""
-        return int(self.db.query(conn, "SELECT value FROM cloudsync_meta"
-                                       " WHERE name = 'compacted_upto'")[0][0])
+    # -- reading: one statement, one view of the log -----------------------------
 
-    def check_position(self, conn, seq):
-        """Raise Refused("expired") unless a checkpoint at `seq` can still be served.
+    def read(self, conn, tables, since, limit, grant, exclude=None, waiting=False):
+        """The log as one statement sees it (Snapshot), for `tables` through `grant`.
 
-        That is: not compacted away, not ahead of the log.
-        A checkpoint ahead of the log means the database was restored from a
-        backup or its log was reset; numbers it already saw will be given out
-        again, so the device must start over.
+        The head; each table's epoch and fingerprint; the newest entry
+        compaction removed among those the grant reads (per table); with
+        `limit`, the rows changed after `since` (a seq, or {table: seq}) the
+        grant may read, oldest last change first, leaving out the changes of the
+        push `exclude` (its push id: its own rows, which the device holds); with
+        `limit` or `waiting`, whether changes of these tables wait to be
+        numbered. One statement, so the entries are exactly those numbered up to
+        the head it shows, and a compaction that removed some shows its mark in
+        the same view.
         """
-        head, compacted, _, _ = self.position(conn)
-        if seq < compacted or seq > head:
-            raise _expired()
+        params = []
+        parts = [self.db.head_part]
+        marks = ", ".join("?" for _ in tables)
+        parts.append("SELECT 't', table_name, epoch, fingerprint FROM cloudsync_tables"
+                     " WHERE table_name IN (%s)" % marks)
+        params += tables
+        for where, where_params in self._visible_sql(tables, grant, "cloudsync_compacted"):
+            parts.append("SELECT 'c', table_name, NULL, MAX(upto) FROM cloudsync_compacted"
+                         " WHERE %s GROUP BY table_name" % where)
+            params += where_params
+        if limit:
+            sql, entry_params = self._entries_sql(tables, since, limit, grant, exclude)
+            parts.append("SELECT 'e', table_name, row_key, last_seq FROM (%s) AS entries" % sql)
+            params += entry_params
+        if (limit or waiting) and not self.db.numbers_at_commit:
+            # changes it would read, committed but not numbered yet: the pull has them numbered
+            for where, where_params in self._visible_sql(tables, grant, "cloudsync_pending"):
+                parts.append("SELECT 'w', NULL, NULL, MAX(id) FROM cloudsync_pending WHERE %s"
+                             % where)
+                params += where_params
+        if exclude and not self.db.numbers_at_commit:
+            parts.append("SELECT 'p', NULL, NULL, COUNT(*) FROM cloudsync_pending WHERE %s"
+                         % self._excluded_sql())
+            params += [exclude]
+        return Snapshot(self.db.query(conn, " UNION ALL ".join(parts), params))
+
+    def _visible_sql(self, tables, grant, log):
+        """[(WHERE text, params)] selecting what `grant` reads of `tables` in `log`.
+
+        One part for the tables every device sees whole, one per scoped table
+        (its scope values: an index range each). In cloudsync_compacted, a
+        change logged without a scope value is kept under ''.
+        """
+        shared = [table for table in tables if grant.scope(table).texts is None]
+        parts = []
+        if shared:
+            parts.append(("table_name IN (%s)" % ", ".join("?" for _ in shared), list(shared)))
+        for table in tables:
+            texts = grant.scope(table).texts
+            if texts:
+                parts.append(("table_name = ? AND scope IN (%s)" % ", ".join("?" for _ in texts),
+                              [table] + list(texts)))
+        return parts
+
+    @staticmethod
+    def _excluded_sql():
+        """WHERE text true for the changes of one push (? : its push id)."""
+        return "push_id = ?"
+
+    def _entries_sql(self, tables, since, limit, grant, exclude):
+        """(SELECT, params): (table_name, row_key, last_seq) per row changed after `since`."""
+        bounds = since if isinstance(since, dict) else dict.fromkeys(tables, since)
+        parts = []
+        for bound in dict.fromkeys(bounds.values()):
+            for where, where_params in self._visible_sql(
+                    [table for table in tables if bounds[table] == bound], grant,
+                    "cloudsync_changes"):
+                parts.append(("%s AND seq > ?" % where, where_params + [bound]))
+        if exclude:
+            parts = [("%s AND (push_id IS NULL OR NOT (%s))" % (where, self._excluded_sql()),
+                      where_params + [exclude]) for where, where_params in parts]
+        if not parts:
+            return "SELECT NULL AS table_name, NULL AS row_key, NULL AS last_seq LIMIT 0", []
+        if len(parts) == 1:
+            return ("SELECT table_name, row_key, MAX(seq) AS last_seq FROM cloudsync_changes"
+                    " WHERE %s GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?"
+                    % parts[0][0], parts[0][1] + [limit])
+        return ("SELECT table_name, row_key, MAX(seq) AS last_seq FROM (%s) AS visible"
+                " GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?" % " UNION ALL ".join(
+                    "SELECT table_name, row_key, seq FROM cloudsync_changes WHERE %s" % where
+                    for where, _ in parts),
+                [value for _, params in parts for value in params] + [limit])
 
     # -- who is writing -----------------------------------------------------------
 
-    def attributed(self, conn, device_id, batch_id):
-        """In a push's transaction: changes made in the with-block carry this device and batch."""
-        return self.db.attributed(conn, device_id, batch_id)
+    def attributed(self, conn, device_id, batch_id, table, push_id=None):
+        """In a push's transaction: changes its statements make to `table` carry this device,
+        batch and push (Database.attributed; push_id marks the push's own changes, which a pull
+        from the checkpoint it returns leaves out)."""
+        return self.db.attributed(conn, device_id, batch_id, table, push_id)
 
     def record(self, conn, entries, device_id, batch_id):
         """CHANGE_CAPTURE=api: log the push's own changes, as the triggers would.
@@ -4270,52 +4656,6 @@ class ChangeLog:
                       " VALUES (?, ?, ?, ?, ?, %s)" % (self._logs()[0], self.db.now_sql), rows)
 
     # -- reading -----------------------------------------------------------------
-
-    def changed_rows(self, conn, tables, since, limit, grant):
-        """(table, row_key, last seq) per row changed after `since`, oldest last change first.
-
-        Only entries the grant may read: for a scoped table, those logged under
-        the device's scope values (one index range per scoped table).
-        """
-        parts = self._changes_sql(tables, since, grant)
-        if not parts:
-            return []
-        if len(parts) == 1:
-            return self.db.query(conn,
-                "SELECT table_name, row_key, MAX(seq) AS last_seq FROM cloudsync_changes WHERE %s"
-                " GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?" % parts[0][0],
-                parts[0][1] + [limit])
-        return self.db.query(conn,
-            "SELECT table_name, row_key, MAX(seq) AS last_seq FROM (%s) AS visible"
-            " GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?" % " UNION ALL ".join(
-                "SELECT table_name, row_key, seq FROM cloudsync_changes WHERE %s" % where
-                for where, _ in parts), [value for _, params in parts for value in params]
-            + [limit])
-
-    def changed_since(self, conn, tables, since, grant):
-        """Whether any change after `since` the grant may read touches `tables`."""
-        return any(self.db.query(conn, "SELECT 1 FROM cloudsync_changes WHERE %s LIMIT 1" % where,
-                                 params)
-                   for where, params in self._changes_sql(tables, since, grant))
-
-    @staticmethod
-    def _changes_sql(tables, since, grant):
-        """[(WHERE text, params)]: the log entries after `since` a device may read.
-
-        One for the tables every device sees whole, one per scoped table.
-        """
-        shared = [table for table in tables if grant.scope(table).texts is None]
-        parts = []
-        if shared:
-            parts.append(("seq > ? AND table_name IN (%s)" % ", ".join("?" for _ in shared),
-                          [since] + shared))
-        for table in tables:
-            scope = grant.scope(table)
-            if scope.texts:
-                parts.append(("table_name = ? AND scope IN (%s) AND seq > ?"
-                              % ", ".join("?" for _ in scope.texts),
-                              [table] + list(scope.texts) + [since]))
-        return parts
 
     def touched_by_others(self, conn, schema, key_texts, since, device_id, scope):
         """{row key: the columns others changed after `since`, or None for any column}.
@@ -4397,32 +4737,38 @@ class ChangeLog:
     def compact(self, conn, retention_days, progress=None):
         """Drop log entries and batch records older than the retention.
 
-        Return (entries, batch ids, compacted_upto).
+        Return (entries, batch ids, the newest seq removed). Each table and scope
+        value keeps the newest seq removed of its own entries
+        (cloudsync_compacted): a device whose checkpoint is older expired only
+        if it could have missed one of them, so a device of a quiet store, or a
+        quiet table, never starts again because others were busy.
         """
         self.sequence(conn)
         cutoff = self.db.cutoff_sql
         with self.db.transaction(conn):
-            upto = self.db.query(conn, 
+            upto = self.db.query(conn,
                 "SELECT MAX(seq) FROM cloudsync_changes WHERE changed_at < %s" % cutoff,
-                (retention_days,))[0][0]
-            previous = self.compacted_upto(conn)
-            if upto and upto > previous:
-                # published before the rows go: a reader that misses a row then sees this and
-                # answers 410
+                (retention_days,))[0][0] or 0
+            if upto:
+                # published before the rows go: a reader that misses a row then sees the mark
+                # and answers 410
+                self.db.execute(conn, self.db.compacted_upsert_sql, (upto,))
+                previous = int(self.db.query(conn, "SELECT value FROM cloudsync_meta"
+                                                   " WHERE name = 'compacted_upto'")[0][0])
                 self.db.execute(conn, "UPDATE cloudsync_meta SET value = ?"
-                                      " WHERE name = 'compacted_upto'", (str(upto),))
-            batches = self.db.execute(conn, 
+                                      " WHERE name = 'compacted_upto'", (str(max(previous, upto)),))
+            batches = self.db.execute(conn,
                 "DELETE FROM cloudsync_batches WHERE created_at < %s" % cutoff, (retention_days,))
-        upto = max(upto or 0, previous)
         removed = 0
-        while True:
+        while upto:
             with self.db.transaction(conn):
                 count = self.db.execute(conn, self.db.delete_oldest_sql, (upto, COMPACT_BATCH_ROWS))
             removed += count
             if count < COMPACT_BATCH_ROWS:
-                return removed, batches, upto
+                break
             if progress:                    # a long compaction says how far it got
                 progress("removed %d log entries so far" % removed)
+        return removed, batches, upto
 
 
 def _chunks(items, size):
@@ -4443,6 +4789,20 @@ def _expired():
 # ---------------------------------------------------------------------------
 # What push and pull share: the allowed tables as the database describes
 # them, the change log, checkpoints, reading rows by key, and the grants.
+
+
+def _log_bounds(fields, tables):
+    """{table: seq}: where a checkpoint's log reading starts for each table. A table pulled from
+    its start since (a first sync, a new start) holds every change up to that start already."""
+    return {table: max(fields["s"], since)
+            for table, since in zip(tables, _per_table(fields.get("a"), tables, 0))}
+
+
+def _per_table(values, tables, default):
+    """A checkpoint's per-table list, or `default` for each table (a checkpoint without one)."""
+    if isinstance(values, list) and len(values) == len(tables):
+        return list(values)
+    return [default] * len(tables)
 
 
 def key_value(schema, key):
@@ -4470,9 +4830,15 @@ class SyncEngine:
         self.schema_loaded_at = 0.0
         # changes only when a table's columns, types or key change
         self.schema_fingerprint = ""
-        self._columns_fingerprints = {}
+        self._fingerprints = {}                 # table -> TableSchema.fingerprint()
+        self._descriptions = {}                 # fingerprint -> the columns it stands for
+        self.epochs = {}                        # table -> its epoch (ChangeLog.follow)
+        self._signature = None                  # the schemas as the last look saw them
+        self._looked_at = None                  # when (the database's time)
         self.changelog = ChangeLog(database, capture)
         self.checkpoints = Checkpoints(self.changelog)
+        # what a pull finding changes waiting to be numbered calls (serve: the watcher's look)
+        self.number_now = self.changelog.sequence
 
     # -- schema -------------------------------------------------------------
 
@@ -4480,11 +4846,10 @@ class SyncEngine:
         """Introspect every allowed table; raise SchemaError naming the first bad one."""
         with self.db.connection() as conn:
             self.db.prepare(conn)
-            schemas = self.with_table_settings({table: self.db.introspect(conn, table)
-                                         for table in self.allowed_tables})
-            self.changelog.mark_uncaptured(conn, schemas)
+            schemas = self._introspect(conn)
             if self.changelog.instance is None:
                 self.changelog.load_identity(conn)
+            self.epochs = self.changelog.epochs(conn)
         self._set_schemas(schemas)
         return schemas
 
@@ -4498,12 +4863,98 @@ class SyncEngine:
         """Introspect the tables, create cloudsync's own tables and install the triggers."""
         with self.db.connection() as conn:
             self.db.prepare(conn)
-            schemas = self.with_table_settings({table: self.db.introspect(conn, table)
-                                         for table in self.allowed_tables})
-            self.changelog.install(conn, schemas, progress)
-            self.changelog.mark_uncaptured(conn, schemas)
+            schemas = self._introspect(conn)
+            self.epochs = self.changelog.install(conn, schemas, progress)
+            self._signature = None
         self._set_schemas(schemas)
         return schemas
+
+    def follow_schema(self):
+        """Notice a change of an allowed table and follow it; True when there was one.
+
+        The watcher calls it every SCHEMA_LOOK_SECONDS: one look at the tables'
+        definitions and cloudsync's triggers (Database.schema_signature). When
+        they changed (an ALTER TABLE, a table dropped and made again or swapped
+        for a copy, a TRUNCATE, triggers dropped), the tables are read again and
+        ChangeLog.follow puts their capture right, so the shop's own writes meet
+        triggers made for their columns again within that time.
+        """
+        with self.db.connection() as conn:
+            signature = self.db.schema_signature(conn, list(self.allowed_tables))
+            looked_at, seen = signature[0], signature[1:]
+            if seen == self._signature:
+                self._looked_at = looked_at
+                return False
+            truncated = None if self._signature is None \
+                else self.db.truncated_between(self._signature, seen)
+            schemas = self._introspect(conn)
+            self.epochs, _ = self.changelog.follow(conn, schemas, log.info, truncated,
+                                                   self._looked_at)
+            self._signature = seen
+            self._looked_at = looked_at
+        self._set_schemas(schemas)
+        return True
+
+    def alter(self, table, statement, progress=None):
+        """Run `statement` (the operator's ALTER TABLE of an allowed table) and make the table's
+        capture what its new columns ask for, in one step.
+
+        No write of another program meets a trigger made for the old columns,
+        and none goes unrecorded: MySQL holds the table's write lock (LOCK
+        TABLES) from the ALTER until the new triggers are in; SQLite runs both
+        in one transaction (it refuses to drop a column its triggers name).
+        """
+        if table not in self.allowed_tables:
+            raise ConfigError("%s is not in ALLOWED_TABLES; run the statement with your own tools."
+                              % table)
+        say = progress or (lambda message: None)
+        with self.db.connection() as conn:
+            self.db.prepare(conn)
+            with self.db.altering(conn, table, [_trigger_name(table, event) for event
+                                                in list(TRIGGER_EVENTS) + list(REPLACED_EVENTS)]):
+                self.db.execute(conn, statement)
+                schema = self.with_table_settings({table: self.db.introspect(conn, table)})
+                self.changelog.follow(conn, schema, say, trusted={table}, cascades=False)
+        return self.migrate(progress)       # the foreign-key cascades of the new columns
+
+    def _introspect(self, conn):
+        """Every allowed table as the catalogue describes it now, with the table settings."""
+        schemas = self.with_table_settings({table: self.db.introspect(conn, table)
+                                            for table in self.allowed_tables})
+        self.changelog.mark_uncaptured(conn, schemas)
+        return schemas
+
+    def fingerprint(self, table):
+        """The fingerprint of a table's columns as they are now (TableSchema.fingerprint)."""
+        return self._fingerprints.get(table)
+
+    def added_columns(self, conn, table, before):
+        """{column: default} of the columns `table` gained since its columns were the ones
+        fingerprinted `before`, when that is all that changed and each has a constant default.
+
+        None otherwise (a column dropped, renamed or of another type, another
+        key or scope, a default that is no constant, or columns not known): the
+        device pulls the table again.
+        """
+        if before is None:
+            return None
+        old = self._descriptions.get(before) or self.changelog.description(conn, before)
+        if old is None:
+            return None
+        self._descriptions[before] = old
+        schema = self.schemas[table]
+        now = schema.describe()
+        if old["primary_key"] != now["primary_key"] or old.get("scope") != now.get("scope") \
+                or any(now["types"].get(name) != declared for name, declared in old["types"].items()):
+            return None
+        added = {}
+        for name in now["columns"]:
+            if name not in old["types"]:
+                default = schema.columns[name].default
+                if default is None:
+                    return None
+                added[name] = default[0]
+        return added
 
     def with_table_settings(self, schemas):
         """The settings that name columns, checked against `schemas`; SchemaError if one cannot be.
@@ -4577,25 +5028,17 @@ class SyncEngine:
 
     def _set_schemas(self, schemas):
         """Put newly read schemas in force, with their fingerprints."""
-        columns = {name: hashlib.sha256(json.dumps(schema.describe(), sort_keys=True)
-                                        .encode("utf-8")).hexdigest()
-                   for name, schema in schemas.items()}
+        columns = {name: schema.fingerprint() for name, schema in schemas.items()}
         fingerprint = hashlib.sha256(json.dumps([
             sorted(columns.items()),
             sorted(name for name, schema in schemas.items() if schema.cascaded),
         ]).encode("utf-8")).hexdigest()
-        self._columns_fingerprints = columns
+        self._fingerprints = columns
         self.schemas = schemas          # one assignment: readers see the old or the new dict
         self.schema_loaded_at = time.monotonic()
         # cached seed pulls are keyed by it: answers encoded with the old columns are not served
         # again
         self.schema_fingerprint = fingerprint
-
-    def columns_fingerprint(self, tables):
-        """A short value that changes when a column, type or key of one of `tables` changes."""
-        return hashlib.sha256("|".join(self._columns_fingerprints.get(table, "-")
-                                       for table in tables)
-                              .encode("ascii")).hexdigest()[:12]
 
     # -- rows by key -------------------------------------------------------------
 
@@ -4669,16 +5112,15 @@ class Operation:
 class _PushState:
     """What deciding a push's returned checkpoint needs to know about the push."""
 
-    __slots__ = ("checkpoint", "fields", "device_id", "batch_id", "start", "before", "operations",
-                 "skipped", "grant")
+    __slots__ = ("checkpoint", "fields", "device_id", "batch_id", "push_id", "before",
+                 "operations", "skipped", "grant")
 
     def __init__(self, checkpoint, fields, device_id, batch_id, grant):
         self.checkpoint = checkpoint
         self.fields = fields        # the checkpoint decoded
         self.device_id = device_id
         self.batch_id = batch_id
-        # where triggers number changes: the head when the push took the write lock
-        self.start = None
+        self.push_id = None         # marks the push's own changes in the log (with a checkpoint)
         self.before = {}            # table -> {key as logged: row} as they were before the push
         self.operations = []        # the operations applied
         self.skipped = False        # some operations were skipped as conflicts
@@ -4858,26 +5300,24 @@ class Pushes:
         """The push's transaction: claim the batch id, check conflicts, apply, store the outcome."""
         missing, conflicts, logged, rejected = [], [], [], []
         push = _PushState(checkpoint, fields, device_id, batch_id, grant)
-        since = fields["s"] if fields is not None else None
         with self.db.connection() as conn:
             with self._push_transaction(conn, operations, batched, batch_id, checkpoint,
                                         on_reject):
-                if checkpoint is not None and self.db.numbers_at_commit:
-                    # one writer at a time: every change numbered after this is the push's own
-                    push.start = self.changelog.head(conn)
                 if batch_id is not None:
                     try:
                         self.changelog.claim_batch(conn, device_id or "", batch_id, request_hash)
                     except DataRejected:
                         raise _BatchTaken() from None
-                with self.changelog.attributed(conn, device_id, batch_id):
-                    if since is not None:
-                        conflicts, push.before = self._conflicts(conn, operations, since, device_id,
-                                                                 conflict_level)
+                first = operations[0].table.name if operations else None
+                push.push_id = uuid.uuid4().hex if checkpoint is not None else None
+                with self.changelog.attributed(conn, device_id, batch_id, first, push.push_id):
+                    if fields is not None:
+                        conflicts, push.before = self._conflicts(conn, operations, fields,
+                                                                 device_id, conflict_level)
                         # checked after reading: compaction publishes its mark before it
                         # deletes, so an entry compacted away under the conflict check shows
                         # here as 410
-                        self.changelog.check_position(conn, since)
+                        self._check_basis(conn, operations, fields, grant)
                         if conflicts and on_conflict != "skip":
                             raise Refused("conflict", "%d operation(s) touch rows changed since "
                                           "your checkpoint; nothing was applied. Pull, then push "
@@ -4887,7 +5327,14 @@ class Pushes:
                         # the device holds what it meant to do, not what was done
                         push.skipped = bool(skipped)
                         operations = [op for op in operations if op.index not in skipped]
+                    writing = first
                     for group in _group_operations(operations, batched):
+                        table = (group[0] if isinstance(group, list) else group).table.name
+                        if table != writing:
+                            # the log gives the device only the rows of the table its statement
+                            # writes: a trigger of the shop's own writing another table is not it
+                            self.db.attribute_table(conn, table)
+                            writing = table
                         if isinstance(group, list):
                             self._insert_many(conn, group)
                             logged.extend((op, "I") for op in group)
@@ -4960,12 +5407,15 @@ class Pushes:
         self.db.execute(conn, "RELEASE SAVEPOINT cloudsync_op")
         return done
 
-    def _conflicts(self, conn, operations, since, device_id, level="column"):
-        """Operations on rows others changed after `since`, or updates of rows that are gone.
+    def _conflicts(self, conn, operations, fields, device_id, level="column"):
+        """Operations on rows others changed after the checkpoint, or updates of rows that are gone.
 
         Column level: an update or upsert conflicts only when a column it sets
         was changed by someone else; row level: any change does. A delete or
-        insert conflicts with any change; an increment never conflicts.
+        insert conflicts with any change; an increment never conflicts. A
+        checkpoint judges only the tables it covers (from the position where
+        the device's copy of each is whole): on another table, every row that is
+        there is a conflict (pull that table first).
         """
         by_table = {}
         for op in operations:
@@ -4974,14 +5424,15 @@ class Pushes:
         conflicts, before = [], {}
         for table, ops in by_table.items():
             schema = self.engine.schemas[table]
+            since = _judged_since(fields, table)
             # a row outside the device's scope is not there for it: never shown, never touched
             found = self.engine.rows_for_keys(conn, schema, [op.key for op in ops], ops[0].scope,
                                               lock=True)
             texts = [row[0] if row else self.db.key_text(schema, op.key)
                      for op, row in zip(ops, found)]
             before[table] = {text: row[1] for text, row in zip(texts, found) if row}
-            touched = self.changelog.touched_by_others(conn, schema, set(texts), since, device_id,
-                                                       ops[0].scope)
+            touched = {} if since is None else self.changelog.touched_by_others(
+                conn, schema, set(texts), since, device_id, ops[0].scope)
             # whether the row is there when the op runs: earlier ops count
             exists = {}
             for op, text in zip(ops, texts):
@@ -4991,6 +5442,8 @@ class Pushes:
                     continue                # it adds to what is there, whoever changed it
                 columns = _conflicting_columns(op, touched[text], level) if text in touched \
                     else None
+                if since is None and row is not None:
+                    columns = sorted(op.table.column_names)     # a table the checkpoint does not cover
                 if row is None and (columns is not None or op.action == "update" and not there):
                     # a row gone, or outside the device's scope: every column, telling nothing
                     columns = sorted(op.table.column_names)
@@ -4999,6 +5452,27 @@ class Pushes:
                                       "columns": columns or [], "server_row": row})
                 exists[text] = op.action != "delete" if op.action != "update" else there
         return sorted(conflicts, key=lambda conflict: conflict["op"]), before
+
+    def _check_basis(self, conn, operations, fields, grant):
+        """Refused("expired") when the checkpoint can no longer judge a table the push writes.
+
+        Ahead of the log (a database restored from a backup), or a table whose
+        history broke since the device's copy began, or whose entries after it
+        were compacted away: the device pulls those tables again (reset_tables).
+        """
+        tables = [table for table in dict.fromkeys(op.table.name for op in operations)
+                  if table in fields["t"]]
+        snapshot = self.changelog.read(conn, tables or list(fields["t"])[:1], 0, 0, grant)
+        if fields["s"] > snapshot.head:
+            raise _expired()
+        since = dict(zip(fields["t"], _per_table(fields.get("a"), fields["t"], 0)))
+        broken = [table for table in tables
+                  if snapshot.tables.get(table, (0, None))[0] > since[table]
+                  or snapshot.marks.get(table, 0) > max(fields["s"], since[table])]
+        if broken:
+            raise Refused("expired", "the history of %s cannot be continued from this checkpoint: "
+                          "pull %s again (reset_tables), then push" % ((", ".join(broken),) * 2),
+                          reset=True, reset_tables=broken)
 
     def _logged_keys(self, conn, logged):
         """CHANGE_CAPTURE=api: (table, op, key text) of a push's changes.
@@ -5088,70 +5562,45 @@ class Pushes:
             raise PushRejected(op, error) from None
 
     # -- The checkpoint a push returns ---------------------------------------------------
-    # A device that pushes with its checkpoint gets back its next pull position.
-    # It may move past the push's own changes only if the device provably holds
-    # them: otherwise it would never pull what differs. The argument, in order:
+    # A device that pushes with its checkpoint gets back its next pull position:
+    # the same checkpoint, which marks the push's own changes (its push id,
+    # "x") when the device provably holds them, so that its next pull
+    # leaves them out and it never pulls its own writes back. The argument:
     #
-    # 1. Commit order. The push numbers its changes last, inside its own
-    #    transaction (ChangeLog.sequence_in_transaction), holding the lock on
-    #    the last_seq row until it commits: no number is given out between its
-    #    numbers and its commit, and whatever commits later is numbered later.
-    #    (SQLite has one writer: its head at the push's start is the start.)
-    # 2. Nothing slipped in: the request's checkpoint was the head when the
-    #    push began (`fields["s"] == start`), no table scan was in progress,
-    #    and the tables' columns have not changed since it was issued.
-    # 3. Only echoes: every change numbered between start and head is a row
-    #    this push wrote (same device and batch, a key it sent), and each row
-    #    now holds exactly what the device sent, in the form a pull sends it
-    #    (_only_echoes). A trigger of the user's, a cascade, a generated key, a
-    #    default, a rounded value or a skipped conflict each break it.
+    # 1. Attribution. The log gives a change the push's device, batch and push
+    #    id only when the statement that caused it was one of the push's own, on
+    #    its table (ChangeLog.attributed, Database.attribute_table): a trigger of the
+    #    shop's writing another table, or a foreign-key cascade, is another
+    #    writer's change, and stays in the pull.
+    # 2. Echoes. Each row the push wrote now holds exactly what the device
+    #    sent, in the form a pull sends it (_echoes). A trigger of the shop's
+    #    rewriting the row, a generated key, a default, a rounded value, an
+    #    increment, or a skipped operation each break it: then the request's
+    #    checkpoint comes back unmarked, and the next pull brings the server's
+    #    version.
+    # 3. Nothing else is left out. Every change of other writers after the
+    #    checkpoint is still pulled, whenever it was numbered, and whatever
+    #    changes the rows after the push is another change. A pull drops the
+    #    mark once every change of the batch is behind its new checkpoint.
     #
-    # When all three hold, the checkpoint moves to the head; in any other case
-    # the request's checkpoint comes back, and the next pull brings the
-    # server's version. A push without a checkpoint gets null.
+    # A push without a checkpoint gets null: there is no pull position.
 
     def _checkpoint_after_push(self, conn, push):
-        """Inside the push's transaction: number its changes.
-
-        Return the device's next pull position, or None.
-        """
-        if push.checkpoint is None:
-            # numbered later (by the next pull or the server's sequencer): saves a push five
-            # round trips
-            return None
-        numbered = self.changelog.sequence_in_transaction(conn)
+        """Inside the push's transaction: the device's next pull position, or None."""
         fields = push.fields
-        if numbered is not None:
-            start, head = numbered
-        else:
-            head = self.changelog.head(conn)
-            start = head if push.start is None else push.start
-        fingerprint = self.engine.columns_fingerprint(fields["t"])
-        scope = push.grant.fingerprint(fields["t"])
-        if fields["scan"] is not None or push.device_id is None or fields["s"] != start \
-                or head == start or fields.get("f") not in (None, fingerprint) \
-                or fields.get("c") != scope \
-                or push.skipped or not self._only_echoes(conn, fields["t"], start, head, push):
+        if push.checkpoint is None:
+            return None
+        if fields.get("scan") is not None or push.skipped or not self._echoes(conn, push):
             return push.checkpoint
-        return self.engine.checkpoints.encode(fields["t"], head, fingerprint=fingerprint,
-                                              scope=scope)
+        return self.engine.checkpoints.encode(dict(fields, x=push.push_id))
 
-    def _only_echoes(self, conn, tables, start, head, push):
-        """Whether every change in (start, head] to `tables` is a row of this push.
-
-        Each such row must hold exactly what the push sent.
-        """
-        operations = [op for op in push.operations if op.table.name in tables]
+    def _echoes(self, conn, push):
+        """Whether every row the push wrote holds exactly what the device sent it as."""
+        operations = push.operations
         if any(None in op.key for op in operations):
             return False                    # the database chose a key the device does not know
         if any(op.action == "increment" for op in operations):
             return False                    # the device knows what it added, not the sum
-        most = 2 * len(push.operations)     # an update that moves a key logs a delete and an update
-        entries = self.db.query(conn, "SELECT table_name, row_key, device_id, batch_id"
-                                      " FROM cloudsync_changes WHERE seq > ? AND seq <= ?"
-                                      " ORDER BY seq LIMIT ?", (start, head, most + 1))
-        if len(entries) > most:
-            return False
         # each operation's row now (found as its statement found it) and its key as the log holds it
         logged, now = {}, {}
         for table in dict.fromkeys(op.table.name for op in operations):
@@ -5162,12 +5611,6 @@ class Pushes:
             for op, found in zip(ops, found_rows):
                 logged[op.index] = (table, found[0] if found else self.db.key_text(schema, op.key))
                 now[logged[op.index]] = found[1] if found else None
-        for table, row_key, device_id, batch_id in entries:
-            if _text(device_id) != push.device_id \
-                    or (None if batch_id is None else _text(batch_id)) != push.batch_id:
-                return False
-            if _text(table) in tables and (_text(table), _text(row_key)) not in now:
-                return False                # a row the device did not push (a trigger, a cascade)
         # what the device now holds: the rows before the push with its operations applied
         # (table, key text) -> {column: (pushed?, value)} or None
         expected = {}
@@ -5181,6 +5624,8 @@ class Pushes:
             if op.action == "delete":
                 expected[key] = None
             elif row is not None and op.action in ("update", "upsert"):
+                if any(name not in op.sent for name in op.values):
+                    return False            # a value the server filled in (the device's store)
                 row.update((name, (True, op.sent[name])) for name in op.values)
             elif row is None and op.action in ("insert", "upsert"):
                 # a column left out is null on the device; a default the database filled in is not
@@ -5195,6 +5640,16 @@ class Pushes:
                         else current.get(name) == value):
                     return False
         return True
+
+
+def _judged_since(fields, table):
+    """The log position conflicts on `table` are judged from: where the device's copy of it is
+    whole (its checkpoint's position, or the table's later new start), None when the checkpoint
+    does not cover the table."""
+    if table not in fields["t"]:
+        return None
+    position = fields["t"].index(table)
+    return max(fields["s"], _per_table(fields.get("a"), fields["t"], 0)[position])
 
 
 def _conflicting_columns(op, changed, level):
@@ -5349,38 +5804,65 @@ class Pulls:
     def pull_changes(self, tables, since, limit, grant):
         """Sync-mode pull: changes after checkpoint `since` (None: everything).
 
-        At most `limit` rows plus keys, only the rows the grant may see.
+        At most `limit` rows plus keys, only the rows the grant may see. A
+        table whose history the checkpoint cannot continue is refused on its
+        own (410, reset_tables, and the checkpoint to go on with); a column
+        added with a constant default is announced (added_columns).
         """
-        fields, tables, fingerprint, scope = self._position(tables, since, grant)
+        fields, tables = self._position(tables, since, grant)
         changes = {table: {"upserted": [], "deleted": []} for table in tables}
+        answer = {"success": True, "changes": changes}
         with self.db.connection() as conn:
-            self.changelog.sequence(conn)
             if fields is None:
-                # the scan starts after every change up to `seq` is visible in the tables
-                seq, scan = self.changelog.head(conn), [0, None]
+                # the scan starts past every change committed before it
+                snapshot = self._read(conn, tables, 0, 0, grant)
+                # the scan starts after every change up to the head is visible in the tables
+                fields = {"t": tables, "s": snapshot.head, "scan": [0, None],
+                          "f": [self.engine.fingerprint(table) for table in tables],
+                          "a": [snapshot.head] * len(tables), "c": grant.fingerprint(tables)}
             else:
-                seq, scan = fields["s"], fields["scan"]
-            if scan is not None:
-                scan, has_more = self._scan_tables(conn, tables, scan, limit, changes, grant)
-                if scan is None:
-                    has_more = self.changelog.changed_since(conn, tables, seq, grant)
-                checkpoint_seq = seq
+                scanning = fields.get("scan") is not None
+                snapshot = self._read(conn, tables, _log_bounds(fields, tables),
+                                      0 if scanning else limit + 1, grant, fields.get("x"))
+                if fields["s"] > snapshot.head:
+                    raise _expired()        # ahead of the log: a database restored from a backup
+                fields, added = self._continue(conn, fields, tables, snapshot)
+                if added:
+                    answer["added_columns"] = added
+            if fields["scan"] is not None:
+                scan_list = fields.get("r") or tables
+                fields["scan"], has_more = self._scan_tables(conn, scan_list, fields["scan"],
+                                                             limit, changes, grant)
+                if fields["scan"] is None:
+                    fields["r"] = None
+                    has_more = bool(self._read(conn, tables, _log_bounds(fields, tables), 1, grant,
+                                               fields.get("x")).entries)
             else:
-                entries = self.changelog.changed_rows(conn, tables, seq, limit + 1, grant)
+                entries = snapshot.entries
                 has_more = len(entries) > limit
                 entries = entries[:limit]
                 self._fetch_changed(conn, entries, changes, grant)
-                checkpoint_seq = entries[-1][2] if entries else seq
-            # checked after reading: compaction publishes its mark before deleting
-            self.changelog.check_position(conn, seq)
-        return {"success": True, "changes": changes,
-                "checkpoint": self.engine.checkpoints.encode(tables, checkpoint_seq, scan,
-                                                             fingerprint, scope),
-                "has_more": has_more}
+                # nothing more for this device: its checkpoint moves to the head, however quiet
+                # its tables and stores are
+                fields["s"] = entries[-1][2] if has_more else snapshot.head
+                if not (has_more or snapshot.excluded_pending):
+                    fields["x"] = None      # the push's own changes are all behind the checkpoint
+        answer["checkpoint"] = self.engine.checkpoints.encode(fields)
+        answer["has_more"] = has_more
+        return answer
+
+    def _read(self, conn, tables, since, limit, grant, exclude=None):
+        """ChangeLog.read, after the numberer has numbered the changes of these tables that
+        committed and wait (a pull never numbers: SyncEngine.number_now)."""
+        snapshot = self.changelog.read(conn, tables, since, limit, grant, exclude, waiting=True)
+        if not snapshot.waiting:
+            return snapshot
+        self.engine.number_now(conn)
+        return self.changelog.read(conn, tables, since, limit, grant, exclude)
 
     def _position(self, tables, since, grant):
-        """What a sync pull checks before any SQL: (checkpoint fields or None, tables, columns'
-        fingerprint, scope fingerprint); Refused when the checkpoint cannot be served."""
+        """What a sync pull checks before any SQL: (checkpoint fields or None, tables);
+        Refused when the checkpoint is not one for these tables, or for this scope."""
         fields = self.engine.checkpoints.decode(since) if since is not None else None
         if fields is not None and sorted(fields["t"]) == sorted(tables):
             # the same tables in another order: the checkpoint's order holds
@@ -5389,27 +5871,87 @@ class Pulls:
             raise Refused("invalid_checkpoint", "this checkpoint was issued for tables %s; pull "
                           "the same tables with it, or start again with \"since\": null"
                           % ", ".join(fields["t"]))
-        fingerprint = self.engine.columns_fingerprint(tables)
-        if fields is not None and fields.get("f") not in (None, fingerprint):
-            raise Refused("expired", "the columns of %s changed since this checkpoint "
-                          "(ALTER TABLE): start again with \"since\": null to pull every row with "
-                          "its columns" % ", ".join(tables), reset=True)
-        scope = grant.fingerprint(tables)
-        if fields is not None and fields.get("c") != scope:
+        if fields is not None and fields.get("c") != grant.fingerprint(tables):
             raise Refused("expired", "this device's scope (the rows its token may see) changed "
                           "since this checkpoint: start again with \"since\": null to pull the "
                           "rows of its scope now", reset=True)
-        return fields, tables, fingerprint, scope
+        return fields, tables
 
-    def unchanged(self, tables, since, grant, head, compacted):
+    def _continue(self, conn, fields, tables, snapshot):
+        """(fields to go on with, {table: {added column: default}}), or Refused("expired").
+
+        Per table: its history broke after the device's copy began (epoch), or
+        entries it needs were compacted away, or its columns changed otherwise
+        than by an added column with a constant default: that table starts
+        again. A table not reached yet by the scan in progress just takes the
+        table as it is now.
+        """
+        since = _per_table(fields.get("a"), tables, 0)
+        known = _per_table(fields.get("f"), tables, None)
+        scanning = fields.get("scan") is not None
+        scan_list = fields.get("r") or tables
+        untouched = set(scan_list[fields["scan"][0] + 1:]) if scanning else set()
+        resets, added = [], {}
+        for position, table in enumerate(tables):
+            epoch = snapshot.tables.get(table, (0, None))[0]
+            current = self.engine.fingerprint(table)
+            if table in untouched:
+                since[position], known[position] = max(since[position], epoch), current
+            elif epoch > since[position] \
+                    or snapshot.marks.get(table, 0) > max(fields["s"], since[position]):
+                resets.append(table)
+            elif known[position] != current:
+                columns = self.engine.added_columns(conn, table, known[position])
+                if columns is None:
+                    resets.append(table)
+                else:
+                    known[position] = current
+                    if columns:
+                        added[table] = columns
+        fields = dict(fields, a=since, f=known)
+        if resets:
+            raise self._reset(fields, tables, resets, snapshot.head)
+        return fields, added
+
+    def _reset(self, fields, tables, resets, head):
+        """Refused("expired") naming the tables to pull again, with the checkpoint that does it.
+
+        The device empties those tables and goes on with the checkpoint: its
+        other tables continue from their position, the named ones are scanned
+        from their start (with the rest of a scan that was in progress). A
+        client that knows nothing of reset_tables starts again from null.
+        """
+        again = set(resets)
+        if fields.get("scan") is not None:
+            scan_list = fields.get("r") or tables
+            again.update(scan_list[fields["scan"][0]:])
+        since, known = list(fields["a"]), list(fields["f"])
+        for position, table in enumerate(tables):
+            if table in again:              # scanned from its start, from now on
+                since[position], known[position] = head, self.engine.fingerprint(table)
+        checkpoint = self.engine.checkpoints.encode(dict(
+            fields, scan=[0, None], r=[table for table in tables if table in again], a=since,
+            f=known, x=None))
+        return Refused("expired", "the history of %s cannot be continued from this checkpoint "
+                       "(the table was re-created, swapped, truncated or altered, or its changes "
+                       "were compacted away): empty it and go on with this checkpoint, or start "
+                       "again with \"since\": null" % ", ".join(resets), reset=True,
+                       reset_tables=resets, checkpoint=checkpoint)
+
+    def unchanged(self, tables, since, grant, head):
         """A sync pull's answer without SQL when the log is where the checkpoint is; else None.
 
-        `head` and `compacted`: the log as the watcher last saw it (Long polls).
+        `head`: the log's as the watcher last saw it (Long polls), which also
+        keeps the tables' epochs (SyncEngine.epochs) as current.
         """
         if since is None:
             return None
-        fields, tables, _, _ = self._position(tables, since, grant)
-        if fields["scan"] is not None or fields["s"] != head or fields["s"] < compacted:
+        fields, tables = self._position(tables, since, grant)
+        if fields.get("scan") is not None or fields["s"] != head or fields.get("x") \
+                or _per_table(fields.get("f"), tables, None) \
+                != [self.engine.fingerprint(table) for table in tables] \
+                or any(since < self.engine.epochs.get(table, 0) for table, since
+                       in zip(tables, _per_table(fields.get("a"), tables, 0))):
             return None
         return {"success": True, "changes": {table: {"upserted": [], "deleted": []}
                                              for table in tables},
@@ -5574,30 +6116,46 @@ def parse_limit(value, cap):
 # connection, until a change may have committed, then pulls again. What wakes
 # it: a push through this instance (at once, after its commit), or the
 # watcher, one thread per instance that looks at the log twice every
-# WATCH_INTERVAL_SECONDS (one query: the head, and on MySQL the newest change
-# waiting to be numbered, which other instances and programs add) and wakes
-# every waiting pull when either moved. So the database work grows with
-# instances, not with waiting devices. Each waiting pull holds
-# a waitress thread: LONGPOLL_MAX_WAITERS bounds them, and the server adds a
-# thread for each while it waits (Private APIs: waitress's pool), so pushes
-# and status never wait behind parked pulls. The watcher's last look also
-# answers idle polls: a checkpoint at the head it saw at most one interval ago
-# gets "no changes" without a round trip (stale by at most that much; a push
-# through the instance, or a conflict it answered, sends the next poll to the
+# WATCH_INTERVAL_SECONDS (one query: the head, the tables' epochs, and on MySQL
+# the newest change waiting to be numbered, which other instances and programs
+# add) and wakes every waiting pull when it moved. So the database work grows
+# with instances, not with waiting devices. Each waiting pull holds a waitress
+# thread: LONGPOLL_MAX_WAITERS bounds them, and the server adds a thread for
+# each while it waits (Private APIs: waitress's pool), so pushes and status
+# never wait behind parked pulls. The watcher's last look also answers idle
+# polls: a checkpoint at the head it saw at most one interval ago gets "no
+# changes" without a round trip (stale by at most that much; a push through
+# the instance, or a conflict it answered, sends the next poll to the
 # database).
+#
+# The watcher is also the instance's numberer (MySQL): at each look it numbers
+# the committed changes waiting in cloudsync_pending (ChangeLog.sequence), and
+# a push through the instance makes it look at once. Pushes and pulls never
+# number, so none of them writes the shared last_seq row: the numberers of
+# all instances take turns on it, and on a Galera cluster a numberer that
+# loses the race at commit simply numbers again at its next look. A pull that
+# finds changes of its tables waiting asks the numberer to run and waits for
+# that look (number_now); without a watcher thread (commands, tests) it
+# numbers them itself. Every SCHEMA_LOOK_SECONDS the watcher also looks at the
+# tables' definitions (SyncEngine.follow_schema).
 
 
 class LogWatcher:
-    """Knows the change log's head as of its last look, and wakes the pulls waiting for a change."""
+    """Knows the change log's head as of its last look, numbers what waits, and wakes the pulls
+    waiting for a change."""
 
-    def __init__(self, changelog, max_waiters):
-        self.changelog = changelog
+    def __init__(self, engine, max_waiters):
+        self.engine = engine
+        self.changelog = engine.changelog
         self.max_waiters = max_waiters
         self._changed = threading.Condition()
         self.generation = 0         # goes up whenever the log may have moved
-        self.head = None            # (head, compaction mark) at the last look; None: not known
-        self._last_seen = None      # (head, newest change not numbered) at the last look
+        self.head = None            # the head at the last look; None: not known
+        self._last_seen = None      # (head, epochs, newest change not numbered) at the last look
         self.seen_at = 0.0          # when (monotonic)
+        self.looks = 0              # looks begun, and finished (number_now waits for one)
+        self.looked = 0
+        self._look_now = threading.Event()
         self.waiting = 0            # pulls waiting now
         self._waiters = collections.Counter()   # waiting pulls per device (or address)
         self.turned_away = 0        # pulls that could not wait: LONGPOLL_MAX_WAITERS were
@@ -5608,30 +6166,52 @@ class LogWatcher:
         self._shared_generation, self._answers = None, {}   # key -> [lock, answer] (shared())
 
     def look(self):
-        """One look at the log, one query: wake the waiting pulls when it moved.
-
-        It numbers nothing (the pulls it wakes do, and the server's
-        maintenance): numbering four times a second beside a stream of pushes
-        cost them about a tenth of their rate. While changes wait to be
-        numbered, idle polls go to the database.
-        """
+        """One look at the log: number what waits, wake the waiting pulls when it moved."""
         began = time.monotonic()            # what it sees is at least this fresh
-        with self.changelog.db.connection() as conn:
-            head, compacted, _, waiting = self.changelog.position(conn)
         with self._changed:
-            if (head, waiting) != self._last_seen:
-                self.generation += 1
+            self.looks += 1
+            look = self.looks
+        try:
+            with self.changelog.db.connection() as conn:
+                head, epochs, _, waiting = self.changelog.position(conn)
+                if waiting is not None:
+                    self.changelog.sequence(conn)
+                    head, epochs, _, waiting = self.changelog.position(conn)
+                if self._last_seen is None or epochs != self._last_seen[1]:
+                    self.engine.epochs = self.changelog.epochs(conn)
+            with self._changed:
+                if (head, epochs, waiting) != self._last_seen:
+                    self.generation += 1
+                    self._changed.notify_all()
+                self._last_seen = (head, epochs, waiting)
+                self.head = head if waiting is None else None
+                self.seen_at = began
+        finally:
+            with self._changed:
+                self.looked = max(self.looked, look)
                 self._changed.notify_all()
-            self._last_seen = (head, waiting)
-            self.head = (head, compacted) if waiting is None else None
-            self.seen_at = began
+
+    def number_now(self, conn):
+        """What a pull finding changes waiting to be numbered does: ask the numberer thread for a
+        look and wait for it (at most two intervals); with no thread, number them here."""
+        if not self.running():
+            self.changelog.sequence(conn)
+            return
+        with self._changed:
+            after = self.looks
+            self._look_now.set()
+            self._changed.wait_for(lambda: self.looked > after or self.stopping,
+                                   2 * WATCH_INTERVAL_SECONDS)
 
     def poke(self):
-        """A push through this instance committed: wake the waiting pulls at once."""
+        """A push through this instance committed: number it and wake the waiting pulls now."""
         with self._changed:
             self.head = None            # until the next look, idle polls ask the database
-            self.generation += 1
-            self._changed.notify_all()
+            # numbered already (SQLite), or no numberer thread: the woken pulls number it
+            if self.changelog.db.numbers_at_commit or not self.running():
+                self.generation += 1
+                self._changed.notify_all()
+        self._look_now.set()
 
     def forget(self):
         """Something may have changed that the last look did not see (a conflict showed it)."""
@@ -5661,7 +6241,7 @@ class LogWatcher:
             return dict(slot[1])
 
     def known_head(self):
-        """(head, compaction mark) if the last look began at most WATCH_INTERVAL_SECONDS ago."""
+        """The head if the last look began at most WATCH_INTERVAL_SECONDS ago, else None."""
         head, seen_at = self.head, self.seen_at
         if head is None or time.monotonic() - seen_at > WATCH_INTERVAL_SECONDS:
             return None
@@ -5712,10 +6292,17 @@ class LogWatcher:
             self._changed.notify_all()
 
     def run(self, stop):
-        """The watcher thread: look every WATCH_INTERVAL_SECONDS until `stop` is set."""
+        """The watcher thread: look twice every WATCH_INTERVAL_SECONDS (and at once when a push or
+        a pull asks), and at the tables every SCHEMA_LOOK_SECONDS, until `stop` is set."""
+        schema_due = 0.0
         while not stop.is_set():
+            self._look_now.clear()
             try:
                 self.look()
+                if time.monotonic() >= schema_due:
+                    schema_due = time.monotonic() + SCHEMA_LOOK_SECONDS
+                    if self.engine.follow_schema():
+                        self.poke()     # waiting pulls see what changed (a table to pull again)
             except DatabaseUnavailable:
                 self.head = None        # requests report it; the next look tries again
             except Exception:
@@ -5723,7 +6310,11 @@ class LogWatcher:
                 log.warning("the change-log watcher failed; it looks again shortly",
                             exc_info=True)
             # twice an interval: a look younger than WATCH_INTERVAL_SECONDS is nearly always there
-            stop.wait(WATCH_INTERVAL_SECONDS / 2)
+            self._look_now.wait(WATCH_INTERVAL_SECONDS / 2)
+
+    def stop_looking(self):
+        """Wake the thread so it sees its stop event."""
+        self._look_now.set()
 
 
 # ---------------------------------------------------------------------------
@@ -5836,14 +6427,8 @@ class DeviceFleet:
         self._unsaved = {}
 
     def install(self, conn):
-        """Create cloudsync_devices (adding the columns of later versions); idempotent."""
+        """Create cloudsync_devices; idempotent."""
         self.db.execute(conn, self.db.devices_table())
-        self.db.ids_bytewise(conn, "cloudsync_devices", ("device_id",))
-        present = self.db.column_names(conn, "cloudsync_devices")
-        for column, declaration in DEVICE_ADDED_COLUMNS:
-            if column not in present:
-                self.db.execute(conn, "ALTER TABLE cloudsync_devices ADD COLUMN %s %s"
-                                % (column, declaration))
 
     def seen(self, device_id, kind, checkpoint_seq=None, outcome="synced", tables=None):
         """Note a push or pull by a device and its outcome.
@@ -6078,7 +6663,8 @@ class App:
         self.auth = Authenticator(config)
         self.metrics = Metrics()
         self.fleet = DeviceFleet(self.db)
-        self.watcher = LogWatcher(self.engine.changelog, config.longpoll_max_waiters)
+        self.watcher = LogWatcher(self.engine, config.longpoll_max_waiters)
+        self.engine.number_now = self.watcher.number_now
         self.routes = {
             "/health": {"GET": self.health},
             "/sync": {"POST": self.push},
@@ -6331,7 +6917,7 @@ class App:
         watcher = self.watcher
         generation = watcher.generation
         known = watcher.known_head()
-        result = known and self.pulls.unchanged(tables, since, grant, *known)
+        result = known is not None and self.pulls.unchanged(tables, since, grant, known)
         if not result:
             result = self.pulls.pull_changes(tables, since, limit, grant)
         # a first sync (since null) answers at once: the device learns its checkpoint first
@@ -6369,7 +6955,11 @@ class App:
         stop = threading.Event()
         threading.Thread(target=self.watcher.run, args=(stop,), name="cloudsync-watcher",
                          daemon=True).start()
-        return stop.set
+
+        def stopped():
+            stop.set()
+            self.watcher.stop_looking()
+        return stopped
 
     def openapi(self, request):
         """This API's OpenAPI 3.1 description."""
@@ -6703,15 +7293,14 @@ def _create_demo_database(path, seed=False):
 
 
 def _maintain(app, config, stop, wake):
-    """Server thread, every SEQUENCE_INTERVAL_SECONDS: re-read a changed tokens file, number
-    pending changes, save the device fleet; every SCHEMA_POLL_SECONDS re-read the tables'
-    columns; compact every COMPACT_INTERVAL_SECONDS."""
+    """Server thread, every SEQUENCE_INTERVAL_SECONDS: re-read a changed tokens file, save the
+    device fleet; compact every COMPACT_INTERVAL_SECONDS. (The watcher numbers changes and
+    follows the tables: Long polls.)"""
     compact_due = 0.0
     while True:
         app.auth.reload(force=getattr(wake, "reload", False))
         wake.reload = False
         try:
-            app.engine.refresh_schema(SCHEMA_POLL_SECONDS)
             with app.db.connection() as conn:
                 if time.monotonic() >= compact_due:
                     compact_due = time.monotonic() + config.compact_interval_seconds
@@ -6720,8 +7309,6 @@ def _maintain(app, config, stop, wake):
                     if removed:
                         log.info("compacted the change log: %d entries removed, up to seq %d",
                                  removed, upto)
-                else:
-                    app.engine.changelog.sequence(conn)
                 app.fleet.flush(conn)
         except DatabaseUnavailable:
             pass                            # requests report it; tried again next time
@@ -7227,42 +7814,114 @@ def main(argv=None):
 # help text of every metric.
 
 MYSQL_LOG_TABLES = (
-    "CREATE TABLE IF NOT EXISTS cloudsync_meta (name VARCHAR(64) NOT NULL PRIMARY KEY,"
-    " value VARCHAR(255) NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
-    "CREATE TABLE IF NOT EXISTS cloudsync_pending (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,"
-    " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
-    " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
-    " scope VARBINARY(1020) NULL, columns TEXT NULL, KEY cloudsync_pending_by_table (table_name))"
-    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
-    "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq BIGINT NOT NULL PRIMARY KEY,"
-    " table_name VARCHAR(64) NOT NULL, row_key TEXT NOT NULL, op CHAR(1) NOT NULL,"
-    " device_id VARCHAR(128) NULL, batch_id VARCHAR(128) NULL, changed_at DATETIME(6) NOT NULL,"
-    " scope VARBINARY(1020) NULL, columns TEXT NULL,"
-    " KEY cloudsync_changes_by_row (table_name, row_key(255), seq), KEY "
-    "cloudsync_changes_by_table (table_name, seq),"
-    " KEY cloudsync_changes_by_scope (table_name, scope, seq))"
-    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS cloudsync_meta ("
+    " name VARCHAR(64) NOT NULL PRIMARY KEY,"
+    " value VARCHAR(255) NOT NULL"
+    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS cloudsync_pending ("
+    " id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,"
+    " table_name VARCHAR(64) NOT NULL,"
+    " row_key TEXT NOT NULL,"
+    " op CHAR(1) NOT NULL,"
+    " device_id VARCHAR(128) NULL,"
+    " batch_id VARCHAR(128) NULL,"
+    " changed_at DATETIME(6) NOT NULL,"
+    " scope VARBINARY(1020) NULL,"
+    " columns MEDIUMTEXT NULL,"
+    " push_id CHAR(32) NULL,"
+    " KEY cloudsync_pending_by_table (table_name)"
+    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS cloudsync_changes ("
+    " seq BIGINT NOT NULL PRIMARY KEY,"
+    " table_name VARCHAR(64) NOT NULL,"
+    " row_key TEXT NOT NULL,"
+    " op CHAR(1) NOT NULL,"
+    " device_id VARCHAR(128) NULL,"
+    " batch_id VARCHAR(128) NULL,"
+    " changed_at DATETIME(6) NOT NULL,"
+    " scope VARBINARY(1020) NULL,"
+    " columns MEDIUMTEXT NULL,"
+    " push_id CHAR(32) NULL,"
+    " KEY cloudsync_changes_by_row (table_name, row_key(255), seq),"
+    " KEY cloudsync_changes_by_table (table_name, seq),"
+    " KEY cloudsync_changes_by_scope (table_name, scope, seq)"
+    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
     # ids compared byte for byte: under any MySQL collation 'b1 ' would be the same batch as 'b1'
-    "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id VARBINARY(512) NOT NULL,"
-    " batch_id VARBINARY(512) NOT NULL, request_hash CHAR(64) NOT NULL, response MEDIUMTEXT NULL,"
-    " created_at DATETIME(6) NOT NULL, PRIMARY KEY (device_id, batch_id))"
-    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS cloudsync_batches ("
+    " device_id VARBINARY(512) NOT NULL,"
+    " batch_id VARBINARY(512) NOT NULL,"
+    " request_hash CHAR(64) NOT NULL,"
+    " response MEDIUMTEXT NULL,"
+    " created_at DATETIME(6) NOT NULL,"
+    " PRIMARY KEY (device_id, batch_id)"
+    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS cloudsync_tables ("
+    " table_name VARCHAR(64) NOT NULL PRIMARY KEY,"
+    " fingerprint VARCHAR(64) NOT NULL,"
+    " epoch BIGINT NOT NULL DEFAULT 0,"
+    " identity TEXT NULL"
+    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS cloudsync_schemas ("
+    " fingerprint VARCHAR(64) NOT NULL PRIMARY KEY,"
+    " table_name VARCHAR(64) NOT NULL,"
+    " description MEDIUMTEXT NOT NULL"
+    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS cloudsync_compacted ("
+    " table_name VARCHAR(64) NOT NULL,"
+    " scope VARBINARY(1020) NOT NULL,"
+    " upto BIGINT NOT NULL,"
+    " PRIMARY KEY (table_name, scope)"
+    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
 )
 SQLITE_LOG_TABLES = (
-    "CREATE TABLE IF NOT EXISTS cloudsync_meta (name TEXT NOT NULL PRIMARY KEY, value TEXT NOT "
-    "NULL)",
-    "CREATE TABLE IF NOT EXISTS cloudsync_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
-    " table_name TEXT NOT NULL, row_key TEXT NOT NULL, op TEXT NOT NULL, device_id TEXT,"
-    " batch_id TEXT, changed_at TEXT NOT NULL, scope TEXT, columns TEXT)",
-    "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_row ON cloudsync_changes (table_name, "
-    "row_key, seq)",
+    "CREATE TABLE IF NOT EXISTS cloudsync_meta ("
+    " name TEXT NOT NULL PRIMARY KEY,"
+    " value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS cloudsync_changes ("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " table_name TEXT NOT NULL,"
+    " row_key TEXT NOT NULL,"
+    " op TEXT NOT NULL,"
+    " device_id TEXT,"
+    " batch_id TEXT,"
+    " changed_at TEXT NOT NULL,"
+    " scope TEXT,"
+    " columns TEXT,"
+    " push_id TEXT)",
+    "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_row"
+    " ON cloudsync_changes (table_name, row_key, seq)",
     "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_table ON cloudsync_changes (table_name, seq)",
-    "CREATE TABLE IF NOT EXISTS cloudsync_context (id INTEGER PRIMARY KEY CHECK (id = 1),"
-    " device_id TEXT, batch_id TEXT)",
+    "CREATE INDEX IF NOT EXISTS cloudsync_changes_by_scope"
+    " ON cloudsync_changes (table_name, scope, seq)",
+    # the push in progress, read by the triggers: SQLite has no session variables
+    "CREATE TABLE IF NOT EXISTS cloudsync_context ("
+    " id INTEGER PRIMARY KEY CHECK (id = 1),"
+    " device_id TEXT,"
+    " batch_id TEXT,"
+    " table_name TEXT,"
+    " push_id TEXT)",
     "INSERT OR IGNORE INTO cloudsync_context (id) VALUES (1)",
-    "CREATE TABLE IF NOT EXISTS cloudsync_batches (device_id TEXT NOT NULL, batch_id TEXT NOT NULL,"
-    " request_hash TEXT NOT NULL, response TEXT, created_at TEXT NOT NULL, PRIMARY KEY "
-    "(device_id, batch_id))",
+    "CREATE TABLE IF NOT EXISTS cloudsync_batches ("
+    " device_id TEXT NOT NULL,"
+    " batch_id TEXT NOT NULL,"
+    " request_hash TEXT NOT NULL,"
+    " response TEXT,"
+    " created_at TEXT NOT NULL,"
+    " PRIMARY KEY (device_id, batch_id))",
+    "CREATE TABLE IF NOT EXISTS cloudsync_tables ("
+    " table_name TEXT NOT NULL PRIMARY KEY,"
+    " fingerprint TEXT NOT NULL,"
+    " epoch INTEGER NOT NULL DEFAULT 0,"
+    " identity TEXT)",
+    "CREATE TABLE IF NOT EXISTS cloudsync_schemas ("
+    " fingerprint TEXT NOT NULL PRIMARY KEY,"
+    " table_name TEXT NOT NULL,"
+    " description TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS cloudsync_compacted ("
+    " table_name TEXT NOT NULL,"
+    " scope TEXT NOT NULL,"
+    " upto INTEGER NOT NULL,"
+    " PRIMARY KEY (table_name, scope))",
 )
 MYSQL_DEVICES_TABLE = (
     "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id VARBINARY(512) NOT NULL PRIMARY KEY,"
@@ -7279,10 +7938,6 @@ SQLITE_DEVICES_TABLE = (
     " pushes INTEGER NOT NULL DEFAULT 0, pulls INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT "
     "NULL DEFAULT 0,"
     " rejected INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, pull_tables TEXT)")
-# added in 2026-12: requests refused (4xx) and failed (5xx) apart (errors stays their sum), and the
-# tables of the last pull, so that lag counts only the changes the device would get
-DEVICE_ADDED_COLUMNS = (("rejected", "BIGINT NOT NULL DEFAULT 0"), ("failed", "BIGINT NOT NULL DEFAULT 0"),
-                        ("pull_tables", "TEXT NULL"))
 # Several instances flush into one row: counts add up, times keep the latest.
 MYSQL_DEVICES_UPSERT = (
     "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, "

@@ -936,6 +936,7 @@ export class Client {
       if (await this._learnColumns(answer)) continue;
       // its own transaction first: the rows below are formed with the new columns
       await this._tx((tx) => this._addColumns(tx, answer.added_columns ?? {}));
+      if (Object.keys(answer.added_columns ?? {}).length) await this._learnTypes(answer.added_columns);
       const changed = new Map();
       await this._tx((tx) => {
         if (since === null) {
@@ -993,6 +994,28 @@ export class Client {
       tx.set("meta", "reset", true);       // rows pulled before lack the new columns
     });
     return true;
+  }
+
+  /** The types of the columns `added_columns` announced, from the server's description (they can
+   * wait when it cannot be reached: the columns and their values are what counts). */
+  async _learnTypes(added) {
+    let described = null;
+    try {
+      described = await this._describe(this._tableNames());
+    } catch (error) {
+      if (!(error instanceof SyncError)) throw error;
+      return;
+    }
+    await this._tx((tx) => {
+      const next = structuredClone(tx.get("meta", "schema"));
+      for (const [table, columns] of Object.entries(added)) {
+        for (const name of Object.keys(columns)) {
+          const type = described[table]?.types?.[name];
+          if (type && next[table]) next[table].types[name] = type;
+        }
+      }
+      tx.set("meta", "schema", next);
+    });
   }
 
   /** `added_columns` of a pull: {table: {column: default}}, added here with that value in every row. */

@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import {test} from "node:test";
 import {URL, assertEqualToServer, cloudsync, device, ids, recordRequests, sql} from "./helpers.mjs";
 
-test("an expired checkpoint: pending edits are pushed, then every table is wiped and pulled again", async () => {
+test("an expired checkpoint: pending edits are pushed, then the tables it names are wiped and pulled again", async () => {
   const id = ids("expired");
   const a = await device("expired-a");
   const b = await device("expired-b");
@@ -18,21 +18,27 @@ test("an expired checkpoint: pending edits are pushed, then every table is wiped
   assert.match(cloudsync("compact", "--older-than", "0"), /removed \d+ change-log entries/);
   await a.insert("sales", {id: id("s4"), total: "4.00"});
   const request = a._request.bind(a);
+  let refused = null;
   a._request = async (path, body, options) => {
-    if (path === "/sync/pull" && body.since === null) {
+    if (path === "/sync/pull" && refused) {
       delete a._request;                  // an edit made while the tables are pulled again survives it
-      await a.update("sales", id("s2"), {note: "during the reset"});
+      await a.insert("sales", {id: id("s5"), total: "5.00", note: "during the reset"});
     }
-    return request(path, body, options);
+    const answer = await request(path, body, options);
+    if (path === "/sync/pull" && answer.status === 410) refused = answer.answer;
+    return answer;
   };
   const calls = recordRequests(a);
   const result = await a.sync();
   assert.ok(result.ok && result.upToDate);
-  assert.deepEqual(calls.map((call) => [call.path, call.status, call.body.since === null]), [
-    ["/sync/push", 410, false], ["/sync/push", 200, false], ["/sync/pull", 410, false], ["/sync/pull", 200, true]]);
+  assert.deepEqual(calls.map((call) => [call.path, call.status]), [
+    ["/sync/push", 410], ["/sync/push", 200], ["/sync/pull", 410], ["/sync/pull", 200]]);
   assert.equal(calls[1].body.checkpoint, undefined);      // pushed without conflict detection: it wins
+  // the 410 names the table to pull again, and the checkpoint to go on with (not from null)
+  assert.deepEqual(refused.reset_tables, ["sales"]);
+  assert.equal(calls[3].body.since, refused.checkpoint);
   assert.deepEqual(a.rows("sales").filter((row) => row.id.startsWith(id(""))).map((row) => [row.id, row.note]),
-    [[id("s2"), "during the reset"], [id("s3"), null], [id("s4"), null]]);     // s1's delete was compacted away
+    [[id("s2"), null], [id("s3"), null], [id("s4"), null], [id("s5"), "during the reset"]]);   // s1 is gone
   assert.equal(a.pending(), 1);
   assert.ok((await a.sync()).ok && (await b.sync()).ok);
   await assertEqualToServer(a, b);
