@@ -1347,8 +1347,9 @@ def scenario_read_only_node(cluster, workdir):
 def sequencer_deadlock(db, wait_seconds=10):
     """Issue 25, item 2: a push that numbers its changes and the sequencer of a pull, deadlocked.
 
-    Two connections play the statements of ChangeLog.sequence_in_transaction
-    (as it is when this was written) on a database migrated by cloudsync:
+    Two connections play the statements of ChangeLog.sequence_in_transaction in cloudsync
+    cc4c503 (a push numbering its changes just before its commit; from 43801a0 on, only the
+    watcher numbers) on a database migrated by cloudsync:
 
     1. three committed changes wait to be numbered (cloudsync_pending 1-3);
     2. push: START TRANSACTION; INSERT INTO sales: its trigger adds pending row 4, uncommitted;
