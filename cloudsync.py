@@ -29,7 +29,14 @@ What this service guarantees, and the one place each is enforced:
 - Every change to an allowed table, by cloudsync or any other program, is in
   the change log, numbered in commit order; a device that follows the pull
   loop from its checkpoint never misses one (Change capture: the triggers,
-  ChangeLog.sequence_in_transaction).
+  numbered by ChangeLog.sequence, which only the LogWatcher runs in serve).
+  The capture follows the live schema: a table altered, re-created, swapped
+  or truncated gets triggers for its columns again, and devices start that
+  table alone again when its history broke (ChangeLog.follow, every
+  SCHEMA_LOOK_SECONDS from LogWatcher.look; Pulls._continue answers for it).
+- A change is attributed to a device only when its own statement wrote it
+  (Database.attribute_table before the statements of each table of a push);
+  rows the shop's triggers write in other tables are another writer's changes.
 - An error is always a JSON body with ``success: false``, an ``error`` and,
   where it helps, a ``detail``; never SQL, a traceback or a password (App.__call__
   and _answer, from the one catalogue REFUSALS).
@@ -63,18 +70,22 @@ The path of a push (POST /sync/push), function by function:
   Pushes._push_with_retries    a deadlock or lock timeout runs it again
   Pushes._push            one transaction (_push_transaction):
                             ChangeLog.claim_batch, ChangeLog.attributed
+                            Pushes._check_basis: the checkpoint covers each
+                              table, and its history did not break (410 reset_tables)
                             Pushes._conflicts: SyncEngine.rows_for_keys,
-                              ChangeLog.touched_by_others (the device's scope),
-                              check_position
+                              ChangeLog.touched_by_others (the device's scope,
+                              from _judged_since per table)
                             each operation by ACTIONS: _insert_many, _insert_one,
                               _update, _delete, _upsert, _increment -> SQL
                               builders with the operation's scope ->
                               Database.execute (triggers log the change);
                               on_reject skip: _apply_or_set_aside
-                            Pushes._checkpoint_after_push: the commit-order
-                              argument, _only_echoes, Checkpoints.encode
+                            Pushes._checkpoint_after_push: the request's
+                              checkpoint, plus its push_id when every row
+                              echoes what the device sent (_echoes)
                             ChangeLog.finish_batch keeps the outcome for a retry
-  App.push                after the commit, LogWatcher.poke wakes the waiting pulls
+  App.push                after the commit, LogWatcher.poke: the watcher numbers
+                          the push's changes and wakes the waiting pulls
   App.__call__            to_json_bytes, gzip; App._account: metrics, the
                           device fleet, one access-log line
 
@@ -84,14 +95,17 @@ The path of a pull (POST /sync/pull):
   sync mode (`since` present):
     App._sync_pull        LogWatcher.known_head: Pulls.unchanged answers an
                           idle poll from memory; else:
-    Pulls.pull_changes    Pulls._position (Checkpoints.decode, the columns' and
-                          the grant's scope fingerprints); ChangeLog.sequence
-                          numbers what committed; a first sync pages through the
-                          tables (Pulls._scan_tables: page_sql with the grant's
-                          scope), later ones read the log (ChangeLog.changed_rows:
-                          the grant's entries only, Pulls._fetch_changed:
-                          SyncEngine.select_by_keys, deleted keys by key_value);
-                          ChangeLog.check_position; Checkpoints.encode
+    Pulls.pull_changes    Pulls._position (Checkpoints.decode, the tables, the
+                          grant's scope fingerprint); Pulls._read: ChangeLog.read,
+                          one statement giving a Snapshot (head, each table's
+                          epoch and compaction mark, the grant's entries only);
+                          changes committed but not numbered yet: number_now,
+                          then read again; Pulls._continue per table: go on,
+                          learn added_columns, or 410 reset_tables (Pulls._reset);
+                          a first sync pages through the tables (Pulls._scan_tables:
+                          page_sql with the grant's scope), later ones fetch the
+                          logged rows (Pulls._fetch_changed: SyncEngine.select_by_keys,
+                          deleted keys by key_value); Checkpoints.encode
     App._sync_pull        with "wait" and nothing new: LogWatcher.enter (a share
                           per device), park until a change may have committed,
                           pull again
@@ -135,7 +149,7 @@ from contextlib import contextmanager
 __all__ = [
     # errors, and the catalogue of refusals
     "CloudsyncError", "ConfigError", "SchemaError", "ChangeCaptureError", "DatabaseUnavailable",
-    "Retryable", "Denied", "DataRejected", "Refused", "REFUSALS",
+    "Retryable", "SchemaMoved", "Denied", "DataRejected", "Refused", "REFUSALS",
     # tokens, grants, binding (the trust-critical sections), configuration
     "DeviceToken", "hash_token", "parse_scope", "parse_tokens", "SCOPE_ALL", "read_tokens_file",
     "add_token", "rotate_token", "remove_token", "presented_digest", "Authenticator",
@@ -190,11 +204,15 @@ SCHEMA_REFRESH_SECONDS = 1.0        # status re-reads the tables' columns at mos
 # the watcher looks at the tables' definitions this often: an ALTER TABLE, a table made again or
 # swapped, a TRUNCATE is followed within it (Long polls, SyncEngine.follow_schema)
 SCHEMA_LOOK_SECONDS = 0.5
+# and at cloudsync's triggers on them this often (information_schema.TRIGGERS costs the database
+# milliseconds per table): a trigger dropped or replaced by hand is followed within it
+TRIGGER_LOOK_SECONDS = 5
 CASCADE_DEPTH = 4                   # foreign-key cascade chains are followed this many tables deep
 # pending rows numbered per statement (and per transaction in the background)
 SEQUENCE_BATCH_ROWS = 2000
-SEQUENCE_INTERVAL_SECONDS = 1       # how often the server numbers pending changes nobody pulled yet
 COMPACT_BATCH_ROWS = 10000          # log rows deleted per compaction transaction
+# the server saves the device fleet and re-reads a changed tokens file this often
+MAINTAIN_INTERVAL_SECONDS = 1
 CHECKPOINT_PREFIX = "cs1."          # the checkpoint format's version
 # the change log keeps this much of a row's scope value (MySQL; longer values match no token), as
 # bytes: compared byte for byte, 'north ' is not 'north' (every MySQL text collation pads)
@@ -267,6 +285,11 @@ class DatabaseUnavailable(CloudsyncError):
 
 class Retryable(DatabaseUnavailable):
     """A deadlock or lock timeout: the transaction was undone and may simply be run again."""
+
+
+class SchemaMoved(Retryable):
+    """A statement met a table or column that is not there: the schema may have changed under it
+    (SyncEngine.after_schema_moved decides whether to run it again)."""
 
 
 class Denied(CloudsyncError):
@@ -2607,6 +2630,8 @@ class Database:
     """
 
     name = "?"
+    # a 0 given to a generated key is stored as 0 (SQLite; MySQL with NO_AUTO_VALUE_ON_ZERO)
+    keeps_zero_keys = True
 
     def __init__(self, config):
         self.config = config
@@ -2843,8 +2868,8 @@ class SQLiteDatabase(Database):
                 " WHERE name = 'cloudsync_changes'), 0)")
     head_part = "SELECT 'h', NULL, NULL, (%s)" % head_sql
     # ChangeLog.position: the head, the sum of the tables' epochs, the version
-    position_sql = ("SELECT (%s), (SELECT SUM(epoch) FROM cloudsync_tables), sqlite_version(), NULL"
-                    % head_sql)
+    position_sql = ("SELECT (%s), (SELECT value FROM cloudsync_meta WHERE name = 'epoch'),"
+                    " sqlite_version(), NULL" % head_sql)
     columns_sql = "SELECT name FROM pragma_table_info(?)"
     tables_sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
     triggers_sql = "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'"
@@ -2869,10 +2894,12 @@ class SQLiteDatabase(Database):
                     found[_text(table)]["triggers"][_text(name)] = ""
         return found
 
-    def schema_signature(self, conn, tables):
-        """(the database's time, what changes with any change of any table's definition)."""
-        return tuple(self.query(conn, "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now'),"
-                                      " (SELECT schema_version FROM pragma_schema_version)")[0])
+    def schema_signature(self, conn, tables, triggers=True):
+        """(the database's time, what changes with any change of any table's definition or
+        trigger, None): the schema version covers triggers too."""
+        now, version = self.query(conn, "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now'),"
+                                        " (SELECT schema_version FROM pragma_schema_version)")[0]
+        return now, (version,), None
 
     @staticmethod
     def truncated_between(before, after):
@@ -2935,7 +2962,9 @@ class SQLiteDatabase(Database):
         except sqlite3.OperationalError as error:
             text = str(error)
             if "locked" in text or "busy" in text:
-                raise Retryable(text) from None
+                raise Retryable(text) from None     # the write lock
+            if "no such table" in text or "no such column" in text:
+                raise SchemaMoved(text) from None
             if "unable to open" in text or "disk I/O" in text:
                 raise DatabaseUnavailable(text) from None
             raise
@@ -3320,7 +3349,7 @@ class MySQLDatabase(Database):
     # ChangeLog.position: the head, the sum of the tables' epochs, the server's version, and the
     # newest change waiting to be numbered
     position_sql = ("SELECT (SELECT value FROM cloudsync_meta WHERE name = 'last_seq'),"
-                    " (SELECT SUM(epoch) FROM cloudsync_tables), VERSION(),"
+                    " (SELECT value FROM cloudsync_meta WHERE name = 'epoch'), VERSION(),"
                     " (SELECT MAX(id) FROM cloudsync_pending)")
     columns_sql = ("SELECT COLUMN_NAME FROM information_schema.COLUMNS"
                    " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?")
@@ -3379,37 +3408,47 @@ class MySQLDatabase(Database):
         self.sees_table_ids = True
         return [(_text(name).split("/", 1)[1], int(table_id)) for name, table_id in rows]
 
-    def schema_signature(self, conn, tables):
-        """(the database's time, then what changes with any change of these tables: their
-        columns, cloudsync's triggers on them, their ids, the server's count of TRUNCATEs).
+    def schema_signature(self, conn, tables, triggers=True):
+        """(the database's time, what changes with any change of these tables' definitions, and
+        cloudsync's triggers on them or None when not asked).
 
-        One round trip of a few milliseconds (information_schema), made twice a second.
+        The definitions: their columns, their creation times (a table made
+        again, or a copy swapped in, to the second) and the server's count of
+        TRUNCATEs (ChangeLog.follow then tells which table by its InnoDB id).
+        One round trip of about 2 ms, made every SCHEMA_LOOK_SECONDS. The
+        triggers only when `triggers`: information_schema.TRIGGERS parses every
+        trigger of the tables (about 7 ms for 5 tables, 19 ms for 50); they
+        also catch a table made again within the second it was made before.
         """
         marks = ", ".join("?" for _ in tables)
         parts = [
             "NOW(6)",
+            "(SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS"
+            " WHERE VARIABLE_NAME = 'COM_TRUNCATE')",
             "(SELECT GROUP_CONCAT(CONCAT_WS(':', TABLE_NAME, COLUMN_NAME, COLUMN_TYPE,"
             " IFNULL(COLUMN_DEFAULT, '-'), IS_NULLABLE, COLUMN_KEY, EXTRA)"
             " ORDER BY TABLE_NAME, ORDINAL_POSITION SEPARATOR '|') FROM information_schema.COLUMNS"
             " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN (%s))" % marks,
-            "(SELECT GROUP_CONCAT(CONCAT_WS(':', EVENT_OBJECT_TABLE, TRIGGER_NAME, CREATED)"
-            " ORDER BY TRIGGER_NAME SEPARATOR '|') FROM information_schema.TRIGGERS"
-            " WHERE TRIGGER_SCHEMA = DATABASE() AND EVENT_OBJECT_TABLE IN (%s))" % marks,
-            "(SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS"
-            " WHERE VARIABLE_NAME = 'COM_TRUNCATE')"]
+            "(SELECT GROUP_CONCAT(CONCAT_WS(':', TABLE_NAME, CREATE_TIME) ORDER BY TABLE_NAME)"
+            " FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()"
+            " AND TABLE_NAME IN (%s))" % marks]
         params = list(tables) * 2
-        if self.sees_table_ids:
-            parts.append("(SELECT GROUP_CONCAT(CONCAT_WS(':', NAME, TABLE_ID) ORDER BY NAME)"
-                         " FROM information_schema.INNODB_SYS_TABLES WHERE NAME IN (%s))"
-                         % ", ".join("CONCAT(DATABASE(), '/', ?)" for _ in tables))
+        if triggers:
+            parts.append("(SELECT GROUP_CONCAT(CONCAT_WS(':', EVENT_OBJECT_TABLE, TRIGGER_NAME,"
+                         " CREATED) ORDER BY TRIGGER_NAME SEPARATOR '|')"
+                         " FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()"
+                         " AND EVENT_OBJECT_TABLE IN (%s))" % marks)
             params += list(tables)
-        return tuple(_text(value) for value in self.query(conn, "SELECT " + ", ".join(parts),
-                                                          params)[0])
+        row = [_text(value) for value in self.query(conn, "SELECT " + ", ".join(parts), params)[0]]
+        if triggers:
+            return row[0], tuple(row[1:-1]), row[-1]
+        return row[0], tuple(row[1:]), None
 
     @staticmethod
     def truncated_between(before, after):
-        """Whether the server ran a TRUNCATE between two schema signatures (its 4th part)."""
-        return before[2] != after[2]
+        """Whether the server ran a TRUNCATE between two schema signatures (their definitions'
+        first part)."""
+        return before[0][0] != after[0][0]
     lock_rows = " FOR UPDATE"
     autocommit_atomic = True    # one statement in autocommit is atomic, its triggers included
     # the C extension; the driver falls back to pure Python when it cannot load
@@ -3501,6 +3540,8 @@ class MySQLDatabase(Database):
     # connection killed (MariaDB kills sessions while it shuts down), idle disconnect
     _UNAVAILABLE = {2002, 2003, 2005, 2006, 2013, 2055, 1040, 1053, 1158, 1159, 1160, 1927, 4031}
     _RETRYABLE = {1205, 1213}          # lock wait timeout, deadlock
+    # a table or column not there: the schema may have changed under the statement
+    _MOVED = {1146, 1054}
     _DUPLICATE = {1062, 1586}
     _RULE = {1644}                     # SIGNAL in a trigger of the user's (ER_SIGNAL_EXCEPTION)
     _DENIED = {1142, 1419, 1227, 1044}  # this user may not create a table or a trigger
@@ -3553,6 +3594,8 @@ class MySQLDatabase(Database):
                 raise DataRejected(self._REJECTED[errno] % {"column": column}) from None
             if errno in self._RETRYABLE:
                 raise Retryable(self._safe_message(error)) from None
+            if errno in self._MOVED:
+                raise SchemaMoved(self._safe_message(error)) from None
             if errno in self._UNAVAILABLE \
                     or isinstance(error, (connector.InterfaceError, connector.OperationalError)):
                 raise DatabaseUnavailable(self._safe_message(error)) from None
@@ -3863,7 +3906,10 @@ class MySQLDatabase(Database):
                 and "?" not in fk.child + fk.parent + "".join(fk.child_columns + fk.parent_columns)]
 
     def prepare(self, conn):
-        """Learn how this server escapes JSON (MariaDB \\u001F, MySQL 8 \\u001f), for key_text."""
+        """Learn how this server escapes JSON (MariaDB \\u001F, MySQL 8 \\u001f), for key_text,
+        and whether it keeps a 0 given to an AUTO_INCREMENT column (NO_AUTO_VALUE_ON_ZERO)."""
+        self.keeps_zero_keys = "NO_AUTO_VALUE_ON_ZERO" in _text(
+            self.query(conn, "SELECT @@SESSION.sql_mode")[0][0]).upper()
         text = _text(self.query(conn, "SELECT JSON_ARRAY(?)", ("\x1f",))[0][0])
         if "\\u001f" in text:
             self._JSON_ESCAPES = {code: escape.lower() if escape.startswith("\\u") else escape
@@ -4112,7 +4158,10 @@ def open_database(config):
 # push holds the only write lock and clears it before committing). Outside
 # writers leave both NULL.
 
-CHANGE_OPS = {"I": "insert", "U": "update", "D": "delete"}
+CHANGE_OPS = {"I": "insert", "U": "update", "D": "delete", "E": "new start"}
+# the table name of the log's entries that only move it on (a table's history starting again):
+# no allowed table has it, so no pull reads them
+EPOCH_ENTRY = "cloudsync_epoch"
 
 
 class Snapshot:
@@ -4168,7 +4217,7 @@ class ChangeLog:
                                      "(cloudsync.py check lists what is missing)"
                                      % denied) from None
         for name, value in (("instance", uuid.uuid4().hex), ("secret", secrets.token_hex(32)),
-                            ("last_seq", "0"), ("compacted_upto", "0")):
+                            ("last_seq", "0"), ("compacted_upto", "0"), ("epoch", "0")):
             self.db.execute(conn, "%s INTO cloudsync_meta (name, value) VALUES (?, ?)"
                             % self.db.insert_ignore, (name, value))
         self.load_identity(conn)
@@ -4212,8 +4261,7 @@ class ChangeLog:
             epoch = old[1] if old is not None else 0
             if broken:
                 if head is None:
-                    self.sequence(conn)     # what committed before is behind the new epoch
-                    head = self.head(conn)
+                    head = self._new_start(conn)
                 epoch = head
                 say("the history of %s starts again at %d (its triggers were missing or made "
                     "again, or the table was truncated or swapped): devices pull it again" % (
@@ -4231,6 +4279,19 @@ class ChangeLog:
         if cascades and not self.db.cascades_fire_triggers:
             self._install_cascade_triggers(conn, schemas)
         return epochs, changed
+
+    def _new_start(self, conn):
+        """A log position that every copy begun before now is below: the new epoch of tables
+        whose history broke. The log is moved on by an entry no device reads (table
+        EPOCH_ENTRY), numbered with what committed before it."""
+        self.db.execute(conn, "INSERT INTO %s (table_name, row_key, op, changed_at)"
+                              " VALUES (?, '[]', 'E', %s)" % (self._logs()[0], self.db.now_sql),
+                        (EPOCH_ENTRY,))
+        self.sequence(conn)
+        head = self.head(conn)
+        # what the watchers of every instance look at (position): the newest new start
+        self.db.execute(conn, "UPDATE cloudsync_meta SET value = ? WHERE name = 'epoch'", (str(head),))
+        return head
 
     def _keep_table(self, conn, schema, fingerprint, epoch, identity):
         """Write down a table's state (cloudsync_tables) and its columns' description."""
@@ -4511,36 +4572,36 @@ class ChangeLog:
                         (str(last + len(ids)),))
         return len(ids)
 
-    def tables_version(self, conn, schemas):
+    def tables_version(self, conn, schemas, epochs):
         """A value that changes with every committed write to these tables: one indexed round trip.
 
-        The newest sequence number of the tables (or its compaction mark, so it
-        cannot fall back to an old value when their entries are compacted away),
-        the epoch of each (a TRUNCATE, a table re-created: its history starts
-        again), whether each holds a row (a TRUNCATE fires no trigger, but
+        The newest sequence number of the tables and the compaction mark (so
+        it cannot fall back to an old value when their entries are compacted
+        away), whether each table holds a row (a TRUNCATE fires no trigger, but
         empties the table, and every row inserted after it is logged) and, on
         MySQL, the count and the newest id of their changes not numbered yet: a
         commit adds a pending row (its id may be lower than one committed
         before it, the count still grows), and numbering one raises the first
-        part.
+        part. Last, each table's epoch as the watcher last saw it (`epochs`): a
+        table made again, swapped or truncated starts a new one within
+        SCHEMA_LOOK_SECONDS.
         """
         tables = [schema.name for schema in schemas]
         marks = ", ".join("?" for _ in tables)
-        parts = ["(SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s))" % marks,
-                 "(SELECT MAX(upto) FROM cloudsync_compacted WHERE table_name IN (%s))" % marks,
-                 "(SELECT SUM(epoch) FROM cloudsync_tables WHERE table_name IN (%s))" % marks]
-        # whether each table holds a row: a TRUNCATE empties it before the watcher sees it
-        parts += ["(SELECT 1 FROM %s LIMIT 1)" % schema.quoted for schema in schemas]
-        params = list(tables) * 3
-        if not self.db.numbers_at_commit:
-            parts += ["(SELECT COUNT(*) FROM cloudsync_pending WHERE table_name IN (%s))" % marks,
-                      "(SELECT MAX(id) FROM cloudsync_pending WHERE table_name IN (%s))" % marks]
-            params += list(tables) * 2
-        return tuple(self.db.query(conn, "SELECT %s" % ", ".join(parts), params)[0])
+        holds_rows = "".join(", (SELECT 1 FROM %s LIMIT 1)" % schema.quoted for schema in schemas)
+        newest = ("SELECT (SELECT MAX(seq) FROM cloudsync_changes WHERE table_name IN (%s)),"
+                  " (SELECT value FROM cloudsync_meta WHERE name = 'compacted_upto')" % marks)
+        if self.db.numbers_at_commit:
+            row = self.db.query(conn, newest + holds_rows, tables)[0]
+        else:
+            row = self.db.query(conn, newest + ", COUNT(*), MAX(id)%s FROM cloudsync_pending"
+                                               " WHERE table_name IN (%s)" % (holds_rows, marks),
+                                tables * 2)[0]
+        return tuple(row) + tuple(epochs.get(table, 0) for table in tables)
 
     def position(self, conn):
-        """(head, the sum of the tables' epochs, the database server's version, the newest change
-        not numbered yet or None): one round trip."""
+        """(head, the newest epoch given to a table, the database server's version, the newest
+        change not numbered yet or None): one round trip."""
         head, epochs, version, waiting = self.db.query(conn, self.db.position_sql)[0]
         return int(head or 0), int(epochs or 0), self.db.version_name(_text(version)), waiting
 
@@ -4835,6 +4896,7 @@ class SyncEngine:
         self.epochs = {}                        # table -> its epoch (ChangeLog.follow)
         self._signature = None                  # the schemas as the last look saw them
         self._looked_at = None                  # when (the database's time)
+        self._following = threading.Lock()      # one look at a time (the watcher, a request)
         self.changelog = ChangeLog(database, capture)
         self.checkpoints = Checkpoints(self.changelog)
         # what a pull finding changes waiting to be numbered calls (serve: the watcher's look)
@@ -4869,31 +4931,57 @@ class SyncEngine:
         self._set_schemas(schemas)
         return schemas
 
-    def follow_schema(self):
+    def follow_schema(self, triggers=True):
         """Notice a change of an allowed table and follow it; True when there was one.
 
         The watcher calls it every SCHEMA_LOOK_SECONDS: one look at the tables'
-        definitions and cloudsync's triggers (Database.schema_signature). When
-        they changed (an ALTER TABLE, a table dropped and made again or swapped
-        for a copy, a TRUNCATE, triggers dropped), the tables are read again and
-        ChangeLog.follow puts their capture right, so the shop's own writes meet
-        triggers made for their columns again within that time.
+        definitions (Database.schema_signature), and at cloudsync's triggers
+        every TRIGGER_LOOK_SECONDS (`triggers`). When they changed (an ALTER
+        TABLE, a table dropped and made again or swapped for a copy, a
+        TRUNCATE, triggers dropped or made by another program), the tables are
+        read again and ChangeLog.follow puts their capture right, so the shop's
+        own writes meet triggers made for their columns again within that time.
         """
-        with self.db.connection() as conn:
-            signature = self.db.schema_signature(conn, list(self.allowed_tables))
-            looked_at, seen = signature[0], signature[1:]
-            if seen == self._signature:
+        with self._following, self.db.connection() as conn:
+            last = self._signature
+            # triggers not known since cloudsync made them: looked at now
+            triggers = triggers or last is None or last[1] is None
+            looked_at, definitions, seen_triggers = self.db.schema_signature(
+                conn, list(self.allowed_tables), triggers)
+            if seen_triggers is None and last is not None:
+                seen_triggers = last[1]         # as the last look at them saw them
+            seen = (definitions, seen_triggers)
+            if seen == last:
                 self._looked_at = looked_at
                 return False
-            truncated = None if self._signature is None \
-                else self.db.truncated_between(self._signature, seen)
+            truncated = None if last is None else self.db.truncated_between(last, seen)
             schemas = self._introspect(conn)
-            self.epochs, _ = self.changelog.follow(conn, schemas, log.info, truncated,
-                                                   self._looked_at)
-            self._signature = seen
+            self.epochs, made = self.changelog.follow(conn, schemas, log.info, truncated,
+                                                      self._looked_at)
+            # triggers made now are not the ones seen: the next look reads them (a table made again
+            # twice in one second differs from the first only by its triggers)
+            self._signature = (definitions, None) if made else seen
             self._looked_at = looked_at
         self._set_schemas(schemas)
         return True
+
+    def after_schema_moved(self, moved, again):
+        """A request's statement met a table or column that is not there (SchemaMoved): follow
+        the schema now, and return when running it once more may work.
+
+        Retryable (503) while an allowed table is missing: a dump reload or a
+        swap is making it again (GET /sync/status says so if it stays gone).
+        When nothing moved and the request ran again already (`again`), the
+        error is the database's own (a trigger of the shop's naming a table
+        that does not exist): SchemaError, a failure (500).
+        """
+        try:
+            moved_now = self.follow_schema()
+        except SchemaError as missing:
+            self.schema_loaded_at = 0.0     # GET /sync/status reads the tables again, and says it
+            raise Retryable(str(missing)) from None
+        if again and not moved_now:
+            raise SchemaError("the database refused a statement: %s" % moved) from None
 
     def alter(self, table, statement, progress=None):
         """Run `statement` (the operator's ALTER TABLE of an allowed table) and make the table's
@@ -5204,6 +5292,12 @@ class Pushes:
             problem = None if value is None else key_problem(column, value, data.get(column.name))
             if problem is not None:
                 raise Refused("invalid_value", "%s: %s" % (where, problem))
+        if schema.generated_key and key == (0,) and action in ("insert", "upsert") \
+                and not self.db.keeps_zero_keys:
+            raise Refused("invalid_value", "%s: column %r is AUTO_INCREMENT: 0 makes the database "
+                          "choose another key, so a retry would make another row; send the key "
+                          "(not 0), or leave it out to let the database choose"
+                          % (where, schema.primary_key[0]))
         # computed by the database: a pulled row pushed back still works
         if schema.has_generated:
             values = {name: value for name, value in values.items() if not columns[name].generated}
@@ -5265,7 +5359,8 @@ class Pushes:
             raise Refused("data_refused", "the database refused the push: %s" % error) from None
 
     def _push_with_retries(self, operations, attempt, checkpoint):
-        """Run the push; after a deadlock or lock timeout (all undone) run it again.
+        """Run the push; after a deadlock or lock timeout (all undone), or a table or column
+        that moved under it (followed first), run it again.
 
         At most a bounded number of times.
         """
@@ -5277,6 +5372,11 @@ class Pushes:
                     # A multi-row insert failed; which row is unknown, and on SQLite the
                     # rows before it stay written. Roll back, then redo one by one.
                     return self._push(operations, False, checkpoint, **attempt)
+            except SchemaMoved as moved:
+                if retry == self.push_retries:
+                    raise
+                self.engine.after_schema_moved(moved, again=retry > 0)
+                self.retries += 1
             except Retryable:
                 if retry == self.push_retries:
                     raise
@@ -5402,7 +5502,11 @@ class Pushes:
             if not refused.error.rule:
                 raise
             self.db.execute(conn, "ROLLBACK TO SAVEPOINT cloudsync_op")
-            rejected.append(dict(_op_ref(op), message=str(refused.error)))
+            # what the server holds (in the device's scope), for the device to take back
+            found = None if None in op.key \
+                else self.engine.rows_for_keys(conn, op.table, [op.key], op.scope)[0]
+            rejected.append(dict(_op_ref(op), message=str(refused.error),
+                                 server_row=found[1] if found else None))
             return None
         self.db.execute(conn, "RELEASE SAVEPOINT cloudsync_op")
         return done
@@ -5666,9 +5770,17 @@ def _conflicting_columns(op, changed, level):
 
 
 def _same_values(schema, pushed, row):
-    """Whether an existing row already holds exactly the pushed values (a retried insert)."""
+    """Whether an existing row is what inserting `pushed` would make: a retried insert.
+
+    Every column the same: sent ones as sent, the others as their constant
+    default (a column left out of a fuller row is not a retry of it); columns
+    the database fills otherwise (a time, an expression) cannot be told.
+    """
     return all(_same_value(schema.columns[name], value, row.get(name))
-               for name, value in pushed.items())
+               for name, value in pushed.items()) \
+        and all(_same_value(column, column.default[0], row.get(name))
+                for name, column in schema.columns.items()
+                if name not in pushed and column.default is not None and not column.generated)
 
 
 def _same_value(column, pushed, stored):
@@ -6030,7 +6142,8 @@ class Pulls:
             version = None
             if self.changelog.capture == "triggers" \
                     and not any(schemas[table].cascaded for table in tables):
-                version = self.changelog.tables_version(conn, [schemas[table] for table in tables])
+                version = self.changelog.tables_version(conn, [schemas[table] for table in tables],
+                                                        self.engine.epochs)
             if version is not None:
                 with self._cache_lock:
                     cached = self._cache.get(key)
@@ -6116,7 +6229,7 @@ def parse_limit(value, cap):
 # connection, until a change may have committed, then pulls again. What wakes
 # it: a push through this instance (at once, after its commit), or the
 # watcher, one thread per instance that looks at the log twice every
-# WATCH_INTERVAL_SECONDS (one query: the head, the tables' epochs, and on MySQL
+# WATCH_INTERVAL_SECONDS (one query: the head, the newest table epoch, and on MySQL
 # the newest change waiting to be numbered, which other instances and programs
 # add) and wakes every waiting pull when it moved. So the database work grows
 # with instances, not with waiting devices. Each waiting pull holds a waitress
@@ -6294,15 +6407,27 @@ class LogWatcher:
     def run(self, stop):
         """The watcher thread: look twice every WATCH_INTERVAL_SECONDS (and at once when a push or
         a pull asks), and at the tables every SCHEMA_LOOK_SECONDS, until `stop` is set."""
-        schema_due = 0.0
+        schema_due, triggers_due, problem = 0.0, 0.0, None
         while not stop.is_set():
             self._look_now.clear()
             try:
                 self.look()
-                if time.monotonic() >= schema_due:
-                    schema_due = time.monotonic() + SCHEMA_LOOK_SECONDS
-                    if self.engine.follow_schema():
-                        self.poke()     # waiting pulls see what changed (a table to pull again)
+                now = time.monotonic()
+                if now >= schema_due:
+                    schema_due = now + SCHEMA_LOOK_SECONDS
+                    triggers = now >= triggers_due
+                    if triggers:
+                        triggers_due = now + TRIGGER_LOOK_SECONDS
+                    try:
+                        if self.engine.follow_schema(triggers):
+                            self.poke()     # waiting pulls see what changed (a table to pull again)
+                        problem = None
+                    except SchemaError as error:
+                        # a table dropped (a reload making it again, or gone): said once, not at
+                        # every look; requests on it answer 503, status 500
+                        if str(error) != problem:
+                            log.error("an allowed table cannot be synced now: %s", error)
+                        problem = str(error)
             except DatabaseUnavailable:
                 self.head = None        # requests report it; the next look tries again
             except Exception:
@@ -6323,7 +6448,7 @@ class LogWatcher:
 # What an operator needs without reading code. Metrics and the device fleet
 # are kept in memory on the request path (a lock and a few additions); the
 # fleet reaches the database from the server's maintenance thread every
-# SEQUENCE_INTERVAL_SECONDS, so a request never waits for it. A crash loses at
+# MAINTAIN_INTERVAL_SECONDS, so a request never waits for it. A crash loses at
 # most that last second of fleet statistics, never data.
 
 METRICS_FROM_ZERO = ("cloudsync_conflicts_total", "cloudsync_replays_total",
@@ -6882,26 +7007,40 @@ class App:
         wait = parse_wait(fields["wait"], self.config.read_timeout_seconds)
         if wait is not None and not sync_mode:
             raise Refused("invalid_wait", "wait is for sync-mode pulls: send it with \"since\"")
-        try:
-            if sync_mode:
-                result = self._sync_pull(tables, since, limit, grant, wait,
-                                         request.device_id or request.environ.get("REMOTE_ADDR"))
-                result["limit"] = limit
-                pulled = self.engine.checkpoints.decode(result["checkpoint"])
-                request.checkpoint_seq, request.tables = pulled["s"], ",".join(pulled["t"])
-                counts = {table: len(change["upserted"]) + len(change["deleted"])
-                          for table, change in result["changes"].items()}
-                self._count_pulled(request, counts)
-                return 200, result
-            encoded = self.pulls.seed_pull(tables, limit, grant)
-            self._count_pulled(request, encoded.rows)
-        except DatabaseUnavailable:
-            raise Refused("pull_unavailable", "the database is unavailable; retry later") from None
-        except Refused:
-            raise
-        except Exception:
-            log.exception("pull failed")
-            raise Refused("pull_failed", "the database failed while reading") from None
+        for again in (False, True):
+            try:
+                if sync_mode:
+                    result = self._sync_pull(tables, since, limit, grant, wait,
+                                             request.device_id or request.environ.get("REMOTE_ADDR"))
+                    result["limit"] = limit
+                    pulled = self.engine.checkpoints.decode(result["checkpoint"])
+                    request.checkpoint_seq, request.tables = pulled["s"], ",".join(pulled["t"])
+                    counts = {table: len(change["upserted"]) + len(change["deleted"])
+                              for table, change in result["changes"].items()}
+                    self._count_pulled(request, counts)
+                    return 200, result
+                encoded = self.pulls.seed_pull(tables, limit, grant)
+                self._count_pulled(request, encoded.rows)
+                break
+            except SchemaMoved as moved:
+                # a table or column moved under the pull: followed, then the pull runs once more
+                try:
+                    self.engine.after_schema_moved(moved, again)
+                except SchemaError:
+                    log.exception("pull failed")
+                    raise Refused("pull_failed", "the database failed while reading") from None
+                except DatabaseUnavailable:
+                    again = True
+                if again:
+                    raise Refused("pull_unavailable", "the database is unavailable; retry later") \
+                        from None
+            except DatabaseUnavailable:
+                raise Refused("pull_unavailable", "the database is unavailable; retry later") from None
+            except Refused:
+                raise
+            except Exception:
+                log.exception("pull failed")
+                raise Refused("pull_failed", "the database failed while reading") from None
         if encoded.etag is None:
             return 200, encoded
         headers = [("ETag", encoded.etag), ("Cache-Control", "no-cache")]
@@ -7293,7 +7432,7 @@ def _create_demo_database(path, seed=False):
 
 
 def _maintain(app, config, stop, wake):
-    """Server thread, every SEQUENCE_INTERVAL_SECONDS: re-read a changed tokens file, save the
+    """Server thread, every MAINTAIN_INTERVAL_SECONDS: re-read a changed tokens file, save the
     device fleet; compact every COMPACT_INTERVAL_SECONDS. (The watcher numbers changes and
     follows the tables: Long polls.)"""
     compact_due = 0.0
@@ -7316,7 +7455,7 @@ def _maintain(app, config, stop, wake):
             log.error("an allowed table cannot be synced any more: %s", error)
         except Exception:
             log.warning("change log maintenance failed; it is tried again later", exc_info=True)
-        wake.wait(SEQUENCE_INTERVAL_SECONDS)
+        wake.wait(MAINTAIN_INTERVAL_SECONDS)
         wake.clear()
         if stop.is_set():
             return
@@ -7392,6 +7531,19 @@ def _serve_command(config, args):
 def _migrate_command(config, args):
     """`migrate`: cloudsync's tables and the triggers, as they should be; says what changed."""
     App(config).start(progress=lambda message: print(message, flush=True))
+    return 0
+
+
+def _alter_command(config, args):
+    """`alter TABLE STATEMENT`: the operator's ALTER TABLE and the new triggers in one step."""
+    app = App(config)
+    app.start()
+    try:
+        app.engine.alter(args.table, args.statement,
+                         progress=lambda message: print(message, flush=True))
+    except DataRejected as error:
+        raise ConfigError("the database refused the statement: %s." % error) from None
+    print("%s altered; its change capture follows its new columns" % args.table)
     return 0
 
 
@@ -7499,6 +7651,8 @@ def _check_capture(app, conn, config, schemas, problem, ok):
         elif config.change_capture == "api" and len(missing) < 3:
             problem("table %s still has triggers while CHANGE_CAPTURE=api" % table,
                     "run: %s migrate" % _own_command())
+        elif config.change_capture == "triggers":
+            _check_trigger_text(app, conn, schemas[table], problem)
     stale = app.engine.changelog.stale_triggers(conn, set(config.allowed_tables))
     for table in sorted(stale):
         problem("table %s is no longer in ALLOWED_TABLES, but cloudsync's triggers still record "
@@ -7506,6 +7660,24 @@ def _check_capture(app, conn, config, schemas, problem, ok):
                 "run: %s migrate (it removes them)" % _own_command())
     if not stale:
         ok("change capture (%s) is in place" % config.change_capture)
+
+
+def _check_trigger_text(app, conn, schema, problem):
+    """check: a table's triggers are the ones its columns ask for now (not made for others)."""
+    try:
+        schema = app.engine.with_table_settings({schema.name: schema})[schema.name]
+    except SchemaError:
+        return                              # reported with the settings
+    existing = app.db.trigger_definitions(conn, schema.name)
+    if any(existing.get(_trigger_name(schema.name, event))
+           != app.db.stored_trigger(app.db.trigger_sql(schema, event))
+           for event in app.db.trigger_events(schema)):
+        problem("table %s: its change-capture triggers were made for other columns (its columns "
+                "changed since): the shop's writes to it may fail, and devices may miss which "
+                "columns changed" % schema.name,
+                "a running server makes them again within %s s by itself; without one, run: %s "
+                "migrate (use %s alter TABLE \"ALTER TABLE ...\" to change a table in one step)"
+                % (SCHEMA_LOOK_SECONDS, _own_command(), _own_command()))
 
 
 def _check_scopes(app, conn, config, schemas, problem, ok):
@@ -7551,6 +7723,11 @@ def _check_privileges(app, conn, config, problem, ok):
                 ", or set CHANGE_CAPTURE=api" if missing == ["TRIGGER"] else ""))
     else:
         ok("the database user has the privileges cloudsync needs on %s" % config.db_name)
+    if config.change_capture == "triggers" and "PROCESS" not in granted \
+            and "ALL PRIVILEGES" not in granted:
+        problem("the database user lacks PROCESS: a TRUNCATE TABLE of an allowed table is not "
+                "seen (InnoDB's table ids show it), and devices keep the rows it removed",
+                "GRANT PROCESS ON *.* TO the user")
 
 
 def _mysql_privileges(db, conn, database):
@@ -7690,8 +7867,8 @@ def _token_command(config, args):
 
 
 COMMANDS = {"serve": _serve_command, "demo": _serve_command, "migrate": _migrate_command,
-            "compact": _compact_command, "check": _check_command, "devices": _devices_command,
-            "log": _log_command, "token": _token_command}
+            "alter": _alter_command, "compact": _compact_command, "check": _check_command,
+            "devices": _devices_command, "log": _log_command, "token": _token_command}
 
 
 def _arguments():
@@ -7709,6 +7886,12 @@ def _arguments():
                       help="SQLite file (created with the example tables)")
     commands.add_parser("migrate",
                         help="create cloudsync's tables and install the change-capture triggers")
+    alter = commands.add_parser("alter", help="run an ALTER TABLE of an allowed table and make its "
+                                              "triggers again in the same step (no write fails, "
+                                              "none goes unrecorded)")
+    alter.add_argument("table", help="the allowed table the statement changes")
+    alter.add_argument("statement", help="the statement, quoted: \"ALTER TABLE sales ADD COLUMN "
+                                         "payment VARCHAR(20)\"")
     compact = commands.add_parser("compact", help="remove change-log entries older than "
                                                   "CHANGELOG_RETENTION_DAYS")
     compact.add_argument("--older-than", type=int, metavar="DAYS",
@@ -7780,7 +7963,7 @@ def _fail(command, message, code):
 def main(argv=None):
     """Command-line entry point.
 
-    Commands: serve (the default), demo, migrate, compact, check, devices, log, token.
+    Commands: serve (the default), demo, migrate, alter, compact, check, devices, log, token.
     """
     _limit_malloc_arenas()                      # before any thread starts
     args = _arguments().parse_args(argv)
@@ -8377,7 +8560,14 @@ OPENAPI = {
                     "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"}},
                     "rejected": {"type": "array", "items": {"$ref": "#/components/schemas/Rejection"},
                                  "description": "With 422: the operations a rule of the database refused."},
-                    "reset": {"const": True, "description": "With 410: start again from `since: null`."},
+                    "reset": {"const": True, "description": "With 410: start again from `since: null`, "
+                                                            "or, with reset_tables, pull those tables again."},
+                    "reset_tables": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                                     "description": "With 410: only these tables start again; the "
+                                                    "others continue."},
+                    "checkpoint": {"$ref": "#/components/schemas/Checkpoint",
+                                   "description": "With 410 and reset_tables on a pull: empty those "
+                                                  "tables and pull on with this checkpoint."},
                     "status": {"const": "error", "description": "GET /sync/status errors."},
                 },
             },
@@ -8407,17 +8597,36 @@ OPENAPI = {
                     "driver": {"type": "string", "examples": ["mysql-connector-python 9.5.0 (C extension)"]},
                     "version": {"type": "string", "description": "cloudsync's version."},
                     "change_capture": {"enum": ["triggers", "api"]},
-                    "last_seq": {"type": "integer", "minimum": 0, "description": "The newest change-log number."},
+                    "last_seq": {"type": ["integer", "null"], "minimum": 0,
+                                 "description": "The newest change-log number; null for a device with a "
+                                                "row scope (it would count other stores' writes)."},
+                    "scope": {"type": ["object", "null"],
+                              "additionalProperties": {"type": "array", "items": {"type": "string"}},
+                              "description": "The token's scope values per scope column; null without "
+                                             "a token or without scopes."},
                     "tables": {
                         "type": "object",
                         "additionalProperties": {
                             "type": "object",
-                            "required": ["primary_key", "columns", "types"],
+                            "required": ["primary_key", "columns", "types", "rules"],
                             "properties": {
                                 "primary_key": {"type": "array", "items": {"type": "string"}, "minItems": 1},
                                 "columns": {"type": "array", "items": {"type": "string"}, "minItems": 1},
                                 "types": {"type": "object", "additionalProperties": {"type": "string"},
                                           "description": "Each column's type as the database declares it."},
+                                "scope": {"type": "string", "description": "The table's scope column."},
+                                "rules": {
+                                    "type": "object",
+                                    "required": ["read_only", "insert_only", "read_only_columns", "actions"],
+                                    "description": "What pushes of this device meet on the table.",
+                                    "properties": {
+                                        "read_only": {"type": "boolean"},
+                                        "insert_only": {"type": "boolean"},
+                                        "read_only_columns": {"type": "array", "items": {"type": "string"}},
+                                        "actions": {"type": "array", "items": {"enum": [
+                                            "insert", "update", "delete", "upsert", "increment"]}},
+                                    },
+                                },
                             },
                         },
                     },
@@ -8527,7 +8736,14 @@ OPENAPI = {
             "Rejection": {
                 "allOf": [{"$ref": "#/components/schemas/OpRef"}],
                 "required": ["message"],
-                "properties": {"message": {"type": "string", "description": "The rule's own message."}},
+                "properties": {
+                    "message": {"type": "string", "description": "The rule's own message."},
+                    "server_row": {
+                        "description": "on_reject skip: the row as the server holds it (null: it has "
+                                       "none); a device that applied the operation locally takes it back.",
+                        "anyOf": [{"$ref": "#/components/schemas/Row"}, {"type": "null"}],
+                    },
+                },
             },
             "Conflict": {
                 "type": "object",
@@ -8554,7 +8770,8 @@ OPENAPI = {
                     "applied": {"type": "integer", "minimum": 0,
                                 "description": "Operations run (skipped conflicts are not counted)."},
                     "missing": {"type": "array", "items": {"$ref": "#/components/schemas/OpRef"},
-                                "description": "Updates whose row does not exist (nothing changed)."},
+                                "description": "Updates and increments whose row does not exist "
+                                               "(nothing changed)."},
                     "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"},
                                   "description": "on_conflict skip: the operations skipped."},
                     "rejected": {"type": "array", "items": {"$ref": "#/components/schemas/Rejection"},
@@ -8637,6 +8854,12 @@ OPENAPI = {
                     },
                     "checkpoint": {"$ref": "#/components/schemas/Checkpoint"},
                     "has_more": {"type": "boolean", "description": "Pull again with `checkpoint` at once."},
+                    "added_columns": {
+                        "type": "object",
+                        "description": "Columns added to a table since `since`, each with the value "
+                                       "every row holds in it: add them locally (nothing is pulled again).",
+                        "additionalProperties": {"type": "object"},
+                    },
                     "limit": {"type": "integer", "minimum": 1, "description": "The limit used."},
                     "retry_after": {"type": "integer", "minimum": 1,
                                     "description": "With wait, when LONGPOLL_MAX_WAITERS pulls already wait: "

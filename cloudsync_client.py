@@ -222,6 +222,29 @@ class Client:
             self._set_state("reset", "1")   # rows pulled before the new columns lack them: pull all again
         return True
 
+    def _add_columns(self, added):
+        """A pull's `added_columns` ({table: {column: default}}): added here, every row holding the default;
+        nothing is pulled again."""
+        with self._transaction():
+            for table, columns in added.items():
+                if table not in self.tables:
+                    continue
+                names, key = self.tables[table]
+                for name, default in columns.items():
+                    if name in names:
+                        continue
+                    self.db.execute("ALTER TABLE %s ADD COLUMN %s" % (_quote(table), _quote(name)))
+                    self.db.execute("UPDATE %s SET %s = ?" % (_quote(table), _quote(name)), (default,))
+                    names = names + [name]
+                self.tables[table] = (names, key)
+            schema = json.loads(self._raw_state("schema") or "{}")
+            for table, (names, key) in self.tables.items():
+                if table in schema:
+                    schema[table]["columns"] = names
+            self._set_raw_state("schema", json.dumps(schema))
+        with contextlib.suppress(SyncError):        # their types, when the server describes them
+            self._load_schema(list(self.tables), refresh=True)
+
     def _local_form(self, table, row):
         """Values as the server sends them back: a DECIMAL(p,s) as text with s decimals, so one value keeps one
         form before and after a sync."""
@@ -531,28 +554,45 @@ class Client:
             if not batch:
                 return True
             checkpoint = None if force else self.checkpoint
+            # a rule of the database refusing one operation does not hold back the others: each
+            # refused one comes back with the server's row (a dead letter here, the row taken back)
             body = {"device_id": self.device_id, "batch_id": batch_id, "on_conflict": "abort",
-                    "operations": [operation for _, operation in batch]}
+                    "on_reject": "skip", "operations": [operation for _, operation in batch]}
             if checkpoint is not None:      # without one the server cannot detect conflicts
                 body["checkpoint"] = checkpoint
             status, answer = self._post("/sync/push", body)
             error = (answer or {}).get("error")
             if status == 200:
+                changed = {}
                 with self._transaction():
                     self.db.execute("DELETE FROM _cloudsync_outbox WHERE batch_id = ?", (batch_id,))
+                    for entry in answer.get("rejected") or []:
+                        _, operation = batch[entry["op"]]
+                        self._bury(operation, 422, dict(entry, error="Rejected", detail=entry.get("message")),
+                                   result)
+                        self._take(entry["table"], entry["key"], entry.get("server_row"), changed)
+                    for entry in answer.get("missing") or []:
+                        # an update or increment of a row the server does not have: never dropped silently
+                        _, operation = batch[entry["op"]]
+                        self._bury(operation, 200, dict(entry, error="Missing", detail=(
+                            "the server has no such row: it was deleted (the next pull removes it here),"
+                            " or was never there")), result)
                     # README: the returned checkpoint is the next pull position; it skips the push's own
                     # changes only when the server proved this device holds them (the local table does)
                     if checkpoint is not None and answer.get("checkpoint"):
                         self._set_state("checkpoint", answer["checkpoint"])
+                self._changed(changed)
                 result.pushed += len(batch)
             elif status == 409 and error == "Conflict":
                 self._resolve(batch, answer, result)
             elif status == 410 or (status == 400 and error == "Invalid checkpoint"):
-                # unpushed changes can no longer be checked for conflicts: push them plainly (same batch
-                # id: it may have been applied already), then pull everything again
+                # the checkpoint can no longer judge these changes: they go without conflict detection (same
+                # batch id, nothing of it was applied), and the pull then answers which tables to pull again
                 log.warning("checkpoint refused (%s): pushing without conflict detection, then resyncing", error)
                 with self._transaction():
-                    self._set_state("checkpoint", None)
+                    self.db.execute("UPDATE _cloudsync_outbox SET force = 1 WHERE batch_id = ?", (batch_id,))
+                    if not (answer or {}).get("reset_tables"):
+                        self._set_state("checkpoint", None)
             elif status == 409 and error == "Batch id reused":
                 with self._transaction():           # not ours; nothing of this batch was applied under it
                     self._unmark()
@@ -578,6 +618,21 @@ class Client:
                 return self._offline(result, "push of batch %s" % batch_id, status)
             else:
                 raise SyncError("push refused: %s %s: %s" % (status, error, (answer or {}).get("detail")))
+
+    def _take(self, table, key, server_row, changed):
+        """Inside a local transaction: the server's row (None: it has none) replaces the local one, with this
+        device's increments not pushed yet on top."""
+        key = self._key(table, key)
+        if server_row is None:
+            self._remove(table, dict(zip(self.tables[table][1], key)))
+            changed.setdefault(table, ([], []))[1].append(key[0] if len(key) == 1
+                                                          else dict(zip(self.tables[table][1], key)))
+            return
+        self._put(table, server_row)
+        for (data,) in self.db.execute("SELECT data FROM _cloudsync_outbox WHERE tbl = ? AND row_key = ? AND"
+                                       " action = 'increment' ORDER BY seq", (table, json.dumps(key))).fetchall():
+            self._add_locally(table, json.loads(data))          # the server's value plus ours
+        changed.setdefault(table, ([], []))[0].append(server_row)
 
     def _resolve(self, batch, answer, result):
         """A 409 Conflict: for each conflicting operation, what on_conflict decides (by default: the server's row
@@ -710,6 +765,16 @@ class Client:
             first = None
             error = (answer or {}).get("error")
             if since is not None and (status == 410 or (status == 400 and error == "Invalid checkpoint")):
+                again = (answer or {}).get("reset_tables")
+                if again and answer.get("checkpoint"):
+                    # only these tables start again: emptied here, and the checkpoint goes on with them
+                    log.warning("checkpoint refused (%s): pulling %s again", error, ", ".join(again))
+                    with self._transaction():
+                        for table in again:
+                            if table in self.tables:
+                                self.db.execute("DELETE FROM %s" % _quote(table))
+                        self._set_state("checkpoint", answer["checkpoint"])
+                    continue
                 log.warning("checkpoint refused (%s): pulling every row again", error)
                 with self._transaction():
                     self._set_state("reset", "1")
@@ -718,6 +783,8 @@ class Client:
                 if status is None or status >= 500 or status == 429:
                     return self._offline(result, "pull", status)
                 raise SyncError("pull refused: %s %s: %s" % (status, error, (answer or {}).get("detail")))
+            if answer.get("added_columns"):
+                self._add_columns(answer["added_columns"])
             if self._learn_columns(answer["changes"]):
                 continue
             changed = {}
