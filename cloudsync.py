@@ -3441,7 +3441,8 @@ class MySQLDatabase(Database):
             params += list(tables)
         row = [_text(value) for value in self.query(conn, "SELECT " + ", ".join(parts), params)[0]]
         if triggers:
-            return row[0], tuple(row[1:-1]), row[-1]
+            # no trigger left at all is "" (GROUP_CONCAT gives NULL), never None: "not looked at"
+            return row[0], tuple(row[1:-1]), row[-1] or ""
         return row[0], tuple(row[1:]), None
 
     @staticmethod

@@ -6627,6 +6627,32 @@ def test_a_dropped_column_breaks_the_shops_writes_only_until_the_watcher_follows
         application.db.close()
 
 
+def test_every_trigger_dropped_by_hand_is_followed_at_the_look_at_triggers(backend):
+    # nothing else about the table changes (as with a dump reload within the second the table was
+    # made): only the look at the triggers, every TRIGGER_LOOK_SECONDS, can see it. The one table
+    # allowed: no trigger of cloudsync's is left on any
+    application = started(backend, ALLOWED_TABLES="sales")
+    try:
+        assert push(application, [op("insert", id="s1", total="1.00")]).status == 200
+        till = Device(application, ["sales"], device_id="till").sync()
+        application.engine.follow_schema()              # the watcher's first look after the start
+        assert application.engine.follow_schema(triggers=True) is False
+        names = backend.sql("SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()"
+                            " AND EVENT_OBJECT_TABLE = 'sales'" if backend.kind == "mysql" else
+                            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'sales'")
+        assert names
+        for (name,) in names:
+            backend.sql("DROP TRIGGER %s" % name)
+        backend.sql("INSERT INTO sales (id, total) VALUES ('unlogged', 2)")
+        assert application.engine.follow_schema(triggers=True) is True
+        backend.sql("INSERT INTO sales (id, total) VALUES ('logged', 3)")
+        till.sync()
+        assert till.resets == [["sales"]]
+        assert set(key[0] for key in till.rows["sales"]) == {"s1", "unlogged", "logged"}
+    finally:
+        application.db.close()
+
+
 @pytest.mark.parametrize("command", ["alter", "plain"])
 def test_an_added_column_changed_before_the_watcher_noticed_is_still_a_conflict(backend, command):
     application = started(backend)
