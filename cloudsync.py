@@ -1366,7 +1366,7 @@ class TableGrant:
 class Grant:
     """One request's access: its device and, for each table it may see, a TableGrant."""
 
-    __slots__ = ("device_id", "tables", "limited", "scopes")
+    __slots__ = ("device_id", "tables", "limited", "scopes", "described")
 
     def __init__(self, device_id, tables, limited, scopes=None):
         self.device_id = device_id
@@ -1374,6 +1374,9 @@ class Grant:
         # some allowed table is out of reach: its name is answered like a name that is no table
         self.limited = limited
         self.scopes = scopes                # {column: values} of the token, for /sync/status
+        # /sync/status's answer but for the database's figures, encoded once: a grant is made
+        # again whenever the tables' schemas change (SyncEngine.grant_for)
+        self.described = None
 
     @property
     def visible(self):
@@ -7172,17 +7175,18 @@ class App:
         # a device limited to some tables learns nothing of the others, not even their names; a
         # scoped one nothing of other stores' writes (the log's head counts them)
         grant = self.engine.grant_for(request.token)
-        shown = grant.visible
-        return 200, {
-            "success": True, "status": "ok", "allowed_tables": shown,
-            "backend": self.db.name, "server_version": version, "driver": self.db.driver(),
-            "version": __version__, "change_capture": self.engine.changelog.capture,
-            "last_seq": None if grant.scoped else head,
-            "scope": {column: list(values) for column, values in grant.scopes.items()}
-            if grant.scopes else None,
-            "tables": {name: dict(schemas[name].describe(), rules=grant.tables[name].rules())
-                       for name in shown},
-        }
+        if grant.described is None or grant.described[0] is not schemas:
+            shown = grant.visible
+            grant.described = (schemas, to_json_bytes({
+                "success": True, "status": "ok", "allowed_tables": shown,
+                "backend": self.db.name, "driver": self.db.driver(), "version": __version__,
+                "change_capture": self.engine.changelog.capture,
+                "scope": {column: list(values) for column, values in grant.scopes.items()}
+                if grant.scopes else None,
+                "tables": {name: dict(schemas[name].describe(), rules=grant.tables[name].rules())
+                           for name in shown}})[:-1])
+        return 200, Encoded(grant.described[1] + b',"server_version":%s,"last_seq":%s}' % (
+            to_json_bytes(version), to_json_bytes(None if grant.scoped else head)))
 
 
 def _answer(refusal):
