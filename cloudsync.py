@@ -3418,10 +3418,11 @@ class MySQLDatabase(Database):
         The definitions: their columns, their creation times (a table made
         again, or a copy swapped in, to the second) and the server's count of
         TRUNCATEs (ChangeLog.follow then tells which table by its InnoDB id).
-        One round trip of about 2 ms, made every SCHEMA_LOOK_SECONDS. The
+        One round trip of 1-2 ms, made every SCHEMA_LOOK_SECONDS. The
         triggers only when `triggers`: information_schema.TRIGGERS parses every
-        trigger of the tables (about 7 ms for 5 tables, 19 ms for 50); they
-        also catch a table made again within the second it was made before.
+        trigger of the tables (the look takes 8.6 ms with them for 50 tables,
+        1.8 ms without); they also catch a table made again within the second
+        it was made before.
         """
         marks = ", ".join("?" for _ in tables)
         parts = [
