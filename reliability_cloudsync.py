@@ -55,6 +55,7 @@ same devices through three instances and the sequencer deadlock.
 import argparse
 import errno
 import gzip
+import http.client
 import json
 import math
 import os
@@ -484,7 +485,8 @@ def request(url, method, path, body=None, timeout=30, headers=None):
         except ValueError:
             payload = raw
         return error.code, dict(error.headers), payload
-    except (OSError, ValueError) as error:
+    # http.client's IncompleteRead: the server was killed in the middle of its answer
+    except (OSError, ValueError, http.client.HTTPException) as error:
         return 0, {}, error
 
 
@@ -1763,6 +1765,45 @@ def inflated(inflate, data, most=1 << 20):
         data = inflate.unconsumed_tail
 
 
+def large_row_server(db, workdir, name, memory_cap_mib, settings):
+    """A database with the large table (MEDIUMTEXT rows) and a server on it, watched:
+    (database, server, MemoryWatch, Figures)."""
+    database = db.create_database("%s_%d" % (name, random.randrange(10 ** 6)))
+    db.sql("CREATE TABLE %s (id VARCHAR(64) PRIMARY KEY, body MEDIUMTEXT) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+           % LARGE_TABLE, database)
+    server = Server(db, database, os.path.join(workdir, "%s.log" % name), ALLOWED_TABLES=TABLES + "," + LARGE_TABLE,
+                    **settings).start()
+    watch = MemoryWatch(server.process.pid, memory_cap_mib)
+    return database, server, watch, Figures(**{"requests": 0, "device failures": 0, "pull failures": 0,
+                                              "baseline RSS (MiB)": watch.now()})
+
+
+def large_row_push(device, ids, row_bytes):
+    """A push inserting a large row of `row_bytes` for each id, its text starting with the id's mark."""
+    return {"device_id": device, "batch_id": "%s-%s" % (device, ids[0]),
+            "operations": [{"table": LARGE_TABLE, "action": "insert",
+                            "data": {"id": i, "body": ("BIGROW:%s:" % i).ljust(row_bytes, "x")}} for i in ids]}
+
+
+def pull_every_large_row(url, figures, limit):
+    """Follow the pull loop over the large table from null: {row id: times seen}, or None on a failure."""
+    since, seen = None, {}
+    while True:
+        began = time.monotonic()
+        status, size, page, since, has_more = stream_pull(
+            url, {"tables": [LARGE_TABLE], "since": since, "limit": limit}, timeout=600)
+        figures.add("large pulls")
+        figures.add("large pull MiB", round(size / 2 ** 20))
+        figures.maximum("slowest large pull (s)", round(time.monotonic() - began, 1))
+        if status != 200:
+            figures.add("pull failures")
+            return None
+        for key, times in page.items():
+            seen[key] = seen.get(key, 0) + times
+        if not has_more:
+            return seen
+
+
 def scenario_large_rows(db, workdir, rows=1008, row_bytes=1 << 20, rows_per_push=9, pullers=3, limit=5000,
                         devices=2, settle_seconds=5.0, memory_cap_mib=8192, **settings):
     """A device pushes rows of 1 MiB text (9 a push); then several devices pull them at once with a
@@ -1772,22 +1813,12 @@ def scenario_large_rows(db, workdir, rows=1008, row_bytes=1 << 20, rows_per_push
     Every puller follows the pull loop (has_more) and must see each row exactly once.
     `memory_cap_mib` stops a server that grows past it (SIGKILL); it is then started again.
     """
-    database = db.create_database("large_%d" % random.randrange(10 ** 6))
-    db.sql("CREATE TABLE %s (id VARCHAR(64) PRIMARY KEY, body MEDIUMTEXT) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
-           % LARGE_TABLE, database)
-    server = Server(db, database, os.path.join(workdir, "large.log"), ALLOWED_TABLES=TABLES + "," + LARGE_TABLE,
-                    **settings).start()
-    watch = MemoryWatch(server.process.pid, memory_cap_mib)
-    figures = Figures(**{"requests": 0, "device failures": 0, "pull failures": 0,
-                         "baseline RSS (MiB)": watch.now()})
+    database, server, watch, figures = large_row_server(db, workdir, "large", memory_cap_mib, settings)
     began = time.monotonic()
     large = []
     for first in range(0, rows, rows_per_push):
         ids = ["big-%05d" % n for n in range(first, min(rows, first + rows_per_push))]
-        body = {"device_id": "camera", "batch_id": "p%d" % first,
-                "operations": [{"table": LARGE_TABLE, "action": "insert",
-                                "data": {"id": i, "body": ("BIGROW:%s:" % i).ljust(row_bytes, "x")}} for i in ids]}
-        push_until_acknowledged([server.url], figures, body, timeout=120)
+        push_until_acknowledged([server.url], figures, large_row_push("camera", ids, row_bytes), timeout=120)
         large.extend(ids)
     figures["large rows pushed"] = len(large)
     figures["push seconds"] = round(time.monotonic() - began, 1)
@@ -1800,22 +1831,9 @@ def scenario_large_rows(db, workdir, rows=1008, row_bytes=1 << 20, rows_per_push
     seen_by = {}
 
     def puller(number):
-        since, seen = None, {}
-        while True:
-            began = time.monotonic()
-            status, size, page, since, has_more = stream_pull(
-                server.url, {"tables": [LARGE_TABLE], "since": since, "limit": limit}, timeout=600)
-            figures.add("large pulls")
-            figures.add("large pull MiB", round(size / 2 ** 20))
-            figures.maximum("slowest large pull (s)", round(time.monotonic() - began, 1))
-            if status != 200:
-                figures.add("pull failures")
-                return
-            for key, times in page.items():
-                seen[key] = seen.get(key, 0) + times
-            if not has_more:
-                seen_by[number] = seen
-                return
+        seen = pull_every_large_row(server.url, figures, limit)
+        if seen is not None:
+            seen_by[number] = seen
 
     pulls_at = time.monotonic()
     for thread in start_devices(puller, pullers, figures):
@@ -1839,12 +1857,64 @@ def scenario_large_rows(db, workdir, rows=1008, row_bytes=1 << 20, rows_per_push
     return figures
 
 
+def scenario_memory_storm(db, workdir, rows=144, row_bytes=1 << 20, rows_per_push=9, pushers=16, pullers=16,
+                          seed_pulls=40, settle_seconds=2.0, memory_cap_mib=8192, **settings):
+    """Memory with the default settings under the heaviest valid requests at once: `pushers` pushes of
+    `rows_per_push` 1 MiB rows (bodies near MAX_BODY_BYTES) and `pullers` pull loops of every large row,
+    all at the same time, after `seed_pulls` different seed pulls of the large rows (the seed cache full).
+
+    Reports the server's resident memory before, at its peak and `settle_seconds` after, and whether
+    every puller got every row once.
+    """
+    database, server, watch, figures = large_row_server(db, workdir, "storm", memory_cap_mib, settings)
+    large = []
+    for first in range(0, rows, rows_per_push):
+        ids = ["big-%05d" % n for n in range(first, min(rows, first + rows_per_push))]
+        push_until_acknowledged([server.url], figures, large_row_push("camera", ids, row_bytes), timeout=120)
+        large.extend(ids)
+    for limit in range(1, seed_pulls + 1):          # each limit is an entry of the seed cache
+        exchange(figures, server.url, "POST", "/sync/pull", {"tables": [LARGE_TABLE], "limit": limit}, timeout=120)
+    figures["RSS with the seed cache full (MiB)"] = watch.now()
+    seen_by, pushed = {}, []
+
+    def pusher(number):
+        ids = ["storm%02d-%05d" % (number, n) for n in range(rows_per_push)]
+        push_until_acknowledged([server.url], figures, large_row_push("storm%02d" % number, ids, row_bytes),
+                                timeout=120)
+        pushed.extend(ids)
+
+    def puller(number):
+        seen = pull_every_large_row(server.url, figures, 5000)
+        if seen is not None:
+            seen_by[number] = seen
+    probe = HealthProbe(server.url).start()
+    began = time.monotonic()
+    threads = start_devices(pusher, pushers, figures) + start_devices(puller, pullers, figures)
+    for thread in threads:
+        thread.join()
+    ended = time.monotonic()
+    probe.stop()
+    figures["storm seconds"] = round(ended - began, 1)
+    figures["slowest answer during the fault (s)"] = figures.slowest(began, ended)
+    figures.update(probe.figures())
+    figures["killed at the memory cap"] = watch.capped
+    count_memory(figures, watch, settle_seconds)
+    # every row pushed before the storm exactly once (a row the storm pushed while a puller scanned may
+    # come once in the scan and once more from the log after it: the device upserts it again)
+    figures["pullers that got every row once"] = sum(
+        1 for seen in seen_by.values() if all(seen.get(key.encode()) == 1 for key in large))
+    count_writes(figures, db, database, large + pushed, "", LARGE_TABLE)
+    server.stop()
+    return figures
+
+
 FAULTS = {                                 # name (for --only): (title, scenario)
     "frozen-db": ("frozen database (proxy stops forwarding)", scenario_frozen_database),
     "killed-db": ("killed database (connections reset, then SIGKILL)", scenario_killed_database),
     "killed-cloudsync": ("killed cloudsync (SIGKILL, restart)", scenario_killed_server),
     "flood": ("connection flood from 127.0.0.2", scenario_connection_flood),
     "large-rows": ("large-row pulls (1 MiB rows)", scenario_large_rows),
+    "memory": ("16 maximum pushes and 16 large pulls at once, seed cache full", scenario_memory_storm),
 }
 
 QUICK = {                                  # the small forms, for the tests and --quick
@@ -1857,6 +1927,7 @@ QUICK = {                                  # the small forms, for the tests and 
     "flood": dict(idle=1200, slowloris=100, flood_seconds=5.0, settle_seconds=1.0),
     # 144 rows of 1 MiB (16 pushes), 3 pulls at once: over a GiB when a pull is bounded in rows only
     "large-rows": dict(rows=144, pullers=3, settle_seconds=2.0, memory_cap_mib=4096),
+    "memory": dict(rows=36, seed_pulls=20, memory_cap_mib=4096),
 }
 
 
