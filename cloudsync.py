@@ -37,6 +37,16 @@ What this service guarantees, and the one place each is enforced:
 - A change is attributed to a device only when its own statement wrote it
   (Database.attribute_table before the statements of each table of a push);
   rows the shop's triggers write in other tables are another writer's changes.
+- One client cannot take the server from the others. Memory: a pull's page
+  stops at PULL_MAX_BYTES of rows (Pulls._scan_tables, Pulls._taken_within,
+  Pulls.seed_pull: sizes read before rows that types do not bound). Time:
+  every database wait ends (_Pool.connection: DB_WAIT_SECONDS for a
+  connection, at once while the database does not answer;
+  MySQLDatabase.bound_statements: read and write timeouts in serve), and a
+  push's retries stop within REQUEST_BUDGET_SECONDS
+  (Pushes._push_with_retries). /health is answered by the server's loop
+  (_loop_dispatcher). Connections: MAX_CONNECTIONS_PER_ADDRESS per client
+  address (_ConnectionLimits).
 - An error is always a JSON body with ``success: false``, an ``error`` and,
   where it helps, a ``detail``; never SQL, a traceback or a password (App.__call__
   and _answer, from the one catalogue REFUSALS).
@@ -67,7 +77,8 @@ The path of a push (POST /sync/push), function by function:
                           scope), which gives the operation its scope
   Pushes.push             Checkpoints.decode; a batch seen before is replayed
                           (ChangeLog.find_batch, Pushes._replay)
-  Pushes._push_with_retries    a deadlock or lock timeout runs it again
+  Pushes._push_with_retries    a deadlock or lock timeout runs it again, while
+                          another run fits in REQUEST_BUDGET_SECONDS
   Pushes._push            one transaction (_push_transaction):
                             ChangeLog.claim_batch, ChangeLog.attributed
                             Pushes._check_basis: the checkpoint covers each
@@ -105,7 +116,8 @@ The path of a pull (POST /sync/pull):
                           a first sync pages through the tables (Pulls._scan_tables:
                           page_sql with the grant's scope), later ones fetch the
                           logged rows (Pulls._fetch_changed: SyncEngine.select_by_keys,
-                          deleted keys by key_value); Checkpoints.encode
+                          deleted keys by key_value); both stop at PULL_MAX_BYTES
+                          (Pulls._fits, or the rows' sizes first); Checkpoints.encode
     App._sync_pull        with "wait" and nothing new: LogWatcher.enter (a share
                           per device), park until a change may have committed,
                           pull again
@@ -142,6 +154,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 import zlib
 import contextlib
 from contextlib import contextmanager
@@ -180,14 +193,29 @@ log = logging.getLogger("cloudsync")
 # requests and answers
 READ_CHUNK_BYTES = 64 * 1024        # request bodies are read in pieces this size
 DEFAULT_PULL_LIMIT_ROWS = 1000      # the seed's default page size
+# what a pull's byte budget (PULL_MAX_BYTES) counts for a row beyond its values: its JSON names,
+# quotes and commas, a column at a time
+ROW_OVERHEAD_BYTES = 16
+# MySQL: the largest value of a type whose length is declared; longer ones (MEDIUMTEXT, LONGBLOB,
+# JSON) have none, and their rows are measured before a pull reads them
+DECLARED_MAX_BYTES = {"tinytext": 255, "tinyblob": 255, "text": 65535, "blob": 65535}
+SIZES_FIRST_ASKED = 16              # rows measured first, in a table whose rows were never measured
 MAX_ID_CHARS = 128                  # device_id and batch_id
 CORS_ALLOWED_HEADERS = "Authorization, Content-Type, Content-Encoding, If-None-Match"
 CORS_MAX_AGE_SECONDS = 600          # browsers may reuse a preflight answer this long
 RETRY_AFTER_SECONDS = 5             # what a 503 tells a client to wait
+# A request's database work, retries included, ends within this: below the reference clients'
+# 30 s timeout, so a client never gives up on a push that may still commit (Pushes)
+REQUEST_BUDGET_SECONDS = 25
+# a MySQL statement's read and write timeouts are DB_WAIT_SECONDS plus this: a lock wait ends
+# first (with its own error); only a database that stopped answering meets the timeout
+STATEMENT_MARGIN_SECONDS = 2
 MAX_WAIT_SECONDS = 25               # the longest a pull waits for a change ("wait"), below 30 s
 WATCH_INTERVAL_SECONDS = 0.5        # the watcher looks at the change log this often (Long polls)
 LONGPOLL_RETRY_AFTER_SECONDS = 2    # what a pull turned away from waiting is told to wait
 LONGPOLL_WAITERS_PER_DEVICE = 4     # pulls of one device (or one address) waiting at once
+# near MAX_CONNECTIONS (three quarters), connections idle this long are closed to make room
+NEAR_LIMIT_IDLE_SECONDS = 2
 TOKEN_BYTES = 32                    # random bytes in a generated token
 MAX_SCOPE_VALUE_CHARS = 200         # a scope value in a token: a store number, a region's name
 SCOPE_ALL = "*"                     # the scope value of a token that sees every row (the office)
@@ -665,6 +693,9 @@ class TableSchema:
         self.primary_key = list(primary_key)
         self.key_columns = [self.columns[name] for name in primary_key]
         self.select_list = ", ".join(column.select for column in columns)
+        # about a row's size in a pull, in bytes: what a pull's byte budget counts (Pull)
+        self.size_sql = " + ".join(["%d" % (ROW_OVERHEAD_BYTES * len(columns))] + [
+            "COALESCE(LENGTH(%s), 0)" % column.quoted for column in columns])
         self.key_order = ", ".join(self.columns[name].quoted for name in primary_key)
         self.key_positions = [self.column_names.index(name) for name in primary_key]
         self.has_generated = any(column.generated for column in columns)
@@ -1780,6 +1811,13 @@ def _as_positive_int(text):
     return int(text)
 
 
+def _as_count(text):
+    """A whole number of at least 0."""
+    if not re.fullmatch(r"\s*[0-9]{1,18}\s*", text):
+        raise ValueError("expected a whole number of at least 0")
+    return int(text)
+
+
 def _as_positive_float(text):
     """A finite number above 0."""
     try:
@@ -1931,6 +1969,9 @@ SETTINGS = (
     ("MAX_OPERATIONS", _as_positive_int, "10000", "most operations in one push"),
     ("MAX_PULL_ROWS", _as_positive_int, "5000",
      "most rows plus keys in one pull; a larger limit is capped"),
+    ("PULL_MAX_BYTES", _as_positive_int, "4194304",
+     "a pull's page stops once its rows reach about this many bytes (has_more: true; a single "
+     "larger row goes alone): what bounds a server's memory against large rows"),
     ("MAX_JSON_DEPTH", _as_positive_int, "16",
      "deepest nesting of objects and lists in a request body"),
     ("MAX_VALUE_BYTES", _as_positive_int, "1048576", "largest single text value, in bytes"),
@@ -1957,6 +1998,10 @@ SETTINGS = (
     ("MAX_CONNECTIONS", _as_positive_int, "1000",
      "most open client connections (each device keeps one open between its requests); past it "
      "new ones wait"),
+    ("MAX_CONNECTIONS_PER_ADDRESS", _as_count, "250",
+     "most open connections from one client address (0: no limit); past it a new one is "
+     "answered 503 and closed. Behind a reverse proxy every connection comes from the proxy: "
+     "set 0 and let the proxy limit each client (limit_conn)"),
     ("LONGPOLL_MAX_WAITERS", _as_positive_int, "100",
      "most pulls waiting for changes (\"wait\") at once; the server adds a thread for each while "
      "it waits, on top of THREADS"),
@@ -2097,11 +2142,14 @@ def keys_where(schema, keys):
             [value for key in keys for value in key])
 
 
-def select_keyed_sql(schema, keys, scope, lock=""):
-    """(sql, params) reading these keys' rows, each led by its key as the change log writes it."""
+def select_keyed_sql(schema, keys, scope, lock="", select=None):
+    """(sql, params) reading these keys' rows, each led by its key as the change log writes it.
+
+    select: what to read of each row instead of its columns (schema.size_sql: its size).
+    """
     where, params = keys_where(schema, keys)
     where, params = _scoped("(%s)" % where, params, scope)
-    return "SELECT %s, %s FROM %s WHERE %s%s" % (schema.key_sql, schema.select_list,
+    return "SELECT %s, %s FROM %s WHERE %s%s" % (schema.key_sql, select or schema.select_list,
                                                  schema.quoted, where, lock), params
 
 
@@ -2149,19 +2197,21 @@ def delete_sql(schema, key, scope):
     return "DELETE FROM %s WHERE %s" % (schema.quoted, where), tuple(params)
 
 
-def first_rows_sql(schema, limit, scope):
-    """(sql, params) reading the first `limit` rows in key order (the seed's pull)."""
+def first_rows_sql(schema, limit, scope, select=None):
+    """(sql, params) reading the first `limit` rows in key order (the seed's pull); `select`
+    instead of the columns (schema.size_sql: each row's size)."""
     where, params = ("", []) if scope.where is None \
         else (" WHERE " + scope.where, list(scope.params))
-    return "SELECT %s FROM %s%s ORDER BY %s LIMIT ?" % (schema.select_list, schema.quoted, where,
+    return "SELECT %s FROM %s%s ORDER BY %s LIMIT ?" % (select or schema.select_list,
+                                                        schema.quoted, where,
                                                         schema.key_order), params + [limit]
 
 
-def page_sql(schema, after, limit, scope):
+def page_sql(schema, after, limit, scope, select=None):
     """(sql, params) reading up to `limit` rows in key order after the key `after` (bound values),
     or from the start: keyset paging, (a > ?) OR (a = ? AND b > ?)..., an index range however
     large the table. A NULL in a key (SQLite allows it) would break the order: such rows are left
-    out."""
+    out. `select`: what to read of each row instead of its columns (schema.size_sql)."""
     where = " AND ".join("%s IS NOT NULL" % column.quoted for column in schema.key_columns)
     where, params = _scoped(where, [], scope)
     if after is not None:
@@ -2174,13 +2224,13 @@ def page_sql(schema, after, limit, scope):
         for n in range(len(after)):
             params.extend(after[:n + 1])
     return "SELECT %s FROM %s WHERE %s ORDER BY %s LIMIT ?" % (
-        schema.select_list, schema.quoted, where, schema.key_order), params + [limit]
+        select or schema.select_list, schema.quoted, where, schema.key_order), params + [limit]
 
 
 # ---------------------------------------------------------------------------
 # Private APIs, each with its public fallback
 # ---------------------------------------------------------------------------
-# Four places reach past a library's documented interface. Each is used only
+# Five places reach past a library's documented interface. Each is used only
 # when what it needs is there; otherwise the public path, tested on its own,
 # does the same work more slowly. No other code touches a private name.
 #
@@ -2215,6 +2265,18 @@ def page_sql(schema, after, limit, scope):
 # server._map and reads each channel's requests and output buffers. Without
 # them, SIGTERM stops server.run() at once: requests in progress are cut off
 # and their transactions roll back, which loses nothing acknowledged.
+# The channel also counts connections per client address
+# (MAX_CONNECTIONS_PER_ADDRESS: a new one past it is answered 503 and closed)
+# and, near MAX_CONNECTIONS, closes keep-alive connections idle for
+# NEAR_LIMIT_IDLE_SECONDS; without it, one address can take every connection.
+# A subclass of the task dispatcher leaves /health to the loop, which answers
+# it after each turn (graceful stop's loop only), so it answers while every
+# thread waits on a database that stopped; without it /health waits for a
+# thread like any request.
+#
+# glibc's allocator (ctypes: mallopt). A burst of large pulls leaves freed
+# memory in the process's heap and per-thread arenas; fixed thresholds make
+# large blocks go back to the system when freed. Elsewhere it is not set.
 
 
 def _row_bytes_bound(row):
@@ -2227,6 +2289,21 @@ def _row_bytes_bound(row):
         size += 4 * len(value) + 16 if isinstance(value, str) else 2 * len(value) + 16 \
             if isinstance(value, (bytes, bytearray)) else 96
     return size
+
+
+def _groups_of_bytes(rows, most):
+    """The rows in order, in groups whose _row_bytes_bound adds up to about `most` (a row larger
+    than that alone)."""
+    group, size = [], 0
+    for row in rows:
+        bound = _row_bytes_bound(row)
+        if group and size + bound > most:
+            yield group
+            group, size = [], 0
+        group.append(row)
+        size += bound
+    if group:
+        yield group
 
 
 def _fill(template, values):
@@ -2278,16 +2355,19 @@ class _DriverStatements:
         rows = [tuple(row) for row in rows]
         if any(len(row) != width for row in rows):
             raise ValueError("the statement has %d placeholders per row" % width)
-        # every value of every row escaped in one call into the driver
-        escaped = self._escape(conn, tuple(value for row in rows for value in row)) if width else []
         statement, size = [], 0
-        for start in range(0, len(rows) * width or len(rows), width or 1):
-            values = _fill(template, escaped[start:start + width])
-            statement.append(values)
-            size += len(values) + 2
-            if size > MYSQL_STATEMENT_BYTES:
-                conn.cmd_query(head.encode("utf-8") + b" VALUES " + b", ".join(statement))
-                statement, size = [], 0
+        # the values of about a statement's rows escaped in one call into the driver: a push holds
+        # its rows once, and at most one statement of them escaped besides
+        for group in _groups_of_bytes(rows, MYSQL_STATEMENT_BYTES):
+            escaped = self._escape(conn, tuple(value for row in group for value in row)) \
+                if width else []
+            for start in range(0, len(group) * width or len(group), width or 1):
+                values = _fill(template, escaped[start:start + width])
+                statement.append(values)
+                size += len(values) + 2
+                if size > MYSQL_STATEMENT_BYTES:
+                    conn.cmd_query(head.encode("utf-8") + b" VALUES " + b", ".join(statement))
+                    statement, size = [], 0
         if statement:
             conn.cmd_query(head.encode("utf-8") + b" VALUES " + b", ".join(statement))
 
@@ -2385,12 +2465,14 @@ class _CursorStatements:
             cursor.close()
 
 
-def _json_error_channel(max_body_bytes):
+def _channel_class(config, limits):
     """waitress's channel, answering its own refusals (oversized body, malformed request) in JSON,
-    and refusing a body framed both by Content-Length and as chunked.
+    refusing a body framed both by Content-Length and as chunked, and holding each client address
+    to MAX_CONNECTIONS_PER_ADDRESS connections.
 
-    None when waitress lacks the classes it extends: those refusals are then its plain text, and a
-    doubly framed body is read as chunked (put a proxy that refuses it in front).
+    None when waitress lacks the classes it extends: those refusals are then its plain text, a
+    doubly framed body is read as chunked, and no address is limited (put a proxy that does
+    these in front).
     """
     try:
         import waitress.channel
@@ -2400,6 +2482,7 @@ def _json_error_channel(max_body_bytes):
         base_parser, parsing_error = waitress.parser.HTTPRequestParser, waitress.parser.ParsingError
     except (ImportError, AttributeError):
         return None
+    max_body_bytes = config.max_body_bytes
 
     class FramedOnceParser(base_parser):
         # A body framed two ways (Content-Length and chunked) is request smuggling behind a
@@ -2426,11 +2509,150 @@ def _json_error_channel(max_body_bytes):
             self.content_length = len(body)
             self.write(body)
 
-    class JSONErrorChannel(base_channel):
+    class CloudsyncChannel(base_channel):
         error_task_class = JSONErrorTask
         parser_class = FramedOnceParser
+        client = None                       # the address counted for this connection
 
-    return JSONErrorChannel
+        def __init__(self, server, sock, addr, adj, map=None):
+            client = limits.admit(addr)
+            if client is None:
+                # answered before it asks, 503, and closed: never a channel the loop watches,
+                # so a flood that dials again at once costs an accept and a send
+                limits.refuse(sock)
+                return
+            super().__init__(server, sock, addr, adj, map)
+            self.client = client
+
+        def del_channel(self, map=None):
+            limits.release(self)
+            super().del_channel(map)
+
+    return CloudsyncChannel
+
+
+class _ConnectionLimits:
+    """Open connections per client address, for waitress's channels (Private APIs).
+
+    Each address holds at most `per_address` (0: no limit) at once. While
+    the server is near MAX_CONNECTIONS, connections idle for
+    NEAR_LIMIT_IDLE_SECONDS are closed, so idle keep-alives make room for
+    clients with something to ask.
+    """
+
+    def __init__(self, most, per_address):
+        self.most, self.per_address = most, per_address
+        self.open = collections.Counter()
+        self.lock = threading.Lock()
+        self.swept_at = 0.0
+        body = to_json_bytes({
+            "success": False, "error": "Too many connections",
+            "detail": "this address holds %d open connections, the most one client address may "
+                      "(MAX_CONNECTIONS_PER_ADDRESS); close some, or retry later" % per_address})
+        self.refusal = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; "
+                        b"charset=utf-8\r\nRetry-After: %d\r\nConnection: close\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (RETRY_AFTER_SECONDS, len(body), body))
+
+    def admit(self, addr):
+        """Count a new connection from `addr`: its client address, or None when that holds its
+        most already."""
+        client = addr[0] if isinstance(addr, tuple) and addr else str(addr)
+        with self.lock:
+            if self.per_address and self.open[client] >= self.per_address:
+                return None
+            self.open[client] += 1
+        return client
+
+    def refuse(self, sock):
+        """Answer a connection refused by admit with 503, and close it."""
+        try:
+            sock.setblocking(False)
+            sock.send(self.refusal)             # a fresh socket's buffer takes it whole
+        except OSError:
+            pass                                # gone already: nothing to tell
+        finally:
+            sock.close()
+
+    def sweep(self, server):
+        """Near MAX_CONNECTIONS (three quarters), close the connections idle for
+        NEAR_LIMIT_IDLE_SECONDS; at most once a second (after a turn of the loop)."""
+        now = time.monotonic()
+        if now - self.swept_at < 1 or len(server._map) * 4 <= self.most * 3:
+            return
+        self.swept_at = now
+        cutoff = time.time() - NEAR_LIMIT_IDLE_SECONDS
+        for channel in list(server.active_channels.values()):
+            if not channel.requests and channel.request is None \
+                    and not channel.total_outbufs_len and channel.last_activity < cutoff:
+                channel.will_close = True
+
+    def release(self, channel):
+        """Forget a connection as it closes."""
+        client = channel.client
+        if client is not None:
+            channel.client = None
+            with self.lock:
+                self.open[client] -= 1
+                if self.open[client] <= 0:
+                    del self.open[client]
+
+
+def _loop_dispatcher(threads, answers_in_loop):
+    """waitress's task dispatcher with `threads` threads, except that the requests
+    `answers_in_loop(command, path)` picks are answered by the server's loop itself
+    (serve_in_loop, after each turn): /health answers while every thread waits on the database.
+
+    None when waitress lacks the class it extends: /health then waits for a thread like any
+    request.
+    """
+    try:
+        import waitress.task
+        base = waitress.task.ThreadedTaskDispatcher
+    except (ImportError, AttributeError):
+        return None
+
+    class LoopDispatcher(base):
+        def __init__(self):
+            super().__init__()
+            self.in_loop = collections.deque()
+            self.loop_answers = False       # set while _run turns the loop itself
+
+        def add_task(self, task):
+            # called with the channel's lock held: the loop answers after its turn, not here
+            requests = getattr(task, "requests", None)
+            request = requests[0] if requests else None
+            if self.loop_answers and request is not None and not getattr(request, "error", None) \
+                    and answers_in_loop(getattr(request, "command", None),
+                                        getattr(request, "path", None)):
+                self.in_loop.append(task)
+                task.server.pull_trigger()      # a thread's call: the loop may be waiting
+                return
+            super().add_task(task)
+
+        def serve_in_loop(self):
+            while self.in_loop:
+                self.in_loop.popleft().service()
+
+    dispatcher = LoopDispatcher()
+    dispatcher.set_thread_count(threads)
+    return dispatcher
+
+
+def _tune_allocator():
+    """glibc's allocator: blocks of 128 KiB or more (a large row, a page's JSON) are mapped on
+    their own and given back to the system when freed, in at most two arenas; whether it took.
+
+    Without it (another C library), memory a burst of large pulls took stays with the process.
+    """
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (ImportError, OSError, AttributeError):
+        return False
+    # M_MMAP_THRESHOLD (-3) set by hand also stops glibc raising it after each such block is
+    # freed; M_TRIM_THRESHOLD (-1): free heap past 1 MiB goes back; M_ARENA_MAX (-8)
+    return all(mallopt(option, value) == 1
+               for option, value in ((-3, 128 * 1024), (-1, 1 << 20), (-8, 2)))
 
 
 def _pool_resizer(server):
@@ -2463,10 +2685,17 @@ def _stop_listening(server):
 
 
 def _serve_one_step(server, timeout):
-    """One turn of waitress's loop: accept, read, write what is ready."""
+    """One turn of waitress's loop: accept, read, write what is ready; then answer what the loop
+    answers itself (_loop_dispatcher)."""
     import waitress.wasyncore
     waitress.wasyncore.loop(timeout=timeout, map=server._map, use_poll=server.adj.asyncore_use_poll,
                             count=1)
+    serve_in_loop = getattr(server.task_dispatcher, "serve_in_loop", None)
+    if serve_in_loop is not None:
+        serve_in_loop()
+    limits = getattr(server, "cloudsync_limits", None)
+    if limits is not None:
+        limits.sweep(server)
 
 
 def _requests_in_progress(server):
@@ -2553,6 +2782,10 @@ class _Pool:
         self._slots = threading.BoundedSemaphore(size)
         self._wait_seconds = wait_seconds
         self._failed_at = -self.SUSPECT_SECONDS
+        # since when the database has not answered (monotonic), None while it answers: a request
+        # then takes a free connection or answers 503 at once, never waiting for one held by a
+        # statement that hangs
+        self.down_since = None
         self.in_use = 0
 
     @property
@@ -2563,9 +2796,11 @@ class _Pool:
     @contextmanager
     def connection(self):
         """Lend a connection for the duration of a with-block."""
-        if not self._slots.acquire(timeout=self._wait_seconds):
-            raise DatabaseUnavailable("no free database connection within %.0f s"
-                                      % self._wait_seconds)
+        down = self.down_since is not None
+        if not self._slots.acquire(timeout=0 if down else self._wait_seconds):
+            raise DatabaseUnavailable("the database has not answered for %.0f s" % (
+                time.monotonic() - self.down_since) if down else
+                "no free database connection within %.0f s" % self._wait_seconds)
         conn = None
         try:
             with self._lock:
@@ -2580,12 +2815,16 @@ class _Pool:
             if conn is None:
                 conn = self._connect()
             yield conn
+            self.down_since = None
         except Retryable:
             # the transaction was rolled back; the connection is fine
+            self.down_since = None
             raise
         except DatabaseUnavailable:
             # the server went away or restarted: the idle connections are most likely dead too
             self._failed_at = time.monotonic()
+            if self.down_since is None:
+                self.down_since = self._failed_at
             if conn is not None:
                 self._discard(conn)
                 conn = None
@@ -2651,6 +2890,10 @@ class Database:
             return True
         except Exception:
             return False
+
+    def bound_statements(self):
+        """From now on no statement waits without end (serve, after its start): SQLite's waits
+        are its busy timeout, DB_WAIT_SECONDS, already."""
 
     def close(self):
         """Release every pooled connection."""
@@ -2848,6 +3091,8 @@ class SQLiteDatabase(Database):
 
     name = "sqlite"
     quote = staticmethod(quote_sqlite)
+    # a declared VARCHAR(n) holds text of any length: every row is measured before a pull reads it
+    enforces_lengths = False
     # one writer at a time: AUTOINCREMENT numbers follow commit order
     numbers_at_commit = True
     cascades_fire_triggers = True
@@ -3330,6 +3575,8 @@ class MySQLDatabase(Database):
 
     name = "mysql"
     quote = staticmethod(quote_mysql)
+    # a row of declared lengths only is never larger than they allow (Pulls.row_bytes_bound)
+    enforces_lengths = True
     # commits run at once: a sequencer numbers changes after they commit
     numbers_at_commit = False
     # InnoDB writes the rows a foreign-key cascade reaches without triggers
@@ -3399,7 +3646,8 @@ class MySQLDatabase(Database):
         if self.sees_table_ids is False:
             return []
         try:
-            rows = self.query(conn, "SELECT NAME, TABLE_ID FROM information_schema.INNODB_SYS_TABLES"
+            rows = self.query(conn, "SELECT NAME, TABLE_ID FROM"
+                                    " information_schema.INNODB_SYS_TABLES"
                                     " WHERE NAME IN (%s)" % ", ".join(
                                         "CONCAT(DATABASE(), '/', ?)" for _ in tables), tables)
         except Denied:
@@ -3467,6 +3715,15 @@ class MySQLDatabase(Database):
         self._codes = errorcode
         # _DriverStatements or _CursorStatements, chosen at the first connection
         self.statements = None
+        # the most a statement may take (None: no bound, for the commands that alter tables)
+        self.statement_seconds = None
+
+    def bound_statements(self):
+        """From now on every statement ends within DB_WAIT_SECONDS + STATEMENT_MARGIN_SECONDS
+        (read and write timeouts); the connections opened before are closed."""
+        self.statement_seconds = int(math.ceil(self.config.db_wait_seconds)) \
+            + STATEMENT_MARGIN_SECONDS
+        self.pool.close()
 
     def _connect(self):
         """A new connection: UTC, READ COMMITTED, bounded lock waits, matched-row counts."""
@@ -3478,6 +3735,9 @@ class MySQLDatabase(Database):
                 charset="utf8mb4", collation="utf8mb4_unicode_ci", autocommit=True,
                 use_pure=self.use_pure,
                 connection_timeout=int(self.config.db_connect_timeout_seconds) or 1,
+                # a database that stops answering (frozen, a network that drops packets) ends a
+                # statement with an error, which the request answers with 503
+                read_timeout=self.statement_seconds, write_timeout=self.statement_seconds,
                 # rowcount of UPDATE counts matched rows, not only changed ones
                 client_flags=[connector.constants.ClientFlag.FOUND_ROWS],
             )
@@ -4248,7 +4508,8 @@ class ChangeLog:
         stored = {_text(table): (_text(fingerprint), int(epoch),
                                  json.loads(_text(identity)) if identity else {})
                   for table, fingerprint, epoch, identity in self.db.query(
-                      conn, "SELECT table_name, fingerprint, epoch, identity FROM cloudsync_tables")}
+                      conn, "SELECT table_name, fingerprint, epoch, identity"
+                            " FROM cloudsync_tables")}
         tracked = self.capture == "triggers"
         live = self.db.capture_identity(conn, list(schemas)) if tracked else {}
         epochs, changed, head = {}, 0, None
@@ -4295,7 +4556,8 @@ class ChangeLog:
         self.sequence(conn)
         head = self.head(conn)
         # what the watchers of every instance look at (position): the newest new start
-        self.db.execute(conn, "UPDATE cloudsync_meta SET value = ? WHERE name = 'epoch'", (str(head),))
+        self.db.execute(conn, "UPDATE cloudsync_meta SET value = ? WHERE name = 'epoch'",
+                        (str(head),))
         return head
 
     def _keep_table(self, conn, schema, fingerprint, epoch, identity):
@@ -5038,7 +5300,8 @@ class SyncEngine:
         schema = self.schemas[table]
         now = schema.describe()
         if old["primary_key"] != now["primary_key"] or old.get("scope") != now.get("scope") \
-                or any(now["types"].get(name) != declared for name, declared in old["types"].items()):
+                or any(now["types"].get(name) != declared
+                       for name, declared in old["types"].items()):
             return None
         added = {}
         for name in now["columns"]:
@@ -5369,7 +5632,11 @@ class Pushes:
 
         At most a bounded number of times.
         """
+        began = time.monotonic()
         for retry in range(self.push_retries + 1):
+            # another run may wait DB_WAIT_SECONDS for a lock, and its statements a little more
+            last = retry == self.push_retries or time.monotonic() - began \
+                + self.db.config.db_wait_seconds + STATEMENT_MARGIN_SECONDS > REQUEST_BUDGET_SECONDS
             try:
                 try:
                     return self._push(operations, True, checkpoint, **attempt)
@@ -5378,12 +5645,12 @@ class Pushes:
                     # rows before it stay written. Roll back, then redo one by one.
                     return self._push(operations, False, checkpoint, **attempt)
             except SchemaMoved as moved:
-                if retry == self.push_retries:
+                if last:
                     raise
                 self.engine.after_schema_moved(moved, again=retry > 0)
                 self.retries += 1
             except Retryable:
-                if retry == self.push_retries:
+                if last:
                     raise
                 self.retries += 1
                 time.sleep(0.02 * (2 ** retry) * (1 + secrets.randbelow(100) / 100))
@@ -5552,7 +5819,8 @@ class Pushes:
                 columns = _conflicting_columns(op, touched[text], level) if text in touched \
                     else None
                 if since is None and row is not None:
-                    columns = sorted(op.table.column_names)     # a table the checkpoint does not cover
+                    # a table the checkpoint does not cover
+                    columns = sorted(op.table.column_names)
                 if row is None and (columns is not None or op.action == "update" and not there):
                     # a row gone, or outside the device's scope: every column, telling nothing
                     columns = sorted(op.table.column_names)
@@ -5868,6 +6136,40 @@ def _group_operations(operations, batched=True):
 # reads the change log after the checkpoint, an index range on seq.
 
 
+def _within(sizes, room, alone):
+    """(how many of these rows, in order, fit in `room` bytes, their bytes). `alone`: the page is
+    empty, and a first row larger than the room goes alone."""
+    total = 0
+    for count, size in enumerate(sizes):
+        if total + size > room:
+            if count == 0 and alone:
+                return 1, size
+            return count, total
+        total += size
+    return len(sizes), total
+
+
+def _declared_row_bytes(schema):
+    """The most bytes a row of `schema` holds as schema.size_sql counts them, from the lengths its
+    column types declare (MySQL); None when a type declares none (MEDIUMTEXT, LONGBLOB, JSON)."""
+    total = ROW_OVERHEAD_BYTES * len(schema.columns)
+    for column in schema.columns.values():
+        declared = column.declared.lower()
+        sized = re.match(r"(var)?(char|binary)\((\d+)\)", declared)
+        if sized:
+            # utf8mb4 takes up to 4 bytes a character
+            total += int(sized.group(3)) * (4 if sized.group(2) == "char" else 1)
+        elif declared in DECLARED_MAX_BYTES:
+            total += DECLARED_MAX_BYTES[declared]
+        elif column.kind in ("enum", "set"):
+            total += 4 * sum(len(member) + 1 for member in column.members)
+        elif column.kind in ("text", "json", "binary", "other"):
+            return None
+        else:                               # numbers, dates, bits: their text is short
+            total += 64
+    return total
+
+
 class Encoded:
     """A response body already encoded (JSON unless told), with its ETag.
 
@@ -5889,10 +6191,13 @@ class Encoded:
 class Pulls:
     """Pulls: the tables a request names, seed mode from a cache, sync mode from the change log."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, max_bytes=4 << 20):
         self.engine = engine
         self.db = engine.db
         self.changelog = engine.changelog
+        self.max_bytes = max_bytes          # PULL_MAX_BYTES: a page's rows stop at about this size
+        self._bounds = weakref.WeakKeyDictionary()      # TableSchema -> _declared_row_bytes
+        self._largest = {}                  # table -> the largest row's size seen (Pulls._sizes)
         # (tables, limit) -> Encoded, validated by tables_version
         self._cache = collections.OrderedDict()
         self._cache_lock = threading.Lock()
@@ -5958,7 +6263,9 @@ class Pulls:
                 entries = snapshot.entries
                 has_more = len(entries) > limit
                 entries = entries[:limit]
-                self._fetch_changed(conn, entries, changes, grant)
+                taken = self._fetch_changed(conn, entries, changes, grant)
+                if taken < len(entries):        # the page reached PULL_MAX_BYTES
+                    has_more, entries = True, entries[:taken]
                 # nothing more for this device: its checkpoint moves to the head, however quiet
                 # its tables and stores are
                 fields["s"] = entries[-1][2] if has_more else snapshot.head
@@ -6082,25 +6389,74 @@ class Pulls:
         exactly that value (a binary key as hex, a SQLite REAL exactly).
         """
         index, last = scan
-        budget = limit
+        budget, room = limit, self.max_bytes
         while index < len(tables):
-            if budget == 0:
+            if budget == 0 or room <= 0:
                 return [index, last], True
             schema = self.engine.schemas[tables[index]]
+            scope = grant.scope(schema.name)
             after = None if last is None else self.db.key_bind(schema, last, ordered=True)
-            rows = self.db.query(conn, *page_sql(schema, after, budget, grant.scope(schema.name)))
+            count, size, cut = budget, None, False
+            if not self._fits(schema, count, room):
+                # the rows' sizes first: only those within the page's bytes are read
+                sizes, more = self._sizes(conn, schema, count, room, lambda first: page_sql(
+                    schema, after, first, scope, select=schema.size_sql))
+                taken, size = _within(sizes, room, alone=room == self.max_bytes)
+                cut, count = taken < len(sizes) or more and taken < count, taken
+                if cut and count == 0:
+                    return [index, last], True      # its next row starts the next page
+            rows = self.db.query(conn, *page_sql(schema, after, count, scope)) if count else []
             if rows:
                 last = self.db.key_logged(schema, rows[-1])
                 names = schema.column_names
                 changes[schema.name]["upserted"].extend(
                     dict(zip(names, row)) for row in self.db.decode_rows(schema, rows))
+            if cut:                                 # the rest of the table on the next page
+                return [index, last], True
             if len(rows) < budget:
                 index, last = index + 1, None
             budget -= len(rows)
+            room -= size if size is not None else self._bound(schema) * len(rows)
         return None, False
 
+    def _bound(self, schema):
+        """The most bytes a row of `schema` holds (as schema.size_sql counts them), from its
+        declared types; None when some type sets none, or the database does not keep to them."""
+        if not self.db.enforces_lengths:
+            return None
+        bound = self._bounds.get(schema)
+        if bound is None:
+            bound = self._bounds[schema] = _declared_row_bytes(schema) or -1
+        return None if bound < 0 else bound
+
+    def _fits(self, schema, count, room):
+        """Whether `count` rows of `schema` stay within `room` bytes whatever they hold."""
+        bound = self._bound(schema)
+        return bound is not None and bound * count <= room
+
+    def _sizes(self, conn, schema, count, room, statement):
+        """(the sizes of the next rows of `schema`, up to `count` of them, enough to fill `room`;
+        whether rows may follow them): `statement(n)` reads the first n rows' sizes.
+
+        The database reads a large value to measure it, so the sizes asked
+        for are those of about as many rows as the room takes, judged by the
+        largest row of the table seen so far, four times as many again while
+        they all fit.
+        """
+        largest = self._largest.get(schema.name)
+        asked = min(count, room // largest + 1 if largest else SIZES_FIRST_ASKED)
+        while True:
+            sizes = [int(row[-1]) for row in self.db.query(conn, *statement(asked))]
+            if sizes:
+                self._largest[schema.name] = max(largest or 0, max(sizes))
+            if len(sizes) < asked or asked >= count or sum(sizes) > room:
+                return sizes, len(sizes) == asked
+            asked = min(count, asked * 4)
+
     def _fetch_changed(self, conn, entries, changes, grant):
-        """Turn (table, row_key, seq) entries into current rows, or keys of deleted rows.
+        """Turn (table, row_key, seq) entries into current rows, or keys of deleted rows; return
+        how many of the entries, from the first, were taken: those whose rows fit in
+        PULL_MAX_BYTES (at least one).
 
         A row counts only when its key is, byte for byte, the logged one: after
         'abc' became 'ABC' (equal under a case-blind collation) the log holds a
@@ -6108,16 +6464,21 @@ class Pulls:
         A row outside the device's scope is not found either: it left the
         scope, and the device gets it as deleted.
         """
-        by_table = {}
+        parsed = []
         for table, row_key, _ in entries:
             text = _text(row_key)
             try:
                 logged = self.db.parse_key(text)
             # written by an older version below the compaction mark: "expired" follows
             except ValueError:
-                continue
-            if None not in logged:          # rows with a NULL in their key are not synced
-                by_table.setdefault(_text(table), []).append((text, logged))
+                logged = None
+            # rows with a NULL in their key are not synced
+            parsed.append((_text(table), text, logged if logged and None not in logged else None))
+        taken = self._taken_within(conn, parsed, grant)
+        by_table = {}
+        for table, text, logged in parsed[:taken]:
+            if logged is not None:
+                by_table.setdefault(table, []).append((text, logged))
         for table, items in by_table.items():
             schema = self.engine.schemas[table]
             found = self.engine.select_by_keys(conn, schema, [self.db.key_bind(schema, logged)
@@ -6130,6 +6491,41 @@ class Pulls:
                 else:
                     changes[table]["deleted"].append(
                         key_value(schema, self.db.key_present(schema, logged)))
+        return taken
+
+    def _taken_within(self, conn, parsed, grant):
+        """How many of these (table, key text, key) entries, from the first, have rows that fit
+        in PULL_MAX_BYTES together (at least one): their sizes are read first where the tables'
+        declared types do not bound them."""
+        counts = collections.Counter(table for table, _, logged in parsed if logged is not None)
+        if all(self._fits(self.engine.schemas[table], count, self.max_bytes)
+               for table, count in counts.items()):
+            return len(parsed)
+        # the database reads a large value to measure it: sizes of a few entries first, then
+        # four times as many while they fit (Pulls._sizes)
+        largest = max(self._largest.get(table, 0) for table in counts)
+        start, room = 0, self.max_bytes
+        asked = self.max_bytes // largest + 1 if largest else SIZES_FIRST_ASKED
+        while start < len(parsed):
+            chunk = parsed[start:start + asked]
+            sizes = {}
+            for table in {table for table, _, logged in chunk if logged is not None}:
+                schema = self.engine.schemas[table]
+                keys = list(dict.fromkeys(self.db.key_bind(schema, logged)
+                                          for name, _, logged in chunk
+                                          if name == table and logged is not None))
+                for keys_chunk in _chunks(keys, 500):
+                    for text, size in self.db.query(conn, *select_keyed_sql(
+                            schema, keys_chunk, grant.scope(table), select=schema.size_sql)):
+                        sizes[(table, _text(text))] = int(size)
+                        self._largest[table] = max(self._largest.get(table, 0), int(size))
+            # a key alone (a deleted row) counts as an empty row
+            count, used = _within([sizes.get((table, text), ROW_OVERHEAD_BYTES)
+                                   for table, text, _ in chunk], room, alone=start == 0)
+            if count < len(chunk):
+                return start + count
+            start, room, asked = start + count, room - used, asked * 4
+        return len(parsed)
 
     # -- seed mode ---------------------------------------------------------------------
 
@@ -6154,16 +6550,30 @@ class Pulls:
                     cached = self._cache.get(key)
                 if cached is not None and cached.version == version:
                     return cached
-            pages, counts = [], {}
+            pages, counts, room, cut = [], {}, self.max_bytes, False
             for table in tables:
-                page = self.db.rows_as_json(conn, schemas[table], limit, grant.scope(table))
+                schema, scope, count = schemas[table], grant.scope(table), limit
+                if not self._fits(schema, count, room):
+                    # the first rows' sizes: the answer holds those within PULL_MAX_BYTES
+                    sizes, more = self._sizes(conn, schema, count, room, lambda first:
+                                              first_rows_sql(schema, first, scope,
+                                                             select=schema.size_sql))
+                    taken, size = _within(sizes, room, alone=room == self.max_bytes)
+                    cut = cut or taken < len(sizes) or more and taken < count
+                    count = taken
+                    room -= size
+                else:
+                    room -= self._bound(schema) * count
+                page = self.db.rows_as_json(conn, schema, count, scope) if count else (b"[]", 0)
                 if page is None:
-                    rows = self._read_rows(conn, [table], limit, grant)[table]
+                    rows = self._read_rows(conn, [table], count, grant)[table]
                     page = (to_json_bytes(rows), len(rows))
                 counts[table] = page[1]
                 pages.append(to_json_bytes(table) + b":" + page[0])
-        encoded = Encoded(b'{"success":true,"data":{%s},"limit":%d}' % (b",".join(pages), limit),
-                          version, rows=counts)
+        # a seed pull has no next page: has_more says the rows were cut at PULL_MAX_BYTES (sync
+        # mode, "since", pages through everything)
+        encoded = Encoded(b'{"success":true,"data":{%s},"limit":%d%s}' % (
+            b",".join(pages), limit, b',"has_more":true' if cut else b""), version, rows=counts)
         if version is not None:
             # of the answer itself: a device cannot tell from it whether another store wrote
             encoded.etag = '"%s"' % hashlib.sha256(encoded.body).hexdigest()[:32]
@@ -6789,7 +7199,7 @@ class App:
                                            config.row_scopes, config.read_only_columns,
                                            config.read_only_tables, config.insert_only_tables)
         self.pushes = Pushes(self.engine, config.max_value_bytes, config.push_retries)
-        self.pulls = Pulls(self.engine)
+        self.pulls = Pulls(self.engine, config.pull_max_bytes)
         self.auth = Authenticator(config)
         self.metrics = Metrics()
         self.fleet = DeviceFleet(self.db)
@@ -6938,8 +7348,13 @@ class App:
     # -- handlers --------------------------------------------------------------
 
     def health(self, request):
-        """Liveness: answers without touching the database."""
-        return 200, {"status": "Sync API running"}
+        """Liveness: the process serves (answered by the server's loop itself, never waiting for a
+        thread); and, without touching it, whether the database answered its last statement."""
+        down_since = self.db.pool.down_since
+        return 200, {"status": "Sync API running",
+                     "database": "ok" if down_since is None else "not answering",
+                     "database_down_seconds": None if down_since is None
+                     else round(time.monotonic() - down_since, 1)}
 
     def push(self, request):
         """Apply a batch of operations in one transaction.
@@ -7015,8 +7430,8 @@ class App:
         for again in (False, True):
             try:
                 if sync_mode:
-                    result = self._sync_pull(tables, since, limit, grant, wait,
-                                             request.device_id or request.environ.get("REMOTE_ADDR"))
+                    waiter = request.device_id or request.environ.get("REMOTE_ADDR")
+                    result = self._sync_pull(tables, since, limit, grant, wait, waiter)
                     result["limit"] = limit
                     pulled = self.engine.checkpoints.decode(result["checkpoint"])
                     request.checkpoint_seq, request.tables = pulled["s"], ",".join(pulled["t"])
@@ -7040,7 +7455,8 @@ class App:
                     raise Refused("pull_unavailable", "the database is unavailable; retry later") \
                         from None
             except DatabaseUnavailable:
-                raise Refused("pull_unavailable", "the database is unavailable; retry later") from None
+                raise Refused("pull_unavailable",
+                              "the database is unavailable; retry later") from None
             except Refused:
                 raise
             except Exception:
@@ -7086,7 +7502,8 @@ class App:
         return result
 
     def demo_file(self, request):
-        """`demo` only: a file of the web till (DEMO_FILES names every one; a request names none)."""
+        """`demo` only: a file of the web till (DEMO_FILES names every one; a request names
+        none)."""
         name, content_type = DEMO_FILES[request.route]
         with open(os.path.join(HERE, name), "rb") as handle:
             body = handle.read()
@@ -7336,10 +7753,13 @@ def _create_server(app, config):
     """A waitress server for the app, already listening: OSError when the port is taken."""
     import waitress.server
     resizable = _resizable_pool()
+    # waiting pulls never take the threads pushes and status need (Private APIs)
+    threads = config.threads if resizable else config.threads + config.longpoll_max_waiters
     server = waitress.server.create_server(
-        # waiting pulls never take the threads pushes and status need (Private APIs)
-        app, host=config.host, port=config.port,
-        threads=config.threads if resizable else config.threads + config.longpoll_max_waiters,
+        app, host=config.host, port=config.port, threads=threads,
+        # /health is answered by the loop, whatever the threads wait on
+        _dispatcher=_loop_dispatcher(threads, lambda command, path: path == "/health"
+                                     and command in ("GET", "HEAD")),
         # waitress refuses an oversized declared body before reading any of it
         max_request_body_size=config.max_body_bytes, ident="cloudsync",
         # a fleet keeps a connection per device open (waitress's default is 100); poll(), not
@@ -7349,9 +7769,11 @@ def _create_server(app, config):
         # a silent client is dropped after channel_timeout; waitress looks every cleanup_interval
         channel_timeout=config.read_timeout_seconds,
         cleanup_interval=max(1, min(30, config.read_timeout_seconds // 2)))
-    channel = _json_error_channel(config.max_body_bytes)
+    limits = _ConnectionLimits(config.max_connections, config.max_connections_per_address)
+    channel = _channel_class(config, limits)
     if channel is not None:
         server.channel_class = channel
+        server.cloudsync_limits = limits
     set_count = _pool_resizer(server) if resizable else None
     if set_count is not None:
         app.watcher.resize = lambda waiting: set_count(config.threads + waiting)
@@ -7388,6 +7810,8 @@ def _run(server, config, wake, on_stop=None):
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hang_up)
     try:
         if graceful:
+            if hasattr(server.task_dispatcher, "loop_answers"):
+                server.task_dispatcher.loop_answers = True
             while not terminating:
                 _serve_one_step(server, server.adj.asyncore_loop_timeout)
             if on_stop is not None:
@@ -7481,6 +7905,8 @@ DEMO_SETTINGS = {"DB_HOST": "", "ALLOWED_TABLES": ",".join(EXAMPLE_TABLES), "TOK
 
 def _serve_command(config, args):
     """`serve` and `demo`: check the tables, install change capture, serve the API."""
+    if not _tune_allocator():
+        log.info("not glibc: memory taken by large pulls may stay with the process")
     if args.command == "demo":
         _create_demo_database(config.db_path, seed=True)
     app = App(config)
@@ -7499,6 +7925,9 @@ def _serve_command(config, args):
     except BaseException:
         server.close()
         raise
+    # from here on no statement waits on a database that stopped answering (the start-up's
+    # migration may take longer: it runs before)
+    app.db.bound_statements()
     if schemas:
         log.info("tables: %s", ", ".join("%s (%s)" % (name, ", ".join(schema.primary_key))
                                          for name, schema in schemas.items()))
@@ -8278,7 +8707,8 @@ OPENAPI = {
             "get": {
                 "operationId": "health",
                 "tags": ["operations"],
-                "summary": "Liveness: answers without touching the database.",
+                "summary": "Liveness: answered by the server's loop without touching the database, "
+                           "with whether the database answered last.",
                 "security": [{}],
                 "responses": {
                     "200": {
@@ -8588,7 +9018,14 @@ OPENAPI = {
             "Health": {
                 "type": "object",
                 "required": ["status"],
-                "properties": {"status": {"const": "Sync API running"}},
+                "properties": {
+                    "status": {"const": "Sync API running"},
+                    "database": {"enum": ["ok", "not answering"],
+                                 "description": "whether the database answered the last statement "
+                                                "(the watcher makes one every 0.25 s); /health itself "
+                                                "never waits for it"},
+                    "database_down_seconds": {"type": ["number", "null"], "minimum": 0},
+                },
             },
             "Status": {
                 "type": "object",
@@ -8837,6 +9274,9 @@ OPENAPI = {
                         "additionalProperties": {"type": "array", "items": {"$ref": "#/components/schemas/Row"}},
                     },
                     "limit": {"type": "integer", "minimum": 1, "description": "The limit used."},
+                    "has_more": {"const": True,
+                                 "description": "Present when rows were left out at PULL_MAX_BYTES: pull "
+                                                "in sync mode (`since`) to get every row."},
                 },
             },
             "ChangesPull": {
@@ -8859,7 +9299,9 @@ OPENAPI = {
                         },
                     },
                     "checkpoint": {"$ref": "#/components/schemas/Checkpoint"},
-                    "has_more": {"type": "boolean", "description": "Pull again with `checkpoint` at once."},
+                    "has_more": {"type": "boolean",
+                                 "description": "Pull again with `checkpoint` at once (the page reached "
+                                                "`limit` rows or PULL_MAX_BYTES)."},
                     "added_columns": {
                         "type": "object",
                         "description": "Columns added to a table since `since`, each with the value "
