@@ -7391,3 +7391,22 @@ def test_a_push_stops_retrying_within_the_request_budget(backend, monkeypatch):
         holder.rollback() if backend.kind == "mysql" else holder.execute("ROLLBACK")
         holder.close()
         application.db.close()
+
+
+def test_a_push_stuck_behind_a_lock_is_answered_before_the_clients_timeout(backend, tmp_path):
+    # DB_WAIT_SECONDS=8 and 3 retries took 4 x 8 = 32 s, past the reference client's 30 s: the client
+    # gave up on a push that might still commit. The retries now stop within REQUEST_BUDGET_SECONDS.
+    backend.sql("INSERT INTO sales (id, total) VALUES ('s1', 1)")
+    server = LiveServer(tmp_path, DB_WAIT_SECONDS="8", PUSH_RETRIES="3", ALLOWED_TABLES="sales", **backend.settings)
+    holder = _hold_the_database(backend)
+    try:
+        began = time.monotonic()
+        status, answer = _http(server.url, "POST", "/sync/push", {"operations": [op("update", id="s1", total="2.00")]},
+                               timeout=60)
+        took = time.monotonic() - began
+        assert status == 503, answer
+        assert took < 30, took                  # a bound with room to spare, not a timing: about 16 s
+    finally:
+        holder.rollback() if backend.kind == "mysql" else holder.execute("ROLLBACK")
+        holder.close()
+        server.stop()
