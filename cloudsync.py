@@ -119,8 +119,9 @@ The path of a pull (POST /sync/pull):
                           deleted keys by key_value); both stop at PULL_MAX_BYTES
                           (Pulls._fits, or the rows' sizes first); Checkpoints.encode
     App._sync_pull        with "wait" and nothing new: LogWatcher.enter (a share
-                          per device), park until a change may have committed,
-                          pull again
+                          per device), park until a change that concerns its
+                          tables and scope committed (LogWatcher.concerns, from
+                          ChangeLog.touched at each look), pull again
   seed mode (no `since`):
     Pulls.seed_pull       ChangeLog.tables_version validates the cached answer;
                           else Database.rows_as_json or Pulls._read_rows
@@ -214,6 +215,10 @@ MAX_WAIT_SECONDS = 25               # the longest a pull waits for a change ("wa
 WATCH_INTERVAL_SECONDS = 0.5        # the watcher looks at the change log this often (Long polls)
 LONGPOLL_RETRY_AFTER_SECONDS = 2    # what a pull turned away from waiting is told to wait
 LONGPOLL_WAITERS_PER_DEVICE = 4     # pulls of one device (or one address) waiting at once
+WATCH_MOVES_KEPT = 64               # the watcher's last moves of the log a waiting pull judges
+# a look that finds more new changes than this wakes every waiting pull without reading which
+# tables and stores they were
+WATCH_MOVES_READ_MOST = 5000
 # near MAX_CONNECTIONS (three quarters), connections idle this long are closed to make room
 NEAR_LIMIT_IDLE_SECONDS = 2
 TOKEN_BYTES = 32                    # random bytes in a generated token
@@ -4791,6 +4796,22 @@ class ChangeLog:
         return ("cloudsync_changes",) if self.db.numbers_at_commit \
             else ("cloudsync_pending", "cloudsync_changes")
 
+    def touched(self, conn, after, upto):
+        """{table: scope values as text (None: no scope value)} of the changes numbered after
+        `after` up to `upto`; None (every table, every scope) when they are more than
+        WATCH_MOVES_READ_MOST or include a new start of a table's history."""
+        if upto - after > WATCH_MOVES_READ_MOST:
+            return None
+        moved = {}
+        for table, scope in self.db.query(
+                conn, "SELECT DISTINCT table_name, scope FROM cloudsync_changes"
+                      " WHERE seq > ? AND seq <= ?", (after, upto)):
+            table = _text(table)
+            if table == EPOCH_ENTRY:
+                return None
+            moved.setdefault(table, set()).add(None if scope is None else _text(scope))
+        return moved
+
     def sequence(self, conn):
         """Number the committed pending changes, one short transaction per batch; the number of
         changes numbered.
@@ -6678,6 +6699,10 @@ class LogWatcher:
         self.max_waiters = max_waiters
         self._changed = threading.Condition()
         self.generation = 0         # goes up whenever the log may have moved
+        # (generation, what moved: {table: scope values} or None for anything), the newest last:
+        # a waiting pull wakes only for what concerns it (park)
+        self._moves = collections.deque(maxlen=WATCH_MOVES_KEPT)
+        self.woken = 0              # waiting pulls woken by a change that concerned them
         self.head = None            # the head at the last look; None: not known
         self._last_seen = None      # (head, epochs, newest change not numbered) at the last look
         self.seen_at = 0.0          # when (monotonic)
@@ -6705,12 +6730,16 @@ class LogWatcher:
                 if waiting is not None:
                     self.changelog.sequence(conn)
                     head, epochs, _, waiting = self.changelog.position(conn)
-                if self._last_seen is None or epochs != self._last_seen[1]:
+                last = self._last_seen
+                if last is None or epochs != last[1]:
                     self.engine.epochs = self.changelog.epochs(conn)
+                moved = None                # not known: concerns every waiting pull
+                if last is not None and (head, epochs, waiting) != last and epochs == last[1] \
+                        and waiting is None and last[0] is not None and head is not None:
+                    moved = self.changelog.touched(conn, last[0], head)
             with self._changed:
                 if (head, epochs, waiting) != self._last_seen:
-                    self.generation += 1
-                    self._changed.notify_all()
+                    self._moved(moved)
                 self._last_seen = (head, epochs, waiting)
                 self.head = head if waiting is None else None
                 self.seen_at = began
@@ -6735,11 +6764,37 @@ class LogWatcher:
         """A push through this instance committed: number it and wake the waiting pulls now."""
         with self._changed:
             self.head = None            # until the next look, idle polls ask the database
-            # numbered already (SQLite), or no numberer thread: the woken pulls number it
-            if self.changelog.db.numbers_at_commit or not self.running():
-                self.generation += 1
-                self._changed.notify_all()
+            # no watcher thread: the woken pulls number it. With one, its look (at once) tells
+            # which tables and stores the push changed, and wakes only the pulls it concerns.
+            if not self.running():
+                self._moved(None)
         self._look_now.set()
+
+    def _moved(self, moved):
+        """The log moved (`moved`: {table: scope values}, or None when not known): a new
+        generation, and the waiting pulls look whether it concerns them. Holding _changed."""
+        self.generation += 1
+        self._moves.append((self.generation, moved))
+        self._changed.notify_all()
+
+    def concerns(self, generation, interest):
+        """Whether the log moved since `generation` in a way that concerns a pull of `interest`
+        ({table: its scope values as text, or None for every row}). Holding _changed."""
+        if self.generation == generation:
+            return False
+        if not self._moves or self._moves[0][0] > generation + 1:
+            return True                     # moves older than those kept: not known
+        for moved_at, moved in self._moves:
+            if moved_at <= generation:
+                continue
+            if moved is None or interest is None:
+                return True
+            for table, texts in interest.items():
+                scopes = moved.get(table)
+                # a change of a shared table, or of a row in one of the pull's scope values
+                if scopes is not None and (texts is None or not scopes.isdisjoint(texts)):
+                    return True
+        return False
 
     def forget(self):
         """Something may have changed that the last look did not see (a conflict showed it)."""
@@ -6803,15 +6858,21 @@ class LogWatcher:
             if self.resize is not None:
                 self.resize(self.waiting)
 
-    def park(self, generation, deadline):
-        """Wait until the log may have moved since `generation`, the deadline, or a stop.
+    def park(self, generation, deadline, interest=None):
+        """Wait until the log moved since `generation` in a way that concerns a pull of
+        `interest` ({table: scope values as text, or None}; None: any move), the deadline, or a
+        stop. True when woken by such a change.
 
-        True when woken by a possible change.
+        A sale in store 7 wakes the pulls of store 7's tills and of devices that
+        see every store, not those of the other stores; a change of a shared
+        table (the catalogue) wakes every pull of it.
         """
         with self._changed:
-            self._changed.wait_for(lambda: self.generation != generation or self.stopping,
-                                   max(0.0, deadline - time.monotonic()))
-            return self.generation != generation and not self.stopping
+            woken = self._changed.wait_for(
+                lambda: self.stopping or self.concerns(generation, interest),
+                max(0.0, deadline - time.monotonic())) and not self.stopping
+            self.woken += woken
+            return woken
 
     def stop(self):
         """SIGTERM: every waiting pull answers now, and none starts waiting."""
@@ -7490,7 +7551,8 @@ class App:
         try:
             deadline = time.monotonic() + wait
             key = (tuple(tables), since, limit, grant.fingerprint(tables))
-            while watcher.park(generation, deadline):
+            interest = {table: grant.scope(table).texts for table in tables}
+            while watcher.park(generation, deadline, interest):
                 generation = watcher.generation
                 result = watcher.shared(key, lambda: self.pulls.pull_changes(tables, since, limit,
                                                                                grant))

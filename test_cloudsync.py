@@ -45,6 +45,7 @@ Contents, in the order of the banners below (a test keeps this list true):
   38. The JavaScript client and the web till: Node's test runner, headless Chromium
   39. Change capture that follows the live schema
   40. Bounded under attack and faults: bytes, time, connections
+  41. Wake-ups: a change wakes only the waiting pulls it concerns
 """
 
 import argparse
@@ -7410,3 +7411,60 @@ def test_a_push_stuck_behind_a_lock_is_answered_before_the_clients_timeout(backe
         holder.rollback() if backend.kind == "mysql" else holder.execute("ROLLBACK")
         holder.close()
         server.stop()
+
+
+# ---------------------------------------------------------------------------
+# Wake-ups: a change wakes only the waiting pulls it concerns
+# ---------------------------------------------------------------------------
+# A sale in store 7 wakes the waiting pulls of store 7's tills and of devices
+# that see every store, not those of store 8; a change of a shared table (the
+# catalogue) wakes every pull of it.
+
+class ScopedWaiter(threading.Thread):
+    """A scoped device's pull that waits for a change, in a thread of its own: .answer when it returned."""
+
+    def __init__(self, application, token, tables, since, wait=20):
+        super().__init__(daemon=True)
+        self.application, self.token, self.tables, self.since, self.wait = application, token, tables, since, wait
+        self.answer = None
+        self.start()
+
+    def run(self):
+        self.answer = spull(self.application, self.token, tables=self.tables, since=self.since, wait=self.wait)
+
+
+def _checkpoint_at_the_end(application, token, tables):
+    return sync_to_end(application, token, tables)[2]
+
+
+@pytest.mark.parametrize("writer", ["push", "sql"])
+def test_a_change_wakes_only_the_waiting_pulls_of_its_store_and_a_shared_table_wakes_all(scoped, scoped_backend,
+                                                                                       writer):
+    stop_watching = scoped.watch()
+    watcher = scoped.watcher
+    try:
+        tables = ["orders", "catalogue"]
+        waiters = {token: ScopedWaiter(scoped, token, tables, _checkpoint_at_the_end(scoped, token, tables))
+                   for token in ("t7", "t8", "to")}
+        until(lambda: watcher.waiting == 3)
+        woken, generation = watcher.woken, watcher.generation
+        if writer == "push":
+            assert spush(scoped, "t7", [op("insert", "orders", id=1, store_id=7, total="5.00")]).status == 200
+        else:
+            scoped_backend.sql("INSERT INTO orders (id, store_id, total) VALUES (1, 7, 5)")
+        for token in ("t7", "to"):                  # store 7's till, and the office that sees every store
+            waiters[token].join(15)
+            assert not waiters[token].is_alive() and waiters[token].answer.status == 200
+            assert [row["id"] for row in waiters[token].answer.json["changes"]["orders"]["upserted"]] == [1]
+        # the watcher has looked past the sale (and once more), and store 8's pull still waits, never woken
+        until(lambda: watcher.generation > generation)
+        looks = watcher.looked
+        until(lambda: watcher.looked > looks)
+        assert waiters["t8"].is_alive() and watcher.waiting == 1 and watcher.woken == woken + 2
+        scoped_backend.sql("INSERT INTO catalogue (id, name) VALUES (1, 'tea')")      # every store's
+        waiters["t8"].join(15)
+        assert not waiters["t8"].is_alive() and waiters["t8"].answer.status == 200
+        assert waiters["t8"].answer.json["changes"]["orders"]["upserted"] == []
+        assert [row["id"] for row in waiters["t8"].answer.json["changes"]["catalogue"]["upserted"]] == [1]
+    finally:
+        stop_watching()
