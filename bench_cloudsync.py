@@ -21,6 +21,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -417,13 +418,16 @@ class _Device:
     """One simulated device: its checkpoint, and a connection per request, as the reference client makes
     (urllib): a device holds no connection open between its requests."""
 
-    def __init__(self, port):
+    def __init__(self, port, token=None):
         self.port, self.connection, self.checkpoint = port, None, None
+        self.headers = {"Content-Type": "application/json"}
+        if token is not None:
+            self.headers["Authorization"] = "Bearer " + token
 
     def post(self, path, body):
         self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
-            self.connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            self.connection.request("POST", path, json.dumps(body), self.headers)
             response = self.connection.getresponse()
             return response.status, json.loads(response.read())
         except (OSError, http.client.HTTPException, ValueError):
@@ -613,6 +617,179 @@ def fleet_bench(workdir, smoke, threads):
     return rows
 
 
+CHAIN_TABLE = ("CREATE TABLE chain_sales (id VARCHAR(64) PRIMARY KEY, store_id INT NOT NULL, total DECIMAL(12,2),"
+               " KEY chain_sales_by_store (store_id, id)) ENGINE=InnoDB")
+
+
+def chain_run(server, database, stores, tills, sales_per_second, seconds, catalogue_every):
+    """A chain: `stores` x `tills` devices, each long-polling its store's chain_sales and the shared
+    products, while pushers sell `sales_per_second` across the chain (each sale through a till of its
+    store) and the office changes a product every `catalogue_every` s; the figures of the run."""
+    tables = ["chain_sales", "products"]
+    stop, lock = threading.Event(), threading.Lock()
+    received = {}                          # sale id or product change -> [monotonic time each device had it]
+    counts = {"pulls": 0, "pushes": 0, "errors": 0}
+    push_seconds = []
+    fleet = [(store, _Device(server.port, "tok-%d-%d" % (store, till)))
+             for store in range(1, stores + 1) for till in range(1, tills + 1)]
+    for _, device in fleet:                 # every device starts in sync (not timed)
+        while True:
+            _, answer = device.post("/sync/pull", {"tables": tables, "since": device.checkpoint, "limit": 5000})
+            device.checkpoint = answer["checkpoint"]
+            if not answer["has_more"]:
+                break
+
+    def follow(device):
+        while not stop.is_set():
+            status, answer = device.post("/sync/pull", {"tables": tables, "since": device.checkpoint,
+                                                        "limit": 1000, "wait": 20})
+            now = time.monotonic()
+            with lock:
+                counts["pulls"] += 1
+                if status != 200:
+                    counts["errors"] += 1
+                else:
+                    for row in answer["changes"]["chain_sales"]["upserted"]:
+                        received.setdefault(row["id"], []).append(now)
+                    for row in answer["changes"]["products"]["upserted"]:
+                        received.setdefault("%s@%s" % (row["id"], row["price"]), []).append(now)
+            if status == 200:
+                device.checkpoint = answer["checkpoint"]
+            elif not stop.is_set():
+                stop.wait(1)
+
+    pushed, changed = {}, {}               # sale id -> (store, answered at); product change -> time
+
+    def seller(number, sellers):
+        n, interval = 0, sellers / sales_per_second
+        next_at = time.monotonic() + number * interval / sellers
+        devices = {}
+        while not stop.is_set():
+            stop.wait(max(0, next_at - time.monotonic()))
+            next_at += interval
+            n += 1
+            store = random.randrange(1, stores + 1)
+            device = devices.setdefault(store, _Device(server.port, "tok-%d-1" % store))
+            sale = "c%d-%d-%d" % (number, n, time.monotonic_ns())
+            began = time.monotonic()
+            status, _ = device.post("/sync/push", {"operations": [{"table": "chain_sales", "action": "insert",
+                                                                   "data": {"id": sale, "store_id": store,
+                                                                            "total": "9.90"}}]})
+            answered = time.monotonic()
+            with lock:
+                counts["pushes"] += 1
+                push_seconds.append(answered - began)
+                if status != 200:
+                    counts["errors"] += 1
+                else:
+                    pushed[sale] = (store, answered)
+
+    def office():
+        price = 100
+        while not stop.wait(catalogue_every):
+            price += 1
+            sql("UPDATE products SET price = %d WHERE id = 'p00001'" % price, database)
+            with lock:
+                changed["p00001@%d.00" % price] = time.monotonic()
+    sellers = 8
+    threads = [threading.Thread(target=follow, args=(device,), daemon=True) for _, device in fleet]
+    threads += [threading.Thread(target=seller, args=(number, sellers), daemon=True) for number in range(sellers)]
+    threads.append(threading.Thread(target=office, daemon=True))
+    peak_rss, sampling = [0.0], threading.Event()
+
+    def sample():
+        while not sampling.is_set():
+            peak_rss[0] = max(peak_rss[0], server.rss_mib())
+            sampling.wait(0.2)
+    threading.Thread(target=sample, daemon=True).start()
+    for thread in threads:
+        thread.start()
+    time.sleep(min(2.0, seconds / 4))
+    with lock:
+        counts.update(pulls=0, pushes=0, errors=0)
+        pushed.clear()
+        changed.clear()
+        del push_seconds[:]
+    cpu_before, questions_before, began = _process_cpu_seconds(server.process.pid), _questions(database), \
+        time.monotonic()
+    time.sleep(seconds)
+    cpu, questions = _process_cpu_seconds(server.process.pid) - cpu_before, _questions(database) - questions_before
+    elapsed = time.monotonic() - began
+    with lock:
+        measured, sales, changes, pushes = dict(counts), dict(pushed), dict(changed), list(push_seconds)
+    time.sleep(3)                           # the last sales reach their stores
+    stop.set()
+    sampling.set()
+    for _, device in fleet:
+        with contextlib.suppress(OSError, AttributeError):
+            device.connection.sock.shutdown(socket.SHUT_RDWR)
+    latencies, catalogue, missing = [], [], 0
+    with lock:
+        for sale, (store, answered) in sales.items():
+            times = received.get(sale, [])
+            if len(times) < tills:
+                missing += 1
+            else:
+                latencies.append(max(times) - answered)
+        for change, at in changes.items():
+            times = received.get(change, [])
+            if len(times) < len(fleet):
+                missing += 1
+            else:
+                catalogue.append(max(times) - at)
+    return {"pulls_per_second": measured["pulls"] / elapsed, "pushes_per_second": measured["pushes"] / elapsed,
+            "errors": measured["errors"] + missing, "p50": _percentile(latencies, 0.50),
+            "p95": _percentile(latencies, 0.95), "p99": _percentile(latencies, 0.99),
+            "push_p95": _percentile(pushes, 0.95), "catalogue_p95": _percentile(catalogue, 0.95),
+            "cpu_percent": 100 * cpu / elapsed, "rss_mib": peak_rss[0], "queries_per_second": questions / elapsed}
+
+
+def chain_bench(workdir, smoke, threads, module=None):
+    """The chain: 100 stores x 5 tills long-polling their store's sales and the catalogue (issue 22's
+    fleet); result rows. `module`: another cloudsync.py to run instead of this one."""
+    database = "cloudsync_bench_chain_%d" % os.getpid()
+    sql("CREATE DATABASE %s CHARACTER SET utf8mb4" % database)
+    stores, tills = (4, 2) if smoke else (100, 5)
+    rate, seconds = (5, 3) if smoke else (50, 30)
+    try:
+        for statement in open(os.path.join(HERE, "schema-mysql.sql")).read().split(";"):
+            if "CREATE" in statement:
+                sql(statement, database)
+        sql(CHAIN_TABLE, database)
+        sql("INSERT INTO products (id, name, price) VALUES ('p00001', 'tea', 100)", database)
+        tokens = "; ".join("till-%d-%d tok-%d-%d scope.store_id=%d" % (store, till, store, till, store)
+                           for store in range(1, stores + 1) for till in range(1, tills + 1))
+        port = free_port()
+        env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), DB_HOST=DB["host"], DB_PORT=str(DB["port"]),
+                   DB_USER=DB["user"], DB_PASS=DB["password"], DB_NAME=database,
+                   ALLOWED_TABLES="chain_sales,products", ROW_SCOPES="chain_sales.store_id", TOKENS=tokens,
+                   TOKENS_FILE="", LOG_LEVEL="WARNING", THREADS=str(threads), DB_POOL_SIZE=str(threads),
+                   LONGPOLL_MAX_WAITERS=str(stores * tills + 20),
+                   # every device of the benchmark is on 127.0.0.1; a chain's stores have addresses of their own
+                   MAX_CONNECTIONS_PER_ADDRESS="0")
+        server = Process([sys.executable, module or os.path.join(HERE, "cloudsync.py"), "--env-file", "", "serve"],
+                         env, workdir, port, os.path.join(workdir, "cloudsync-chain.log"))
+        try:
+            run = chain_run(server, database, stores, tills, rate, seconds, 2 if smoke else 10)
+        finally:
+            server.stop()
+    finally:
+        sql("DROP DATABASE IF EXISTS %s" % database)
+    label = "chain: %d stores x %d tills long-polling, %d sales/s" % (stores, tills, rate)
+    return [
+        ("%s: propagation to the store p95 (ms; p50 %.0f, p99 %.0f)" % (label, run["p50"] * 1000, run["p99"] * 1000),
+         {"cloudsync": run["p95"] * 1000}, "< 1000"),
+        ("  catalogue change to every device p95 (ms)", {"cloudsync": run["catalogue_p95"] * 1000}, "< 1000"),
+        ("  push latency p95 (ms)", {"cloudsync": run["push_p95"] * 1000}, None),
+        ("  pulls/s (pushes/s %.1f)" % run["pushes_per_second"], {"cloudsync": run["pulls_per_second"]}, None),
+        ("  errors (failed requests, and sales or changes some device never got)", {"cloudsync": run["errors"]},
+         "zero"),
+        ("  cloudsync CPU (% of one core)", {"cloudsync": run["cpu_percent"]}, None),
+        ("  cloudsync resident memory, peak (MiB)", {"cloudsync": run["rss_mib"]}, None),
+        ("  MariaDB queries/s", {"cloudsync": run["queries_per_second"]}, None),
+    ]
+
+
 def against_bench(workdir, others, seconds, rounds, threads):
     """This cloudsync.py against other versions of it, alternating on one database: result rows.
 
@@ -676,6 +853,10 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=4, help="with --against: runs of each version")
     parser.add_argument("--fleet", action="store_true",
                         help="only the fleet: 200 devices long-polling, then 1,000 polling every 5 s")
+    parser.add_argument("--chain", action="store_true",
+                        help="only the chain: 100 stores x 5 tills, scoped, long-polling their sales and the "
+                             "catalogue while 50 sales/s are pushed")
+    parser.add_argument("--module", metavar="CLOUDSYNC_PY", help="with --chain: run this cloudsync.py instead")
     parser.add_argument("--scopes", action="store_true",
                         help="only the row-scope scenarios: a table of --big-rows rows over 100 stores")
     parser.add_argument("--load", choices=["auto", "wrk", "python"], default="auto",
@@ -696,6 +877,12 @@ def main(argv=None):
     if args.fleet:
         try:
             results = fleet_bench(workdir, args.smoke, args.threads)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return print_results(results)
+    if args.chain:
+        try:
+            results = chain_bench(workdir, args.smoke, args.threads, args.module)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return print_results(results)

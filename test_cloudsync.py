@@ -5900,6 +5900,13 @@ def test_fleet_benchmark_smoke_run(mysql_server):
     assert re.search(r"errors \(failed requests, and sales some device never got\) \| 0\.0 \|", out), out
 
 
+def test_chain_benchmark_smoke_run(mysql_server):
+    out = _bench("--chain", "--smoke")
+    assert re.search(r"\| chain: 4 stores x 2 tills long-polling, 5 sales/s: propagation to the store p95 "
+                     r"\(ms; p50 \d+, p99 \d+\) \| [0-9.]+ \|", out), out
+    assert re.search(r"errors \(failed requests, and sales or changes some device never got\) \| 0\.0 \|", out), out
+
+
 @pytest.mark.parametrize("resizable", [True, False])
 def test_the_server_adds_a_thread_for_each_waiting_pull_or_starts_with_them(backend, monkeypatch, resizable):
     config = backend.config(THREADS="2", LONGPOLL_MAX_WAITERS="3", PORT=str(_free_port()))
