@@ -717,7 +717,7 @@ def chain_run(server, database, stores, tills, sales_per_second, seconds, catalo
     elapsed = time.monotonic() - began
     with lock:
         measured, sales, changes, pushes = dict(counts), dict(pushed), dict(changed), list(push_seconds)
-    time.sleep(3)                           # the last sales reach their stores
+    time.sleep(10)                          # the last sales reach their stores (seconds, under load)
     stop.set()
     sampling.set()
     for _, device in fleet:

@@ -216,6 +216,8 @@ WATCH_INTERVAL_SECONDS = 0.5        # the watcher looks at the change log this o
 LONGPOLL_RETRY_AFTER_SECONDS = 2    # what a pull turned away from waiting is told to wait
 LONGPOLL_WAITERS_PER_DEVICE = 4     # pulls of one device (or one address) waiting at once
 WATCH_MOVES_KEPT = 64               # the watcher's last moves of the log a waiting pull judges
+# connections of the pool (DB_POOL_SIZE) pulls never take all of: kept for pushes (App._read_pull)
+PUSH_RESERVED_CONNECTIONS = 2
 # a look that finds more new changes than this wakes every waiting pull without reading which
 # tables and stores they were
 WATCH_MOVES_READ_MOST = 5000
@@ -2602,13 +2604,15 @@ class _ConnectionLimits:
                     del self.open[client]
 
 
-def _loop_dispatcher(threads, answers_in_loop):
+def _loop_dispatcher(threads, answers_in_loop, goes_first=lambda command, path: False):
     """waitress's task dispatcher with `threads` threads, except that the requests
     `answers_in_loop(command, path)` picks are answered by the server's loop itself
-    (serve_in_loop, after each turn): /health answers while every thread waits on the database.
+    (serve_in_loop, after each turn): /health answers while every thread waits on the database;
+    and those `goes_first(command, path)` picks are queued ahead of the others (pushes ahead of
+    the pulls a change woke).
 
     None when waitress lacks the class it extends: /health then waits for a thread like any
-    request.
+    request, and pushes queue with the pulls.
     """
     try:
         import waitress.task
@@ -2626,11 +2630,25 @@ def _loop_dispatcher(threads, answers_in_loop):
             # called with the channel's lock held: the loop answers after its turn, not here
             requests = getattr(task, "requests", None)
             request = requests[0] if requests else None
+            command, path = getattr(request, "command", None), getattr(request, "path", None)
             if self.loop_answers and request is not None and not getattr(request, "error", None) \
-                    and answers_in_loop(getattr(request, "command", None),
-                                        getattr(request, "path", None)):
+                    and answers_in_loop(command, path):
                 self.in_loop.append(task)
                 task.server.pull_trigger()      # a thread's call: the loop may be waiting
+                return
+            queue = getattr(self, "queue", None)
+            if request is not None and isinstance(queue, collections.deque) \
+                    and goes_first(command, path):
+                with self.lock:             # behind the pushes queued before it, ahead of the rest
+                    ahead = 0
+                    for queued in queue:
+                        first = (getattr(queued, "requests", None) or [None])[0]
+                        if first is None or not goes_first(getattr(first, "command", None),
+                                                           getattr(first, "path", None)):
+                            break
+                        ahead += 1
+                    queue.insert(ahead, task)
+                    self.queue_cv.notify()
                 return
             super().add_task(task)
 
@@ -6383,16 +6401,22 @@ class Pulls:
                        "again with \"since\": null" % ", ".join(resets), reset=True,
                        reset_tables=resets, checkpoint=checkpoint)
 
-    def unchanged(self, tables, since, grant, head):
-        """A sync pull's answer without SQL when the log is where the checkpoint is; else None.
+    def unchanged(self, tables, since, grant, head, quiet=None):
+        """A sync pull's answer without SQL when the log is where the checkpoint is, or moved
+        only by changes that are not the device's; else None.
 
         `head`: the log's as the watcher last saw it (Long polls), which also
-        keeps the tables' epochs (SyncEngine.epochs) as current.
+        keeps the tables' epochs (SyncEngine.epochs) as current. `quiet(since,
+        head, interest)`: LogWatcher.quiet_between, which knows what each of
+        its looks saw move; the checkpoint then moves to the head.
         """
         if since is None:
             return None
         fields, tables = self._position(tables, since, grant)
-        if fields.get("scan") is not None or fields["s"] != head or fields.get("x") \
+        if fields["s"] != head and (quiet is None or fields["s"] > head or not quiet(
+                fields["s"], head, {table: grant.scope(table).texts for table in tables})):
+            return None
+        if fields.get("scan") is not None or fields.get("x") \
                 or _per_table(fields.get("f"), tables, None) \
                 != [self.engine.fingerprint(table) for table in tables] \
                 or any(since < self.engine.epochs.get(table, 0) for table, since
@@ -6400,7 +6424,8 @@ class Pulls:
             return None
         return {"success": True, "changes": {table: {"upserted": [], "deleted": []}
                                              for table in tables},
-                "checkpoint": since, "has_more": False}
+                "checkpoint": since if fields["s"] == head
+                else self.engine.checkpoints.encode(dict(fields, s=head)), "has_more": False}
 
     def _scan_tables(self, conn, tables, scan, limit, changes, grant):
         """Initial sync: page through the tables in key order.
@@ -6699,8 +6724,9 @@ class LogWatcher:
         self.max_waiters = max_waiters
         self._changed = threading.Condition()
         self.generation = 0         # goes up whenever the log may have moved
-        # (generation, what moved: {table: scope values} or None for anything), the newest last:
-        # a waiting pull wakes only for what concerns it (park)
+        # (generation, what moved: {table: scope values} or None for anything, the log's head
+        # before and after or None), the newest last: a waiting pull wakes only for what concerns
+        # it (park), and a poll behind the head only by others' changes is answered from memory
         self._moves = collections.deque(maxlen=WATCH_MOVES_KEPT)
         self.woken = 0              # waiting pulls woken by a change that concerned them
         self.head = None            # the head at the last look; None: not known
@@ -6739,7 +6765,7 @@ class LogWatcher:
                     moved = self.changelog.touched(conn, last[0], head)
             with self._changed:
                 if (head, epochs, waiting) != self._last_seen:
-                    self._moved(moved)
+                    self._moved(moved, last[0] if last is not None else None, head)
                 self._last_seen = (head, epochs, waiting)
                 self.head = head if waiting is None else None
                 self.seen_at = began
@@ -6770,12 +6796,34 @@ class LogWatcher:
                 self._moved(None)
         self._look_now.set()
 
-    def _moved(self, moved):
-        """The log moved (`moved`: {table: scope values}, or None when not known): a new
-        generation, and the waiting pulls look whether it concerns them. Holding _changed."""
+    def _moved(self, moved, before=None, after=None):
+        """The log moved (`moved`: {table: scope values}, or None when not known; from head
+        `before` to `after` when a look saw it): a new generation, and the waiting pulls look
+        whether it concerns them. Holding _changed."""
         self.generation += 1
-        self._moves.append((self.generation, moved))
+        self._moves.append((self.generation, moved, before, after))
         self._changed.notify_all()
+
+    def quiet_between(self, since, head, interest):
+        """Whether every change of the log after `since` up to `head` is known, from the looks
+        kept, to concern none of `interest`'s tables and scope values: a poll from `since` has
+        nothing to read."""
+        with self._changed:
+            covered = None                  # the log up to here is known
+            for _, moved, before, after in self._moves:
+                if before is None or after is None:
+                    continue                # a push's wake: the look after it holds the range
+                if after <= since:
+                    continue
+                if covered is None:
+                    if before > since:
+                        return False        # the kept looks begin after `since`
+                elif before != covered:
+                    return False
+                if moved is None or self._touches(moved, interest):
+                    return False
+                covered = after
+            return covered == head
 
     def concerns(self, generation, interest):
         """Whether the log moved since `generation` in a way that concerns a pull of `interest`
@@ -6784,16 +6832,20 @@ class LogWatcher:
             return False
         if not self._moves or self._moves[0][0] > generation + 1:
             return True                     # moves older than those kept: not known
-        for moved_at, moved in self._moves:
-            if moved_at <= generation:
-                continue
-            if moved is None or interest is None:
+        for moved_at, moved, _, _ in self._moves:
+            if moved_at > generation and (moved is None or interest is None
+                                          or self._touches(moved, interest)):
                 return True
-            for table, texts in interest.items():
-                scopes = moved.get(table)
-                # a change of a shared table, or of a row in one of the pull's scope values
-                if scopes is not None and (texts is None or not scopes.isdisjoint(texts)):
-                    return True
+        return False
+
+    @staticmethod
+    def _touches(moved, interest):
+        """Whether changes of `moved` ({table: scope values}) are some of `interest`'s rows: a
+        change of a shared table, or of a row in one of the pull's scope values."""
+        for table, texts in interest.items():
+            scopes = moved.get(table)
+            if scopes is not None and (texts is None or not scopes.isdisjoint(texts)):
+                return True
         return False
 
     def forget(self):
@@ -7261,6 +7313,10 @@ class App:
                                            config.read_only_tables, config.insert_only_tables)
         self.pushes = Pushes(self.engine, config.max_value_bytes, config.push_retries)
         self.pulls = Pulls(self.engine, config.pull_max_bytes)
+        # pulls read with at most all but PUSH_RESERVED_CONNECTIONS of the pool at once: however
+        # many pulls a change wakes, a push finds a connection at once
+        self._pull_readers = threading.BoundedSemaphore(
+            max(1, config.db_pool_size - PUSH_RESERVED_CONNECTIONS))
         self.auth = Authenticator(config)
         self.metrics = Metrics()
         self.fleet = DeviceFleet(self.db)
@@ -7500,7 +7556,8 @@ class App:
                               for table, change in result["changes"].items()}
                     self._count_pulled(request, counts)
                     return 200, result
-                encoded = self.pulls.seed_pull(tables, limit, grant)
+                with self._pull_readers:
+                    encoded = self.pulls.seed_pull(tables, limit, grant)
                 self._count_pulled(request, encoded.rows)
                 break
             except SchemaMoved as moved:
@@ -7538,9 +7595,10 @@ class App:
         watcher = self.watcher
         generation = watcher.generation
         known = watcher.known_head()
-        result = known is not None and self.pulls.unchanged(tables, since, grant, known)
+        result = known is not None and self.pulls.unchanged(tables, since, grant, known,
+                                                            watcher.quiet_between)
         if not result:
-            result = self.pulls.pull_changes(tables, since, limit, grant)
+            result = self._read_pull(tables, since, limit, grant)
         # a first sync (since null) answers at once: the device learns its checkpoint first
         if not wait or since is None or result["has_more"] or any(
                 change["upserted"] or change["deleted"] for change in result["changes"].values()):
@@ -7554,14 +7612,18 @@ class App:
             interest = {table: grant.scope(table).texts for table in tables}
             while watcher.park(generation, deadline, interest):
                 generation = watcher.generation
-                result = watcher.shared(key, lambda: self.pulls.pull_changes(tables, since, limit,
-                                                                               grant))
+                result = watcher.shared(key, lambda: self._read_pull(tables, since, limit, grant))
                 if result["has_more"] or any(change["upserted"] or change["deleted"]
                                              for change in result["changes"].values()):
                     break
         finally:
             watcher.leave(waiter)
         return result
+
+    def _read_pull(self, tables, since, limit, grant):
+        """Pulls.pull_changes, within the pull readers' share of the pool."""
+        with self._pull_readers:
+            return self.pulls.pull_changes(tables, since, limit, grant)
 
     def demo_file(self, request):
         """`demo` only: a file of the web till (DEMO_FILES names every one; a request names
@@ -7821,7 +7883,10 @@ def _create_server(app, config):
         app, host=config.host, port=config.port, threads=threads,
         # /health is answered by the loop, whatever the threads wait on
         _dispatcher=_loop_dispatcher(threads, lambda command, path: path == "/health"
-                                     and command in ("GET", "HEAD")),
+                                     and command in ("GET", "HEAD"),
+                                     # a till waits to sell: pushes go ahead of queued pulls
+                                     lambda command, path: command == "POST"
+                                     and path in ("/sync/push", "/sync")),
         # waitress refuses an oversized declared body before reading any of it
         max_request_body_size=config.max_body_bytes, ident="cloudsync",
         # a fleet keeps a connection per device open (waitress's default is 100); poll(), not

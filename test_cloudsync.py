@@ -3657,7 +3657,7 @@ sys.path.insert(0, %r)
 import cloudsync
 cloudsync._graceful_stop_possible = lambda server: False
 cloudsync._channel_class = lambda config, limits: None
-cloudsync._loop_dispatcher = lambda threads, answers_in_loop: None
+cloudsync._loop_dispatcher = lambda threads, answers_in_loop, goes_first: None
 sys.exit(cloudsync.main())
 """ % HERE
 
@@ -7475,3 +7475,56 @@ def test_a_change_wakes_only_the_waiting_pulls_of_its_store_and_a_shared_table_w
         assert [row["id"] for row in waiters["t8"].answer.json["changes"]["catalogue"]["upserted"]] == [1]
     finally:
         stop_watching()
+
+
+def test_a_poll_behind_the_head_only_by_other_stores_changes_is_answered_from_memory(scoped, scoped_backend,
+                                                                                    monkeypatch):
+    stop_watching = scoped.watch()
+    watcher = scoped.watcher
+    try:
+        tables = ["orders", "catalogue"]
+        c7, c8 = (_checkpoint_at_the_end(scoped, token, tables) for token in ("t7", "t8"))
+        behind = scoped.engine.checkpoints.decode(c8)["s"]
+        scoped_backend.sql("INSERT INTO orders (id, store_id, total) VALUES (1, 7, 5)")
+        until(lambda: (watcher.known_head() or 0) > behind)
+        head = watcher.known_head()
+
+        def no_database(*args):
+            raise AssertionError("the poll read the database")
+        with monkeypatch.context() as patched:
+            patched.setattr(scoped.pulls, "pull_changes", no_database)
+            answer = spull(scoped, "t8", tables=tables, since=c8)
+        assert answer.status == 200, answer.json
+        assert answer.json["changes"] == {table: {"upserted": [], "deleted": []} for table in tables}
+        assert scoped.engine.checkpoints.decode(answer.json["checkpoint"])["s"] == head
+        # store 7's till still gets its order, and store 8's the next of its own
+        assert [row["id"] for row in spull(scoped, "t7", tables=tables, since=c7).json["changes"]["orders"]
+                ["upserted"]] == [1]
+        scoped_backend.sql("INSERT INTO orders (id, store_id, total) VALUES (2, 8, 6)")
+        until(lambda: (watcher.known_head() or 0) > head)
+        assert [row["id"] for row in spull(scoped, "t8", tables=tables, since=answer.json["checkpoint"])
+                .json["changes"]["orders"]["upserted"]] == [2]
+    finally:
+        stop_watching()
+
+
+def test_pushes_are_queued_ahead_of_pulls_and_health_is_left_to_the_loop():
+    class Parsed:
+        def __init__(self, command, path):
+            self.command, self.path, self.error = command, path, None
+
+    class Channel:
+        def __init__(self, command, path):
+            self.requests, self.server = [Parsed(command, path)], self
+
+        def pull_trigger(self):
+            pass
+    dispatcher = cloudsync._loop_dispatcher(0, lambda command, path: path == "/health",
+                                            lambda command, path: command == "POST" and path == "/sync/push")
+    dispatcher.loop_answers = True
+    tasks = [Channel("POST", "/sync/pull"), Channel("POST", "/sync/pull"), Channel("POST", "/sync/push"),
+             Channel("GET", "/health"), Channel("POST", "/sync/push")]
+    for task in tasks:
+        dispatcher.add_task(task)
+    assert list(dispatcher.queue) == [tasks[2], tasks[4], tasks[0], tasks[1]]      # pushes first, in order
+    assert list(dispatcher.in_loop) == [tasks[3]]
