@@ -105,7 +105,9 @@ The path of a pull (POST /sync/pull):
                           Pulls.check_tables (Grant.table), parse_limit
   sync mode (`since` present):
     App._sync_pull        LogWatcher.known_head: Pulls.unchanged answers an
-                          idle poll from memory; else:
+                          idle poll from memory, or one behind the head only by
+                          other tables' or stores' changes (LogWatcher.quiet_between);
+                          else, within the pull readers' share of the pool:
     Pulls.pull_changes    Pulls._position (Checkpoints.decode, the tables, the
                           grant's scope fingerprint); Pulls._read: ChangeLog.read,
                           one statement giving a Snapshot (head, each table's
