@@ -451,6 +451,49 @@ def _questions(database):
     return int(sql("SHOW GLOBAL STATUS LIKE 'Questions'", database)[0][1])
 
 
+def _catch_up(device, tables):
+    """Pull `tables` from the device's checkpoint until nothing more (not timed)."""
+    while True:
+        _, answer = device.post("/sync/pull", {"tables": tables, "since": device.checkpoint, "limit": 5000})
+        device.checkpoint = answer["checkpoint"]
+        if not answer["has_more"]:
+            return
+
+
+def _counted_pull(device, body, stop, lock, counts):
+    """One pull of a following device, counted: (its answer or None, when it came); the device's
+    checkpoint moves on, or after a failure it pauses a second."""
+    status, answer = device.post("/sync/pull", body)
+    now = time.monotonic()
+    with lock:
+        counts["pulls"] += 1
+        if status != 200:
+            counts["errors"] += 1
+    if status == 200:
+        device.checkpoint = answer["checkpoint"]
+        return answer, now
+    if not stop.is_set():
+        stop.wait(1)
+    return None, now
+
+
+class _PeakMemory(threading.Thread):
+    """The server's peak resident memory, sampled every 0.2 s until stop()."""
+
+    def __init__(self, server):
+        super().__init__(daemon=True)
+        self.server, self.peak, self._stop_sampling = server, 0.0, threading.Event()
+        self.start()
+
+    def run(self):
+        while not self._stop_sampling.is_set():
+            self.peak = max(self.peak, self.server.rss_mib())
+            self._stop_sampling.wait(0.2)
+
+    def stop(self):
+        self._stop_sampling.set()
+
+
 def fleet_run(server, database, devices, sales_per_second, seconds, wait, poll_every=None):
     """N devices pulling sales and item_sales (long polls, or polls every `poll_every` s) while
     tills push sales (1 sale + 2 items) at a fixed total rate; the figures of the run."""
@@ -460,12 +503,7 @@ def fleet_run(server, database, devices, sales_per_second, seconds, wait, poll_e
     counts = {"pulls": 0, "pushes": 0, "errors": 0}
     fleet = [_Device(server.port) for _ in range(devices)]
     for device in fleet:                    # every device starts in sync (not timed)
-        while True:
-            status, answer = device.post("/sync/pull", {"tables": tables, "since": device.checkpoint,
-                                                        "limit": 5000})
-            device.checkpoint = answer["checkpoint"]
-            if not answer["has_more"]:
-                break
+        _catch_up(device, tables)
 
     def follow(device, offset):
         if poll_every:
@@ -475,19 +513,10 @@ def fleet_run(server, database, devices, sales_per_second, seconds, wait, poll_e
             body = {"tables": tables, "since": device.checkpoint, "limit": 1000}
             if not poll_every:
                 body["wait"] = wait
-            status, answer = device.post("/sync/pull", body)
-            now = time.monotonic()
+            answer, now = _counted_pull(device, body, stop, lock, counts)
             with lock:
-                counts["pulls"] += 1
-                if status != 200:
-                    counts["errors"] += 1
-                else:
-                    for row in answer["changes"]["sales"]["upserted"]:
-                        received.setdefault(row["id"], []).append(now)
-            if status == 200:
-                device.checkpoint = answer["checkpoint"]
-            elif not stop.is_set():
-                stop.wait(1)
+                for row in answer["changes"]["sales"]["upserted"] if answer else ():
+                    received.setdefault(row["id"], []).append(now)
             if poll_every:
                 stop.wait(max(0, poll_every - (time.monotonic() - began)))
 
@@ -518,14 +547,7 @@ def fleet_run(server, database, devices, sales_per_second, seconds, wait, poll_e
                                 daemon=True) for index, device in enumerate(fleet)]
     tills = 4
     threads += [threading.Thread(target=till, args=(number, tills), daemon=True) for number in range(tills)]
-    peak_rss, sampling = [0.0], threading.Event()
-
-    def sample():
-        while not sampling.is_set():
-            peak_rss[0] = max(peak_rss[0], server.rss_mib())
-            sampling.wait(0.2)
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    memory = _PeakMemory(server)
     for thread in threads:
         thread.start()
     time.sleep(min(2.0, seconds / 4))       # the fleet settles into its loop before the measured part
@@ -542,7 +564,7 @@ def fleet_run(server, database, devices, sales_per_second, seconds, wait, poll_e
         sales = dict(pushed)
     time.sleep(poll_every + 2 if poll_every else 3)     # the last sales reach everyone
     stop.set()
-    sampling.set()
+    memory.stop()
     for device in fleet:                    # their connections close now, not when a wait ends
         with contextlib.suppress(OSError, AttributeError):
             device.connection.sock.shutdown(socket.SHUT_RDWR)
@@ -557,7 +579,7 @@ def fleet_run(server, database, devices, sales_per_second, seconds, wait, poll_e
     return {"devices": devices, "pulls_per_second": measured["pulls"] / elapsed,
             "pushes_per_second": measured["pushes"] / elapsed, "errors": measured["errors"] + missing,
             "p50": _percentile(latencies, 0.50), "p95": _percentile(latencies, 0.95),
-            "p99": _percentile(latencies, 0.99), "cpu_percent": 100 * cpu / elapsed, "rss_mib": peak_rss[0],
+            "p99": _percentile(latencies, 0.99), "cpu_percent": 100 * cpu / elapsed, "rss_mib": memory.peak,
             "queries_per_second": questions / elapsed, "sales": len(sales)}
 
 
@@ -633,30 +655,17 @@ def chain_run(server, database, stores, tills, sales_per_second, seconds, catalo
     fleet = [(store, _Device(server.port, "tok-%d-%d" % (store, till)))
              for store in range(1, stores + 1) for till in range(1, tills + 1)]
     for _, device in fleet:                 # every device starts in sync (not timed)
-        while True:
-            _, answer = device.post("/sync/pull", {"tables": tables, "since": device.checkpoint, "limit": 5000})
-            device.checkpoint = answer["checkpoint"]
-            if not answer["has_more"]:
-                break
+        _catch_up(device, tables)
 
     def follow(device):
         while not stop.is_set():
-            status, answer = device.post("/sync/pull", {"tables": tables, "since": device.checkpoint,
-                                                        "limit": 1000, "wait": 20})
-            now = time.monotonic()
+            answer, now = _counted_pull(device, {"tables": tables, "since": device.checkpoint, "limit": 1000,
+                                                 "wait": 20}, stop, lock, counts)
             with lock:
-                counts["pulls"] += 1
-                if status != 200:
-                    counts["errors"] += 1
-                else:
-                    for row in answer["changes"]["chain_sales"]["upserted"]:
-                        received.setdefault(row["id"], []).append(now)
-                    for row in answer["changes"]["products"]["upserted"]:
-                        received.setdefault("%s@%s" % (row["id"], row["price"]), []).append(now)
-            if status == 200:
-                device.checkpoint = answer["checkpoint"]
-            elif not stop.is_set():
-                stop.wait(1)
+                for row in answer["changes"]["chain_sales"]["upserted"] if answer else ():
+                    received.setdefault(row["id"], []).append(now)
+                for row in answer["changes"]["products"]["upserted"] if answer else ():
+                    received.setdefault("%s@%s" % (row["id"], row["price"]), []).append(now)
 
     pushed, changed = {}, {}               # sale id -> (store, answered at); product change -> time
 
@@ -695,13 +704,7 @@ def chain_run(server, database, stores, tills, sales_per_second, seconds, catalo
     threads = [threading.Thread(target=follow, args=(device,), daemon=True) for _, device in fleet]
     threads += [threading.Thread(target=seller, args=(number, sellers), daemon=True) for number in range(sellers)]
     threads.append(threading.Thread(target=office, daemon=True))
-    peak_rss, sampling = [0.0], threading.Event()
-
-    def sample():
-        while not sampling.is_set():
-            peak_rss[0] = max(peak_rss[0], server.rss_mib())
-            sampling.wait(0.2)
-    threading.Thread(target=sample, daemon=True).start()
+    memory = _PeakMemory(server)
     for thread in threads:
         thread.start()
     time.sleep(min(2.0, seconds / 4))
@@ -719,7 +722,7 @@ def chain_run(server, database, stores, tills, sales_per_second, seconds, catalo
         measured, sales, changes, pushes = dict(counts), dict(pushed), dict(changed), list(push_seconds)
     time.sleep(10)                          # the last sales reach their stores (seconds, under load)
     stop.set()
-    sampling.set()
+    memory.stop()
     for _, device in fleet:
         with contextlib.suppress(OSError, AttributeError):
             device.connection.sock.shutdown(socket.SHUT_RDWR)
@@ -741,7 +744,7 @@ def chain_run(server, database, stores, tills, sales_per_second, seconds, catalo
             "errors": measured["errors"] + missing, "p50": _percentile(latencies, 0.50),
             "p95": _percentile(latencies, 0.95), "p99": _percentile(latencies, 0.99),
             "push_p95": _percentile(pushes, 0.95), "catalogue_p95": _percentile(catalogue, 0.95),
-            "cpu_percent": 100 * cpu / elapsed, "rss_mib": peak_rss[0], "queries_per_second": questions / elapsed}
+            "cpu_percent": 100 * cpu / elapsed, "rss_mib": memory.peak, "queries_per_second": questions / elapsed}
 
 
 def chain_bench(workdir, smoke, threads, module=None):
