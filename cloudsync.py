@@ -3759,7 +3759,10 @@ class MySQLDatabase(Database):
                 password=self.config.db_pass, database=self.config.db_name,
                 charset="utf8mb4", collation="utf8mb4_unicode_ci", autocommit=True,
                 use_pure=self.use_pure,
-                connection_timeout=int(self.config.db_connect_timeout_seconds) or 1,
+                # while the database does not answer, a new connection is a quick probe (1 s): a
+                # request that waited for a free connection does not wait that long again
+                connection_timeout=1 if self.pool.down_since is not None
+                else int(self.config.db_connect_timeout_seconds) or 1,
                 # a database that stops answering (frozen, a network that drops packets) ends a
                 # statement with an error, which the request answers with 503
                 read_timeout=self.statement_seconds, write_timeout=self.statement_seconds,
