@@ -6759,6 +6759,8 @@ class LogWatcher:
             with self.changelog.db.connection() as conn:
                 head, epochs, _, waiting = self.changelog.position(conn)
                 if waiting is not None:
+                    # the head moves: from now until this look ends, polls ask the database
+                    self.head = None
                     self.changelog.sequence(conn)
                     head, epochs, _, waiting = self.changelog.position(conn)
                 last = self._last_seen
