@@ -173,12 +173,18 @@ class Process:
 
 
 def start_cloudsync(database, workdir, threads):
+    return serve(database, workdir, threads, "cloudsync.log", ALLOWED_TABLES=TABLES)
+
+
+def serve(database, workdir, threads, log_name, module=None, **settings):
+    """A cloudsync.py (this one, or `module`) serving `database` on a free loopback port with THREADS and
+    DB_POOL_SIZE of `threads`, quiet logs, no tokens file, and these settings."""
     port = free_port()
     env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), DB_HOST=DB["host"], DB_PORT=str(DB["port"]),
-               DB_USER=DB["user"], DB_PASS=DB["password"], DB_NAME=database, ALLOWED_TABLES=TABLES,
-               TOKENS_FILE="", LOG_LEVEL="WARNING", THREADS=str(threads), DB_POOL_SIZE=str(threads))
-    return Process([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "", "serve"], env, workdir,
-                   port, os.path.join(workdir, "cloudsync.log"))
+               DB_USER=DB["user"], DB_PASS=DB["password"], DB_NAME=database, TOKENS_FILE="", LOG_LEVEL="WARNING",
+               THREADS=str(threads), DB_POOL_SIZE=str(threads), **settings)
+    return Process([sys.executable, module or os.path.join(HERE, "cloudsync.py"), "--env-file", "", "serve"], env,
+                   workdir, port, os.path.join(workdir, log_name))
 
 
 def start_original(database, workdir):
@@ -340,13 +346,8 @@ def scope_bench(workdir, rows, stores, others, samples, threads):
             " note VARCHAR(40), KEY scoped_sales_by_store (store_id, id)) ENGINE=InnoDB", database)
         sql("INSERT INTO scoped_sales SELECT seq, seq %% %d + 1, seq %% 1000 + 0.99, 'sale'"
             " FROM seq_1_to_%d" % (stores, rows), database)
-        port = free_port()
-        env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), DB_HOST=DB["host"], DB_PORT=str(DB["port"]),
-                   DB_USER=DB["user"], DB_PASS=DB["password"], DB_NAME=database, ALLOWED_TABLES="scoped_sales",
-                   ROW_SCOPES="scoped_sales.store_id", TOKENS="till7 t7 scope.store_id=7", TOKENS_FILE="",
-                   LOG_LEVEL="WARNING", THREADS=str(threads), DB_POOL_SIZE=str(threads))
-        server = Process([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "", "serve"], env,
-                         workdir, port, os.path.join(workdir, "cloudsync-scopes.log"))
+        server = serve(database, workdir, threads, "cloudsync-scopes.log", ALLOWED_TABLES="scoped_sales",
+                       ROW_SCOPES="scoped_sales.store_id", TOKENS="till7 t7 scope.store_id=7")
         try:
             # the first sync of store 7's rows (rows / stores of them), 1,000 a page, each page timed;
             # one warm-up round, then the median of each page over five rounds
@@ -593,13 +594,8 @@ def fleet_bench(workdir, smoke, threads):
         for statement in open(os.path.join(HERE, "schema-mysql.sql")).read().split(";"):
             if "CREATE" in statement:
                 sql(statement, database)
-        port = free_port()
-        env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), DB_HOST=DB["host"], DB_PORT=str(DB["port"]),
-                   DB_USER=DB["user"], DB_PASS=DB["password"], DB_NAME=database,
-                   ALLOWED_TABLES="sales,item_sales", TOKENS_FILE="", LOG_LEVEL="WARNING", THREADS=str(threads),
-                   DB_POOL_SIZE=str(threads), LONGPOLL_MAX_WAITERS=str(long_pollers + 20))
-        server = Process([sys.executable, os.path.join(HERE, "cloudsync.py"), "--env-file", "", "serve"], env,
-                         workdir, port, os.path.join(workdir, "cloudsync-fleet.log"))
+        server = serve(database, workdir, threads, "cloudsync-fleet.log", ALLOWED_TABLES="sales,item_sales",
+                       LONGPOLL_MAX_WAITERS=str(long_pollers + 20))
         try:
             waiting = fleet_run(server, database, long_pollers, rate, seconds, wait=20)
             polling = fleet_run(server, database, pollers, rate, seconds, wait=None, poll_every=1 if smoke else 5)
@@ -762,16 +758,12 @@ def chain_bench(workdir, smoke, threads, module=None):
         sql("INSERT INTO products (id, name, price) VALUES ('p00001', 'tea', 100)", database)
         tokens = "; ".join("till-%d-%d tok-%d-%d scope.store_id=%d" % (store, till, store, till, store)
                            for store in range(1, stores + 1) for till in range(1, tills + 1))
-        port = free_port()
-        env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), DB_HOST=DB["host"], DB_PORT=str(DB["port"]),
-                   DB_USER=DB["user"], DB_PASS=DB["password"], DB_NAME=database,
-                   ALLOWED_TABLES="chain_sales,products", ROW_SCOPES="chain_sales.store_id", TOKENS=tokens,
-                   TOKENS_FILE="", LOG_LEVEL="WARNING", THREADS=str(threads), DB_POOL_SIZE=str(threads),
-                   LONGPOLL_MAX_WAITERS=str(stores * tills + 20),
-                   # every device of the benchmark is on 127.0.0.1; a chain's stores have addresses of their own
-                   MAX_CONNECTIONS_PER_ADDRESS="0")
-        server = Process([sys.executable, module or os.path.join(HERE, "cloudsync.py"), "--env-file", "", "serve"],
-                         env, workdir, port, os.path.join(workdir, "cloudsync-chain.log"))
+        server = serve(database, workdir, threads, "cloudsync-chain.log", module,
+                       ALLOWED_TABLES="chain_sales,products", ROW_SCOPES="chain_sales.store_id", TOKENS=tokens,
+                       LONGPOLL_MAX_WAITERS=str(stores * tills + 20),
+                       # every device of the benchmark is on 127.0.0.1; a chain's stores have addresses of
+                       # their own
+                       MAX_CONNECTIONS_PER_ADDRESS="0")
         try:
             run = chain_run(server, database, stores, tills, rate, seconds, 2 if smoke else 10)
         finally:
@@ -815,13 +807,7 @@ def against_bench(workdir, others, seconds, rounds, threads):
                 for table in ("sales", "cloudsync_changes", "cloudsync_pending"):
                     with contextlib.suppress(Exception):
                         sql("DELETE FROM %s" % table, database)
-                port = free_port()
-                env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), DB_HOST=DB["host"],
-                           DB_PORT=str(DB["port"]), DB_USER=DB["user"], DB_PASS=DB["password"], DB_NAME=database,
-                           ALLOWED_TABLES=TABLES, TOKENS_FILE="", LOG_LEVEL="WARNING", THREADS=str(threads),
-                           DB_POOL_SIZE=str(threads))
-                server = Process([sys.executable, versions[version], "--env-file", "", "serve"], env, workdir, port,
-                                 os.path.join(workdir, "ab.log"))
+                server = serve(database, workdir, threads, "ab.log", versions[version], ALLOWED_TABLES=TABLES)
                 try:
                     for name, script, load_env, connections in scenarios:
                         rate = run_load(server.url, script, seconds, connections, workdir,
