@@ -6241,7 +6241,7 @@ class Pulls:
         self.changelog = engine.changelog
         self.max_bytes = max_bytes          # PULL_MAX_BYTES: a page's rows stop at about this size
         self._bounds = weakref.WeakKeyDictionary()      # TableSchema -> _declared_row_bytes
-        self._largest = {}                  # table -> the largest row's size seen (Pulls._sizes)
+        self._largest = {}                  # table -> the largest row's size seen (Pulls._fit)
         # (tables, limit) -> Encoded, validated by tables_version
         self._cache = collections.OrderedDict()
         self._cache_lock = threading.Lock()
@@ -6450,10 +6450,8 @@ class Pulls:
             count, size, cut = budget, None, False
             if not self._fits(schema, count, room):
                 # the rows' sizes first: only those within the page's bytes are read
-                sizes, more = self._sizes(conn, schema, count, room, lambda first: page_sql(
+                count, size, cut = self._fit(conn, schema, count, room, lambda first: page_sql(
                     schema, after, first, scope, select=schema.size_sql))
-                taken, size = _within(sizes, room, alone=room == self.max_bytes)
-                cut, count = taken < len(sizes) or more and taken < count, taken
                 if cut and count == 0:
                     return [index, last], True      # its next row starts the next page
             rows = self.db.query(conn, *page_sql(schema, after, count, scope)) if count else []
@@ -6485,9 +6483,10 @@ class Pulls:
         bound = self._bound(schema)
         return bound is not None and bound * count <= room
 
-    def _sizes(self, conn, schema, count, room, statement):
-        """(the sizes of the next rows of `schema`, up to `count` of them, enough to fill `room`;
-        whether rows may follow them): `statement(n)` reads the first n rows' sizes.
+    def _fit(self, conn, schema, count, room, statement):
+        """(how many of the next rows of `schema`, at most `count`, fit in `room` bytes; their
+        bytes; whether rows were left out): `statement(n)` reads the first n rows' sizes. A
+        page's first row goes alone if it must (`room` is the whole PULL_MAX_BYTES).
 
         The database reads a large value to measure it, so the sizes asked
         for are those of about as many rows as the room takes, judged by the
@@ -6501,7 +6500,9 @@ class Pulls:
             if sizes:
                 self._largest[schema.name] = max(largest or 0, max(sizes))
             if len(sizes) < asked or asked >= count or sum(sizes) > room:
-                return sizes, len(sizes) == asked
+                taken, size = _within(sizes, room, alone=room == self.max_bytes)
+                # rows left out: measured and not taken, or not measured at all
+                return taken, size, taken < len(sizes) or len(sizes) == asked and taken < count
             asked = min(count, asked * 4)
 
     def _fetch_changed(self, conn, entries, changes, grant):
@@ -6553,7 +6554,7 @@ class Pulls:
                for table, count in counts.items()):
             return len(parsed)
         # the database reads a large value to measure it: sizes of a few entries first, then
-        # four times as many while they fit (Pulls._sizes)
+        # four times as many while they fit (Pulls._fit)
         largest = max(self._largest.get(table, 0) for table in counts)
         start, room = 0, self.max_bytes
         asked = self.max_bytes // largest + 1 if largest else SIZES_FIRST_ASKED
@@ -6606,12 +6607,10 @@ class Pulls:
                 schema, scope, count = schemas[table], grant.scope(table), limit
                 if not self._fits(schema, count, room):
                     # the first rows' sizes: the answer holds those within PULL_MAX_BYTES
-                    sizes, more = self._sizes(conn, schema, count, room, lambda first:
-                                              first_rows_sql(schema, first, scope,
-                                                             select=schema.size_sql))
-                    taken, size = _within(sizes, room, alone=room == self.max_bytes)
-                    cut = cut or taken < len(sizes) or more and taken < count
-                    count = taken
+                    count, size, cut_here = self._fit(conn, schema, count, room, lambda first:
+                                                      first_rows_sql(schema, first, scope,
+                                                                     select=schema.size_sql))
+                    cut = cut or cut_here
                     room -= size
                 else:
                     room -= self._bound(schema) * count
