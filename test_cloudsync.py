@@ -3947,6 +3947,9 @@ def test_database_errors_give_the_servers_words_and_the_fix(backend, settings, w
     (["--env-file", "", "check"], {"THREADS": "many"}, ["check: THREADS='many' is not valid"]),
     (["--env-file", "", "token", "list"], {"TOKENS": "till sha256:12"}, ["token: TOKENS=(hidden) is not valid"]),
     (["--env-file", "", "migrate"], {"ALLOWED_TABLES": "cloudsync_meta"}, ["migrate: ALLOWED_TABLES="]),
+    (["--env-file", "", "check"], {"PULL_MAX_BYTES": "0"}, ["PULL_MAX_BYTES='0' is not valid: expected a whole number of at least 1"]),
+    (["--env-file", "", "check"], {"MAX_CONNECTIONS_PER_ADDRESS": "-1"},
+     ["MAX_CONNECTIONS_PER_ADDRESS='-1' is not valid: expected a whole number of at least 0"]),
 ])
 def test_bad_settings_are_one_sentence_naming_the_command(tmp_path, arguments, env, words):
     code, out, err = _cli(arguments, dict({"DB_PATH": str(tmp_path / "x.db")}, **env), cwd=str(tmp_path))
