@@ -6462,7 +6462,9 @@ class Pulls:
                     dict(zip(names, row)) for row in self.db.decode_rows(schema, rows))
             if cut:                                 # the rest of the table on the next page
                 return [index, last], True
-            if len(rows) < budget:
+            # The table ended only where this read of it ended: rows committed since the sizes
+            # were read may come before some measured ones, and push them past `count`.
+            if len(rows) < count or not count:
                 index, last = index + 1, None
             budget -= len(rows)
             room -= size if size is not None else self._bound(schema) * len(rows)

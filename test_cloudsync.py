@@ -7242,6 +7242,32 @@ def test_a_pull_page_stops_at_its_bytes_and_the_loop_gets_every_row_once(backend
         application.db.close()
 
 
+def test_a_first_sync_gets_every_row_when_rows_commit_between_measuring_and_reading(backend, monkeypatch):
+    # Rows another program commits after the scan measured a page and before it reads it sort
+    # before the measured ones: the scan goes on past them, and loses none of the earlier rows.
+    application = started(backend)
+    try:
+        for number in range(5):
+            backend.sql("INSERT INTO sales (id, total) VALUES (?, 1)", ("m-%d" % number,))
+        measuring = application.engine.schemas["sales"].size_sql
+        query, arrived = application.db.query, []
+
+        def query_then_commit(conn, sql, params=()):
+            rows = query(conn, sql, params)
+            if measuring in sql and not arrived:
+                arrived.extend("a-%d" % number for number in range(3))
+                for key in arrived:
+                    backend.sql("INSERT INTO sales (id, total) VALUES (?, 1)", (key,))
+            return rows
+        monkeypatch.setattr(application.db, "query", query_then_commit)
+        pages = _pages(application, {"tables": ["sales"], "since": None, "limit": 1000})
+        got = [row["id"] for _, rows in pages for row in rows]
+        assert arrived, "the scan measured no page: the test did not test"
+        assert sorted(set(got)) == sorted(["m-%d" % number for number in range(5)] + arrived)
+    finally:
+        application.db.close()
+
+
 def test_a_row_larger_than_the_pull_budget_goes_alone(backend):
     application = started(backend, PULL_MAX_BYTES="1000")
     try:
