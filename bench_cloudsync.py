@@ -158,11 +158,17 @@ class Process:
         raise RuntimeError("server did not start; see %s" % log_path)
 
     def rss_mib(self):
-        with open("/proc/%d/status" % self.process.pid) as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
+        """Resident memory of the server and its workers (WORKERS above 1), in MiB."""
+        total = 0.0
+        for pid in _tree(self.process.pid):
+            try:
+                with open("/proc/%d/status" % pid) as handle:
+                    for line in handle:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) / 1024
+            except OSError:
+                pass                                # it just ended
+        return total
 
     def stop(self):
         self.process.send_signal(signal.SIGTERM)
@@ -182,7 +188,7 @@ def serve(database, workdir, threads, log_name, module=None, **settings):
     port = free_port()
     env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), DB_HOST=DB["host"], DB_PORT=str(DB["port"]),
                DB_USER=DB["user"], DB_PASS=DB["password"], DB_NAME=database, TOKENS_FILE="", LOG_LEVEL="WARNING",
-               THREADS=str(threads), DB_POOL_SIZE=str(threads), **settings)
+               THREADS=str(threads), DB_POOL_SIZE=str(threads), WORKERS=WORKERS, **settings)
     return Process([sys.executable, module or os.path.join(HERE, "cloudsync.py"), "--env-file", "", "serve"], env,
                    workdir, port, os.path.join(workdir, log_name))
 
@@ -202,6 +208,7 @@ def start_original(database, workdir):
 
 
 LOAD_GENERATOR = "auto"     # --load: wrk when installed, or the standard-library generator
+WORKERS = "1"               # --workers: cloudsync's WORKERS in every scenario
 
 
 def run_load(url, script, seconds, connections, workdir, env=None):
@@ -442,10 +449,29 @@ def _percentile(values, fraction):
     return values[min(len(values) - 1, int(round(fraction * (len(values) - 1))))] if values else float("nan")
 
 
+def _tree(pid):
+    """pid and every process under it: a master and its workers."""
+    pids = [pid]
+    for parent in pids:
+        try:
+            with open("/proc/%d/task/%d/children" % (parent, parent)) as handle:
+                pids.extend(int(child) for child in handle.read().split())
+        except OSError:
+            pass
+    return pids
+
+
 def _process_cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of a server and its workers (WORKERS above 1)."""
+    total = 0
+    for member in _tree(pid):
+        try:
+            with open("/proc/%d/stat" % member) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                                # it just ended
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _questions(database):
@@ -711,8 +737,11 @@ def chain_run(server, database, stores, tills, sales_per_second, seconds, catalo
         del push_seconds[:]
     cpu_before, questions_before, began = _process_cpu_seconds(server.process.pid), _questions(database), \
         time.monotonic()
+    mariadb_before, generator_before = mariadb_cpu_seconds(), time.process_time()
     time.sleep(seconds)
     cpu, questions = _process_cpu_seconds(server.process.pid) - cpu_before, _questions(database) - questions_before
+    mariadb = None if mariadb_before is None else mariadb_cpu_seconds() - mariadb_before
+    generator = time.process_time() - generator_before
     elapsed = time.monotonic() - began
     with lock:
         measured, sales, changes, pushes = dict(counts), dict(pushed), dict(changed), list(push_seconds)
@@ -740,7 +769,9 @@ def chain_run(server, database, stores, tills, sales_per_second, seconds, catalo
             "errors": measured["errors"] + missing, "p50": _percentile(latencies, 0.50),
             "p95": _percentile(latencies, 0.95), "p99": _percentile(latencies, 0.99),
             "push_p95": _percentile(pushes, 0.95), "catalogue_p95": _percentile(catalogue, 0.95),
-            "cpu_percent": 100 * cpu / elapsed, "rss_mib": memory.peak, "queries_per_second": questions / elapsed}
+            "cpu_percent": 100 * cpu / elapsed, "rss_mib": memory.peak, "queries_per_second": questions / elapsed,
+            "mariadb_cpu_percent": float("nan") if mariadb is None else 100 * mariadb / elapsed,
+            "generator_cpu_percent": 100 * generator / elapsed}
 
 
 def chain_bench(workdir, smoke, threads, module=None):
@@ -782,6 +813,9 @@ def chain_bench(workdir, smoke, threads, module=None):
         ("  cloudsync CPU (% of one core)", {"cloudsync": run["cpu_percent"]}, None),
         ("  cloudsync resident memory, peak (MiB)", {"cloudsync": run["rss_mib"]}, None),
         ("  MariaDB queries/s", {"cloudsync": run["queries_per_second"]}, None),
+        ("  MariaDB CPU (% of one core)", {"cloudsync": run["mariadb_cpu_percent"]}, None),
+        ("  the load generator's CPU (% of one core; the devices are its threads)",
+         {"cloudsync": run["generator_cpu_percent"]}, None),
     ]
 
 
@@ -835,6 +869,8 @@ def main(argv=None):
     parser.add_argument("--seconds", type=int, default=10, help="seconds per load scenario (default 10)")
     parser.add_argument("--big-rows", type=int, default=1_000_000, help="rows in the big catalogue")
     parser.add_argument("--threads", type=int, default=8, help="cloudsync THREADS and DB_POOL_SIZE")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="cloudsync WORKERS (default 1); DB_POOL_SIZE (--threads) is their total")
     parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works")
     parser.add_argument("--against", nargs="+", metavar="CLOUDSYNC_PY",
                         help="only this cloudsync.py against other versions of it (push, pull, status), "
@@ -851,8 +887,8 @@ def main(argv=None):
     parser.add_argument("--load", choices=["auto", "wrk", "python"], default="auto",
                         help="load generator: wrk when installed (auto), or the slower standard-library one")
     args = parser.parse_args(argv)
-    global LOAD_GENERATOR
-    LOAD_GENERATOR = args.load
+    global LOAD_GENERATOR, WORKERS
+    LOAD_GENERATOR, WORKERS = args.load, str(args.workers)
     if args.smoke:
         args.seconds, args.big_rows = 1, 2000
     workdir = tempfile.mkdtemp(prefix="cloudsync-bench-")

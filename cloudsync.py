@@ -59,8 +59,9 @@ what an auditor of trust reads in one sitting: Authentication, Grants (and
 row scopes), Binding, Checkpoints; then Configuration, SQL builders, Private
 APIs (each with its public fallback), Database layer, Change capture, Sync
 engine, Push, Pull, Long polls, Operations (metrics, device fleet), HTTP
-application, Command line, and the data at the end (cloudsync's own tables,
-metric help, OpenAPI). A definition uses what is below it in its section or
+application, Command line (with WORKERS above 1, serve's master and its
+workers: _Arbiter, _WorkerShare), and the data at the end (cloudsync's own
+tables, metric help, OpenAPI). A definition uses what is below it in its section or
 in an earlier section; only the data at the end is named from above.
 
 The path of a push (POST /sync/push), function by function:
@@ -149,9 +150,13 @@ import logging
 import math
 import os
 import re
+import mmap
 import secrets
+import select
 import signal
+import socket
 import sqlite3
+import struct
 import sys
 import tempfile
 import threading
@@ -261,6 +266,20 @@ PULL_CACHE_BYTES = 16 << 20         # ... holding at most this many bytes (their
 MAX_GRANTS_KEPT = 10000             # grants kept per set of schemas (one per token in use)
 # glibc malloc arenas for the whole process (its default: 8 per core)
 MALLOC_ARENAS = 2
+
+# worker processes (WORKERS above 1: Workers)
+WORKERS_AUTO_MOST = 4               # WORKERS=auto starts one per core, at most this many
+WORKERS_MOST = 64
+# each worker's least share of DB_POOL_SIZE: a pull's, a push's and its watcher's
+WORKER_LEAST_CONNECTIONS = 3
+METRICS_SHARE_SECONDS = 0.25        # a worker publishes its metrics at most this long after a change
+METRICS_SLOT_BYTES = 1 << 20        # shared memory one worker's published metrics may fill
+# a worker that dies within WORKER_STABLE_SECONDS of its start is started again after 1 s, then
+# 2, 4... up to WORKER_RESTART_MOST_SECONDS; one that lived longer, at once
+WORKER_STABLE_SECONDS = 10
+WORKER_RESTART_MOST_SECONDS = 10
+# after SHUTDOWN_GRACE_SECONDS, a worker still running is killed this much later
+WORKER_KILL_MARGIN_SECONDS = 5
 
 # operations: metrics, the device fleet, exit codes
 LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -1926,6 +1945,16 @@ def _as_scope_list(text):
     return scopes
 
 
+def _as_workers(text):
+    """WORKERS: auto (None: one per core on MySQL/MariaDB, 1 on SQLite) or a number of processes."""
+    text = text.strip().lower()
+    if text == "auto":
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= WORKERS_MOST:
+        raise ValueError("expected auto or a number of processes from 1 to %d" % WORKERS_MOST)
+    return int(text)
+
+
 def _as_capture_mode(text):
     """triggers or api."""
     mode = text.strip().lower()
@@ -2016,6 +2045,10 @@ SETTINGS = (
      "it waits, on top of THREADS"),
     ("SHUTDOWN_GRACE_SECONDS", _as_positive_int, "30",
      "on SIGTERM, requests in progress get this long to finish"),
+    ("WORKERS", _as_workers, "auto",
+     "server processes sharing the port: auto is one per core (at most 4) on MySQL/MariaDB and 1 "
+     "on SQLite, which writes one transaction at a time. DB_POOL_SIZE, MAX_CONNECTIONS and "
+     "LONGPOLL_MAX_WAITERS are totals the workers share; THREADS is each worker's"),
 )
 SETTING_NAMES = tuple(name for name, _, _, _ in SETTINGS)
 SECRET_SETTINGS = ("DB_PASS", "TOKENS", "ADMIN_TOKEN", "METRICS_TOKEN")
@@ -2032,6 +2065,25 @@ class Config:
     def backend(self):
         """'mysql' when DB_HOST is set, else 'sqlite'."""
         return "mysql" if self.db_host else "sqlite"
+
+    @property
+    def worker_count(self):
+        """How many server processes `serve` runs (WORKERS; auto: Workers)."""
+        if self.workers is not None:
+            return self.workers
+        if self.backend == "sqlite":
+            return 1
+        return max(1, min(os.cpu_count() or 1, WORKERS_AUTO_MOST,
+                          self.db_pool_size // WORKER_LEAST_CONNECTIONS))
+
+    def worker_share(self):
+        """The settings of one worker: its share of the totals the workers divide."""
+        count = self.worker_count
+        share = Config({name: getattr(self, name.lower()) for name in SETTING_NAMES})
+        share.db_pool_size = self.db_pool_size // count
+        share.max_connections = -(-self.max_connections // count)
+        share.longpoll_max_waiters = -(-self.longpoll_max_waiters // count)
+        return share
 
     def describe(self):
         """Effective settings as text, secrets masked."""
@@ -2109,6 +2161,12 @@ def load_config(env_file=".env", environ=None, overrides=None, required=False):
     if scoped and config.auth == "off":
         raise ConfigError("ROW_SCOPES needs device tokens (a scope belongs to a token), and "
                           "AUTH=off turns them off.")
+    if config.workers is not None \
+            and config.workers * WORKER_LEAST_CONNECTIONS > config.db_pool_size:
+        raise ConfigError("WORKERS=%d needs DB_POOL_SIZE of at least %d (%d connections for each "
+                          "worker; DB_POOL_SIZE is the total of all workers)."
+                          % (config.workers, config.workers * WORKER_LEAST_CONNECTIONS,
+                             WORKER_LEAST_CONNECTIONS))
     if config.backend == "mysql":
         missing = [name for name in ("DB_USER", "DB_NAME") if not values[name]]
         if missing:
@@ -2893,7 +2951,8 @@ class Database:
     numbers_at_commit (triggers number changes as they write them: one writer
     at a time), cascades_fire_triggers, transactional_ddl, replaces_triggers,
     autocommit_atomic, lock_rows, json_array, insert_ignore, now_sql,
-    cutoff_sql, delete_oldest_sql, log_tables(), trigger_sql(), attributed().
+    cutoff_sql, delete_oldest_sql, log_tables(), trigger_sql(), attributed(),
+    limited_part().
     """
 
     name = "?"
@@ -3039,6 +3098,12 @@ class Database:
     def bytewise(expression):
         """SQL comparing `expression` byte for byte, whatever its collation."""
         return expression
+
+    @staticmethod
+    def limited_part(select):
+        """A SELECT with its own ORDER BY and LIMIT, as one part of a UNION ALL (SQLite allows
+        them only at the end of the whole, or in a subquery)."""
+        return "SELECT * FROM (%s)" % select
 
     @staticmethod
     def added_sql(column):
@@ -4214,6 +4279,12 @@ class MySQLDatabase(Database):
         return "CAST(%s AS BINARY)" % expression
 
     @staticmethod
+    def limited_part(select):
+        """A SELECT with its own ORDER BY and LIMIT, as one part of a UNION ALL: in parentheses,
+        read straight from the index (a subquery would be a temporary table, on disk for TEXT)."""
+        return "(%s)" % select
+
+    @staticmethod
     def scope_value_sql(expression):
         """SQL turning a scope column's value into the log's text: '7', 'north'."""
         return "LEFT(CAST(%s AS CHAR), %d)" % (expression, MYSQL_SCOPE_CHARS)
@@ -4459,7 +4530,7 @@ EPOCH_ENTRY = "cloudsync_epoch"
 
 class Snapshot:
     """One view of the log (ChangeLog.read): the head, each table's (epoch, fingerprint), the
-    compaction mark of each table, the changed rows (table, row key, last seq), and whether
+    compaction mark of each table, the changes (table, row key, seq), oldest first, and whether
     changes of the excluded batch still wait to be numbered."""
 
     __slots__ = ("head", "tables", "marks", "entries", "excluded_pending", "waiting")
@@ -4928,7 +4999,8 @@ class ChangeLog:
         The head; each table's epoch and fingerprint; the newest entry
         compaction removed among those the grant reads (per table); with
         `limit`, the rows changed after `since` (a seq, or {table: seq}) the
-        grant may read, oldest last change first, leaving out the changes of the
+        grant may read: the first `limit` changes, oldest first (a row changed
+        several times once per change), leaving out the changes of the
         push `exclude` (its push id: its own rows, which the device holds); with
         `limit` or `waiting`, whether changes of these tables wait to be
         numbered. One statement, so the entries are exactly those numbered up to
@@ -4946,9 +5018,9 @@ class ChangeLog:
                          " WHERE %s GROUP BY table_name" % where)
             params += where_params
         if limit:
-            sql, entry_params = self._entries_sql(tables, since, limit, grant, exclude)
-            parts.append("SELECT 'e', table_name, row_key, last_seq FROM (%s) AS entries" % sql)
-            params += entry_params
+            for sql, entry_params in self._entries_sql(tables, since, limit, grant, exclude):
+                parts.append(self.db.limited_part(sql))
+                params += entry_params
         if (limit or waiting) and not self.db.numbers_at_commit:
             # changes it would read, committed but not numbered yet: the pull has them numbered
             for where, where_params in self._visible_sql(tables, grant, "cloudsync_pending"):
@@ -4959,7 +5031,10 @@ class ChangeLog:
             parts.append("SELECT 'p', NULL, NULL, COUNT(*) FROM cloudsync_pending WHERE %s"
                          % self._excluded_sql())
             params += [exclude]
-        return Snapshot(self.db.query(conn, " UNION ALL ".join(parts), params))
+        snapshot = Snapshot(self.db.query(conn, " UNION ALL ".join(parts), params))
+        if limit:
+            del snapshot.entries[limit:]    # the first `limit` of every part's first `limit`
+        return snapshot
 
     def _visible_sql(self, tables, grant, log):
         """[(WHERE text, params)] selecting what `grant` reads of `tables` in `log`.
@@ -4985,28 +5060,31 @@ class ChangeLog:
         return "push_id = ?"
 
     def _entries_sql(self, tables, since, limit, grant, exclude):
-        """(SELECT, params): (table_name, row_key, last_seq) per row changed after `since`."""
+        """[(SELECT, params)]: for each table, and each scope value the grant reads of it, its
+        first `limit` entries after `since`, oldest first, as ('e', table_name, row_key, seq).
+
+        Of all the parts together, the first `limit` are those a pull reads
+        (ChangeLog.read keeps them). Each part is one range of an index read in
+        its order (cloudsync_changes_by_table, or _by_scope), stopping at
+        `limit`, however far behind the checkpoint is: no sorting, and no
+        grouping, which on MariaDB builds a temporary table on disk (row_key
+        is TEXT) for every pull. A row changed several times is there once per
+        change; the pull reads it once (_last_of_each_row).
+        """
         bounds = since if isinstance(since, dict) else dict.fromkeys(tables, since)
         parts = []
-        for bound in dict.fromkeys(bounds.values()):
-            for where, where_params in self._visible_sql(
-                    [table for table in tables if bounds[table] == bound], grant,
-                    "cloudsync_changes"):
-                parts.append(("%s AND seq > ?" % where, where_params + [bound]))
-        if exclude:
-            parts = [("%s AND (push_id IS NULL OR NOT (%s))" % (where, self._excluded_sql()),
-                      where_params + [exclude]) for where, where_params in parts]
-        if not parts:
-            return "SELECT NULL AS table_name, NULL AS row_key, NULL AS last_seq LIMIT 0", []
-        if len(parts) == 1:
-            return ("SELECT table_name, row_key, MAX(seq) AS last_seq FROM cloudsync_changes"
-                    " WHERE %s GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?"
-                    % parts[0][0], parts[0][1] + [limit])
-        return ("SELECT table_name, row_key, MAX(seq) AS last_seq FROM (%s) AS visible"
-                " GROUP BY table_name, row_key ORDER BY last_seq LIMIT ?" % " UNION ALL ".join(
-                    "SELECT table_name, row_key, seq FROM cloudsync_changes WHERE %s" % where
-                    for where, _ in parts),
-                [value for _, params in parts for value in params] + [limit])
+        for table in tables:
+            texts = grant.scope(table).texts
+            for where, where_params in ([("table_name = ?", [table])] if texts is None else
+                                        [("table_name = ? AND scope = ?", [table, text])
+                                         for text in texts]):
+                if exclude:
+                    where += " AND (push_id IS NULL OR NOT (%s))" % self._excluded_sql()
+                    where_params = where_params + [exclude]
+                parts.append(("SELECT 'e', table_name, row_key, seq FROM cloudsync_changes"
+                              " WHERE %s AND seq > ? ORDER BY seq LIMIT ?" % where,
+                              where_params + [bounds[table], limit]))
+        return parts
 
     # -- who is writing -----------------------------------------------------------
 
@@ -5537,6 +5615,7 @@ class Pushes:
         self.max_value_bytes = max_value_bytes
         self.push_retries = push_retries
         self.retries = 0                    # pushes run again after a deadlock or lock timeout
+        self.on_retry = lambda: None        # App: counts it in the metrics
 
     # -- validation ----------------------------------------------------------------
 
@@ -5693,10 +5772,12 @@ class Pushes:
                     raise
                 self.engine.after_schema_moved(moved, again=retry > 0)
                 self.retries += 1
+                self.on_retry()
             except Retryable:
                 if last:
                     raise
                 self.retries += 1
+                self.on_retry()
                 time.sleep(0.02 * (2 ** retry) * (1 + secrets.randbelow(100) / 100))
 
     def _replay(self, prior, request_hash, checkpoint):
@@ -6180,6 +6261,13 @@ def _group_operations(operations, batched=True):
 # reads the change log after the checkpoint, an index range on seq.
 
 
+def _last_of_each_row(entries):
+    """Log entries (table, row key, seq), oldest first, with only each row's last: a row is read
+    once, as it is now. Every row left out of a page taken up to an entry has one after it."""
+    last = {(table, key): seq for table, key, seq in entries}
+    return [entry for entry in entries if last[entry[0], entry[1]] == entry[2]]
+
+
 def _within(sizes, room, alone):
     """(how many of these rows, in order, fit in `room` bytes, their bytes). `alone`: the page is
     empty, and a first row larger than the room goes alone."""
@@ -6306,7 +6394,7 @@ class Pulls:
             else:
                 entries = snapshot.entries
                 has_more = len(entries) > limit
-                entries = entries[:limit]
+                entries = _last_of_each_row(entries[:limit])
                 taken = self._fetch_changed(conn, entries, changes, grant)
                 if taken < len(entries):        # the page reached PULL_MAX_BYTES
                     has_more, entries = True, entries[:taken]
@@ -6747,6 +6835,8 @@ class LogWatcher:
         self.stopping = False
         # serve: resize(waiting) gives the server THREADS threads plus one per waiting pull
         self.resize = None
+        # a worker (Workers): tells the other workers that the log moved; they look at once
+        self.tell_others = None
         self._sharing = threading.Lock()
         self._shared_generation, self._answers = None, {}   # key -> [lock, answer] (shared())
 
@@ -6794,8 +6884,11 @@ class LogWatcher:
             self._changed.wait_for(lambda: self.looked > after or self.stopping,
                                    2 * WATCH_INTERVAL_SECONDS)
 
-    def poke(self):
-        """A push through this instance committed: number it and wake the waiting pulls now."""
+    def poke(self, told=False):
+        """A push through this instance committed (`told`: through another worker): number it
+        and wake the waiting pulls now."""
+        if not told and self.tell_others is not None:
+            self.tell_others()
         with self._changed:
             self.head = None            # until the next look, idle polls ask the database
             # no watcher thread: the woken pulls number it. With one, its look (at once) tells
@@ -6989,7 +7082,7 @@ class LogWatcher:
 
 METRICS_FROM_ZERO = ("cloudsync_conflicts_total", "cloudsync_replays_total",
                      "cloudsync_auth_failures_total", "cloudsync_database_unavailable_total",
-                     "cloudsync_server_errors_total")
+                     "cloudsync_server_errors_total", "cloudsync_push_retries_total")
 # others count as "other"
 HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))
 
@@ -7002,6 +7095,7 @@ class Metrics:
         self._counters = collections.Counter()      # (name, ((label, value), ...)) -> value
         # (route, status) -> [count per bucket..., beyond the last, sum]
         self._latency = {}
+        self.changes = 0                            # goes up with every count (Workers: publish)
         # present before the first event, for rate() and alerts
         for name in METRICS_FROM_ZERO:
             self._counters[name, ()] = 0
@@ -7010,6 +7104,39 @@ class Metrics:
         """Add to a counter."""
         with self._lock:
             self._counters[name, tuple(sorted(labels.items()))] += amount
+            self.changes += 1
+
+    def snapshot(self, gauges=()):
+        """Every counter and histogram, and `gauges`, as JSON-ready lists (Workers: one worker's
+        published metrics)."""
+        with self._lock:
+            return {"counters": [[name, [list(pair) for pair in labels], value]
+                                 for (name, labels), value in self._counters.items()],
+                    "latency": [[route, status, list(values)]
+                                for (route, status), values in self._latency.items()],
+                    "gauges": [[name, labels, value] for name, labels, value in gauges]}
+
+    def absorb(self, snapshot):
+        """Add a snapshot's counters and histograms to these (not its gauges)."""
+        with self._lock:
+            for name, labels, value in snapshot["counters"]:
+                self._counters[name, tuple(tuple(pair) for pair in labels)] += value
+            for route, status, values in snapshot["latency"]:
+                mine = self._latency.setdefault((route, status), [0] * len(values))
+                for index, value in enumerate(values):
+                    mine[index] += value
+            self.changes += 1
+
+    @classmethod
+    def summed(cls, snapshots):
+        """(Metrics holding every snapshot's counters and histograms, their gauges added up by
+        name and labels as [(name, labels, value)])."""
+        metrics, gauges = cls(), collections.Counter()
+        for snapshot in snapshots:
+            metrics.absorb(snapshot)
+            for name, labels, value in snapshot["gauges"]:
+                gauges[name, tuple(sorted(labels.items()))] += value
+        return metrics, [(name, dict(labels), value) for (name, labels), value in gauges.items()]
 
     def request(self, route, method, status, seconds):
         """Count one answered request and its duration.
@@ -7019,6 +7146,7 @@ class Metrics:
         # its bucket; +Inf past the last
         slot = bisect.bisect_left(LATENCY_BUCKETS_SECONDS, seconds)
         with self._lock:
+            self.changes += 1
             self._counters["cloudsync_requests_total",
                            (("method", method), ("route", route), ("status", status))] += 1
             buckets = self._latency.get((route, status))
@@ -7327,6 +7455,9 @@ class App:
             max(1, config.db_pool_size - PUSH_RESERVED_CONNECTIONS))
         self.auth = Authenticator(config)
         self.metrics = Metrics()
+        self.pushes.on_retry = lambda: self.metrics.count("cloudsync_push_retries_total")
+        # in a worker (Workers): where the others' metrics are, and the line that wakes them
+        self.share = None
         self.fleet = DeviceFleet(self.db)
         self.watcher = LogWatcher(self.engine, config.longpoll_max_waiters)
         self.engine.number_now = self.watcher.number_now
@@ -7694,20 +7825,30 @@ class App:
                               names=("METRICS_TOKEN", "ADMIN_TOKEN"))
         else:
             request.token = self.auth.identify(request)
-        pool = getattr(self.db, "pool", None)
-        gauges = [("cloudsync_push_retries_total", {}, self.pushes.retries),
-                  ("cloudsync_longpoll_waiting", {}, self.watcher.waiting),
-                  ("cloudsync_driver_info", {"driver": self.db.driver()}, 1)]
-        if pool is not None:
-            gauges += [("cloudsync_pool_connections_in_use", {}, pool.in_use),
-                       ("cloudsync_pool_connections_idle", {}, pool.idle_count)]
+        metrics, gauges = self.metrics, self.gauges()
+        if self.share is not None:
+            # every worker's, this one's published first: whichever worker answers the next
+            # scrape, no count goes back
+            self.share.publish(self)
+            metrics, gauges = Metrics.summed(self.share.published())
+            gauges.append(("cloudsync_workers", {}, self.share.count))
+        gauges.append(("cloudsync_driver_info", {"driver": self.db.driver()}, 1))
         try:
             with self.db.connection() as conn:
                 gauges.append(("cloudsync_change_log_head", {}, self.engine.changelog.head(conn)))
         except DatabaseUnavailable:
             pass                            # the other metrics still tell what is going on
-        return 200, Encoded(self.metrics.render(gauges),
+        return 200, Encoded(metrics.render(gauges),
                             content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def gauges(self):
+        """This instance's gauges that add up across workers: [(name, labels, value)]."""
+        gauges = [("cloudsync_longpoll_waiting", {}, self.watcher.waiting)]
+        pool = getattr(self.db, "pool", None)
+        if pool is not None:
+            gauges += [("cloudsync_pool_connections_in_use", {}, pool.in_use),
+                       ("cloudsync_pool_connections_idle", {}, pool.idle_count)]
+        return gauges
 
     def status(self, request):
         """A real database round trip, and the tables as the schema now describes them."""
@@ -7881,14 +8022,19 @@ def _limit_malloc_arenas():
         pass
 
 
-def _create_server(app, config):
-    """A waitress server for the app, already listening: OSError when the port is taken."""
+def _create_server(app, config, listener=None):
+    """A waitress server for the app, already listening: OSError when the port is taken.
+
+    `listener`: the socket the master bound (Workers), instead of binding HOST:PORT.
+    """
     import waitress.server
     resizable = _resizable_pool()
     # waiting pulls never take the threads pushes and status need (Private APIs)
     threads = config.threads if resizable else config.threads + config.longpoll_max_waiters
+    where = dict(host=config.host, port=config.port) if listener is None \
+        else dict(sockets=[listener])
     server = waitress.server.create_server(
-        app, host=config.host, port=config.port, threads=threads,
+        app, threads=threads, **where,
         # /health is answered by the loop, whatever the threads wait on
         _dispatcher=_loop_dispatcher(threads, lambda command, path: path == "/health"
                                      and command in ("GET", "HEAD"),
@@ -8039,14 +8185,15 @@ DEMO_SETTINGS = {"DB_HOST": "", "ALLOWED_TABLES": ",".join(EXAMPLE_TABLES), "TOK
 
 
 def _serve_command(config, args):
-    """`serve` and `demo`: check the tables, install change capture, serve the API."""
+    """`serve` and `demo`: check the tables, install change capture, serve the API (with
+    WORKERS above 1, as the master of that many workers: Workers)."""
     if not _tune_allocator():
         log.info("not glibc: memory taken by large pulls may stay with the process")
     if args.command == "demo":
         _create_demo_database(config.db_path, seed=True)
-    app = App(config)
-    if args.command == "demo":
-        app.routes.update(dict.fromkeys(DEMO_FILES, {"GET": app.demo_file}))
+    if config.worker_count > 1:
+        return _Arbiter(config, args.command).run()
+    app = _app_for(config, args.command)
     log.info("configuration: %s", config.describe())
     log.info("backend: %s, driver: %s", app.db.name, app.db.driver())
     try:
@@ -8060,9 +8207,20 @@ def _serve_command(config, args):
     except BaseException:
         server.close()
         raise
-    # from here on no statement waits on a database that stopped answering (the start-up's
-    # migration may take longer: it runs before)
-    app.db.bound_statements()
+    _tell_start(app, config, schemas)
+    return _serve_app(app, config, server)
+
+
+def _app_for(config, command):
+    """The App `serve` (or `demo`, with the web till's files) runs."""
+    app = App(config)
+    if command == "demo":
+        app.routes.update(dict.fromkeys(DEMO_FILES, {"GET": app.demo_file}))
+    return app
+
+
+def _tell_start(app, config, schemas):
+    """Log what the server serves, and what an operator should know of its settings."""
     if schemas:
         log.info("tables: %s", ", ".join("%s (%s)" % (name, ", ".join(schema.primary_key))
                                          for name, schema in schemas.items()))
@@ -8082,10 +8240,20 @@ def _serve_command(config, args):
     if config.change_capture == "api":
         log.warning("CHANGE_CAPTURE=api: writes made outside cloudsync are not recorded and "
                     "devices will not see them")
+
+
+def _serve_app(app, config, server, share=None):
+    """Serve the started app until SIGTERM: its maintenance and watcher threads, then the
+    server's loop (_run); save the device fleet's last second. `share`: a worker's (Workers)."""
+    # from here on no statement waits on a database that stopped answering (the start-up's
+    # migration may take longer: it runs before)
+    app.db.bound_statements()
     stop, wake = threading.Event(), threading.Event()
     threading.Thread(target=_maintain, args=(app, config, stop, wake), name="cloudsync-maintenance",
                      daemon=True).start()
     app.watch()
+    if share is not None:
+        share.join(app, stop)
     _run(server, config, wake, on_stop=app.watcher.stop)
     stop.set()
     wake.set()
@@ -8094,8 +8262,322 @@ def _serve_command(config, args):
             app.fleet.flush(conn)           # the last second of device statistics
     except Exception:
         log.warning("could not save the device fleet at shutdown", exc_info=True)
+    if share is not None:
+        share.publish(app)                  # its last counts stay in the sum
     app.db.close()                          # SQLite folds its -wal file back in
     return 0
+
+
+# -- workers: one port, several processes ------------------------------------------
+# With WORKERS above 1, `serve` is a master in the manner of gunicorn's arbiter
+# (_Arbiter). It checks the tables and installs change capture once, binds
+# the port once, then forks the workers. Each worker is a whole instance on
+# the shared listening socket (waitress takes pre-bound sockets): its own
+# threads, pool, watcher and numberer, as two instances on one database are,
+# with its share of the totals DB_POOL_SIZE, MAX_CONNECTIONS and
+# LONGPOLL_MAX_WAITERS (Config.worker_share). A worker at its share of
+# connections stops accepting, and the others take the new ones. What makes
+# the workers one server (_WorkerShare, made before the first fork):
+# - a push through one tells the others at once (a datagram each): their
+#   watchers look now, so a long poll in any worker wakes within one look,
+#   not one WATCH_INTERVAL_SECONDS;
+# - /metrics sums every worker's counters: each publishes its own into its
+#   slot of shared memory at most METRICS_SHARE_SECONDS after they change,
+#   and the one answering publishes first and sums the slots, so whichever
+#   worker answers, no count goes back; a worker started again in a slot
+#   takes over the counts of the one before.
+# The master forwards SIGHUP (tokens) and SIGTERM (every worker drains its
+# requests in progress, then exits; the master last), and starts a worker
+# that died again (WORKER_STABLE_SECONDS). A worker ends with its master
+# (PR_SET_PDEATHSIG): one killed with SIGKILL leaves no worker holding the
+# port. The seed cache, the device fleet's last second and the tokens are
+# each worker's; `devices` and /sync/status read the database.
+
+class _WorkerShare:
+    """What the workers share, made by the master before it forks: the line on which a push in
+    one wakes the others, and the shared memory holding each one's published metrics."""
+
+    def __init__(self, count):
+        self.count = count
+        self.slot = None                    # the worker's own, once forked
+        # a datagram socket pair per slot: any worker sends on its second end, the slot's worker
+        # receives on the first
+        self._line = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(count)]
+        for _, sending in self._line:
+            sending.setblocking(False)
+        # anonymous and MAP_SHARED: the same pages in every forked worker. A slot: its sequence
+        # (odd while written), the length of its JSON, the JSON
+        self._memory = mmap.mmap(-1, count * METRICS_SLOT_BYTES)
+        self._published = None              # what the last publish saw change
+        self._lock = threading.Lock()
+
+    def join(self, app, stop):
+        """In a worker: a push tells the others, the others' pushes wake it, and its metrics are
+        published until `stop` (two threads)."""
+        app.watcher.tell_others = self.tell_others
+        threading.Thread(target=self._listen, args=(app,), name="cloudsync-worker-line",
+                         daemon=True).start()
+        threading.Thread(target=self._publishing, args=(app, stop), name="cloudsync-metrics",
+                         daemon=True).start()
+
+    def adopt(self, app):
+        """In a worker starting in its slot: take over the counts published there before."""
+        snapshot = self._read(self.slot)
+        if snapshot is not None:
+            app.metrics.absorb(snapshot)
+        self.publish(app)
+
+    def tell_others(self):
+        """The log moved through this worker: every other worker looks at once."""
+        for slot, (_, sending) in enumerate(self._line):
+            if slot != self.slot:
+                try:
+                    sending.send(b"!")
+                except OSError:
+                    pass                    # its queue is full: it has wake-ups waiting already
+
+    def _listen(self, app):
+        """The worker's thread receiving the others' wake-ups."""
+        receiving = self._line[self.slot][0]
+        while True:
+            receiving.recv(16)
+            app.metrics.count("cloudsync_worker_wakeups_total")
+            app.watcher.poke(told=True)
+
+    def _publishing(self, app, stop):
+        """The worker's thread publishing its metrics when they changed."""
+        while not stop.wait(METRICS_SHARE_SECONDS):
+            self.publish(app, changed_only=True)
+
+    def publish(self, app, changed_only=False):
+        """Write this worker's counters and gauges into its slot."""
+        gauges = app.gauges()
+        mark = (app.metrics.changes, gauges)
+        with self._lock:
+            if changed_only and mark == self._published:
+                return
+            data = to_json_bytes(app.metrics.snapshot(gauges))
+            if len(data) > METRICS_SLOT_BYTES - 16:
+                log.warning("this worker's metrics (%d bytes) do not fit in its shared slot; "
+                            "/metrics shows its earlier counts", len(data))
+                return
+            base = self.slot * METRICS_SLOT_BYTES
+            sequence = struct.unpack_from("<Q", self._memory, base)[0] | 1
+            struct.pack_into("<QQ", self._memory, base, sequence, len(data))
+            self._memory[base + 16:base + 16 + len(data)] = data
+            struct.pack_into("<Q", self._memory, base, sequence + 1)
+            self._published = mark
+
+    def published(self):
+        """Every worker's last published metrics."""
+        return [snapshot for snapshot in map(self._read, range(self.count))
+                if snapshot is not None]
+
+    def _read(self, slot):
+        """A slot's published metrics, or None (never written, or left half written)."""
+        base = slot * METRICS_SLOT_BYTES
+        for _ in range(100):
+            before, length = struct.unpack_from("<QQ", self._memory, base)
+            if not before & 1:
+                data = self._memory[base + 16:base + 16 + length]
+                if struct.unpack_from("<Q", self._memory, base)[0] == before:
+                    return json.loads(data) if before else None
+            time.sleep(0.001)               # a worker is writing it
+        return None
+
+
+class _Arbiter:
+    """The master of WORKERS workers: binds the port and starts them; starts again one that dies;
+    forwards SIGHUP and SIGTERM, and ends when every worker has."""
+
+    def __init__(self, config, command):
+        self.config, self.command = config, command
+        self.count = config.worker_count
+        self.workers = {}                   # pid -> (slot, started at, monotonic)
+        self.due = {}                       # slot -> when it starts again (monotonic)
+        self.quick_deaths = collections.Counter()   # slot -> deaths in a row soon after start
+        self.signals = []
+        self.listener = self.share = None
+        self.pipe = ()                      # set_wakeup_fd's: (read end, write end)
+
+    def run(self):
+        """Start everything, run until the workers are gone; the exit code."""
+        config = self.config
+        log.info("configuration: %s", config.describe())
+        try:
+            self.listener = _listening_socket(config)
+        except OSError as error:
+            log.error("cannot start: cannot listen on %s:%d: %s", config.host, config.port, error)
+            return EXIT_RETRY
+        try:
+            app = _app_for(config, self.command)
+            log.info("backend: %s, driver: %s", app.db.name, app.db.driver())
+            schemas = app.start(progress=lambda message: log.info("migrate: %s", message))
+            _tell_start(app, config, schemas)
+            app.db.close()                  # each worker opens its own: no connection is forked
+        except BaseException:
+            self.listener.close()
+            raise
+        share = config.worker_share()
+        log.info("%d workers, each with %d threads, %d database connections, %d connections and "
+                 "%d waiting pulls at most", self.count, share.threads, share.db_pool_size,
+                 share.max_connections, share.longpoll_max_waiters)
+        self.share = _WorkerShare(self.count)
+        wakeup, woken = self.pipe = os.pipe()
+        os.set_blocking(wakeup, False)
+        os.set_blocking(woken, False)
+        previous = {number: signal.signal(number, self._signalled) for number in
+                    (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)}
+        previous_fd = signal.set_wakeup_fd(woken)
+        try:
+            for slot in range(self.count):
+                self._start(slot)
+            return self._loop(wakeup)
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            os.close(wakeup)
+            os.close(woken)
+            self.listener.close()
+
+    def _signalled(self, number, frame):
+        self.signals.append(number)         # the loop acts on it (set_wakeup_fd wakes it)
+
+    def _loop(self, wakeup):
+        """Forward signals, restart workers that died; return once every worker ended."""
+        stopping_at = None
+        while True:
+            now = time.monotonic()
+            timeout = min([1.0] + [max(0.0, when - now) for when in self.due.values()])
+            select.select([wakeup], [], [], timeout)
+            try:
+                os.read(wakeup, 512)
+            except BlockingIOError:
+                pass
+            signals, self.signals = self.signals, []
+            for number in signals:
+                if number == signal.SIGHUP:
+                    log.info("SIGHUP: the workers read the tokens file again")
+                    self._send(signal.SIGHUP)
+                elif number in (signal.SIGTERM, signal.SIGINT) and stopping_at is None:
+                    log.info("SIGTERM: the workers finish their requests in progress (up to %d s)",
+                             self.config.shutdown_grace_seconds)
+                    stopping_at = time.monotonic()
+                    self.listener.close()       # the port stays only with the workers, who drain
+                    self.due.clear()
+                    self._send(signal.SIGTERM)
+            self._reap(restart=stopping_at is None)
+            if stopping_at is not None:
+                if not self.workers:
+                    log.info("stopped")
+                    return 0
+                if time.monotonic() > stopping_at + self.config.shutdown_grace_seconds \
+                        + WORKER_KILL_MARGIN_SECONDS:
+                    log.warning("workers still running are killed")
+                    self._send(signal.SIGKILL)
+                continue
+            for slot, when in list(self.due.items()):
+                if time.monotonic() >= when:
+                    del self.due[slot]
+                    self._start(slot)
+
+    def _send(self, number):
+        """Send a signal to every worker."""
+        for pid in self.workers:
+            try:
+                os.kill(pid, number)
+            except ProcessLookupError:
+                pass                        # it just ended: _reap sees it
+
+    def _reap(self, restart):
+        """Collect ended workers; with `restart`, say when each starts again."""
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot, started = self.workers.pop(pid, (None, 0.0))
+            if slot is None or not restart:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            lived = time.monotonic() - started
+            quick = self.quick_deaths[slot] = \
+                self.quick_deaths[slot] + 1 if lived < WORKER_STABLE_SECONDS else 0
+            delay = min(2 ** (quick - 1), WORKER_RESTART_MOST_SECONDS) if quick else 0
+            log.warning("worker %d (pid %d) %s after %.0f s; it starts again in %d s", slot, pid,
+                        "was killed by signal %d" % -code if code < 0 else "exited with %d" % code,
+                        lived, delay)
+            self.due[slot] = time.monotonic() + delay
+
+    def _start(self, slot):
+        """Fork the worker of `slot`."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        master = os.getpid()
+        pid = os.fork()
+        if pid:
+            self.workers[pid] = (slot, time.monotonic())
+            log.info("worker %d started (pid %d)", slot, pid)
+            return
+        code = EXIT_RETRY
+        try:
+            signal.set_wakeup_fd(-1)
+            for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(number, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C: KeyboardInterrupt
+            for descriptor in self.pipe:
+                os.close(descriptor)
+            _end_with_parent()
+            if os.getppid() == master:      # else the master ended before the worker could know
+                code = _exit_code_of(self.command, lambda: self._work(slot))
+        except SystemExit as ended:
+            code = ended.code if isinstance(ended.code, int) else 0
+        except BaseException:
+            log.exception("worker %d failed", slot)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _work(self, slot):
+        """In the forked worker: start its app on the shared socket and serve until SIGTERM."""
+        config = self.config.worker_share()
+        share = self.share
+        share.slot = slot
+        app = _app_for(config, self.command)
+        app.share = share
+        app.start()                         # the master installed everything: found in place
+        server = _create_server(app, config, self.listener)
+        share.adopt(app)
+        return _serve_app(app, config, server, share)
+
+
+def _listening_socket(config):
+    """The master's socket listening on HOST:PORT, as waitress binds one (SO_REUSEADDR)."""
+    family, kind, protocol, _, address = socket.getaddrinfo(
+        config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    listener = socket.socket(family, kind, protocol)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(1024)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def _end_with_parent():
+    """Linux: the kernel sends this process SIGTERM when its parent (the master) ends."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)     # 1 is PR_SET_PDEATHSIG
+    # not Linux, or no ctypes: a worker outlives a master killed with SIGKILL
+    except Exception:
+        pass
+
 
 
 def _migrate_command(config, args):
@@ -8547,16 +9029,22 @@ def main(argv=None):
         return _fail(args.command, error, EXIT_CONFIGURATION)
     configure_logging(config.log_format, config.log_level)
     try:
-        return COMMANDS[args.command](config, args)
-    except (ConfigError, SchemaError, ChangeCaptureError) as error:
-        return _fail(args.command, error, EXIT_CONFIGURATION)
-    except DatabaseUnavailable as error:
-        return _fail(args.command, "the database is unavailable: %s" % error,
-                     EXIT_CONFIGURATION if error.lasting else EXIT_RETRY)
+        return _exit_code_of(args.command, lambda: COMMANDS[args.command](config, args))
     # `cloudsync.py log | head`: the reader has what it wanted
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _exit_code_of(command, run):
+    """run()'s exit code, or the one its error calls for (said in the log)."""
+    try:
+        return run()
+    except (ConfigError, SchemaError, ChangeCaptureError) as error:
+        return _fail(command, error, EXIT_CONFIGURATION)
+    except DatabaseUnavailable as error:
+        return _fail(command, "the database is unavailable: %s" % error,
+                     EXIT_CONFIGURATION if error.lasting else EXIT_RETRY)
 
 
 # ---------------------------------------------------------------------------
@@ -8744,6 +9232,10 @@ METRIC_HELP = {
     "cloudsync_pool_connections_idle": ("gauge", "open database connections waiting in the pool"),
     "cloudsync_change_log_head": ("gauge", "the newest sequence number given out (the current checkpoint)"),
     "cloudsync_driver_info": ("gauge", "the database driver in use (1)"),
+    "cloudsync_workers": ("gauge", "server processes sharing the port (WORKERS above 1)"),
+    "cloudsync_worker_wakeups_total": ("counter",
+                                       "looks at the change log a push through another worker "
+                                       "asked for (WORKERS above 1)"),
 }
 
 

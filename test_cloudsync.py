@@ -46,12 +46,14 @@ Contents, in the order of the banners below (a test keeps this list true):
   39. Change capture that follows the live schema
   40. Bounded under attack and faults: bytes, time, connections
   41. Wake-ups: a change wakes only the waiting pulls it concerns
+  42. Workers: one port, several processes
 """
 
 import argparse
 import base64
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -1846,7 +1848,9 @@ class LiveServer:
         self.port = _free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         env = {name: value for name, value in os.environ.items() if name not in cloudsync.SETTING_NAMES}
-        env.update(HOST="127.0.0.1", PORT=str(self.port), COMPACT_INTERVAL_SECONDS="3600", **settings)
+        # one process unless a test asks for workers (section 42)
+        env.update(dict(dict(HOST="127.0.0.1", PORT=str(self.port), COMPACT_INTERVAL_SECONDS="3600", WORKERS="1"),
+                        **settings))
         self.env = env
         self.cwd = str(tmp_path)
         self.process = subprocess.Popen([sys.executable, script or os.path.join(HERE, "cloudsync.py")]
@@ -7268,6 +7272,40 @@ def test_a_first_sync_gets_every_row_when_rows_commit_between_measuring_and_read
         application.db.close()
 
 
+def test_a_pulls_log_read_is_one_index_range_per_table_and_scope_value(scoped):
+    grant = scoped.engine.grant_for(next(token for token in scoped.auth.tokens if token.device_id == "both"))
+    parts = scoped.engine.changelog._entries_sql(["orders", "catalogue"], {"orders": 5, "catalogue": 9}, 11, grant,
+                                                 None)
+    assert parts == [
+        ("SELECT 'e', table_name, row_key, seq FROM cloudsync_changes WHERE table_name = ? AND scope = ? AND seq > ?"
+         " ORDER BY seq LIMIT ?", ["orders", "7", 5, 11]),
+        ("SELECT 'e', table_name, row_key, seq FROM cloudsync_changes WHERE table_name = ? AND scope = ? AND seq > ?"
+         " ORDER BY seq LIMIT ?", ["orders", "8", 5, 11]),
+        ("SELECT 'e', table_name, row_key, seq FROM cloudsync_changes WHERE table_name = ? AND seq > ?"
+         " ORDER BY seq LIMIT ?", ["catalogue", 9, 11])]
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 50])
+def test_a_row_changed_many_times_comes_once_a_page_and_the_loop_ends_with_every_row_as_it_is(backend, limit):
+    application = started(backend)
+    try:
+        since = pull(application, tables=["sales"], since=None).json["checkpoint"]
+        for number in range(4):
+            backend.sql("INSERT INTO sales (id, total) VALUES (?, 1)", ("r%d" % number,))
+            for times in range(3):
+                backend.sql("UPDATE sales SET total = ? WHERE id = 'r0'", (10 * number + times,))
+        backend.sql("DELETE FROM sales WHERE id = 'r2'")
+        held = {}
+        for answer, rows in _pages(application, {"tables": ["sales"], "since": since, "limit": limit}):
+            assert len({row["id"] for row in rows}) == len(rows)               # once a page
+            held.update({row["id"]: row["total"] for row in rows})
+            for key in answer["changes"]["sales"]["deleted"]:
+                held.pop(key, None)
+        assert held == {"r0": "32.00", "r1": "1.00", "r3": "1.00"}
+    finally:
+        application.db.close()
+
+
 def test_a_row_larger_than_the_pull_budget_goes_alone(backend):
     application = started(backend, PULL_MAX_BYTES="1000")
     try:
@@ -7590,3 +7628,195 @@ def test_byte_pages_of_an_invented_table_with_a_composite_key_and_binary_rows_gi
         assert sorted(got) == sorted((key, photos[key]) for key in changed) and len(pages) >= 3
     finally:
         application.db.close()
+
+
+
+# ---------------------------------------------------------------------------
+# Workers: one port, several processes
+# ---------------------------------------------------------------------------
+# WORKERS=2: a master and two workers on one listening socket. Which worker
+# holds a connection is read from /proc (the worker whose descriptors hold the
+# server's end of it), so a test puts a long poll in one worker and a push in
+# the other on purpose.
+
+@pytest.mark.parametrize("settings, workers, share", [
+    ({"WORKERS": "2", "DB_POOL_SIZE": "8"}, 2, (4, 500, 50)),
+    ({"WORKERS": "3", "DB_POOL_SIZE": "10", "MAX_CONNECTIONS": "100", "LONGPOLL_MAX_WAITERS": "10"}, 3, (3, 34, 4)),
+    ({"WORKERS": "1"}, 1, (8, 1000, 100)),
+    ({"WORKERS": "auto"}, 1, (8, 1000, 100)),              # SQLite writes one transaction at a time
+    ({"WORKERS": "auto", "DB_HOST": "db", "DB_USER": "u", "DB_NAME": "n"},
+     max(1, min(os.cpu_count() or 1, 4, 8 // 3)), None),
+])
+def test_workers_divide_the_totals_they_share(settings, workers, share):
+    config = cloudsync.load_config(None, environ=settings)
+    assert config.worker_count == workers
+    if share is not None:
+        mine = config.worker_share()
+        assert (mine.db_pool_size, mine.max_connections, mine.longpoll_max_waiters) == share
+        assert mine.threads == config.threads                 # THREADS is each worker's
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"WORKERS": "3", "DB_POOL_SIZE": "8"}, "WORKERS=3 needs DB_POOL_SIZE of at least 9"),
+    ({"WORKERS": "0"}, "WORKERS='0' is not valid: expected auto or a number of processes from 1 to 64"),
+    ({"WORKERS": "two"}, "expected auto or a number"),
+])
+def test_a_worker_count_the_pool_cannot_serve_is_refused_in_one_sentence(settings, message):
+    with pytest.raises(cloudsync.ConfigError) as error:
+        cloudsync.load_config(None, environ=settings)
+    assert message in str(error.value)
+
+
+def _workers_of(server, count=2):
+    """The pids of a LiveServer's workers, once `count` of them run."""
+    pid = server.process.pid
+
+    def children():
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as handle:
+            return [int(child) for child in handle.read().split()]
+    until(lambda: len(children()) == count)
+    return children()
+
+
+def _holder(workers, client_port):
+    """The worker holding the server's end of the connection from `client_port`, or None."""
+    inodes = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as handle:
+            for line in handle.read().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == client_port:
+                    inodes.add("socket:[%s]" % fields[9])
+    for pid in workers:
+        for descriptor in os.listdir("/proc/%d/fd" % pid):
+            try:
+                if os.readlink("/proc/%d/fd/%s" % (pid, descriptor)) in inodes:
+                    return pid
+            except OSError:
+                pass
+    return None
+
+
+def _connection_in(server, workers, other_than=None):
+    """(an open connection, the worker holding it), in a worker other than `other_than`."""
+    for _ in range(200):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.connect()
+        port, held = conn.sock.getsockname()[1], []
+        until(lambda: held.append(_holder(workers, port)) or held[-1] is not None)
+        if held[-1] != other_than:
+            return conn, held[-1]
+        conn.close()
+    raise AssertionError("every connection went to worker %d" % other_than)
+
+
+def _on(conn, method, path, body=None):
+    """(status, answer: JSON, or the text of /metrics) of one request on an open connection."""
+    conn.request(method, path, body=None if body is None else json.dumps(body),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    data = response.read()
+    return response.status, data.decode() if path == "/metrics" else json.loads(data)
+
+
+def _metric(text, sample):
+    """A sample's value in /metrics text (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _metric_of(server, sample):
+    """A sample's value in /metrics, asked on a new connection (any worker answers)."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+        return _metric(response.read().decode(), sample)
+
+
+def _long_poll(conn, tables, since, wait=20):
+    """A thread making a long poll on `conn`; its `.answer` once it is answered."""
+    def run():
+        thread.answer = _on(conn, "POST", "/sync/pull", {"tables": tables, "since": since, "wait": wait})
+    thread = threading.Thread(target=run, daemon=True)
+    thread.answer = None
+    thread.start()
+    return thread
+
+
+def test_a_push_in_one_worker_wakes_a_long_poll_in_the_other(backend, tmp_path):
+    server = LiveServer(tmp_path, WORKERS="2", ALLOWED_TABLES="sales", **backend.settings)
+    try:
+        workers = _workers_of(server)
+        polling, first = _connection_in(server, workers)
+        pushing, second = _connection_in(server, workers, other_than=first)
+        status, answer = _on(polling, "POST", "/sync/pull", {"tables": ["sales"], "since": None})
+        assert status == 200, answer
+        told = _metric_of(server, "cloudsync_worker_wakeups_total")
+        waiting = _long_poll(polling, ["sales"], answer["checkpoint"])
+        until(lambda: _metric_of(server, "cloudsync_longpoll_waiting") == 1)
+        assert _on(pushing, "POST", "/sync/push", {"operations": [op("insert", id="w1", total="1.00")]})[0] == 200
+        waiting.join(25)
+        status, answer = waiting.answer
+        assert status == 200 and [row["id"] for row in answer["changes"]["sales"]["upserted"]] == ["w1"]
+        # the pushing worker told the other over the line, not only through the database
+        until(lambda: _metric_of(server, "cloudsync_worker_wakeups_total") > told)
+    finally:
+        server.stop()
+
+
+def test_metrics_count_every_worker_whichever_answers(tmp_path):
+    server = LiveServer(tmp_path, WORKERS="2")
+    try:
+        workers = _workers_of(server)
+        conns = [_connection_in(server, workers)]
+        conns.append(_connection_in(server, workers, other_than=conns[0][1]))
+        for number in range(5):
+            conn, _ = conns[number % 2]
+            assert _on(conn, "POST", "/sync/push", {"operations": [op("insert", id="m%d" % number)]})[0] == 200
+        sample = 'cloudsync_operations_pushed_total{action="insert",table="sales"}'
+        for conn, _ in conns:                       # asked of each worker in turn
+            until(lambda: _metric(_on(conn, "GET", "/metrics")[1], sample) == 5)
+            text = _on(conn, "GET", "/metrics")[1]
+            assert _metric(text, "cloudsync_workers") == 2
+            assert _metric(text, 'cloudsync_requests_total{method="POST",route="/sync/push",status="200"}') == 5
+    finally:
+        server.stop()
+
+
+def test_a_killed_worker_is_started_again_and_keeps_its_counts(tmp_path):
+    server = LiveServer(tmp_path, WORKERS="2")
+    sample = 'cloudsync_operations_pushed_total{action="insert",table="sales"}'
+    try:
+        workers = _workers_of(server)
+        conn, victim = _connection_in(server, workers)
+        for number in range(3):
+            assert _on(conn, "POST", "/sync/push", {"operations": [op("insert", id="k%d" % number)]})[0] == 200
+        until(lambda: _metric_of(server, sample) == 3)
+        conn.close()
+        os.kill(victim, signal.SIGKILL)
+        until(lambda: victim not in _workers_of(server) and len(_workers_of(server)) == 2)
+        assert _http(server.url, "GET", "/health")[0] == 200
+        assert _http(server.url, "POST", "/sync/push", {"operations": [op("insert", id="k3")]})[0] == 200
+        until(lambda: _metric_of(server, sample) == 4)          # the dead worker's 3 are still counted
+        assert "worker %d" % 0 in open(server.log).read() and "was killed by signal 9" in open(server.log).read()
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_every_worker(tmp_path):
+    server = LiveServer(tmp_path, WORKERS="2")
+    workers = _workers_of(server)
+    polls = []
+    held = None
+    for _ in range(2):
+        conn, held = _connection_in(server, workers, other_than=held)
+        status, answer = _on(conn, "POST", "/sync/pull", {"tables": ["sales"], "since": None})
+        polls.append(_long_poll(conn, ["sales"], answer["checkpoint"]))
+    until(lambda: _metric_of(server, "cloudsync_longpoll_waiting") == 2)
+    server.process.send_signal(signal.SIGTERM)
+    for poll in polls:                              # each worker answered its waiting pull normally
+        poll.join(15)
+        assert not poll.is_alive() and poll.answer[0] == 200
+        assert poll.answer[1]["changes"]["sales"] == {"upserted": [], "deleted": []}
+    assert server.process.wait(timeout=30) == 0
+    until(lambda: not any(os.path.exists("/proc/%d" % pid) for pid in workers))
