@@ -223,6 +223,10 @@ WATCH_INTERVAL_SECONDS = 0.5        # the watcher looks at the change log this o
 LONGPOLL_RETRY_AFTER_SECONDS = 2    # what a pull turned away from waiting is told to wait
 LONGPOLL_WAITERS_PER_DEVICE = 4     # pulls of one device (or one address) waiting at once
 WATCH_MOVES_KEPT = 64               # the watcher's last moves of the log a waiting pull judges
+# woken pulls' answers kept for others at the same checkpoint: at most this many, each at most
+# this large (about: the text of its values), 16 MiB in all
+SHARED_ANSWERS_KEPT = 256
+SHARED_ANSWER_BYTES = 64 << 10
 # connections of the pool (DB_POOL_SIZE) pulls never take all of: kept for pushes (App._read_pull)
 PUSH_RESERVED_CONNECTIONS = 2
 # a look that finds more new changes than this wakes every waiting pull without reading which
@@ -273,6 +277,7 @@ WORKERS_MOST = 64
 # each worker's least share of DB_POOL_SIZE: a pull's, a push's and its watcher's
 WORKER_LEAST_CONNECTIONS = 3
 METRICS_SHARE_SECONDS = 0.25        # a worker publishes its metrics at most this long after a change
+WORKER_MESSAGE_BYTES = 32768        # a move told to the other workers; a larger one says "anything"
 METRICS_SLOT_BYTES = 1 << 20        # shared memory one worker's published metrics may fill
 # a worker that dies within WORKER_STABLE_SECONDS of its start is started again after 1 s, then
 # 2, 4... up to WORKER_RESTART_MOST_SECONDS; one that lived longer, at once
@@ -1185,6 +1190,11 @@ def presented_digest(request):
     return hashlib.sha256(presented.strip().encode("utf-8", "replace")).digest()
 
 
+def _by_digest(tokens):
+    """{a token's SHA-256: the token} (of tokens written twice, the last, as the file reads)."""
+    return {token.digest: token for token in tokens}
+
+
 class Authenticator:
     """Who may call /sync*: a device with a valid token, or anyone when no token is configured.
 
@@ -1198,6 +1208,7 @@ class Authenticator:
         self.config = config
         self._file_state = self._file_stat()
         self.tokens = self._load()
+        self._by_digest = _by_digest(self.tokens)
         # once tokens guard the server, an emptied file does not open it: every request gets 401
         self._started_required = bool(self.tokens)
         self.required = self._started_required
@@ -1249,7 +1260,8 @@ class Authenticator:
         except ConfigError as error:
             log.error("tokens file not reloaded, the tokens in force stay: %s", error)
             return False
-        # one assignment: a request sees the old list or the new one
+        # one assignment each: a request finds its token in the old tokens or in the new ones
+        self._by_digest = _by_digest(tokens)
         self.tokens = tokens
         self.required = self._started_required or bool(tokens)
         log.info("tokens reloaded: %d device token(s)", len(tokens))
@@ -1268,11 +1280,10 @@ class Authenticator:
             if not self.required:
                 return None
             self._refuse(request, "send the header Authorization: Bearer <token>")
-        found = None
-        # every token is compared: the time does not tell which matched
-        for token in self.tokens:
-            if token.matches(digest):
-                found = token
+        # by the SHA-256 of what was presented: how long the lookup takes depends on that digest,
+        # which tells nothing of any token held (one comparison per token took milliseconds
+        # with a chain's 500 tills)
+        found = self._by_digest.get(digest)
         if found is None \
                 and not any([token.matches(digest) for token in monitors if token is not None]) \
                 and self.required:
@@ -2373,6 +2384,13 @@ def _groups_of_bytes(rows, most):
         yield group
 
 
+def _insert_parts(sql):
+    """(INSERT ... up to VALUES, the row's (?, ...), what follows it) of a one-row INSERT."""
+    head, _, rest = sql.partition(" VALUES ")
+    row, close, tail = rest.partition(")")
+    return head, row + close, tail
+
+
 def _fill(template, values):
     """SQL text pieces split at ?, joined with the escaped values between them."""
     pieces = [template[0]]
@@ -2415,8 +2433,10 @@ class _DriverStatements:
         return rows
 
     def executemany(self, conn, sql, rows):
-        """An INSERT of many rows as multi-row statements of about MYSQL_STATEMENT_BYTES."""
-        head, _, row_template = sql.partition(" VALUES ")
+        """An INSERT of many rows as multi-row statements of about MYSQL_STATEMENT_BYTES (what
+        follows the row's (?, ...), such as ON DUPLICATE KEY UPDATE, ends each)."""
+        head, row_template, tail = _insert_parts(sql)
+        tail = tail.encode("utf-8")
         template = row_template.encode("utf-8").split(b"?")
         width = len(template) - 1
         rows = [tuple(row) for row in rows]
@@ -2433,10 +2453,11 @@ class _DriverStatements:
                 statement.append(values)
                 size += len(values) + 2
                 if size > MYSQL_STATEMENT_BYTES:
-                    conn.cmd_query(head.encode("utf-8") + b" VALUES " + b", ".join(statement))
+                    conn.cmd_query(head.encode("utf-8") + b" VALUES " + b", ".join(statement)
+                                   + tail)
                     statement, size = [], 0
         if statement:
-            conn.cmd_query(head.encode("utf-8") + b" VALUES " + b", ".join(statement))
+            conn.cmd_query(head.encode("utf-8") + b" VALUES " + b", ".join(statement) + tail)
 
     @staticmethod
     def _free_result(conn):
@@ -2491,21 +2512,22 @@ class _CursorStatements:
 
     def executemany(self, conn, sql, rows):
         """An INSERT of many rows as multi-row statements within fits_one_statement()'s bound."""
-        head, _, row_template = sql.partition(" VALUES ")
+        parts = _insert_parts(sql)
         run, size = [], 0
         for row in rows:                    # runs within the bound fits_one_statement() checks
             bound = _row_bytes_bound(row)
             if run and size + bound > MYSQL_STATEMENT_BYTES:
-                self._insert_run(conn, head, row_template, run)
+                self._insert_run(conn, parts, run)
                 run, size = [], 0
             run.append(tuple(row))
             size += bound
         if run:
-            self._insert_run(conn, head, row_template, run)
+            self._insert_run(conn, parts, run)
 
-    def _insert_run(self, conn, head, row_template, run):
+    def _insert_run(self, conn, parts, run):
         """One multi-row INSERT of these rows."""
-        self.execute(conn, "%s VALUES %s" % (head, ", ".join([row_template] * len(run))),
+        head, row_template, tail = parts
+        self.execute(conn, "%s VALUES %s%s" % (head, ", ".join([row_template] * len(run)), tail),
                      [value for row in run for value in row])
 
     @staticmethod
@@ -6495,8 +6517,9 @@ class Pulls:
                        reset_tables=resets, checkpoint=checkpoint)
 
     def unchanged(self, tables, since, grant, head, quiet=None):
-        """A sync pull's answer without SQL when the log is where the checkpoint is, or moved
-        only by changes that are not the device's; else None.
+        """A sync pull's answer without SQL when the log is where the checkpoint is (or past
+        it: another instance or worker saw it later), or moved only by changes that are not
+        the device's; else None.
 
         `head`: the log's as the watcher last saw it (Long polls), which also
         keeps the tables' epochs (SyncEngine.epochs) as current. `quiet(since,
@@ -6506,7 +6529,7 @@ class Pulls:
         if since is None:
             return None
         fields, tables = self._position(tables, since, grant)
-        if fields["s"] != head and (quiet is None or fields["s"] > head or not quiet(
+        if fields["s"] < head and (quiet is None or not quiet(
                 fields["s"], head, {table: grant.scope(table).texts for table in tables})):
             return None
         if fields.get("scan") is not None or fields.get("x") \
@@ -6517,7 +6540,7 @@ class Pulls:
             return None
         return {"success": True, "changes": {table: {"upserted": [], "deleted": []}
                                              for table in tables},
-                "checkpoint": since if fields["s"] == head
+                "checkpoint": since if fields["s"] >= head
                 else self.engine.checkpoints.encode(dict(fields, s=head)), "has_more": False}
 
     def _scan_tables(self, conn, tables, scan, limit, changes, grant):
@@ -6808,6 +6831,13 @@ def parse_limit(value, cap):
 # tables' definitions (SyncEngine.follow_schema).
 
 
+def _answer_bytes(answer):
+    """About how much memory a sync pull's answer holds: the text of its values and keys."""
+    return sum(len(str(value)) for change in answer["changes"].values()
+               for row in change["upserted"] for value in row.values()) \
+        + sum(len(str(key)) for change in answer["changes"].values() for key in change["deleted"])
+
+
 class LogWatcher:
     """Knows the change log's head as of its last look, numbers what waits, and wakes the pulls
     waiting for a change."""
@@ -6824,49 +6854,60 @@ class LogWatcher:
         self._moves = collections.deque(maxlen=WATCH_MOVES_KEPT)
         self.woken = 0              # waiting pulls woken by a change that concerned them
         self.head = None            # the head at the last look; None: not known
-        self._last_seen = None      # (head, epochs, newest change not numbered) at the last look
+        self._last_seen = None      # (head, epochs) at the last look
+        self._pokes = 0             # pushes through this instance
+        # (poke number, {table: scope values} it may have changed) since the last look began
+        self._pushed = []
         self.seen_at = 0.0          # when (monotonic)
         self.looks = 0              # looks begun, and finished (number_now waits for one)
         self.looked = 0
         self._look_now = threading.Event()
         self.waiting = 0            # pulls waiting now
         self._waiters = collections.Counter()   # waiting pulls per device (or address)
+        # table -> scope value (None: every row) -> events of the pulls waiting there (park)
+        self._parked = collections.defaultdict(dict)
         self.turned_away = 0        # pulls that could not wait: LONGPOLL_MAX_WAITERS were
         self.stopping = False
         # serve: resize(waiting) gives the server THREADS threads plus one per waiting pull
         self.resize = None
-        # a worker (Workers): tells the other workers that the log moved; they look at once
+        # a worker (Workers): tell_others(before, after, moved) passes each move a look saw to
+        # the other workers (heard), so they wake their pulls without asking the database
         self.tell_others = None
         self._sharing = threading.Lock()
-        self._shared_generation, self._answers = None, {}   # key -> [lock, answer] (shared())
+        # key -> [lock, answer, the generation it was read at] (shared()), the newest last
+        self._answers = collections.OrderedDict()
 
     def look(self):
         """One look at the log: number what waits, wake the waiting pulls when it moved."""
         began = time.monotonic()            # what it sees is at least this fresh
         with self._changed:
             self.looks += 1
-            look = self.looks
+            look, pokes = self.looks, self._pokes
         try:
             with self.changelog.db.connection() as conn:
                 head, epochs, _, waiting = self.changelog.position(conn)
                 if waiting is not None:
-                    # the head moves: from now until this look ends, polls ask the database
-                    self.head = None
                     self.changelog.sequence(conn)
                     head, epochs, _, waiting = self.changelog.position(conn)
                 last = self._last_seen
                 if last is None or epochs != last[1]:
                     self.engine.epochs = self.changelog.epochs(conn)
                 moved = None                # not known: concerns every waiting pull
-                if last is not None and (head, epochs, waiting) != last and epochs == last[1] \
-                        and waiting is None and last[0] is not None and head is not None:
-                    moved = self.changelog.touched(conn, last[0], head)
+                if last is not None and epochs == last[1] and last[0] is not None:
+                    # numbered entries never change: what (last head, head] holds is final
+                    moved = {} if head == last[0] else self.changelog.touched(conn, last[0], head)
             with self._changed:
-                if (head, epochs, waiting) != self._last_seen:
+                told = (head, epochs) != (self._last_seen or (None, None))[:2]
+                if told:
                     self._moved(moved, last[0] if last is not None else None, head)
-                self._last_seen = (head, epochs, waiting)
-                self.head = head if waiting is None else None
+                self._last_seen = (head, epochs)
+                self.head = head
                 self.seen_at = began
+                # the pushes through this instance before the look began are in what it saw
+                self._pushed = [(number, pushed) for number, pushed in self._pushed
+                                if number > pokes]
+            if told and self.tell_others is not None:
+                self.tell_others(last[0] if last is not None else None, head, moved)
         finally:
             with self._changed:
                 self.looked = max(self.looked, look)
@@ -6884,13 +6925,13 @@ class LogWatcher:
             self._changed.wait_for(lambda: self.looked > after or self.stopping,
                                    2 * WATCH_INTERVAL_SECONDS)
 
-    def poke(self, told=False):
-        """A push through this instance committed (`told`: through another worker): number it
-        and wake the waiting pulls now."""
-        if not told and self.tell_others is not None:
-            self.tell_others()
+    def poke(self, pushed=None):
+        """A push through this instance committed (`pushed`: {table: the scope values it may
+        have written, None for any}; None: anything): number it and wake the waiting pulls
+        now. Until the next look, a poll of what it may have changed asks the database."""
         with self._changed:
-            self.head = None            # until the next look, idle polls ask the database
+            self._pokes += 1
+            self._pushed.append((self._pokes, pushed))
             # no watcher thread: the woken pulls number it. With one, its look (at once) tells
             # which tables and stores the push changed, and wakes only the pulls it concerns.
             if not self.running():
@@ -6903,24 +6944,35 @@ class LogWatcher:
         whether it concerns them. Holding _changed."""
         self.generation += 1
         self._moves.append((self.generation, moved, before, after))
-        self._changed.notify_all()
+        self._wake(moved)
+        self._changed.notify_all()          # number_now waits for a look
+
+    def heard(self, before, after, moved):
+        """Another worker's look saw the log move from head `before` to `after` (None: not
+        known), changing `moved` ({table: scope values}, None: anything): wake the waiting
+        pulls it concerns; when it continues this watcher's last look, the head is `after`."""
+        with self._changed:
+            self._moved(moved, before, after)
+            last = self._last_seen
+            if after is not None and last is not None and last[0] == before \
+                    and self.head == before:
+                # its look is as fresh as a look of this worker's now
+                self._last_seen, self.head, self.seen_at = (after,) + last[1:], after, \
+                    time.monotonic()
 
     def quiet_between(self, since, head, interest):
         """Whether every change of the log after `since` up to `head` is known, from the looks
         kept, to concern none of `interest`'s tables and scope values: a poll from `since` has
         nothing to read."""
         with self._changed:
-            covered = None                  # the log up to here is known
+            covered = since                 # the log up to here is known
             for _, moved, before, after in self._moves:
                 if before is None or after is None:
                     continue                # a push's wake: the look after it holds the range
-                if after <= since:
-                    continue
-                if covered is None:
-                    if before > since:
-                        return False        # the kept looks begin after `since`
-                elif before != covered:
-                    return False
+                if after <= covered:
+                    continue                # known already (another worker told it too)
+                if before > covered:
+                    return False            # a stretch of the log no kept look saw
                 if moved is None or self._touches(moved, interest):
                     return False
                 covered = after
@@ -6941,12 +6993,14 @@ class LogWatcher:
 
     @staticmethod
     def _touches(moved, interest):
-        """Whether changes of `moved` ({table: scope values}) are some of `interest`'s rows: a
-        change of a shared table, or of a row in one of the pull's scope values."""
+        """Whether changes of `moved` ({table: a set of scope values, or None for any}) are
+        some of `interest`'s rows: a change of a shared table, or of a row in one of the pull's
+        scope values."""
         for table, texts in interest.items():
-            scopes = moved.get(table)
-            if scopes is not None and (texts is None or not scopes.isdisjoint(texts)):
-                return True
+            if table in moved:
+                scopes = moved[table]       # None: any scope value
+                if scopes is None or texts is None or not scopes.isdisjoint(texts):
+                    return True
         return False
 
     def forget(self):
@@ -6957,30 +7011,51 @@ class LogWatcher:
         """Whether the watcher thread looked within WATCH_INTERVAL_SECONDS (serve runs it)."""
         return time.monotonic() - self.seen_at <= WATCH_INTERVAL_SECONDS
 
-    def shared(self, key, compute):
-        """compute(), or the answer it gave a pull with the same `key` since the log last moved.
+    def shared(self, key, interest, compute):
+        """compute(), or the answer it gave a pull with the same `key` (the same tables,
+        checkpoint and grant) since the log last moved in a way that concerns `interest`.
 
-        Woken together, the pulls of many devices at one checkpoint ask the
-        database once. Only while the watcher runs: it moves the generation
-        within WATCH_INTERVAL_SECONDS of any commit.
+        Woken by one sale, the tills of its store at one checkpoint ask the
+        database once, even when other stores' sales move the log between
+        their wake-ups. Only while the watcher runs: it sees any commit within
+        WATCH_INTERVAL_SECONDS (an answer a commit made just before outdated
+        moves the device's checkpoint to before it: it comes next time).
         """
         if not self.running():
             return compute()
-        generation = self.generation
         with self._sharing:
-            if self._shared_generation != generation:
-                self._shared_generation, self._answers = generation, {}
-            slot = self._answers.setdefault(key, [threading.Lock(), None])
+            slot = self._answers.get(key)
+            if slot is None or slot[1] is not None and self._concerned_since(slot[2], interest):
+                slot = self._answers[key] = [threading.Lock(), None, None]
+            self._answers.move_to_end(key)
+            while len(self._answers) > SHARED_ANSWERS_KEPT:
+                self._answers.popitem(last=False)
         with slot[0]:                       # one computes; the others wait for its answer
             if slot[1] is None:
+                slot[2] = self.generation   # what it holds is at least as new as this
                 slot[1] = compute()
+                if _answer_bytes(slot[1]) > SHARED_ANSWER_BYTES:
+                    with self._sharing:     # for those waiting now only: memory stays bounded
+                        if self._answers.get(key) is slot:
+                            del self._answers[key]
             return dict(slot[1])
 
-    def known_head(self):
-        """The head if the last look began at most WATCH_INTERVAL_SECONDS ago, else None."""
+    def _concerned_since(self, generation, interest):
+        """concerns(), taking _changed."""
+        with self._changed:
+            return self.concerns(generation, interest)
+
+    def known_head(self, interest=None):
+        """The head if the last look began at most WATCH_INTERVAL_SECONDS ago, and no push
+        through this instance since may have changed `interest` ({table: scope values}); else
+        None."""
         head, seen_at = self.head, self.seen_at
         if head is None or time.monotonic() - seen_at > WATCH_INTERVAL_SECONDS:
             return None
+        with self._changed:
+            if any(pushed is None or interest is None or self._touches(pushed, interest)
+                   for _, pushed in self._pushed):
+                return None
         return head
 
     def enter(self, waiter):
@@ -7020,17 +7095,68 @@ class LogWatcher:
         see every store, not those of the other stores; a change of a shared
         table (the catalogue) wakes every pull of it.
         """
+        event = threading.Event()
         with self._changed:
-            woken = self._changed.wait_for(
-                lambda: self.stopping or self.concerns(generation, interest),
-                max(0.0, deadline - time.monotonic())) and not self.stopping
-            self.woken += woken
-            return woken
+            if self.stopping:
+                return False
+            if self.concerns(generation, interest):
+                self.woken += 1
+                return True
+            places = self._places(interest)
+            for table, text in places:      # a move of these wakes it (_moved), nothing else
+                self._parked[table].setdefault(text, set()).add(event)
+        try:
+            event.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            with self._changed:
+                for table, text in places:
+                    waiting = self._parked[table][text]
+                    waiting.discard(event)
+                    if not waiting:
+                        del self._parked[table][text]
+                        if not self._parked[table]:
+                            del self._parked[table]
+                woken = event.is_set() and not self.stopping
+                self.woken += woken
+        return woken
+
+    @staticmethod
+    def _places(interest):
+        """Where a pull of `interest` waits: (table, scope value), or (table, None) for every
+        row of the table; (None, None) for any move (no interest given)."""
+        if interest is None:
+            return [(None, None)]
+        return [(table, text) for table, texts in interest.items()
+                for text in ((None,) if texts is None else texts)]
+
+    def _wake(self, moved):
+        """Set the events of the waiting pulls a move of `moved` concerns (None: every one).
+        Holding _changed. Only those threads wake: a sale in store 7 costs store 8's waiting
+        pulls nothing."""
+        if moved is None:
+            woken = [event for texts in self._parked.values() for events in texts.values()
+                     for event in events]
+        else:
+            woken = [event for event in self._parked.get(None, {}).get(None, ())]
+            for table, scopes in moved.items():
+                texts = self._parked.get(table)
+                if not texts:
+                    continue
+                if scopes is None:          # any scope value
+                    woken += [event for events in texts.values() for event in events]
+                    continue
+                woken += texts.get(None, ())
+                for scope in scopes:
+                    if scope is not None:
+                        woken += texts.get(scope, ())
+        for event in woken:
+            event.set()
 
     def stop(self):
         """SIGTERM: every waiting pull answers now, and none starts waiting."""
         with self._changed:
             self.stopping = True
+            self._wake(None)
             self._changed.notify_all()
 
     def run(self, stop):
@@ -7253,11 +7379,11 @@ class DeviceFleet:
             return
         try:
             with self.db.transaction(conn):
-                for device_id, entry in sorted(unsaved.items()):
-                    times = [None if moment is None
-                             else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(moment))
-                             for moment in entry[:4]]
-                    self.db.execute(conn, self.db.devices_upsert(), [device_id] + times + entry[4:])
+                # one statement for many devices (a fleet of 500 is seen every second)
+                self.db.executemany(conn, self.db.devices_upsert(), [
+                    [device_id] + [None if moment is None else time.strftime(
+                        "%Y-%m-%d %H:%M:%S", time.gmtime(moment)) for moment in entry[:4]]
+                    + entry[4:] for device_id, entry in sorted(unsaved.items())])
         except Exception:
             with self._lock:                # merge back, newer notes first
                 for device_id, entry in unsaved.items():
@@ -7458,6 +7584,7 @@ class App:
         self.pushes.on_retry = lambda: self.metrics.count("cloudsync_push_retries_total")
         # in a worker (Workers): where the others' metrics are, and the line that wakes them
         self.share = None
+        self.queued = None                  # serve: how many requests wait for a thread
         self.fleet = DeviceFleet(self.db)
         self.watcher = LogWatcher(self.engine, config.longpoll_max_waiters)
         self.engine.number_now = self.watcher.number_now
@@ -7656,7 +7783,11 @@ class App:
             if result.get("conflicts"):
                 self.metrics.count("cloudsync_conflicts_total", len(result["conflicts"]))
             if not result.get("replayed") and result["applied"]:
-                self.watcher.poke()
+                # what it may have written: its tables, within the device's scope values
+                scopes = {op.table.name: request.grant.scope(op.table.name).texts
+                          for op in operations}
+                self.watcher.poke({table: None if texts is None else set(texts)
+                                   for table, texts in scopes.items()})
             return 200, result
         except Refused as refusal:
             if refusal.reason == "conflict":
@@ -7733,7 +7864,8 @@ class App:
         """
         watcher = self.watcher
         generation = watcher.generation
-        known = watcher.known_head()
+        interest = {table: grant.scope(table).texts for table in tables}
+        known = watcher.known_head(interest)
         result = known is not None and self.pulls.unchanged(tables, since, grant, known,
                                                             watcher.quiet_between)
         if not result:
@@ -7748,10 +7880,10 @@ class App:
         try:
             deadline = time.monotonic() + wait
             key = (tuple(tables), since, limit, grant.fingerprint(tables))
-            interest = {table: grant.scope(table).texts for table in tables}
             while watcher.park(generation, deadline, interest):
                 generation = watcher.generation
-                result = watcher.shared(key, lambda: self._read_pull(tables, since, limit, grant))
+                result = watcher.shared(key, interest,
+                                        lambda: self._read_pull(tables, since, limit, grant))
                 if result["has_more"] or any(change["upserted"] or change["deleted"]
                                              for change in result["changes"].values()):
                     break
@@ -7844,6 +7976,8 @@ class App:
     def gauges(self):
         """This instance's gauges that add up across workers: [(name, labels, value)]."""
         gauges = [("cloudsync_longpoll_waiting", {}, self.watcher.waiting)]
+        if self.queued is not None:
+            gauges.append(("cloudsync_requests_queued", {}, self.queued()))
         pool = getattr(self.db, "pool", None)
         if pool is not None:
             gauges += [("cloudsync_pool_connections_in_use", {}, pool.in_use),
@@ -8058,6 +8192,12 @@ def _create_server(app, config, listener=None):
     set_count = _pool_resizer(server) if resizable else None
     if set_count is not None:
         app.watcher.resize = lambda waiting: set_count(config.threads + waiting)
+    # waitress logs "Task queue depth is N" for every request that waits for a thread: under a
+    # fleet's load, a line per request. The depth is the cloudsync_requests_queued gauge instead.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    queue = getattr(server.task_dispatcher, "queue", None)
+    if queue is not None:
+        app.queued = lambda: len(queue)
     return server
 
 
@@ -8278,9 +8418,11 @@ def _serve_app(app, config, server, share=None):
 # LONGPOLL_MAX_WAITERS (Config.worker_share). A worker at its share of
 # connections stops accepting, and the others take the new ones. What makes
 # the workers one server (_WorkerShare, made before the first fork):
-# - a push through one tells the others at once (a datagram each): their
-#   watchers look now, so a long poll in any worker wakes within one look,
-#   not one WATCH_INTERVAL_SECONDS;
+# - what one worker's watcher sees move in the log (after a push through it,
+#   at once) it tells the others (a datagram each: the heads before and
+#   after, the tables and scope values changed), which wake the long polls it
+#   concerns without asking the database: a long poll in any worker wakes
+#   within one look of the pushing worker, not one WATCH_INTERVAL_SECONDS;
 # - /metrics sums every worker's counters: each publishes its own into its
 #   slot of shared memory at most METRICS_SHARE_SECONDS after they change,
 #   and the one answering publishes first and sums the slots, so whichever
@@ -8327,22 +8469,29 @@ class _WorkerShare:
             app.metrics.absorb(snapshot)
         self.publish(app)
 
-    def tell_others(self):
-        """The log moved through this worker: every other worker looks at once."""
+    def tell_others(self, before, after, moved):
+        """This worker's watcher saw the log move (LogWatcher.heard): tell every other worker."""
+        message = to_json_bytes([before, after, None if moved is None else {
+            table: sorted(scopes, key=lambda scope: (scope is None, scope or ""))
+            for table, scopes in moved.items()}])
+        if len(message) > WORKER_MESSAGE_BYTES:
+            message = to_json_bytes([before, after, None])      # wakes every pull: still right
         for slot, (_, sending) in enumerate(self._line):
             if slot != self.slot:
                 try:
-                    sending.send(b"!")
+                    sending.send(message)
                 except OSError:
-                    pass                    # its queue is full: it has wake-ups waiting already
+                    # its queue is full: its own look, within WATCH_INTERVAL_SECONDS, sees it
+                    pass
 
     def _listen(self, app):
-        """The worker's thread receiving the others' wake-ups."""
+        """The worker's thread hearing the others' looks."""
         receiving = self._line[self.slot][0]
         while True:
-            receiving.recv(16)
+            before, after, moved = json.loads(receiving.recv(WORKER_MESSAGE_BYTES))
             app.metrics.count("cloudsync_worker_wakeups_total")
-            app.watcher.poke(told=True)
+            app.watcher.heard(before, after, None if moved is None else {
+                table: set(scopes) for table, scopes in moved.items()})
 
     def _publishing(self, app, stop):
         """The worker's thread publishing its metrics when they changed."""
@@ -9233,9 +9382,10 @@ METRIC_HELP = {
     "cloudsync_change_log_head": ("gauge", "the newest sequence number given out (the current checkpoint)"),
     "cloudsync_driver_info": ("gauge", "the database driver in use (1)"),
     "cloudsync_workers": ("gauge", "server processes sharing the port (WORKERS above 1)"),
+    "cloudsync_requests_queued": ("gauge", "requests received and waiting for a free thread"),
     "cloudsync_worker_wakeups_total": ("counter",
-                                       "looks at the change log a push through another worker "
-                                       "asked for (WORKERS above 1)"),
+                                       "moves of the change log another worker's watcher told "
+                                       "(WORKERS above 1)"),
 }
 
 

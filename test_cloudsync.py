@@ -3397,16 +3397,16 @@ def test_device_fleet_needs_the_admin_token(backend, settings, token):
 
 def test_device_fleet_survives_a_failed_flush(app, backend):
     app.fleet.seen("till", "push")
-    real_execute = app.db.execute
+    real_executemany = app.db.executemany
 
-    def failing(conn, sql, params=()):
+    def failing(conn, sql, rows):
         if "cloudsync_devices" in sql:
             raise cloudsync.DatabaseUnavailable("down")
-        return real_execute(conn, sql, params)
-    app.db.execute = failing
+        return real_executemany(conn, sql, rows)
+    app.db.executemany = failing
     with app.db.connection() as conn, pytest.raises(cloudsync.DatabaseUnavailable):
         app.fleet.flush(conn)
-    del app.db.execute
+    del app.db.executemany
     app.fleet.seen("till", "pull", checkpoint_seq=0)
     with app.db.connection() as conn:
         till, = app.fleet.devices(conn, 0)
