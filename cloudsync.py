@@ -226,6 +226,8 @@ WATCH_MOVES_KEPT = 64               # the watcher's last moves of the log a wait
 # woken pulls' answers kept for others at the same checkpoint: at most this many, each at most
 # this large (about: the text of its values), 16 MiB in all
 SHARED_ANSWERS_KEPT = 256
+# threads a server keeps beyond THREADS and the waiting pulls (_with_spare_threads)
+SPARE_THREADS = 8
 SHARED_ANSWER_BYTES = 64 << 10
 # connections of the pool (DB_POOL_SIZE) pulls never take all of: kept for pushes (App._read_pull)
 PUSH_RESERVED_CONNECTIONS = 2
@@ -2764,6 +2766,23 @@ def _pool_resizer(server):
     """The function setting the waitress server's thread count, or None when it has none."""
     set_count = getattr(getattr(server, "task_dispatcher", None), "set_thread_count", None)
     return set_count if callable(set_count) else None
+
+
+def _with_spare_threads(set_count, threads):
+    """resize(waiting) for the watcher: at least `threads` plus one per waiting pull, with up to
+    SPARE_THREADS more when it grows and up to twice that before it shrinks. A till's pull that
+    is answered and waits again at once neither starts nor stops a thread (in waitress, a stop
+    wakes every idle thread)."""
+    count = [threads]
+    lock = threading.Lock()
+
+    def resize(waiting):
+        wanted = threads + waiting
+        with lock:
+            if wanted > count[0] or count[0] > wanted + 2 * SPARE_THREADS:
+                count[0] = wanted + SPARE_THREADS if waiting else threads
+                set_count(count[0])
+    return resize
 
 
 def _resizable_pool():
@@ -8191,7 +8210,7 @@ def _create_server(app, config, listener=None):
         server.cloudsync_limits = limits
     set_count = _pool_resizer(server) if resizable else None
     if set_count is not None:
-        app.watcher.resize = lambda waiting: set_count(config.threads + waiting)
+        app.watcher.resize = _with_spare_threads(set_count, config.threads)
     # waitress logs "Task queue depth is N" for every request that waits for a thread: under a
     # fleet's load, a line per request. The depth is the cloudsync_requests_queued gauge instead.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
