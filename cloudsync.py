@@ -226,6 +226,9 @@ WATCH_MOVES_KEPT = 64               # the watcher's last moves of the log a wait
 # woken pulls' answers kept for others at the same checkpoint: at most this many, each at most
 # this large (about: the text of its values), 16 MiB in all
 SHARED_ANSWERS_KEPT = 256
+# a pull's log read reads each table and scope value as a range of its own, in order, up to
+# this many ranges; with more, one per table (ChangeLog._entries_sql)
+ENTRY_PARTS_MOST = 16
 # threads a server keeps beyond THREADS and the waiting pulls (_with_spare_threads)
 SPARE_THREADS = 8
 SHARED_ANSWER_BYTES = 64 << 10
@@ -2387,10 +2390,14 @@ def _groups_of_bytes(rows, most):
 
 
 def _insert_parts(sql):
-    """(INSERT ... up to VALUES, the row's (?, ...), what follows it) of a one-row INSERT."""
+    """(INSERT ... up to VALUES, the row's (?, ..., NOW(6)), the ON DUPLICATE KEY UPDATE or
+    ON CONFLICT that ends the statement, or '') of a one-row INSERT."""
     head, _, rest = sql.partition(" VALUES ")
-    row, close, tail = rest.partition(")")
-    return head, row + close, tail
+    for clause in (" ON DUPLICATE KEY UPDATE ", " ON CONFLICT "):
+        if clause in rest:
+            row, _, tail = rest.partition(clause)
+            return head, row, clause + tail
+    return head, rest, ""
 
 
 def _fill(template, values):
@@ -5114,11 +5121,21 @@ class ChangeLog:
         """
         bounds = since if isinstance(since, dict) else dict.fromkeys(tables, since)
         parts = []
+        scopes = {table: grant.scope(table).texts for table in tables}
+        # many scope values (a region's stores): one part per table, whose scope values the
+        # index reads as several ranges, sorted; so a statement stays within SQLite's 500
+        # parts, and a read holds at most a limit's entries per table
+        apart = sum(1 if texts is None else len(texts) for texts in scopes.values()) \
+            <= ENTRY_PARTS_MOST
         for table in tables:
-            texts = grant.scope(table).texts
-            for where, where_params in ([("table_name = ?", [table])] if texts is None else
-                                        [("table_name = ? AND scope = ?", [table, text])
-                                         for text in texts]):
+            texts = scopes[table]
+            if not texts and texts is not None:
+                continue                    # a scope no row can be in
+            marks = ", ".join("?" for _ in texts or ())
+            for where, where_params in (
+                    [("table_name = ?", [table])] if texts is None else
+                    [("table_name = ? AND scope = ?", [table, text]) for text in texts] if apart
+                    else [("table_name = ? AND scope IN (%s)" % marks, [table] + list(texts))]):
                 if exclude:
                     where += " AND (push_id IS NULL OR NOT (%s))" % self._excluded_sql()
                     where_params = where_params + [exclude]
@@ -6535,7 +6552,7 @@ class Pulls:
                        "again with \"since\": null" % ", ".join(resets), reset=True,
                        reset_tables=resets, checkpoint=checkpoint)
 
-    def unchanged(self, tables, since, grant, head, quiet=None):
+    def unchanged(self, tables, since, grant, head, quiet=None, highest=None):
         """A sync pull's answer without SQL when the log is where the checkpoint is (or past
         it: another instance or worker saw it later), or moved only by changes that are not
         the device's; else None.
@@ -6543,11 +6560,16 @@ class Pulls:
         `head`: the log's as the watcher last saw it (Long polls), which also
         keeps the tables' epochs (SyncEngine.epochs) as current. `quiet(since,
         head, interest)`: LogWatcher.quiet_between, which knows what each of
-        its looks saw move; the checkpoint then moves to the head.
+        its looks saw move; the checkpoint then moves to the head. `highest`: the
+        highest head this instance has seen since the log last went back; a
+        checkpoint past it goes to the database (a log restored from a backup
+        expires it there).
         """
         if since is None:
             return None
         fields, tables = self._position(tables, since, grant)
+        if fields["s"] > head and (highest is None or fields["s"] > highest):
+            return None
         if fields["s"] < head and (quiet is None or not quiet(
                 fields["s"], head, {table: grant.scope(table).texts for table in tables})):
             return None
@@ -6875,6 +6897,7 @@ class LogWatcher:
         self.head = None            # the head at the last look; None: not known
         self._last_seen = None      # (head, epochs) at the last look
         self._pokes = 0             # pushes through this instance
+        self.highest = 0            # the highest head seen (or heard) since the log went back
         # (poke number, {table: scope values} it may have changed) since the last look began
         self._pushed = []
         self.seen_at = 0.0          # when (monotonic)
@@ -6922,11 +6945,14 @@ class LogWatcher:
                 self._last_seen = (head, epochs)
                 self.head = head
                 self.seen_at = began
+                # a head lower than before: the log was restored from a backup
+                self.highest = head if last is not None and last[0] is not None \
+                    and head < last[0] else max(self.highest, head)
                 # the pushes through this instance before the look began are in what it saw
                 self._pushed = [(number, pushed) for number, pushed in self._pushed
                                 if number > pokes]
             if told and self.tell_others is not None:
-                self.tell_others(last[0] if last is not None else None, head, moved)
+                self.tell_others(last[0] if last is not None else None, head, moved, began)
         finally:
             with self._changed:
                 self.looked = max(self.looked, look)
@@ -6966,18 +6992,21 @@ class LogWatcher:
         self._wake(moved)
         self._changed.notify_all()          # number_now waits for a look
 
-    def heard(self, before, after, moved):
-        """Another worker's look saw the log move from head `before` to `after` (None: not
-        known), changing `moved` ({table: scope values}, None: anything): wake the waiting
-        pulls it concerns; when it continues this watcher's last look, the head is `after`."""
+    def heard(self, before, after, moved, began):
+        """Another worker's look, begun at `began` (monotonic, the same clock in every
+        process), saw the log move from head `before` to `after` (None: not known), changing
+        `moved` ({table: scope values}, None: anything): wake the waiting pulls it concerns;
+        when it continues this watcher's last look, the head is `after` as of `began`."""
         with self._changed:
-            self._moved(moved, before, after)
             last = self._last_seen
-            if after is not None and last is not None and last[0] == before \
-                    and self.head == before:
-                # its look is as fresh as a look of this worker's now
-                self._last_seen, self.head, self.seen_at = (after,) + last[1:], after, \
-                    time.monotonic()
+            if after is not None and last is not None and last[0] is not None \
+                    and after <= last[0]:
+                return                      # this worker's own look saw it already
+            self._moved(moved, before, after)
+            if after is not None and moved is not None and last is not None \
+                    and last[0] == before and self.head == before:
+                self._last_seen, self.head, self.seen_at = (after,) + last[1:], after, began
+                self.highest = max(self.highest, after)
 
     def quiet_between(self, since, head, interest):
         """Whether every change of the log after `since` up to `head` is known, from the looks
@@ -7044,14 +7073,15 @@ class LogWatcher:
             return compute()
         with self._sharing:
             slot = self._answers.get(key)
-            if slot is None or slot[1] is not None and self._concerned_since(slot[2], interest):
-                slot = self._answers[key] = [threading.Lock(), None, None]
+            # an answer read (or being read) since a move that concerns the pull: read again
+            if slot is None or self._concerned_since(slot[2], interest):
+                # what it will hold is at least as new as this generation
+                slot = self._answers[key] = [threading.Lock(), None, self.generation]
             self._answers.move_to_end(key)
             while len(self._answers) > SHARED_ANSWERS_KEPT:
                 self._answers.popitem(last=False)
         with slot[0]:                       # one computes; the others wait for its answer
             if slot[1] is None:
-                slot[2] = self.generation   # what it holds is at least as new as this
                 slot[1] = compute()
                 if _answer_bytes(slot[1]) > SHARED_ANSWER_BYTES:
                     with self._sharing:     # for those waiting now only: memory stays bounded
@@ -7886,7 +7916,8 @@ class App:
         interest = {table: grant.scope(table).texts for table in tables}
         known = watcher.known_head(interest)
         result = known is not None and self.pulls.unchanged(tables, since, grant, known,
-                                                            watcher.quiet_between)
+                                                            watcher.quiet_between,
+                                                            watcher.highest)
         if not result:
             result = self._read_pull(tables, since, limit, grant)
         # a first sync (since null) answers at once: the device learns its checkpoint first
@@ -8466,9 +8497,10 @@ class _WorkerShare:
         self._line = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(count)]
         for _, sending in self._line:
             sending.setblocking(False)
-        # anonymous and MAP_SHARED: the same pages in every forked worker. A slot: its sequence
-        # (odd while written), the length of its JSON, the JSON
+        # anonymous and MAP_SHARED: the same pages in every forked worker. A slot: its version,
+        # then two halves, each the length of its JSON and the JSON (_read)
         self._memory = mmap.mmap(-1, count * METRICS_SLOT_BYTES)
+        self._half = (METRICS_SLOT_BYTES - 8) // 2
         self._published = None              # what the last publish saw change
         self._lock = threading.Lock()
 
@@ -8476,7 +8508,11 @@ class _WorkerShare:
         """In a worker: a push tells the others, the others' pushes wake it, and its metrics are
         published until `stop` (two threads)."""
         app.watcher.tell_others = self.tell_others
-        threading.Thread(target=self._listen, args=(app,), name="cloudsync-worker-line",
+        receiving = self._line[self.slot][0]
+        with contextlib.suppress(OSError):
+            while True:                     # told to the worker that held the slot before
+                receiving.recv(WORKER_MESSAGE_BYTES, socket.MSG_DONTWAIT)
+        threading.Thread(target=self._listen, args=(app, receiving), name="cloudsync-worker-line",
                          daemon=True).start()
         threading.Thread(target=self._publishing, args=(app, stop), name="cloudsync-metrics",
                          daemon=True).start()
@@ -8488,13 +8524,13 @@ class _WorkerShare:
             app.metrics.absorb(snapshot)
         self.publish(app)
 
-    def tell_others(self, before, after, moved):
+    def tell_others(self, before, after, moved, began):
         """This worker's watcher saw the log move (LogWatcher.heard): tell every other worker."""
         message = to_json_bytes([before, after, None if moved is None else {
             table: sorted(scopes, key=lambda scope: (scope is None, scope or ""))
-            for table, scopes in moved.items()}])
+            for table, scopes in moved.items()}, began])
         if len(message) > WORKER_MESSAGE_BYTES:
-            message = to_json_bytes([before, after, None])      # wakes every pull: still right
+            message = to_json_bytes([before, after, None, began])   # wakes every pull: right
         for slot, (_, sending) in enumerate(self._line):
             if slot != self.slot:
                 try:
@@ -8503,14 +8539,17 @@ class _WorkerShare:
                     # its queue is full: its own look, within WATCH_INTERVAL_SECONDS, sees it
                     pass
 
-    def _listen(self, app):
+    def _listen(self, app, receiving):
         """The worker's thread hearing the others' looks."""
-        receiving = self._line[self.slot][0]
         while True:
-            before, after, moved = json.loads(receiving.recv(WORKER_MESSAGE_BYTES))
-            app.metrics.count("cloudsync_worker_wakeups_total")
-            app.watcher.heard(before, after, None if moved is None else {
-                table: set(scopes) for table, scopes in moved.items()})
+            try:
+                before, after, moved, began = json.loads(receiving.recv(WORKER_MESSAGE_BYTES))
+                app.metrics.count("cloudsync_worker_wakeups_total")
+                app.watcher.heard(before, after, None if moved is None else {
+                    table: set(scopes) for table, scopes in moved.items()}, began)
+            except Exception:
+                # its own looks still see every move, within WATCH_INTERVAL_SECONDS
+                log.warning("a move told by another worker was not understood", exc_info=True)
 
     def _publishing(self, app, stop):
         """The worker's thread publishing its metrics when they changed."""
@@ -8525,15 +8564,17 @@ class _WorkerShare:
             if changed_only and mark == self._published:
                 return
             data = to_json_bytes(app.metrics.snapshot(gauges))
-            if len(data) > METRICS_SLOT_BYTES - 16:
+            if len(data) > self._half - 8:
                 log.warning("this worker's metrics (%d bytes) do not fit in its shared slot; "
                             "/metrics shows its earlier counts", len(data))
                 return
             base = self.slot * METRICS_SLOT_BYTES
-            sequence = struct.unpack_from("<Q", self._memory, base)[0] | 1
-            struct.pack_into("<QQ", self._memory, base, sequence, len(data))
-            self._memory[base + 16:base + 16 + len(data)] = data
-            struct.pack_into("<Q", self._memory, base, sequence + 1)
+            version = struct.unpack_from("<Q", self._memory, base)[0]
+            # the half readers do not read; then the version says it is the one to read
+            half = base + 8 + (version + 1) % 2 * self._half
+            struct.pack_into("<Q", self._memory, half, len(data))
+            self._memory[half + 8:half + 8 + len(data)] = data
+            struct.pack_into("<Q", self._memory, base, version + 1)
             self._published = mark
 
     def published(self):
@@ -8542,15 +8583,26 @@ class _WorkerShare:
                 if snapshot is not None]
 
     def _read(self, slot):
-        """A slot's published metrics, or None (never written, or left half written)."""
+        """A slot's last published metrics, or None (never written).
+
+        A slot holds a version and two halves: a worker writes the half not
+        in use, then counts the version up. A worker killed while writing
+        leaves the half before in use; a read during a publish reads it
+        whole, and reads again only when a publish ended meanwhile.
+        """
         base = slot * METRICS_SLOT_BYTES
         for _ in range(100):
-            before, length = struct.unpack_from("<QQ", self._memory, base)
-            if not before & 1:
-                data = self._memory[base + 16:base + 16 + length]
-                if struct.unpack_from("<Q", self._memory, base)[0] == before:
-                    return json.loads(data) if before else None
-            time.sleep(0.001)               # a worker is writing it
+            version = struct.unpack_from("<Q", self._memory, base)[0]
+            if not version:
+                return None
+            half = base + 8 + version % 2 * self._half
+            length = min(struct.unpack_from("<Q", self._memory, half)[0], self._half - 8)
+            data = self._memory[half + 8:half + 8 + length]
+            if struct.unpack_from("<Q", self._memory, base)[0] == version:
+                try:
+                    return json.loads(data)
+                except ValueError:
+                    return None             # never: a half is read only once written whole
         return None
 
 
@@ -8565,6 +8617,7 @@ class _Arbiter:
         self.due = {}                       # slot -> when it starts again (monotonic)
         self.quick_deaths = collections.Counter()   # slot -> deaths in a row soon after start
         self.signals = []
+        self.failed = None                  # a worker's exit code that ends the master too
         self.listener = self.share = None
         self.pipe = ()                      # set_wakeup_fd's: (read end, write end)
 
@@ -8636,10 +8689,15 @@ class _Arbiter:
                     self.due.clear()
                     self._send(signal.SIGTERM)
             self._reap(restart=stopping_at is None)
+            if self.failed is not None and stopping_at is None:
+                stopping_at = time.monotonic()
+                self.listener.close()
+                self.due.clear()
+                self._send(signal.SIGTERM)
             if stopping_at is not None:
                 if not self.workers:
                     log.info("stopped")
-                    return 0
+                    return self.failed or 0
                 if time.monotonic() > stopping_at + self.config.shutdown_grace_seconds \
                         + WORKER_KILL_MARGIN_SECONDS:
                     log.warning("workers still running are killed")
@@ -8672,6 +8730,13 @@ class _Arbiter:
                 continue
             code = os.waitstatus_to_exitcode(status)
             lived = time.monotonic() - started
+            if code == EXIT_CONFIGURATION:
+                # a setting or the schema: starting it again will not help (systemd will not
+                # either); the others stop too
+                log.error("worker %d (pid %d) cannot serve (exit code %d): stopping", slot, pid,
+                          code)
+                self.failed = code
+                continue
             quick = self.quick_deaths[slot] = \
                 self.quick_deaths[slot] + 1 if lived < WORKER_STABLE_SECONDS else 0
             delay = min(2 ** (quick - 1), WORKER_RESTART_MOST_SECONDS) if quick else 0
@@ -8685,17 +8750,29 @@ class _Arbiter:
         sys.stdout.flush()
         sys.stderr.flush()
         master = os.getpid()
-        pid = os.fork()
+        # no signal runs the master's handlers in the worker between the fork and its own
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            raise
         if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             self.workers[pid] = (slot, time.monotonic())
             log.info("worker %d started (pid %d)", slot, pid)
             return
         code = EXIT_RETRY
         try:
             signal.set_wakeup_fd(-1)
-            for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+            for number in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(number, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C: KeyboardInterrupt
+            # a reload while it starts is moot: it reads the tokens as it starts (_run handles
+            # SIGHUP from then on)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             for descriptor in self.pipe:
                 os.close(descriptor)
             _end_with_parent()

@@ -64,6 +64,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -7827,3 +7828,79 @@ def test_sigterm_drains_every_worker(tmp_path):
         assert poll.answer[1]["changes"]["sales"] == {"upserted": [], "deleted": []}
     assert server.process.wait(timeout=30) == 0
     until(lambda: not any(os.path.exists("/proc/%d" % pid) for pid in workers))
+
+
+@pytest.mark.parametrize("sql, parts", [
+    ("INSERT INTO t (a, b) VALUES (?, ?)", ("INSERT INTO t (a, b)", "(?, ?)", "")),
+    # a function in the row: the row ends where the statement's clauses begin, not at the first )
+    ("INSERT INTO t (a, at) VALUES (?, NOW(6))", ("INSERT INTO t (a, at)", "(?, NOW(6))", "")),
+    ("INSERT INTO t (a) VALUES (?) ON DUPLICATE KEY UPDATE a = VALUES(a)",
+     ("INSERT INTO t (a)", "(?)", " ON DUPLICATE KEY UPDATE a = VALUES(a)")),
+    ("INSERT INTO t (a) VALUES (?) ON CONFLICT (a) DO NOTHING", ("INSERT INTO t (a)", "(?)", " ON CONFLICT (a) DO NOTHING")),
+])
+def test_a_multi_row_insert_is_cut_into_head_row_and_tail(sql, parts):
+    assert cloudsync._insert_parts(sql) == parts
+
+
+def _watching(scoped):
+    """The scoped app's watcher, as if its thread had just looked (shared answers need one)."""
+    watcher = scoped.watcher
+    watcher.seen_at = time.monotonic() + 3600
+    return watcher
+
+
+@pytest.mark.parametrize("move, read_again", [({"orders": {"7"}}, True), ({"orders": {"8"}}, False),
+                                              ({"catalogue": {None}}, True), (None, True)])
+def test_a_woken_pull_shares_an_answer_only_while_nothing_it_watches_moved(scoped, move, read_again):
+    # A till woken by a sale in its store after another till's read of the same checkpoint began must not
+    # get that read's answer (it would park again past the sale, and sleep until its deadline).
+    watcher = _watching(scoped)
+    interest = {"orders": ("7",), "catalogue": None}
+    reads = []
+    assert watcher.shared("k", interest, lambda: reads.append(1) or {"changes": {}, "n": 1}) == {"changes": {}, "n": 1}
+    with watcher._changed:
+        watcher._moved(move, 10, 11)
+    answer = watcher.shared("k", interest, lambda: reads.append(2) or {"changes": {}, "n": 2})
+    assert answer["n"] == (2 if read_again else 1) and len(reads) == (2 if read_again else 1)
+
+
+def test_many_scope_values_read_the_log_as_one_range_per_table(scoped):
+    token = cloudsync.DeviceToken("region", "r", scopes={"store_id": tuple(str(n) for n in range(40))})
+    grant = scoped.engine.grant_for(token)
+    parts = scoped.engine.changelog._entries_sql(["orders", "catalogue"], 3, 11, grant, None)
+    assert len(parts) == 2
+    assert parts[0][0] == ("SELECT 'e', table_name, row_key, seq FROM cloudsync_changes WHERE table_name = ?"
+                           " AND scope IN (%s) AND seq > ? ORDER BY seq LIMIT ?" % ", ".join("?" * 40))
+
+
+def test_a_checkpoint_past_every_head_seen_goes_to_the_database(scoped):
+    # A log restored from a backup is behind the devices' checkpoints: the database expires them, so a poll
+    # past the highest head this instance has seen is never answered from memory.
+    tables = ["orders", "catalogue"]
+    since = _checkpoint_at_the_end(scoped, "t7", tables)
+    head = scoped.engine.checkpoints.decode(since)["s"]
+    grant = scoped.engine.grant_for(next(token for token in scoped.auth.tokens if token.device_id == "till7"))
+    assert scoped.pulls.unchanged(tables, since, grant, head - 1, highest=head)["changes"]["orders"] == \
+        {"upserted": [], "deleted": []}
+    assert scoped.pulls.unchanged(tables, since, grant, head - 1, highest=head - 1) is None
+
+
+def test_a_metrics_slot_keeps_the_last_whole_publish_when_a_worker_dies_writing(backend):
+    application = started(backend)
+    try:
+        share = cloudsync._WorkerShare(1)
+        share.slot = 0
+        application.metrics.count("cloudsync_replays_total", 3)
+        share.publish(application)
+        # a worker killed half way through its next publish: the half not in use holds half a JSON
+        version = struct.unpack_from("<Q", share._memory, 0)[0]
+        half = 8 + (version + 1) % 2 * share._half
+        struct.pack_into("<Q", share._memory, half, 1000)
+        share._memory[half + 8:half + 20] = b'{"counters":'
+        (snapshot,) = share.published()
+        assert ["cloudsync_replays_total", [], 3] in snapshot["counters"]
+        application.metrics.count("cloudsync_replays_total", 1)        # its successor publishes whole
+        share.publish(application)
+        assert ["cloudsync_replays_total", [], 4] in share.published()[0]["counters"]
+    finally:
+        application.db.close()
