@@ -97,7 +97,9 @@ The path of a push (POST /sync/push), function by function:
                               echoes what the device sent (_echoes)
                             ChangeLog.finish_batch keeps the outcome for a retry
   App.push                after the commit, LogWatcher.poke: the watcher numbers
-                          the push's changes and wakes the waiting pulls
+                          the push's changes and wakes the waiting pulls (and
+                          until then, polls of its tables and scope values go
+                          to the database)
   App.__call__            to_json_bytes, gzip; App._account: metrics, the
                           device fleet, one access-log line
 
@@ -122,9 +124,11 @@ The path of a pull (POST /sync/pull):
                           deleted keys by key_value); both stop at PULL_MAX_BYTES
                           (Pulls._fits, or the rows' sizes first); Checkpoints.encode
     App._sync_pull        with "wait" and nothing new: LogWatcher.enter (a share
-                          per device), park until a change that concerns its
-                          tables and scope committed (LogWatcher.concerns, from
-                          ChangeLog.touched at each look), pull again
+                          per device), LogWatcher.park: an event of its own, set
+                          by LogWatcher._wake only for a move of its tables and
+                          scope values (ChangeLog.touched at each look, or told
+                          by another worker: LogWatcher.heard); pull again, one
+                          read for the pulls at one checkpoint (LogWatcher.shared)
   seed mode (no `since`):
     Pulls.seed_pull       ChangeLog.tables_version validates the cached answer;
                           else Database.rows_as_json or Pulls._read_rows
