@@ -5964,7 +5964,7 @@ class Pushes:
             # what the server holds (in the device's scope), for the device to take back
             found = None if None in op.key \
                 else self.engine.rows_for_keys(conn, op.table, [op.key], op.scope)[0]
-            rejected.append(dict(_op_ref(op), message=str(refused.error),
+            rejected.append(dict(_op_ref(op), code="rejected", message=str(refused.error),
                                  server_row=found[1] if found else None))
             return None
         self.db.execute(conn, "RELEASE SAVEPOINT cloudsync_op")
@@ -6281,7 +6281,8 @@ def _refusal_of(rejected):
     if error.rule:                      # a trigger of the shop's own refused it, with its own words
         return Refused("rejected", "operation %d (%s on %s) was refused by a rule of the database: "
                        "%s; nothing was applied" % (op.index, op.action, op.table.name, error),
-                       op=op.index, rejected=[dict(_op_ref(op), message=str(error))])
+                       op=op.index, rejected=[dict(_op_ref(op), code="rejected",
+                                                   message=str(error))])
     return Refused("duplicate" if error.duplicate else "data_refused", "operation %d (%s on %s): %s"
                    % (op.index, op.action, op.table.name, error), op=op.index)
 
@@ -8076,8 +8077,10 @@ def _answer(refusal):
         headers.append(("WWW-Authenticate", 'Bearer realm="cloudsync"'))
     elif status == 503:
         headers.append(("Retry-After", str(RETRY_AFTER_SECONDS)))
-    return status, dict({"success": False, "error": error, "detail": refusal.detail},
-                        **refusal.fields), headers
+    # `code`: the REFUSALS key, stable once published: what a client switches on (the `error`
+    # texts are the original service's, and one text may stand for several codes)
+    return status, dict({"success": False, "error": error, "code": refusal.reason,
+                         "detail": refusal.detail}, **refusal.fields), headers
 
 
 def _accepts_gzip(header):
@@ -9863,10 +9866,14 @@ OPENAPI = {
             "Id": {"type": "string", "minLength": 1, "maxLength": 128},
             "Error": {
                 "type": "object",
-                "required": ["success", "error", "detail"],
+                "required": ["success", "error", "code", "detail"],
                 "properties": {
                     "success": {"const": False},
-                    "error": {"type": "string", "description": "Short and stable: what kind of error."},
+                    "error": {"type": "string", "description": "Short and stable: what kind of error "
+                                                               "(one text may stand for several codes)."},
+                    "code": {"type": "string", "enum": sorted(REFUSALS),
+                             "description": "What a client switches on: the refusal's code, never "
+                                            "changed once published (README, The API)."},
                     "detail": {"type": "string", "description": "What exactly was wrong."},
                     "op": {"type": "integer", "minimum": 0,
                            "description": "The index of the operation concerned (push errors)."},
@@ -10055,8 +10062,9 @@ OPENAPI = {
             },
             "Rejection": {
                 "allOf": [{"$ref": "#/components/schemas/OpRef"}],
-                "required": ["message"],
+                "required": ["code", "message"],
                 "properties": {
+                    "code": {"const": "rejected", "description": "A rule of the database refused it."},
                     "message": {"type": "string", "description": "The rule's own message."},
                     "server_row": {
                         "description": "on_reject skip: the row as the server holds it (null: it has "
