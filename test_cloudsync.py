@@ -47,6 +47,9 @@ Contents, in the order of the banners below (a test keeps this list true):
   40. Bounded under attack and faults: bytes, time, connections
   41. Wake-ups: a change wakes only the waiting pulls it concerns
   42. Workers: one port, several processes
+
+No test reads the checkout's .env, tokens file or the environment's
+cloudsync settings (the autouse fixture _hermetic).
 """
 
 import argparse
@@ -108,6 +111,16 @@ TABLES = cloudsync.EXAMPLE_TABLES + ("stock_moves", "attachments")
 # ---------------------------------------------------------------------------
 # Fixtures: fresh databases on both backends
 # ---------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _hermetic(tmp_path_factory, monkeypatch):
+    """No test reads the operator's settings: each runs in an empty directory of its own (no .env,
+    tokens file or SQLite file of the checkout: README's `cp sample.env .env` changes nothing), with
+    no cloudsync setting in its environment."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    for name in cloudsync.SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(autouse=True)
