@@ -7917,3 +7917,18 @@ def test_a_metrics_slot_keeps_the_last_whole_publish_when_a_worker_dies_writing(
         assert ["cloudsync_replays_total", [], 4] in share.published()[0]["counters"]
     finally:
         application.db.close()
+
+
+def test_the_tests_ignore_the_checkouts_env_and_tokens_file(tmp_path):
+    # README's first steps (cp sample.env .env, token add) made test_checkpoint_of_another_database_is_400
+    # fail with 401: it read the tokens file of the working directory.
+    for name in ("cloudsync.py", "cloudsync_client.py", "test_cloudsync.py", "reliability_cloudsync.py",
+                 "schema-sqlite.sql", "schema-mysql.sql", "sample.env"):
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    (tmp_path / ".env").write_text(open(os.path.join(HERE, "sample.env")).read() + "\nTOKENS=till-01 secret\n")
+    (tmp_path / "cloudsync.tokens").write_text("till-02 sha256:%s\n" % hashlib.sha256(b"other").hexdigest())
+    env = dict(os.environ, ADMIN_TOKEN="admin-secret-token-0123456789", PYTHONDONTWRITEBYTECODE="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_cloudsync.py",
+                             "-k", "checkpoint_of_another_database_is_400 or device_fleet_needs_the_admin_token"],
+                            cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
