@@ -9160,12 +9160,28 @@ def _token_command(config, args):
         if used and not set(scopes) & used:
             log.warning("--scope names %s, which no ROW_SCOPES table uses (%s)",
                         ", ".join(sorted(scopes)), ", ".join(sorted(used)))
+    # the scoped tables this token would reach, and those its scopes leave it no row of
+    scoped = [(table, column) for table, column in config.row_scopes
+              if tables is None or table in tables]
+    unusable = [table for table, column in scoped if column not in (scopes or {})]
+    if args.token_command == "add" and scoped and not scopes:
+        raise ConfigError("ROW_SCOPES scopes %s: give device %s the values it syncs, e.g. "
+                          "--scope %s=7 (--scope %s=* for a device that sees every row), or "
+                          "--tables without those tables."
+                          % (", ".join("%s by %s" % pair for pair in scoped), args.device_id,
+                             scoped[0][1], scoped[0][1]))
     make = add_token if args.token_command == "add" else rotate_token
     secret = make(config.tokens_file, args.device_id, tables, scopes)
+    # the explanation on stderr, the token alone on stdout: TOKEN=$(cloudsync.py token add till-01)
     if args.token_command == "rotate":
-        print("the old token stops working within a second on a running server")
+        print("the old token stops working within a second on a running server", file=sys.stderr)
+    if unusable and scopes:
+        print("device %s has no --scope value for %s: it may not sync %s" % (
+            args.device_id, ", ".join(sorted({config_column for table, config_column in scoped
+                                              if table in unusable})),
+            ", ".join(unusable)), file=sys.stderr)
     print("Token for device %s (shown once; only its hash is kept in %s):"
-          % (args.device_id, config.tokens_file))
+          % (args.device_id, config.tokens_file), file=sys.stderr)
     print(secret)
     return 0
 

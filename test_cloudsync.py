@@ -7932,3 +7932,18 @@ def test_the_tests_ignore_the_checkouts_env_and_tokens_file(tmp_path):
                              "-k", "checkpoint_of_another_database_is_400 or device_fleet_needs_the_admin_token"],
                             cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_token_add_prints_only_the_token_and_refuses_a_scoped_device_without_scope(tmp_path, scoped_backend):
+    tokens_file = str(tmp_path / "tokens")
+    env = dict(TOKENS_FILE=tokens_file, ALLOWED_TABLES=SCOPED_TABLES, ROW_SCOPES=ROW_SCOPES,
+               **scoped_backend.settings)
+    code, out, err = _cli(["--env-file", "", "token", "add", "till-09"], env)
+    assert code == cloudsync.EXIT_CONFIGURATION and "--scope store_id=7" in err and not os.path.exists(tokens_file)
+    code, out, err = _cli(["--env-file", "", "token", "add", "till-09", "--scope", "store_id=9"], env)
+    assert code == 0 and re.fullmatch(r"[A-Za-z0-9_-]{40,}\n", out), out          # TOKEN=$(... token add ...)
+    assert "shown once" in err and "may not sync visits, jobs" in err
+    assert cloudsync.read_tokens_file(tokens_file)[0].matches(hashlib.sha256(out.strip().encode()).digest())
+    # a device limited to tables nobody scopes needs no --scope
+    code, out, err = _cli(["--env-file", "", "token", "add", "kiosk", "--tables", "catalogue"], env)
+    assert code == 0, err
