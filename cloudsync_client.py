@@ -52,13 +52,16 @@ operations, unresolved conflicts). Guarantees:
 import contextlib
 import decimal
 import gzip
+import http.client
 import json
 import logging
 import random
 import re
+import socket
 import sqlite3
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -132,6 +135,7 @@ class Client:
         self._syncing = threading.Lock()    # one sync at a time
         self._written = threading.Event()   # the app wrote: run_forever pushes
         self._stop = None
+        self._polling = None                        # run_forever's long poll, which stop() cuts
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # transactions explicit
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")                  # a committed batch id survives a power cut
@@ -479,13 +483,17 @@ class Client:
     def _get(self, path):
         return self._request(path, None)
 
-    def _request(self, path, data, timeout=None):
+    def _headers(self, data):
         headers = {"Accept-Encoding": "gzip"}
         if data is not None:
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
-        request = urllib.request.Request(self.url + path, data, headers, method="POST" if data is not None else "GET")
+        return headers
+
+    def _request(self, path, data, timeout=None):
+        request = urllib.request.Request(self.url + path, data, self._headers(data),
+                                         method="POST" if data is not None else "GET")
         self._unreachable = None
         try:
             with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
@@ -495,10 +503,38 @@ class Client:
         except OSError as error:                    # refused, reset, timed out: the answer may be lost
             self._unreachable = str(getattr(error, "reason", None) or error)
             return None, None
+        return self._decoded(status, encoding, raw)
+
+    @staticmethod
+    def _decoded(status, encoding, raw):
         try:
             return status, json.loads(gzip.decompress(raw) if encoding == "gzip" else raw)
         except ValueError:                          # a proxy's HTML error page, a cut-off body
             return (status if status >= 500 else None), None
+
+    def _long_poll(self, body, timeout):
+        """_post of a waiting pull on a connection of its own, which stop() cuts: run_forever ends
+        within a second of stop() however long the server would wait."""
+        parts = urllib.parse.urlsplit(self.url + "/sync/pull")
+        connection = (http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection)(
+            parts.hostname, parts.port, timeout=timeout)
+        data = json.dumps(body).encode("utf-8")
+        self._unreachable = None
+        self._polling = connection
+        try:
+            if self._stop is not None and self._stop.is_set():
+                return None, None
+            connection.request("POST", parts.path + ("?" + parts.query if parts.query else ""), data,
+                               self._headers(data))
+            response = connection.getresponse()
+            status, encoding, raw = response.status, response.getheader("Content-Encoding"), response.read()
+        except (OSError, http.client.HTTPException) as error:      # cut by stop(), or the server went away
+            self._unreachable = str(error) or type(error).__name__
+            return None, None
+        finally:
+            self._polling = None
+            connection.close()
+        return self._decoded(status, encoding, raw)
 
     def _offline(self, result, what, status):
         result.offline = True
@@ -699,8 +735,9 @@ class Client:
         elsewhere arrives within about a second; pushes the outbox as soon as the app writes (a
         thread of its own). After a failure it waits, longer each time (up to `max_backoff`
         seconds, with jitter: a fleet coming back does not return all at once). A SyncError
-        (a refusal that retrying cannot fix) ends the loop by raising it. It returns within
-        `wait` seconds of a stop.
+        (a refusal that retrying cannot fix) ends the loop by raising it. It returns within a
+        second of stop() (or of `stop` being set and stop() called), a push in progress
+        finished first.
         """
         self._stop = stop = stop or threading.Event()
         pusher = threading.Thread(target=self._push_when_written, args=(stop,), name="cloudsync-client-push",
@@ -719,8 +756,10 @@ class Client:
                 since = self.checkpoint
                 if since is None or self.pending():
                     continue
-                answer = self._post("/sync/pull", {"tables": list(self.tables), "since": since,
-                                                   "limit": self.pull_limit, "wait": wait}, timeout=wait + 15)
+                answer = self._long_poll({"tables": list(self.tables), "since": since,
+                                          "limit": self.pull_limit, "wait": wait}, timeout=wait + 15)
+                if stop.is_set():
+                    break
                 if answer[0] == 200 and answer[1].get("retry_after"):
                     stop.wait(answer[1]["retry_after"] * random.uniform(0.5, 1.5))   # the server is full
                 first = (since, answer)             # the next sync stores it, if nothing moved meanwhile
@@ -730,10 +769,18 @@ class Client:
             pusher.join()
 
     def stop(self):
-        """End run_forever (within its `wait`)."""
+        """End run_forever within a second, even during a long poll (a push in progress ends
+        first: it is never cut)."""
         if getattr(self, "_stop", None) is not None:
             self._stop.set()
             self._written.set()
+            polling = self._polling
+            sock = getattr(polling, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)     # the waiting pull returns at once
+                except OSError:
+                    pass                                # it just ended
 
     def _push_when_written(self, stop):
         """run_forever's other thread: push as soon as the app writes."""

@@ -5892,6 +5892,20 @@ def test_the_reference_client_stays_in_sync_with_run_forever(server, device):
     assert_equal_to_server(server, office.sync() and office, till)
 
 
+def test_the_reference_clients_stop_ends_a_long_poll_within_a_second(server, device):
+    till = device("till")
+    assert till.sync()
+    loop = threading.Thread(target=till.run_forever, kwargs={"wait": 20}, daemon=True)
+    loop.start()
+    try:
+        until(lambda: till._polling is not None and till._polling.sock is not None)   # the server holds it
+        time.sleep(0.2)
+    finally:
+        till.stop()
+    loop.join(5)                    # a bound, far below the 20 s the server would have waited
+    assert not loop.is_alive()
+
+
 def test_the_reference_client_backs_off_while_the_server_is_away(tmp_path):
     client = cloudsync_client.Client(str(tmp_path / "c.db"), "http://127.0.0.1:%d" % _free_port(),
                                      {"sales": (["id", "total"], ["id"])}, "till")
