@@ -144,6 +144,7 @@ import collections
 import binascii
 import datetime
 import decimal
+import errno
 import gzip
 import hashlib
 import hmac
@@ -2143,8 +2144,12 @@ def load_config(env_file=".env", environ=None, overrides=None, required=False):
             log.warning("%s line %d skipped: %s", env_file, number, message)
         unknown = sorted(set(file_values) - set(SETTING_NAMES))
         if unknown:
-            raise ConfigError("%s sets unknown setting %s; the settings are listed in sample.env."
-                              % (env_file, ", ".join(unknown)))
+            import difflib
+            near = [match for name in unknown
+                    for match in difflib.get_close_matches(name.upper(), SETTING_NAMES, 1, 0.7)]
+            raise ConfigError("%s sets unknown setting %s;%s the settings are listed in sample.env."
+                              % (env_file, ", ".join(unknown),
+                                 " did you mean %s?" % " or ".join(near) if near else ""))
     values = {}
     for name, caster, default, _ in SETTINGS:
         raw = default
@@ -3920,7 +3925,8 @@ class MySQLDatabase(Database):
     _CONNECT_FIXES = {
         1049: "create the database (CREATE DATABASE ...) or correct DB_NAME",
         1045: "check DB_USER and DB_PASS, and that the user may connect from this host",
-        1044: "grant the user its privileges on DB_NAME (python cloudsync.py check lists them)",
+        1044: "check DB_NAME (a database the user was never granted is refused the same way), "
+              "then grant the user its privileges on it (python cloudsync.py check lists them)",
         2003: "check DB_HOST and DB_PORT, and that the database server is running",
         2002: "check DB_HOST and DB_PORT, and that the database server is running",
         2005: "check DB_HOST: the name does not resolve",
@@ -8397,7 +8403,8 @@ def _serve_command(config, args):
         # the port first: a taken one is found before anything changes
         server = _create_server(app, config)
     except (OSError, ValueError) as error:
-        log.error("cannot start: cannot listen on %s:%d: %s", config.host, config.port, error)
+        log.error("cannot start: cannot listen on %s:%d: %s%s", config.host, config.port, error,
+                  _port_fix(config, error))
         return EXIT_RETRY
     try:
         schemas = app.start(progress=lambda message: log.info("migrate: %s", message))
@@ -8406,6 +8413,16 @@ def _serve_command(config, args):
         raise
     _tell_start(app, config, schemas)
     return _serve_app(app, config, server)
+
+
+def _port_fix(config, error):
+    """What to do about a port that cannot be listened on: which process holds it."""
+    if getattr(error, "errno", None) == errno.EADDRINUSE:
+        return ("; another process listens on port %d (`ss -ltnp 'sport = :%d'` names it): stop "
+                "it, or set PORT" % (config.port, config.port))
+    if getattr(error, "errno", None) == errno.EACCES:
+        return "; ports below 1024 need privileges: set PORT=4000 and put a proxy in front"
+    return ""
 
 
 def _app_for(config, command):
@@ -8635,7 +8652,8 @@ class _Arbiter:
         try:
             self.listener = _listening_socket(config)
         except OSError as error:
-            log.error("cannot start: cannot listen on %s:%d: %s", config.host, config.port, error)
+            log.error("cannot start: cannot listen on %s:%d: %s%s", config.host, config.port,
+                      error, _port_fix(config, error))
             return EXIT_RETRY
         try:
             app = _app_for(config, self.command)

@@ -383,7 +383,7 @@ def test_config_errors_are_one_clear_sentence(environ, message):
 def test_config_rejects_unknown_setting_in_dotenv(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("PORT=5000\nDB_PASWORD=typo\n")
-    with pytest.raises(cloudsync.ConfigError, match="unknown setting DB_PASWORD"):
+    with pytest.raises(cloudsync.ConfigError, match="unknown setting DB_PASWORD; did you mean DB_PASS"):
         cloudsync.load_config(str(env_file), environ={})
 
 
@@ -2910,6 +2910,7 @@ def test_server_reports_port_in_use(tmp_path):
                                 env=dict(os.environ, PORT=str(port)), capture_output=True, text=True, timeout=30)
     assert result.returncode == 1                   # try again later: systemd restarts it
     assert "cannot listen on 127.0.0.1:%d" % port in result.stderr and "Traceback" not in result.stderr
+    assert "ss -ltnp 'sport = :%d'" % port in result.stderr              # how to find who holds it
 
 
 # ---------------------------------------------------------------------------
