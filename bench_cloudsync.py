@@ -506,6 +506,8 @@ def _counted_pull(device, body, stop, lock, counts):
             counts["errors"] += 1
     if status == 200:
         device.checkpoint = answer["checkpoint"]
+        if answer.get("retry_after") and not stop.is_set():
+            stop.wait(answer["retry_after"])        # the server could not let it wait: as a client does
         return answer, now
     if not stop.is_set():
         stop.wait(1)
@@ -540,12 +542,16 @@ def fleet_run(server, database, devices, sales_per_second, seconds, wait, poll_e
     for device in fleet:                    # every device starts in sync (not timed)
         _catch_up(device, tables)
 
-    def follow(device, offset):
+    def follow(device, offset, number):
         if poll_every:
             stop.wait(offset)
         while not stop.is_set():
             began = time.monotonic()
-            body = {"tables": tables, "since": device.checkpoint, "limit": 1000}
+            # each device names itself: the server shares its waiting slots per device (at most
+            # LONGPOLL_WAITERS_PER_DEVICE each), and without a name every device of the benchmark
+            # would be one address
+            body = {"tables": tables, "since": device.checkpoint, "limit": 1000,
+                    "device_id": "fleet-%d" % number}
             if not poll_every:
                 body["wait"] = wait
             answer, now = _counted_pull(device, body, stop, lock, counts)
@@ -578,8 +584,8 @@ def fleet_run(server, database, devices, sales_per_second, seconds, wait, poll_e
                     counts["errors"] += 1
                 else:
                     pushed[sale] = time.monotonic()
-    threads = [threading.Thread(target=follow, args=(device, poll_every * index / devices if poll_every else 0),
-                                daemon=True) for index, device in enumerate(fleet)]
+    threads = [threading.Thread(target=follow, args=(device, poll_every * index / devices if poll_every else 0,
+                                                     index), daemon=True) for index, device in enumerate(fleet)]
     tills = 4
     threads += [threading.Thread(target=till, args=(number, tills), daemon=True) for number in range(tills)]
     memory = _PeakMemory(server)
