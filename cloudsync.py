@@ -2123,6 +2123,15 @@ class Config:
         return " ".join(parts)
 
 
+def _nearest_setting(name):
+    """The known setting a mistyped name most likely meant (DB_PASWORD: DB_PASS), or None."""
+    import difflib
+    name = name.upper()
+    close = difflib.get_close_matches(name, SETTING_NAMES, 3, 0.7)
+    # of the close ones, the one that shares the longest start with it
+    return max(close, key=lambda known: len(os.path.commonprefix([name, known])), default=None)
+
+
 def load_config(env_file=".env", environ=None, overrides=None, required=False):
     """Build a Config from defaults, the .env file and the environment (which wins).
 
@@ -2144,9 +2153,7 @@ def load_config(env_file=".env", environ=None, overrides=None, required=False):
             log.warning("%s line %d skipped: %s", env_file, number, message)
         unknown = sorted(set(file_values) - set(SETTING_NAMES))
         if unknown:
-            import difflib
-            near = [match for name in unknown
-                    for match in difflib.get_close_matches(name.upper(), SETTING_NAMES, 1, 0.7)]
+            near = [_nearest_setting(name) for name in unknown if _nearest_setting(name)]
             raise ConfigError("%s sets unknown setting %s;%s the settings are listed in sample.env."
                               % (env_file, ", ".join(unknown),
                                  " did you mean %s?" % " or ".join(near) if near else ""))

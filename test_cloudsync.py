@@ -561,7 +561,7 @@ def test_unhandled_error_is_generic_500_and_logged(app, monkeypatch, caplog):
     monkeypatch.setitem(app.routes, "/health", {"GET": explode})
     response = call(app, "GET", "/health")
     assert response.status == 500
-    assert response.json == {"success": False, "error": "Internal server error",
+    assert response.json == {"success": False, "error": "Internal server error", "code": "internal",
                              "detail": "an unexpected error; the server log has the details"}
     assert b"secret" not in response.body and "secret internals" in caplog.text
 
@@ -728,7 +728,7 @@ def test_database_failure_is_500_sync_failed(app, backend):
                    else " BEGIN INSERT INTO audit_nowhere VALUES (NEW.id); END"))
     response = push(app, [op("insert", "sales", id="s1"), op("insert", "product_stock", id="p", quantity=1)])
     assert response.status == 500
-    assert response.json == {"success": False, "error": "Sync failed",
+    assert response.json == {"success": False, "error": "Sync failed", "code": "push_failed",
                              "detail": "the database failed; nothing was applied"}
     assert backend.rows("sales") == []
 
@@ -1448,7 +1448,7 @@ def test_a_shops_own_rule_refuses_with_its_message(probe, backend):
     assert response.status == 422, response.body
     assert response.json["error"] == "Rejected" and response.json["op"] == 1
     assert response.json["rejected"] == [{"op": 1, "table": "guarded", "key": 2,
-                                          "message": "stock cannot go below 0"}]
+                                          "code": "rejected", "message": "stock cannot go below 0"}]
     assert backend.sql("SELECT COUNT(*) FROM guarded")[0][0] == 0
     assert push(probe, [op("insert", "guarded", id=1, qty=5)]).status == 200
     response = push(probe, [op("update", "guarded", id=1, qty=-3)], batch_id="b1")
@@ -1778,7 +1778,7 @@ def test_status_database_unavailable(backend, tmp_path):
     response = call(application, "GET", "/sync/status")
     assert response.status == 503
     assert response.json == {"success": False, "status": "error", "error": "Database unavailable",
-                             "detail": "the database did not answer; retry later"}
+                             "code": "database_unavailable", "detail": "the database did not answer; retry later"}
     assert response.headers["Retry-After"]
 
 
@@ -2284,7 +2284,7 @@ def test_compaction_and_expired_checkpoint(app, backend):
     assert removed == 3 and upto == 3
     response = pull(app, tables=["sales"], since=old)
     assert response.status == 410
-    assert response.json == {"success": False, "error": "Checkpoint expired", "reset": True,
+    assert response.json == {"success": False, "error": "Checkpoint expired", "code": "expired", "reset": True,
                              "reset_tables": ["sales"], "checkpoint": response.json["checkpoint"],
                              "detail": response.json["detail"]}
     assert push(app, [op("insert", id="c")], checkpoint=old).status == 410
@@ -5515,14 +5515,14 @@ def test_a_rule_of_the_database_rejects_an_operation_with_its_message(shop_backe
                   op("insert", "ledger", id=1, amount="1.00")]
     answer = push(shop, operations, device_id="till", batch_id="b1")
     assert answer.status == 422 and answer.json["rejected"] == [
-        {"op": 1, "table": "stock", "key": key, "message": "stock cannot go below 0"}]
+        {"op": 1, "table": "stock", "key": key, "code": "rejected", "message": "stock cannot go below 0"}]
     assert shop_backend.rows("ledger") == [] and shop_backend.rows("stock")[0][3] == 0
     # on_reject skip: the others are applied, the rejection listed
     answer = push(shop, operations, device_id="till", batch_id="b2", on_reject="skip")
     assert answer.status == 200, answer.json
     # each with the row as the server holds it, which the device takes back
     assert answer.json["applied"] == 2 and answer.json["rejected"] == [
-        {"op": 1, "table": "stock", "key": key, "message": "stock cannot go below 0",
+        {"op": 1, "table": "stock", "key": key, "code": "rejected", "message": "stock cannot go below 0",
          "server_row": dict(key, qty="5.000", sold=1, ratio=None, label=None)}]
     assert len(shop_backend.rows("ledger")) == 1 and shop_backend.rows("stock")[0][3] == 1
     # a retry is answered as the first time
@@ -5534,7 +5534,7 @@ def test_on_reject_skip_sets_aside_one_row_of_a_many_row_insert(shop_backend, sh
     rows = [op("insert", "ledger", id=n, amount="-1.00" if n == 3 else "%d.00" % n) for n in range(1, 6)]
     answer = push(shop, rows, on_reject="skip")
     assert answer.status == 200 and answer.json["applied"] == 4
-    assert answer.json["rejected"] == [{"op": 2, "table": "ledger", "key": 3, "message": "a ledger amount is positive",
+    assert answer.json["rejected"] == [{"op": 2, "table": "ledger", "key": 3, "code": "rejected", "message": "a ledger amount is positive",
                                         "server_row": None}]
     assert [row[0] for row in shop_backend.rows("ledger")] == [1, 2, 4, 5]
     assert push(shop, [op("insert", "ledger", id=9, amount="1")], on_reject="maybe").status == 400
@@ -7962,3 +7962,22 @@ def test_token_add_prints_only_the_token_and_refuses_a_scoped_device_without_sco
     # a device limited to tables nobody scopes needs no --scope
     code, out, err = _cli(["--env-file", "", "token", "add", "kiosk", "--tables", "catalogue"], env)
     assert code == 0, err
+
+
+def test_every_refusal_carries_its_code_and_409s_tell_apart(app):
+    # Three 409s share two English texts; a client switches on `code`, never on `error`.
+    assert push(app, [op("insert", id="d1")]).status == 200
+    duplicate = push(app, [op("insert", id="d9", note="1"), op("insert", id="d9", note="2")])
+    assert (duplicate.status, duplicate.json["code"]) == (409, "duplicate")
+    checkpoint = pull(app, tables=["sales"], since=None).json["checkpoint"]
+    assert push(app, [op("update", id="d1", total="2.00")], device_id="office").status == 200
+    conflict = push(app, [op("update", id="d1", total="3.00")], device_id="till", checkpoint=checkpoint)
+    assert (conflict.status, conflict.json["code"]) == (409, "conflict")
+    assert push(app, [op("insert", id="d2")], device_id="till", batch_id="b1").status == 200
+    reused = push(app, [op("insert", id="d3")], device_id="till", batch_id="b1")
+    assert (reused.status, reused.json["code"]) == (409, "batch_reused")
+    for response in (call(app, "GET", "/nowhere"), call(app, "POST", "/sync/push", raw=b"{"),
+                     push(app, [op("insert", table="nope", id=1)])):
+        assert response.status >= 400 and response.json["code"] in cloudsync.REFUSALS, response.json
+    codes = cloudsync.OPENAPI["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
+    assert codes == sorted(cloudsync.REFUSALS)
