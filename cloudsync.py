@@ -6890,6 +6890,20 @@ def parse_limit(value, cap):
 # tables' definitions (SyncEngine.follow_schema).
 
 
+def _listed(moved):
+    """{table: a set of scope values, or None} as JSON holds it (_unlisted reads it back)."""
+    return None if moved is None else {
+        table: None if scopes is None else sorted(scopes, key=lambda scope: (scope is None,
+                                                                             scope or ""))
+        for table, scopes in moved.items()}
+
+
+def _unlisted(moved):
+    """_listed's JSON back as {table: a set of scope values, or None}."""
+    return None if moved is None else {
+        table: None if scopes is None else set(scopes) for table, scopes in moved.items()}
+
+
 def _answer_bytes(answer):
     """About how much memory a sync pull's answer holds: the text of its values and keys."""
     return sum(len(str(value)) for change in answer["changes"].values()
@@ -6930,9 +6944,13 @@ class LogWatcher:
         self.stopping = False
         # serve: resize(waiting) gives the server THREADS threads plus one per waiting pull
         self.resize = None
-        # a worker (Workers): tell_others(before, after, moved) passes each move a look saw to
-        # the other workers (heard), so they wake their pulls without asking the database
+        # a worker (Workers): tell_others(message) passes each move a look saw (["moved",
+        # before, after, moved, began]: heard), and each push through it (["pushed", tables and
+        # scope values]: heard_push), to the other workers, which wake their pulls without asking
+        # the database; hear_now() takes in what they told so far, before a poll is answered
+        # from memory
         self.tell_others = None
+        self.hear_now = None
         self._sharing = threading.Lock()
         # key -> [lock, answer, the generation it was read at] (shared()), the newest last
         self._answers = collections.OrderedDict()
@@ -6970,7 +6988,8 @@ class LogWatcher:
                 self._pushed = [(number, pushed) for number, pushed in self._pushed
                                 if number > pokes]
             if told and self.tell_others is not None:
-                self.tell_others(last[0] if last is not None else None, head, moved, began)
+                self.tell_others(["moved", last[0] if last is not None else None, head,
+                                  _listed(moved), began])
         finally:
             with self._changed:
                 self.looked = max(self.looked, look)
@@ -6992,6 +7011,10 @@ class LogWatcher:
         """A push through this instance committed (`pushed`: {table: the scope values it may
         have written, None for any}; None: anything): number it and wake the waiting pulls
         now. Until the next look, a poll of what it may have changed asks the database."""
+        if self.tell_others is not None:
+            # before the device has its answer: a poll it makes next through another worker
+            # finds the mark there (hear_now)
+            self.tell_others(["pushed", _listed(pushed)])
         with self._changed:
             self._pokes += 1
             self._pushed.append((self._pokes, pushed))
@@ -7000,6 +7023,13 @@ class LogWatcher:
             if not self.running():
                 self._moved(None)
         self._look_now.set()
+
+    def heard_push(self, pushed):
+        """A push through another worker committed (`pushed` as poke's): until this watcher's
+        next look, polls of what it may have changed ask the database."""
+        with self._changed:
+            self._pokes += 1
+            self._pushed.append((self._pokes, pushed))
 
     def _moved(self, moved, before=None, after=None):
         """The log moved (`moved`: {table: scope values}, or None when not known; from head
@@ -7116,6 +7146,8 @@ class LogWatcher:
         """The head if the last look began at most WATCH_INTERVAL_SECONDS ago, and no push
         through this instance since may have changed `interest` ({table: scope values}); else
         None."""
+        if self.hear_now is not None:
+            self.hear_now()                 # another worker's push answered before this poll
         head, seen_at = self.head, self.seen_at
         if head is None or time.monotonic() - seen_at > WATCH_INTERVAL_SECONDS:
             return None
@@ -8534,6 +8566,7 @@ class _WorkerShare:
         self._half = (METRICS_SLOT_BYTES - 8) // 2
         self._published = None              # what the last publish saw change
         self._lock = threading.Lock()
+        self._hearing = threading.Lock()    # taking a message in and applying it (_hear_now)
 
     def join(self, app, stop):
         """In a worker: a push tells the others, the others' pushes wake it, and its metrics are
@@ -8543,6 +8576,7 @@ class _WorkerShare:
         with contextlib.suppress(OSError):
             while True:                     # told to the worker that held the slot before
                 receiving.recv(WORKER_MESSAGE_BYTES, socket.MSG_DONTWAIT)
+        app.watcher.hear_now = lambda: self._hear_now(app, receiving)
         threading.Thread(target=self._listen, args=(app, receiving), name="cloudsync-worker-line",
                          daemon=True).start()
         threading.Thread(target=self._publishing, args=(app, stop), name="cloudsync-metrics",
@@ -8555,13 +8589,13 @@ class _WorkerShare:
             app.metrics.absorb(snapshot)
         self.publish(app)
 
-    def tell_others(self, before, after, moved, began):
-        """This worker's watcher saw the log move (LogWatcher.heard): tell every other worker."""
-        message = to_json_bytes([before, after, None if moved is None else {
-            table: sorted(scopes, key=lambda scope: (scope is None, scope or ""))
-            for table, scopes in moved.items()}, began])
+    def tell_others(self, told):
+        """Tell every other worker a move of the log or a push (LogWatcher.tell_others)."""
+        message = to_json_bytes(told)
         if len(message) > WORKER_MESSAGE_BYTES:
-            message = to_json_bytes([before, after, None, began])   # wakes every pull: right
+            # "anything" instead of which tables and scope values: wakes more pulls, still right
+            message = to_json_bytes([None if position == (3 if told[0] == "moved" else 1)
+                                     else part for position, part in enumerate(told)])
         for slot, (_, sending) in enumerate(self._line):
             if slot != self.slot:
                 try:
@@ -8571,16 +8605,37 @@ class _WorkerShare:
                     pass
 
     def _listen(self, app, receiving):
-        """The worker's thread hearing the others' looks."""
+        """The worker's thread hearing the others' looks and pushes."""
         while True:
-            try:
-                before, after, moved, began = json.loads(receiving.recv(WORKER_MESSAGE_BYTES))
-                app.metrics.count("cloudsync_worker_wakeups_total")
-                app.watcher.heard(before, after, None if moved is None else {
-                    table: set(scopes) for table, scopes in moved.items()}, began)
-            except Exception:
-                # its own looks still see every move, within WATCH_INTERVAL_SECONDS
-                log.warning("a move told by another worker was not understood", exc_info=True)
+            select.select([receiving], [], [])
+            self._hear_now(app, receiving)
+
+    def _hear_now(self, app, receiving):
+        """Take in every message waiting: the listening thread, and a poll about to be answered
+        from memory. A message is taken and applied under one lock: a poll never misses one
+        that the thread has taken and not applied yet."""
+        with self._hearing:
+            while True:
+                try:
+                    message = receiving.recv(WORKER_MESSAGE_BYTES, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    return
+                try:
+                    self._heard(app, message)
+                except Exception:
+                    # its own looks still see every move, within WATCH_INTERVAL_SECONDS
+                    log.warning("a message of another worker was not understood", exc_info=True)
+
+    @staticmethod
+    def _heard(app, message):
+        """One message of another worker."""
+        told = json.loads(message)
+        if told[0] == "pushed":
+            app.watcher.heard_push(_unlisted(told[1]))
+            return
+        _, before, after, moved, began = told
+        app.metrics.count("cloudsync_worker_wakeups_total")
+        app.watcher.heard(before, after, _unlisted(moved), began)
 
     def _publishing(self, app, stop):
         """The worker's thread publishing its metrics when they changed."""

@@ -7981,3 +7981,22 @@ def test_every_refusal_carries_its_code_and_409s_tell_apart(app):
         assert response.status >= 400 and response.json["code"] in cloudsync.REFUSALS, response.json
     codes = cloudsync.OPENAPI["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
     assert codes == sorted(cloudsync.REFUSALS)
+
+
+def test_a_device_that_pushed_through_one_worker_pulls_its_change_through_the_other(backend, tmp_path):
+    # A push marks its tables in every worker before it is answered: a poll through the other worker right
+    # after is never answered from memory (one server, whichever worker answers).
+    server = LiveServer(tmp_path, WORKERS="2", ALLOWED_TABLES="sales", **backend.settings)
+    try:
+        workers = _workers_of(server)
+        pushing, first = _connection_in(server, workers)
+        pulling, _ = _connection_in(server, workers, other_than=first)
+        status, answer = _on(pulling, "POST", "/sync/pull", {"tables": ["sales"], "since": None})
+        since = answer["checkpoint"]
+        for number in range(20):
+            assert _on(pushing, "POST", "/sync/push", {"operations": [op("insert", id="x%d" % number)]})[0] == 200
+            status, answer = _on(pulling, "POST", "/sync/pull", {"tables": ["sales"], "since": since})
+            assert [row["id"] for row in answer["changes"]["sales"]["upserted"]] == ["x%d" % number], answer
+            since = answer["checkpoint"]
+    finally:
+        server.stop()
