@@ -442,7 +442,9 @@ class Server:
         self.url = "http://127.0.0.1:%d" % self.port
         self.env = dict(os.environ, HOST="127.0.0.1", PORT=str(self.port), DB_HOST="127.0.0.1",
                         DB_PORT=str(db.port), DB_USER="root", DB_PASS="", DB_NAME=database,
-                        ALLOWED_TABLES=TABLES, TOKENS_FILE="", LOG_LEVEL="WARNING", DB_CONNECT_TIMEOUT_SECONDS="2")
+                        ALLOWED_TABLES=TABLES, TOKENS_FILE="", LOG_LEVEL="WARNING", DB_CONNECT_TIMEOUT_SECONDS="2",
+                        # one process: the figures (memory, connections) are of the process measured
+                        WORKERS="1")
         self.env.update({name: str(value) for name, value in settings.items()})
         self.log_path = log_path
         self.process = None
