@@ -635,15 +635,20 @@ def fleet_bench(workdir, smoke, threads):
             if "CREATE" in statement:
                 sql(statement, database)
         server = serve(database, workdir, threads, "cloudsync-fleet.log", ALLOWED_TABLES="sales,item_sales",
-                       LONGPOLL_MAX_WAITERS=str(long_pollers + 20))
+                       LONGPOLL_MAX_WAITERS=str(long_pollers + 20),
+                       # every device of the benchmark is on 127.0.0.1; a fleet's have addresses of their own
+                       MAX_CONNECTIONS_PER_ADDRESS="0")
         try:
             waiting = fleet_run(server, database, long_pollers, rate, seconds, wait=20)
             polling = fleet_run(server, database, pollers, rate, seconds, wait=None, poll_every=1 if smoke else 5)
             # an idle poll (a checkpoint at the head, nothing changed) against /health, nothing else running
             device = _Device(server.port)
             while True:
-                _, answer = device.post("/sync/pull", {"tables": ["sales", "item_sales"],
-                                                       "since": device.checkpoint, "limit": 5000})
+                status, answer = device.post("/sync/pull", {"tables": ["sales", "item_sales"],
+                                                            "since": device.checkpoint, "limit": 5000})
+                if status != 200:
+                    time.sleep(0.5)         # the fleet's last connections are closing
+                    continue
                 device.checkpoint = answer["checkpoint"]
                 if not answer["has_more"]:
                     break
