@@ -301,6 +301,8 @@ LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 SILENT_DEVICE_SECONDS = 86400       # `devices` highlights devices not seen for longer than this
 LAG_COUNTED_UP_TO = 100000          # `devices` counts a device's lag up to this many changes
 EXIT_RETRY = 1                      # the database is unavailable: try again later
+# what to do about an allowed table that is missing or has no primary key (serve and check)
+TABLE_FIX = "create the table with a primary key, or remove it from ALLOWED_TABLES"
 EXIT_CONFIGURATION = 2              # a setting or the schema must be fixed first
 
 EXAMPLE_TABLES = ("sales", "products", "customers", "item_sales", "product_stock")
@@ -8998,8 +9000,7 @@ def _check(config):
                     ok("table %s: primary key (%s)"
                        % (table, ", ".join(schemas[table].primary_key)))
                 except SchemaError as error:
-                    problem(str(error),
-                            "create the table with a primary key, or remove it from ALLOWED_TABLES")
+                    problem(str(error), TABLE_FIX)
             if not config.allowed_tables:
                 problem("ALLOWED_TABLES is empty: every push and pull is refused",
                         "list the tables devices sync")
@@ -9388,7 +9389,10 @@ def _exit_code_of(command, run):
     """run()'s exit code, or the one its error calls for (said in the log)."""
     try:
         return run()
-    except (ConfigError, SchemaError, ChangeCaptureError) as error:
+    except SchemaError as error:
+        # the fix `check` gives for the same problem
+        return _fail(command, "%s: %s" % (error, TABLE_FIX), EXIT_CONFIGURATION)
+    except (ConfigError, ChangeCaptureError) as error:
         return _fail(command, error, EXIT_CONFIGURATION)
     except DatabaseUnavailable as error:
         return _fail(command, "the database is unavailable: %s" % error,

@@ -8000,3 +8000,13 @@ def test_a_device_that_pushed_through_one_worker_pulls_its_change_through_the_ot
             since = answer["checkpoint"]
     finally:
         server.stop()
+
+
+def test_serve_with_a_missing_table_names_the_fix_check_gives(tmp_path):
+    db = tmp_path / "shop.db"
+    cloudsync._create_demo_database(str(db))
+    env = {"DB_PATH": str(db), "ALLOWED_TABLES": "sales,no_such_table", "TOKENS_FILE": "", "PORT": str(_free_port())}
+    code, _, err = _cli(["--env-file", "", "serve"], env)
+    assert code == cloudsync.EXIT_CONFIGURATION and "no_such_table" in err and cloudsync.TABLE_FIX in err
+    code, out, _ = _cli(["--env-file", "", "check"], env)
+    assert cloudsync.TABLE_FIX in out
