@@ -9083,6 +9083,17 @@ def _check_scopes(app, conn, config, schemas, problem, ok):
                     "reads the whole table" % (table, name, name),
                     "CREATE INDEX %s ON %s (%s)" % (app.db.quote("%s_by_%s" % (table, name)),
                                                     schema.quoted, app.db.quote(name)))
+    # a token without a value for a scoped table's column may not use that table (fail closed):
+    # said here, where an operator looks, rather than as a 403 on the device
+    for token in app.auth.tokens:
+        unusable = [(table, name) for table, name in config.row_scopes
+                    if name not in token.scopes and (token.tables is None or table in token.tables)]
+        if unusable:
+            problem("the token of device %s has no scope value for %s: it cannot sync %s"
+                    % (token.device_id, ", ".join(sorted({name for _, name in unusable})),
+                       ", ".join(table for table, _ in unusable)),
+                    "%s token rotate %s --scope %s=VALUE (VALUE * for every row), or --tables "
+                    "without those tables" % (_own_command(), token.device_id, unusable[0][1]))
 
 
 def _own_command():

@@ -5119,9 +5119,12 @@ def test_devices_and_check_show_scopes(scoped_backend, capsys):
         assert scopes == {"till7": "region=north store_id=7 tech=ann"}
     finally:
         application.db.close()
-    assert cloudsync._check(scoped_config(scoped_backend)) == 1
+    # the index missing, and three tokens of the fixture left without a value for a scoped column
+    assert cloudsync._check(scoped_config(scoped_backend)) == 4
     out = capsys.readouterr().out
     assert "table notes is scoped by store_id, but no index starts with store_id" in out
+    assert "device both has no scope value for region, tech: it cannot sync visits, jobs" in out
+    assert "device bare has no scope value for region, store_id, tech" in out
     assert "ok       table orders is scoped by store_id, and an index starts with it" in out
 
 
@@ -8010,3 +8013,15 @@ def test_serve_with_a_missing_table_names_the_fix_check_gives(tmp_path):
     assert code == cloudsync.EXIT_CONFIGURATION and "no_such_table" in err and cloudsync.TABLE_FIX in err
     code, out, _ = _cli(["--env-file", "", "check"], env)
     assert cloudsync.TABLE_FIX in out
+
+
+def test_check_names_tokens_that_cannot_use_a_scoped_table(tmp_path, scoped_backend):
+    tokens_file = str(tmp_path / "tokens")
+    env = dict(TOKENS_FILE=tokens_file, ALLOWED_TABLES=SCOPED_TABLES, ROW_SCOPES=ROW_SCOPES, **scoped_backend.settings)
+    cloudsync.add_token(tokens_file, "till-07", None, {"store_id": ("7",), "region": ("north",), "tech": ("ann",)})
+    cloudsync.add_token(tokens_file, "till-08", None, {"store_id": ("8",)})
+    cloudsync.add_token(tokens_file, "kiosk", ["catalogue"], None)
+    code, out, _ = _cli(["--env-file", "", "check"], env)
+    assert "device till-08 has no scope value for region, tech: it cannot sync visits, jobs" in out
+    assert "token rotate till-08 --scope region=VALUE" in out
+    assert "device till-07 has no" not in out and "device kiosk has no" not in out
