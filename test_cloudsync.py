@@ -7749,6 +7749,15 @@ def _connection_in(server, workers, other_than=None):
     raise AssertionError("every connection went to worker %d" % other_than)
 
 
+def _two_workers(backend, tmp_path):
+    """(a WORKERS=2 LiveServer on the backend's database syncing sales, [(connection, worker)] with one
+    connection open in each worker)."""
+    server = LiveServer(tmp_path, WORKERS="2", ALLOWED_TABLES="sales", **backend.settings)
+    workers = _workers_of(server)
+    first = _connection_in(server, workers)
+    return server, [first, _connection_in(server, workers, other_than=first[1])]
+
+
 def _on(conn, method, path, body=None):
     """(status, answer: JSON, or the text of /metrics) of one request on an open connection."""
     conn.request(method, path, body=None if body is None else json.dumps(body),
@@ -7783,11 +7792,8 @@ def _long_poll(conn, tables, since, wait=20):
 
 
 def test_a_push_in_one_worker_wakes_a_long_poll_in_the_other(backend, tmp_path):
-    server = LiveServer(tmp_path, WORKERS="2", ALLOWED_TABLES="sales", **backend.settings)
+    server, [(polling, _), (pushing, _)] = _two_workers(backend, tmp_path)
     try:
-        workers = _workers_of(server)
-        polling, first = _connection_in(server, workers)
-        pushing, second = _connection_in(server, workers, other_than=first)
         status, answer = _on(polling, "POST", "/sync/pull", {"tables": ["sales"], "since": None})
         assert status == 200, answer
         told = _metric_of(server, "cloudsync_worker_wakeups_total")
@@ -7803,12 +7809,9 @@ def test_a_push_in_one_worker_wakes_a_long_poll_in_the_other(backend, tmp_path):
         server.stop()
 
 
-def test_metrics_count_every_worker_whichever_answers(tmp_path):
-    server = LiveServer(tmp_path, WORKERS="2")
+def test_metrics_count_every_worker_whichever_answers(backend, tmp_path):
+    server, conns = _two_workers(backend, tmp_path)
     try:
-        workers = _workers_of(server)
-        conns = [_connection_in(server, workers)]
-        conns.append(_connection_in(server, workers, other_than=conns[0][1]))
         for number in range(5):
             conn, _ = conns[number % 2]
             assert _on(conn, "POST", "/sync/push", {"operations": [op("insert", id="m%d" % number)]})[0] == 200
@@ -7822,12 +7825,10 @@ def test_metrics_count_every_worker_whichever_answers(tmp_path):
         server.stop()
 
 
-def test_a_killed_worker_is_started_again_and_keeps_its_counts(tmp_path):
-    server = LiveServer(tmp_path, WORKERS="2")
+def test_a_killed_worker_is_started_again_and_keeps_its_counts(backend, tmp_path):
+    server, [(conn, victim), _] = _two_workers(backend, tmp_path)
     sample = 'cloudsync_operations_pushed_total{action="insert",table="sales"}'
     try:
-        workers = _workers_of(server)
-        conn, victim = _connection_in(server, workers)
         for number in range(3):
             assert _on(conn, "POST", "/sync/push", {"operations": [op("insert", id="k%d" % number)]})[0] == 200
         until(lambda: _metric_of(server, sample) == 3)
@@ -7842,13 +7843,11 @@ def test_a_killed_worker_is_started_again_and_keeps_its_counts(tmp_path):
         server.stop()
 
 
-def test_sigterm_drains_every_worker(tmp_path):
-    server = LiveServer(tmp_path, WORKERS="2")
-    workers = _workers_of(server)
+def test_sigterm_drains_every_worker(backend, tmp_path):
+    server, conns = _two_workers(backend, tmp_path)
+    workers = [worker for _, worker in conns]
     polls = []
-    held = None
-    for _ in range(2):
-        conn, held = _connection_in(server, workers, other_than=held)
+    for conn, _ in conns:
         status, answer = _on(conn, "POST", "/sync/pull", {"tables": ["sales"], "since": None})
         polls.append(_long_poll(conn, ["sales"], answer["checkpoint"]))
     until(lambda: _metric_of(server, "cloudsync_longpoll_waiting") == 2)
@@ -7989,11 +7988,8 @@ def test_every_refusal_carries_its_code_and_409s_tell_apart(app):
 def test_a_device_that_pushed_through_one_worker_pulls_its_change_through_the_other(backend, tmp_path):
     # A push marks its tables in every worker before it is answered: a poll through the other worker right
     # after is never answered from memory (one server, whichever worker answers).
-    server = LiveServer(tmp_path, WORKERS="2", ALLOWED_TABLES="sales", **backend.settings)
+    server, [(pushing, _), (pulling, _)] = _two_workers(backend, tmp_path)
     try:
-        workers = _workers_of(server)
-        pushing, first = _connection_in(server, workers)
-        pulling, _ = _connection_in(server, workers, other_than=first)
         status, answer = _on(pulling, "POST", "/sync/pull", {"tables": ["sales"], "since": None})
         since = answer["checkpoint"]
         for number in range(20):
