@@ -5651,9 +5651,10 @@ class SyncEngine:
 class Operation:
     """One validated push operation: bound values and its primary key."""
 
-    __slots__ = ("index", "table", "action", "values", "key", "sent", "scope")
+    __slots__ = ("index", "table", "action", "values", "key", "sent", "scope", "checkpoint",
+                 "basis")
 
-    def __init__(self, index, table, action, values, key, sent=None):
+    def __init__(self, index, table, action, values, key, sent=None, checkpoint=None):
         self.index = index
         self.table = table      # a TableSchema
         self.action = action
@@ -5662,6 +5663,8 @@ class Operation:
         # {column name: value as the device holds it}
         self.sent = sent if sent is not None else values
         self.scope = None       # the device's TableScope on the table, if it has one (Row scopes)
+        self.checkpoint = checkpoint  # the checkpoint the edit was based on, if it names its own
+        self.basis = None       # the decoded checkpoint it is judged against (Pushes.push)
 
 
 class _PushState:
@@ -5721,6 +5724,7 @@ class Pushes:
         if "table" not in operation or "action" not in operation or "data" not in operation:
             missing = [field for field in ("table", "action", "data") if field not in operation]
             raise Refused("invalid_operation", "%s has no %s" % (where, " or ".join(missing)))
+        checkpoint = _checked_checkpoint(operation.get("checkpoint"), "%s: checkpoint" % where)
         schema = grant.table(operation["table"], where).schema
         action = operation["action"]
         if not isinstance(action, str) or action not in ACTIONS:
@@ -5769,7 +5773,7 @@ class Pushes:
         # computed by the database: a pulled row pushed back still works
         if schema.has_generated:
             values = {name: value for name, value in values.items() if not columns[name].generated}
-        op = Operation(index, schema, action, values, key, data)
+        op = Operation(index, schema, action, values, key, data, checkpoint)
         grant.decide(op)
         return op
 
@@ -5804,6 +5808,7 @@ class Pushes:
         # 400 when malformed or foreign, even for a replay; its expiry is checked inside the push's
         # transaction
         fields = self.engine.checkpoints.decode(checkpoint) if checkpoint is not None else None
+        self._decode_bases(operations, checkpoint, fields)
         if batch_id is not None:
             with self.db.connection() as conn:
                 prior = self.changelog.find_batch(conn, device_id or "", batch_id)
@@ -5825,6 +5830,19 @@ class Pushes:
         # refused outside any one operation (a key the column cannot hold)
         except DataRejected as error:
             raise Refused("data_refused", "the database refused the push: %s" % error) from None
+
+    def _decode_bases(self, operations, checkpoint, fields):
+        """Each operation's basis: its own checkpoint decoded, else the push's (None: unjudged)."""
+        decoded = {checkpoint: fields, None: None}
+        for op in operations:
+            text = op.checkpoint if op.checkpoint is not None else checkpoint
+            if text not in decoded:
+                try:
+                    decoded[text] = self.engine.checkpoints.decode(text)
+                except Refused as refusal:
+                    refusal.fields.setdefault("op", op.index)
+                    raise
+            op.basis = decoded[text]
 
     def _push_with_retries(self, operations, attempt, checkpoint):
         """Run the push; after a deadlock or lock timeout (all undone), or a table or column
@@ -5885,13 +5903,13 @@ class Pushes:
                 first = operations[0].table.name if operations else None
                 push.push_id = uuid.uuid4().hex if checkpoint is not None else None
                 with self.changelog.attributed(conn, device_id, batch_id, first, push.push_id):
-                    if fields is not None:
-                        conflicts, push.before = self._conflicts(conn, operations, fields,
-                                                                 device_id, conflict_level)
+                    if any(op.basis is not None for op in operations):
+                        conflicts, push.before = self._conflicts(conn, operations, device_id,
+                                                                 conflict_level)
                         # checked after reading: compaction publishes its mark before it
                         # deletes, so an entry compacted away under the conflict check shows
                         # here as 410
-                        self._check_basis(conn, operations, fields, grant)
+                        self._check_basis(conn, operations, grant)
                         if conflicts and on_conflict != "skip":
                             raise Refused("conflict", "%d operation(s) touch rows changed since "
                                           "your checkpoint; nothing was applied. Pull, then push "
@@ -5954,6 +5972,7 @@ class Pushes:
         on_reject skip takes savepoints, which need a transaction.
         """
         if (self.db.autocommit_atomic and batched and batch_id is None and checkpoint is None
+                and all(op.basis is None for op in operations)
                 and on_reject == "abort" and self.changelog.capture == "triggers"):
             groups = list(itertools.islice(_group_operations(operations, batched), 2))
             if len(groups) == 1:
@@ -5985,15 +6004,16 @@ class Pushes:
         self.db.execute(conn, "RELEASE SAVEPOINT cloudsync_op")
         return done
 
-    def _conflicts(self, conn, operations, fields, device_id, level="column"):
-        """Operations on rows others changed after the checkpoint, or updates of rows that are gone.
+    def _conflicts(self, conn, operations, device_id, level="column"):
+        """Operations on rows others changed after their basis, or updates of rows that are gone.
 
-        Column level: an update or upsert conflicts only when a column it sets
-        was changed by someone else; row level: any change does. A delete or
-        insert conflicts with any change; an increment never conflicts. A
-        checkpoint judges only the tables it covers (from the position where
-        the device's copy of each is whole): on another table, every row that is
-        there is a conflict (pull that table first).
+        Each operation is judged against its basis (op.basis: its own checkpoint,
+        else the push's; none: not judged). Column level: an update or upsert
+        conflicts only when a column it sets was changed by someone else; row
+        level: any change does. A delete or insert conflicts with any change; an
+        increment never conflicts. A checkpoint judges only the tables it covers
+        (from the position where the device's copy of each is whole): on another
+        table, every row that is there is a conflict (pull that table first).
         """
         by_table = {}
         for op in operations:
@@ -6002,15 +6022,17 @@ class Pushes:
         conflicts, before = [], {}
         for table, ops in by_table.items():
             schema = self.engine.schemas[table]
-            since = _judged_since(fields, table)
             # a row outside the device's scope is not there for it: never shown, never touched
             found = self.engine.rows_for_keys(conn, schema, [op.key for op in ops], ops[0].scope,
                                               lock=True)
             texts = [row[0] if row else self.db.key_text(schema, op.key)
                      for op, row in zip(ops, found)]
             before[table] = {text: row[1] for text, row in zip(texts, found) if row}
-            touched = {} if since is None else self.changelog.touched_by_others(
+            # {position: what others changed after it}, one look per position the ops are based on
+            touched = {since: self.changelog.touched_by_others(
                 conn, schema, set(texts), since, device_id, ops[0].scope)
+                for since in {_judged_since(op.basis, table) for op in ops
+                              if op.basis is not None} - {None}}
             # whether the row is there when the op runs: earlier ops count
             exists = {}
             for op, text in zip(ops, texts):
@@ -6018,7 +6040,12 @@ class Pushes:
                 there = exists.get(text, row is not None)
                 if op.action == "increment":
                     continue                # it adds to what is there, whoever changed it
-                columns = _conflicting_columns(op, touched[text], level) if text in touched \
+                if op.basis is None:        # no checkpoint: applied as sent
+                    exists[text] = op.action != "delete" if op.action != "update" else there
+                    continue
+                since = _judged_since(op.basis, table)
+                changed = touched.get(since, {})
+                columns = _conflicting_columns(op, changed[text], level) if text in changed \
                     else None
                 if since is None and row is not None:
                     # a table the checkpoint does not cover
@@ -6032,22 +6059,29 @@ class Pushes:
                 exists[text] = op.action != "delete" if op.action != "update" else there
         return sorted(conflicts, key=lambda conflict: conflict["op"]), before
 
-    def _check_basis(self, conn, operations, fields, grant):
-        """Refused("expired") when the checkpoint can no longer judge a table the push writes.
+    def _check_basis(self, conn, operations, grant):
+        """Refused("expired") when a checkpoint can no longer judge a table the push writes.
 
-        Ahead of the log (a database restored from a backup), or a table whose
-        history broke since the device's copy began, or whose entries after it
-        were compacted away: the device pulls those tables again (reset_tables).
+        Each basis the operations name, for the tables of its operations: ahead
+        of the log (a database restored from a backup), or a table whose history
+        broke since the device's copy began, or whose entries after it were
+        compacted away: the device pulls those tables again (reset_tables).
         """
-        tables = [table for table in dict.fromkeys(op.table.name for op in operations)
-                  if table in fields["t"]]
-        snapshot = self.changelog.read(conn, tables or list(fields["t"])[:1], 0, 0, grant)
-        if fields["s"] > snapshot.head:
-            raise _expired()
-        since = dict(zip(fields["t"], _per_table(fields.get("a"), fields["t"], 0)))
-        broken = [table for table in tables
-                  if snapshot.tables.get(table, (0, None))[0] > since[table]
-                  or snapshot.marks.get(table, 0) > max(fields["s"], since[table])]
+        by_basis = {}
+        for op in operations:
+            if op.basis is not None:
+                by_basis.setdefault(id(op.basis), (op.basis, {}))[1][op.table.name] = None
+        broken = {}
+        for fields, written in by_basis.values():
+            tables = [table for table in written if table in fields["t"]]
+            snapshot = self.changelog.read(conn, tables or list(fields["t"])[:1], 0, 0, grant)
+            if fields["s"] > snapshot.head:
+                raise _expired()
+            since = dict(zip(fields["t"], _per_table(fields.get("a"), fields["t"], 0)))
+            broken.update((table, None) for table in tables
+                          if snapshot.tables.get(table, (0, None))[0] > since[table]
+                          or snapshot.marks.get(table, 0) > max(fields["s"], since[table]))
+        broken = list(broken)
         if broken:
             raise Refused("expired", "the history of %s cannot be continued from this checkpoint: "
                           "pull %s again (reset_tables), then push" % ((", ".join(broken),) * 2),
@@ -10125,6 +10159,13 @@ OPENAPI = {
                                        "needs only the key.",
                         "additionalProperties": {"$ref": "#/components/schemas/Value"},
                     },
+                    "checkpoint": {
+                        "description": "The checkpoint this edit was based on (what its user "
+                                       "saw): the operation's conflicts are judged from it. "
+                                       "Absent or null: the push's checkpoint. A client that "
+                                       "pulls while edits wait keeps each edit's own.",
+                        "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
+                    },
                 },
             },
             "PushRequest": {
@@ -10140,7 +10181,9 @@ OPENAPI = {
                         "anyOf": [{"$ref": "#/components/schemas/Id"}, {"type": "null"}],
                     },
                     "checkpoint": {
-                        "description": "The device's last pulled checkpoint: turns on conflict detection.",
+                        "description": "The device's last pulled checkpoint: turns on conflict "
+                                       "detection for operations without their own, and the "
+                                       "answer's checkpoint is the device's next pull position.",
                         "anyOf": [{"$ref": "#/components/schemas/Checkpoint"}, {"type": "null"}],
                     },
                     "on_conflict": {"enum": ["abort", "skip"], "default": "abort"},

@@ -22,8 +22,11 @@ the client's own bookkeeping (tables named ``_cloudsync_*``):
 false when something needs the user's attention (offline, refused
 operations, unresolved conflicts). Guarantees:
 
-- Rows are pulled only while the outbox is empty, so a pull never overwrites
-  a local change that the server has not seen yet.
+- Each outbox operation keeps the checkpoint its edit was based on, and the
+  push sends it with the operation, so the device pulls whenever it likes
+  (the long poll runs while edits wait): the server judges every edit against
+  what its user saw, and a pulled row is shown with the device's edits not
+  yet acknowledged made again on top (never overwritten by the pull).
 - Conflicts: a push carries the device's checkpoint. On ``409 Conflict`` the
   app's ``on_conflict(local_op, server_row)`` decides, for each conflicting
   operation: ``"server"`` (take the server's row), ``"mine"`` (send it again,
@@ -146,6 +149,9 @@ class Client:
             if "force" not in self._columns("_cloudsync_outbox"):
                 # operations sent over the server's version of their row (conflict resolved "mine")
                 self.db.execute("ALTER TABLE _cloudsync_outbox ADD COLUMN force INTEGER NOT NULL DEFAULT 0")
+            if "basis" not in self._columns("_cloudsync_outbox"):
+                # the checkpoint each edit was based on: the server judges its conflicts from there
+                self.db.execute("ALTER TABLE _cloudsync_outbox ADD COLUMN basis TEXT")
             self.db.execute("CREATE TABLE IF NOT EXISTS _cloudsync_state (name TEXT PRIMARY KEY, value TEXT)")
             self.db.execute("CREATE TABLE IF NOT EXISTS _cloudsync_dead (id INTEGER PRIMARY KEY AUTOINCREMENT,"
                             " tbl TEXT NOT NULL, action TEXT NOT NULL, data TEXT NOT NULL, status INTEGER,"
@@ -306,8 +312,10 @@ class Client:
 
     def _queue(self, table, action, data, force=False):
         key = json.dumps(self._key(table, data))
-        self.db.execute("INSERT INTO _cloudsync_outbox (tbl, action, row_key, data, force) VALUES (?, ?, ?, ?, ?)",
-                        (table, action, key, json.dumps(data), int(force)))
+        # what the user saw when making the edit: the checkpoint of the copy it was made on
+        basis = None if force else self.checkpoint
+        self.db.execute("INSERT INTO _cloudsync_outbox (tbl, action, row_key, data, force, basis)"
+                        " VALUES (?, ?, ?, ?, ?, ?)", (table, action, key, json.dumps(data), int(force), basis))
         self._written.set()                         # run_forever pushes it now
 
     def insert(self, table, row):
@@ -563,7 +571,7 @@ class Client:
         Operations resolved "mine" after a conflict go out in batches of their own, without the checkpoint.
         """
         with self._transaction():
-            rows = self.db.execute("SELECT seq, tbl, action, data, batch_id, force FROM _cloudsync_outbox"
+            rows = self.db.execute("SELECT seq, tbl, action, data, batch_id, force, basis FROM _cloudsync_outbox"
                                    " WHERE batch_id IS NOT NULL ORDER BY seq").fetchall()
             if not rows:
                 first = self.db.execute("SELECT force FROM _cloudsync_outbox ORDER BY seq LIMIT 1").fetchone()
@@ -574,10 +582,16 @@ class Client:
                                 " _cloudsync_outbox WHERE force = ? AND seq < coalesce((SELECT MIN(seq) FROM"
                                 " _cloudsync_outbox WHERE force <> ?), 1 << 62) ORDER BY seq LIMIT ?)",
                                 (batch_id, first[0], first[0], size))
-                rows = self.db.execute("SELECT seq, tbl, action, data, batch_id, force FROM _cloudsync_outbox"
-                                       " WHERE batch_id = ? ORDER BY seq", (batch_id,)).fetchall()
-        return rows[0][4], bool(rows[0][5]), [(seq, {"table": tbl, "action": action, "data": json.loads(data)})
-                                              for seq, tbl, action, data, _, _ in rows]
+                rows = self.db.execute("SELECT seq, tbl, action, data, batch_id, force, basis FROM"
+                                       " _cloudsync_outbox WHERE batch_id = ? ORDER BY seq", (batch_id,)).fetchall()
+        # each operation names the checkpoint it was based on (the server judges its conflicts from
+        # there), unless it is the push's own
+        checkpoint = None if rows[0][5] else self.checkpoint
+        return rows[0][4], bool(rows[0][5]), [
+            (seq, dict({"table": tbl, "action": action, "data": json.loads(data)},
+                       **({"checkpoint": basis} if basis is not None and basis != checkpoint
+                          and checkpoint is not None else {})))
+            for seq, tbl, action, data, _, _, basis in rows]
 
     def _unmark(self):
         """Forget the pending batch id: its operations go out again under a new one (only when not applied)."""
@@ -626,7 +640,8 @@ class Client:
                 # batch id, nothing of it was applied), and the pull then answers which tables to pull again
                 log.warning("checkpoint refused (%s): pushing without conflict detection, then resyncing", error)
                 with self._transaction():
-                    self.db.execute("UPDATE _cloudsync_outbox SET force = 1 WHERE batch_id = ?", (batch_id,))
+                    self.db.execute("UPDATE _cloudsync_outbox SET force = 1, basis = NULL WHERE batch_id = ?",
+                                    (batch_id,))
                     if not (answer or {}).get("reset_tables"):
                         self._set_state("checkpoint", None)
             elif status == 409 and error == "Batch id reused":
@@ -654,6 +669,47 @@ class Client:
                 return self._offline(result, "push of batch %s" % batch_id, status)
             else:
                 raise SyncError("push refused: %s %s: %s" % (status, error, (answer or {}).get("detail")))
+
+    def _rebase(self, table, upserted, deleted):
+        """Inside a local transaction, after pulled rows were stored: this device's edits still in the
+        outbox are made again on top of them (the server judges each against the checkpoint it was based
+        on when it is pushed). (upserted, deleted) as the local table now holds them."""
+        names = self.tables[table][1]
+        pending = {}
+        for row_key, action, data in self.db.execute("SELECT row_key, action, data FROM _cloudsync_outbox"
+                                                     " WHERE tbl = ? ORDER BY seq", (table,)).fetchall():
+            pending.setdefault(row_key, []).append((action, json.loads(data)))
+        if not pending:
+            return upserted, deleted
+        rows, gone = [], []
+        for pulled in list(upserted) + list(deleted):
+            key = self._key(table, pulled)
+            edits = pending.get(json.dumps(key))
+            if edits is not None:
+                for action, data in edits:
+                    if action == "delete":
+                        self._remove(table, data)
+                    elif action == "increment":
+                        self._add_locally(table, data)
+                    elif action == "update":
+                        self._update_locally(table, data)
+                    else:
+                        self._upsert_locally(table, data, [name for name in data if name not in names])
+            row = self.get(table, dict(zip(names, key)))
+            if row is not None:
+                rows.append(row)
+            else:
+                gone.append(key[0] if len(key) == 1 else dict(zip(names, key)))
+        return rows, gone
+
+    def _update_locally(self, table, data):
+        """Set an update's columns on the local row, if it is here."""
+        names = self.tables[table][1]
+        changes = {name: value for name, value in data.items() if name not in names}
+        if changes:
+            self.db.execute("UPDATE %s SET %s WHERE %s" % (
+                _quote(table), ", ".join("%s = ?" % _quote(name) for name in changes), self._where(table)),
+                list(changes.values()) + [data[name] for name in names])
 
     def _take(self, table, key, server_row, changed):
         """Inside a local transaction: the server's row (None: it has none) replaces the local one, with this
@@ -754,7 +810,7 @@ class Client:
                     continue
                 failures = 0
                 since = self.checkpoint
-                if since is None or self.pending():
+                if since is None:
                     continue
                 answer = self._long_poll({"tables": list(self.tables), "since": since,
                                           "limit": self.pull_limit, "wait": wait}, timeout=wait + 15)
@@ -836,8 +892,6 @@ class Client:
                 continue
             changed = {}
             with self._transaction():
-                if self.pending():
-                    return True                     # a local write came in since the push: it goes next time
                 if since is None:
                     # from scratch: rows deleted meanwhile are never listed, so start from an empty copy
                     for table in tables:
@@ -850,7 +904,7 @@ class Client:
                         self._remove(table, key)
                     result.pulled += len(change["upserted"]) + len(change["deleted"])
                     if change["upserted"] or change["deleted"]:
-                        changed[table] = (change["upserted"], change["deleted"])
+                        changed[table] = self._rebase(table, change["upserted"], change["deleted"])
                 self._set_state("checkpoint", answer["checkpoint"])
             self._changed(changed)
             if not answer["has_more"]:

@@ -58,6 +58,7 @@ import gzip
 import hashlib
 import http.client
 import io
+import itertools
 import json
 import logging
 import os
@@ -2553,6 +2554,68 @@ def test_insert_then_update_in_one_push_is_not_a_conflict(app):
     assert "conflicts" not in response.json
 
 
+# Each operation may carry the checkpoint its edit was based on: a device that pulled while
+# the edit waited still has it judged against what its user saw (the office edit in between).
+# (operation's own checkpoint, push checkpoint, what the office changed, the edit, status, conflict columns)
+OWN_CHECKPOINT_CASES = [
+    ("before", "after", "note", op("update", id="x", note="till"), 409, ["note"]),
+    (None, "after", "note", op("update", id="x", note="till"), 200, None),    # the trap it closes
+    ("after", "before", "note", op("update", id="x", note="till"), 200, None),
+    ("before", None, "note", op("update", id="x", note="till"), 409, ["note"]),
+    ("before", "after", "note", op("update", id="x", total="2.00"), 200, None),  # column level
+    ("before", "after", "note", op("delete", id="x"), 409, ["note"]),
+    ("before", "after", "total", op("increment", id="x", total=1), 200, None),   # never a conflict
+]
+
+
+@pytest.mark.parametrize("own, whole, changed, edit, status, columns", OWN_CHECKPOINT_CASES)
+def test_an_operation_is_judged_against_its_own_checkpoint(app, backend, own, whole, changed, edit,
+                                                           status, columns):
+    push(app, [op("insert", **full_sale("x"))])
+    till = Device(app, ["sales"], device_id="till").sync()
+    seen = {"before": till.checkpoint}
+    backend.sql("UPDATE sales SET %s = %s WHERE id = 'x'" % (changed, "'office'" if changed == "note"
+                                                             else "5.00"))
+    seen["after"] = till.sync().checkpoint          # pulled the office's edit while the till's waited
+    edit = dict(edit, checkpoint=seen[own]) if own else edit
+    response = till.push([edit], checkpoint=seen.get(whole), batch_id="b1")
+    assert response.status == status, response.body
+    if columns is None:
+        assert "conflicts" not in response.json
+    else:
+        assert response.json["code"] == "conflict"
+        conflict, = response.json["conflicts"]
+        assert conflict["op"] == 0 and conflict["columns"] == columns
+        assert {row[0]: row[3] for row in backend.rows("sales")} == {"x": "office"}
+
+
+def test_operations_with_and_without_their_own_checkpoint_are_each_judged(app, backend):
+    push(app, [op("insert", **full_sale("x")), op("insert", **full_sale("y"))])
+    till = Device(app, ["sales"], device_id="till").sync()
+    before = till.checkpoint
+    backend.sql("UPDATE sales SET note = 'office' WHERE id IN ('x', 'y')")
+    after = till.sync().checkpoint
+    response = till.push([dict(op("update", id="x", note="till"), checkpoint=before),
+                          op("update", id="y", note="till")],
+                         checkpoint=after, on_conflict="skip")
+    assert response.status == 200 and response.json["applied"] == 1
+    assert [conflict["op"] for conflict in response.json["conflicts"]] == [0]
+    assert {row[0]: row[3] for row in backend.rows("sales")} == {"x": "office", "y": "till"}
+    # the answer's checkpoint goes on from the push's own, the device's pull position
+    assert app.engine.checkpoints.decode(response.json["checkpoint"])["s"] \
+        == app.engine.checkpoints.decode(after)["s"]
+
+
+@pytest.mark.parametrize("checkpoint", [5, ["cs1"], {"s": 1}, "cs1.forged.mac", ""])
+def test_an_operation_checkpoint_that_is_not_one_is_400_naming_the_operation(app, checkpoint):
+    till = Device(app, ["sales"], device_id="till").sync()
+    response = till.push([op("insert", id="a"), dict(op("insert", id="b"), checkpoint=checkpoint)],
+                         checkpoint=till.checkpoint)
+    assert response.status == 400 and response.json["code"] == "invalid_checkpoint"
+    assert response.json["op"] == 1
+    assert Device(app, ["sales"], device_id="office").sync().rows["sales"] == {}
+
+
 def test_skipped_operation_keeps_the_request_checkpoint(app, backend):
     push(app, [op("insert", **full_sale("x"))])
     till = Device(app, ["sales"], device_id="till").sync()
@@ -4372,6 +4435,98 @@ def test_pushes_carry_the_pulled_checkpoint(server, device):
     checkpoint = till.checkpoint
     assert till.sync()
     assert calls[0][1]["checkpoint"] == checkpoint and calls[0][1]["device_id"] == "till-a"
+
+
+class InProcessClient(cloudsync_client.Client):
+    """The reference client talking to an App in this process (no socket); `lose_next` drops the
+    next answer after the server has acted on it (the device never hears back)."""
+
+    def __init__(self, path, application, **options):
+        self.application, self.lose_next = application, False
+        super().__init__(path, "http://in-process", **options)
+
+    def _request(self, path, data, timeout=None):
+        answer = call(self.application, "POST" if data is not None else "GET", path, raw=data or b"")
+        if self.lose_next:
+            self.lose_next, self._unreachable = False, "the answer was lost"
+            return None, None
+        return answer.status, json.loads(answer.body)
+
+
+# Devices that pull whenever they like while their edits wait (as run_forever's long poll does),
+# against an office writing the same column: every device edit names what it was based on, so
+# an overwrite of a value the device never saw shows on the server as a value based on another.
+EDITING_STEP = st.one_of(
+    st.tuples(st.just("edit"), st.sampled_from("ab"), st.sampled_from(["x", "y"])),
+    st.tuples(st.just("office"), st.sampled_from(["x", "y"])),
+    st.tuples(st.just("pull"), st.sampled_from("ab")),
+    st.tuples(st.just("push"), st.sampled_from("ab"), st.booleans()),
+)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(EDITING_STEP, min_size=4, max_size=25))
+@example(steps=[("edit", "a", "x"), ("office", "x"), ("pull", "a"), ("push", "a", False)])
+@example(steps=[("edit", "a", "x"), ("office", "x"), ("pull", "a"), ("edit", "a", "x"),
+                ("push", "a", True), ("office", "x"), ("pull", "b"), ("edit", "b", "x"),
+                ("pull", "b"), ("push", "b", False)])
+def test_property_devices_that_pull_while_editing_never_overwrite_an_office_edit_silently(
+        app, backend, tmp_path, steps):
+    backend.sql("DELETE FROM sales")
+    backend.sql("INSERT INTO sales (id, total, note) VALUES ('x', 1, 'start-x'), ('y', 1, 'start-y')")
+    run = uuid.uuid4().hex[:8]
+    # the hook takes the server's row (device a) or leaves a dead letter (device b): never "mine"
+    devices = {name: InProcessClient(str(tmp_path / ("%s-%s.db" % (name, run))), app, tables=["sales"],
+                                     device_id=name, on_conflict=(lambda op, row: "server")
+                                     if name == "a" else None)
+               for name in "ab"}
+    for device in devices.values():
+        assert device.sync()
+    counter = itertools.count()
+
+    def server_notes():
+        return {row[0]: row[3] for row in backend.rows("sales")}
+
+    def based_on(value):
+        return value.split("<-", 1)[1] if "<-" in value else None
+
+    def push(name, lose):
+        before = server_notes()
+        device = devices[name]
+        sent = {}
+        for _, operation in device._batch(device.batch_size)[2]:
+            sent.setdefault(operation["data"]["id"], set()).add(operation["data"]["note"])
+        device.lose_next = lose
+        device._push(cloudsync_client.SyncResult())
+        if lose:                        # the device sends the same batch again, as its next sync does
+            device._push(cloudsync_client.SyncResult())
+        for key, value in server_notes().items():
+            if value != before[key] and not value.startswith("office"):
+                # walk back through this push's own values to what the first of them replaced
+                while based_on(value) in sent.get(key, ()):
+                    value = based_on(value)
+                assert based_on(value) == before[key], (key, value, before[key])
+
+    for step in steps:
+        if step[0] == "edit":
+            device = devices[step[1]]
+            shown = device.get("sales", step[2])["note"]        # what its user saw
+            device.update("sales", step[2], {"note": "%s%d<-%s" % (step[1], next(counter), shown)})
+        elif step[0] == "office":
+            backend.sql("UPDATE sales SET note = ? WHERE id = ?", ("office%d" % next(counter), step[1]))
+        elif step[0] == "pull":
+            devices[step[1]]._pull(cloudsync_client.SyncResult())
+        else:
+            push(step[1], step[2])
+    for _ in range(2):
+        for name in "ab":
+            push(name, False)
+            devices[name].sync()
+    server = server_notes()
+    for device in devices.values():
+        assert device.pending() == 0
+        assert {row["id"]: row["note"] for row in device.rows("sales")} == server
+        device.close()
 
 
 # ---------------------------------------------------------------------------
