@@ -1059,6 +1059,8 @@ def hash_token(token):
 
 
 TOKEN_LINE = "device_id sha256:HEX [tables=a,b] [scope.COLUMN=V,V ...] [created=TIME]"
+# the comment line `token remove` leaves: "# removed DEVICE_ID TIME" (token list and devices show it)
+REMOVED_MARK = "# removed"
 
 
 def read_tokens_file(path):
@@ -1156,6 +1158,22 @@ def _rewrite_tokens_file(path, lines):
         raise
 
 
+def removed_devices(path):
+    """{device id: when its token was removed} from the tokens file's removal marks."""
+    removed = {}
+    for line, token in _tokens_file(path):
+        fields = line.split()
+        if token is None and line.startswith(REMOVED_MARK + " ") and len(fields) >= 4:
+            removed[fields[2]] = fields[3]
+    return removed
+
+
+def _without_removal_mark(entries, device_id):
+    """The tokens file's (line, token) entries, less the removal mark of device_id."""
+    return [(text, token) for text, token in entries
+            if token is not None or text.split()[:3] != REMOVED_MARK.split() + [device_id]]
+
+
 def add_token(path, device_id, tables=None, scopes=None):
     """Make a token for a device that has none, store only its hash in `path`, return the token."""
     entries = _tokens_file(path)
@@ -1164,7 +1182,9 @@ def add_token(path, device_id, tables=None, scopes=None):
                           "one stops working), `token remove %s` takes it away."
                           % (device_id, device_id, device_id))
     token, line = _token_line(device_id, tables, scopes)
-    _rewrite_tokens_file(path, [text for text, _ in entries] + [line])
+    # it has a token again: no longer removed
+    _rewrite_tokens_file(path, [text for text, _ in _without_removal_mark(entries, device_id)]
+                         + [line])
     return token
 
 
@@ -1183,12 +1203,17 @@ def rotate_token(path, device_id, tables=None, scopes=None):
 
 
 def remove_token(path, device_id):
-    """Take a device's token away (a lost scanner): the next request with it is refused."""
+    """Take a device's token away (a lost scanner): the next request with it is refused.
+
+    A comment line marks the device removed, with the time, for `token list` and `devices`.
+    """
     entries = _tokens_file(path)
     if not any(token is not None and token.device_id == device_id for _, token in entries):
         raise ConfigError("device %s has no token in %s." % (device_id, path))
-    _rewrite_tokens_file(path, [text for text, token in entries
-                                if token is None or token.device_id != device_id])
+    removed = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    _rewrite_tokens_file(path, [text for text, token in _without_removal_mark(entries, device_id)
+                                if token is None or token.device_id != device_id]
+                         + ["%s %s %s" % (REMOVED_MARK, device_id, removed)])
 
 
 def presented_digest(request):
@@ -8080,9 +8105,16 @@ class App:
         return 200, {"success": True, "devices": self.with_scopes(devices)}
 
     def with_scopes(self, devices):
-        """The fleet's devices, each with the scopes of its token (None: no scope, or no token)."""
+        """The fleet's devices, each with the scopes of its token (None: no scope, or no token),
+        and whether it was removed: tokens are in use and it has none any more."""
         scopes = {token.device_id: token.scope_text() or None for token in self.auth.tokens}
-        return [dict(device, scope=scopes.get(device["device_id"])) for device in devices]
+        removed = removed_devices(self.config.tokens_file)
+        in_use = bool(self.auth.tokens) or bool(removed)
+        return [dict(device, scope=scopes.get(device["device_id"]),
+                     removed=in_use and device["device_id"] not in scopes,
+                     removed_at=None if device["device_id"] in scopes
+                     else removed.get(device["device_id"]))
+                for device in devices]
 
     def metrics_text(self, request):
         """Prometheus metrics; needs METRICS_TOKEN or ADMIN_TOKEN if set, else what /sync* needs."""
@@ -9190,14 +9222,17 @@ def _devices_command(config, args):
         "failed"))
     for device in devices:
         print("%s %-17s %-10s %9s %9s %9s %6s %6s %6s %8s %6s" % (
-            "!" if device["silent"] else " ", device["device_id"][:17],
+            "x" if device["removed"] else "!" if device["silent"] else " ",
+            device["device_id"][:17],
             _scope_shown(device["scope"], 10),
             _ago(device["last_seen"], now), _ago(device["last_push"], now),
             _ago(device["last_pull"], now),
             "-" if device["lag"] is None else device["lag"], device["pushes"], device["pulls"],
             device["rejected"], device["failed"]))
-    silent = sum(1 for device in devices if device["silent"])
-    print("%d device(s); %d silent for more than a day (!)" % (len(devices), silent))
+    silent = sum(1 for device in devices if device["silent"] and not device["removed"])
+    removed = sum(1 for device in devices if device["removed"])
+    print("%d device(s); %d silent for more than a day (!); %d removed: no token any more (x)"
+          % (len(devices), silent, removed))
     print("seen, pushed, pulled: how long ago; lag: changes of its tables its last pull is behind;")
     print("rejected: answered 4xx (conflicts, resets, bad values); failed: answered 5xx")
     return 0
@@ -9255,6 +9290,8 @@ def _token_command(config, args):
                                             ",".join(token.tables) if token.tables is not None
                                             else "all tables", created,
                                             token.scope_text() or "-"))
+        for device_id, when in sorted(removed_devices(config.tokens_file).items()):
+            print("%-24s %-30s %-20s %s" % (device_id, "(removed: no token)", when, "-"))
         return 0
     if not config.tokens_file:
         raise ConfigError("TOKENS_FILE is empty: set it to the file that keeps the device tokens.")
@@ -10140,6 +10177,12 @@ OPENAPI = {
                     "rejected": {"type": "integer", "minimum": 0,
                                  "description": "Requests answered 4xx: conflicts, 410 resets, bad values."},
                     "failed": {"type": "integer", "minimum": 0, "description": "Requests answered 5xx."},
+                    "removed": {"type": "boolean",
+                                "description": "Tokens are in use and this device has none any "
+                                               "more (token remove): its requests are refused."},
+                    "removed_at": {"type": ["string", "null"], "format": "date-time",
+                                   "description": "When `token remove` took its token away; null: "
+                                                  "not removed, or not by token remove."},
                 },
             },
             "Operation": {

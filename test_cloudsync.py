@@ -3502,6 +3502,32 @@ def test_devices_command_prints_the_fleet(backend, capsys):
     assert "! till" in out and "1 device(s); 1 silent" in out
 
 
+def test_devices_and_token_list_mark_a_removed_device(backend, tmp_path, capsys):
+    tokens = str(tmp_path / "cloudsync.tokens")
+    kept, lost = cloudsync.add_token(tokens, "till-01"), cloudsync.add_token(tokens, "till-02")
+    application = started(backend, TOKENS_FILE=tokens, ADMIN_TOKEN=ADMIN)
+    for token in (kept, lost):
+        assert push(application, [op("insert", id=token[:8])]).status == 401     # no token: refused
+        assert call(application, "POST", "/sync/push", {"operations": [op("insert", id=token[:8])]},
+                    headers=bearer(token)).status == 200
+    cloudsync.remove_token(tokens, "till-02")
+    application.auth.reload(force=True)
+    with application.db.connection() as conn:
+        application.fleet.flush(conn)
+    assert cloudsync._devices_command(application.config, argparse.Namespace(json=False)) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^x till-02 ", out, re.M) and re.search(r"^  till-01 ", out, re.M)
+    assert "2 device(s); 0 silent for more than a day (!); 1 removed" in out
+    devices = {device["device_id"]: device for device in call(
+        application, "GET", "/sync/devices", headers=bearer(ADMIN)).json["devices"]}
+    assert devices["till-02"]["removed"] is True and devices["till-02"]["removed_at"].endswith("Z")
+    assert devices["till-01"]["removed"] is False and devices["till-01"]["removed_at"] is None
+    # a new token for the device takes the mark away
+    cloudsync.add_token(tokens, "till-02")
+    assert "till-02" not in cloudsync.removed_devices(tokens)
+    assert [token.device_id for token in cloudsync.read_tokens_file(tokens)] == ["till-01", "till-02"]
+
+
 CORS_CASES = [
     # (CORS_ORIGINS, Origin sent, Access-Control-Allow-Origin expected)
     ("https://field.example.com", "https://field.example.com", "https://field.example.com"),
@@ -3953,7 +3979,8 @@ def test_token_add_rotate_remove_take_effect_on_a_running_server(tmp_path):
         code, _, _ = _cli(["--env-file", "", "token", "remove", "till-02"], env)
         assert code == 0 and _eventually(lambda: _status_with(server.url, second) == 401)
         code, out, _ = _cli(["--env-file", "", "token", "list"], env)
-        assert "till-01" in out and "sales" in out and "till-02" not in out and rotated not in out
+        assert "till-01" in out and "sales" in out and rotated not in out
+        assert re.search(r"till-02\s+\(removed: no token\)\s+\d{4}-\d\d-\d\dT", out)
         assert re.search(r"till-01\s+sales\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", out)
         assert oct(os.stat(tokens).st_mode & 0o777) == "0o600"
     finally:
