@@ -2108,6 +2108,7 @@ class Config:
     def __init__(self, values):
         for name, _, _, _ in SETTINGS:
             setattr(self, name.lower(), values[name])
+        self.reload_from = None     # a fresh Config from the same sources (main sets it; SIGHUP)
 
     @property
     def backend(self):
@@ -2131,6 +2132,7 @@ class Config:
         share.db_pool_size = self.db_pool_size // count
         share.max_connections = -(-self.max_connections // count)
         share.longpoll_max_waiters = -(-self.longpoll_max_waiters // count)
+        share.reload_from = self.reload_from and (lambda: self.reload_from().worker_share())
         return share
 
     def describe(self):
@@ -2231,6 +2233,55 @@ def load_config(env_file=".env", environ=None, overrides=None, required=False):
         if missing:
             raise ConfigError("DB_HOST is set, so %s must be set too." % " and ".join(missing))
     return config
+
+
+# -- SIGHUP: the settings that reload ---------------------------------------------
+# A SIGHUP reads the settings again (.env and the environment the server started
+# with) and puts these in force on the running server; any other setting that
+# changed is named in the log as needing a restart. Each is read where it is
+# used, at each request (or copied into the object that uses it by
+# App.reload_settings), so none is half in force.
+RELOADABLE_SETTINGS = (
+    "LOG_LEVEL", "TOKENS", "ADMIN_TOKEN", "METRICS_TOKEN", "CORS_ORIGINS",
+    "READ_ONLY_TABLES", "INSERT_ONLY_TABLES", "READ_ONLY_COLUMNS",
+    "MAX_OPERATIONS", "MAX_PULL_ROWS", "PULL_MAX_BYTES", "MAX_JSON_DEPTH", "MAX_VALUE_BYTES",
+    "GZIP_MIN_BYTES", "PUSH_RETRIES", "CHANGELOG_RETENTION_DAYS", "COMPACT_INTERVAL_SECONDS",
+)
+
+
+def _comparable(value):
+    """A setting's value in a form == compares by content (tokens by their fields)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_comparable(item) for item in value)
+    if isinstance(value, DeviceToken):
+        return tuple(_comparable(getattr(value, name)) for name in DeviceToken.__slots__)
+    if isinstance(value, dict):
+        return tuple(sorted((key, _comparable(item)) for key, item in value.items()))
+    return value
+
+
+def put_settings_in_force(config, fresh):
+    """Set `fresh`'s reloadable settings on `config`, in place; (names reloaded, names that
+    changed but need a restart)."""
+    reloaded, restart = [], []
+    for name in SETTING_NAMES:
+        attribute = name.lower()
+        if _comparable(getattr(config, attribute)) == _comparable(getattr(fresh, attribute)):
+            continue
+        if name in RELOADABLE_SETTINGS:
+            setattr(config, attribute, getattr(fresh, attribute))
+            reloaded.append(name)
+        else:
+            restart.append(name)
+    return reloaded, restart
+
+
+def reload_said(reloaded, restart):
+    """The log line of a SIGHUP's settings reload."""
+    return "SIGHUP: settings reloaded: %s; %s" % (
+        ", ".join(reloaded) or "none changed",
+        "changed but need a restart (systemctl restart cloudsync): %s" % ", ".join(restart)
+        if restart else "nothing needs a restart")
 
 
 # ---------------------------------------------------------------------------
@@ -5536,6 +5587,22 @@ class SyncEngine:
                 added[name] = default[0]
         return added
 
+    def set_rules(self, read_only_columns, read_only_tables, insert_only_tables):
+        """Put new table rules in force (SIGHUP); SchemaError, and nothing changed, if the
+        columns do not fit the tables. Grants are made again at the next request."""
+        columns = {}
+        for table, name in read_only_columns:
+            columns.setdefault(table, set()).add(name)
+        kept, self.read_only_columns = self.read_only_columns, columns
+        try:
+            self.with_table_settings(dict(self.schemas))
+        except SchemaError:
+            self.read_only_columns = kept
+            raise
+        self.read_only_tables = frozenset(read_only_tables)
+        self.insert_only_tables = frozenset(insert_only_tables)
+        self._grants = (None, {})
+
     def with_table_settings(self, schemas):
         """The settings that name columns, checked against `schemas`; SchemaError if one cannot be.
 
@@ -8104,6 +8171,28 @@ class App:
                           "the database is unavailable; retry later") from None
         return 200, {"success": True, "devices": self.with_scopes(devices)}
 
+    def reload_settings(self):
+        """SIGHUP: read the settings again and put the reloadable ones in force (with the
+        tokens); log what reloaded and what needs a restart. A setting that no longer reads,
+        or rules that do not fit the tables, change nothing (logged)."""
+        if self.config.reload_from is not None:
+            try:
+                fresh = self.config.reload_from()
+                self.engine.set_rules(fresh.read_only_columns, fresh.read_only_tables,
+                                      fresh.insert_only_tables)
+            except (ConfigError, SchemaError) as error:
+                log.error("SIGHUP: settings not reloaded, the running ones stay: %s", error)
+            else:
+                reloaded, restart = put_settings_in_force(self.config, fresh)
+                config = self.config
+                self.pushes.max_value_bytes = config.max_value_bytes
+                self.pushes.push_retries = config.push_retries
+                self.pulls.max_bytes = config.pull_max_bytes
+                if self.share is None:      # else the master says it, once for every worker
+                    log.info("%s", reload_said(reloaded, restart))
+                logging.getLogger().setLevel(config.log_level)     # after: the line is said
+        self.auth.reload(force=True)
+
     def with_scopes(self, devices):
         """The fleet's devices, each with the scopes of its token (None: no scope, or no token),
         and whether it was removed: tokens are in use and it has none any more."""
@@ -8374,8 +8463,9 @@ def _create_server(app, config, listener=None):
 def _run(server, config, wake, on_stop=None):
     """Serve until SIGTERM (then let requests in progress finish) or Ctrl-C.
 
-    SIGHUP re-reads the tokens file. `on_stop`: called at SIGTERM, before the
-    requests in progress are drained (it wakes the waiting pulls).
+    SIGHUP reads the settings and the tokens file again (App.reload_settings).
+    `on_stop`: called at SIGTERM, before the requests in progress are drained (it
+    wakes the waiting pulls).
     """
     log.info("cloudsync %s listening on http://%s:%d", __version__, config.host, config.port)
     graceful = _graceful_stop_possible(server)
@@ -8458,8 +8548,11 @@ def _maintain(app, config, stop, wake):
     follows the tables: Long polls.)"""
     compact_due = 0.0
     while True:
-        app.auth.reload(force=getattr(wake, "reload", False))
-        wake.reload = False
+        if getattr(wake, "reload", False):
+            wake.reload = False
+            app.reload_settings()
+        else:
+            app.auth.reload()
         try:
             with app.db.connection() as conn:
                 if time.monotonic() >= compact_due:
@@ -8834,7 +8927,7 @@ class _Arbiter:
             signals, self.signals = self.signals, []
             for number in signals:
                 if number == signal.SIGHUP:
-                    log.info("SIGHUP: the workers read the tokens file again")
+                    self._reload()
                     self._send(signal.SIGHUP)
                 elif number in (signal.SIGTERM, signal.SIGINT) and stopping_at is None:
                     log.info("SIGTERM: the workers finish their requests in progress (up to %d s)",
@@ -8899,6 +8992,27 @@ class _Arbiter:
                         "was killed by signal %d" % -code if code < 0 else "exited with %d" % code,
                         lived, delay)
             self.due[slot] = time.monotonic() + delay
+
+    def _reload(self):
+        """SIGHUP in the master: its settings too, so that a worker started later has them; the
+        log line for all (each worker puts them in force itself)."""
+        if self.config.reload_from is None:
+            log.info("SIGHUP: the workers read the tokens file again")
+            return
+        try:
+            fresh = self.config.reload_from()
+            if _comparable(fresh.read_only_columns) != _comparable(self.config.read_only_columns):
+                # checked against the tables here too: a worker started later must not fail
+                checking = App(fresh)
+                try:
+                    checking.engine.load_schema()
+                finally:
+                    checking.db.close()
+        except (ConfigError, SchemaError, DatabaseUnavailable) as error:
+            log.error("SIGHUP: settings not reloaded, the running ones stay: %s", error)
+            return
+        log.info("%s", reload_said(*put_settings_in_force(self.config, fresh)))
+        logging.getLogger().setLevel(self.config.log_level)
 
     def _start(self, slot):
         """Fork the worker of `slot`."""
@@ -9459,6 +9573,9 @@ def main(argv=None):
     except ConfigError as error:
         return _fail(args.command, error, EXIT_CONFIGURATION)
     configure_logging(config.log_format, config.log_level)
+    # SIGHUP reads the same sources again (App.reload_settings)
+    config.reload_from = lambda: load_config(path, overrides=dict(
+        DEMO_SETTINGS, DB_PATH=args.db) if args.command == "demo" else None, required=named)
     try:
         return _exit_code_of(args.command, lambda: COMMANDS[args.command](config, args))
     # `cloudsync.py log | head`: the reader has what it wanted

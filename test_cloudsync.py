@@ -3987,6 +3987,70 @@ def test_token_add_rotate_remove_take_effect_on_a_running_server(tmp_path):
         server.stop()
 
 
+def _live_push(url, operations):
+    request = urllib.request.Request(url + "/sync/push", json.dumps({"operations": operations}).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_reloads_the_settings_that_can_and_names_those_that_need_a_restart(tmp_path, workers):
+    settings = tmp_path / "cloudsync.env"
+    settings.write_text("LOG_LEVEL=INFO\n")
+    server = LiveServer(tmp_path, args=("--env-file", str(settings), "serve"), WORKERS=workers,
+                        DB_POOL_SIZE="8")
+    try:
+        assert _live_push(server.url, [op("insert", "products", id="p1", name="tea")])[0] == 200
+        settings.write_text("LOG_LEVEL=DEBUG\nREAD_ONLY_TABLES=products\nMAX_OPERATIONS=2\nTHREADS=4\n")
+        server.process.send_signal(signal.SIGHUP)
+        assert _eventually(lambda: _live_push(server.url, [op("insert", "products", id="p2", name="x")])[0] == 403)
+        status, answer = _live_push(server.url, [op("insert", id="s%d" % n) for n in range(3)])
+        assert status == 413 and answer["code"] == "too_many_operations"
+        assert _eventually(lambda: "SIGHUP: settings reloaded: LOG_LEVEL, READ_ONLY_TABLES, MAX_OPERATIONS; "
+                                   "changed but need a restart (systemctl restart cloudsync): THREADS"
+                           in open(server.log).read())
+        # a setting that no longer reads changes nothing
+        settings.write_text("READ_ONLY_TABLES=products\nMAX_OPERATIONS=many\n")
+        server.process.send_signal(signal.SIGHUP)
+        assert _eventually(lambda: "settings not reloaded, the running ones stay: MAX_OPERATIONS='many'"
+                           in open(server.log).read())
+        assert _live_push(server.url, [op("insert", id="s%d" % n) for n in range(3)])[0] == 413
+        # a worker started after the reload has the new settings
+        if workers == "2":
+            log_text = open(server.log).read()
+            pid = int(re.findall(r"worker 1 started \(pid (\d+)\)", log_text)[-1])
+            os.kill(pid, signal.SIGKILL)
+            assert _eventually(lambda: len(re.findall(r"worker 1 started", open(server.log).read())) == 2, 20)
+            assert all(_live_push(server.url, [op("insert", "products", id="p3", name="x")])[0] == 403
+                       for _ in range(6))
+    finally:
+        server.stop()
+
+
+def test_reloaded_table_rules_that_do_not_fit_the_tables_change_nothing(backend, caplog):
+    application = started(backend)
+    fresh = backend.config(READ_ONLY_COLUMNS="products.nothing_here", READ_ONLY_TABLES="products")
+    application.config.reload_from = lambda: fresh
+    with caplog.at_level(logging.INFO, logger="cloudsync"):
+        application.reload_settings()
+    assert "settings not reloaded, the running ones stay: READ_ONLY_COLUMNS names products.nothing_here" \
+        in caplog.text
+    assert push(application, [op("insert", "products", id="p1", name="tea")]).status == 200
+    application.config.reload_from = lambda: backend.config(READ_ONLY_COLUMNS="products.price",
+                                                            PULL_MAX_BYTES="5000", LOG_LEVEL="INFO")
+    application.reload_settings()
+    answer = push(application, [op("insert", "products", id="p2", name="tea", price="2.00")])
+    assert answer.status == 403 and answer.json["code"] == "read_only_column"
+    assert application.pulls.max_bytes == 5000
+    status = call(application, "GET", "/sync/status").json
+    assert status["tables"]["products"]["rules"]["read_only_columns"] == ["price"]
+    application.db.close()
+
+
 def test_sighup_rereads_the_tokens_file(tmp_path):
     tokens = tmp_path / "cloudsync.tokens"
     old, new = "a" * 43, "b" * 43
