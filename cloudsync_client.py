@@ -628,8 +628,9 @@ class Client:
                             "the server has no such row: it was deleted (the next pull removes it here),"
                             " or was never there")), result)
                     # README: the returned checkpoint is the next pull position; it skips the push's own
-                    # changes only when the server proved this device holds them (the local table does)
-                    if checkpoint is not None and answer.get("checkpoint"):
+                    # changes only when the server proved this device holds them (the local table does).
+                    # A replay's was computed from the first attempt's checkpoint: not necessarily ours.
+                    if checkpoint is not None and answer.get("checkpoint") and not answer.get("replayed"):
                         self._set_state("checkpoint", answer["checkpoint"])
                 self._changed(changed)
                 result.pushed += len(batch)

@@ -585,9 +585,9 @@ def pull_until_done(urls, figures, tables, checkpoint, rows, attempts=600):
             continue
         for table, change in payload["changes"].items():
             for row in change["upserted"]:
-                rows.setdefault(table, {})[row["id"]] = row
+                rows.setdefault(table, {})[row_key(row)] = row
             for key in change["deleted"]:
-                rows.setdefault(table, {}).pop(key, None)
+                rows.setdefault(table, {}).pop(row_key(key), None)
         checkpoint = payload["checkpoint"]
         if not payload["has_more"]:
             return checkpoint
@@ -620,6 +620,13 @@ def sync_devices(urls, figures, count, stop, prefix, rows_per_batch=5, pause=0.0
     return start_devices(device, count, figures), acknowledged, started
 
 
+def row_key(row):
+    """A row's (or a deleted key's) key in the example tables: its id, or product and store."""
+    if not isinstance(row, dict):
+        return row
+    return row["id"] if "id" in row else "%s@%s" % (row["product_id"], row["store_id"])
+
+
 def server_rows(db, database, table):
     """{id: row} of a table, read directly from the database, as JSON-comparable values."""
     conn = db.connect(database)
@@ -630,7 +637,7 @@ def server_rows(db, database, table):
         cursor.close()
     finally:
         conn.close()
-    return {row["id"]: json.loads(json.dumps(row, default=_plain)) for row in rows}
+    return {row_key(row): json.loads(json.dumps(row, default=_plain)) for row in rows}
 
 
 def _plain(value):
@@ -1086,7 +1093,8 @@ def scenario_load(db, workdir, devices=50, rounds=8, seed=7):
                 del own[row_id]
                 operations.append({"table": "sales", "action": "delete", "data": {"id": row_id}})
             operations.append({"table": "product_stock", "action": "upsert",
-                               "data": {"id": "shared-%d" % rng.randrange(5), "quantity": rng.randrange(100)}})
+                               "data": {"product_id": "shared-%d" % rng.randrange(5), "store_id": 1,
+                                        "qty": rng.randrange(100)}})
             body = {"device_id": "load%d" % number, "batch_id": "round-%d" % round_, "operations": operations}
             push_until_acknowledged(urls, figures, body)
             figures.add("pushes acknowledged")
@@ -1149,9 +1157,9 @@ def push_with_checkpoint(urls, figures, body, rows):
             for operation in body["operations"]:
                 table, data = rows.setdefault(operation["table"], {}), operation["data"]
                 if operation["action"] == "delete":
-                    table.pop(data["id"], None)
+                    table.pop(row_key(data), None)
                 else:
-                    table[data["id"]] = dict(table.get(data["id"], {}), **data)
+                    table[row_key(data)] = dict(table.get(row_key(data), {}), **data)
             return payload["checkpoint"]
         figures.add("push %s" % (status or "unanswered"))
         if status == 410:
@@ -1208,7 +1216,8 @@ def scenario_instances(dbs, database, workdir, devices=15, rounds=8, seed=5):
                 own[row_id] = "new"
                 # every column, as a pull sends it: the device then holds exactly what the server does
                 operations.append({"table": "sales", "action": "insert", "data": {
-                    "id": row_id, "customer_id": None, "total": "1.00", "note": "new", "sold_at": None}})
+                    "id": row_id, "customer_id": None, "total": "1.00", "note": "new", "sold_at": None,
+                    "store_id": None}})
             if rng.random() < 0.7:
                 row_id = rng.choice(sorted(own))
                 own[row_id] = "edited %d" % round_
@@ -1219,7 +1228,8 @@ def scenario_instances(dbs, database, workdir, devices=15, rounds=8, seed=5):
                 operations.append({"table": "sales", "action": "delete", "data": {"id": row_id}})
             if rng.random() < 0.5:
                 operations.append({"table": "product_stock", "action": "upsert",
-                                   "data": {"id": "shared-%d" % rng.randrange(5), "quantity": rng.randrange(100)}})
+                                   "data": {"product_id": "shared-%d" % rng.randrange(5), "store_id": 1,
+                                            "qty": rng.randrange(100)}})
             body = {"device_id": "dev%d" % number, "batch_id": "round-%d" % round_, "on_conflict": "skip",
                     "checkpoint": checkpoint, "operations": operations}
             checkpoint = push_with_checkpoint(urls, figures, body, rows)

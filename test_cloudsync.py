@@ -725,9 +725,9 @@ def test_injection_in_column_name_rejected(app, backend, name):
 def test_database_failure_is_500_sync_failed(app, backend):
     # a trigger of the shop's writing to a table that does not exist: the database's own failure
     backend.sql("CREATE TRIGGER shop_audit AFTER INSERT ON product_stock FOR EACH ROW"
-                + (" INSERT INTO audit_nowhere VALUES (NEW.id)" if backend.kind == "mysql"
-                   else " BEGIN INSERT INTO audit_nowhere VALUES (NEW.id); END"))
-    response = push(app, [op("insert", "sales", id="s1"), op("insert", "product_stock", id="p", quantity=1)])
+                + (" INSERT INTO audit_nowhere VALUES (NEW.product_id)" if backend.kind == "mysql"
+                   else " BEGIN INSERT INTO audit_nowhere VALUES (NEW.product_id); END"))
+    response = push(app, [op("insert", "sales", id="s1"), op("insert", "product_stock", product_id="p", store_id=1, qty=1)])
     assert response.status == 500
     assert response.json == {"success": False, "error": "Sync failed", "code": "push_failed",
                              "detail": "the database failed; nothing was applied"}
@@ -736,7 +736,7 @@ def test_database_failure_is_500_sync_failed(app, backend):
 
 def test_a_table_dropped_under_the_server_is_503_to_retry_and_a_schema_problem_in_status(app, backend):
     backend.sql("DROP TABLE product_stock")
-    response = push(app, [op("insert", "sales", id="s1"), op("insert", "product_stock", id="p", quantity=1)])
+    response = push(app, [op("insert", "sales", id="s1"), op("insert", "product_stock", product_id="p", store_id=1, qty=1)])
     assert response.status == 503 and response.json["error"] == "Sync failed", response.body
     assert dict(response.headers)["Retry-After"]
     assert backend.rows("sales") == []
@@ -988,8 +988,9 @@ def test_pure_python_driver_pushes_and_pulls_the_same(backend, pure_python_drive
 
 
 def test_integers_come_out_as_numbers(app):
-    push(app, [op("insert", "product_stock", id="p1", quantity=42)])
-    assert pull(app, tables=["product_stock"]).json["data"]["product_stock"] == [{"id": "p1", "quantity": 42}]
+    push(app, [op("insert", "product_stock", product_id="p1", store_id=1, qty=42)])
+    assert pull(app, tables=["product_stock"]).json["data"]["product_stock"] == [{"product_id": "p1", "store_id": 1,
+                                                                              "qty": 42}]
 
 
 # ---------------------------------------------------------------------------
@@ -1422,7 +1423,7 @@ def test_seed_cache_never_serves_rows_a_cascade_deleted(probe, backend):
 
 
 def test_seed_cache_never_serves_rows_a_truncate_removed(app, backend):
-    assert push(app, [op("insert", "product_stock", id="p%d" % n, quantity=n) for n in range(3)]).status == 200
+    assert push(app, [op("insert", "product_stock", product_id="p%d" % n, store_id=1, qty=n) for n in range(3)]).status == 200
     first = pull(app, tables=["product_stock"])
     assert len(first.json["data"]["product_stock"]) == 3 and first.headers["ETag"]
     backend.sql("TRUNCATE TABLE product_stock" if backend.kind == "mysql" else "DELETE FROM product_stock")
@@ -1464,7 +1465,7 @@ def test_what_a_client_sent_is_a_4xx_naming_the_op(probe, backend, case):
         "utf8mb3 key": (op("update", "mb3", id="🧾", note="x"), "mysql"),
         "binary key as number": (op("update", "bin_keys", k=5, note="x"), None),
         "binary value as number": (op("insert", "attachments", id=9, body=12), None),
-        "sqlite key of 2**63": (op("update", "product_stock", id="p1", quantity=2 ** 63), "sqlite"),
+        "sqlite key of 2**63": (op("update", "product_stock", product_id="p1", store_id=1, qty=2 ** 63), "sqlite"),
         "not base64": (op("insert", "bin_keys", k="not base64!", note="x"), None),
     }[case]
     if needs is not None and needs != backend.kind:
@@ -2265,7 +2266,7 @@ def test_sequencer_numbers_backlogs_larger_than_a_batch(app, backend):
     if backend.kind != "mysql":
         pytest.skip("SQLite numbers changes as they are written")
     count = cloudsync.SEQUENCE_BATCH_ROWS * 2 + 17
-    backend.sql("INSERT INTO product_stock (id, quantity) SELECT CONCAT('k', seq), seq FROM seq_1_to_%d" % count)
+    backend.sql("INSERT INTO product_stock (product_id, store_id, qty) SELECT CONCAT('k', seq), 1, seq FROM seq_1_to_%d" % count)
     with app.db.connection() as conn:               # as the numberer does, a batch per transaction
         assert app.engine.changelog.sequence(conn) == count
     assert backend.sql("SELECT COUNT(*), MIN(seq), MAX(seq), COUNT(DISTINCT row_key) FROM cloudsync_changes")[0] \
@@ -2515,7 +2516,7 @@ def test_update_of_deleted_row_is_conflict_with_checkpoint(app):
     response = till.push([op("update", id="x", note="n")], checkpoint=till.checkpoint)
     assert response.status == 409
     assert response.json["conflicts"] == [{"op": 0, "table": "sales", "key": "x", "server_row": None,
-                                           "columns": ["customer_id", "id", "note", "sold_at", "total"]}]
+                                           "columns": ["customer_id", "id", "note", "sold_at", "store_id", "total"]}]
 
 
 def test_own_writes_never_conflict(app):
@@ -2528,7 +2529,7 @@ def test_own_writes_never_conflict(app):
 
 def full_sale(key, **values):
     """A sales row with every column, as a device that knows the whole row pushes it."""
-    return dict(dict(id=key, customer_id=None, total="1.00", note=None, sold_at=None), **values)
+    return dict(dict(id=key, customer_id=None, total="1.00", note=None, sold_at=None, store_id=None), **values)
 
 
 def test_push_checkpoint_skips_own_changes_only(app):
@@ -2630,10 +2631,10 @@ def _user_trigger(backend):
     """An outside trigger: every new sale also writes a product_stock row."""
     if backend.kind == "mysql":
         backend.sql("CREATE TRIGGER user_side AFTER INSERT ON sales FOR EACH ROW "
-                    "INSERT INTO product_stock (id, quantity) VALUES (NEW.id, 1)")
+                    "INSERT INTO product_stock (product_id, store_id, qty) VALUES (NEW.id, 1, 1)")
     else:
         backend.sql("CREATE TRIGGER user_side AFTER INSERT ON sales BEGIN "
-                    "INSERT INTO product_stock (id, quantity) VALUES (NEW.id, 1); END")
+                    "INSERT INTO product_stock (product_id, store_id, qty) VALUES (NEW.id, 1, 1); END")
 
 
 def _user_stamp(backend):
@@ -2767,7 +2768,7 @@ def test_lost_connection_at_commit_is_503_not_500(app, backend, monkeypatch):
 
 @pytest.mark.parametrize("number", [1 << 63, (1 << 64) + 5, -(1 << 63) - 1, 10 ** 20 - 1])
 def test_integer_beyond_64_bits_is_400(app, backend, number):
-    response = push(app, [op("upsert", "product_stock", id="p1", quantity=number)])
+    response = push(app, [op("upsert", "product_stock", product_id="p1", store_id=1, qty=number)])
     assert response.status == 400, response.body
     assert backend.rows("product_stock") == []
 
@@ -2836,7 +2837,7 @@ def test_property_devices_following_the_loop_end_equal_to_server(app, backend, s
             fields = {"on_conflict": on_conflict}
             if with_checkpoint and device.checkpoint is not None:
                 fields["checkpoint"] = device.checkpoint
-            response = device.push([op(action, "product_stock", id="%s-%d" % (prefix, key), quantity=value)
+            response = device.push([op(action, "product_stock", product_id="%s-%d" % (prefix, key), store_id=1, qty=value)
                                     for action, key, value in operations], **fields)
             assert response.status in (200, 409), response.body
         elif step[0] == "outside":
@@ -2844,11 +2845,11 @@ def test_property_devices_following_the_loop_end_equal_to_server(app, backend, s
             row_id = "%s-%d" % (prefix, key)
             if action == "insert":
                 ignore = "INSERT IGNORE" if backend.kind == "mysql" else "INSERT OR IGNORE"
-                backend.sql(ignore + " INTO product_stock (id, quantity) VALUES (?, ?)", (row_id, value))
+                backend.sql(ignore + " INTO product_stock (product_id, store_id, qty) VALUES (?, 1, ?)", (row_id, value))
             elif action == "update":
-                backend.sql("UPDATE product_stock SET quantity = ? WHERE id = ?", (value, row_id))
+                backend.sql("UPDATE product_stock SET qty = ? WHERE product_id = ?", (value, row_id))
             else:
-                backend.sql("DELETE FROM product_stock WHERE id = ?", (row_id,))
+                backend.sql("DELETE FROM product_stock WHERE product_id = ?", (row_id,))
         else:
             _, n, limit = step
             device = devices[n]
@@ -2901,14 +2902,14 @@ def test_hostile_values_are_400_and_pull_still_works(app, backend, data, detail)
 
 
 def test_integer_far_beyond_64_bits_names_its_column(app, backend):
-    response = push(app, [op("insert", "product_stock", id="p", quantity=10 ** 30)])
-    assert response.status == 400 and "quantity" in response.json["detail"]
+    response = push(app, [op("insert", "product_stock", product_id="p", store_id=1, qty=10 ** 30)])
+    assert response.status == 400 and "qty" in response.json["detail"]
 
 
 def test_wrong_type_detail_names_column(app, backend):
     # SQLite would keep text in an INTEGER column; both backends refuse it, naming the column
-    response = push(app, [op("insert", "product_stock", id="p", quantity="abc")])
-    assert response.status == 400 and "'quantity'" in response.json["detail"]
+    response = push(app, [op("insert", "product_stock", product_id="p", store_id=1, qty="abc")])
+    assert response.status == 400 and "'qty'" in response.json["detail"]
 
 
 def test_decimal_rounds_half_up_on_both_backends(app):
@@ -4174,6 +4175,39 @@ def test_migrate_removes_the_triggers_of_tables_no_longer_allowed_and_check_sees
     assert code == 0 and "0 problem(s)" in out, out
 
 
+def _readme_setting(name):
+    """The value README's Row scopes example gives a setting (NAME=... at the start of a line)."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    return re.search(r"^%s=(\S+)$" % name, text[text.index("### Row scopes"):], re.M).group(1)
+
+
+def test_readme_row_scopes_example_works_as_shown_on_the_example_schema(backend, tmp_path):
+    tokens = str(tmp_path / "cloudsync.tokens")
+    token = cloudsync.add_token(tokens, "till-07", scopes={"store_id": ["7"]})
+    settings = dict(ALLOWED_TABLES=_readme_setting("ALLOWED_TABLES"), ROW_SCOPES=_readme_setting("ROW_SCOPES"),
+                    TOKENS_FILE=tokens)
+    env = dict(backend.settings, **settings)
+    assert _cli(["--env-file", "", "migrate"], env)[0] == 0
+    code, out, _ = _cli(["--env-file", "", "check"], env)
+    assert code == 0 and "0 problem(s)" in out, out              # every scoped table has its index
+    application = started(backend, **settings)
+    backend.sql("INSERT INTO product_stock (product_id, store_id, qty) VALUES ('p1', 7, 10), ('p1', 8, 10)")
+    # README's increment, as it is written there
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    increment = json.loads(re.search(r'`(\{"table": "product_stock", "action": "increment",[^`]*\})`',
+                                     text.replace("\n", " ")).group(1))
+    answer = call(application, "POST", "/sync/push", {"batch_id": "b1", "operations": [increment]},
+                  headers=bearer(token))
+    assert answer.status == 200, answer.body
+    assert sorted(backend.rows("product_stock")) == [("p1", 7, 8), ("p1", 8, 10)]
+    answer = call(application, "POST", "/sync/push", {"batch_id": "b2", "operations": [
+        dict(increment, data=dict(increment["data"], store_id=8))]}, headers=bearer(token))
+    # another store's row is not there for this till: missing, and untouched
+    assert answer.status == 200 and [entry["op"] for entry in answer.json["missing"]] == [0]
+    assert sorted(backend.rows("product_stock")) == [("p1", 7, 8), ("p1", 8, 10)]
+    application.db.close()
+
+
 def test_check_of_a_database_never_migrated_reports_one_problem(backend):
     env = dict(backend.settings, ALLOWED_TABLES=",".join(TABLES), TOKENS_FILE="")
     code, out, _ = _cli(["--env-file", "", "check"], env)
@@ -4183,7 +4217,7 @@ def test_check_of_a_database_never_migrated_reports_one_problem(backend):
 def test_lag_counts_only_the_changes_of_the_devices_tables(backend):
     application = started(backend)
     assert pull(application, tables=["sales"], since=None, device_id="till").status == 200
-    assert push(application, [op("insert", "product_stock", id="p1", quantity=1),
+    assert push(application, [op("insert", "product_stock", product_id="p1", store_id=1, qty=1),
                               op("insert", "sales", id="s1")]).status == 200
     with application.db.connection() as conn:
         application.engine.changelog.sequence(conn)
@@ -4271,9 +4305,9 @@ def test_start_up_says_one_line_about_triggers_unless_something_changed(backend)
 
 # The demo's tables (schema-sqlite.sql) as the client describes them: columns, primary key.
 DEMO_TABLES = {
-    "sales": (["id", "customer_id", "total", "note", "sold_at"], ["id"]),
+    "sales": (["id", "customer_id", "total", "note", "sold_at", "store_id"], ["id"]),
     "products": (["id", "name", "price", "barcode", "updated_at"], ["id"]),
-    "customers": (["id", "name", "phone", "updated_at"], ["id"]),
+    "customers": (["id", "name", "phone", "updated_at", "store_id"], ["id"]),
 }
 
 
@@ -4500,7 +4534,8 @@ def test_pull_never_overwrites_a_local_change_made_during_sync(server, device):
         return post(path, body)
 
     till_a._post = write_before_pull
-    assert not till_a.sync().up_to_date            # the new write goes first: nothing was pulled over it
+    # b's note is pulled, and a's write made again on top: the local row shows it, and it waits
+    assert till_a.sync().up_to_date
     assert till_a.rows("sales")[0]["note"] == "from a" and till_a.pending() == 1
     result = till_a.sync()
     assert [c["key"] for c in result.conflicts] == ["s1"]     # b set the note first: server wins
@@ -4744,7 +4779,7 @@ def test_a_column_dropped_or_changed_makes_devices_pull_that_table_alone(app, ba
 
 def test_a_client_built_from_the_servers_schema_learns_a_new_column(server, tmp_path):
     till = cloudsync_client.Client(str(tmp_path / "till.db"), server.url, ["sales", "products"], "till-a")
-    assert till.tables["sales"][0] == ["id", "customer_id", "total", "note", "sold_at"]
+    assert till.tables["sales"][0] == ["id", "customer_id", "total", "note", "sold_at", "store_id"]
     till.insert("sales", {"id": "s1", "total": 3.5})
     assert till.get("sales", "s1")["total"] == "3.50"        # one form before and after a sync
     assert till.sync() and till.get("sales", "s1")["total"] == "3.50"
@@ -7275,32 +7310,37 @@ def test_pulls_never_fail_beside_pushes_that_deadlock(backend):
         application.db.close()
 
 
+def stock(product, store=1):
+    """product_stock's key: a product at a store."""
+    return {"product_id": product, "store_id": store}
+
+
 def test_the_reference_client_keeps_missing_and_rejected_operations_and_takes_the_servers_row(tmp_path):
     db = tmp_path / "server.db"
     cloudsync._create_demo_database(str(db))
     with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TRIGGER stock_not_negative BEFORE UPDATE ON product_stock WHEN NEW.quantity < 0"
+        conn.execute("CREATE TRIGGER stock_not_negative BEFORE UPDATE ON product_stock WHEN NEW.qty < 0"
                      " BEGIN SELECT RAISE(ABORT, 'stock cannot go below 0'); END")
-        conn.execute("INSERT INTO product_stock (id, quantity) VALUES ('p1', 2), ('p2', 5), ('p3', 1)")
+        conn.execute("INSERT INTO product_stock (product_id, store_id, qty) VALUES ('p1', 1, 2), ('p2', 1, 5), ('p3', 1, 1)")
         conn.execute("INSERT INTO sales (id, total) VALUES ('s1', 1)")
     server = LiveServer(tmp_path, DB_PATH=str(db), ALLOWED_TABLES="sales,product_stock")
-    tables = {"product_stock": (["id", "quantity"], ["id"]), "sales": (["id", "customer_id", "total", "note",
+    tables = {"product_stock": (["product_id", "store_id", "qty"], ["product_id", "store_id"]), "sales": (["id", "customer_id", "total", "note",
                                                                          "sold_at"], ["id"])}
     till = cloudsync_client.Client(str(tmp_path / "till.db"), server.url, tables, "till")
     try:
         assert till.sync()
         with sqlite3.connect(db) as conn:           # the office deletes a product the till still holds
-            conn.execute("DELETE FROM product_stock WHERE id = 'p3'")
-        till.increment("product_stock", "p3", {"quantity": 1})     # an increment never conflicts: missing
-        till.increment("product_stock", "p1", {"quantity": -5})    # refused by the shop's rule
-        till.increment("product_stock", "p2", {"quantity": -1})
+            conn.execute("DELETE FROM product_stock WHERE product_id = 'p3'")
+        till.increment("product_stock", stock("p3"), {"qty": 1})     # an increment never conflicts: missing
+        till.increment("product_stock", stock("p1"), {"qty": -5})    # refused by the shop's rule
+        till.increment("product_stock", stock("p2"), {"qty": -1})
         result = till.sync()
         assert not result                           # the user should know
-        letters = sorted((letter["data"]["id"], letter["error"]) for letter in till.dead_letters())
+        letters = sorted((letter["data"]["product_id"], letter["error"]) for letter in till.dead_letters())
         assert letters == [("p1", "Rejected"), ("p3", "Missing")]
-        assert till.get("product_stock", "p1")["quantity"] == 2        # the server's row, taken back
-        assert till.get("product_stock", "p2")["quantity"] == 4
-        until(lambda: till.sync() is not None and till.get("product_stock", "p3") is None)
+        assert till.get("product_stock", stock("p1"))["qty"] == 2        # the server's row, taken back
+        assert till.get("product_stock", stock("p2"))["qty"] == 4
+        until(lambda: till.sync() is not None and till.get("product_stock", stock("p3")) is None)
         assert till.pending() == 0
     finally:
         till.close()

@@ -1,5 +1,5 @@
 // The web till of `cloudsync.py demo`: sells the catalogue (products), counts stock down
-// (product_stock, one row per product, same id: its quantity goes down by increments, so two tills
+// (product_stock, one row per product and store: its qty goes down by increments, so two tills
 // selling the last units offline both count), records each sale (sales) with its lines
 // (item_sales). Everything is written to the browser's copy first (IndexedDB), so the till sells
 // with the network off; run() pushes and long-polls whenever the server can be reached.
@@ -7,6 +7,7 @@ import {Client, IndexedDBStorage, SyncError} from "/demo/cloudsync_client.mjs";
 
 const TABLES = ["products", "product_stock", "sales", "item_sales"];
 const LOW_STOCK = 5;
+const STORE = 1;                      // the demo's one store (a chain scopes each till to its own: ROW_SCOPES)
 const cart = new Map();               // product id -> quantity
 const conflicts = [];                 // the last ones the server reported, newest first
 let till = null;
@@ -68,12 +69,13 @@ async function pay() {
   const total = lines.reduce((sum, {product, qty}) => sum + cents(product.price) * qty, 0);
   const saleId = `${till.deviceId}-${Date.now().toString(36)}${Math.random().toString(36).slice(2, 5)}`;
   await till.transaction((t) => {             // the sale, its lines and the stock: all stored, or none
-    t.insert("sales", {id: saleId, total: money(total), sold_at: new Date().toISOString(),
+    t.insert("sales", {id: saleId, store_id: STORE, total: money(total), sold_at: new Date().toISOString(),
       note: `${till.deviceId}: ` + lines.map(({product, qty}) => `${qty}× ${product.name}`).join(", ")});
     lines.forEach(({product, qty}, index) => {
       t.insert("item_sales", {id: `${saleId}-${index + 1}`, sale_id: saleId, product_id: product.id, qty,
-        price: product.price});
-      if (t.get("product_stock", product.id)) t.increment("product_stock", product.id, {quantity: -qty});
+        price: product.price, store_id: STORE});
+      const stock = {product_id: product.id, store_id: STORE};
+      if (t.get("product_stock", stock)) t.increment("product_stock", stock, {qty: -qty});
     });
   });
   cart.clear();
@@ -88,7 +90,8 @@ function showNetwork(state, title = "") {
 
 function render() {
   if (!till) return;
-  const stock = new Map(till.rows("product_stock").map((row) => [row.id, row.quantity]));
+  const stock = new Map(till.rows("product_stock").filter((row) => row.store_id === STORE)
+    .map((row) => [row.product_id, row.qty]));
   const products = till.rows("products").sort((a, b) => a.name.localeCompare(b.name));
   $("products").replaceChildren(...products.map((product) => {
     const left = stock.get(product.id);

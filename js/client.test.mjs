@@ -8,7 +8,7 @@ import {test} from "node:test";
 import {Client, CloudsyncError, FileStorage} from "../cloudsync_client.mjs";
 import {NOWHERE, URL, assertEqualToServer, device, ids, recordRequests, serverRows, sql, until} from "./helpers.mjs";
 
-const codes = (letters) => letters.map((letter) => [letter.code, letter.data.id]);
+const codes = (letters) => letters.map((letter) => [letter.code, letter.data.id ?? letter.data.product_id]);
 
 test("two devices edit offline and converge; a conflict nobody resolves keeps the server's row", async () => {
   const id = ids("converge");
@@ -169,35 +169,37 @@ test("refused operations become dead letters, to fix and resend or to discard; t
 
 test("an increment of a row the server no longer has is a dead letter (missing), never dropped", async () => {
   const id = ids("missing");
-  sql("INSERT INTO product_stock (id, quantity) VALUES (?, 5)", [id("p1")]);
+  sql("INSERT INTO product_stock (product_id, store_id, qty) VALUES (?, 1, 5)", [id("p1")]);
+  const p1 = {product_id: id("p1"), store_id: 1};
   const till = await device("missing-till");
   assert.ok((await till.sync()).ok);
-  await till.increment("product_stock", id("p1"), {quantity: -1});
-  sql("DELETE FROM product_stock WHERE id = ?", [id("p1")]);      // the office deletes it meanwhile
+  await till.increment("product_stock", p1, {qty: -1});
+  sql("DELETE FROM product_stock WHERE product_id = ?", [id("p1")]);      // the office deletes it meanwhile
   const result = await till.sync();
   assert.ok(!result.ok && result.pushed === 0);
   assert.deepEqual(codes(result.rejected), [["missing", id("p1")]]);
-  assert.deepEqual(till.deadLetters()[0].data, {id: id("p1"), quantity: -1});
-  assert.equal(till.get("product_stock", id("p1")), null);
+  assert.deepEqual(till.deadLetters()[0].data, {product_id: id("p1"), store_id: 1, qty: -1});
+  assert.equal(till.get("product_stock", p1), null);
   await assertEqualToServer(till);
 });
 
 test("increments from two tills all count, exactly, and survive a conflict on the row", async () => {
   const id = ids("increments");
-  sql("INSERT INTO product_stock (id, quantity) VALUES (?, 10)", [id("p1")]);
+  sql("INSERT INTO product_stock (product_id, store_id, qty) VALUES (?, 1, 10)", [id("p1")]);
+  const p1 = {product_id: id("p1"), store_id: 1};
   const a = await device("increments-a");
   const b = await device("increments-b");
   await a.insert("sales", {id: id("s1"), total: "1.00"});
   assert.ok((await a.sync()).ok && (await b.sync()).ok);
-  await a.increment("product_stock", id("p1"), {quantity: -2});   // both sell offline
-  await b.increment("product_stock", id("p1"), {quantity: "-1"});
+  await a.increment("product_stock", p1, {qty: -2});   // both sell offline
+  await b.increment("product_stock", p1, {qty: "-1"});
   await a.increment("sales", id("s1"), {total: "0.10"});          // decimals add exactly
   await b.increment("sales", id("s1"), {total: 0.25});
-  assert.equal(a.get("product_stock", id("p1")).quantity, 8);
+  assert.equal(a.get("product_stock", p1).qty, 8);
   assert.equal(b.get("sales", id("s1")).total, "1.25");
   assert.ok((await a.sync()).ok && (await b.sync()).ok && (await a.sync()).ok);
   for (const till of [a, b]) {
-    assert.equal(till.get("product_stock", id("p1")).quantity, 7);
+    assert.equal(till.get("product_stock", p1).qty, 7);
     assert.equal(till.get("sales", id("s1")).total, "1.35");
   }
   // a conflict on another column of the row keeps the pending increment: the server's row plus ours
@@ -241,11 +243,12 @@ test("a merged row never undoes a pending increment, and each conflicting operat
 
 test("a lost answer is sent again under the same batch id and applied once, also after a restart", async () => {
   const id = ids("lost");
-  sql("INSERT INTO product_stock (id, quantity) VALUES (?, 10)", [id("p1")]);
+  sql("INSERT INTO product_stock (product_id, store_id, qty) VALUES (?, 1, 10)", [id("p1")]);
+  const p1 = {product_id: id("p1"), store_id: 1};
   const till = await device("lost-till");
   assert.ok((await till.sync()).ok);
   await till.insert("sales", {id: id("s1"), total: "1.00"});
-  await till.increment("product_stock", id("p1"), {quantity: -3});
+  await till.increment("product_stock", p1, {qty: -3});
   let lose = true;
   const calls = recordRequests(till, (path) => path === "/sync/push" && lose);
   const lost = await till.sync();
@@ -256,12 +259,12 @@ test("a lost answer is sent again under the same batch id and applied once, also
   assert.equal(calls[1].body.batch_id, calls[0].body.batch_id);
   assert.deepEqual(calls[1].body.operations, calls[0].body.operations);
   assert.equal(calls[1].answer.replayed, true);
-  assert.equal(till.get("product_stock", id("p1")).quantity, 7);  // counted once, here and on the server
-  assert.deepEqual(sql("SELECT quantity FROM product_stock WHERE id = ?", [id("p1")]), [[7]]);
+  assert.equal(till.get("product_stock", p1).qty, 7);  // counted once, here and on the server
+  assert.deepEqual(sql("SELECT qty FROM product_stock WHERE product_id = ?", [id("p1")]), [[7]]);
   assert.deepEqual(sql("SELECT COUNT(*) FROM cloudsync_changes WHERE table_name = 'sales' AND row_key LIKE ?",
     [`%${id("s1")}%`]), [[1]]);
   // a crash between sending and storing the answer: the device restarts from its storage
-  await till.increment("product_stock", id("p1"), {quantity: -1});
+  await till.increment("product_stock", p1, {qty: -1});
   const first = recordRequests(till, (path) => path === "/sync/push");
   await till.sync();
   const restarted = await device("lost-till", {storage: till.storage});
@@ -270,7 +273,7 @@ test("a lost answer is sent again under the same batch id and applied once, also
   assert.ok((await restarted.sync()).ok);
   assert.equal(retried[0].body.batch_id, first[0].body.batch_id);
   assert.equal(retried[0].answer.replayed, true);
-  assert.deepEqual(sql("SELECT quantity FROM product_stock WHERE id = ?", [id("p1")]), [[6]]);
+  assert.deepEqual(sql("SELECT qty FROM product_stock WHERE product_id = ?", [id("p1")]), [[6]]);
   await assertEqualToServer(restarted);
 });
 
@@ -415,7 +418,7 @@ test("local writes say what is wrong, and a failed transaction stores none of it
   assert.throws(() => till.rows("nope"), (error) => error.code === "unknown_table");
   await refused(till.transaction((t) => {
     t.insert("sales", {id: id("s3"), total: "3.00"});
-    t.increment("product_stock", id("no-such-stock"), {quantity: -1});
+    t.increment("product_stock", {product_id: id("no-such-stock"), store_id: 1}, {qty: -1});
   }), "not_found");
   assert.equal(till.get("sales", id("s3")), null);
   assert.equal(till.pending(), 1);

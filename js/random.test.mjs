@@ -40,7 +40,7 @@ for (const seed of SEEDS) {
     const random = generator(seed);
     const prefix = `r${seed}`;
     const products = [1, 2, 3].map((n) => `${prefix}-p${n}`);
-    for (const product of products) sql("INSERT INTO product_stock (id, quantity) VALUES (?, 100)", [product]);
+    for (const product of products) sql("INSERT INTO product_stock (product_id, store_id, qty) VALUES (?, 1, 100)", [product]);
     const tills = {};
     const lose = {};                        // per till: the chance that a push's answer is lost
     for (const name of Object.keys(HOOKS)) {
@@ -74,8 +74,8 @@ for (const seed of SEEDS) {
       } else if (roll < 56) {
         const product = random.pick(products);
         const delta = random.integer(-3, 3) || 1;
-        if (till.get("product_stock", product)) {
-          await till.increment("product_stock", product, {quantity: delta});
+        if (till.get("product_stock", {product_id: product, store_id: 1})) {
+          await till.increment("product_stock", {product_id: product, store_id: 1}, {qty: delta});
           added[product] += delta;
         }
       } else if (roll < 64) {
@@ -135,7 +135,7 @@ for (const seed of SEEDS) {
     for (const till of all) assert.equal(till.pending(), 0, till.deviceId);
     await assertEqualToServer(...all);
 
-    const stock = Object.fromEntries((await serverRows("product_stock")).map((row) => [row.id, row.quantity]));
+    const stock = Object.fromEntries((await serverRows("product_stock")).map((row) => [row.product_id, row.qty]));
     for (const product of products) assert.equal(stock[product], 100 + added[product], product);  // once each
     const onServer = new Map((await serverRows("sales")).map((row) => [row.id, row]));
     for (const id of made) assert.ok(onServer.has(id) || deleted.has(id), `sale ${id} was lost`);

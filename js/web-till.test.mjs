@@ -72,7 +72,7 @@ test("a till sells offline, and within 2 s of coming back the other till shows i
     [new Date().toISOString()]);
   sql("INSERT INTO item_sales (id, sale_id, product_id, qty, price) VALUES ('office-sale-1-1', 'office-sale-1', " +
     "'espresso', 2, '2.20')");
-  sql("UPDATE product_stock SET quantity = quantity - 2 WHERE id = 'espresso'");
+  sql("UPDATE product_stock SET qty = qty - 2 WHERE product_id = 'espresso' AND store_id = 1");
   for (const till of [a, b]) {
     await till.page.waitForSelector('#sales [data-sale="office-sale-1"]');
     await until(async () => await stock(till.page, "espresso") === before.espresso - 3);
@@ -97,7 +97,7 @@ test("a till's sales survive a reload while the server cannot be reached (Indexe
   assert.equal(await stock(till.page, "brownie"), before - 1);
   await till.context.unroute("**/sync/**");
   await until(async () => (await text(till.page, "#outbox")).trim() === "0", 30);   // its back-off ends
-  assert.deepEqual(sql("SELECT quantity FROM product_stock WHERE id = 'brownie'"), [[before - 1]]);
+  assert.deepEqual(sql("SELECT qty FROM product_stock WHERE product_id = 'brownie' AND store_id = 1"), [[before - 1]]);
   assert.deepEqual(sql("SELECT COUNT(*) FROM sales WHERE id = ?", [sale]), [[1]]);
   assert.deepEqual(till.errors, []);
 });
