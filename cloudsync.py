@@ -335,10 +335,15 @@ class ConfigError(CloudsyncError):
 
 
 class SchemaError(CloudsyncError):
-    """An allowed table that cannot be synced.
+    """An allowed table that cannot be synced, with what fixes it (`fix`).
 
-    Missing, no primary key, or a key that cannot name a row.
+    Missing, no primary key, a key that cannot name a row, or a setting that
+    names a column the table does not have.
     """
+
+    def __init__(self, message, fix=None):
+        super().__init__(message)
+        self.fix = fix or TABLE_FIX
 
 
 class ChangeCaptureError(CloudsyncError):
@@ -469,7 +474,8 @@ REFUSALS = {
                      "this device pushed a different batch under this batch_id"),
     "expired": (410, "Checkpoint expired",
                 "the checkpoint is older than what compaction removed, or ahead of the log (a "
-                "restored database); reset: true"),
+                "restored database), or a table's history broke (reset_tables names the tables "
+                "to pull again); reset: true"),
     "too_large": (413, "Payload too large",
                   "the body, or the unpacked gzip body, is over MAX_BODY_BYTES"),
     "too_many_operations": (413, "Too many operations", "a push holds more than MAX_OPERATIONS"),
@@ -2143,7 +2149,7 @@ class Config:
             if name in SECRET_SETTINGS and value:
                 value = "***"
             elif value is None:
-                value = ""
+                value = "auto (%d)" % self.worker_count if name == "WORKERS" else ""
             elif name in ("ROW_SCOPES", "READ_ONLY_COLUMNS"):
                 value = ",".join("%s.%s" % pair for pair in value)
             elif isinstance(value, tuple):
@@ -3941,8 +3947,13 @@ class MySQLDatabase(Database):
 
     def __init__(self, config):
         super().__init__(config)
-        import mysql.connector
-        from mysql.connector import errorcode
+        try:
+            import mysql.connector
+            from mysql.connector import errorcode
+        except ImportError:
+            raise ConfigError("DB_HOST is set, but mysql-connector-python is not installed for %s: "
+                              "run cloudsync.py with the virtualenv's python (.venv/bin/python), "
+                              "or pip install -r requirements.txt" % sys.executable) from None
         self._driver = mysql.connector
         self._codes = errorcode
         # _DriverStatements or _CursorStatements, chosen at the first connection
@@ -5613,21 +5624,23 @@ class SyncEngine:
             schema = schemas.get(table)
             for name in sorted(names) if schema is not None else ():
                 if name not in schema.columns or name in schema.primary_key:
-                    raise SchemaError("READ_ONLY_COLUMNS names %s.%s, which is %s." % (
+                    raise SchemaError("READ_ONLY_COLUMNS names %s.%s, which is %s" % (
                         table, name, "a column of its primary key (a device must name its rows)"
-                        if name in schema.columns else "not a column of the table"))
+                        if name in schema.columns else "not a column of the table"),
+                        "change READ_ONLY_COLUMNS, or the table")
         for table, name in self.row_scopes.items():
             schema = schemas.get(table)
             if schema is None:
                 continue
             column = schema.columns.get(name)
             if column is None:
-                raise SchemaError("ROW_SCOPES names %s.%s, but table %s has no column %s."
-                                  % (table, name, table, name))
+                raise SchemaError("ROW_SCOPES names %s.%s, but table %s has no column %s"
+                                  % (table, name, table, name), "change ROW_SCOPES, or the table")
             if column.kind not in SCOPE_KINDS:
                 raise SchemaError("ROW_SCOPES names %s.%s, a %s column; a scope column holds "
-                                  "whole numbers or text (a store number, a region's name)."
-                                  % (table, name, column.declared))
+                                  "whole numbers or text (a store number, a region's name)"
+                                  % (table, name, column.declared),
+                                  "change ROW_SCOPES, or the table")
             schema.scope = column
         return schemas
 
@@ -6176,7 +6189,10 @@ class Pushes:
         broken = list(broken)
         if broken:
             raise Refused("expired", "the history of %s cannot be continued from this checkpoint: "
-                          "pull %s again (reset_tables), then push" % ((", ".join(broken),) * 2),
+                          "pull %s again (reset_tables), then push these operations without the "
+                          "checkpoints they carry (no checkpoint can judge them: the device's "
+                          "changes win), or with the new one after the user has seen the rows"
+                          % ((", ".join(broken),) * 2),
                           reset=True, reset_tables=broken)
 
     def _logged_keys(self, conn, logged):
@@ -8181,7 +8197,8 @@ class App:
                 self.engine.set_rules(fresh.read_only_columns, fresh.read_only_tables,
                                       fresh.insert_only_tables)
             except (ConfigError, SchemaError) as error:
-                log.error("SIGHUP: settings not reloaded, the running ones stay: %s", error)
+                if self.share is None:      # else the master says it, once for every worker
+                    log.error("SIGHUP: settings not reloaded, the running ones stay: %s", error)
             else:
                 reloaded, restart = put_settings_in_force(self.config, fresh)
                 config = self.config
@@ -9180,18 +9197,20 @@ def _check(config):
                     ok("table %s: primary key (%s)"
                        % (table, ", ".join(schemas[table].primary_key)))
                 except SchemaError as error:
-                    problem(str(error), TABLE_FIX)
+                    problem(str(error), error.fix)
             if not config.allowed_tables:
                 problem("ALLOWED_TABLES is empty: every push and pull is refused",
                         "list the tables devices sync")
+            _check_scopes(app, conn, config, schemas, problem, ok)
             if "cloudsync_meta" not in app.db.table_names(conn):
-                # nothing of cloudsync's is there yet: one problem, not one per table
+                # nothing of cloudsync's is there yet: one problem, not one per table; migrate
+                # refuses what is wrong above, so that comes first
                 problem("cloudsync is not set up in this database yet (no tables of its own, "
-                        "no triggers)",
-                        "run: %s migrate" % _own_command())
+                        "no triggers)", "%srun: %s migrate" % (
+                            "after fixing the problems above, " if problems else "",
+                            _own_command()))
             else:
                 _check_capture(app, conn, config, schemas, problem, ok)
-            _check_scopes(app, conn, config, schemas, problem, ok)
             if app.db.name == "mysql":
                 _check_privileges(app, conn, config, problem, ok)
     except DatabaseUnavailable as error:
@@ -9590,7 +9609,7 @@ def _exit_code_of(command, run):
         return run()
     except SchemaError as error:
         # the fix `check` gives for the same problem
-        return _fail(command, "%s: %s" % (error, TABLE_FIX), EXIT_CONFIGURATION)
+        return _fail(command, "%s; %s" % (error, error.fix), EXIT_CONFIGURATION)
     except (ConfigError, ChangeCaptureError) as error:
         return _fail(command, error, EXIT_CONFIGURATION)
     except DatabaseUnavailable as error:
@@ -9837,10 +9856,11 @@ OPENAPI = {
             "does not look at "
             "the request Content-Type: every request body is parsed as JSON, and an empty body "
             "counts as {}.\n\n"
-            "Every error is a JSON object {\"success\": false, \"error\": \"...\", \"detail\": "
-            "\"...\"}, sometimes "
-            "with more fields (op, conflicts, reset, status). `error` is short and stable; "
-            "`detail` says what was "
+            "Every error is a JSON object {\"success\": false, \"error\": \"...\", \"code\": "
+            "\"...\", \"detail\": \"...\"}, sometimes "
+            "with more fields (op, conflicts, reset, reset_tables, status). `code` is the "
+            "machine-readable reason (Error.code lists them; a published code never changes), "
+            "`error` a short title; `detail` says what was "
             "wrong. Fields are only ever added: clients must ignore fields they do not know.\n\n"
             "HTTP details that apply to every path: an unknown path is a 404 JSON error; a known "
             "path with a "

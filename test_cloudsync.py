@@ -4208,6 +4208,33 @@ def test_readme_row_scopes_example_works_as_shown_on_the_example_schema(backend,
     application.db.close()
 
 
+def test_a_scope_column_the_table_lacks_is_one_line_naming_the_setting_everywhere(backend, tmp_path):
+    tokens = str(tmp_path / "cloudsync.tokens")
+    cloudsync.add_token(tokens, "till-07", scopes={"region": ["north"]})
+    env = dict(backend.settings, ALLOWED_TABLES="sales,products", ROW_SCOPES="sales.region",
+               TOKENS_FILE=tokens)
+    for command in ("migrate", "serve"):
+        code, out, err = _cli(["--env-file", "", command], dict(env, PORT=str(_free_port())))
+        lines = [line for line in err.splitlines() if "ERROR" in line]
+        assert code == cloudsync.EXIT_CONFIGURATION and len(lines) == 1, err
+        assert lines[0].endswith("ROW_SCOPES names sales.region, but table sales has no column region; "
+                                 "change ROW_SCOPES, or the table"), lines
+    code, out, _ = _cli(["--env-file", "", "check"], env)
+    assert code == 1 and "change ROW_SCOPES, or the table" in out
+    assert "after fixing the problems above, run: " in out        # migrate would refuse it first
+
+
+def test_a_python_without_the_mysql_driver_is_one_line_naming_the_fix(tmp_path):
+    blocked = tmp_path / "blocked" / "mysql"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    env = {"DB_HOST": "127.0.0.1", "DB_USER": "u", "DB_NAME": "shop", "ALLOWED_TABLES": "sales",
+           "TOKENS_FILE": "", "PYTHONPATH": str(tmp_path / "blocked")}
+    code, out, err = _cli(["--env-file", "", "migrate"], env)
+    assert code == cloudsync.EXIT_CONFIGURATION and "Traceback" not in err, err
+    assert "mysql-connector-python is not installed" in err and ".venv/bin/python" in err
+
+
 def test_check_of_a_database_never_migrated_reports_one_problem(backend):
     env = dict(backend.settings, ALLOWED_TABLES=",".join(TABLES), TOKENS_FILE="")
     code, out, _ = _cli(["--env-file", "", "check"], env)
