@@ -690,7 +690,7 @@ export class Client {
         failures = 0;
         const since = this.checkpoint;
         if (since === null) continue;
-        const answer = await this._request("/sync/pull", {tables: this._tableNames(), since,
+        const answer = await this._request("/sync/pull", {device_id: this.deviceId, tables: this._tableNames(), since,
           limit: this.pullLimit, wait}, {timeout: wait + 15, interruptible: true});
         if (answer.interrupted) continue;       // wake() or stop(): no answer to use
         if (answer.status === 200 && answer.answer.retry_after) {
@@ -911,7 +911,8 @@ export class Client {
     for (;;) {
       const since = this._meta("reset") ? null : this.checkpoint;
       const {status, answer, reason} = polled && since !== null && polled.since === since ? polled
-        : await this._request("/sync/pull", {tables: this._tableNames(), since, limit: this.pullLimit});
+        : await this._request("/sync/pull", {device_id: this.deviceId, tables: this._tableNames(), since,
+          limit: this.pullLimit});
       polled = null;
       const code = codeOf(status, answer);
       if (since !== null && (code === "expired" || code === "invalid_checkpoint")) {

@@ -813,7 +813,7 @@ class Client:
                 since = self.checkpoint
                 if since is None:
                     continue
-                answer = self._long_poll({"tables": list(self.tables), "since": since,
+                answer = self._long_poll({"device_id": self.device_id, "tables": list(self.tables), "since": since,
                                           "limit": self.pull_limit, "wait": wait}, timeout=wait + 15)
                 if stop.is_set():
                     break
@@ -865,7 +865,8 @@ class Client:
             if first is not None and since is not None and first[0] == since:
                 status, answer = first[1]           # a long poll's answer, for this very checkpoint
             else:
-                status, answer = self._post("/sync/pull", {"tables": tables, "since": since, "limit": self.pull_limit})
+                status, answer = self._post("/sync/pull", {"device_id": self.device_id, "tables": tables,
+                                                           "since": since, "limit": self.pull_limit})
             first = None
             error = (answer or {}).get("error")
             if since is not None and (status == 410 or (status == 400 and error == "Invalid checkpoint")):
