@@ -17,6 +17,7 @@ only the ratios of one run.
 """
 
 import argparse
+import collections
 import contextlib
 import http.client
 import json
@@ -882,6 +883,102 @@ def against_bench(workdir, others, seconds, rounds, threads):
     return rows
 
 
+def galera_bench(workdir, smoke, seconds):
+    """Issue 25: pushes/s, pulls/s and propagation with 1, 2 and 3 Galera nodes, one instance per
+    node, each device request to a random instance."""
+    import reliability_cloudsync
+    cluster = reliability_cloudsync.GaleraCluster()
+    results = []
+    try:
+        for nodes in (1, 2, 3):
+            database = cluster.create_database("bench_galera_%d_%d" % (nodes, os.getpid()))
+            servers = [reliability_cloudsync.Server(node, database, os.path.join(workdir, "g%d-%d.log" % (nodes, n)),
+                                                    THREADS=8, DB_POOL_SIZE=8).start()
+                       for n, node in enumerate(cluster.nodes[:nodes])]
+            urls = [server.url for server in servers]
+            try:
+                results.extend(_galera_run(nodes, urls, 1 if smoke else seconds, 3 if smoke else 30))
+            finally:
+                for server in servers:
+                    server.stop()
+    finally:
+        cluster.close()
+    return results
+
+
+def _galera_run(nodes, urls, seconds, marks):
+    """One cluster size: (name, {nodes: figure}, None) rows."""
+    from reliability_cloudsync import request
+    counts, lock, stop = collections.Counter(), threading.Lock(), threading.Event()
+
+    def pusher(number):
+        n = 0
+        while not stop.is_set():
+            n += 1
+            status = request(random.choice(urls), "POST", "/sync/push", {
+                "device_id": "bench%d" % number, "batch_id": "b%d" % n, "operations": [
+                    {"table": "sales", "action": "insert", "data": {"id": "g%d-%d-%d" % (nodes, number, n),
+                                                                     "total": "1.00"}}]})[0]
+            with lock:
+                counts["push %s" % status] += 1
+
+    def puller(number):
+        since = None
+        while not stop.is_set():
+            status, _, answer = request(random.choice(urls), "POST", "/sync/pull",
+                                        {"tables": ["sales"], "since": since, "limit": 200})
+            with lock:
+                counts["pull %s" % status] += 1
+            if status == 200:
+                since = answer["checkpoint"]
+
+    threads = [threading.Thread(target=pusher, args=(n,)) for n in range(8)] + \
+        [threading.Thread(target=puller, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    # propagation: a push through the first instance, seen by a long poll on the last
+    delays = []
+    first, last = urls[0], urls[-1]
+    since = None
+    while True:
+        status, _, answer = request(last, "POST", "/sync/pull", {"tables": ["sales"], "since": since, "limit": 5000})
+        since = answer["checkpoint"]
+        if not answer["has_more"]:
+            break
+    for mark in range(marks):
+        waiting = {}
+
+        def wait():
+            waiting["answer"] = request(last, "POST", "/sync/pull", {"tables": ["sales"], "since": since,
+                                                                      "wait": 20})
+            waiting["at"] = time.monotonic()
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.3)                     # the pull is waiting
+        began = time.monotonic()
+        request(first, "POST", "/sync/push", {"device_id": "marker", "operations": [
+            {"table": "sales", "action": "insert", "data": {"id": "mark-%d-%d" % (nodes, mark), "total": "1.00"}}]})
+        waiter.join()
+        delays.append((waiting["at"] - began) * 1000)
+        since = waiting["answer"][2]["checkpoint"]
+    failed = sum(count for name, count in counts.items() if name.split()[1].startswith(("5", "0")))
+    label = {1: "1 node", 2: "2 nodes", 3: "3 nodes"}[nodes]
+    return [
+        ("Galera, %s: pushes/s (1 insert each)" % label,
+         {"cloudsync": sum(c for n, c in counts.items() if n == "push 200") / seconds}, None),
+        ("Galera, %s: pulls/s (checkpoint pulls)" % label,
+         {"cloudsync": sum(c for n, c in counts.items() if n == "pull 200") / seconds}, None),
+        ("Galera, %s: propagation first -> last instance p50 (ms)" % label,
+         {"cloudsync": _percentile(delays, 0.5)}, None),
+        ("Galera, %s: propagation p95 (ms)" % label, {"cloudsync": _percentile(delays, 0.95)}, None),
+        ("Galera, %s: answers 5xx or unanswered" % label, {"cloudsync": failed}, "0"),
+    ]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--with-original", action="store_true", help="also run the Node.js reference service")
@@ -903,6 +1000,9 @@ def main(argv=None):
     parser.add_argument("--module", metavar="CLOUDSYNC_PY", help="with --chain: run this cloudsync.py instead")
     parser.add_argument("--scopes", action="store_true",
                         help="only the row-scope scenarios: a table of --big-rows rows over 100 stores")
+    parser.add_argument("--galera", action="store_true",
+                        help="only Galera: pushes/s, pulls/s and propagation with 1, 2 and 3 nodes of a "
+                             "loopback cluster, one instance per node (needs galera-4 and rsync)")
     parser.add_argument("--load", choices=["auto", "wrk", "python"], default="auto",
                         help="load generator: wrk when installed (auto), or the slower standard-library one")
     args = parser.parse_args(argv)
@@ -927,6 +1027,12 @@ def main(argv=None):
     if args.chain:
         try:
             results = chain_bench(workdir, args.smoke, args.threads, args.module)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return print_results(results)
+    if args.galera:
+        try:
+            results = galera_bench(workdir, args.smoke, args.seconds)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return print_results(results)

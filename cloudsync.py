@@ -25,11 +25,15 @@ What this service guarantees, and the one place each is enforced:
   (Pushes._push); retried with its batch id, it is applied once
   (ChangeLog.claim_batch inside that transaction); with the device's
   checkpoint it never overwrites silently (Pushes._conflicts: column by
-  column, an increment never).
+  column, each operation from its own checkpoint when it names one
+  (Pushes._decode_bases), an increment never).
 - Every change to an allowed table, by cloudsync or any other program, is in
   the change log, numbered in commit order; a device that follows the pull
   loop from its checkpoint never misses one (Change capture: the triggers,
   numbered by ChangeLog.sequence, which only the LogWatcher runs in serve).
+  On a Galera cluster the numbering's one `last_seq` row keeps one order for
+  every node, and a node behind waits for it instead of resetting devices
+  (Database.catch_up, from Pulls and Pushes._check_basis).
   The capture follows the live schema: a table altered, re-created, swapped
   or truncated gets triggers for its columns again, and devices start that
   table alone again when its history broke (ChangeLog.follow, every
@@ -76,10 +80,12 @@ The path of a push (POST /sync/push), function by function:
                           for each value, key_problem for the key, then
                           Grant.decide (DECISIONS: writable, action, columns,
                           scope), which gives the operation its scope
-  Pushes.push             Checkpoints.decode; a batch seen before is replayed
-                          (ChangeLog.find_batch, Pushes._replay)
-  Pushes._push_with_retries    a deadlock or lock timeout runs it again, while
-                          another run fits in REQUEST_BUDGET_SECONDS
+  Pushes.push             Checkpoints.decode, each operation's (_decode_bases);
+                          a batch seen before is replayed (ChangeLog.find_batch,
+                          Pushes._replay)
+  Pushes._push_with_retries    a deadlock (Galera: a certification failure) or a
+                          lock timeout runs it again, while another run fits in
+                          REQUEST_BUDGET_SECONDS
   Pushes._push            one transaction (_push_transaction):
                             ChangeLog.claim_batch, ChangeLog.attributed
                             Pushes._check_basis: the checkpoint covers each
@@ -220,6 +226,9 @@ RETRY_AFTER_SECONDS = 5             # what a 503 tells a client to wait
 # A request's database work, retries included, ends within this: below the reference clients'
 # 30 s timeout, so a client never gives up on a push that may still commit (Pushes)
 REQUEST_BUDGET_SECONDS = 25
+# a push undone by a deadlock or a Galera certification failure (writers of one row on two
+# nodes) is run again up to this many times within the budget, PUSH_RETRIES counting lock waits
+DEADLOCK_RETRIES = 12
 # a MySQL statement's read and write timeouts are DB_WAIT_SECONDS plus this: a lock wait ends
 # first (with its own error); only a database that stopped answering meets the timeout
 STATEMENT_MARGIN_SECONDS = 2
@@ -303,6 +312,9 @@ LAG_COUNTED_UP_TO = 100000          # `devices` counts a device's lag up to this
 EXIT_RETRY = 1                      # the database is unavailable: try again later
 # what to do about an allowed table that is missing or has no primary key (serve and check)
 TABLE_FIX = "create the table with a primary key, or remove it from ALLOWED_TABLES"
+READ_ONLY_FIX = ("point DB_HOST at a writable server (the primary, or a Galera node with "
+                 "read_only=OFF): cloudsync writes on every server it uses, its change log and "
+                 "batch ids included, pulls too")
 EXIT_CONFIGURATION = 2              # a setting or the schema must be fixed first
 
 EXAMPLE_TABLES = ("sales", "products", "customers", "item_sales", "product_stock")
@@ -363,6 +375,11 @@ class DatabaseUnavailable(CloudsyncError):
 
 class Retryable(DatabaseUnavailable):
     """A deadlock or lock timeout: the transaction was undone and may simply be run again."""
+
+
+class Deadlocked(Retryable):
+    """A deadlock, or a Galera cluster's certification failure or brute-force abort: undone at
+    once, nothing waited, so running it again costs little (DEADLOCK_RETRIES)."""
 
 
 class SchemaMoved(Retryable):
@@ -2023,7 +2040,9 @@ def _as_capture_mode(text):
 SETTINGS = (
     ("HOST", str, "127.0.0.1", "address to listen on; 0.0.0.0 for every interface"),
     ("PORT", _as_port, "4000", "TCP port to listen on"),
-    ("DB_HOST", str, "", "MySQL/MariaDB host; leave empty to use the embedded SQLite database"),
+    ("DB_HOST", str, "",
+     "MySQL/MariaDB host, or a Galera cluster's nodes to try in order (db1,db2:3307); leave empty "
+     "to use the embedded SQLite database"),
     ("DB_PORT", _as_port, "3306", "MySQL/MariaDB port"),
     ("DB_USER", str, "", "MySQL/MariaDB user"),
     ("DB_PASS", str, "", "MySQL/MariaDB password"),
@@ -2120,6 +2139,20 @@ class Config:
     def backend(self):
         """'mysql' when DB_HOST is set, else 'sqlite'."""
         return "mysql" if self.db_host else "sqlite"
+
+    def db_nodes(self):
+        """DB_HOST as [(host, port)]: one server, or the nodes of a cluster in the order to try
+        them ("db1,db2:3307,[::1]:3308"; DB_PORT where an item names no port)."""
+        nodes = []
+        for item in (item.strip() for item in self.db_host.split(",")):
+            host, port = item, ""
+            if item.startswith("["):                    # an IPv6 address, maybe with a port
+                host, _, rest = item[1:].partition("]")
+                port = rest[1:] if rest.startswith(":") else ""
+            elif item.count(":") == 1:
+                host, port = item.split(":")
+            nodes.append((host, int(port) if port else self.db_port))
+        return nodes
 
     @property
     def worker_count(self):
@@ -2235,6 +2268,14 @@ def load_config(env_file=".env", environ=None, overrides=None, required=False):
                           % (config.workers, config.workers * WORKER_LEAST_CONNECTIONS,
                              WORKER_LEAST_CONNECTIONS))
     if config.backend == "mysql":
+        for item in config.db_host.split(","):
+            port = item.strip().rpartition("]")[2] if "[" in item else \
+                (item.split(":")[1] if item.count(":") == 1 else "")
+            port = port.lstrip(":")
+            if not item.strip() or item.strip() in ("[]",) or port and not (
+                    port.isdigit() and 0 < int(port) < 65536):
+                raise ConfigError("DB_HOST=%r is not valid: expected a host, or several separated "
+                                  "by commas, each maybe with :PORT (db1,db2:3307)." % config.db_host)
         missing = [name for name in ("DB_USER", "DB_NAME") if not values[name]]
         if missing:
             raise ConfigError("DB_HOST is set, so %s must be set too." % " and ".join(missing))
@@ -3184,6 +3225,11 @@ class Database:
         """The log-form values of a logged row key."""
         return json.loads(_text(text))
 
+    def catch_up(self, conn):
+        """Wait until this server has applied every commit its cluster made before now; False when
+        it is not a node of a cluster (nothing to wait for). One server: False."""
+        return False
+
     def key_text(self, schema, values):
         """A key a device pushed, as the change log would hold it.
 
@@ -3226,8 +3272,16 @@ class Database:
         database shows it, the table the same (not truncated, not swapped for a copy).
 
         `truncated`: whether a TRUNCATE ran since the last look (None: not known).
+        An identity taken on another node of a cluster (Galera: DB_HOST moved, or
+        one instance per node) shares only the triggers' names: their creation
+        times and the table's id are each node's own.
         """
-        if live is None or stored.get("triggers") != live.get("triggers"):
+        if live is None:
+            return False
+        if stored.get("node") != live.get("node"):
+            return set(stored.get("triggers") or {}) == set(live.get("triggers") or {}) \
+                and truncated is not True
+        if stored.get("triggers") != live.get("triggers"):
             return False
         same_table = stored.get("id") is None or live.get("id") is None \
             or stored["id"] == live["id"]
@@ -3865,7 +3919,8 @@ class MySQLDatabase(Database):
         A trigger made again (by a dump, by another program) has another
         creation time; a truncated table, or one swapped for a copy, another id.
         """
-        found = {table: {"triggers": {}, "id": None} for table in tables}
+        node = _text(self.query(conn, "SELECT CONCAT(@@hostname, ':', @@port)")[0][0])
+        found = {table: {"triggers": {}, "id": None, "node": node} for table in tables}
         if not tables:
             return found
         marks = ", ".join("?" for _ in tables)
@@ -3913,6 +3968,8 @@ class MySQLDatabase(Database):
         marks = ", ".join("?" for _ in tables)
         parts = [
             "NOW(6)",
+            # the server's own counts and times: which node of a cluster they are of
+            "CONCAT(@@hostname, ':', @@port)",
             "(SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS"
             " WHERE VARIABLE_NAME = 'COM_TRUNCATE')",
             "(SELECT GROUP_CONCAT(CONCAT_WS(':', TABLE_NAME, COLUMN_NAME, COLUMN_TYPE,"
@@ -3938,8 +3995,10 @@ class MySQLDatabase(Database):
     @staticmethod
     def truncated_between(before, after):
         """Whether the server ran a TRUNCATE between two schema signatures (their definitions'
-        first part)."""
-        return before[0][0] != after[0][0]
+        second part); None when they are of two nodes of a cluster (not known)."""
+        if before[0][0] != after[0][0]:
+            return None
+        return before[0][1] != after[0][1]
     lock_rows = " FOR UPDATE"
     autocommit_atomic = True    # one statement in autocommit is atomic, its triggers included
     # the C extension; the driver falls back to pure Python when it cannot load
@@ -3956,6 +4015,8 @@ class MySQLDatabase(Database):
                               "or pip install -r requirements.txt" % sys.executable) from None
         self._driver = mysql.connector
         self._codes = errorcode
+        self._node = 0              # the DB_HOST node connections go to (Config.db_nodes)
+        self._galera = None         # whether the server is a Galera node (catch_up), once known
         # _DriverStatements or _CursorStatements, chosen at the first connection
         self.statements = None
         # the most a statement may take (None: no bound, for the commands that alter tables)
@@ -3970,10 +4031,28 @@ class MySQLDatabase(Database):
 
     def _connect(self):
         """A new connection: UTC, READ COMMITTED, bounded lock waits, matched-row counts."""
+        nodes = self.config.db_nodes()
+        for attempt in range(len(nodes)):
+            node = nodes[(self._node + attempt) % len(nodes)]
+            try:
+                conn = self._connect_to(*node)
+            except DatabaseUnavailable as error:
+                if error.lasting or attempt == len(nodes) - 1:
+                    raise
+                continue
+            if attempt:
+                # DB_HOST lists several nodes (a Galera cluster): the next one that answers
+                self._node = (self._node + attempt) % len(nodes)
+                log.warning("database node %s:%d did not answer; using %s:%d (DB_HOST)"
+                            % (nodes[(self._node - attempt) % len(nodes)] + node))
+            return conn
+
+    def _connect_to(self, host, port):
+        """A new connection to one database server."""
         connector = self._driver
         try:
             conn = connector.connect(
-                host=self.config.db_host, port=self.config.db_port, user=self.config.db_user,
+                host=host, port=port, user=self.config.db_user,
                 password=self.config.db_pass, database=self.config.db_name,
                 charset="utf8mb4", collation="utf8mb4_unicode_ci", autocommit=True,
                 use_pure=self.use_pure,
@@ -4050,8 +4129,13 @@ class MySQLDatabase(Database):
     # errno values that mean "the server is not there" or "try again"
     # client-side connection errors; too many connections, shutdown in progress, network errors,
     # connection killed (MariaDB kills sessions while it shuts down), idle disconnect
-    _UNAVAILABLE = {2002, 2003, 2005, 2006, 2013, 2055, 1040, 1053, 1158, 1159, 1160, 1927, 4031}
-    _RETRYABLE = {1205, 1213}          # lock wait timeout, deadlock
+    # and a Galera node that is not part of the primary component (1047: not ready for use)
+    _UNAVAILABLE = {2002, 2003, 2005, 2006, 2013, 2055, 1040, 1053, 1158, 1159, 1160, 1927, 4031,
+                    1047}
+    # lock wait timeout, deadlock (Galera's certification failure is one too)
+    _RETRYABLE = {1205, 1213}
+    # read_only (or super_read_only): a replica, or a node set read-only
+    _READ_ONLY = {1290, 1836}
     # a table or column not there: the schema may have changed under the statement
     _MOVED = {1146, 1054}
     _DUPLICATE = {1062, 1586}
@@ -4093,6 +4177,10 @@ class MySQLDatabase(Database):
             if errno in self._DENIED:
                 raise Denied("MySQL error %s: %s"
                              % (errno, getattr(error, "msg", "") or "")) from None
+            if errno in self._READ_ONLY:
+                raise DatabaseUnavailable(
+                    "the database is read-only (MySQL error %s: read_only is ON)" % errno,
+                    READ_ONLY_FIX, lasting=True) from None
             if errno in self._RULE or (getattr(error, "sqlstate", None) or "").startswith("45"):
                 # the user's own rule (a trigger's SIGNAL SQLSTATE '45000'): its message is for
                 # the device
@@ -4104,6 +4192,8 @@ class MySQLDatabase(Database):
             if errno in self._REJECTED:
                 column = _mysql_error_column(getattr(error, "msg", "") or "")
                 raise DataRejected(self._REJECTED[errno] % {"column": column}) from None
+            if errno == 1213:
+                raise Deadlocked(self._safe_message(error)) from None
             if errno in self._RETRYABLE:
                 raise Retryable(self._safe_message(error)) from None
             if errno in self._MOVED:
@@ -4116,8 +4206,12 @@ class MySQLDatabase(Database):
             # The C extension's commit() and rollback() raise its own MySQLInterfaceError, which is
             # not a mysql.connector.Error ("Lost connection to MySQL server during query").
             if type(error).__name__ == "MySQLInterfaceError":
-                raise DatabaseUnavailable("MySQL error %s"
-                                          % (getattr(error, "errno", None) or "?")) from None
+                errno = getattr(error, "errno", None)
+                # a Galera cluster certifies a transaction at its COMMIT: a conflict with
+                # another node's is a deadlock there, undone, to run again
+                kind = Deadlocked if errno == 1213 else Retryable if errno in self._RETRYABLE \
+                    else DatabaseUnavailable
+                raise kind("MySQL error %s" % (errno or "?")) from None
             raise
 
     # Statements reach the server through self.statements, chosen at the first
@@ -4145,6 +4239,16 @@ class MySQLDatabase(Database):
     def server_version(self, conn):
         """The database engine's version string."""
         return self.version_name(_text(self.query(conn, "SELECT VERSION()")[0][0]))
+
+    def catch_up(self, conn):
+        """A Galera node: a causal read (wsrep_sync_wait) returns once the node has applied every
+        commit the cluster made before it, bounded by the statement's time (then 503)."""
+        if self._galera is None:
+            rows = self.query(conn, "SHOW VARIABLES LIKE 'wsrep_on'")
+            self._galera = bool(rows) and _text(rows[0][1]).upper() == "ON"
+        if self._galera:
+            self.query(conn, "SET STATEMENT wsrep_sync_wait = 1 FOR SELECT 1")
+        return self._galera
 
     @staticmethod
     def version_name(version):
@@ -5953,13 +6057,15 @@ class Pushes:
         """Run the push; after a deadlock or lock timeout (all undone), or a table or column
         that moved under it (followed first), run it again.
 
-        At most a bounded number of times.
+        Lock waits and moves at most PUSH_RETRIES times; deadlocks (Galera's certification
+        failures among them: nothing waited) at most DEADLOCK_RETRIES; all within the
+        request's budget.
         """
-        began = time.monotonic()
-        for retry in range(self.push_retries + 1):
+        began, waits, deadlocks = time.monotonic(), 0, 0
+        while True:
             # another run may wait DB_WAIT_SECONDS for a lock, and its statements a little more
-            last = retry == self.push_retries or time.monotonic() - began \
-                + self.db.config.db_wait_seconds + STATEMENT_MARGIN_SECONDS > REQUEST_BUDGET_SECONDS
+            over = time.monotonic() - began + self.db.config.db_wait_seconds \
+                + STATEMENT_MARGIN_SECONDS > REQUEST_BUDGET_SECONDS
             try:
                 try:
                     return self._push(operations, True, checkpoint, **attempt)
@@ -5968,17 +6074,23 @@ class Pushes:
                     # rows before it stay written. Roll back, then redo one by one.
                     return self._push(operations, False, checkpoint, **attempt)
             except SchemaMoved as moved:
-                if last:
+                waits += 1
+                if over or waits > self.push_retries:
                     raise
-                self.engine.after_schema_moved(moved, again=retry > 0)
-                self.retries += 1
-                self.on_retry()
+                self.engine.after_schema_moved(moved, again=waits > 1)
+            except Deadlocked:
+                deadlocks += 1
+                if over or deadlocks > max(DEADLOCK_RETRIES, self.push_retries):
+                    raise
+                # apart, at random: two nodes' writers of one row do not meet again in step
+                time.sleep(min(0.5, 0.01 * 2 ** deadlocks) * (0.5 + secrets.randbelow(100) / 100))
             except Retryable:
-                if last:
+                waits += 1
+                if over or waits > self.push_retries:
                     raise
-                self.retries += 1
-                self.on_retry()
-                time.sleep(0.02 * (2 ** retry) * (1 + secrets.randbelow(100) / 100))
+                time.sleep(0.02 * (2 ** waits) * (1 + secrets.randbelow(100) / 100))
+            self.retries += 1
+            self.on_retry()
 
     def _replay(self, prior, request_hash, checkpoint):
         """The stored outcome of a batch pushed before, if the same operations came again."""
@@ -6180,6 +6292,8 @@ class Pushes:
         for fields, written in by_basis.values():
             tables = [table for table in written if table in fields["t"]]
             snapshot = self.changelog.read(conn, tables or list(fields["t"])[:1], 0, 0, grant)
+            if fields["s"] > snapshot.head and self.db.catch_up(conn):     # a node behind: waits
+                snapshot = self.changelog.read(conn, tables or list(fields["t"])[:1], 0, 0, grant)
             if fields["s"] > snapshot.head:
                 raise _expired()
             since = dict(zip(fields["t"], _per_table(fields.get("a"), fields["t"], 0)))
@@ -6598,8 +6712,13 @@ class Pulls:
                 scanning = fields.get("scan") is not None
                 snapshot = self._read(conn, tables, _log_bounds(fields, tables),
                                       0 if scanning else limit + 1, grant, fields.get("x"))
+                # ahead of the log: a cluster node behind the one that numbered the checkpoint
+                # waits until it has caught up; else a database restored from a backup
+                if fields["s"] > snapshot.head and self.db.catch_up(conn):
+                    snapshot = self._read(conn, tables, _log_bounds(fields, tables),
+                                          0 if scanning else limit + 1, grant, fields.get("x"))
                 if fields["s"] > snapshot.head:
-                    raise _expired()        # ahead of the log: a database restored from a backup
+                    raise _expired()
                 fields, added = self._continue(conn, fields, tables, snapshot)
                 if added:
                     answer["added_columns"] = added
@@ -8037,7 +8156,8 @@ class App:
                 self.metrics.count("cloudsync_conflicts_total", len(refusal.fields["conflicts"]))
                 self.watcher.forget()       # the device pulls next: from the database
             raise
-        except DatabaseUnavailable:
+        except DatabaseUnavailable as error:
+            log.warning("push answered 503 (retry later): %s", error)
             raise Refused("push_unavailable", "the database is unavailable; retry later") from None
         except Exception:
             log.exception("push failed")
@@ -9167,9 +9287,9 @@ def _check(config):
     def problem(text, fix):
         problems.append(text)
         print("PROBLEM  %s\n         fix: %s" % (text, fix))
-    ok("configuration is valid (%s)" % ("MySQL/MariaDB %s@%s:%d/%s" % (
-        config.db_user, config.db_host, config.db_port, config.db_name) if config.backend == "mysql"
-        else "SQLite %s" % config.db_path))
+    ok("configuration is valid (%s)" % ("MySQL/MariaDB %s@%s/%s" % (
+        config.db_user, ",".join("%s:%d" % node for node in config.db_nodes()), config.db_name)
+        if config.backend == "mysql" else "SQLite %s" % config.db_path))
     if config.backend == "sqlite" and not os.path.exists(config.db_path):
         problem("the SQLite file %s does not exist" % config.db_path,
                 "set DB_PATH to your database file (cloudsync adds its tables to an existing "

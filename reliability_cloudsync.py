@@ -53,6 +53,7 @@ same devices through three instances and the sequencer deadlock.
 """
 
 import argparse
+import collections
 import errno
 import gzip
 import http.client
@@ -1340,6 +1341,62 @@ def scenario_lagging_node(cluster, workdir, lag_seconds=4.0):
     figures["pull through node 3 once caught up"] = _answer(status, payload)
     first.stop()
     behind.stop()
+    return figures
+
+
+def scenario_failover(cluster, workdir, devices=4, before_seconds=1.0, after_seconds=4.0):
+    """One instance with DB_HOST listing nodes 1 and 2; devices push and pull; node 1 is killed.
+
+    Figures: what the devices were answered, acknowledged writes lost or
+    doubled, whether a checkpoint issued before the kill goes on after it (no
+    reset), and the devices equal to the database. Node 1 is started again at
+    the end (the cluster is whole for whoever uses it next).
+    """
+    database = cluster.create_database("failover_%d" % random.randrange(10 ** 6))
+    first, second = cluster.nodes[0], cluster.nodes[1]
+    server = Server(first, database, os.path.join(workdir, "failover.log"),
+                    DB_HOST="127.0.0.1:%d,127.0.0.1:%d" % (first.port, second.port)).start()
+    figures = Figures(devices=devices, **{"device failures": 0})
+    old = pull_until_done([server.url], Figures(), ["sales"], None, {})
+    stop_at = [None]
+    acknowledged, finals, lock = {}, {}, threading.Lock()
+
+    def device(number):
+        checkpoint, rows, round_ = None, {}, 0
+        while stop_at[0] is None or time.monotonic() < stop_at[0]:
+            name = "F%d-%d" % (number, round_)
+            body = {"device_id": "failover%d" % number, "batch_id": name, "operations": [
+                {"table": "sales", "action": "insert", "data": {"id": name, "total": "1.00"}}]}
+            push_until_acknowledged([server.url], figures, body)
+            with lock:
+                acknowledged[name] = True
+            checkpoint = pull_until_done([server.url], figures, ["sales"], checkpoint, rows)
+            round_ += 1
+        finals[number] = (checkpoint, rows)
+
+    threads = start_devices(device, devices, figures)
+    time.sleep(before_seconds)
+    cluster.kill(0)
+    killed = time.monotonic()
+    stop_at[0] = killed + after_seconds
+    for thread in threads:
+        thread.join(timeout=120)
+    figures["answers"] = dict(collections.Counter(str(status) for _, _, status, _ in figures.calls))
+    status, _, payload = request(server.url, "POST", "/sync/pull", {"tables": ["sales"], "since": old})
+    figures["checkpoint from before the kill"] = _answer(status, payload)
+    truth = server_rows(second, database, "sales")
+    past_staleness()
+    equal = 0
+    for number, (checkpoint, rows) in finals.items():
+        pull_until_done([server.url], figures, ["sales"], checkpoint, rows)
+        equal += _comparable(rows.get("sales", {})) == truth
+    figures["devices equal to the database"] = equal
+    figures["acknowledged"] = len(acknowledged)
+    figures["lost writes"] = sum(1 for name in acknowledged if name not in truth)
+    figures["doubled writes"] = doubled_inserts(second, database, "F")
+    figures["change log gaps"] = change_log_gaps(second, database)
+    server.stop()
+    cluster.restart(0)
     return figures
 
 

@@ -3184,13 +3184,18 @@ def test_retryable_error_is_retried_then_succeeds(app, backend, monkeypatch):
     assert app.pushes.retries == 2 and len(backend.rows("sales")) == 1
 
 
-def test_retryable_error_gives_503_after_bounded_retries(app, monkeypatch):
+@pytest.mark.parametrize("error, tries", [
+    (cloudsync.Retryable, lambda config: config.push_retries),          # a lock waited for
+    (cloudsync.Deadlocked, lambda config: cloudsync.DEADLOCK_RETRIES),   # undone at once (Galera)
+])
+def test_retryable_error_gives_503_after_bounded_retries(app, monkeypatch, error, tries):
     def always(*args, **kwargs):
-        raise cloudsync.Retryable("deadlock")
+        raise error("MySQL error 1213")
     monkeypatch.setattr(app.pushes, "_push", always)
+    monkeypatch.setattr(cloudsync.time, "sleep", lambda seconds: None)
     response = push(app, [op("insert", id="s1")])
     assert response.status == 503 and response.headers["Retry-After"]
-    assert app.pushes.retries == app.config.push_retries
+    assert app.pushes.retries == tries(app.config)
 
 
 def test_concurrent_pushes_in_opposite_order_all_succeed(app, backend):
@@ -5080,6 +5085,52 @@ def test_a_galera_cluster_replicates_and_cloudsync_migrates_and_checks_against_i
     # the triggers migrate installed through node 1 are there on node 3
     code, out, err = _cli(["--env-file", "", "check"], dict(env, DB_PORT=str(third.port)))
     assert code == 0 and "PROBLEM" not in out, out + err
+
+def test_one_instance_per_galera_node_with_devices_moving_between_them_keeps_every_write(galera_cluster,
+                                                                                         tmp_path):
+    """Multi-writer: each node has its instance, each device picks one at random per request."""
+    database = galera_cluster.create_database("instances_%d" % random.randrange(10 ** 6))
+    figures = reliability_cloudsync.scenario_instances(galera_cluster.nodes, database, str(tmp_path), 8, 10)
+    assert [name for name in figures if name.startswith(("push 5", "pull 5"))] == [], figures
+    assert figures["device failures"] == 0 and figures["devices equal to the database"] == 8, figures
+    assert (figures["lost writes"], figures["doubled writes"], figures["change log gaps"]) == (0, 0, 0)
+
+
+def test_a_galera_node_behind_makes_pulls_and_pushes_wait_and_never_resets_them(galera_cluster, tmp_path):
+    """Node 3 stops applying for 4 s; a checkpoint numbered through node 1 is used on node 3."""
+    figures = reliability_cloudsync.scenario_lagging_node(galera_cluster, str(tmp_path))
+    assert figures["pull through node 3 while behind"].startswith("200 in"), figures
+    assert figures["push through node 3 while behind"].startswith("200 in"), figures
+    assert figures["pull through node 3 once caught up"] == "200"
+
+
+def test_serve_on_a_read_only_galera_node_is_one_line_naming_the_fix_and_exit_2(galera_cluster, tmp_path):
+    figures = reliability_cloudsync.scenario_read_only_node(galera_cluster, str(tmp_path))
+    assert figures["migrate through node 1 (exit code)"] == 0
+    assert figures["serve on read-only node 3 (exit code)"] == cloudsync.EXIT_CONFIGURATION, figures
+    assert not figures["traceback"] and "read-only" in figures["its last words"]
+    assert "point DB_HOST at a writable server" in figures["its last words"]
+
+
+def test_db_host_listing_two_nodes_moves_to_the_second_when_the_first_is_killed(galera_cluster, tmp_path):
+    """Devices push and pull through one instance while its node dies: 503s, then node 2; node 1
+    is started again at the end."""
+    figures = reliability_cloudsync.scenario_failover(galera_cluster, str(tmp_path))
+    assert set(figures["answers"]) <= {"200", "503"}, figures["answers"]
+    assert figures["checkpoint from before the kill"] == "200"
+    assert figures["device failures"] == 0 and figures["devices equal to the database"] == figures["devices"]
+    assert (figures["lost writes"], figures["doubled writes"], figures["change log gaps"]) == (0, 0, 0)
+    assert figures["acknowledged"] > 0
+
+
+def test_db_host_lists_nodes_with_their_ports():
+    config = cloudsync.load_config(None, environ={"DB_HOST": "db1, db2:3307,[::1]:3308", "DB_PORT": "3310",
+                                                  "DB_USER": "u", "DB_NAME": "shop"})
+    assert config.db_nodes() == [("db1", 3310), ("db2", 3307), ("::1", 3308)]
+    for wrong in ("db1,,db2", "db1:0", "db1:port", "db1:70000"):
+        with pytest.raises(cloudsync.ConfigError, match="DB_HOST"):
+            cloudsync.load_config(None, environ={"DB_HOST": wrong, "DB_USER": "u", "DB_NAME": "shop"})
+
 
 # ---------------------------------------------------------------------------
 # Row scopes: each device syncs only its own store's rows
