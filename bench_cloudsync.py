@@ -1011,38 +1011,24 @@ def main(argv=None):
     if args.smoke:
         args.seconds, args.big_rows = 1, 2000
     workdir = tempfile.mkdtemp(prefix="cloudsync-bench-")
-    if args.against:
-        try:
-            results = against_bench(workdir, args.against, 1 if args.smoke else args.seconds,
-                                    1 if args.smoke else args.rounds, args.threads)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        return print_results(results)
-    if args.fleet:
-        try:
-            results = fleet_bench(workdir, args.smoke, args.threads)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        return print_results(results)
-    if args.chain:
-        try:
-            results = chain_bench(workdir, args.smoke, args.threads, args.module)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        return print_results(results)
-    if args.galera:
-        try:
-            results = galera_bench(workdir, args.smoke, args.seconds)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        return print_results(results)
-    if args.scopes:
-        try:
-            results = scope_bench(workdir, args.big_rows if not args.smoke else 20_000, 100,
-                                  1000 if args.smoke else 100_000, 5 if args.smoke else 100, args.threads)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        return print_results(results)
+    # the runs that are only themselves: the first chosen runs, in its own work folder
+    only = [
+        (args.against, lambda: against_bench(workdir, args.against, 1 if args.smoke else args.seconds,
+                                             1 if args.smoke else args.rounds, args.threads)),
+        (args.fleet, lambda: fleet_bench(workdir, args.smoke, args.threads)),
+        (args.chain, lambda: chain_bench(workdir, args.smoke, args.threads, args.module)),
+        (args.galera, lambda: galera_bench(workdir, args.smoke, args.seconds)),
+        (args.scopes, lambda: scope_bench(workdir, args.big_rows if not args.smoke else 20_000, 100,
+                                          1000 if args.smoke else 100_000, 5 if args.smoke else 100,
+                                          args.threads)),
+    ]
+    for chosen, run in only:
+        if chosen:
+            try:
+                results = run()
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            return print_results(results)
     database = "cloudsync_bench_%d" % os.getpid()
     create_database(database, args.big_rows)
     servers = {"cloudsync": start_cloudsync(database, workdir, args.threads)}

@@ -287,8 +287,6 @@ MYSQL_SCOPE_CHARS = 255
 PULL_CACHE_ENTRIES = 64             # encoded seed-mode pull answers kept
 PULL_CACHE_BYTES = 16 << 20         # ... holding at most this many bytes (their gzipped copies too)
 MAX_GRANTS_KEPT = 10000             # grants kept per set of schemas (one per token in use)
-# glibc malloc arenas for the whole process (its default: 8 per core)
-MALLOC_ARENAS = 2
 
 # worker processes (WORKERS above 1: Workers)
 WORKERS_AUTO_MOST = 4               # WORKERS=auto starts one per core, at most this many
@@ -1941,20 +1939,24 @@ def _as_table_list(text):
     return tuple(names)
 
 
-def _as_log_level(text):
-    """DEBUG, INFO, WARNING or ERROR."""
-    level = text.strip().upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
-    return level
+def _either(choices, quote="%s"):
+    """'a, b or c'."""
+    shown = [quote % choice for choice in choices]
+    return ", ".join(shown[:-1]) + " or " + shown[-1]
 
 
-def _as_auth_mode(text):
-    """auto or off."""
-    mode = text.strip().lower()
-    if mode not in ("auto", "off"):
-        raise ValueError("expected auto or off")
-    return mode
+def _as_choice(*choices):
+    """The caster of a setting that is one of `choices`, in any case (given back as written
+    here): LOG_LEVEL, AUTH, LOG_FORMAT, CHANGE_CAPTURE."""
+    known = {choice.lower(): choice for choice in choices}
+
+    def cast(text):
+        found = known.get(text.strip().lower())
+        if found is None:
+            raise ValueError("expected %s" % _either(choices))
+        return found
+    cast.__doc__ = "%s." % _either(choices)
+    return cast
 
 
 def _as_token_list(text):
@@ -1966,14 +1968,6 @@ def _as_token_list(text):
         return tuple(parse_tokens(text))
     except ConfigError as error:
         raise ValueError(str(error).rstrip(".")) from None
-
-
-def _as_log_format(text):
-    """text or json."""
-    fmt = text.strip().lower()
-    if fmt not in ("text", "json"):
-        raise ValueError("expected text or json")
-    return fmt
 
 
 def _as_secret_token(text):
@@ -2026,14 +2020,6 @@ def _as_workers(text):
     return int(text)
 
 
-def _as_capture_mode(text):
-    """triggers or api."""
-    mode = text.strip().lower()
-    if mode not in ("triggers", "api"):
-        raise ValueError("expected triggers or api")
-    return mode
-
-
 # (name, caster, default, one-line description): the single source for
 # parsing, sample.env and README. Seed names (DB_HOST, DB_USER, DB_PASS,
 # DB_NAME, ALLOWED_TABLES, PORT) keep their meaning.
@@ -2056,8 +2042,8 @@ SETTINGS = (
      "give up connecting to the database after this long"),
     ("DB_WAIT_SECONDS", _as_positive_float, "10",
      "longest wait for a free database connection, a row or table lock, or the SQLite write lock"),
-    ("LOG_LEVEL", _as_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    ("AUTH", _as_auth_mode, "auto",
+    ("LOG_LEVEL", _as_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    ("AUTH", _as_choice("auto", "off"), "auto",
      "auto: tokens are required when any are configured; off: no authentication (never on a "
      "public address)"),
     ("TOKENS", _as_token_list, "",
@@ -2092,13 +2078,13 @@ SETTINGS = (
      "responses at least this large are gzipped for clients that accept it"),
     ("PUSH_RETRIES", _as_positive_int, "3",
      "times a push is retried after a deadlock or lock timeout before 503"),
-    ("CHANGE_CAPTURE", _as_capture_mode, "triggers",
+    ("CHANGE_CAPTURE", _as_choice("triggers", "api"), "triggers",
      "triggers (every writer is recorded) or api (only writes through cloudsync)"),
     ("CHANGELOG_RETENTION_DAYS", _as_positive_int, "30",
      "change log and batch ids are kept this many days"),
     ("COMPACT_INTERVAL_SECONDS", _as_positive_int, "3600",
      "how often the server compacts the change log"),
-    ("LOG_FORMAT", _as_log_format, "text", "text, or json for one JSON object a line"),
+    ("LOG_FORMAT", _as_choice("text", "json"), "text", "text, or json for one JSON object a line"),
     ("ADMIN_TOKEN", _as_secret_token, "",
      "token (or sha256:HEX) for GET /sync/devices, /metrics and /sync/status; empty: none"),
     ("METRICS_TOKEN", _as_secret_token, "",
@@ -2240,21 +2226,16 @@ def load_config(env_file=".env", environ=None, overrides=None, required=False):
             shown = "(hidden)" if name in SECRET_SETTINGS else repr(raw)      # never echo a secret
             raise ConfigError("%s=%s is not valid: %s." % (name, shown, error)) from None
     config = Config(values)
-    outside = sorted(set(config.read_only_tables) - set(config.allowed_tables))
-    if outside:
-        raise ConfigError("READ_ONLY_TABLES names %s, which %s not in ALLOWED_TABLES."
-                          % (", ".join(outside), "is" if len(outside) == 1 else "are"))
-    for name, tables in (("INSERT_ONLY_TABLES", config.insert_only_tables),
-                         ("READ_ONLY_COLUMNS", [table for table, _ in config.read_only_columns])):
+    scoped = [table for table, _ in config.row_scopes]
+    # the settings that name tables name allowed ones
+    for name, tables in (("READ_ONLY_TABLES", config.read_only_tables),
+                         ("INSERT_ONLY_TABLES", config.insert_only_tables),
+                         ("READ_ONLY_COLUMNS", [table for table, _ in config.read_only_columns]),
+                         ("ROW_SCOPES", scoped)):
         outside = sorted(set(tables) - set(config.allowed_tables))
         if outside:
             raise ConfigError("%s names %s, which %s not in ALLOWED_TABLES."
                               % (name, ", ".join(outside), "is" if len(outside) == 1 else "are"))
-    scoped = [table for table, _ in config.row_scopes]
-    outside = [table for table in scoped if table not in config.allowed_tables]
-    if outside:
-        raise ConfigError("ROW_SCOPES names %s, which %s not in ALLOWED_TABLES."
-                          % (", ".join(outside), "is" if len(outside) == 1 else "are"))
     if scoped and config.change_capture != "triggers":
         raise ConfigError("ROW_SCOPES needs CHANGE_CAPTURE=triggers: a row that leaves a device's "
                           "scope is seen only by the triggers.")
@@ -8468,25 +8449,14 @@ def _checked_checkpoint(value, field):
     return value
 
 
-def _checked_on_conflict(value, field):
-    """on_conflict: what a push does with conflicting operations, "abort" (all) or "skip" (them)."""
-    if value not in ("abort", "skip"):
-        raise Refused("invalid_payload", "on_conflict must be \"abort\" or \"skip\"")
-    return value
-
-
-def _checked_conflict_level(value, field):
-    """conflict_level: "column" (only columns both sides set conflict) or "row" (any change)."""
-    if value not in ("column", "row"):
-        raise Refused("invalid_payload", "conflict_level must be \"column\" or \"row\"")
-    return value
-
-
-def _checked_on_reject(value, field):
-    """on_reject: what a push does when a rule of the database refuses an operation."""
-    if value not in ("abort", "skip"):
-        raise Refused("invalid_payload", "on_reject must be \"abort\" or \"skip\"")
-    return value
+def _checked_choice(*choices):
+    """The check of a request field that is one of `choices` (on_conflict, conflict_level,
+    on_reject: their meaning is in PUSH_FIELDS)."""
+    def check(value, field):
+        if value not in choices:
+            raise Refused("invalid_payload", "%s must be %s" % (field, _either(choices, '"%s"')))
+        return value
+    return check
 
 
 def _unchecked(value, field):
@@ -8498,9 +8468,12 @@ PUSH_FIELDS = (
     ("device_id", _checked_id, None),
     ("batch_id", _checked_id, None),        # makes the push retry-safe
     ("checkpoint", _checked_checkpoint, None),  # makes it conflict-aware
-    ("on_conflict", _checked_on_conflict, "abort"),
-    ("conflict_level", _checked_conflict_level, "column"),
-    ("on_reject", _checked_on_reject, "abort"),
+    # conflicting operations: none applied (abort), or the others applied (skip)
+    ("on_conflict", _checked_choice("abort", "skip"), "abort"),
+    # an update conflicts when a column it sets changed (column), or anything of its row (row)
+    ("conflict_level", _checked_choice("column", "row"), "column"),
+    # an operation a rule of the database refuses: none applied (abort), or set aside (skip)
+    ("on_reject", _checked_choice("abort", "skip"), "abort"),
     ("operations", _unchecked, None),       # Pushes.validate_operations
 )
 PULL_FIELDS = (
@@ -8532,24 +8505,6 @@ def make_app(config):
 # ---------------------------------------------------------------------------
 
 
-
-
-def _limit_malloc_arenas():
-    """Cap glibc's malloc arenas before worker threads start.
-
-    Each thread that allocates while others hold the lock gets an arena of its
-    own, and freed memory stays in the arena that held it: with 8+ threads the
-    resident size grows by tens of MiB that are never reused. Two arenas keep
-    it small at no measurable cost in throughput (both measured with the
-    benchmark). Not glibc (musl, macOS): nothing to do.
-    """
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-8, MALLOC_ARENAS)         # -8 is M_ARENA_MAX in glibc's malloc.h
-    # no ctypes here (a hardened sandbox): only memory is at stake
-    except Exception:
-        pass
 
 
 def _create_server(app, config, listener=None):
@@ -9701,7 +9656,6 @@ def main(argv=None):
 
     Commands: serve (the default), demo, migrate, alter, compact, check, devices, log, token.
     """
-    _limit_malloc_arenas()                      # before any thread starts
     args = _arguments().parse_args(argv)
     args.command = args.command or "serve"
     configure_logging(_early_log_format(args), logging.INFO)

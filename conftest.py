@@ -1,0 +1,45 @@
+"""pytest configuration: the `slow` marker, given by what a test does, not by hand.
+
+A test is slow when it starts processes or machines of its own (a cloudsync
+server, a command line run, a private MariaDB, a Galera cluster, Node.js, a
+browser, a benchmark's smoke run) or is a hypothesis property. The rest runs
+in process on fresh databases: `pytest -m "not slow"` is the edit-test loop,
+and README's test command still runs everything.
+"""
+
+import inspect
+
+import pytest
+
+# fixtures that start a server, a database server or a cluster of their own
+SLOW_FIXTURES = {"server", "device", "demo_server", "private_mariadb", "galera_cluster", "fault_figures",
+                 "mysql_server_restartable"}
+# what a test's own source calls when it starts a process
+SLOW_CALLS = ("LiveServer(", "_cli(", "subprocess.", "reliability_cloudsync.", "bench_cloudsync", "_node()",
+              "time.sleep(")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes, servers, clusters or a browser, or is a "
+                                       "long property; deselect with -m \"not slow\"")
+
+
+def _is_slow(item):
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    function = getattr(item, "function", None)
+    if function is None:
+        return False
+    if getattr(function, "is_hypothesis_test", False) or hasattr(function, "hypothesis"):
+        return True
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return any(call in source for call in SLOW_CALLS)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
