@@ -7672,6 +7672,36 @@ DEVICE_FIELDS = ("device_id", "first_seen", "last_seen", "last_push", "last_pull
                  "pushes", "pulls", "errors", "rejected", "failed", "pull_tables")
 
 
+class _DeviceNote:
+    """What DeviceFleet noted of one device since its last flush (times in epoch seconds)."""
+
+    __slots__ = ("first", "last", "pushed", "pulled", "checkpoint_seq", "pushes", "pulls",
+                 "errors", "rejected", "failed", "tables")
+    COUNTS = ("pushes", "pulls", "errors", "rejected", "failed")
+
+    def __init__(self, now):
+        self.first = self.last = now
+        self.pushed = self.pulled = self.checkpoint_seq = self.tables = None
+        self.pushes = self.pulls = self.errors = self.rejected = self.failed = 0
+
+    def row(self, device_id):
+        """The values of DEVICE_FIELDS' upsert (Database.devices_upsert), times as UTC text."""
+        times = [None if moment is None else time.strftime("%Y-%m-%d %H:%M:%S",
+                                                             time.gmtime(moment))
+                 for moment in (self.first, self.last, self.pushed, self.pulled)]
+        return [device_id] + times + [self.checkpoint_seq] \
+            + [getattr(self, name) for name in self.COUNTS] + [self.tables]
+
+    def take_older(self, older):
+        """Fold in a note made before this one (a flush that failed)."""
+        self.first = older.first
+        self.pushed, self.pulled = self.pushed or older.pushed, self.pulled or older.pulled
+        if self.checkpoint_seq is None:
+            self.checkpoint_seq, self.tables = older.checkpoint_seq, older.tables
+        for name in self.COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(older, name))
+
+
 class DeviceFleet:
     """Per device: first and last seen, last push and pull, last pull checkpoint, pushes, pulls,
     and requests refused (4xx: a conflict, a 410 reset, a bad value) apart from requests that
@@ -7680,9 +7710,7 @@ class DeviceFleet:
     def __init__(self, db):
         self.db = db
         self._lock = threading.Lock()
-        # device_id -> [first, last, push, pull, seq, pushes, pulls, errors, rejected, failed,
-        # pull tables]
-        self._unsaved = {}
+        self._unsaved = {}                  # device_id -> _DeviceNote
 
     def install(self, conn):
         """Create cloudsync_devices; idempotent."""
@@ -7698,21 +7726,24 @@ class DeviceFleet:
         # formatted when saved: this runs for every push and pull
         now = time.time()
         with self._lock:
-            entry = self._unsaved.get(device_id)
-            if entry is None:
-                entry = self._unsaved[device_id] = [now, now, None, None, None, 0, 0, 0, 0, 0, None]
-            entry[1] = now
-            if outcome != "synced":         # seen, but not synced
-                entry[7] += 1
-                entry[8 if outcome == "rejected" else 9] += 1
+            note = self._unsaved.get(device_id)
+            if note is None:
+                note = self._unsaved[device_id] = _DeviceNote(now)
+            note.last = now
+            if outcome == "rejected":       # seen, but not synced
+                note.errors += 1
+                note.rejected += 1
+            elif outcome != "synced":
+                note.errors += 1
+                note.failed += 1
             elif kind == "push":
-                entry[2] = now
-                entry[5] += 1
+                note.pushed = now
+                note.pushes += 1
             else:
-                entry[3] = now
-                entry[6] += 1
+                note.pulled = now
+                note.pulls += 1
                 if checkpoint_seq is not None:
-                    entry[4], entry[10] = checkpoint_seq, tables
+                    note.checkpoint_seq, note.tables = checkpoint_seq, tables
 
     def flush(self, conn):
         """Save what was noted since the last flush; on failure it is kept for the next one."""
@@ -7724,22 +7755,15 @@ class DeviceFleet:
             with self.db.transaction(conn):
                 # one statement for many devices (a fleet of 500 is seen every second)
                 self.db.executemany(conn, self.db.devices_upsert(), [
-                    [device_id] + [None if moment is None else time.strftime(
-                        "%Y-%m-%d %H:%M:%S", time.gmtime(moment)) for moment in entry[:4]]
-                    + entry[4:] for device_id, entry in sorted(unsaved.items())])
+                    note.row(device_id) for device_id, note in sorted(unsaved.items())])
         except Exception:
             with self._lock:                # merge back, newer notes first
-                for device_id, entry in unsaved.items():
+                for device_id, note in unsaved.items():
                     newer = self._unsaved.get(device_id)
                     if newer is None:
-                        self._unsaved[device_id] = entry
+                        self._unsaved[device_id] = note
                     else:
-                        newer[0] = entry[0]
-                        newer[2], newer[3] = newer[2] or entry[2], newer[3] or entry[3]
-                        if newer[4] is None:
-                            newer[4], newer[10] = entry[4], entry[10]
-                        for position in (5, 6, 7, 8, 9):
-                            newer[position] += entry[position]
+                        newer.take_older(note)
             raise
 
     def _lag(self, conn, device, head):
@@ -9809,54 +9833,72 @@ SQLITE_LOG_TABLES = (
     " PRIMARY KEY (table_name, scope))",
 )
 MYSQL_DEVICES_TABLE = (
-    "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id VARBINARY(512) NOT NULL PRIMARY KEY,"
-    " first_seen DATETIME NOT NULL, last_seen DATETIME NOT NULL, last_push DATETIME NULL,"
-    " last_pull DATETIME NULL, checkpoint_seq BIGINT NULL, pushes BIGINT NOT NULL DEFAULT 0,"
-    " pulls BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0, rejected BIGINT NOT NULL "
-    "DEFAULT 0,"
-    " failed BIGINT NOT NULL DEFAULT 0, pull_tables TEXT NULL)"
-    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin")
+    "CREATE TABLE IF NOT EXISTS cloudsync_devices ("
+    " device_id VARBINARY(512) NOT NULL PRIMARY KEY,"
+    " first_seen DATETIME NOT NULL,"
+    " last_seen DATETIME NOT NULL,"
+    " last_push DATETIME NULL,"
+    " last_pull DATETIME NULL,"
+    " checkpoint_seq BIGINT NULL,"
+    " pushes BIGINT NOT NULL DEFAULT 0,"
+    " pulls BIGINT NOT NULL DEFAULT 0,"
+    " errors BIGINT NOT NULL DEFAULT 0,"
+    " rejected BIGINT NOT NULL DEFAULT 0,"
+    " failed BIGINT NOT NULL DEFAULT 0,"
+    " pull_tables TEXT NULL"
+    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin")
 SQLITE_DEVICES_TABLE = (
-    "CREATE TABLE IF NOT EXISTS cloudsync_devices (device_id TEXT NOT NULL PRIMARY KEY,"
-    " first_seen TEXT NOT NULL, last_seen TEXT NOT NULL, last_push TEXT, last_pull TEXT, "
-    "checkpoint_seq INTEGER,"
-    " pushes INTEGER NOT NULL DEFAULT 0, pulls INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT "
-    "NULL DEFAULT 0,"
-    " rejected INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, pull_tables TEXT)")
+    "CREATE TABLE IF NOT EXISTS cloudsync_devices ("
+    " device_id TEXT NOT NULL PRIMARY KEY,"
+    " first_seen TEXT NOT NULL,"
+    " last_seen TEXT NOT NULL,"
+    " last_push TEXT,"
+    " last_pull TEXT,"
+    " checkpoint_seq INTEGER,"
+    " pushes INTEGER NOT NULL DEFAULT 0,"
+    " pulls INTEGER NOT NULL DEFAULT 0,"
+    " errors INTEGER NOT NULL DEFAULT 0,"
+    " rejected INTEGER NOT NULL DEFAULT 0,"
+    " failed INTEGER NOT NULL DEFAULT 0,"
+    " pull_tables TEXT)")
 # Several instances flush into one row: counts add up, times keep the latest.
+_DEVICES_INSERT = (
+    "INSERT INTO cloudsync_devices"
+    " (device_id, first_seen, last_seen, last_push, last_pull, checkpoint_seq,"
+    " pushes, pulls, errors, rejected, failed, pull_tables)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 MYSQL_DEVICES_UPSERT = (
-    "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, "
-    "checkpoint_seq,"
-    " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-    "?, ?)"
-    " ON DUPLICATE KEY UPDATE pull_tables = IFNULL(VALUES(pull_tables), pull_tables),"
+    _DEVICES_INSERT
+    + " ON DUPLICATE KEY UPDATE"
+    " pull_tables = IFNULL(VALUES(pull_tables), pull_tables),"
     " last_seen = GREATEST(last_seen, VALUES(last_seen)),"
-    " last_push = GREATEST(IFNULL(last_push, VALUES(last_push)), IFNULL(VALUES(last_push), "
-    "last_push)),"
-    " last_pull = GREATEST(IFNULL(last_pull, VALUES(last_pull)), IFNULL(VALUES(last_pull), "
-    "last_pull)),"
+    " last_push = GREATEST(IFNULL(last_push, VALUES(last_push)),"
+    " IFNULL(VALUES(last_push), last_push)),"
+    " last_pull = GREATEST(IFNULL(last_pull, VALUES(last_pull)),"
+    " IFNULL(VALUES(last_pull), last_pull)),"
     " checkpoint_seq = GREATEST(IFNULL(checkpoint_seq, VALUES(checkpoint_seq)),"
     " IFNULL(VALUES(checkpoint_seq), checkpoint_seq)),"
-    " pushes = pushes + VALUES(pushes), pulls = pulls + VALUES(pulls), errors = errors + "
-    "VALUES(errors),"
-    " rejected = rejected + VALUES(rejected), failed = failed + VALUES(failed)")
+    " pushes = pushes + VALUES(pushes),"
+    " pulls = pulls + VALUES(pulls),"
+    " errors = errors + VALUES(errors),"
+    " rejected = rejected + VALUES(rejected),"
+    " failed = failed + VALUES(failed)")
 SQLITE_DEVICES_UPSERT = (
-    "INSERT INTO cloudsync_devices (device_id, first_seen, last_seen, last_push, last_pull, "
-    "checkpoint_seq,"
-    " pushes, pulls, errors, rejected, failed, pull_tables) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-    "?, ?)"
-    " ON CONFLICT (device_id) DO UPDATE SET pull_tables = coalesce(excluded.pull_tables, "
-    "pull_tables),"
+    _DEVICES_INSERT
+    + " ON CONFLICT (device_id) DO UPDATE SET"
+    " pull_tables = coalesce(excluded.pull_tables, pull_tables),"
     " last_seen = max(last_seen, excluded.last_seen),"
-    " last_push = max(coalesce(last_push, excluded.last_push), coalesce(excluded.last_push, "
-    "last_push)),"
-    " last_pull = max(coalesce(last_pull, excluded.last_pull), coalesce(excluded.last_pull, "
-    "last_pull)),"
+    " last_push = max(coalesce(last_push, excluded.last_push),"
+    " coalesce(excluded.last_push, last_push)),"
+    " last_pull = max(coalesce(last_pull, excluded.last_pull),"
+    " coalesce(excluded.last_pull, last_pull)),"
     " checkpoint_seq = max(coalesce(checkpoint_seq, excluded.checkpoint_seq),"
     " coalesce(excluded.checkpoint_seq, checkpoint_seq)),"
-    " pushes = pushes + excluded.pushes, pulls = pulls + excluded.pulls, errors = errors + "
-    "excluded.errors,"
-    " rejected = rejected + excluded.rejected, failed = failed + excluded.failed")
+    " pushes = pushes + excluded.pushes,"
+    " pulls = pulls + excluded.pulls,"
+    " errors = errors + excluded.errors,"
+    " rejected = rejected + excluded.rejected,"
+    " failed = failed + excluded.failed")
 
 METRIC_HELP = {
     "cloudsync_requests_total": ("counter", "HTTP requests answered, by route, method and status"),
