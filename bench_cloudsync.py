@@ -304,7 +304,7 @@ def wait_numbered(database, timeout=600):
 
 def wait_seen(database):
     """wait_numbered, then until every watcher has looked since: a change by another program may
-    reach a poll answered from memory up to WATCH_INTERVAL_SECONDS later (README, Idle polls)."""
+    reach a poll answered from memory up to WATCH_INTERVAL_SECONDS later (docs/protocol.md, Idle polls)."""
     wait_numbered(database)
     time.sleep(2 * WATCH_INTERVAL_SECONDS)
 

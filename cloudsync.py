@@ -1845,7 +1845,7 @@ def _checked_decimal(column, value, where):
 #   x     the push id of a push's own changes, which the device holds
 # The HMAC (key in cloudsync_meta) makes a forged or altered checkpoint a 400,
 # not a wrong answer. A checkpoint is signed, not encrypted: its numbers are
-# readable (README, Security model, says what a device can learn from them).
+# readable (docs/security.md says what a device can learn from them).
 
 
 class Checkpoints:
@@ -10308,7 +10308,7 @@ OPENAPI = {
                                                                "(one text may stand for several codes)."},
                     "code": {"type": "string", "enum": sorted(REFUSALS),
                              "description": "What a client switches on: the refusal's code, never "
-                                            "changed once published (README, The API)."},
+                                            "changed once published (docs/protocol.md, The API)."},
                     "detail": {"type": "string", "description": "What exactly was wrong."},
                     "op": {"type": "integer", "minimum": 0,
                            "description": "The index of the operation concerned (push errors)."},

@@ -627,7 +627,7 @@ class Client:
                         self._bury(operation, 200, dict(entry, error="Missing", detail=(
                             "the server has no such row: it was deleted (the next pull removes it here),"
                             " or was never there")), result)
-                    # README: the returned checkpoint is the next pull position; it skips the push's own
+                    # docs/protocol.md: the returned checkpoint is the next pull position; it skips the push's own
                     # changes only when the server proved this device holds them (the local table does).
                     # A replay's was computed from the first attempt's checkpoint: not necessarily ours.
                     if checkpoint is not None and answer.get("checkpoint") and not answer.get("replayed"):

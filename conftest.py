@@ -15,8 +15,10 @@ import pytest
 SLOW_FIXTURES = {"server", "device", "demo_server", "private_mariadb", "galera_cluster", "fault_figures",
                  "mysql_server_restartable"}
 # what a test's own source calls when it starts a process
-SLOW_CALLS = ("LiveServer(", "_cli(", "subprocess.", "reliability_cloudsync.", "bench_cloudsync", "_node()",
-              "time.sleep(")
+SLOW_CALLS = ("LiveServer(", "_cli(", "subprocess.", "reliability_cloudsync.", "bench_cloudsync", "_bench(",
+              "_node()", "time.sleep(")
+# what its name says it is: a benchmark's smoke run, a property over many examples, real tools
+SLOW_NAMES = ("benchmark", "property", "real_tools", "pt_osc", "dump_reload")
 
 
 def pytest_configure(config):
@@ -25,7 +27,8 @@ def pytest_configure(config):
 
 
 def _is_slow(item):
-    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) \
+            or any(name in item.name for name in SLOW_NAMES):
         return True
     function = getattr(item, "function", None)
     if function is None:

@@ -38,7 +38,7 @@ Each fault reports acknowledged, lost and doubled writes, the /health latency
 during the fault, the 503s, other 5xx and timeouts legitimate clients saw, and
 the server's peak and settled resident memory.
 
-It prints the figures README's reliability section quotes. The test suite runs
+It prints the figures docs/performance.md's reliability section quotes. The test suite runs
 the same scenarios with smaller numbers (--quick runs those).
 
     python3 reliability_cloudsync.py --galera [--devices 50] [--rounds 8]
@@ -1132,7 +1132,7 @@ def scenario_load(db, workdir, devices=50, rounds=8, seed=7):
 
 def past_staleness():
     """Wait until every instance's watcher has looked after the last write: a poll answered from
-    its memory may lag the database by up to WATCH_INTERVAL_SECONDS (README, Idle polls)."""
+    its memory may lag the database by up to WATCH_INTERVAL_SECONDS (docs/protocol.md, Idle polls)."""
     from cloudsync import WATCH_INTERVAL_SECONDS
     time.sleep(2 * WATCH_INTERVAL_SECONDS)
 
@@ -2010,7 +2010,7 @@ QUICK = {                                  # the small forms, for the tests and 
 
 
 def fault_summary(results):
-    """README's table of the fault scenarios: one line each, the figures issue 21 asks for.
+    """docs/performance.md's table of the fault scenarios: one line each, the figures issue 21 asks for.
 
     A /health probe gives up when connecting or reading waits 10 s: a p95 of about 10 s means at
     least one question in twenty got no answer.
