@@ -334,6 +334,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Refused is every refusal a client gets: its `reason` names an entry of
 # REFUSALS, the one catalogue of (HTTP status, `error`, when) from which both
 # the answers and the error responses of the OpenAPI description are made.
+#
+# The taxonomy, by who must act:
+#   the operator, before serving    ConfigError (a setting), SchemaError (a table; its
+#                                   `fix`), ChangeCaptureError and Denied (a privilege):
+#                                   one line and exit code 2 (_exit_code_of)
+#   nobody: it passes               DatabaseUnavailable (503 with Retry-After; `lasting`:
+#                                   the settings are wrong, exit 2 at start), and of it
+#                                   Retryable (a lock wait), Deadlocked (undone at once),
+#                                   SchemaMoved (the schema moved): run again first
+#   the device, for one operation   DataRejected: the database refused a value (a key
+#                                   taken, NOT NULL, the shop's rule); PushRejected ties it
+#                                   to the operation, and becomes a Refused naming `op`
+#   the device, for its request     Refused, the only one a client sees
+# _GroupRejected and _BatchTaken never leave Pushes: a multi-row insert to redo row by
+# row, and a twin push that committed first (answered as a replay).
 
 
 class CloudsyncError(Exception):
