@@ -211,7 +211,7 @@ log = logging.getLogger("cloudsync")
 
 # requests and answers
 READ_CHUNK_BYTES = 64 * 1024        # request bodies are read in pieces this size
-DEFAULT_PULL_LIMIT_ROWS = 1000      # the seed's default page size
+DEFAULT_PULL_LIMIT_ROWS = 1000      # the original service's default page size
 # what a pull's byte budget (PULL_MAX_BYTES) counts for a row beyond its values: its JSON names,
 # quotes and commas, a column at a time
 ROW_OVERHEAD_BYTES = 16
@@ -2036,8 +2036,8 @@ def _as_workers(text):
 
 
 # (name, caster, default, one-line description): the single source for
-# parsing, sample.env and README. Seed names (DB_HOST, DB_USER, DB_PASS,
-# DB_NAME, ALLOWED_TABLES, PORT) keep their meaning.
+# parsing, sample.env and README. The original service's names (DB_HOST,
+# DB_USER, DB_PASS, DB_NAME, ALLOWED_TABLES, PORT) keep their meaning.
 SETTINGS = (
     ("HOST", str, "127.0.0.1", "address to listen on; 0.0.0.0 for every interface"),
     ("PORT", _as_port, "4000", "TCP port to listen on"),
@@ -2418,7 +2418,7 @@ def delete_sql(schema, key, scope):
 
 
 def first_rows_sql(schema, limit, scope, select=None):
-    """(sql, params) reading the first `limit` rows in key order (the seed's pull); `select`
+    """(sql, params) reading the first `limit` rows in key order (a seed-mode pull); `select`
     instead of the columns (schema.size_sql: each row's size)."""
     where, params = ("", []) if scope.where is None \
         else (" WHERE " + scope.where, list(scope.params))
@@ -7013,7 +7013,7 @@ class Pulls:
     # -- seed mode ---------------------------------------------------------------------
 
     def seed_pull(self, tables, limit, grant):
-        """The seed's pull as encoded JSON, served from cache while the log shows no change.
+        """A seed-mode pull as encoded JSON, served from cache while the log shows no change.
 
         One device's cached answer is served only to devices of the same scope.
         """
@@ -7910,7 +7910,7 @@ class Request:
                               "%d bytes follow the end of the gzip body" % len(rest))
 
     def json_object(self):
-        """The body as a JSON object; {} when empty (as the seed's express.json gave)."""
+        """The body as a JSON object; {} when empty (as the original service's express.json gave)."""
         payload = parse_json(self.decoded_body())
         _check_depth(payload, self.max_json_depth)
         if not isinstance(payload, dict):
