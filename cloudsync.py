@@ -6286,6 +6286,13 @@ class Pushes:
                 by_basis.setdefault(id(op.basis), (op.basis, {}))[1][op.table.name] = None
         broken = {}
         for fields, written in by_basis.values():
+            # issued for another scope (the token's values changed, or another device's): it
+            # says nothing of what this device saw, as a pull with it would say (Pulls._position)
+            if any(table not in grant.tables for table in fields["t"]) \
+                    or fields.get("c") != grant.fingerprint(fields["t"]):
+                raise Refused("expired", "this checkpoint was issued for other rows than this "
+                              "device's scope: pull again from \"since\": null, then push",
+                              reset=True)
             tables = [table for table in written if table in fields["t"]]
             snapshot = self.changelog.read(conn, tables or list(fields["t"])[:1], 0, 0, grant)
             if fields["s"] > snapshot.head and self.db.catch_up(conn):     # a node behind: waits

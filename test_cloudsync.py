@@ -1931,6 +1931,22 @@ def test_another_stores_changed_row_is_answered_as_a_key_nobody_holds(hostile):
     assert backend.sql("SELECT qty, note FROM orders WHERE id = 'theirs'") == [(2, "secret 2")]
 
 
+@pytest.mark.parametrize("where", ["push", "operation"])
+def test_a_push_judged_from_a_checkpoint_of_another_scope_is_410_never_applied(scoped, scoped_backend, where):
+    """Store 8's till holding store 7's checkpoint (or its own, issued before its scope changed)
+    must not have its edits judged from what another scope saw."""
+    _, _, theirs = sync_to_end(scoped, "t7", ["orders"])
+    _, _, mine = sync_to_end(scoped, "t8", ["orders"])
+    insert = op("insert", "orders", id=80, store_id=8, total="1.00")
+    own = spush(scoped, "t8", [insert], checkpoint=mine)
+    assert own.status == 200, own.json
+    edit = op("update", "orders", id=80, note="till 8")
+    answer = spush(scoped, "t8", [edit], checkpoint=theirs) if where == "push" \
+        else spush(scoped, "t8", [dict(edit, checkpoint=theirs)], checkpoint=mine)
+    assert answer.status == 410 and answer.json["code"] == "expired" and answer.json["reset"] is True
+    assert [row[3] for row in scoped_backend.rows("orders") if row[0] == 80] == [None]
+
+
 def test_a_scoped_device_cannot_tell_whether_other_stores_are_busy(hostile):
     application, backend = hostile
     backend.sql("INSERT INTO orders (id, store_id, qty) VALUES ('mine', 7, 1), ('theirs', 8, 1)")
