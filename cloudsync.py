@@ -2311,12 +2311,21 @@ def put_settings_in_force(config, fresh):
         attribute = name.lower()
         if _comparable(getattr(config, attribute)) == _comparable(getattr(fresh, attribute)):
             continue
-        if name in RELOADABLE_SETTINGS:
+        if name in RELOADABLE_SETTINGS and not (name in TABLE_RULES and _rules_wait(config, fresh)):
             setattr(config, attribute, getattr(fresh, attribute))
             reloaded.append(name)
         else:
             restart.append(name)
     return reloaded, restart
+
+
+TABLE_RULES = ("READ_ONLY_TABLES", "INSERT_ONLY_TABLES", "READ_ONLY_COLUMNS")
+
+
+def _rules_wait(config, fresh):
+    """Whether the table rules must wait for a restart: they were written for other allowed
+    tables (ALLOWED_TABLES changed), and the running server still serves the old ones."""
+    return _comparable(config.allowed_tables) != _comparable(fresh.allowed_tables)
 
 
 def reload_said(reloaded, restart):
@@ -4033,7 +4042,9 @@ class MySQLDatabase(Database):
             try:
                 conn = self._connect_to(*node)
             except DatabaseUnavailable as error:
-                if error.lasting or attempt == len(nodes) - 1:
+                # one server: a refusal of the settings is final; several nodes: try the next
+                # (a node's name may stop resolving while it is down)
+                if attempt == len(nodes) - 1 or error.lasting and len(nodes) == 1:
                     raise
                 continue
             if attempt:
@@ -4243,7 +4254,12 @@ class MySQLDatabase(Database):
             rows = self.query(conn, "SHOW VARIABLES LIKE 'wsrep_on'")
             self._galera = bool(rows) and _text(rows[0][1]).upper() == "ON"
         if self._galera:
-            self.query(conn, "SET STATEMENT wsrep_sync_wait = 1 FOR SELECT 1")
+            # three statements, not SET STATEMENT ... FOR (MariaDB's): Galera on MySQL has it not
+            self.execute(conn, "SET SESSION wsrep_sync_wait = 1")
+            try:
+                self.query(conn, "SELECT 1")
+            finally:
+                self.execute(conn, "SET SESSION wsrep_sync_wait = DEFAULT")
         return self._galera
 
     @staticmethod
@@ -8341,8 +8357,9 @@ class App:
         if self.config.reload_from is not None:
             try:
                 fresh = self.config.reload_from()
-                self.engine.set_rules(fresh.read_only_columns, fresh.read_only_tables,
-                                      fresh.insert_only_tables)
+                if not _rules_wait(self.config, fresh):
+                    self.engine.set_rules(fresh.read_only_columns, fresh.read_only_tables,
+                                          fresh.insert_only_tables)
             except (ConfigError, SchemaError) as error:
                 if self.share is None:      # else the master says it, once for every worker
                     log.error("SIGHUP: settings not reloaded, the running ones stay: %s", error)
@@ -9139,14 +9156,18 @@ class _Arbiter:
             return
         try:
             fresh = self.config.reload_from()
-            if _comparable(fresh.read_only_columns) != _comparable(self.config.read_only_columns):
-                # checked against the tables here too: a worker started later must not fail
-                checking = App(fresh)
+            if _comparable(fresh.read_only_columns) != _comparable(self.config.read_only_columns) \
+                    and not _rules_wait(self.config, fresh):
+                # checked against the tables here too, through the running database settings: a
+                # worker started later must not fail
+                running = Config({name: getattr(self.config, name.lower()) for name in SETTING_NAMES})
+                running.read_only_columns = fresh.read_only_columns
+                checking = App(running)
                 try:
                     checking.engine.load_schema()
                 finally:
                     checking.db.close()
-        except (ConfigError, SchemaError, DatabaseUnavailable) as error:
+        except Exception as error:          # whatever it is, the running master and workers go on
             log.error("SIGHUP: settings not reloaded, the running ones stay: %s", error)
             return
         log.info("%s", reload_said(*put_settings_in_force(self.config, fresh)))

@@ -671,6 +671,26 @@ class Client:
             else:
                 raise SyncError("push refused: %s %s: %s" % (status, error, (answer or {}).get("detail")))
 
+    def _wipe(self, table):
+        """Inside a local transaction: empty the local copy of a table pulled again from its start,
+        keeping this device's edits not acknowledged yet (made again on the empty table: a row
+        only this device has stays; the pull brings the others, and _rebase their edits)."""
+        self.db.execute("DELETE FROM %s" % _quote(table))
+        for action, data in self.db.execute("SELECT action, data FROM _cloudsync_outbox WHERE tbl = ?"
+                                            " ORDER BY seq", (table,)).fetchall():
+            self._make_again(table, action, json.loads(data))
+
+    def _make_again(self, table, action, data):
+        """One outbox operation applied to the local copy once more (after a pull replaced its row)."""
+        if action == "delete":
+            self._remove(table, data)
+        elif action == "increment":
+            self._add_locally(table, data)
+        elif action == "update":
+            self._update_locally(table, data)
+        else:
+            self._upsert_locally(table, data, [name for name in data if name not in self.tables[table][1]])
+
     def _rebase(self, table, upserted, deleted):
         """Inside a local transaction, after pulled rows were stored: this device's edits still in the
         outbox are made again on top of them (the server judges each against the checkpoint it was based
@@ -686,16 +706,8 @@ class Client:
         for pulled in list(upserted) + list(deleted):
             key = self._key(table, pulled)
             edits = pending.get(json.dumps(key))
-            if edits is not None:
-                for action, data in edits:
-                    if action == "delete":
-                        self._remove(table, data)
-                    elif action == "increment":
-                        self._add_locally(table, data)
-                    elif action == "update":
-                        self._update_locally(table, data)
-                    else:
-                        self._upsert_locally(table, data, [name for name in data if name not in names])
+            for action, data in edits or ():
+                self._make_again(table, action, data)
             row = self.get(table, dict(zip(names, key)))
             if row is not None:
                 rows.append(row)
@@ -877,7 +889,7 @@ class Client:
                     with self._transaction():
                         for table in again:
                             if table in self.tables:
-                                self.db.execute("DELETE FROM %s" % _quote(table))
+                                self._wipe(table)
                         self._set_state("checkpoint", answer["checkpoint"])
                     continue
                 log.warning("checkpoint refused (%s): pulling every row again", error)
@@ -897,7 +909,7 @@ class Client:
                 if since is None:
                     # from scratch: rows deleted meanwhile are never listed, so start from an empty copy
                     for table in tables:
-                        self.db.execute("DELETE FROM %s" % _quote(table))
+                        self._wipe(table)
                     self._set_state("reset", None)
                 for table, change in answer["changes"].items():
                     for row in change["upserted"]:

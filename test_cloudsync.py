@@ -2725,6 +2725,14 @@ def test_reloaded_table_rules_that_do_not_fit_the_tables_change_nothing(backend,
     assert application.pulls.max_bytes == 5000
     status = call(application, "GET", "/sync/status").json
     assert status["tables"]["products"]["rules"]["read_only_columns"] == ["price"]
+    # rules written for other allowed tables wait for the restart that serves those tables
+    application.config.reload_from = lambda: backend.config(ALLOWED_TABLES="sales",
+                                                            READ_ONLY_COLUMNS="", LOG_LEVEL="INFO")
+    with caplog.at_level(logging.INFO, logger="cloudsync"):
+        application.reload_settings()
+    assert "need a restart (systemctl restart cloudsync): ALLOWED_TABLES, READ_ONLY_COLUMNS" in caplog.text
+    answer = push(application, [op("insert", "products", id="p3", name="tea", price="2.00")])
+    assert answer.status == 403 and answer.json["code"] == "read_only_column"
     application.db.close()
 
 
@@ -7627,6 +7635,26 @@ class InProcessClient(cloudsync_client.Client):
             self.lose_next, self._unreachable = False, "the answer was lost"
             return None, None
         return answer.status, json.loads(answer.body)
+
+
+def test_a_pull_from_the_start_keeps_the_devices_edits_that_wait(app, backend, tmp_path):
+    """A device pulled again from its first row (a reset) while its own new row and edits wait in
+    the outbox: they stay on the device, and reach the server."""
+    backend.sql("INSERT INTO sales (id, total, note) VALUES ('x', 1, 'server')")
+    till = InProcessClient(str(tmp_path / "till.db"), app, tables=["sales"], device_id="till")
+    assert till.sync()
+    till.insert("sales", {"id": "mine", "total": "2.00"})
+    till.update("sales", "x", {"note": "till"})
+    with till._transaction():
+        till._wipe("sales")                 # what a reset (whole, or reset_tables) does first
+    assert {row["id"] for row in till.rows("sales")} == {"mine"}
+    with till._transaction():
+        till._set_state("reset", "1")
+    till._pull(cloudsync_client.SyncResult())
+    assert {row["id"]: row["note"] for row in till.rows("sales")} == {"x": "till", "mine": None}
+    assert till.sync() and till.pending() == 0
+    assert {row[0]: row[3] for row in backend.rows("sales")} == {"x": "till", "mine": None}
+    till.close()
 
 
 # Devices that pull whenever they like while their edits wait (as run_forever's long poll does),
