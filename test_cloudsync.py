@@ -4731,6 +4731,32 @@ def test_an_operation_is_judged_against_its_own_checkpoint(app, backend, own, wh
         assert {row[0]: row[3] for row in backend.rows("sales")} == {"x": "office"}
 
 
+# Beyond the sales table: a composite text key, and an integer key with a date and a blob.
+# (table, the row, the office's change, the till's edit of the same column)
+OWN_CHECKPOINT_TABLES = [
+    ("stock_moves", {"shop": "s1", "sku": "k1", "qty": 5},
+     "UPDATE stock_moves SET qty = 9 WHERE shop = 's1' AND sku = 'k1'", {"shop": "s1", "sku": "k1", "qty": 4}),
+    ("attachments", {"id": 7, "body": "AAE=", "taken_on": "2026-12-01"},
+     "UPDATE attachments SET taken_on = '2026-12-24' WHERE id = 7", {"id": 7, "taken_on": "2026-12-02"}),
+]
+
+
+@pytest.mark.parametrize("table, row, office, edit", OWN_CHECKPOINT_TABLES)
+def test_an_operation_is_judged_against_its_own_checkpoint_on_other_keys_and_types(app, backend, table, row,
+                                                                                  office, edit):
+    assert push(app, [op("insert", table, **row)]).status == 200
+    till = Device(app, [table], device_id="till").sync()
+    before = till.checkpoint
+    backend.sql(office)
+    after = till.sync().checkpoint                  # the till pulled the office's change meanwhile
+    stale = till.push([dict(op("update", table, **edit), checkpoint=before)], checkpoint=after)
+    assert stale.status == 409 and stale.json["conflicts"][0]["columns"] == [
+        name for name in edit if name not in ("shop", "sku", "id")]
+    assert till.push([dict(op("update", table, **edit), checkpoint=after)], checkpoint=after).status == 200
+    changed = Device(app, [table], device_id="office").sync().rows[table]
+    assert [{name: found[name] for name in edit} for found in changed.values()] == [edit]
+
+
 def test_operations_with_and_without_their_own_checkpoint_are_each_judged(app, backend):
     push(app, [op("insert", **full_sale("x")), op("insert", **full_sale("y"))])
     till = Device(app, ["sales"], device_id="till").sync()
