@@ -66,7 +66,10 @@ engine, Push, Pull, Long polls, Operations (metrics, device fleet), HTTP
 application, Command line (with WORKERS above 1, serve's master and its
 workers: _Arbiter, _WorkerShare), and the data at the end (cloudsync's own
 tables, metric help, OpenAPI). A definition uses what is below it in its section or
-in an earlier section; only the data at the end is named from above.
+in an earlier section; only the data at the end is named from above. Within a
+section a class comes before the records and helpers it uses: a push or a pull
+reads forward within each of its own two sections (HTTP application, then Push
+or Pull), and whatever else it calls was defined in an earlier section.
 
 The path of a push (POST /sync/push), function by function:
   App.__call__            wraps the WSGI environ in a Request; the one place a
@@ -808,82 +811,6 @@ class TableSchema:
         return described
 
 
-def _time_text(value):
-    """A MySQL TIME (a timedelta) in pulled form: [-]HH:MM:SS[.ffffff], hours beyond 24 kept."""
-    micro = (value.days * 86400 + value.seconds) * 1000000 + value.microseconds
-    sign = "-" if micro < 0 else ""
-    seconds, fraction = divmod(abs(micro), 1000000)
-    text = "%s%02d:%02d:%02d" % (sign, seconds // 3600, seconds // 60 % 60, seconds % 60)
-    return text + (".%06d" % fraction if fraction else "")
-
-
-def _json_default(value):
-    """Encode the database's non-JSON types: exact decimals, ISO dates, base64 bytes."""
-    if isinstance(value, decimal.Decimal):
-        return format(value, "f")       # as MySQL writes it: 0.0000000000, not 0E-10
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, datetime.timedelta):        # MySQL TIME columns
-        return _time_text(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    # a MySQL SET read without its column (decoders order it)
-    if isinstance(value, (set, frozenset)):
-        return ",".join(sorted(value))
-    raise TypeError("cannot encode %s as JSON" % type(value).__name__)
-
-
-_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
-
-
-def _finite(value):
-    """A payload with every float JSON cannot hold (inf, nan) replaced by its name as a string."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return _NON_FINITE.get(value, "NaN")
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
-def _as_json_value(value):
-    """A database value as a pull sends it: exact decimals and dates as strings, bytes as base64."""
-    if value is None or isinstance(value, (str, int, float)):
-        return value
-    return _json_default(value)
-
-
-def to_json_bytes(payload):
-    """Encode a response payload as compact UTF-8 JSON, always strict JSON (RFC 8259)."""
-    try:
-        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=_json_default,
-                          allow_nan=False)
-    except ValueError:              # Infinity or NaN another program stored in a float column
-        text = json.dumps(_finite(payload), ensure_ascii=False, separators=(",", ":"),
-                          default=_json_default, allow_nan=False)
-    return text.encode("utf-8")
-
-
-class _NotJSON(ValueError):
-    """What parse_json's hooks refuse, in words for the client."""
-
-
-def _reject_constant(name):
-    """json.loads hook: NaN and Infinity are not JSON."""
-    raise _NotJSON("%s is not valid JSON" % name)
-
-
-def _object_without_duplicates(pairs):
-    """A JSON object; a name given twice is refused: which value counts is undefined (RFC 8259)."""
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen = set()
-        twice = next(name for name, _ in pairs if name in seen or seen.add(name))
-        raise _NotJSON("the name %s appears twice in one object" % json.dumps(twice)[:100])
-    return result
-
-
 def parse_json(body):
     """Decode a request body; numbers with a fraction become exact Decimals."""
     try:
@@ -907,6 +834,82 @@ def parse_json(body):
                       "holds it") from None
     except RecursionError:
         raise Refused("invalid_json", "the body is nested too deeply") from None
+
+
+def _object_without_duplicates(pairs):
+    """A JSON object; a name given twice is refused: which value counts is undefined (RFC 8259)."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        twice = next(name for name, _ in pairs if name in seen or seen.add(name))
+        raise _NotJSON("the name %s appears twice in one object" % json.dumps(twice)[:100])
+    return result
+
+
+def _reject_constant(name):
+    """json.loads hook: NaN and Infinity are not JSON."""
+    raise _NotJSON("%s is not valid JSON" % name)
+
+
+class _NotJSON(ValueError):
+    """What parse_json's hooks refuse, in words for the client."""
+
+
+def to_json_bytes(payload):
+    """Encode a response payload as compact UTF-8 JSON, always strict JSON (RFC 8259)."""
+    try:
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=_json_default,
+                          allow_nan=False)
+    except ValueError:              # Infinity or NaN another program stored in a float column
+        text = json.dumps(_finite(payload), ensure_ascii=False, separators=(",", ":"),
+                          default=_json_default, allow_nan=False)
+    return text.encode("utf-8")
+
+
+def _as_json_value(value):
+    """A database value as a pull sends it: exact decimals and dates as strings, bytes as base64."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return _json_default(value)
+
+
+def _json_default(value):
+    """Encode the database's non-JSON types: exact decimals, ISO dates, base64 bytes."""
+    if isinstance(value, decimal.Decimal):
+        return format(value, "f")       # as MySQL writes it: 0.0000000000, not 0E-10
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):        # MySQL TIME columns
+        return _time_text(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    # a MySQL SET read without its column (decoders order it)
+    if isinstance(value, (set, frozenset)):
+        return ",".join(sorted(value))
+    raise TypeError("cannot encode %s as JSON" % type(value).__name__)
+
+
+def _time_text(value):
+    """A MySQL TIME (a timedelta) in pulled form: [-]HH:MM:SS[.ffffff], hours beyond 24 kept."""
+    micro = (value.days * 86400 + value.seconds) * 1000000 + value.microseconds
+    sign = "-" if micro < 0 else ""
+    seconds, fraction = divmod(abs(micro), 1000000)
+    text = "%s%02d:%02d:%02d" % (sign, seconds // 3600, seconds // 60 % 60, seconds % 60)
+    return text + (".%06d" % fraction if fraction else "")
+
+
+def _finite(value):
+    """A payload with every float JSON cannot hold (inf, nan) replaced by its name as a string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return _NON_FINITE.get(value, "NaN")
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
 
 
 _DEFAULT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -1869,11 +1872,6 @@ class Checkpoints:
     def __init__(self, changelog):
         self.changelog = changelog
 
-    def _mac(self, payload):
-        """The checkpoint payload's HMAC-SHA256, base64url."""
-        digest = hmac.new(self.changelog.secret, payload, hashlib.sha256).digest()[:16]
-        return base64.urlsafe_b64encode(digest).rstrip(b"=")
-
     def encode(self, fields):
         """A checkpoint string of `fields` (those above; db is added, empty ones left out)."""
         fields = dict({name: value for name, value in fields.items()
@@ -1902,6 +1900,11 @@ class Checkpoints:
         if fields.get("db") != self.changelog.instance:
             raise Refused("invalid_checkpoint", "the checkpoint belongs to another database")
         return fields
+
+    def _mac(self, payload):
+        """The checkpoint payload's HMAC-SHA256, base64url."""
+        digest = hmac.new(self.changelog.secret, payload, hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(digest).rstrip(b"=")
 
 
 # ---------------------------------------------------------------------------
@@ -2349,28 +2352,6 @@ def reload_said(reloaded, restart):
 # adds none. A value compared with a column stands as the column's `param`.
 
 
-def _scoped(where, params, scope):
-    """WHERE text and params, narrowed to the rows of `scope` (EVERY_ROW: none left out)."""
-    if scope.where is None:
-        return where, list(params)
-    return "%s AND %s" % (where, scope.where), list(params) + list(scope.params)
-
-
-def key_where(schema):
-    """WHERE text matching one row by its primary key: a = ? AND b = ?."""
-    return " AND ".join("%s = %s" % (column.quoted, column.param) for column in schema.key_columns)
-
-
-def keys_where(schema, keys):
-    """(WHERE text, params) matching any of `keys`: a IN (?, ?) or (a = ? AND b = ?) OR ..."""
-    if len(schema.primary_key) == 1:
-        param = schema.key_columns[0].param
-        return ("%s IN (%s)" % (schema.key_order, ", ".join(param for _ in keys)),
-                [key[0] for key in keys])
-    return (" OR ".join("(%s)" % key_where(schema) for _ in keys),
-            [value for key in keys for value in key])
-
-
 def select_keyed_sql(schema, keys, scope, lock="", select=None):
     """(sql, params) reading these keys' rows, each led by its key as the change log writes it.
 
@@ -2456,6 +2437,28 @@ def page_sql(schema, after, limit, scope, select=None):
         select or schema.select_list, schema.quoted, where, schema.key_order), params + [limit]
 
 
+def keys_where(schema, keys):
+    """(WHERE text, params) matching any of `keys`: a IN (?, ?) or (a = ? AND b = ?) OR ..."""
+    if len(schema.primary_key) == 1:
+        param = schema.key_columns[0].param
+        return ("%s IN (%s)" % (schema.key_order, ", ".join(param for _ in keys)),
+                [key[0] for key in keys])
+    return (" OR ".join("(%s)" % key_where(schema) for _ in keys),
+            [value for key in keys for value in key])
+
+
+def key_where(schema):
+    """WHERE text matching one row by its primary key: a = ? AND b = ?."""
+    return " AND ".join("%s = %s" % (column.quoted, column.param) for column in schema.key_columns)
+
+
+def _scoped(where, params, scope):
+    """WHERE text and params, narrowed to the rows of `scope` (EVERY_ROW: none left out)."""
+    if scope.where is None:
+        return where, list(params)
+    return "%s AND %s" % (where, scope.where), list(params) + list(scope.params)
+
+
 # ---------------------------------------------------------------------------
 # Private APIs, each with its public fallback
 # ---------------------------------------------------------------------------
@@ -2506,53 +2509,6 @@ def page_sql(schema, after, limit, scope, select=None):
 # glibc's allocator (ctypes: mallopt). A burst of large pulls leaves freed
 # memory in the process's heap and per-thread arenas; fixed thresholds make
 # large blocks go back to the system when freed. Elsewhere it is not set.
-
-
-def _row_bytes_bound(row):
-    """An upper bound of a row's size in a MySQL INSERT, escaped.
-
-    UTF-8 is at most 4 bytes a character.
-    """
-    size = 4
-    for value in row:
-        size += 4 * len(value) + 16 if isinstance(value, str) else 2 * len(value) + 16 \
-            if isinstance(value, (bytes, bytearray)) else 96
-    return size
-
-
-def _groups_of_bytes(rows, most):
-    """The rows in order, in groups whose _row_bytes_bound adds up to about `most` (a row larger
-    than that alone)."""
-    group, size = [], 0
-    for row in rows:
-        bound = _row_bytes_bound(row)
-        if group and size + bound > most:
-            yield group
-            group, size = [], 0
-        group.append(row)
-        size += bound
-    if group:
-        yield group
-
-
-def _insert_parts(sql):
-    """(INSERT ... up to VALUES, the row's (?, ..., NOW(6)), the ON DUPLICATE KEY UPDATE or
-    ON CONFLICT that ends the statement, or '') of a one-row INSERT."""
-    head, _, rest = sql.partition(" VALUES ")
-    for clause in (" ON DUPLICATE KEY UPDATE ", " ON CONFLICT "):
-        if clause in rest:
-            row, _, tail = rest.partition(clause)
-            return head, row, clause + tail
-    return head, rest, ""
-
-
-def _fill(template, values):
-    """SQL text pieces split at ?, joined with the escaped values between them."""
-    pieces = [template[0]]
-    for value, text in zip(values, template[1:]):
-        pieces.append(value)
-        pieces.append(text)
-    return b"".join(pieces)
 
 
 class _DriverStatements:
@@ -2621,6 +2577,15 @@ class _DriverStatements:
         if free is not None:
             free()
 
+    def _bind(self, conn, sql, params):
+        """The statement as bytes, each ? replaced by its escaped value."""
+        template = sql.encode("utf-8").split(b"?")
+        values = self._escape(conn, tuple(params)) if params else ()
+        if len(template) != len(values) + 1:
+            raise ValueError("the statement has %d placeholders for %d values"
+                             % (len(template) - 1, len(values)))
+        return _fill(template, values)
+
     @staticmethod
     def _escape(conn, params):
         """Values as SQL literals, escaped by the driver as its cursors do.
@@ -2634,15 +2599,6 @@ class _DriverStatements:
         escaped = [converter.escape(converter.to_mysql(value), sql_mode) for value in params]
         return [text if isinstance(value, decimal.Decimal) else converter.quote(text)
                 for value, text in zip(params, escaped)]
-
-    def _bind(self, conn, sql, params):
-        """The statement as bytes, each ? replaced by its escaped value."""
-        template = sql.encode("utf-8").split(b"?")
-        values = self._escape(conn, tuple(params)) if params else ()
-        if len(template) != len(values) + 1:
-            raise ValueError("the statement has %d placeholders for %d values"
-                             % (len(template) - 1, len(values)))
-        return _fill(template, values)
 
 
 class _CursorStatements:
@@ -2707,6 +2663,53 @@ class _CursorStatements:
             yield cursor
         finally:
             cursor.close()
+
+
+def _insert_parts(sql):
+    """(INSERT ... up to VALUES, the row's (?, ..., NOW(6)), the ON DUPLICATE KEY UPDATE or
+    ON CONFLICT that ends the statement, or '') of a one-row INSERT."""
+    head, _, rest = sql.partition(" VALUES ")
+    for clause in (" ON DUPLICATE KEY UPDATE ", " ON CONFLICT "):
+        if clause in rest:
+            row, _, tail = rest.partition(clause)
+            return head, row, clause + tail
+    return head, rest, ""
+
+
+def _groups_of_bytes(rows, most):
+    """The rows in order, in groups whose _row_bytes_bound adds up to about `most` (a row larger
+    than that alone)."""
+    group, size = [], 0
+    for row in rows:
+        bound = _row_bytes_bound(row)
+        if group and size + bound > most:
+            yield group
+            group, size = [], 0
+        group.append(row)
+        size += bound
+    if group:
+        yield group
+
+
+def _row_bytes_bound(row):
+    """An upper bound of a row's size in a MySQL INSERT, escaped.
+
+    UTF-8 is at most 4 bytes a character.
+    """
+    size = 4
+    for value in row:
+        size += 4 * len(value) + 16 if isinstance(value, str) else 2 * len(value) + 16 \
+            if isinstance(value, (bytes, bytearray)) else 96
+    return size
+
+
+def _fill(template, values):
+    """SQL text pieces split at ?, joined with the escaped values between them."""
+    pieces = [template[0]]
+    for value, text in zip(values, template[1:]):
+        pieces.append(value)
+        pieces.append(text)
+    return b"".join(pieces)
 
 
 def _channel_class(config, limits):
@@ -4798,33 +4801,6 @@ CHANGE_OPS = {"I": "insert", "U": "update", "D": "delete", "E": "new start"}
 EPOCH_ENTRY = "cloudsync_epoch"
 
 
-class Snapshot:
-    """One view of the log (ChangeLog.read): the head, each table's (epoch, fingerprint), the
-    compaction mark of each table, the changes (table, row key, seq), oldest first, and whether
-    changes of the excluded batch still wait to be numbered."""
-
-    __slots__ = ("head", "tables", "marks", "entries", "excluded_pending", "waiting")
-
-    def __init__(self, rows):
-        self.head, self.tables, self.marks, self.entries = 0, {}, {}, []
-        self.excluded_pending = self.waiting = False
-        for kind, name, third, fourth in rows:
-            kind = _text(kind)
-            if kind == "h":
-                self.head = int(fourth or 0)
-            elif kind == "t":
-                self.tables[_text(name)] = (int(third), _text(fourth))
-            elif kind == "c":
-                self.marks[_text(name)] = int(fourth or 0)
-            elif kind == "e":
-                self.entries.append((_text(name), _text(third), int(fourth)))
-            elif kind == "p":
-                self.excluded_pending = bool(int(fourth or 0))
-            elif kind == "w":
-                self.waiting = self.waiting or fourth is not None
-        self.entries.sort(key=lambda entry: entry[2])     # a UNION keeps no order of its own
-
-
 class ChangeLog:
     """cloudsync's own tables: the change log, sequence numbers, batches, and the triggers."""
 
@@ -5154,11 +5130,6 @@ class ChangeLog:
         self.instance, self.secret = meta["instance"], meta["secret"].encode("ascii")
 
     # -- sequence numbers -------------------------------------------------------
-
-    def _logs(self):
-        """The tables holding changes: the log, and where changes wait to be numbered."""
-        return ("cloudsync_changes",) if self.db.numbers_at_commit \
-            else ("cloudsync_pending", "cloudsync_changes")
 
     def touched(self, conn, after, upto):
         """{table: scope values as text (None: no scope value)} of the changes numbered after
@@ -5499,6 +5470,38 @@ class ChangeLog:
             if progress:                    # a long compaction says how far it got
                 progress("removed %d log entries so far" % removed)
         return removed, batches, upto
+
+    def _logs(self):
+        """The tables holding changes: the log, and where changes wait to be numbered."""
+        return ("cloudsync_changes",) if self.db.numbers_at_commit \
+            else ("cloudsync_pending", "cloudsync_changes")
+
+
+class Snapshot:
+    """One view of the log (ChangeLog.read): the head, each table's (epoch, fingerprint), the
+    compaction mark of each table, the changes (table, row key, seq), oldest first, and whether
+    changes of the excluded batch still wait to be numbered."""
+
+    __slots__ = ("head", "tables", "marks", "entries", "excluded_pending", "waiting")
+
+    def __init__(self, rows):
+        self.head, self.tables, self.marks, self.entries = 0, {}, {}, []
+        self.excluded_pending = self.waiting = False
+        for kind, name, third, fourth in rows:
+            kind = _text(kind)
+            if kind == "h":
+                self.head = int(fourth or 0)
+            elif kind == "t":
+                self.tables[_text(name)] = (int(third), _text(fourth))
+            elif kind == "c":
+                self.marks[_text(name)] = int(fourth or 0)
+            elif kind == "e":
+                self.entries.append((_text(name), _text(third), int(fourth)))
+            elif kind == "p":
+                self.excluded_pending = bool(int(fourth or 0))
+            elif kind == "w":
+                self.waiting = self.waiting or fourth is not None
+        self.entries.sort(key=lambda entry: entry[2])     # a UNION keeps no order of its own
 
 
 def _chunks(items, size):
@@ -5868,43 +5871,6 @@ class SyncEngine:
 # operation runs (ACTIONS names its method), the outcome is stored for a
 # replay, and the checkpoint to return is decided (below, "The checkpoint a
 # push returns").
-
-class Operation:
-    """One validated push operation: bound values and its primary key."""
-
-    __slots__ = ("index", "table", "action", "values", "key", "sent", "scope", "checkpoint",
-                 "basis")
-
-    def __init__(self, index, table, action, values, key, sent=None, checkpoint=None):
-        self.index = index
-        self.table = table      # a TableSchema
-        self.action = action
-        self.values = values    # {column name: bound value}, in the order the client sent
-        self.key = key          # tuple of primary-key values
-        # {column name: value as the device holds it}
-        self.sent = sent if sent is not None else values
-        self.scope = None       # the device's TableScope on the table, if it has one (Row scopes)
-        self.checkpoint = checkpoint  # the checkpoint the edit was based on, if it names its own
-        self.basis = None       # the decoded checkpoint it is judged against (Pushes.push)
-
-
-class _PushState:
-    """What deciding a push's returned checkpoint needs to know about the push."""
-
-    __slots__ = ("checkpoint", "fields", "device_id", "batch_id", "push_id", "before",
-                 "operations", "skipped", "grant")
-
-    def __init__(self, checkpoint, fields, device_id, batch_id, grant):
-        self.checkpoint = checkpoint
-        self.fields = fields        # the checkpoint decoded
-        self.device_id = device_id
-        self.batch_id = batch_id
-        self.push_id = None         # marks the push's own changes in the log (with a checkpoint)
-        self.before = {}            # table -> {key as logged: row} as they were before the push
-        self.operations = []        # the operations applied
-        self.skipped = False        # some operations were skipped as conflicts
-        self.grant = grant          # what the request may do (Grants)
-
 
 class Pushes:
     """Validate pushed operations, apply them in one transaction, answer (or replay) the outcome."""
@@ -6496,6 +6462,43 @@ class Pushes:
         return True
 
 
+class Operation:
+    """One validated push operation: bound values and its primary key."""
+
+    __slots__ = ("index", "table", "action", "values", "key", "sent", "scope", "checkpoint",
+                 "basis")
+
+    def __init__(self, index, table, action, values, key, sent=None, checkpoint=None):
+        self.index = index
+        self.table = table      # a TableSchema
+        self.action = action
+        self.values = values    # {column name: bound value}, in the order the client sent
+        self.key = key          # tuple of primary-key values
+        # {column name: value as the device holds it}
+        self.sent = sent if sent is not None else values
+        self.scope = None       # the device's TableScope on the table, if it has one (Row scopes)
+        self.checkpoint = checkpoint  # the checkpoint the edit was based on, if it names its own
+        self.basis = None       # the decoded checkpoint it is judged against (Pushes.push)
+
+
+class _PushState:
+    """What deciding a push's returned checkpoint needs to know about the push."""
+
+    __slots__ = ("checkpoint", "fields", "device_id", "batch_id", "push_id", "before",
+                 "operations", "skipped", "grant")
+
+    def __init__(self, checkpoint, fields, device_id, batch_id, grant):
+        self.checkpoint = checkpoint
+        self.fields = fields        # the checkpoint decoded
+        self.device_id = device_id
+        self.batch_id = batch_id
+        self.push_id = None         # marks the push's own changes in the log (with a checkpoint)
+        self.before = {}            # table -> {key as logged: row} as they were before the push
+        self.operations = []        # the operations applied
+        self.skipped = False        # some operations were skipped as conflicts
+        self.grant = grant          # what the request may do (Grants)
+
+
 def _judged_since(fields, table):
     """The log position conflicts on `table` are judged from: where the device's copy of it is
     whole (its checkpoint's position, or the table's later new start), None when the checkpoint
@@ -6612,13 +6615,6 @@ def _group_operations(operations, batched=True):
 # change log with one indexed query. Sync mode (`since`: null or a
 # checkpoint) pages through the tables in key order on a first sync, then
 # reads the change log after the checkpoint, an index range on seq.
-
-
-def _last_of_each_row(entries):
-    """Log entries (table, row key, seq), oldest first, with only each row's last: a row is read
-    once, as it is now. Every row left out of a page taken up to an entry has one after it."""
-    last = {(table, key): seq for table, key, seq in entries}
-    return [entry for entry in entries if last[entry[0], entry[1]] == entry[2]]
 
 
 def _within(sizes, room, alone):
@@ -7110,6 +7106,13 @@ class Pulls:
             names = schema.column_names
             data[table] = [dict(zip(names, row)) for row in self.db.decode_rows(schema, rows)]
         return data
+
+
+def _last_of_each_row(entries):
+    """Log entries (table, row key, seq), oldest first, with only each row's last: a row is read
+    once, as it is now. Every row left out of a page taken up to an entry has one after it."""
+    last = {(table, key): seq for table, key, seq in entries}
+    return [entry for entry in entries if last[entry[0], entry[1]] == entry[2]]
 
 
 def parse_wait(value, read_timeout_seconds):
@@ -7850,125 +7853,6 @@ class DeviceFleet:
 # ---------------------------------------------------------------------------
 
 
-class Request:
-    """The parts of a WSGI environ the handlers use, with a bounded body reader."""
-
-    def __init__(self, environ, max_body_bytes, max_json_depth):
-        self.environ = environ
-        self.method = environ["REQUEST_METHOD"]
-        self.path = environ.get("PATH_INFO") or "/"
-        self.max_body_bytes = max_body_bytes
-        self.max_json_depth = max_json_depth
-        self.token = None                   # the DeviceToken that authenticated the request
-        self.grant = None                   # what it may read and write (Grants), on /sync*
-        # for the access log, metrics and device fleet, filled in by the handlers
-        self.route = "other"
-        self.device_id = None
-        self.kind = None                    # "push" or "pull"
-        self.count = None                   # operations pushed or rows pulled
-        self.checkpoint_seq = None
-        self.tables = None                  # the tables a sync-mode pull was for, comma-separated
-        self.auth_failed = False
-
-    def body(self):
-        """Read the request body; 413 before reading when it is declared too large."""
-        environ = self.environ
-        declared = environ.get("CONTENT_LENGTH") or ""
-        stream = environ["wsgi.input"]
-        if declared:
-            try:
-                length = int(declared)
-            except ValueError:
-                raise Refused("invalid_request", "Content-Length is not a number") from None
-            if length > self.max_body_bytes:
-                raise Refused("too_large", "the body is %d bytes; the limit is %d bytes, split "
-                              "the batch into smaller pushes" % (length, self.max_body_bytes))
-            return _read_exactly(stream, length)
-        if environ.get("wsgi.input_terminated"):
-            # a chunked body: read until the end, but never past the limit
-            chunks, total = [], 0
-            while True:
-                chunk = stream.read(READ_CHUNK_BYTES)
-                if not chunk:
-                    return b"".join(chunks)
-                total += len(chunk)
-                if total > self.max_body_bytes:
-                    raise Refused("too_large", "the body is over the limit of %d bytes, "
-                                    "split the batch into smaller pushes" % self.max_body_bytes)
-                chunks.append(chunk)
-        return b""
-
-    def decoded_body(self):
-        """The body, gunzipped when Content-Encoding says gzip.
-
-        The limit holds for the unpacked size too.
-        """
-        body = self.body()
-        encoding = self.environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
-        if encoding in ("", "identity"):
-            return body
-        if encoding not in ("gzip", "x-gzip"):
-            raise Refused("unsupported_encoding", "Content-Encoding may be gzip or identity")
-        # A gzip body may be several members one after the other (RFC 1952); anything else after the
-        # end is refused, not ignored: the client did not send what it meant to.
-        pieces, size, rest = [], 0, body
-        while True:
-            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            try:
-                piece = inflater.decompress(rest, self.max_body_bytes + 1 - size)
-            except zlib.error:
-                raise Refused("invalid_request", "the body is not valid gzip") from None
-            size += len(piece)
-            pieces.append(piece)
-            if size > self.max_body_bytes or inflater.unconsumed_tail:
-                raise Refused("too_large", "the unpacked body is over the limit of %d bytes; split "
-                                "the batch into smaller pushes" % self.max_body_bytes)
-            if not inflater.eof:
-                raise Refused("invalid_request", "the gzip body is truncated")
-            rest = inflater.unused_data
-            if not rest:
-                return b"".join(pieces)
-            if not rest.startswith(b"\x1f\x8b"):
-                raise Refused("invalid_request",
-                              "%d bytes follow the end of the gzip body" % len(rest))
-
-    def json_object(self):
-        """The body as a JSON object; {} when empty (as the original service's express.json gave)."""
-        payload = parse_json(self.decoded_body())
-        _check_depth(payload, self.max_json_depth)
-        if not isinstance(payload, dict):
-            raise Refused("invalid_payload",
-                          "the body must be a JSON object, not %s" % _json_type(payload))
-        return payload
-
-
-def _check_depth(payload, limit):
-    """400 when objects and lists nest deeper than `limit`."""
-    level, current = 0, [payload] if type(payload) is dict or type(payload) is list else []
-    while current:
-        level += 1
-        if level > limit:
-            raise Refused("too_deep", "objects and lists nest deeper than %d levels" % limit)
-        following = []
-        for item in current:        # json.loads makes only exact dicts and lists
-            for value in (item.values() if type(item) is dict else item):
-                if type(value) is dict or type(value) is list:
-                    following.append(value)
-        current = following
-
-
-def _read_exactly(stream, length):
-    """Read a body of a declared length, at most READ_CHUNK_BYTES at a time."""
-    chunks, remaining = [], length
-    while remaining > 0:
-        chunk = stream.read(min(remaining, READ_CHUNK_BYTES))
-        if not chunk:
-            raise Refused("invalid_request", "the body ended before Content-Length bytes arrived")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
 class App:
     """The WSGI app: a path router, the handlers, and the one place errors become responses."""
 
@@ -8452,6 +8336,125 @@ class App:
             to_json_bytes(version), to_json_bytes(None if grant.scoped else head)))
 
 
+class Request:
+    """The parts of a WSGI environ the handlers use, with a bounded body reader."""
+
+    def __init__(self, environ, max_body_bytes, max_json_depth):
+        self.environ = environ
+        self.method = environ["REQUEST_METHOD"]
+        self.path = environ.get("PATH_INFO") or "/"
+        self.max_body_bytes = max_body_bytes
+        self.max_json_depth = max_json_depth
+        self.token = None                   # the DeviceToken that authenticated the request
+        self.grant = None                   # what it may read and write (Grants), on /sync*
+        # for the access log, metrics and device fleet, filled in by the handlers
+        self.route = "other"
+        self.device_id = None
+        self.kind = None                    # "push" or "pull"
+        self.count = None                   # operations pushed or rows pulled
+        self.checkpoint_seq = None
+        self.tables = None                  # the tables a sync-mode pull was for, comma-separated
+        self.auth_failed = False
+
+    def json_object(self):
+        """The body as a JSON object; {} when empty (as the original service's express.json gave)."""
+        payload = parse_json(self.decoded_body())
+        _check_depth(payload, self.max_json_depth)
+        if not isinstance(payload, dict):
+            raise Refused("invalid_payload",
+                          "the body must be a JSON object, not %s" % _json_type(payload))
+        return payload
+
+    def decoded_body(self):
+        """The body, gunzipped when Content-Encoding says gzip.
+
+        The limit holds for the unpacked size too.
+        """
+        body = self.body()
+        encoding = self.environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+        if encoding in ("", "identity"):
+            return body
+        if encoding not in ("gzip", "x-gzip"):
+            raise Refused("unsupported_encoding", "Content-Encoding may be gzip or identity")
+        # A gzip body may be several members one after the other (RFC 1952); anything else after the
+        # end is refused, not ignored: the client did not send what it meant to.
+        pieces, size, rest = [], 0, body
+        while True:
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                piece = inflater.decompress(rest, self.max_body_bytes + 1 - size)
+            except zlib.error:
+                raise Refused("invalid_request", "the body is not valid gzip") from None
+            size += len(piece)
+            pieces.append(piece)
+            if size > self.max_body_bytes or inflater.unconsumed_tail:
+                raise Refused("too_large", "the unpacked body is over the limit of %d bytes; split "
+                                "the batch into smaller pushes" % self.max_body_bytes)
+            if not inflater.eof:
+                raise Refused("invalid_request", "the gzip body is truncated")
+            rest = inflater.unused_data
+            if not rest:
+                return b"".join(pieces)
+            if not rest.startswith(b"\x1f\x8b"):
+                raise Refused("invalid_request",
+                              "%d bytes follow the end of the gzip body" % len(rest))
+
+    def body(self):
+        """Read the request body; 413 before reading when it is declared too large."""
+        environ = self.environ
+        declared = environ.get("CONTENT_LENGTH") or ""
+        stream = environ["wsgi.input"]
+        if declared:
+            try:
+                length = int(declared)
+            except ValueError:
+                raise Refused("invalid_request", "Content-Length is not a number") from None
+            if length > self.max_body_bytes:
+                raise Refused("too_large", "the body is %d bytes; the limit is %d bytes, split "
+                              "the batch into smaller pushes" % (length, self.max_body_bytes))
+            return _read_exactly(stream, length)
+        if environ.get("wsgi.input_terminated"):
+            # a chunked body: read until the end, but never past the limit
+            chunks, total = [], 0
+            while True:
+                chunk = stream.read(READ_CHUNK_BYTES)
+                if not chunk:
+                    return b"".join(chunks)
+                total += len(chunk)
+                if total > self.max_body_bytes:
+                    raise Refused("too_large", "the body is over the limit of %d bytes, "
+                                    "split the batch into smaller pushes" % self.max_body_bytes)
+                chunks.append(chunk)
+        return b""
+
+
+def _check_depth(payload, limit):
+    """400 when objects and lists nest deeper than `limit`."""
+    level, current = 0, [payload] if type(payload) is dict or type(payload) is list else []
+    while current:
+        level += 1
+        if level > limit:
+            raise Refused("too_deep", "objects and lists nest deeper than %d levels" % limit)
+        following = []
+        for item in current:        # json.loads makes only exact dicts and lists
+            for value in (item.values() if type(item) is dict else item):
+                if type(value) is dict or type(value) is list:
+                    following.append(value)
+        current = following
+
+
+def _read_exactly(stream, length):
+    """Read a body of a declared length, at most READ_CHUNK_BYTES at a time."""
+    chunks, remaining = [], length
+    while remaining > 0:
+        chunk = stream.read(min(remaining, READ_CHUNK_BYTES))
+        if not chunk:
+            raise Refused("invalid_request", "the body ended before Content-Length bytes arrived")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
 def _answer(refusal):
     """The one place a refusal becomes an answer: (status, JSON body, headers), from REFUSALS."""
     status, error, _ = REFUSALS[refusal.reason]
@@ -8486,6 +8489,14 @@ def _accepts_gzip(header):
 # Fields not named here are ignored, as the original service ignored them. The
 # operations, the tables and the limit are checked against the schema and the
 # settings by the engine and the handlers.
+
+
+def read_fields(payload, fields):
+    """{field: checked value} of a request body, per a PUSH_FIELDS-like table."""
+    values = {}
+    for field, check, default in fields:
+        values[field] = check(payload[field], field) if field in payload else default
+    return values
 
 
 def _checked_id(value, field):
@@ -8546,14 +8557,6 @@ PULL_FIELDS = (
     ("limit", _unchecked, None),            # parse_limit
     ("wait", _unchecked, None),             # parse_wait
 )
-
-
-def read_fields(payload, fields):
-    """{field: checked value} of a request body, per a PUSH_FIELDS-like table."""
-    values = {}
-    for field, check, default in fields:
-        values[field] = check(payload[field], field) if field in payload else default
-    return values
 
 
 def make_app(config):
