@@ -57,17 +57,18 @@ What this service guarantees, and the one place each is enforced:
 - Requests of the original Node.js service keep working unchanged: same
   paths, same request fields, same response fields (fields are only added).
 
-How to read it. The module reads top to bottom in sections, each under a
-banner: Constants, Errors, .env parser, Logs, Identifiers and values; then
-what an auditor of trust reads in one sitting: Authentication, Grants (and
-row scopes), Binding, Checkpoints; then Configuration, SQL builders, Private
-APIs (each with its public fallback), Database layer, Change capture, Sync
-engine, Push, Pull, Long polls, Operations (metrics, device fleet), HTTP
-application, Command line (with WORKERS above 1, serve's master and its
-workers: _Arbiter, _WorkerShare), and the data at the end (cloudsync's own
-tables, metric help, OpenAPI). A definition uses what is below it in its section or
-in an earlier section; only the data at the end is named from above. Within a
-section a class comes before the records and helpers it uses: a push or a pull
+How to read it. The module reads top to bottom in sections, each under a banner:
+Constants, Errors, .env parser, Logs, Identifiers and values; then what an
+auditor of trust reads in one sitting: Authentication, Grants (and row scopes),
+Binding, Checkpoints; then Configuration, SQL builders, Private APIs (each with
+its public fallback), Database layer, Change capture, Sync engine, Long polls
+(the watcher that numbers the log and wakes waiting pulls), Push, Pull,
+Operations (metrics, device fleet), HTTP application, Command line (with WORKERS
+above 1, serve's master and its workers: _Arbiter, _WorkerShare), and the data
+at the end (cloudsync's own tables, metric help, OpenAPI). A definition uses
+what is below it in its section or in an earlier section (a class's methods may
+use each other either way); only the data at the end is named from above. Within
+a section a class comes before the records and helpers it uses: a push or a pull
 reads forward within each of its own two sections (HTTP application, then Push
 or Pull), and whatever else it calls was defined in an earlier section.
 
@@ -96,10 +97,11 @@ The path of a push (POST /sync/push), function by function:
                             Pushes._conflicts: SyncEngine.rows_for_keys,
                               ChangeLog.touched_by_others (the device's scope,
                               from _judged_since per table)
-                            each operation by ACTIONS: _insert_many, _insert_one,
-                              _update, _delete, _upsert, _increment -> SQL
-                              builders with the operation's scope ->
-                              Database.execute (triggers log the change);
+                            Pushes._apply, each operation by ACTIONS:
+                              _insert_many, _insert_one, _update, _delete,
+                              _upsert, _increment -> SQL builders with the
+                              operation's scope -> Database.execute (triggers log
+                              the change);
                               on_reject skip: _apply_or_set_aside
                             Pushes._checkpoint_after_push: the request's
                               checkpoint, plus its push_id when every row
@@ -1905,6 +1907,14 @@ class Checkpoints:
         """The checkpoint payload's HMAC-SHA256, base64url."""
         digest = hmac.new(self.changelog.secret, payload, hashlib.sha256).digest()[:16]
         return base64.urlsafe_b64encode(digest).rstrip(b"=")
+
+
+def _checked_checkpoint(value, field):
+    """checkpoint / since: null, or a string this server returned (decoded later, by the engine)."""
+    if value is not None and not isinstance(value, str):
+        raise Refused("invalid_checkpoint",
+                      "%s must be null or a checkpoint string this server returned" % field)
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -5862,6 +5872,443 @@ class SyncEngine:
 
 
 # ---------------------------------------------------------------------------
+# Long polls: one watcher per instance
+# ---------------------------------------------------------------------------
+# A sync pull with "wait": N that finds nothing new waits, without a database
+# connection, until a change may have committed, then pulls again. What wakes
+# it: a push through this instance (at once, after its commit), or the
+# watcher, one thread per instance that looks at the log twice every
+# WATCH_INTERVAL_SECONDS (one query: the head, the newest table epoch, and on MySQL
+# the newest change waiting to be numbered, which other instances and programs
+# add) and wakes every waiting pull when it moved. So the database work grows
+# with instances, not with waiting devices. Each waiting pull holds a waitress
+# thread: LONGPOLL_MAX_WAITERS bounds them, and the server adds a thread for
+# each while it waits (Private APIs: waitress's pool), so pushes and status
+# never wait behind parked pulls. The watcher's last look also answers idle
+# polls: a checkpoint at the head it saw at most one interval ago gets "no
+# changes" without a round trip (stale by at most that much; a push through
+# the instance, or a conflict it answered, sends the next poll to the
+# database).
+#
+# The watcher is also the instance's numberer (MySQL): at each look it numbers
+# the committed changes waiting in cloudsync_pending (ChangeLog.sequence), and
+# a push through the instance makes it look at once. Pushes and pulls never
+# number, so none of them writes the shared last_seq row: the numberers of
+# all instances take turns on it, and on a Galera cluster a numberer that
+# loses the race at commit simply numbers again at its next look. A pull that
+# finds changes of its tables waiting asks the numberer to run and waits for
+# that look (number_now); without a watcher thread (commands, tests) it
+# numbers them itself. Every SCHEMA_LOOK_SECONDS the watcher also looks at the
+# tables' definitions (SyncEngine.follow_schema).
+
+
+def _listed(moved):
+    """{table: a set of scope values, or None} as JSON holds it (_unlisted reads it back)."""
+    return None if moved is None else {
+        table: None if scopes is None else sorted(scopes, key=lambda scope: (scope is None,
+                                                                             scope or ""))
+        for table, scopes in moved.items()}
+
+
+def _unlisted(moved):
+    """_listed's JSON back as {table: a set of scope values, or None}."""
+    return None if moved is None else {
+        table: None if scopes is None else set(scopes) for table, scopes in moved.items()}
+
+
+def _answer_bytes(answer):
+    """About how much memory a sync pull's answer holds: the text of its values and keys."""
+    return sum(len(str(value)) for change in answer["changes"].values()
+               for row in change["upserted"] for value in row.values()) \
+        + sum(len(str(key)) for change in answer["changes"].values() for key in change["deleted"])
+
+
+class LogWatcher:
+    """Knows the change log's head as of its last look, numbers what waits, and wakes the pulls
+    waiting for a change."""
+
+    def __init__(self, engine, max_waiters):
+        self.engine = engine
+        self.changelog = engine.changelog
+        self.max_waiters = max_waiters
+        self._changed = threading.Condition()
+        self.generation = 0         # goes up whenever the log may have moved
+        # (generation, what moved: {table: scope values} or None for anything, the log's head
+        # before and after or None), the newest last: a waiting pull wakes only for what concerns
+        # it (park), and a poll behind the head only by others' changes is answered from memory
+        self._moves = collections.deque(maxlen=WATCH_MOVES_KEPT)
+        self.woken = 0              # waiting pulls woken by a change that concerned them
+        self.head = None            # the head at the last look; None: not known
+        self._last_seen = None      # (head, epochs) at the last look
+        self._pokes = 0             # pushes through this instance
+        self.highest = 0            # the highest head seen (or heard) since the log went back
+        # (poke number, {table: scope values} it may have changed) since the last look began
+        self._pushed = []
+        self.seen_at = 0.0          # when (monotonic)
+        self.looks = 0              # looks begun, and finished (number_now waits for one)
+        self.looked = 0
+        self._look_now = threading.Event()
+        self.waiting = 0            # pulls waiting now
+        self._waiters = collections.Counter()   # waiting pulls per device (or address)
+        # table -> scope value (None: every row) -> events of the pulls waiting there (park)
+        self._parked = collections.defaultdict(dict)
+        self.turned_away = 0        # pulls that could not wait: LONGPOLL_MAX_WAITERS were
+        self.stopping = False
+        # serve: resize(waiting) gives the server THREADS threads plus one per waiting pull
+        self.resize = None
+        # a worker (Workers): tell_others(message) passes each move a look saw (["moved",
+        # before, after, moved, began]: heard), and each push through it (["pushed", tables and
+        # scope values]: heard_push), to the other workers, which wake their pulls without asking
+        # the database; hear_now() takes in what they told so far, before a poll is answered
+        # from memory
+        self.tell_others = None
+        self.hear_now = None
+        self._sharing = threading.Lock()
+        # key -> [lock, answer, the generation it was read at] (shared()), the newest last
+        self._answers = collections.OrderedDict()
+
+    def look(self):
+        """One look at the log: number what waits, wake the waiting pulls when it moved."""
+        began = time.monotonic()            # what it sees is at least this fresh
+        with self._changed:
+            self.looks += 1
+            look, pokes = self.looks, self._pokes
+        try:
+            with self.changelog.db.connection() as conn:
+                head, epochs, _, waiting = self.changelog.position(conn)
+                if waiting is not None:
+                    self.changelog.sequence(conn)
+                    head, epochs, _, waiting = self.changelog.position(conn)
+                last = self._last_seen
+                if last is None or epochs != last[1]:
+                    self.engine.epochs = self.changelog.epochs(conn)
+                moved = None                # not known: concerns every waiting pull
+                if last is not None and epochs == last[1] and last[0] is not None:
+                    # numbered entries never change: what (last head, head] holds is final
+                    moved = {} if head == last[0] else self.changelog.touched(conn, last[0], head)
+            with self._changed:
+                told = (head, epochs) != (self._last_seen or (None, None))[:2]
+                if told:
+                    self._moved(moved, last[0] if last is not None else None, head)
+                self._last_seen = (head, epochs)
+                self.head = head
+                self.seen_at = began
+                # a head lower than before: the log was restored from a backup
+                self.highest = head if last is not None and last[0] is not None \
+                    and head < last[0] else max(self.highest, head)
+                # the pushes through this instance before the look began are in what it saw
+                self._pushed = [(number, pushed) for number, pushed in self._pushed
+                                if number > pokes]
+            if told and self.tell_others is not None:
+                self.tell_others(["moved", last[0] if last is not None else None, head,
+                                  _listed(moved), began])
+        finally:
+            with self._changed:
+                self.looked = max(self.looked, look)
+                self._changed.notify_all()
+
+    def number_now(self, conn):
+        """What a pull finding changes waiting to be numbered does: ask the numberer thread for a
+        look and wait for it (at most two intervals); with no thread, number them here."""
+        if not self.running():
+            self.changelog.sequence(conn)
+            return
+        with self._changed:
+            after = self.looks
+            self._look_now.set()
+            self._changed.wait_for(lambda: self.looked > after or self.stopping,
+                                   2 * WATCH_INTERVAL_SECONDS)
+
+    def poke(self, pushed=None):
+        """A push through this instance committed (`pushed`: {table: the scope values it may
+        have written, None for any}; None: anything): number it and wake the waiting pulls
+        now. Until the next look, a poll of what it may have changed asks the database."""
+        if self.tell_others is not None:
+            # before the device has its answer: a poll it makes next through another worker
+            # finds the mark there (hear_now)
+            self.tell_others(["pushed", _listed(pushed)])
+        with self._changed:
+            self._pokes += 1
+            self._pushed.append((self._pokes, pushed))
+            # no watcher thread: the woken pulls number it. With one, its look (at once) tells
+            # which tables and stores the push changed, and wakes only the pulls it concerns.
+            if not self.running():
+                self._moved(None)
+        self._look_now.set()
+
+    def heard_push(self, pushed):
+        """A push through another worker committed (`pushed` as poke's): until this watcher's
+        next look, polls of what it may have changed ask the database."""
+        with self._changed:
+            self._pokes += 1
+            self._pushed.append((self._pokes, pushed))
+
+    def _moved(self, moved, before=None, after=None):
+        """The log moved (`moved`: {table: scope values}, or None when not known; from head
+        `before` to `after` when a look saw it): a new generation, and the waiting pulls look
+        whether it concerns them. Holding _changed."""
+        self.generation += 1
+        self._moves.append((self.generation, moved, before, after))
+        self._wake(moved)
+        self._changed.notify_all()          # number_now waits for a look
+
+    def heard(self, before, after, moved, began):
+        """Another worker's look, begun at `began` (monotonic, the same clock in every
+        process), saw the log move from head `before` to `after` (None: not known), changing
+        `moved` ({table: scope values}, None: anything): wake the waiting pulls it concerns;
+        when it continues this watcher's last look, the head is `after` as of `began`."""
+        with self._changed:
+            last = self._last_seen
+            if after is not None and last is not None and last[0] is not None \
+                    and after <= last[0]:
+                return                      # this worker's own look saw it already
+            self._moved(moved, before, after)
+            if after is not None and moved is not None and last is not None \
+                    and last[0] == before and self.head == before:
+                self._last_seen, self.head, self.seen_at = (after,) + last[1:], after, began
+                self.highest = max(self.highest, after)
+
+    def quiet_between(self, since, head, interest):
+        """Whether every change of the log after `since` up to `head` is known, from the looks
+        kept, to concern none of `interest`'s tables and scope values: a poll from `since` has
+        nothing to read."""
+        with self._changed:
+            covered = since                 # the log up to here is known
+            for _, moved, before, after in self._moves:
+                if before is None or after is None:
+                    continue                # a push's wake: the look after it holds the range
+                if after <= covered:
+                    continue                # known already (another worker told it too)
+                if before > covered:
+                    return False            # a stretch of the log no kept look saw
+                if moved is None or self._touches(moved, interest):
+                    return False
+                covered = after
+            return covered == head
+
+    def concerns(self, generation, interest):
+        """Whether the log moved since `generation` in a way that concerns a pull of `interest`
+        ({table: its scope values as text, or None for every row}). Holding _changed."""
+        if self.generation == generation:
+            return False
+        if not self._moves or self._moves[0][0] > generation + 1:
+            return True                     # moves older than those kept: not known
+        for moved_at, moved, _, _ in self._moves:
+            if moved_at > generation and (moved is None or interest is None
+                                          or self._touches(moved, interest)):
+                return True
+        return False
+
+    @staticmethod
+    def _touches(moved, interest):
+        """Whether changes of `moved` ({table: a set of scope values, or None for any}) are
+        some of `interest`'s rows: a change of a shared table, or of a row in one of the pull's
+        scope values."""
+        for table, texts in interest.items():
+            if table in moved:
+                scopes = moved[table]       # None: any scope value
+                if scopes is None or texts is None or not scopes.isdisjoint(texts):
+                    return True
+        return False
+
+    def forget(self):
+        """Something may have changed that the last look did not see (a conflict showed it)."""
+        self.head = None
+
+    def running(self):
+        """Whether the watcher thread looked within WATCH_INTERVAL_SECONDS (serve runs it)."""
+        return time.monotonic() - self.seen_at <= WATCH_INTERVAL_SECONDS
+
+    def shared(self, key, interest, compute):
+        """compute(), or the answer it gave a pull with the same `key` (the same tables,
+        checkpoint and grant) since the log last moved in a way that concerns `interest`.
+
+        Woken by one sale, the tills of its store at one checkpoint ask the
+        database once, even when other stores' sales move the log between
+        their wake-ups. Only while the watcher runs: it sees any commit within
+        WATCH_INTERVAL_SECONDS (an answer a commit made just before outdated
+        moves the device's checkpoint to before it: it comes next time).
+        """
+        if not self.running():
+            return compute()
+        with self._sharing:
+            slot = self._answers.get(key)
+            # an answer read (or being read) since a move that concerns the pull: read again
+            if slot is None or self._concerned_since(slot[2], interest):
+                # what it will hold is at least as new as this generation
+                slot = self._answers[key] = [threading.Lock(), None, self.generation]
+            self._answers.move_to_end(key)
+            while len(self._answers) > SHARED_ANSWERS_KEPT:
+                self._answers.popitem(last=False)
+        with slot[0]:                       # one computes; the others wait for its answer
+            if slot[1] is None:
+                slot[1] = compute()
+                if _answer_bytes(slot[1]) > SHARED_ANSWER_BYTES:
+                    with self._sharing:     # for those waiting now only: memory stays bounded
+                        if self._answers.get(key) is slot:
+                            del self._answers[key]
+            return dict(slot[1])
+
+    def _concerned_since(self, generation, interest):
+        """concerns(), taking _changed."""
+        with self._changed:
+            return self.concerns(generation, interest)
+
+    def known_head(self, interest=None):
+        """The head if the last look began at most WATCH_INTERVAL_SECONDS ago, and no push
+        through this instance since may have changed `interest` ({table: scope values}); else
+        None."""
+        if self.hear_now is not None:
+            self.hear_now()                 # another worker's push answered before this poll
+        head, seen_at = self.head, self.seen_at
+        if head is None or time.monotonic() - seen_at > WATCH_INTERVAL_SECONDS:
+            return None
+        with self._changed:
+            if any(pushed is None or interest is None or self._touches(pushed, interest)
+                   for _, pushed in self._pushed):
+                return None
+        return head
+
+    def enter(self, waiter):
+        """Take a waiting slot for `waiter` (a device or an address); False when it may not wait.
+
+        At most LONGPOLL_MAX_WAITERS wait in all, LONGPOLL_WAITERS_PER_DEVICE of
+        them for one waiter (one device cannot take every slot), and none once
+        the server stops.
+        """
+        with self._changed:
+            if self.stopping or self.waiting >= self.max_waiters \
+                    or self._waiters[waiter] >= LONGPOLL_WAITERS_PER_DEVICE:
+                self.turned_away += 1
+                return False
+            self.waiting += 1
+            self._waiters[waiter] += 1
+            if self.resize is not None:
+                self.resize(self.waiting)       # a thread takes the place of this one
+            return True
+
+    def leave(self, waiter):
+        """Give a waiting slot back."""
+        with self._changed:
+            self.waiting -= 1
+            self._waiters[waiter] -= 1
+            if not self._waiters[waiter]:
+                del self._waiters[waiter]
+            if self.resize is not None:
+                self.resize(self.waiting)
+
+    def park(self, generation, deadline, interest=None):
+        """Wait until the log moved since `generation` in a way that concerns a pull of
+        `interest` ({table: scope values as text, or None}; None: any move), the deadline, or a
+        stop. True when woken by such a change.
+
+        A sale in store 7 wakes the pulls of store 7's tills and of devices that
+        see every store, not those of the other stores; a change of a shared
+        table (the catalogue) wakes every pull of it.
+        """
+        event = threading.Event()
+        with self._changed:
+            if self.stopping:
+                return False
+            if self.concerns(generation, interest):
+                self.woken += 1
+                return True
+            places = self._places(interest)
+            for table, text in places:      # a move of these wakes it (_moved), nothing else
+                self._parked[table].setdefault(text, set()).add(event)
+        try:
+            event.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            with self._changed:
+                for table, text in places:
+                    waiting = self._parked[table][text]
+                    waiting.discard(event)
+                    if not waiting:
+                        del self._parked[table][text]
+                        if not self._parked[table]:
+                            del self._parked[table]
+                woken = event.is_set() and not self.stopping
+                self.woken += woken
+        return woken
+
+    @staticmethod
+    def _places(interest):
+        """Where a pull of `interest` waits: (table, scope value), or (table, None) for every
+        row of the table; (None, None) for any move (no interest given)."""
+        if interest is None:
+            return [(None, None)]
+        return [(table, text) for table, texts in interest.items()
+                for text in ((None,) if texts is None else texts)]
+
+    def _wake(self, moved):
+        """Set the events of the waiting pulls a move of `moved` concerns (None: every one).
+        Holding _changed. Only those threads wake: a sale in store 7 costs store 8's waiting
+        pulls nothing."""
+        if moved is None:
+            woken = [event for texts in self._parked.values() for events in texts.values()
+                     for event in events]
+        else:
+            woken = [event for event in self._parked.get(None, {}).get(None, ())]
+            for table, scopes in moved.items():
+                texts = self._parked.get(table)
+                if not texts:
+                    continue
+                if scopes is None:          # any scope value
+                    woken += [event for events in texts.values() for event in events]
+                    continue
+                woken += texts.get(None, ())
+                for scope in scopes:
+                    if scope is not None:
+                        woken += texts.get(scope, ())
+        for event in woken:
+            event.set()
+
+    def stop(self):
+        """SIGTERM: every waiting pull answers now, and none starts waiting."""
+        with self._changed:
+            self.stopping = True
+            self._wake(None)
+            self._changed.notify_all()
+
+    def run(self, stop):
+        """The watcher thread: look twice every WATCH_INTERVAL_SECONDS (and at once when a push or
+        a pull asks), and at the tables every SCHEMA_LOOK_SECONDS, until `stop` is set."""
+        schema_due, triggers_due, problem = 0.0, 0.0, None
+        while not stop.is_set():
+            self._look_now.clear()
+            try:
+                self.look()
+                now = time.monotonic()
+                if now >= schema_due:
+                    schema_due = now + SCHEMA_LOOK_SECONDS
+                    triggers = now >= triggers_due
+                    if triggers:
+                        triggers_due = now + TRIGGER_LOOK_SECONDS
+                    try:
+                        if self.engine.follow_schema(triggers):
+                            self.poke()     # waiting pulls see what changed (a table to pull again)
+                        problem = None
+                    except SchemaError as error:
+                        # a table dropped (a reload making it again, or gone): said once, not at
+                        # every look; requests on it answer 503, status 500
+                        if str(error) != problem:
+                            log.error("an allowed table cannot be synced now: %s", error)
+                        problem = str(error)
+            except DatabaseUnavailable:
+                self.head = None        # requests report it; the next look tries again
+            except Exception:
+                self.head = None
+                log.warning("the change-log watcher failed; it looks again shortly",
+                            exc_info=True)
+            # twice an interval: a look younger than WATCH_INTERVAL_SECONDS is nearly always there
+            self._look_now.wait(WATCH_INTERVAL_SECONDS / 2)
+
+    def stop_looking(self):
+        """Wake the thread so it sees its stop event."""
+        self._look_now.set()
+
+
+# ---------------------------------------------------------------------------
 # Push
 # ---------------------------------------------------------------------------
 # A push is validated in full (tables, actions, columns, keys, every value
@@ -6085,7 +6532,7 @@ class Pushes:
     def _push(self, operations, batched, checkpoint, device_id, batch_id, fields, on_conflict,
               request_hash, grant, conflict_level="column", on_reject="abort"):
         """The push's transaction: claim the batch id, check conflicts, apply, store the outcome."""
-        missing, conflicts, logged, rejected = [], [], [], []
+        conflicts, rejected = [], []
         push = _PushState(checkpoint, fields, device_id, batch_id, grant)
         with self.db.connection() as conn:
             with self._push_transaction(conn, operations, batched, batch_id, checkpoint,
@@ -6114,26 +6561,8 @@ class Pushes:
                         # the device holds what it meant to do, not what was done
                         push.skipped = bool(skipped)
                         operations = [op for op in operations if op.index not in skipped]
-                    writing = first
-                    for group in _group_operations(operations, batched):
-                        table = (group[0] if isinstance(group, list) else group).table.name
-                        if table != writing:
-                            # the log gives the device only the rows of the table its statement
-                            # writes: a trigger of the shop's own writing another table is not it
-                            self.db.attribute_table(conn, table)
-                            writing = table
-                        if isinstance(group, list):
-                            self._insert_many(conn, group)
-                            logged.extend((op, "I") for op in group)
-                            continue
-                        method, code = ACTIONS[group.action]
-                        done = getattr(self, method)(conn, group) if on_reject == "abort" \
-                            else self._apply_or_set_aside(conn, group, method, rejected)
-                        if done:
-                            logged.append((group, code))
-                        elif done is not None and group.action in ("update", "increment"):
-                            # an update of a row that is not there changes nothing
-                            missing.append(group)
+                    logged, missing = self._apply(conn, operations, batched, on_reject, first,
+                                                  rejected)
                     if self.changelog.capture == "api":
                         self.changelog.record(conn, self._logged_keys(conn, logged), device_id,
                                               batch_id)
@@ -6177,27 +6606,6 @@ class Pushes:
                         else group.action in ("insert", "update", "delete")):
                     return contextlib.nullcontext()
         return self.db.transaction(conn)
-
-    def _apply_or_set_aside(self, conn, op, method, rejected):
-        """on_reject skip: apply one operation; if a rule refuses it, undo it alone and list it.
-
-        Returns what the action returned, or None when the operation was set aside.
-        """
-        self.db.execute(conn, "SAVEPOINT cloudsync_op")
-        try:
-            done = getattr(self, method)(conn, op)
-        except PushRejected as refused:
-            if not refused.error.rule:
-                raise
-            self.db.execute(conn, "ROLLBACK TO SAVEPOINT cloudsync_op")
-            # what the server holds (in the device's scope), for the device to take back
-            found = None if None in op.key \
-                else self.engine.rows_for_keys(conn, op.table, [op.key], op.scope)[0]
-            rejected.append(dict(_op_ref(op), code="rejected", message=str(refused.error),
-                                 server_row=found[1] if found else None))
-            return None
-        self.db.execute(conn, "RELEASE SAVEPOINT cloudsync_op")
-        return done
 
     def _conflicts(self, conn, operations, device_id, level="column"):
         """Operations on rows others changed after their basis, or updates of rows that are gone.
@@ -6293,6 +6701,52 @@ class Pushes:
                           "changes win), or with the new one after the user has seen the rows"
                           % ((", ".join(broken),) * 2),
                           reset=True, reset_tables=broken)
+
+    def _apply(self, conn, operations, batched, on_reject, first, rejected):
+        """Apply the operations in order, each by ACTIONS (runs of inserts as one statement):
+        ([(operation, log code)] of what changed a row, [updates of rows that are not there]).
+        With on_reject skip, an operation a rule refuses is set aside into `rejected`."""
+        logged, missing, writing = [], [], first
+        for group in _group_operations(operations, batched):
+            table = (group[0] if isinstance(group, list) else group).table.name
+            if table != writing:
+                # the log gives the device only the rows of the table its statement writes: a
+                # trigger of the shop's own writing another table is not it
+                self.db.attribute_table(conn, table)
+                writing = table
+            if isinstance(group, list):
+                self._insert_many(conn, group)
+                logged.extend((op, "I") for op in group)
+                continue
+            method, code = ACTIONS[group.action]
+            done = getattr(self, method)(conn, group) if on_reject == "abort" \
+                else self._apply_or_set_aside(conn, group, method, rejected)
+            if done:
+                logged.append((group, code))
+            elif done is not None and group.action in ("update", "increment"):
+                missing.append(group)           # an update of a row that is not there changes nothing
+        return logged, missing
+
+    def _apply_or_set_aside(self, conn, op, method, rejected):
+        """on_reject skip: apply one operation; if a rule refuses it, undo it alone and list it.
+
+        Returns what the action returned, or None when the operation was set aside.
+        """
+        self.db.execute(conn, "SAVEPOINT cloudsync_op")
+        try:
+            done = getattr(self, method)(conn, op)
+        except PushRejected as refused:
+            if not refused.error.rule:
+                raise
+            self.db.execute(conn, "ROLLBACK TO SAVEPOINT cloudsync_op")
+            # what the server holds (in the device's scope), for the device to take back
+            found = None if None in op.key \
+                else self.engine.rows_for_keys(conn, op.table, [op.key], op.scope)[0]
+            rejected.append(dict(_op_ref(op), code="rejected", message=str(refused.error),
+                                 server_row=found[1] if found else None))
+            return None
+        self.db.execute(conn, "RELEASE SAVEPOINT cloudsync_op")
+        return done
 
     def _logged_keys(self, conn, logged):
         """CHANGE_CAPTURE=api: (table, op, key text) of a push's changes.
@@ -6615,19 +7069,6 @@ def _group_operations(operations, batched=True):
 # change log with one indexed query. Sync mode (`since`: null or a
 # checkpoint) pages through the tables in key order on a first sync, then
 # reads the change log after the checkpoint, an index range on seq.
-
-
-def _within(sizes, room, alone):
-    """(how many of these rows, in order, fit in `room` bytes, their bytes). `alone`: the page is
-    empty, and a first row larger than the room goes alone."""
-    total = 0
-    for count, size in enumerate(sizes):
-        if total + size > room:
-            if count == 0 and alone:
-                return 1, size
-            return count, total
-        total += size
-    return len(sizes), total
 
 
 def _declared_row_bytes(schema):
@@ -7108,6 +7549,19 @@ class Pulls:
         return data
 
 
+def _within(sizes, room, alone):
+    """(how many of these rows, in order, fit in `room` bytes, their bytes). `alone`: the page is
+    empty, and a first row larger than the room goes alone."""
+    total = 0
+    for count, size in enumerate(sizes):
+        if total + size > room:
+            if count == 0 and alone:
+                return 1, size
+            return count, total
+        total += size
+    return len(sizes), total
+
+
 def _last_of_each_row(entries):
     """Log entries (table, row key, seq), oldest first, with only each row's last: a row is read
     once, as it is now. Every row left out of a page taken up to an entry has one after it."""
@@ -7142,443 +7596,6 @@ def parse_limit(value, cap):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise Refused("invalid_limit", "limit must be a whole number of at least 1")
     return min(value, cap)
-
-
-# ---------------------------------------------------------------------------
-# Long polls: one watcher per instance
-# ---------------------------------------------------------------------------
-# A sync pull with "wait": N that finds nothing new waits, without a database
-# connection, until a change may have committed, then pulls again. What wakes
-# it: a push through this instance (at once, after its commit), or the
-# watcher, one thread per instance that looks at the log twice every
-# WATCH_INTERVAL_SECONDS (one query: the head, the newest table epoch, and on MySQL
-# the newest change waiting to be numbered, which other instances and programs
-# add) and wakes every waiting pull when it moved. So the database work grows
-# with instances, not with waiting devices. Each waiting pull holds a waitress
-# thread: LONGPOLL_MAX_WAITERS bounds them, and the server adds a thread for
-# each while it waits (Private APIs: waitress's pool), so pushes and status
-# never wait behind parked pulls. The watcher's last look also answers idle
-# polls: a checkpoint at the head it saw at most one interval ago gets "no
-# changes" without a round trip (stale by at most that much; a push through
-# the instance, or a conflict it answered, sends the next poll to the
-# database).
-#
-# The watcher is also the instance's numberer (MySQL): at each look it numbers
-# the committed changes waiting in cloudsync_pending (ChangeLog.sequence), and
-# a push through the instance makes it look at once. Pushes and pulls never
-# number, so none of them writes the shared last_seq row: the numberers of
-# all instances take turns on it, and on a Galera cluster a numberer that
-# loses the race at commit simply numbers again at its next look. A pull that
-# finds changes of its tables waiting asks the numberer to run and waits for
-# that look (number_now); without a watcher thread (commands, tests) it
-# numbers them itself. Every SCHEMA_LOOK_SECONDS the watcher also looks at the
-# tables' definitions (SyncEngine.follow_schema).
-
-
-def _listed(moved):
-    """{table: a set of scope values, or None} as JSON holds it (_unlisted reads it back)."""
-    return None if moved is None else {
-        table: None if scopes is None else sorted(scopes, key=lambda scope: (scope is None,
-                                                                             scope or ""))
-        for table, scopes in moved.items()}
-
-
-def _unlisted(moved):
-    """_listed's JSON back as {table: a set of scope values, or None}."""
-    return None if moved is None else {
-        table: None if scopes is None else set(scopes) for table, scopes in moved.items()}
-
-
-def _answer_bytes(answer):
-    """About how much memory a sync pull's answer holds: the text of its values and keys."""
-    return sum(len(str(value)) for change in answer["changes"].values()
-               for row in change["upserted"] for value in row.values()) \
-        + sum(len(str(key)) for change in answer["changes"].values() for key in change["deleted"])
-
-
-class LogWatcher:
-    """Knows the change log's head as of its last look, numbers what waits, and wakes the pulls
-    waiting for a change."""
-
-    def __init__(self, engine, max_waiters):
-        self.engine = engine
-        self.changelog = engine.changelog
-        self.max_waiters = max_waiters
-        self._changed = threading.Condition()
-        self.generation = 0         # goes up whenever the log may have moved
-        # (generation, what moved: {table: scope values} or None for anything, the log's head
-        # before and after or None), the newest last: a waiting pull wakes only for what concerns
-        # it (park), and a poll behind the head only by others' changes is answered from memory
-        self._moves = collections.deque(maxlen=WATCH_MOVES_KEPT)
-        self.woken = 0              # waiting pulls woken by a change that concerned them
-        self.head = None            # the head at the last look; None: not known
-        self._last_seen = None      # (head, epochs) at the last look
-        self._pokes = 0             # pushes through this instance
-        self.highest = 0            # the highest head seen (or heard) since the log went back
-        # (poke number, {table: scope values} it may have changed) since the last look began
-        self._pushed = []
-        self.seen_at = 0.0          # when (monotonic)
-        self.looks = 0              # looks begun, and finished (number_now waits for one)
-        self.looked = 0
-        self._look_now = threading.Event()
-        self.waiting = 0            # pulls waiting now
-        self._waiters = collections.Counter()   # waiting pulls per device (or address)
-        # table -> scope value (None: every row) -> events of the pulls waiting there (park)
-        self._parked = collections.defaultdict(dict)
-        self.turned_away = 0        # pulls that could not wait: LONGPOLL_MAX_WAITERS were
-        self.stopping = False
-        # serve: resize(waiting) gives the server THREADS threads plus one per waiting pull
-        self.resize = None
-        # a worker (Workers): tell_others(message) passes each move a look saw (["moved",
-        # before, after, moved, began]: heard), and each push through it (["pushed", tables and
-        # scope values]: heard_push), to the other workers, which wake their pulls without asking
-        # the database; hear_now() takes in what they told so far, before a poll is answered
-        # from memory
-        self.tell_others = None
-        self.hear_now = None
-        self._sharing = threading.Lock()
-        # key -> [lock, answer, the generation it was read at] (shared()), the newest last
-        self._answers = collections.OrderedDict()
-
-    def look(self):
-        """One look at the log: number what waits, wake the waiting pulls when it moved."""
-        began = time.monotonic()            # what it sees is at least this fresh
-        with self._changed:
-            self.looks += 1
-            look, pokes = self.looks, self._pokes
-        try:
-            with self.changelog.db.connection() as conn:
-                head, epochs, _, waiting = self.changelog.position(conn)
-                if waiting is not None:
-                    self.changelog.sequence(conn)
-                    head, epochs, _, waiting = self.changelog.position(conn)
-                last = self._last_seen
-                if last is None or epochs != last[1]:
-                    self.engine.epochs = self.changelog.epochs(conn)
-                moved = None                # not known: concerns every waiting pull
-                if last is not None and epochs == last[1] and last[0] is not None:
-                    # numbered entries never change: what (last head, head] holds is final
-                    moved = {} if head == last[0] else self.changelog.touched(conn, last[0], head)
-            with self._changed:
-                told = (head, epochs) != (self._last_seen or (None, None))[:2]
-                if told:
-                    self._moved(moved, last[0] if last is not None else None, head)
-                self._last_seen = (head, epochs)
-                self.head = head
-                self.seen_at = began
-                # a head lower than before: the log was restored from a backup
-                self.highest = head if last is not None and last[0] is not None \
-                    and head < last[0] else max(self.highest, head)
-                # the pushes through this instance before the look began are in what it saw
-                self._pushed = [(number, pushed) for number, pushed in self._pushed
-                                if number > pokes]
-            if told and self.tell_others is not None:
-                self.tell_others(["moved", last[0] if last is not None else None, head,
-                                  _listed(moved), began])
-        finally:
-            with self._changed:
-                self.looked = max(self.looked, look)
-                self._changed.notify_all()
-
-    def number_now(self, conn):
-        """What a pull finding changes waiting to be numbered does: ask the numberer thread for a
-        look and wait for it (at most two intervals); with no thread, number them here."""
-        if not self.running():
-            self.changelog.sequence(conn)
-            return
-        with self._changed:
-            after = self.looks
-            self._look_now.set()
-            self._changed.wait_for(lambda: self.looked > after or self.stopping,
-                                   2 * WATCH_INTERVAL_SECONDS)
-
-    def poke(self, pushed=None):
-        """A push through this instance committed (`pushed`: {table: the scope values it may
-        have written, None for any}; None: anything): number it and wake the waiting pulls
-        now. Until the next look, a poll of what it may have changed asks the database."""
-        if self.tell_others is not None:
-            # before the device has its answer: a poll it makes next through another worker
-            # finds the mark there (hear_now)
-            self.tell_others(["pushed", _listed(pushed)])
-        with self._changed:
-            self._pokes += 1
-            self._pushed.append((self._pokes, pushed))
-            # no watcher thread: the woken pulls number it. With one, its look (at once) tells
-            # which tables and stores the push changed, and wakes only the pulls it concerns.
-            if not self.running():
-                self._moved(None)
-        self._look_now.set()
-
-    def heard_push(self, pushed):
-        """A push through another worker committed (`pushed` as poke's): until this watcher's
-        next look, polls of what it may have changed ask the database."""
-        with self._changed:
-            self._pokes += 1
-            self._pushed.append((self._pokes, pushed))
-
-    def _moved(self, moved, before=None, after=None):
-        """The log moved (`moved`: {table: scope values}, or None when not known; from head
-        `before` to `after` when a look saw it): a new generation, and the waiting pulls look
-        whether it concerns them. Holding _changed."""
-        self.generation += 1
-        self._moves.append((self.generation, moved, before, after))
-        self._wake(moved)
-        self._changed.notify_all()          # number_now waits for a look
-
-    def heard(self, before, after, moved, began):
-        """Another worker's look, begun at `began` (monotonic, the same clock in every
-        process), saw the log move from head `before` to `after` (None: not known), changing
-        `moved` ({table: scope values}, None: anything): wake the waiting pulls it concerns;
-        when it continues this watcher's last look, the head is `after` as of `began`."""
-        with self._changed:
-            last = self._last_seen
-            if after is not None and last is not None and last[0] is not None \
-                    and after <= last[0]:
-                return                      # this worker's own look saw it already
-            self._moved(moved, before, after)
-            if after is not None and moved is not None and last is not None \
-                    and last[0] == before and self.head == before:
-                self._last_seen, self.head, self.seen_at = (after,) + last[1:], after, began
-                self.highest = max(self.highest, after)
-
-    def quiet_between(self, since, head, interest):
-        """Whether every change of the log after `since` up to `head` is known, from the looks
-        kept, to concern none of `interest`'s tables and scope values: a poll from `since` has
-        nothing to read."""
-        with self._changed:
-            covered = since                 # the log up to here is known
-            for _, moved, before, after in self._moves:
-                if before is None or after is None:
-                    continue                # a push's wake: the look after it holds the range
-                if after <= covered:
-                    continue                # known already (another worker told it too)
-                if before > covered:
-                    return False            # a stretch of the log no kept look saw
-                if moved is None or self._touches(moved, interest):
-                    return False
-                covered = after
-            return covered == head
-
-    def concerns(self, generation, interest):
-        """Whether the log moved since `generation` in a way that concerns a pull of `interest`
-        ({table: its scope values as text, or None for every row}). Holding _changed."""
-        if self.generation == generation:
-            return False
-        if not self._moves or self._moves[0][0] > generation + 1:
-            return True                     # moves older than those kept: not known
-        for moved_at, moved, _, _ in self._moves:
-            if moved_at > generation and (moved is None or interest is None
-                                          or self._touches(moved, interest)):
-                return True
-        return False
-
-    @staticmethod
-    def _touches(moved, interest):
-        """Whether changes of `moved` ({table: a set of scope values, or None for any}) are
-        some of `interest`'s rows: a change of a shared table, or of a row in one of the pull's
-        scope values."""
-        for table, texts in interest.items():
-            if table in moved:
-                scopes = moved[table]       # None: any scope value
-                if scopes is None or texts is None or not scopes.isdisjoint(texts):
-                    return True
-        return False
-
-    def forget(self):
-        """Something may have changed that the last look did not see (a conflict showed it)."""
-        self.head = None
-
-    def running(self):
-        """Whether the watcher thread looked within WATCH_INTERVAL_SECONDS (serve runs it)."""
-        return time.monotonic() - self.seen_at <= WATCH_INTERVAL_SECONDS
-
-    def shared(self, key, interest, compute):
-        """compute(), or the answer it gave a pull with the same `key` (the same tables,
-        checkpoint and grant) since the log last moved in a way that concerns `interest`.
-
-        Woken by one sale, the tills of its store at one checkpoint ask the
-        database once, even when other stores' sales move the log between
-        their wake-ups. Only while the watcher runs: it sees any commit within
-        WATCH_INTERVAL_SECONDS (an answer a commit made just before outdated
-        moves the device's checkpoint to before it: it comes next time).
-        """
-        if not self.running():
-            return compute()
-        with self._sharing:
-            slot = self._answers.get(key)
-            # an answer read (or being read) since a move that concerns the pull: read again
-            if slot is None or self._concerned_since(slot[2], interest):
-                # what it will hold is at least as new as this generation
-                slot = self._answers[key] = [threading.Lock(), None, self.generation]
-            self._answers.move_to_end(key)
-            while len(self._answers) > SHARED_ANSWERS_KEPT:
-                self._answers.popitem(last=False)
-        with slot[0]:                       # one computes; the others wait for its answer
-            if slot[1] is None:
-                slot[1] = compute()
-                if _answer_bytes(slot[1]) > SHARED_ANSWER_BYTES:
-                    with self._sharing:     # for those waiting now only: memory stays bounded
-                        if self._answers.get(key) is slot:
-                            del self._answers[key]
-            return dict(slot[1])
-
-    def _concerned_since(self, generation, interest):
-        """concerns(), taking _changed."""
-        with self._changed:
-            return self.concerns(generation, interest)
-
-    def known_head(self, interest=None):
-        """The head if the last look began at most WATCH_INTERVAL_SECONDS ago, and no push
-        through this instance since may have changed `interest` ({table: scope values}); else
-        None."""
-        if self.hear_now is not None:
-            self.hear_now()                 # another worker's push answered before this poll
-        head, seen_at = self.head, self.seen_at
-        if head is None or time.monotonic() - seen_at > WATCH_INTERVAL_SECONDS:
-            return None
-        with self._changed:
-            if any(pushed is None or interest is None or self._touches(pushed, interest)
-                   for _, pushed in self._pushed):
-                return None
-        return head
-
-    def enter(self, waiter):
-        """Take a waiting slot for `waiter` (a device or an address); False when it may not wait.
-
-        At most LONGPOLL_MAX_WAITERS wait in all, LONGPOLL_WAITERS_PER_DEVICE of
-        them for one waiter (one device cannot take every slot), and none once
-        the server stops.
-        """
-        with self._changed:
-            if self.stopping or self.waiting >= self.max_waiters \
-                    or self._waiters[waiter] >= LONGPOLL_WAITERS_PER_DEVICE:
-                self.turned_away += 1
-                return False
-            self.waiting += 1
-            self._waiters[waiter] += 1
-            if self.resize is not None:
-                self.resize(self.waiting)       # a thread takes the place of this one
-            return True
-
-    def leave(self, waiter):
-        """Give a waiting slot back."""
-        with self._changed:
-            self.waiting -= 1
-            self._waiters[waiter] -= 1
-            if not self._waiters[waiter]:
-                del self._waiters[waiter]
-            if self.resize is not None:
-                self.resize(self.waiting)
-
-    def park(self, generation, deadline, interest=None):
-        """Wait until the log moved since `generation` in a way that concerns a pull of
-        `interest` ({table: scope values as text, or None}; None: any move), the deadline, or a
-        stop. True when woken by such a change.
-
-        A sale in store 7 wakes the pulls of store 7's tills and of devices that
-        see every store, not those of the other stores; a change of a shared
-        table (the catalogue) wakes every pull of it.
-        """
-        event = threading.Event()
-        with self._changed:
-            if self.stopping:
-                return False
-            if self.concerns(generation, interest):
-                self.woken += 1
-                return True
-            places = self._places(interest)
-            for table, text in places:      # a move of these wakes it (_moved), nothing else
-                self._parked[table].setdefault(text, set()).add(event)
-        try:
-            event.wait(max(0.0, deadline - time.monotonic()))
-        finally:
-            with self._changed:
-                for table, text in places:
-                    waiting = self._parked[table][text]
-                    waiting.discard(event)
-                    if not waiting:
-                        del self._parked[table][text]
-                        if not self._parked[table]:
-                            del self._parked[table]
-                woken = event.is_set() and not self.stopping
-                self.woken += woken
-        return woken
-
-    @staticmethod
-    def _places(interest):
-        """Where a pull of `interest` waits: (table, scope value), or (table, None) for every
-        row of the table; (None, None) for any move (no interest given)."""
-        if interest is None:
-            return [(None, None)]
-        return [(table, text) for table, texts in interest.items()
-                for text in ((None,) if texts is None else texts)]
-
-    def _wake(self, moved):
-        """Set the events of the waiting pulls a move of `moved` concerns (None: every one).
-        Holding _changed. Only those threads wake: a sale in store 7 costs store 8's waiting
-        pulls nothing."""
-        if moved is None:
-            woken = [event for texts in self._parked.values() for events in texts.values()
-                     for event in events]
-        else:
-            woken = [event for event in self._parked.get(None, {}).get(None, ())]
-            for table, scopes in moved.items():
-                texts = self._parked.get(table)
-                if not texts:
-                    continue
-                if scopes is None:          # any scope value
-                    woken += [event for events in texts.values() for event in events]
-                    continue
-                woken += texts.get(None, ())
-                for scope in scopes:
-                    if scope is not None:
-                        woken += texts.get(scope, ())
-        for event in woken:
-            event.set()
-
-    def stop(self):
-        """SIGTERM: every waiting pull answers now, and none starts waiting."""
-        with self._changed:
-            self.stopping = True
-            self._wake(None)
-            self._changed.notify_all()
-
-    def run(self, stop):
-        """The watcher thread: look twice every WATCH_INTERVAL_SECONDS (and at once when a push or
-        a pull asks), and at the tables every SCHEMA_LOOK_SECONDS, until `stop` is set."""
-        schema_due, triggers_due, problem = 0.0, 0.0, None
-        while not stop.is_set():
-            self._look_now.clear()
-            try:
-                self.look()
-                now = time.monotonic()
-                if now >= schema_due:
-                    schema_due = now + SCHEMA_LOOK_SECONDS
-                    triggers = now >= triggers_due
-                    if triggers:
-                        triggers_due = now + TRIGGER_LOOK_SECONDS
-                    try:
-                        if self.engine.follow_schema(triggers):
-                            self.poke()     # waiting pulls see what changed (a table to pull again)
-                        problem = None
-                    except SchemaError as error:
-                        # a table dropped (a reload making it again, or gone): said once, not at
-                        # every look; requests on it answer 503, status 500
-                        if str(error) != problem:
-                            log.error("an allowed table cannot be synced now: %s", error)
-                        problem = str(error)
-            except DatabaseUnavailable:
-                self.head = None        # requests report it; the next look tries again
-            except Exception:
-                self.head = None
-                log.warning("the change-log watcher failed; it looks again shortly",
-                            exc_info=True)
-            # twice an interval: a look younger than WATCH_INTERVAL_SECONDS is nearly always there
-            self._look_now.wait(WATCH_INTERVAL_SECONDS / 2)
-
-    def stop_looking(self):
-        """Wake the thread so it sees its stop event."""
-        self._look_now.set()
 
 
 # ---------------------------------------------------------------------------
@@ -8036,15 +8053,7 @@ class App:
         fields = read_fields(request.json_object(), PUSH_FIELDS)
         device_id, batch_id, checkpoint = (fields["device_id"], fields["batch_id"],
                                            fields["checkpoint"])
-        token = request.token
-        if token is not None:
-            if device_id is not None and device_id != token.device_id:
-                log.warning("auth failure from %s: token of device %s used for device_id %s",
-                            _loggable(request.environ.get("REMOTE_ADDR", "?")), token.device_id,
-                            _loggable(device_id))
-                raise Refused("forbidden", "this token belongs to device %r, not %r"
-                                % (token.device_id, device_id))
-            device_id = token.device_id
+        device_id = self._pushing_device(request, device_id)
         request.kind, request.device_id = "push", device_id
         sent = fields["operations"]
         if isinstance(sent, list) and len(sent) > self.config.max_operations:
@@ -8089,6 +8098,21 @@ class App:
         except Exception:
             log.exception("push failed")
             raise Refused("push_failed", "the database failed; nothing was applied") from None
+
+    @staticmethod
+    def _pushing_device(request, device_id):
+        """The device a push writes as: its token's (a device_id of another device is 403), or
+        the device_id it sent when the server has no tokens."""
+        token = request.token
+        if token is None:
+            return device_id
+        if device_id is not None and device_id != token.device_id:
+            log.warning("auth failure from %s: token of device %s used for device_id %s",
+                        _loggable(request.environ.get("REMOTE_ADDR", "?")), token.device_id,
+                        _loggable(device_id))
+            raise Refused("forbidden", "this token belongs to device %r, not %r"
+                            % (token.device_id, device_id))
+        return token.device_id
 
     def pull(self, request):
         """Seed mode: rows of the requested tables. With `since`: changes after a checkpoint."""
@@ -8512,14 +8536,6 @@ def _checked_id(value, field):
         except UnicodeEncodeError:
             raise Refused("invalid_payload",
                           "%s is not valid Unicode (a lone surrogate)" % field) from None
-    return value
-
-
-def _checked_checkpoint(value, field):
-    """checkpoint / since: null, or a string this server returned (decoded later, by the engine)."""
-    if value is not None and not isinstance(value, str):
-        raise Refused("invalid_checkpoint",
-                      "%s must be null or a checkpoint string this server returned" % field)
     return value
 
 
