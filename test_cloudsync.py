@@ -23,9 +23,9 @@ spans the whole system: the reference clients, faults, benchmarks, Galera.
   13. Database layer
   14. Change capture
   15. Sync engine: the tables and their rows, the live schema
-  16. Push
-  17. Pull
-  18. Long polls: one watcher per instance
+  16. Long polls: one watcher per instance
+  17. Push
+  18. Pull
   19. Operations: metrics, device fleet
   20. HTTP application
   21. Command line, and workers
@@ -41,7 +41,9 @@ cloudsync settings (the autouse fixture _hermetic).
 """
 
 import argparse
+import atexit
 import base64
+import bisect
 import collections
 import gzip
 import hashlib
@@ -142,11 +144,14 @@ def mysql_server():
         if REQUIRE_MYSQL:
             pytest.fail(reason + " and CLOUDSYNC_REQUIRE_MYSQL=1")
         pytest.skip(reason)
-    return MYSQL
+    yield MYSQL
+    _MYSQL_POOL.close()         # the pool's databases dropped, and every drop done
 
 
 class Backend:
     """A fresh database with the example tables, and a second connection to it."""
+
+    pool_key = admin = first = None     # a MySQL database of _MYSQL_POOL: its key, connection, snapshot
 
     def __init__(self, kind, settings, raw_connect, cleanup):
         self.kind = kind
@@ -183,45 +188,316 @@ class Backend:
         self._cleanup()
 
 
-def _fresh_database(kind, statements, directory, request):
-    """A new database (a SQLite file in `directory`, or a MySQL database) holding `statements`, as a Backend."""
+def _ram_directory():
+    """A directory of this session on a RAM file system (/dev/shm when it is a tmpfs), removed when the
+    session ends; None when there is none."""
+    global _RAM_ROOT
+    if _RAM_ROOT is None:
+        _RAM_ROOT = ""
+        try:
+            with open("/proc/mounts") as mounts:
+                ram = any(fields[1:3] == ["/dev/shm", "tmpfs"] for fields in (line.split() for line in mounts))
+            if ram and os.access("/dev/shm", os.W_OK):
+                _RAM_ROOT = tempfile.mkdtemp(prefix="cloudsync-tests-", dir="/dev/shm")
+                atexit.register(_remove_ram_directory, _RAM_ROOT, os.getpid())
+        except OSError:
+            pass
+    return _RAM_ROOT or None
+
+
+def _remove_ram_directory(path, pid):
+    if os.getpid() == pid:      # not in a process a test forked (a worker), which exits before the session
+        shutil.rmtree(path, True)
+
+
+_RAM_ROOT = None
+
+
+def _fresh_database(kind, statements, directory, request, pooled=False):
+    """A new database holding `statements`, as a Backend: a SQLite file, or a MySQL database.
+
+    The SQLite file is in a directory of its own on a RAM file system when there is one (else in
+    `directory`): cloudsync's synchronous=FULL makes each commit an fsync, and on a disk those were
+    most of the SQLite tests' time; no test can see where the file is but through DB_PATH.
+    `pooled`: a MySQL database the `app` fixture starts at once, with nothing else run on it
+    before; it may come from _MYSQL_POOL (see there: what it guarantees), as a database that
+    cloudsync already migrated with the `app` fixture's settings. Any other is made here and dropped.
+    """
     if kind == "sqlite":
-        path = os.path.join(str(directory), "test.db")
+        ram = _ram_directory()
+        home = tempfile.mkdtemp(prefix="db-", dir=ram) if ram else str(directory)
+        path = os.path.join(home, "test.db")
         conn = sqlite3.connect(path)
         for statement in statements:
             conn.execute(statement)
         conn.commit()
         conn.close()
-        return Backend("sqlite", {"DB_HOST": "", "DB_PATH": path},
-                       lambda: sqlite3.connect(path, isolation_level=None), lambda: None)
+        return Backend("sqlite", {"DB_HOST": "", "DB_PATH": path}, lambda: sqlite3.connect(path, isolation_level=None),
+                       (lambda: shutil.rmtree(home, True)) if ram else (lambda: None))
     request.getfixturevalue("mysql_server")
-    name = "cloudsync_test_%s" % uuid.uuid4().hex[:12]
-    admin = _mysql_connect()
-    cursor = admin.cursor()
-    cursor.execute("CREATE DATABASE %s CHARACTER SET utf8mb4" % name)
-    cursor.execute("USE %s" % name)
-    for statement in statements:
-        cursor.execute(statement)
-    cursor.close()
+    key = tuple(statements) if pooled else None
+    taken = _MYSQL_POOL.take(key) if pooled else None
+    if taken is not None:
+        name, admin, first = taken
+    else:
+        name, first = "cloudsync_test_%s" % uuid.uuid4().hex[:12], None
+        admin = _mysql_connect()
+        cursor = admin.cursor()
+        cursor.execute("CREATE DATABASE %s CHARACTER SET utf8mb4" % name)
+        cursor.execute("USE %s" % name)
+        for statement in statements:
+            cursor.execute(statement)
+        cursor.close()
 
-    def drop():
-        admin.cursor().execute("DROP DATABASE IF EXISTS %s" % name)
-        admin.close()
-    return Backend("mysql", {"DB_HOST": MYSQL["host"], "DB_PORT": str(MYSQL["port"]), "DB_USER": MYSQL["user"],
-                             "DB_PASS": MYSQL["password"], "DB_NAME": name}, lambda: _mysql_connect(name), drop)
+    def done():
+        if made.admin is None:
+            return                  # closed already
+        made.admin = None
+        if made.first is None or not _MYSQL_POOL.give_back(key, name, admin, made.first):
+            _MYSQL_POOL.drop(name, admin)
+    made = Backend("mysql", {"DB_HOST": MYSQL["host"], "DB_PORT": str(MYSQL["port"]), "DB_USER": MYSQL["user"],
+                             "DB_PASS": MYSQL["password"], "DB_NAME": name}, lambda: _mysql_connect(name), done)
+    made.pool_key, made.admin, made.first = key, admin, first
+    return made
 
 
-def _example_database(kind, directory, request):
+class _MySQLPool:
+    """MySQL databases the `app` fixture uses again, test after test; and DROP DATABASE on a thread.
+
+    A database is pooled under the statements that made it, and only for the `app` fixture ("the
+    WSGI app on the fresh database, started": the example tables, App(backend.config()).start(),
+    nothing run on the database before that start: `_app_starts_it_first`). What a test that takes
+    one gets is the database a fresh one would be right after that first start:
+
+    - it was made by CREATE DATABASE and exactly these statements, and started once by cloudsync
+      with the same default settings; App.start() on it again changes nothing in it (its triggers
+      and tables are there as it made them, and their identities as it recorded them);
+    - its structure (tables, columns, indexes, foreign keys, checks, views, routines, events,
+      triggers with their statements, modes and creation times, the InnoDB table ids) is the one
+      right after that first start, or it is not used again: a test's ALTER, DROP, TRUNCATE or
+      trigger made again gets the database dropped at its end;
+    - every row of every table is what it was right after that first start: the rows of the
+      example tables deleted (FOREIGN_KEY_CHECKS=0: no cascade), then cloudsync's own tables
+      emptied (after: the example tables' deletes fire its triggers) and their rows of right after
+      the first start put back from a snapshot, in one transaction; then each AUTO_INCREMENT
+      counter back to its value then (ALTER TABLE t AUTO_INCREMENT, which keeps the table's id;
+      never TRUNCATE, which cloudsync sees, by the server's count and the table ids, as a table
+      whose history starts again), so cloudsync_pending ids and seq numbers start as on a fresh one;
+    - no connection of the last test is left on it (if one is, it is dropped instead), and the
+      connection the fixture holds meanwhile is, as for a fresh database, one idle connection
+      whose default database it is.
+
+    What is not as on a fresh database, and what no test can tell but by remembering an earlier
+    test: the database's name, cloudsync's random instance id and secret, the times the catalogue
+    keeps (a table's CREATE_TIME, which the counter reset moves, a trigger's CREATED), the time
+    cloudsync recorded with each table's identity, and InnoDB's row-count statistics. Every other
+    database (a test's own statements, other fixtures, other settings, SQLite) is made fresh.
+
+    Drops run on a thread of their own, so no teardown waits for one; the session's end drops the
+    databases of the pool and waits for every drop (nothing is left behind but by a killed run).
+    """
+
+    def __init__(self):
+        self._idle = collections.defaultdict(list)     # key -> [(name, admin connection, snapshot)]
+        self._lock = threading.Lock()
+        self._drops = []
+        self._dropper = None
+        self._failures = []
+        self._closed = False
+        self.counts = collections.Counter()     # databases made, reused, and why one was not given back
+
+    def take(self, key):
+        """(name, admin connection, snapshot) of an idle database made for `key`, or None."""
+        with self._lock:
+            if self._idle[key]:
+                self.counts["reused"] += 1
+                return self._idle[key].pop()
+        self.counts["made"] += 1
+        return None
+
+    @staticmethod
+    def catalogue(cursor):
+        """The structure of the connection's database, as sorted rows of information_schema, with the
+        InnoDB table ids and the triggers' creation times (what cloudsync takes a table's identity from)."""
+        found = []
+        for columns, table, where in _CATALOGUE:
+            cursor.execute("SELECT %s FROM information_schema.%s WHERE %s = DATABASE()" % (columns, table, where))
+            found.append(sorted(map(tuple, cursor.fetchall()), key=repr))
+        cursor.execute("SELECT NAME, TABLE_ID FROM information_schema.INNODB_SYS_TABLES"
+                       " WHERE NAME LIKE CONCAT(REPLACE(DATABASE(), '_', '\\_'), '/%')")
+        found.append(sorted(map(tuple, cursor.fetchall()), key=repr))
+        return found
+
+    def snapshot(self, made):
+        """What the pool keeps of a database right after the first start: its structure, its base
+        tables, cloudsync's rows, the AUTO_INCREMENT counters."""
+        cursor = made.admin.cursor()
+        structure = self.catalogue(cursor)
+        cursor.execute("SELECT TABLE_NAME, AUTO_INCREMENT FROM information_schema.TABLES"
+                       " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE = 'BASE TABLE'")
+        counters = dict(cursor.fetchall())
+        rows = {}
+        for table in counters:
+            cursor.execute("SELECT * FROM `%s`" % table)
+            held = cursor.fetchall()
+            if held:
+                rows[table] = ([column[0] for column in cursor.description], held)
+        cursor.close()
+        # cloudsync's tables emptied last: deleting the example tables' rows fires its triggers
+        tables = sorted(counters, key=lambda table: (table.startswith("cloudsync_"), table))
+        return {"structure": structure, "tables": tables, "rows": rows, "counters": counters}
+
+    def give_back(self, key, name, admin, first):
+        """Put the database back as it was right after its first start, and keep it for the next
+        test: True; False (the caller drops it) when its structure is not the same any more, a
+        connection is left on it, or anything fails."""
+        try:
+            cursor = admin.cursor()
+            for _ in range(40):         # the test's connections close (COM_QUIT) as the server gets to it
+                cursor.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST"
+                               " WHERE DB = DATABASE() AND ID <> CONNECTION_ID()")
+                if cursor.fetchall()[0][0] == 0:
+                    break
+                time.sleep(0.005)
+            else:
+                self.counts["left connected"] += 1
+                return False
+            if self.catalogue(cursor) != first["structure"]:
+                self.counts["changed"] += 1
+                return False
+            tables = first["tables"]
+            cursor.execute(" UNION ALL ".join("SELECT '%s', EXISTS (SELECT 1 FROM `%s`)" % (table, table)
+                                              for table in tables))
+            held = {table for table, some in cursor.fetchall() if some}
+            cursor.execute("SET SESSION FOREIGN_KEY_CHECKS = 0")
+            cursor.execute("START TRANSACTION")
+            try:
+                for table in tables:
+                    if table in held or table.startswith("cloudsync_"):
+                        cursor.execute("DELETE FROM `%s`" % table)
+                for table, (columns, rows) in first["rows"].items():
+                    cursor.executemany("INSERT INTO `%s` (%s) VALUES (%s)" % (
+                        table, ", ".join("`%s`" % column for column in columns), ", ".join(["%s"] * len(columns))),
+                        rows)
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            finally:
+                cursor.execute("SET SESSION FOREIGN_KEY_CHECKS = 1")
+            cursor.execute("SELECT TABLE_NAME, AUTO_INCREMENT FROM information_schema.TABLES"
+                           " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE = 'BASE TABLE'")
+            for table, counter in cursor.fetchall():
+                if counter != first["counters"].get(table):
+                    cursor.execute("ALTER TABLE `%s` AUTO_INCREMENT = %d" % (table, first["counters"][table]))
+            cursor.close()
+        except Exception as error:
+            self.counts["failed: %s" % type(error).__name__] += 1
+            return False
+        with self._lock:
+            self._idle[key].append((name, admin, first))
+        return True
+
+    def drop(self, name, admin):
+        """Drop a database on the dropping thread (at once after close: at the session's end)."""
+        try:
+            admin.close()
+        except Exception:
+            pass
+        with self._lock:
+            self._drops.append(name)
+            now = self._closed
+            if not now and self._dropper is None:
+                self._dropper = threading.Thread(target=self._drop_all, name="drop-test-databases", daemon=True)
+                self._dropper.start()
+        if now:
+            self._drop_all()
+
+    def _drop_all(self):
+        conn = None
+        while True:
+            with self._lock:
+                if not self._drops:
+                    self._dropper = None
+                    break
+                name = self._drops.pop(0)
+            try:
+                conn = conn or _mysql_connect()
+                conn.cursor().execute("DROP DATABASE IF EXISTS %s" % name)
+            except Exception as error:
+                self._failures.append("%s: %s" % (name, error))
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def close(self):
+        """Drop the idle databases, and wait until every drop is done."""
+        with self._lock:
+            self._closed = True
+            idle = [entry for entries in self._idle.values() for entry in entries]
+            self._idle.clear()
+        for name, admin, _ in idle:
+            self.drop(name, admin)
+        while True:
+            with self._lock:
+                dropper = self._dropper
+            if dropper is None:
+                break
+            dropper.join()
+        assert not self._failures, "test databases not dropped: %s" % self._failures
+
+
+# what _MySQLPool.catalogue compares: (columns, information_schema table, its column naming the database)
+_CATALOGUE = [
+    ("DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME", "SCHEMATA", "SCHEMA_NAME"),
+    ("TABLE_NAME, TABLE_TYPE, ENGINE, ROW_FORMAT, TABLE_COLLATION, CREATE_OPTIONS, TABLE_COMMENT", "TABLES",
+     "TABLE_SCHEMA"),
+    ("TABLE_NAME, COLUMN_NAME, ORDINAL_POSITION, COLUMN_DEFAULT, IS_NULLABLE, COLUMN_TYPE, CHARACTER_SET_NAME,"
+     " COLLATION_NAME, COLUMN_KEY, EXTRA, GENERATION_EXPRESSION, COLUMN_COMMENT", "COLUMNS", "TABLE_SCHEMA"),
+    ("TABLE_NAME, INDEX_NAME, NON_UNIQUE, SEQ_IN_INDEX, COLUMN_NAME, COLLATION, SUB_PART, INDEX_TYPE,"
+     " INDEX_COMMENT", "STATISTICS", "TABLE_SCHEMA"),
+    ("CONSTRAINT_NAME, TABLE_NAME, REFERENCED_TABLE_NAME, UNIQUE_CONSTRAINT_NAME, UPDATE_RULE, DELETE_RULE",
+     "REFERENTIAL_CONSTRAINTS", "CONSTRAINT_SCHEMA"),
+    ("CONSTRAINT_NAME, TABLE_NAME, COLUMN_NAME, ORDINAL_POSITION, REFERENCED_TABLE_NAME, REFERENCED_COLUMN_NAME",
+     "KEY_COLUMN_USAGE", "TABLE_SCHEMA"),
+    ("CONSTRAINT_NAME, TABLE_NAME, CHECK_CLAUSE", "CHECK_CONSTRAINTS", "CONSTRAINT_SCHEMA"),
+    ("TRIGGER_NAME, EVENT_MANIPULATION, EVENT_OBJECT_TABLE, ACTION_ORDER, ACTION_STATEMENT, ACTION_TIMING,"
+     " CREATED, SQL_MODE, DEFINER, CHARACTER_SET_CLIENT, COLLATION_CONNECTION, DATABASE_COLLATION", "TRIGGERS",
+     "TRIGGER_SCHEMA"),
+    ("TABLE_NAME, VIEW_DEFINITION", "VIEWS", "TABLE_SCHEMA"),
+    ("ROUTINE_NAME, ROUTINE_TYPE, ROUTINE_DEFINITION, CREATED, LAST_ALTERED", "ROUTINES", "ROUTINE_SCHEMA"),
+    ("EVENT_NAME, EVENT_DEFINITION, STATUS, CREATED, LAST_ALTERED", "EVENTS", "EVENT_SCHEMA"),
+]
+_MYSQL_POOL = _MySQLPool()
+
+# fixtures that run no code on a database, nor change what cloudsync does, before the `app` fixture's start
+_HARMLESS_FIXTURES = {"app", "backend", "request", "tmp_path", "tmp_path_factory", "monkeypatch", "caplog",
+                      "capsys", "capfd", "mysql_server", "_hermetic", "_root_logging_as_it_was"}
+
+
+def _app_starts_it_first(request):
+    """Whether the only thing run on this test's `backend` before the test is the `app` fixture's start:
+    the test asks for `app`, and for no fixture but harmless ones and its own parameters."""
+    if "app" not in request.fixturenames:
+        return False
+    fixtures = {name for name, value in globals().items() if isinstance(value, type(backend))}
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    return all(name in _HARMLESS_FIXTURES or (name in params and name not in fixtures)
+               for name in request.fixturenames)
+
+
+def _example_database(kind, directory, request, pooled=False):
     """A fresh database of this kind with the example tables and the extra test tables."""
     script = open(os.path.join(HERE, "schema-%s.sql" % kind)).read() + (EXTRA_SQLITE if kind == "sqlite" else EXTRA_MYSQL)
     return _fresh_database(kind, [statement for statement in script.split(";") if "CREATE" in statement],
-                           directory, request)
+                           directory, request, pooled)
 
 
 @pytest.fixture(params=["sqlite", "mysql"])
 def backend(request, tmp_path):
-    """A fresh database on each backend with the example tables and the extra test tables."""
-    made = _example_database(request.param, tmp_path, request)
+    """A fresh database on each backend with the example tables and the extra test tables (on MySQL,
+    for the `app` fixture alone, one of _MYSQL_POOL)."""
+    made = _example_database(request.param, tmp_path, request, pooled=_app_starts_it_first(request))
     yield made
     made.close()
 
@@ -235,8 +511,10 @@ def started(backend, **settings):
 
 @pytest.fixture
 def app(backend):
-    """The WSGI app on the fresh database, started."""
+    """The WSGI app on the fresh database, started (on MySQL, a database of _MYSQL_POOL: as fresh)."""
     application = started(backend)
+    if backend.kind == "mysql" and backend.pool_key is not None and backend.first is None:
+        backend.first = _MYSQL_POOL.snapshot(backend)       # its first start: what the pool puts back
     yield application
     application.db.close()
 
@@ -4348,6 +4626,335 @@ def test_property_devices_follow_a_schema_that_changes_under_the_server(kind, re
 
 
 # ---------------------------------------------------------------------------
+# Long polls: one watcher per instance
+# ---------------------------------------------------------------------------
+
+
+class Waiter(threading.Thread):
+    """A device's pull that waits for a change, in a thread of its own: .answer when it returned."""
+
+    def __init__(self, application, since, wait=20, tables=("sales",)):
+        super().__init__(daemon=True)
+        self.application, self.since, self.wait, self.tables, self.answer = application, since, wait, tables, None
+        self.start()
+
+    def run(self):
+        self.answer = pull(self.application, tables=list(self.tables), since=self.since, wait=self.wait)
+
+
+def synced_checkpoint(application, tables=("sales",)):
+    since = None
+    while True:
+        answer = pull(application, tables=list(tables), since=since)
+        since = answer.json["checkpoint"]
+        if not answer.json["has_more"]:
+            return since
+
+
+@pytest.mark.parametrize("writer", ["push", "sql", "other_instance"])
+def test_a_waiting_pull_wakes_when_a_change_commits(backend, writer):
+    application = started(backend)
+    stop_watching = application.watch()
+    other = started(backend) if writer == "other_instance" else None
+    try:
+        since = synced_checkpoint(application)
+        waiter = Waiter(application, since)
+        until(lambda: application.watcher.waiting == 1)
+        if writer == "push":
+            push(application, [op("insert", id="w1", total="1.00")])
+        elif writer == "sql":
+            backend.sql("INSERT INTO sales (id, total) VALUES ('w1', 1.00)")
+        else:
+            push(other, [op("insert", id="w1", total="1.00")])
+        waiter.join(15)                         # it waits 20 s when nothing wakes it
+        assert not waiter.is_alive() and waiter.answer.status == 200
+        assert [row["id"] for row in waiter.answer.json["changes"]["sales"]["upserted"]] == ["w1"]
+        assert waiter.answer.json["checkpoint"] != since and application.watcher.waiting == 0
+    finally:
+        stop_watching()
+        application.db.close()
+        if other is not None:
+            other.db.close()
+
+
+def test_a_waiting_pull_answers_at_once_when_changes_are_there_and_times_out_empty(app):
+    since = synced_checkpoint(app)
+    push(app, [op("insert", id="x1")])
+    answer = pull(app, tables=["sales"], since=since, wait=20)
+    assert answer.status == 200 and answer.json["changes"]["sales"]["upserted"][0]["id"] == "x1"
+    since = answer.json["checkpoint"]
+    push(app, [op("insert", id="other", table="products", name="tea")])     # another table wakes it, no more
+    answer = pull(app, tables=["sales"], since=since, wait=1)
+    # nothing for it: the checkpoint moves on to the head, past the other table's change
+    assert answer.status == 200 and answer.json == {
+        "success": True, "changes": {"sales": {"upserted": [], "deleted": []}},
+        "checkpoint": answer.json["checkpoint"], "has_more": False, "limit": 1000}
+    assert app.engine.checkpoints.decode(answer.json["checkpoint"])["s"] \
+        >= app.engine.checkpoints.decode(since)["s"]
+
+
+@pytest.mark.parametrize("wait,status,error", [
+    (-1, 400, "Invalid wait"), ("5", 400, "Invalid wait"), (True, 400, "Invalid wait"), ([], 400, "Invalid wait"),
+    (0, 200, None), (None, 200, None), (0.2, 200, None), (-10 ** 400, 400, "Invalid wait"),
+])
+def test_wait_is_a_number_of_seconds(app, wait, status, error):
+    answer = pull(app, tables=["sales"], since=synced_checkpoint(app), wait=wait)
+    assert (answer.status, answer.json.get("error")) == (status, error)
+
+
+def test_wait_is_capped_and_needs_since(app):
+    assert cloudsync.parse_wait(1000, 30) == 25 and cloudsync.parse_wait(1000, 10) == 9
+    assert cloudsync.parse_wait(10 ** 400, 30) == 25
+    assert cloudsync.parse_wait(0, 30) is None and cloudsync.parse_wait(2.5, 30) == 2.5
+    answer = pull(app, tables=["sales"], wait=5)
+    assert (answer.status, answer.json["error"]) == (400, "Invalid wait")
+
+
+def test_pulls_past_the_waiter_cap_answer_at_once_with_a_retry_hint(backend):
+    application = started(backend, LONGPOLL_MAX_WAITERS="1")
+    try:
+        since = synced_checkpoint(application)
+        first = Waiter(application, since)
+        until(lambda: application.watcher.waiting == 1)
+        answer = pull(application, tables=["sales"], since=since, wait=20)
+        assert answer.status == 200 and answer.json["retry_after"] == cloudsync.LONGPOLL_RETRY_AFTER_SECONDS
+        assert answer.json["changes"]["sales"] == {"upserted": [], "deleted": []}
+        push(application, [op("insert", id="y")])
+        first.join(15)
+        assert first.answer.json["changes"]["sales"]["upserted"][0]["id"] == "y"
+        metrics = call(application, "GET", "/metrics").body.decode()
+        assert "cloudsync_longpoll_turned_away_total 1" in metrics
+    finally:
+        application.db.close()
+
+
+def test_an_idle_poll_is_answered_from_the_watcher_without_the_database(backend):
+    application = started(backend)
+    stop_watching = application.watch()
+    try:
+        since = synced_checkpoint(application)
+        until(lambda: application.watcher.known_head() == application.engine.checkpoints.decode(since)["s"])
+        real, used = application.db.connection, []
+
+        def connection():
+            if threading.current_thread().name != "cloudsync-watcher":
+                used.append(threading.current_thread().name)
+            return real()
+        application.db.connection = connection
+        answers = [pull(application, tables=["sales"], since=since) for _ in range(5)]
+        assert all(answer.json["checkpoint"] == since for answer in answers) and used == []
+        # a push through this instance: the next poll asks the database, and sees it
+        del application.db.connection
+        push(application, [op("insert", id="z")])
+        application.db.connection = connection
+        answer = pull(application, tables=["sales"], since=since)
+        assert answer.json["changes"]["sales"]["upserted"][0]["id"] == "z" and used
+    finally:
+        stop_watching()
+        application.db.close()
+
+
+def _post_json(url, path, body, timeout=30):
+    request = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _park_live_pulls(server, count, wait):
+    """`count` pulls waiting on a live server, each in a thread: (their checkpoint, threads, answers)."""
+    status, answer = _post_json(server.url, "/sync/pull", {"tables": ["sales"], "since": None})
+    since, answers = answer["checkpoint"], []
+    waiters = [threading.Thread(target=lambda: answers.append(_post_json(
+        server.url, "/sync/pull", {"tables": ["sales"], "since": since, "wait": wait})), daemon=True)
+        for _ in range(count)]
+    for waiter in waiters:
+        waiter.start()
+
+    def parked():
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+            return "cloudsync_longpoll_waiting %d" % count in response.read().decode()
+    until(parked)
+    return since, waiters, answers
+
+
+def test_pushes_and_status_are_served_while_every_waiting_slot_is_taken(tmp_path):
+    server = LiveServer(tmp_path, THREADS="1", LONGPOLL_MAX_WAITERS="3")
+    try:
+        since, waiters, answers = _park_live_pulls(server, 3, 20)
+        # three threads are parked; the one of THREADS still serves, at once
+        with urllib.request.urlopen(server.url + "/sync/status", timeout=10) as response:
+            assert response.status == 200
+        assert all(waiter.is_alive() for waiter in waiters)
+        status, answer = _post_json(server.url, "/sync/push", {"operations": [
+            {"table": "sales", "action": "insert", "data": {"id": "busy", "total": "1.00"}}]}, timeout=10)
+        assert status == 200
+        for waiter in waiters:
+            waiter.join(15)
+        assert [answer["changes"]["sales"]["upserted"][0]["id"] for _, answer in answers] == ["busy"] * 3
+    finally:
+        server.stop()
+
+
+def test_sigterm_wakes_every_waiting_pull_with_a_normal_answer(tmp_path):
+    server = LiveServer(tmp_path, LONGPOLL_MAX_WAITERS="4")
+    since, waiters, answers = _park_live_pulls(server, 2, 25)
+    server.process.send_signal(signal.SIGTERM)
+    for waiter in waiters:
+        waiter.join(15)                         # they would wait 25 s
+    assert [status for status, _ in answers] == [200, 200]
+    assert all(answer["checkpoint"] == since and answer["has_more"] is False for _, answer in answers)
+    assert server.process.wait(timeout=15) == 0
+
+
+def test_one_device_cannot_take_every_long_poll_slot(backend):
+    application = started(backend, TOKENS="a ta; b tb", LONGPOLL_MAX_WAITERS="10")
+    watcher = application.watcher
+    try:
+        taken = sum(watcher.enter("a") for _ in range(10))
+        assert taken == cloudsync.LONGPOLL_WAITERS_PER_DEVICE
+        assert watcher.enter("b")                    # another device still waits
+    finally:
+        for _ in range(taken):
+            watcher.leave("a")
+        watcher.leave("b")
+        application.db.close()
+
+
+# A sale in store 7 wakes the waiting pulls of store 7's tills and of devices
+# that see every store, not those of store 8; a change of a shared table (the
+# catalogue) wakes every pull of it.
+
+class ScopedWaiter(threading.Thread):
+    """A scoped device's pull that waits for a change, in a thread of its own: .answer when it returned."""
+
+    def __init__(self, application, token, tables, since, wait=20):
+        super().__init__(daemon=True)
+        self.application, self.token, self.tables, self.since, self.wait = application, token, tables, since, wait
+        self.answer = None
+        self.start()
+
+    def run(self):
+        self.answer = spull(self.application, self.token, tables=self.tables, since=self.since, wait=self.wait)
+
+
+def _checkpoint_at_the_end(application, token, tables):
+    return sync_to_end(application, token, tables)[2]
+
+
+@pytest.mark.parametrize("writer", ["push", "sql"])
+def test_a_change_wakes_only_the_waiting_pulls_of_its_store_and_a_shared_table_wakes_all(scoped, scoped_backend,
+                                                                                       writer, monkeypatch):
+    stop_watching = scoped.watch()
+    watcher = scoped.watcher
+    # which waiting pull each wake-up went to (a pull woken early by the push, before the watcher
+    # numbered its change, parks again and is woken twice: counted per pull, not in all)
+    wakes, park = collections.Counter(), watcher.park
+
+    def counted_park(*args, **kwargs):
+        woken = park(*args, **kwargs)
+        wakes[threading.current_thread().name] += woken
+        return woken
+    monkeypatch.setattr(watcher, "park", counted_park)
+    try:
+        tables = ["orders", "catalogue"]
+        waiters = {token: ScopedWaiter(scoped, token, tables, _checkpoint_at_the_end(scoped, token, tables))
+                   for token in ("t7", "t8", "to")}
+        for token, waiter in waiters.items():
+            waiter.name = token
+        until(lambda: watcher.waiting == 3)
+        generation = watcher.generation
+        if writer == "push":
+            assert spush(scoped, "t7", [op("insert", "orders", id=1, store_id=7, total="5.00")]).status == 200
+        else:
+            scoped_backend.sql("INSERT INTO orders (id, store_id, total) VALUES (1, 7, 5)")
+        for token in ("t7", "to"):                  # store 7's till, and the office that sees every store
+            waiters[token].join(15)
+            assert not waiters[token].is_alive() and waiters[token].answer.status == 200
+            assert [row["id"] for row in waiters[token].answer.json["changes"]["orders"]["upserted"]] == [1]
+        # the watcher has looked past the sale (and once more), and store 8's pull still waits, never woken
+        until(lambda: watcher.generation > generation)
+        looks = watcher.looked
+        until(lambda: watcher.looked > looks)
+        assert waiters["t8"].is_alive() and watcher.waiting == 1
+        assert wakes["t8"] == 0 and wakes["t7"] >= 1 and wakes["to"] >= 1, wakes
+        scoped_backend.sql("INSERT INTO catalogue (id, name) VALUES (1, 'tea')")      # every store's
+        waiters["t8"].join(15)
+        assert not waiters["t8"].is_alive() and waiters["t8"].answer.status == 200
+        assert waiters["t8"].answer.json["changes"]["orders"]["upserted"] == []
+        assert [row["id"] for row in waiters["t8"].answer.json["changes"]["catalogue"]["upserted"]] == [1]
+    finally:
+        stop_watching()
+
+
+def test_a_poll_behind_the_head_only_by_other_stores_changes_is_answered_from_memory(scoped, scoped_backend,
+                                                                                    monkeypatch):
+    stop_watching = scoped.watch()
+    watcher = scoped.watcher
+    try:
+        tables = ["orders", "catalogue"]
+        c7, c8 = (_checkpoint_at_the_end(scoped, token, tables) for token in ("t7", "t8"))
+        behind = scoped.engine.checkpoints.decode(c8)["s"]
+        scoped_backend.sql("INSERT INTO orders (id, store_id, total) VALUES (1, 7, 5)")
+        until(lambda: (watcher.known_head() or 0) > behind)
+        head = watcher.known_head()
+
+        def no_database(*args):
+            raise AssertionError("the poll read the database")
+        with monkeypatch.context() as patched:
+            patched.setattr(scoped.pulls, "pull_changes", no_database)
+            answer = spull(scoped, "t8", tables=tables, since=c8)
+        assert answer.status == 200, answer.json
+        assert answer.json["changes"] == {table: {"upserted": [], "deleted": []} for table in tables}
+        assert scoped.engine.checkpoints.decode(answer.json["checkpoint"])["s"] == head
+        # store 7's till still gets its order, and store 8's the next of its own
+        assert [row["id"] for row in spull(scoped, "t7", tables=tables, since=c7).json["changes"]["orders"]
+                ["upserted"]] == [1]
+        scoped_backend.sql("INSERT INTO orders (id, store_id, total) VALUES (2, 8, 6)")
+        until(lambda: (watcher.known_head() or 0) > head)
+        assert [row["id"] for row in spull(scoped, "t8", tables=tables, since=answer.json["checkpoint"])
+                .json["changes"]["orders"]["upserted"]] == [2]
+    finally:
+        stop_watching()
+
+
+def _watching(scoped):
+    """The scoped app's watcher, as if its thread had just looked (shared answers need one)."""
+    watcher = scoped.watcher
+    watcher.seen_at = time.monotonic() + 3600
+    return watcher
+
+
+@pytest.mark.parametrize("move, read_again", [({"orders": {"7"}}, True), ({"orders": {"8"}}, False),
+                                              ({"catalogue": {None}}, True), (None, True)])
+def test_a_woken_pull_shares_an_answer_only_while_nothing_it_watches_moved(scoped, move, read_again):
+    # A till woken by a sale in its store after another till's read of the same checkpoint began must not
+    # get that read's answer (it would park again past the sale, and sleep until its deadline).
+    watcher = _watching(scoped)
+    interest = {"orders": ("7",), "catalogue": None}
+    reads = []
+    assert watcher.shared("k", interest, lambda: reads.append(1) or {"changes": {}, "n": 1}) == {"changes": {}, "n": 1}
+    with watcher._changed:
+        watcher._moved(move, 10, 11)
+    answer = watcher.shared("k", interest, lambda: reads.append(2) or {"changes": {}, "n": 2})
+    assert answer["n"] == (2 if read_again else 1) and len(reads) == (2 if read_again else 1)
+
+
+def test_a_checkpoint_past_every_head_seen_goes_to_the_database(scoped):
+    # A log restored from a backup is behind the devices' checkpoints: the database expires them, so a poll
+    # past the highest head this instance has seen is never answered from memory.
+    tables = ["orders", "catalogue"]
+    since = _checkpoint_at_the_end(scoped, "t7", tables)
+    head = scoped.engine.checkpoints.decode(since)["s"]
+    grant = scoped.engine.grant_for(next(token for token in scoped.auth.tokens if token.device_id == "till7"))
+    assert scoped.pulls.unchanged(tables, since, grant, head - 1, highest=head)["changes"]["orders"] == \
+        {"upserted": [], "deleted": []}
+    assert scoped.pulls.unchanged(tables, since, grant, head - 1, highest=head - 1) is None
+
+
+# ---------------------------------------------------------------------------
 # Push
 # ---------------------------------------------------------------------------
 
@@ -5827,335 +6434,6 @@ def test_byte_pages_of_an_invented_table_with_a_composite_key_and_binary_rows_gi
 
 
 # ---------------------------------------------------------------------------
-# Long polls: one watcher per instance
-# ---------------------------------------------------------------------------
-
-
-class Waiter(threading.Thread):
-    """A device's pull that waits for a change, in a thread of its own: .answer when it returned."""
-
-    def __init__(self, application, since, wait=20, tables=("sales",)):
-        super().__init__(daemon=True)
-        self.application, self.since, self.wait, self.tables, self.answer = application, since, wait, tables, None
-        self.start()
-
-    def run(self):
-        self.answer = pull(self.application, tables=list(self.tables), since=self.since, wait=self.wait)
-
-
-def synced_checkpoint(application, tables=("sales",)):
-    since = None
-    while True:
-        answer = pull(application, tables=list(tables), since=since)
-        since = answer.json["checkpoint"]
-        if not answer.json["has_more"]:
-            return since
-
-
-@pytest.mark.parametrize("writer", ["push", "sql", "other_instance"])
-def test_a_waiting_pull_wakes_when_a_change_commits(backend, writer):
-    application = started(backend)
-    stop_watching = application.watch()
-    other = started(backend) if writer == "other_instance" else None
-    try:
-        since = synced_checkpoint(application)
-        waiter = Waiter(application, since)
-        until(lambda: application.watcher.waiting == 1)
-        if writer == "push":
-            push(application, [op("insert", id="w1", total="1.00")])
-        elif writer == "sql":
-            backend.sql("INSERT INTO sales (id, total) VALUES ('w1', 1.00)")
-        else:
-            push(other, [op("insert", id="w1", total="1.00")])
-        waiter.join(15)                         # it waits 20 s when nothing wakes it
-        assert not waiter.is_alive() and waiter.answer.status == 200
-        assert [row["id"] for row in waiter.answer.json["changes"]["sales"]["upserted"]] == ["w1"]
-        assert waiter.answer.json["checkpoint"] != since and application.watcher.waiting == 0
-    finally:
-        stop_watching()
-        application.db.close()
-        if other is not None:
-            other.db.close()
-
-
-def test_a_waiting_pull_answers_at_once_when_changes_are_there_and_times_out_empty(app):
-    since = synced_checkpoint(app)
-    push(app, [op("insert", id="x1")])
-    answer = pull(app, tables=["sales"], since=since, wait=20)
-    assert answer.status == 200 and answer.json["changes"]["sales"]["upserted"][0]["id"] == "x1"
-    since = answer.json["checkpoint"]
-    push(app, [op("insert", id="other", table="products", name="tea")])     # another table wakes it, no more
-    answer = pull(app, tables=["sales"], since=since, wait=1)
-    # nothing for it: the checkpoint moves on to the head, past the other table's change
-    assert answer.status == 200 and answer.json == {
-        "success": True, "changes": {"sales": {"upserted": [], "deleted": []}},
-        "checkpoint": answer.json["checkpoint"], "has_more": False, "limit": 1000}
-    assert app.engine.checkpoints.decode(answer.json["checkpoint"])["s"] \
-        >= app.engine.checkpoints.decode(since)["s"]
-
-
-@pytest.mark.parametrize("wait,status,error", [
-    (-1, 400, "Invalid wait"), ("5", 400, "Invalid wait"), (True, 400, "Invalid wait"), ([], 400, "Invalid wait"),
-    (0, 200, None), (None, 200, None), (0.2, 200, None), (-10 ** 400, 400, "Invalid wait"),
-])
-def test_wait_is_a_number_of_seconds(app, wait, status, error):
-    answer = pull(app, tables=["sales"], since=synced_checkpoint(app), wait=wait)
-    assert (answer.status, answer.json.get("error")) == (status, error)
-
-
-def test_wait_is_capped_and_needs_since(app):
-    assert cloudsync.parse_wait(1000, 30) == 25 and cloudsync.parse_wait(1000, 10) == 9
-    assert cloudsync.parse_wait(10 ** 400, 30) == 25
-    assert cloudsync.parse_wait(0, 30) is None and cloudsync.parse_wait(2.5, 30) == 2.5
-    answer = pull(app, tables=["sales"], wait=5)
-    assert (answer.status, answer.json["error"]) == (400, "Invalid wait")
-
-
-def test_pulls_past_the_waiter_cap_answer_at_once_with_a_retry_hint(backend):
-    application = started(backend, LONGPOLL_MAX_WAITERS="1")
-    try:
-        since = synced_checkpoint(application)
-        first = Waiter(application, since)
-        until(lambda: application.watcher.waiting == 1)
-        answer = pull(application, tables=["sales"], since=since, wait=20)
-        assert answer.status == 200 and answer.json["retry_after"] == cloudsync.LONGPOLL_RETRY_AFTER_SECONDS
-        assert answer.json["changes"]["sales"] == {"upserted": [], "deleted": []}
-        push(application, [op("insert", id="y")])
-        first.join(15)
-        assert first.answer.json["changes"]["sales"]["upserted"][0]["id"] == "y"
-        metrics = call(application, "GET", "/metrics").body.decode()
-        assert "cloudsync_longpoll_turned_away_total 1" in metrics
-    finally:
-        application.db.close()
-
-
-def test_an_idle_poll_is_answered_from_the_watcher_without_the_database(backend):
-    application = started(backend)
-    stop_watching = application.watch()
-    try:
-        since = synced_checkpoint(application)
-        until(lambda: application.watcher.known_head() == application.engine.checkpoints.decode(since)["s"])
-        real, used = application.db.connection, []
-
-        def connection():
-            if threading.current_thread().name != "cloudsync-watcher":
-                used.append(threading.current_thread().name)
-            return real()
-        application.db.connection = connection
-        answers = [pull(application, tables=["sales"], since=since) for _ in range(5)]
-        assert all(answer.json["checkpoint"] == since for answer in answers) and used == []
-        # a push through this instance: the next poll asks the database, and sees it
-        del application.db.connection
-        push(application, [op("insert", id="z")])
-        application.db.connection = connection
-        answer = pull(application, tables=["sales"], since=since)
-        assert answer.json["changes"]["sales"]["upserted"][0]["id"] == "z" and used
-    finally:
-        stop_watching()
-        application.db.close()
-
-
-def _post_json(url, path, body, timeout=30):
-    request = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def _park_live_pulls(server, count, wait):
-    """`count` pulls waiting on a live server, each in a thread: (their checkpoint, threads, answers)."""
-    status, answer = _post_json(server.url, "/sync/pull", {"tables": ["sales"], "since": None})
-    since, answers = answer["checkpoint"], []
-    waiters = [threading.Thread(target=lambda: answers.append(_post_json(
-        server.url, "/sync/pull", {"tables": ["sales"], "since": since, "wait": wait})), daemon=True)
-        for _ in range(count)]
-    for waiter in waiters:
-        waiter.start()
-
-    def parked():
-        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
-            return "cloudsync_longpoll_waiting %d" % count in response.read().decode()
-    until(parked)
-    return since, waiters, answers
-
-
-def test_pushes_and_status_are_served_while_every_waiting_slot_is_taken(tmp_path):
-    server = LiveServer(tmp_path, THREADS="1", LONGPOLL_MAX_WAITERS="3")
-    try:
-        since, waiters, answers = _park_live_pulls(server, 3, 20)
-        # three threads are parked; the one of THREADS still serves, at once
-        with urllib.request.urlopen(server.url + "/sync/status", timeout=10) as response:
-            assert response.status == 200
-        assert all(waiter.is_alive() for waiter in waiters)
-        status, answer = _post_json(server.url, "/sync/push", {"operations": [
-            {"table": "sales", "action": "insert", "data": {"id": "busy", "total": "1.00"}}]}, timeout=10)
-        assert status == 200
-        for waiter in waiters:
-            waiter.join(15)
-        assert [answer["changes"]["sales"]["upserted"][0]["id"] for _, answer in answers] == ["busy"] * 3
-    finally:
-        server.stop()
-
-
-def test_sigterm_wakes_every_waiting_pull_with_a_normal_answer(tmp_path):
-    server = LiveServer(tmp_path, LONGPOLL_MAX_WAITERS="4")
-    since, waiters, answers = _park_live_pulls(server, 2, 25)
-    server.process.send_signal(signal.SIGTERM)
-    for waiter in waiters:
-        waiter.join(15)                         # they would wait 25 s
-    assert [status for status, _ in answers] == [200, 200]
-    assert all(answer["checkpoint"] == since and answer["has_more"] is False for _, answer in answers)
-    assert server.process.wait(timeout=15) == 0
-
-
-def test_one_device_cannot_take_every_long_poll_slot(backend):
-    application = started(backend, TOKENS="a ta; b tb", LONGPOLL_MAX_WAITERS="10")
-    watcher = application.watcher
-    try:
-        taken = sum(watcher.enter("a") for _ in range(10))
-        assert taken == cloudsync.LONGPOLL_WAITERS_PER_DEVICE
-        assert watcher.enter("b")                    # another device still waits
-    finally:
-        for _ in range(taken):
-            watcher.leave("a")
-        watcher.leave("b")
-        application.db.close()
-
-
-# A sale in store 7 wakes the waiting pulls of store 7's tills and of devices
-# that see every store, not those of store 8; a change of a shared table (the
-# catalogue) wakes every pull of it.
-
-class ScopedWaiter(threading.Thread):
-    """A scoped device's pull that waits for a change, in a thread of its own: .answer when it returned."""
-
-    def __init__(self, application, token, tables, since, wait=20):
-        super().__init__(daemon=True)
-        self.application, self.token, self.tables, self.since, self.wait = application, token, tables, since, wait
-        self.answer = None
-        self.start()
-
-    def run(self):
-        self.answer = spull(self.application, self.token, tables=self.tables, since=self.since, wait=self.wait)
-
-
-def _checkpoint_at_the_end(application, token, tables):
-    return sync_to_end(application, token, tables)[2]
-
-
-@pytest.mark.parametrize("writer", ["push", "sql"])
-def test_a_change_wakes_only_the_waiting_pulls_of_its_store_and_a_shared_table_wakes_all(scoped, scoped_backend,
-                                                                                       writer, monkeypatch):
-    stop_watching = scoped.watch()
-    watcher = scoped.watcher
-    # which waiting pull each wake-up went to (a pull woken early by the push, before the watcher
-    # numbered its change, parks again and is woken twice: counted per pull, not in all)
-    wakes, park = collections.Counter(), watcher.park
-
-    def counted_park(*args, **kwargs):
-        woken = park(*args, **kwargs)
-        wakes[threading.current_thread().name] += woken
-        return woken
-    monkeypatch.setattr(watcher, "park", counted_park)
-    try:
-        tables = ["orders", "catalogue"]
-        waiters = {token: ScopedWaiter(scoped, token, tables, _checkpoint_at_the_end(scoped, token, tables))
-                   for token in ("t7", "t8", "to")}
-        for token, waiter in waiters.items():
-            waiter.name = token
-        until(lambda: watcher.waiting == 3)
-        generation = watcher.generation
-        if writer == "push":
-            assert spush(scoped, "t7", [op("insert", "orders", id=1, store_id=7, total="5.00")]).status == 200
-        else:
-            scoped_backend.sql("INSERT INTO orders (id, store_id, total) VALUES (1, 7, 5)")
-        for token in ("t7", "to"):                  # store 7's till, and the office that sees every store
-            waiters[token].join(15)
-            assert not waiters[token].is_alive() and waiters[token].answer.status == 200
-            assert [row["id"] for row in waiters[token].answer.json["changes"]["orders"]["upserted"]] == [1]
-        # the watcher has looked past the sale (and once more), and store 8's pull still waits, never woken
-        until(lambda: watcher.generation > generation)
-        looks = watcher.looked
-        until(lambda: watcher.looked > looks)
-        assert waiters["t8"].is_alive() and watcher.waiting == 1
-        assert wakes["t8"] == 0 and wakes["t7"] >= 1 and wakes["to"] >= 1, wakes
-        scoped_backend.sql("INSERT INTO catalogue (id, name) VALUES (1, 'tea')")      # every store's
-        waiters["t8"].join(15)
-        assert not waiters["t8"].is_alive() and waiters["t8"].answer.status == 200
-        assert waiters["t8"].answer.json["changes"]["orders"]["upserted"] == []
-        assert [row["id"] for row in waiters["t8"].answer.json["changes"]["catalogue"]["upserted"]] == [1]
-    finally:
-        stop_watching()
-
-
-def test_a_poll_behind_the_head_only_by_other_stores_changes_is_answered_from_memory(scoped, scoped_backend,
-                                                                                    monkeypatch):
-    stop_watching = scoped.watch()
-    watcher = scoped.watcher
-    try:
-        tables = ["orders", "catalogue"]
-        c7, c8 = (_checkpoint_at_the_end(scoped, token, tables) for token in ("t7", "t8"))
-        behind = scoped.engine.checkpoints.decode(c8)["s"]
-        scoped_backend.sql("INSERT INTO orders (id, store_id, total) VALUES (1, 7, 5)")
-        until(lambda: (watcher.known_head() or 0) > behind)
-        head = watcher.known_head()
-
-        def no_database(*args):
-            raise AssertionError("the poll read the database")
-        with monkeypatch.context() as patched:
-            patched.setattr(scoped.pulls, "pull_changes", no_database)
-            answer = spull(scoped, "t8", tables=tables, since=c8)
-        assert answer.status == 200, answer.json
-        assert answer.json["changes"] == {table: {"upserted": [], "deleted": []} for table in tables}
-        assert scoped.engine.checkpoints.decode(answer.json["checkpoint"])["s"] == head
-        # store 7's till still gets its order, and store 8's the next of its own
-        assert [row["id"] for row in spull(scoped, "t7", tables=tables, since=c7).json["changes"]["orders"]
-                ["upserted"]] == [1]
-        scoped_backend.sql("INSERT INTO orders (id, store_id, total) VALUES (2, 8, 6)")
-        until(lambda: (watcher.known_head() or 0) > head)
-        assert [row["id"] for row in spull(scoped, "t8", tables=tables, since=answer.json["checkpoint"])
-                .json["changes"]["orders"]["upserted"]] == [2]
-    finally:
-        stop_watching()
-
-
-def _watching(scoped):
-    """The scoped app's watcher, as if its thread had just looked (shared answers need one)."""
-    watcher = scoped.watcher
-    watcher.seen_at = time.monotonic() + 3600
-    return watcher
-
-
-@pytest.mark.parametrize("move, read_again", [({"orders": {"7"}}, True), ({"orders": {"8"}}, False),
-                                              ({"catalogue": {None}}, True), (None, True)])
-def test_a_woken_pull_shares_an_answer_only_while_nothing_it_watches_moved(scoped, move, read_again):
-    # A till woken by a sale in its store after another till's read of the same checkpoint began must not
-    # get that read's answer (it would park again past the sale, and sleep until its deadline).
-    watcher = _watching(scoped)
-    interest = {"orders": ("7",), "catalogue": None}
-    reads = []
-    assert watcher.shared("k", interest, lambda: reads.append(1) or {"changes": {}, "n": 1}) == {"changes": {}, "n": 1}
-    with watcher._changed:
-        watcher._moved(move, 10, 11)
-    answer = watcher.shared("k", interest, lambda: reads.append(2) or {"changes": {}, "n": 2})
-    assert answer["n"] == (2 if read_again else 1) and len(reads) == (2 if read_again else 1)
-
-
-def test_a_checkpoint_past_every_head_seen_goes_to_the_database(scoped):
-    # A log restored from a backup is behind the devices' checkpoints: the database expires them, so a poll
-    # past the highest head this instance has seen is never answered from memory.
-    tables = ["orders", "catalogue"]
-    since = _checkpoint_at_the_end(scoped, "t7", tables)
-    head = scoped.engine.checkpoints.decode(since)["s"]
-    grant = scoped.engine.grant_for(next(token for token in scoped.auth.tokens if token.device_id == "till7"))
-    assert scoped.pulls.unchanged(tables, since, grant, head - 1, highest=head)["changes"]["orders"] == \
-        {"upserted": [], "deleted": []}
-    assert scoped.pulls.unchanged(tables, since, grant, head - 1, highest=head - 1) is None
-
-
-# ---------------------------------------------------------------------------
 # Operations: metrics, device fleet
 # ---------------------------------------------------------------------------
 
@@ -6624,6 +6902,70 @@ def test_the_demo_serves_the_web_till_and_nothing_else_from_disk(demo_server, tm
         "DB_HOST": "", "DB_PATH": str(tmp_path / "serve.db"), "ALLOWED_TABLES": "", "TOKENS_FILE": ""}))
     assert call(served, "GET", "/demo/").status == 404          # `serve` has no web till
     served.db.close()
+
+
+def _calls_while(run):
+    """Every call from one definition of cloudsync.py to another while `run()` runs in this thread:
+    {(caller code, callee code)}, and what run() returned."""
+    module = cloudsync.__file__
+    calls = set()
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename == module and frame.f_back is not None \
+                and frame.f_back.f_code.co_filename == module:
+            calls.add((frame.f_back.f_code, frame.f_code))
+    sys.settrace(tracer)
+    try:
+        result = run()
+    finally:
+        sys.settrace(None)
+    return calls, result
+
+
+def _section_starts():
+    """The first line of each banner section of cloudsync.py, in order."""
+    lines = open(cloudsync.__file__).read().splitlines()
+    return [number + 2 for number in range(len(lines) - 2)
+            if lines[number].startswith("# ----") and lines[number + 2].startswith("# ----")]
+
+
+def _class_of(code):
+    """The class of cloudsync.py a code object is a method of (or nested in), or None."""
+    head = code.co_qualname.split(".")[0]
+    return head if isinstance(getattr(cloudsync, head, None), type) else None
+
+
+@pytest.mark.parametrize("path", ["push", "pull"])
+def test_a_push_and_a_pull_read_forward(backend, path):
+    """The module's reading order (its docstring): on the path of a push and of a sync pull, every
+    definition calls only what is below it in its section, a method of its own class, or what an
+    earlier section defined; never a later section."""
+    application = started(backend)
+    try:
+        checkpoint = pull(application, tables=["sales"], since=None).json["checkpoint"]
+        assert push(application, [op("insert", id="s1", total="1.50")], device_id="till", batch_id="b1",
+                    checkpoint=checkpoint).status == 200
+        if path == "push":
+            calls, response = _calls_while(lambda: push(application, [op("insert", id="s2", total="2.50")],
+                                                         device_id="till", batch_id="b2", checkpoint=checkpoint))
+        else:
+            calls, response = _calls_while(lambda: pull(application, tables=["sales"], since=checkpoint))
+        assert response.status == 200, response.body
+    finally:
+        application.db.close()
+    starts = _section_starts()
+
+    def section(code):
+        return bisect.bisect_right(starts, code.co_firstlineno)
+    against = sorted("%s (line %d) calls %s (line %d)" % (caller.co_qualname, caller.co_firstlineno,
+                                                          callee.co_qualname, callee.co_firstlineno)
+                     for caller, callee in calls
+                     if "<" not in callee.co_name
+                     and (section(callee) > section(caller)
+                          or section(callee) == section(caller)
+                          and callee.co_firstlineno < caller.co_firstlineno
+                          and (_class_of(callee) is None or _class_of(callee) != _class_of(caller))))
+    assert len(calls) > 50 and not against, against
 
 
 # ---------------------------------------------------------------------------
@@ -8334,7 +8676,14 @@ def test_chain_benchmark_smoke_run(mysql_server):
 
 def test_against_benchmark_smoke_run(mysql_server):
     out = _bench("--against", os.path.join(HERE, "cloudsync.py"), "--smoke", "--load", "python")
-    assert re.search(r"\| status \(req/s\), this / \S+ \(medians of 1\) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|", out), out
+    assert re.search(r"\| status \(req/s\), this / \S+ \(medians of 1; median of the rounds. ratios [0-9.]+x\) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|", out), out
+
+
+def test_paths_benchmark_smoke_run(mysql_server):
+    out = _bench("--paths", "--smoke")
+    for scenario in ("push, 1 insert per batch: statements through cmd_query", "push, 50 inserts per batch: a "
+                     "one-statement push in autocommit", "seed pull of 1,000 rows: a seed page's JSON built by MySQL"):
+        assert re.search(r"\| %s[^|]* \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|" % re.escape(scenario), out), out
 
 
 # ---------------------------------------------------------------------------
