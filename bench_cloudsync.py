@@ -6,6 +6,7 @@
     python3 bench_cloudsync.py --scopes        # row scopes: 1,000,000 rows over 100 stores
     python3 bench_cloudsync.py --fleet         # 200 devices long-polling, 1,000 polling
     python3 bench_cloudsync.py --against old/cloudsync.py   # this version against another, alternating
+    python3 bench_cloudsync.py --paths         # each second path against the public one it spares
 
 Both servers use the same MariaDB (CLOUDSYNC_BENCH_DB_HOST/PORT/USER/PASS,
 default 127.0.0.1:3306 root) in a fresh database created for the run, on the
@@ -20,6 +21,8 @@ import argparse
 import collections
 import contextlib
 import http.client
+import io
+import itertools
 import json
 import os
 import random
@@ -854,6 +857,9 @@ def against_bench(workdir, others, seconds, rounds, threads):
                  ("pull of 1,000 unchanged rows (req/s)", PULL_LUA, {"LIMIT": "1000"}, 8),
                  ("status (req/s)", STATUS_LUA, {}, 16))
     figures = {name: {version: [] for version in versions} for name, _, _, _ in scenarios}
+    # the server's CPU time per request: what the code costs, which moves less than req/s when the machine's
+    # other tenants take its cores
+    cpu = {name: {version: [] for version in versions} for name, _, _, _ in scenarios}
     names = list(versions)
     try:
         for round_ in range(rounds):
@@ -864,10 +870,13 @@ def against_bench(workdir, others, seconds, rounds, threads):
                 server = serve(database, workdir, threads, "ab.log", versions[version], ALLOWED_TABLES=TABLES)
                 try:
                     for name, script, load_env, connections in scenarios:
+                        began = _process_cpu_seconds(server.process.pid)
                         rate = run_load(server.url, script, seconds, connections, workdir,
                                         dict(load_env, RUN="%s%d%d" % (len(version), round_, time.monotonic_ns())))
                         if "push" in name:      # what it sustains: numbering the pushed changes counts
                             rate *= seconds / (seconds + wait_numbered(database))
+                        cpu[name][version].append((_process_cpu_seconds(server.process.pid) - began)
+                                                  / max(rate * seconds, 1) * 1e6)
                         figures[name][version].append(rate * (50 if "50 inserts" in name else 1))
                 finally:
                     server.stop()
@@ -878,8 +887,109 @@ def against_bench(workdir, others, seconds, rounds, threads):
         ours = statistics.median(by_version["this"])
         for version in names[1:]:
             theirs = statistics.median(by_version[version])
-            rows.append(("%s, this / %s (medians of %d)" % (name, os.path.relpath(version), rounds),
+            # each round runs both versions back to back: the median of the rounds' own ratios leaves out
+            # how the machine's speed drifts from round to round
+            paired = statistics.median(this / other for this, other in zip(by_version["this"], by_version[version]))
+            rows.append(("%s, this / %s (medians of %d; median of the rounds' ratios %.2fx)"
+                         % (name, os.path.relpath(version), rounds, paired),
                          {"cloudsync": ours, "original": theirs}, None))
+            rows.append(("%s: server CPU per request (us), this / %s (medians of %d; above 1x: this one costs "
+                         "more)" % (name.split(" (")[0], os.path.relpath(version), rounds),
+                         {"cloudsync": statistics.median(cpu[name]["this"]),
+                          "original": statistics.median(cpu[name][version])}, None))
+    return rows
+
+
+# What each second path of cloudsync.py pays (docs/design.md keeps one only where this shows more than
+# 10% on a README scenario): the request in process, with the path and with the public one it spares.
+SECOND_PATHS = (
+    ("statements through cmd_query (_DriverStatements), not a cursor each",
+     lambda app: setattr(app.db, "statements", cloudsync_module()._CursorStatements())),
+    ("a one-statement push in autocommit, not in START TRANSACTION ... COMMIT",
+     lambda app: setattr(app.db, "autocommit_atomic", False)),
+    ("a seed page's JSON built by MySQL, not in Python",
+     lambda app: setattr(app.db, "rows_as_json", lambda conn, schema, limit, scope: None)),
+)
+
+
+def cloudsync_module():
+    """cloudsync.py beside this script, imported."""
+    sys.path.insert(0, HERE)
+    import cloudsync
+    return cloudsync
+
+
+def _wsgi_post(app, path, body):
+    """POST a JSON body to the WSGI app in process: (status, body)."""
+    data = json.dumps(body).encode("utf-8")
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "bench",
+               "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
+               "wsgi.input": io.BytesIO(data), "wsgi.errors": sys.stderr, "CONTENT_LENGTH": str(len(data)),
+               "CONTENT_TYPE": "application/json", "REMOTE_ADDR": "127.0.0.1"}
+    status = []
+    result = app(environ, lambda line, headers, exc_info=None: status.append(int(line.split()[0])))
+    try:
+        payload = b"".join(result)
+    finally:
+        getattr(result, "close", lambda: None)()
+    return status[0], payload
+
+
+def paths_bench(smoke, rounds):
+    """Each second path against the public path it spares, in process on MariaDB: result rows
+    (requests per second, the median of `rounds` alternating runs)."""
+    cloudsync = cloudsync_module()
+    database = "cloudsync_bench_paths_%d" % os.getpid()
+    create_database(database, 2000)
+    settings = {"DB_HOST": DB["host"], "DB_PORT": str(DB["port"]), "DB_USER": DB["user"],
+                "DB_PASS": DB["password"], "DB_NAME": database, "ALLOWED_TABLES": TABLES, "TOKENS_FILE": "",
+                "LOG_LEVEL": "warning"}
+    counter = itertools.count()
+
+    def push_of(rows):
+        def run(app):
+            base = next(counter) * rows
+            status, body = _wsgi_post(app, "/sync/push", {"device_id": "bench", "operations": [
+                {"table": "sales", "action": "insert", "data": {"id": "p%d" % (base + i), "total": "1.50"}}
+                for i in range(rows)]})
+            assert status == 200, body
+        return run
+
+    def seed_pull(app):
+        app.pulls._cache.clear()        # built each time, not answered from the cache of pages
+        status, body = _wsgi_post(app, "/sync/pull", {"tables": ["products"], "limit": 1000})
+        assert status == 200, body
+    scenarios = (("push, 1 insert per batch", push_of(1), (0, 1)),
+                 ("push, 50 inserts per batch", push_of(50), (0, 1)),
+                 ("seed pull of 1,000 rows", seed_pull, (0, 2)))
+    requests = 20 if smoke else 300
+    rows = []
+    try:
+        for scenario, run, paths in scenarios:
+            for index in paths:
+                label, spare = SECOND_PATHS[index]
+                figures = {"kept": [], "public": []}
+                for round_ in range(1 if smoke else rounds):
+                    for which in (("kept", "public") if round_ % 2 == 0 else ("public", "kept")):
+                        app = cloudsync.App(cloudsync.load_config(env_file=None, environ={}, overrides=settings))
+                        app.start()
+                        try:
+                            if which == "public":
+                                spare(app)
+                            for _ in range(5):
+                                run(app)            # connections made, statements warm
+                            began = time.perf_counter()
+                            for _ in range(requests):
+                                run(app)
+                            figures[which].append((time.perf_counter() - began) / requests * 1e6)
+                        finally:
+                            app.db.close()
+                kept, public = statistics.median(figures["kept"]), statistics.median(figures["public"])
+                rows.append(("%s: %s (req/s in one thread, median of %d; original column: the public path)"
+                             % (scenario, label, len(figures["kept"])),
+                             {"cloudsync": 1e6 / kept, "original": 1e6 / public}, None))
+    finally:
+        sql("DROP DATABASE IF EXISTS %s" % database)
     return rows
 
 
@@ -992,6 +1102,9 @@ def main(argv=None):
                         help="only this cloudsync.py against other versions of it (push, pull, status), "
                              "alternating on one database, --rounds times")
     parser.add_argument("--rounds", type=int, default=4, help="with --against: runs of each version")
+    parser.add_argument("--paths", action="store_true",
+                        help="only each second path of cloudsync.py against the public path it spares, "
+                             "in process (the original column: the public path; ratio: second path's speed-up)")
     parser.add_argument("--fleet", action="store_true",
                         help="only the fleet: 200 devices long-polling, then 1,000 polling every 5 s")
     parser.add_argument("--chain", action="store_true",
@@ -1015,6 +1128,7 @@ def main(argv=None):
     only = [
         (args.against, lambda: against_bench(workdir, args.against, 1 if args.smoke else args.seconds,
                                              1 if args.smoke else args.rounds, args.threads)),
+        (args.paths, lambda: paths_bench(args.smoke, max(args.rounds, 2))),
         (args.fleet, lambda: fleet_bench(workdir, args.smoke, args.threads)),
         (args.chain, lambda: chain_bench(workdir, args.smoke, args.threads, args.module)),
         (args.galera, lambda: galera_bench(workdir, args.smoke, args.seconds)),
